@@ -1,0 +1,272 @@
+"""The HDF5 embedding cache: write per case, merge, reopen with a signature check. No compute here.
+
+Layout of a cache file (``N`` slices, ``L`` target labels, ``S`` = slice size, 512 by default)::
+
+    attrs["signature"]   JSON: schema, backbone, checkpoint_sha256, input_size, preprocess,
+                         labels, embedding_dtype, embedcache_version
+    embeddings   (N, 256, 64, 64)  float16 (or float32), one slice per chunk
+    masks        (N, S, S)         uint8 label ids, only the target labels kept (0 elsewhere)
+    boxes        (N, L, 4)         float32 (x0, y0, x1, y1) in slice pixels; NaN where a label is absent
+    case_index   (N,)              int32, row of `cases`
+    slice_index  (N,)              int32, z of the slice in the canonical volume
+    spacing_mm   (N, 3)            float32 (z, y, x) voxel size of the source volume
+    cases        scalar string     JSON list, one object per case: name, image, label, digest,
+                                   first_row, n_rows, shape_zyx, spacing_mm, source_shape, source_affine
+
+Crash safety: an encode writes each case into its own shard ``CACHE.h5.parts/CASE.h5``, first
+under a ``.partial`` name, renamed only after all its rows are written, flushed and synced. The
+cache file itself is only ever replaced whole (written to ``.partial``, then renamed), so a
+killed run leaves either the old cache or the new one, and complete shards to resume from.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import warnings
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from embedcache import __version__
+from embedcache.backbones import EMBEDDING_SHAPE
+from embedcache.errors import CacheMismatchError, EmbedcacheError
+
+SCHEMA = 1
+#: Signature fields that must match for two caches (or a cache and a model) to mix.
+MODEL_KEYS = ("schema", "backbone", "checkpoint_sha256", "input_size", "preprocess", "labels", "embedding_dtype")
+ROW_DATASETS = ("embeddings", "masks", "boxes", "case_index", "slice_index", "spacing_mm")
+PARTIAL = ".partial"
+
+
+@dataclass(frozen=True)
+class CaseRecord:
+    """One source case in a cache; ``first_row``/``n_rows`` locate its slices."""
+
+    name: str
+    image: str
+    label: str
+    digest: str
+    first_row: int
+    n_rows: int
+    shape_zyx: tuple[int, int, int]
+    spacing_mm: tuple[float, float, float]
+    source_shape: tuple[int, int, int]
+    source_affine: tuple[tuple[float, ...], ...]
+
+    @classmethod
+    def from_json(cls, obj: dict) -> "CaseRecord":
+        obj = dict(obj)
+        for key in ("shape_zyx", "spacing_mm", "source_shape"):
+            obj[key] = tuple(obj[key])
+        obj["source_affine"] = tuple(tuple(row) for row in obj["source_affine"])
+        return cls(**obj)
+
+
+def make_signature(
+    *, backbone: str, checkpoint_sha256: str, input_size: int, preprocess: dict, labels, embedding_dtype: str
+) -> dict:
+    return {
+        "schema": SCHEMA,
+        "backbone": backbone,
+        "checkpoint_sha256": checkpoint_sha256,
+        "input_size": int(input_size),
+        "preprocess": dict(preprocess),
+        "labels": [int(x) for x in labels],
+        "embedding_dtype": embedding_dtype,
+        "embedcache_version": __version__,
+    }
+
+
+def check_signature(found: dict, expected: dict, *, path: Path) -> None:
+    """Refuse a cache made by another model, checkpoint, preprocessing or label set; warn on version."""
+    for key in MODEL_KEYS:
+        if found.get(key) != expected.get(key):
+            raise CacheMismatchError(
+                f"{path}: cache was made with {key}={_short(found.get(key))}, not {_short(expected.get(key))}; "
+                "encode into a new file or use the settings it was made with"
+            )
+    if found.get("embedcache_version") != expected.get("embedcache_version"):
+        warnings.warn(
+            f"{path}: written by embedcache {found.get('embedcache_version')}, this is {expected.get('embedcache_version')}",
+            stacklevel=2,
+        )
+
+
+def _short(value) -> str:
+    text = json.dumps(value, sort_keys=True) if isinstance(value, (dict, list)) else str(value)
+    return text if len(text) <= 80 else text[:16] + "…"
+
+
+def _create_row_datasets(f: h5py.File, *, n: int, n_labels: int, slice_size: int, dtype: str) -> None:
+    if n == 0:  # a case whose glands vanished in resampling: an empty record, no chunks to lay out
+        f.create_dataset("embeddings", shape=(0, *EMBEDDING_SHAPE), dtype=dtype)
+        f.create_dataset("masks", shape=(0, slice_size, slice_size), dtype="u1")
+    else:
+        f.create_dataset("embeddings", shape=(n, *EMBEDDING_SHAPE), dtype=dtype, chunks=(1, *EMBEDDING_SHAPE))
+        f.create_dataset(
+            "masks", shape=(n, slice_size, slice_size), dtype="u1", chunks=(1, slice_size, slice_size),
+            compression="gzip", compression_opts=1,
+        )
+    f.create_dataset("boxes", shape=(n, n_labels, 4), dtype="f4")
+    f.create_dataset("case_index", shape=(n,), dtype="i4")
+    f.create_dataset("slice_index", shape=(n,), dtype="i4")
+    f.create_dataset("spacing_mm", shape=(n, 3), dtype="f4")
+
+
+def _finish(f: h5py.File, tmp: Path, final: Path) -> None:
+    f.flush()
+    f.close()
+    with open(tmp, "rb+") as handle:
+        os.fsync(handle.fileno())
+    tmp.replace(final)
+
+
+class ShardWriter:
+    """Writes one case's rows into ``folder/NAME.h5``; the file appears only when the case is complete."""
+
+    def __init__(self, folder: Path, *, signature: dict, case: CaseRecord, slice_size: int):
+        self.final = Path(folder) / f"{case.name}.h5"
+        self.tmp = self.final.with_name(self.final.name + PARTIAL)
+        self.case = case
+        self.row = 0
+        self._f = h5py.File(self.tmp, "w")
+        self._f.attrs["signature"] = json.dumps(signature, sort_keys=True)
+        self._f.attrs["case"] = json.dumps(asdict(case))
+        _create_row_datasets(
+            self._f, n=case.n_rows, n_labels=len(signature["labels"]), slice_size=slice_size,
+            dtype=signature["embedding_dtype"],
+        )
+
+    def write(self, *, embeddings, masks, boxes, slice_index, spacing_mm) -> None:
+        """Write the next ``len(embeddings)`` rows."""
+        rows = slice(self.row, self.row + len(embeddings))
+        f = self._f
+        f["embeddings"][rows] = embeddings
+        f["masks"][rows] = masks
+        f["boxes"][rows] = boxes
+        f["case_index"][rows] = 0
+        f["slice_index"][rows] = slice_index
+        f["spacing_mm"][rows] = spacing_mm
+        self.row = rows.stop
+
+    @property
+    def complete(self) -> bool:
+        return self.row == self.case.n_rows
+
+    def finish(self) -> Path:
+        if not self.complete:
+            raise RuntimeError(f"{self.final}: {self.row} of {self.case.n_rows} rows written")
+        _finish(self._f, self.tmp, self.final)
+        return self.final
+
+    def abort(self) -> None:
+        try:
+            self._f.close()
+        finally:
+            self.tmp.unlink(missing_ok=True)
+
+
+def read_shard(path: Path) -> tuple[dict, CaseRecord]:
+    """Signature and case record of a complete shard."""
+    with h5py.File(path, "r") as f:
+        return json.loads(f.attrs["signature"]), CaseRecord.from_json(json.loads(f.attrs["case"]))
+
+
+class Cache:
+    """A read-only cache file. Datasets are h5py datasets: index them to read rows."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        # One embedding chunk is 2 MiB; a larger chunk cache keeps sequential reads out of libhdf5's slow path.
+        self._f = h5py.File(self.path, "r", rdcc_nbytes=64 << 20)
+        self.signature: dict = json.loads(self._f.attrs["signature"])
+        self.cases: list[CaseRecord] = [CaseRecord.from_json(c) for c in json.loads(self._f["cases"][()])]
+        self.embeddings = self._f["embeddings"]
+        self.masks = self._f["masks"]
+        self.boxes = self._f["boxes"]
+        self.case_index = self._f["case_index"]
+        self.slice_index = self._f["slice_index"]
+        self.spacing_mm = self._f["spacing_mm"]
+
+    def __len__(self) -> int:
+        return int(self.embeddings.shape[0])
+
+    @property
+    def labels(self) -> tuple[int, ...]:
+        return tuple(self.signature["labels"])
+
+    def close(self) -> None:
+        self._f.close()
+
+    def __enter__(self) -> "Cache":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def open_cache(path: Path, *, expect: dict | None = None) -> Cache:
+    """Open a cache for reading; with ``expect``, refuse one whose signature does not fit it."""
+    path = Path(path)
+    if not path.is_file():
+        raise EmbedcacheError(f"{path}: no such cache file; run `embedcache encode` first")
+    try:
+        cache = Cache(path)
+    except (OSError, KeyError, ValueError) as exc:
+        raise EmbedcacheError(
+            f"{path}: not a readable embedcache cache ({str(exc).splitlines()[0][:100]}); encode it again"
+        ) from None
+    if expect is not None:
+        try:
+            check_signature(cache.signature, expect, path=path)
+        except CacheMismatchError:
+            cache.close()
+            raise
+    return cache
+
+
+def merge(out: Path, *, signature: dict, sources: list[tuple[Path, list[CaseRecord]]], slice_size: int) -> list[CaseRecord]:
+    """Write ``out`` from the given cases of other cache or shard files, replacing ``out`` atomically.
+
+    ``sources`` pairs a file with the records (as stored in that file) of the cases to take from it.
+    Returns the case records as stored in ``out``.
+    """
+    out = Path(out)
+    tmp = out.with_name(out.name + PARTIAL)
+    total = sum(case.n_rows for _, cases in sources for case in cases)
+    records: list[CaseRecord] = []
+    f = h5py.File(tmp, "w")
+    try:
+        f.attrs["signature"] = json.dumps(signature, sort_keys=True)
+        _create_row_datasets(
+            f, n=total, n_labels=len(signature["labels"]), slice_size=slice_size, dtype=signature["embedding_dtype"]
+        )
+        row = 0
+        for source, cases in sources:
+            with h5py.File(source, "r") as src:
+                for case in cases:
+                    rows_in = slice(case.first_row, case.first_row + case.n_rows)
+                    rows_out = slice(row, row + case.n_rows)
+                    for name in ROW_DATASETS:
+                        if name == "case_index":
+                            f[name][rows_out] = len(records)
+                        else:
+                            f[name][rows_out] = src[name][rows_in]
+                    records.append(CaseRecord(**{**asdict(case), "first_row": row}))
+                    row = rows_out.stop
+        f.create_dataset("cases", data=json.dumps([asdict(c) for c in records]))
+        _finish(f, tmp, out)
+    except BaseException:
+        if f.id.valid:
+            f.close()
+        tmp.unlink(missing_ok=True)
+        raise
+    return records
+
+
+def remove_tree(folder: Path) -> None:
+    shutil.rmtree(folder, ignore_errors=True)

@@ -1,0 +1,234 @@
+"""The ``embedcache`` command line: each command parses options, builds a config and calls one function.
+
+torch and the models are imported inside the commands, so ``embedcache --help`` is instant.
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+from pathlib import Path
+
+import click
+
+from embedcache import __version__
+from embedcache.errors import EmbedcacheError
+
+
+def _console():
+    from rich.console import Console
+
+    return Console(stderr=True)
+
+
+def _progress(enabled: bool):
+    """A rich progress bar with an items/s column, or a no-op context when switched off."""
+    from contextlib import nullcontext
+
+    if not enabled:
+        return nullcontext(None)
+    from rich.progress import (
+        BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn,
+    )
+    from rich.text import Text
+
+    class RateColumn(ProgressColumn):
+        def render(self, task):
+            return Text(f"{task.speed:.2f}/s" if task.speed else "", style="cyan")
+
+    return Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        RateColumn(),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        console=_console(),
+    )
+
+
+def friendly_errors(func):
+    """Turn EmbedcacheError (and a few OS errors) into one line on stderr and exit code 1."""
+
+    @functools.wraps(func)
+    def wrapper(*args, **kwargs):
+        try:
+            return func(*args, **kwargs)
+        except EmbedcacheError as exc:
+            raise click.ClickException(str(exc)) from None
+        except ValueError as exc:  # config validation
+            raise click.ClickException(str(exc)) from None
+        except KeyboardInterrupt:
+            click.echo("interrupted; finished work is kept, rerun the same command to resume", err=True)
+            sys.exit(130)
+
+    return wrapper
+
+
+def progress_option(func):
+    return click.option(
+        "--progress/--no-progress", default=True, show_default=True, help="Show progress bars (switch off for logs)."
+    )(func)
+
+
+def _parse_labels(ctx, param, value: str) -> tuple[int, ...]:
+    try:
+        labels = tuple(int(v) for v in value.split(",") if v.strip())
+    except ValueError:
+        raise click.BadParameter(f"'{value}' is not a comma-separated list of label ids, e.g. 7,8") from None
+    if not labels:
+        raise click.BadParameter("give at least one label id, e.g. 7,8")
+    return labels
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="embedcache")
+def main():
+    """Fine-tune Segment Anything's mask decoder on CT against cached image embeddings.
+
+    Phase one, `encode`, runs the frozen image encoder once per slice that holds a target label
+    and stores the embeddings in HDF5; phase two trains only the mask decoder against that cache.
+    """
+
+
+@main.command()
+@click.argument("out", type=click.Path(path_type=Path))
+@click.option("--cases", default=4, show_default=True, type=click.IntRange(1, 10_000), help="Number of volumes.")
+@click.option("--seed", default=0, show_default=True, type=int, help="Same seed, same files.")
+@click.option("--size", default=512, show_default=True, type=click.IntRange(64, 1024), help="Axial pixels per side.")
+@progress_option
+@friendly_errors
+def phantom(out: Path, cases: int, seed: int, size: int, progress: bool):
+    """Write synthetic abdominal CT with FLARE22 labels to OUT (imagesTr/ + labelsTr/).
+
+    Liver, kidneys, spleen, aorta, IVC and thin, irregular adrenal glands (7 = right, 8 = left)
+    in HU with partial volume and noise: the default data, so everything runs with nothing to fetch.
+    """
+    from embedcache.phantom import PhantomConfig, write_phantom
+
+    config = PhantomConfig(size=size, pixel_mm=0.8 * 512 / size)
+    with _progress(progress) as bar:
+        names = write_phantom(out, cases=cases, seed=seed, config=config, progress=bar)
+    click.echo(f"wrote {len(names)} cases to {out} (imagesTr/, labelsTr/)")
+
+
+@main.command()
+@click.argument("data", required=False, type=click.Path(path_type=Path))
+@click.option("--out", "-o", required=True, type=click.Path(path_type=Path), help="Cache file to write, e.g. cache.h5.")
+@click.option("--image", "images", multiple=True, type=click.Path(path_type=Path),
+              help="An image (NIfTI file or DICOM series folder); repeatable, paired in order with --label.")
+@click.option("--label", "labels_", multiple=True, type=click.Path(path_type=Path),
+              help="The label NIfTI of the --image at the same position.")
+@click.option("--series", default=None, help="SeriesInstanceUID to read from DICOM folders holding several series.")
+@click.option("--model", default="litemedsam", show_default=True, help="Backbone: litemedsam, vit_b, vit_l, vit_h, medsam.")
+@click.option("--checkpoint", type=click.Path(path_type=Path), default=None,
+              help="Weights file; required for all but litemedsam, whose weights are bundled.")
+@click.option("--labels", default="7,8", show_default=True, callback=_parse_labels, help="Target label ids.")
+@click.option("--window-width", default=350.0, show_default=True, type=float, help="CT window width (HU).")
+@click.option("--window-level", default=50.0, show_default=True, type=float, help="CT window level (HU).")
+@click.option("--slice-size", default=512, show_default=True, type=int, help="Slices are resampled to this square size (px).")
+@click.option("--dtype", default="float16", show_default=True, type=click.Choice(["float16", "float32"]),
+              help="Storage type of the embeddings.")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda[:N].")
+@click.option("--batch-size", default=0, show_default=True, type=click.IntRange(0, 1024),
+              help="Slices per encoder forward; 0 picks 1 on CPU, 16 on CUDA.")
+@progress_option
+@friendly_errors
+def encode(data, out, images, labels_, series, model, checkpoint, labels, window_width, window_level, slice_size,
+           dtype, device, batch_size, progress):
+    """Encode every slice of DATA that holds a target label into the HDF5 cache OUT.
+
+    DATA is a FLARE22-style folder (imagesTr/ + labelsTr/ or images/ + labels/). Instead, give
+    explicit --image/--label pairs; an image may be a DICOM series folder. An interrupted run
+    resumes: rerun the same command and finished cases are skipped.
+    """
+    from embedcache.config import EncodeConfig, PreprocessConfig
+    from embedcache.encode import encode as run_encode
+    from embedcache.volumes import CaseSource, discover_cases
+
+    if data is not None and images:
+        raise click.UsageError("give either DATA or --image/--label pairs, not both")
+    if data is None and not images:
+        raise click.UsageError("give a dataset folder DATA or at least one --image/--label pair")
+    if len(images) != len(labels_):
+        raise click.UsageError(f"{len(images)} --image but {len(labels_)} --label; give one label per image")
+    config = EncodeConfig(
+        backbone=model,
+        checkpoint=str(checkpoint) if checkpoint else None,
+        labels=labels,
+        preprocess=PreprocessConfig(window_width_hu=window_width, window_level_hu=window_level, slice_size=slice_size),
+        embedding_dtype=dtype,
+        device=device,
+        batch_size=batch_size,
+    )
+    if data is not None:
+        cases = discover_cases(data)
+    else:
+        cases = [CaseSource(name=_case_name(i), image=i, label=l, series_uid=series) for i, l in zip(images, labels_)]
+    console = _console()
+    with _progress(progress) as bar:
+        summary = run_encode(cases, out, config, progress=bar, log=lambda m: console.print(m, markup=False))
+    console.print(
+        f"encoded {summary.slices_encoded} slices of {summary.cases_encoded} cases on {summary.device}"
+        + (f" at {summary.slices_per_s:.2f} slices/s" if summary.slices_encoded else "")
+        + (f"; {summary.cases_resumed} cases already done" if summary.cases_resumed else "")
+        + (f"; {len(summary.cases_skipped)} skipped without target labels" if summary.cases_skipped else ""),
+        markup=False,
+    )
+    _print_info(out)
+
+
+def _case_name(path: Path) -> str:
+    from embedcache.volumes import _nifti_stem
+
+    name = _nifti_stem(path) if path.is_file() else path.name
+    return name[: -len("_0000")] if name.endswith("_0000") else name
+
+
+@main.command()
+@click.argument("cache", type=click.Path(path_type=Path))
+@friendly_errors
+def info(cache: Path):
+    """Print what the cache file CACHE holds: model, preprocessing, cases, slices and boxes."""
+    _print_info(cache)
+
+
+def _print_info(path: Path) -> None:
+    import numpy as np
+    from rich.console import Console
+    from rich.table import Table
+
+    from embedcache.cache import open_cache
+
+    with open_cache(path) as cache:
+        sig = cache.signature
+        boxes = cache.boxes[:]
+        present = ~np.isnan(boxes).any(axis=2)
+        size_mib = path.stat().st_size / 2**20
+        console = Console()
+        console.print(f"[bold]{path}[/]  {size_mib:.1f} MiB, embedcache {sig['embedcache_version']}")
+        console.print(
+            f"model {sig['backbone']} (input {sig['input_size']} px, checkpoint sha256 {sig['checkpoint_sha256'][:12]}), "
+            f"embeddings {tuple(cache.embeddings.shape)} {sig['embedding_dtype']}",
+            markup=False,
+        )
+        pre = sig["preprocess"]
+        console.print(
+            f"window W{pre['window_width_hu']:g}/L{pre['window_level_hu']:g} HU, slices {pre['slice_size']}², "
+            f"labels {sig['labels']}",
+            markup=False,
+        )
+        table = Table("case", "slices", *[f"boxes {label}" for label in cache.labels], "spacing (z, y, x) mm")
+        for i, case in enumerate(cache.cases):
+            rows = slice(case.first_row, case.first_row + case.n_rows)
+            table.add_row(
+                case.name, str(case.n_rows), *[str(int(present[rows, j].sum())) for j in range(len(cache.labels))],
+                ", ".join(f"{s:.2f}" for s in case.spacing_mm),
+            )
+        table.add_section()
+        table.add_row("total", str(len(cache)), *[str(int(present[:, j].sum())) for j in range(len(cache.labels))], "")
+        console.print(table)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,48 @@
+"""Box prompts from masks, in ``(x0, y0, x1, y1)`` pixel order.
+
+Boxes use pixel-edge coordinates: a mask whose foreground spans columns ``c0..c1`` (inclusive)
+gets ``x0 = c0`` and ``x1 = c1 + 1``, so a box's width equals the number of pixels it covers.
+
+Several connected components of one label on one slice get **one** box around all of them: a
+gland cut obliquely by the axial plane shows as fragments of the same organ, the training target
+is the whole label on that slice, and a box per fragment would ask the decoder for part of it.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def box_from_mask(mask: np.ndarray) -> np.ndarray | None:
+    """The ``(x0, y0, x1, y1)`` box around the nonzero pixels of a ``(y, x)`` mask, or None when empty."""
+    rows = np.flatnonzero(mask.any(axis=1))
+    if rows.size == 0:
+        return None
+    cols = np.flatnonzero(mask.any(axis=0))
+    return np.array([cols[0], rows[0], cols[-1] + 1, rows[-1] + 1], dtype=np.float32)
+
+
+def boxes_for_labels(label_slice: np.ndarray, labels: tuple[int, ...]) -> np.ndarray:
+    """One box per target label for a ``(y, x)`` label slice: ``(len(labels), 4)``, NaN rows where absent."""
+    out = np.full((len(labels), 4), np.nan, dtype=np.float32)
+    for i, label in enumerate(labels):
+        box = box_from_mask(label_slice == label)
+        if box is not None:
+            out[i] = box
+    return out
+
+
+def jitter_boxes(
+    boxes: np.ndarray, *, fraction: float, rng: np.random.Generator, limit: float | None = None
+) -> np.ndarray:
+    """Move each edge of ``(..., 4)`` xyxy boxes by up to ``fraction`` of the box's width/height.
+
+    Edges stay inside ``[0, limit]`` when ``limit`` is given, and x1 > x0, y1 > y0 always hold.
+    """
+    boxes = np.asarray(boxes, dtype=np.float32)
+    size = np.concatenate([boxes[..., 2:] - boxes[..., :2]] * 2, axis=-1)
+    out = boxes + rng.uniform(-fraction, fraction, size=boxes.shape).astype(np.float32) * size
+    if limit is not None:
+        out = np.clip(out, 0.0, limit)
+    out[..., 2:] = np.maximum(out[..., 2:], out[..., :2] + 1.0)
+    return out

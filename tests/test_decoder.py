@@ -1,0 +1,50 @@
+from __future__ import annotations
+
+import pytest
+import torch
+
+from embedcache.backbones import get_backbone, load_backbone
+from embedcache.decoder import decode_boxes, logits_to_slice
+
+
+@pytest.fixture(scope="module")
+def lite_parts():
+    parts, _ = load_backbone(get_backbone("litemedsam"))
+    return parts
+
+
+@pytest.mark.parametrize("multimask", [False, True])
+def test_batched_decoding_equals_per_image_mask_decoder(lite_parts, multimask):
+    torch.manual_seed(0)
+    embeddings = torch.randn(3, 256, 64, 64)
+    boxes = torch.tensor([[30.0, 40, 90, 120], [150, 100, 200, 160]]).expand(3, 2, 4).clone()
+    boxes[1] += 10
+    boxes[2] -= 20
+    pe, md = lite_parts.prompt_encoder, lite_parts.mask_decoder
+    with torch.no_grad():
+        masks, iou = decode_boxes(pe, md, embeddings, boxes, multimask_output=multimask)
+        for i in range(3):
+            sparse, dense = pe(points=None, boxes=boxes[i], masks=None)
+            ref_masks, ref_iou = md(
+                image_embeddings=embeddings[i : i + 1], image_pe=pe.get_dense_pe(),
+                sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense, multimask_output=multimask,
+            )
+            torch.testing.assert_close(masks[i], ref_masks, atol=1e-4, rtol=1e-4)
+            torch.testing.assert_close(iou[i], ref_iou, atol=1e-5, rtol=1e-5)
+    assert masks.shape == (3, 2, 3 if multimask else 1, 256, 256)
+
+
+def test_one_prompt_per_embedding_form(lite_parts):
+    torch.manual_seed(1)
+    embeddings = torch.randn(2, 256, 64, 64)
+    boxes = torch.tensor([[30.0, 40, 90, 120], [150, 100, 200, 160]])
+    with torch.no_grad():
+        flat, _ = decode_boxes(lite_parts.prompt_encoder, lite_parts.mask_decoder, embeddings, boxes)
+        nested, _ = decode_boxes(lite_parts.prompt_encoder, lite_parts.mask_decoder, embeddings, boxes[:, None])
+    assert flat.shape == (2, 1, 256, 256)
+    torch.testing.assert_close(flat, nested[:, 0])
+
+
+def test_logits_to_slice_shape():
+    out = logits_to_slice(torch.zeros(2, 3, 1, 256, 256), input_size=256, slice_size=512)
+    assert out.shape == (2, 3, 1, 512, 512)

