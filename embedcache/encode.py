@@ -298,7 +298,6 @@ def encode(
                     "with its settings"
                 ) from None
             shards[record.name] = (shard, record)
-    parts.mkdir(exist_ok=True)
 
     plans: list[PlannedCase] = []
     for case in cases:
@@ -319,9 +318,10 @@ def encode(
         else:
             plans.append(plan)
     summary.slices_total = sum(len(p.z) for p in plans)
-    _check_free_space(parts, summary.slices_total * BYTES_PER_SLICE_ESTIMATE * 2)
+    _check_free_space(out.parent, summary.slices_total * BYTES_PER_SLICE_ESTIMATE * 2)
 
     if plans:
+        parts.mkdir(exist_ok=True)
         device = pick_device(config.device)
         summary.device = str(device)
         encoder = Encoder(config, device=device)
@@ -422,7 +422,7 @@ def _finish_ready(writers, batches):
 
 
 def _check_free_space(folder: Path, needed: int) -> None:
-    free = shutil.disk_usage(folder if folder.exists() else folder.parent).free
+    free = shutil.disk_usage(folder).free
     if needed > free:
         raise EmbedcacheError(
             f"{folder}: needs about {needed / 2**30:.1f} GiB but {free / 2**30:.1f} GiB are free; free space or "

@@ -1,0 +1,78 @@
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import nibabel as nib
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from embedcache.cli import main
+
+
+def _run(*args):
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+@pytest.mark.parametrize("name", sorted(main.commands))
+def test_every_command_has_help(name):
+    result = _run(name, "--help")
+    assert result.exit_code == 0, result.output
+    assert main.commands[name].help and main.commands[name].help.split("\n")[0] in " ".join(result.output.split())
+
+
+def test_help_does_not_import_torch():
+    code = "import sys; from embedcache.cli import main; sys.argv=['embedcache','--help']\n" \
+           "try:\n    main()\nexcept SystemExit:\n    pass\nassert 'torch' not in sys.modules, 'torch imported'"
+    subprocess.run([sys.executable, "-c", code], check=True, capture_output=True)
+
+
+def _one_line_error(result, *fragments):
+    assert result.exit_code != 0
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("Error: "), result.output
+    assert "Traceback" not in result.output
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+
+
+def test_bad_input_gives_one_line_errors(tmp_path, phantom_dir, tiny_model):
+    _one_line_error(_run("encode", tmp_path / "nowhere", "--out", tmp_path / "c.h5"), "nowhere: no such folder")
+    _one_line_error(_run("encode", phantom_dir, "--out", tmp_path / "c.h5", "--model", "vit_x"), "unknown model 'vit_x'")
+    _one_line_error(
+        _run("encode", phantom_dir, "--out", tmp_path / "c.h5", "--model", "vit_b", "--checkpoint", tmp_path / "w.pth"),
+        "w.pth: checkpoint not found",
+    )
+    _one_line_error(_run("encode", phantom_dir, "--out", tmp_path / "c.h5", "--window-width", "-5"), "window width")
+    _one_line_error(_run("info", tmp_path / "none.h5"), "none.h5: no such cache file")
+    (tmp_path / "junk.h5").write_bytes(b"junk")
+    _one_line_error(_run("info", tmp_path / "junk.h5"), "junk.h5: not a readable embedcache cache")
+    image = sorted((phantom_dir / "imagesTr").iterdir())[0]
+    small = tmp_path / "small.nii.gz"
+    nib.save(nib.Nifti1Image(np.zeros((8, 8, 8), np.uint8), np.eye(4)), str(small))
+    _one_line_error(
+        _run("encode", "--image", image, "--label", small, "--out", tmp_path / "c.h5", "--model", "tiny"),
+        "small.nii.gz: label volume shape (8, 8, 8) does not match image",
+    )
+    assert not (tmp_path / "c.h5").exists() and not (tmp_path / "c.h5.parts").exists()
+
+
+def test_encode_then_info_and_signature_mismatch(tmp_path, phantom_dir, tiny_model):
+    out = tmp_path / "c.h5"
+    result = _run("encode", phantom_dir, "--out", out, "--model", "tiny", "--no-progress")
+    assert result.exit_code == 0, result.output
+    assert "encoded" in result.output and "PHANTOM_0003" in result.output
+    info = _run("info", out)
+    assert info.exit_code == 0 and "model tiny" in info.output and "total" in info.output
+    again = _run("encode", phantom_dir, "--out", out, "--model", "tiny", "--window-level", "40", "--no-progress")
+    _one_line_error(again, "c.h5: cache was made with preprocess=")
+    resumed = _run("encode", phantom_dir, "--out", out, "--model", "tiny", "--no-progress")
+    assert "3 cases already done" in resumed.output
+
+
+def test_phantom_command_writes_flare_layout(tmp_path):
+    result = _run("phantom", tmp_path / "p", "--cases", "1", "--size", "64", "--no-progress")
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "p" / "imagesTr" / "PHANTOM_0001_0000.nii.gz").is_file()
+    assert (tmp_path / "p" / "labelsTr" / "PHANTOM_0001.nii.gz").is_file()
