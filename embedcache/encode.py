@@ -308,6 +308,11 @@ def encode(
         if case.name in shards and shards[case.name][1].digest == digest:
             summary.cases_resumed += 1
             continue
+        # Sources changed since they were encoded: what was cached for them no longer holds.
+        done.pop(case.name, None)
+        stale = shards.pop(case.name, None)
+        if stale:
+            stale[0].unlink()
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             plan = plan_case(case, config, digest)
@@ -332,15 +337,14 @@ def encode(
             summary.slices_encoded += record.n_rows
         summary.encode_seconds = time.perf_counter() - started
 
-    # One cache file: the existing cases not re-encoded, then the shards in input order.
+    # One cache file, cases in input order; cases cached earlier but not in this input are kept, last.
     sources: list[tuple[Path, list[store.CaseRecord]]] = []
-    kept = [c for name, c in done.items() if name not in shards]
-    if kept:
-        sources.append((out, kept))
-    order = {name: i for i, name in enumerate(names)}
-    for name in sorted(shards, key=lambda n: order.get(n, len(order))):
-        shard, record = shards[name]
-        sources.append((shard, [record]))
+    earlier = [n for n in {**done, **shards} if n not in set(names)]
+    for name in names + earlier:
+        if name in shards:
+            sources.append((shards[name][0], [shards[name][1]]))
+        elif name in done:
+            sources.append((out, [done[name]]))
     if shards or not out.exists():
         if not any(cases for _, cases in sources):
             raise EmbedcacheError(

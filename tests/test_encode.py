@@ -85,12 +85,24 @@ def test_rerun_skips_done_cases_and_adds_new_ones(tiny_model, phantom_copy, tmp_
     _encode(cases[:2], out)
     with store.open_cache(out) as cache:
         first = cache.embeddings[:]
+        rows0 = cache.cases[0].n_rows
     summary = _encode(cases, out)
     assert (summary.cases_resumed, summary.cases_encoded) == (2, 1)
     with store.open_cache(out) as cache:
         assert [c.name for c in cache.cases] == [c.name for c in cases]
         np.testing.assert_array_equal(cache.embeddings[: len(first)], first)
     assert _encode(cases, out).cases_encoded == 0
+    # A label file edited after encoding: that case, and only it, is encoded again.
+    label = read_label(cases[0].label)
+    edited = label.array.copy()
+    first_z = np.flatnonzero(np.isin(edited, [7, 8]).any(axis=(1, 2)))[0]
+    edited[first_z] = 0
+    write_nifti(edited, label.geometry, cases[0].label)
+    summary = _encode(cases, out)
+    assert (summary.cases_resumed, summary.cases_encoded) == (2, 1)
+    with store.open_cache(out) as cache:
+        assert cache.cases[0].name == cases[0].name and cache.cases[0].n_rows == rows0 - 1
+        assert first_z not in cache.slice_index[: cache.cases[0].n_rows]
 
 
 def test_kill_9_then_resume_redoes_no_finished_case(tiny_checkpoint, tmp_path, monkeypatch):
