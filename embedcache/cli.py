@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import click
@@ -176,6 +177,113 @@ def encode(data, out, images, labels_, series, model, checkpoint, labels, window
         markup=False,
     )
     _print_info(out)
+
+
+@main.command()
+@click.argument("cache", type=click.Path(path_type=Path))
+@click.option("--out", "-o", "run_dir", required=True, type=click.Path(path_type=Path), help="Run folder to create.")
+@click.option("--epochs", default=30, show_default=True, type=click.IntRange(1, 100_000))
+@click.option("--lr", default=1e-4, show_default=True, type=float, help="Peak learning rate (AdamW).")
+@click.option("--batch-size", default=8, show_default=True, type=click.IntRange(1, 4096),
+              help="Slices per step; each brings all its box prompts.")
+@click.option("--val-fraction", default=0.2, show_default=True, type=float, help="Share of cases held out.")
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda[:N].")
+@click.option("--resume", is_flag=True, help="Continue the run in --out from its last checkpoint.")
+@click.option("--model", default=None, help="Backbone the cache must have been made with (default: the cache's).")
+@click.option("--checkpoint", type=click.Path(path_type=Path), default=None,
+              help="The backbone weights the cache was encoded with (default: bundled).")
+@click.option("--box-jitter", default=0.1, show_default=True, type=float,
+              help="Each box edge moves up to this fraction of the box size per step.")
+@click.option("--patience", default=10, show_default=True, type=click.IntRange(1, 100_000),
+              help="Stop after this many epochs without a better validation Dice.")
+@click.option("--precision", default="auto", show_default=True, type=click.Choice(["auto", "fp32", "fp16", "bf16"]),
+              help="Mixed precision on CUDA (auto: bf16 where supported, else fp16); CPU runs fp32.")
+@click.option("--resident", default="auto", show_default=True, type=click.Choice(["auto", "device", "stream"]),
+              help="Keep the cache on the device (auto: when it fits) or stream it from HDF5.")
+@click.option("--compile", "compile_", is_flag=True, help="torch.compile the decoder.")
+@progress_option
+@friendly_errors
+def finetune(cache, run_dir, epochs, lr, batch_size, val_fraction, seed, device, resume, model, checkpoint,
+             box_jitter, patience, precision, resident, compile_, progress):
+    """Train only the mask decoder on the embedding cache CACHE, with box prompts and DiceCE loss.
+
+    Cases are split into train and validation by patient (seeded, saved as split.json). Each
+    epoch reports validation Dice; the best decoder is kept as RUN_DIR/decoder.pt, the last state
+    as RUN_DIR/last.pt, the settings as config.json and the epochs in log.csv.
+    Under torchrun (`torchrun --nproc_per_node=K -m embedcache finetune ...`) it trains with DDP.
+    """
+    import json
+
+    from embedcache.train import CONFIG, FinetuneConfig, finetune as run_finetune
+
+    config = FinetuneConfig(
+        cache=str(cache), epochs=epochs, lr=lr, batch_size=batch_size, val_fraction=val_fraction, seed=seed,
+        device=device, box_jitter=box_jitter, patience=patience, precision=precision, compile=compile_,
+        resident=resident, model=model, checkpoint=str(checkpoint) if checkpoint else None,
+    )
+    if resume and (run_dir / CONFIG).is_file():
+        saved = FinetuneConfig(**json.loads((run_dir / CONFIG).read_text()))
+        ctx = click.get_current_context()
+        given = {
+            name for name in ctx.params
+            if ctx.get_parameter_source(name) == click.core.ParameterSource.COMMANDLINE
+        }
+        overrides = {k: getattr(config, k) for k in ("epochs", "device", "patience") if k in given}
+        config = replace(saved, cache=str(cache), **overrides)
+    console = _console()
+    table = _epoch_table()
+
+    def on_epoch(record):
+        table.add_row(*_epoch_cells(record))
+        console.print(
+            f"epoch {record.epoch:3d}  loss {record.train_loss:.4f}  val loss {record.val_loss:.4f}  "
+            f"val Dice {record.val_dice:.4f}{' *' if record.best else '  '}  {record.seconds:6.2f} s  "
+            f"{record.prompts_per_s:7.1f} prompts/s",
+            markup=False, highlight=False,
+        )
+
+    with _progress(progress) as bar:
+        result = run_finetune(config, run_dir, resume=resume, progress=bar, on_epoch=on_epoch,
+                              log=lambda m: console.print(m, markup=False, highlight=False))
+    if result.history:
+        console.print(table)
+    console.print(
+        f"vanilla decoder val Dice {result.vanilla_val_dice:.4f} → fine-tuned {result.best_val_dice:.4f} "
+        f"(epoch {result.best_epoch}); best decoder: {run_dir / 'decoder.pt'}",
+        markup=False, highlight=False,
+    )
+
+
+def _epoch_table():
+    from rich.table import Table
+
+    return Table("epoch", "train loss", "val loss", "val Dice", "seconds", "prompts/s", title="finetune")
+
+
+def _epoch_cells(record) -> list[str]:
+    return [
+        f"{record.epoch}{' *' if record.best else ''}", f"{record.train_loss:.4f}", f"{record.val_loss:.4f}",
+        f"{record.val_dice:.4f}", f"{record.seconds:.2f}", f"{record.prompts_per_s:.1f}",
+    ]
+
+
+@main.command()
+@click.argument("run_dir", type=click.Path(path_type=Path))
+@click.option("--out", "-o", required=True, type=click.Path(path_type=Path), help="Checkpoint file to write.")
+@click.option("--checkpoint", type=click.Path(path_type=Path), default=None,
+              help="The original backbone weights, if not where the run found them.")
+@friendly_errors
+def export(run_dir, out, checkpoint):
+    """Write RUN_DIR's best decoder into a full checkpoint in the backbone's own format.
+
+    The original image encoder and prompt encoder with the fine-tuned mask decoder: SAM and MedSAM
+    files load in plain segment_anything (`sam_model_registry["vit_b"](checkpoint=OUT)`), LiteMedSAM
+    files keep LiteMedSAM's state-dict layout.
+    """
+    from embedcache.train import export_run
+
+    click.echo(f"wrote {export_run(run_dir, out, checkpoint=checkpoint)}")
 
 
 def _case_name(path: Path) -> str:
