@@ -177,14 +177,15 @@ class Batch:
 
 def make_batch(
     data: SliceStore, prompts: Prompts, slices: np.ndarray, *, labels: tuple[int, ...], box_scale: float,
-    jitter: float = 0.0, rng: np.random.Generator | None = None, slice_size: int = 512,
+    boxes: np.ndarray | None = None, slice_size: int = 512,
 ) -> Batch:
-    """The prompts of ``slices`` (local indices) with their embeddings and targets on the device."""
+    """The prompts of ``slices`` (local indices) with their embeddings and targets on the device.
+
+    ``boxes`` replaces ``prompts.boxes`` (same indexing), e.g. with jittered boxes.
+    """
     which, local = prompts.of_slices(slices)
     emb, masks = data.get(slices)
-    boxes = prompts.boxes[which]
-    if jitter > 0:
-        boxes = jitter_boxes(boxes, fraction=jitter, rng=rng, limit=float(slice_size))
+    boxes = (prompts.boxes if boxes is None else boxes)[which]
     label_ids = torch.tensor(labels, device=masks.device)[torch.from_numpy(prompts.slot[which]).to(masks.device)]
     index = torch.from_numpy(local).to(masks.device)
     target = masks[index] == label_ids[:, None, None]
@@ -245,7 +246,12 @@ class BoxDecoder(torch.nn.Module):
     def __init__(self, prompt_encoder: torch.nn.Module, mask_decoder: torch.nn.Module):
         super().__init__()
         self.prompt_encoder = prompt_encoder.requires_grad_(False)
-        self.mask_decoder = mask_decoder
+        self.mask_decoder = mask_decoder.requires_grad_(True)
+        # Single-mask output: the loss never reaches the IoU head or the hypernetworks of the three
+        # multimask tokens. Frozen, they stay as released (and DDP finds no unused parameters).
+        mask_decoder.iou_prediction_head.requires_grad_(False)
+        for mlp in mask_decoder.output_hypernetworks_mlps[1:]:
+            mlp.requires_grad_(False)
 
     def forward(self, embeddings: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
         """``(P, 256, 64, 64)`` embeddings, ``(P, 4)`` boxes → ``(P, 1, 256, 256)`` mask logits."""
@@ -413,7 +419,7 @@ def _train(cache, config, run_dir, dist, device, *, resume, progress, log, on_ep
     parts, _ = load_backbone(backbone, Path(config.checkpoint) if config.checkpoint else None)
     model = BoxDecoder(parts.prompt_encoder, parts.mask_decoder).to(device)
     del parts  # the image encoder is not needed: the cache holds its output
-    trainable = [p for p in model.mask_decoder.parameters()]
+    trainable = [p for p in model.mask_decoder.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=config.weight_decay)
     steps_per_epoch = math.ceil(len(train_rows) / config.batch_size)
     total_steps = steps_per_epoch * config.epochs
@@ -428,9 +434,8 @@ def _train(cache, config, run_dir, dist, device, *, resume, progress, log, on_ep
         net = torch.compile(net)
     box_scale = backbone.box_scale(slice_size)
 
-    def batch_of(slices, rng=None, jitter=0.0, data=train_data, prompts=train_prompts):
-        return make_batch(data, prompts, slices, labels=labels, box_scale=box_scale, jitter=jitter, rng=rng,
-                          slice_size=slice_size)
+    def batch_of(slices, boxes=None, data=train_data, prompts=train_prompts):
+        return make_batch(data, prompts, slices, labels=labels, box_scale=box_scale, boxes=boxes, slice_size=slice_size)
 
     @torch.no_grad()
     def validate() -> tuple[float, float]:
@@ -491,8 +496,13 @@ def _train(cache, config, run_dir, dist, device, *, resume, progress, log, on_ep
 
         def make(item):
             slices, seed = item
-            mine = np.sort(slices[dist.rank :: dist.world])
-            batch = batch_of(mine, rng=np.random.default_rng(seed), jitter=config.box_jitter)
+            boxes = train_prompts.boxes
+            if config.box_jitter > 0:  # jitter the whole global batch, so each prompt moves the same on any rank
+                which, _ = train_prompts.of_slices(np.sort(slices))
+                boxes = boxes.copy()
+                boxes[which] = jitter_boxes(boxes[which], fraction=config.box_jitter, rng=np.random.default_rng(seed),
+                                            limit=float(slice_size))
+            batch = batch_of(np.sort(slices[dist.rank :: dist.world]), boxes=boxes)
             return batch, train_prompts.count(slices)
 
         started = time.perf_counter()

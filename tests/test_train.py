@@ -1,0 +1,219 @@
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import tiny
+from embedcache import cache as store
+from embedcache import train
+from embedcache.backbones import get_backbone, load_backbone
+from embedcache.errors import CacheMismatchError, EmbedcacheError
+from embedcache.train import FinetuneConfig, finetune, split_cases
+
+QUIET = dict(progress=None, log=lambda m: None)
+
+
+def _config(cache, **kw) -> FinetuneConfig:
+    base = dict(cache=str(cache), epochs=2, batch_size=2, val_fraction=0.34, device="cpu", lr=3e-4)
+    return FinetuneConfig(**{**base, **kw})
+
+
+def _decoder_weights(path: Path) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=False)["decoder"]
+
+
+def test_split_is_by_case_seeded_and_disjoint():
+    names = [f"c{i}" for i in range(10)]
+    train_a, val_a = split_cases(names, val_fraction=0.2, seed=1)
+    assert split_cases(names, val_fraction=0.2, seed=1) == (train_a, val_a)
+    assert len(val_a) == 2 and not set(train_a) & set(val_a) and sorted(train_a + val_a) == names
+    assert split_cases(names, val_fraction=0.2, seed=2) != (train_a, val_a)
+    assert split_cases(["a", "b"], val_fraction=0.9, seed=0)[0]  # at least one training case
+    with pytest.raises(EmbedcacheError, match="needs at least 2"):
+        split_cases(["only"], val_fraction=0.2, seed=0)
+
+
+def _batch(tiny_model, small_cache):
+    with store.open_cache(small_cache) as cache:
+        rows = np.arange(len(cache))
+        prompts = train.Prompts.from_cache(cache, rows)
+        data = train.SliceStore(cache, rows, device=torch.device("cpu"), resident=True)
+        batch = train.make_batch(data, prompts, np.array([0, 1, 2]), labels=cache.labels,
+                                 box_scale=tiny_model.box_scale(512))
+    return batch, prompts
+
+
+def test_batches_hold_both_glands_of_a_slice_on_one_embedding(tiny_model, small_cache):
+    batch, prompts = _batch(tiny_model, small_cache)
+    n = prompts.count(np.array([0, 1, 2]))
+    assert batch.embeddings.shape == (n, 256, 64, 64) and batch.targets.shape == (n, 1, 256, 256)
+    assert n > 3  # both glands on most mid-gland slices
+    which, local = prompts.of_slices(np.array([0, 1, 2]))
+    for i in range(n):
+        torch.testing.assert_close(batch.embeddings[i], batch.embeddings[np.flatnonzero(local == local[i])[0]])
+    # soft targets are the 2×2 area average of the full-resolution mask
+    full = batch.masks.float()[:, None]
+    torch.testing.assert_close(batch.targets, torch.nn.functional.avg_pool2d(full, 2))
+
+
+def test_only_the_mask_decoder_receives_gradients_and_loss_falls(tiny_model, small_cache):
+    batch, _ = _batch(tiny_model, small_cache)
+    parts, _ = load_backbone(tiny_model)
+    model = train.BoxDecoder(parts.prompt_encoder, parts.mask_decoder)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-3)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
+    step = train.TrainStep(model, optimizer, scheduler, params, autocast=train.nullcontext(), scaler=None,
+                           grad_clip=1.0)
+    losses = []
+    for _ in range(6):
+        step(batch, len(batch.boxes))
+        losses.append(step.end_epoch()[0])
+    assert losses[-1] < 0.7 * losses[0]
+    decoder = model.mask_decoder
+    assert {id(p) for p in params} <= {id(p) for p in decoder.parameters()}
+    assert all(p.grad is not None for p in params)  # everything trainable is reached by the loss
+    assert all(p.grad is not None for p in decoder.transformer.parameters())
+    assert decoder.mask_tokens.weight.grad is not None and decoder.output_upscaling[0].weight.grad is not None
+    assert all(p.grad is None and not p.requires_grad for p in model.prompt_encoder.parameters())
+    assert all(p.grad is None for p in parts.image_encoder.parameters())
+
+
+def test_finetune_writes_a_run_and_resumes(tiny_model, small_cache, tmp_path):
+    run = tmp_path / "run"
+    epochs_seen = []
+
+    def interrupt_after_epoch_2(record):  # as Ctrl-C would, once epoch 2 is saved
+        epochs_seen.append(record)
+        if record.epoch == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        finetune(_config(small_cache, epochs=3), run, on_epoch=interrupt_after_epoch_2, **QUIET)
+    assert [r.epoch for r in epochs_seen] == [1, 2]
+    for name in ("decoder.pt", "last.pt", "config.json", "split.json", "log.csv"):
+        assert (run / name).is_file(), name
+    split = json.loads((run / "split.json").read_text())
+    assert len(split["val"]) == 1 and not set(split["train"]) & set(split["val"])
+    rows = list(csv.DictReader(open(run / "log.csv")))
+    assert [r["epoch"] for r in rows] == ["0", "1", "2"]  # epoch 0: the vanilla decoder
+    assert json.loads((run / "config.json").read_text())["epochs"] == 3
+    assert not list(run.glob("*.partial"))
+
+    with pytest.raises(EmbedcacheError, match="run folder exists; pass --resume"):
+        finetune(_config(small_cache, epochs=2), run, **QUIET)
+    resumed = finetune(_config(small_cache, epochs=3), run, resume=True, **QUIET)
+    assert [r.epoch for r in resumed.history] == [1, 2, 3]
+
+    # Resuming gives the same weights as never stopping.
+    straight = finetune(_config(small_cache, epochs=3), tmp_path / "straight", **QUIET)
+    a = torch.load(run / "last.pt", weights_only=False)["decoder"]
+    b = torch.load(tmp_path / "straight" / "last.pt", weights_only=False)["decoder"]
+    for key in a:
+        torch.testing.assert_close(a[key], b[key])
+    assert straight.best_val_dice == pytest.approx(resumed.best_val_dice)
+
+
+def test_streaming_from_hdf5_trains_like_the_resident_cache(tiny_model, small_cache, tmp_path):
+    finetune(_config(small_cache, epochs=1, resident="device"), tmp_path / "resident", **QUIET)
+    finetune(_config(small_cache, epochs=1, resident="stream"), tmp_path / "stream", **QUIET)
+    a, b = _decoder_weights(tmp_path / "resident" / "last.pt"), _decoder_weights(tmp_path / "stream" / "last.pt")
+    for key in a:
+        torch.testing.assert_close(a[key], b[key])
+
+
+def test_bad_runs_fail_with_one_line_and_keep_the_last_good_checkpoint(tiny_model, small_cache, tmp_path, monkeypatch):
+    with pytest.raises(EmbedcacheError, match="nothing to resume"):
+        finetune(_config(small_cache), tmp_path / "none", resume=True, **QUIET)
+    with pytest.raises(CacheMismatchError, match="backbone"):
+        finetune(_config(small_cache, model="litemedsam"), tmp_path / "other", **QUIET)
+
+    run = tmp_path / "run"
+    finetune(_config(small_cache, epochs=1), run, **QUIET)
+    good = (run / "last.pt").read_bytes()
+    real = train.dice_ce_per_prompt
+    monkeypatch.setattr(train, "dice_ce_per_prompt", lambda logits, target: real(logits, target) * float("nan"))
+    with pytest.raises(EmbedcacheError, match=r"loss is not finite at epoch 2, step 1 \(cache rows \["):
+        finetune(_config(small_cache, epochs=2), run, resume=True, **QUIET)
+    assert (run / "last.pt").read_bytes() == good
+    monkeypatch.setattr(train, "dice_ce_per_prompt", real)
+
+    (run / "last.pt").write_bytes(good[: len(good) // 3])
+    with pytest.raises(EmbedcacheError, match="last.pt: checkpoint is corrupt or truncated"):
+        finetune(_config(small_cache, epochs=2), run, resume=True, **QUIET)
+
+
+def test_a_cache_of_one_case_cannot_be_split(tiny_model, small_cache, tmp_path):
+    with store.open_cache(small_cache) as cache:
+        first = cache.cases[0]
+        sig = cache.signature
+    one = tmp_path / "one.h5"
+    store.merge(one, signature=sig, sources=[(small_cache, [first])], slice_size=512)
+    with pytest.raises(EmbedcacheError, match="holds 1 case"):
+        finetune(_config(one), tmp_path / "run", **QUIET)
+
+
+def test_torchrun_with_two_processes_matches_one_process(tiny_model, tiny_checkpoint, small_cache, tmp_path):
+    """DDP on CPU (gloo): two ranks, each half of every batch, reproduce one process's weights."""
+    single = tmp_path / "single"
+    finetune(_config(small_cache, epochs=2, batch_size=2), single, **QUIET)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(Path(tiny.__file__).parent), *sys.path]),
+               OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533",
+           tiny.__file__, str(tiny_checkpoint), "finetune", str(small_cache), "--out", str(tmp_path / "ddp"),
+           "--epochs", "2", "--batch-size", "2", "--val-fraction", "0.34", "--device", "cpu", "--lr", "3e-4",
+           "--no-progress"]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    a, b = _decoder_weights(single / "last.pt"), _decoder_weights(tmp_path / "ddp" / "last.pt")
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], atol=2e-5, rtol=1e-4)
+
+
+def test_export_loads_in_plain_segment_anything_with_the_finetuned_decoder(tiny_model, tiny_checkpoint, small_cache, tmp_path):
+    from segment_anything import SamPredictor
+    from segment_anything.build_sam import _build_sam
+
+    from embedcache.decoder import decode_boxes, logits_to_slice
+
+    run = tmp_path / "run"
+    finetune(_config(small_cache, epochs=1), run, **QUIET)
+    out = train.export_run(run, tmp_path / "exported.pth")
+    # segment_anything's own builder and loader (sam_model_registry calls it with the ViT-B/L/H sizes).
+    sam = _build_sam(encoder_embed_dim=32, encoder_depth=2, encoder_num_heads=2, encoder_global_attn_indexes=(),
+                     checkpoint=str(out))
+    decoder = _decoder_weights(run / "decoder.pt")
+    for key, value in decoder.items():
+        torch.testing.assert_close(sam.mask_decoder.state_dict()[key], value)
+
+    with store.open_cache(small_cache) as cache:
+        embedding = torch.from_numpy(cache.embeddings[0:1]).float()
+        box = torch.from_numpy(cache.boxes[0])
+    box = box[~torch.isnan(box).any(1)][:1]
+    predictor = SamPredictor(sam)
+    predictor.features, predictor.is_image_set = embedding, True
+    predictor.original_size, predictor.input_size = (512, 512), (1024, 1024)
+    with torch.no_grad():
+        theirs, _, _ = predictor.predict_torch(
+            point_coords=None, point_labels=None, boxes=predictor.transform.apply_boxes_torch(box, (512, 512)),
+            multimask_output=False, return_logits=True,
+        )
+        low, _ = decode_boxes(sam.prompt_encoder, sam.mask_decoder, embedding, box * 2)
+        ours = logits_to_slice(low, input_size=1024, slice_size=512)
+    torch.testing.assert_close(ours, theirs, atol=1e-3, rtol=1e-3)
+
+    other = tmp_path / "other.pth"
+    torch.save({"a": torch.zeros(1)}, other)
+    with pytest.raises(EmbedcacheError, match="not the weights the run"):
+        train.export_run(run, tmp_path / "x.pth", checkpoint=other)
+    with pytest.raises(EmbedcacheError, match="no checkpoint"):
+        train.export_run(tmp_path / "empty", tmp_path / "y.pth")
