@@ -30,7 +30,8 @@ import torch
 from embedcache import __version__
 from embedcache.backbones import get_backbone
 from embedcache.config import EncodeConfig
-from embedcache.encode import Encoder, encode, pick_device, plan_case, prepare_case
+from embedcache.devices import pick_device
+from embedcache.encode import Encoder, encode, plan_case, prepare_case
 from embedcache.phantom import PhantomConfig, make_case, write_phantom
 from embedcache.volumes import discover_cases, source_digest
 
@@ -60,11 +61,11 @@ def machine(device: torch.device) -> dict:
     return info
 
 
-def phantom_with_slices(folder: Path, slices: int, seed: int) -> Path:
-    """Write phantom cases until they hold at least ``slices`` target slices."""
+def phantom_with_slices(folder: Path, slices: int, seed: int, min_cases: int = 1) -> Path:
+    """Write phantom cases until they hold at least ``slices`` target slices (and ``min_cases`` cases)."""
     config = PhantomConfig()
     total, cases = 0, 0
-    while total < slices:
+    while total < slices or cases < min_cases:
         _, labels, _ = make_case(seed * 1_000_003 + cases, config)
         total += int(np.isin(labels, (7, 8)).any(axis=(1, 2)).sum())
         cases += 1

@@ -26,6 +26,7 @@ import numpy as np
 from embedcache import cache as store
 from embedcache.backbones import get_backbone, load_backbone, resolve_checkpoint, file_sha256
 from embedcache.config import EncodeConfig
+from embedcache.devices import keep_freed_memory, pick_device
 from embedcache.errors import CacheMismatchError, EmbedcacheError
 from embedcache.preprocess import resize_mask, slice_to_model
 from embedcache.prompts import boxes_for_labels
@@ -57,18 +58,6 @@ class EncodeSummary:
     @property
     def slices_per_s(self) -> float:
         return self.slices_encoded / self.encode_seconds if self.encode_seconds > 0 else 0.0
-
-
-def pick_device(name: str):
-    import torch
-
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise EmbedcacheError(f"--device {name}: no CUDA device is visible to torch; use --device cpu or auto")
-    if name != "cpu" and not name.startswith("cuda"):
-        raise EmbedcacheError(f"--device {name}: choose auto, cpu or cuda[:N]")
-    return torch.device(name)
 
 
 def _signature(config: EncodeConfig, checkpoint_sha256: str) -> dict:
@@ -209,7 +198,7 @@ class Encoder:
         # (measured 1.3× on this 2-core CPU); for ViT it only touches the patch embedding.
         self.model = parts.image_encoder.to(device, memory_format=torch.channels_last).eval().requires_grad_(False)
         if device.type == "cpu":
-            _keep_freed_memory()
+            keep_freed_memory()
         self.batch_size = config.batch_size or (16 if device.type == "cuda" else 1)
         self.out_dtype = torch.float16 if config.embedding_dtype == "float16" else torch.float32
         # fp16 autocast on CUDA: the encoder's matmuls run on tensor cores; embeddings are stored fp16 anyway.
@@ -226,28 +215,6 @@ class Encoder:
                 x = x.pin_memory().to(self.device, non_blocking=True)
             emb = self.model(self.backbone.prepare(x).contiguous(memory_format=torch.channels_last))
             return emb.to(self.out_dtype).cpu().numpy()
-
-
-def _keep_freed_memory() -> None:
-    """Ask glibc to keep freed activation buffers instead of unmapping them after every layer.
-
-    The encoder allocates and frees tens of MiB per layer; with glibc's defaults each becomes an
-    mmap/munmap pair and page faults, which cost ~30 % of the encoder's CPU time here (measured:
-    sys time 33 s of 76 s). Linux/glibc only; elsewhere a no-op.
-    """
-    import ctypes
-    import sys
-
-    if not sys.platform.startswith("linux"):
-        return
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
-        return
-    m_trim_threshold, m_top_pad, m_mmap_threshold = -1, -2, -3
-    libc.mallopt(m_mmap_threshold, 32 << 20)
-    libc.mallopt(m_trim_threshold, 1 << 30)
-    libc.mallopt(m_top_pad, 64 << 20)
 
 
 def encode(

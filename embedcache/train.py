@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from embedcache import cache as store
 from embedcache.backbones import get_backbone, load_backbone, resolve_checkpoint, file_sha256
 from embedcache.decoder import decode_boxes
+from embedcache.devices import keep_freed_memory, pick_device
 from embedcache.errors import EmbedcacheError
 from embedcache.losses import dice_ce_per_prompt
 from embedcache.prompts import jitter_boxes
@@ -378,8 +379,6 @@ def finetune(
     config: FinetuneConfig, run_dir: Path, *, resume: bool = False, progress=None, log=print, on_epoch=None
 ) -> FinetuneResult:
     """Train the mask decoder on ``config.cache``; write checkpoints, config, split and log to ``run_dir``."""
-    from embedcache.encode import pick_device
-
     run_dir = Path(run_dir)
     dist = _Dist(config.device)
     device = pick_device(dist.device_name)
@@ -388,6 +387,8 @@ def finetune(
     if resume and not (run_dir / LAST).exists():
         raise EmbedcacheError(f"{run_dir}: nothing to resume (no {LAST}); start without --resume")
 
+    if device.type == "cpu":
+        keep_freed_memory()
     cache = store.open_cache(Path(config.cache))
     try:
         store.check_signature(cache.signature, expected_signature(cache, config), path=Path(config.cache))
