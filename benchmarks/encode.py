@@ -61,11 +61,11 @@ def machine(device: torch.device) -> dict:
     return info
 
 
-def phantom_with_slices(folder: Path, slices: int, seed: int, min_cases: int = 1) -> Path:
-    """Write phantom cases until they hold at least ``slices`` target slices (and ``min_cases`` cases)."""
+def phantom_with_slices(folder: Path, slices: int, seed: int) -> Path:
+    """Write phantom cases until they hold at least ``slices`` target slices."""
     config = PhantomConfig()
     total, cases = 0, 0
-    while total < slices or cases < min_cases:
+    while total < slices:
         _, labels, _ = make_case(seed * 1_000_003 + cases, config)
         total += int(np.isin(labels, (7, 8)).any(axis=(1, 2)).sum())
         cases += 1

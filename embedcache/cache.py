@@ -29,7 +29,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import h5py
-import numpy as np
 
 from embedcache import __version__
 from embedcache.backbones import EMBEDDING_SHAPE

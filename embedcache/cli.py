@@ -201,11 +201,13 @@ def encode(data, out, images, labels_, series, model, checkpoint, labels, window
               help="Mixed precision on CUDA (auto: bf16 where supported, else fp16); CPU runs fp32.")
 @click.option("--resident", default="auto", show_default=True, type=click.Choice(["auto", "device", "stream"]),
               help="Keep the cache on the device (auto: when it fits) or stream it from HDF5.")
+@click.option("--micro-batch", default=0, show_default=True, type=click.IntRange(0, 4096),
+              help="Prompts per forward/backward within a step (same gradients); 0: all on CUDA, 4 on CPU.")
 @click.option("--compile", "compile_", is_flag=True, help="torch.compile the decoder.")
 @progress_option
 @friendly_errors
 def finetune(cache, run_dir, epochs, lr, batch_size, val_fraction, seed, device, resume, model, checkpoint,
-             box_jitter, patience, precision, resident, compile_, progress):
+             box_jitter, patience, precision, resident, micro_batch, compile_, progress):
     """Train only the mask decoder on the embedding cache CACHE, with box prompts and DiceCE loss.
 
     Cases are split into train and validation by patient (seeded, saved as split.json). Each
@@ -220,7 +222,7 @@ def finetune(cache, run_dir, epochs, lr, batch_size, val_fraction, seed, device,
     config = FinetuneConfig(
         cache=str(cache), epochs=epochs, lr=lr, batch_size=batch_size, val_fraction=val_fraction, seed=seed,
         device=device, box_jitter=box_jitter, patience=patience, precision=precision, compile=compile_,
-        resident=resident, model=model, checkpoint=str(checkpoint) if checkpoint else None,
+        resident=resident, micro_batch=micro_batch, model=model, checkpoint=str(checkpoint) if checkpoint else None,
     )
     if resume and (run_dir / CONFIG).is_file():
         saved = FinetuneConfig(**json.loads((run_dir / CONFIG).read_text()))

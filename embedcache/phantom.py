@@ -184,3 +184,21 @@ def write_phantom(out: Path, *, cases: int, seed: int, config: PhantomConfig = P
         if progress:
             progress.advance(task)
     return names
+
+
+def limit_target_slices(data: Path, *, per_case: int, labels: tuple[int, ...] = (RIGHT_ADRENAL, LEFT_ADRENAL)) -> None:
+    """Keep ``labels`` on only ``per_case`` slices (the middle ones) of each label file under ``data``.
+
+    For tests and benchmarks that want a given number of target slices: encoding and an epoch
+    then cost a known amount, whatever the glands' extent.
+    """
+    from embedcache.volumes import read_label, write_nifti
+
+    for path in sorted((Path(data) / "labelsTr").glob("*.nii.gz")):
+        label = read_label(path)
+        array = label.array.copy()
+        z = np.flatnonzero(np.isin(array, labels).any(axis=(1, 2)))
+        keep = z[max(0, len(z) // 2 - per_case // 2) :][:per_case]  # mid-gland: both glands usually present
+        drop = np.setdiff1d(np.arange(len(array)), keep)
+        array[drop] = np.where(np.isin(array[drop], labels), 0, array[drop])
+        write_nifti(array, label.geometry, path)

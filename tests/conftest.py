@@ -12,7 +12,7 @@ import torch
 
 import tiny
 from embedcache import backbones
-from embedcache.phantom import PhantomConfig, write_phantom
+from embedcache.phantom import PhantomConfig, limit_target_slices, write_phantom
 
 torch.set_num_threads(int(os.environ.get("EMBEDCACHE_TEST_THREADS", "2")))
 
@@ -84,19 +84,6 @@ def rng(seed: int = 0) -> np.random.Generator:
     return np.random.default_rng(seed)
 
 
-def keep_target_slices(data: Path, per_case: int) -> None:
-    """Edit the label files under ``data`` in place so each case keeps only ``per_case`` target slices."""
-    from embedcache.volumes import read_label, write_nifti
-
-    for path in sorted((data / "labelsTr").glob("*.nii.gz")):
-        label = read_label(path)
-        array = label.array.copy()
-        z = np.flatnonzero(np.isin(array, (7, 8)).any(axis=(1, 2)))
-        keep = z[len(z) // 2 - per_case // 2 :][:per_case]  # mid-gland slices: both glands usually present
-        array[np.setdiff1d(np.arange(len(array)), keep)] = 0
-        write_nifti(array, label.geometry, path)
-
-
 @pytest.fixture(scope="session")
 def small_cache(tmp_path_factory, tiny_checkpoint) -> Path:
     """A tiny-backbone cache of 3 cases × 2 slices: a training epoch takes seconds on 2 cores."""
@@ -106,7 +93,7 @@ def small_cache(tmp_path_factory, tiny_checkpoint) -> Path:
 
     root = tmp_path_factory.mktemp("small_cache")
     write_phantom(root / "data", cases=3, seed=11, config=SMALL_PHANTOM)
-    keep_target_slices(root / "data", 2)
+    limit_target_slices(root / "data", per_case=2)
     previous = backbones.BACKBONES.get("tiny")
     backbones.BACKBONES["tiny"] = tiny.tiny_backbone(tiny_checkpoint)
     try:

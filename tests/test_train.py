@@ -1,7 +1,6 @@
 from __future__ import annotations
 
 import csv
-import dataclasses
 import json
 import os
 import subprocess
@@ -15,7 +14,7 @@ import torch
 import tiny
 from embedcache import cache as store
 from embedcache import train
-from embedcache.backbones import get_backbone, load_backbone
+from embedcache.backbones import load_backbone
 from embedcache.errors import CacheMismatchError, EmbedcacheError
 from embedcache.train import FinetuneConfig, finetune, split_cases
 
@@ -217,3 +216,23 @@ def test_export_loads_in_plain_segment_anything_with_the_finetuned_decoder(tiny_
         train.export_run(run, tmp_path / "x.pth", checkpoint=other)
     with pytest.raises(EmbedcacheError, match="no checkpoint"):
         train.export_run(tmp_path / "empty", tmp_path / "y.pth")
+
+
+def test_micro_batches_add_up_to_the_whole_batch_step(tiny_model, small_cache):
+    batch, _ = _batch(tiny_model, small_cache)
+    weights = []
+    for micro in (0, 3):
+        torch.manual_seed(0)
+        parts, _ = load_backbone(tiny_model)
+        model = train.BoxDecoder(parts.prompt_encoder, parts.mask_decoder)
+        params = [p for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=1e-3)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
+        step = train.TrainStep(model, optimizer, scheduler, params, autocast=train.nullcontext(), scaler=None,
+                               grad_clip=1.0, micro_batch=micro)
+        step(batch, len(batch.boxes))
+        weights.append({n: p.grad.clone() for n, p in model.mask_decoder.named_parameters() if p.requires_grad})
+        assert step.end_epoch()[1] == len(batch.boxes)
+    for key in weights[0]:  # the gradients the optimizer stepped on, equal up to summation order
+        whole, parts_sum = weights[0][key], weights[1][key]
+        assert (whole - parts_sum).abs().max() <= 1e-4 * whole.abs().max() + 1e-10, key

@@ -8,7 +8,7 @@ import numpy as np
 import pydicom
 import pytest
 
-from conftest import pydicom_dir, pydicom_file, single_file_dir
+from conftest import pydicom_dir, single_file_dir
 from embedcache.errors import EmbedcacheError
 from embedcache.volumes import (
     Geometry,
