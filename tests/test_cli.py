@@ -91,3 +91,46 @@ def test_finetune_and_export_from_the_command_line(tmp_path, small_cache, tiny_m
     exported = _run("export", run, "--out", tmp_path / "full.pth")
     assert exported.exit_code == 0 and (tmp_path / "full.pth").is_file()
     _one_line_error(_run("export", tmp_path / "nothing", "--out", tmp_path / "x.pth"), "no checkpoint")
+
+
+def test_score_reports_vanilla_against_finetuned(tmp_path, small_cache, tiny_model):
+    import json
+
+    run = tmp_path / "run"
+    assert _run("finetune", small_cache, "--out", run, "--epochs", "1", "--batch-size", "2",
+                "--val-fraction", "0.34", "--device", "cpu", "--no-progress").exit_code == 0
+    result = _run("score", small_cache, "--run", run, "--out", tmp_path / "report", "--device", "cpu", "--no-progress")
+    assert result.exit_code == 0, result.output
+    assert "right adrenal" in result.output and "difference" in result.output and "index.html" in result.output
+    report = json.loads((tmp_path / "report" / "report.json").read_text())
+    split = json.loads((run / "split.json").read_text())
+    assert sorted(report["cases"]) == split["val"] and report["models"] == ["vanilla", "finetuned"]
+    for label in ("7", "8"):
+        for model in ("vanilla", "finetuned"):
+            for metric in ("dice", "nsd", "dice_2d"):
+                assert 0.0 <= report["mean"][label][model][metric] <= 1.0
+    pictures = sorted((tmp_path / "report").glob("*.png"))
+    assert len(pictures) == 4  # best and worst per gland
+    page = (tmp_path / "report" / "index.html").read_text()
+    assert all(p.name in page for p in pictures)
+    assert (tmp_path / "report" / "cases.csv").read_text().count("\n") == 1 + 2 * 2 * len(split["val"])
+
+    # The vanilla weights given as the "fine-tuned" decoder score exactly as the vanilla decoder.
+    import torch
+
+    from embedcache.backbones import load_backbone
+    from embedcache.cache import open_cache
+
+    with open_cache(small_cache) as cache:
+        signature = cache.signature
+    vanilla = load_backbone(tiny_model)[0].mask_decoder.state_dict()
+    torch.save({"decoder": vanilla, "signature": signature}, tmp_path / "vanilla.pt")
+    same = _run("score", small_cache, "--decoder", tmp_path / "vanilla.pt", "--out", tmp_path / "r2",
+                "--device", "cpu", "--no-progress")
+    assert same.exit_code == 0, same.output
+    twin = json.loads((tmp_path / "r2" / "report.json").read_text())
+    for case in twin["cases"].values():
+        for by_model in case.values():
+            assert by_model["vanilla"] == by_model["finetuned"]
+    _one_line_error(_run("score", small_cache, "--out", tmp_path / "r3", "--cases", "val"), "needs --run")
+    _one_line_error(_run("score", small_cache, "--run", tmp_path / "nothing", "--out", tmp_path / "r4"), "no checkpoint")

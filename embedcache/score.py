@@ -1,0 +1,277 @@
+"""Scoring: vanilla against fine-tuned decoder on the same cached boxes, judged on 3-D volumes.
+
+Read top to bottom: choose the cases (by default the run's validation cases), decode every cached
+(slice, gland) box with both decoders, take the logits back to each slice's original pixel grid,
+stack them into 3-D masks on the label volume's voxels, and compare with the label volume: Dice and
+NSD at 2 mm (FLARE22) per case and gland, plus the mean 2-D Dice of the slices holding the gland.
+Then write report.json, cases.csv, overlays of the best and worst slices, and index.html.
+"""
+
+from __future__ import annotations
+
+import csv
+import html
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from embedcache import cache as store
+from embedcache.backbones import get_backbone, load_backbone
+from embedcache.decoder import decode_boxes, logits_to_slice
+from embedcache.devices import pick_device
+from embedcache.errors import EmbedcacheError
+from embedcache.metrics import ADRENAL_TOLERANCE_MM, dice, nsd
+from embedcache.preprocess import window_hu
+from embedcache.volumes import read_image, read_label
+
+GLAND_NAMES = {7: "right adrenal", 8: "left adrenal"}
+METRICS = ("dice", "nsd", "dice_2d")
+
+
+@dataclass(frozen=True)
+class SlicePrediction:
+    case: str
+    label: int
+    z: int
+    box: tuple[float, float, float, float]  # slice pixels (x0, y0, x1, y1)
+    dice_2d: dict  # model → 2-D Dice on the original grid
+
+
+def load_decoder_state(run_dir: Path | None, decoder_file: Path | None) -> tuple[dict, dict, str]:
+    """The fine-tuned decoder's state dict, the signature it was trained on and where it came from."""
+    from embedcache.train import BEST, load_checkpoint
+
+    path = Path(decoder_file) if decoder_file else Path(run_dir) / BEST
+    state = load_checkpoint(path)
+    if "decoder" not in state or "signature" not in state:
+        raise EmbedcacheError(f"{path}: not an embedcache decoder checkpoint; pass RUN_DIR/decoder.pt")
+    return state["decoder"], state["signature"], str(path)
+
+
+def _predict_case(parts, decoders: dict, cache: store.Cache, case: store.CaseRecord, *, device, input_size, slice_size,
+                  batch: int = 16):
+    """Per model and label: the 3-D canonical prediction of one case (bool, ``(z, y, x)``)."""
+    labels = cache.labels
+    shape = tuple(case.shape_zyx)
+    preds = {m: {label: np.zeros(shape, bool) for label in labels} for m in decoders}
+    rows = np.arange(case.first_row, case.first_row + case.n_rows)
+    boxes_all = cache.boxes[case.first_row : case.first_row + case.n_rows]
+    prompts = [(i, j) for i in range(len(rows)) for j in range(len(labels)) if not np.isnan(boxes_all[i, j]).any()]
+    scale = input_size / slice_size
+    for start in range(0, len(prompts), batch):
+        chunk = prompts[start : start + batch]
+        row_idx = sorted({i for i, _ in chunk})
+        emb = torch.from_numpy(cache.embeddings[rows[row_idx[0]] : rows[row_idx[-1]] + 1]).float().to(device)
+        local = torch.tensor([i - row_idx[0] for i, _ in chunk], device=device)
+        boxes = torch.from_numpy(np.stack([boxes_all[i, j] for i, j in chunk]) * scale).to(device)
+        for name, decoder in decoders.items():
+            with torch.no_grad():
+                low, _ = decode_boxes(parts.prompt_encoder, decoder, emb[local], boxes)
+                logits = logits_to_slice(low, input_size=input_size, slice_size=slice_size)
+                # back to the slice's own pixel grid: resample logits, then threshold
+                native = F.interpolate(logits, size=shape[1:], mode="bilinear", align_corners=False)[:, 0] > 0
+            native = native.cpu().numpy()
+            for (i, j), mask in zip(chunk, native):
+                z = int(cache.slice_index[rows[i]])
+                preds[name][labels[j]][z] |= mask
+    return preds
+
+
+def score(
+    cache_path: Path, out_dir: Path, *, run_dir: Path | None = None, decoder_file: Path | None = None,
+    cases: str = "val", checkpoint: Path | None = None, device: str = "auto", tolerance_mm: float = ADRENAL_TOLERANCE_MM,
+    progress=None, log=print,
+) -> dict:
+    """Score the vanilla decoder (and the fine-tuned one when given) on ``cases``; write the report to ``out_dir``."""
+    out_dir = Path(out_dir)
+    if cases not in ("train", "val", "all"):
+        raise EmbedcacheError(f"--cases {cases}: choose train, val or all")
+    dev = pick_device(device)
+    with store.open_cache(cache_path) as cache:
+        backbone = get_backbone(cache.signature["backbone"])
+        decoders_state = None
+        if run_dir or decoder_file:
+            decoders_state, signature, source = load_decoder_state(run_dir, decoder_file)
+            for key in ("backbone", "checkpoint_sha256", "preprocess", "labels"):
+                if signature.get(key) != cache.signature.get(key):
+                    raise EmbedcacheError(
+                        f"{source}: decoder was trained on a cache with {key}={signature.get(key)}, this cache has "
+                        f"{cache.signature.get(key)}; score it on the cache it was trained on"
+                    )
+        names = [c.name for c in cache.cases if c.n_rows > 0]
+        if cases != "all":
+            if run_dir is None:
+                raise EmbedcacheError(f"--cases {cases} needs --run RUN_DIR (its split.json); or use --cases all")
+            split = json.loads((Path(run_dir) / "split.json").read_text())
+            names = [n for n in names if n in split[cases]]
+        if not names:
+            raise EmbedcacheError(f"{cache_path}: no {cases} cases to score")
+        if checkpoint is None and run_dir is not None:
+            saved = json.loads((Path(run_dir) / "config.json").read_text()).get("checkpoint")
+            checkpoint = Path(saved) if saved else None
+        parts, sha = load_backbone(backbone, checkpoint)
+        if sha != cache.signature["checkpoint_sha256"]:
+            raise EmbedcacheError(f"{cache_path}: encoded with other weights than {checkpoint or 'the bundled ones'}; "
+                                  "pass the checkpoint the cache was made with")
+        parts = parts.to(dev).eval()
+        decoders = {"vanilla": parts.mask_decoder}
+        if decoders_state is not None:
+            tuned = get_backbone(backbone.name).build().mask_decoder
+            tuned.load_state_dict(decoders_state)
+            decoders["finetuned"] = tuned.to(dev).eval()
+        slice_size = cache.signature["preprocess"]["slice_size"]
+        results, slices, kept = {}, [], {}
+        task = progress.add_task("scoring", total=len(names)) if progress else None
+        for case in [c for c in cache.cases if c.name in names]:
+            truth = read_label(Path(case.label))
+            if tuple(truth.array.shape) != tuple(case.shape_zyx):
+                raise EmbedcacheError(f"{case.label}: label volume changed since encoding; encode again")
+            preds = _predict_case(parts, decoders, cache, case, device=dev, input_size=backbone.input_size,
+                                  slice_size=slice_size)
+            results[case.name] = {}
+            rows = range(case.first_row, case.first_row + case.n_rows)
+            for j, label in enumerate(cache.labels):
+                gt = truth.array == label
+                entry = {}
+                for model, pred in preds.items():
+                    zs = np.flatnonzero(gt.any(axis=(1, 2)))
+                    entry[model] = {
+                        "dice": dice(pred[label], gt),
+                        "nsd": nsd(pred[label], gt, spacing_mm=case.spacing_mm, tolerance_mm=tolerance_mm),
+                        "dice_2d": float(np.mean([dice(pred[label][z], gt[z]) for z in zs])) if zs.size else 1.0,
+                    }
+                results[case.name][str(label)] = entry
+                for row in rows:
+                    box = cache.boxes[row][j]
+                    z = int(cache.slice_index[row])
+                    if np.isnan(box).any() or not gt[z].any():
+                        continue
+                    slices.append(SlicePrediction(case.name, label, z, tuple(float(v) for v in box),
+                                                  {m: dice(preds[m][label][z], gt[z]) for m in preds}))
+            if progress:
+                progress.advance(task)
+            for sp in slices:  # the overlays need these; best and worst are known only at the end
+                if sp.case == case.name:
+                    kept[(sp.case, sp.label, sp.z)] = {m: preds[m][sp.label][sp.z] for m in preds}
+        report = _report(results, cache.labels, list(decoders), cache_path, run_dir, decoder_file, cases, tolerance_mm)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        _write_json(report, out_dir / "report.json")
+        _write_csv(results, list(decoders), out_dir / "cases.csv")
+        pictures = _overlays(cache, slices, kept, list(decoders), out_dir)
+        _write_html(report, pictures, out_dir / "index.html")
+        report["pictures"] = [str(p) for p in pictures]
+        return report
+
+
+def _report(results, labels, models, cache_path, run_dir, decoder_file, cases, tolerance_mm) -> dict:
+    mean = {}
+    for label in labels:
+        mean[str(label)] = {
+            model: {metric: float(np.mean([results[c][str(label)][model][metric] for c in results])) for metric in METRICS}
+            for model in models
+        }
+    return {
+        "cache": str(cache_path), "run": str(run_dir) if run_dir else None,
+        "decoder": str(decoder_file) if decoder_file else None, "cases_scored": cases,
+        "nsd_tolerance_mm": tolerance_mm, "labels": {str(k): GLAND_NAMES.get(k, f"label {k}") for k in labels},
+        "models": models, "mean": mean, "cases": results,
+    }
+
+
+def _write_json(report: dict, path: Path) -> None:
+    tmp = path.with_name(path.name + ".partial")
+    tmp.write_text(json.dumps(report, indent=2) + "\n")
+    tmp.replace(path)
+
+
+def _write_csv(results: dict, models: list[str], path: Path) -> None:
+    tmp = path.with_name(path.name + ".partial")
+    with open(tmp, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["case", "label", "model", *METRICS])
+        for case, by_label in results.items():
+            for label, by_model in by_label.items():
+                for model in models:
+                    writer.writerow([case, label, model, *[f"{by_model[model][m]:.4f}" for m in METRICS]])
+    tmp.replace(path)
+
+
+def _contour(mask: np.ndarray) -> np.ndarray:
+    from scipy.ndimage import binary_erosion
+
+    return mask & ~binary_erosion(mask)
+
+
+def _overlays(cache, slices: list[SlicePrediction], kept: dict, models: list[str], out_dir: Path,
+              zoom: int = 4) -> list[Path]:
+    """PNGs of the best and worst slice of each gland: CT, ground truth (green), vanilla (red),
+    fine-tuned (yellow) contours and the box (white), cropped around the box and enlarged."""
+    from PIL import Image, ImageDraw
+
+    key_model = "finetuned" if "finetuned" in models else "vanilla"
+    pictures = []
+    images = {}
+    for label in cache.labels:
+        mine = sorted((s for s in slices if s.label == label), key=lambda s: s.dice_2d[key_model])
+        for tag, s in (("worst", mine[0]), ("best", mine[-1])) if mine else ():
+            case = next(c for c in cache.cases if c.name == s.case)
+            if case.name not in images:
+                images[case.name] = (read_image(Path(case.image)), read_label(Path(case.label)))
+            image, truth = images[case.name]
+            ct = window_hu(image.array[s.z])
+            h, w = ct.shape
+            # the box is in slice pixels; the slice was resampled from (h, w)
+            size = cache.signature["preprocess"]["slice_size"]
+            x0, y0, x1, y1 = s.box[0] * w / size, s.box[1] * h / size, s.box[2] * w / size, s.box[3] * h / size
+            pad = max(x1 - x0, y1 - y0) * 0.75 + 4
+            cx0, cy0 = int(max(0, x0 - pad)), int(max(0, y0 - pad))
+            cx1, cy1 = int(min(w, x1 + pad)), int(min(h, y1 + pad))
+            rgb = np.repeat((ct[cy0:cy1, cx0:cx1, None] * 255).astype(np.uint8), 3, axis=2)
+            layers = [(truth.array[s.z] == label, (0, 220, 0))]
+            masks = kept[(s.case, s.label, s.z)]
+            layers.append((masks["vanilla"], (230, 40, 40)))
+            if "finetuned" in masks:
+                layers.append((masks["finetuned"], (250, 220, 0)))
+            big = np.kron(rgb, np.ones((zoom, zoom, 1), np.uint8))
+            for mask, colour in layers:
+                edge = _contour(np.kron(mask[cy0:cy1, cx0:cx1], np.ones((zoom, zoom), bool)))
+                big[edge] = colour
+            picture = Image.fromarray(big)
+            ImageDraw.Draw(picture).rectangle(
+                [(x0 - cx0) * zoom, (y0 - cy0) * zoom, (x1 - cx0) * zoom - 1, (y1 - cy0) * zoom - 1], outline=(255, 255, 255)
+            )
+            path = out_dir / f"{tag}-label{label}-{s.case}-z{s.z}.png"
+            picture.save(path)
+            pictures.append(path)
+    return pictures
+
+
+def _write_html(report: dict, pictures: list[Path], path: Path) -> None:
+    models = report["models"]
+    rows = []
+    for label, name in report["labels"].items():
+        for metric in METRICS:
+            values = [report["mean"][label][m][metric] for m in models]
+            diff = f"{values[1] - values[0]:+.4f}" if len(values) == 2 else ""
+            rows.append(f"<tr><td>{html.escape(name)}</td><td>{metric}</td>"
+                        + "".join(f"<td>{v:.4f}</td>" for v in values) + f"<td>{diff}</td></tr>")
+    head = "".join(f"<th>{m}</th>" for m in models)
+    figures = "".join(
+        f'<figure><img src="{p.name}" alt="{html.escape(p.stem)}"><figcaption>{html.escape(p.stem)}</figcaption></figure>'
+        for p in pictures
+    )
+    page = f"""<!doctype html><html><head><meta charset="utf-8"><title>embedcache score</title>
+<style>body{{font-family:sans-serif;margin:2em}}table{{border-collapse:collapse}}td,th{{border:1px solid #ccc;padding:4px 8px}}
+figure{{display:inline-block;margin:8px}}img{{max-width:420px}}</style></head><body>
+<h1>embedcache score</h1><p>cache {html.escape(report["cache"])}; {report["cases_scored"]} cases: {len(report["cases"])};
+NSD tolerance {report["nsd_tolerance_mm"]} mm. Contours: ground truth green, vanilla red, fine-tuned yellow; box white.</p>
+<table><tr><th>gland</th><th>metric</th>{head}<th>difference</th></tr>{"".join(rows)}</table>
+<h2>Best and worst slices</h2>{figures}</body></html>
+"""
+    tmp = path.with_name(path.name + ".partial")
+    tmp.write_text(page)
+    tmp.replace(path)
