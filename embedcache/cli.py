@@ -48,6 +48,11 @@ def _progress(enabled: bool):
     )
 
 
+def _say(console):
+    """One plain line per message: no markup, no highlighting, no wrapping (log files stay greppable)."""
+    return lambda message: console.print(message, markup=False, highlight=False, soft_wrap=True)
+
+
 def friendly_errors(func):
     """Turn EmbedcacheError (and a few OS errors) into one line on stderr and exit code 1."""
 
@@ -166,15 +171,14 @@ def encode(data, out, images, labels_, series, model, checkpoint, labels, window
         cases = discover_cases(data)
     else:
         cases = [CaseSource(name=_case_name(i), image=i, label=l, series_uid=series) for i, l in zip(images, labels_)]
-    console = _console()
+    say = _say(_console())
     with _progress(progress) as bar:
-        summary = run_encode(cases, out, config, progress=bar, log=lambda m: console.print(m, markup=False))
-    console.print(
+        summary = run_encode(cases, out, config, progress=bar, log=say)
+    say(
         f"encoded {summary.slices_encoded} slices of {summary.cases_encoded} cases on {summary.device}"
         + (f" at {summary.slices_per_s:.2f} slices/s" if summary.slices_encoded else "")
         + (f"; {summary.cases_resumed} cases already done" if summary.cases_resumed else "")
-        + (f"; {len(summary.cases_skipped)} skipped without target labels" if summary.cases_skipped else ""),
-        markup=False,
+        + (f"; {len(summary.cases_skipped)} skipped without target labels" if summary.cases_skipped else "")
     )
     _print_info(out)
 
@@ -234,26 +238,24 @@ def finetune(cache, run_dir, epochs, lr, batch_size, val_fraction, seed, device,
         overrides = {k: getattr(config, k) for k in ("epochs", "device", "patience") if k in given}
         config = replace(saved, cache=str(cache), **overrides)
     console = _console()
+    say = _say(console)
     table = _epoch_table()
 
     def on_epoch(record):
         table.add_row(*_epoch_cells(record))
-        console.print(
+        say(
             f"epoch {record.epoch:3d}  loss {record.train_loss:.4f}  val loss {record.val_loss:.4f}  "
             f"val Dice {record.val_dice:.4f}{' *' if record.best else '  '}  {record.seconds:6.2f} s  "
-            f"{record.prompts_per_s:7.1f} prompts/s",
-            markup=False, highlight=False,
+            f"{record.prompts_per_s:7.1f} prompts/s"
         )
 
     with _progress(progress) as bar:
-        result = run_finetune(config, run_dir, resume=resume, progress=bar, on_epoch=on_epoch,
-                              log=lambda m: console.print(m, markup=False, highlight=False))
+        result = run_finetune(config, run_dir, resume=resume, progress=bar, on_epoch=on_epoch, log=say)
     if result.history:
         console.print(table)
-    console.print(
+    say(
         f"vanilla decoder val Dice {result.vanilla_val_dice:.4f} → fine-tuned {result.best_val_dice:.4f} "
-        f"(epoch {result.best_epoch}); best decoder: {run_dir / 'decoder.pt'}",
-        markup=False, highlight=False,
+        f"(epoch {result.best_epoch}); best decoder: {run_dir / 'decoder.pt'}"
     )
 
 
@@ -329,6 +331,42 @@ def score(cache, out_dir, run_dir, decoder_file, cases, checkpoint, device, prog
                           *([f"{values[1] - values[0]:+.4f}"] if len(values) == 2 else []))
     Console().print(table)
     click.echo(f"report: {out_dir / 'index.html'}")
+
+
+@main.command()
+@click.argument("inputs", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--out", "-o", "out_dir", required=True, type=click.Path(path_type=Path), help="Folder for the label NIfTIs.")
+@click.option("--run", "run_dir", type=click.Path(path_type=Path), default=None, help="A finetune run folder.")
+@click.option("--decoder", "decoder_file", type=click.Path(path_type=Path), default=None,
+              help="A fine-tuned decoder file instead of --run (neither: the vanilla decoder).")
+@click.option("--boxes", "boxes_file", type=click.Path(path_type=Path), default=None,
+              help="JSON boxes per input, slice and label (schema in the README).")
+@click.option("--from-labels", type=click.Path(path_type=Path), default=None,
+              help="A label NIfTI (or a folder of CASE.nii.gz) whose glands give the boxes.")
+@click.option("--model", default="litemedsam", show_default=True, help="Backbone when no run or decoder is given.")
+@click.option("--checkpoint", type=click.Path(path_type=Path), default=None, help="Backbone weights (default: bundled).")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda[:N].")
+@friendly_errors
+def predict(inputs, out_dir, run_dir, decoder_file, boxes_file, from_labels, model, checkpoint, device):
+    """Segment INPUTS (NIfTI files or DICOM series folders) with box prompts.
+
+    Writes OUT/CASE.nii.gz per input with FLARE22 label ids on the input's own grid and affine,
+    so it opens aligned in 3D Slicer or ITK-SNAP. The image encoder runs on the fly. An input
+    that fails is reported and the rest go on; the exit code is then 1.
+    """
+    from embedcache.predict import predict as run_predict
+
+    if run_dir and decoder_file:
+        raise click.UsageError("give --run or --decoder, not both")
+    console = _console()
+    written, errors = run_predict(
+        list(inputs), out_dir, run_dir=run_dir, decoder_file=decoder_file, boxes_file=boxes_file,
+        from_labels=from_labels, model=model, checkpoint=checkpoint, device=device,
+        log=_say(console),
+    )
+    click.echo(f"wrote {len(written)} of {len(inputs)} label volumes to {out_dir}")
+    if errors:
+        raise click.ClickException(f"{len(errors)} input(s) failed; see the errors above")
 
 
 def _case_name(path: Path) -> str:

@@ -1,0 +1,170 @@
+"""Segment new CT with box prompts: encode on the fly, decode, write a label NIfTI on the input's grid.
+
+Boxes come from a JSON file or from an existing label volume. In the JSON file, each input (by
+its file or folder name, or its case name without ``_0000`` and suffix) maps to a list of prompts::
+
+    {"CASE": [{"slice": 41, "label": 7, "box": [212, 230, 241, 262]}, ...]}
+
+``slice`` is the axial slice index and ``box`` is ``(x0, y0, x1, y1)`` in that slice's pixel
+edges, both in embedcache's canonical orientation (x toward the patient's left, y toward
+posterior, z toward superior; see the README), at the image's own resolution.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from embedcache.backbones import get_backbone, load_backbone
+from embedcache.config import EncodeConfig, PreprocessConfig
+from embedcache.decoder import decode_boxes, logits_to_slice
+from embedcache.devices import pick_device
+from embedcache.errors import EmbedcacheError
+from embedcache.preprocess import slice_to_model
+from embedcache.prompts import boxes_for_labels
+from embedcache.volumes import check_same_grid, read_image, read_label, write_nifti
+
+
+@dataclass(frozen=True)
+class Prompt:
+    slice: int
+    label: int
+    box: tuple[float, float, float, float]  # canonical slice pixels, (x0, y0, x1, y1)
+
+
+def case_name(path: Path) -> str:
+    name = Path(path).name
+    for suffix in (".nii.gz", ".nii"):
+        if name.endswith(suffix):
+            name = name[: -len(suffix)]
+    return name[: -len("_0000")] if name.endswith("_0000") else name
+
+
+def prompts_from_json(boxes_file: Path, image: Path) -> list[Prompt]:
+    try:
+        table = json.loads(Path(boxes_file).read_text())
+    except (OSError, ValueError) as exc:
+        raise EmbedcacheError(f"{boxes_file}: not a readable JSON file ({exc}); see the boxes schema in the README")
+    entries = table.get(Path(image).name, table.get(case_name(image)))
+    if entries is None:
+        raise EmbedcacheError(f"{boxes_file}: no boxes for {image.name} (key '{case_name(image)}'); add them")
+    try:
+        return [Prompt(int(e["slice"]), int(e["label"]), tuple(float(v) for v in e["box"])) for e in entries]
+    except (KeyError, TypeError, ValueError):
+        raise EmbedcacheError(f"{boxes_file}: entries for {case_name(image)} need slice, label and box [x0, y0, x1, y1]")
+
+
+def prompts_from_labels(label_path: Path, image_geometry, image: Path, labels: tuple[int, ...]) -> list[Prompt]:
+    label = read_label(label_path)
+    check_same_grid(image_geometry, label.geometry, image_path=image, label_path=label_path)
+    prompts = []
+    for z in np.flatnonzero(np.isin(label.array, labels).any(axis=(1, 2))):
+        for j, box in enumerate(boxes_for_labels(label.array[z], labels)):
+            if not np.isnan(box).any():
+                prompts.append(Prompt(int(z), labels[j], tuple(float(v) for v in box)))
+    return prompts
+
+
+def check_prompts(prompts: list[Prompt], shape_zyx, source: str) -> None:
+    depth, height, width = shape_zyx
+    for p in prompts:
+        x0, y0, x1, y1 = p.box
+        if not 0 <= p.slice < depth:
+            raise EmbedcacheError(f"{source}: box on slice {p.slice}, but the volume has slices 0..{depth - 1}")
+        if x1 <= x0 or y1 <= y0:
+            raise EmbedcacheError(f"{source}: box {list(p.box)} on slice {p.slice} has x1 <= x0 or y1 <= y0")
+        if x0 < 0 or y0 < 0 or x1 > width or y1 > height:
+            raise EmbedcacheError(
+                f"{source}: box {list(p.box)} on slice {p.slice} lies outside the {width}×{height} px slice"
+            )
+
+
+class Segmenter:
+    """Encoder + prompt encoder + a (fine-tuned) mask decoder, for new images."""
+
+    def __init__(self, *, backbone: str, checkpoint: Path | None, decoder_state: dict | None, device: str,
+                 preprocess: PreprocessConfig):
+        self.backbone = get_backbone(backbone)
+        self.device = pick_device(device)
+        self.preprocess = preprocess
+        parts, self.checkpoint_sha256 = load_backbone(self.backbone, checkpoint)
+        if decoder_state is not None:
+            parts.mask_decoder.load_state_dict(decoder_state)
+        self.parts = parts.to(self.device).eval()
+
+    @torch.no_grad()
+    def segment(self, hu_zyx: np.ndarray, prompts: list[Prompt]) -> np.ndarray:
+        """A ``(z, y, x)`` uint8 label volume: each prompt's mask painted with its label."""
+        out = np.zeros(hu_zyx.shape, np.uint8)
+        pre, size = self.preprocess, self.preprocess.slice_size
+        height, width = hu_zyx.shape[1:]
+        scale = np.array([size / width, size / height] * 2) * self.backbone.box_scale(size)
+        for z in sorted({p.slice for p in prompts}):
+            mine = [p for p in prompts if p.slice == z]
+            image = slice_to_model(hu_zyx[z], width_hu=pre.window_width_hu, level_hu=pre.window_level_hu, slice_size=size)
+            x = self.backbone.prepare(torch.from_numpy(image)[None].to(self.device))
+            embedding = self.parts.image_encoder(x)
+            boxes = torch.tensor(np.array([p.box for p in mine]) * scale, dtype=torch.float32, device=self.device)
+            low, _ = decode_boxes(self.parts.prompt_encoder, self.parts.mask_decoder, embedding.expand(len(mine), -1, -1, -1), boxes)
+            logits = logits_to_slice(low, input_size=self.backbone.input_size, slice_size=size)
+            masks = (F.interpolate(logits, size=(height, width), mode="bilinear", align_corners=False)[:, 0] > 0).cpu().numpy()
+            for p, mask in zip(mine, masks):
+                out[z][mask] = p.label
+        return out
+
+
+def predict(
+    inputs: list[Path], out_dir: Path, *, run_dir: Path | None = None, decoder_file: Path | None = None,
+    boxes_file: Path | None = None, from_labels: Path | None = None, model: str = "litemedsam",
+    checkpoint: Path | None = None, device: str = "auto", log=print,
+) -> tuple[list[Path], list[str]]:
+    """Write ``out_dir/CASE.nii.gz`` for each input; returns the files written and the errors of those that failed."""
+    from embedcache.score import load_decoder_state
+
+    if (boxes_file is None) == (from_labels is None):
+        raise EmbedcacheError("give either --boxes BOXES.json or --from-labels LABELS")
+    decoder_state, preprocess, labels = None, PreprocessConfig(), EncodeConfig().labels
+    if run_dir or decoder_file:
+        decoder_state, signature, _ = load_decoder_state(run_dir, decoder_file)
+        model = signature["backbone"]
+        preprocess = PreprocessConfig(**signature["preprocess"])
+        labels = tuple(signature["labels"])
+        if checkpoint is None and run_dir is not None:
+            saved = json.loads((Path(run_dir) / "config.json").read_text()).get("checkpoint")
+            checkpoint = Path(saved) if saved else None
+    segmenter = Segmenter(backbone=model, checkpoint=checkpoint, decoder_state=decoder_state, device=device,
+                          preprocess=preprocess)
+    if decoder_state is not None and segmenter.checkpoint_sha256 != signature["checkpoint_sha256"]:
+        raise EmbedcacheError(f"{checkpoint or 'bundled weights'}: not the weights the decoder was trained with; "
+                              "pass them with --checkpoint")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written, errors = [], []
+    for image_path in inputs:
+        image_path = Path(image_path)
+        try:
+            image = read_image(image_path)
+            if boxes_file is not None:
+                prompts = prompts_from_json(boxes_file, image_path)
+                source = f"{boxes_file} [{case_name(image_path)}]"
+            else:
+                label_path = Path(from_labels)
+                if label_path.is_dir():
+                    label_path = label_path / f"{case_name(image_path)}.nii.gz"
+                prompts = prompts_from_labels(label_path, image.geometry, image_path, labels)
+                source = str(label_path)
+            check_prompts(prompts, image.array.shape, source)
+            result = segmenter.segment(image.array, prompts)
+            path = out_dir / f"{case_name(image_path)}.nii.gz"
+            write_nifti(result, image.geometry, path)
+            written.append(path)
+            log(f"{path}: {len(prompts)} boxes on {len({p.slice for p in prompts})} slices")
+        except EmbedcacheError as exc:
+            errors.append(str(exc))
+            log(f"error: {exc}")
+    return written, errors
