@@ -7,6 +7,8 @@ spacing in mm. FLARE22's rules for empty masks: both empty → 1; one empty, the
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 
 #: FLARE22's NSD tolerance for both adrenal glands, in mm.
@@ -40,8 +42,10 @@ def nsd(pred: np.ndarray, truth: np.ndarray, *, spacing_mm, tolerance_mm: float 
         m = torch.from_numpy(mask)
         return torch.stack([~m, m])[None].float()  # (1, 2, *spatial): background, foreground
 
-    value = compute_surface_dice(
-        one_hot(pred), one_hot(truth), class_thresholds=[float(tolerance_mm)], include_background=False,
-        spacing=[float(s) for s in spacing_mm], use_subvoxels=True,
-    )
+    with warnings.catch_warnings():  # MONAI calls one of its own deprecated arguments internally
+        warnings.filterwarnings("ignore", message=".*always_return_as_numpy.*", category=FutureWarning)
+        value = compute_surface_dice(
+            one_hot(pred), one_hot(truth), class_thresholds=[float(tolerance_mm)], include_background=False,
+            spacing=[float(s) for s in spacing_mm], use_subvoxels=True,
+        )
     return float(value.reshape(-1)[0])
