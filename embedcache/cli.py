@@ -150,7 +150,7 @@ def encode(data, out, images, labels_, series, model, checkpoint, labels, window
     """
     from embedcache.config import EncodeConfig, PreprocessConfig
     from embedcache.encode import encode as run_encode
-    from embedcache.volumes import CaseSource, discover_cases
+    from embedcache.volumes import CaseSource, case_name, discover_cases
 
     if data is not None and images:
         raise click.UsageError("give either DATA or --image/--label pairs, not both")
@@ -170,7 +170,7 @@ def encode(data, out, images, labels_, series, model, checkpoint, labels, window
     if data is not None:
         cases = discover_cases(data)
     else:
-        cases = [CaseSource(name=_case_name(i), image=i, label=l, series_uid=series) for i, l in zip(images, labels_)]
+        cases = [CaseSource(name=case_name(i), image=i, label=l, series_uid=series) for i, l in zip(images, labels_)]
     say = _say(_console())
     with _progress(progress) as bar:
         summary = run_encode(cases, out, config, progress=bar, log=say)
@@ -367,13 +367,6 @@ def predict(inputs, out_dir, run_dir, decoder_file, boxes_file, from_labels, mod
     click.echo(f"wrote {len(written)} of {len(inputs)} label volumes to {out_dir}")
     if errors:
         raise click.ClickException(f"{len(errors)} input(s) failed; see the errors above")
-
-
-def _case_name(path: Path) -> str:
-    from embedcache.volumes import _nifti_stem
-
-    name = _nifti_stem(path) if path.is_file() else path.name
-    return name[: -len("_0000")] if name.endswith("_0000") else name
 
 
 @main.command()

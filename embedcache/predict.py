@@ -27,7 +27,7 @@ from embedcache.devices import pick_device
 from embedcache.errors import EmbedcacheError
 from embedcache.preprocess import slice_to_model
 from embedcache.prompts import boxes_for_labels
-from embedcache.volumes import check_same_grid, read_image, read_label, write_nifti
+from embedcache.volumes import case_name, check_same_grid, read_image, read_label, write_nifti
 
 
 @dataclass(frozen=True)
@@ -35,14 +35,6 @@ class Prompt:
     slice: int
     label: int
     box: tuple[float, float, float, float]  # canonical slice pixels, (x0, y0, x1, y1)
-
-
-def case_name(path: Path) -> str:
-    name = Path(path).name
-    for suffix in (".nii.gz", ".nii"):
-        if name.endswith(suffix):
-            name = name[: -len(suffix)]
-    return name[: -len("_0000")] if name.endswith("_0000") else name
 
 
 def prompts_from_json(boxes_file: Path, image: Path) -> list[Prompt]:

@@ -115,6 +115,13 @@ def is_nifti(path: Path) -> bool:
     return path.name.endswith(NIFTI_SUFFIXES)
 
 
+def case_name(path: Path) -> str:
+    """FLARE22 case name of an image file or DICOM folder: ``CASE_0000.nii.gz`` and ``CASE_0000/`` → ``CASE``."""
+    path = Path(path)
+    stem = path.name if path.is_dir() else _nifti_stem(path)
+    return stem[: -len("_0000")] if stem.endswith("_0000") else stem
+
+
 def _nifti_stem(path: Path) -> str:
     name = path.name
     for suffix in (".nii.gz", ".nii"):
@@ -416,8 +423,7 @@ def discover_cases(root: Path) -> list[CaseSource]:
         for image in sorted(images.iterdir()):
             if not (image.is_dir() or is_nifti(image)):
                 continue
-            stem = _nifti_stem(image) if image.is_file() else image.name
-            case = stem[: -len("_0000")] if stem.endswith("_0000") else stem
+            case = case_name(image)
             label = label_by_case.get(case)
             if label is None:
                 warnings.warn(f"{image}: no label {case}.nii.gz in {labels}; case skipped", stacklevel=2)

@@ -65,15 +65,21 @@ def test_batches_hold_both_glands_of_a_slice_on_one_embedding(tiny_model, small_
     torch.testing.assert_close(batch.targets, torch.nn.functional.avg_pool2d(full, 2))
 
 
-def test_only_the_mask_decoder_receives_gradients_and_loss_falls(tiny_model, small_cache):
-    batch, _ = _batch(tiny_model, small_cache)
-    parts, _ = load_backbone(tiny_model)
+def _trainer(backbone, *, micro_batch: int = 0):
+    """The tiny model's parts, its BoxDecoder, trainable parameters and a TrainStep at a constant lr."""
+    parts, _ = load_backbone(backbone)
     model = train.BoxDecoder(parts.prompt_encoder, parts.mask_decoder)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-3)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
     step = train.TrainStep(model, optimizer, scheduler, params, autocast=train.nullcontext(), scaler=None,
-                           grad_clip=1.0)
+                           grad_clip=1.0, micro_batch=micro_batch)
+    return parts, model, params, step
+
+
+def test_only_the_mask_decoder_receives_gradients_and_loss_falls(tiny_model, small_cache):
+    batch, _ = _batch(tiny_model, small_cache)
+    parts, model, params, step = _trainer(tiny_model)
     losses = []
     for _ in range(6):
         step(batch, len(batch.boxes))
@@ -223,14 +229,7 @@ def test_micro_batches_add_up_to_the_whole_batch_step(tiny_model, small_cache):
     batch, _ = _batch(tiny_model, small_cache)
     weights = []
     for micro in (0, 3):
-        torch.manual_seed(0)
-        parts, _ = load_backbone(tiny_model)
-        model = train.BoxDecoder(parts.prompt_encoder, parts.mask_decoder)
-        params = [p for p in model.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(params, lr=1e-3)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
-        step = train.TrainStep(model, optimizer, scheduler, params, autocast=train.nullcontext(), scaler=None,
-                               grad_clip=1.0, micro_batch=micro)
+        _, model, _, step = _trainer(tiny_model, micro_batch=micro)
         step(batch, len(batch.boxes))
         weights.append({n: p.grad.clone() for n, p in model.mask_decoder.named_parameters() if p.requires_grad})
         assert step.end_epoch()[1] == len(batch.boxes)
