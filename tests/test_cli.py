@@ -132,5 +132,8 @@ def test_score_reports_vanilla_against_finetuned(tmp_path, small_cache, tiny_mod
     for case in twin["cases"].values():
         for by_model in case.values():
             assert by_model["vanilla"] == by_model["finetuned"]
+    torch.save({"decoder": vanilla, "signature": {**signature, "backbone": "vit_b"}}, tmp_path / "other.pt")
+    _one_line_error(_run("score", small_cache, "--decoder", tmp_path / "other.pt", "--out", tmp_path / "r5"),
+                    "decoder was trained on a cache with backbone=vit_b")
     _one_line_error(_run("score", small_cache, "--out", tmp_path / "r3", "--cases", "val"), "needs --run")
     _one_line_error(_run("score", small_cache, "--run", tmp_path / "nothing", "--out", tmp_path / "r4"), "no checkpoint")
