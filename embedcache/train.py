@@ -22,6 +22,7 @@ import threading
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -115,13 +116,9 @@ class Prompts:
     def count(self, slices: np.ndarray) -> int:
         return int(sum(len(self._by_slice[s]) for s in slices))
 
-    @property
+    @cached_property  # writes the instance __dict__ directly, so it works on a frozen dataclass
     def _by_slice(self) -> list[np.ndarray]:
-        cached = self.__dict__.get("_by_slice_cache")
-        if cached is None:
-            cached = [np.flatnonzero(self.slice_of == s) for s in range(len(self.rows))]
-            object.__setattr__(self, "_by_slice_cache", cached)  # frozen dataclass: a derived, private index
-        return cached
+        return [np.flatnonzero(self.slice_of == s) for s in range(len(self.rows))]
 
 
 class SliceStore:
