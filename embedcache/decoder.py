@@ -68,3 +68,13 @@ def logits_to_slice(low_res: torch.Tensor, *, input_size: int, slice_size: int) 
     x = F.interpolate(x, size=(input_size, input_size), mode="bilinear", align_corners=False)
     x = F.interpolate(x, size=(slice_size, slice_size), mode="bilinear", align_corners=False)
     return x.view(*lead, slice_size, slice_size)
+
+
+def masks_on_grid(low_res: torch.Tensor, *, input_size: int, slice_size: int, shape_yx: tuple[int, int]) -> torch.Tensor:
+    """Low-resolution logits ``(P, 1, 256, 256)`` → boolean masks ``(P, *shape_yx)`` on a slice's own pixel grid.
+
+    The logits go to the ``slice_size`` slice, then to the source grid, and only then are they
+    thresholded, so a mask is not made blocky by resampling it after the threshold.
+    """
+    logits = logits_to_slice(low_res, input_size=input_size, slice_size=slice_size)
+    return F.interpolate(logits, size=tuple(shape_yx), mode="bilinear", align_corners=False)[:, 0] > 0

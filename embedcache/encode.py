@@ -12,9 +12,7 @@ Read top to bottom:
 from __future__ import annotations
 
 import errno
-import queue
 import shutil
-import threading
 import time
 import warnings
 from contextlib import nullcontext
@@ -30,6 +28,7 @@ from embedcache.devices import keep_freed_memory, pick_device
 from embedcache.errors import CacheMismatchError, EmbedcacheError
 from embedcache.preprocess import resize_mask, slice_to_model
 from embedcache.prompts import boxes_for_labels
+from embedcache.readahead import ReadAhead
 from embedcache.volumes import CaseSource, check_same_grid, read_geometry, read_image, read_label, source_digest
 
 BYTES_PER_SLICE_ESTIMATE = 2 * 256 * 64 * 64 + 512 * 512 // 8
@@ -144,43 +143,6 @@ def prepare_case(plan: PlannedCase, config: EncodeConfig) -> _CaseBatch:
         source_affine=tuple(tuple(float(v) for v in row) for row in geometry.source_affine),
     )
     return _CaseBatch(plan=plan, record=record, images=images, masks=masks[keep], boxes=boxes[keep], slice_index=z)
-
-
-class _Reader(threading.Thread):
-    """Reads and preprocesses cases ahead of the encoder (numpy, nibabel and zlib release the GIL)."""
-
-    _DONE = object()
-
-    def __init__(self, plans: list[PlannedCase], config: EncodeConfig, depth: int = 2):
-        super().__init__(daemon=True, name="embedcache-reader")
-        self.plans, self.config = plans, config
-        self.queue: queue.Queue = queue.Queue(maxsize=depth)
-        self.stop = threading.Event()
-
-    def run(self) -> None:
-        try:
-            for plan in self.plans:
-                item = prepare_case(plan, self.config)
-                while not self.stop.is_set():
-                    try:
-                        self.queue.put(item, timeout=0.1)
-                        break
-                    except queue.Full:
-                        continue
-                if self.stop.is_set():
-                    return
-            self.queue.put(self._DONE)
-        except BaseException as exc:  # handed to the main thread, raised there
-            self.queue.put(exc)
-
-    def __iter__(self):
-        while True:
-            item = self.queue.get()
-            if item is self._DONE:
-                return
-            if isinstance(item, BaseException):
-                raise item
-            yield item
 
 
 class Encoder:
@@ -306,7 +268,8 @@ def encode(
 
     # One cache file, cases in input order; cases cached earlier but not in this input are kept, last.
     sources: list[tuple[Path, list[store.CaseRecord]]] = []
-    earlier = [n for n in {**done, **shards} if n not in set(names)]
+    given = set(names)
+    earlier = [n for n in {**done, **shards} if n not in given]
     for name in names + earlier:
         if name in shards:
             sources.append((shards[name][0], [shards[name][1]]))
@@ -330,8 +293,7 @@ def _encode_plans(plans, config: EncodeConfig, encoder: Encoder, parts: Path, si
     """Encode planned cases in batches that may span cases; yield each case's record once its shard is complete."""
     total = sum(len(p.z) for p in plans)
     task = progress.add_task("encoding", total=total) if progress else None
-    reader = _Reader(plans, config)
-    reader.start()
+    reader = ReadAhead(lambda plan: prepare_case(plan, config), plans, depth=2, name="embedcache-reader")
     pending: list[tuple[store.ShardWriter, int]] = []  # (writer, row within its case) awaiting the encoder
     writers: list[store.ShardWriter] = []
     batches: dict[int, _CaseBatch] = {}
@@ -355,7 +317,7 @@ def _encode_plans(plans, config: EncodeConfig, encoder: Encoder, parts: Path, si
     except OSError as exc:
         raise _disk_error(exc, parts) from None
     finally:
-        reader.stop.set()
+        reader.close()
         for writer in writers:
             writer.abort()
 

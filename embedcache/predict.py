@@ -18,11 +18,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from embedcache.backbones import get_backbone, load_backbone
 from embedcache.config import EncodeConfig, PreprocessConfig
-from embedcache.decoder import decode_boxes, logits_to_slice
+from embedcache.decoder import decode_boxes, masks_on_grid
 from embedcache.devices import pick_device
 from embedcache.errors import EmbedcacheError
 from embedcache.preprocess import slice_to_model
@@ -103,8 +102,8 @@ class Segmenter:
             embedding = self.parts.image_encoder(x)
             boxes = torch.tensor(np.array([p.box for p in mine]) * scale, dtype=torch.float32, device=self.device)
             low, _ = decode_boxes(self.parts.prompt_encoder, self.parts.mask_decoder, embedding.expand(len(mine), -1, -1, -1), boxes)
-            logits = logits_to_slice(low, input_size=self.backbone.input_size, slice_size=size)
-            masks = (F.interpolate(logits, size=(height, width), mode="bilinear", align_corners=False)[:, 0] > 0).cpu().numpy()
+            masks = masks_on_grid(low, input_size=self.backbone.input_size, slice_size=size,
+                                  shape_yx=(height, width)).cpu().numpy()
             for p, mask in zip(mine, masks):
                 out[z][mask] = p.label
         return out
@@ -116,22 +115,20 @@ def predict(
     checkpoint: Path | None = None, device: str = "auto", log=print,
 ) -> tuple[list[Path], list[str]]:
     """Write ``out_dir/CASE.nii.gz`` for each input; returns the files written and the errors of those that failed."""
-    from embedcache.score import load_decoder_state
+    from embedcache.train import load_trained_decoder
 
     if (boxes_file is None) == (from_labels is None):
         raise EmbedcacheError("give either --boxes BOXES.json or --from-labels LABELS")
-    decoder_state, preprocess, labels = None, PreprocessConfig(), EncodeConfig().labels
+    trained, preprocess, labels = None, PreprocessConfig(), EncodeConfig().labels
     if run_dir or decoder_file:
-        decoder_state, signature, _ = load_decoder_state(run_dir, decoder_file)
-        model = signature["backbone"]
-        preprocess = PreprocessConfig(**signature["preprocess"])
-        labels = tuple(signature["labels"])
-        if checkpoint is None and run_dir is not None:
-            saved = json.loads((Path(run_dir) / "config.json").read_text()).get("checkpoint")
-            checkpoint = Path(saved) if saved else None
-    segmenter = Segmenter(backbone=model, checkpoint=checkpoint, decoder_state=decoder_state, device=device,
-                          preprocess=preprocess)
-    if decoder_state is not None and segmenter.checkpoint_sha256 != signature["checkpoint_sha256"]:
+        trained = load_trained_decoder(run_dir, decoder_file)
+        model = trained.signature["backbone"]
+        preprocess = PreprocessConfig(**trained.signature["preprocess"])
+        labels = tuple(trained.signature["labels"])
+        checkpoint = checkpoint or trained.checkpoint
+    segmenter = Segmenter(backbone=model, checkpoint=checkpoint, decoder_state=trained.state if trained else None,
+                          device=device, preprocess=preprocess)
+    if trained is not None and segmenter.checkpoint_sha256 != trained.signature["checkpoint_sha256"]:
         raise EmbedcacheError(f"{checkpoint or 'bundled weights'}: not the weights the decoder was trained with; "
                               "pass them with --checkpoint")
     out_dir = Path(out_dir)

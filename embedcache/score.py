@@ -9,6 +9,7 @@ Then write report.json, cases.csv, overlays of the best and worst slices, and in
 
 from __future__ import annotations
 
+import copy
 import csv
 import html
 import json
@@ -17,14 +18,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from embedcache import cache as store
 from embedcache.backbones import get_backbone, load_backbone
-from embedcache.decoder import decode_boxes, logits_to_slice
+from embedcache.decoder import decode_boxes, masks_on_grid
 from embedcache.devices import pick_device
 from embedcache.errors import EmbedcacheError
 from embedcache.metrics import ADRENAL_TOLERANCE_MM, dice, nsd
+from embedcache.train import load_trained_decoder
 from embedcache.preprocess import window_hu
 from embedcache.volumes import read_image, read_label
 
@@ -39,17 +40,6 @@ class SlicePrediction:
     z: int
     box: tuple[float, float, float, float]  # slice pixels (x0, y0, x1, y1)
     dice_2d: dict  # model → 2-D Dice on the original grid
-
-
-def load_decoder_state(run_dir: Path | None, decoder_file: Path | None) -> tuple[dict, dict, str]:
-    """The fine-tuned decoder's state dict, the signature it was trained on and where it came from."""
-    from embedcache.train import BEST, load_checkpoint
-
-    path = Path(decoder_file) if decoder_file else Path(run_dir) / BEST
-    state = load_checkpoint(path)
-    if "decoder" not in state or "signature" not in state:
-        raise EmbedcacheError(f"{path}: not an embedcache decoder checkpoint; pass RUN_DIR/decoder.pt")
-    return state["decoder"], state["signature"], str(path)
 
 
 def _predict_case(parts, decoders: dict, cache: store.Cache, case: store.CaseRecord, *, device, input_size, slice_size,
@@ -71,9 +61,7 @@ def _predict_case(parts, decoders: dict, cache: store.Cache, case: store.CaseRec
         for name, decoder in decoders.items():
             with torch.no_grad():
                 low, _ = decode_boxes(parts.prompt_encoder, decoder, emb[local], boxes)
-                logits = logits_to_slice(low, input_size=input_size, slice_size=slice_size)
-                # back to the slice's own pixel grid: resample logits, then threshold
-                native = F.interpolate(logits, size=shape[1:], mode="bilinear", align_corners=False)[:, 0] > 0
+                native = masks_on_grid(low, input_size=input_size, slice_size=slice_size, shape_yx=shape[1:])
             native = native.cpu().numpy()
             for (i, j), mask in zip(chunk, native):
                 z = int(cache.slice_index[rows[i]])
@@ -93,14 +81,14 @@ def score(
     dev = pick_device(device)
     with store.open_cache(cache_path) as cache:
         backbone = get_backbone(cache.signature["backbone"])
-        decoders_state = None
+        trained = None
         if run_dir or decoder_file:
-            decoders_state, signature, source = load_decoder_state(run_dir, decoder_file)
+            trained = load_trained_decoder(run_dir, decoder_file)
             for key in ("backbone", "checkpoint_sha256", "preprocess", "labels"):
-                if signature.get(key) != cache.signature.get(key):
+                if trained.signature.get(key) != cache.signature.get(key):
                     raise EmbedcacheError(
-                        f"{source}: decoder was trained on a cache with {key}={signature.get(key)}, this cache has "
-                        f"{cache.signature.get(key)}; score it on the cache it was trained on"
+                        f"{trained.source}: decoder was trained on a cache with {key}={trained.signature.get(key)}, "
+                        f"this cache has {cache.signature.get(key)}; score it on the cache it was trained on"
                     )
         names = [c.name for c in cache.cases if c.n_rows > 0]
         if cases != "all":
@@ -110,19 +98,18 @@ def score(
             names = [n for n in names if n in split[cases]]
         if not names:
             raise EmbedcacheError(f"{cache_path}: no {cases} cases to score")
-        if checkpoint is None and run_dir is not None:
-            saved = json.loads((Path(run_dir) / "config.json").read_text()).get("checkpoint")
-            checkpoint = Path(saved) if saved else None
+        if checkpoint is None and trained is not None:
+            checkpoint = trained.checkpoint
         parts, sha = load_backbone(backbone, checkpoint)
         if sha != cache.signature["checkpoint_sha256"]:
             raise EmbedcacheError(f"{cache_path}: encoded with other weights than {checkpoint or 'the bundled ones'}; "
                                   "pass the checkpoint the cache was made with")
         parts = parts.to(dev).eval()
         decoders = {"vanilla": parts.mask_decoder}
-        if decoders_state is not None:
-            tuned = get_backbone(backbone.name).build().mask_decoder
-            tuned.load_state_dict(decoders_state)
-            decoders["finetuned"] = tuned.to(dev).eval()
+        if trained is not None:
+            tuned = copy.deepcopy(parts.mask_decoder)  # the decoder alone: no second image encoder to build
+            tuned.load_state_dict(trained.state)
+            decoders["finetuned"] = tuned.eval()
         slice_size = cache.signature["preprocess"]["slice_size"]
         results, slices, kept = {}, [], {}
         task = progress.add_task("scoring", total=len(names)) if progress else None

@@ -17,8 +17,6 @@ import csv
 import json
 import math
 import os
-import queue
-import threading
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
@@ -36,6 +34,7 @@ from embedcache.devices import keep_freed_memory, pick_device
 from embedcache.errors import EmbedcacheError
 from embedcache.losses import dice_ce_per_prompt
 from embedcache.prompts import jitter_boxes
+from embedcache.readahead import ReadAhead
 
 LAST, BEST, CONFIG, SPLIT, LOG = "last.pt", "decoder.pt", "config.json", "split.json", "log.csv"
 LOW_RES = 256  # the decoder's mask logits are 256×256 over the encoder input
@@ -202,40 +201,6 @@ def make_batch(
     )
 
 
-class Prefetcher:
-    """Builds the next batches in a thread while the current one trains (streaming mode's read-ahead)."""
-
-    def __init__(self, make, items, depth: int = 3):
-        self.queue: queue.Queue = queue.Queue(maxsize=depth)
-        self._stop = threading.Event()
-        self.thread = threading.Thread(target=self._run, args=(make, items), daemon=True)
-        self.thread.start()
-
-    def _run(self, make, items):
-        try:
-            for item in items:
-                if self._stop.is_set():
-                    return
-                self.queue.put(make(item))
-            self.queue.put(None)
-        except BaseException as exc:
-            self.queue.put(exc)
-
-    def __iter__(self):
-        while True:
-            batch = self.queue.get()
-            if batch is None:
-                return
-            if isinstance(batch, BaseException):
-                raise batch
-            yield batch
-
-    def close(self):
-        self._stop.set()
-        while not self.queue.empty():
-            self.queue.get_nowait()
-
-
 # ----------------------------------------------------------------------------------------------- model
 
 
@@ -305,6 +270,27 @@ def atomic_save(obj, path: Path) -> None:
     with open(tmp, "rb+") as handle:
         os.fsync(handle.fileno())
     tmp.replace(path)
+
+
+@dataclass(frozen=True)
+class TrainedDecoder:
+    """A fine-tuned decoder as saved by ``finetune``: its weights, the cache signature it was trained
+    on, the file it came from and the backbone weights the run started from (None: bundled)."""
+
+    state: dict
+    signature: dict
+    source: Path
+    checkpoint: Path | None
+
+
+def load_trained_decoder(run_dir: Path | None = None, decoder_file: Path | None = None) -> TrainedDecoder:
+    """``decoder_file``, or the best decoder of ``run_dir``."""
+    path = Path(decoder_file) if decoder_file else Path(run_dir) / BEST
+    state = load_checkpoint(path)
+    if "decoder" not in state or "signature" not in state:
+        raise EmbedcacheError(f"{path}: not an embedcache decoder checkpoint; pass RUN_DIR/decoder.pt")
+    weights = state.get("config", {}).get("checkpoint")
+    return TrainedDecoder(state["decoder"], state["signature"], path, Path(weights) if weights else None)
 
 
 def load_checkpoint(path: Path) -> dict:
@@ -513,14 +499,14 @@ def _train(cache, config, run_dir, dist, device, *, resume, progress, log, on_ep
 
         started = time.perf_counter()
         items = zip(batches, jitter_seeds)
-        feeder = (make(item) for item in items) if resident else Prefetcher(make, items)
+        feeder = (make(item) for item in items) if resident else ReadAhead(make, items, depth=3)
         try:
             for batch, global_count in feeder:
                 step_fn(batch, global_count)
                 if progress:
                     progress.advance(task)
         finally:
-            if isinstance(feeder, Prefetcher):
+            if isinstance(feeder, ReadAhead):
                 feeder.close()
         train_loss, seen, bad_step = step_fn.end_epoch()
         seconds = time.perf_counter() - started
