@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import resource
 import sys
 import tempfile
@@ -27,38 +25,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from common import RESULTS, machine, weights_for
 from embedcache import __version__
 from embedcache.backbones import get_backbone
 from embedcache.config import EncodeConfig
 from embedcache.devices import pick_device
-from embedcache.encode import Encoder, encode, plan_case, prepare_case
+from embedcache.encode import encode, load_encoder, plan_case, prepare_case
+from embedcache.encoder import ImageEncoder
 from embedcache.phantom import PhantomConfig, make_case, write_phantom
 from embedcache.volumes import discover_cases, source_digest
-
-RESULTS = Path(__file__).resolve().parent / "results"
-
-
-def machine(device: torch.device) -> dict:
-    cpu = platform.processor()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    info = {
-        "cpu": cpu,
-        "cpu_cores": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "platform": platform.platform(),
-        "device": str(device),
-    }
-    if device.type == "cuda":
-        info["gpu"] = torch.cuda.get_device_name(device)
-    return info
 
 
 def phantom_with_slices(folder: Path, slices: int, seed: int) -> Path:
@@ -73,10 +48,10 @@ def phantom_with_slices(folder: Path, slices: int, seed: int) -> Path:
     return folder
 
 
-def bare_rate(encoder: Encoder, images: np.ndarray, batch: int) -> float:
+def bare_rate(encoder: ImageEncoder, images: np.ndarray, batch: int) -> float:
     started = time.perf_counter()
     for i in range(0, len(images), batch):
-        encoder(images[i : i + batch])
+        encoder(images[i : i + batch]).cpu()
     if encoder.device.type == "cuda":
         torch.cuda.synchronize()
     return len(images) / (time.perf_counter() - started)
@@ -97,17 +72,13 @@ def main(argv=None) -> dict:
     device = pick_device(args.device)
     with tempfile.TemporaryDirectory(prefix="embedcache-bench-") as tmp:
         tmp = Path(tmp)
-        checkpoint = args.checkpoint
-        if checkpoint is None and backbone.bundled_checkpoint is None:
-            torch.manual_seed(0)  # timing only: random weights cost the same as real ones
-            checkpoint = tmp / f"{backbone.name}-random.pth"
-            torch.save(backbone.build().state_dict(), checkpoint)
+        checkpoint = weights_for(backbone, tmp, args.checkpoint)
         config = EncodeConfig(
             backbone=backbone.name, checkpoint=str(checkpoint) if checkpoint else None,
             device=str(device), batch_size=args.batch_size,
         )
         cases = discover_cases(phantom_with_slices(tmp / "data", args.slices, args.seed))
-        encoder = Encoder(config, device=device)
+        encoder = load_encoder(config, device=device)
         images = np.concatenate([
             prepare_case(plan_case(c, config, source_digest(c.image, c.label)), config).images for c in cases
         ])

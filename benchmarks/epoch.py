@@ -28,19 +28,18 @@ from pathlib import Path
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from encode import machine  # noqa: E402  (the sibling benchmark's helper)
-
-from embedcache import cache as store  # noqa: E402
-from embedcache import train  # noqa: E402
-from embedcache.backbones import get_backbone, load_backbone  # noqa: E402
-from embedcache.config import EncodeConfig  # noqa: E402
+from common import RESULTS, machine, weights_for
+from embedcache import train
+from embedcache.backbones import get_backbone
+from embedcache.cache import open_cache
+from embedcache.config import EncodeConfig, FinetuneConfig
+from embedcache.data import Batch, case_sets, split_cases
 from embedcache.devices import pick_device
-from embedcache.encode import Encoder, encode, plan_case, prepare_case  # noqa: E402
-from embedcache.phantom import PhantomConfig, limit_target_slices, write_phantom  # noqa: E402
-from embedcache.volumes import discover_cases, source_digest  # noqa: E402
-
-RESULTS = Path(__file__).resolve().parent / "results"
+from embedcache.encode import encode, load_encoder, plan_case, prepare_case
+from embedcache.phantom import PhantomConfig, limit_target_slices, write_phantom
+from embedcache.runs import SPLIT
+from embedcache.trainer import build_trainer
+from embedcache.volumes import discover_cases, source_digest
 
 
 def _sync(device):
@@ -51,11 +50,7 @@ def _sync(device):
 def bench_backbone(name: str, *, cases: int, per_case: int, batch_size: int, device: torch.device, tmp: Path,
                    seed: int, epochs: int) -> dict:
     backbone = get_backbone(name)
-    checkpoint = None
-    if backbone.bundled_checkpoint is None:
-        torch.manual_seed(0)  # timing only: random weights cost what real ones do
-        checkpoint = tmp / f"{name}-random.pth"
-        torch.save(backbone.build().state_dict(), checkpoint)
+    checkpoint = weights_for(backbone, tmp)
     enc_config = EncodeConfig(backbone=name, checkpoint=str(checkpoint) if checkpoint else None, device=str(device))
     data_dir = tmp / f"data-{name}"
     write_phantom(data_dir, cases=cases, seed=seed, config=PhantomConfig())
@@ -63,43 +58,31 @@ def bench_backbone(name: str, *, cases: int, per_case: int, batch_size: int, dev
     sources = discover_cases(data_dir)
     cache_path = tmp / f"{name}.h5"
     encode(sources, cache_path, enc_config, progress=None, log=lambda m: None)
+    config = FinetuneConfig(
+        cache=str(cache_path), epochs=epochs, batch_size=batch_size, device=str(device),
+        checkpoint=str(checkpoint) if checkpoint else None, val_fraction=0.25, seed=seed,
+    )
 
-    with store.open_cache(cache_path) as cache:
-        train_names, _ = train.split_cases([c.name for c in cache.cases], val_fraction=0.25, seed=seed)
-        train_rows = np.concatenate([
-            np.arange(c.first_row, c.first_row + c.n_rows) for c in cache.cases if c.name in train_names
-        ])
-        prompts = train.Prompts.from_cache(cache, train_rows)
-        data = train.SliceStore(cache, train_rows, device=device, resident=True)
+    with open_cache(cache_path) as cache:
+        train_names, _ = split_cases([c.name for c in cache.cases], val_fraction=config.val_fraction, seed=seed)
         slice_size = cache.signature["preprocess"]["slice_size"]
-        order = np.random.default_rng(0).permutation(len(train_rows))
+        train_set = case_sets(cache, {"train": train_names}, box_scale=backbone.box_scale(slice_size), device=device,
+                              resident="device")["train"]
+        order = np.random.default_rng(0).permutation(len(train_set))
         batches = [np.sort(order[i : i + batch_size]) for i in range(0, len(order), batch_size)]
-        built = [
-            train.make_batch(data, prompts, b, labels=cache.labels, box_scale=backbone.box_scale(slice_size),
-                             slice_size=slice_size)
-            for b in batches
-        ]
+        built = [train_set.batch(b) for b in batches]
     n_prompts = sum(len(b.boxes) for b in built)
     images = np.concatenate([
         prepare_case(plan_case(c, enc_config, source_digest(c.image, c.label)), enc_config).images
         for c in sources if c.name in train_names
     ])
-    assert len(images) == len(train_rows)
+    assert len(images) == len(train_set)
 
-    # (b) and (c) share one decoder and optimizer, stepped on the batches built above.
-    parts, _ = load_backbone(backbone, checkpoint)
-    model = train.BoxDecoder(parts.prompt_encoder, parts.mask_decoder).to(device).train()
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=1e-5)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
-    autocast, scaler = train.autocast_for(device, "auto")
-    config = train.FinetuneConfig(
-        cache=str(cache_path), epochs=epochs, batch_size=batch_size, device=str(device),
-        checkpoint=str(checkpoint) if checkpoint else None, val_fraction=0.25, seed=seed,
-    )
-    step = train.TrainStep(model, optimizer, scheduler, params, autocast=autocast, scaler=scaler, grad_clip=1.0,
-                           micro_batch=train.micro_batch_for(config, device))
-    encoder = Encoder(enc_config, device=device)
+    # (b) and (c) share one trainer (the factory finetune uses), stepped on the batches built above.
+    trainer = build_trainer(backbone, checkpoint, config, device=device, total_steps=len(batches) * epochs)
+    trainer.model.train()
+    step = trainer.step
+    encoder = load_encoder(enc_config, device=device)
     encoder(images[:1])  # warm-up
     times = {"bound": [], "uncached": []}
 
@@ -118,10 +101,9 @@ def bench_backbone(name: str, *, cases: int, per_case: int, batch_size: int, dev
     def uncached_epoch():  # the reference notebook's way: the frozen encoder inside every step
         chunk = encoder.batch_size  # the encoder's best batch on this device (1 on CPU)
         for slices_, b in zip(batches, built):
-            emb = np.concatenate([encoder(images[slices_][i : i + chunk]) for i in range(0, len(slices_), chunk)])
-            emb = torch.from_numpy(emb).to(device)
-            _, local = prompts.of_slices(slices_)
-            step(train.Batch(emb[torch.from_numpy(local).to(device)], b.boxes, b.targets, b.masks), len(b.boxes))
+            emb = torch.cat([encoder(images[slices_][i : i + chunk]) for i in range(0, len(slices_), chunk)])
+            _, local = train_set.prompts.of_slices(slices_)
+            step(Batch(emb[torch.from_numpy(local).to(device)], b.boxes, b.targets, b.masks), len(b.boxes))
 
     def after_finetune_epoch(record):  # interleaved, so drift of a shared machine hits all three alike
         timed("bound", bound_epoch)
@@ -130,11 +112,11 @@ def bench_backbone(name: str, *, cases: int, per_case: int, batch_size: int, dev
     # (a) finetune's own epochs; each minimum skips the first epoch, whose first-call costs differ.
     result = train.finetune(config, tmp / f"run-{name}", progress=None, log=lambda m: None,
                             on_epoch=after_finetune_epoch)
-    assert json.loads((tmp / f"run-{name}" / train.SPLIT).read_text())["train"] == train_names
+    assert json.loads((tmp / f"run-{name}" / SPLIT).read_text())["train"] == train_names
     cached_s = min(record.seconds for record in result.history[1:])
     bound_s, uncached_s = min(times["bound"][1:]), min(times["uncached"][1:])
     return {
-        "slices": int(len(train_rows)),
+        "slices": int(len(train_set)),
         "prompts": int(n_prompts),
         "batch_size": batch_size,
         "epochs_timed": epochs - 1,

@@ -261,6 +261,15 @@ def resolve_checkpoint(backbone: Backbone, checkpoint: Path | None) -> Path:
     return checkpoint
 
 
+def require_weights(found_sha256: str, expected_sha256: str, *, path: Path | None, made: str) -> None:
+    """Refuse backbone weights other than those ``made`` (a cache, a decoder, a run) came from."""
+    if found_sha256 != expected_sha256:
+        raise EmbedcacheError(
+            f"{path or 'the bundled weights'}: not the weights {made} was made with (sha256 differs); "
+            "pass those with --checkpoint"
+        )
+
+
 def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     """A SAM-family state dict from a checkpoint file (plain, or under 'model' / 'state_dict')."""
     try:

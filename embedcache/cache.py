@@ -22,23 +22,27 @@ killed run leaves either the old cache or the new one, and complete shards to re
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import h5py
+import numpy as np
 
 from embedcache import __version__
 from embedcache.backbones import EMBEDDING_SHAPE
 from embedcache.errors import CacheMismatchError, EmbedcacheError
+from embedcache.files import commit, partial_path
+from embedcache.prompts import box_present
 
 SCHEMA = 1
 #: Signature fields that must match for two caches (or a cache and a model) to mix.
 MODEL_KEYS = ("schema", "backbone", "checkpoint_sha256", "input_size", "preprocess", "labels", "embedding_dtype")
+#: Signature fields a trained decoder must share with the cache it decodes: the embeddings' maker and
+#: meaning (the storage type may differ).
+DECODER_KEYS = ("backbone", "checkpoint_sha256", "input_size", "preprocess", "labels")
 ROW_DATASETS = ("embeddings", "masks", "boxes", "case_index", "slice_index", "spacing_mm")
-PARTIAL = ".partial"
 
 
 @dataclass(frozen=True)
@@ -64,6 +68,16 @@ class CaseRecord:
         obj["source_affine"] = tuple(tuple(row) for row in obj["source_affine"])
         return cls(**obj)
 
+    @property
+    def rows(self) -> slice:
+        """This case's rows of the cache, for h5py reads."""
+        return slice(self.first_row, self.first_row + self.n_rows)
+
+    @property
+    def row_index(self) -> np.ndarray:
+        """This case's rows of the cache as indices."""
+        return np.arange(self.first_row, self.first_row + self.n_rows)
+
 
 def make_signature(
     *, backbone: str, checkpoint_sha256: str, input_size: int, preprocess: dict, labels, embedding_dtype: str
@@ -80,14 +94,21 @@ def make_signature(
     }
 
 
+def first_difference(found: dict, expected: dict, keys: tuple[str, ...]) -> str | None:
+    """``key=FOUND, not EXPECTED`` for the first of ``keys`` on which two signatures differ, else None."""
+    for key in keys:
+        if found.get(key) != expected.get(key):
+            return f"{key}={_short(found.get(key))}, not {_short(expected.get(key))}"
+    return None
+
+
 def check_signature(found: dict, expected: dict, *, path: Path) -> None:
     """Refuse a cache made by another model, checkpoint, preprocessing or label set; warn on version."""
-    for key in MODEL_KEYS:
-        if found.get(key) != expected.get(key):
-            raise CacheMismatchError(
-                f"{path}: cache was made with {key}={_short(found.get(key))}, not {_short(expected.get(key))}; "
-                "encode into a new file or use the settings it was made with"
-            )
+    difference = first_difference(found, expected, MODEL_KEYS)
+    if difference:
+        raise CacheMismatchError(
+            f"{path}: cache was made with {difference}; encode into a new file or use the settings it was made with"
+        )
     if found.get("embedcache_version") != expected.get("embedcache_version"):
         warnings.warn(
             f"{path}: written by embedcache {found.get('embedcache_version')}, this is {expected.get('embedcache_version')}",
@@ -119,9 +140,7 @@ def _create_row_datasets(f: h5py.File, *, n: int, n_labels: int, slice_size: int
 def _finish(f: h5py.File, tmp: Path, final: Path) -> None:
     f.flush()
     f.close()
-    with open(tmp, "rb+") as handle:
-        os.fsync(handle.fileno())
-    tmp.replace(final)
+    commit(tmp, final)
 
 
 class ShardWriter:
@@ -129,7 +148,7 @@ class ShardWriter:
 
     def __init__(self, folder: Path, *, signature: dict, case: CaseRecord, slice_size: int):
         self.final = Path(folder) / f"{case.name}.h5"
-        self.tmp = self.final.with_name(self.final.name + PARTIAL)
+        self.tmp = partial_path(self.final)
         self.case = case
         self.row = 0
         self._f = h5py.File(self.tmp, "w")
@@ -194,6 +213,13 @@ class Cache:
     def __len__(self) -> int:
         return int(self.embeddings.shape[0])
 
+    def case(self, name: str) -> CaseRecord:
+        return next(c for c in self.cases if c.name == name)
+
+    def present(self, rows=slice(None)) -> np.ndarray:
+        """``(n, L)`` bool: which labels have a box on the given rows (all rows by default)."""
+        return box_present(self.boxes[rows])
+
     @property
     def labels(self) -> tuple[int, ...]:
         return tuple(self.signature["labels"])
@@ -235,7 +261,7 @@ def merge(out: Path, *, signature: dict, sources: list[tuple[Path, list[CaseReco
     Returns the case records as stored in ``out``.
     """
     out = Path(out)
-    tmp = out.with_name(out.name + PARTIAL)
+    tmp = partial_path(out)
     total = sum(case.n_rows for _, cases in sources for case in cases)
     records: list[CaseRecord] = []
     f = h5py.File(tmp, "w")
@@ -248,13 +274,12 @@ def merge(out: Path, *, signature: dict, sources: list[tuple[Path, list[CaseReco
         for source, cases in sources:
             with h5py.File(source, "r") as src:
                 for case in cases:
-                    rows_in = slice(case.first_row, case.first_row + case.n_rows)
                     rows_out = slice(row, row + case.n_rows)
                     for name in ROW_DATASETS:
                         if name == "case_index":
                             f[name][rows_out] = len(records)
                         else:
-                            f[name][rows_out] = src[name][rows_in]
+                            f[name][rows_out] = src[name][case.rows]
                     records.append(CaseRecord(**{**asdict(case), "first_row": row}))
                     row = rows_out.stop
         f.create_dataset("cases", data=json.dumps([asdict(c) for c in records]))

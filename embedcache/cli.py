@@ -13,7 +13,7 @@ from pathlib import Path
 import click
 
 from embedcache import __version__
-from embedcache.errors import EmbedcacheError
+from embedcache.errors import EmbedcacheError, UsageError
 
 
 def _console():
@@ -53,16 +53,25 @@ def _say(console):
     return lambda message: console.print(message, markup=False, highlight=False, soft_wrap=True)
 
 
+class _OneLineUsageError(click.ClickException):
+    """A usage error as one line (click's own UsageError adds the usage and a hint), exit code 2."""
+
+    exit_code = 2
+
+
 def friendly_errors(func):
-    """Turn EmbedcacheError (and a few OS errors) into one line on stderr and exit code 1."""
+    """Turn our user errors into one line on stderr: exit code 2 for usage errors, 1 for the rest.
+
+    Any other exception is a bug and keeps its traceback.
+    """
 
     @functools.wraps(func)
     def wrapper(*args, **kwargs):
         try:
             return func(*args, **kwargs)
+        except UsageError as exc:
+            raise _OneLineUsageError(str(exc)) from None
         except EmbedcacheError as exc:
-            raise click.ClickException(str(exc)) from None
-        except ValueError as exc:  # config validation
             raise click.ClickException(str(exc)) from None
         except KeyboardInterrupt:
             click.echo("interrupted; finished work is kept, rerun the same command to resume", err=True)
@@ -219,9 +228,9 @@ def finetune(cache, run_dir, epochs, lr, batch_size, val_fraction, seed, device,
     as RUN_DIR/last.pt, the settings as config.json and the epochs in log.csv.
     Under torchrun (`torchrun --nproc_per_node=K -m embedcache finetune ...`) it trains with DDP.
     """
-    import json
-
-    from embedcache.train import CONFIG, FinetuneConfig, finetune as run_finetune
+    from embedcache.config import FinetuneConfig, load_config
+    from embedcache.runs import CONFIG
+    from embedcache.train import finetune as run_finetune
 
     config = FinetuneConfig(
         cache=str(cache), epochs=epochs, lr=lr, batch_size=batch_size, val_fraction=val_fraction, seed=seed,
@@ -229,7 +238,7 @@ def finetune(cache, run_dir, epochs, lr, batch_size, val_fraction, seed, device,
         resident=resident, micro_batch=micro_batch, model=model, checkpoint=str(checkpoint) if checkpoint else None,
     )
     if resume and (run_dir / CONFIG).is_file():
-        saved = FinetuneConfig(**json.loads((run_dir / CONFIG).read_text()))
+        saved = load_config(FinetuneConfig, run_dir / CONFIG)
         ctx = click.get_current_context()
         given = {
             name for name in ctx.params
@@ -285,7 +294,7 @@ def export(run_dir, out, checkpoint):
     files load in plain segment_anything (`sam_model_registry["vit_b"](checkpoint=OUT)`), LiteMedSAM
     files keep LiteMedSAM's state-dict layout.
     """
-    from embedcache.train import export_run
+    from embedcache.runs import export_run
 
     click.echo(f"wrote {export_run(run_dir, out, checkpoint=checkpoint)}")
 
@@ -310,7 +319,8 @@ def score(cache, out_dir, run_dir, decoder_file, cases, checkpoint, device, prog
     Dice of the slices holding the gland. Writes report.json, cases.csv, PNG overlays of the best
     and worst slices and index.html, a page with the table and the pictures.
     """
-    from embedcache.score import GLAND_NAMES, METRICS, score as run_score
+    from embedcache.labels import name as gland_name
+    from embedcache.score import METRICS, score as run_score
 
     if run_dir and decoder_file:
         raise click.UsageError("give --run or --decoder, not both")
@@ -327,7 +337,7 @@ def score(cache, out_dir, run_dir, decoder_file, cases, checkpoint, device, prog
     for label in report["mean"]:
         for metric in METRICS:
             values = [report["mean"][label][m][metric] for m in models]
-            table.add_row(GLAND_NAMES.get(int(label), label), metric, *[f"{v:.4f}" for v in values],
+            table.add_row(gland_name(int(label)), metric, *[f"{v:.4f}" for v in values],
                           *([f"{values[1] - values[0]:+.4f}"] if len(values) == 2 else []))
     Console().print(table)
     click.echo(f"report: {out_dir / 'index.html'}")
@@ -378,7 +388,6 @@ def info(cache: Path):
 
 
 def _print_info(path: Path) -> None:
-    import numpy as np
     from rich.console import Console
     from rich.table import Table
 
@@ -386,8 +395,7 @@ def _print_info(path: Path) -> None:
 
     with open_cache(path) as cache:
         sig = cache.signature
-        boxes = cache.boxes[:]
-        present = ~np.isnan(boxes).any(axis=2)
+        present = cache.present()
         size_mib = path.stat().st_size / 2**20
         console = Console()
         console.print(f"[bold]{path}[/]  {size_mib:.1f} MiB, embedcache {sig['embedcache_version']}")
@@ -403,10 +411,9 @@ def _print_info(path: Path) -> None:
             markup=False,
         )
         table = Table("case", "slices", *[f"boxes {label}" for label in cache.labels], "spacing (z, y, x) mm")
-        for i, case in enumerate(cache.cases):
-            rows = slice(case.first_row, case.first_row + case.n_rows)
+        for case in cache.cases:
             table.add_row(
-                case.name, str(case.n_rows), *[str(int(present[rows, j].sum())) for j in range(len(cache.labels))],
+                case.name, str(case.n_rows), *[str(int(present[case.rows, j].sum())) for j in range(len(cache.labels))],
                 ", ".join(f"{s:.2f}" for s in case.spacing_mm),
             )
         table.add_section()

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
-from embedcache import LEFT_ADRENAL, RIGHT_ADRENAL
+from embedcache.errors import EmbedcacheError, UsageError
+from embedcache.files import atomic_write_text
+from embedcache.labels import ADRENALS
 
 
 @dataclass(frozen=True)
@@ -18,10 +20,12 @@ class PreprocessConfig:
     slice_size: int = 512
 
     def __post_init__(self):
-        if self.window_width_hu <= 0:
-            raise ValueError(f"window width must be positive, got {self.window_width_hu} HU")
+        if not self.window_width_hu > 0:  # also refuses NaN
+            raise UsageError(f"--window-width must be a positive number of HU, got {self.window_width_hu}")
+        if not -2000 <= self.window_level_hu <= 4000:
+            raise UsageError(f"--window-level must be a CT value in -2000..4000 HU, got {self.window_level_hu}")
         if not 64 <= self.slice_size <= 2048:
-            raise ValueError(f"slice size must lie in 64..2048 px, got {self.slice_size}")
+            raise UsageError(f"--slice-size must lie in 64..2048 px, got {self.slice_size}")
 
 
 @dataclass(frozen=True)
@@ -30,7 +34,7 @@ class EncodeConfig:
 
     backbone: str = "litemedsam"
     checkpoint: str | None = None
-    labels: tuple[int, ...] = (RIGHT_ADRENAL, LEFT_ADRENAL)
+    labels: tuple[int, ...] = ADRENALS
     preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
     embedding_dtype: str = "float16"
     device: str = "auto"
@@ -38,11 +42,49 @@ class EncodeConfig:
 
     def __post_init__(self):
         if self.embedding_dtype not in ("float16", "float32"):
-            raise ValueError(f"embedding dtype must be float16 or float32, got {self.embedding_dtype}")
+            raise UsageError(f"--dtype must be float16 or float32, got {self.embedding_dtype}")
         if self.batch_size < 0:
-            raise ValueError(f"batch size must be at least 1 (or 0 for automatic), got {self.batch_size}")
+            raise UsageError(f"--batch-size must be at least 1 (or 0 for automatic), got {self.batch_size}")
         if not self.labels or any(not 0 < label < 256 for label in self.labels) or len(set(self.labels)) != len(self.labels):
-            raise ValueError(f"labels must be distinct ids in 1..255, got {self.labels}")
+            raise UsageError(f"--labels must be distinct ids in 1..255, got {self.labels}")
+
+
+@dataclass(frozen=True)
+class FinetuneConfig:
+    """Settings of phase two. ``checkpoint=None``: the backbone's bundled weights."""
+
+    cache: str = ""
+    epochs: int = 30
+    lr: float = 1e-4
+    weight_decay: float = 0.01
+    batch_size: int = 8  # slices per step; each brings all its prompts (both glands)
+    val_fraction: float = 0.2
+    seed: int = 0
+    device: str = "auto"
+    box_jitter: float = 0.1  # each box edge moves up to this fraction of the box size, per step
+    warmup_fraction: float = 0.05
+    grad_clip: float = 1.0
+    patience: int = 10  # epochs without a better validation Dice before stopping
+    precision: str = "auto"  # auto: bf16 on CUDA where supported, else fp16; fp32 on CPU
+    compile: bool = False
+    resident: str = "auto"  # auto | device | stream: where the embeddings live during training
+    micro_batch: int = 0  # prompts per forward/backward within a step; 0: all on CUDA, 4 on CPU
+    model: str | None = None  # None: the cache's backbone
+    checkpoint: str | None = None
+
+    def __post_init__(self):
+        if not 0 < self.val_fraction < 1:
+            raise UsageError(f"--val-fraction must lie between 0 and 1, got {self.val_fraction}")
+        if self.epochs < 1 or self.batch_size < 1:
+            raise UsageError("--epochs and --batch-size must be at least 1")
+        if not self.lr > 0:
+            raise UsageError(f"--lr must be positive, got {self.lr}")
+        if not 0 <= self.box_jitter < 1:
+            raise UsageError(f"--box-jitter must lie in [0, 1), got {self.box_jitter}")
+        if self.precision not in ("auto", "fp32", "fp16", "bf16"):
+            raise UsageError(f"--precision must be auto, fp32, fp16 or bf16, got {self.precision}")
+        if self.resident not in ("auto", "device", "stream"):
+            raise UsageError(f"--resident must be auto, device or stream, got {self.resident}")
 
 
 def to_json(config) -> str:
@@ -50,7 +92,21 @@ def to_json(config) -> str:
 
 
 def save_config(config, path: Path) -> None:
+    atomic_write_text(Path(path), to_json(config) + "\n")
+
+
+def load_config(cls, path: Path):
+    """A config saved by :func:`save_config`; a file that is not one is named with what is wrong."""
     path = Path(path)
-    tmp = path.with_name(path.name + ".partial")
-    tmp.write_text(to_json(config) + "\n")
-    tmp.replace(path)
+    try:
+        values = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise EmbedcacheError(f"{path}: not a readable settings file ({exc}); delete the run folder and start again") from None
+    known = {f.name for f in fields(cls)}
+    if not isinstance(values, dict) or set(values) - known:
+        unknown = sorted(set(values) - known) if isinstance(values, dict) else type(values).__name__
+        raise EmbedcacheError(f"{path}: unknown settings {unknown}; was it written by another embedcache version?")
+    try:
+        return cls(**values)
+    except UsageError as exc:
+        raise EmbedcacheError(f"{path}: {exc}") from None

@@ -10,6 +10,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+#: Side of the decoder's mask logits, which cover the (padded) encoder input.
+LOW_RES = 256
+
 
 def decode_boxes(
     prompt_encoder: torch.nn.Module,
@@ -78,3 +81,21 @@ def masks_on_grid(low_res: torch.Tensor, *, input_size: int, slice_size: int, sh
     """
     logits = logits_to_slice(low_res, input_size=input_size, slice_size=slice_size)
     return F.interpolate(logits, size=tuple(shape_yx), mode="bilinear", align_corners=False)[:, 0] > 0
+
+
+class BoxDecoder(torch.nn.Module):
+    """Prompt encoder (frozen) + mask decoder (trained) as one module, so DDP sees one forward."""
+
+    def __init__(self, prompt_encoder: torch.nn.Module, mask_decoder: torch.nn.Module):
+        super().__init__()
+        self.prompt_encoder = prompt_encoder.requires_grad_(False)
+        self.mask_decoder = mask_decoder.requires_grad_(True)
+        # Single-mask output: the loss never reaches the IoU head or the hypernetworks of the three
+        # multimask tokens. Frozen, they stay as released (and DDP finds no unused parameters).
+        mask_decoder.iou_prediction_head.requires_grad_(False)
+        for mlp in mask_decoder.output_hypernetworks_mlps[1:]:
+            mlp.requires_grad_(False)
+
+    def forward(self, embeddings: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
+        """``(P, 256, 64, 64)`` embeddings, ``(P, 4)`` boxes in encoder-input pixels → ``(P, 1, 256, 256)`` mask logits."""
+        return decode_boxes(self.prompt_encoder, self.mask_decoder, embeddings, boxes)[0]

@@ -21,13 +21,16 @@ from pathlib import Path
 
 import numpy as np
 
-from embedcache import cache as store
-from embedcache.backbones import get_backbone, load_backbone, resolve_checkpoint, file_sha256
+from embedcache import cache
+from embedcache.backbones import file_sha256, get_backbone, load_backbone, resolve_checkpoint
+from embedcache.cache import CaseRecord, ShardWriter
 from embedcache.config import EncodeConfig
-from embedcache.devices import keep_freed_memory, pick_device
+from embedcache.devices import pick_device
+from embedcache.encoder import ImageEncoder
 from embedcache.errors import CacheMismatchError, EmbedcacheError
+from embedcache.files import PARTIAL
 from embedcache.preprocess import resize_mask, slice_to_model
-from embedcache.prompts import boxes_for_labels
+from embedcache.prompts import box_present, boxes_for_labels
 from embedcache.readahead import ReadAhead
 from embedcache.volumes import CaseSource, check_same_grid, read_geometry, read_image, read_label, source_digest
 
@@ -61,7 +64,7 @@ class EncodeSummary:
 
 def _signature(config: EncodeConfig, checkpoint_sha256: str) -> dict:
     backbone = get_backbone(config.backbone)
-    return store.make_signature(
+    return cache.make_signature(
         backbone=backbone.name,
         checkpoint_sha256=checkpoint_sha256,
         input_size=backbone.input_size,
@@ -78,7 +81,8 @@ def signature_for(config: EncodeConfig) -> dict:
     return _signature(config, file_sha256(checkpoint))
 
 
-def parts_folder(out: Path) -> Path:
+def shard_folder(out: Path) -> Path:
+    """Where an encode into ``out`` keeps its finished cases until they are merged: ``out.parts/``."""
     return Path(out).with_name(Path(out).name + ".parts")
 
 
@@ -110,7 +114,7 @@ class _CaseBatch:
     """One case, preprocessed: what the encoder and the shard need."""
 
     plan: PlannedCase
-    record: store.CaseRecord
+    record: CaseRecord
     images: np.ndarray  # (n, S, S) float32 in [0, 1]
     masks: np.ndarray  # (n, S, S) uint8
     boxes: np.ndarray  # (n, L, 4)
@@ -124,13 +128,13 @@ def prepare_case(plan: PlannedCase, config: EncodeConfig) -> _CaseBatch:
     pre = config.preprocess
     masks = resize_mask(plan.label_slices, (size, size))
     boxes = np.stack([boxes_for_labels(m, config.labels) for m in masks])
-    keep = ~np.isnan(boxes).all(axis=(1, 2))  # a gland of a voxel or two can vanish when shrinking
+    keep = box_present(boxes).any(axis=1)  # a gland of a voxel or two can vanish when shrinking
     z = plan.z[keep]
     images = np.stack(
         [slice_to_model(image.array[k], width_hu=pre.window_width_hu, level_hu=pre.window_level_hu, slice_size=size) for k in z]
     ) if z.size else np.zeros((0, size, size), np.float32)
     geometry = image.geometry
-    record = store.CaseRecord(
+    record = CaseRecord(
         name=plan.source.name,
         image=str(plan.source.image),
         label=str(plan.source.label),
@@ -145,38 +149,14 @@ def prepare_case(plan: PlannedCase, config: EncodeConfig) -> _CaseBatch:
     return _CaseBatch(plan=plan, record=record, images=images, masks=masks[keep], boxes=boxes[keep], slice_index=z)
 
 
-class Encoder:
-    """The frozen image encoder of a backbone: ``(n, S, S)`` slices in [0, 1] → ``(n, 256, 64, 64)``."""
+def load_encoder(config: EncodeConfig, *, device) -> ImageEncoder:
+    """The image encoder ``config`` names, with its weights, on ``device``."""
+    import torch
 
-    def __init__(self, config: EncodeConfig, *, device):
-        import torch
-
-        self.backbone = get_backbone(config.backbone)
-        self.device = device
-        parts, self.checkpoint_sha256 = load_backbone(
-            self.backbone, Path(config.checkpoint) if config.checkpoint else None
-        )
-        # channels_last lets oneDNN/cuDNN run TinyViT's convolutions without layout reorders
-        # (measured 1.3× on this 2-core CPU); for ViT it only touches the patch embedding.
-        self.model = parts.image_encoder.to(device, memory_format=torch.channels_last).eval().requires_grad_(False)
-        if device.type == "cpu":
-            keep_freed_memory()
-        self.batch_size = config.batch_size or (16 if device.type == "cuda" else 1)
-        self.out_dtype = torch.float16 if config.embedding_dtype == "float16" else torch.float32
-        # fp16 autocast on CUDA: the encoder's matmuls run on tensor cores; embeddings are stored fp16 anyway.
-        self.autocast = (
-            torch.autocast("cuda", dtype=torch.float16) if device.type == "cuda" else nullcontext()
-        )
-
-    def __call__(self, slices: np.ndarray) -> np.ndarray:
-        import torch
-
-        with torch.inference_mode(), self.autocast:
-            x = torch.from_numpy(slices)
-            if self.device.type == "cuda":
-                x = x.pin_memory().to(self.device, non_blocking=True)
-            emb = self.model(self.backbone.prepare(x).contiguous(memory_format=torch.channels_last))
-            return emb.to(self.out_dtype).cpu().numpy()
+    backbone = get_backbone(config.backbone)
+    parts, _ = load_backbone(backbone, Path(config.checkpoint) if config.checkpoint else None)
+    out_dtype = torch.float16 if config.embedding_dtype == "float16" else torch.float32
+    return ImageEncoder(backbone, parts.image_encoder, device=device, batch_size=config.batch_size, out_dtype=out_dtype)
 
 
 def encode(
@@ -204,26 +184,26 @@ def encode(
         raise EmbedcacheError(f"case name {dup} appears twice in the input; give each case a distinct name")
 
     # What is done already: cases in the existing cache, complete shards of an interrupted run.
-    done: dict[str, store.CaseRecord] = {}
+    done: dict[str, CaseRecord] = {}
     if out.exists():
-        with store.open_cache(out, expect=signature) as existing:
+        with cache.open_cache(out, expect=signature) as existing:
             done = {c.name: c for c in existing.cases}
-    parts = parts_folder(out)
-    shards: dict[str, tuple[Path, store.CaseRecord]] = {}
-    if parts.exists():
-        for leftover in parts.glob("*" + store.PARTIAL):
+    shard_dir = shard_folder(out)
+    shards: dict[str, tuple[Path, CaseRecord]] = {}
+    if shard_dir.exists():
+        for leftover in shard_dir.glob("*" + PARTIAL):
             leftover.unlink()  # a case that was being written when the last run stopped
-        for shard in sorted(parts.glob("*.h5")):
+        for shard in sorted(shard_dir.glob("*.h5")):
             try:
-                found, record = store.read_shard(shard)
+                found, record = cache.read_shard(shard)
             except (OSError, KeyError, ValueError):
                 shard.unlink()
                 continue
             try:
-                store.check_signature(found, signature, path=shard)
+                cache.check_signature(found, signature, path=shard)
             except CacheMismatchError as exc:
                 raise EmbedcacheError(
-                    f"{parts}: holds an interrupted encode with other settings ({exc}); delete the folder or rerun "
+                    f"{shard_dir}: holds an interrupted encode with other settings ({exc}); delete the folder or rerun "
                     "with its settings"
                 ) from None
             shards[record.name] = (shard, record)
@@ -255,19 +235,19 @@ def encode(
     _check_free_space(out.parent, summary.slices_total * BYTES_PER_SLICE_ESTIMATE * 2)
 
     if plans:
-        parts.mkdir(exist_ok=True)
+        shard_dir.mkdir(exist_ok=True)
         device = pick_device(config.device)
         summary.device = str(device)
-        encoder = Encoder(config, device=device)
+        encoder = load_encoder(config, device=device)
         started = time.perf_counter()
-        for record in _encode_plans(plans, config, encoder, parts, signature, progress):
-            shards[record.name] = (parts / f"{record.name}.h5", record)
+        for record in _encode_plans(plans, config, encoder, shard_dir, signature, progress):
+            shards[record.name] = (shard_dir / f"{record.name}.h5", record)
             summary.cases_encoded += 1
             summary.slices_encoded += record.n_rows
         summary.encode_seconds = time.perf_counter() - started
 
     # One cache file, cases in input order; cases cached earlier but not in this input are kept, last.
-    sources: list[tuple[Path, list[store.CaseRecord]]] = []
+    sources: list[tuple[Path, list[CaseRecord]]] = []
     given = set(names)
     earlier = [n for n in {**done, **shards} if n not in given]
     for name in names + earlier:
@@ -282,27 +262,27 @@ def encode(
                 "check --labels against the label files"
             )
         try:
-            store.merge(out, signature=signature, sources=sources, slice_size=config.preprocess.slice_size)
+            cache.merge(out, signature=signature, sources=sources, slice_size=config.preprocess.slice_size)
         except OSError as exc:
             raise _disk_error(exc, out) from None
-    store.remove_tree(parts)
+    cache.remove_tree(shard_dir)
     return summary
 
 
-def _encode_plans(plans, config: EncodeConfig, encoder: Encoder, parts: Path, signature: dict, progress):
+def _encode_plans(plans, config: EncodeConfig, encoder: ImageEncoder, shard_dir: Path, signature: dict, progress):
     """Encode planned cases in batches that may span cases; yield each case's record once its shard is complete."""
     total = sum(len(p.z) for p in plans)
     task = progress.add_task("encoding", total=total) if progress else None
     reader = ReadAhead(lambda plan: prepare_case(plan, config), plans, depth=2, name="embedcache-reader")
-    pending: list[tuple[store.ShardWriter, int]] = []  # (writer, row within its case) awaiting the encoder
-    writers: list[store.ShardWriter] = []
+    pending: list[tuple[ShardWriter, int]] = []  # (writer, row within its case) awaiting the encoder
+    writers: list[ShardWriter] = []
     batches: dict[int, _CaseBatch] = {}
     try:
         for item in reader:
             if progress and item.record.n_rows < len(item.plan.z):
                 total -= len(item.plan.z) - item.record.n_rows
                 progress.update(task, total=total)
-            writer = store.ShardWriter(parts, signature=signature, case=item.record, slice_size=config.preprocess.slice_size)
+            writer = ShardWriter(shard_dir, signature=signature, case=item.record, slice_size=config.preprocess.slice_size)
             writers.append(writer)
             batches[id(writer)] = item
             pending.extend((writer, row) for row in range(item.record.n_rows))
@@ -315,16 +295,16 @@ def _encode_plans(plans, config: EncodeConfig, encoder: Encoder, parts: Path, si
             yield from _encode_batch(pending, batches, encoder, progress, task)
         yield from _finish_ready(writers, batches)
     except OSError as exc:
-        raise _disk_error(exc, parts) from None
+        raise _disk_error(exc, shard_dir) from None
     finally:
         reader.close()
         for writer in writers:
             writer.abort()
 
 
-def _encode_batch(rows, batches, encoder: Encoder, progress, task):
+def _encode_batch(rows, batches, encoder: ImageEncoder, progress, task):
     images = np.stack([batches[id(w)].images[r] for w, r in rows])
-    embeddings = encoder(images)
+    embeddings = encoder(images).cpu().numpy()
     start = 0
     while start < len(rows):
         writer = rows[start][0]

@@ -11,8 +11,7 @@ import warnings
 
 import numpy as np
 
-#: FLARE22's NSD tolerance for both adrenal glands, in mm.
-ADRENAL_TOLERANCE_MM = 2.0
+from embedcache.labels import RIGHT_ADRENAL, tolerance_mm as flare_tolerance_mm
 
 
 def dice(pred: np.ndarray, truth: np.ndarray) -> float:
@@ -24,7 +23,7 @@ def dice(pred: np.ndarray, truth: np.ndarray) -> float:
     return 2.0 * int(np.logical_and(pred, truth).sum()) / total
 
 
-def nsd(pred: np.ndarray, truth: np.ndarray, *, spacing_mm, tolerance_mm: float = ADRENAL_TOLERANCE_MM) -> float:
+def nsd(pred: np.ndarray, truth: np.ndarray, *, spacing_mm, tolerance_mm: float = flare_tolerance_mm(RIGHT_ADRENAL)) -> float:
     """Normalized surface Dice of two boolean ``(z, y, x)`` masks at ``tolerance_mm``.
 
     ``spacing_mm`` is the voxel size along the same axes. 1 when both are empty, 0 when only one is.
@@ -49,3 +48,18 @@ def nsd(pred: np.ndarray, truth: np.ndarray, *, spacing_mm, tolerance_mm: float 
             spacing=[float(s) for s in spacing_mm], use_subvoxels=True,
         )
     return float(value.reshape(-1)[0])
+
+
+def dice_2d(logits_low, masks):
+    """Per-prompt Dice at full slice resolution: ``(P, 1, 256, 256)`` logits vs ``(P, S, S)`` bool masks → ``(P,)``.
+
+    The logits are upsampled to the slice before the threshold. Both empty counts as 1 (FLARE22's rule).
+    """
+    import torch
+    import torch.nn.functional as F
+
+    size = masks.shape[-1]
+    pred = F.interpolate(logits_low.float(), size=(size, size), mode="bilinear", align_corners=False)[:, 0] > 0
+    inter = (pred & masks).sum((1, 2)).float()
+    total = (pred.sum((1, 2)) + masks.sum((1, 2))).float()
+    return torch.where(total > 0, 2 * inter / total.clamp_min(1), torch.ones_like(total))

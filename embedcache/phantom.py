@@ -17,10 +17,9 @@ from pathlib import Path
 
 import numpy as np
 
-#: FLARE22 label ids.
-LIVER, RIGHT_KIDNEY, SPLEEN, PANCREAS, AORTA, IVC, RIGHT_ADRENAL, LEFT_ADRENAL = 1, 2, 3, 4, 5, 6, 7, 8
-GALLBLADDER, ESOPHAGUS, STOMACH, DUODENUM, LEFT_KIDNEY = 9, 10, 11, 12, 13
+from embedcache.labels import ADRENALS, AORTA, IVC, LEFT_ADRENAL, LEFT_KIDNEY, LIVER, RIGHT_ADRENAL, RIGHT_KIDNEY, SPLEEN
 
+#: Fill values of the phantom's tissues, in HU.
 AIR_HU, FAT_HU, MUSCLE_HU = -1000.0, -95.0, 50.0
 
 
@@ -186,7 +185,7 @@ def write_phantom(out: Path, *, cases: int, seed: int, config: PhantomConfig = P
     return names
 
 
-def limit_target_slices(data: Path, *, per_case: int, labels: tuple[int, ...] = (RIGHT_ADRENAL, LEFT_ADRENAL)) -> None:
+def limit_target_slices(data: Path, *, per_case: int, labels: tuple[int, ...] = ADRENALS) -> None:
     """Keep ``labels`` on only ``per_case`` slices (the middle ones) of each label file under ``data``.
 
     For tests and benchmarks that want a given number of target slices: encoding and an epoch

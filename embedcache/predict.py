@@ -19,24 +19,28 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from embedcache.backbones import get_backbone, load_backbone
+from embedcache.backbones import get_backbone, load_backbone, require_weights
 from embedcache.config import EncodeConfig, PreprocessConfig
 from embedcache.decoder import decode_boxes, masks_on_grid
 from embedcache.devices import pick_device
+from embedcache.encoder import ImageEncoder
 from embedcache.errors import EmbedcacheError
 from embedcache.preprocess import slice_to_model
-from embedcache.prompts import boxes_for_labels
+from embedcache.prompts import box_present, boxes_for_labels
+from embedcache.runs import load_trained_decoder
 from embedcache.volumes import case_name, check_same_grid, read_image, read_label, write_nifti
 
 
 @dataclass(frozen=True)
-class Prompt:
+class BoxPrompt:
+    """One box on one axial slice, asking for one label."""
+
     slice: int
     label: int
     box: tuple[float, float, float, float]  # canonical slice pixels, (x0, y0, x1, y1)
 
 
-def prompts_from_json(boxes_file: Path, image: Path) -> list[Prompt]:
+def prompts_from_json(boxes_file: Path, image: Path) -> list[BoxPrompt]:
     try:
         table = json.loads(Path(boxes_file).read_text())
     except (OSError, ValueError) as exc:
@@ -45,23 +49,23 @@ def prompts_from_json(boxes_file: Path, image: Path) -> list[Prompt]:
     if entries is None:
         raise EmbedcacheError(f"{boxes_file}: no boxes for {image.name} (key '{case_name(image)}'); add them")
     try:
-        return [Prompt(int(e["slice"]), int(e["label"]), tuple(float(v) for v in e["box"])) for e in entries]
+        return [BoxPrompt(int(e["slice"]), int(e["label"]), tuple(float(v) for v in e["box"])) for e in entries]
     except (KeyError, TypeError, ValueError):
         raise EmbedcacheError(f"{boxes_file}: entries for {case_name(image)} need slice, label and box [x0, y0, x1, y1]")
 
 
-def prompts_from_labels(label_path: Path, image_geometry, image: Path, labels: tuple[int, ...]) -> list[Prompt]:
+def prompts_from_labels(label_path: Path, image_geometry, image: Path, labels: tuple[int, ...]) -> list[BoxPrompt]:
     label = read_label(label_path)
     check_same_grid(image_geometry, label.geometry, image_path=image, label_path=label_path)
     prompts = []
     for z in np.flatnonzero(np.isin(label.array, labels).any(axis=(1, 2))):
-        for j, box in enumerate(boxes_for_labels(label.array[z], labels)):
-            if not np.isnan(box).any():
-                prompts.append(Prompt(int(z), labels[j], tuple(float(v) for v in box)))
+        boxes = boxes_for_labels(label.array[z], labels)
+        for j in np.flatnonzero(box_present(boxes)):
+            prompts.append(BoxPrompt(int(z), labels[j], tuple(float(v) for v in boxes[j])))
     return prompts
 
 
-def check_prompts(prompts: list[Prompt], shape_zyx, source: str) -> None:
+def check_prompts(prompts: list[BoxPrompt], shape_zyx, source: str) -> None:
     depth, height, width = shape_zyx
     for p in prompts:
         x0, y0, x1, y1 = p.box
@@ -76,7 +80,7 @@ def check_prompts(prompts: list[Prompt], shape_zyx, source: str) -> None:
 
 
 class Segmenter:
-    """Encoder + prompt encoder + a (fine-tuned) mask decoder, for new images."""
+    """Image encoder + prompt encoder + a (fine-tuned) mask decoder, for new images."""
 
     def __init__(self, *, backbone: str, checkpoint: Path | None, decoder_state: dict | None, device: str,
                  preprocess: PreprocessConfig):
@@ -86,10 +90,12 @@ class Segmenter:
         parts, self.checkpoint_sha256 = load_backbone(self.backbone, checkpoint)
         if decoder_state is not None:
             parts.mask_decoder.load_state_dict(decoder_state)
-        self.parts = parts.to(self.device).eval()
+        self.encoder = ImageEncoder(self.backbone, parts.image_encoder, device=self.device, out_dtype=torch.float32)
+        self.prompt_encoder = parts.prompt_encoder.to(self.device).eval()
+        self.mask_decoder = parts.mask_decoder.to(self.device).eval()
 
     @torch.no_grad()
-    def segment(self, hu_zyx: np.ndarray, prompts: list[Prompt]) -> np.ndarray:
+    def segment(self, hu_zyx: np.ndarray, prompts: list[BoxPrompt]) -> np.ndarray:
         """A ``(z, y, x)`` uint8 label volume: each prompt's mask painted with its label."""
         out = np.zeros(hu_zyx.shape, np.uint8)
         pre, size = self.preprocess, self.preprocess.slice_size
@@ -98,10 +104,9 @@ class Segmenter:
         for z in sorted({p.slice for p in prompts}):
             mine = [p for p in prompts if p.slice == z]
             image = slice_to_model(hu_zyx[z], width_hu=pre.window_width_hu, level_hu=pre.window_level_hu, slice_size=size)
-            x = self.backbone.prepare(torch.from_numpy(image)[None].to(self.device))
-            embedding = self.parts.image_encoder(x)
+            embedding = self.encoder(image[None])
             boxes = torch.tensor(np.array([p.box for p in mine]) * scale, dtype=torch.float32, device=self.device)
-            low, _ = decode_boxes(self.parts.prompt_encoder, self.parts.mask_decoder, embedding.expand(len(mine), -1, -1, -1), boxes)
+            low, _ = decode_boxes(self.prompt_encoder, self.mask_decoder, embedding.expand(len(mine), -1, -1, -1), boxes)
             masks = masks_on_grid(low, input_size=self.backbone.input_size, slice_size=size,
                                   shape_yx=(height, width)).cpu().numpy()
             for p, mask in zip(mine, masks):
@@ -115,22 +120,20 @@ def predict(
     checkpoint: Path | None = None, device: str = "auto", log=print,
 ) -> tuple[list[Path], list[str]]:
     """Write ``out_dir/CASE.nii.gz`` for each input; returns the files written and the errors of those that failed."""
-    from embedcache.train import load_trained_decoder
-
     if (boxes_file is None) == (from_labels is None):
         raise EmbedcacheError("give either --boxes BOXES.json or --from-labels LABELS")
     trained, preprocess, labels = None, PreprocessConfig(), EncodeConfig().labels
     if run_dir or decoder_file:
-        trained = load_trained_decoder(run_dir, decoder_file)
+        trained = load_trained_decoder(run_dir or decoder_file)
         model = trained.signature["backbone"]
         preprocess = PreprocessConfig(**trained.signature["preprocess"])
         labels = tuple(trained.signature["labels"])
         checkpoint = checkpoint or trained.checkpoint
     segmenter = Segmenter(backbone=model, checkpoint=checkpoint, decoder_state=trained.state if trained else None,
                           device=device, preprocess=preprocess)
-    if trained is not None and segmenter.checkpoint_sha256 != trained.signature["checkpoint_sha256"]:
-        raise EmbedcacheError(f"{checkpoint or 'bundled weights'}: not the weights the decoder was trained with; "
-                              "pass them with --checkpoint")
+    if trained is not None:
+        require_weights(segmenter.checkpoint_sha256, trained.signature["checkpoint_sha256"], path=checkpoint,
+                        made=f"the decoder {trained.source}")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     written, errors = [], []

@@ -13,6 +13,11 @@ from __future__ import annotations
 import numpy as np
 
 
+def box_present(boxes: np.ndarray) -> np.ndarray:
+    """``(..., 4)`` boxes → ``(...)`` bool: True where a box is given (absent boxes are stored as NaN)."""
+    return ~np.isnan(boxes).any(axis=-1)
+
+
 def box_from_mask(mask: np.ndarray) -> np.ndarray | None:
     """The ``(x0, y0, x1, y1)`` box around the nonzero pixels of a ``(y, x)`` mask, or None when empty."""
     rows = np.flatnonzero(mask.any(axis=1))

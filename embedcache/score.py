@@ -19,17 +19,18 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from embedcache import cache as store
-from embedcache.backbones import get_backbone, load_backbone
+from embedcache import labels as flare
+from embedcache.backbones import get_backbone, load_backbone, require_weights
+from embedcache.cache import Cache, CaseRecord, open_cache
 from embedcache.decoder import decode_boxes, masks_on_grid
 from embedcache.devices import pick_device
 from embedcache.errors import EmbedcacheError
-from embedcache.metrics import ADRENAL_TOLERANCE_MM, dice, nsd
-from embedcache.train import load_trained_decoder
+from embedcache.files import atomic_path, atomic_write_text
+from embedcache.metrics import dice, nsd
 from embedcache.preprocess import window_hu
+from embedcache.runs import RunFolder, load_trained_decoder
 from embedcache.volumes import read_image, read_label
 
-GLAND_NAMES = {7: "right adrenal", 8: "left adrenal"}
 METRICS = ("dice", "nsd", "dice_2d")
 
 
@@ -42,18 +43,18 @@ class SlicePrediction:
     dice_2d: dict  # model → 2-D Dice on the original grid
 
 
-def _predict_case(parts, decoders: dict, cache: store.Cache, case: store.CaseRecord, *, device, input_size, slice_size,
+def _predict_case(parts, decoders: dict, cache: Cache, case: CaseRecord, *, device, input_size, slice_size,
                   batch: int = 16):
     """Per model and label: the 3-D canonical prediction of one case (bool, ``(z, y, x)``)."""
     labels = cache.labels
     shape = tuple(case.shape_zyx)
     preds = {m: {label: np.zeros(shape, bool) for label in labels} for m in decoders}
-    rows = np.arange(case.first_row, case.first_row + case.n_rows)
-    boxes_all = cache.boxes[case.first_row : case.first_row + case.n_rows]
-    prompts = [(i, j) for i in range(len(rows)) for j in range(len(labels)) if not np.isnan(boxes_all[i, j]).any()]
+    rows = case.row_index
+    boxes_all = cache.boxes[case.rows]
+    pairs = list(zip(*np.nonzero(cache.present(case.rows))))  # (row within the case, label slot)
     scale = input_size / slice_size
-    for start in range(0, len(prompts), batch):
-        chunk = prompts[start : start + batch]
+    for start in range(0, len(pairs), batch):
+        chunk = pairs[start : start + batch]
         row_idx = sorted({i for i, _ in chunk})
         emb = torch.from_numpy(cache.embeddings[rows[row_idx[0]] : rows[row_idx[-1]] + 1]).float().to(device)
         local = torch.tensor([i - row_idx[0] for i, _ in chunk], device=device)
@@ -71,39 +72,30 @@ def _predict_case(parts, decoders: dict, cache: store.Cache, case: store.CaseRec
 
 def score(
     cache_path: Path, out_dir: Path, *, run_dir: Path | None = None, decoder_file: Path | None = None,
-    cases: str = "val", checkpoint: Path | None = None, device: str = "auto", tolerance_mm: float = ADRENAL_TOLERANCE_MM,
-    progress=None, log=print,
+    cases: str = "val", checkpoint: Path | None = None, device: str = "auto", progress=None, log=print,
 ) -> dict:
     """Score the vanilla decoder (and the fine-tuned one when given) on ``cases``; write the report to ``out_dir``."""
     out_dir = Path(out_dir)
     if cases not in ("train", "val", "all"):
         raise EmbedcacheError(f"--cases {cases}: choose train, val or all")
     dev = pick_device(device)
-    with store.open_cache(cache_path) as cache:
+    with open_cache(cache_path) as cache:
         backbone = get_backbone(cache.signature["backbone"])
         trained = None
         if run_dir or decoder_file:
-            trained = load_trained_decoder(run_dir, decoder_file)
-            for key in ("backbone", "checkpoint_sha256", "preprocess", "labels"):
-                if trained.signature.get(key) != cache.signature.get(key):
-                    raise EmbedcacheError(
-                        f"{trained.source}: decoder was trained on a cache with {key}={trained.signature.get(key)}, "
-                        f"this cache has {cache.signature.get(key)}; score it on the cache it was trained on"
-                    )
+            trained = load_trained_decoder(run_dir or decoder_file, expect=cache.signature, expect_path=Path(cache_path))
         names = [c.name for c in cache.cases if c.n_rows > 0]
         if cases != "all":
             if run_dir is None:
                 raise EmbedcacheError(f"--cases {cases} needs --run RUN_DIR (its split.json); or use --cases all")
-            split = json.loads((Path(run_dir) / "split.json").read_text())
+            split = RunFolder(run_dir).split()
             names = [n for n in names if n in split[cases]]
         if not names:
             raise EmbedcacheError(f"{cache_path}: no {cases} cases to score")
         if checkpoint is None and trained is not None:
             checkpoint = trained.checkpoint
         parts, sha = load_backbone(backbone, checkpoint)
-        if sha != cache.signature["checkpoint_sha256"]:
-            raise EmbedcacheError(f"{cache_path}: encoded with other weights than {checkpoint or 'the bundled ones'}; "
-                                  "pass the checkpoint the cache was made with")
+        require_weights(sha, cache.signature["checkpoint_sha256"], path=checkpoint, made=f"the cache {cache_path}")
         parts = parts.to(dev).eval()
         decoders = {"vanilla": parts.mask_decoder}
         if trained is not None:
@@ -120,7 +112,7 @@ def score(
             preds = _predict_case(parts, decoders, cache, case, device=dev, input_size=backbone.input_size,
                                   slice_size=slice_size)
             results[case.name] = {}
-            rows = range(case.first_row, case.first_row + case.n_rows)
+            present = cache.present(case.rows)
             for j, label in enumerate(cache.labels):
                 gt = truth.array == label
                 entry = {}
@@ -128,14 +120,14 @@ def score(
                     zs = np.flatnonzero(gt.any(axis=(1, 2)))
                     entry[model] = {
                         "dice": dice(pred[label], gt),
-                        "nsd": nsd(pred[label], gt, spacing_mm=case.spacing_mm, tolerance_mm=tolerance_mm),
+                        "nsd": nsd(pred[label], gt, spacing_mm=case.spacing_mm, tolerance_mm=flare.tolerance_mm(label)),
                         "dice_2d": float(np.mean([dice(pred[label][z], gt[z]) for z in zs])) if zs.size else 1.0,
                     }
                 results[case.name][str(label)] = entry
-                for row in rows:
+                for i, row in enumerate(case.row_index):
                     box = cache.boxes[row][j]
                     z = int(cache.slice_index[row])
-                    if np.isnan(box).any() or not gt[z].any():
+                    if not present[i, j] or not gt[z].any():
                         continue
                     slices.append(SlicePrediction(case.name, label, z, tuple(float(v) for v in box),
                                                   {m: dice(preds[m][label][z], gt[z]) for m in preds}))
@@ -144,7 +136,7 @@ def score(
             for sp in slices:  # the overlays need these; best and worst are known only at the end
                 if sp.case == case.name:
                     kept[(sp.case, sp.label, sp.z)] = {m: preds[m][sp.label][sp.z] for m in preds}
-        report = _report(results, cache.labels, list(decoders), cache_path, run_dir, decoder_file, cases, tolerance_mm)
+        report = _report(results, cache.labels, list(decoders), cache_path, run_dir, decoder_file, cases)
         out_dir.mkdir(parents=True, exist_ok=True)
         _write_json(report, out_dir / "report.json")
         _write_csv(results, list(decoders), out_dir / "cases.csv")
@@ -154,7 +146,7 @@ def score(
         return report
 
 
-def _report(results, labels, models, cache_path, run_dir, decoder_file, cases, tolerance_mm) -> dict:
+def _report(results, labels, models, cache_path, run_dir, decoder_file, cases) -> dict:
     mean = {}
     for label in labels:
         mean[str(label)] = {
@@ -164,27 +156,24 @@ def _report(results, labels, models, cache_path, run_dir, decoder_file, cases, t
     return {
         "cache": str(cache_path), "run": str(run_dir) if run_dir else None,
         "decoder": str(decoder_file) if decoder_file else None, "cases_scored": cases,
-        "nsd_tolerance_mm": tolerance_mm, "labels": {str(k): GLAND_NAMES.get(k, f"label {k}") for k in labels},
+        "nsd_tolerance_mm": {str(k): flare.tolerance_mm(k) for k in labels},
+        "labels": {str(k): flare.name(k) for k in labels},
         "models": models, "mean": mean, "cases": results,
     }
 
 
 def _write_json(report: dict, path: Path) -> None:
-    tmp = path.with_name(path.name + ".partial")
-    tmp.write_text(json.dumps(report, indent=2) + "\n")
-    tmp.replace(path)
+    atomic_write_text(path, json.dumps(report, indent=2) + "\n")
 
 
 def _write_csv(results: dict, models: list[str], path: Path) -> None:
-    tmp = path.with_name(path.name + ".partial")
-    with open(tmp, "w", newline="") as handle:
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(["case", "label", "model", *METRICS])
         for case, by_label in results.items():
             for label, by_model in by_label.items():
                 for model in models:
                     writer.writerow([case, label, model, *[f"{by_model[model][m]:.4f}" for m in METRICS]])
-    tmp.replace(path)
 
 
 def _contour(mask: np.ndarray) -> np.ndarray:
@@ -205,7 +194,7 @@ def _overlays(cache, slices: list[SlicePrediction], kept: dict, models: list[str
     for label in cache.labels:
         mine = sorted((s for s in slices if s.label == label), key=lambda s: s.dice_2d[key_model])
         for tag, s in (("worst", mine[0]), ("best", mine[-1])) if mine else ():
-            case = next(c for c in cache.cases if c.name == s.case)
+            case = cache.case(s.case)
             if case.name not in images:
                 images[case.name] = (read_image(Path(case.image)), read_label(Path(case.label)))
             image, truth = images[case.name]
@@ -255,10 +244,8 @@ def _write_html(report: dict, pictures: list[Path], path: Path) -> None:
 <style>body{{font-family:sans-serif;margin:2em}}table{{border-collapse:collapse}}td,th{{border:1px solid #ccc;padding:4px 8px}}
 figure{{display:inline-block;margin:8px}}img{{max-width:420px}}</style></head><body>
 <h1>embedcache score</h1><p>cache {html.escape(report["cache"])}; {report["cases_scored"]} cases: {len(report["cases"])};
-NSD tolerance {report["nsd_tolerance_mm"]} mm. Contours: ground truth green, vanilla red, fine-tuned yellow; box white.</p>
+NSD tolerance {", ".join(f"{v:g}" for v in report["nsd_tolerance_mm"].values())} mm. Contours: ground truth green, vanilla red, fine-tuned yellow; box white.</p>
 <table><tr><th>gland</th><th>metric</th>{head}<th>difference</th></tr>{"".join(rows)}</table>
 <h2>Best and worst slices</h2>{figures}</body></html>
 """
-    tmp = path.with_name(path.name + ".partial")
-    tmp.write_text(page)
-    tmp.replace(path)
+    atomic_write_text(path, page)

@@ -24,11 +24,12 @@ from pathlib import Path
 import numpy as np
 
 from embedcache.errors import EmbedcacheError
+from embedcache.files import atomic_path
 
 CANONICAL_AXCODES = ("L", "P", "S")
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
-#: Below this many HU, a voxel is air; a CT volume of the body always holds some.
-AIR_HU = -500.0
+#: A CT volume of the body always holds air: some voxel below this many HU.
+AIR_THRESHOLD_HU = -500.0
 
 
 @dataclass(frozen=True)
@@ -185,11 +186,8 @@ def write_nifti(array_zyx: np.ndarray, geometry: Geometry, path: Path) -> None:
     img = nib.Nifti1Image(data, geometry.source_affine)
     img.set_qform(geometry.source_affine, code=1)
     img.set_sform(geometry.source_affine, code=1)
-    path = Path(path)
-    suffix = ".nii.gz" if path.name.endswith(".nii.gz") else ".nii"
-    tmp = path.with_name(f".{_nifti_stem(path)}.partial{suffix}")  # nibabel picks the format by suffix
-    nib.save(img, str(tmp))
-    tmp.replace(path)
+    with atomic_path(Path(path), keep_suffix=True) as tmp:  # nibabel picks the format by suffix
+        nib.save(img, str(tmp))
 
 
 # --------------------------------------------------------------------------------------------- DICOM
@@ -339,7 +337,7 @@ def read_image(path: Path, *, series_uid: str | None = None) -> Volume:
         _check_file(path)
         data, geometry = _read_nifti(path, label=False)
         low = float(data.min(initial=0.0)) if data.size else 0.0
-        if low > AIR_HU:
+        if low > AIR_THRESHOLD_HU:
             raise EmbedcacheError(
                 f"{path}: lowest value is {low:.0f}, but CT in HU holds air near -1000; "
                 "this does not look like CT in Hounsfield units"

@@ -44,7 +44,7 @@ def test_bad_input_gives_one_line_errors(tmp_path, phantom_dir, tiny_model):
         _run("encode", phantom_dir, "--out", tmp_path / "c.h5", "--model", "vit_b", "--checkpoint", tmp_path / "w.pth"),
         "w.pth: checkpoint not found",
     )
-    _one_line_error(_run("encode", phantom_dir, "--out", tmp_path / "c.h5", "--window-width", "-5"), "window width")
+    _one_line_error(_run("encode", phantom_dir, "--out", tmp_path / "c.h5", "--window-width", "-5"), "--window-width must be")
     _one_line_error(_run("info", tmp_path / "none.h5"), "none.h5: no such cache file")
     (tmp_path / "junk.h5").write_bytes(b"junk")
     _one_line_error(_run("info", tmp_path / "junk.h5"), "junk.h5: not a readable embedcache cache")
@@ -116,15 +116,15 @@ def test_score_reports_vanilla_against_finetuned(tmp_path, small_cache, tiny_mod
     assert (tmp_path / "report" / "cases.csv").read_text().count("\n") == 1 + 2 * 2 * len(split["val"])
 
     # The vanilla weights given as the "fine-tuned" decoder score exactly as the vanilla decoder.
-    import torch
-
     from embedcache.backbones import load_backbone
     from embedcache.cache import open_cache
+    from embedcache.runs import Checkpoint, save_checkpoint
 
     with open_cache(small_cache) as cache:
         signature = cache.signature
     vanilla = load_backbone(tiny_model)[0].mask_decoder.state_dict()
-    torch.save({"decoder": vanilla, "signature": signature}, tmp_path / "vanilla.pt")
+    made = dict(config={}, epoch=0, val_dice=0.0)
+    save_checkpoint(Checkpoint(decoder=vanilla, signature=signature, **made), tmp_path / "vanilla.pt")
     same = _run("score", small_cache, "--decoder", tmp_path / "vanilla.pt", "--out", tmp_path / "r2",
                 "--device", "cpu", "--no-progress")
     assert same.exit_code == 0, same.output
@@ -132,8 +132,8 @@ def test_score_reports_vanilla_against_finetuned(tmp_path, small_cache, tiny_mod
     for case in twin["cases"].values():
         for by_model in case.values():
             assert by_model["vanilla"] == by_model["finetuned"]
-    torch.save({"decoder": vanilla, "signature": {**signature, "backbone": "vit_b"}}, tmp_path / "other.pt")
+    save_checkpoint(Checkpoint(decoder=vanilla, signature={**signature, "backbone": "vit_b"}, **made), tmp_path / "other.pt")
     _one_line_error(_run("score", small_cache, "--decoder", tmp_path / "other.pt", "--out", tmp_path / "r5"),
-                    "decoder was trained on a cache with backbone=vit_b")
+                    "decoder was trained on a cache with backbone=vit_b, not tiny")
     _one_line_error(_run("score", small_cache, "--out", tmp_path / "r3", "--cases", "val"), "needs --run")
     _one_line_error(_run("score", small_cache, "--run", tmp_path / "nothing", "--out", tmp_path / "r4"), "no checkpoint")

@@ -18,7 +18,7 @@ import tiny
 from conftest import SMALL_PHANTOM
 from embedcache import cache as store
 from embedcache.config import EncodeConfig, PreprocessConfig
-from embedcache.encode import encode, parts_folder, signature_for
+from embedcache.encode import encode, shard_folder, signature_for
 from embedcache.errors import CacheMismatchError, EmbedcacheError
 from embedcache.phantom import write_phantom
 from embedcache.preprocess import resize_mask
@@ -37,7 +37,7 @@ def test_cache_holds_masks_boxes_and_signature(tiny_model, phantom_dir, tmp_path
     out = tmp_path / "cache.h5"
     summary = _encode(cases, out)
     assert summary.cases_encoded == 3 and summary.slices_encoded > 20
-    assert not parts_folder(out).exists()
+    assert not shard_folder(out).exists()
     with store.open_cache(out, expect=signature_for(TINY)) as cache:
         assert cache.embeddings.dtype == np.float16 and cache.embeddings.chunks == (1, 256, 64, 64)
         assert cache.masks.shape[1:] == (512, 512) and len(cache) == summary.slices_encoded
@@ -108,7 +108,7 @@ def test_kill_9_then_resume_redoes_no_finished_case(tiny_checkpoint, tmp_path, m
     data = tmp_path / "data"
     write_phantom(data, cases=4, seed=3, config=SMALL_PHANTOM)
     out = tmp_path / "cache.h5"
-    parts = parts_folder(out)
+    parts = shard_folder(out)
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(Path(tiny.__file__).parent), *sys.path]))
     proc = subprocess.Popen(
         [sys.executable, tiny.__file__, str(tiny_checkpoint), "encode", str(data), "--out", str(out),
@@ -189,7 +189,7 @@ def test_full_disk_keeps_finished_cases_and_leaves_no_partial_file(tiny_model, p
     monkeypatch.setattr(store.ShardWriter, "finish", finish_then_fill_disk)
     with pytest.raises(EmbedcacheError, match=r"cache.h5.parts: no space left on device; free space and rerun"):
         _encode(cases, out)
-    assert [p.name for p in parts_folder(out).iterdir()] == [f"{cases[0].name}.h5"]
+    assert [p.name for p in shard_folder(out).iterdir()] == [f"{cases[0].name}.h5"]
     assert not out.exists()
     monkeypatch.setattr(store.ShardWriter, "finish", real_finish)
     assert _encode(cases, out).cases_resumed == 1

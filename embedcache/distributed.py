@@ -1,0 +1,35 @@
+"""torchrun's environment, or a single process: rank, world size, device and a barrier."""
+
+from __future__ import annotations
+
+import os
+
+
+class Dist:
+    """Reads ``WORLD_SIZE``/``RANK``/``LOCAL_RANK`` as torchrun sets them and joins the process group
+    (NCCL on CUDA, gloo on CPU); a plain process is rank 0 of a world of 1."""
+
+    def __init__(self, device_name: str):
+        import torch
+        import torch.distributed as dist
+
+        self.world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = int(os.environ.get("RANK", "0"))
+        self._dist = dist
+        if self.world > 1 and not dist.is_initialized():
+            use_cuda = device_name != "cpu" and torch.cuda.is_available()
+            dist.init_process_group("nccl" if use_cuda else "gloo")
+            if use_cuda:
+                torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+                device_name = f"cuda:{torch.cuda.current_device()}"
+            else:
+                device_name = "cpu"
+        self.device_name = device_name
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            self._dist.barrier()

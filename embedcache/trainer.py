@@ -1,0 +1,148 @@
+"""The trainable model and its optimizer step, built in one place for finetune, tests and benchmarks.
+
+:func:`build_trainer` loads a backbone's prompt encoder and mask decoder (the image encoder is not
+needed: the cache holds its output), freezes all but the mask decoder, and assembles AdamW with
+linear warm-up and cosine decay, mixed precision on CUDA, and DDP under ``torchrun``.
+:class:`TrainStep` runs one optimizer step on a batch.
+"""
+
+from __future__ import annotations
+
+import math
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from embedcache.backbones import Backbone, load_backbone
+from embedcache.config import FinetuneConfig
+from embedcache.data import Batch
+from embedcache.decoder import BoxDecoder
+from embedcache.losses import dice_ce_per_prompt
+
+
+def lr_factor(total_steps: int, warmup_steps: int):
+    """Linear warm-up over ``warmup_steps``, then cosine decay to 0 at ``total_steps``."""
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+    return factor
+
+
+def autocast_for(device: torch.device, precision: str):
+    """The autocast context and GradScaler (fp16 only) for ``precision`` on ``device``; CPU runs fp32."""
+    if device.type != "cuda" or precision == "fp32":
+        return nullcontext(), None
+    if precision == "auto":
+        precision = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    scaler = torch.amp.GradScaler("cuda") if dtype == torch.float16 else None
+    return torch.autocast("cuda", dtype=dtype), scaler
+
+
+def micro_batch_for(config: FinetuneConfig, device: torch.device) -> int:
+    """Prompts per forward/backward: ``config.micro_batch``, or 0 (all at once) on CUDA and 4 on CPU."""
+    if config.micro_batch:
+        return config.micro_batch
+    return 0 if device.type == "cuda" else 4
+
+
+class TrainStep:
+    """One optimizer step on a batch: forward, DiceCE, backward, clipping, AdamW, schedule.
+
+    Losses and finiteness stay on the device until :meth:`end_epoch`, so a GPU step never waits
+    for the host. ``global_count`` is the prompt count of the whole (all-rank) batch, and each
+    prompt's loss is weighted by it, so a batch may run as micro-batches of ``micro_batch`` prompts
+    whose gradients add up to the whole batch's (on 2 CPU cores a decoder forward + backward
+    costs 0.23 s per prompt in fours and 0.36 s in sixteens: the activations leave the caches).
+    """
+
+    def __init__(self, net, optimizer, scheduler, params, *, autocast, scaler, grad_clip: float, world: int = 1,
+                 micro_batch: int = 0):
+        self.net, self.optimizer, self.scheduler, self.params = net, optimizer, scheduler, params
+        self.autocast, self.scaler, self.grad_clip, self.world = autocast, scaler, grad_clip, world
+        self.micro_batch = micro_batch
+        self._losses, self._finite, self._seen = [], [], 0
+
+    def __call__(self, batch: Batch, global_count: int) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+        n = len(batch.boxes)
+        size = self.micro_batch or max(n, 1)
+        chunks = [slice(i, i + size) for i in range(0, n, size)] or [slice(0, 0)]
+        losses, finite = [], []
+        for i, part in enumerate(chunks):
+            # DDP: all-reduce the gradients once, on the last micro-batch.
+            sync = nullcontext() if i == len(chunks) - 1 or not hasattr(self.net, "no_sync") else self.net.no_sync()
+            with sync:
+                with self.autocast:
+                    logits = self.net(batch.embeddings[part], batch.boxes[part])
+                    per_prompt = dice_ce_per_prompt(logits, batch.targets[part])
+                loss = per_prompt.sum() * self.world / max(global_count, 1)
+                (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
+            losses.append(per_prompt.detach().sum())
+            finite.append(torch.isfinite(loss.detach()))
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.params, self.grad_clip)
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            torch.nn.utils.clip_grad_norm_(self.params, self.grad_clip)
+            self.optimizer.step()
+        self.scheduler.step()
+        self._losses.append(torch.stack(losses).sum())
+        self._finite.append(torch.stack(finite).all())
+        self._seen += n
+
+    def end_epoch(self) -> tuple[float, int, int | None]:
+        """Mean training loss per prompt, prompts seen on this rank, and the first non-finite step (or None)."""
+        if not self._losses:
+            return float("nan"), 0, None
+        finite = torch.stack(self._finite).cpu()
+        bad = None if bool(finite.all()) else int((~finite).nonzero()[0, 0])
+        loss = torch.stack(self._losses).sum().item() / max(self._seen, 1)
+        seen = self._seen
+        self._losses, self._finite, self._seen = [], [], 0
+        return loss, seen, bad
+
+
+@dataclass
+class Trainer:
+    """What a fine-tune trains with. ``model`` is the plain module (its ``mask_decoder`` is saved);
+    ``step`` runs ``net``, which is ``model`` wrapped in DDP and/or ``torch.compile`` when asked."""
+
+    model: BoxDecoder
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    step: TrainStep
+    autocast: object
+
+    def decoder_state(self) -> dict[str, torch.Tensor]:
+        return {k: v.detach().cpu() for k, v in self.model.mask_decoder.state_dict().items()}
+
+
+def build_trainer(backbone: Backbone, checkpoint: Path | None, config: FinetuneConfig, *, device: torch.device,
+                  total_steps: int, world: int = 1) -> Trainer:
+    """The prompt encoder (frozen) and mask decoder (trained) of ``backbone`` with ``checkpoint``'s
+    weights (None: bundled), on ``device``, with AdamW, the lr schedule over ``total_steps`` and the step."""
+    parts, _ = load_backbone(backbone, checkpoint)
+    model = BoxDecoder(parts.prompt_encoder, parts.mask_decoder).to(device)
+    del parts  # the image encoder is not needed: the cache holds its output
+    params = [p for p in model.mask_decoder.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    warmup = max(1, int(config.warmup_fraction * total_steps))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(total_steps, warmup))
+    autocast, scaler = autocast_for(device, config.precision)
+    net = model
+    if world > 1:
+        net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    if config.compile:
+        net = torch.compile(net)
+    step = TrainStep(net, optimizer, scheduler, params, autocast=autocast, scaler=scaler, grad_clip=config.grad_clip,
+                     world=world, micro_batch=micro_batch_for(config, device))
+    return Trainer(model=model, optimizer=optimizer, scheduler=scheduler, step=step, autocast=autocast)
