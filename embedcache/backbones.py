@@ -17,9 +17,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from embedcache.cache import EMBEDDING_SHAPE  # noqa: F401  (every backbone's output shape)
 from embedcache.errors import EmbedcacheError
 
-EMBEDDING_SHAPE = (256, 64, 64)
 SAM_PIXEL_MEAN = (123.675 / 255, 116.28 / 255, 103.53 / 255)
 SAM_PIXEL_STD = (58.395 / 255, 57.12 / 255, 57.375 / 255)
 

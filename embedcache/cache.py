@@ -4,8 +4,8 @@ Layout of a cache file (``N`` slices, ``L`` target labels, ``S`` = slice size, 5
 
     attrs["signature"]   JSON: schema, backbone, checkpoint_sha256, input_size, preprocess,
                          labels, embedding_dtype, embedcache_version
-    embeddings   (N, 256, 64, 64)  float16 (or float32), one slice per chunk
-    masks        (N, S, S)         uint8 label ids, only the target labels kept (0 elsewhere)
+    embeddings   (N, 256, 64, 64)  float16 (or float32), one slice per chunk, fletcher32 checksum
+    masks        (N, S, S)         uint8 label ids, only the target labels kept (0 elsewhere); gzip, fletcher32
     boxes        (N, L, 4)         float32 (x0, y0, x1, y1) in slice pixels; NaN where a label is absent
     case_index   (N,)              int32, row of `cases`
     slice_index  (N,)              int32, z of the slice in the canonical volume
@@ -13,15 +13,26 @@ Layout of a cache file (``N`` slices, ``L`` target labels, ``S`` = slice size, 5
     cases        scalar string     JSON list, one object per case: name, image, label, digest,
                                    first_row, n_rows, shape_zyx, spacing_mm, source_shape, source_affine
 
-Crash safety: an encode writes each case into its own shard ``CACHE.h5.parts/CASE.h5``, first
-under a ``.partial`` name, renamed only after all its rows are written, flushed and synced. The
-cache file itself is only ever replaced whole (written to ``.partial``, then renamed), so a
-killed run leaves either the old cache or the new one, and complete shards to resume from.
+Crash safety: an encode writes each case into its own shard ``CACHE.h5.parts/CASE.h5``, built in
+memory and written to disk (under a ``.partial`` name, synced, renamed) only once all its rows are
+there. The cache file itself is only ever replaced whole (written to ``.partial``, then renamed),
+so a killed run leaves either the old cache or the new one, and complete shards to resume from.
+
+Full disks: once a write of libhdf5's fails (ENOSPC), the library cannot close the file and
+crashes the process at exit. So shards never meet the disk through libhdf5 (Python writes their
+bytes), and the merge, which must write through it, runs in a child process: the parent only sees
+an ``OSError`` it turns into one line.
+
+Integrity: a corrupted chunk fails its fletcher32 checksum when read; :meth:`Cache.read` names the
+cache and the rows instead of handing back garbage.
 """
 
 from __future__ import annotations
 
+import errno
 import json
+import multiprocessing
+import os
 import shutil
 import warnings
 from dataclasses import asdict, dataclass
@@ -31,11 +42,12 @@ import h5py
 import numpy as np
 
 from embedcache import __version__
-from embedcache.backbones import EMBEDDING_SHAPE
 from embedcache.errors import CacheMismatchError, EmbedcacheError
-from embedcache.files import commit, partial_path
+from embedcache.files import atomic_path, commit, partial_path
 from embedcache.prompts import box_present
 
+#: Every backbone's image embedding: 256 channels on a 64×64 grid.
+EMBEDDING_SHAPE = (256, 64, 64)
 SCHEMA = 1
 #: Signature fields that must match for two caches (or a cache and a model) to mix.
 MODEL_KEYS = ("schema", "backbone", "checkpoint_sha256", "input_size", "preprocess", "labels", "embedding_dtype")
@@ -126,10 +138,12 @@ def _create_row_datasets(f: h5py.File, *, n: int, n_labels: int, slice_size: int
         f.create_dataset("embeddings", shape=(0, *EMBEDDING_SHAPE), dtype=dtype)
         f.create_dataset("masks", shape=(0, slice_size, slice_size), dtype="u1")
     else:
-        f.create_dataset("embeddings", shape=(n, *EMBEDDING_SHAPE), dtype=dtype, chunks=(1, *EMBEDDING_SHAPE))
+        f.create_dataset(
+            "embeddings", shape=(n, *EMBEDDING_SHAPE), dtype=dtype, chunks=(1, *EMBEDDING_SHAPE), fletcher32=True
+        )
         f.create_dataset(
             "masks", shape=(n, slice_size, slice_size), dtype="u1", chunks=(1, slice_size, slice_size),
-            compression="gzip", compression_opts=1,
+            compression="gzip", compression_opts=1, fletcher32=True,
         )
     f.create_dataset("boxes", shape=(n, n_labels, 4), dtype="f4")
     f.create_dataset("case_index", shape=(n,), dtype="i4")
@@ -143,15 +157,22 @@ def _finish(f: h5py.File, tmp: Path, final: Path) -> None:
     commit(tmp, final)
 
 
+def row_bytes(*, embedding_dtype: str, slice_size: int) -> int:
+    """Bytes one cached slice takes at most: its embedding and its (uncompressed) mask."""
+    return int(np.prod(EMBEDDING_SHAPE)) * np.dtype(embedding_dtype).itemsize + slice_size**2 + 64
+
+
 class ShardWriter:
-    """Writes one case's rows into ``folder/NAME.h5``; the file appears only when the case is complete."""
+    """Writes one case's rows into ``folder/NAME.h5``; the file appears only when the case is complete.
+
+    The shard is built in memory (libhdf5's core driver) and written out by :meth:`finish` in one go.
+    """
 
     def __init__(self, folder: Path, *, signature: dict, case: CaseRecord, slice_size: int):
         self.final = Path(folder) / f"{case.name}.h5"
-        self.tmp = partial_path(self.final)
         self.case = case
         self.row = 0
-        self._f = h5py.File(self.tmp, "w")
+        self._f = h5py.File(f"{case.name}.h5", "w", driver="core", backing_store=False)
         self._f.attrs["signature"] = json.dumps(signature, sort_keys=True)
         self._f.attrs["case"] = json.dumps(asdict(case))
         _create_row_datasets(
@@ -176,16 +197,19 @@ class ShardWriter:
         return self.row == self.case.n_rows
 
     def finish(self) -> Path:
+        """Write the complete shard to disk (atomically); an ``OSError`` leaves no file behind."""
         if not self.complete:
             raise RuntimeError(f"{self.final}: {self.row} of {self.case.n_rows} rows written")
-        _finish(self._f, self.tmp, self.final)
+        self._f.flush()
+        image = self._f.id.get_file_image()
+        self._f.close()
+        with atomic_path(self.final, needed=len(image)) as tmp:
+            Path(tmp).write_bytes(image)
         return self.final
 
     def abort(self) -> None:
-        try:
+        if self._f.id.valid:
             self._f.close()
-        finally:
-            self.tmp.unlink(missing_ok=True)
 
 
 def read_shard(path: Path) -> tuple[dict, CaseRecord]:
@@ -218,7 +242,21 @@ class Cache:
 
     def present(self, rows=slice(None)) -> np.ndarray:
         """``(n, L)`` bool: which labels have a box on the given rows (all rows by default)."""
-        return box_present(self.boxes[rows])
+        return box_present(self.read("boxes", rows))
+
+    def read(self, name: str, rows) -> np.ndarray:
+        """Rows of a dataset (a slice, or increasing indices); a chunk that fails its checksum or cannot be
+        read is an error naming the cache and the rows."""
+        dataset = self._f[name]
+        try:
+            return dataset[rows]
+        except OSError as exc:
+            indices = range(len(self))[rows] if isinstance(rows, slice) else np.asarray(rows).ravel()
+            bad = [int(r) for r in indices if not _readable(dataset, int(r))]
+            raise EmbedcacheError(
+                f"{self.path}: {name} of rows {bad[:8]}{' …' if len(bad) > 8 else ''} cannot be read "
+                f"({_reason(exc)}); the file is damaged: encode it again"
+            ) from None
 
     @property
     def labels(self) -> tuple[int, ...]:
@@ -254,12 +292,79 @@ def open_cache(path: Path, *, expect: dict | None = None) -> Cache:
     return cache
 
 
+def _readable(dataset, row: int) -> bool:
+    try:
+        dataset[row]
+        return True
+    except OSError:
+        return False
+
+
+def _reason(exc: Exception) -> str:
+    text = str(exc).strip().splitlines()
+    return (text[0] if text else type(exc).__name__)[:120]
+
+
 def merge(out: Path, *, signature: dict, sources: list[tuple[Path, list[CaseRecord]]], slice_size: int) -> list[CaseRecord]:
     """Write ``out`` from the given cases of other cache or shard files, replacing ``out`` atomically.
 
     ``sources`` pairs a file with the records (as stored in that file) of the cases to take from it.
-    Returns the case records as stored in ``out``.
+    Returns the case records as stored in ``out``. Runs in a child process where the platform can
+    fork (see the module docstring); its errors come back as the same exceptions.
     """
+    if "fork" not in multiprocessing.get_all_start_methods():
+        return _merge(out, signature=signature, sources=sources, slice_size=slice_size)
+    context = multiprocessing.get_context("fork")
+    receive, send = context.Pipe(duplex=False)
+    child = context.Process(target=_merge_child, args=(send, out, signature, sources, slice_size), daemon=True)
+    child.start()
+    send.close()
+    try:
+        try:
+            kind, payload = receive.recv()
+        except EOFError:
+            kind, payload = "crash", None
+    finally:
+        child.join()  # also after Ctrl-C: the child cleans up its partial file first
+    if kind == "ok":
+        return [CaseRecord.from_json(r) for r in payload]
+    if kind == "oserror":
+        raise OSError(payload[0], payload[1], payload[2])
+    if kind == "error":
+        raise EmbedcacheError(payload)
+    if kind == "interrupt":
+        raise KeyboardInterrupt
+    partial_path(out).unlink(missing_ok=True)
+    raise EmbedcacheError(f"{out}: writing the cache failed (exit code {child.exitcode}); rerun to try again")
+
+
+def _merge_child(send, out, signature, sources, slice_size) -> None:
+    try:
+        records = _merge(out, signature=signature, sources=sources, slice_size=slice_size)
+        send.send(("ok", [asdict(r) for r in records]))
+    except OSError as exc:
+        code = exc.errno or _errno_in(str(exc))
+        send.send(("oserror", (code, os.strerror(code) if code else _reason(exc), str(out))))
+    except EmbedcacheError as exc:
+        send.send(("error", str(exc)))
+    except KeyboardInterrupt:
+        send.send(("interrupt", None))
+    except BaseException as exc:  # a bug: say what it was
+        send.send(("error", f"{out}: merge failed ({type(exc).__name__}: {_reason(exc)})"))
+    finally:
+        send.close()
+        os._exit(0)  # skip libhdf5's exit handlers, which crash after a failed write
+
+
+def _errno_in(message: str) -> int | None:
+    """libhdf5 puts the system's errno in its message ("errno = 28") where h5py sets none."""
+    import re
+
+    found = re.search(r"errno = (\d+)", message)
+    return int(found.group(1)) if found else None
+
+
+def _merge(out: Path, *, signature: dict, sources: list[tuple[Path, list[CaseRecord]]], slice_size: int) -> list[CaseRecord]:
     out = Path(out)
     tmp = partial_path(out)
     total = sum(case.n_rows for _, cases in sources for case in cases)
@@ -279,17 +384,33 @@ def merge(out: Path, *, signature: dict, sources: list[tuple[Path, list[CaseReco
                         if name == "case_index":
                             f[name][rows_out] = len(records)
                         else:
-                            f[name][rows_out] = src[name][case.rows]
+                            f[name][rows_out] = _read_source(src, name, case, source)
                     records.append(CaseRecord(**{**asdict(case), "first_row": row}))
                     row = rows_out.stop
         f.create_dataset("cases", data=json.dumps([asdict(c) for c in records]))
         _finish(f, tmp, out)
     except BaseException:
-        if f.id.valid:
-            f.close()
-        tmp.unlink(missing_ok=True)
+        try:
+            if f.id.valid:
+                f.close()  # fails too after a failed write; the file goes anyway
+        except Exception:
+            pass
+        finally:
+            tmp.unlink(missing_ok=True)
         raise
     return records
+
+
+def _read_source(src: h5py.File, name: str, case: CaseRecord, source: Path) -> np.ndarray:
+    try:
+        return src[name][case.rows]
+    except OSError as exc:
+        if (exc.errno or _errno_in(str(exc))) in (errno.ENOSPC, errno.EIO):
+            raise
+        raise EmbedcacheError(
+            f"{source}: {name} of case {case.name} cannot be read ({_reason(exc)}); the file is damaged: "
+            "delete it and encode again"
+        ) from None
 
 
 def remove_tree(folder: Path) -> None:

@@ -73,6 +73,12 @@ def friendly_errors(func):
             raise _OneLineUsageError(str(exc)) from None
         except EmbedcacheError as exc:
             raise click.ClickException(str(exc)) from None
+        except OSError as exc:  # a disk that refuses a write somewhere we did not expect it
+            from embedcache.files import WRITE_ERRNOS, write_error
+
+            if exc.errno not in WRITE_ERRNOS or not exc.filename:
+                raise
+            raise click.ClickException(str(write_error(exc, Path(exc.filename)))) from None
         except KeyboardInterrupt:
             click.echo("interrupted; finished work is kept, rerun the same command to resume", err=True)
             sys.exit(130)
@@ -96,7 +102,28 @@ def _parse_labels(ctx, param, value: str) -> tuple[int, ...]:
     return labels
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class _Group(click.Group):
+    """click's group, but every error, click's own usage errors included, is one line on stderr."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode, **extra)
+        try:
+            code = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except click.UsageError as exc:
+            hint = f" (see {exc.ctx.command_path} --help)" if exc.ctx is not None else ""
+            click.echo(f"Error: {exc.format_message()}{hint}", err=True)
+            sys.exit(exc.exit_code)
+        except click.ClickException as exc:
+            click.echo(f"Error: {exc.format_message()}", err=True)
+            sys.exit(exc.exit_code)
+        except click.Abort:
+            click.echo("Aborted!", err=True)
+            sys.exit(1)
+        sys.exit(code if isinstance(code, int) else 0)
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="embedcache")
 def main():
     """Fine-tune Segment Anything's mask decoder on CT against cached image embeddings.
@@ -224,13 +251,13 @@ def finetune(cache, run_dir, epochs, lr, batch_size, val_fraction, seed, device,
     """Train only the mask decoder on the embedding cache CACHE, with box prompts and DiceCE loss.
 
     Cases are split into train and validation by patient (seeded, saved as split.json). Each
-    epoch reports validation Dice; the best decoder is kept as RUN_DIR/decoder.pt, the last state
-    as RUN_DIR/last.pt, the settings as config.json and the epochs in log.csv.
+    epoch reports validation Dice; the best decoder is kept as RUN_DIR/decoder.safetensors, the last state
+    as RUN_DIR/last.safetensors, the settings as config.json and the epochs in log.csv.
     Under torchrun (`torchrun --nproc_per_node=K -m embedcache finetune ...`) it trains with DDP.
     """
+    from embedcache.cache import open_cache
     from embedcache.config import FinetuneConfig, load_config
-    from embedcache.runs import CONFIG
-    from embedcache.train import finetune as run_finetune
+    from embedcache.runs import CONFIG, RunFolder
 
     config = FinetuneConfig(
         cache=str(cache), epochs=epochs, lr=lr, batch_size=batch_size, val_fraction=val_fraction, seed=seed,
@@ -248,6 +275,11 @@ def finetune(cache, run_dir, epochs, lr, batch_size, val_fraction, seed, device,
         config = replace(saved, cache=str(cache), **overrides)
     console = _console()
     say = _say(console)
+    # The checks that need no model first, so that a mistake costs a second, not torch's import.
+    open_cache(cache).close()
+    resume = RunFolder(run_dir).check_start(resume=resume, log=say)
+    from embedcache.train import finetune as run_finetune
+
     table = _epoch_table()
 
     def on_epoch(record):
@@ -264,7 +296,7 @@ def finetune(cache, run_dir, epochs, lr, batch_size, val_fraction, seed, device,
         console.print(table)
     say(
         f"vanilla decoder val Dice {result.vanilla_val_dice:.4f} → fine-tuned {result.best_val_dice:.4f} "
-        f"(epoch {result.best_epoch}); best decoder: {run_dir / 'decoder.pt'}"
+        f"(epoch {result.best_epoch}); best decoder: {run_dir / 'decoder.safetensors'}"
     )
 
 
@@ -304,7 +336,7 @@ def export(run_dir, out, checkpoint):
 @click.option("--out", "-o", "out_dir", required=True, type=click.Path(path_type=Path), help="Report folder.")
 @click.option("--run", "run_dir", type=click.Path(path_type=Path), default=None, help="A finetune run folder.")
 @click.option("--decoder", "decoder_file", type=click.Path(path_type=Path), default=None,
-              help="A fine-tuned decoder file (RUN_DIR/decoder.pt) instead of --run.")
+              help="A fine-tuned decoder file (RUN_DIR/decoder.safetensors) instead of --run.")
 @click.option("--cases", default=None, type=click.Choice(["train", "val", "all"]),
               help="Which cases to score [default: val with --run, else all].")
 @click.option("--checkpoint", type=click.Path(path_type=Path), default=None,

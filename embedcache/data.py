@@ -41,7 +41,7 @@ class PromptIndex:
 
     @classmethod
     def from_cache(cls, cache: Cache, rows: np.ndarray) -> "PromptIndex":
-        boxes = cache.boxes[:][rows]  # (n, L, 4)
+        boxes = cache.read("boxes", slice(None))[rows]  # (n, L, 4)
         slice_of, slot = np.nonzero(box_present(boxes))
         return cls(rows=rows, slice_of=slice_of, slot=slot, boxes=boxes[slice_of, slot].astype(np.float32))
 
@@ -71,8 +71,8 @@ class SliceData:
             masks = np.empty((len(rows), *cache.masks.shape[1:]), dtype=np.uint8)
             for start in range(0, len(rows), 64):
                 chunk = order[start : start + 64]
-                embeddings[chunk] = cache.embeddings[rows[chunk]]
-                masks[chunk] = cache.masks[rows[chunk]]
+                embeddings[chunk] = cache.read("embeddings", rows[chunk])
+                masks[chunk] = cache.read("masks", rows[chunk])
             self.embeddings = torch.from_numpy(embeddings).to(device)
             self.masks = torch.from_numpy(masks).to(device)
 
@@ -83,8 +83,8 @@ class SliceData:
             return self.embeddings[index], self.masks[index]
         rows = self.rows[slices]
         unique, inverse = np.unique(rows, return_inverse=True)
-        emb = torch.from_numpy(self.cache.embeddings[unique])[torch.from_numpy(inverse)]
-        masks = torch.from_numpy(self.cache.masks[unique])[torch.from_numpy(inverse)]
+        emb = torch.from_numpy(self.cache.read("embeddings", unique))[torch.from_numpy(inverse)]
+        masks = torch.from_numpy(self.cache.read("masks", unique))[torch.from_numpy(inverse)]
         pin = self.device.type == "cuda"
         return (
             (emb.pin_memory() if pin else emb).to(self.device, non_blocking=pin),

@@ -1,40 +1,34 @@
 """Phase one: run the frozen image encoder once per target slice and store the embeddings.
 
 Read top to bottom:
-1. settle the signature (backbone, checkpoint sha256, preprocessing, labels);
-2. plan: which cases are already done (in the cache or as complete shards), which slices of the
-   rest hold a target label, checking every label against its image's geometry before any compute;
-3. a reader thread loads and preprocesses case after case while the main thread encodes batches
+1. check the inputs (files, headers, voxels, geometry) and the output folder: a second, before
+   torch is imported or the checkpoint hashed;
+2. settle the signature (backbone, checkpoint sha256, preprocessing, labels);
+3. plan: which cases are already done (in the cache or as complete shards), which slices of the
+   rest hold a target label;
+4. a reader thread loads and preprocesses case after case while the main thread encodes batches
    under inference mode (autocast on CUDA) and writes each case into its own shard;
-4. merge the cache and the new shards into one file, atomically, and drop the shards.
+5. merge the cache and the new shards into one file, atomically, and drop the shards.
 """
 
 from __future__ import annotations
 
-import errno
-import shutil
 import time
 import warnings
-from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from embedcache import cache
-from embedcache.backbones import file_sha256, get_backbone, load_backbone, resolve_checkpoint
-from embedcache.cache import CaseRecord, ShardWriter
+from embedcache.cache import CaseRecord, ShardWriter, row_bytes
 from embedcache.config import EncodeConfig
-from embedcache.devices import pick_device
-from embedcache.encoder import ImageEncoder
 from embedcache.errors import CacheMismatchError, EmbedcacheError
-from embedcache.files import PARTIAL
+from embedcache.files import PARTIAL, WRITE_ERRNOS, check_free_space, check_writable_folder, write_error
 from embedcache.preprocess import resize_mask, slice_to_model
 from embedcache.prompts import box_present, boxes_for_labels
 from embedcache.readahead import ReadAhead
-from embedcache.volumes import CaseSource, check_same_grid, read_geometry, read_image, read_label, source_digest
-
-BYTES_PER_SLICE_ESTIMATE = 2 * 256 * 64 * 64 + 512 * 512 // 8
+from embedcache.volumes import CaseSource, check_sources, read_image, read_label, source_digest
 
 
 @dataclass(frozen=True)
@@ -63,6 +57,8 @@ class EncodeSummary:
 
 
 def _signature(config: EncodeConfig, checkpoint_sha256: str) -> dict:
+    from embedcache.backbones import get_backbone
+
     backbone = get_backbone(config.backbone)
     return cache.make_signature(
         backbone=backbone.name,
@@ -76,6 +72,8 @@ def _signature(config: EncodeConfig, checkpoint_sha256: str) -> dict:
 
 def signature_for(config: EncodeConfig) -> dict:
     """The signature a cache encoded with ``config`` carries (reads the checkpoint to hash it)."""
+    from embedcache.backbones import file_sha256, get_backbone, resolve_checkpoint
+
     backbone = get_backbone(config.backbone)
     checkpoint = resolve_checkpoint(backbone, Path(config.checkpoint) if config.checkpoint else None)
     return _signature(config, file_sha256(checkpoint))
@@ -94,10 +92,9 @@ def _target_slices(label, labels: tuple[int, ...]) -> tuple[np.ndarray, np.ndarr
 
 
 def plan_case(source: CaseSource, config: EncodeConfig, digest: str) -> PlannedCase | None:
-    """Check a case's geometry and find its target slices; None (with a warning) when it has none."""
+    """Find a case's target slices (its sources checked by :func:`check_sources` already); None (with a
+    warning) when it has none."""
     label = read_label(source.label)
-    image_geometry = read_geometry(source.image, series_uid=source.series_uid)
-    check_same_grid(image_geometry, label.geometry, image_path=source.image, label_path=source.label)
     z, slices = _target_slices(label.array, config.labels)
     if z.size == 0:
         found = sorted(int(v) for v in np.unique(label.array) if v)
@@ -149,9 +146,12 @@ def prepare_case(plan: PlannedCase, config: EncodeConfig) -> _CaseBatch:
     return _CaseBatch(plan=plan, record=record, images=images, masks=masks[keep], boxes=boxes[keep], slice_index=z)
 
 
-def load_encoder(config: EncodeConfig, *, device) -> ImageEncoder:
-    """The image encoder ``config`` names, with its weights, on ``device``."""
+def load_encoder(config: EncodeConfig, *, device):
+    """The image encoder ``config`` names, with its weights, on ``device`` (an :class:`ImageEncoder`)."""
     import torch
+
+    from embedcache.backbones import get_backbone, load_backbone
+    from embedcache.encoder import ImageEncoder
 
     backbone = get_backbone(config.backbone)
     parts, _ = load_backbone(backbone, Path(config.checkpoint) if config.checkpoint else None)
@@ -172,18 +172,70 @@ def encode(
     ``progress`` is a :class:`rich.progress.Progress` (or None for silence); ``log`` takes one-line notes.
     """
     out = Path(out)
-    if out.exists() and out.is_dir():
-        raise EmbedcacheError(f"{out}: is a folder; --out names the cache file, e.g. cache.h5")
-    if not out.parent.exists():
-        raise EmbedcacheError(f"{out.parent}: folder does not exist; create it or choose another --out")
+    check_inputs(cases, out)
     signature = signature_for(config)
     summary = EncodeSummary(out=out, cases_total=len(cases))
+    done, shards = _finished(out, signature)
+    plans = _plan(cases, config, done, shards, summary, log)
+    size = row_bytes(embedding_dtype=config.embedding_dtype, slice_size=config.preprocess.slice_size)
+    all_rows = summary.slices_total + sum(r.n_rows for r in done.values()) + sum(r.n_rows for _, r in shards.values())
+    check_free_space(out.parent, (summary.slices_total + all_rows) * size, what="encoding (shards and the merged cache)")
+
+    shard_dir = shard_folder(out)
+    if plans:
+        from embedcache.devices import pick_device
+
+        shard_dir.mkdir(exist_ok=True)
+        device = pick_device(config.device)
+        summary.device = str(device)
+        encoder = load_encoder(config, device=device)
+        started = time.perf_counter()
+        for record in _encode_plans(plans, config, encoder, shard_dir, signature, progress, row_size=size):
+            shards[record.name] = (shard_dir / f"{record.name}.h5", record)
+            summary.cases_encoded += 1
+            summary.slices_encoded += record.n_rows
+        summary.encode_seconds = time.perf_counter() - started
+
+    # One cache file, cases in input order; cases cached earlier but not in this input are kept, last.
+    names = [c.name for c in cases]
+    sources: list[tuple[Path, list[CaseRecord]]] = []
+    for name in names + [n for n in {**done, **shards} if n not in set(names)]:
+        if name in shards:
+            sources.append((shards[name][0], [shards[name][1]]))
+        elif name in done:
+            sources.append((out, [done[name]]))
+    if shards or not out.exists():
+        if not any(cases for _, cases in sources):
+            raise EmbedcacheError(
+                f"no slice holds any of labels {list(config.labels)} in the {len(cases)} given case(s); "
+                "check --labels against the label files"
+            )
+        total = sum(r.n_rows for _, records in sources for r in records)
+        check_free_space(out.parent, total * size, what="the merged cache")
+        try:
+            cache.merge(out, signature=signature, sources=sources, slice_size=config.preprocess.slice_size)
+        except OSError as exc:
+            raise write_error(exc, out, needed=total * size) from None
+    cache.remove_tree(shard_dir)
+    return summary
+
+
+def check_inputs(cases: list[CaseSource], out: Path) -> None:
+    """Everything about the inputs and the output that can be checked without the model: one line
+    for the first problem, in about a second."""
+    if out.is_dir():
+        raise EmbedcacheError(f"{out}: is a folder; --out names the cache file, e.g. cache.h5")
+    check_writable_folder(out.parent)
     names = [c.name for c in cases]
     if len(set(names)) != len(names):
         dup = sorted({n for n in names if names.count(n) > 1})[0]
         raise EmbedcacheError(f"case name {dup} appears twice in the input; give each case a distinct name")
+    for case in cases:
+        check_sources(case.image, case.label, series_uid=case.series_uid)
 
-    # What is done already: cases in the existing cache, complete shards of an interrupted run.
+
+def _finished(out: Path, signature: dict) -> tuple[dict[str, CaseRecord], dict[str, tuple[Path, CaseRecord]]]:
+    """What is done already: cases in the existing cache, and complete shards of an interrupted run."""
     done: dict[str, CaseRecord] = {}
     if out.exists():
         with cache.open_cache(out, expect=signature) as existing:
@@ -207,14 +259,16 @@ def encode(
                     "with its settings"
                 ) from None
             shards[record.name] = (shard, record)
+    return done, shards
 
+
+def _plan(cases, config, done, shards, summary: EncodeSummary, log) -> list[PlannedCase]:
+    """The cases still to encode, with their target slices; drops what was cached from sources since changed."""
     plans: list[PlannedCase] = []
     for case in cases:
         digest = source_digest(case.image, case.label)
-        if case.name in done and done[case.name].digest == digest:
-            summary.cases_resumed += 1
-            continue
-        if case.name in shards and shards[case.name][1].digest == digest:
+        cached = [r for r in (done.get(case.name), shards.get(case.name, (None, None))[1]) if r is not None]
+        if digest in [r.digest for r in cached]:
             summary.cases_resumed += 1
             continue
         # Sources changed since they were encoded: what was cached for them no longer holds.
@@ -232,44 +286,10 @@ def encode(
         else:
             plans.append(plan)
     summary.slices_total = sum(len(p.z) for p in plans)
-    _check_free_space(out.parent, summary.slices_total * BYTES_PER_SLICE_ESTIMATE * 2)
-
-    if plans:
-        shard_dir.mkdir(exist_ok=True)
-        device = pick_device(config.device)
-        summary.device = str(device)
-        encoder = load_encoder(config, device=device)
-        started = time.perf_counter()
-        for record in _encode_plans(plans, config, encoder, shard_dir, signature, progress):
-            shards[record.name] = (shard_dir / f"{record.name}.h5", record)
-            summary.cases_encoded += 1
-            summary.slices_encoded += record.n_rows
-        summary.encode_seconds = time.perf_counter() - started
-
-    # One cache file, cases in input order; cases cached earlier but not in this input are kept, last.
-    sources: list[tuple[Path, list[CaseRecord]]] = []
-    given = set(names)
-    earlier = [n for n in {**done, **shards} if n not in given]
-    for name in names + earlier:
-        if name in shards:
-            sources.append((shards[name][0], [shards[name][1]]))
-        elif name in done:
-            sources.append((out, [done[name]]))
-    if shards or not out.exists():
-        if not any(cases for _, cases in sources):
-            raise EmbedcacheError(
-                f"no slice holds any of labels {list(config.labels)} in the {len(cases)} given case(s); "
-                "check --labels against the label files"
-            )
-        try:
-            cache.merge(out, signature=signature, sources=sources, slice_size=config.preprocess.slice_size)
-        except OSError as exc:
-            raise _disk_error(exc, out) from None
-    cache.remove_tree(shard_dir)
-    return summary
+    return plans
 
 
-def _encode_plans(plans, config: EncodeConfig, encoder: ImageEncoder, shard_dir: Path, signature: dict, progress):
+def _encode_plans(plans, config: EncodeConfig, encoder, shard_dir: Path, signature: dict, progress, *, row_size: int):
     """Encode planned cases in batches that may span cases; yield each case's record once its shard is complete."""
     total = sum(len(p.z) for p in plans)
     task = progress.add_task("encoding", total=total) if progress else None
@@ -295,16 +315,24 @@ def _encode_plans(plans, config: EncodeConfig, encoder: ImageEncoder, shard_dir:
             yield from _encode_batch(pending, batches, encoder, progress, task)
         yield from _finish_ready(writers, batches)
     except OSError as exc:
-        raise _disk_error(exc, shard_dir) from None
+        if exc.errno not in WRITE_ERRNOS:
+            raise
+        raise write_error(exc, shard_dir, needed=sum(len(p.z) for p in plans) * row_size) from None
     finally:
         reader.close()
         for writer in writers:
             writer.abort()
 
 
-def _encode_batch(rows, batches, encoder: ImageEncoder, progress, task):
+def _encode_batch(rows, batches, encoder, progress, task):
     images = np.stack([batches[id(w)].images[r] for w, r in rows])
     embeddings = encoder(images).cpu().numpy()
+    if not np.isfinite(embeddings).all():  # never let a NaN into the cache, whatever its cause
+        bad = sorted({batches[id(w)].plan.source.name for (w, r), e in zip(rows, embeddings) if not np.isfinite(e).all()})
+        raise EmbedcacheError(
+            f"{bad[0]}: the image encoder returned NaN or infinite embeddings; check the image's voxels "
+            "(and --dtype float32 if they overflow float16)"
+        )
     start = 0
     while start < len(rows):
         writer = rows[start][0]
@@ -332,18 +360,3 @@ def _finish_ready(writers, batches):
             writer.finish()
             del batches[id(writer)]
             yield writer.case
-
-
-def _check_free_space(folder: Path, needed: int) -> None:
-    free = shutil.disk_usage(folder).free
-    if needed > free:
-        raise EmbedcacheError(
-            f"{folder}: needs about {needed / 2**30:.1f} GiB but {free / 2**30:.1f} GiB are free; free space or "
-            "choose another --out"
-        )
-
-
-def _disk_error(exc: OSError, where: Path) -> EmbedcacheError:
-    if exc.errno == errno.ENOSPC:
-        return EmbedcacheError(f"{where}: no space left on device; free space and rerun (finished cases are kept)")
-    return EmbedcacheError(f"{where}: write failed ({exc.strerror or exc}); check the folder and rerun")

@@ -6,12 +6,20 @@ synced to disk, and only then renamed over it: a reader sees the old file or the
 
 from __future__ import annotations
 
+import errno
 import os
+import shutil
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
+from embedcache.errors import EmbedcacheError
+
 PARTIAL = ".partial"
+#: errno values that mean "this disk cannot take the write", not a bug.
+NO_SPACE = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+NOT_WRITABLE = (errno.EACCES, errno.EPERM, errno.EROFS)
+WRITE_ERRNOS = (*NO_SPACE, *NOT_WRITABLE, errno.EIO)
 
 
 def partial_path(path: Path, *, keep_suffix: bool = False) -> Path:
@@ -33,19 +41,75 @@ def commit(tmp: Path, path: Path) -> None:
 
 
 @contextmanager
-def atomic_path(path: Path, *, keep_suffix: bool = False) -> Iterator[Path]:
+def atomic_path(path: Path, *, keep_suffix: bool = False, needed: int | None = None) -> Iterator[Path]:
     """Yield the temporary path to write; on success sync it and rename it over ``path``, on any
-    failure (or interrupt) remove it and leave ``path`` as it was."""
+    failure (or interrupt) remove it and leave ``path`` as it was. A full, read-only or failing
+    disk becomes an :class:`EmbedcacheError` naming ``path`` (and ``needed``, the bytes it takes)."""
     path = Path(path)
     tmp = partial_path(path, keep_suffix=keep_suffix)
     try:
         yield tmp
         commit(tmp, path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        if exc.errno in WRITE_ERRNOS:
+            raise write_error(exc, path, needed=needed) from None
+        raise
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
 
 
+def free_bytes(folder: Path) -> int:
+    return shutil.disk_usage(folder).free
+
+
+def write_error(exc: OSError, path: Path, *, needed: int | None = None):
+    """One line for a write that the disk refused: where, why, and (when known) how much space it needs."""
+    path = Path(path)
+    if exc.errno in NO_SPACE:
+        try:
+            free = f", {_size(free_bytes(path.parent if not path.is_dir() else path))} free"
+        except OSError:
+            free = ""
+        need = f"; it needs about {_size(needed)}{free}" if needed else ""
+        return EmbedcacheError(f"{path}: no space left on device{need}; free space and rerun (finished work is kept)")
+    if exc.errno in NOT_WRITABLE:
+        return EmbedcacheError(f"{path}: cannot write here ({os.strerror(exc.errno)}); choose another folder")
+    reason = os.strerror(exc.errno) if exc.errno else str(exc).splitlines()[0][:100]
+    return EmbedcacheError(f"{path}: write failed ({reason}); check the disk and rerun")
+
+
+def check_writable_folder(folder: Path, *, what: str = "--out") -> None:
+    """Refuse a missing or read-only folder before any work is done in it."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise EmbedcacheError(f"{folder}: folder does not exist; create it or choose another {what}")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise EmbedcacheError(f"{folder}: folder is not writable; choose another {what}")
+
+
+def check_free_space(folder: Path, needed: int, *, what: str) -> None:
+    free = free_bytes(folder)
+    if needed > free:
+        raise EmbedcacheError(
+            f"{folder}: {what} needs about {_size(needed)} but {_size(free)} are free; free space or choose another --out"
+        )
+
+
+def _size(n: int) -> str:
+    return f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.0f} MiB"
+
+
 def atomic_write_text(path: Path, text: str) -> None:
     with atomic_path(path) as tmp:
         Path(tmp).write_text(text)
+
+
+def is_pickle(path: Path) -> bool:
+    """True for a file that only a pickle loader reads: ``torch.save``'s zip archive or a bare pickle stream."""
+    with open(path, "rb") as handle:
+        head = handle.read(9)
+    if head[8:9] == b"{":  # safetensors: an 8-byte header length, then the JSON header
+        return False
+    return head[:4] == b"PK\x03\x04" or head[:1] == b"\x80"

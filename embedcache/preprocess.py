@@ -8,8 +8,6 @@ returns unchanged whenever the source side is at most ``size``.
 from __future__ import annotations
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 
 
 def window_hu(hu: np.ndarray, *, width_hu: float = 350.0, level_hu: float = 50.0) -> np.ndarray:
@@ -18,13 +16,15 @@ def window_hu(hu: np.ndarray, *, width_hu: float = 350.0, level_hu: float = 50.0
     The default is the mediastinal (soft tissue) window, W350/L50, as in the reference notebook.
     """
     if width_hu <= 0:
-        raise ValueError(f"window width must be positive, got {width_hu}")
+        raise ValueError(f"window width must be positive, got {width_hu}")  # a caller's bug: configs check it
     low = level_hu - width_hu / 2.0
     out = (np.asarray(hu, dtype=np.float32) - np.float32(low)) / np.float32(width_hu)
     return np.clip(out, 0.0, 1.0, out=out)
 
 
-def _as_batch(array: np.ndarray) -> tuple[torch.Tensor, bool]:
+def _as_batch(array: np.ndarray):
+    import torch
+
     tensor = torch.from_numpy(np.ascontiguousarray(array))
     single = tensor.ndim == 2
     return (tensor[None] if single else tensor)[:, None], single  # (n, 1, y, x)
@@ -35,6 +35,8 @@ def resize_image(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
 
     Antialiased when shrinking, so thin structures are averaged rather than skipped.
     """
+    import torch.nn.functional as F
+
     tensor, single = _as_batch(image.astype(np.float32, copy=False))
     if tuple(tensor.shape[-2:]) == tuple(size):
         out = tensor
@@ -47,6 +49,9 @@ def resize_image(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
 
 def resize_mask(mask: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     """Nearest (half-pixel centre) resampling of ``(y, x)`` or ``(n, y, x)`` integer masks to ``size``."""
+    import torch
+    import torch.nn.functional as F
+
     if tuple(mask.shape[-2:]) == tuple(size):
         return mask.copy()
     tensor, single = _as_batch(mask.astype(np.int32, copy=False))

@@ -50,13 +50,14 @@ def _predict_case(parts, decoders: dict, cache: Cache, case: CaseRecord, *, devi
     shape = tuple(case.shape_zyx)
     preds = {m: {label: np.zeros(shape, bool) for label in labels} for m in decoders}
     rows = case.row_index
-    boxes_all = cache.boxes[case.rows]
+    boxes_all = cache.read("boxes", case.rows)
+    slice_z = cache.read("slice_index", case.rows)
     pairs = list(zip(*np.nonzero(cache.present(case.rows))))  # (row within the case, label slot)
     scale = input_size / slice_size
     for start in range(0, len(pairs), batch):
         chunk = pairs[start : start + batch]
         row_idx = sorted({i for i, _ in chunk})
-        emb = torch.from_numpy(cache.embeddings[rows[row_idx[0]] : rows[row_idx[-1]] + 1]).float().to(device)
+        emb = torch.from_numpy(cache.read("embeddings", slice(rows[row_idx[0]], rows[row_idx[-1]] + 1))).float().to(device)
         local = torch.tensor([i - row_idx[0] for i, _ in chunk], device=device)
         boxes = torch.from_numpy(np.stack([boxes_all[i, j] for i, j in chunk]) * scale).to(device)
         for name, decoder in decoders.items():
@@ -65,8 +66,7 @@ def _predict_case(parts, decoders: dict, cache: Cache, case: CaseRecord, *, devi
                 native = masks_on_grid(low, input_size=input_size, slice_size=slice_size, shape_yx=shape[1:])
             native = native.cpu().numpy()
             for (i, j), mask in zip(chunk, native):
-                z = int(cache.slice_index[rows[i]])
-                preds[name][labels[j]][z] |= mask
+                preds[name][labels[j]][int(slice_z[i])] |= mask
     return preds
 
 
@@ -113,6 +113,7 @@ def score(
                                   slice_size=slice_size)
             results[case.name] = {}
             present = cache.present(case.rows)
+            boxes, slice_z = cache.read("boxes", case.rows), cache.read("slice_index", case.rows)
             for j, label in enumerate(cache.labels):
                 gt = truth.array == label
                 entry = {}
@@ -124,9 +125,8 @@ def score(
                         "dice_2d": float(np.mean([dice(pred[label][z], gt[z]) for z in zs])) if zs.size else 1.0,
                     }
                 results[case.name][str(label)] = entry
-                for i, row in enumerate(case.row_index):
-                    box = cache.boxes[row][j]
-                    z = int(cache.slice_index[row])
+                for i in range(case.n_rows):
+                    box, z = boxes[i, j], int(slice_z[i])
                     if not present[i, j] or not gt[z].any():
                         continue
                     slices.append(SlicePrediction(case.name, label, z, tuple(float(v) for v in box),

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from embedcache.backbones import file_sha256, get_backbone, resolve_checkpoint
-from embedcache.cache import Cache, check_signature, open_cache
+from embedcache.cache import MODEL_KEYS, Cache, check_signature, first_difference, open_cache
 from embedcache.config import FinetuneConfig
 from embedcache.data import CaseSet, case_sets, split_cases
 from embedcache.devices import keep_freed_memory, pick_device
@@ -79,12 +79,9 @@ def finetune(
 ) -> FinetuneResult:
     """Train the mask decoder on ``config.cache``; write checkpoints, config, split and log to ``run_dir``."""
     run = RunFolder(run_dir)
+    resume = run.check_start(resume=resume, log=log)
     dist = Dist(config.device)
     device = pick_device(dist.device_name)
-    if run.path.exists() and any(run.path.iterdir()) and not resume:
-        raise EmbedcacheError(f"{run.path}: run folder exists; pass --resume to continue it or choose a new --out")
-    if resume and not run.file(LAST).exists():
-        raise EmbedcacheError(f"{run.path}: nothing to resume (no {LAST}); start without --resume")
     if device.type == "cpu":
         keep_freed_memory()
 
@@ -95,11 +92,12 @@ def finetune(
         steps_per_epoch = math.ceil(len(train) / config.batch_size)
         trainer = build_trainer(get_backbone(cache.signature["backbone"]), _weights(config), config, device=device,
                                 total_steps=steps_per_epoch * config.epochs, world=dist.world)
+        data = _data_fingerprint(cache, sets)
         if resume:
-            state = _restore(run, trainer)
+            state = _restore(run, trainer, cache, data)
             log(f"resuming {run.path} after epoch {state.epoch} (best val Dice {state.best_dice:.4f} at epoch {state.best_epoch})")
         else:
-            state = _start(run, trainer, config, sets, dist, batch_size=config.batch_size)
+            state = _start(run, trainer, config, sets, dist, cache.signature, data)
             log(f"vanilla decoder: val Dice {state.vanilla_dice:.4f} on {len(val.prompts.boxes)} prompts of {len(val.names)} case(s)")
         task = progress.add_task("finetune", total=(config.epochs - state.epoch) * steps_per_epoch) if progress else None
         board = run.tensorboard() if dist.main else None  # None also where TensorBoard is not installed
@@ -118,7 +116,7 @@ def finetune(
                                  prompts_per_s=seen * dist.world / seconds)
             state.record(record)
             if dist.main:
-                _save_epoch(run, trainer, state, config, cache.signature, best=record.best)
+                _save_epoch(run, trainer, state, config, cache.signature, data, best=record.best)
                 run.append_log(record, board)
                 if on_epoch:
                     on_epoch(record)
@@ -215,19 +213,42 @@ def validate(trainer: Trainer, val: CaseSet, *, batch_size: int) -> tuple[float,
     return torch.cat(losses).mean().item(), torch.cat(dices).mean().item()
 
 
+def _data_fingerprint(cache: Cache, sets: dict[str, CaseSet]) -> dict:
+    """Which cases (and which versions of their sources) each set holds, and the embeddings' signature."""
+    return {"signature": cache.signature,
+            **{key: {name: cache.case(name).digest for name in group.names} for key, group in sets.items()}}
+
+
 def _start(run: RunFolder, trainer: Trainer, config: FinetuneConfig, sets: dict[str, CaseSet], dist: Dist,
-           *, batch_size: int) -> RunState:
-    """A new run: score the vanilla decoder, then write the settings, the split and log row 0."""
-    vanilla_loss, vanilla_dice = validate(trainer, sets["val"], batch_size=batch_size)
+           signature: dict, data: dict) -> RunState:
+    """A new run: score the vanilla decoder, then write the settings, the split, log row 0 and the
+    epoch-0 checkpoint, so that from here on the folder can always be resumed."""
+    vanilla_loss, vanilla_dice = validate(trainer, sets["val"], batch_size=config.batch_size)
+    state = RunState(vanilla_dice=vanilla_dice)
     if dist.main:
         run.create(config, {"train": sets["train"].names, "val": sets["val"].names, "seed": config.seed})
         run.append_log(EpochRecord(0, float("nan"), vanilla_loss, vanilla_dice, 0.0, 0.0, 0.0))
-    return RunState(vanilla_dice=vanilla_dice)
+        _save_epoch(run, trainer, state, config, signature, data, best=False)
+    dist.barrier()
+    return state
 
 
-def _restore(run: RunFolder, trainer: Trainer) -> RunState:
-    """Load ``last.pt`` into the trainer; the run state it was saved with."""
+def _restore(run: RunFolder, trainer: Trainer, cache: Cache, data: dict) -> RunState:
+    """Load ``last.safetensors`` into the trainer; the run state it was saved with. Refuses a cache
+    other than the run's, or one whose cases (or their sources) changed."""
     checkpoint = load_checkpoint(run.file(LAST))
+    saved = checkpoint.data
+    for key in ("train", "val"):
+        if saved.get(key) != data[key]:
+            changed = sorted(set(saved.get(key, {}).items()) ^ set(data[key].items()))
+            raise EmbedcacheError(
+                f"{cache.path}: not the data the run in {run.path} was trained on (its {key} cases differ at "
+                f"{changed[0][0] if changed else '?'}); resume with the run's cache or start a new run"
+            )
+    difference = first_difference(cache.signature, saved.get("signature", {}), MODEL_KEYS)
+    if difference:
+        raise EmbedcacheError(f"{cache.path}: the run in {run.path} was trained on a cache with {difference}; "
+                              "resume with the run's cache or start a new run")
     try:
         trainer.model.mask_decoder.load_state_dict(checkpoint.decoder)
         trainer.optimizer.load_state_dict(checkpoint.optimizer)
@@ -240,11 +261,13 @@ def _restore(run: RunFolder, trainer: Trainer) -> RunState:
 
 
 def _save_epoch(run: RunFolder, trainer: Trainer, state: RunState, config: FinetuneConfig, signature: dict,
-                *, best: bool) -> None:
-    """``decoder.pt`` when this epoch is the best so far; ``last.pt`` always."""
+                data: dict, *, best: bool) -> None:
+    """``decoder.safetensors`` when this epoch is the best so far; ``last.safetensors`` always."""
+    val_dice = state.history[-1].val_dice if state.history else state.vanilla_dice
     common = dict(decoder=trainer.decoder_state(), signature=signature, config=asdict(config), epoch=state.epoch,
-                  val_dice=state.history[-1].val_dice)
+                  val_dice=val_dice)
     if best:
         save_checkpoint(Checkpoint(**common), run.file(BEST))
     save_checkpoint(Checkpoint(**common, optimizer=trainer.optimizer.state_dict(),
-                               scheduler=trainer.scheduler.state_dict(), state=state.to_dict()), run.file(LAST))
+                               scheduler=trainer.scheduler.state_dict(), state=state.to_dict(), data=data),
+                    run.file(LAST))

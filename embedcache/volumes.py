@@ -155,6 +155,30 @@ def _nifti_geometry(path: Path) -> Geometry:
     return Geometry(source_shape=shape, source_affine=np.asarray(img.affine, dtype=np.float64))
 
 
+def _check_finite_nifti(path: Path) -> None:
+    """Refuse NaN or infinite voxels. Integer voxels with a finite scaling cannot hold any, so only
+    float volumes (or a NaN scaling) are read here."""
+    img, shape = _load_nifti(path)
+    slope, inter = getattr(img.dataobj, "slope", 1.0), getattr(img.dataobj, "inter", 0.0)
+    if img.get_data_dtype().kind in "iu" and np.isfinite([slope, inter]).all():
+        return
+    try:
+        data = np.asanyarray(img.dataobj).reshape(shape)
+    except (EOFError, OSError, ValueError, zlib.error) as exc:
+        raise EmbedcacheError(f"{path}: NIfTI data is truncated or corrupt ({_reason(exc)}); re-copy the file") from None
+    _check_finite(data, path)
+
+
+def _check_finite(data: np.ndarray, path: Path) -> None:
+    bad = ~np.isfinite(data)
+    if bad.any():
+        first = tuple(int(i) for i in np.argwhere(bad)[0])
+        raise EmbedcacheError(
+            f"{path}: {int(bad.sum())} voxels are NaN or infinite (the first at array index {first}); "
+            "replace them (e.g. with -1024 HU) and rerun"
+        )
+
+
 def _read_nifti(path: Path, *, label: bool) -> tuple[np.ndarray, Geometry]:
     img, shape = _load_nifti(path)
     try:
@@ -194,7 +218,10 @@ def write_nifti(array_zyx: np.ndarray, geometry: Geometry, path: Path) -> None:
 
 
 def _dicom_files(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if p.is_file() and p.name.upper() != "DICOMDIR")
+    try:
+        return sorted(p for p in folder.iterdir() if p.is_file() and p.name.upper() != "DICOMDIR")
+    except OSError as exc:
+        raise EmbedcacheError(f"{folder}: cannot list the folder ({exc.strerror}); check its permissions") from None
 
 
 def _dicom_headers(folder: Path, series_uid: str | None):
@@ -308,6 +335,7 @@ def _read_dicom(folder: Path, series_uid: str | None) -> tuple[np.ndarray, Geome
         intercept = float(ds.get("RescaleIntercept", 0) or 0)
         slices.append(pixels.astype(np.float32) * np.float32(slope) + np.float32(intercept))
     kji = np.stack(slices)  # (slice k, row j, column i)
+    _check_finite(kji, folder)
     return np.ascontiguousarray(kji.transpose(2, 1, 0)), geometry
 
 
@@ -336,6 +364,7 @@ def read_image(path: Path, *, series_uid: str | None = None) -> Volume:
     else:
         _check_file(path)
         data, geometry = _read_nifti(path, label=False)
+        _check_finite(data, path)
         low = float(data.min(initial=0.0)) if data.size else 0.0
         if low > AIR_THRESHOLD_HU:
             raise EmbedcacheError(
@@ -355,6 +384,19 @@ def read_label(path: Path) -> Volume:
     return Volume(array=geometry.canonical(data), geometry=geometry, path=path)
 
 
+def check_sources(image: Path, label: Path, *, series_uid: str | None = None) -> None:
+    """The checks of an image/label pair that need no voxel data (but a float NIfTI's): both files
+    exist and parse, the image holds no NaN or infinite voxels, the label lies on the image's grid.
+    Run on every case before any heavy work, so a mistake is reported in a second."""
+    image, label = Path(image), Path(label)
+    image_geometry = read_geometry(image, series_uid=series_uid)
+    if not image.is_dir():
+        _check_finite_nifti(image)
+    if label.is_dir():
+        raise EmbedcacheError(f"{label}: labels are read from NIfTI files, not folders; convert the labels to NIfTI")
+    check_same_grid(image_geometry, read_geometry(label), image_path=image, label_path=label)
+
+
 def check_same_grid(image: Geometry, label: Geometry, *, image_path: Path, label_path: Path) -> None:
     """Refuse a label volume that does not lie on the image's voxels in world coordinates."""
     if image.shape_zyx != label.shape_zyx:
@@ -372,6 +414,8 @@ def check_same_grid(image: Geometry, label: Geometry, *, image_path: Path, label
 
 def _check_file(path: Path) -> None:
     if not path.exists():
+        if path.is_symlink():
+            raise EmbedcacheError(f"{path}: a symbolic link that leads nowhere (broken or a loop); point it at the file")
         raise EmbedcacheError(f"{path}: no such file; check the path")
     if not is_nifti(path):
         raise EmbedcacheError(f"{path}: not a .nii or .nii.gz file nor a DICOM folder; convert it to NIfTI")

