@@ -11,7 +11,8 @@ Layout of a cache file (``N`` slices, ``L`` target labels, ``S`` = slice size, 5
     slice_index  (N,)              int32, z of the slice in the canonical volume
     spacing_mm   (N, 3)            float32 (z, y, x) voxel size of the source volume
     cases        scalar string     JSON list, one object per case: name, image, label, digest,
-                                   first_row, n_rows, shape_zyx, spacing_mm, source_shape, source_affine
+                                   first_row, n_rows, shape_zyx, spacing_mm, source_shape, source_affine,
+                                   subset (train | test), margin_slices
 
 Crash safety: an encode writes each case into its own shard ``CACHE.h5.parts/CASE.h5``, built in
 memory and written to disk (under a ``.partial`` name, synced, renamed) only once all its rows are
@@ -71,6 +72,8 @@ class CaseRecord:
     spacing_mm: tuple[float, float, float]
     source_shape: tuple[int, int, int]
     source_affine: tuple[tuple[float, ...], ...]
+    subset: str = "train"  # "test" for a test folder's cases (imagesTs/), never trained on
+    margin_slices: int = 0  # slices cached beyond each end of the glands (no boxes), for 3-D box prompts
 
     @classmethod
     def from_json(cls, obj: dict) -> "CaseRecord":

@@ -138,10 +138,12 @@ def main():
 @click.option("--cases", default=4, show_default=True, type=click.IntRange(1, 10_000), help="Number of volumes.")
 @click.option("--seed", default=0, show_default=True, type=int, help="Same seed, same files.")
 @click.option("--size", default=512, show_default=True, type=click.IntRange(64, 1024), help="Axial pixels per side.")
+@click.option("--test-cases", default=0, show_default=True, type=click.IntRange(0, 10_000),
+              help="More volumes in imagesTs/ + labelsTs/: held-out test cases.")
 @progress_option
 @friendly_errors
-def phantom(out: Path, cases: int, seed: int, size: int, progress: bool):
-    """Write synthetic abdominal CT with FLARE22 labels to OUT (imagesTr/ + labelsTr/).
+def phantom(out: Path, cases: int, seed: int, size: int, test_cases: int, progress: bool):
+    """Write synthetic abdominal CT with FLARE22 labels to OUT (imagesTr/ + labelsTr/, and imagesTs/ + labelsTs/).
 
     Liver, kidneys, spleen, aorta, IVC and thin, irregular adrenal glands (7 = right, 8 = left)
     in HU with partial volume and noise: the default data, so everything runs with nothing to fetch.
@@ -150,8 +152,8 @@ def phantom(out: Path, cases: int, seed: int, size: int, progress: bool):
 
     config = PhantomConfig(size=size, pixel_mm=0.8 * 512 / size)
     with _progress(progress) as bar:
-        names = write_phantom(out, cases=cases, seed=seed, config=config, progress=bar)
-    click.echo(f"wrote {len(names)} cases to {out} (imagesTr/, labelsTr/)")
+        names = write_phantom(out, cases=cases, seed=seed, config=config, progress=bar, test_cases=test_cases)
+    click.echo(f"wrote {len(names)} cases to {out} (imagesTr/, labelsTr/" + (", imagesTs/, labelsTs/)" if test_cases else ")"))
 
 
 @main.command()
@@ -174,10 +176,12 @@ def phantom(out: Path, cases: int, seed: int, size: int, progress: bool):
 @click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda[:N].")
 @click.option("--batch-size", default=0, show_default=True, type=click.IntRange(0, 1024),
               help="Slices per encoder forward; 0 picks 1 on CPU, 16 on CUDA.")
+@click.option("--margin-slices", default=2, show_default=True, type=int,
+              help="Also encode this many slices beyond each end of a gland (no boxes): 3-D box prompts need them.")
 @progress_option
 @friendly_errors
 def encode(data, out, images, labels_, series, model, checkpoint, labels, window_width, window_level, slice_size,
-           dtype, device, batch_size, progress):
+           dtype, device, batch_size, margin_slices, progress):
     """Encode every slice of DATA that holds a target label into the HDF5 cache OUT.
 
     DATA is a FLARE22-style folder (imagesTr/ + labelsTr/ or images/ + labels/). Instead, give
@@ -202,6 +206,7 @@ def encode(data, out, images, labels_, series, model, checkpoint, labels, window
         embedding_dtype=dtype,
         device=device,
         batch_size=batch_size,
+        margin_slices=margin_slices,
     )
     if data is not None:
         cases = discover_cases(data)
@@ -244,13 +249,18 @@ def encode(data, out, images, labels_, series, model, checkpoint, labels, window
 @click.option("--micro-batch", default=0, show_default=True, type=click.IntRange(0, 4096),
               help="Prompts per forward/backward within a step (same gradients); 0: all on CUDA, 4 on CPU.")
 @click.option("--compile", "compile_", is_flag=True, help="torch.compile the decoder.")
+@click.option("--split", "split_file", type=click.Path(path_type=Path), default=None,
+              help='A split file {"train": [...], "val": [...], "test": [...]} instead of --val-fraction.')
+@click.option("--stop-prompts", is_flag=True,
+              help="Also train on the slices just beyond each gland, prompted with the neighbour's box (target: empty).")
 @progress_option
 @friendly_errors
 def finetune(cache, run_dir, epochs, lr, batch_size, val_fraction, seed, device, resume, model, checkpoint,
-             box_jitter, patience, precision, resident, micro_batch, compile_, progress):
+             box_jitter, patience, precision, resident, micro_batch, compile_, split_file, stop_prompts, progress):
     """Train only the mask decoder on the embedding cache CACHE, with box prompts and DiceCE loss.
 
-    Cases are split into train and validation by patient (seeded, saved as split.json). Each
+    Test cases (imagesTs/ of the encoded data) are held out; the rest are split into train and
+    validation by patient (seeded), or as --split says; all saved as split.json. Each
     epoch reports validation Dice; the best decoder is kept as RUN_DIR/decoder.safetensors, the last state
     as RUN_DIR/last.safetensors, the settings as config.json and the epochs in log.csv.
     Under torchrun (`torchrun --nproc_per_node=K -m embedcache finetune ...`) it trains with DDP.
@@ -263,16 +273,10 @@ def finetune(cache, run_dir, epochs, lr, batch_size, val_fraction, seed, device,
         cache=str(cache), epochs=epochs, lr=lr, batch_size=batch_size, val_fraction=val_fraction, seed=seed,
         device=device, box_jitter=box_jitter, patience=patience, precision=precision, compile=compile_,
         resident=resident, micro_batch=micro_batch, model=model, checkpoint=str(checkpoint) if checkpoint else None,
+        split=str(split_file) if split_file else None, stop_prompts=stop_prompts,
     )
     if resume and (run_dir / CONFIG).is_file():
-        saved = load_config(FinetuneConfig, run_dir / CONFIG)
-        ctx = click.get_current_context()
-        given = {
-            name for name in ctx.params
-            if ctx.get_parameter_source(name) == click.core.ParameterSource.COMMANDLINE
-        }
-        overrides = {k: getattr(config, k) for k in ("epochs", "device", "patience") if k in given}
-        config = replace(saved, cache=str(cache), **overrides)
+        config = _resumed_config(config, load_config(FinetuneConfig, run_dir / CONFIG), run_dir / CONFIG)
     console = _console()
     say = _say(console)
     # The checks that need no model first, so that a mistake costs a second, not torch's import.
@@ -298,6 +302,24 @@ def finetune(cache, run_dir, epochs, lr, batch_size, val_fraction, seed, device,
         f"vanilla decoder val Dice {result.vanilla_val_dice:.4f} → fine-tuned {result.best_val_dice:.4f} "
         f"(epoch {result.best_epoch}); best decoder: {run_dir / 'decoder.safetensors'}"
     )
+
+
+#: Options that may change on --resume; any other given on the command line must equal the run's.
+RESUMABLE = ("epochs", "device", "patience", "cache", "resident", "compile")
+#: FinetuneConfig fields named differently on the command line.
+OPTION_OF_FIELD = {"compile": "compile_", "split": "split_file"}
+
+
+def _resumed_config(given, saved, path: Path):
+    """The run's own settings, with the few that may change taken from the command line; refuse a
+    command line that asks for a different run."""
+    ctx = click.get_current_context()
+    typed = {name for name in ctx.params if ctx.get_parameter_source(name) == click.core.ParameterSource.COMMANDLINE}
+    for field, value in vars(given).items():
+        if field not in RESUMABLE and OPTION_OF_FIELD.get(field, field) in typed and value != getattr(saved, field):
+            raise UsageError(f"--{field.replace('_', '-')} {value} differs from the run's {getattr(saved, field)} "
+                             f"({path}); --resume continues that run: drop the option or start a new run")
+    return replace(saved, **{k: getattr(given, k) for k in RESUMABLE if OPTION_OF_FIELD.get(k, k) in typed or k == "cache"})
 
 
 def _epoch_table():
@@ -331,48 +353,119 @@ def export(run_dir, out, checkpoint):
     click.echo(f"wrote {export_run(run_dir, out, checkpoint=checkpoint)}")
 
 
+def protocol_options(func):
+    """The options of the prompt protocols, shared by score and predict."""
+    options = [
+        click.option("--jitter", default=0.1, show_default=True, type=float,
+                     help="jitter: each box edge moves up to this fraction of the box size."),
+        click.option("--seed", default=0, show_default=True, type=int, help="jitter: same seed, same boxes."),
+        click.option("--box-margin-mm", default=3.0, show_default=True, type=float,
+                     help="box3d from a label: the 3-D box is this much larger in-plane..."),
+        click.option("--box-margin-slices", default=1, show_default=True, type=int,
+                     help="...and this many slices longer at each end."),
+        click.option("--grow-mm", default=3.0, show_default=True, type=float,
+                     help="box3d: each next slice's box is the previous mask's, grown by this much."),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
+def _settings(jitter, seed, box_margin_mm, box_margin_slices, grow_mm):
+    from embedcache.protocols import ProtocolSettings
+
+    return ProtocolSettings(jitter=jitter, seed=seed, margin_mm=box_margin_mm, margin_slices=box_margin_slices,
+                            grow_mm=grow_mm)
+
+
 @main.command()
 @click.argument("cache", type=click.Path(path_type=Path))
 @click.option("--out", "-o", "out_dir", required=True, type=click.Path(path_type=Path), help="Report folder.")
 @click.option("--run", "run_dir", type=click.Path(path_type=Path), default=None, help="A finetune run folder.")
 @click.option("--decoder", "decoder_file", type=click.Path(path_type=Path), default=None,
               help="A fine-tuned decoder file (RUN_DIR/decoder.safetensors) instead of --run.")
-@click.option("--cases", default=None, type=click.Choice(["train", "val", "all"]),
-              help="Which cases to score [default: val with --run, else all].")
+@click.option("--cases", default=None, type=click.Choice(["test", "val", "train", "all"]),
+              help="Which cases to score [default: test cases if any, else val with --run, else all].")
+@click.option("--prompts", default="oracle,jitter,box3d", show_default=True,
+              help="Prompt protocols, comma-separated: oracle, jitter, box3d.")
+@protocol_options
 @click.option("--checkpoint", type=click.Path(path_type=Path), default=None,
               help="The backbone weights the cache was encoded with (default: the run's, or bundled).")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda[:N].")
 @progress_option
 @friendly_errors
-def score(cache, out_dir, run_dir, decoder_file, cases, checkpoint, device, progress):
-    """Score the vanilla decoder against the fine-tuned one on the cached boxes of CACHE.
+def score(cache, out_dir, run_dir, decoder_file, cases, prompts, jitter, seed, box_margin_mm, box_margin_slices,
+          grow_mm, checkpoint, device, progress):
+    """Score the vanilla decoder against the fine-tuned one on the cached embeddings of CACHE.
 
-    Per case and gland, on the 3-D label volume: Dice, NSD at 2 mm (FLARE22) and the mean 2-D
-    Dice of the slices holding the gland. Writes report.json, cases.csv, PNG overlays of the best
-    and worst slices and index.html, a page with the table and the pictures.
+    Per prompt protocol (oracle: tight boxes on every slice, an upper bound; jitter: sloppy boxes;
+    box3d: one 3-D box per gland, propagated from its middle slice, as a person works), case and
+    gland: 3-D Dice and NSD (FLARE22) on the label volume. By default on the held-out test cases.
+    Writes report.json, cases.csv, plots, overlays and index.html to OUT.
     """
-    from embedcache.labels import name as gland_name
-    from embedcache.score import METRICS, score as run_score
+    from embedcache.cache import open_cache
+    from embedcache.protocols import parse_protocols
 
     if run_dir and decoder_file:
-        raise click.UsageError("give --run or --decoder, not both")
+        raise UsageError("give --run or --decoder, not both")
+    chosen, settings = parse_protocols(prompts), _settings(jitter, seed, box_margin_mm, box_margin_slices, grow_mm)
+    open_cache(cache).close()  # a mistyped path costs a second, not torch's import
+    from embedcache.score import score as run_score
+
     with _progress(progress) as bar:
-        report = run_score(cache, out_dir, run_dir=run_dir, decoder_file=decoder_file,
-                           cases=cases or ("val" if run_dir else "all"), checkpoint=checkpoint, device=device,
-                           progress=bar)
+        report = run_score(cache, out_dir, run_dir=run_dir, decoder_file=decoder_file, cases=cases, prompts=chosen,
+                           settings=settings, checkpoint=checkpoint, device=device, progress=bar)
+    _print_summary(report)
+    click.echo(f"report: {out_dir / 'index.html'}")
+
+
+def _print_summary(report: dict) -> None:
+    """One table per protocol: mean ± sd per gland and metric, per model, and the difference."""
     from rich.console import Console
     from rich.table import Table
 
+    from embedcache.report import MODEL_NAMES
+
+    console = Console()
+    console.print(f"{report['case_set']} cases ({len(report['case_names'])}): {report['case_set_note']}",
+                  markup=False, highlight=False)
     models = report["models"]
-    table = Table("gland", "metric", *models, *(["difference"] if len(models) == 2 else []),
-                  title=f"{report['cases_scored']} cases: {len(report['cases'])}")
-    for label in report["mean"]:
-        for metric in METRICS:
-            values = [report["mean"][label][m][metric] for m in models]
-            table.add_row(gland_name(int(label)), metric, *[f"{v:.4f}" for v in values],
-                          *([f"{values[1] - values[0]:+.4f}"] if len(values) == 2 else []))
-    Console().print(table)
+    for protocol, by_label in report["summary"].items():
+        table = Table("gland", "metric", *[MODEL_NAMES.get(m, m) for m in models],
+                      *(["difference"] if len(models) == 2 else []), title=f"prompts: {protocol}")
+        for label, by_model in by_label.items():
+            for metric in ("dice", "nsd"):
+                stats = [by_model[m][metric] for m in models]
+                table.add_row(report["labels"][label], metric, *[f"{x['mean']:.4f} ± {x['sd']:.4f}" for x in stats],
+                              *([f"{stats[1]['mean'] - stats[0]['mean']:+.4f}"] if len(stats) == 2 else []))
+        console.print(table)
+
+
+@main.command()
+@click.argument("pred", type=click.Path(path_type=Path))
+@click.argument("labels_dir", metavar="LABELS", type=click.Path(path_type=Path))
+@click.option("--out", "-o", "out_dir", required=True, type=click.Path(path_type=Path), help="Report folder.")
+@click.option("--labels", default="7,8", show_default=True, callback=_parse_labels, help="Label ids to score.")
+@click.option("--name", default="prediction", show_default=True, help="What to call the predictions in the report.")
+@progress_option
+@friendly_errors
+def evaluate(pred, labels_dir, out_dir, labels, name, progress):
+    """Dice and NSD of the label NIfTIs in PRED against the ground truth in LABELS.
+
+    Matched by case name (PRED/CASE.nii.gz with LABELS/CASE.nii.gz) and compared on the label's
+    voxels with FLARE22's rules and NSD tolerances: put embedcache's predictions beside nnU-Net's
+    or TotalSegmentator's. A case without a prediction, or on another grid, is reported (exit
+    code 1) and the rest are scored. Writes the same report as score.
+    """
+    from embedcache.evaluate import evaluate as run_evaluate
+
+    with _progress(progress) as bar:
+        report = run_evaluate(pred, labels_dir, out_dir, labels=labels, name=name, progress=bar,
+                              log=_say(_console()))
+    _print_summary(report)
     click.echo(f"report: {out_dir / 'index.html'}")
+    if report["errors"]:
+        raise click.ClickException(f"{len(report['errors'])} case(s) not scored; see the errors above")
 
 
 @main.command()
@@ -382,29 +475,36 @@ def score(cache, out_dir, run_dir, decoder_file, cases, checkpoint, device, prog
 @click.option("--decoder", "decoder_file", type=click.Path(path_type=Path), default=None,
               help="A fine-tuned decoder file instead of --run (neither: the vanilla decoder).")
 @click.option("--boxes", "boxes_file", type=click.Path(path_type=Path), default=None,
-              help="JSON boxes per input, slice and label (schema in the README).")
+              help="JSON: 3-D boxes (or boxes on one slice) per input and label, in the file's voxel indices.")
 @click.option("--from-labels", type=click.Path(path_type=Path), default=None,
-              help="A label NIfTI (or a folder of CASE.nii.gz) whose glands give the boxes.")
+              help="A label NIfTI (or a folder of CASE.nii.gz) whose glands give the prompts.")
+@click.option("--prompts", default="box3d", show_default=True, type=click.Choice(["oracle", "jitter", "box3d"]),
+              help="With --from-labels: how the glands become prompts (see score).")
+@protocol_options
+@click.option("--series", default=None, help="SeriesInstanceUID to read from DICOM folders holding several series.")
 @click.option("--model", default="litemedsam", show_default=True, help="Backbone when no run or decoder is given.")
 @click.option("--checkpoint", type=click.Path(path_type=Path), default=None, help="Backbone weights (default: bundled).")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda[:N].")
 @friendly_errors
-def predict(inputs, out_dir, run_dir, decoder_file, boxes_file, from_labels, model, checkpoint, device):
-    """Segment INPUTS (NIfTI files or DICOM series folders) with box prompts.
+def predict(inputs, out_dir, run_dir, decoder_file, boxes_file, from_labels, prompts, jitter, seed, box_margin_mm,
+            box_margin_slices, grow_mm, series, model, checkpoint, device):
+    """Segment INPUTS (NIfTI files or DICOM series folders) from box prompts.
 
-    Writes OUT/CASE.nii.gz per input with FLARE22 label ids on the input's own grid and affine,
-    so it opens aligned in 3D Slicer or ITK-SNAP. The image encoder runs on the fly. An input
-    that fails is reported and the rest go on; the exit code is then 1.
+    A 3-D box per gland is segmented from its middle slice and propagated slice by slice (box3d);
+    a box on one slice segments that slice. Writes OUT/CASE.nii.gz per input with FLARE22 label ids
+    on the input's own grid and affine, so it opens aligned in 3D Slicer or ITK-SNAP. An input that
+    fails is reported and the rest go on; the exit code is then 1.
     """
+    if run_dir and decoder_file:
+        raise UsageError("give --run or --decoder, not both")
+    settings = _settings(jitter, seed, box_margin_mm, box_margin_slices, grow_mm)
     from embedcache.predict import predict as run_predict
 
-    if run_dir and decoder_file:
-        raise click.UsageError("give --run or --decoder, not both")
     console = _console()
     written, errors = run_predict(
         list(inputs), out_dir, run_dir=run_dir, decoder_file=decoder_file, boxes_file=boxes_file,
-        from_labels=from_labels, model=model, checkpoint=checkpoint, device=device,
-        log=_say(console),
+        from_labels=from_labels, prompts=prompts, settings=settings, model=model, checkpoint=checkpoint,
+        series=series, device=device, log=_say(console),
     )
     click.echo(f"wrote {len(written)} of {len(inputs)} label volumes to {out_dir}")
     if errors:

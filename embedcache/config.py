@@ -39,8 +39,11 @@ class EncodeConfig:
     embedding_dtype: str = "float16"
     device: str = "auto"
     batch_size: int = 0  # 0: pick for the device (1 on CPU, where larger batches are slower; 16 on CUDA)
+    margin_slices: int = 2  # also cache this many slices beyond each end of a gland (3-D box prompts need them)
 
     def __post_init__(self):
+        if not 0 <= self.margin_slices <= 50:
+            raise UsageError(f"--margin-slices must lie in 0..50, got {self.margin_slices}")
         if self.embedding_dtype not in ("float16", "float32"):
             raise UsageError(f"--dtype must be float16 or float32, got {self.embedding_dtype}")
         if self.batch_size < 0:
@@ -71,6 +74,8 @@ class FinetuneConfig:
     micro_batch: int = 0  # prompts per forward/backward within a step; 0: all on CUDA, 4 on CPU
     model: str | None = None  # None: the cache's backbone
     checkpoint: str | None = None
+    split: str | None = None  # a split file {"train": [...], "val": [...], "test": [...]}; None: seeded by case
+    stop_prompts: bool = False  # also train on the slices just beyond each gland, with the neighbour's box and no target
 
     def __post_init__(self):
         if not 0 < self.val_fraction < 1:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from functools import cached_property
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -40,10 +41,26 @@ class PromptIndex:
     boxes: np.ndarray  # (P, 4) x0, y0, x1, y1 in slice pixels
 
     @classmethod
-    def from_cache(cls, cache: Cache, rows: np.ndarray) -> "PromptIndex":
+    def from_cache(cls, cache: Cache, rows: np.ndarray, *, stop_prompts: bool = False, grow_mm: float = 3.0) -> "PromptIndex":
+        """The cached boxes of ``rows``, and only the rows that have a prompt.
+
+        ``stop_prompts`` adds what a 3-D box's propagation asks at a gland's ends: the slice just
+        beyond the gland (a cached margin slice, or a gap), prompted with the gland's box on the
+        neighbouring slice grown by ``grow_mm``, whose target is empty."""
         boxes = cache.read("boxes", slice(None))[rows]  # (n, L, 4)
-        slice_of, slot = np.nonzero(box_present(boxes))
-        return cls(rows=rows, slice_of=slice_of, slot=slot, boxes=boxes[slice_of, slot].astype(np.float32))
+        present = box_present(boxes)
+        slice_of, slot = np.nonzero(present)
+        prompt_boxes = boxes[slice_of, slot].astype(np.float32)
+        if stop_prompts:
+            extra = _stop_prompts(cache, rows, boxes, present, grow_mm)
+            slice_of = np.concatenate([slice_of, extra[0]])
+            slot = np.concatenate([slot, extra[1]])
+            prompt_boxes = np.concatenate([prompt_boxes, extra[2]])
+        used = np.unique(slice_of)
+        local = np.full(len(rows), -1)
+        local[used] = np.arange(len(used))
+        order = np.lexsort((slot, local[slice_of]))  # grouped by slice, as batches take them
+        return cls(rows=rows[used], slice_of=local[slice_of][order], slot=slot[order], boxes=prompt_boxes[order])
 
     def of_slices(self, slices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """The prompts on the given local slices, grouped by slice, and each one's position in ``slices``."""
@@ -141,6 +158,28 @@ def make_batch(
     )
 
 
+def _stop_prompts(cache: Cache, rows: np.ndarray, boxes: np.ndarray, present: np.ndarray, grow_mm: float):
+    """(local slice, label slot, box) of every slice next to a gland's slice that lacks the gland."""
+    z = cache.read("slice_index", slice(None))[rows]
+    case_of = cache.read("case_index", slice(None))[rows]
+    where = {(int(c), int(k)): i for i, (c, k) in enumerate(zip(case_of, z))}
+    size = cache.signature["preprocess"]["slice_size"]
+    found = []
+    for i, j in zip(*np.nonzero(present)):
+        case = cache.cases[int(case_of[i])]
+        grow = grow_mm / (case.spacing_mm[2] * case.shape_zyx[2] / size), grow_mm / (case.spacing_mm[1] * case.shape_zyx[1] / size)
+        for step in (-1, 1):
+            other = where.get((int(case_of[i]), int(z[i]) + step))
+            if other is not None and not present[other, j]:
+                x0, y0, x1, y1 = boxes[i, j]
+                found.append((other, j, (max(0, x0 - grow[0]), max(0, y0 - grow[1]), min(size, x1 + grow[0]),
+                                         min(size, y1 + grow[1]))))
+    if not found:
+        return np.zeros(0, int), np.zeros(0, int), np.zeros((0, 4), np.float32)
+    other, slot, box = zip(*found)
+    return np.array(other), np.array(slot), np.array(box, np.float32)
+
+
 @dataclass
 class CaseSet:
     """One side of the split: its cases' slices and box prompts, ready to batch on the device."""
@@ -162,22 +201,58 @@ class CaseSet:
 
 
 def case_sets(cache: Cache, names: dict[str, list[str]], *, box_scale: float, device: torch.device,
-              resident: str = "auto") -> dict[str, CaseSet]:
-    """A :class:`CaseSet` per named list of cases. ``resident``: ``device`` keeps every set's
-    embeddings on the device, ``stream`` reads them from HDF5 per batch, ``auto`` the former when all
-    sets together take at most half of the device's free memory."""
-    rows = {key: np.concatenate([cache.case(n).row_index for n in group]) if group else np.zeros(0, int)
-            for key, group in names.items()}
+              resident: str = "auto", stop_prompts: tuple[str, ...] = ()) -> dict[str, CaseSet]:
+    """A :class:`CaseSet` per named list of cases, holding the slices that have prompts (the sets named
+    in ``stop_prompts`` also get :meth:`PromptIndex.from_cache`'s stop prompts). ``resident``:
+    ``device`` keeps every set's embeddings on the device, ``stream`` reads them from HDF5 per batch,
+    ``auto`` the former when all sets together take at most half of the device's free memory."""
+    all_rows = {key: np.concatenate([cache.case(n).row_index for n in group]) if group else np.zeros(0, int)
+                for key, group in names.items()}
+    prompts = {key: PromptIndex.from_cache(cache, rows, stop_prompts=key in stop_prompts) for key, rows in all_rows.items()}
     slice_size = cache.signature["preprocess"]["slice_size"]
     bytes_per_row = int(np.prod(cache.embeddings.shape[1:])) * cache.embeddings.dtype.itemsize + slice_size**2
     on_device = resident == "device" or (
-        resident == "auto" and fits_on_device(sum(len(r) for r in rows.values()), bytes_per_row, device)
+        resident == "auto" and fits_on_device(sum(len(p.rows) for p in prompts.values()), bytes_per_row, device)
     )
     return {
         key: CaseSet(
-            names=list(names[key]), prompts=PromptIndex.from_cache(cache, rows[key]),
-            slices=SliceData(cache, rows[key], device=device, resident=on_device),
+            names=list(names[key]), prompts=prompts[key],
+            slices=SliceData(cache, prompts[key].rows, device=device, resident=on_device),
             labels=cache.labels, box_scale=box_scale, slice_size=slice_size,
         )
         for key in names
     }
+
+
+def load_split(path: Path, cache: Cache) -> dict[str, list[str]]:
+    """A split file (``{"train": [...], "val": [...], "test": [...]}``, as nnU-Net's ``splits_final.json``
+    holds per fold), checked against the cache: every case known, none in two sets, no test case of
+    the cache (``imagesTs/``) in train or val."""
+    import json
+
+    path = Path(path)
+    try:
+        split = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise EmbedcacheError(f"{path}: not a readable JSON file ({exc})") from None
+    if isinstance(split, list):
+        raise EmbedcacheError(f"{path}: holds {len(split)} folds (nnU-Net's splits_final.json); save the fold to train "
+                              'on as its own file {"train": [...], "val": [...]}')
+    if not isinstance(split, dict) or not {"train", "val"} <= set(split) or set(split) - {"train", "val", "test"} \
+            or not all(isinstance(v, list) and all(isinstance(n, str) for n in v) for v in split.values()):
+        raise EmbedcacheError(f'{path}: expected {{"train": [case names], "val": [...], "test": [...]}} (test optional)')
+    known = {c.name: c for c in cache.cases}
+    seen: dict[str, str] = {}
+    for key in ("train", "val", "test"):
+        for name in split.get(key, []):
+            if name not in known:
+                raise EmbedcacheError(f"{path}: case {name} ({key}) is not in {cache.path}; encode it or remove it")
+            if name in seen:
+                raise EmbedcacheError(f"{path}: case {name} is in both {seen[name]} and {key}; put each case in one set")
+            if key != "test" and known[name].subset == "test":
+                raise EmbedcacheError(f"{path}: case {name} is a test case of the cache (imagesTs/); it may not be "
+                                      f"trained on: move it to test")
+            seen[name] = key
+    if not split["train"] or not split["val"]:
+        raise EmbedcacheError(f"{path}: train and val need at least one case each")
+    return {"train": list(split["train"]), "val": list(split["val"]), "test": list(split.get("test", []))}

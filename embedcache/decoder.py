@@ -99,3 +99,20 @@ class BoxDecoder(torch.nn.Module):
     def forward(self, embeddings: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
         """``(P, 256, 64, 64)`` embeddings, ``(P, 4)`` boxes in encoder-input pixels → ``(P, 1, 256, 256)`` mask logits."""
         return decode_boxes(self.prompt_encoder, self.mask_decoder, embeddings, boxes)[0]
+
+
+def segment_boxes(prompt_encoder: torch.nn.Module, mask_decoder: torch.nn.Module, embeddings: torch.Tensor,
+                  boxes: torch.Tensor, *, input_size: int, slice_size: int, shape_yx: tuple[int, int]) -> torch.Tensor:
+    """Masks on a slice's own pixel grid for boxes drawn on it.
+
+    Arguments:
+      embeddings: ``(k, 256, 64, 64)``, one per prompt, of slices that were resampled to ``slice_size``².
+      boxes: ``(k, 4)`` ``(x0, y0, x1, y1)`` pixel edges on the ``shape_yx`` slice.
+
+    Returns:
+      ``(k, *shape_yx)`` bool masks.
+    """
+    height, width = shape_yx
+    scale = torch.tensor([slice_size / width, slice_size / height] * 2, device=boxes.device) * (input_size / slice_size)
+    low, _ = decode_boxes(prompt_encoder, mask_decoder, embeddings, boxes * scale)
+    return masks_on_grid(low, input_size=input_size, slice_size=slice_size, shape_yx=shape_yx)

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import time
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -26,7 +26,7 @@ from embedcache.config import EncodeConfig
 from embedcache.errors import CacheMismatchError, EmbedcacheError
 from embedcache.files import PARTIAL, WRITE_ERRNOS, check_free_space, check_writable_folder, write_error
 from embedcache.preprocess import resize_mask, slice_to_model
-from embedcache.prompts import box_present, boxes_for_labels
+from embedcache.prompts import boxes_for_labels
 from embedcache.readahead import ReadAhead
 from embedcache.volumes import CaseSource, check_sources, read_image, read_label, source_digest
 
@@ -84,18 +84,21 @@ def shard_folder(out: Path) -> Path:
     return Path(out).with_name(Path(out).name + ".parts")
 
 
-def _target_slices(label, labels: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
+def _target_slices(label, labels: tuple[int, ...], margin: int) -> tuple[np.ndarray, np.ndarray]:
+    """The slices holding a target label and the ``margin`` slices beyond them, with their target labels."""
     keep = np.isin(label, labels)
-    z = np.flatnonzero(keep.any(axis=(1, 2)))
+    held = keep.any(axis=(1, 2))
+    near = np.convolve(held, np.ones(2 * margin + 1), mode="same") > 0 if held.any() else held
+    z = np.flatnonzero(near)
     slices = np.where(keep[z], label[z], 0).astype(np.uint8)
     return z, slices
 
 
 def plan_case(source: CaseSource, config: EncodeConfig, digest: str) -> PlannedCase | None:
-    """Find a case's target slices (its sources checked by :func:`check_sources` already); None (with a
-    warning) when it has none."""
+    """Find a case's target slices and their margins (its sources checked by :func:`check_sources`
+    already); None (with a warning) when it has none."""
     label = read_label(source.label)
-    z, slices = _target_slices(label.array, config.labels)
+    z, slices = _target_slices(label.array, config.labels, config.margin_slices)
     if z.size == 0:
         found = sorted(int(v) for v in np.unique(label.array) if v)
         warnings.warn(
@@ -119,14 +122,15 @@ class _CaseBatch:
 
 
 def prepare_case(plan: PlannedCase, config: EncodeConfig) -> _CaseBatch:
-    """Read a planned case's image and turn its target slices into model-ready slices, masks and boxes."""
+    """Read a planned case's image and turn its planned slices into model-ready slices, masks and boxes.
+
+    Margin slices, and slices whose gland (a voxel or two) vanished when resampled, get no box."""
     size = config.preprocess.slice_size
     image = read_image(plan.source.image, series_uid=plan.source.series_uid)
     pre = config.preprocess
     masks = resize_mask(plan.label_slices, (size, size))
     boxes = np.stack([boxes_for_labels(m, config.labels) for m in masks])
-    keep = box_present(boxes).any(axis=1)  # a gland of a voxel or two can vanish when shrinking
-    z = plan.z[keep]
+    z = plan.z
     images = np.stack(
         [slice_to_model(image.array[k], width_hu=pre.window_width_hu, level_hu=pre.window_level_hu, slice_size=size) for k in z]
     ) if z.size else np.zeros((0, size, size), np.float32)
@@ -142,8 +146,10 @@ def prepare_case(plan: PlannedCase, config: EncodeConfig) -> _CaseBatch:
         spacing_mm=tuple(float(s) for s in geometry.spacing_mm),
         source_shape=tuple(int(s) for s in geometry.source_shape),
         source_affine=tuple(tuple(float(v) for v in row) for row in geometry.source_affine),
+        subset=plan.source.subset,
+        margin_slices=config.margin_slices,
     )
-    return _CaseBatch(plan=plan, record=record, images=images, masks=masks[keep], boxes=boxes[keep], slice_index=z)
+    return _CaseBatch(plan=plan, record=record, images=images, masks=masks, boxes=boxes, slice_index=z)
 
 
 def load_encoder(config: EncodeConfig, *, device):
@@ -197,14 +203,16 @@ def encode(
         summary.encode_seconds = time.perf_counter() - started
 
     # One cache file, cases in input order; cases cached earlier but not in this input are kept, last.
+    # A case moved between imagesTr/ and imagesTs/ keeps its embeddings and takes its new set.
     names = [c.name for c in cases]
+    subset = {c.name: c.subset for c in cases}
     sources: list[tuple[Path, list[CaseRecord]]] = []
     for name in names + [n for n in {**done, **shards} if n not in set(names)]:
-        if name in shards:
-            sources.append((shards[name][0], [shards[name][1]]))
-        elif name in done:
-            sources.append((out, [done[name]]))
-    if shards or not out.exists():
+        source, record = shards[name] if name in shards else (out, done[name]) if name in done else (None, None)
+        if record is not None:
+            sources.append((source, [replace(record, subset=subset.get(name, record.subset))]))
+    regrouped = any(record.subset != subset.get(name, record.subset) for name, record in done.items())
+    if shards or regrouped or not out.exists():
         if not any(cases for _, cases in sources):
             raise EmbedcacheError(
                 f"no slice holds any of labels {list(config.labels)} in the {len(cases)} given case(s); "
@@ -268,7 +276,8 @@ def _plan(cases, config, done, shards, summary: EncodeSummary, log) -> list[Plan
     for case in cases:
         digest = source_digest(case.image, case.label)
         cached = [r for r in (done.get(case.name), shards.get(case.name, (None, None))[1]) if r is not None]
-        if digest in [r.digest for r in cached]:
+        fresh = [r for r in cached if r.digest == digest and r.margin_slices >= config.margin_slices]
+        if fresh:
             summary.cases_resumed += 1
             continue
         # Sources changed since they were encoded: what was cached for them no longer holds.

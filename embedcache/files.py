@@ -113,3 +113,16 @@ def is_pickle(path: Path) -> bool:
     if head[8:9] == b"{":  # safetensors: an 8-byte header length, then the JSON header
         return False
     return head[:4] == b"PK\x03\x04" or head[:1] == b"\x80"
+
+
+def make_output_folder(folder: Path, *, what: str = "--out") -> Path:
+    """Create ``folder`` (and its parents) for outputs, or refuse one that is a file or not writable."""
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise EmbedcacheError(f"{folder}: is a file; {what} names a folder")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise write_error(exc, folder) from None
+    check_writable_folder(folder, what=what)
+    return folder

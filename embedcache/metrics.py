@@ -11,7 +11,7 @@ import warnings
 
 import numpy as np
 
-from embedcache.labels import RIGHT_ADRENAL, tolerance_mm as flare_tolerance_mm
+from embedcache.labels import RIGHT_ADRENAL, SCORED_ON_LABELLED_SLICES, tolerance_mm as flare_tolerance_mm
 
 
 def dice(pred: np.ndarray, truth: np.ndarray) -> float:
@@ -63,3 +63,20 @@ def dice_2d(logits_low, masks):
     inter = (pred & masks).sum((1, 2)).float()
     total = (pred.sum((1, 2)) + masks.sum((1, 2))).float()
     return torch.where(total > 0, 2 * inter / total.clamp_min(1), torch.ones_like(total))
+
+
+def gland_metrics(pred: np.ndarray, truth: np.ndarray, *, spacing_mm, label: int) -> dict[str, float]:
+    """FLARE22's Dice and NSD (at the label's tolerance) of two bool ``(z, y, x)`` masks of one label,
+    and the mean 2-D Dice of the slices that hold the ground truth.
+
+    As FLARE22's evaluation does, the aorta, IVC and oesophagus are scored on the slices their
+    ground truth covers only."""
+    zs = np.flatnonzero(truth.any(axis=(1, 2)))
+    if int(label) in SCORED_ON_LABELLED_SLICES and zs.size:
+        keep = slice(zs[0], zs[-1] + 1)
+        pred, truth, zs = pred[keep], truth[keep], zs - zs[0]
+    return {
+        "dice": dice(pred, truth),
+        "nsd": nsd(pred, truth, spacing_mm=spacing_mm, tolerance_mm=flare_tolerance_mm(label)),
+        "dice_2d": float(np.mean([dice(pred[z], truth[z]) for z in zs])) if zs.size else dice(pred, truth),
+    }

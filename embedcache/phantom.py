@@ -156,8 +156,10 @@ def make_case(seed: int, config: PhantomConfig = PhantomConfig()) -> tuple[np.nd
     return hu, labels, affine
 
 
-def write_phantom(out: Path, *, cases: int, seed: int, config: PhantomConfig = PhantomConfig(), progress=None) -> list[str]:
-    """Write ``cases`` volumes as ``out/imagesTr/PHANTOM_NNNN_0000.nii.gz`` + ``out/labelsTr/PHANTOM_NNNN.nii.gz``.
+def write_phantom(out: Path, *, cases: int, seed: int, config: PhantomConfig = PhantomConfig(), progress=None,
+                  test_cases: int = 0) -> list[str]:
+    """Write ``cases`` volumes as ``out/imagesTr/PHANTOM_NNNN_0000.nii.gz`` + ``out/labelsTr/PHANTOM_NNNN.nii.gz``,
+    and ``test_cases`` more into ``imagesTs/`` + ``labelsTs/`` (held out, as nnU-Net lays them out).
 
     Files are stored in RAS+ array order (not the canonical one), so every read exercises the
     reorientation. Returns the case names.
@@ -165,11 +167,13 @@ def write_phantom(out: Path, *, cases: int, seed: int, config: PhantomConfig = P
     from embedcache.volumes import Geometry, write_nifti
 
     out = Path(out)
-    (out / "imagesTr").mkdir(parents=True, exist_ok=True)
-    (out / "labelsTr").mkdir(parents=True, exist_ok=True)
+    folders = [("imagesTr", "labelsTr")] * cases + [("imagesTs", "labelsTs")] * test_cases
+    for images, labels in set(folders):
+        (out / images).mkdir(parents=True, exist_ok=True)
+        (out / labels).mkdir(parents=True, exist_ok=True)
     names = []
-    task = progress.add_task("phantom", total=cases) if progress else None
-    for i in range(cases):
+    task = progress.add_task("phantom", total=len(folders)) if progress else None
+    for i, (images, labels_dir) in enumerate(folders):
         name = f"PHANTOM_{i + 1:04d}"
         hu, labels, canonical_affine = make_case(seed * 1_000_003 + i, config)
         # Store flipped to RAS+ order: index i toward the right... then x, y flip back on reading.
@@ -177,8 +181,8 @@ def write_phantom(out: Path, *, cases: int, seed: int, config: PhantomConfig = P
         flip[0, 3], flip[1, 3] = hu.shape[2] - 1, hu.shape[1] - 1
         source_affine = canonical_affine @ flip
         geometry = Geometry(source_shape=(hu.shape[2], hu.shape[1], hu.shape[0]), source_affine=source_affine)
-        write_nifti(hu, geometry, out / "imagesTr" / f"{name}_0000.nii.gz")
-        write_nifti(labels, geometry, out / "labelsTr" / f"{name}.nii.gz")
+        write_nifti(hu, geometry, out / images / f"{name}_0000.nii.gz")
+        write_nifti(labels, geometry, out / labels_dir / f"{name}.nii.gz")
         names.append(name)
         if progress:
             progress.advance(task)
@@ -193,7 +197,7 @@ def limit_target_slices(data: Path, *, per_case: int, labels: tuple[int, ...] = 
     """
     from embedcache.volumes import read_label, write_nifti
 
-    for path in sorted((Path(data) / "labelsTr").glob("*.nii.gz")):
+    for path in sorted((Path(data) / "labelsTr").glob("*.nii.gz")) + sorted((Path(data) / "labelsTs").glob("*.nii.gz")):
         label = read_label(path)
         array = label.array.copy()
         z = np.flatnonzero(np.isin(array, labels).any(axis=(1, 2)))

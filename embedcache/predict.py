@@ -1,13 +1,20 @@
-"""Segment new CT with box prompts: encode on the fly, decode, write a label NIfTI on the input's grid.
+"""Segment new CT from what a person gives: a 3-D box per gland, a box on one slice, or a label
+volume to draw them from. The image encoder runs on the fly; the output is a label NIfTI on the
+input's own grid.
 
-Boxes come from a JSON file or from an existing label volume. In the JSON file, each input (by
-its file or folder name, or its case name without ``_0000`` and suffix) maps to a list of prompts::
+Boxes come from a JSON file that maps each input (by its file or folder name, or its case name
+without ``_0000`` and suffix) to a list of prompts::
 
-    {"CASE": [{"slice": 41, "label": 7, "box": [212, 230, 241, 262]}, ...]}
+    {"CASE": [{"label": 7, "box3d": [i0, j0, k0, i1, j1, k1]},
+              {"label": 8, "box3d": [x0, y0, z0, x1, y1, z1], "space": "world"},
+              {"label": 7, "slice": 41, "box": [i0, j0, i1, j1]}]}
 
-``slice`` is the axial slice index and ``box`` is ``(x0, y0, x1, y1)`` in that slice's pixel
-edges, both in embedcache's canonical orientation (x toward the patient's left, y toward
-posterior, z toward superior; see the README), at the image's own resolution.
+Coordinates are the input file's own voxel indices ``(i, j, k)`` as 3D Slicer and ITK-SNAP show
+them, and a box's two corners are its first and last voxel, both inside the box. ``"space":
+"world"`` takes RAS+ millimetres instead (3D Slicer's), ``"space": "lps"`` LPS millimetres
+(DICOM's and ITK's); a corner then stands for the voxel whose centre is nearest. A ``box3d`` is
+segmented by the ``box3d`` protocol (middle slice, then propagation slice by slice; see
+:mod:`embedcache.protocols`); a ``box`` on ``slice`` k segments that slice only.
 """
 
 from __future__ import annotations
@@ -17,146 +24,271 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 
-from embedcache.backbones import get_backbone, load_backbone, require_weights
-from embedcache.config import EncodeConfig, PreprocessConfig
-from embedcache.decoder import decode_boxes, masks_on_grid
-from embedcache.devices import pick_device
-from embedcache.encoder import ImageEncoder
-from embedcache.errors import EmbedcacheError
-from embedcache.preprocess import slice_to_model
-from embedcache.prompts import box_present, boxes_for_labels
-from embedcache.runs import load_trained_decoder
-from embedcache.volumes import case_name, check_same_grid, read_image, read_label, write_nifti
+from embedcache import protocols
+from embedcache.config import PreprocessConfig
+from embedcache.errors import EmbedcacheError, UsageError
+from embedcache.files import make_output_folder
+from embedcache.labels import ADRENALS
+from embedcache.protocols import Box3D, Prediction, ProtocolSettings
+from embedcache.volumes import Geometry, case_name, check_same_grid, read_geometry, read_image, read_label, write_nifti
+
+SPACES = ("voxel", "world", "lps")
 
 
 @dataclass(frozen=True)
-class BoxPrompt:
-    """One box on one axial slice, asking for one label."""
+class Request:
+    """One gland to segment: a 3-D box (propagated) or, with ``single_slice``, a box on one slice."""
 
-    slice: int
     label: int
-    box: tuple[float, float, float, float]  # canonical slice pixels, (x0, y0, x1, y1)
+    box: Box3D  # canonical slices and pixel edges
+    single_slice: bool = False
 
 
-def prompts_from_json(boxes_file: Path, image: Path) -> list[BoxPrompt]:
+@dataclass(frozen=True)
+class Job:
+    """One input, checked: where it is, what to segment, where the result goes."""
+
+    image: Path
+    out: Path
+    geometry: Geometry
+    requests: tuple[Request, ...] = ()
+    label_file: Path | None = None  # --from-labels: the requests come from this volume's glands
+
+
+def _number_list(value, n: int, what: str) -> list[float]:
+    if not isinstance(value, list) or len(value) != n:
+        raise TypeError(f"{what} needs {n} numbers")
+    numbers = [float(v) for v in value]  # a string or None raises here
+    if not np.isfinite(numbers).all():
+        raise ValueError(f"{what} has a NaN or infinite value")
+    return numbers
+
+
+def read_boxes_file(boxes_file: Path) -> dict:
+    """The JSON boxes table: an object mapping case names to lists of prompts."""
     try:
         table = json.loads(Path(boxes_file).read_text())
-    except (OSError, ValueError) as exc:
-        raise EmbedcacheError(f"{boxes_file}: not a readable JSON file ({exc}); see the boxes schema in the README")
-    entries = table.get(Path(image).name, table.get(case_name(image)))
-    if entries is None:
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise EmbedcacheError(f"{boxes_file}: not a readable JSON file ({exc}); see the boxes schema in the README") from None
+    if not isinstance(table, dict) or not all(isinstance(v, list) for v in table.values()):
+        raise EmbedcacheError(f"{boxes_file}: expected an object {{\"CASE\": [prompts, ...]}}; see the boxes schema in the README")
+    return table
+
+
+def requests_from_json(table: dict, boxes_file: Path, image: Path, geometry: Geometry, labels) -> tuple[Request, ...]:
+    """The prompts of ``image`` in ``table``, in canonical coordinates, checked against the volume and ``labels``."""
+    key = image.name if image.name in table else case_name(image)
+    if key not in table:
         raise EmbedcacheError(f"{boxes_file}: no boxes for {image.name} (key '{case_name(image)}'); add them")
-    try:
-        return [BoxPrompt(int(e["slice"]), int(e["label"]), tuple(float(v) for v in e["box"])) for e in entries]
-    except (KeyError, TypeError, ValueError):
-        raise EmbedcacheError(f"{boxes_file}: entries for {case_name(image)} need slice, label and box [x0, y0, x1, y1]")
-
-
-def prompts_from_labels(label_path: Path, image_geometry, image: Path, labels: tuple[int, ...]) -> list[BoxPrompt]:
-    label = read_label(label_path)
-    check_same_grid(image_geometry, label.geometry, image_path=image, label_path=label_path)
-    prompts = []
-    for z in np.flatnonzero(np.isin(label.array, labels).any(axis=(1, 2))):
-        boxes = boxes_for_labels(label.array[z], labels)
-        for j in np.flatnonzero(box_present(boxes)):
-            prompts.append(BoxPrompt(int(z), labels[j], tuple(float(v) for v in boxes[j])))
-    return prompts
-
-
-def check_prompts(prompts: list[BoxPrompt], shape_zyx, source: str) -> None:
-    depth, height, width = shape_zyx
-    for p in prompts:
-        x0, y0, x1, y1 = p.box
-        if not 0 <= p.slice < depth:
-            raise EmbedcacheError(f"{source}: box on slice {p.slice}, but the volume has slices 0..{depth - 1}")
-        if x1 <= x0 or y1 <= y0:
-            raise EmbedcacheError(f"{source}: box {list(p.box)} on slice {p.slice} has x1 <= x0 or y1 <= y0")
-        if x0 < 0 or y0 < 0 or x1 > width or y1 > height:
+    requests = []
+    for n, entry in enumerate(table[key]):
+        where = f"{boxes_file} [{key}][{n}]"
+        try:
+            if not isinstance(entry, dict):
+                raise TypeError("a prompt is an object")
+            label = entry["label"]
+            if isinstance(label, bool) or not isinstance(label, int):
+                raise TypeError("label must be an integer")
+            space = entry.get("space", "voxel")
+            if space not in SPACES:
+                raise ValueError(f"space must be one of {', '.join(SPACES)}")
+            if "box3d" in entry:
+                corners = np.array(_number_list(entry["box3d"], 6, "box3d")).reshape(2, 3)
+                single = False
+            else:
+                i0, j0, i1, j1 = _number_list(entry["box"], 4, "box")
+                k = float(entry["slice"])
+                corners = np.array([[i0, j0, k], [i1, j1, k]])
+                single = True
+        except (KeyError, TypeError, ValueError) as exc:
             raise EmbedcacheError(
-                f"{source}: box {list(p.box)} on slice {p.slice} lies outside the {width}×{height} px slice"
-            )
+                f"{where}: {exc if not isinstance(exc, KeyError) else f'missing {exc}'}; a prompt is "
+                '{"label": 7, "box3d": [i0, j0, k0, i1, j1, k1]} or {"label": 7, "slice": k, "box": [i0, j0, i1, j1]}'
+            ) from None
+        if labels is not None and label not in labels:
+            raise UsageError(f"{where}: label {label} is not one the decoder was trained for ({', '.join(map(str, labels))})")
+        if not 0 < label < 256:
+            raise UsageError(f"{where}: label {label} must lie in 1..255")
+        try:
+            box = _canonical_box(corners, geometry, space)
+        except UsageError as exc:
+            raise UsageError(f"{where}: {exc}") from None
+        if single and box.z0 != box.z1:
+            raise UsageError(f"{where}: slice {entry['slice']} of this file is not an axial slice; give a box3d instead")
+        box.check(geometry.shape_zyx, where)
+        requests.append(Request(label=label, box=box.clipped(geometry.shape_zyx), single_slice=single))
+    return tuple(requests)
 
 
-class Segmenter:
-    """Image encoder + prompt encoder + a (fine-tuned) mask decoder, for new images."""
+def _canonical_box(corners: np.ndarray, geometry: Geometry, space: str) -> Box3D:
+    """Two inclusive corner voxels (or points) → canonical slices and in-plane pixel edges."""
+    if np.any(corners[1] < corners[0]):
+        raise UsageError(f"box is inverted: {corners[1].tolist()} lies before {corners[0].tolist()} on some axis; "
+                         "give the first corner, then the last")
+    xyz = geometry.canonical_index(corners, space=space)
+    if space == "voxel" and np.any(np.abs(xyz - np.rint(xyz)) > 1e-3):
+        raise UsageError(f"voxel corners {corners.tolist()} must be whole voxel indices")
+    low, high = np.rint(xyz.min(axis=0)).astype(int), np.rint(xyz.max(axis=0)).astype(int)
+    return Box3D(int(low[2]), int(high[2]), (float(low[0]), float(low[1]), float(high[0] + 1), float(high[1] + 1)))
 
-    def __init__(self, *, backbone: str, checkpoint: Path | None, decoder_state: dict | None, device: str,
-                 preprocess: PreprocessConfig):
-        self.backbone = get_backbone(backbone)
-        self.device = pick_device(device)
-        self.preprocess = preprocess
-        parts, self.checkpoint_sha256 = load_backbone(self.backbone, checkpoint)
-        if decoder_state is not None:
-            parts.mask_decoder.load_state_dict(decoder_state)
-        self.encoder = ImageEncoder(self.backbone, parts.image_encoder, device=self.device, out_dtype=torch.float32)
-        self.prompt_encoder = parts.prompt_encoder.to(self.device).eval()
-        self.mask_decoder = parts.mask_decoder.to(self.device).eval()
 
-    @torch.no_grad()
-    def segment(self, hu_zyx: np.ndarray, prompts: list[BoxPrompt]) -> np.ndarray:
-        """A ``(z, y, x)`` uint8 label volume: each prompt's mask painted with its label."""
-        out = np.zeros(hu_zyx.shape, np.uint8)
-        pre, size = self.preprocess, self.preprocess.slice_size
-        height, width = hu_zyx.shape[1:]
-        scale = np.array([size / width, size / height] * 2) * self.backbone.box_scale(size)
-        for z in sorted({p.slice for p in prompts}):
-            mine = [p for p in prompts if p.slice == z]
-            image = slice_to_model(hu_zyx[z], width_hu=pre.window_width_hu, level_hu=pre.window_level_hu, slice_size=size)
-            embedding = self.encoder(image[None])
-            boxes = torch.tensor(np.array([p.box for p in mine]) * scale, dtype=torch.float32, device=self.device)
-            low, _ = decode_boxes(self.prompt_encoder, self.mask_decoder, embedding.expand(len(mine), -1, -1, -1), boxes)
-            masks = masks_on_grid(low, input_size=self.backbone.input_size, slice_size=size,
-                                  shape_yx=(height, width)).cpu().numpy()
-            for p, mask in zip(mine, masks):
-                out[z][mask] = p.label
-        return out
+def plan(inputs: list[Path], out_dir: Path, *, boxes_file: Path | None, from_labels: Path | None, labels,
+         series: str | None, log=print) -> tuple[list[Job], list[str]]:
+    """Check every input before any model is loaded; returns the jobs to run and the errors of the rest."""
+    if (boxes_file is None) == (from_labels is None):
+        raise UsageError("give either --boxes BOXES.json or --from-labels LABELS")
+    names = [case_name(Path(i)) for i in inputs]
+    clash = sorted({n for n in names if names.count(n) > 1})
+    if clash:
+        same = [str(i) for i, n in zip(inputs, names) if n == clash[0]]
+        raise UsageError(f"{' and '.join(same)} would both be written to {Path(out_dir) / (clash[0] + '.nii.gz')}; "
+                         "rename one or predict them into different folders")
+    table = read_boxes_file(boxes_file) if boxes_file is not None else None
+    jobs, errors = [], []
+    for image in map(Path, inputs):
+        try:
+            geometry = read_geometry(image, series_uid=series)
+            out = Path(out_dir) / f"{case_name(image)}.nii.gz"
+            if table is not None:
+                jobs.append(Job(image, out, geometry, requests_from_json(table, boxes_file, image, geometry, labels)))
+                continue
+            label_file = Path(from_labels)
+            if label_file.is_dir():
+                label_file = label_file / f"{case_name(image)}.nii.gz"
+            check_same_grid(geometry, read_geometry(label_file), image_path=image, label_path=label_file)
+            jobs.append(Job(image, out, geometry, label_file=label_file))
+        except EmbedcacheError as exc:
+            errors.append(str(exc))
+            log(f"error: {exc}")
+    return jobs, errors
+
+
+class OnTheFly:
+    """A volume's slices, encoded when first asked for, decodable as a :data:`protocols.Segment`.
+
+    Embeddings are rounded to ``embedding_dtype`` (the cache's, float16 by default) before decoding,
+    as cached ones are: the same box gives the same mask here and in ``score``."""
+
+    def __init__(self, hu_zyx: np.ndarray, encoder, preprocess: PreprocessConfig):
+        self.hu, self.encoder, self.preprocess = hu_zyx, encoder, preprocess
+        self.embeddings: dict[int, object] = {}
+
+    def embedding(self, z: int):
+        from embedcache.preprocess import slice_to_model
+
+        if z not in self.embeddings:
+            pre = self.preprocess
+            image = slice_to_model(self.hu[z], width_hu=pre.window_width_hu, level_hu=pre.window_level_hu,
+                                   slice_size=pre.slice_size)
+            self.embeddings[z] = self.encoder(image[None])[0]
+        return self.embeddings[z]
+
+    def segmenter(self, prompt_encoder, mask_decoder, *, input_size: int) -> protocols.Segment:
+        import torch
+
+        from embedcache.decoder import segment_boxes
+
+        @torch.no_grad()
+        def segment(zs: np.ndarray, boxes: np.ndarray) -> np.ndarray:
+            embeddings = torch.stack([self.embedding(int(z)) for z in zs]).float()
+            masks = segment_boxes(prompt_encoder, mask_decoder, embeddings,
+                                  torch.as_tensor(boxes, dtype=torch.float32, device=embeddings.device),
+                                  input_size=input_size, slice_size=self.preprocess.slice_size,
+                                  shape_yx=self.hu.shape[1:])
+            return masks.cpu().numpy()
+
+        return segment
 
 
 def predict(
     inputs: list[Path], out_dir: Path, *, run_dir: Path | None = None, decoder_file: Path | None = None,
-    boxes_file: Path | None = None, from_labels: Path | None = None, model: str = "litemedsam",
-    checkpoint: Path | None = None, device: str = "auto", log=print,
+    boxes_file: Path | None = None, from_labels: Path | None = None, prompts: str = "box3d",
+    settings: ProtocolSettings = ProtocolSettings(), model: str = "litemedsam", checkpoint: Path | None = None,
+    series: str | None = None, device: str = "auto", log=print,
 ) -> tuple[list[Path], list[str]]:
     """Write ``out_dir/CASE.nii.gz`` for each input; returns the files written and the errors of those that failed."""
-    if (boxes_file is None) == (from_labels is None):
-        raise EmbedcacheError("give either --boxes BOXES.json or --from-labels LABELS")
-    trained, preprocess, labels = None, PreprocessConfig(), EncodeConfig().labels
+    if prompts not in protocols.PROTOCOLS:
+        raise UsageError(f"--prompts {prompts}: choose one of {', '.join(protocols.PROTOCOLS)}")
+    trained = None
     if run_dir or decoder_file:
+        from embedcache.runs import load_trained_decoder
+
         trained = load_trained_decoder(run_dir or decoder_file)
-        model = trained.signature["backbone"]
-        preprocess = PreprocessConfig(**trained.signature["preprocess"])
-        labels = tuple(trained.signature["labels"])
-        checkpoint = checkpoint or trained.checkpoint
-    segmenter = Segmenter(backbone=model, checkpoint=checkpoint, decoder_state=trained.state if trained else None,
-                          device=device, preprocess=preprocess)
-    if trained is not None:
-        require_weights(segmenter.checkpoint_sha256, trained.signature["checkpoint_sha256"], path=checkpoint,
-                        made=f"the decoder {trained.source}")
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    written, errors = [], []
-    for image_path in inputs:
-        image_path = Path(image_path)
+    labels = tuple(trained.signature["labels"]) if trained else None
+    jobs, errors = plan(inputs, out_dir, boxes_file=boxes_file, from_labels=from_labels, labels=labels, series=series,
+                        log=log)
+    if not jobs:
+        return [], errors
+    make_output_folder(out_dir)
+    segmenter = _segmenter(trained, model=model, checkpoint=checkpoint, device=device)
+    written = []
+    for job in jobs:
         try:
-            image = read_image(image_path)
-            if boxes_file is not None:
-                prompts = prompts_from_json(boxes_file, image_path)
-                source = f"{boxes_file} [{case_name(image_path)}]"
-            else:
-                label_path = Path(from_labels)
-                if label_path.is_dir():
-                    label_path = label_path / f"{case_name(image_path)}.nii.gz"
-                prompts = prompts_from_labels(label_path, image.geometry, image_path, labels)
-                source = str(label_path)
-            check_prompts(prompts, image.array.shape, source)
-            result = segmenter.segment(image.array, prompts)
-            path = out_dir / f"{case_name(image_path)}.nii.gz"
-            write_nifti(result, image.geometry, path)
-            written.append(path)
-            log(f"{path}: {len(prompts)} boxes on {len({p.slice for p in prompts})} slices")
+            image = read_image(job.image, series_uid=series)
+            volume = OnTheFly(image.array, segmenter["encoder"], segmenter["preprocess"])
+            segment = volume.segmenter(segmenter["prompt_encoder"], segmenter["mask_decoder"],
+                                       input_size=segmenter["input_size"])
+            predictions = _segment_job(job, segment, image, prompts=prompts, settings=settings,
+                                       labels=labels or ADRENALS)
+            result = np.zeros(image.array.shape, np.uint8)
+            for label, prediction in predictions:
+                result[prediction.mask] = label
+            write_nifti(result, image.geometry, job.out)
+            written.append(job.out)
+            log(f"{job.out}: {len(predictions)} gland(s), {sum(len(p.boxes) for _, p in predictions)} slices decoded")
         except EmbedcacheError as exc:
             errors.append(str(exc))
             log(f"error: {exc}")
     return written, errors
+
+
+def _segment_job(job: Job, segment, image, *, prompts: str, settings: ProtocolSettings, labels) -> list:
+    shape, spacing = image.array.shape, image.geometry.spacing_mm
+    if job.label_file is not None:  # the glands of a label volume, under the chosen protocol
+        truth = read_label(job.label_file).array
+        return [(label, protocols.run(prompts, segment, truth=truth == label, spacing_mm=spacing, settings=settings,
+                                      case=case_name(job.image), label=label))
+                for label in labels if (truth == label).any()]
+    results = []
+    for request in job.requests:
+        if request.single_slice:
+            prediction = Prediction(np.zeros(shape, bool))
+            z = request.box.z0
+            prediction.mask[z] = segment(np.array([z]), np.array([request.box.box], np.float32))[0]
+            prediction.boxes[z] = request.box.box
+        else:
+            prediction = protocols.propagate(request.box, segment, shape, grow_px=protocols.grow_px(settings, spacing))
+        results.append((request.label, prediction))
+    return results
+
+
+def _segmenter(trained, *, model: str, checkpoint: Path | None, device: str) -> dict:
+    """Image encoder, prompt encoder and (fine-tuned) mask decoder on the device, with the preprocessing
+    the decoder was trained with."""
+    import torch
+
+    from embedcache.backbones import get_backbone, load_backbone, require_weights
+    from embedcache.devices import pick_device
+    from embedcache.encoder import ImageEncoder
+
+    preprocess, dtype = PreprocessConfig(), "float16"
+    if trained is not None:
+        model = trained.signature["backbone"]
+        preprocess = PreprocessConfig(**trained.signature["preprocess"])
+        dtype = trained.signature.get("embedding_dtype", "float16")
+        checkpoint = checkpoint or trained.checkpoint
+    backbone = get_backbone(model)
+    dev = pick_device(device)
+    parts, sha = load_backbone(backbone, checkpoint)
+    if trained is not None:
+        require_weights(sha, trained.signature["checkpoint_sha256"], path=checkpoint, made=f"the decoder {trained.source}")
+        parts.mask_decoder.load_state_dict(trained.state)
+    out_dtype = torch.float16 if dtype == "float16" else torch.float32
+    return {
+        "encoder": ImageEncoder(backbone, parts.image_encoder, device=dev, out_dtype=out_dtype),
+        "prompt_encoder": parts.prompt_encoder.to(dev).eval(),
+        "mask_decoder": parts.mask_decoder.to(dev).eval(),
+        "input_size": backbone.input_size,
+        "preprocess": preprocess,
+    }

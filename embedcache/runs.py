@@ -210,6 +210,12 @@ class TrainedDecoder:
     signature: dict
     source: Path
     checkpoint: Path | None
+    epoch: int = 0
+    val_dice: float = float("nan")
+
+    def describe(self) -> dict:
+        """What a report says about the decoder it scored."""
+        return {"decoder": str(self.source), "epoch": self.epoch, "val_dice": self.val_dice}
 
     def check_fits(self, signature: dict, *, path: Path) -> None:
         """Refuse to decode embeddings (of the cache ``path``) that another backbone or preprocessing made."""
@@ -227,7 +233,8 @@ def load_trained_decoder(run_or_file: Path, *, expect: dict | None = None, expec
     path = run_or_file / BEST if run_or_file.is_dir() else run_or_file
     checkpoint = load_checkpoint(path)
     weights = checkpoint.config.get("checkpoint")
-    trained = TrainedDecoder(checkpoint.decoder, checkpoint.signature, path, Path(weights) if weights else None)
+    trained = TrainedDecoder(checkpoint.decoder, checkpoint.signature, path, Path(weights) if weights else None,
+                             epoch=checkpoint.epoch, val_dice=checkpoint.val_dice)
     if expect is not None:
         trained.check_fits(expect, path=expect_path or path)
     return trained

@@ -24,7 +24,7 @@ import torch
 from embedcache.backbones import file_sha256, get_backbone, resolve_checkpoint
 from embedcache.cache import MODEL_KEYS, Cache, check_signature, first_difference, open_cache
 from embedcache.config import FinetuneConfig
-from embedcache.data import CaseSet, case_sets, split_cases
+from embedcache.data import CaseSet, case_sets, load_split, split_cases
 from embedcache.devices import keep_freed_memory, pick_device
 from embedcache.distributed import Dist
 from embedcache.errors import EmbedcacheError
@@ -87,7 +87,8 @@ def finetune(
 
     with open_cache(Path(config.cache)) as cache:
         check_signature(cache.signature, expected_signature(cache, config), path=Path(config.cache))
-        sets = _case_sets(cache, config, device)
+        split = choose_split(cache, config)
+        sets = _case_sets(cache, config, device, split)
         train, val = sets["train"], sets["val"]
         steps_per_epoch = math.ceil(len(train) / config.batch_size)
         trainer = build_trainer(get_backbone(cache.signature["backbone"]), _weights(config), config, device=device,
@@ -97,7 +98,7 @@ def finetune(
             state = _restore(run, trainer, cache, data)
             log(f"resuming {run.path} after epoch {state.epoch} (best val Dice {state.best_dice:.4f} at epoch {state.best_epoch})")
         else:
-            state = _start(run, trainer, config, sets, dist, cache.signature, data)
+            state = _start(run, trainer, config, sets, dist, cache.signature, data, split)
             log(f"vanilla decoder: val Dice {state.vanilla_dice:.4f} on {len(val.prompts.boxes)} prompts of {len(val.names)} case(s)")
         task = progress.add_task("finetune", total=(config.epochs - state.epoch) * steps_per_epoch) if progress else None
         board = run.tensorboard() if dist.main else None  # None also where TensorBoard is not installed
@@ -141,13 +142,22 @@ def _weights(config: FinetuneConfig) -> Path | None:
     return Path(config.checkpoint) if config.checkpoint else None
 
 
-def _case_sets(cache: Cache, config: FinetuneConfig, device: torch.device) -> dict[str, CaseSet]:
-    """The train and validation sets of this run: cases split by patient, seeded."""
-    names = [c.name for c in cache.cases if c.n_rows > 0]
+def choose_split(cache: Cache, config: FinetuneConfig) -> dict[str, list[str]]:
+    """Train, validation and test cases: the split file's, or the cache's test cases (``imagesTs/``)
+    held out and the rest split by patient, seeded."""
+    if config.split:
+        return load_split(Path(config.split), cache)
+    test = [c.name for c in cache.cases if c.subset == "test"]
+    names = [c.name for c in cache.cases if c.n_rows > 0 and c.subset != "test"]
     train_names, val_names = split_cases(names, val_fraction=config.val_fraction, seed=config.seed)
+    return {"train": train_names, "val": val_names, "test": test}
+
+
+def _case_sets(cache: Cache, config: FinetuneConfig, device: torch.device, split: dict) -> dict[str, CaseSet]:
+    """The train and validation sets of this run, on the device (or streamed)."""
     box_scale = get_backbone(cache.signature["backbone"]).box_scale(cache.signature["preprocess"]["slice_size"])
-    sets = case_sets(cache, {"train": train_names, "val": val_names}, box_scale=box_scale, device=device,
-                     resident=config.resident)
+    sets = case_sets(cache, {"train": split["train"], "val": split["val"]}, box_scale=box_scale, device=device,
+                     resident=config.resident, stop_prompts=("train",) if config.stop_prompts else ())
     if len(sets["train"].prompts.boxes) == 0 or len(sets["val"].prompts.boxes) == 0:
         raise EmbedcacheError(f"{config.cache}: no box prompts on one side of the split; encode more cases")
     return sets
@@ -220,13 +230,13 @@ def _data_fingerprint(cache: Cache, sets: dict[str, CaseSet]) -> dict:
 
 
 def _start(run: RunFolder, trainer: Trainer, config: FinetuneConfig, sets: dict[str, CaseSet], dist: Dist,
-           signature: dict, data: dict) -> RunState:
+           signature: dict, data: dict, split: dict) -> RunState:
     """A new run: score the vanilla decoder, then write the settings, the split, log row 0 and the
     epoch-0 checkpoint, so that from here on the folder can always be resumed."""
     vanilla_loss, vanilla_dice = validate(trainer, sets["val"], batch_size=config.batch_size)
     state = RunState(vanilla_dice=vanilla_dice)
     if dist.main:
-        run.create(config, {"train": sets["train"].names, "val": sets["val"].names, "seed": config.seed})
+        run.create(config, {**split, "seed": config.seed, "split_file": config.split})
         run.append_log(EpochRecord(0, float("nan"), vanilla_loss, vanilla_dice, 0.0, 0.0, 0.0))
         _save_epoch(run, trainer, state, config, signature, data, best=False)
     dist.barrier()

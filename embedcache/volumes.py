@@ -79,6 +79,22 @@ class Geometry:
         back = nio.ornt_transform(nio.axcodes2ornt(CANONICAL_AXCODES), nio.io_orientation(self.source_affine))
         return np.ascontiguousarray(nio.apply_orientation(array_zyx.transpose(2, 1, 0), back))
 
+    def canonical_index(self, points, *, space: str = "voxel") -> np.ndarray:
+        """``(n, 3)`` points → ``(n, 3)`` canonical ``(x, y, z)`` voxel indices (floats).
+
+        ``space``: ``voxel`` for the file's own ``(i, j, k)`` indices (what 3D Slicer and ITK-SNAP
+        show), ``world`` for RAS+ mm (nibabel's and 3D Slicer's), ``lps`` for LPS mm (DICOM's and ITK's).
+        """
+        points = np.asarray(points, dtype=np.float64).reshape(-1, 3)
+        if space == "voxel":
+            points = points @ self.source_affine[:3, :3].T + self.source_affine[:3, 3]
+        elif space == "lps":
+            points = points * np.array([-1.0, -1.0, 1.0])
+        elif space != "world":
+            raise ValueError(f"unknown space {space}")
+        inverse = np.linalg.inv(self.canonical_affine)
+        return points @ inverse[:3, :3].T + inverse[:3, 3]
+
     def same_grid(self, other: "Geometry", *, tol_mm: float = 1e-3) -> bool:
         """True when both sample the same world points (array order may differ)."""
         return self.shape_zyx == other.shape_zyx and bool(
@@ -99,14 +115,23 @@ class Volume:
         return self.geometry.spacing_mm
 
 
+#: The sets a case can belong to: ``train`` and ``val`` (which chooses the checkpoint) are drawn from
+#: the training cases; ``test`` cases (``imagesTs/``, or a split file's) are never seen in training.
+SUBSETS = ("train", "val", "test")
+
+
 @dataclass(frozen=True)
 class CaseSource:
-    """One case: a CT image (NIfTI file or DICOM series folder) and its label volume."""
+    """One case: a CT image (NIfTI file or DICOM series folder) and its label volume.
+
+    ``subset`` is ``test`` for cases of a test folder (``imagesTs/``), else ``train`` (training or
+    validation, as the fine-tune's split decides)."""
 
     name: str
     image: Path
     label: Path
     series_uid: str | None = None
+    subset: str = "train"
 
 
 # --------------------------------------------------------------------------------------------- NIfTI
@@ -441,22 +466,23 @@ def source_digest(*paths: Path) -> str:
 
 # ---------------------------------------------------------------------------------------- dataset layouts
 
-_LAYOUTS = (("imagesTr", "labelsTr"), ("images", "labels"), ("imagesTs", "labelsTs"))
+_LAYOUTS = (("imagesTr", "labelsTr", "train"), ("images", "labels", "train"), ("imagesTs", "labelsTs", "test"))
 
 
 def discover_cases(root: Path) -> list[CaseSource]:
     """Find (image, label) pairs in a FLARE22-style folder.
 
-    Layouts: ``images/`` + ``labels/``, ``imagesTr/`` + ``labelsTr/`` (and ``imagesTs``/``labelsTs``).
-    An image ``CASE_0000.nii.gz`` (or a DICOM series folder ``CASE_0000/`` or ``CASE/``) pairs with
-    the label ``CASE.nii.gz``. Images without a label are skipped with a warning.
+    Layouts: ``images/`` + ``labels/``, ``imagesTr/`` + ``labelsTr/`` (training and validation
+    cases) and ``imagesTs/`` + ``labelsTs/`` (test cases, as nnU-Net lays them out). An image
+    ``CASE_0000.nii.gz`` (or a DICOM series folder ``CASE_0000/`` or ``CASE/``) pairs with the label
+    ``CASE.nii.gz``. Images without a label are skipped with a warning.
     """
     root = Path(root)
     if not root.is_dir():
         raise EmbedcacheError(f"{root}: no such folder; give a dataset folder or --image/--label pairs")
     cases: list[CaseSource] = []
     found_layout = False
-    for images_name, labels_name in _LAYOUTS:
+    for images_name, labels_name, subset in _LAYOUTS:
         images, labels = root / images_name, root / labels_name
         if not (images.is_dir() and labels.is_dir()):
             continue
@@ -470,7 +496,7 @@ def discover_cases(root: Path) -> list[CaseSource]:
             if label is None:
                 warnings.warn(f"{image}: no label {case}.nii.gz in {labels}; case skipped", stacklevel=2)
                 continue
-            cases.append(CaseSource(name=case, image=image, label=label))
+            cases.append(CaseSource(name=case, image=image, label=label, subset=subset))
     if not found_layout:
         raise EmbedcacheError(
             f"{root}: no images/ + labels/ (or imagesTr/ + labelsTr/) folders; lay the data out as FLARE22 does"

@@ -99,21 +99,25 @@ def test_score_reports_vanilla_against_finetuned(tmp_path, small_cache, tiny_mod
     run = tmp_path / "run"
     assert _run("finetune", small_cache, "--out", run, "--epochs", "1", "--batch-size", "2",
                 "--val-fraction", "0.34", "--device", "cpu", "--no-progress").exit_code == 0
-    result = _run("score", small_cache, "--run", run, "--out", tmp_path / "report", "--device", "cpu", "--no-progress")
+    result = _run("score", small_cache, "--run", run, "--out", tmp_path / "report", "--prompts", "oracle,box3d",
+                  "--device", "cpu", "--no-progress")
     assert result.exit_code == 0, result.output
     assert "right adrenal" in result.output and "difference" in result.output and "index.html" in result.output
+    assert "val cases (1): these validation cases chose the checkpoint" in result.output
     report = json.loads((tmp_path / "report" / "report.json").read_text())
     split = json.loads((run / "split.json").read_text())
-    assert sorted(report["cases"]) == split["val"] and report["models"] == ["vanilla", "finetuned"]
-    for label in ("7", "8"):
-        for model in ("vanilla", "finetuned"):
-            for metric in ("dice", "nsd", "dice_2d"):
-                assert 0.0 <= report["mean"][label][model][metric] <= 1.0
-    pictures = sorted((tmp_path / "report").glob("*.png"))
+    assert report["case_names"] == split["val"] and report["models"] == ["vanilla", "finetuned"]
+    assert sorted(report["cases"]["box3d"]) == split["val"] and report["made_by"]["epoch"] == 1
+    for protocol in ("oracle", "box3d"):
+        for label in ("7", "8"):
+            for model in ("vanilla", "finetuned"):
+                for metric in ("dice", "nsd", "dice_2d"):
+                    assert 0.0 <= report["summary"][protocol][label][model][metric]["mean"] <= 1.0
+    pictures = sorted((tmp_path / "report").glob("overlay-*.png"))
     assert len(pictures) == 4  # best and worst per gland
     page = (tmp_path / "report" / "index.html").read_text()
-    assert all(p.name in page for p in pictures)
-    assert (tmp_path / "report" / "cases.csv").read_text().count("\n") == 1 + 2 * 2 * len(split["val"])
+    assert all(p.name in page for p in pictures) and "learning_curve.png" in page
+    assert (tmp_path / "report" / "cases.csv").read_text().count("\n") == 1 + 2 * 2 * 2 * len(split["val"])
 
     # The vanilla weights given as the "fine-tuned" decoder score exactly as the vanilla decoder.
     from embedcache.backbones import load_backbone
@@ -129,9 +133,10 @@ def test_score_reports_vanilla_against_finetuned(tmp_path, small_cache, tiny_mod
                 "--device", "cpu", "--no-progress")
     assert same.exit_code == 0, same.output
     twin = json.loads((tmp_path / "r2" / "report.json").read_text())
-    for case in twin["cases"].values():
-        for by_model in case.values():
-            assert by_model["vanilla"] == by_model["finetuned"]
+    for by_case in twin["cases"].values():
+        for case in by_case.values():
+            for by_model in case.values():
+                assert by_model["vanilla"] == by_model["finetuned"]
     save_checkpoint(Checkpoint(decoder=vanilla, signature={**signature, "backbone": "vit_b"}, **made), tmp_path / "other.safetensors")
     _one_line_error(_run("score", small_cache, "--decoder", tmp_path / "other.safetensors", "--out", tmp_path / "r5"),
                     "decoder was trained on a cache with backbone=vit_b, not tiny")

@@ -3,6 +3,7 @@ from __future__ import annotations
 import dataclasses
 import errno
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -49,13 +50,17 @@ def test_cache_holds_masks_boxes_and_signature(tiny_model, phantom_dir, tmp_path
         label = read_label(cases[1].label)
         rows = range(case.first_row, case.first_row + case.n_rows)
         z = cache.slice_index[case.first_row : case.first_row + case.n_rows]
-        expected_z = np.flatnonzero(np.isin(label.array, [7, 8]).any(axis=(1, 2)))
+        held = np.flatnonzero(np.isin(label.array, [7, 8]).any(axis=(1, 2)))
+        # the glands' slices and the 2 margin slices beyond each end, inside the volume
+        expected_z = np.arange(max(0, held[0] - 2), min(label.array.shape[0], held[-1] + 3))
         np.testing.assert_array_equal(z, expected_z)
+        assert case.margin_slices == 2 and case.subset == "train"
         for row, k in zip(rows, z):
             target = np.where(np.isin(label.array[k], [7, 8]), label.array[k], 0)
             np.testing.assert_array_equal(cache.masks[row], resize_mask(target, (512, 512)))
             np.testing.assert_array_equal(cache.boxes[row], boxes_for_labels(cache.masks[row], (7, 8)))
             assert cache.case_index[row] == 1
+            assert np.isnan(cache.boxes[row]).all() == (k not in held)  # margin slices carry no box
         np.testing.assert_allclose(cache.spacing_mm[rows.start], case.spacing_mm)
         assert case.digest and case.spacing_mm == pytest.approx((2.5, 3.2, 3.2))
 
@@ -101,7 +106,31 @@ def test_rerun_skips_done_cases_and_adds_new_ones(tiny_model, phantom_copy, tmp_
     assert (summary.cases_resumed, summary.cases_encoded) == (2, 1)
     with store.open_cache(out) as cache:
         assert cache.cases[0].name == cases[0].name and cache.cases[0].n_rows == rows0 - 1
-        assert first_z not in cache.slice_index[: cache.cases[0].n_rows]
+        z = list(cache.slice_index[: cache.cases[0].n_rows])
+        assert first_z >= 2 and first_z - 2 not in z and np.isnan(cache.boxes[z.index(first_z)]).all()
+    # Asking for wider margins encodes every case again; narrower ones reuse what is there.
+    wider = dataclasses.replace(TINY, margin_slices=3)
+    assert _encode(cases, out, wider).cases_encoded == 3
+    assert _encode(cases, out, dataclasses.replace(TINY, margin_slices=1)).cases_encoded == 0
+
+
+def test_test_cases_are_marked_and_keep_their_embeddings_when_moved(tiny_model, phantom_copy, tmp_path):
+    (phantom_copy / "imagesTs").mkdir()
+    (phantom_copy / "labelsTs").mkdir()
+    for folder, suffix in (("images", "_0000.nii.gz"), ("labels", ".nii.gz")):
+        shutil.move(phantom_copy / f"{folder}Tr" / f"PHANTOM_0003{suffix}", phantom_copy / f"{folder}Ts")
+    out = tmp_path / "cache.h5"
+    _encode(discover_cases(phantom_copy), out)
+    with store.open_cache(out) as cache:
+        assert {c.name: c.subset for c in cache.cases} == {"PHANTOM_0001": "train", "PHANTOM_0002": "train",
+                                                          "PHANTOM_0003": "test"}
+        before = cache.embeddings[:]
+    for folder, suffix in (("images", "_0000.nii.gz"), ("labels", ".nii.gz")):
+        shutil.move(phantom_copy / f"{folder}Ts" / f"PHANTOM_0003{suffix}", phantom_copy / f"{folder}Tr")
+    assert _encode(discover_cases(phantom_copy), out).cases_encoded == 0
+    with store.open_cache(out) as cache:
+        assert {c.subset for c in cache.cases} == {"train"}
+        np.testing.assert_array_equal(cache.embeddings[:], before)
 
 
 def test_kill_9_then_resume_redoes_no_finished_case(tiny_checkpoint, tmp_path, monkeypatch):
@@ -158,7 +187,7 @@ def test_dicom_series_and_nifti_give_the_same_cached_slices(tiny_model, series_d
     _encode([CaseSource("case", series_dir, tmp_path / "label.nii.gz")], from_dicom)
     _encode([CaseSource("case", tmp_path / "ct.nii.gz", tmp_path / "label.nii.gz")], from_nifti)
     with store.open_cache(from_dicom) as a, store.open_cache(from_nifti) as b:
-        assert len(a) == 2
+        assert len(a) == 5  # slices 1 and 3 hold labels; with 2 margin slices, all five are cached
         for name in ("embeddings", "masks", "boxes", "slice_index", "spacing_mm"):
             np.testing.assert_array_equal(a._f[name][:], b._f[name][:])
 
@@ -220,8 +249,9 @@ def test_cached_fp16_embedding_decodes_like_end_to_end_litemedsam(phantom_dir, t
     backbone = get_backbone("litemedsam")
     parts, _ = load_backbone(backbone)
     with store.open_cache(out) as cache:
-        embedding = torch.from_numpy(cache.embeddings[:]).float()
-        box = torch.from_numpy(cache.boxes[0]) * backbone.box_scale(512)
+        row = list(cache.slice_index[:]).index(k)
+        embedding = torch.from_numpy(cache.embeddings[row : row + 1]).float()
+        box = torch.from_numpy(cache.boxes[row]) * backbone.box_scale(512)
     box = box[~torch.isnan(box).any(1)]
     with torch.no_grad():
         cached, _ = decode_boxes(parts.prompt_encoder, parts.mask_decoder, embedding, box[None])

@@ -12,8 +12,9 @@ from embedcache.cli import main
 from embedcache.errors import EmbedcacheError
 from embedcache.metrics import dice
 from embedcache.phantom import limit_target_slices
-from embedcache.predict import BoxPrompt, check_prompts
-from embedcache.volumes import discover_cases, read_label
+from embedcache.predict import read_boxes_file, requests_from_json
+from embedcache.protocols import box3d_from_label
+from embedcache.volumes import discover_cases, read_geometry, read_label
 
 
 @pytest.fixture
@@ -24,10 +25,22 @@ def one_slice_case(phantom_dir, tmp_path):
     return discover_cases(data)[0]
 
 
+def _predict(*args):
+    return CliRunner().invoke(main, ["predict", *map(str, args), "--device", "cpu"])
+
+
+def _file_corners(geometry, z0, z1, box):
+    """Canonical slices z0..z1 and pixel edges → the file's inclusive voxel corners, through the file's own layout."""
+    mask = np.zeros(geometry.shape_zyx, bool)
+    x0, y0, x1, y1 = (int(round(v)) for v in box)
+    mask[z0 : z1 + 1, y0:y1, x0:x1] = True
+    ijk = np.argwhere(geometry.to_source(mask))
+    return ijk.min(axis=0), ijk.max(axis=0)
+
+
 def test_predicted_nifti_keeps_the_input_grid_and_lands_on_the_ground_truth(one_slice_case, tmp_path):
     case = one_slice_case
-    result = CliRunner().invoke(main, ["predict", str(case.image), "--from-labels", str(case.label),
-                                       "--out", str(tmp_path / "pred"), "--device", "cpu"])
+    result = _predict(case.image, "--from-labels", case.label, "--prompts", "oracle", "--out", tmp_path / "pred")
     assert result.exit_code == 0, result.output
     out = tmp_path / "pred" / f"{case.name}.nii.gz"
     written, source = nib.load(out), nib.load(case.image)
@@ -36,36 +49,87 @@ def test_predicted_nifti_keeps_the_input_grid_and_lands_on_the_ground_truth(one_
     predicted, truth = read_label(out).array, read_label(case.label).array
     for label in (7, 8):
         assert dice(predicted == label, truth == label) > 0.5  # vanilla LiteMedSAM with exact boxes
-    # The same boxes as JSON give the same volume.
-    z = int(np.flatnonzero(np.isin(truth, (7, 8)).any(axis=(1, 2)))[0])
-    from embedcache.prompts import boxes_for_labels
-
-    boxes = boxes_for_labels(truth[z], (7, 8))
-    table = {case.name: [{"slice": z, "label": lab, "box": boxes[j].tolist()} for j, lab in enumerate((7, 8))]}
+    # The same boxes as JSON, in the file's own voxel indices, give the same volume.
+    geometry = read_geometry(case.image)
+    table = {case.name: []}
+    for label in (7, 8):
+        z = int(np.flatnonzero((truth == label).any(axis=(1, 2)))[0])
+        ys, xs = np.nonzero(truth[z] == label)
+        low, high = _file_corners(geometry, z, z, (xs.min(), ys.min(), xs.max() + 1, ys.max() + 1))
+        assert low[2] == high[2]  # the phantom's files are axial: one k
+        table[case.name].append({"slice": int(low[2]), "label": label, "box": [int(low[0]), int(low[1]), int(high[0]), int(high[1])]})
     (tmp_path / "boxes.json").write_text(json.dumps(table))
-    result = CliRunner().invoke(main, ["predict", str(case.image), "--boxes", str(tmp_path / "boxes.json"),
-                                       "--out", str(tmp_path / "pred2"), "--device", "cpu"])
+    result = _predict(case.image, "--boxes", tmp_path / "boxes.json", "--out", tmp_path / "pred2")
     assert result.exit_code == 0, result.output
     np.testing.assert_array_equal(read_label(tmp_path / "pred2" / f"{case.name}.nii.gz").array, predicted)
 
 
-def test_bad_boxes_are_refused_with_what_to_fix():
-    shape = (10, 64, 80)
-    with pytest.raises(EmbedcacheError, match="has x1 <= x0"):
-        check_prompts([BoxPrompt(2, 7, (30, 10, 20, 20))], shape, "boxes.json")
-    with pytest.raises(EmbedcacheError, match="outside the 80×64 px slice"):
-        check_prompts([BoxPrompt(2, 7, (30, 10, 90, 20))], shape, "boxes.json")
-    with pytest.raises(EmbedcacheError, match="slice 12, but the volume has slices 0..9"):
-        check_prompts([BoxPrompt(12, 7, (30, 10, 40, 20))], shape, "boxes.json")
+def test_a_3d_box_in_voxels_or_millimetres_segments_as_box3d_from_the_label(phantom_dir, tmp_path):
+    case = discover_cases(phantom_dir)[0]
+    data = tmp_path / "data"
+    shutil.copytree(phantom_dir, data)
+    limit_target_slices(data, per_case=3)
+    case = discover_cases(data)[0]
+    truth, geometry = read_label(case.label), read_geometry(case.image)
+    margin = ["--box-margin-mm", "0", "--box-margin-slices", "1"]
+    result = _predict(case.image, "--from-labels", case.label, "--prompts", "box3d", *margin, "--out", tmp_path / "a")
+    assert result.exit_code == 0, result.output
+    from_labels = read_label(tmp_path / "a" / f"{case.name}.nii.gz").array
+    box = box3d_from_label(truth.array == 7, truth.spacing_mm, margin_mm=0.0, margin_slices=1)
+    low, high = _file_corners(geometry, box.z0, box.z1, box.box)
+    world = [nib.affines.apply_affine(geometry.source_affine, corner).tolist() for corner in (low, high)]
+    world_box = [min(world[0][i], world[1][i]) for i in range(3)] + [max(world[0][i], world[1][i]) for i in range(3)]
+    for name, entry in (("voxel", {"label": 7, "box3d": [*map(int, low), *map(int, high)]}),
+                        ("world", {"label": 7, "box3d": world_box, "space": "world"})):
+        (tmp_path / f"{name}.json").write_text(json.dumps({case.name: [entry]}))
+        result = _predict(case.image, "--boxes", tmp_path / f"{name}.json", "--out", tmp_path / name, *margin)
+        assert result.exit_code == 0, result.output
+        given = read_label(tmp_path / name / f"{case.name}.nii.gz").array
+        np.testing.assert_array_equal(given == 7, from_labels == 7, err_msg=name)
+    assert (from_labels == 7).any()
+
+
+def test_bad_boxes_are_refused_with_what_to_fix(one_slice_case, tmp_path):
+    geometry = read_geometry(one_slice_case.image)
+    i, j, k = geometry.source_shape
+    path, name = tmp_path / "b.json", one_slice_case.name
+
+    def refused(entry, match, labels=(7, 8)):
+        with pytest.raises(EmbedcacheError, match=match):
+            requests_from_json({name: [entry]}, path, one_slice_case.image, geometry, labels)
+
+    refused({"label": 7, "box3d": [30, 10, 5, 20, 20, 6]}, r"\[0\]: box is inverted")
+    refused({"label": 7, "box3d": [i + 5, 0, 0, i + 9, 9, 2]}, "lies outside the volume")
+    refused({"label": 7, "box3d": [1, 1, 1, "a", 5, 5]}, "box3d needs 6 numbers|could not convert")
+    refused({"label": 7, "box3d": [1, 1, 1, float("nan"), 5, 5]}, "NaN or infinite")
+    refused({"label": 9, "box3d": [1, 1, 1, 5, 5, 5]}, r"label 9 is not one the decoder was trained for \(7, 8\)")
+    refused({"label": 7, "slice": 2, "box": [1, 1, 5]}, "box needs 4 numbers")
+    refused({"box3d": [1, 1, 1, 5, 5, 5]}, "missing 'label'")
+    refused({"label": 7, "box3d": [1, 1, 1, 5, 5, 5], "space": "ras"}, "space must be one of voxel, world, lps")
+    (tmp_path / "list.json").write_text("[1, 2]")
+    with pytest.raises(EmbedcacheError, match=r"list.json: expected an object"):
+        read_boxes_file(tmp_path / "list.json")
+    good = requests_from_json({name: [{"label": 7, "box3d": [0, 0, 0, i - 1, j - 1, k - 1]}]}, path,
+                              one_slice_case.image, geometry, (7, 8))
+    assert good[0].box.z0 == 0 and good[0].box.z1 == k - 1 and good[0].box.box == (0.0, 0.0, float(i), float(j))
 
 
 def test_an_unreadable_input_is_reported_and_the_rest_go_on(one_slice_case, tmp_path):
     broken = tmp_path / "BROKEN_0000.nii.gz"
     broken.write_bytes(b"not a nifti")
     labels = one_slice_case.label.parent
-    result = CliRunner().invoke(main, ["predict", str(broken), str(one_slice_case.image), "--from-labels", str(labels),
-                                       "--out", str(tmp_path / "pred"), "--device", "cpu"])
+    result = _predict(broken, one_slice_case.image, "--from-labels", labels, "--prompts", "oracle", "--out", tmp_path / "p")
     assert result.exit_code == 1
     assert "BROKEN_0000.nii.gz: not a readable NIfTI" in result.output
-    assert (tmp_path / "pred" / f"{one_slice_case.name}.nii.gz").is_file()
+    assert (tmp_path / "p" / f"{one_slice_case.name}.nii.gz").is_file()
     assert "1 input(s) failed" in result.output
+
+
+def test_two_inputs_for_one_output_are_refused_before_any_work(one_slice_case, tmp_path):
+    twin = tmp_path / "elsewhere"
+    twin.mkdir()
+    shutil.copy(one_slice_case.image, twin / one_slice_case.image.name)
+    result = _predict(one_slice_case.image, twin / one_slice_case.image.name, "--from-labels", one_slice_case.label,
+                      "--out", tmp_path / "p")
+    assert result.exit_code == 2 and "would both be written to" in result.output
+    assert not (tmp_path / "p").exists()

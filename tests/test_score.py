@@ -1,55 +1,113 @@
-"""score: 3-D masks stacked from per-slice decodes, FLARE22 metrics per case and gland, the report files."""
+"""score: each protocol on the cached embeddings, 3-D metrics per case and gland, the case set, the report."""
 
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
-import torch
+from click.testing import CliRunner
 
+from embedcache import cache as store
 from embedcache import score as score_module
-from embedcache.cache import open_cache
-from embedcache.metrics import dice
+from embedcache.cli import main
+from embedcache.errors import EmbedcacheError
+from embedcache.protocols import ProtocolSettings
 from embedcache.volumes import read_label
 
 
-def _constant_decoder(value: float):
-    """A stand-in for the decoder whose logits are ``value`` everywhere: every prompt's mask is its whole slice."""
+def _stand_in_segmenter(self, prompt_encoder, mask_decoder, **size):
+    """For any model: the ground truth (any target label) inside the box where the slice holds it, else the
+    whole box: perfect on the gland, a false positive beyond it."""
+    truth = np.isin(read_label(self.case.label).array, (7, 8))
 
-    def decode(prompt_encoder, mask_decoder, embeddings, boxes, **kw):
-        n = len(boxes)
-        return torch.full((n, 1, 256, 256), value), torch.zeros(n, 1)
+    def segment(zs, boxes):
+        self.rows(zs)  # only cached slices can be asked for
+        masks = []
+        for z, (x0, y0, x1, y1) in zip(zs, boxes):
+            inside = np.zeros(truth.shape[1:], bool)
+            inside[int(y0) : int(np.ceil(y1)), int(x0) : int(np.ceil(x1))] = True
+            masks.append(truth[z] & inside if (truth[z] & inside).any() else inside)
+        return np.array(masks)
 
-    return decode
-
-
-def test_whole_slice_masks_score_exactly_as_counted_by_hand(small_cache, tiny_model, tmp_path, monkeypatch):
-    monkeypatch.setattr(score_module, "decode_boxes", _constant_decoder(10.0))
-    report = score_module.score(small_cache, tmp_path / "r", cases="all", device="cpu")
-    with open_cache(small_cache) as cache:
-        for case in cache.cases:
-            truth = read_label(case.label).array
-            present = cache.present(case.rows)
-            for j, label in enumerate(cache.labels):
-                predicted = np.zeros(truth.shape, bool)
-                predicted[cache.slice_index[case.rows][present[:, j]]] = True  # whole slices that had a box
-                expected = dice(predicted, truth == label)
-                assert report["cases"][case.name][str(label)]["vanilla"]["dice"] == pytest.approx(expected)
-                assert 0 < expected < 0.2  # a gland fills a small part of its slices
-    means = report["mean"]["7"]["vanilla"]
-    assert means["dice"] == pytest.approx(np.mean([c["7"]["vanilla"]["dice"] for c in report["cases"].values()]))
-    assert json.loads((tmp_path / "r" / "report.json").read_text())["mean"] == report["mean"]
+    return segment
 
 
-def test_empty_predictions_score_zero_and_files_are_complete(small_cache, tiny_model, tmp_path, monkeypatch):
-    monkeypatch.setattr(score_module, "decode_boxes", _constant_decoder(-10.0))
-    report = score_module.score(small_cache, tmp_path / "r", cases="all", device="cpu")
-    for by_label in report["cases"].values():
-        for by_model in by_label.values():
-            assert by_model["vanilla"]["dice"] == 0.0 and by_model["vanilla"]["nsd"] == 0.0
-    assert report["nsd_tolerance_mm"] == {"7": 2.0, "8": 2.0}
-    assert report["labels"] == {"7": "right adrenal", "8": "left adrenal"}
-    rows = (tmp_path / "r" / "cases.csv").read_text().splitlines()
-    assert rows[0] == "case,label,model,dice,nsd,dice_2d" and len(rows) == 1 + 3 * 2
-    assert not list((tmp_path / "r").glob("*.partial"))
+def test_oracle_is_perfect_where_box3d_pays_for_slices_beyond_the_gland(small_cache, tiny_model, tmp_path, monkeypatch):
+    monkeypatch.setattr(score_module.CachedCase, "segmenter", _stand_in_segmenter)
+    report = score_module.score(small_cache, tmp_path / "r", device="cpu", settings=ProtocolSettings(grow_mm=50.0))
+    assert report["case_set"] == "all" and "none is marked as held out" in report["case_set_note"]
+    assert list(report["cases"]) == ["oracle", "jitter", "box3d"] and report["models"] == ["vanilla"]
+    for case, by_label in report["cases"]["oracle"].items():
+        for label, by_model in by_label.items():
+            assert by_model["vanilla"]["dice"] == 1.0 and by_model["vanilla"]["nsd"] == 1.0
+            box3d = report["cases"]["box3d"][case][label]["vanilla"]
+            assert box3d["dice"] < 1.0 and box3d["dice_2d"] == 1.0  # right on every gland slice, wrong beyond
+    summary = report["summary"]["box3d"]["7"]["vanilla"]["dice"]
+    values = [c["7"]["vanilla"]["dice"] for c in report["cases"]["box3d"].values()]
+    assert summary == {"mean": pytest.approx(np.mean(values)), "sd": pytest.approx(np.std(values)), "n": 3}
+    out = tmp_path / "r"
+    assert json.loads((out / "report.json").read_text())["summary"] == json.loads(json.dumps(report["summary"]))
+    rows = (out / "cases.csv").read_text().splitlines()
+    assert rows[0] == "protocol,case,label,model,dice,nsd,dice_2d" and len(rows) == 1 + 3 * 3 * 2
+    assert (out / "dice.png").stat().st_size > 5000 and len(list(out.glob("overlay-*.png"))) == 4
+    page = (out / "index.html").read_text()
+    assert "box3d" in page and "dice.png" in page and all(p.name in page for p in out.glob("overlay-*.png"))
+    assert not list(out.glob("*.partial"))
+
+
+def test_box3d_needs_the_cached_margin_slices(small_cache, tiny_model, tmp_path, monkeypatch):
+    monkeypatch.setattr(score_module.CachedCase, "segmenter", _stand_in_segmenter)
+    with pytest.raises(EmbedcacheError, match=r"has no embedding of slice \d+.*--margin-slices .*the cache has 2"):
+        score_module.score(small_cache, tmp_path / "r", device="cpu", prompts=("box3d",),
+                           settings=ProtocolSettings(margin_slices=4))
+
+
+def _with_test_case(small_cache, tmp_path):
+    with store.open_cache(small_cache) as cache:
+        records, signature = cache.cases, cache.signature
+    records = [replace(r, subset="test") if r.name == records[-1].name else r for r in records]
+    out = tmp_path / "with_test.h5"
+    store.merge(out, signature=signature, sources=[(small_cache, records)], slice_size=512)
+    return out, records[-1].name
+
+
+def test_held_out_test_cases_are_scored_by_default(small_cache, tiny_model, tmp_path, monkeypatch):
+    monkeypatch.setattr(score_module.CachedCase, "segmenter", _stand_in_segmenter)
+    cache, test_case = _with_test_case(small_cache, tmp_path)
+    report = score_module.score(cache, tmp_path / "r", device="cpu", prompts=("oracle",))
+    assert report["case_set"] == "test" and report["case_names"] == [test_case]
+    assert "held out" in report["case_set_note"]
+    every = score_module.score(cache, tmp_path / "r2", device="cpu", prompts=("oracle",), cases="all")
+    assert len(every["case_names"]) == 3
+    with pytest.raises(EmbedcacheError, match="--cases val needs --run"):
+        score_module.score(cache, tmp_path / "r3", device="cpu", cases="val")
+
+
+def test_evaluate_on_predicts_output_reproduces_scores_box3d(small_cache, tiny_model, tmp_path):
+    """The same 3-D boxes through predict (embeddings on the fly) and score (cached) give the same masks."""
+    run = CliRunner()
+    assert run.invoke(main, ["finetune", str(small_cache), "--out", str(tmp_path / "run"), "--epochs", "1",
+                             "--batch-size", "2", "--val-fraction", "0.34", "--device", "cpu", "--no-progress"]).exit_code == 0
+    scored = run.invoke(main, ["score", str(small_cache), "--run", str(tmp_path / "run"), "--cases", "all", "--prompts",
+                               "box3d", "--out", str(tmp_path / "score"), "--device", "cpu", "--no-progress"])
+    assert scored.exit_code == 0, scored.output
+    assert "prompts: box3d" in scored.output and "every case in the cache, the training cases included" in scored.output
+    with store.open_cache(small_cache) as cache:
+        images = [c.image for c in cache.cases]
+        labels = str(cache.cases[0].label).rsplit("/", 1)[0]
+    predicted = run.invoke(main, ["predict", *images, "--run", str(tmp_path / "run"), "--from-labels", labels,
+                                  "--prompts", "box3d", "--out", str(tmp_path / "pred"), "--device", "cpu"])
+    assert predicted.exit_code == 0, predicted.output
+    evaluated = run.invoke(main, ["evaluate", str(tmp_path / "pred"), labels, "--out", str(tmp_path / "eval"),
+                                  "--no-progress"])
+    assert evaluated.exit_code == 0, evaluated.output
+    score_report = json.loads((tmp_path / "score" / "report.json").read_text())["cases"]["box3d"]
+    eval_report = json.loads((tmp_path / "eval" / "report.json").read_text())["cases"]["given"]
+    assert sorted(score_report) == sorted(eval_report)
+    for case, by_label in score_report.items():
+        for label, by_model in by_label.items():
+            assert eval_report[case][label]["prediction"] == by_model["finetuned"], (case, label)
+    learning = tmp_path / "score" / "learning_curve.png"
+    assert learning.is_file() and "learning_curve.png" in (tmp_path / "score" / "index.html").read_text()

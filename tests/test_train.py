@@ -200,8 +200,9 @@ def test_export_loads_in_plain_segment_anything_with_the_finetuned_decoder(tiny_
         torch.testing.assert_close(sam.mask_decoder.state_dict()[key], value)
 
     with store.open_cache(small_cache) as cache:
-        embedding = torch.from_numpy(cache.embeddings[0:1]).float()
-        box = torch.from_numpy(cache.boxes[0])
+        row = int(np.flatnonzero(cache.present().any(axis=1))[0])
+        embedding = torch.from_numpy(cache.embeddings[row : row + 1]).float()
+        box = torch.from_numpy(cache.boxes[row])
     box = box[~torch.isnan(box).any(1)][:1]
     predictor = SamPredictor(sam)
     predictor.features, predictor.is_image_set = embedding, True

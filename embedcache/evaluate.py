@@ -1,0 +1,75 @@
+"""``embedcache evaluate``: FLARE22's Dice and NSD of any folder of label NIfTIs against ground truth.
+
+Predictions and labels are matched by case name (``PRED/CASE.nii.gz`` ↔ ``LABELS/CASE.nii.gz``) and
+compared on the label's voxels, so embedcache's ``predict`` output can stand beside nnU-Net's or
+TotalSegmentator's. The report is the one ``score`` writes (:mod:`embedcache.report`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from embedcache import labels as flare
+from embedcache.errors import EmbedcacheError
+from embedcache.files import make_output_folder
+from embedcache.metrics import gland_metrics
+from embedcache.report import write_report
+from embedcache.volumes import NIFTI_SUFFIXES, check_same_grid, is_nifti, read_label
+
+PROTOCOL = "given"
+
+
+def _by_case(folder: Path) -> dict[str, Path]:
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise EmbedcacheError(f"{folder}: no such folder; give a folder of CASE.nii.gz label volumes")
+    found = {}
+    for path in sorted(folder.iterdir()):
+        if is_nifti(path):
+            name = path.name
+            for suffix in NIFTI_SUFFIXES[::-1]:  # .nii.gz before .nii
+                if name.endswith(suffix):
+                    name = name[: -len(suffix)]
+                    break
+            found[name] = path
+    return found
+
+
+def evaluate(pred_dir: Path, labels_dir: Path, out_dir: Path, *, labels=flare.ADRENALS, name: str = "prediction",
+             progress=None, log=print) -> dict:
+    """Score every prediction in ``pred_dir`` against its label in ``labels_dir``; write the report to
+    ``out_dir``. A case without a prediction, or on another grid, is reported and the rest scored."""
+    truths, predictions = _by_case(labels_dir), _by_case(pred_dir)
+    if not truths:
+        raise EmbedcacheError(f"{labels_dir}: holds no .nii or .nii.gz label volumes")
+    make_output_folder(out_dir)
+    results, errors = {}, {}
+    task = progress.add_task("evaluating", total=len(truths)) if progress else None
+    for case, truth_path in truths.items():
+        try:
+            if case not in predictions:
+                raise EmbedcacheError(f"{Path(pred_dir) / (case + '.nii.gz')}: no prediction for this case")
+            truth, pred = read_label(truth_path), read_label(predictions[case])
+            check_same_grid(truth.geometry, pred.geometry, image_path=truth_path, label_path=predictions[case])
+            results[case] = {
+                str(label): {name: gland_metrics(pred.array == label, truth.array == label,
+                                                 spacing_mm=truth.spacing_mm, label=label)}
+                for label in labels
+            }
+        except EmbedcacheError as exc:
+            errors[case] = str(exc)
+            log(f"error: {exc}")
+        if progress:
+            progress.advance(task)
+    if not results:
+        raise EmbedcacheError(f"{pred_dir}: no case could be scored ({next(iter(errors.values()))})")
+    report = {
+        "kind": "evaluate", "case_set": "given", "case_names": list(results),
+        "case_set_note": f"every case of {labels_dir} with a prediction in {pred_dir}",
+        "made_by": {"predictions": str(pred_dir), "labels": str(labels_dir)},
+        "prompts": {PROTOCOL: f"the masks in {pred_dir}, however they were made"},
+        "models": [name], "labels": {str(k): flare.name(k) for k in labels},
+        "nsd_tolerance_mm": {str(k): flare.tolerance_mm(k) for k in labels},
+        "cases": {PROTOCOL: results}, "errors": errors,
+    }
+    return write_report(out_dir, report)

@@ -1,0 +1,183 @@
+"""Prompt protocols: which boxes the decoder gets, slice by slice, for one gland of one volume.
+
+* ``oracle``: the tight ground-truth box on every slice that holds the gland. An upper bound: no
+  one draws this, and it never asks the decoder about a slice without the gland.
+* ``jitter``: the same boxes with every edge moved by a seeded random fraction of the box's
+  width or height: a person's sloppy drawing on every slice.
+* ``box3d``: one 3-D box per gland, as a person draws it (from the label, enlarged by a margin in
+  mm and in slices, or given). Segmentation starts on the box's middle slice with the box's own
+  (x, y) extent, then walks up and down: each next slice is prompted with the box of the previous
+  slice's mask, grown by a few mm and kept inside the 3-D box, until the mask vanishes or the box
+  ends. Every slice of the box's z-range belongs to the prediction, so a mask the decoder draws
+  above or below the gland counts against it. This is the MedSAM / LiteMedSAM way of segmenting CT
+  from a 3-D box (their reference scripts fall back to the middle slice's box where a mask vanishes;
+  embedcache stops there, as a person would expect).
+
+Everything here works on one canonical ``(z, y, x)`` volume; boxes are ``(x0, y0, x1, y1)`` pixel
+edges of its axial slices (``x1`` = last column + 1). The decoder is behind a :data:`Segment`
+callable, so ``score`` (cached embeddings) and ``predict`` (embeddings computed on the fly) run the
+very same protocol code.
+"""
+
+from __future__ import annotations
+
+import zlib
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+
+from embedcache.errors import UsageError
+from embedcache.prompts import box_from_mask, jitter_boxes
+
+PROTOCOLS = ("oracle", "jitter", "box3d")
+DESCRIPTIONS = {
+    "oracle": "tight ground-truth box on every slice of the gland (an upper bound)",
+    "jitter": "ground-truth boxes with every edge moved by a seeded random fraction of the box size",
+    "box3d": "one 3-D box per gland, propagated slice by slice from its middle slice (the realistic one)",
+}
+
+#: ``segment(z, boxes)``: ``(k,)`` slice indices and ``(k, 4)`` boxes → ``(k, y, x)`` bool masks.
+Segment = Callable[[np.ndarray, np.ndarray], np.ndarray]
+#: Prompts decoded in one call for the oracle and jitter protocols.
+CHUNK = 16
+
+
+@dataclass(frozen=True)
+class ProtocolSettings:
+    """How the protocols draw their boxes; saved in every report."""
+
+    jitter: float = 0.1  # jitter: each edge moves by up to this fraction of the box's width or height
+    seed: int = 0  # jitter: the same seed, case and label give the same boxes
+    margin_mm: float = 3.0  # box3d from a label: the 3-D box is this much larger in-plane ...
+    margin_slices: int = 1  # ... and this many slices longer at each end
+    grow_mm: float = 3.0  # box3d: the box of the previous slice's mask, grown by this much
+
+    def __post_init__(self):
+        if not 0 <= self.jitter < 1:
+            raise UsageError(f"--jitter must lie in [0, 1), got {self.jitter}")
+        if not (0 <= self.margin_mm <= 100 and 0 <= self.grow_mm <= 100):
+            raise UsageError("--margin-mm and --grow-mm must lie in 0..100 mm")
+        if not 0 <= self.margin_slices <= 50:
+            raise UsageError(f"--margin-slices must lie in 0..50, got {self.margin_slices}")
+
+
+def parse_protocols(text: str) -> tuple[str, ...]:
+    names = tuple(p.strip() for p in text.split(",") if p.strip())
+    unknown = [p for p in names if p not in PROTOCOLS]
+    if unknown or not names:
+        raise UsageError(f"--prompts {text}: choose from {', '.join(PROTOCOLS)} (comma-separated)")
+    return names
+
+
+@dataclass(frozen=True)
+class Box3D:
+    """A 3-D box on the canonical volume: slices ``z0..z1`` (inclusive) and an in-plane box (pixel edges)."""
+
+    z0: int
+    z1: int
+    box: tuple[float, float, float, float]
+
+    def clipped(self, shape_zyx) -> "Box3D":
+        depth, height, width = shape_zyx
+        x0, y0, x1, y1 = self.box
+        return Box3D(max(0, self.z0), min(depth - 1, self.z1),
+                     (max(0.0, x0), max(0.0, y0), min(float(width), x1), min(float(height), y1)))
+
+    def check(self, shape_zyx, source: str) -> None:
+        """Refuse a box that is inverted or lies outside the volume, naming ``source``."""
+        depth, height, width = shape_zyx
+        x0, y0, x1, y1 = self.box
+        if not np.isfinite([self.z0, self.z1, *self.box]).all():
+            raise UsageError(f"{source}: box has a NaN or infinite coordinate")
+        if self.z1 < self.z0 or x1 <= x0 or y1 <= y0:
+            raise UsageError(f"{source}: box is inverted or empty (slices {self.z0}..{self.z1}, in-plane {list(self.box)})")
+        if self.z1 < 0 or self.z0 >= depth or x1 <= 0 or y1 <= 0 or x0 >= width or y0 >= height:
+            raise UsageError(f"{source}: box lies outside the volume of {width}×{height}×{depth} voxels")
+
+
+@dataclass
+class Prediction:
+    """One gland's prediction: the ``(z, y, x)`` mask and the box each decoded slice was given."""
+
+    mask: np.ndarray
+    boxes: dict[int, tuple[float, float, float, float]] = field(default_factory=dict)
+
+
+def tight_boxes(truth: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Slices holding ``truth`` (bool ``(z, y, x)``) and their tight boxes ``(k, 4)``."""
+    zs = np.flatnonzero(truth.any(axis=(1, 2)))
+    boxes = np.array([box_from_mask(truth[z]) for z in zs], dtype=np.float32).reshape(-1, 4)
+    return zs, boxes
+
+
+def box3d_from_label(truth: np.ndarray, spacing_mm, *, margin_mm: float, margin_slices: int) -> Box3D | None:
+    """The 3-D box a person would draw around ``truth``: its extent grown by ``margin_mm`` in-plane and
+    ``margin_slices`` at each end, clipped to the volume; None when ``truth`` is empty."""
+    zs = np.flatnonzero(truth.any(axis=(1, 2)))
+    if zs.size == 0:
+        return None
+    x0, y0, x1, y1 = box_from_mask(truth.any(axis=0))
+    gy, gx = margin_mm / spacing_mm[1], margin_mm / spacing_mm[2]
+    box = Box3D(int(zs[0]) - margin_slices, int(zs[-1]) + margin_slices, (x0 - gx, y0 - gy, x1 + gx, y1 + gy))
+    return box.clipped(truth.shape)
+
+
+def propagate(box: Box3D, segment: Segment, shape_zyx, *, grow_px: tuple[float, float]) -> Prediction:
+    """The ``box3d`` walk: the middle slice with the box's own extent, then slice by slice up and down,
+    each prompted with the previous mask's box grown by ``grow_px`` = ``(x, y)`` and kept inside ``box``."""
+    prediction = Prediction(np.zeros(shape_zyx, bool))
+    middle = (box.z0 + box.z1) // 2
+    first = segment(np.array([middle]), np.array([box.box], np.float32))[0]
+    prediction.mask[middle], prediction.boxes[middle] = first, box.box
+    for step in (1, -1):
+        previous, z = first, middle + step
+        while box.z0 <= z <= box.z1 and previous.any():
+            x0, y0, x1, y1 = box_from_mask(previous)
+            grown = (max(x0 - grow_px[0], box.box[0]), max(y0 - grow_px[1], box.box[1]),
+                     min(x1 + grow_px[0], box.box[2]), min(y1 + grow_px[1], box.box[3]))
+            if grown[2] <= grown[0] or grown[3] <= grown[1]:
+                break
+            previous = segment(np.array([z]), np.array([grown], np.float32))[0]
+            prediction.mask[z], prediction.boxes[z] = previous, grown
+            z += step
+    return prediction
+
+
+def _per_slice(zs: np.ndarray, boxes: np.ndarray, segment: Segment, shape_zyx) -> Prediction:
+    prediction = Prediction(np.zeros(shape_zyx, bool))
+    for start in range(0, len(zs), CHUNK):
+        masks = segment(zs[start : start + CHUNK], boxes[start : start + CHUNK])
+        for z, box, mask in zip(zs[start : start + CHUNK], boxes[start : start + CHUNK], masks):
+            prediction.mask[z] |= mask
+            prediction.boxes[int(z)] = tuple(float(v) for v in box)
+    return prediction
+
+
+def jitter_rng(settings: ProtocolSettings, case: str, label: int) -> np.random.Generator:
+    """The same boxes for the same seed, case and label, whatever else is scored."""
+    return np.random.default_rng([settings.seed, zlib.crc32(case.encode()), int(label)])
+
+
+def run(protocol: str, segment: Segment, *, truth: np.ndarray, spacing_mm, settings: ProtocolSettings,
+        case: str, label: int) -> Prediction:
+    """Segment one gland (``truth``: its bool ``(z, y, x)`` ground truth) under ``protocol``."""
+    shape = truth.shape
+    if protocol in ("oracle", "jitter"):
+        zs, boxes = tight_boxes(truth)
+        if protocol == "jitter":
+            boxes = jitter_boxes(boxes, fraction=settings.jitter, rng=jitter_rng(settings, case, label))
+            boxes[:, 0::2] = np.clip(boxes[:, 0::2], 0, shape[2])
+            boxes[:, 1::2] = np.clip(boxes[:, 1::2], 0, shape[1])
+        return _per_slice(zs, boxes, segment, shape)
+    if protocol == "box3d":
+        box = box3d_from_label(truth, spacing_mm, margin_mm=settings.margin_mm, margin_slices=settings.margin_slices)
+        if box is None:
+            return Prediction(np.zeros(shape, bool))
+        return propagate(box, segment, shape, grow_px=grow_px(settings, spacing_mm))
+    raise UsageError(f"unknown prompt protocol {protocol}; choose from {', '.join(PROTOCOLS)}")
+
+
+def grow_px(settings: ProtocolSettings, spacing_mm) -> tuple[float, float]:
+    """``grow_mm`` in pixels along ``(x, y)``."""
+    return settings.grow_mm / spacing_mm[2], settings.grow_mm / spacing_mm[1]

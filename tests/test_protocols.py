@@ -1,0 +1,104 @@
+"""The prompt protocols on a synthetic volume, with a stand-in decoder whose answers are known."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from embedcache.errors import UsageError
+from embedcache.protocols import Box3D, ProtocolSettings, box3d_from_label, parse_protocols, propagate, run, tight_boxes
+
+SHAPE = (10, 40, 50)
+
+
+def _gland() -> np.ndarray:
+    truth = np.zeros(SHAPE, bool)
+    truth[3:7, 10:20, 15:30] = True  # slices 3..6
+    truth[5, 12:22, 17:33] = True  # it moves a little
+    return truth
+
+
+def _stand_in(truth: np.ndarray, calls: list):
+    """The ground truth inside the box where the slice holds it; elsewhere the whole box (a false positive)."""
+
+    def segment(zs, boxes):
+        masks = []
+        for z, (x0, y0, x1, y1) in zip(zs, boxes):
+            calls.append(int(z))
+            inside = np.zeros(SHAPE[1:], bool)
+            inside[int(y0) : int(np.ceil(y1)), int(x0) : int(np.ceil(x1))] = True
+            masks.append(truth[z] & inside if (truth[z] & inside).any() else inside)
+        return np.array(masks)
+
+    return segment
+
+
+def test_oracle_gets_the_tight_box_of_every_slice_and_nothing_else():
+    truth, calls = _gland(), []
+    prediction = run("oracle", _stand_in(truth, calls), truth=truth, spacing_mm=(2.5, 1, 1),
+                     settings=ProtocolSettings(), case="c", label=7)
+    np.testing.assert_array_equal(prediction.mask, truth)
+    assert calls == [3, 4, 5, 6]
+    assert prediction.boxes[5] == (15.0, 10.0, 33.0, 22.0) and prediction.boxes[3] == (15.0, 10.0, 30.0, 20.0)
+
+
+def test_box3d_counts_the_false_positive_on_the_slice_beyond_the_gland():
+    truth, calls = _gland(), []
+    settings = ProtocolSettings(margin_mm=0.0, margin_slices=1, grow_mm=5.0)  # enough to follow the gland
+    prediction = run("box3d", _stand_in(truth, calls), truth=truth, spacing_mm=(2.5, 1, 1), settings=settings,
+                     case="c", label=7)
+    box = box3d_from_label(truth, (2.5, 1, 1), margin_mm=0.0, margin_slices=1)
+    assert (box.z0, box.z1, box.box) == (2, 7, (15.0, 10.0, 33.0, 22.0))
+    assert calls[0] == 4  # the middle slice of 2..7 first, then up, then down
+    assert sorted(calls) == [2, 3, 4, 5, 6, 7]
+    # slices 2 and 7 hold no gland: the stand-in draws a box there, which box3d must count
+    for z in (2, 7):
+        assert prediction.mask[z].any() and not truth[z].any()
+    np.testing.assert_array_equal(prediction.mask[3:7], truth[3:7])
+    false = prediction.mask[2].sum() + prediction.mask[7].sum()
+    dice = 2 * truth.sum() / (2 * truth.sum() + false)
+    from embedcache.metrics import dice as dice_of
+
+    assert dice_of(prediction.mask, truth) == pytest.approx(dice) and dice < 0.9
+
+
+def test_box3d_stops_where_the_mask_vanishes_and_keeps_boxes_inside_the_3d_box():
+    truth, calls = _gland(), []
+
+    def vanishes_above_5(zs, boxes):
+        masks = _stand_in(truth, calls)(zs, boxes)
+        masks[np.asarray(zs) > 5] = False
+        return masks
+
+    box = Box3D(1, 8, (14.0, 9.0, 34.0, 23.0))
+    prediction = propagate(box, vanishes_above_5, SHAPE, grow_px=(50.0, 50.0))
+    assert sorted(calls) == [1, 2, 3, 4, 5, 6]  # 6 came back empty: 7 and 8 are never asked
+    assert not prediction.mask[6:].any()
+    for given in prediction.boxes.values():  # grown by 50 px, yet never beyond the 3-D box
+        assert given[0] >= 14 and given[1] >= 9 and given[2] <= 34 and given[3] <= 23
+
+
+def test_jitter_moves_every_edge_the_same_way_for_the_same_seed():
+    truth = _gland()
+    boxes = {}
+    for seed in (0, 0, 1):
+        prediction = run("jitter", _stand_in(truth, []), truth=truth, spacing_mm=(2.5, 1, 1),
+                         settings=ProtocolSettings(jitter=0.2, seed=seed), case="c", label=7)
+        boxes.setdefault(seed, []).append(prediction.boxes)
+    assert boxes[0][0] == boxes[0][1] and boxes[0][0] != boxes[1][0]
+    _, tight = tight_boxes(truth)
+    moved = np.array(list(boxes[0][0].values())) - tight
+    size = np.concatenate([tight[:, 2:] - tight[:, :2]] * 2, axis=1)
+    assert (np.abs(moved) <= 0.2 * size + 1e-4).all() and np.abs(moved).max() > 0
+
+
+def test_protocol_names_and_settings_are_checked():
+    assert parse_protocols("box3d,oracle") == ("box3d", "oracle")
+    with pytest.raises(UsageError, match="choose from oracle, jitter, box3d"):
+        parse_protocols("tight")
+    with pytest.raises(UsageError, match="--jitter"):
+        ProtocolSettings(jitter=1.5)
+    with pytest.raises(UsageError, match="inverted"):
+        Box3D(5, 3, (1, 1, 4, 4)).check(SHAPE, "boxes.json")
+    with pytest.raises(UsageError, match="outside the volume"):
+        Box3D(0, 3, (60, 1, 70, 4)).check(SHAPE, "boxes.json")
