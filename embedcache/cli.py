@@ -542,14 +542,17 @@ def _print_info(path: Path) -> None:
             f"labels {sig['labels']}",
             markup=False,
         )
-        table = Table("case", "slices", *[f"boxes {label}" for label in cache.labels], "spacing (z, y, x) mm")
+        table = Table("case", "set", "slices", *[f"boxes {label}" for label in cache.labels], "margin",
+                      "spacing z, y, x (mm)")
         for case in cache.cases:
             table.add_row(
-                case.name, str(case.n_rows), *[str(int(present[case.rows, j].sum())) for j in range(len(cache.labels))],
-                ", ".join(f"{s:.2f}" for s in case.spacing_mm),
+                case.name, case.subset, str(case.n_rows),
+                *[str(int(present[case.rows, j].sum())) for j in range(len(cache.labels))], str(case.margin_slices),
+                ", ".join(f"{s:.3g}" for s in case.spacing_mm),
             )
         table.add_section()
-        table.add_row("total", str(len(cache)), *[str(int(present[:, j].sum())) for j in range(len(cache.labels))], "")
+        table.add_row("total", "", str(len(cache)), *[str(int(present[:, j].sum())) for j in range(len(cache.labels))],
+                      "", "")
         console.print(table)
 
 

@@ -221,7 +221,8 @@ def _page(report: dict, overlays: list[Overlay], pictures: list[Path]) -> str:
                                 if m in by_model else "<td></td><td></td>" for m in models)
                 case_rows.append(f"<tr><td>{e(protocol)}</td><td>{e(case)}</td><td>{e(report['labels'][label])}</td>{cells}</tr>")
     case_head = "".join(f"<th>{e(MODEL_NAMES.get(m, m))} Dice</th><th>{e(MODEL_NAMES.get(m, m))} NSD</th>" for m in models)
-    figures = "".join(f'<figure><img src="{e(name)}" alt="{e(key)}"></figure>' for key, name in report["figures"].items())
+    figures = "".join(f'<figure class="{e(key)}"><img src="{e(name)}" alt="{e(key)}"></figure>'
+                      for key, name in report["figures"].items())
     shots = "".join(
         f'<figure><img src="{e(p.name)}" alt="{e(p.stem)}"><figcaption>{e(o.case)}, slice {o.z}, label {o.label} '
         f'({e(o.tag)}, {e(o.protocol)}): Dice ' + ", ".join(f"{e(MODEL_NAMES.get(m, m))} {v:.3f}" for m, v in o.dice.items())
@@ -235,6 +236,7 @@ def _page(report: dict, overlays: list[Overlay], pictures: list[Path]) -> str:
 <style>body{{font-family:sans-serif;margin:2em;max-width:1200px}}table{{border-collapse:collapse;margin-bottom:1em}}
 td,th{{border:1px solid #ccc;padding:3px 8px;text-align:right}}td:first-child,th:first-child{{text-align:left}}
 figure{{display:inline-block;margin:6px;vertical-align:top}}img{{max-width:560px}}figcaption{{font-size:12px;max-width:420px}}
+figure.dice{{display:block}}figure.dice img{{max-width:100%}}
 .note{{background:#fff6d5;padding:6px 10px;border-left:4px solid #e6b800}}</style></head><body>
 <h1>embedcache {e(report['kind'])}</h1>
 <p class="note"><b>{e(report['case_set'])} cases</b> ({len(report['case_names'])}): {e(report['case_set_note'])}</p>

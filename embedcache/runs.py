@@ -215,7 +215,8 @@ class TrainedDecoder:
 
     def describe(self) -> dict:
         """What a report says about the decoder it scored."""
-        return {"decoder": str(self.source), "epoch": self.epoch, "val_dice": self.val_dice}
+        return {"decoder": str(self.source), "epoch": self.epoch,
+                "validation Dice (2-D, the validation cases)": round(float(self.val_dice), 4)}
 
     def check_fits(self, signature: dict, *, path: Path) -> None:
         """Refuse to decode embeddings (of the cache ``path``) that another backbone or preprocessing made."""

@@ -64,14 +64,13 @@ def test_predicted_nifti_keeps_the_input_grid_and_lands_on_the_ground_truth(one_
     np.testing.assert_array_equal(read_label(tmp_path / "pred2" / f"{case.name}.nii.gz").array, predicted)
 
 
-def test_a_3d_box_in_voxels_or_millimetres_segments_as_box3d_from_the_label(phantom_dir, tmp_path):
-    case = discover_cases(phantom_dir)[0]
+def test_a_3d_box_in_voxels_or_millimetres_segments_as_box3d_from_the_label(phantom_dir, tiny_model, tmp_path):
     data = tmp_path / "data"
     shutil.copytree(phantom_dir, data)
     limit_target_slices(data, per_case=3)
     case = discover_cases(data)[0]
     truth, geometry = read_label(case.label), read_geometry(case.image)
-    margin = ["--box-margin-mm", "0", "--box-margin-slices", "1"]
+    margin = ["--box-margin-mm", "0", "--box-margin-slices", "1", "--model", "tiny"]
     result = _predict(case.image, "--from-labels", case.label, "--prompts", "box3d", *margin, "--out", tmp_path / "a")
     assert result.exit_code == 0, result.output
     from_labels = read_label(tmp_path / "a" / f"{case.name}.nii.gz").array

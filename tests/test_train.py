@@ -264,3 +264,75 @@ def test_litemedsam_export_keeps_its_state_dict_layout(phantom_dir, tmp_path):
     for key in bundled:
         if not key.startswith("mask_decoder."):
             torch.testing.assert_close(net.state_dict()[key], bundled[key])
+
+
+def test_test_cases_stay_out_of_training_and_a_split_file_fixes_the_sets(tiny_model, small_cache, tmp_path):
+    from dataclasses import replace
+
+    with store.open_cache(small_cache) as cache:
+        records, signature = cache.cases, cache.signature
+    names = [r.name for r in records]
+    held = tmp_path / "held.h5"
+    store.merge(held, signature=signature, sources=[(small_cache, [replace(r, subset="test") if r.name == names[2] else r
+                                                                   for r in records])], slice_size=512)
+    finetune(_config(held, epochs=1, val_fraction=0.5), tmp_path / "auto", **QUIET)
+    split = json.loads((tmp_path / "auto" / "split.json").read_text())
+    assert split["test"] == [names[2]] and sorted(split["train"] + split["val"]) == names[:2]
+
+    (tmp_path / "split.json").write_text(json.dumps({"train": [names[1]], "val": [names[0]], "test": [names[2]]}))
+    finetune(_config(held, epochs=1, split=str(tmp_path / "split.json")), tmp_path / "fixed", **QUIET)
+    split = json.loads((tmp_path / "fixed" / "split.json").read_text())
+    assert (split["train"], split["val"], split["test"]) == ([names[1]], [names[0]], [names[2]])
+
+    bad = {"unknown": ({"train": ["NOPE"], "val": [names[0]]}, "case NOPE \\(train\\) is not in"),
+           "twice": ({"train": [names[0]], "val": [names[0]]}, f"case {names[0]} is in both train and val"),
+           "test": ({"train": [names[2]], "val": [names[0]]}, f"case {names[2]} is a test case of the cache"),
+           "folds": ([{"train": [], "val": []}] * 5, "holds 5 folds")}
+    for key, (content, match) in bad.items():
+        (tmp_path / f"{key}.json").write_text(json.dumps(content))
+        with pytest.raises(EmbedcacheError, match=match):
+            finetune(_config(held, split=str(tmp_path / f"{key}.json")), tmp_path / f"run-{key}", **QUIET)
+        assert not (tmp_path / f"run-{key}").exists()
+
+
+def test_stop_prompts_ask_for_nothing_just_beyond_each_gland(tiny_model, small_cache):
+    from embedcache.data import PromptIndex
+
+    with store.open_cache(small_cache) as cache:
+        rows = np.arange(len(cache))
+        plain = PromptIndex.from_cache(cache, rows)
+        stop = PromptIndex.from_cache(cache, rows, stop_prompts=True)
+        z, case_of, masks = cache.slice_index[:], cache.case_index[:], cache.masks[:]
+        present = cache.present()
+    assert len(plain.rows) == int(present.any(axis=1).sum())  # margin slices have no prompt of their own
+    extra = len(stop.boxes) - len(plain.boxes)
+    assert extra == 3 * 2 * 2  # 3 cases, 2 glands, one slice below and one above each
+    for i in range(len(stop.boxes)):
+        row, label = stop.rows[stop.slice_of[i]], (7, 8)[stop.slot[i]]
+        if not present[row, stop.slot[i]]:  # a stop prompt: its slice lacks the gland, a neighbour has it
+            assert not (masks[row] == label).any()
+            neighbours = [r for r in range(len(z)) if case_of[r] == case_of[row] and abs(int(z[r]) - int(z[row])) == 1]
+            assert any(present[r, stop.slot[i]] for r in neighbours)
+
+
+def test_resume_refuses_another_cache_and_restarts_a_run_without_checkpoint(tiny_model, small_cache, tmp_path):
+    run = tmp_path / "run"
+    finetune(_config(small_cache, epochs=1), run, **QUIET)
+    with store.open_cache(small_cache) as cache:
+        records, signature = cache.cases, cache.signature
+    other = tmp_path / "other.h5"
+    store.merge(other, signature=signature, sources=[(small_cache, records[::-1][:2])], slice_size=512)
+    with pytest.raises(EmbedcacheError, match="other.h5: not the data the run in .* was trained on"):
+        finetune(_config(other, epochs=2), run, resume=True, **QUIET)
+
+    # A folder whose first checkpoint was never written: --resume starts the run again.
+    (run / "last.safetensors").unlink()
+    (run / "decoder.safetensors").unlink()
+    notes = []
+    result = finetune(_config(small_cache, epochs=1), run, resume=True, progress=None, log=notes.append)
+    assert [r.epoch for r in result.history] == [1] and any("no checkpoint yet" in n for n in notes)
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "thesis.tex").write_text("keep me")
+    with pytest.raises(EmbedcacheError, match="not a run folder \\(it holds thesis.tex\\)"):
+        finetune(_config(small_cache, epochs=1), tmp_path / "mine", resume=True, **QUIET)
+    assert (tmp_path / "mine" / "thesis.tex").read_text() == "keep me"

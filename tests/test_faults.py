@@ -1,0 +1,388 @@
+"""The catalogue of bad inputs and faults: each ends in one line on stderr with exit code 1 (2 for
+usage errors), no traceback, and nothing lost or half-written. Faults that need a full disk, a
+failing disk or root are simulated: a writer that raises, RLIMIT_FSIZE, a denied access check."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import pickle
+import resource
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import h5py
+import nibabel as nib
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+import tiny
+from embedcache import cache as store
+from embedcache.cli import main
+from embedcache.phantom import limit_target_slices
+
+MARKER = Path("/tmp") / f"embedcache-pwned-{os.getpid()}"
+
+
+def _run(*args):
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def one_line(result, *fragments, code: int = 1) -> str:
+    """The result failed with ``code``, its last line the one error line (after any progress notes),
+    holding every fragment; no traceback."""
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    errors = [line for line in lines if line.startswith("Error: ")]
+    assert result.exit_code == code, result.output
+    assert len(errors) == 1 and lines[-1] == errors[0], result.output
+    assert "Traceback" not in result.output and not isinstance(result.exception, (AssertionError, TypeError))
+    for fragment in fragments:
+        assert fragment in errors[0], errors[0]
+    return errors[0]
+
+
+class _Evil:
+    """Unpickling this writes MARKER: what a crafted checkpoint would do."""
+
+    def __reduce__(self):
+        return (exec, (f"open({str(MARKER)!r}, 'w').write('ran')",))
+
+
+def _plant(path: Path) -> Path:
+    import torch
+
+    MARKER.unlink(missing_ok=True)
+    torch.save({"decoder": _Evil(), "signature": _Evil()}, path)
+    return path
+
+
+@pytest.fixture
+def data(phantom_dir, tmp_path) -> Path:
+    out = tmp_path / "data"
+    shutil.copytree(phantom_dir, out)
+    limit_target_slices(out, per_case=1)
+    return out
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory, small_cache, tiny_checkpoint) -> Path:
+    """A one-epoch run on the small cache (read-only: copy before changing)."""
+    from embedcache import backbones
+
+    backbones.BACKBONES["tiny"] = tiny.tiny_backbone(tiny_checkpoint)
+    run = tmp_path_factory.mktemp("faults") / "run"
+    result = _run("finetune", small_cache, "--out", run, "--epochs", "1", "--batch-size", "2", "--val-fraction", "0.34",
+                  "--device", "cpu", "--no-progress")
+    assert result.exit_code == 0, result.output
+    return run
+
+
+# ------------------------------------------------------------------------------ nothing we load runs code
+
+
+def test_a_crafted_decoder_runs_nothing_in_any_loading_path(tiny_model, small_cache, run_dir, data, tmp_path):
+    evil = _plant(tmp_path / "decoder.safetensors")
+    image = sorted((data / "imagesTr").iterdir())[0]
+    one_line(_run("score", small_cache, "--decoder", evil, "--out", tmp_path / "r"), "a pickle file", "cannot run code")
+    one_line(_run("predict", image, "--decoder", evil, "--from-labels", data / "labelsTr", "--out", tmp_path / "p"),
+             "a pickle file")
+    planted = tmp_path / "planted"
+    shutil.copytree(run_dir, planted)
+    _plant(planted / "decoder.safetensors")
+    one_line(_run("export", planted, "--out", tmp_path / "x.pth"), "decoder.safetensors: a pickle file")
+    _plant(planted / "last.safetensors")
+    one_line(_run("finetune", small_cache, "--out", planted, "--resume", "--device", "cpu", "--no-progress"),
+             "last.safetensors: a pickle file")
+    _plant(tmp_path / "weights.pth")  # backbone weights go through torch.load(weights_only=True)
+    one_line(_run("encode", data, "--out", tmp_path / "c.h5", "--model", "tiny", "--checkpoint", tmp_path / "weights.pth"),
+             "weights.pth: not a readable PyTorch checkpoint")
+    assert not MARKER.exists()
+
+
+def test_a_decoder_file_missing_fields_or_damaged_is_named(tiny_model, small_cache, run_dir, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(str(run_dir / "decoder.safetensors"))
+    save_file(tensors, str(tmp_path / "bare.safetensors"))  # the weights without embedcache's header
+    one_line(_run("score", small_cache, "--decoder", tmp_path / "bare.safetensors", "--out", tmp_path / "r"),
+             "bare.safetensors: a safetensors file, but not an embedcache checkpoint")
+    header = json.dumps({"dict": [["epoch", 1]]})
+    save_file(tensors, str(tmp_path / "partial.safetensors"), metadata={"format": "embedcache-checkpoint-1", "embedcache": header})
+    one_line(_run("score", small_cache, "--decoder", tmp_path / "partial.safetensors", "--out", tmp_path / "r"),
+             "checkpoint lacks config, signature, val_dice")
+    data = (run_dir / "decoder.safetensors").read_bytes()
+    (tmp_path / "cut.safetensors").write_bytes(data[: len(data) // 2])
+    one_line(_run("score", small_cache, "--decoder", tmp_path / "cut.safetensors", "--out", tmp_path / "r"),
+             "cut.safetensors: checkpoint is corrupt or truncated")
+
+
+# ------------------------------------------------------------------------------------------- full disks
+
+
+def test_a_full_disk_while_writing_a_shard_keeps_finished_cases(tiny_model, data, tmp_path, monkeypatch):
+    out = tmp_path / "cache.h5"
+    real, calls = Path.write_bytes, []
+
+    def fills_up(self, content):
+        calls.append(self)
+        if len(calls) == 2:
+            raise OSError(errno.ENOSPC, "No space left on device", str(self))
+        return real(self, content)
+
+    monkeypatch.setattr(Path, "write_bytes", fills_up)
+    line = one_line(_run("encode", data, "--out", out, "--model", "tiny", "--device", "cpu", "--no-progress"),
+                    "PHANTOM_0002.h5: no space left on device; it needs about", "free; free space and rerun")
+    assert "MiB" in line
+    assert sorted(p.name for p in (tmp_path / "cache.h5.parts").iterdir()) == ["PHANTOM_0001.h5"] and not out.exists()
+    monkeypatch.setattr(Path, "write_bytes", real)
+    resumed = _run("encode", data, "--out", out, "--model", "tiny", "--device", "cpu", "--no-progress")
+    assert resumed.exit_code == 0 and "1 cases already done" in resumed.output
+
+
+def test_a_file_size_limit_in_the_merge_is_one_line_not_a_crash(tiny_checkpoint, data, tmp_path):
+    """A real write failure inside libhdf5 (EFBIG under RLIMIT_FSIZE), which used to crash at exit."""
+    out = tmp_path / "cache.h5"
+    script = (f"import sys; sys.path.insert(0, {str(Path(tiny.__file__).parent)!r}); import tiny, pathlib; "
+              f"tiny.register(pathlib.Path({str(tiny_checkpoint)!r})); import embedcache.encode as e; "
+              "e.check_free_space = lambda *a, **k: None; from embedcache.cli import main; main(sys.argv[1:])")
+
+    def limit():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (12 << 20, 12 << 20))  # shards fit, the merged cache does not
+
+    done = subprocess.run([sys.executable, "-c", script, "encode", str(data), "--out", str(out), "--model", "tiny",
+                           "--device", "cpu", "--no-progress"], capture_output=True, text=True, preexec_fn=limit,
+                          timeout=300)
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert done.returncode == 1, done.stderr[-2000:]
+    assert lines == [lines[-1]] and "cache.h5: no space left on device; it needs about" in lines[-1], done.stderr
+    assert not out.exists() and not list(tmp_path.glob("*.partial"))
+    assert len(list((tmp_path / "cache.h5.parts").glob("*.h5"))) == 3  # every finished case is kept
+
+
+def test_the_free_space_check_counts_the_real_dtype(tiny_model, data, tmp_path, monkeypatch):
+    import embedcache.files
+
+    monkeypatch.setattr(embedcache.files, "free_bytes", lambda folder: 1 << 20)
+    needs = {}
+    for dtype in ("float16", "float32"):
+        line = one_line(_run("encode", data, "--out", tmp_path / f"{dtype}.h5", "--model", "tiny", "--dtype", dtype),
+                        "needs about", "but 1 MiB are free")
+        needs[dtype] = float(line.split("needs about ")[1].split(" ")[0])
+    assert 1.85 < needs["float32"] / needs["float16"] < 1.93  # (4 MiB + 256 KiB mask) / (2 MiB + 256 KiB)
+
+
+def test_a_failing_disk_while_saving_a_checkpoint_keeps_the_last_good_one(tiny_model, small_cache, run_dir, tmp_path,
+                                                                        monkeypatch):
+    import safetensors.torch
+
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run)
+    good = (run / "last.safetensors").read_bytes()
+
+    def failing(*args, **kwargs):
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", failing)
+    one_line(_run("finetune", small_cache, "--out", run, "--resume", "--epochs", "2", "--no-progress"),
+             "last.safetensors: write failed (Input/output error); check the disk and rerun")
+    assert (run / "last.safetensors").read_bytes() == good and not list(run.glob("*.partial"))
+
+
+# ------------------------------------------------------------------------------- bad voxels, bad settings
+
+
+def test_nan_voxels_never_become_a_cache(tiny_model, data, tmp_path):
+    image = sorted((data / "imagesTr").iterdir())[0]
+    ct = nib.load(image)
+    volume = np.asarray(ct.dataobj).astype(np.float32)
+    volume[10, 20, 5] = np.nan
+    nib.save(nib.Nifti1Image(volume, ct.affine), str(image))
+    one_line(_run("encode", data, "--out", tmp_path / "c.h5", "--model", "tiny"),
+             f"{image}: 1 voxels are NaN or infinite", "replace them")
+    assert not (tmp_path / "c.h5").exists() and not (tmp_path / "c.h5.parts").exists()
+
+
+def test_a_nan_window_is_a_usage_error(tiny_model, data, tmp_path):
+    one_line(_run("encode", data, "--out", tmp_path / "c.h5", "--window-width", "nan"), "--window-width must be", code=2)
+    one_line(_run("encode", data, "--out", tmp_path / "c.h5", "--window-level", "nan"), "--window-level must be", code=2)
+    one_line(_run("encode", data, "--out", tmp_path / "c.h5", "--labels", "7,x"), "not a comma-separated list", code=2)
+    one_line(_run("encode", data), "Missing option '--out'", code=2)
+
+
+def test_input_errors_come_before_torch_is_imported(data, tmp_path):
+    code = ("import sys\nfrom embedcache.cli import main\n"
+            f"try:\n    main(['encode', '--image', {str(data / 'nope_0000.nii.gz')!r}, '--label', 'x.nii.gz', '--out', "
+            f"{str(tmp_path / 'c.h5')!r}])\nexcept SystemExit as exc:\n    assert exc.code == 1\n"
+            "assert 'torch' not in sys.modules, 'torch was imported before the input was checked'")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stderr.strip().endswith("nope_0000.nii.gz: no such file; check the path")
+
+
+# ----------------------------------------------------------------------------- everyday path mistakes
+
+
+def test_everyday_path_mistakes_are_one_line(tiny_model, data, small_cache, run_dir, tmp_path, monkeypatch):
+    image = sorted((data / "imagesTr").iterdir())[0]
+    label = sorted((data / "labelsTr").iterdir())[0]
+    one_line(_run("encode", "--image", tmp_path / "typo_0000.nii.gz", "--label", label, "--out", tmp_path / "c.h5"),
+             "typo_0000.nii.gz: no such file")
+    one_line(_run("encode", "--image", image, "--label", tmp_path / "typo.nii.gz", "--out", tmp_path / "c.h5"),
+             "typo.nii.gz: no such file")
+    (tmp_path / "folder.h5").mkdir()
+    one_line(_run("encode", data, "--out", tmp_path / "folder.h5"), "folder.h5: is a folder")
+    one_line(_run("encode", data, "--out", tmp_path / "nowhere" / "c.h5"), "nowhere: folder does not exist")
+    (tmp_path / "report.txt").write_text("")
+    one_line(_run("score", small_cache, "--out", tmp_path / "report.txt"), "report.txt: is a file")
+    one_line(_run("export", run_dir, "--out", tmp_path / "folder.h5"), "folder.h5: is a folder")
+    one_line(_run("finetune", small_cache, "--out", tmp_path / "report.txt"), "report.txt: is a file", code=1)
+    import embedcache.files
+
+    real = embedcache.files.os.access
+    monkeypatch.setattr(embedcache.files.os, "access",  # as a read-only folder does for anyone but root
+                        lambda p, mode: False if "locked" in str(p) and mode & os.W_OK else real(p, mode))
+    (tmp_path / "locked").mkdir()
+    one_line(_run("encode", data, "--out", tmp_path / "locked" / "c.h5"), "locked: folder is not writable")
+    one_line(_run("score", small_cache, "--out", tmp_path / "locked"), "locked: folder is not writable")
+    assert list((tmp_path / "locked").iterdir()) == []
+
+
+def test_a_symbolic_link_loop_in_the_data_folder(tiny_model, data, tmp_path):
+    loop = data / "imagesTr" / "LOOP_0000.nii.gz"
+    loop.symlink_to(loop)
+    shutil.copy(sorted((data / "labelsTr").iterdir())[0], data / "labelsTr" / "LOOP.nii.gz")
+    one_line(_run("encode", data, "--out", tmp_path / "c.h5", "--model", "tiny"),
+             "LOOP_0000.nii.gz: a symbolic link that leads nowhere")
+
+
+def test_a_damaged_config_or_split_on_resume(tiny_model, small_cache, run_dir, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run)
+    (run / "config.json").write_text(json.dumps({**json.loads((run_dir / "config.json").read_text()), "colour": "red"}))
+    one_line(_run("finetune", small_cache, "--out", run, "--resume"), "config.json: unknown settings ['colour']")
+    (run / "config.json").write_text("{not json")
+    one_line(_run("finetune", small_cache, "--out", run, "--resume"), "config.json: not a readable settings file")
+    shutil.copy(run_dir / "config.json", run / "config.json")
+    one_line(_run("finetune", small_cache, "--out", run, "--resume", "--lr", "0.5"),
+             "--lr 0.5 differs from the run's 0.0001", code=2)
+    (tmp_path / "split.json").write_text("[")
+    one_line(_run("finetune", small_cache, "--out", tmp_path / "new", "--split", tmp_path / "split.json"),
+             "split.json: not a readable JSON file")
+
+
+def test_a_corrupted_cache_chunk_is_named_with_its_rows(tiny_model, small_cache, run_dir, tmp_path):
+    damaged = tmp_path / "damaged.h5"
+    shutil.copy(small_cache, damaged)
+    with h5py.File(damaged, "r") as f:
+        info = f["embeddings"].id.get_chunk_info(3)  # row 3's chunk
+    with open(damaged, "r+b") as handle:
+        handle.seek(info.byte_offset + 1000)
+        handle.write(b"\x00\x11\x22\x33" * 64)
+    line = one_line(_run("finetune", damaged, "--out", tmp_path / "run", "--device", "cpu", "--val-fraction", "0.34",
+                         "--no-progress"), "damaged.h5: embeddings of rows [3] cannot be read")
+    assert "encode it again" in line
+    one_line(_run("score", damaged, "--out", tmp_path / "r", "--cases", "all", "--prompts", "oracle", "--device", "cpu",
+                  "--no-progress"), "damaged.h5: embeddings of rows [", "cannot be read")
+
+
+# ------------------------------------------------------------------------------------- no dead ends
+
+
+def test_a_run_killed_before_its_first_epoch_ends_can_be_resumed(tiny_model, small_cache, tmp_path, monkeypatch):
+    import embedcache.train
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(embedcache.train, "train_epoch", killed)
+    run = tmp_path / "run"
+    result = _run("finetune", small_cache, "--out", run, "--epochs", "1", "--val-fraction", "0.34", "--device", "cpu",
+                  "--no-progress")
+    assert result.exit_code == 130 and "rerun the same command to resume" in result.output
+    assert (run / "last.safetensors").is_file()  # the folder was created with its first checkpoint
+    monkeypatch.undo()
+    resumed = _run("finetune", small_cache, "--out", run, "--resume", "--device", "cpu", "--no-progress")
+    assert resumed.exit_code == 0 and "resuming" in resumed.output and "after epoch 0" in resumed.output
+
+
+def test_a_nan_loss_in_the_first_epoch_points_to_a_checkpoint_that_exists(tiny_model, small_cache, tmp_path, monkeypatch):
+    from embedcache import trainer
+
+    real = trainer.dice_ce_per_prompt
+    monkeypatch.setattr(trainer, "dice_ce_per_prompt", lambda logits, target: real(logits, target) * float("nan"))
+    run = tmp_path / "run"
+    line = one_line(_run("finetune", small_cache, "--out", run, "--epochs", "1", "--val-fraction", "0.34",
+                         "--device", "cpu", "--no-progress"), "loss is not finite at epoch 1, step 1")
+    assert line.endswith("last.safetensors") and (run / "last.safetensors").is_file()
+
+
+# ------------------------------------------------------------------------ no silent loss or mix-ups
+
+
+def test_predict_refuses_bad_boxes_and_collisions(data, tmp_path):
+    image = sorted((data / "imagesTr").iterdir())[0]
+    name = image.name.replace("_0000.nii.gz", "")
+    boxes = tmp_path / "boxes.json"
+    cases = {
+        "list": ([{"label": 7, "box3d": [1, 1, 1, 5, 5, 5]}], "boxes.json: expected an object"),
+        "nan": ({name: [{"label": 7, "slice": 3, "box": [1, 1, "NaN", 5]}]}, "box has a NaN or infinite value"),
+        "text": ({name: [{"label": 7, "slice": 3, "box": [1, 1, "five", 5]}]}, "could not convert"),
+        "outside": ({name: [{"label": 7, "box3d": [500, 500, 1, 600, 600, 5]}]}, "lies outside the volume"),
+        "inverted": ({name: [{"label": 7, "box3d": [9, 9, 5, 1, 1, 1]}]}, "box is inverted"),
+        "label": ({name: [{"label": 300, "box3d": [1, 1, 1, 5, 5, 5]}]}, "label 300 must lie in 1..255"),
+    }
+    for key, (table, fragment) in cases.items():
+        boxes.write_text(json.dumps(table).replace('"NaN"', "NaN"))
+        result = _run("predict", image, "--boxes", boxes, "--out", tmp_path / "p", "--device", "cpu")
+        lines = [line for line in result.output.splitlines() if line.strip()]
+        assert result.exit_code == 1 and fragment in result.output and "Traceback" not in result.output, (key, result.output)
+        assert not (tmp_path / "p").exists(), key  # nothing written, the model never loaded
+    twin = tmp_path / "twin" / image.name
+    twin.parent.mkdir()
+    shutil.copy(image, twin)
+    one_line(_run("predict", image, twin, "--from-labels", data / "labelsTr", "--out", tmp_path / "p"),
+             "would both be written to", code=2)
+    del lines
+
+
+def test_evaluate_reports_missing_and_misaligned_cases_and_scores_the_rest(data, tmp_path):
+    labels = data / "labelsTr"
+    pred = tmp_path / "pred"
+    pred.mkdir()
+    files = sorted(labels.iterdir())
+    shutil.copy(files[0], pred / files[0].name)  # a perfect prediction
+    moved = nib.load(files[1])
+    affine = moved.affine.copy()
+    affine[0, 3] += 5.0
+    nib.save(nib.Nifti1Image(np.asarray(moved.dataobj), affine), str(pred / files[1].name))
+    result = _run("evaluate", pred, labels, "--out", tmp_path / "e", "--no-progress")
+    assert result.exit_code == 1 and "2 case(s) not scored" in result.output
+    assert f"{files[1].name}: label geometry differs" in result.output and "no prediction for this case" in result.output
+    report = json.loads((tmp_path / "e" / "report.json").read_text())
+    assert list(report["cases"]["given"]) == [files[0].name.replace(".nii.gz", "")]
+    assert report["cases"]["given"][files[0].name.replace(".nii.gz", "")]["7"]["prediction"]["dice"] == 1.0
+    assert len(report["errors"]) == 2
+
+
+# ----------------------------------------------------------------------------------- what already held
+
+
+def test_what_already_held(tiny_model, data, small_cache, tmp_path):
+    image = sorted((data / "imagesTr").iterdir())[0]
+    truncated = tmp_path / "cut_0000.nii.gz"
+    truncated.write_bytes(image.read_bytes()[:5000])
+    one_line(_run("encode", "--image", truncated, "--label", sorted((data / "labelsTr").iterdir())[0], "--out",
+                  tmp_path / "c.h5"), "cut_0000.nii.gz: ")
+    small = tmp_path / "small.nii.gz"
+    nib.save(nib.Nifti1Image(np.zeros((8, 8, 8), np.uint8), np.eye(4)), str(small))
+    one_line(_run("encode", "--image", image, "--label", small, "--out", tmp_path / "c.h5"),
+             "small.nii.gz: label volume shape (8, 8, 8) does not match image")
+    one_line(_run("encode", data, "--out", small_cache, "--model", "tiny", "--window-level", "40"),
+             "cache was made with preprocess=")
+    assert not (tmp_path / "c.h5").exists()
