@@ -3,13 +3,16 @@ backbones that ship none (random weights cost what real ones do)."""
 
 from __future__ import annotations
 
+import json
 import os
 import platform
+import sys
 from pathlib import Path
 
 import torch
 
 from embedcache.backbones import Backbone
+from embedcache.phantom import PhantomConfig
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -44,4 +47,18 @@ def weights_for(backbone: Backbone, folder: Path, given: Path | None = None) -> 
     torch.manual_seed(0)
     path = Path(folder) / f"{backbone.name}-random.pth"
     torch.save(backbone.build().state_dict(), path)
+    return path
+
+
+def phantom_config(size: int) -> PhantomConfig:
+    """The phantom at ``size``² pixels over the same field of view (512: the real size; smaller for smoke tests)."""
+    return PhantomConfig(size=size, pixel_mm=0.8 * 512 / size)
+
+
+def save(result: dict, name: str) -> Path:
+    """Write ``result`` as ``benchmarks/results/NAME.json`` and say where."""
+    RESULTS.mkdir(exist_ok=True)
+    path = RESULTS / f"{name}.json"
+    path.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"saved {path}", file=sys.stderr)
     return path

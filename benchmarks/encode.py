@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import resource
-import sys
 import tempfile
 import time
 from datetime import datetime, timezone
@@ -25,20 +24,20 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from common import RESULTS, machine, weights_for
+from common import machine, phantom_config, save, weights_for
 from embedcache import __version__
 from embedcache.backbones import get_backbone
 from embedcache.config import EncodeConfig
 from embedcache.devices import pick_device
 from embedcache.encode import encode, load_encoder, plan_case, prepare_case
 from embedcache.encoder import ImageEncoder
-from embedcache.phantom import PhantomConfig, make_case, write_phantom
+from embedcache.phantom import make_case, write_phantom
 from embedcache.volumes import discover_cases, source_digest
 
 
-def phantom_with_slices(folder: Path, slices: int, seed: int) -> Path:
+def phantom_with_slices(folder: Path, slices: int, seed: int, size: int = 512) -> Path:
     """Write phantom cases until they hold at least ``slices`` target slices."""
-    config = PhantomConfig()
+    config = phantom_config(size)
     total, cases = 0, 0
     while total < slices:
         _, labels, _ = make_case(seed * 1_000_003 + cases, config)
@@ -65,6 +64,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--batch-size", type=int, default=0)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--phantom-size", type=int, default=512, help="axial pixels of the synthetic CT")
     parser.add_argument("--no-save", action="store_true")
     args = parser.parse_args(argv)
 
@@ -77,7 +77,7 @@ def main(argv=None) -> dict:
             backbone=backbone.name, checkpoint=str(checkpoint) if checkpoint else None,
             device=str(device), batch_size=args.batch_size,
         )
-        cases = discover_cases(phantom_with_slices(tmp / "data", args.slices, args.seed))
+        cases = discover_cases(phantom_with_slices(tmp / "data", args.slices, args.seed, args.phantom_size))
         encoder = load_encoder(config, device=device)
         images = np.concatenate([
             prepare_case(plan_case(c, config, source_digest(c.image, c.label)), config).images for c in cases
@@ -119,10 +119,7 @@ def main(argv=None) -> dict:
         result["peak_gpu_mib"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
     print(json.dumps(result, indent=2))
     if not args.no_save:
-        RESULTS.mkdir(exist_ok=True)
-        name = f"encode-{backbone.name}-{device.type}-{result['date'][:10]}.json"
-        (RESULTS / name).write_text(json.dumps(result, indent=2) + "\n")
-        print(f"saved {RESULTS / name}", file=sys.stderr)
+        save(result, f"encode-{backbone.name}-{device.type}-{result['date'][:10]}")
     return result
 
 

@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from common import RESULTS, machine, weights_for
+from common import machine, phantom_config, save, weights_for
 from embedcache import train
 from embedcache.backbones import get_backbone
 from embedcache.cache import open_cache
@@ -36,7 +36,7 @@ from embedcache.config import EncodeConfig, FinetuneConfig
 from embedcache.data import Batch, case_sets, split_cases
 from embedcache.devices import pick_device
 from embedcache.encode import encode, load_encoder, plan_case, prepare_case
-from embedcache.phantom import PhantomConfig, limit_target_slices, write_phantom
+from embedcache.phantom import limit_target_slices, write_phantom
 from embedcache.runs import SPLIT
 from embedcache.trainer import build_trainer
 from embedcache.volumes import discover_cases, source_digest
@@ -48,12 +48,14 @@ def _sync(device):
 
 
 def bench_backbone(name: str, *, cases: int, per_case: int, batch_size: int, device: torch.device, tmp: Path,
-                   seed: int, epochs: int) -> dict:
+                   seed: int, epochs: int, phantom_size: int = 512) -> dict:
     backbone = get_backbone(name)
     checkpoint = weights_for(backbone, tmp)
-    enc_config = EncodeConfig(backbone=name, checkpoint=str(checkpoint) if checkpoint else None, device=str(device))
+    # No margin slices: they hold no prompt, and the uncached way below encodes exactly the prompted slices.
+    enc_config = EncodeConfig(backbone=name, checkpoint=str(checkpoint) if checkpoint else None, device=str(device),
+                              margin_slices=0)
     data_dir = tmp / f"data-{name}"
-    write_phantom(data_dir, cases=cases, seed=seed, config=PhantomConfig())
+    write_phantom(data_dir, cases=cases, seed=seed, config=phantom_config(phantom_size))
     limit_target_slices(data_dir, per_case=per_case)
     sources = discover_cases(data_dir)
     cache_path = tmp / f"{name}.h5"
@@ -143,6 +145,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--phantom-size", type=int, default=512, help="axial pixels of the synthetic CT")
     parser.add_argument("--no-save", action="store_true")
     args = parser.parse_args(argv)
     device = pick_device(args.device)
@@ -154,17 +157,14 @@ def main(argv=None) -> dict:
                 torch.cuda.reset_peak_memory_stats(device)
             out[name] = bench_backbone(name, cases=args.cases, per_case=args.slices_per_case,
                                        batch_size=args.batch_size, device=device, tmp=Path(tmp), seed=args.seed,
-                                       epochs=args.epochs)
+                                       epochs=args.epochs, phantom_size=args.phantom_size)
             if device.type == "cuda":
                 out[name]["peak_gpu_mib"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
             out[name]["peak_rss_mib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
             print(json.dumps({name: out[name]}), file=sys.stderr)
     print(json.dumps(out, indent=2))
     if not args.no_save:
-        RESULTS.mkdir(exist_ok=True)
-        path = RESULTS / f"epoch-{'-'.join(args.backbones.split(','))}-{device.type}-{out['date'][:10]}.json"
-        path.write_text(json.dumps(out, indent=2) + "\n")
-        print(f"saved {path}", file=sys.stderr)
+        save(out, f"epoch-{'-'.join(args.backbones.split(','))}-{device.type}-{out['date'][:10]}")
     return out
 
 

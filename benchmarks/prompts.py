@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from common import RESULTS, machine
+from common import machine, save
 from embedcache.config import FinetuneConfig
 from embedcache.score import score
 from embedcache.train import finetune
@@ -53,10 +53,7 @@ def main(argv=None) -> dict:
                 print(json.dumps({k: row[k] for k in ("run", "best_epoch", "val_dice_2d")}), file=sys.stderr)
     print(json.dumps(out, indent=2))
     if not args.no_save:
-        RESULTS.mkdir(exist_ok=True)
-        path = RESULTS / f"prompts-{out['machine']['device'].split(':')[0]}-{out['date'][:10]}.json"
-        path.write_text(json.dumps(out, indent=2) + "\n")
-        print(f"saved {path}", file=sys.stderr)
+        save(out, f"prompts-{out['machine']['device'].split(':')[0]}-{out['date'][:10]}")
     return out
 
 

@@ -178,16 +178,22 @@ def phantom(out: Path, cases: int, seed: int, size: int, test_cases: int, progre
               help="Slices per encoder forward; 0 picks 1 on CPU, 16 on CUDA.")
 @click.option("--margin-slices", default=2, show_default=True, type=int,
               help="Also encode this many slices beyond each end of a gland (no boxes): 3-D box prompts need them.")
+@click.option("--workers", default=-1, show_default=True, type=int,
+              help="Processes preparing slices ahead of the encoder; -1: none on CPU, up to 4 on CUDA.")
 @progress_option
 @friendly_errors
 def encode(data, out, images, labels_, series, model, checkpoint, labels, window_width, window_level, slice_size,
-           dtype, device, batch_size, margin_slices, progress):
+           dtype, device, batch_size, margin_slices, workers, progress):
     """Encode every slice of DATA that holds a target label into the HDF5 cache OUT.
 
-    DATA is a FLARE22-style folder (imagesTr/ + labelsTr/ or images/ + labels/). Instead, give
-    explicit --image/--label pairs; an image may be a DICOM series folder. An interrupted run
-    resumes: rerun the same command and finished cases are skipped.
+    DATA is a FLARE22-style folder (imagesTr/ + labelsTr/ or images/ + labels/, and imagesTs/ +
+    labelsTs/ for held-out test cases). Instead, give explicit --image/--label pairs; an image may
+    be a DICOM series folder. An interrupted run resumes: rerun the same command and finished
+    cases are skipped. Under torchrun (`torchrun --nproc_per_node=K -m embedcache encode ...`)
+    the cases are shared among the ranks.
     """
+    import os
+
     from embedcache.config import EncodeConfig, PreprocessConfig
     from embedcache.encode import encode as run_encode
     from embedcache.volumes import CaseSource, case_name, discover_cases
@@ -207,14 +213,18 @@ def encode(data, out, images, labels_, series, model, checkpoint, labels, window
         device=device,
         batch_size=batch_size,
         margin_slices=margin_slices,
+        workers=workers,
     )
     if data is not None:
         cases = discover_cases(data)
     else:
         cases = [CaseSource(name=case_name(i), image=i, label=l, series_uid=series) for i, l in zip(images, labels_)]
-    say = _say(_console())
-    with _progress(progress) as bar:
+    main_rank = int(os.environ.get("RANK", "0")) == 0  # under torchrun, rank 0 speaks for all
+    say = _say(_console()) if main_rank else (lambda message: None)
+    with _progress(progress and main_rank) as bar:
         summary = run_encode(cases, out, config, progress=bar, log=say)
+    if not main_rank:
+        return
     say(
         f"encoded {summary.slices_encoded} slices of {summary.cases_encoded} cases on {summary.device}"
         + (f" at {summary.slices_per_s:.2f} slices/s" if summary.slices_encoded else "")

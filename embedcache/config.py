@@ -40,8 +40,11 @@ class EncodeConfig:
     device: str = "auto"
     batch_size: int = 0  # 0: pick for the device (1 on CPU, where larger batches are slower; 16 on CUDA)
     margin_slices: int = 2  # also cache this many slices beyond each end of a gland (3-D box prompts need them)
+    workers: int = -1  # processes preparing slices ahead of the encoder; -1: none on CPU, up to 4 on CUDA
 
     def __post_init__(self):
+        if self.workers < -1:
+            raise UsageError(f"--workers must be -1 (automatic), 0 or more, got {self.workers}")
         if not 0 <= self.margin_slices <= 50:
             raise UsageError(f"--margin-slices must lie in 0..50, got {self.margin_slices}")
         if self.embedding_dtype not in ("float16", "float32"):

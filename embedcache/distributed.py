@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from datetime import timedelta
 
 
 class Dist:
@@ -18,7 +19,8 @@ class Dist:
         self._dist = dist
         if self.world > 1 and not dist.is_initialized():
             use_cuda = device_name != "cpu" and torch.cuda.is_available()
-            dist.init_process_group("nccl" if use_cuda else "gloo")
+            # A long timeout: ranks wait at a barrier while others finish their share of an encode.
+            dist.init_process_group("nccl" if use_cuda else "gloo", timeout=timedelta(hours=24))
             if use_cuda:
                 torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
                 device_name = f"cuda:{torch.cuda.current_device()}"

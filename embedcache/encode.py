@@ -175,24 +175,28 @@ def encode(
 ) -> EncodeSummary:
     """Encode ``cases`` into the cache ``out``, resuming from whatever an earlier run completed.
 
-    ``progress`` is a :class:`rich.progress.Progress` (or None for silence); ``log`` takes one-line notes.
+    Under ``torchrun`` each rank encodes its share of the cases (every K-th) into the shards that
+    resume uses, and rank 0 merges them: the same cache as one process. ``progress`` is a
+    :class:`rich.progress.Progress` (or None for silence); ``log`` takes one-line notes.
     """
+    from embedcache.devices import pick_device
+    from embedcache.distributed import Dist
+
     out = Path(out)
     check_inputs(cases, out)
     signature = signature_for(config)
+    dist = Dist(config.device)
     summary = EncodeSummary(out=out, cases_total=len(cases))
-    done, shards = _finished(out, signature)
-    plans = _plan(cases, config, done, shards, summary, log)
+    done, shards = _finished(out, signature, tidy=dist.main)
+    plans, dropped = _plan(cases[dist.rank :: dist.world], config, done, shards, summary, log)
     size = row_bytes(embedding_dtype=config.embedding_dtype, slice_size=config.preprocess.slice_size)
     all_rows = summary.slices_total + sum(r.n_rows for r in done.values()) + sum(r.n_rows for _, r in shards.values())
     check_free_space(out.parent, (summary.slices_total + all_rows) * size, what="encoding (shards and the merged cache)")
 
     shard_dir = shard_folder(out)
     if plans:
-        from embedcache.devices import pick_device
-
         shard_dir.mkdir(exist_ok=True)
-        device = pick_device(config.device)
+        device = pick_device(dist.device_name)
         summary.device = str(device)
         encoder = load_encoder(config, device=device)
         started = time.perf_counter()
@@ -201,6 +205,14 @@ def encode(
             summary.cases_encoded += 1
             summary.slices_encoded += record.n_rows
         summary.encode_seconds = time.perf_counter() - started
+    if dist.world > 1:  # every rank's shards are on disk: rank 0 merges them all
+        summary, dropped = _gather(dist, summary, dropped)
+        if not dist.main:
+            dist.barrier()  # returns once the merged cache exists
+            return summary
+        done, shards = _finished(out, signature, tidy=False)
+        for name in dropped:
+            done.pop(name, None)
 
     # One cache file, cases in input order; cases cached earlier but not in this input are kept, last.
     # A case moved between imagesTr/ and imagesTs/ keeps its embeddings and takes its new set.
@@ -212,7 +224,7 @@ def encode(
         if record is not None:
             sources.append((source, [replace(record, subset=subset.get(name, record.subset))]))
     regrouped = any(record.subset != subset.get(name, record.subset) for name, record in done.items())
-    if shards or regrouped or not out.exists():
+    if shards or regrouped or dropped or not out.exists():
         if not any(cases for _, cases in sources):
             raise EmbedcacheError(
                 f"no slice holds any of labels {list(config.labels)} in the {len(cases)} given case(s); "
@@ -225,7 +237,26 @@ def encode(
         except OSError as exc:
             raise write_error(exc, out, needed=total * size) from None
     cache.remove_tree(shard_dir)
+    dist.barrier()
     return summary
+
+
+def _gather(dist, summary: EncodeSummary, dropped: list[str]) -> tuple[EncodeSummary, list[str]]:
+    """Every rank's counts added up, and every rank's dropped cases, on every rank (after a barrier)."""
+    import torch.distributed
+
+    dist.barrier()
+    parts: list = [None] * dist.world
+    torch.distributed.all_gather_object(parts, (summary, dropped))
+    total = EncodeSummary(out=summary.out, cases_total=summary.cases_total, device=summary.device)
+    for part, _ in parts:
+        total.cases_encoded += part.cases_encoded
+        total.cases_resumed += part.cases_resumed
+        total.cases_skipped += part.cases_skipped
+        total.slices_encoded += part.slices_encoded
+        total.slices_total += part.slices_total
+        total.encode_seconds = max(total.encode_seconds, part.encode_seconds)
+    return total, [name for _, names in parts for name in names]
 
 
 def check_inputs(cases: list[CaseSource], out: Path) -> None:
@@ -242,8 +273,10 @@ def check_inputs(cases: list[CaseSource], out: Path) -> None:
         check_sources(case.image, case.label, series_uid=case.series_uid)
 
 
-def _finished(out: Path, signature: dict) -> tuple[dict[str, CaseRecord], dict[str, tuple[Path, CaseRecord]]]:
-    """What is done already: cases in the existing cache, and complete shards of an interrupted run."""
+def _finished(out: Path, signature: dict, *, tidy: bool = True) -> tuple[dict[str, CaseRecord], dict[str, tuple[Path, CaseRecord]]]:
+    """What is done already: cases in the existing cache, and complete shards of an interrupted run.
+
+    ``tidy`` (one process, or rank 0) also removes what an interrupted run left half-written."""
     done: dict[str, CaseRecord] = {}
     if out.exists():
         with cache.open_cache(out, expect=signature) as existing:
@@ -251,13 +284,14 @@ def _finished(out: Path, signature: dict) -> tuple[dict[str, CaseRecord], dict[s
     shard_dir = shard_folder(out)
     shards: dict[str, tuple[Path, CaseRecord]] = {}
     if shard_dir.exists():
-        for leftover in shard_dir.glob("*" + PARTIAL):
+        for leftover in shard_dir.glob("*" + PARTIAL) if tidy else ():
             leftover.unlink()  # a case that was being written when the last run stopped
         for shard in sorted(shard_dir.glob("*.h5")):
             try:
                 found, record = cache.read_shard(shard)
             except (OSError, KeyError, ValueError):
-                shard.unlink()
+                if tidy:
+                    shard.unlink()
                 continue
             try:
                 cache.check_signature(found, signature, path=shard)
@@ -270,9 +304,11 @@ def _finished(out: Path, signature: dict) -> tuple[dict[str, CaseRecord], dict[s
     return done, shards
 
 
-def _plan(cases, config, done, shards, summary: EncodeSummary, log) -> list[PlannedCase]:
-    """The cases still to encode, with their target slices; drops what was cached from sources since changed."""
+def _plan(cases, config, done, shards, summary: EncodeSummary, log) -> tuple[list[PlannedCase], list[str]]:
+    """The cases still to encode, with their target slices, and the cases whose cached rows no longer
+    hold (their sources changed), which are dropped from ``done`` and ``shards``."""
     plans: list[PlannedCase] = []
+    dropped: list[str] = []
     for case in cases:
         digest = source_digest(case.image, case.label)
         cached = [r for r in (done.get(case.name), shards.get(case.name, (None, None))[1]) if r is not None]
@@ -281,6 +317,8 @@ def _plan(cases, config, done, shards, summary: EncodeSummary, log) -> list[Plan
             summary.cases_resumed += 1
             continue
         # Sources changed since they were encoded: what was cached for them no longer holds.
+        if cached:
+            dropped.append(case.name)
         done.pop(case.name, None)
         stale = shards.pop(case.name, None)
         if stale:
@@ -295,22 +333,19 @@ def _plan(cases, config, done, shards, summary: EncodeSummary, log) -> list[Plan
         else:
             plans.append(plan)
     summary.slices_total = sum(len(p.z) for p in plans)
-    return plans
+    return plans, dropped
 
 
 def _encode_plans(plans, config: EncodeConfig, encoder, shard_dir: Path, signature: dict, progress, *, row_size: int):
     """Encode planned cases in batches that may span cases; yield each case's record once its shard is complete."""
     total = sum(len(p.z) for p in plans)
     task = progress.add_task("encoding", total=total) if progress else None
-    reader = ReadAhead(lambda plan: prepare_case(plan, config), plans, depth=2, name="embedcache-reader")
+    reader = _reader(plans, config, encoder.device)
     pending: list[tuple[ShardWriter, int]] = []  # (writer, row within its case) awaiting the encoder
     writers: list[ShardWriter] = []
     batches: dict[int, _CaseBatch] = {}
     try:
         for item in reader:
-            if progress and item.record.n_rows < len(item.plan.z):
-                total -= len(item.plan.z) - item.record.n_rows
-                progress.update(task, total=total)
             writer = ShardWriter(shard_dir, signature=signature, case=item.record, slice_size=config.preprocess.slice_size)
             writers.append(writer)
             batches[id(writer)] = item
@@ -328,9 +363,63 @@ def _encode_plans(plans, config: EncodeConfig, encoder, shard_dir: Path, signatu
             raise
         raise write_error(exc, shard_dir, needed=sum(len(p.z) for p in plans) * row_size) from None
     finally:
-        reader.close()
+        if isinstance(reader, ReadAhead):
+            reader.close()
+        del reader  # a DataLoader's workers end with its iterator
         for writer in writers:
             writer.abort()
+
+
+def workers_for(config: EncodeConfig, device) -> int:
+    """Processes that prepare slices ahead of the encoder: ``config.workers``, or (-1) none on the
+    CPU, where the encoder itself is the bottleneck and one reader thread keeps up, and up to 4 on
+    CUDA, where the encoder is fast enough to starve on one."""
+    import os
+
+    if config.workers >= 0:
+        return config.workers
+    return min(4, os.cpu_count() or 1) if device.type == "cuda" else 0
+
+
+class _PreparedCases:
+    """``prepare_case`` as a map-style dataset for a DataLoader's worker processes. A user error in a
+    worker comes back as a value, so it reaches the user as its one line (a DataLoader re-raises
+    worker exceptions with the worker's traceback folded into the message)."""
+
+    def __init__(self, plans, config):
+        self.plans, self.config = plans, config
+
+    def __len__(self):
+        return len(self.plans)
+
+    def __getitem__(self, i):
+        try:
+            return prepare_case(self.plans[i], self.config)
+        except EmbedcacheError as exc:
+            return exc
+
+
+def _as_is(item):
+    return item
+
+
+def _reader(plans, config: EncodeConfig, device):
+    """Prepared cases in plan order: from worker processes (a torch DataLoader) when
+    :func:`workers_for` asks for them, else from one read-ahead thread."""
+    workers = workers_for(config, device)
+    if workers == 0:
+        return ReadAhead(lambda plan: prepare_case(plan, config), plans, depth=2, name="embedcache-reader")
+    from torch.utils.data import DataLoader
+
+    loader = DataLoader(_PreparedCases(plans, config), batch_size=None, shuffle=False, num_workers=workers,
+                        collate_fn=_as_is, prefetch_factor=2)
+    return (_raise_errors(item) for item in loader)
+
+
+def _raise_errors(item):
+    if isinstance(item, EmbedcacheError):
+        raise item
+    return item
 
 
 def _encode_batch(rows, batches, encoder, progress, task):

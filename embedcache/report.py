@@ -123,10 +123,15 @@ def _dice_plot(report: dict, path: Path) -> Path:
     axes[0][0].set_ylabel("Dice (3-D, per case)")
     axes[0][-1].legend(fontsize=8, loc="lower right")
     fig.suptitle(f"{report['case_set']} cases: {len(next(iter(report['cases'].values()), {}))}", fontsize=10)
+    return _save(fig, path, dpi=110)
+
+
+def _save(fig, path: Path, *, dpi: int) -> Path:
+    """Write a figure as PNG, atomically, and free it."""
     fig.tight_layout()
     with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
-    plt.close(fig)
+        fig.savefig(tmp, format="png", dpi=dpi)
+    _pyplot().close(fig)
     return path
 
 
@@ -148,11 +153,7 @@ def _learning_curve(log_csv: Path, path: Path) -> Path | None:
     lines = ax.get_legend_handles_labels()[0] + right.get_legend_handles_labels()[0]
     ax.legend(lines, [line.get_label() for line in lines], fontsize=8, loc="center right")
     ax.set_title(f"learning curve ({log_csv.parent.name})", fontsize=10)
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path, dpi=110)
 
 
 def _overlay_png(o: Overlay, out_dir: Path) -> Path:
@@ -185,12 +186,7 @@ def _overlay_png(o: Overlay, out_dir: Path) -> Path:
     ax.legend(fontsize=6, loc="lower left", framealpha=0.6)
     dice = " · ".join(f"{MODEL_NAMES.get(m, m)} {v:.2f}" for m, v in o.dice.items())
     ax.set_title(f"{o.case} · slice {o.z} · {o.protocol}\nlabel {o.label} ({o.tag}) · Dice {dice}", fontsize=7)
-    fig.tight_layout()
-    path = out_dir / f"overlay-{o.tag}-label{o.label}-{o.case}-z{o.z}.png"
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=120)
-    plt.close(fig)
-    return path
+    return _save(fig, out_dir / f"overlay-{o.tag}-label{o.label}-{o.case}-z{o.z}.png", dpi=120)
 
 
 def _fmt(stat: dict) -> str:

@@ -166,7 +166,7 @@ class RunFolder:
         log(f"{self.path}: no checkpoint yet ({LAST}); starting the run from the beginning")
         for path in self.path.iterdir():
             if path.is_file() and (path.name in RUN_FILES or path.name.endswith(PARTIAL)):
-                path.unlink()
+                path.unlink(missing_ok=True)  # under torchrun every rank clears the same files
         return False
 
     def create(self, config: FinetuneConfig, split: dict) -> None:

@@ -263,3 +263,32 @@ def test_cached_fp16_embedding_decodes_like_end_to_end_litemedsam(phantom_dir, t
     agree = ((cached > 0) == (reference > 0)).float().mean().item()
     assert agree > 0.995
     assert (cached - reference).abs().max().item() < 0.05 * reference.abs().max().item()
+
+
+def _same_cache(a: Path, b: Path) -> None:
+    with store.open_cache(a) as x, store.open_cache(b) as y:
+        assert x.cases == y.cases and x.signature == y.signature
+        for name in store.ROW_DATASETS:
+            np.testing.assert_array_equal(x._f[name][:], y._f[name][:])
+
+
+def test_worker_processes_prepare_the_same_slices(tiny_model, phantom_dir, tmp_path):
+    cases = discover_cases(phantom_dir)
+    _encode(cases, tmp_path / "thread.h5")
+    _encode(cases, tmp_path / "workers.h5", dataclasses.replace(TINY, workers=2))
+    _same_cache(tmp_path / "thread.h5", tmp_path / "workers.h5")
+
+
+def test_torchrun_encode_with_two_processes_equals_one_process(tiny_model, tiny_checkpoint, phantom_dir, tmp_path):
+    cases = discover_cases(phantom_dir)
+    _encode(cases, tmp_path / "one.h5")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(Path(tiny.__file__).parent), *sys.path]),
+               OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29541",
+           tiny.__file__, str(tiny_checkpoint), "encode", str(phantom_dir), "--out", str(tmp_path / "two.h5"),
+           "--model", "tiny", "--device", "cpu", "--no-progress"]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    assert done.stderr.count("slices of 3 cases") == 1 and done.stdout.count("total") == 1  # rank 0 speaks for all
+    _same_cache(tmp_path / "one.h5", tmp_path / "two.h5")
+    assert not shard_folder(tmp_path / "two.h5").exists()

@@ -7,7 +7,6 @@ from __future__ import annotations
 import errno
 import json
 import os
-import pickle
 import resource
 import shutil
 import signal
@@ -22,7 +21,6 @@ import pytest
 from click.testing import CliRunner
 
 import tiny
-from embedcache import cache as store
 from embedcache.cli import main
 from embedcache.phantom import limit_target_slices
 

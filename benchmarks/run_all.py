@@ -1,0 +1,116 @@
+"""Every figure the README quotes, in one command: encode and epoch benchmarks per backbone, the
+Dice cost of a float16 cache against float32, and peak memory; one JSON plus a markdown table,
+with the machine (and GPU) named.
+
+    python benchmarks/run_all.py --device cuda --out benchmarks/results        # a GPU, < 8 minutes on an H100
+    python benchmarks/run_all.py --device cpu --out benchmarks/results --quick # a CPU, fewer slices
+
+Needs only what a CUDA machine with PyTorch has plus embedcache's own dependencies: no network,
+LiteMedSAM's bundled weights and random weights for ViT-B (timing does not depend on the values).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+
+import encode as encode_bench
+import epoch as epoch_bench
+from common import RESULTS, machine, phantom_config, weights_for
+from embedcache.backbones import get_backbone
+from embedcache.config import EncodeConfig
+from embedcache.devices import pick_device
+from embedcache.encode import encode
+from embedcache.phantom import limit_target_slices, write_phantom
+from embedcache.protocols import ProtocolSettings
+from embedcache.score import score
+from embedcache.volumes import discover_cases
+
+#: (encode slices, epoch cases, epoch slices per case) per device kind: sized to finish in minutes.
+SIZES = {"cuda": (256, 8, 24), "cpu": (24, 3, 4), "quick": (8, 2, 2)}
+
+
+def dtype_cost(backbone: str, *, device: torch.device, tmp: Path, cases: int, per_case: int, size: int) -> dict:
+    """Mean 3-D Dice (oracle boxes, vanilla decoder) from a float16 cache and from a float32 one."""
+    folder = tmp / f"dtype-{backbone}"
+    write_phantom(folder, cases=cases, seed=5, config=phantom_config(size))
+    limit_target_slices(folder, per_case=per_case)
+    checkpoint = weights_for(get_backbone(backbone), tmp)
+    dice = {}
+    for dtype in ("float16", "float32"):
+        config = EncodeConfig(backbone=backbone, checkpoint=str(checkpoint) if checkpoint else None, device=str(device),
+                              embedding_dtype=dtype)
+        cache = tmp / f"{backbone}-{dtype}.h5"
+        encode(discover_cases(folder), cache, config, progress=None, log=lambda m: None)
+        report = score(cache, tmp / f"report-{backbone}-{dtype}", prompts=("oracle",), cases="all", device=str(device),
+                       checkpoint=checkpoint, settings=ProtocolSettings())
+        dice[dtype] = {label: by_model["vanilla"]["dice"]["mean"] for label, by_model in report["summary"]["oracle"].items()}
+    worst = max(abs(dice["float16"][k] - dice["float32"][k]) for k in dice["float16"])
+    return {"dice_float16": dice["float16"], "dice_float32": dice["float32"], "max_abs_difference": round(worst, 6)}
+
+
+def table(result: dict) -> str:
+    """The README's markdown rows for one run_all result."""
+    m = result["machine"]
+    where = m.get("gpu") or f"CPU, {m['cpu']}, {m['cpu_cores']} cores"
+    rows = [f"Machine: {where}; torch {m['torch']}; {result['date']}.", "",
+            "| backbone | encode: pipeline / bare encoder | epoch: cached / bound | epoch: uncached / cached "
+            "| prompts/s (cached) | fp16 − fp32 Dice | peak memory |",
+            "| --- | --- | --- | --- | --- | --- | --- |"]
+    for name, figures in result["backbones"].items():
+        enc, ep, dt = figures["encode"], figures["epoch"], figures["dtype"]
+        memory = f"RSS {max(enc['peak_rss_mib'], ep['peak_rss_mib']):.0f} MiB"
+        if "peak_gpu_mib" in ep:
+            memory += f", GPU {max(enc.get('peak_gpu_mib', 0), ep['peak_gpu_mib']):.0f} MiB"
+        rows.append(
+            f"| {name} ({enc['weights']} weights) | {enc['pipeline_slices_per_s']:.2f} / {enc['bare_slices_per_s']:.2f} "
+            f"slices/s = **{enc['pipeline_over_bare']:.2f}×** | {ep['cached_s']:.3g} / {ep['bound_s']:.3g} s = "
+            f"**{ep['cached_over_bound']:.2f}** | {ep['uncached_s']:.3g} / {ep['cached_s']:.3g} s = "
+            f"**{ep['uncached_over_cached']:.1f}×** | {ep['prompts_per_s']:.1f} | {dt['max_abs_difference']:.4f} | {memory} |"
+        )
+    return "\n".join(rows) + "\n"
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--backbones", default="litemedsam,vit_b")
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--quick", action="store_true", help="the smallest sizes: a smoke test, not figures to quote")
+    args = parser.parse_args(argv)
+    device = pick_device(args.device)
+    slices, cases, per_case = SIZES["quick" if args.quick else device.type]
+    size = ["--phantom-size", "128" if args.quick else "512"]
+    result = {"benchmark": "run_all", "machine": machine(device), "quick": args.quick,
+              "date": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"), "backbones": {}}
+    with tempfile.TemporaryDirectory(prefix="embedcache-run-all-") as tmp:
+        for name in args.backbones.split(","):
+            print(f"run_all: {name} on {device}", file=sys.stderr)
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+            figures = {
+                "encode": encode_bench.main(["--backbone", name, "--slices", str(slices), "--device", str(device),
+                                             "--no-save", *size]),
+                "epoch": epoch_bench.main(["--backbones", name, "--cases", str(cases), "--slices-per-case",
+                                           str(per_case), "--device", str(device), "--no-save", *size])[name],
+                "dtype": dtype_cost(name, device=device, tmp=Path(tmp), cases=2, per_case=per_case, size=int(size[1])),
+            }
+            figures["encode"].pop("machine", None)
+            result["backbones"][name] = figures
+    args.out.mkdir(parents=True, exist_ok=True)
+    stem = f"run_all-{device.type}{'-quick' if args.quick else ''}-{result['date'][:10]}"
+    (args.out / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
+    (args.out / f"{stem}.md").write_text(table(result))
+    print(table(result))
+    print(f"saved {args.out / stem}.json and .md", file=sys.stderr)
+    return result
+
+
+if __name__ == "__main__":
+    main()
