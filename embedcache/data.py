@@ -19,6 +19,7 @@ from embedcache.cache import Cache
 from embedcache.decoder import LOW_RES
 from embedcache.errors import EmbedcacheError
 from embedcache.prompts import box_present
+from embedcache.readahead import ReadAhead
 
 
 def split_cases(names: list[str], *, val_fraction: float, seed: int) -> tuple[list[str], list[str]]:
@@ -130,32 +131,76 @@ class Batch:
     masks: torch.Tensor  # (P, size, size) bool, full-resolution targets (validation Dice)
 
 
-def make_batch(
-    data: SliceData, prompts: PromptIndex, slices: np.ndarray, *, labels: tuple[int, ...], box_scale: float,
-    boxes: np.ndarray | None = None, slice_size: int = 512,
-) -> Batch:
-    """The prompts of ``slices`` (local indices) with their embeddings and targets on the device.
+@dataclass
+class BatchPlan:
+    """A batch as the host knows it: which slices, and per prompt its slice's position among them,
+    its label id and its box (encoder-input pixels). Building one needs no device."""
 
-    ``boxes`` replaces ``prompts.boxes`` (same indexing), e.g. with jittered boxes.
-    """
+    slices: np.ndarray  # (n,) local slice indices
+    local: np.ndarray  # (P,) position of each prompt's slice in ``slices``
+    label: np.ndarray  # (P,) label ids
+    boxes: np.ndarray  # (P, 4) float32, encoder-input pixels
+    count: int = 0  # prompts of the whole (all-rank) batch, for the loss weights
+
+
+def plan_batch(prompts: PromptIndex, slices: np.ndarray, *, labels: tuple[int, ...], box_scale: float,
+               boxes: np.ndarray | None = None, count: int = 0) -> BatchPlan:
+    """The prompts of ``slices`` (local indices); ``boxes`` replaces ``prompts.boxes`` (same indexing),
+    e.g. with jittered boxes."""
     which, local = prompts.of_slices(slices)
-    emb, masks = data.get(slices)
     boxes = (prompts.boxes if boxes is None else boxes)[which]
-    label_ids = torch.tensor(labels, device=masks.device)[torch.from_numpy(prompts.slot[which]).to(masks.device)]
-    index = torch.from_numpy(local).to(masks.device)
-    target = masks[index] == label_ids[:, None, None]
+    return BatchPlan(slices=np.asarray(slices), local=local, label=np.asarray(labels, np.int64)[prompts.slot[which]],
+                     boxes=boxes * box_scale, count=count)
+
+
+def assemble(embeddings: torch.Tensor, masks: torch.Tensor, local: torch.Tensor, label: torch.Tensor,
+             boxes: torch.Tensor, *, slice_size: int) -> Batch:
+    """A batch from its slices' ``(n, 256, 64, 64)`` embeddings and ``(n, S, S)`` masks and its prompts'
+    device tensors: gathers and a pooling, no host synchronisation."""
+    target = masks[local] == label[:, None, None]
     # Loss at the decoder's native 256²: area averaging (2×2 for 512² slices) keeps a one-pixel-wide
     # limb as a half-weight target instead of dropping it, as nearest sampling would.
     if slice_size >= LOW_RES:
         soft = F.adaptive_avg_pool2d(target[:, None].float(), LOW_RES)
     else:
         soft = F.interpolate(target[:, None].float(), size=(LOW_RES, LOW_RES), mode="bilinear", align_corners=False)
-    return Batch(
-        embeddings=emb[index],
-        boxes=torch.from_numpy(boxes * box_scale).to(emb.device),
-        targets=soft,
-        masks=target,
-    )
+    return Batch(embeddings=embeddings[local], boxes=boxes, targets=soft, masks=target)
+
+
+def fetch_batch(data: SliceData, plan: BatchPlan, *, slice_size: int) -> Batch:
+    """One planned batch: its slices read (or gathered) and its prompts copied to the device."""
+    emb, masks = data.get(plan.slices)
+    device = emb.device
+    return assemble(emb, masks, torch.from_numpy(plan.local).to(device), torch.from_numpy(plan.label).to(device),
+                    torch.from_numpy(plan.boxes).to(device), slice_size=slice_size)
+
+
+class DeviceBatches:
+    """An epoch of planned batches over device-resident slices: every plan's index arrays and boxes go
+    to the device in one copy, then each batch is views and gathers there, so the host never waits
+    for the device between steps. Yields ``(batch, count)``."""
+
+    def __init__(self, data: SliceData, plans: list[BatchPlan], *, slice_size: int):
+        self.data, self.plans, self.slice_size = data, plans, slice_size
+        device = data.device
+
+        def flat(key, dtype):
+            parts = [getattr(p, key).astype(dtype) for p in plans]
+            return torch.from_numpy(np.concatenate(parts) if parts else np.zeros(0, dtype)).to(device)
+
+        self.slices, self.local, self.label = flat("slices", np.int64), flat("local", np.int64), flat("label", np.int64)
+        boxes = [p.boxes.astype(np.float32).reshape(-1, 4) for p in plans]
+        self.boxes = torch.from_numpy(np.concatenate(boxes) if boxes else np.zeros((0, 4), np.float32)).to(device)
+        self.slice_start = np.cumsum([0] + [len(p.slices) for p in plans])
+        self.prompt_start = np.cumsum([0] + [len(p.local) for p in plans])
+
+    def __iter__(self):
+        for i, plan in enumerate(self.plans):
+            s = slice(int(self.slice_start[i]), int(self.slice_start[i + 1]))
+            p = slice(int(self.prompt_start[i]), int(self.prompt_start[i + 1]))
+            index = self.slices[s]
+            yield assemble(self.data.embeddings[index], self.data.masks[index], self.local[p], self.label[p],
+                           self.boxes[p], slice_size=self.slice_size), plan.count
 
 
 def _stop_prompts(cache: Cache, rows: np.ndarray, boxes: np.ndarray, present: np.ndarray, grow_mm: float):
@@ -194,10 +239,21 @@ class CaseSet:
     def __len__(self) -> int:
         return len(self.prompts.rows)
 
+    def plan(self, slices: np.ndarray, boxes: np.ndarray | None = None, count: int = 0) -> BatchPlan:
+        """The batch of local ``slices``; ``boxes`` (indexed as ``prompts.boxes``) replaces the cached boxes."""
+        return plan_batch(self.prompts, slices, labels=self.labels, box_scale=self.box_scale, boxes=boxes, count=count)
+
     def batch(self, slices: np.ndarray, boxes: np.ndarray | None = None) -> Batch:
-        """The prompts of local ``slices``; ``boxes`` (indexed as ``prompts.boxes``) replaces the cached boxes."""
-        return make_batch(self.slices, self.prompts, slices, labels=self.labels, box_scale=self.box_scale,
-                          boxes=boxes, slice_size=self.slice_size)
+        """The prompts of local ``slices`` on the device; ``boxes`` as for :meth:`plan`."""
+        return fetch_batch(self.slices, self.plan(slices, boxes), slice_size=self.slice_size)
+
+    def batches(self, plans: list[BatchPlan]):
+        """``(batch, count)`` for each plan: gathered on the device when the slices live there (one copy
+        per epoch), else read from HDF5 a few batches ahead in a thread."""
+        if self.slices.resident:
+            return DeviceBatches(self.slices, plans, slice_size=self.slice_size)
+        return ReadAhead(lambda plan: (fetch_batch(self.slices, plan, slice_size=self.slice_size), plan.count),
+                         plans, depth=3)
 
 
 def case_sets(cache: Cache, names: dict[str, list[str]], *, box_scale: float, device: torch.device,

@@ -174,9 +174,9 @@ def train_epoch(trainer: Trainer, train: CaseSet, config: FinetuneConfig, *, epo
     order = rng.permutation(len(train))
     batches = [order[i : i + config.batch_size] for i in range(0, len(order), config.batch_size)]
     jitter_seeds = rng.integers(0, 2**63, size=len(batches))
-    items = [(slices, seed, train, config, dist) for slices, seed in zip(batches, jitter_seeds)]
-    # Resident slices are gathered on the device at once; streamed ones are read a few batches ahead.
-    feeder = map(_jittered_batch, items) if train.slices.resident else ReadAhead(_jittered_batch, items, depth=3)
+    # Every batch of the epoch planned on the host first (seeded jitter included); then steps only.
+    plans = [_jittered_plan(slices, seed, train, config, dist) for slices, seed in zip(batches, jitter_seeds)]
+    feeder = train.batches(plans)
     try:
         for batch, global_count in feeder:
             trainer.step(batch, global_count)
@@ -195,16 +195,15 @@ def train_epoch(trainer: Trainer, train: CaseSet, config: FinetuneConfig, *, epo
     return loss, seen
 
 
-def _jittered_batch(item) -> tuple:
+def _jittered_plan(slices: np.ndarray, seed: int, train: CaseSet, config: FinetuneConfig, dist: Dist):
     """This rank's share of a global batch, every box jittered as it would be on any rank."""
-    slices, seed, train, config, dist = item
     boxes = train.prompts.boxes
     if config.box_jitter > 0:  # jitter the whole global batch, so each prompt moves the same on any rank
         which, _ = train.prompts.of_slices(np.sort(slices))
         boxes = boxes.copy()
         boxes[which] = jitter_boxes(boxes[which], fraction=config.box_jitter, rng=np.random.default_rng(seed),
                                     limit=float(train.slice_size))
-    return train.batch(np.sort(slices[dist.rank :: dist.world]), boxes=boxes), train.prompts.count(slices)
+    return train.plan(np.sort(slices[dist.rank :: dist.world]), boxes=boxes, count=train.prompts.count(slices))
 
 
 @torch.no_grad()
@@ -212,10 +211,8 @@ def validate(trainer: Trainer, val: CaseSet, *, batch_size: int) -> tuple[float,
     """Mean DiceCE loss and mean 2-D Dice (at full slice resolution) over ``val``'s prompts, exact boxes."""
     model = trainer.model.eval()
     dices, losses = [], []
-    for start in range(0, len(val), batch_size):
-        batch = val.batch(np.arange(start, min(start + batch_size, len(val))))
-        if len(batch.boxes) == 0:
-            continue
+    plans = [val.plan(np.arange(start, min(start + batch_size, len(val)))) for start in range(0, len(val), batch_size)]
+    for batch, _ in val.batches([p for p in plans if len(p.local)]):
         with trainer.autocast:
             logits = model(batch.embeddings, batch.boxes)
         losses.append(dice_ce_per_prompt(logits, batch.targets))
