@@ -74,18 +74,22 @@ def test_a_3d_box_in_voxels_or_millimetres_segments_as_box3d_from_the_label(phan
     result = _predict(case.image, "--from-labels", case.label, "--prompts", "box3d", *margin, "--out", tmp_path / "a")
     assert result.exit_code == 0, result.output
     from_labels = read_label(tmp_path / "a" / f"{case.name}.nii.gz").array
-    box = box3d_from_label(truth.array == 7, truth.spacing_mm, margin_mm=0.0, margin_slices=1)
-    low, high = _file_corners(geometry, box.z0, box.z1, box.box)
-    world = [nib.affines.apply_affine(geometry.source_affine, corner).tolist() for corner in (low, high)]
-    world_box = [min(world[0][i], world[1][i]) for i in range(3)] + [max(world[0][i], world[1][i]) for i in range(3)]
-    for name, entry in (("voxel", {"label": 7, "box3d": [*map(int, low), *map(int, high)]}),
-                        ("world", {"label": 7, "box3d": world_box, "space": "world"})):
-        (tmp_path / f"{name}.json").write_text(json.dumps({case.name: [entry]}))
+    voxel, world = [], []
+    for label in (7, 8):  # both glands, in the order --from-labels paints them
+        box = box3d_from_label(truth.array == label, truth.spacing_mm, margin_mm=0.0, margin_slices=1)
+        low, high = _file_corners(geometry, box.z0, box.z1, box.box)
+        corners = [nib.affines.apply_affine(geometry.source_affine, corner).tolist() for corner in (low, high)]
+        voxel.append({"label": label, "box3d": [*map(int, low), *map(int, high)]})
+        world.append({"label": label, "space": "world",
+                      "box3d": [min(corners[0][i], corners[1][i]) for i in range(3)]
+                      + [max(corners[0][i], corners[1][i]) for i in range(3)]})
+    for name, entries in (("voxel", voxel), ("world", world)):
+        (tmp_path / f"{name}.json").write_text(json.dumps({case.name: entries}))
         result = _predict(case.image, "--boxes", tmp_path / f"{name}.json", "--out", tmp_path / name, *margin)
         assert result.exit_code == 0, result.output
         given = read_label(tmp_path / name / f"{case.name}.nii.gz").array
-        np.testing.assert_array_equal(given == 7, from_labels == 7, err_msg=name)
-    assert (from_labels == 7).any()
+        np.testing.assert_array_equal(given, from_labels, err_msg=name)
+    assert (from_labels == 7).any() and (from_labels == 8).any()
 
 
 def test_bad_boxes_are_refused_with_what_to_fix(one_slice_case, tmp_path):
