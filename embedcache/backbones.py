@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from embedcache.cache import EMBEDDING_SHAPE  # noqa: F401  (every backbone's output shape)
-from embedcache.errors import EmbedcacheError
+from embedcache.errors import EmbedcacheError, reason
 
 SAM_PIXEL_MEAN = (123.675 / 255, 116.28 / 255, 103.53 / 255)
 SAM_PIXEL_STD = (58.395 / 255, 57.12 / 255, 57.375 / 255)
@@ -275,8 +275,7 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
-        reason = str(exc).strip().splitlines()[0][:120] if str(exc).strip() else type(exc).__name__
-        raise EmbedcacheError(f"{path}: not a readable PyTorch checkpoint ({reason}); re-download or re-copy it")
+        raise EmbedcacheError(f"{path}: not a readable PyTorch checkpoint ({reason(exc)}); re-download or re-copy it")
     for key in ("model", "state_dict"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]

@@ -43,7 +43,7 @@ import h5py
 import numpy as np
 
 from embedcache import __version__
-from embedcache.errors import CacheMismatchError, EmbedcacheError
+from embedcache.errors import CacheMismatchError, EmbedcacheError, reason as _reason
 from embedcache.files import atomic_path, commit, partial_path
 from embedcache.prompts import box_present
 
@@ -284,7 +284,7 @@ def open_cache(path: Path, *, expect: dict | None = None) -> Cache:
         cache = Cache(path)
     except (OSError, KeyError, ValueError) as exc:
         raise EmbedcacheError(
-            f"{path}: not a readable embedcache cache ({str(exc).splitlines()[0][:100]}); encode it again"
+            f"{path}: not a readable embedcache cache ({_reason(exc)}); encode it again"
         ) from None
     if expect is not None:
         try:
@@ -301,11 +301,6 @@ def _readable(dataset, row: int) -> bool:
         return True
     except OSError:
         return False
-
-
-def _reason(exc: Exception) -> str:
-    text = str(exc).strip().splitlines()
-    return (text[0] if text else type(exc).__name__)[:120]
 
 
 def merge(out: Path, *, signature: dict, sources: list[tuple[Path, list[CaseRecord]]], slice_size: int) -> list[CaseRecord]:

@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 from embedcache.errors import EmbedcacheError, UsageError
-from embedcache.files import atomic_write_text
+from embedcache.files import atomic_write_text, read_json
 from embedcache.labels import ADRENALS
 
 
@@ -106,10 +106,7 @@ def save_config(config, path: Path) -> None:
 def load_config(cls, path: Path):
     """A config saved by :func:`save_config`; a file that is not one is named with what is wrong."""
     path = Path(path)
-    try:
-        values = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, ValueError) as exc:
-        raise EmbedcacheError(f"{path}: not a readable settings file ({exc}); delete the run folder and start again") from None
+    values = read_json(path, what="settings file", fix="delete the run folder and start again")
     known = {f.name for f in fields(cls)}
     if not isinstance(values, dict) or set(values) - known:
         unknown = sorted(set(values) - known) if isinstance(values, dict) else type(values).__name__

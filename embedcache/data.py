@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from embedcache.cache import Cache
 from embedcache.decoder import LOW_RES
 from embedcache.errors import EmbedcacheError
+from embedcache.files import read_json
 from embedcache.prompts import box_present
 from embedcache.readahead import ReadAhead
 
@@ -284,13 +285,8 @@ def load_split(path: Path, cache: Cache) -> dict[str, list[str]]:
     """A split file (``{"train": [...], "val": [...], "test": [...]}``, as nnU-Net's ``splits_final.json``
     holds per fold), checked against the cache: every case known, none in two sets, no test case of
     the cache (``imagesTs/``) in train or val."""
-    import json
-
     path = Path(path)
-    try:
-        split = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, ValueError) as exc:
-        raise EmbedcacheError(f"{path}: not a readable JSON file ({exc})") from None
+    split = read_json(path)
     if isinstance(split, list):
         raise EmbedcacheError(f"{path}: holds {len(split)} folds (nnU-Net's splits_final.json); save the fold to train "
                               'on as its own file {"train": [...], "val": [...]}')

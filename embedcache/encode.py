@@ -242,10 +242,10 @@ def encode(
 
 
 def _gather(dist, summary: EncodeSummary, dropped: list[str]) -> tuple[EncodeSummary, list[str]]:
-    """Every rank's counts added up, and every rank's dropped cases, on every rank (after a barrier)."""
+    """Every rank's counts added up, and every rank's dropped cases, on every rank (a collective: it
+    returns once every rank has encoded its share)."""
     import torch.distributed
 
-    dist.barrier()
     parts: list = [None] * dist.world
     torch.distributed.all_gather_object(parts, (summary, dropped))
     total = EncodeSummary(out=summary.out, cases_total=summary.cases_total, device=summary.device)

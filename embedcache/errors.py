@@ -5,6 +5,12 @@ Anything else that escapes a command is a bug in embedcache and keeps its traceb
 """
 
 
+def reason(exc: BaseException, limit: int = 160) -> str:
+    """The first line of an exception's message (its type where it has none), for a one-line error."""
+    lines = str(exc).strip().splitlines()
+    return (lines[0] if lines else type(exc).__name__)[:limit]
+
+
 class EmbedcacheError(Exception):
     """A problem with the user's input or environment, phrased as `what: why; how to fix` (exit code 1)."""
 

@@ -14,7 +14,7 @@ from embedcache.errors import EmbedcacheError
 from embedcache.files import make_output_folder
 from embedcache.metrics import gland_metrics
 from embedcache.report import write_report
-from embedcache.volumes import NIFTI_SUFFIXES, check_same_grid, is_nifti, read_label
+from embedcache.volumes import check_same_grid, is_nifti, nifti_stem, read_label
 
 PROTOCOL = "given"
 
@@ -23,16 +23,7 @@ def _by_case(folder: Path) -> dict[str, Path]:
     folder = Path(folder)
     if not folder.is_dir():
         raise EmbedcacheError(f"{folder}: no such folder; give a folder of CASE.nii.gz label volumes")
-    found = {}
-    for path in sorted(folder.iterdir()):
-        if is_nifti(path):
-            name = path.name
-            for suffix in NIFTI_SUFFIXES[::-1]:  # .nii.gz before .nii
-                if name.endswith(suffix):
-                    name = name[: -len(suffix)]
-                    break
-            found[name] = path
-    return found
+    return {nifti_stem(path): path for path in sorted(folder.iterdir()) if is_nifti(path)}
 
 
 def evaluate(pred_dir: Path, labels_dir: Path, out_dir: Path, *, labels=flare.ADRENALS, name: str = "prediction",

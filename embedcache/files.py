@@ -13,7 +13,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-from embedcache.errors import EmbedcacheError
+from embedcache.errors import EmbedcacheError, reason
 
 PARTIAL = ".partial"
 #: errno values that mean "this disk cannot take the write", not a bug.
@@ -60,6 +60,16 @@ def atomic_path(path: Path, *, keep_suffix: bool = False, needed: int | None = N
         raise
 
 
+def read_json(path: Path, *, what: str = "JSON file", fix: str = ""):
+    """The JSON value in ``path``; a missing, unreadable or malformed file is one line naming it."""
+    import json
+
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise EmbedcacheError(f"{path}: not a readable {what} ({exc}){'; ' + fix if fix else ''}") from None
+
+
 def free_bytes(folder: Path) -> int:
     return shutil.disk_usage(folder).free
 
@@ -76,8 +86,8 @@ def write_error(exc: OSError, path: Path, *, needed: int | None = None):
         return EmbedcacheError(f"{path}: no space left on device{need}; free space and rerun (finished work is kept)")
     if exc.errno in NOT_WRITABLE:
         return EmbedcacheError(f"{path}: cannot write here ({os.strerror(exc.errno)}); choose another folder")
-    reason = os.strerror(exc.errno) if exc.errno else str(exc).splitlines()[0][:100]
-    return EmbedcacheError(f"{path}: write failed ({reason}); check the disk and rerun")
+    why = os.strerror(exc.errno) if exc.errno else reason(exc)
+    return EmbedcacheError(f"{path}: write failed ({why}); check the disk and rerun")
 
 
 def check_writable_folder(folder: Path, *, what: str = "--out") -> None:

@@ -19,7 +19,6 @@ segmented by the ``box3d`` protocol (middle slice, then propagation slice by sli
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,7 +27,7 @@ import numpy as np
 from embedcache import protocols
 from embedcache.config import PreprocessConfig
 from embedcache.errors import EmbedcacheError, UsageError
-from embedcache.files import make_output_folder
+from embedcache.files import make_output_folder, read_json
 from embedcache.labels import ADRENALS
 from embedcache.protocols import Box3D, Prediction, ProtocolSettings
 from embedcache.volumes import Geometry, case_name, check_same_grid, read_geometry, read_image, read_label, write_nifti
@@ -67,10 +66,7 @@ def _number_list(value, n: int, what: str) -> list[float]:
 
 def read_boxes_file(boxes_file: Path) -> dict:
     """The JSON boxes table: an object mapping case names to lists of prompts."""
-    try:
-        table = json.loads(Path(boxes_file).read_text())
-    except (OSError, UnicodeDecodeError, ValueError) as exc:
-        raise EmbedcacheError(f"{boxes_file}: not a readable JSON file ({exc}); see the boxes schema in the README") from None
+    table = read_json(boxes_file, fix="see the boxes schema in the README")
     if not isinstance(table, dict) or not all(isinstance(v, list) for v in table.values()):
         raise EmbedcacheError(f"{boxes_file}: expected an object {{\"CASE\": [prompts, ...]}}; see the boxes schema in the README")
     return table

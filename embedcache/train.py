@@ -27,7 +27,7 @@ from embedcache.config import FinetuneConfig
 from embedcache.data import CaseSet, case_sets, load_split, split_cases
 from embedcache.devices import keep_freed_memory, pick_device
 from embedcache.distributed import Dist
-from embedcache.errors import EmbedcacheError
+from embedcache.errors import EmbedcacheError, reason
 from embedcache.losses import dice_ce_per_prompt
 from embedcache.metrics import dice_2d
 from embedcache.prompts import jitter_boxes
@@ -263,7 +263,7 @@ def _restore(run: RunFolder, trainer: Trainer, cache: Cache, data: dict) -> RunS
         return RunState.from_dict(checkpoint.state)
     except (KeyError, TypeError, RuntimeError, ValueError) as exc:
         raise EmbedcacheError(
-            f"{run.file(LAST)}: checkpoint does not fit this run ({str(exc).splitlines()[0][:100]}); start a new run"
+            f"{run.file(LAST)}: checkpoint does not fit this run ({reason(exc)}); start a new run"
         ) from None
 
 

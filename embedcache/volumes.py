@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from embedcache.errors import EmbedcacheError
+from embedcache.errors import EmbedcacheError, reason as _reason
 from embedcache.files import atomic_path
 
 CANONICAL_AXCODES = ("L", "P", "S")
@@ -144,11 +144,12 @@ def is_nifti(path: Path) -> bool:
 def case_name(path: Path) -> str:
     """FLARE22 case name of an image file or DICOM folder: ``CASE_0000.nii.gz`` and ``CASE_0000/`` → ``CASE``."""
     path = Path(path)
-    stem = path.name if path.is_dir() else _nifti_stem(path)
+    stem = path.name if path.is_dir() else nifti_stem(path)
     return stem[: -len("_0000")] if stem.endswith("_0000") else stem
 
 
-def _nifti_stem(path: Path) -> str:
+def nifti_stem(path: Path) -> str:
+    """A NIfTI file's name without ``.nii`` or ``.nii.gz``."""
     name = path.name
     for suffix in (".nii.gz", ".nii"):
         if name.endswith(suffix):
@@ -446,11 +447,6 @@ def _check_file(path: Path) -> None:
         raise EmbedcacheError(f"{path}: not a .nii or .nii.gz file nor a DICOM folder; convert it to NIfTI")
 
 
-def _reason(exc: Exception) -> str:
-    text = str(exc).strip().splitlines()
-    return (text[0] if text else type(exc).__name__)[:160]
-
-
 def source_digest(*paths: Path) -> str:
     """sha256 over the bytes of the given files and DICOM folders (files in sorted order)."""
     digest = hashlib.sha256()
@@ -487,7 +483,7 @@ def discover_cases(root: Path) -> list[CaseSource]:
         if not (images.is_dir() and labels.is_dir()):
             continue
         found_layout = True
-        label_by_case = {_nifti_stem(p): p for p in labels.iterdir() if is_nifti(p)}
+        label_by_case = {nifti_stem(p): p for p in labels.iterdir() if is_nifti(p)}
         for image in sorted(images.iterdir()):
             if not (image.is_dir() or is_nifti(image)):
                 continue
