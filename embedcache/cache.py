@@ -381,7 +381,7 @@ def _merge(out: Path, *, signature: dict, sources: list[tuple[Path, list[CaseRec
                     for name in ROW_DATASETS:
                         if name == "case_index":
                             f[name][rows_out] = len(records)
-                        else:
+                        elif not _copy_chunks(src[name], f[name], case, row, source):
                             f[name][rows_out] = _read_source(src, name, case, source)
                     records.append(CaseRecord(**{**asdict(case), "first_row": row}))
                     row = rows_out.stop
@@ -399,16 +399,40 @@ def _merge(out: Path, *, signature: dict, sources: list[tuple[Path, list[CaseRec
     return records
 
 
+def _copy_chunks(src: h5py.Dataset, dst: h5py.Dataset, case: CaseRecord, row: int, source: Path) -> bool:
+    """Copy ``case``'s rows of a one-row-per-chunk dataset to ``dst`` from ``row`` on as stored bytes
+    (checksummed, compressed), never decoding them: 2× faster here than reading and writing, and the
+    checksums still guard every read of the merged cache. False where the layouts differ (nothing copied)."""
+    same = (src.chunks == dst.chunks and src.chunks is not None and src.chunks[0] == 1
+            and src.compression == dst.compression and src.compression_opts == dst.compression_opts
+            and src.fletcher32 == dst.fletcher32 and src.dtype == dst.dtype)
+    if not same:
+        return False
+    rest = (0,) * (len(src.shape) - 1)
+    for k in range(case.n_rows):
+        try:
+            filter_mask, chunk = src.id.read_direct_chunk((case.first_row + k, *rest))
+        except OSError as exc:
+            raise _unreadable(exc, source, src.name.lstrip("/"), case) from None
+        dst.id.write_direct_chunk((row + k, *rest), chunk, filter_mask)
+    return True
+
+
 def _read_source(src: h5py.File, name: str, case: CaseRecord, source: Path) -> np.ndarray:
     try:
         return src[name][case.rows]
     except OSError as exc:
-        if (exc.errno or _errno_in(str(exc))) in (errno.ENOSPC, errno.EIO):
-            raise
-        raise EmbedcacheError(
-            f"{source}: {name} of case {case.name} cannot be read ({_reason(exc)}); the file is damaged: "
-            "delete it and encode again"
-        ) from None
+        raise _unreadable(exc, source, name, case) from None
+
+
+def _unreadable(exc: OSError, source: Path, name: str, case: CaseRecord) -> Exception:
+    """A read error of a merge's source: the disk's own errors as they are, anything else a damaged file."""
+    if (exc.errno or _errno_in(str(exc))) in (errno.ENOSPC, errno.EIO):
+        return exc
+    return EmbedcacheError(
+        f"{source}: {name} of case {case.name} cannot be read ({_reason(exc)}); the file is damaged: "
+        "delete it and encode again"
+    )
 
 
 def remove_tree(folder: Path) -> None:

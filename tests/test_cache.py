@@ -115,3 +115,37 @@ def test_unreadable_caches_are_named(tmp_path):
         f.attrs["signature"] = json.dumps(_signature())
     with pytest.raises(EmbedcacheError, match="empty.h5: not a readable embedcache cache"):
         store.open_cache(tmp_path / "empty.h5")
+
+
+def test_merge_copies_stored_chunks_and_decodes_where_layouts_differ(tmp_path):
+    a, rows_a = _shard(tmp_path, "A", 3, 1)
+    with h5py.File(a, "r+") as f:  # as an older layout would be: masks plain, embeddings in one chunk
+        for name, chunks in (("masks", None), ("embeddings", (3, 256, 64, 64))):
+            data = f[name][:]
+            del f[name]
+            f.create_dataset(name, data=data, chunks=chunks)
+    b, rows_b = _shard(tmp_path, "B", 2, 2)
+    sources = [(a, [store.read_shard(a)[1]]), (b, [store.read_shard(b)[1]])]
+    store.merge(tmp_path / "c.h5", signature=_signature(), sources=sources, slice_size=SIZE)
+    with store.open_cache(tmp_path / "c.h5") as cache:
+        for name in ("embeddings", "masks"):
+            np.testing.assert_array_equal(cache.read(name, slice(0, 3)), rows_a[name])
+            np.testing.assert_array_equal(cache.read(name, slice(3, 5)), rows_b[name])
+        assert cache.embeddings.chunks == (1, 256, 64, 64) and cache.embeddings.fletcher32 and cache.masks.fletcher32
+
+
+def test_a_shard_damaged_after_it_was_written_is_caught_when_the_merged_cache_is_read(tmp_path):
+    """The merge copies stored chunks without decoding them, so the damage travels, checksum and all."""
+    a, _ = _shard(tmp_path, "A", 3, 1)
+    with h5py.File(a, "r") as f:
+        offset = f["embeddings"].id.get_chunk_info(1).byte_offset
+    with open(a, "r+b") as handle:  # one flipped byte inside row 1's embedding
+        handle.seek(offset + 1000)
+        byte = handle.read(1)
+        handle.seek(offset + 1000)
+        handle.write(bytes([byte[0] ^ 0xFF]))
+    store.merge(tmp_path / "c.h5", signature=_signature(), sources=[(a, [store.read_shard(a)[1]])], slice_size=SIZE)
+    with store.open_cache(tmp_path / "c.h5") as cache:
+        cache.read("embeddings", slice(0, 1))
+        with pytest.raises(EmbedcacheError, match=r"c.h5: embeddings of rows \[1\] cannot be read .* encode it again"):
+            cache.read("embeddings", slice(0, 3))
