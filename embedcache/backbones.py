@@ -72,10 +72,9 @@ class Backbone:
             flat = x.flatten(1)
             low, high = flat.min(1).values, flat.max(1).values
             x = (x - low[:, None, None, None]) / (high - low).clamp_min(1e-8)[:, None, None, None]
-        x = x.expand(-1, 3, -1, -1)
-        mean = torch.tensor(self.pixel_mean, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
-        std = torch.tensor(self.pixel_std, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
-        x = (x - mean) / std
+        # One channel per (mean, std) with Python scalars: a mean tensor made from host data here would
+        # be a blocking copy on CUDA, the host waiting for the device at every batch.
+        x = torch.cat([(x - mean) / std for mean, std in zip(self.pixel_mean, self.pixel_std)], dim=1)
         return F.pad(x, (0, self.input_size - new_hw[1], 0, self.input_size - new_hw[0]))
 
     def box_scale(self, slice_size: int) -> float:
