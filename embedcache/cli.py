@@ -175,11 +175,11 @@ def phantom(out: Path, cases: int, seed: int, size: int, test_cases: int, progre
               help="Storage type of the embeddings.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda[:N].")
 @click.option("--batch-size", default=0, show_default=True, type=click.IntRange(0, 1024),
-              help="Slices per encoder forward; 0 picks 1 on CPU, 16 on CUDA.")
+              help="Slices per encoder forward; 0 picks 1 on CPU, and on CUDA the most (up to 32) that fit in half the free memory.")
 @click.option("--margin-slices", default=2, show_default=True, type=int,
               help="Also encode this many slices beyond each end of a gland (no boxes): 3-D box prompts need them.")
 @click.option("--workers", default=-1, show_default=True, type=int,
-              help="Processes preparing slices ahead of the encoder; -1: none on CPU, up to 4 on CUDA.")
+              help="Processes preparing slices ahead of the encoder; -1: none on CPU, half the cores up to 8 on CUDA.")
 @progress_option
 @friendly_errors
 def encode(data, out, images, labels_, series, model, checkpoint, labels, window_width, window_level, slice_size,

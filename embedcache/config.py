@@ -38,9 +38,9 @@ class EncodeConfig:
     preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
     embedding_dtype: str = "float16"
     device: str = "auto"
-    batch_size: int = 0  # 0: pick for the device (1 on CPU, where larger batches are slower; 16 on CUDA)
+    batch_size: int = 0  # 0: pick for the device (1 on CPU, where larger batches are slower; on CUDA what fits in memory)
     margin_slices: int = 2  # also cache this many slices beyond each end of a gland (3-D box prompts need them)
-    workers: int = -1  # processes preparing slices ahead of the encoder; -1: none on CPU, up to 4 on CUDA
+    workers: int = -1  # processes preparing slices ahead of the encoder; -1: none on CPU, half the cores up to 8 on CUDA
 
     def __post_init__(self):
         if self.workers < -1:

@@ -6,8 +6,10 @@ Read top to bottom:
 2. settle the signature (backbone, checkpoint sha256, preprocessing, labels);
 3. plan: which cases are already done (in the cache or as complete shards), which slices of the
    rest hold a target label;
-4. a reader thread loads and preprocesses case after case while the main thread encodes batches
-   under inference mode (autocast on CUDA) and writes each case into its own shard;
+4. a reader (a thread, or worker processes on CUDA) loads and preprocesses case after case; the
+   main thread launches batches on the encoder (inference mode, fp16 autocast on CUDA); a writer
+   thread takes their embeddings into each case's shard and writes out the complete ones, so the
+   encoder never waits for the disk;
 5. merge the cache and the new shards into one file, atomically, and drop the shards.
 """
 
@@ -15,7 +17,9 @@ from __future__ import annotations
 
 import time
 import warnings
+from collections import deque
 from dataclasses import asdict, dataclass, field, replace
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +31,7 @@ from embedcache.errors import CacheMismatchError, EmbedcacheError
 from embedcache.files import PARTIAL, WRITE_ERRNOS, check_free_space, check_writable_folder, write_error
 from embedcache.preprocess import resize_mask, slice_to_model
 from embedcache.prompts import boxes_for_labels
-from embedcache.readahead import ReadAhead
+from embedcache.readahead import ReadAhead, WriteBehind
 from embedcache.volumes import CaseSource, check_sources, read_image, read_label, source_digest
 
 
@@ -50,6 +54,12 @@ class EncodeSummary:
     slices_total: int = 0
     encode_seconds: float = 0.0
     device: str = "cpu"
+    # Where the encode loop's time went, to tell which stage sets the pace: the main thread waiting
+    # for prepared slices; the writer thread waiting for the encoder's results, and writing.
+    input_wait_s: float = 0.0
+    encoder_wait_s: float = 0.0
+    writing_s: float = 0.0
+    merge_s: float = 0.0
 
     @property
     def slices_per_s(self) -> float:
@@ -200,7 +210,8 @@ def encode(
         summary.device = str(device)
         encoder = load_encoder(config, device=device)
         started = time.perf_counter()
-        for record in _encode_plans(plans, config, encoder, shard_dir, signature, progress, row_size=size):
+        for record in _encode_plans(plans, config, encoder, shard_dir, signature, progress, row_size=size,
+                                    summary=summary):
             shards[record.name] = (shard_dir / f"{record.name}.h5", record)
             summary.cases_encoded += 1
             summary.slices_encoded += record.n_rows
@@ -232,10 +243,12 @@ def encode(
             )
         total = sum(r.n_rows for _, records in sources for r in records)
         check_free_space(out.parent, total * size, what="the merged cache")
+        started = time.perf_counter()
         try:
             cache.merge(out, signature=signature, sources=sources, slice_size=config.preprocess.slice_size)
         except OSError as exc:
             raise write_error(exc, out, needed=total * size) from None
+        summary.merge_s = time.perf_counter() - started
     cache.remove_tree(shard_dir)
     dist.barrier()
     return summary
@@ -255,7 +268,8 @@ def _gather(dist, summary: EncodeSummary, dropped: list[str]) -> tuple[EncodeSum
         total.cases_skipped += part.cases_skipped
         total.slices_encoded += part.slices_encoded
         total.slices_total += part.slices_total
-        total.encode_seconds = max(total.encode_seconds, part.encode_seconds)
+        for name in ("encode_seconds", "input_wait_s", "encoder_wait_s", "writing_s"):  # the slowest rank's
+            setattr(total, name, max(getattr(total, name), getattr(part, name)))
     return total, [name for _, names in parts for name in names]
 
 
@@ -336,33 +350,43 @@ def _plan(cases, config, done, shards, summary: EncodeSummary, log) -> tuple[lis
     return plans, dropped
 
 
-def _encode_plans(plans, config: EncodeConfig, encoder, shard_dir: Path, signature: dict, progress, *, row_size: int):
-    """Encode planned cases in batches that may span cases; yield each case's record once its shard is complete."""
+def _encode_plans(plans, config: EncodeConfig, encoder, shard_dir: Path, signature: dict, progress, *, row_size: int,
+                  summary: EncodeSummary):
+    """Encode planned cases in batches that may span cases; yield each case's record once its shard is complete.
+
+    The main thread only launches work: it takes prepared cases from the reader, sends batches to
+    the encoder and hands each batch's embeddings, still on their way to the host, to a writer
+    thread (on CUDA; see :func:`write_behind_depth`). The writer waits for them, fills the cases'
+    shards and writes out the complete ones, while the encoder runs the next batches."""
     total = sum(len(p.z) for p in plans)
     task = progress.add_task("encoding", total=total) if progress else None
     reader = _reader(plans, config, encoder.device)
+    behind = WriteBehind(depth=write_behind_depth(encoder.device), name="embedcache-writer")
+    store = _Store(progress, task, summary)
     pending: list[tuple[ShardWriter, int]] = []  # (writer, row within its case) awaiting the encoder
     writers: list[ShardWriter] = []
-    batches: dict[int, _CaseBatch] = {}
     try:
-        for item in reader:
+        for item in _timed(reader, summary):
             writer = ShardWriter(shard_dir, signature=signature, case=item.record, slice_size=config.preprocess.slice_size)
             writers.append(writer)
-            batches[id(writer)] = item
+            store.cases[writer] = item
             pending.extend((writer, row) for row in range(item.record.n_rows))
             while len(pending) >= encoder.batch_size:
-                yield from _encode_batch(pending[: encoder.batch_size], batches, encoder, progress, task)
+                _encode_batch(pending[: encoder.batch_size], store, encoder, behind)
                 del pending[: encoder.batch_size]
             if item.record.n_rows == 0:
-                yield from _finish_ready(writers, batches)
+                behind.submit(partial(store.finish_ready, [writer]))
+            yield from store.drain()
         if pending:
-            yield from _encode_batch(pending, batches, encoder, progress, task)
-        yield from _finish_ready(writers, batches)
+            _encode_batch(pending, store, encoder, behind)
+        behind.join()
+        yield from store.drain()
     except OSError as exc:
         if exc.errno not in WRITE_ERRNOS:
             raise
         raise write_error(exc, shard_dir, needed=sum(len(p.z) for p in plans) * row_size) from None
     finally:
+        behind.close()  # first: the writer thread may be writing into these shards
         if isinstance(reader, ReadAhead):
             reader.close()
         del reader  # a DataLoader's workers end with its iterator
@@ -370,15 +394,100 @@ def _encode_plans(plans, config: EncodeConfig, encoder, shard_dir: Path, signatu
             writer.abort()
 
 
+def _timed(items, summary: EncodeSummary):
+    """``items``, adding the time spent waiting for each to ``summary.input_wait_s``."""
+    items = iter(items)
+    while True:
+        started = time.perf_counter()
+        item = next(items, _timed)
+        summary.input_wait_s += time.perf_counter() - started
+        if item is _timed:
+            return
+        yield item
+
+
+def write_behind_depth(device) -> int:
+    """Batches whose storing may wait in the writer thread: 2 on CUDA, where the encoder runs on
+    while the host writes; 0 (stored in the main thread, between encoder calls) on the CPU, where
+    a writer thread would only take cores from the encoder's threads."""
+    return 2 if device.type == "cuda" else 0
+
+
+class _Store:
+    """The writer thread's side of :func:`_encode_plans`: prepared cases by shard writer, and the
+    records of the shards it has finished, for the main thread to collect."""
+
+    def __init__(self, progress, task, summary: EncodeSummary):
+        self.progress, self.task, self.summary = progress, task, summary
+        self.cases: dict[ShardWriter, _CaseBatch] = {}
+        self.finished: deque[CaseRecord] = deque()
+
+    def drain(self):
+        while self.finished:
+            yield self.finished.popleft()
+
+    def write(self, rows: list[tuple[ShardWriter, int]], fetched) -> None:
+        started = time.perf_counter()
+        embeddings, finite = fetched.wait()
+        waited = time.perf_counter()
+        try:
+            self._write(rows, embeddings, finite)
+        finally:
+            self.summary.encoder_wait_s += waited - started
+            self.summary.writing_s += time.perf_counter() - waited
+
+    def _write(self, rows: list[tuple[ShardWriter, int]], embeddings: np.ndarray, finite: bool) -> None:
+        if not finite:  # never let a NaN into the cache, whatever its cause
+            bad = sorted({self.cases[w].plan.source.name for (w, r), e in zip(rows, embeddings) if not np.isfinite(e).all()})
+            raise EmbedcacheError(
+                f"{bad[0]}: the image encoder returned NaN or infinite embeddings; check the image's voxels "
+                "(and --dtype float32 if they overflow float16)"
+            )
+        start = 0
+        while start < len(rows):
+            writer = rows[start][0]
+            stop = start
+            while stop < len(rows) and rows[stop][0] is writer:
+                stop += 1
+            item, first = self.cases[writer], rows[start][1]
+            sel = slice(first, first + stop - start)
+            writer.write(
+                embeddings=embeddings[start:stop],
+                masks=item.masks[sel],
+                boxes=item.boxes[sel],
+                slice_index=item.slice_index[sel],
+                spacing_mm=np.broadcast_to(np.float32(item.record.spacing_mm), (stop - start, 3)),
+            )
+            start = stop
+        if self.progress:
+            self.progress.advance(self.task, len(rows))
+        self.finish_ready([w for w, _ in rows])
+
+    def finish_ready(self, writers) -> None:
+        """Write out the shards of ``writers`` whose rows are all in (a case's last batch, or an empty case)."""
+        for writer in dict.fromkeys(writers):
+            if writer.complete and writer in self.cases:
+                writer.finish()
+                del self.cases[writer]
+                self.finished.append(writer.case)
+
+
+def _encode_batch(rows, store: _Store, encoder, behind: WriteBehind) -> None:
+    """Launch one batch on the encoder and queue its storing; returns without waiting for either."""
+    embeddings = encoder([store.cases[w].images[r] for w, r in rows])
+    behind.submit(partial(store.write, rows, encoder.to_host(embeddings)))
+
+
 def workers_for(config: EncodeConfig, device) -> int:
     """Processes that prepare slices ahead of the encoder: ``config.workers``, or (-1) none on the
-    CPU, where the encoder itself is the bottleneck and one reader thread keeps up, and up to 4 on
-    CUDA, where the encoder is fast enough to starve on one."""
+    CPU, where the encoder itself is the bottleneck and one reader thread keeps up, and on CUDA
+    half the cores up to 8: preparing a slice (read, HU, window, resample) costs ~8 ms of one core
+    here, so each worker feeds ~120 slices/s, and TinyViT on a GPU encodes several hundred."""
     import os
 
     if config.workers >= 0:
         return config.workers
-    return min(4, os.cpu_count() or 1) if device.type == "cuda" else 0
+    return max(1, min(8, (os.cpu_count() or 2) // 2)) if device.type == "cuda" else 0
 
 
 class _PreparedCases:
@@ -420,41 +529,3 @@ def _raise_errors(item):
     if isinstance(item, EmbedcacheError):
         raise item
     return item
-
-
-def _encode_batch(rows, batches, encoder, progress, task):
-    images = np.stack([batches[id(w)].images[r] for w, r in rows])
-    embeddings = encoder(images).cpu().numpy()
-    if not np.isfinite(embeddings).all():  # never let a NaN into the cache, whatever its cause
-        bad = sorted({batches[id(w)].plan.source.name for (w, r), e in zip(rows, embeddings) if not np.isfinite(e).all()})
-        raise EmbedcacheError(
-            f"{bad[0]}: the image encoder returned NaN or infinite embeddings; check the image's voxels "
-            "(and --dtype float32 if they overflow float16)"
-        )
-    start = 0
-    while start < len(rows):
-        writer = rows[start][0]
-        stop = start
-        while stop < len(rows) and rows[stop][0] is writer:
-            stop += 1
-        item, first = batches[id(writer)], rows[start][1]
-        sel = slice(first, first + stop - start)
-        writer.write(
-            embeddings=embeddings[start:stop],
-            masks=item.masks[sel],
-            boxes=item.boxes[sel],
-            slice_index=item.slice_index[sel],
-            spacing_mm=np.broadcast_to(np.float32(item.record.spacing_mm), (stop - start, 3)),
-        )
-        start = stop
-    if progress:
-        progress.advance(task, len(rows))
-    yield from _finish_ready([w for w, _ in rows], batches)
-
-
-def _finish_ready(writers, batches):
-    for writer in list(dict.fromkeys(writers)):
-        if writer.complete and id(writer) in batches:
-            writer.finish()
-            del batches[id(writer)]
-            yield writer.case

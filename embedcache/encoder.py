@@ -1,11 +1,15 @@
 """The frozen image encoder of a backbone, ready to run: ``(n, S, S)`` slices in [0, 1] → embeddings.
 
 Used by ``encode`` (which stores the embeddings) and ``predict`` (which decodes them at once).
+On CUDA nothing here makes the host wait for the device: slices go up from pinned memory, and
+:meth:`ImageEncoder.to_host` starts the copy back into pinned memory and returns at once; whoever
+stores the embeddings waits for them (:meth:`HostEmbeddings.wait`), in a thread of its own.
 """
 
 from __future__ import annotations
 
 from contextlib import nullcontext
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -13,12 +17,38 @@ import torch
 from embedcache.backbones import Backbone
 from embedcache.devices import keep_freed_memory
 
+#: The most slices one encoder batch holds on CUDA, however much memory is free.
+MAX_CUDA_BATCH = 32
+
+
+def batch_for_memory(per_slice_bytes: int, free_bytes: int, *, share: float = 0.5, cap: int = MAX_CUDA_BATCH) -> int:
+    """The largest power of two (1 … ``cap``) of slices whose activations fit in ``share`` of the free memory."""
+    fits = int(share * free_bytes) // max(int(per_slice_bytes), 1)
+    batch = 1
+    while batch * 2 <= min(fits, cap):
+        batch *= 2
+    return batch
+
+
+class HostEmbeddings:
+    """Embeddings on their way to host memory, and whether they are all finite."""
+
+    def __init__(self, embeddings: torch.Tensor, finite: torch.Tensor, event=None):
+        self._embeddings, self._finite, self._event = embeddings, finite, event
+
+    def wait(self) -> tuple[np.ndarray, bool]:
+        """``(n, 256, 64, 64)`` embeddings as numpy and whether all are finite, once the copy is done."""
+        if self._event is not None:
+            self._event.synchronize()
+        return self._embeddings.numpy(), bool(self._finite)
+
 
 class ImageEncoder:
     """``backbone``'s image encoder on ``device``, in inference mode (fp16 autocast on CUDA).
 
     ``batch_size`` 0 picks the device's best: 1 on CPU (TinyViT runs 0.47 slices/s at batch 1 and
-    0.31 at 4 on 2 cores), 16 on CUDA.
+    0.31 at 4 on 2 cores); on CUDA the largest power of two up to 32 whose activations, measured
+    on one slice, fit in half the free memory (a T4 and an H100 differ by 5× in memory).
     """
 
     def __init__(self, backbone: Backbone, image_encoder: torch.nn.Module, *, device: torch.device,
@@ -27,17 +57,59 @@ class ImageEncoder:
         # channels_last lets oneDNN/cuDNN run TinyViT's convolutions without layout reorders
         # (measured 1.3× on this 2-core CPU); for ViT it only touches the patch embedding.
         self.model = image_encoder.to(device, memory_format=torch.channels_last).eval().requires_grad_(False)
-        if device.type == "cpu":
+        self.cuda = device.type == "cuda"
+        if not self.cuda:
             keep_freed_memory()
-        self.batch_size = batch_size or (16 if device.type == "cuda" else 1)
+        self._batch_size = batch_size or (0 if self.cuda else 1)
         # fp16 autocast on CUDA: the encoder's matmuls run on tensor cores; embeddings are stored fp16 anyway.
-        self.autocast = torch.autocast("cuda", dtype=torch.float16) if device.type == "cuda" else nullcontext()
+        self.autocast = torch.autocast("cuda", dtype=torch.float16) if self.cuda else nullcontext()
 
-    def __call__(self, slices: np.ndarray) -> torch.Tensor:
+    @property
+    def batch_size(self) -> int:
+        if not self._batch_size:
+            self._batch_size = self._measure_cuda_batch()
+        return self._batch_size
+
+    def _measure_cuda_batch(self) -> int:
+        size = self.backbone.input_size
+        torch.cuda.synchronize(self.device)
+        torch.cuda.reset_peak_memory_stats(self.device)
+        before = torch.cuda.memory_allocated(self.device)
+        self(np.zeros((1, size, size), np.float32))
+        torch.cuda.synchronize(self.device)
+        per_slice = torch.cuda.max_memory_allocated(self.device) - before
+        free, _ = torch.cuda.mem_get_info(self.device)
+        return batch_for_memory(per_slice, free)
+
+    def upload(self, slices: np.ndarray | Sequence[np.ndarray] | torch.Tensor) -> torch.Tensor:
+        """Slices (an array, a list of ``(S, S)`` arrays, or a tensor) as one ``(n, S, S)`` tensor on
+        the device; on CUDA stacked straight into pinned memory and copied without waiting."""
+        if isinstance(slices, torch.Tensor):
+            return slices.to(self.device, non_blocking=True)
+        if isinstance(slices, np.ndarray):
+            slices = list(slices)
+        shape = (len(slices), *slices[0].shape)
+        staging = torch.empty(shape, dtype=torch.float32, pin_memory=self.cuda)
+        np.stack(slices, out=staging.numpy())
+        return staging.to(self.device, non_blocking=True) if self.cuda else staging
+
+    def __call__(self, slices) -> torch.Tensor:
         """``(n, S, S)`` float32 slices in [0, 1] → ``(n, 256, 64, 64)`` embeddings on the device, in ``out_dtype``."""
         with torch.inference_mode(), self.autocast:
-            x = torch.from_numpy(np.ascontiguousarray(slices))
-            if self.device.type == "cuda":
-                x = x.pin_memory().to(self.device, non_blocking=True)
+            x = self.upload(slices)
             emb = self.model(self.backbone.prepare(x).contiguous(memory_format=torch.channels_last))
             return emb.to(self.out_dtype)
+
+    def to_host(self, embeddings: torch.Tensor) -> HostEmbeddings:
+        """Start copying ``embeddings`` (and whether they are finite) to host memory; returns at once."""
+        with torch.inference_mode():
+            finite = torch.isfinite(embeddings).all()
+            if not self.cuda:
+                return HostEmbeddings(embeddings, finite)
+            host = torch.empty(embeddings.shape, dtype=embeddings.dtype, pin_memory=True)
+            host.copy_(embeddings, non_blocking=True)
+            host_finite = torch.empty((), dtype=torch.bool, pin_memory=True)
+            host_finite.copy_(finite, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record()
+            return HostEmbeddings(host, host_finite, event)

@@ -7,6 +7,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -18,6 +19,7 @@ import torch
 import tiny
 from conftest import SMALL_PHANTOM
 from embedcache import cache as store
+from embedcache import encode as encode_module
 from embedcache.config import EncodeConfig, PreprocessConfig
 from embedcache.encode import encode, shard_folder, signature_for
 from embedcache.errors import CacheMismatchError, EmbedcacheError
@@ -203,7 +205,15 @@ def test_cases_without_target_labels_are_skipped_with_a_warning(tiny_model, phan
     assert not (tmp_path / "d.h5").exists()
 
 
-def test_full_disk_keeps_finished_cases_and_leaves_no_partial_file(tiny_model, phantom_dir, tmp_path, monkeypatch):
+@pytest.fixture(params=[0, 2], ids=["inline-writer", "writer-thread"])
+def write_depth(request, monkeypatch) -> int:
+    """Shards written in the main thread (as on a CPU) or in the writer thread (as on CUDA)."""
+    monkeypatch.setattr(encode_module, "write_behind_depth", lambda device: request.param)
+    return request.param
+
+
+def test_full_disk_keeps_finished_cases_and_leaves_no_partial_file(tiny_model, phantom_dir, tmp_path, monkeypatch,
+                                                                   write_depth):
     cases = discover_cases(phantom_dir)
     out = tmp_path / "cache.h5"
     calls = {"n": 0}
@@ -292,3 +302,52 @@ def test_torchrun_encode_with_two_processes_equals_one_process(tiny_model, tiny_
     assert done.stderr.count("slices of 3 cases") == 1 and done.stdout.count("total") == 1  # rank 0 speaks for all
     _same_cache(tmp_path / "one.h5", tmp_path / "two.h5")
     assert not shard_folder(tmp_path / "two.h5").exists()
+
+
+def test_batches_spanning_cases_and_the_writer_thread_give_the_same_cache(tiny_model, phantom_dir, tmp_path, monkeypatch):
+    cases = discover_cases(phantom_dir)
+    _encode(cases, tmp_path / "one.h5")
+    seven = dataclasses.replace(TINY, batch_size=7)  # 7 divides no case's rows
+    _encode(cases, tmp_path / "seven.h5", seven)
+    _same_cache(tmp_path / "one.h5", tmp_path / "seven.h5")
+    threads = []
+    real = encode_module._Store.write
+    monkeypatch.setattr(encode_module._Store, "write", lambda *a: (threads.append(threading.current_thread()), real(*a)))
+    monkeypatch.setattr(encode_module, "write_behind_depth", lambda device: 2)
+    _encode(cases, tmp_path / "thread.h5", seven)
+    assert threads and all(t.name == "embedcache-writer" for t in threads)
+    _same_cache(tmp_path / "one.h5", tmp_path / "thread.h5")
+    assert not any(t.name == "embedcache-writer" for t in threading.enumerate())
+
+
+def test_nan_embeddings_from_the_encoder_never_reach_the_cache(tiny_model, phantom_dir, tmp_path, monkeypatch,
+                                                               write_depth):
+    from embedcache.encoder import ImageEncoder
+
+    cases = discover_cases(phantom_dir)
+    real, calls = ImageEncoder.__call__, []
+    first_case_rows = _encode(cases[:1], tmp_path / "first.h5").slices_encoded
+
+    def overflowing(self, slices):
+        calls.append(len(slices))
+        emb = real(self, slices)
+        return emb * float("inf") if sum(calls) > first_case_rows else emb  # the second case's slices overflow
+
+    monkeypatch.setattr(ImageEncoder, "__call__", overflowing)
+    out = tmp_path / "cache.h5"
+    with pytest.raises(EmbedcacheError, match=f"^{cases[1].name}: the image encoder returned NaN or infinite"):
+        _encode(cases, out)
+    assert not out.exists()
+    assert [p.name for p in shard_folder(out).iterdir()] == [f"{cases[0].name}.h5"]  # the finished case is kept
+
+
+@pytest.mark.parametrize("per_slice, free, expected", [
+    (1 << 30, 15 << 30, 4),     # ViT-B at 1024 px on a T4: ~1 GiB a slice, 15 GiB free
+    (1 << 30, 75 << 30, 32),    # the same on an H100: capped
+    (60 << 20, 15 << 30, 32),   # TinyViT at 256 px
+    (40 << 30, 15 << 30, 1),    # nothing fits twice: one slice at a time
+])
+def test_cuda_batches_are_sized_to_the_free_memory(per_slice, free, expected):
+    from embedcache.encoder import batch_for_memory
+
+    assert batch_for_memory(per_slice, free) == expected
