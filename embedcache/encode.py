@@ -7,9 +7,9 @@ Read top to bottom:
 3. plan: which cases are already done (in the cache or as complete shards), which slices of the
    rest hold a target label;
 4. a reader (a thread, or worker processes on CUDA) loads and preprocesses case after case; the
-   main thread launches batches on the encoder (inference mode, fp16 autocast on CUDA); a writer
-   thread takes their embeddings into each case's shard and writes out the complete ones, so the
-   encoder never waits for the disk;
+   main thread launches batches on the encoder (inference mode, fp16 autocast on CUDA); on CUDA a
+   writer thread takes their embeddings into each case's shard and writes out the complete ones
+   while the next batches encode (on the CPU the main thread does, between encoder calls);
 5. merge the cache and the new shards into one file, atomically, and drop the shards.
 """
 
