@@ -1,11 +1,14 @@
 """How close does `embedcache encode` come to the bare image encoder?
 
 On the same slices, in one process:
-  bare      the encoder's forward alone, on preprocessed slices already in memory, same batches;
+  bare      the encoder's forward alone, on preprocessed slices already on the device, same
+            batches, the device synchronised once at the end;
   pipeline  `encode()` end to end: hashing and reading the volumes, geometry checks, windowing and
-            resampling, encoding, writing shards and merging the cache file.
-The bare run is measured before and after the pipeline and averaged, so drift of a shared
-machine hits both sides. Prints one JSON object and saves it under benchmarks/results/.
+            resampling, loading the weights, encoding, writing shards and merging the cache file.
+Runs alternate, bare · pipeline · bare · pipeline · bare (--repeats pipelines), and each pipeline
+is set against the mean of the bare runs either side of it, so drift of a shared machine hits
+both sides; the figure is the median of those ratios. Prints one JSON object and saves it under
+benchmarks/results/.
 
     python benchmarks/encode.py --backbone litemedsam --slices 24
     python benchmarks/encode.py --backbone vit_b --slices 8      # random weights unless --checkpoint
@@ -16,8 +19,10 @@ from __future__ import annotations
 import argparse
 import json
 import resource
+import statistics
 import tempfile
 import time
+from dataclasses import replace
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -29,7 +34,7 @@ from embedcache import __version__
 from embedcache.backbones import get_backbone
 from embedcache.config import EncodeConfig
 from embedcache.devices import pick_device
-from embedcache.encode import encode, load_encoder, plan_case, prepare_case
+from embedcache.encode import encode, load_encoder, plan_case, prepare_case, workers_for
 from embedcache.encoder import ImageEncoder
 from embedcache.phantom import make_case, write_phantom
 from embedcache.volumes import discover_cases, source_digest
@@ -47,13 +52,13 @@ def phantom_with_slices(folder: Path, slices: int, seed: int, size: int = 512) -
     return folder
 
 
-def bare_rate(encoder: ImageEncoder, images: np.ndarray, batch: int) -> float:
+def bare_rate(encoder: ImageEncoder, batches: list, slices: int) -> float:
     started = time.perf_counter()
-    for i in range(0, len(images), batch):
-        encoder(images[i : i + batch]).cpu()
+    for batch in batches:
+        encoder(batch)
     if encoder.device.type == "cuda":
-        torch.cuda.synchronize()
-    return len(images) / (time.perf_counter() - started)
+        torch.cuda.synchronize(encoder.device)
+    return slices / (time.perf_counter() - started)
 
 
 def main(argv=None) -> dict:
@@ -65,6 +70,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--batch-size", type=int, default=0)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--phantom-size", type=int, default=512, help="axial pixels of the synthetic CT")
+    parser.add_argument("--repeats", type=int, default=2, help="pipeline runs, each between two bare runs")
     parser.add_argument("--no-save", action="store_true")
     args = parser.parse_args(argv)
 
@@ -79,36 +85,50 @@ def main(argv=None) -> dict:
         )
         cases = discover_cases(phantom_with_slices(tmp / "data", args.slices, args.seed, args.phantom_size))
         encoder = load_encoder(config, device=device)
+        config = replace(config, batch_size=encoder.batch_size)  # the pipeline's batches as the bare run's
         images = np.concatenate([
             prepare_case(plan_case(c, config, source_digest(c.image, c.label)), config).images for c in cases
         ])
-        n = len(images)
-        encoder(images[: encoder.batch_size])  # warm-up: first-call allocations, cuDNN autotune
-        bare_before = bare_rate(encoder, images, encoder.batch_size)
-
-        out = tmp / "cache.h5"
-        started = time.perf_counter()
-        summary = encode(cases, out, config, progress=None, log=lambda m: None)
+        n, batch = len(images), encoder.batch_size
+        batches = [images[i : i + batch] for i in range(0, n, batch)]
         if device.type == "cuda":
-            torch.cuda.synchronize()
-        pipeline_s = time.perf_counter() - started
-        bytes_per_slice = out.stat().st_size / summary.slices_encoded
-        bare_after = bare_rate(encoder, images, encoder.batch_size)
+            batches = [torch.from_numpy(b).to(device) for b in batches]
+        encoder(batches[0])  # warm-up: first-call allocations, cuDNN autotune
+        bare, pipeline, stages = [bare_rate(encoder, batches, n)], [], []
+        for run in range(args.repeats):
+            out = tmp / f"cache-{run}.h5"
+            started = time.perf_counter()
+            summary = encode(cases, out, config, progress=None, log=lambda m: None)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            elapsed = time.perf_counter() - started
+            pipeline.append(n / elapsed)
+            stages.append({"encode_loop": summary.encode_seconds, "input_wait": summary.input_wait_s,
+                           "encoder_wait": summary.encoder_wait_s, "writing": summary.writing_s,
+                           "merge": summary.merge_s, "pipeline": elapsed})
+            assert summary.slices_encoded == n, (summary.slices_encoded, n)
+            bytes_per_slice = out.stat().st_size / summary.slices_encoded
+            bare.append(bare_rate(encoder, batches, n))
 
-    assert summary.slices_encoded == n, (summary.slices_encoded, n)
-    bare = (bare_before + bare_after) / 2
-    pipeline = n / pipeline_s
+    ratios = [p / ((bare[i] + bare[i + 1]) / 2) for i, p in enumerate(pipeline)]
     result = {
         "benchmark": "encode",
         "backbone": backbone.name,
         "weights": "given" if args.checkpoint else ("bundled" if backbone.bundled_checkpoint else "random"),
         "slices": n,
         "cases": len(cases),
-        "batch_size": encoder.batch_size,
-        "pipeline_slices_per_s": round(pipeline, 4),
-        "bare_slices_per_s": round(bare, 4),
-        "bare_slices_per_s_before_after": [round(bare_before, 4), round(bare_after, 4)],
-        "pipeline_over_bare": round(pipeline / bare, 4),
+        "batch_size": batch,
+        "workers": workers_for(config, device),
+        "pipeline_slices_per_s": round(statistics.median(pipeline), 4),
+        "bare_slices_per_s": round(statistics.median(bare), 4),
+        "pipeline_runs_slices_per_s": [round(p, 4) for p in pipeline],
+        "bare_runs_slices_per_s": [round(b, 4) for b in bare],
+        "pipeline_over_bare_runs": [round(r, 4) for r in ratios],
+        "pipeline_over_bare": round(statistics.median(ratios), 4),
+        # seconds of the last pipeline run: the encode loop (input_wait: the main thread waiting for
+        # prepared slices; encoder_wait and writing: the writer thread waiting for embeddings, and
+        # writing shards), then the merge into one file
+        "stages_s": {k: round(v, 3) for k, v in stages[-1].items()},
         "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         "bytes_per_slice": int(bytes_per_slice),
         "machine": machine(device),

@@ -8,6 +8,7 @@
 Each epoch of (a) is followed by one of (c) and one of (b), so drift of a shared machine hits all
 three alike; each figure is the fastest epoch after the first.
 (a)/(c) near 1 means finetune's data path costs nothing; (b)/(a) is the speed-up from the cache.
+--extra-batch-sizes also times finetune's own epoch at larger batches (a GPU's prompts per second).
 Prints one JSON object keyed by backbone and saves it under benchmarks/results/.
 
     python benchmarks/epoch.py --backbones litemedsam --cases 4 --slices-per-case 6
@@ -22,6 +23,7 @@ import resource
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -48,7 +50,7 @@ def _sync(device):
 
 
 def bench_backbone(name: str, *, cases: int, per_case: int, batch_size: int, device: torch.device, tmp: Path,
-                   seed: int, epochs: int, phantom_size: int = 512) -> dict:
+                   seed: int, epochs: int, phantom_size: int = 512, extra_batch_sizes: tuple[int, ...] = ()) -> dict:
     backbone = get_backbone(name)
     checkpoint = weights_for(backbone, tmp)
     # No margin slices: they hold no prompt, and the uncached way below encodes exactly the prompted slices.
@@ -117,6 +119,13 @@ def bench_backbone(name: str, *, cases: int, per_case: int, batch_size: int, dev
     assert json.loads((tmp / f"run-{name}" / SPLIT).read_text())["train"] == train_names
     cached_s = min(record.seconds for record in result.history[1:])
     bound_s, uncached_s = min(times["bound"][1:]), min(times["uncached"][1:])
+    # finetune alone at larger batches: what a GPU makes of fewer, larger steps
+    at_batch = {}
+    for size in extra_batch_sizes:
+        run = train.finetune(replace(config, batch_size=size, epochs=max(epochs, 4)), tmp / f"run-{name}-b{size}",
+                             progress=None, log=lambda m: None)
+        seconds = min(record.seconds for record in run.history[1:])
+        at_batch[str(size)] = {"epoch_s": round(seconds, 4), "prompts_per_s": round(n_prompts / seconds, 1)}
     return {
         "slices": int(len(train_set)),
         "prompts": int(n_prompts),
@@ -129,6 +138,7 @@ def bench_backbone(name: str, *, cases: int, per_case: int, batch_size: int, dev
         "uncached_over_cached": round(uncached_s / cached_s, 4),
         "prompts_per_s": round(n_prompts / cached_s, 3),
         "resident": True,
+        "finetune_at_batch_size": at_batch,
         "weights": "random" if checkpoint else "bundled",
         "all_epoch_s": {"cached": [round(r.seconds, 3) for r in result.history],
                         "bound": [round(t, 3) for t in times["bound"]],
@@ -143,6 +153,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--slices-per-case", type=int, default=6, help="target slices kept per case")
     parser.add_argument("--epochs", type=int, default=3, help="epochs of each kind; the first is not timed")
     parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--extra-batch-sizes", default="",
+                        help="comma-separated: also time finetune's epoch alone at these batch sizes (slices per step)")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--phantom-size", type=int, default=512, help="axial pixels of the synthetic CT")
@@ -157,7 +169,8 @@ def main(argv=None) -> dict:
                 torch.cuda.reset_peak_memory_stats(device)
             out[name] = bench_backbone(name, cases=args.cases, per_case=args.slices_per_case,
                                        batch_size=args.batch_size, device=device, tmp=Path(tmp), seed=args.seed,
-                                       epochs=args.epochs, phantom_size=args.phantom_size)
+                                       epochs=args.epochs, phantom_size=args.phantom_size,
+                                       extra_batch_sizes=tuple(int(b) for b in args.extra_batch_sizes.split(",") if b))
             if device.type == "cuda":
                 out[name]["peak_gpu_mib"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
             out[name]["peak_rss_mib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)

@@ -66,13 +66,15 @@ def table(result: dict) -> str:
     for name, figures in result["backbones"].items():
         enc, ep, dt = figures["encode"], figures["epoch"], figures["dtype"]
         memory = f"RSS {max(enc['peak_rss_mib'], ep['peak_rss_mib']):.0f} MiB"
+        prompts = "; ".join([f"{ep['prompts_per_s']:.1f} (batch {ep['batch_size']})"]
+                            + [f"{b['prompts_per_s']:.0f} (batch {size})" for size, b in ep.get("finetune_at_batch_size", {}).items()])
         if "peak_gpu_mib" in ep:
             memory += f", GPU {max(enc.get('peak_gpu_mib', 0), ep['peak_gpu_mib']):.0f} MiB"
         rows.append(
             f"| {name} ({enc['weights']} weights) | {enc['pipeline_slices_per_s']:.2f} / {enc['bare_slices_per_s']:.2f} "
             f"slices/s = **{enc['pipeline_over_bare']:.2f}×** | {ep['cached_s']:.3g} / {ep['bound_s']:.3g} s = "
             f"**{ep['cached_over_bound']:.2f}** | {ep['uncached_s']:.3g} / {ep['cached_s']:.3g} s = "
-            f"**{ep['uncached_over_cached']:.1f}×** | {ep['prompts_per_s']:.1f} | {dt['max_abs_difference']:.4f} | {memory} |"
+            f"**{ep['uncached_over_cached']:.1f}×** | {prompts} | {dt['max_abs_difference']:.4f} | {memory} |"
         )
     return "\n".join(rows) + "\n"
 
@@ -96,9 +98,10 @@ def main(argv=None) -> dict:
                 torch.cuda.reset_peak_memory_stats(device)
             figures = {
                 "encode": encode_bench.main(["--backbone", name, "--slices", str(slices), "--device", str(device),
-                                             "--no-save", *size]),
+                                             "--repeats", "1" if args.quick else "2", "--no-save", *size]),
                 "epoch": epoch_bench.main(["--backbones", name, "--cases", str(cases), "--slices-per-case",
-                                           str(per_case), "--device", str(device), "--no-save", *size])[name],
+                                           str(per_case), "--device", str(device), "--no-save", *size,
+                                           *(["--extra-batch-sizes", "32,128"] if device.type == "cuda" else [])])[name],
                 "dtype": dtype_cost(name, device=device, tmp=Path(tmp), cases=2, per_case=per_case, size=int(size[1])),
             }
             figures["encode"].pop("machine", None)

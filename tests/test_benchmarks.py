@@ -20,3 +20,13 @@ def test_run_all_writes_its_json_and_table(tiny_model, tmp_path, monkeypatch):
     assert figures["dtype"]["max_abs_difference"] < 0.05  # a float16 cache decodes like a float32 one
     table = next(tmp_path.glob("run_all-cpu-quick-*.md")).read_text()
     assert "| tiny (bundled weights) |" in table and "CPU," in table
+
+
+def test_epoch_times_finetune_at_extra_batch_sizes(tiny_model, monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    import epoch
+
+    result = epoch.main(["--backbones", "tiny", "--cases", "2", "--slices-per-case", "2", "--device", "cpu",
+                         "--epochs", "2", "--phantom-size", "128", "--extra-batch-sizes", "2,3", "--no-save"])["tiny"]
+    assert set(result["finetune_at_batch_size"]) == {"2", "3"}
+    assert all(b["prompts_per_s"] > 0 for b in result["finetune_at_batch_size"].values())
