@@ -94,7 +94,7 @@ def main(argv=None) -> dict:
         if device.type == "cuda":
             batches = [torch.from_numpy(b).to(device) for b in batches]
         encoder(batches[0])  # warm-up: first-call allocations, cuDNN autotune
-        bare, pipeline, stages = [bare_rate(encoder, batches, n)], [], []
+        bare, pipeline = [bare_rate(encoder, batches, n)], []
         for run in range(args.repeats):
             out = tmp / f"cache-{run}.h5"
             started = time.perf_counter()
@@ -103,9 +103,9 @@ def main(argv=None) -> dict:
                 torch.cuda.synchronize()
             elapsed = time.perf_counter() - started
             pipeline.append(n / elapsed)
-            stages.append({"encode_loop": summary.encode_seconds, "input_wait": summary.input_wait_s,
-                           "encoder_wait": summary.encoder_wait_s, "writing": summary.writing_s,
-                           "merge": summary.merge_s, "pipeline": elapsed})
+            stages = {"encode_loop": summary.encode_seconds, "input_wait": summary.input_wait_s,
+                      "encoder_wait": summary.encoder_wait_s, "writing": summary.writing_s,
+                      "merge": summary.merge_s, "pipeline": elapsed}
             assert summary.slices_encoded == n, (summary.slices_encoded, n)
             bytes_per_slice = out.stat().st_size / summary.slices_encoded
             bare.append(bare_rate(encoder, batches, n))
@@ -128,7 +128,7 @@ def main(argv=None) -> dict:
         # seconds of the last pipeline run: the encode loop (input_wait: the main thread waiting for
         # prepared slices; encoder_wait and writing: the writer thread waiting for embeddings, and
         # writing shards), then the merge into one file
-        "stages_s": {k: round(v, 3) for k, v in stages[-1].items()},
+        "stages_s": {k: round(v, 3) for k, v in stages.items()},
         "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         "bytes_per_slice": int(bytes_per_slice),
         "machine": machine(device),

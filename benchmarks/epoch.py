@@ -87,7 +87,7 @@ def bench_backbone(name: str, *, cases: int, per_case: int, batch_size: int, dev
     trainer.model.train()
     step = trainer.step
     encoder = load_encoder(enc_config, device=device)
-    encoder(images[:1])  # warm-up
+    encoder(images[: encoder.batch_size])  # warm-up; on CUDA the batch-size probe runs first (and resets peak memory)
     times = {"bound": [], "uncached": []}
 
     def timed(kind, run):

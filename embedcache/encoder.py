@@ -71,6 +71,8 @@ class ImageEncoder:
         return self._batch_size
 
     def _measure_cuda_batch(self) -> int:
+        """One slice's activation memory, measured, against the free memory (see :func:`batch_for_memory`).
+        It resets the device's peak-memory statistics: whoever reports a peak asks for ``batch_size`` first."""
         size = self.backbone.input_size
         torch.cuda.synchronize(self.device)
         torch.cuda.reset_peak_memory_stats(self.device)
@@ -87,6 +89,8 @@ class ImageEncoder:
         if isinstance(slices, torch.Tensor):
             return slices.to(self.device, non_blocking=True)
         if isinstance(slices, np.ndarray):
+            if not self.cuda:  # the array itself, no copy
+                return torch.from_numpy(np.ascontiguousarray(slices, dtype=np.float32))
             slices = list(slices)
         shape = (len(slices), *slices[0].shape)
         staging = torch.empty(shape, dtype=torch.float32, pin_memory=self.cuda)
