@@ -135,6 +135,27 @@ def test_streaming_from_hdf5_trains_like_the_resident_cache(tiny_model, small_ca
         torch.testing.assert_close(a[key], b[key])
 
 
+def test_compile_trains_through_the_compiled_decoder_and_saves_plain_weights(tiny_model, small_cache, tmp_path,
+                                                                            monkeypatch):
+    """--compile: the steps run through torch.compile's graph, and the run saves the same weights under the
+    same names as an eager run (the aot_eager backend traces forward and backward as inductor would, without
+    its C++ build: 80 s on 2 cores)."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    counter = CompileCounterWithBackend("aot_eager")
+    real_compile = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda model, **kw: real_compile(model, backend=counter, **kw))
+    finetune(_config(small_cache), tmp_path / "eager", **QUIET)
+    assert counter.frame_count == 0
+    finetune(_config(small_cache, compile=True), tmp_path / "compiled", **QUIET)
+    assert counter.frame_count >= 1 and counter.op_count > 0
+    for name in ("last.safetensors", "decoder.safetensors"):
+        eager, compiled = _decoder_weights(tmp_path / "eager" / name), _decoder_weights(tmp_path / "compiled" / name)
+        assert compiled.keys() == eager.keys()
+        for key in eager:
+            torch.testing.assert_close(compiled[key], eager[key])
+
+
 def test_bad_runs_fail_with_one_line_and_keep_the_last_good_checkpoint(tiny_model, small_cache, tmp_path, monkeypatch):
     with pytest.raises(EmbedcacheError, match="no such run folder to resume"):
         finetune(_config(small_cache), tmp_path / "none", resume=True, **QUIET)
