@@ -8,7 +8,8 @@
 Each epoch of (a) is followed by one of (c) and one of (b), so drift of a shared machine hits all
 three alike; each figure is the fastest epoch after the first.
 (a)/(c) near 1 means finetune's data path costs nothing; (b)/(a) is the speed-up from the cache.
---extra-batch-sizes also times finetune's own epoch at larger batches (a GPU's prompts per second).
+--extra-batch-sizes also times finetune's own epoch at larger batches (a GPU's prompts per second);
+--compile-batch-sizes times it with --compile between two eager runs (does torch.compile pay here?).
 Prints one JSON object keyed by backbone and saves it under benchmarks/results/.
 
     python benchmarks/epoch.py --backbones litemedsam --cases 4 --slices-per-case 6
@@ -49,8 +50,29 @@ def _sync(device):
         torch.cuda.synchronize(device)
 
 
+def compile_cost(config: FinetuneConfig, folder: Path, n_prompts: int) -> dict:
+    """finetune eager, with --compile, then eager again (drift of the machine cancels): the fastest epoch
+    after the first of each, and the compile's one-off cost (its first epoch less eager's first)."""
+    epochs = {False: [], True: []}
+    try:
+        for i, compile_ in enumerate((False, True, False)):
+            run = train.finetune(replace(config, compile=compile_), folder / f"run-{i}", progress=None,
+                                 log=lambda m: None)
+            epochs[compile_].append([record.seconds for record in run.history])
+    except Exception as error:  # a compile that fails on this machine is a finding; keep the other figures
+        return {"error": f"{type(error).__name__}: {error}"[:400]}
+    eager = min(min(seconds[1:]) for seconds in epochs[False])
+    compiled = min(epochs[True][0][1:])
+    first_eager = sum(seconds[0] for seconds in epochs[False]) / len(epochs[False])
+    return {"eager_epoch_s": round(eager, 4), "compiled_epoch_s": round(compiled, 4),
+            "compiled_over_eager": round(compiled / eager, 4), "compile_s": round(epochs[True][0][0] - first_eager, 2),
+            "compiled_prompts_per_s": round(n_prompts / compiled, 1),
+            "all_epoch_s": {"eager": epochs[False], "compiled": epochs[True]}}
+
+
 def bench_backbone(name: str, *, cases: int, per_case: int, batch_size: int, device: torch.device, tmp: Path,
-                   seed: int, epochs: int, phantom_size: int = 512, extra_batch_sizes: tuple[int, ...] = ()) -> dict:
+                   seed: int, epochs: int, phantom_size: int = 512, extra_batch_sizes: tuple[int, ...] = (),
+                   compile_batch_sizes: tuple[int, ...] = ()) -> dict:
     backbone = get_backbone(name)
     checkpoint = weights_for(backbone, tmp)
     # No margin slices: they hold no prompt, and the uncached way below encodes exactly the prompted slices.
@@ -126,6 +148,8 @@ def bench_backbone(name: str, *, cases: int, per_case: int, batch_size: int, dev
                              progress=None, log=lambda m: None)
         seconds = min(record.seconds for record in run.history[1:])
         at_batch[str(size)] = {"epoch_s": round(seconds, 4), "prompts_per_s": round(n_prompts / seconds, 1)}
+    compiled = {str(size): compile_cost(replace(config, batch_size=size, epochs=max(epochs, 2)),
+                                        tmp / f"compile-{name}-b{size}", n_prompts) for size in compile_batch_sizes}
     return {
         "slices": int(len(train_set)),
         "prompts": int(n_prompts),
@@ -139,11 +163,16 @@ def bench_backbone(name: str, *, cases: int, per_case: int, batch_size: int, dev
         "prompts_per_s": round(n_prompts / cached_s, 3),
         "resident": True,
         "finetune_at_batch_size": at_batch,
+        "compile_at_batch_size": compiled,
         "weights": "random" if checkpoint else "bundled",
         "all_epoch_s": {"cached": [round(r.seconds, 3) for r in result.history],
                         "bound": [round(t, 3) for t in times["bound"]],
                         "uncached": [round(t, 3) for t in times["uncached"]]},
     }
+
+
+def _sizes(text: str) -> tuple[int, ...]:
+    return tuple(int(b) for b in text.split(",") if b)
 
 
 def main(argv=None) -> dict:
@@ -155,6 +184,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--extra-batch-sizes", default="",
                         help="comma-separated: also time finetune's epoch alone at these batch sizes (slices per step)")
+    parser.add_argument("--compile-batch-sizes", default="",
+                        help="comma-separated: time finetune with --compile against eager at these batch sizes")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--phantom-size", type=int, default=512, help="axial pixels of the synthetic CT")
@@ -170,7 +201,8 @@ def main(argv=None) -> dict:
             out[name] = bench_backbone(name, cases=args.cases, per_case=args.slices_per_case,
                                        batch_size=args.batch_size, device=device, tmp=Path(tmp), seed=args.seed,
                                        epochs=args.epochs, phantom_size=args.phantom_size,
-                                       extra_batch_sizes=tuple(int(b) for b in args.extra_batch_sizes.split(",") if b))
+                                       extra_batch_sizes=_sizes(args.extra_batch_sizes),
+                                       compile_batch_sizes=_sizes(args.compile_batch_sizes))
             if device.type == "cuda":
                 out[name]["peak_gpu_mib"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
             out[name]["peak_rss_mib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)

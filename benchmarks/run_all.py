@@ -55,6 +55,13 @@ def dtype_cost(backbone: str, *, device: torch.device, tmp: Path, cases: int, pe
     return {"dice_float16": dice["float16"], "dice_float32": dice["float32"], "max_abs_difference": round(worst, 6)}
 
 
+def _compiled(size: str, figures: dict) -> str:
+    if "error" in figures:
+        return f"--compile (batch {size}) failed: {figures['error'][:80]}"
+    return (f"--compile {figures['compiled_over_eager']:.2f}× eager's epoch (batch {size}; "
+            f"compiling {figures['compile_s']:.0f} s)")
+
+
 def table(result: dict) -> str:
     """The README's markdown rows for one run_all result."""
     m = result["machine"]
@@ -67,7 +74,8 @@ def table(result: dict) -> str:
         enc, ep, dt = figures["encode"], figures["epoch"], figures["dtype"]
         memory = f"RSS {max(enc['peak_rss_mib'], ep['peak_rss_mib']):.0f} MiB"
         prompts = "; ".join([f"{ep['prompts_per_s']:.1f} (batch {ep['batch_size']})"]
-                            + [f"{b['prompts_per_s']:.0f} (batch {size})" for size, b in ep.get("finetune_at_batch_size", {}).items()])
+                            + [f"{b['prompts_per_s']:.0f} (batch {size})" for size, b in ep.get("finetune_at_batch_size", {}).items()]
+                            + [_compiled(size, c) for size, c in ep.get("compile_at_batch_size", {}).items()])
         if "peak_gpu_mib" in ep:
             memory += f", GPU {max(enc.get('peak_gpu_mib', 0), ep['peak_gpu_mib']):.0f} MiB"
         rows.append(
@@ -79,20 +87,33 @@ def table(result: dict) -> str:
     return "\n".join(rows) + "\n"
 
 
+def _write(result: dict, out: Path, stem: str) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
+    (out / f"{stem}.md").write_text(table(result))
+
+
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--backbones", default="litemedsam,vit_b")
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--quick", action="store_true", help="the smallest sizes: a smoke test, not figures to quote")
+    parser.add_argument("--sizes", default="", metavar="SLICES,CASES,PER_CASE",
+                        help="encode target slices, epoch cases, epoch slices per case (default: by device, see SIZES)")
     args = parser.parse_args(argv)
     device = pick_device(args.device)
     slices, cases, per_case = SIZES["quick" if args.quick else device.type]
+    if args.sizes:
+        slices, cases, per_case = (int(v) for v in args.sizes.split(","))
     size = ["--phantom-size", "128" if args.quick else "512"]
     result = {"benchmark": "run_all", "machine": machine(device), "quick": args.quick,
+              "sizes": {"encode_slices": slices, "epoch_cases": cases, "epoch_slices_per_case": per_case},
               "date": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"), "backbones": {}}
+    stem = f"run_all-{device.type}{'-quick' if args.quick else ''}-{result['date'][:10]}"
+    names = args.backbones.split(",")
     with tempfile.TemporaryDirectory(prefix="embedcache-run-all-") as tmp:
-        for name in args.backbones.split(","):
+        for name in names:
             print(f"run_all: {name} on {device}", file=sys.stderr)
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
@@ -101,15 +122,16 @@ def main(argv=None) -> dict:
                                              "--repeats", "1" if args.quick else "2", "--no-save", *size]),
                 "epoch": epoch_bench.main(["--backbones", name, "--cases", str(cases), "--slices-per-case",
                                            str(per_case), "--device", str(device), "--no-save", *size,
-                                           *(["--extra-batch-sizes", "32,128"] if device.type == "cuda" else [])])[name],
+                                           *(["--extra-batch-sizes", "32,128"] if device.type == "cuda" else []),
+                                           # the decoder is the same network for every backbone: one torch.compile
+                                           # figure, last, so a slow compile costs no other figure
+                                           *(["--compile-batch-sizes", "32"] if device.type == "cuda" and name == names[-1]
+                                             else [])])[name],
                 "dtype": dtype_cost(name, device=device, tmp=Path(tmp), cases=2, per_case=per_case, size=int(size[1])),
             }
             figures["encode"].pop("machine", None)
             result["backbones"][name] = figures
-    args.out.mkdir(parents=True, exist_ok=True)
-    stem = f"run_all-{device.type}{'-quick' if args.quick else ''}-{result['date'][:10]}"
-    (args.out / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
-    (args.out / f"{stem}.md").write_text(table(result))
+            _write(result, args.out, stem)  # after each backbone: a run cut short keeps what it measured
     print(table(result))
     print(f"saved {args.out / stem}.json and .md", file=sys.stderr)
     return result

@@ -258,7 +258,8 @@ def encode(data, out, images, labels_, series, model, checkpoint, labels, window
               help="Keep the cache on the device (auto: when it fits) or stream it from HDF5.")
 @click.option("--micro-batch", default=0, show_default=True, type=click.IntRange(0, 4096),
               help="Prompts per forward/backward within a step (same gradients); 0: all on CUDA, 4 on CPU.")
-@click.option("--compile", "compile_", is_flag=True, help="torch.compile the decoder.")
+@click.option("--compile", "compile_", is_flag=True,
+              help="torch.compile the decoder step (no faster on a 2-core CPU: see the README's benchmarks).")
 @click.option("--split", "split_file", type=click.Path(path_type=Path), default=None,
               help='A split file {"train": [...], "val": [...], "test": [...]} instead of --val-fraction.')
 @click.option("--stop-prompts", is_flag=True,

@@ -12,9 +12,10 @@ def test_run_all_writes_its_json_and_table(tiny_model, tmp_path, monkeypatch):
     monkeypatch.syspath_prepend(str(BENCHMARKS))
     import run_all
 
-    result = run_all.main(["--device", "cpu", "--backbones", "tiny", "--quick", "--out", str(tmp_path)])
+    result = run_all.main(["--device", "cpu", "--backbones", "tiny", "--quick", "--sizes", "6,2,2", "--out", str(tmp_path)])
     saved = json.loads(next(tmp_path.glob("run_all-cpu-quick-*.json")).read_text())
     assert saved["backbones"].keys() == {"tiny"} and saved["machine"]["device"] == "cpu"
+    assert saved["sizes"] == {"encode_slices": 6, "epoch_cases": 2, "epoch_slices_per_case": 2}
     figures = result["backbones"]["tiny"]
     assert figures["encode"]["pipeline_over_bare"] > 0 and figures["epoch"]["cached_over_bound"] > 0
     assert figures["dtype"]["max_abs_difference"] < 0.05  # a float16 cache decodes like a float32 one
@@ -22,11 +23,26 @@ def test_run_all_writes_its_json_and_table(tiny_model, tmp_path, monkeypatch):
     assert "| tiny (bundled weights) |" in table and "CPU," in table
 
 
-def test_epoch_times_finetune_at_extra_batch_sizes(tiny_model, monkeypatch):
+def test_epoch_times_finetune_at_extra_batch_sizes_and_compiled(tiny_model, monkeypatch, tmp_path):
     monkeypatch.syspath_prepend(str(BENCHMARKS))
     import epoch
+    import run_all
+    import torch
+    from torch._dynamo.testing import CompileCounterWithBackend
 
+    counter = CompileCounterWithBackend("aot_eager")  # inductor's C++ build would take a minute here
+    real_compile = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda model, **kw: real_compile(model, backend=counter, **kw))
     result = epoch.main(["--backbones", "tiny", "--cases", "2", "--slices-per-case", "2", "--device", "cpu",
-                         "--epochs", "2", "--phantom-size", "128", "--extra-batch-sizes", "2,3", "--no-save"])["tiny"]
+                         "--epochs", "2", "--phantom-size", "128", "--extra-batch-sizes", "2,3",
+                         "--compile-batch-sizes", "2", "--no-save"])["tiny"]
     assert set(result["finetune_at_batch_size"]) == {"2", "3"}
     assert all(b["prompts_per_s"] > 0 for b in result["finetune_at_batch_size"].values())
+    compiled = result["compile_at_batch_size"]["2"]
+    assert counter.frame_count >= 1  # the compiled run really ran through torch.compile
+    assert len(compiled["all_epoch_s"]["eager"]) == 2 and len(compiled["all_epoch_s"]["compiled"]) == 1
+    assert compiled["compiled_over_eager"] == round(compiled["compiled_epoch_s"] / compiled["eager_epoch_s"], 4)
+    assert "× eager's epoch (batch 2;" in run_all._compiled("2", compiled)
+    # a compile that fails is recorded, not raised: the other figures of a GPU run survive it
+    failed = epoch.compile_cost(epoch.FinetuneConfig(cache=str(tmp_path / "none.h5"), device="cpu"), tmp_path, 1)
+    assert "error" in failed and "failed" in run_all._compiled("8", failed)
