@@ -93,19 +93,27 @@ def _write(result: dict, out: Path, stem: str) -> None:
     (out / f"{stem}.md").write_text(table(result))
 
 
+def _three_sizes(text: str) -> tuple[int, int, int]:
+    try:
+        sizes = epoch_bench._sizes(text)
+    except ValueError:
+        sizes = ()
+    if len(sizes) != 3 or min(sizes) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: give three positive integers, e.g. 8,3,2")
+    return sizes
+
+
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--backbones", default="litemedsam,vit_b")
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--quick", action="store_true", help="the smallest sizes: a smoke test, not figures to quote")
-    parser.add_argument("--sizes", default="", metavar="SLICES,CASES,PER_CASE",
+    parser.add_argument("--sizes", type=_three_sizes, default=None, metavar="SLICES,CASES,PER_CASE",
                         help="encode target slices, epoch cases, epoch slices per case (default: by device, see SIZES)")
     args = parser.parse_args(argv)
     device = pick_device(args.device)
-    slices, cases, per_case = SIZES["quick" if args.quick else device.type]
-    if args.sizes:
-        slices, cases, per_case = (int(v) for v in args.sizes.split(","))
+    slices, cases, per_case = args.sizes or SIZES["quick" if args.quick else device.type]
     size = ["--phantom-size", "128" if args.quick else "512"]
     result = {"benchmark": "run_all", "machine": machine(device), "quick": args.quick,
               "sizes": {"encode_slices": slices, "epoch_cases": cases, "epoch_slices_per_case": per_case},
