@@ -100,7 +100,7 @@ def main(argv=None) -> dict:
             started = time.perf_counter()
             summary = encode(cases, out, config, progress=None, log=lambda m: None)
             if device.type == "cuda":
-                torch.cuda.synchronize()
+                torch.cuda.synchronize(device)
             elapsed = time.perf_counter() - started
             pipeline.append(n / elapsed)
             stages = {"encode_loop": summary.encode_seconds, "input_wait": summary.input_wait_s,

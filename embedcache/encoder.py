@@ -115,5 +115,6 @@ class ImageEncoder:
             host_finite = torch.empty((), dtype=torch.bool, pin_memory=True)
             host_finite.copy_(finite, non_blocking=True)
             event = torch.cuda.Event()
-            event.record()
+            # the device's own stream: with --device cuda:1 the current device may still be cuda:0
+            event.record(torch.cuda.current_stream(self.device))
             return HostEmbeddings(host, host_finite, event)
