@@ -10,9 +10,9 @@ Layout of a cache file (``N`` slices, ``L`` target labels, ``S`` = slice size, 5
     case_index   (N,)              int32, row of `cases`
     slice_index  (N,)              int32, z of the slice in the canonical volume
     spacing_mm   (N, 3)            float32 (z, y, x) voxel size of the source volume
-    cases        scalar string     JSON list, one object per case: name, image, label, digest,
-                                   first_row, n_rows, shape_zyx, spacing_mm, source_shape, source_affine,
-                                   subset (train | test), margin_slices
+    cases        scalar string     JSON list, one object per case: name, image, label (absolute paths),
+                                   digest, first_row, n_rows, shape_zyx, spacing_mm, source_shape,
+                                   source_affine, subset (train | test), margin_slices, series_uid
 
 Crash safety: an encode writes each case into its own shard ``CACHE.h5.parts/CASE.h5``, built in
 memory and written to disk (under a ``.partial`` name, synced, renamed) only once all its rows are
@@ -74,6 +74,7 @@ class CaseRecord:
     source_affine: tuple[tuple[float, ...], ...]
     subset: str = "train"  # "test" for a test folder's cases (imagesTs/), never trained on
     margin_slices: int = 0  # slices cached beyond each end of the glands (no boxes), for 3-D box prompts
+    series_uid: str | None = None  # the DICOM series read from an image folder that holds several
 
     @classmethod
     def from_json(cls, obj: dict) -> "CaseRecord":

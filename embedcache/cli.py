@@ -402,11 +402,14 @@ def _settings(jitter, seed, box_margin_mm, box_margin_slices, grow_mm):
 @protocol_options
 @click.option("--checkpoint", type=click.Path(path_type=Path), default=None,
               help="The backbone weights the cache was encoded with (default: the run's, or bundled).")
+@click.option("--data", type=click.Path(path_type=Path), default=None,
+              help="The dataset folder, if it moved since encoding: each case's label volume and image are "
+                   "taken from there by name, checked against the cache's sha256 of what was encoded.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda[:N].")
 @progress_option
 @friendly_errors
 def score(cache, out_dir, run_dir, decoder_file, cases, prompts, jitter, seed, box_margin_mm, box_margin_slices,
-          grow_mm, checkpoint, device, progress):
+          grow_mm, checkpoint, data, device, progress):
     """Score the vanilla decoder against the fine-tuned one on the cached embeddings of CACHE.
 
     Per prompt protocol (oracle: tight boxes on every slice, an upper bound; jitter: sloppy boxes;
@@ -421,11 +424,13 @@ def score(cache, out_dir, run_dir, decoder_file, cases, prompts, jitter, seed, b
         raise UsageError("give --run or --decoder, not both")
     chosen, settings = parse_protocols(prompts), _settings(jitter, seed, box_margin_mm, box_margin_slices, grow_mm)
     open_cache(cache).close()  # a mistyped path costs a second, not torch's import
+    if data is not None and not data.is_dir():
+        raise EmbedcacheError(f"{data}: no such folder; --data takes the dataset folder the cache was encoded from")
     from embedcache.score import score as run_score
 
     with _progress(progress) as bar:
         report = run_score(cache, out_dir, run_dir=run_dir, decoder_file=decoder_file, cases=cases, prompts=chosen,
-                           settings=settings, checkpoint=checkpoint, device=device, progress=bar)
+                           settings=settings, checkpoint=checkpoint, device=device, data=data, progress=bar)
     _print_summary(report)
     click.echo(f"report: {out_dir / 'index.html'}")
 

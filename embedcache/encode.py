@@ -15,6 +15,7 @@ Read top to bottom:
 
 from __future__ import annotations
 
+import os
 import time
 import warnings
 from collections import deque
@@ -147,8 +148,6 @@ def prepare_case(plan: PlannedCase, config: EncodeConfig) -> _CaseBatch:
     geometry = image.geometry
     record = CaseRecord(
         name=plan.source.name,
-        image=str(plan.source.image),
-        label=str(plan.source.label),
         digest=plan.digest,
         first_row=0,
         n_rows=int(z.size),
@@ -156,8 +155,8 @@ def prepare_case(plan: PlannedCase, config: EncodeConfig) -> _CaseBatch:
         spacing_mm=tuple(float(s) for s in geometry.spacing_mm),
         source_shape=tuple(int(s) for s in geometry.source_shape),
         source_affine=tuple(tuple(float(v) for v in row) for row in geometry.source_affine),
-        subset=plan.source.subset,
         margin_slices=config.margin_slices,
+        **_where(plan.source),  # absolute paths: score finds the sources from any working folder
     )
     return _CaseBatch(plan=plan, record=record, images=images, masks=masks, boxes=boxes, slice_index=z)
 
@@ -226,15 +225,16 @@ def encode(
             done.pop(name, None)
 
     # One cache file, cases in input order; cases cached earlier but not in this input are kept, last.
-    # A case moved between imagesTr/ and imagesTs/ keeps its embeddings and takes its new set.
+    # A case moved between imagesTr/ and imagesTs/ keeps its embeddings and takes its new set; one
+    # whose files moved (same bytes) takes their new paths, where score will look for them.
     names = [c.name for c in cases]
-    subset = {c.name: c.subset for c in cases}
+    now = {c.name: _where(c) for c in cases}
     sources: list[tuple[Path, list[CaseRecord]]] = []
     for name in names + [n for n in {**done, **shards} if n not in set(names)]:
         source, record = shards[name] if name in shards else (out, done[name]) if name in done else (None, None)
         if record is not None:
-            sources.append((source, [replace(record, subset=subset.get(name, record.subset))]))
-    regrouped = any(record.subset != subset.get(name, record.subset) for name, record in done.items())
+            sources.append((source, [replace(record, **now.get(name, {}))]))
+    regrouped = any(replace(record, **now.get(name, {})) != record for name, record in done.items())
     if shards or regrouped or dropped or not out.exists():
         if not any(cases for _, cases in sources):
             raise EmbedcacheError(
@@ -252,6 +252,13 @@ def encode(
     cache.remove_tree(shard_dir)
     dist.barrier()
     return summary
+
+
+def _where(case: CaseSource) -> dict:
+    """What a cached case records of where its sources are now: its set, its files' absolute paths and
+    the DICOM series read."""
+    return {"subset": case.subset, "image": os.path.abspath(case.image), "label": os.path.abspath(case.label),
+            "series_uid": case.series_uid}
 
 
 def _gather(dist, summary: EncodeSummary, dropped: list[str]) -> tuple[EncodeSummary, list[str]]:
@@ -326,7 +333,8 @@ def _plan(cases, config, done, shards, summary: EncodeSummary, log) -> tuple[lis
     for case in cases:
         digest = source_digest(case.image, case.label)
         cached = [r for r in (done.get(case.name), shards.get(case.name, (None, None))[1]) if r is not None]
-        fresh = [r for r in cached if r.digest == digest and r.margin_slices >= config.margin_slices]
+        fresh = [r for r in cached if r.digest == digest and r.margin_slices >= config.margin_slices
+                 and r.series_uid == case.series_uid]  # the digest covers every series of a DICOM folder
         if fresh:
             summary.cases_resumed += 1
             continue
@@ -483,8 +491,6 @@ def workers_for(config: EncodeConfig, device) -> int:
     CPU, where the encoder itself is the bottleneck and one reader thread keeps up, and on CUDA
     half the cores up to 8: preparing a slice (read, HU, window, resample) costs ~8 ms of one core
     here, so each worker feeds ~120 slices/s, and TinyViT on a GPU encodes several hundred."""
-    import os
-
     if config.workers >= 0:
         return config.workers
     return max(1, min(8, (os.cpu_count() or 2) // 2)) if device.type == "cuda" else 0

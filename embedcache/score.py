@@ -28,7 +28,7 @@ from embedcache.metrics import dice, gland_metrics
 from embedcache.protocols import ProtocolSettings
 from embedcache.report import Overlay, write_report
 from embedcache.runs import LOG, RunFolder, load_trained_decoder
-from embedcache.volumes import read_image, read_label
+from embedcache.volumes import discover_cases, read_image, read_label, source_digest
 
 CASE_SETS = ("test", "val", "train", "all")
 
@@ -58,6 +58,36 @@ def choose_cases(cache: Cache, split: dict | None, wanted: str | None) -> tuple[
                "every case in the cache; none is marked as held out (no imagesTs/ cases)",
     }
     return wanted, names, notes[wanted]
+
+
+def case_sources(cache: Cache, names: list[str], data: Path | None) -> dict[str, tuple[Path, Path]]:
+    """Per case of ``names``, the image and label volume it was encoded from: where the cache says,
+    or, given ``data`` (the dataset's folder now, after it moved), the case of that name there,
+    checked byte for byte against the cache's digest of what was encoded."""
+    records = [c for c in cache.cases if c.name in names]
+    if data is None:
+        sources = {c.name: (Path(c.image), Path(c.label)) for c in records}
+        for name, paths in sources.items():
+            for path in paths:
+                if path.exists():
+                    continue
+                if not path.is_absolute():  # a cache of embedcache 0.1.0 before absolute paths
+                    raise EmbedcacheError(f"{path}: case {name}'s source is not there: the cache holds its path "
+                                          "relative to the folder encode ran in; run score there, or pass --data DIR")
+                raise EmbedcacheError(f"{path}: case {name}'s source is not there (moved or deleted since encoding); "
+                                      "pass --data with the dataset folder where it is now")
+        return sources
+    found = {c.name: c for c in discover_cases(data)}
+    sources = {}
+    for case in records:
+        if case.name not in found:
+            raise EmbedcacheError(f"{data}: has no case {case.name}, which the cache holds; give the folder it was encoded from")
+        source = found[case.name]
+        if source_digest(source.image, source.label) != case.digest:
+            raise EmbedcacheError(f"{source.label}: case {case.name}'s files differ from those encoded (sha256); "
+                                  "encode again, or give the folder it was encoded from")
+        sources[case.name] = (source.image, source.label)
+    return sources
 
 
 class CachedCase:
@@ -97,7 +127,7 @@ def score(
     cache_path: Path, out_dir: Path, *, run_dir: Path | None = None, decoder_file: Path | None = None,
     cases: str | None = None, prompts: tuple[str, ...] = protocols.PROTOCOLS,
     settings: ProtocolSettings = ProtocolSettings(), checkpoint: Path | None = None, device: str = "auto",
-    progress=None, log=print,
+    data: Path | None = None, progress=None, log=print,
 ) -> dict:
     """Score the vanilla decoder (and the fine-tuned one when given) on a case set of ``cache_path``
     under each of ``prompts``; write the report to ``out_dir`` and return it."""
@@ -112,6 +142,7 @@ def score(
             trained = load_trained_decoder(run_dir or decoder_file, expect=cache.signature, expect_path=cache_path)
         split = RunFolder(run_dir).split() if run_dir else None
         case_set, names, note = choose_cases(cache, split, cases)
+        sources = case_sources(cache, names, data)
         backbone = get_backbone(cache.signature["backbone"])
         parts, sha = load_backbone(backbone, checkpoint or (trained.checkpoint if trained else None))
         require_weights(sha, cache.signature["checkpoint_sha256"], path=checkpoint, made=f"the cache {cache_path}")
@@ -127,9 +158,10 @@ def score(
         picks: dict = {}
         task = progress.add_task("scoring", total=len(names) * len(cache.labels)) if progress else None
         for case in [c for c in cache.cases if c.name in names]:
-            truth = read_label(Path(case.label)).array
+            image_path, label_path = sources[case.name]
+            truth = read_label(label_path).array
             if tuple(truth.shape) != tuple(case.shape_zyx):
-                raise EmbedcacheError(f"{case.label}: label volume changed since encoding; encode again")
+                raise EmbedcacheError(f"{label_path}: label volume changed since encoding; encode again")
             cached = CachedCase(cache, case, device=dev)
             segmenters = {m: cached.segmenter(parts.prompt_encoder, d, **size) for m, d in decoders.items()}
             for label in cache.labels:
@@ -142,7 +174,7 @@ def score(
                         m: gland_metrics(p.mask, gt, spacing_mm=case.spacing_mm, label=label) for m, p in predictions.items()
                     }
                     if protocol == shown:
-                        _keep_extremes(picks, case, label, protocol, gt, predictions)
+                        _keep_extremes(picks, case, image_path, label, protocol, gt, predictions)
                 if progress:
                     progress.advance(task)
         overlays = _overlays(picks)
@@ -158,7 +190,8 @@ def score(
     return write_report(out_dir, report, overlays=overlays, log_csv=Path(run_dir) / LOG if run_dir else None)
 
 
-def _keep_extremes(picks: dict, case: CaseRecord, label: int, protocol: str, gt: np.ndarray, predictions: dict) -> None:
+def _keep_extremes(picks: dict, case: CaseRecord, image: Path, label: int, protocol: str, gt: np.ndarray,
+                   predictions: dict) -> None:
     """Remember the best and the worst slice of this gland so far (by the last model's 2-D Dice)."""
     key_model = list(predictions)[-1]
     for z in np.flatnonzero(gt.any(axis=(1, 2))):
@@ -167,7 +200,7 @@ def _keep_extremes(picks: dict, case: CaseRecord, label: int, protocol: str, gt:
             held = picks.get((label, tag))
             if held is None or better(scores[key_model], held["dice"][key_model]):
                 boxes = predictions[key_model].boxes
-                picks[(label, tag)] = dict(case=case, label=label, z=int(z), protocol=protocol, tag=tag, dice=scores,
+                picks[(label, tag)] = dict(case=case, image=image, label=label, z=int(z), protocol=protocol, tag=tag, dice=scores,
                                            truth=gt[z].copy(), masks={m: p.mask[z].copy() for m, p in predictions.items()},
                                            box=boxes.get(int(z)))
 
@@ -176,8 +209,8 @@ def _overlays(picks: dict) -> list[Overlay]:
     images: dict = {}
     shown = []
     for pick in sorted(picks.values(), key=lambda p: (p["label"], p["tag"] != "best")):
-        case = pick.pop("case")
+        case, image = pick.pop("case"), pick.pop("image")
         if case.name not in images:
-            images[case.name] = read_image(Path(case.image)).array
+            images[case.name] = read_image(image, series_uid=case.series_uid).array
         shown.append(Overlay(case=case.name, hu=images[case.name][pick["z"]], **pick))
     return shown

@@ -251,6 +251,55 @@ def test_everyday_path_mistakes_are_one_line(tiny_model, data, small_cache, run_
     assert list((tmp_path / "locked").iterdir()) == []
 
 
+def test_score_finds_the_sources_from_any_folder_and_after_a_move(tiny_model, data, tmp_path, monkeypatch):
+    """The cache holds its sources' absolute paths; a moved dataset is named with --data, and what is
+    found there must be the bytes that were encoded; encoding again from the new place re-points the cache."""
+    from dataclasses import replace
+
+    from embedcache.cache import merge, open_cache
+
+    monkeypatch.chdir(tmp_path)
+    assert _run("encode", "data", "--out", "c.h5", "--model", "tiny", "--no-progress").exit_code == 0
+    with open_cache(tmp_path / "c.h5") as cache:
+        records, signature = cache.cases, cache.signature
+    assert all(Path(r.image).is_absolute() and Path(r.label).parent == data / "labelsTr" for r in records)
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    score = ("score", "../c.h5", "--prompts", "oracle", "--device", "cpu", "--no-progress", "--out")
+    assert _run(*score, "r1").exit_code == 0
+    expected = json.loads(Path("r1/report.json").read_text())["summary"]
+
+    data.rename(tmp_path / "moved")
+    one_line(_run(*score, "r2"), "PHANTOM_0001_0000.nii.gz: case PHANTOM_0001's source is not there",
+             "moved or deleted since encoding", "--data")
+    one_line(_run(*score, "r2", "--data", "nowhere"), "nowhere: no such folder")
+    assert _run(*score, "r2", "--data", "../moved").exit_code == 0
+    assert json.loads(Path("r2/report.json").read_text())["summary"] == expected
+
+    label = tmp_path / "moved" / "labelsTr" / "PHANTOM_0002.nii.gz"
+    changed = nib.load(str(label))
+    voxels = np.asarray(changed.dataobj).copy()
+    voxels[0, 0, 0] = 1
+    nib.save(nib.Nifti1Image(voxels, changed.affine, changed.header), str(label))
+    one_line(_run(*score, "r3", "--data", "../moved"), "PHANTOM_0002.nii.gz: case PHANTOM_0002's files differ")
+
+    # encoding again from the new place keeps the unchanged cases' embeddings and takes their new paths
+    result = _run("encode", "../moved", "--out", "../c.h5", "--model", "tiny", "--no-progress")
+    assert result.exit_code == 0, result.output
+    with open_cache(tmp_path / "c.h5") as cache:
+        assert all(Path(r.label).parent == tmp_path / "moved" / "labelsTr" for r in cache.cases)
+        assert [r.digest for r in cache.cases if r.name != "PHANTOM_0002"] == \
+               [r.digest for r in records if r.name != "PHANTOM_0002"]
+    assert _run(*score, "r4").exit_code == 0
+
+    # a cache written before paths were absolute names the folder to run in
+    relative = [replace(r, image=os.path.relpath(r.image, tmp_path), label=os.path.relpath(r.label, tmp_path))
+                for r in records]
+    merge(tmp_path / "old.h5", signature=signature, sources=[(tmp_path / "c.h5", relative)], slice_size=512)
+    one_line(_run("score", "../old.h5", "--prompts", "oracle", "--device", "cpu", "--out", "r5"),
+             "relative to the folder encode ran in", "--data")
+
+
 def test_a_symbolic_link_loop_in_the_data_folder(tiny_model, data, tmp_path):
     loop = data / "imagesTr" / "LOOP_0000.nii.gz"
     loop.symlink_to(loop)

@@ -111,3 +111,37 @@ def test_evaluate_on_predicts_output_reproduces_scores_box3d(small_cache, tiny_m
             assert eval_report[case][label]["prediction"] == by_model["finetuned"], (case, label)
     learning = tmp_path / "score" / "learning_curve.png"
     assert learning.is_file() and "learning_curve.png" in (tmp_path / "score" / "index.html").read_text()
+
+
+def test_a_case_from_one_series_of_a_mixed_dicom_folder_is_scored_from_that_series(tiny_model, series_dir, tmp_path):
+    """The cache records ``--series``: score reads the image again (for its pictures) from the same series."""
+    import shutil
+
+    import pydicom
+    from conftest import pydicom_dir
+
+    from embedcache.volumes import read_image, write_nifti
+
+    mixed = tmp_path / "mixed"
+    shutil.copytree(series_dir, mixed)
+    for f in pydicom_dir("dicomdirtests/98892001/CT2N").iterdir():
+        shutil.copy(f, mixed / f"other_{f.name}")
+    uid = str(pydicom.dcmread(next(series_dir.iterdir())).SeriesInstanceUID)
+    image = read_image(mixed, series_uid=uid)
+    label = np.zeros(image.array.shape, np.uint8)
+    label[1:3, 4:8, 3:7] = 7
+    label[2:4, 8:12, 10:14] = 8
+    write_nifti(label, image.geometry, tmp_path / "label.nii.gz")
+    run = CliRunner()
+    encode = ["encode", "--image", str(mixed), "--label", str(tmp_path / "label.nii.gz"), "--series", uid,
+              "--out", str(tmp_path / "c.h5"), "--model", "tiny", "--no-progress"]
+    done = run.invoke(main, encode)
+    assert done.exit_code == 0, done.output
+    done = run.invoke(main, encode)
+    assert done.exit_code == 0 and "encoded 0 slices" in done.output and "1 cases already done" in done.output
+    with store.open_cache(tmp_path / "c.h5") as cache:
+        assert cache.cases[0].series_uid == uid
+    done = run.invoke(main, ["score", str(tmp_path / "c.h5"), "--out", str(tmp_path / "r"), "--device", "cpu",
+                             "--prompts", "oracle", "--no-progress"])
+    assert done.exit_code == 0, done.output
+    assert len(list((tmp_path / "r").glob("overlay-*.png"))) == 4
