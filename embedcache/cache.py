@@ -279,6 +279,8 @@ class Cache:
 def open_cache(path: Path, *, expect: dict | None = None) -> Cache:
     """Open a cache for reading; with ``expect``, refuse one whose signature does not fit it."""
     path = Path(path)
+    if path.is_dir():
+        raise EmbedcacheError(f"{path}: is a folder; give the cache file (CACHE.h5) that `embedcache encode` wrote")
     if not path.is_file():
         raise EmbedcacheError(f"{path}: no such cache file; run `embedcache encode` first")
     try:

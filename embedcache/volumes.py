@@ -494,6 +494,9 @@ def discover_cases(root: Path) -> list[CaseSource]:
                 continue
             cases.append(CaseSource(name=case, image=image, label=label, subset=subset))
     if not found_layout:
+        if root.name in {name for layout in _LAYOUTS for name in layout[:2]}:
+            raise EmbedcacheError(f"{root}: an images or labels folder itself; give the folder that holds it "
+                                  f"({root.resolve().parent})")
         raise EmbedcacheError(
             f"{root}: no images/ + labels/ (or imagesTr/ + labelsTr/) folders; lay the data out as FLARE22 does"
         )
