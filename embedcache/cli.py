@@ -6,6 +6,7 @@ torch and the models are imported inside the commands, so ``embedcache --help`` 
 from __future__ import annotations
 
 import functools
+import os
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -192,7 +193,6 @@ def encode(data, out, images, labels_, series, model, checkpoint, labels, window
     cases are skipped. Under torchrun (`torchrun --nproc_per_node=K -m embedcache encode ...`)
     the cases are shared among the ranks.
     """
-    import os
 
     from embedcache.config import EncodeConfig, PreprocessConfig
     from embedcache.encode import encode as run_encode
@@ -283,7 +283,8 @@ def finetune(cache, run_dir, epochs, lr, batch_size, val_fraction, seed, device,
     config = FinetuneConfig(
         cache=str(cache), epochs=epochs, lr=lr, batch_size=batch_size, val_fraction=val_fraction, seed=seed,
         device=device, box_jitter=box_jitter, patience=patience, precision=precision, compile=compile_,
-        resident=resident, micro_batch=micro_batch, model=model, checkpoint=str(checkpoint) if checkpoint else None,
+        resident=resident, micro_batch=micro_batch, model=model,
+        checkpoint=os.path.abspath(checkpoint) if checkpoint else None,  # score and export read it from any folder
         split=str(split_file) if split_file else None, stop_prompts=stop_prompts,
     )
     if resume and (run_dir / CONFIG).is_file():

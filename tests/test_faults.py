@@ -303,6 +303,21 @@ def test_score_finds_the_sources_from_any_folder_and_after_a_move(tiny_model, da
              "relative to the folder encode ran in", "--data")
 
 
+def test_a_run_finds_its_backbone_weights_from_any_folder(tiny_model, tiny_checkpoint, small_cache, tmp_path, monkeypatch):
+    shutil.copy(tiny_checkpoint, tmp_path / "w.pth")
+    monkeypatch.chdir(tmp_path)
+    result = _run("finetune", small_cache, "--out", "run", "--checkpoint", "w.pth", "--epochs", "1", "--batch-size", "2",
+                  "--val-fraction", "0.34", "--device", "cpu", "--no-progress")
+    assert result.exit_code == 0, result.output
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    result = _run("score", small_cache, "--run", "../run", "--out", "r", "--prompts", "oracle", "--device", "cpu",
+                  "--no-progress")
+    assert result.exit_code == 0, result.output
+    result = _run("export", "../run", "--out", "sam.pth")
+    assert result.exit_code == 0, result.output
+
+
 def test_a_symbolic_link_loop_in_the_data_folder(tiny_model, data, tmp_path):
     loop = data / "imagesTr" / "LOOP_0000.nii.gz"
     loop.symlink_to(loop)
