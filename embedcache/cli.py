@@ -285,7 +285,7 @@ def finetune(cache, run_dir, epochs, lr, batch_size, val_fraction, seed, device,
         device=device, box_jitter=box_jitter, patience=patience, precision=precision, compile=compile_,
         resident=resident, micro_batch=micro_batch, model=model,
         checkpoint=os.path.abspath(checkpoint) if checkpoint else None,  # score and export read it from any folder
-        split=str(split_file) if split_file else None, stop_prompts=stop_prompts,
+        split=os.path.abspath(split_file) if split_file else None, stop_prompts=stop_prompts,
     )
     if resume and (run_dir / CONFIG).is_file():
         config = _resumed_config(config, load_config(FinetuneConfig, run_dir / CONFIG), run_dir / CONFIG)

@@ -27,7 +27,7 @@ from pathlib import Path
 from embedcache.cache import DECODER_KEYS, first_difference
 from embedcache.config import FinetuneConfig, save_config
 from embedcache.errors import EmbedcacheError
-from embedcache.files import PARTIAL, atomic_path, atomic_write_text, check_writable_folder, is_pickle
+from embedcache.files import PARTIAL, atomic_path, atomic_write_text, check_writable_folder, is_pickle, read_json
 
 CONFIG, SPLIT, BEST, LAST, LOG = "config.json", "split.json", "decoder.safetensors", "last.safetensors", "log.csv"
 RUN_FILES = (CONFIG, SPLIT, BEST, LAST, LOG, "tensorboard")
@@ -175,8 +175,13 @@ class RunFolder:
         save_config(config, self.file(CONFIG))
         atomic_write_text(self.file(SPLIT), json.dumps(split, indent=2) + "\n")
 
-    def split(self) -> dict:
-        return json.loads(self.file(SPLIT).read_text())
+    def split(self) -> dict[str, list[str]]:
+        """The run's own train, val and test cases, as it saved them when it started."""
+        saved = read_json(self.file(SPLIT), what="split file", fix="the run folder is damaged; start a new run")
+        if not isinstance(saved, dict) or not all(isinstance(saved.get(k), list) for k in ("train", "val")) \
+                or not isinstance(saved.get("test", []), list):
+            raise EmbedcacheError(f"{self.file(SPLIT)}: not a split that finetune wrote; start a new run")
+        return {k: saved[k] for k in ("train", "val", "test") if k in saved}  # test: as the --split file had it
 
     def append_log(self, record: EpochRecord, board=None) -> None:
         """Add ``record`` to ``log.csv`` and, given a TensorBoard writer, to its scalars."""

@@ -87,7 +87,7 @@ def finetune(
 
     with open_cache(Path(config.cache)) as cache:
         check_signature(cache.signature, expected_signature(cache, config), path=Path(config.cache))
-        split = choose_split(cache, config)
+        split = _resumed_split(run, cache) if resume else choose_split(cache, config)
         sets = _case_sets(cache, config, device, split)
         train, val = sets["train"], sets["val"]
         steps_per_epoch = math.ceil(len(train) / config.batch_size)
@@ -151,6 +151,17 @@ def choose_split(cache: Cache, config: FinetuneConfig) -> dict[str, list[str]]:
     names = [c.name for c in cache.cases if c.n_rows > 0 and c.subset != "test"]
     train_names, val_names = split_cases(names, val_fraction=config.val_fraction, seed=config.seed)
     return {"train": train_names, "val": val_names, "test": test}
+
+
+def _resumed_split(run: RunFolder, cache: Cache) -> dict[str, list[str]]:
+    """A resumed run's own split (its split.json, wherever the --split file went), if ``cache`` holds its cases."""
+    split = run.split()
+    known = {c.name for c in cache.cases}
+    missing = [n for n in split["train"] + split["val"] if n not in known]
+    if missing:
+        raise EmbedcacheError(f"{cache.path}: not the data the run in {run.path} was trained on (it lacks case "
+                              f"{missing[0]}); resume with the run's cache or start a new run")
+    return split
 
 
 def _case_sets(cache: Cache, config: FinetuneConfig, device: torch.device, split: dict) -> dict[str, CaseSet]:

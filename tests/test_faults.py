@@ -339,6 +339,29 @@ def test_a_damaged_config_or_split_on_resume(tiny_model, small_cache, run_dir, t
     (tmp_path / "split.json").write_text("[")
     one_line(_run("finetune", small_cache, "--out", tmp_path / "new", "--split", tmp_path / "split.json"),
              "split.json: not a readable JSON file")
+    (run / "split.json").write_text("{")
+    one_line(_run("finetune", small_cache, "--out", run, "--resume", "--epochs", "2"),
+             "split.json: not a readable split file", "start a new run")
+    one_line(_run("score", small_cache, "--run", run, "--out", tmp_path / "r"), "split.json: not a readable split file")
+    (run / "split.json").write_text('{"train": "PHANTOM_0001"}')
+    one_line(_run("score", small_cache, "--run", run, "--out", tmp_path / "r"), "split.json: not a split that finetune wrote")
+
+
+def test_a_run_with_a_split_file_resumes_from_any_folder(tiny_model, small_cache, tmp_path, monkeypatch):
+    from embedcache.cache import open_cache
+
+    with open_cache(small_cache) as cache:
+        names = [c.name for c in cache.cases]
+    monkeypatch.chdir(tmp_path)
+    Path("split.json").write_text(json.dumps({"train": names[:2], "val": names[2:]}))
+    train = ("finetune", small_cache, "--out", tmp_path / "run", "--batch-size", "2", "--device", "cpu", "--no-progress")
+    assert _run(*train, "--split", "split.json", "--epochs", "1").exit_code == 0
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    (tmp_path / "split.json").rename(tmp_path / "moved.json")  # the run folder holds its own split
+    result = _run(*train, "--resume", "--epochs", "2")
+    assert result.exit_code == 0 and "resuming" in result.output, result.output
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["split"] == str(tmp_path / "split.json")
 
 
 def test_a_corrupted_cache_chunk_is_named_with_its_rows(tiny_model, small_cache, run_dir, tmp_path):
