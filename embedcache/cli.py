@@ -204,6 +204,9 @@ def encode(data, out, images, labels_, series, model, checkpoint, labels, window
         raise click.UsageError("give a dataset folder DATA or at least one --image/--label pair")
     if len(images) != len(labels_):
         raise click.UsageError(f"{len(images)} --image but {len(labels_)} --label; give one label per image")
+    if data is not None and series:
+        raise click.UsageError("--series picks one series of an --image DICOM folder; in a dataset folder keep one "
+                               "series per case folder")
     config = EncodeConfig(
         backbone=model,
         checkpoint=str(checkpoint) if checkpoint else None,

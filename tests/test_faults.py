@@ -239,6 +239,7 @@ def test_everyday_path_mistakes_are_one_line(tiny_model, data, small_cache, run_
     one_line(_run("encode", data / "imagesTr", "--out", tmp_path / "c.h5"),
              "imagesTr: an images or labels folder itself; give the folder that holds it", str(data))
     one_line(_run("score", data, "--out", tmp_path / "r"), f"{data}: is a folder; give the cache file")
+    one_line(_run("encode", data, "--series", "1.2.3", "--out", tmp_path / "c.h5"), "--series picks one series", code=2)
     (tmp_path / "report.txt").write_text("")
     one_line(_run("score", small_cache, "--out", tmp_path / "report.txt"), "report.txt: is a file")
     one_line(_run("export", run_dir, "--out", tmp_path / "folder.h5"), "folder.h5: is a folder")
