@@ -256,8 +256,10 @@ def export_run(run_dir: Path, out: Path, *, checkpoint: Path | None = None) -> P
 
     from embedcache.backbones import file_sha256, get_backbone, read_state_dict, require_weights, resolve_checkpoint
 
-    out = Path(out)
-    trained = load_trained_decoder(Path(run_dir) / BEST)
+    out, run_dir = Path(out), Path(run_dir)
+    if run_dir.is_file():
+        raise EmbedcacheError(f"{run_dir}: a file; export takes the run folder that finetune --out wrote")
+    trained = load_trained_decoder(run_dir / BEST)
     backbone = get_backbone(trained.signature["backbone"])
     weights = resolve_checkpoint(backbone, checkpoint or trained.checkpoint)
     require_weights(file_sha256(weights), trained.signature["checkpoint_sha256"], path=weights, made=f"the run in {run_dir}")

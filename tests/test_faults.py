@@ -243,6 +243,7 @@ def test_everyday_path_mistakes_are_one_line(tiny_model, data, small_cache, run_
     (tmp_path / "report.txt").write_text("")
     one_line(_run("score", small_cache, "--out", tmp_path / "report.txt"), "report.txt: is a file")
     one_line(_run("export", run_dir, "--out", tmp_path / "folder.h5"), "folder.h5: is a folder")
+    one_line(_run("export", small_cache, "--out", tmp_path / "sam.pth"), f"{small_cache}: a file; export takes the run folder")
     one_line(_run("finetune", small_cache, "--out", tmp_path / "report.txt"), "report.txt: is a file", code=1)
     import embedcache.files
 
