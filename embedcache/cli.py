@@ -574,6 +574,13 @@ def _print_info(path: Path) -> None:
         table.add_row("total", "", str(len(cache)), *[str(int(present[:, j].sum())) for j in range(len(cache.labels))],
                       "", "")
         console.print(table)
+        missing = sum(not os.path.exists(case.label) for case in cache.cases)
+        try:
+            where = f"sources under {os.path.commonpath([p for c in cache.cases for p in (c.image, c.label)])}"
+        except ValueError:  # absolute and relative paths: cases of an older version's encode
+            where = "sources"
+        console.print(where + (f"; {missing} label volume(s) not there: score needs --data DIR" if missing else ""),
+                      markup=False, soft_wrap=True)  # a path wrapped is a path broken for copying
 
 
 if __name__ == "__main__":

@@ -274,7 +274,9 @@ def test_score_finds_the_sources_from_any_folder_and_after_a_move(tiny_model, da
     assert _run(*score, "r1").exit_code == 0
     expected = json.loads(Path("r1/report.json").read_text())["summary"]
 
+    assert f"sources under {data}\n" in _run("info", "../c.h5").output
     data.rename(tmp_path / "moved")
+    assert "3 label volume(s) not there: score needs --data DIR" in _run("info", "../c.h5").output
     one_line(_run(*score, "r2"), "PHANTOM_0001_0000.nii.gz: case PHANTOM_0001's source is not there",
              "moved or deleted since encoding", "--data")
     one_line(_run(*score, "r2", "--data", "nowhere"), "nowhere: no such folder")
