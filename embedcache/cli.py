@@ -505,9 +505,10 @@ def evaluate(pred, labels_dir, out_dir, labels, name, progress):
 @click.option("--model", default="litemedsam", show_default=True, help="Backbone when no run or decoder is given.")
 @click.option("--checkpoint", type=click.Path(path_type=Path), default=None, help="Backbone weights (default: bundled).")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda[:N].")
+@progress_option
 @friendly_errors
 def predict(inputs, out_dir, run_dir, decoder_file, boxes_file, from_labels, prompts, jitter, seed, box_margin_mm,
-            box_margin_slices, grow_mm, series, model, checkpoint, device):
+            box_margin_slices, grow_mm, series, model, checkpoint, device, progress):
     """Segment INPUTS (NIfTI files or DICOM series folders) from box prompts.
 
     A 3-D box per gland is segmented from its middle slice and propagated slice by slice (box3d);
@@ -520,12 +521,12 @@ def predict(inputs, out_dir, run_dir, decoder_file, boxes_file, from_labels, pro
     settings = _settings(jitter, seed, box_margin_mm, box_margin_slices, grow_mm)
     from embedcache.predict import predict as run_predict
 
-    console = _console()
-    written, errors = run_predict(
-        list(inputs), out_dir, run_dir=run_dir, decoder_file=decoder_file, boxes_file=boxes_file,
-        from_labels=from_labels, prompts=prompts, settings=settings, model=model, checkpoint=checkpoint,
-        series=series, device=device, log=_say(console),
-    )
+    with _progress(progress) as bar:
+        written, errors = run_predict(
+            list(inputs), out_dir, run_dir=run_dir, decoder_file=decoder_file, boxes_file=boxes_file,
+            from_labels=from_labels, prompts=prompts, settings=settings, model=model, checkpoint=checkpoint,
+            series=series, device=device, progress=bar, log=_say(_console()),
+        )
     click.echo(f"wrote {len(written)} of {len(inputs)} label volumes to {out_dir}")
     if errors:
         raise click.ClickException(f"{len(errors)} input(s) failed; see the errors above")

@@ -20,6 +20,7 @@ segmented by the ``box3d`` protocol (middle slice, then propagation slice by sli
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -166,9 +167,10 @@ class OnTheFly:
     Embeddings are rounded to ``embedding_dtype`` (the cache's, float16 by default) before decoding,
     as cached ones are: the same box gives the same mask here and in ``score``."""
 
-    def __init__(self, hu_zyx: np.ndarray, encoder, preprocess: PreprocessConfig):
+    def __init__(self, hu_zyx: np.ndarray, encoder, preprocess: PreprocessConfig, *, on_encode=None):
         self.hu, self.encoder, self.preprocess = hu_zyx, encoder, preprocess
         self.embeddings: dict[int, object] = {}
+        self.on_encode = on_encode  # called after each slice is encoded (a progress bar's advance)
 
     def embedding(self, z: int):
         from embedcache.preprocess import slice_to_model
@@ -178,6 +180,8 @@ class OnTheFly:
             image = slice_to_model(self.hu[z], width_hu=pre.window_width_hu, level_hu=pre.window_level_hu,
                                    slice_size=pre.slice_size)
             self.embeddings[z] = self.encoder(image[None])[0]
+            if self.on_encode:
+                self.on_encode()
         return self.embeddings[z]
 
     def segmenter(self, prompt_encoder, mask_decoder, *, input_size: int) -> protocols.Segment:
@@ -201,7 +205,7 @@ def predict(
     inputs: list[Path], out_dir: Path, *, run_dir: Path | None = None, decoder_file: Path | None = None,
     boxes_file: Path | None = None, from_labels: Path | None = None, prompts: str = "box3d",
     settings: ProtocolSettings = ProtocolSettings(), model: str = "litemedsam", checkpoint: Path | None = None,
-    series: str | None = None, device: str = "auto", log=print,
+    series: str | None = None, device: str = "auto", progress=None, log=print,
 ) -> tuple[list[Path], list[str]]:
     """Write ``out_dir/CASE.nii.gz`` for each input; returns the files written and the errors of those that failed."""
     if prompts not in protocols.PROTOCOLS:
@@ -219,10 +223,17 @@ def predict(
     make_output_folder(out_dir)
     segmenter = _segmenter(trained, model=model, checkpoint=checkpoint, device=device)
     written = []
+    task = encoded = None
+    if progress:
+        task = progress.add_task("predicting", total=len(jobs))
+        # how many slices a 3-D box's propagation asks for is known only at its end: a count, no total
+        encoded = partial(progress.advance, progress.add_task("slices encoded", total=None))
     for job in jobs:
+        if progress:
+            progress.update(task, description=f"predicting {case_name(job.image)}")
         try:
             image = read_image(job.image, series_uid=series)
-            volume = OnTheFly(image.array, segmenter["encoder"], segmenter["preprocess"])
+            volume = OnTheFly(image.array, segmenter["encoder"], segmenter["preprocess"], on_encode=encoded)
             segment = volume.segmenter(segmenter["prompt_encoder"], segmenter["mask_decoder"],
                                        input_size=segmenter["input_size"])
             predictions = _segment_job(job, segment, image, prompts=prompts, settings=settings,
@@ -236,6 +247,8 @@ def predict(
         except EmbedcacheError as exc:
             errors.append(str(exc))
             log(f"error: {exc}")
+        if progress:
+            progress.advance(task)
     return written, errors
 
 

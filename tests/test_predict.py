@@ -136,3 +136,34 @@ def test_two_inputs_for_one_output_are_refused_before_any_work(one_slice_case, t
                       "--out", tmp_path / "p")
     assert result.exit_code == 2 and "would both be written to" in result.output
     assert not (tmp_path / "p").exists()
+
+
+class _Bars:
+    """Records what predict does with a rich Progress: tasks, their totals and advances."""
+
+    def __init__(self):
+        self.tasks = []
+
+    def add_task(self, description, total=None):
+        self.tasks.append({"description": description, "total": total, "done": 0})
+        return len(self.tasks) - 1
+
+    def update(self, task, description=None):
+        self.tasks[task]["description"] = description
+
+    def advance(self, task, advance=1):
+        self.tasks[task]["done"] += advance
+
+
+def test_predict_shows_inputs_done_and_slices_encoded(one_slice_case, tmp_path):
+    from embedcache.predict import predict
+
+    case, bars = one_slice_case, _Bars()
+    written, errors = predict([case.image], tmp_path / "p", from_labels=case.label, prompts="oracle", device="cpu",
+                              progress=bars, log=lambda m: None)
+    assert len(written) == 1 and not errors
+    truth = read_label(case.label).array
+    gland_slices = np.flatnonzero(np.isin(truth, (7, 8)).any(axis=(1, 2)))
+    inputs, slices = bars.tasks
+    assert inputs == {"description": f"predicting {case.name}", "total": 1, "done": 1}
+    assert slices == {"description": "slices encoded", "total": None, "done": len(gland_slices)}
