@@ -434,7 +434,8 @@ def score(cache, out_dir, run_dir, decoder_file, cases, prompts, jitter, seed, b
 
     with _progress(progress) as bar:
         report = run_score(cache, out_dir, run_dir=run_dir, decoder_file=decoder_file, cases=cases, prompts=chosen,
-                           settings=settings, checkpoint=checkpoint, device=device, data=data, progress=bar)
+                           settings=settings, checkpoint=checkpoint, device=device, data=data, progress=bar,
+                           log=_say(_console()))
     _print_summary(report)
     click.echo(f"report: {out_dir / 'index.html'}")
 

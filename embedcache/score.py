@@ -67,15 +67,14 @@ def case_sources(cache: Cache, names: list[str], data: Path | None) -> dict[str,
     records = [c for c in cache.cases if c.name in names]
     if data is None:
         sources = {c.name: (Path(c.image), Path(c.label)) for c in records}
-        for name, paths in sources.items():
-            for path in paths:
-                if path.exists():
-                    continue
-                if not path.is_absolute():  # a cache of embedcache 0.1.0 before absolute paths
-                    raise EmbedcacheError(f"{path}: case {name}'s source is not there: the cache holds its path "
-                                          "relative to the folder encode ran in; run score there, or pass --data DIR")
-                raise EmbedcacheError(f"{path}: case {name}'s source is not there (moved or deleted since encoding); "
-                                      "pass --data with the dataset folder where it is now")
+        for name, (_, path) in sources.items():  # the CT only makes the pictures: see _overlays
+            if path.exists():
+                continue
+            if not path.is_absolute():  # a cache of embedcache 0.1.0 before absolute paths
+                raise EmbedcacheError(f"{path}: case {name}'s label volume is not there: the cache holds its path "
+                                      "relative to the folder encode ran in; run score there, or pass --data DIR")
+            raise EmbedcacheError(f"{path}: case {name}'s label volume is not there (moved or deleted since "
+                                  "encoding); pass --data with the dataset folder where it is now")
         return sources
     found = {c.name: c for c in discover_cases(data)}
     sources = {}
@@ -143,6 +142,9 @@ def score(
         split = RunFolder(run_dir).split() if run_dir else None
         case_set, names, note = choose_cases(cache, split, cases)
         sources = case_sources(cache, names, data)
+        for name, (image, _) in sources.items():
+            if not image.exists():
+                log(f"{image}: not there; the pictures of case {name} show its masks without the CT")
         backbone = get_backbone(cache.signature["backbone"])
         parts, sha = load_backbone(backbone, checkpoint or (trained.checkpoint if trained else None))
         require_weights(sha, cache.signature["checkpoint_sha256"], path=checkpoint, made=f"the cache {cache_path}")
@@ -210,7 +212,8 @@ def _overlays(picks: dict) -> list[Overlay]:
     shown = []
     for pick in sorted(picks.values(), key=lambda p: (p["label"], p["tag"] != "best")):
         case, image = pick.pop("case"), pick.pop("image")
-        if case.name not in images:
-            images[case.name] = read_image(image, series_uid=case.series_uid).array
+        if case.name not in images:  # air where the CT is gone (deleted after encoding, say)
+            images[case.name] = read_image(image, series_uid=case.series_uid).array if image.exists() \
+                else np.full(case.shape_zyx, -1000, np.float32)
         shown.append(Overlay(case=case.name, hu=images[case.name][pick["z"]], **pick))
     return shown

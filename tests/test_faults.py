@@ -277,7 +277,7 @@ def test_score_finds_the_sources_from_any_folder_and_after_a_move(tiny_model, da
     assert f"sources under {data}\n" in _run("info", "../c.h5").output
     data.rename(tmp_path / "moved")
     assert "3 label volume(s) not there: score needs --data DIR" in _run("info", "../c.h5").output
-    one_line(_run(*score, "r2"), "PHANTOM_0001_0000.nii.gz: case PHANTOM_0001's source is not there",
+    one_line(_run(*score, "r2"), "PHANTOM_0001.nii.gz: case PHANTOM_0001's label volume is not there",
              "moved or deleted since encoding", "--data")
     one_line(_run(*score, "r2", "--data", "nowhere"), "nowhere: no such folder")
     assert _run(*score, "r2", "--data", "../moved").exit_code == 0
@@ -298,6 +298,14 @@ def test_score_finds_the_sources_from_any_folder_and_after_a_move(tiny_model, da
         assert [r.digest for r in cache.cases if r.name != "PHANTOM_0002"] == \
                [r.digest for r in records if r.name != "PHANTOM_0002"]
     assert _run(*score, "r4").exit_code == 0
+    # the CT deleted after encoding: the numbers need only the labels; the pictures show the masks alone
+    image = tmp_path / "moved" / "imagesTr" / "PHANTOM_0001_0000.nii.gz"
+    image.unlink()
+    result = _run(*score, "r6", "--cases", "all")
+    assert result.exit_code == 0, result.output
+    assert f"{image}: not there; the pictures of case PHANTOM_0001 show its masks without the CT" in result.output
+    assert json.loads(Path("r6/report.json").read_text())["summary"] == \
+           json.loads(Path("r4/report.json").read_text())["summary"]
 
     # a cache written before paths were absolute names the folder to run in
     relative = [replace(r, image=os.path.relpath(r.image, tmp_path), label=os.path.relpath(r.label, tmp_path))
