@@ -60,14 +60,14 @@ def choose_cases(cache: Cache, split: dict | None, wanted: str | None) -> tuple[
     return wanted, names, notes[wanted]
 
 
-def case_sources(cache: Cache, names: list[str], data: Path | None) -> dict[str, tuple[Path, Path]]:
-    """Per case of ``names``, the image and label volume it was encoded from: where the cache says,
-    or, given ``data`` (the dataset's folder now, after it moved), the case of that name there,
-    checked byte for byte against the cache's digest of what was encoded."""
-    records = [c for c in cache.cases if c.name in names]
+def case_sources(records: list[CaseRecord], data: Path | None) -> dict[str, tuple[Path | None, Path]]:
+    """Per case, the image and label volume it was encoded from: where the cache says, or, given
+    ``data`` (the dataset's folder now, after it moved), the case of that name there, checked byte
+    for byte against the cache's digest of what was encoded. The image is None where it is gone:
+    the CT only makes the pictures (:func:`_overlays`); the label volume is needed."""
     if data is None:
-        sources = {c.name: (Path(c.image), Path(c.label)) for c in records}
-        for name, (_, path) in sources.items():  # the CT only makes the pictures: see _overlays
+        sources = {c.name: (Path(c.image) if Path(c.image).exists() else None, Path(c.label)) for c in records}
+        for name, (_, path) in sources.items():
             if path.exists():
                 continue
             if not path.is_absolute():  # a cache of embedcache 0.1.0 before absolute paths
@@ -80,7 +80,8 @@ def case_sources(cache: Cache, names: list[str], data: Path | None) -> dict[str,
     sources = {}
     for case in records:
         if case.name not in found:
-            raise EmbedcacheError(f"{data}: has no case {case.name}, which the cache holds; give the folder it was encoded from")
+            raise EmbedcacheError(f"{data}: has no case {case.name}, which the cache holds; give the folder it was "
+                                  "encoded from")
         source = found[case.name]
         if source_digest(source.image, source.label) != case.digest:
             raise EmbedcacheError(f"{source.label}: case {case.name}'s files differ from those encoded (sha256); "
@@ -141,10 +142,11 @@ def score(
             trained = load_trained_decoder(run_dir or decoder_file, expect=cache.signature, expect_path=cache_path)
         split = RunFolder(run_dir).split() if run_dir else None
         case_set, names, note = choose_cases(cache, split, cases)
-        sources = case_sources(cache, names, data)
-        for name, (image, _) in sources.items():
-            if not image.exists():
-                log(f"{image}: not there; the pictures of case {name} show its masks without the CT")
+        scored = [c for c in cache.cases if c.name in names]
+        sources = case_sources(scored, data)
+        for case in scored:
+            if sources[case.name][0] is None:
+                log(f"{case.image}: not there; the pictures of case {case.name} show its masks without the CT")
         backbone = get_backbone(cache.signature["backbone"])
         parts, sha = load_backbone(backbone, checkpoint or (trained.checkpoint if trained else None))
         require_weights(sha, cache.signature["checkpoint_sha256"], path=checkpoint, made=f"the cache {cache_path}")
@@ -159,7 +161,7 @@ def score(
         shown = prompts[-1] if "box3d" not in prompts else "box3d"  # the overlays show the realistic protocol
         picks: dict = {}
         task = progress.add_task("scoring", total=len(names) * len(cache.labels)) if progress else None
-        for case in [c for c in cache.cases if c.name in names]:
+        for case in scored:
             image_path, label_path = sources[case.name]
             truth = read_label(label_path).array
             if tuple(truth.shape) != tuple(case.shape_zyx):
@@ -192,7 +194,7 @@ def score(
     return write_report(out_dir, report, overlays=overlays, log_csv=Path(run_dir) / LOG if run_dir else None)
 
 
-def _keep_extremes(picks: dict, case: CaseRecord, image: Path, label: int, protocol: str, gt: np.ndarray,
+def _keep_extremes(picks: dict, case: CaseRecord, image: Path | None, label: int, protocol: str, gt: np.ndarray,
                    predictions: dict) -> None:
     """Remember the best and the worst slice of this gland so far (by the last model's 2-D Dice)."""
     key_model = list(predictions)[-1]
@@ -202,8 +204,9 @@ def _keep_extremes(picks: dict, case: CaseRecord, image: Path, label: int, proto
             held = picks.get((label, tag))
             if held is None or better(scores[key_model], held["dice"][key_model]):
                 boxes = predictions[key_model].boxes
-                picks[(label, tag)] = dict(case=case, image=image, label=label, z=int(z), protocol=protocol, tag=tag, dice=scores,
-                                           truth=gt[z].copy(), masks={m: p.mask[z].copy() for m, p in predictions.items()},
+                picks[(label, tag)] = dict(case=case, image=image, label=label, z=int(z), protocol=protocol, tag=tag,
+                                           dice=scores, truth=gt[z].copy(),
+                                           masks={m: p.mask[z].copy() for m, p in predictions.items()},
                                            box=boxes.get(int(z)))
 
 
@@ -213,7 +216,7 @@ def _overlays(picks: dict) -> list[Overlay]:
     for pick in sorted(picks.values(), key=lambda p: (p["label"], p["tag"] != "best")):
         case, image = pick.pop("case"), pick.pop("image")
         if case.name not in images:  # air where the CT is gone (deleted after encoding, say)
-            images[case.name] = read_image(image, series_uid=case.series_uid).array if image.exists() \
-                else np.full(case.shape_zyx, -1000, np.float32)
+            images[case.name] = np.full(case.shape_zyx, -1000, np.float32) if image is None \
+                else read_image(image, series_uid=case.series_uid).array
         shown.append(Overlay(case=case.name, hu=images[case.name][pick["z"]], **pick))
     return shown

@@ -243,7 +243,8 @@ def test_everyday_path_mistakes_are_one_line(tiny_model, data, small_cache, run_
     (tmp_path / "report.txt").write_text("")
     one_line(_run("score", small_cache, "--out", tmp_path / "report.txt"), "report.txt: is a file")
     one_line(_run("export", run_dir, "--out", tmp_path / "folder.h5"), "folder.h5: is a folder")
-    one_line(_run("export", small_cache, "--out", tmp_path / "sam.pth"), f"{small_cache}: a file; export takes the run folder")
+    one_line(_run("export", small_cache, "--out", tmp_path / "sam.pth"),
+             f"{small_cache}: a file; export takes the run folder")
     one_line(_run("finetune", small_cache, "--out", tmp_path / "report.txt"), "report.txt: is a file", code=1)
     import embedcache.files
 
@@ -315,7 +316,8 @@ def test_score_finds_the_sources_from_any_folder_and_after_a_move(tiny_model, da
              "relative to the folder encode ran in", "--data")
 
 
-def test_a_run_finds_its_backbone_weights_from_any_folder(tiny_model, tiny_checkpoint, small_cache, tmp_path, monkeypatch):
+def test_a_run_finds_its_backbone_weights_from_any_folder(tiny_model, tiny_checkpoint, small_cache, tmp_path,
+                                                          monkeypatch):
     shutil.copy(tiny_checkpoint, tmp_path / "w.pth")
     monkeypatch.chdir(tmp_path)
     result = _run("finetune", small_cache, "--out", "run", "--checkpoint", "w.pth", "--epochs", "1", "--batch-size", "2",
