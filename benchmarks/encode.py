@@ -31,13 +31,13 @@ import torch
 
 from common import machine, phantom_config, save, weights_for
 from embedcache import __version__
-from embedcache.backbones import get_backbone
+from embedcache.model.backbones import get_backbone
 from embedcache.config import EncodeConfig
-from embedcache.devices import pick_device
-from embedcache.encode import encode, load_encoder, plan_case, prepare_case, workers_for
-from embedcache.encoder import ImageEncoder
-from embedcache.phantom import make_case, write_phantom
-from embedcache.volumes import discover_cases, source_digest
+from embedcache.runtime.devices import pick_device
+from embedcache.cache.encode import encode, load_encoder, plan_case, prepare_case, workers_for
+from embedcache.model.encoder import ImageEncoder
+from embedcache.io.phantom import make_case, write_phantom
+from embedcache.io.volumes import discover_cases, source_digest
 
 
 def phantom_with_slices(folder: Path, slices: int, seed: int, size: int = 512) -> Path:

@@ -32,17 +32,17 @@ import numpy as np
 import torch
 
 from common import machine, phantom_config, save, weights_for
-from embedcache import train
-from embedcache.backbones import get_backbone
-from embedcache.cache import open_cache
+from embedcache.train import loop as train
+from embedcache.model.backbones import get_backbone
+from embedcache.cache.store import open_cache
 from embedcache.config import EncodeConfig, FinetuneConfig
-from embedcache.data import Batch, case_sets, split_cases
-from embedcache.devices import pick_device
-from embedcache.encode import encode, load_encoder, plan_case, prepare_case
-from embedcache.phantom import limit_target_slices, write_phantom
-from embedcache.runs import SPLIT
-from embedcache.trainer import build_trainer
-from embedcache.volumes import discover_cases, source_digest
+from embedcache.train.data import Batch, case_sets, split_cases
+from embedcache.runtime.devices import pick_device
+from embedcache.cache.encode import encode, load_encoder, plan_case, prepare_case
+from embedcache.io.phantom import limit_target_slices, write_phantom
+from embedcache.train.runs import SPLIT
+from embedcache.train.trainer import build_trainer
+from embedcache.io.volumes import discover_cases, source_digest
 
 
 def _sync(device):

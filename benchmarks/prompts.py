@@ -21,8 +21,8 @@ import torch
 
 from common import machine, save
 from embedcache.config import FinetuneConfig
-from embedcache.score import score
-from embedcache.train import finetune
+from embedcache.evaluation.score import score
+from embedcache.train.loop import finetune
 
 
 def main(argv=None) -> dict:

@@ -23,14 +23,14 @@ import torch
 import encode as encode_bench
 import epoch as epoch_bench
 from common import RESULTS, machine, phantom_config, weights_for
-from embedcache.backbones import get_backbone
+from embedcache.model.backbones import get_backbone
 from embedcache.config import EncodeConfig
-from embedcache.devices import pick_device
-from embedcache.encode import encode
-from embedcache.phantom import limit_target_slices, write_phantom
-from embedcache.protocols import ProtocolSettings
-from embedcache.score import score
-from embedcache.volumes import discover_cases
+from embedcache.runtime.devices import pick_device
+from embedcache.cache.encode import encode
+from embedcache.io.phantom import limit_target_slices, write_phantom
+from embedcache.evaluation.protocols import ProtocolSettings
+from embedcache.evaluation.score import score
+from embedcache.io.volumes import discover_cases
 
 #: (encode slices, epoch cases, epoch slices per case) per device kind: sized to finish in minutes.
 SIZES = {"cuda": (256, 8, 24), "cpu": (24, 3, 4), "quick": (8, 2, 2)}

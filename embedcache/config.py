@@ -7,8 +7,8 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 from embedcache.errors import EmbedcacheError, UsageError
-from embedcache.files import atomic_write_text, read_json
-from embedcache.labels import ADRENALS
+from embedcache.io.files import atomic_write_text, read_json
+from embedcache.io.labels import ADRENALS
 
 
 @dataclass(frozen=True)

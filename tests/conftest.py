@@ -11,8 +11,8 @@ import pytest
 import torch
 
 import tiny
-from embedcache import backbones
-from embedcache.phantom import PhantomConfig, limit_target_slices, write_phantom
+from embedcache.model import backbones
+from embedcache.io.phantom import PhantomConfig, limit_target_slices, write_phantom
 
 torch.set_num_threads(int(os.environ.get("EMBEDCACHE_TEST_THREADS", "2")))
 
@@ -88,8 +88,8 @@ def rng(seed: int = 0) -> np.random.Generator:
 def small_cache(tmp_path_factory, tiny_checkpoint) -> Path:
     """A tiny-backbone cache of 3 cases × 2 slices: a training epoch takes seconds on 2 cores."""
     from embedcache.config import EncodeConfig
-    from embedcache.encode import encode
-    from embedcache.volumes import discover_cases
+    from embedcache.cache.encode import encode
+    from embedcache.io.volumes import discover_cases
 
     root = tmp_path_factory.mktemp("small_cache")
     write_phantom(root / "data", cases=3, seed=11, config=SMALL_PHANTOM)

@@ -8,7 +8,7 @@ import h5py
 import numpy as np
 import pytest
 
-from embedcache import cache as store
+from embedcache.cache import store
 from embedcache.errors import CacheMismatchError, EmbedcacheError
 
 SIZE = 64  # slice size: small masks keep these tests fast

@@ -120,9 +120,9 @@ def test_score_reports_vanilla_against_finetuned(tmp_path, small_cache, tiny_mod
     assert (tmp_path / "report" / "cases.csv").read_text().count("\n") == 1 + 2 * 2 * 2 * len(split["val"])
 
     # The vanilla weights given as the "fine-tuned" decoder score exactly as the vanilla decoder.
-    from embedcache.backbones import load_backbone
-    from embedcache.cache import open_cache
-    from embedcache.runs import Checkpoint, save_checkpoint
+    from embedcache.model.backbones import load_backbone
+    from embedcache.cache.store import open_cache
+    from embedcache.train.runs import Checkpoint, save_checkpoint
 
     with open_cache(small_cache) as cache:
         signature = cache.signature

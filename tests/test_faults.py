@@ -22,7 +22,7 @@ from click.testing import CliRunner
 
 import tiny
 from embedcache.cli import main
-from embedcache.phantom import limit_target_slices
+from embedcache.io.phantom import limit_target_slices
 
 MARKER = Path("/tmp") / f"embedcache-pwned-{os.getpid()}"
 
@@ -70,7 +70,7 @@ def data(phantom_dir, tmp_path) -> Path:
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory, small_cache, tiny_checkpoint) -> Path:
     """A one-epoch run on the small cache (read-only: copy before changing)."""
-    from embedcache import backbones
+    from embedcache.model import backbones
 
     backbones.BACKBONES["tiny"] = tiny.tiny_backbone(tiny_checkpoint)
     run = tmp_path_factory.mktemp("faults") / "run"
@@ -146,7 +146,7 @@ def test_a_file_size_limit_in_the_merge_is_one_line_not_a_crash(tiny_checkpoint,
     """A real write failure inside libhdf5 (EFBIG under RLIMIT_FSIZE), which used to crash at exit."""
     out = tmp_path / "cache.h5"
     script = (f"import sys; sys.path.insert(0, {str(Path(tiny.__file__).parent)!r}); import tiny, pathlib; "
-              f"tiny.register(pathlib.Path({str(tiny_checkpoint)!r})); import embedcache.encode as e; "
+              f"tiny.register(pathlib.Path({str(tiny_checkpoint)!r})); import embedcache.cache.encode as e; "
               "e.check_free_space = lambda *a, **k: None; from embedcache.cli import main; main(sys.argv[1:])")
 
     def limit():
@@ -164,9 +164,9 @@ def test_a_file_size_limit_in_the_merge_is_one_line_not_a_crash(tiny_checkpoint,
 
 
 def test_the_free_space_check_counts_the_real_dtype(tiny_model, data, tmp_path, monkeypatch):
-    import embedcache.files
+    import embedcache.io.files
 
-    monkeypatch.setattr(embedcache.files, "free_bytes", lambda folder: 1 << 20)
+    monkeypatch.setattr(embedcache.io.files, "free_bytes", lambda folder: 1 << 20)
     needs = {}
     for dtype in ("float16", "float32"):
         line = one_line(_run("encode", data, "--out", tmp_path / f"{dtype}.h5", "--model", "tiny", "--dtype", dtype),
@@ -246,10 +246,10 @@ def test_everyday_path_mistakes_are_one_line(tiny_model, data, small_cache, run_
     one_line(_run("export", small_cache, "--out", tmp_path / "sam.pth"),
              f"{small_cache}: a file; export takes the run folder")
     one_line(_run("finetune", small_cache, "--out", tmp_path / "report.txt"), "report.txt: is a file", code=1)
-    import embedcache.files
+    import embedcache.io.files
 
-    real = embedcache.files.os.access
-    monkeypatch.setattr(embedcache.files.os, "access",  # as a read-only folder does for anyone but root
+    real = embedcache.io.files.os.access
+    monkeypatch.setattr(embedcache.io.files.os, "access",  # as a read-only folder does for anyone but root
                         lambda p, mode: False if "locked" in str(p) and mode & os.W_OK else real(p, mode))
     (tmp_path / "locked").mkdir()
     one_line(_run("encode", data, "--out", tmp_path / "locked" / "c.h5"), "locked: folder is not writable")
@@ -262,7 +262,7 @@ def test_score_finds_the_sources_from_any_folder_and_after_a_move(tiny_model, da
     found there must be the bytes that were encoded; encoding again from the new place re-points the cache."""
     from dataclasses import replace
 
-    from embedcache.cache import merge, open_cache
+    from embedcache.cache.store import merge, open_cache
 
     monkeypatch.chdir(tmp_path)
     assert _run("encode", "data", "--out", "c.h5", "--model", "tiny", "--no-progress").exit_code == 0
@@ -362,7 +362,7 @@ def test_a_damaged_config_or_split_on_resume(tiny_model, small_cache, run_dir, t
 
 
 def test_a_run_with_a_split_file_resumes_from_any_folder(tiny_model, small_cache, tmp_path, monkeypatch):
-    from embedcache.cache import open_cache
+    from embedcache.cache.store import open_cache
 
     with open_cache(small_cache) as cache:
         names = [c.name for c in cache.cases]
@@ -397,12 +397,12 @@ def test_a_corrupted_cache_chunk_is_named_with_its_rows(tiny_model, small_cache,
 
 
 def test_a_run_killed_before_its_first_epoch_ends_can_be_resumed(tiny_model, small_cache, tmp_path, monkeypatch):
-    import embedcache.train
+    import embedcache.train.loop
 
     def killed(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(embedcache.train, "train_epoch", killed)
+    monkeypatch.setattr(embedcache.train.loop, "train_epoch", killed)
     run = tmp_path / "run"
     result = _run("finetune", small_cache, "--out", run, "--epochs", "1", "--val-fraction", "0.34", "--device", "cpu",
                   "--no-progress")
@@ -414,7 +414,7 @@ def test_a_run_killed_before_its_first_epoch_ends_can_be_resumed(tiny_model, sma
 
 
 def test_a_nan_loss_in_the_first_epoch_points_to_a_checkpoint_that_exists(tiny_model, small_cache, tmp_path, monkeypatch):
-    from embedcache import trainer
+    from embedcache.train import trainer
 
     real = trainer.dice_ce_per_prompt
     monkeypatch.setattr(trainer, "dice_ce_per_prompt", lambda logits, target: real(logits, target) * float("nan"))

@@ -3,7 +3,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from embedcache.losses import dice_ce_per_prompt
+from embedcache.model.losses import dice_ce_per_prompt
 
 
 @pytest.mark.parametrize("soft", [False, True])

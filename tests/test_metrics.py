@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from embedcache.metrics import dice, nsd
+from embedcache.evaluation.metrics import dice, nsd
 
 
 def _cube(shape=(12, 14, 16), lo=(3, 4, 5), size=(5, 5, 5)):

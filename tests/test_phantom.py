@@ -3,8 +3,8 @@ from __future__ import annotations
 import numpy as np
 
 from conftest import SMALL_PHANTOM
-from embedcache.phantom import PhantomConfig, make_case, write_phantom
-from embedcache.volumes import discover_cases, read_image, read_label
+from embedcache.io.phantom import PhantomConfig, make_case, write_phantom
+from embedcache.io.volumes import discover_cases, read_image, read_label
 
 
 def test_same_seed_same_files(tmp_path):

@@ -10,11 +10,11 @@ from click.testing import CliRunner
 
 from embedcache.cli import main
 from embedcache.errors import EmbedcacheError
-from embedcache.metrics import dice
-from embedcache.phantom import limit_target_slices
-from embedcache.predict import read_boxes_file, requests_from_json
-from embedcache.protocols import box3d_from_label
-from embedcache.volumes import discover_cases, read_geometry, read_label
+from embedcache.evaluation.metrics import dice
+from embedcache.io.phantom import limit_target_slices
+from embedcache.evaluation.predict import read_boxes_file, requests_from_json
+from embedcache.evaluation.protocols import box3d_from_label
+from embedcache.io.volumes import discover_cases, read_geometry, read_label
 
 
 @pytest.fixture
@@ -156,7 +156,7 @@ class _Bars:
 
 
 def test_predict_shows_inputs_done_and_slices_encoded(one_slice_case, tmp_path):
-    from embedcache.predict import predict
+    from embedcache.evaluation.predict import predict
 
     case, bars = one_slice_case, _Bars()
     written, errors = predict([case.image], tmp_path / "p", from_labels=case.label, prompts="oracle", device="cpu",

@@ -3,7 +3,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from embedcache.preprocess import mask_to_source, resize_image, resize_mask, slice_to_model, window_hu
+from embedcache.cache.preprocess import mask_to_source, resize_image, resize_mask, slice_to_model, window_hu
 
 
 def test_mediastinal_window_maps_level_to_half_and_clips():

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from embedcache.prompts import box_from_mask, boxes_for_labels, jitter_boxes
+from embedcache.model.prompts import box_from_mask, boxes_for_labels, jitter_boxes
 
 
 def test_box_uses_pixel_edges_in_xyxy_order():

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from embedcache.errors import UsageError
-from embedcache.protocols import Box3D, ProtocolSettings, box3d_from_label, parse_protocols, propagate, run, tight_boxes
+from embedcache.evaluation.protocols import Box3D, ProtocolSettings, box3d_from_label, parse_protocols, propagate, run, tight_boxes
 
 SHAPE = (10, 40, 50)
 
@@ -57,7 +57,7 @@ def test_box3d_counts_the_false_positive_on_the_slice_beyond_the_gland():
     np.testing.assert_array_equal(prediction.mask[3:7], truth[3:7])
     false = prediction.mask[2].sum() + prediction.mask[7].sum()
     dice = 2 * truth.sum() / (2 * truth.sum() + false)
-    from embedcache.metrics import dice as dice_of
+    from embedcache.evaluation.metrics import dice as dice_of
 
     assert dice_of(prediction.mask, truth) == pytest.approx(dice) and dice < 0.9
 

@@ -5,7 +5,7 @@ import time
 
 import pytest
 
-from embedcache.readahead import ReadAhead, WriteBehind
+from embedcache.runtime.readahead import ReadAhead, WriteBehind
 
 
 def test_results_come_in_order_and_errors_where_they_happened():

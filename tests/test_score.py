@@ -9,12 +9,12 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from embedcache import cache as store
-from embedcache import score as score_module
+from embedcache.cache import store
+from embedcache.evaluation import score as score_module
 from embedcache.cli import main
 from embedcache.errors import EmbedcacheError
-from embedcache.protocols import ProtocolSettings
-from embedcache.volumes import read_label
+from embedcache.evaluation.protocols import ProtocolSettings
+from embedcache.io.volumes import read_label
 
 
 def _stand_in_segmenter(self, prompt_encoder, mask_decoder, **size):
@@ -120,7 +120,7 @@ def test_a_case_from_one_series_of_a_mixed_dicom_folder_is_scored_from_that_seri
     import pydicom
     from conftest import pydicom_dir
 
-    from embedcache.volumes import read_image, write_nifti
+    from embedcache.io.volumes import read_image, write_nifti
 
     mixed = tmp_path / "mixed"
     shutil.copytree(series_dir, mixed)

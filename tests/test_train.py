@@ -13,15 +13,15 @@ import pytest
 import torch
 
 import tiny
-from embedcache import cache as store
-from embedcache import trainer as trainer_module
-from embedcache.backbones import read_state_dict
+from embedcache.cache import store
+from embedcache.train import trainer as trainer_module
+from embedcache.model.backbones import read_state_dict
 from embedcache.config import FinetuneConfig
-from embedcache.data import case_sets, split_cases
+from embedcache.train.data import case_sets, split_cases
 from embedcache.errors import CacheMismatchError, EmbedcacheError
-from embedcache.runs import export_run, load_checkpoint
-from embedcache.train import finetune
-from embedcache.trainer import build_trainer
+from embedcache.train.runs import export_run, load_checkpoint
+from embedcache.train.loop import finetune
+from embedcache.train.trainer import build_trainer
 
 QUIET = dict(progress=None, log=lambda m: None)
 
@@ -208,7 +208,7 @@ def test_export_loads_in_plain_segment_anything_with_the_finetuned_decoder(tiny_
     from segment_anything import SamPredictor
     from segment_anything.build_sam import _build_sam
 
-    from embedcache.decoder import decode_boxes, logits_to_slice
+    from embedcache.model.decoder import decode_boxes, logits_to_slice
 
     run = tmp_path / "run"
     finetune(_config(small_cache, epochs=1), run, **QUIET)
@@ -265,8 +265,8 @@ def test_litemedsam_export_keeps_its_state_dict_layout(phantom_dir, tmp_path):
 
     from conftest import limit_target_slices
     from embedcache.config import EncodeConfig
-    from embedcache.encode import encode
-    from embedcache.volumes import discover_cases
+    from embedcache.cache.encode import encode
+    from embedcache.io.volumes import discover_cases
 
     data = tmp_path / "data"
     shutil.copytree(phantom_dir, data)
@@ -317,7 +317,7 @@ def test_test_cases_stay_out_of_training_and_a_split_file_fixes_the_sets(tiny_mo
 
 
 def test_stop_prompts_ask_for_nothing_just_beyond_each_gland(tiny_model, small_cache):
-    from embedcache.data import PromptIndex
+    from embedcache.train.data import PromptIndex
 
     with store.open_cache(small_cache) as cache:
         rows = np.arange(len(cache))

@@ -10,7 +10,7 @@ import pytest
 
 from conftest import pydicom_dir, single_file_dir
 from embedcache.errors import EmbedcacheError
-from embedcache.volumes import (
+from embedcache.io.volumes import (
     Geometry,
     check_same_grid,
     discover_cases,

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from embedcache import backbones
+from embedcache.model import backbones
 
 
 def tiny_backbone(checkpoint: Path) -> backbones.Backbone:

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from embedcache.cache import Cache
+from embedcache.cache.store import Cache
 
 
 def run(*args, timings: dict, name: str) -> None:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from embedcache.labels import ADRENALS, AORTA, IVC, LEFT_ADRENAL, LEFT_KIDNEY, LIVER, RIGHT_ADRENAL, RIGHT_KIDNEY, SPLEEN
+from embedcache.io.labels import ADRENALS, AORTA, IVC, LEFT_ADRENAL, LEFT_KIDNEY, LIVER, RIGHT_ADRENAL, RIGHT_KIDNEY, SPLEEN
 
 #: Fill values of the phantom's tissues, in HU.
 AIR_HU, FAT_HU, MUSCLE_HU = -1000.0, -95.0, 50.0
@@ -164,7 +164,7 @@ def write_phantom(out: Path, *, cases: int, seed: int, config: PhantomConfig = P
     Files are stored in RAS+ array order (not the canonical one), so every read exercises the
     reorientation. Returns the case names.
     """
-    from embedcache.volumes import Geometry, write_nifti
+    from embedcache.io.volumes import Geometry, write_nifti
 
     out = Path(out)
     folders = [("imagesTr", "labelsTr")] * cases + [("imagesTs", "labelsTs")] * test_cases
@@ -195,7 +195,7 @@ def limit_target_slices(data: Path, *, per_case: int, labels: tuple[int, ...] = 
     For tests and benchmarks that want a given number of target slices: encoding and an epoch
     then cost a known amount, whatever the glands' extent.
     """
-    from embedcache.volumes import read_label, write_nifti
+    from embedcache.io.volumes import read_label, write_nifti
 
     for path in sorted((Path(data) / "labelsTr").glob("*.nii.gz")) + sorted((Path(data) / "labelsTs").glob("*.nii.gz")):
         label = read_label(path)

@@ -28,7 +28,7 @@ from typing import Callable
 import numpy as np
 
 from embedcache.errors import UsageError
-from embedcache.prompts import box_from_mask, jitter_boxes
+from embedcache.model.prompts import box_from_mask, jitter_boxes
 
 PROTOCOLS = ("oracle", "jitter", "box3d")
 DESCRIPTIONS = {

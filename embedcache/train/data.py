@@ -15,12 +15,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from embedcache.cache import Cache
-from embedcache.decoder import LOW_RES
+from embedcache.cache.store import Cache
+from embedcache.model.decoder import LOW_RES
 from embedcache.errors import EmbedcacheError
-from embedcache.files import read_json
-from embedcache.prompts import box_present
-from embedcache.readahead import ReadAhead
+from embedcache.io.files import read_json
+from embedcache.model.prompts import box_present
+from embedcache.runtime.readahead import ReadAhead
 
 
 def split_cases(names: list[str], *, val_fraction: float, seed: int) -> tuple[list[str], list[str]]:

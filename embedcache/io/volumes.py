@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from embedcache.errors import EmbedcacheError, reason as _reason
-from embedcache.files import atomic_path
+from embedcache.io.files import atomic_path
 
 CANONICAL_AXCODES = ("L", "P", "S")
 NIFTI_SUFFIXES = (".nii", ".nii.gz")

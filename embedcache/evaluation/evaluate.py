@@ -2,19 +2,19 @@
 
 Predictions and labels are matched by case name (``PRED/CASE.nii.gz`` ↔ ``LABELS/CASE.nii.gz``) and
 compared on the label's voxels, so embedcache's ``predict`` output can stand beside nnU-Net's or
-TotalSegmentator's. The report is the one ``score`` writes (:mod:`embedcache.report`).
+TotalSegmentator's. The report is the one ``score`` writes (:mod:`embedcache.evaluation.report`).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from embedcache import labels as flare
+from embedcache.io import labels as flare
 from embedcache.errors import EmbedcacheError
-from embedcache.files import make_output_folder
-from embedcache.metrics import gland_metrics
-from embedcache.report import write_report
-from embedcache.volumes import check_same_grid, is_nifti, nifti_stem, read_label
+from embedcache.io.files import make_output_folder
+from embedcache.evaluation.metrics import gland_metrics
+from embedcache.evaluation.report import write_report
+from embedcache.io.volumes import check_same_grid, is_nifti, nifti_stem, read_label
 
 PROTOCOL = "given"
 

@@ -24,10 +24,10 @@ import json
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
-from embedcache.cache import DECODER_KEYS, first_difference
+from embedcache.cache.store import DECODER_KEYS, first_difference
 from embedcache.config import FinetuneConfig, save_config
 from embedcache.errors import EmbedcacheError
-from embedcache.files import PARTIAL, atomic_path, atomic_write_text, check_writable_folder, is_pickle, read_json
+from embedcache.io.files import PARTIAL, atomic_path, atomic_write_text, check_writable_folder, is_pickle, read_json
 
 CONFIG, SPLIT, BEST, LAST, LOG = "config.json", "split.json", "decoder.safetensors", "last.safetensors", "log.csv"
 RUN_FILES = (CONFIG, SPLIT, BEST, LAST, LOG, "tensorboard")
@@ -254,7 +254,7 @@ def export_run(run_dir: Path, out: Path, *, checkpoint: Path | None = None) -> P
     """
     import torch
 
-    from embedcache.backbones import file_sha256, get_backbone, read_state_dict, require_weights, resolve_checkpoint
+    from embedcache.model.backbones import file_sha256, get_backbone, read_state_dict, require_weights, resolve_checkpoint
 
     out, run_dir = Path(out), Path(run_dir)
     if run_dir.is_file():

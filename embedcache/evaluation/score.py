@@ -1,10 +1,10 @@
 """Scoring on the cache: vanilla against fine-tuned decoder, under each prompt protocol, in 3-D.
 
 Read top to bottom: choose the cases (held-out test cases when there are any), then for every
-case, gland, protocol and model run the protocol (:mod:`embedcache.protocols`) on the cached
+case, gland, protocol and model run the protocol (:mod:`embedcache.evaluation.protocols`) on the cached
 embeddings, and compare the 3-D prediction with the label volume on its own voxels: FLARE22's
 Dice and NSD, and the mean 2-D Dice of the slices holding the gland. The report
-(:mod:`embedcache.report`) says which cases, which prompts and which checkpoint made each number.
+(:mod:`embedcache.evaluation.report`) says which cases, which prompts and which checkpoint made each number.
 """
 
 from __future__ import annotations
@@ -16,19 +16,19 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from embedcache import labels as flare
-from embedcache import protocols
-from embedcache.backbones import get_backbone, load_backbone, require_weights
-from embedcache.cache import Cache, CaseRecord, open_cache
-from embedcache.decoder import segment_boxes
-from embedcache.devices import pick_device
+from embedcache.io import labels as flare
+from embedcache.evaluation import protocols
+from embedcache.model.backbones import get_backbone, load_backbone, require_weights
+from embedcache.cache.store import Cache, CaseRecord, open_cache
+from embedcache.model.decoder import segment_boxes
+from embedcache.runtime.devices import pick_device
 from embedcache.errors import EmbedcacheError, UsageError
-from embedcache.files import make_output_folder
-from embedcache.metrics import dice, gland_metrics
-from embedcache.protocols import ProtocolSettings
-from embedcache.report import Overlay, write_report
-from embedcache.runs import LOG, RunFolder, load_trained_decoder
-from embedcache.volumes import discover_cases, read_image, read_label, source_digest
+from embedcache.io.files import make_output_folder
+from embedcache.evaluation.metrics import dice, gland_metrics
+from embedcache.evaluation.protocols import ProtocolSettings
+from embedcache.evaluation.report import Overlay, write_report
+from embedcache.train.runs import LOG, RunFolder, load_trained_decoder
+from embedcache.io.volumes import discover_cases, read_image, read_label, source_digest
 
 CASE_SETS = ("test", "val", "train", "all")
 

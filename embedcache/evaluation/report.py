@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from embedcache.files import atomic_path, atomic_write_text
+from embedcache.io.files import atomic_path, atomic_write_text
 
 METRICS = ("dice", "nsd", "dice_2d")
 COLOURS = {"vanilla": "#d62728", "finetuned": "#e6b800", "prediction": "#1f77b4"}
@@ -158,7 +158,7 @@ def _learning_curve(log_csv: Path, path: Path) -> Path | None:
 
 def _overlay_png(o: Overlay, out_dir: Path) -> Path:
     """The CT around the gland, ground truth (green), each model's contour and the box (white, dashed)."""
-    from embedcache.preprocess import window_hu
+    from embedcache.cache.preprocess import window_hu
 
     plt = _pyplot()
     height, width = o.hu.shape

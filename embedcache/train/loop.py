@@ -3,8 +3,8 @@
 Read :func:`finetune` top to bottom: split the cache's cases into train and validation (by
 patient, seeded), put the embeddings where the decoder runs, build the trainer, then one loop whose
 epochs each train → validate → record → save → stop? The parts live elsewhere: data access in
-:mod:`embedcache.data`, the model and its optimizer step in :mod:`embedcache.trainer`, the run
-folder and its checkpoints in :mod:`embedcache.runs`.
+:mod:`embedcache.train.data`, the model and its optimizer step in :mod:`embedcache.train.trainer`, the run
+folder and its checkpoints in :mod:`embedcache.train.runs`.
 
 Distributed: under ``torchrun`` every rank draws the same global batch and trains on its share of
 the slices; each rank's loss is its prompts' sum over the global prompt count, so DDP's gradient
@@ -21,19 +21,19 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from embedcache.backbones import file_sha256, get_backbone, resolve_checkpoint
-from embedcache.cache import MODEL_KEYS, Cache, check_signature, first_difference, open_cache
+from embedcache.model.backbones import file_sha256, get_backbone, resolve_checkpoint
+from embedcache.cache.store import MODEL_KEYS, Cache, check_signature, first_difference, open_cache
 from embedcache.config import FinetuneConfig
-from embedcache.data import CaseSet, case_sets, load_split, split_cases
-from embedcache.devices import keep_freed_memory, pick_device
-from embedcache.distributed import Dist
+from embedcache.train.data import CaseSet, case_sets, load_split, split_cases
+from embedcache.runtime.devices import keep_freed_memory, pick_device
+from embedcache.runtime.distributed import Dist
 from embedcache.errors import EmbedcacheError, reason
-from embedcache.losses import dice_ce_per_prompt
-from embedcache.metrics import dice_2d
-from embedcache.prompts import jitter_boxes
-from embedcache.readahead import ReadAhead
-from embedcache.runs import LAST, BEST, Checkpoint, EpochRecord, RunFolder, load_checkpoint, save_checkpoint
-from embedcache.trainer import Trainer, build_trainer
+from embedcache.model.losses import dice_ce_per_prompt
+from embedcache.evaluation.metrics import dice_2d
+from embedcache.model.prompts import jitter_boxes
+from embedcache.runtime.readahead import ReadAhead
+from embedcache.train.runs import LAST, BEST, Checkpoint, EpochRecord, RunFolder, load_checkpoint, save_checkpoint
+from embedcache.train.trainer import Trainer, build_trainer
 
 
 @dataclass

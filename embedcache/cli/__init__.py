@@ -75,7 +75,7 @@ def friendly_errors(func):
         except EmbedcacheError as exc:
             raise click.ClickException(str(exc)) from None
         except OSError as exc:  # a disk that refuses a write somewhere we did not expect it
-            from embedcache.files import WRITE_ERRNOS, write_error
+            from embedcache.io.files import WRITE_ERRNOS, write_error
 
             if exc.errno not in WRITE_ERRNOS or not exc.filename:
                 raise
@@ -149,7 +149,7 @@ def phantom(out: Path, cases: int, seed: int, size: int, test_cases: int, progre
     Liver, kidneys, spleen, aorta, IVC and thin, irregular adrenal glands (7 = right, 8 = left)
     in HU with partial volume and noise: the default data, so everything runs with nothing to fetch.
     """
-    from embedcache.phantom import PhantomConfig, write_phantom
+    from embedcache.io.phantom import PhantomConfig, write_phantom
 
     config = PhantomConfig(size=size, pixel_mm=0.8 * 512 / size)
     with _progress(progress) as bar:
@@ -195,8 +195,8 @@ def encode(data, out, images, labels_, series, model, checkpoint, labels, window
     """
 
     from embedcache.config import EncodeConfig, PreprocessConfig
-    from embedcache.encode import encode as run_encode
-    from embedcache.volumes import CaseSource, case_name, discover_cases
+    from embedcache.cache.encode import encode as run_encode
+    from embedcache.io.volumes import CaseSource, case_name, discover_cases
 
     if data is not None and images:
         raise click.UsageError("give either DATA or --image/--label pairs, not both")
@@ -279,9 +279,9 @@ def finetune(cache, run_dir, epochs, lr, batch_size, val_fraction, seed, device,
     as RUN_DIR/last.safetensors, the settings as config.json and the epochs in log.csv.
     Under torchrun (`torchrun --nproc_per_node=K -m embedcache finetune ...`) it trains with DDP.
     """
-    from embedcache.cache import open_cache
+    from embedcache.cache.store import open_cache
     from embedcache.config import FinetuneConfig, load_config
-    from embedcache.runs import CONFIG, RunFolder
+    from embedcache.train.runs import CONFIG, RunFolder
 
     config = FinetuneConfig(
         cache=str(cache), epochs=epochs, lr=lr, batch_size=batch_size, val_fraction=val_fraction, seed=seed,
@@ -297,7 +297,7 @@ def finetune(cache, run_dir, epochs, lr, batch_size, val_fraction, seed, device,
     # The checks that need no model first, so that a mistake costs a second, not torch's import.
     open_cache(cache).close()
     resume = RunFolder(run_dir).check_start(resume=resume, log=say)
-    from embedcache.train import finetune as run_finetune
+    from embedcache.train.loop import finetune as run_finetune
 
     table = _epoch_table()
 
@@ -363,7 +363,7 @@ def export(run_dir, out, checkpoint):
     files load in plain segment_anything (`sam_model_registry["vit_b"](checkpoint=OUT)`), LiteMedSAM
     files keep LiteMedSAM's state-dict layout.
     """
-    from embedcache.runs import export_run
+    from embedcache.train.runs import export_run
 
     click.echo(f"wrote {export_run(run_dir, out, checkpoint=checkpoint)}")
 
@@ -387,7 +387,7 @@ def protocol_options(func):
 
 
 def _settings(jitter, seed, box_margin_mm, box_margin_slices, grow_mm):
-    from embedcache.protocols import ProtocolSettings
+    from embedcache.evaluation.protocols import ProtocolSettings
 
     return ProtocolSettings(jitter=jitter, seed=seed, margin_mm=box_margin_mm, margin_slices=box_margin_slices,
                             grow_mm=grow_mm)
@@ -421,8 +421,8 @@ def score(cache, out_dir, run_dir, decoder_file, cases, prompts, jitter, seed, b
     gland: 3-D Dice and NSD (FLARE22) on the label volume. By default on the held-out test cases.
     Writes report.json, cases.csv, plots, overlays and index.html to OUT.
     """
-    from embedcache.cache import open_cache
-    from embedcache.protocols import parse_protocols
+    from embedcache.cache.store import open_cache
+    from embedcache.evaluation.protocols import parse_protocols
 
     if run_dir and decoder_file:
         raise UsageError("give --run or --decoder, not both")
@@ -430,7 +430,7 @@ def score(cache, out_dir, run_dir, decoder_file, cases, prompts, jitter, seed, b
     open_cache(cache).close()  # a mistyped path costs a second, not torch's import
     if data is not None and not data.is_dir():
         raise EmbedcacheError(f"{data}: no such folder; --data takes the dataset folder the cache was encoded from")
-    from embedcache.score import score as run_score
+    from embedcache.evaluation.score import score as run_score
 
     with _progress(progress) as bar:
         report = run_score(cache, out_dir, run_dir=run_dir, decoder_file=decoder_file, cases=cases, prompts=chosen,
@@ -445,7 +445,7 @@ def _print_summary(report: dict) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from embedcache.report import MODEL_NAMES
+    from embedcache.evaluation.report import MODEL_NAMES
 
     console = Console()
     console.print(f"{report['case_set']} cases ({len(report['case_names'])}): {report['case_set_note']}",
@@ -478,7 +478,7 @@ def evaluate(pred, labels_dir, out_dir, labels, name, progress):
     or TotalSegmentator's. A case without a prediction, or on another grid, is reported (exit
     code 1) and the rest are scored. Writes the same report as score.
     """
-    from embedcache.evaluate import evaluate as run_evaluate
+    from embedcache.evaluation.evaluate import evaluate as run_evaluate
 
     with _progress(progress) as bar:
         report = run_evaluate(pred, labels_dir, out_dir, labels=labels, name=name, progress=bar,
@@ -520,7 +520,7 @@ def predict(inputs, out_dir, run_dir, decoder_file, boxes_file, from_labels, pro
     if run_dir and decoder_file:
         raise UsageError("give --run or --decoder, not both")
     settings = _settings(jitter, seed, box_margin_mm, box_margin_slices, grow_mm)
-    from embedcache.predict import predict as run_predict
+    from embedcache.evaluation.predict import predict as run_predict
 
     with _progress(progress) as bar:
         written, errors = run_predict(
@@ -545,7 +545,7 @@ def _print_info(path: Path) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from embedcache.cache import open_cache
+    from embedcache.cache.store import open_cache
 
     with open_cache(path) as cache:
         sig = cache.signature

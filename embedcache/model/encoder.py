@@ -14,8 +14,8 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from embedcache.backbones import Backbone
-from embedcache.devices import keep_freed_memory
+from embedcache.model.backbones import Backbone
+from embedcache.runtime.devices import keep_freed_memory
 
 #: The most slices one encoder batch holds on CUDA, however much memory is free.
 MAX_CUDA_BATCH = 32

@@ -25,15 +25,15 @@ from pathlib import Path
 
 import numpy as np
 
-from embedcache import cache
-from embedcache.cache import CaseRecord, ShardWriter, row_bytes
+from embedcache.cache import store as cache
+from embedcache.cache.store import CaseRecord, ShardWriter, row_bytes
 from embedcache.config import EncodeConfig
 from embedcache.errors import CacheMismatchError, EmbedcacheError
-from embedcache.files import PARTIAL, WRITE_ERRNOS, check_free_space, check_writable_folder, write_error
-from embedcache.preprocess import resize_mask, slice_to_model
-from embedcache.prompts import boxes_for_labels
-from embedcache.readahead import ReadAhead, WriteBehind
-from embedcache.volumes import CaseSource, check_sources, read_image, read_label, source_digest
+from embedcache.io.files import PARTIAL, WRITE_ERRNOS, check_free_space, check_writable_folder, write_error
+from embedcache.cache.preprocess import resize_mask, slice_to_model
+from embedcache.model.prompts import boxes_for_labels
+from embedcache.runtime.readahead import ReadAhead, WriteBehind
+from embedcache.io.volumes import CaseSource, check_sources, read_image, read_label, source_digest
 
 
 @dataclass(frozen=True)
@@ -68,7 +68,7 @@ class EncodeSummary:
 
 
 def _signature(config: EncodeConfig, checkpoint_sha256: str) -> dict:
-    from embedcache.backbones import get_backbone
+    from embedcache.model.backbones import get_backbone
 
     backbone = get_backbone(config.backbone)
     return cache.make_signature(
@@ -83,7 +83,7 @@ def _signature(config: EncodeConfig, checkpoint_sha256: str) -> dict:
 
 def signature_for(config: EncodeConfig) -> dict:
     """The signature a cache encoded with ``config`` carries (reads the checkpoint to hash it)."""
-    from embedcache.backbones import file_sha256, get_backbone, resolve_checkpoint
+    from embedcache.model.backbones import file_sha256, get_backbone, resolve_checkpoint
 
     backbone = get_backbone(config.backbone)
     checkpoint = resolve_checkpoint(backbone, Path(config.checkpoint) if config.checkpoint else None)
@@ -165,8 +165,8 @@ def load_encoder(config: EncodeConfig, *, device):
     """The image encoder ``config`` names, with its weights, on ``device`` (an :class:`ImageEncoder`)."""
     import torch
 
-    from embedcache.backbones import get_backbone, load_backbone
-    from embedcache.encoder import ImageEncoder
+    from embedcache.model.backbones import get_backbone, load_backbone
+    from embedcache.model.encoder import ImageEncoder
 
     backbone = get_backbone(config.backbone)
     parts, _ = load_backbone(backbone, Path(config.checkpoint) if config.checkpoint else None)
@@ -188,8 +188,8 @@ def encode(
     resume uses, and rank 0 merges them: the same cache as one process. ``progress`` is a
     :class:`rich.progress.Progress` (or None for silence); ``log`` takes one-line notes.
     """
-    from embedcache.devices import pick_device
-    from embedcache.distributed import Dist
+    from embedcache.runtime.devices import pick_device
+    from embedcache.runtime.distributed import Dist
 
     out = Path(out)
     check_inputs(cases, out)

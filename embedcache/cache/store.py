@@ -44,8 +44,8 @@ import numpy as np
 
 from embedcache import __version__
 from embedcache.errors import CacheMismatchError, EmbedcacheError, reason as _reason
-from embedcache.files import atomic_path, commit, partial_path
-from embedcache.prompts import box_present
+from embedcache.io.files import atomic_path, commit, partial_path
+from embedcache.model.prompts import box_present
 
 #: Every backbone's image embedding: 256 channels on a 64×64 grid.
 EMBEDDING_SHAPE = (256, 64, 64)

@@ -14,7 +14,7 @@ them, and a box's two corners are its first and last voxel, both inside the box.
 "world"`` takes RAS+ millimetres instead (3D Slicer's), ``"space": "lps"`` LPS millimetres
 (DICOM's and ITK's); a corner then stands for the voxel whose centre is nearest. A ``box3d`` is
 segmented by the ``box3d`` protocol (middle slice, then propagation slice by slice; see
-:mod:`embedcache.protocols`); a ``box`` on ``slice`` k segments that slice only.
+:mod:`embedcache.evaluation.protocols`); a ``box`` on ``slice`` k segments that slice only.
 """
 
 from __future__ import annotations
@@ -25,13 +25,13 @@ from pathlib import Path
 
 import numpy as np
 
-from embedcache import protocols
+from embedcache.evaluation import protocols
 from embedcache.config import PreprocessConfig
 from embedcache.errors import EmbedcacheError, UsageError
-from embedcache.files import make_output_folder, read_json
-from embedcache.labels import ADRENALS
-from embedcache.protocols import Box3D, Prediction, ProtocolSettings
-from embedcache.volumes import Geometry, case_name, check_same_grid, read_geometry, read_image, read_label, write_nifti
+from embedcache.io.files import make_output_folder, read_json
+from embedcache.io.labels import ADRENALS
+from embedcache.evaluation.protocols import Box3D, Prediction, ProtocolSettings
+from embedcache.io.volumes import Geometry, case_name, check_same_grid, read_geometry, read_image, read_label, write_nifti
 
 SPACES = ("voxel", "world", "lps")
 
@@ -173,7 +173,7 @@ class OnTheFly:
         self.on_encode = on_encode  # called after each slice is encoded (a progress bar's advance)
 
     def embedding(self, z: int):
-        from embedcache.preprocess import slice_to_model
+        from embedcache.cache.preprocess import slice_to_model
 
         if z not in self.embeddings:
             pre = self.preprocess
@@ -187,7 +187,7 @@ class OnTheFly:
     def segmenter(self, prompt_encoder, mask_decoder, *, input_size: int) -> protocols.Segment:
         import torch
 
-        from embedcache.decoder import segment_boxes
+        from embedcache.model.decoder import segment_boxes
 
         @torch.no_grad()
         def segment(zs: np.ndarray, boxes: np.ndarray) -> np.ndarray:
@@ -212,7 +212,7 @@ def predict(
         raise UsageError(f"--prompts {prompts}: choose one of {', '.join(protocols.PROTOCOLS)}")
     trained = None
     if run_dir or decoder_file:
-        from embedcache.runs import load_trained_decoder
+        from embedcache.train.runs import load_trained_decoder
 
         trained = load_trained_decoder(run_dir or decoder_file)
     labels = tuple(trained.signature["labels"]) if trained else None
@@ -277,9 +277,9 @@ def _segmenter(trained, *, model: str, checkpoint: Path | None, device: str) -> 
     the decoder was trained with."""
     import torch
 
-    from embedcache.backbones import get_backbone, load_backbone, require_weights
-    from embedcache.devices import pick_device
-    from embedcache.encoder import ImageEncoder
+    from embedcache.model.backbones import get_backbone, load_backbone, require_weights
+    from embedcache.runtime.devices import pick_device
+    from embedcache.model.encoder import ImageEncoder
 
     preprocess, dtype = PreprocessConfig(), "float16"
     if trained is not None:
