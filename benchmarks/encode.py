@@ -37,7 +37,8 @@ from embedcache.runtime.devices import pick_device
 from embedcache.cache.encode import encode, load_encoder, plan_case, prepare_case, workers_for
 from embedcache.model.encoder import ImageEncoder
 from embedcache.io.phantom import make_case, write_phantom
-from embedcache.io.volumes import discover_cases, source_digest
+from embedcache.io.datasets import discover_cases
+from embedcache.io.volumes import source_digest
 
 
 def phantom_with_slices(folder: Path, slices: int, seed: int, size: int = 512) -> Path:

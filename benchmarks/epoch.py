@@ -42,7 +42,8 @@ from embedcache.cache.encode import encode, load_encoder, plan_case, prepare_cas
 from embedcache.io.phantom import limit_target_slices, write_phantom
 from embedcache.train.runs import SPLIT
 from embedcache.train.trainer import build_trainer
-from embedcache.io.volumes import discover_cases, source_digest
+from embedcache.io.datasets import discover_cases
+from embedcache.io.volumes import source_digest
 
 
 def _sync(device):

@@ -30,7 +30,7 @@ from embedcache.cache.encode import encode
 from embedcache.io.phantom import limit_target_slices, write_phantom
 from embedcache.evaluation.protocols import ProtocolSettings
 from embedcache.evaluation.score import score
-from embedcache.io.volumes import discover_cases
+from embedcache.io.datasets import discover_cases
 
 #: (encode slices, epoch cases, epoch slices per case) per device kind: sized to finish in minutes.
 SIZES = {"cuda": (256, 8, 24), "cpu": (24, 3, 4), "quick": (8, 2, 2)}

@@ -89,7 +89,7 @@ def small_cache(tmp_path_factory, tiny_checkpoint) -> Path:
     """A tiny-backbone cache of 3 cases × 2 slices: a training epoch takes seconds on 2 cores."""
     from embedcache.config import EncodeConfig
     from embedcache.cache.encode import encode
-    from embedcache.io.volumes import discover_cases
+    from embedcache.io.datasets import discover_cases
 
     root = tmp_path_factory.mktemp("small_cache")
     write_phantom(root / "data", cases=3, seed=11, config=SMALL_PHANTOM)

@@ -19,14 +19,17 @@ import torch
 import tiny
 from conftest import SMALL_PHANTOM
 from embedcache.cache import store
-from embedcache.cache.store import encode as encode_module
+from embedcache.cache import encode as encode_module
 from embedcache.config import EncodeConfig, PreprocessConfig
 from embedcache.cache.encode import encode, shard_folder, signature_for
 from embedcache.errors import CacheMismatchError, EmbedcacheError
 from embedcache.io.phantom import write_phantom
 from embedcache.cache.preprocess import resize_mask
 from embedcache.model.prompts import boxes_for_labels
-from embedcache.io.volumes import CaseSource, Geometry, discover_cases, read_image, read_label, write_nifti
+from embedcache.io.datasets import CaseSource, discover_cases
+from embedcache.io.geometry import Geometry
+from embedcache.io.nifti import write_nifti
+from embedcache.io.volumes import read_image, read_label
 
 TINY = EncodeConfig(backbone="tiny", device="cpu")
 

@@ -4,7 +4,8 @@ import numpy as np
 
 from conftest import SMALL_PHANTOM
 from embedcache.io.phantom import PhantomConfig, make_case, write_phantom
-from embedcache.io.volumes import discover_cases, read_image, read_label
+from embedcache.io.datasets import discover_cases
+from embedcache.io.volumes import read_image, read_label
 
 
 def test_same_seed_same_files(tmp_path):

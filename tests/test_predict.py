@@ -14,7 +14,8 @@ from embedcache.evaluation.metrics import dice
 from embedcache.io.phantom import limit_target_slices
 from embedcache.evaluation.predict import read_boxes_file, requests_from_json
 from embedcache.evaluation.protocols import box3d_from_label
-from embedcache.io.volumes import discover_cases, read_geometry, read_label
+from embedcache.io.datasets import discover_cases
+from embedcache.io.volumes import read_geometry, read_label
 
 
 @pytest.fixture

@@ -120,7 +120,8 @@ def test_a_case_from_one_series_of_a_mixed_dicom_folder_is_scored_from_that_seri
     import pydicom
     from conftest import pydicom_dir
 
-    from embedcache.io.volumes import read_image, write_nifti
+    from embedcache.io.nifti import write_nifti
+    from embedcache.io.volumes import read_image
 
     mixed = tmp_path / "mixed"
     shutil.copytree(series_dir, mixed)

@@ -266,7 +266,7 @@ def test_litemedsam_export_keeps_its_state_dict_layout(phantom_dir, tmp_path):
     from conftest import limit_target_slices
     from embedcache.config import EncodeConfig
     from embedcache.cache.encode import encode
-    from embedcache.io.volumes import discover_cases
+    from embedcache.io.datasets import discover_cases
 
     data = tmp_path / "data"
     shutil.copytree(phantom_dir, data)

@@ -10,15 +10,10 @@ import pytest
 
 from conftest import pydicom_dir, single_file_dir
 from embedcache.errors import EmbedcacheError
-from embedcache.io.volumes import (
-    Geometry,
-    check_same_grid,
-    discover_cases,
-    read_geometry,
-    read_image,
-    read_label,
-    write_nifti,
-)
+from embedcache.io.datasets import discover_cases
+from embedcache.io.geometry import Geometry
+from embedcache.io.nifti import write_nifti
+from embedcache.io.volumes import check_same_grid, read_geometry, read_image, read_label
 
 
 def _world(affine, ijk):

@@ -33,7 +33,8 @@ from embedcache.io.files import PARTIAL, WRITE_ERRNOS, check_free_space, check_w
 from embedcache.cache.preprocess import resize_mask, slice_to_model
 from embedcache.model.prompts import boxes_for_labels
 from embedcache.runtime.readahead import ReadAhead, WriteBehind
-from embedcache.io.volumes import CaseSource, check_sources, read_image, read_label, source_digest
+from embedcache.io.datasets import CaseSource
+from embedcache.io.volumes import check_sources, read_image, read_label, source_digest
 
 
 @dataclass(frozen=True)

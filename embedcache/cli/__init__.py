@@ -196,7 +196,7 @@ def encode(data, out, images, labels_, series, model, checkpoint, labels, window
 
     from embedcache.config import EncodeConfig, PreprocessConfig
     from embedcache.cache.encode import encode as run_encode
-    from embedcache.io.volumes import CaseSource, case_name, discover_cases
+    from embedcache.io.datasets import CaseSource, case_name, discover_cases
 
     if data is not None and images:
         raise click.UsageError("give either DATA or --image/--label pairs, not both")

@@ -14,7 +14,8 @@ from embedcache.errors import EmbedcacheError
 from embedcache.io.files import make_output_folder
 from embedcache.evaluation.metrics import gland_metrics
 from embedcache.evaluation.report import write_report
-from embedcache.io.volumes import check_same_grid, is_nifti, nifti_stem, read_label
+from embedcache.io.nifti import is_nifti, nifti_stem
+from embedcache.io.volumes import check_same_grid, read_label
 
 PROTOCOL = "given"
 

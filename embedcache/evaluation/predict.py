@@ -31,7 +31,10 @@ from embedcache.errors import EmbedcacheError, UsageError
 from embedcache.io.files import make_output_folder, read_json
 from embedcache.io.labels import ADRENALS
 from embedcache.evaluation.protocols import Box3D, Prediction, ProtocolSettings
-from embedcache.io.volumes import Geometry, case_name, check_same_grid, read_geometry, read_image, read_label, write_nifti
+from embedcache.io.datasets import case_name
+from embedcache.io.geometry import Geometry
+from embedcache.io.nifti import write_nifti
+from embedcache.io.volumes import check_same_grid, read_geometry, read_image, read_label
 
 SPACES = ("voxel", "world", "lps")
 

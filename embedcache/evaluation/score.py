@@ -28,7 +28,8 @@ from embedcache.evaluation.metrics import dice, gland_metrics
 from embedcache.evaluation.protocols import ProtocolSettings
 from embedcache.evaluation.report import Overlay, write_report
 from embedcache.train.runs import LOG, RunFolder, load_trained_decoder
-from embedcache.io.volumes import discover_cases, read_image, read_label, source_digest
+from embedcache.io.datasets import discover_cases
+from embedcache.io.volumes import read_image, read_label, source_digest
 
 CASE_SETS = ("test", "val", "train", "all")
 

@@ -164,7 +164,8 @@ def write_phantom(out: Path, *, cases: int, seed: int, config: PhantomConfig = P
     Files are stored in RAS+ array order (not the canonical one), so every read exercises the
     reorientation. Returns the case names.
     """
-    from embedcache.io.volumes import Geometry, write_nifti
+    from embedcache.io.geometry import Geometry
+    from embedcache.io.nifti import write_nifti
 
     out = Path(out)
     folders = [("imagesTr", "labelsTr")] * cases + [("imagesTs", "labelsTs")] * test_cases
@@ -195,7 +196,8 @@ def limit_target_slices(data: Path, *, per_case: int, labels: tuple[int, ...] = 
     For tests and benchmarks that want a given number of target slices: encoding and an epoch
     then cost a known amount, whatever the glands' extent.
     """
-    from embedcache.io.volumes import read_label, write_nifti
+    from embedcache.io.nifti import write_nifti
+    from embedcache.io.volumes import read_label
 
     for path in sorted((Path(data) / "labelsTr").glob("*.nii.gz")) + sorted((Path(data) / "labelsTs").glob("*.nii.gz")):
         label = read_label(path)

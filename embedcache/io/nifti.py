@@ -1,0 +1,111 @@
+"""NIfTI files: headers, voxels (HU or label ids) and writing a canonical array back on a file's grid."""
+
+from __future__ import annotations
+
+import zlib
+from pathlib import Path
+
+import numpy as np
+
+from embedcache.errors import EmbedcacheError, reason as _reason
+from embedcache.io.files import atomic_path
+from embedcache.io.geometry import Geometry
+
+NIFTI_SUFFIXES = (".nii", ".nii.gz")
+
+
+def is_nifti(path: Path) -> bool:
+    return path.name.endswith(NIFTI_SUFFIXES)
+
+
+
+def nifti_stem(path: Path) -> str:
+    """A NIfTI file's name without ``.nii`` or ``.nii.gz``."""
+    name = path.name
+    for suffix in (".nii.gz", ".nii"):
+        if name.endswith(suffix):
+            return name[: -len(suffix)]
+    return path.stem
+
+
+def load_nifti(path: Path):
+    import nibabel as nib
+
+    if not path.exists():
+        raise EmbedcacheError(f"{path}: no such file; check the path")
+    try:
+        img = nib.load(str(path))
+    except Exception as exc:  # nibabel raises many types for a bad header
+        raise EmbedcacheError(f"{path}: not a readable NIfTI file ({_reason(exc)}); re-export or replace it") from None
+    shape = img.shape
+    if len(shape) == 4 and shape[3] == 1:
+        shape = shape[:3]
+    if len(shape) != 3:
+        raise EmbedcacheError(
+            f"{path}: volume has shape {tuple(img.shape)}; expected a 3-D CT volume (split 4-D series first)"
+        )
+    return img, tuple(int(s) for s in shape)
+
+
+def nifti_geometry(path: Path) -> Geometry:
+    img, shape = load_nifti(path)
+    return Geometry(source_shape=shape, source_affine=np.asarray(img.affine, dtype=np.float64))
+
+
+def check_finite_nifti(path: Path) -> None:
+    """Refuse NaN or infinite voxels. Integer voxels with a finite scaling cannot hold any, so only
+    float volumes (or a NaN scaling) are read here."""
+    img, shape = load_nifti(path)
+    slope, inter = getattr(img.dataobj, "slope", 1.0), getattr(img.dataobj, "inter", 0.0)
+    if img.get_data_dtype().kind in "iu" and np.isfinite([slope, inter]).all():
+        return
+    try:
+        data = np.asanyarray(img.dataobj).reshape(shape)
+    except (EOFError, OSError, ValueError, zlib.error) as exc:
+        raise EmbedcacheError(f"{path}: NIfTI data is truncated or corrupt ({_reason(exc)}); re-copy the file") from None
+    check_finite(data, path)
+
+
+def check_finite(data: np.ndarray, path: Path) -> None:
+    bad = ~np.isfinite(data)
+    if bad.any():
+        first = tuple(int(i) for i in np.argwhere(bad)[0])
+        raise EmbedcacheError(
+            f"{path}: {int(bad.sum())} voxels are NaN or infinite (the first at array index {first}); "
+            "replace them (e.g. with -1024 HU) and rerun"
+        )
+
+
+def read_nifti(path: Path, *, label: bool) -> tuple[np.ndarray, Geometry]:
+    img, shape = load_nifti(path)
+    try:
+        if label:
+            data = np.asanyarray(img.dataobj)
+        else:
+            data = img.get_fdata(dtype=np.float32)
+    except (EOFError, OSError, ValueError, zlib.error) as exc:
+        raise EmbedcacheError(f"{path}: NIfTI data is truncated or corrupt ({_reason(exc)}); re-copy the file") from None
+    data = data.reshape(shape)
+    if label:
+        if np.issubdtype(data.dtype, np.floating):
+            rounded = np.rint(data)
+            if not np.array_equal(rounded, data):
+                raise EmbedcacheError(f"{path}: label volume holds non-integer values; expected label ids")
+            data = rounded
+        data = data.astype(np.uint8 if data.max(initial=0) < 256 and data.min(initial=0) >= 0 else np.int32)
+    return data, Geometry(source_shape=shape, source_affine=np.asarray(img.affine, dtype=np.float64))
+
+
+def write_nifti(array_zyx: np.ndarray, geometry: Geometry, path: Path) -> None:
+    """Write a canonical ``(z, y, x)`` array into ``path`` on ``geometry``'s own grid and affine.
+
+    Written to a temporary name first, so an interrupted write never leaves a half file behind.
+    """
+    import nibabel as nib
+
+    data = geometry.to_source(array_zyx)
+    img = nib.Nifti1Image(data, geometry.source_affine)
+    img.set_qform(geometry.source_affine, code=1)
+    img.set_sform(geometry.source_affine, code=1)
+    with atomic_path(Path(path), keep_suffix=True) as tmp:  # nibabel picks the format by suffix
+        nib.save(img, str(tmp))
