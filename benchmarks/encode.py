@@ -34,7 +34,9 @@ from embedcache import __version__
 from embedcache.model.backbones import get_backbone
 from embedcache.config import EncodeConfig
 from embedcache.runtime.devices import pick_device
-from embedcache.cache.encode import encode, load_encoder, plan_case, prepare_case, workers_for
+from embedcache.cache.encode import encode, load_encoder
+from embedcache.cache.pipeline import prepare_case, workers_for
+from embedcache.cache.plan import plan_case
 from embedcache.model.encoder import ImageEncoder
 from embedcache.io.phantom import make_case, write_phantom
 from embedcache.io.datasets import discover_cases

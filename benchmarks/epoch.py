@@ -32,13 +32,16 @@ import numpy as np
 import torch
 
 from common import machine, phantom_config, save, weights_for
-from embedcache.train import loop as train
+from embedcache.train import finetune as train
 from embedcache.model.backbones import get_backbone
 from embedcache.cache.store import open_cache
 from embedcache.config import EncodeConfig, FinetuneConfig
-from embedcache.train.data import Batch, case_sets, split_cases
+from embedcache.train.cases import split_cases
+from embedcache.train.data import Batch, case_sets
 from embedcache.runtime.devices import pick_device
-from embedcache.cache.encode import encode, load_encoder, plan_case, prepare_case
+from embedcache.cache.encode import encode, load_encoder
+from embedcache.cache.pipeline import prepare_case
+from embedcache.cache.plan import plan_case
 from embedcache.io.phantom import limit_target_slices, write_phantom
 from embedcache.train.runs import SPLIT
 from embedcache.train.trainer import build_trainer
@@ -92,7 +95,7 @@ def bench_backbone(name: str, *, cases: int, per_case: int, batch_size: int, dev
 
     with open_cache(cache_path) as cache:
         train_names, _ = split_cases([c.name for c in cache.cases], val_fraction=config.val_fraction, seed=seed)
-        slice_size = cache.signature["preprocess"]["slice_size"]
+        slice_size = cache.signature.slice_size
         train_set = case_sets(cache, {"train": train_names}, box_scale=backbone.box_scale(slice_size), device=device,
                               resident="device")["train"]
         order = np.random.default_rng(0).permutation(len(train_set))

@@ -20,9 +20,9 @@ from pathlib import Path
 import torch
 
 from common import machine, save
-from embedcache.config import FinetuneConfig
+from embedcache.config import FinetuneConfig, ScoreConfig
 from embedcache.evaluation.score import score
-from embedcache.train.loop import finetune
+from embedcache.train.finetune import finetune
 
 
 def main(argv=None) -> dict:
@@ -44,11 +44,11 @@ def main(argv=None) -> dict:
                 config = FinetuneConfig(cache=str(args.cache), epochs=args.epochs, seed=args.seed, device=args.device,
                                         box_jitter=jitter, stop_prompts=stop)
                 result = finetune(config, Path(tmp) / name, progress=None, log=lambda m: None)
-                report = score(args.cache, Path(tmp) / f"{name}-report", run_dir=Path(tmp) / name,
-                               prompts=("oracle", "box3d"), device=args.device)
+                report = score(ScoreConfig(cache=str(args.cache), run=str(Path(tmp) / name),
+                                           prompts=("oracle", "box3d"), device=args.device), Path(tmp) / f"{name}-report")
                 row = {"run": name, "box_jitter": jitter, "stop_prompts": stop, "best_epoch": result.best_epoch,
-                       "val_dice_2d": round(result.best_val_dice, 4), "case_set": report["case_set"],
-                       "cases": report["case_names"], "summary": report["summary"]}
+                       "val_dice_2d": round(result.best_val_dice, 4), "case_set": report.case_set,
+                       "cases": list(report.case_names), "summary": report.summary}
                 out["runs"].append(row)
                 print(json.dumps({k: row[k] for k in ("run", "best_epoch", "val_dice_2d")}), file=sys.stderr)
     print(json.dumps(out, indent=2))

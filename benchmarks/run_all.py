@@ -24,11 +24,10 @@ import encode as encode_bench
 import epoch as epoch_bench
 from common import RESULTS, machine, phantom_config, weights_for
 from embedcache.model.backbones import get_backbone
-from embedcache.config import EncodeConfig
+from embedcache.config import EncodeConfig, ScoreConfig
 from embedcache.runtime.devices import pick_device
 from embedcache.cache.encode import encode
 from embedcache.io.phantom import limit_target_slices, write_phantom
-from embedcache.evaluation.protocols import ProtocolSettings
 from embedcache.evaluation.score import score
 from embedcache.io.datasets import discover_cases
 
@@ -48,9 +47,9 @@ def dtype_cost(backbone: str, *, device: torch.device, tmp: Path, cases: int, pe
                               embedding_dtype=dtype)
         cache = tmp / f"{backbone}-{dtype}.h5"
         encode(discover_cases(folder), cache, config, progress=None, log=lambda m: None)
-        report = score(cache, tmp / f"report-{backbone}-{dtype}", prompts=("oracle",), cases="all", device=str(device),
-                       checkpoint=checkpoint, settings=ProtocolSettings())
-        dice[dtype] = {label: by_model["vanilla"]["dice"]["mean"] for label, by_model in report["summary"]["oracle"].items()}
+        report = score(ScoreConfig(cache=str(cache), prompts=("oracle",), cases="all", device=str(device),
+                                   checkpoint=str(checkpoint) if checkpoint else None), tmp / f"report-{backbone}-{dtype}")
+        dice[dtype] = {label: by_model["vanilla"]["dice"]["mean"] for label, by_model in report.summary["oracle"].items()}
     worst = max(abs(dice["float16"][k] - dice["float32"][k]) for k in dice["float16"])
     return {"dice_float16": dice["float16"], "dice_float32": dice["float32"], "max_abs_difference": round(worst, 6)}
 

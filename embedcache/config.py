@@ -79,6 +79,7 @@ class FinetuneConfig:
     checkpoint: str | None = None
     split: str | None = None  # a split file {"train": [...], "val": [...], "test": [...]}; None: seeded by case
     stop_prompts: bool = False  # also train on the slices just beyond each gland, with the neighbour's box and no target
+    stop_grow_mm: float = 3.0  # stop prompts: the neighbour's box grown by this much, as box3d's walk grows it
 
     def __post_init__(self):
         if not 0 < self.val_fraction < 1:
@@ -93,6 +94,95 @@ class FinetuneConfig:
             raise UsageError(f"--precision must be auto, fp32, fp16 or bf16, got {self.precision}")
         if self.resident not in ("auto", "device", "stream"):
             raise UsageError(f"--resident must be auto, device or stream, got {self.resident}")
+        if not 0 <= self.stop_grow_mm <= 100:
+            raise UsageError(f"--stop-grow-mm must lie in 0..100 mm, got {self.stop_grow_mm}")
+
+
+#: The prompt protocols of score and predict (see :mod:`embedcache.evaluation.protocols`).
+PROTOCOLS = ("oracle", "jitter", "box3d")
+#: The sets ``score --cases`` can report on.
+CASE_SETS = ("test", "val", "train", "all")
+
+
+@dataclass(frozen=True)
+class ProtocolSettings:
+    """How the protocols draw their boxes; saved in every report."""
+
+    jitter: float = 0.1  # jitter: each edge moves by up to this fraction of the box's width or height
+    seed: int = 0  # jitter: the same seed, case and label give the same boxes
+    margin_mm: float = 3.0  # box3d from a label: the 3-D box is this much larger in-plane ...
+    margin_slices: int = 1  # ... and this many slices longer at each end
+    grow_mm: float = 3.0  # box3d: the box of the previous slice's mask, grown by this much
+
+    def __post_init__(self):
+        if not 0 <= self.jitter < 1:
+            raise UsageError(f"--jitter must lie in [0, 1), got {self.jitter}")
+        if not (0 <= self.margin_mm <= 100 and 0 <= self.grow_mm <= 100):
+            raise UsageError("--box-margin-mm and --grow-mm must lie in 0..100 mm")
+        if not 0 <= self.margin_slices <= 50:
+            raise UsageError(f"--box-margin-slices must lie in 0..50, got {self.margin_slices}")
+
+
+def check_protocols(names: tuple[str, ...], *, text: str | None = None) -> tuple[str, ...]:
+    """Refuse an empty or unknown ``--prompts`` (``text``: as typed)."""
+    if not names or any(p not in PROTOCOLS for p in names):
+        raise UsageError(f"--prompts {','.join(names) if text is None else text}: choose from {', '.join(PROTOCOLS)} "
+                         "(comma-separated)")
+    return names
+
+
+def _one_decoder(run: str | None, decoder: str | None) -> None:
+    if run and decoder:
+        raise UsageError("give --run or --decoder, not both")
+
+
+@dataclass(frozen=True)
+class ScoreConfig:
+    """Settings of ``score``: which cache, decoder, cases and prompts; saved as the report's ``config.json``.
+    ``run`` and ``decoder`` (a run folder or a decoder file) are exclusive; neither scores the vanilla
+    decoder alone. ``cases`` None: the test cases if any, else val with a run, else all."""
+
+    cache: str = ""
+    run: str | None = None
+    decoder: str | None = None
+    cases: str | None = None
+    prompts: tuple[str, ...] = PROTOCOLS
+    protocol: ProtocolSettings = field(default_factory=ProtocolSettings)
+    checkpoint: str | None = None  # the backbone weights (None: the run's, or bundled)
+    data: str | None = None  # the dataset folder where the sources lie now, if it moved since encoding
+    device: str = "auto"
+
+    def __post_init__(self):
+        _one_decoder(self.run, self.decoder)
+        if self.cases is not None and self.cases not in CASE_SETS:
+            raise UsageError(f"--cases {self.cases}: choose {', '.join(CASE_SETS)}")
+        check_protocols(self.prompts)
+
+
+@dataclass(frozen=True)
+class PredictConfig:
+    """Settings of ``predict``: the decoder (``run`` or ``decoder``; neither: the vanilla one of
+    ``model``), where the prompts come from (``boxes``, a JSON file, or ``from_labels``, a label
+    volume or folder, under protocol ``prompts``), and the image reader's ``series``; saved as
+    ``OUT/predict.json`` beside the label volumes."""
+
+    run: str | None = None
+    decoder: str | None = None
+    boxes: str | None = None
+    from_labels: str | None = None
+    prompts: str = "box3d"
+    protocol: ProtocolSettings = field(default_factory=ProtocolSettings)
+    series: str | None = None
+    model: str = "litemedsam"
+    checkpoint: str | None = None
+    device: str = "auto"
+
+    def __post_init__(self):
+        _one_decoder(self.run, self.decoder)
+        if (self.boxes is None) == (self.from_labels is None):
+            raise UsageError("give either --boxes BOXES.json or --from-labels LABELS")
+        if self.prompts not in PROTOCOLS:
+            raise UsageError(f"--prompts {self.prompts}: choose one of {', '.join(PROTOCOLS)}")
 
 
 def to_json(config) -> str:

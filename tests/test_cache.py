@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import h5py
@@ -9,22 +10,25 @@ import numpy as np
 import pytest
 
 from embedcache.cache import store
+from embedcache.cache.merge import merge
+from embedcache.cache.records import DECODER_KEYS, CaseRecord, Signature
+from embedcache.config import PreprocessConfig
 from embedcache.errors import CacheMismatchError, EmbedcacheError
 
 SIZE = 64  # slice size: small masks keep these tests fast
 
 
-def _signature(**changes) -> dict:
-    sig = store.make_signature(backbone="tiny", checkpoint_sha256="ab" * 32, input_size=1024,
-                               preprocess={"window_width_hu": 350.0, "window_level_hu": 50.0, "slice_size": SIZE},
-                               labels=(7, 8), embedding_dtype="float16")
-    return {**sig, **changes}
+def _signature(**changes) -> Signature:
+    sig = Signature(backbone="tiny", checkpoint_sha256="ab" * 32, input_size=1024,
+                    preprocess=PreprocessConfig(window_width_hu=350.0, window_level_hu=50.0, slice_size=SIZE),
+                    labels=(7, 8), embedding_dtype="float16")
+    return dataclasses.replace(sig, **changes)
 
 
-def _record(name: str, n: int) -> store.CaseRecord:
-    return store.CaseRecord(name=name, image=f"{name}_0000.nii.gz", label=f"{name}.nii.gz", digest=name * 2,
-                            first_row=0, n_rows=n, shape_zyx=(20, SIZE, SIZE), spacing_mm=(2.5, 0.8, 0.8),
-                            source_shape=(SIZE, SIZE, 20), source_affine=tuple(tuple(r) for r in np.eye(4)))
+def _record(name: str, n: int) -> CaseRecord:
+    return CaseRecord(name=name, image=f"{name}_0000.nii.gz", label=f"{name}.nii.gz", digest=name * 2,
+                      first_row=0, n_rows=n, shape_zyx=(20, SIZE, SIZE), spacing_mm=(2.5, 0.8, 0.8),
+                      source_shape=(SIZE, SIZE, 20), source_affine=tuple(tuple(r) for r in np.eye(4)))
 
 
 def _rows(n: int, seed: int) -> dict:
@@ -38,7 +42,7 @@ def _rows(n: int, seed: int) -> dict:
 
 
 def _shard(folder, name, n, seed, signature=None):
-    writer = store.ShardWriter(folder, signature=signature or _signature(), case=_record(name, n), slice_size=SIZE)
+    writer = store.ShardWriter(folder, signature=signature or _signature(), case=_record(name, n))
     rows = _rows(n, seed)
     writer.write(**{k: v[:1] for k, v in rows.items()})  # in two parts, as encode batches do
     writer.write(**{k: v[1:] for k, v in rows.items()})
@@ -46,7 +50,7 @@ def _shard(folder, name, n, seed, signature=None):
 
 
 def test_a_shard_appears_only_when_its_case_is_complete(tmp_path):
-    writer = store.ShardWriter(tmp_path, signature=_signature(), case=_record("A", 3), slice_size=SIZE)
+    writer = store.ShardWriter(tmp_path, signature=_signature(), case=_record("A", 3))
     writer.write(**{k: v[:2] for k, v in _rows(3, 0).items()})
     assert not writer.complete and not (tmp_path / "A.h5").exists()
     with pytest.raises(RuntimeError, match="2 of 3 rows"):
@@ -58,8 +62,8 @@ def test_a_shard_appears_only_when_its_case_is_complete(tmp_path):
 def test_merge_keeps_case_order_rows_and_offsets(tmp_path):
     a, rows_a = _shard(tmp_path, "A", 3, 1)
     b, rows_b = _shard(tmp_path, "B", 2, 2)
-    records = store.merge(tmp_path / "c.h5", signature=_signature(),
-                          sources=[(b, [store.read_shard(b)[1]]), (a, [store.read_shard(a)[1]])], slice_size=SIZE)
+    records = merge(tmp_path / "c.h5", signature=_signature(),
+                          sources=[(b, [store.read_shard(b)[1]]), (a, [store.read_shard(a)[1]])])
     assert [(r.name, r.first_row, r.n_rows) for r in records] == [("B", 0, 2), ("A", 2, 3)]
     with store.open_cache(tmp_path / "c.h5", expect=_signature()) as cache:
         assert len(cache) == 5 and [c.name for c in cache.cases] == ["B", "A"]
@@ -74,7 +78,7 @@ def test_merge_keeps_case_order_rows_and_offsets(tmp_path):
     # merging again from the merged file itself (as a rerun of encode does) gives the same rows
     with store.open_cache(tmp_path / "c.h5") as cache:
         cases = cache.cases
-    store.merge(tmp_path / "d.h5", signature=_signature(), sources=[(tmp_path / "c.h5", cases[::-1])], slice_size=SIZE)
+    merge(tmp_path / "d.h5", signature=_signature(), sources=[(tmp_path / "c.h5", cases[::-1])])
     with store.open_cache(tmp_path / "d.h5") as d:
         np.testing.assert_array_equal(d.embeddings[d.case("A").rows], rows_a["embeddings"])
     assert not list(tmp_path.glob("*.partial"))
@@ -83,7 +87,7 @@ def test_merge_keeps_case_order_rows_and_offsets(tmp_path):
 def test_an_interrupted_merge_leaves_the_old_cache(tmp_path, monkeypatch):
     a, _ = _shard(tmp_path, "A", 2, 1)
     out = tmp_path / "c.h5"
-    store.merge(out, signature=_signature(), sources=[(a, [store.read_shard(a)[1]])], slice_size=SIZE)
+    merge(out, signature=_signature(), sources=[(a, [store.read_shard(a)[1]])])
     before = out.read_bytes()
 
     def broken(*args, **kwargs):
@@ -91,28 +95,28 @@ def test_an_interrupted_merge_leaves_the_old_cache(tmp_path, monkeypatch):
 
     monkeypatch.setattr(store, "commit", broken)
     with pytest.raises(KeyboardInterrupt):
-        store.merge(out, signature=_signature(), sources=[(a, [store.read_shard(a)[1]])] * 2, slice_size=SIZE)
+        merge(out, signature=_signature(), sources=[(a, [store.read_shard(a)[1]])] * 2)
     assert out.read_bytes() == before and not list(tmp_path.glob("*.partial"))
 
 
 def test_signature_checks_name_the_field(tmp_path):
     a, _ = _shard(tmp_path, "A", 2, 1)
-    store.merge(tmp_path / "c.h5", signature=_signature(), sources=[(a, [store.read_shard(a)[1]])], slice_size=SIZE)
+    merge(tmp_path / "c.h5", signature=_signature(), sources=[(a, [store.read_shard(a)[1]])])
     for field, value in (("backbone", "vit_b"), ("checkpoint_sha256", "cd" * 32), ("labels", [7]),
                          ("embedding_dtype", "float32")):
         with pytest.raises(CacheMismatchError, match=f"c.h5: cache was made with {field}="):
             store.open_cache(tmp_path / "c.h5", expect=_signature(**{field: value}))
     with pytest.warns(UserWarning, match="written by embedcache"):
         store.open_cache(tmp_path / "c.h5", expect=_signature(embedcache_version="9.9")).close()
-    assert store.first_difference(_signature(), _signature(), store.DECODER_KEYS) is None
-    assert store.first_difference(_signature(labels=[7]), _signature(), store.DECODER_KEYS) == "labels=[7], not [7, 8]"
+    assert _signature().difference(_signature(), DECODER_KEYS) is None
+    assert _signature(labels=(7,)).difference(_signature(), DECODER_KEYS) == "labels=[7], not [7, 8]"
 
 
 def test_unreadable_caches_are_named(tmp_path):
     with pytest.raises(EmbedcacheError, match="none.h5: no such cache file"):
         store.open_cache(tmp_path / "none.h5")
     with h5py.File(tmp_path / "empty.h5", "w") as f:
-        f.attrs["signature"] = json.dumps(_signature())
+        f.attrs["signature"] = json.dumps(_signature().to_dict())
     with pytest.raises(EmbedcacheError, match="empty.h5: not a readable embedcache cache"):
         store.open_cache(tmp_path / "empty.h5")
 
@@ -126,7 +130,7 @@ def test_merge_copies_stored_chunks_and_decodes_where_layouts_differ(tmp_path):
             f.create_dataset(name, data=data, chunks=chunks)
     b, rows_b = _shard(tmp_path, "B", 2, 2)
     sources = [(a, [store.read_shard(a)[1]]), (b, [store.read_shard(b)[1]])]
-    store.merge(tmp_path / "c.h5", signature=_signature(), sources=sources, slice_size=SIZE)
+    merge(tmp_path / "c.h5", signature=_signature(), sources=sources)
     with store.open_cache(tmp_path / "c.h5") as cache:
         for name in ("embeddings", "masks"):
             np.testing.assert_array_equal(cache.read(name, slice(0, 3)), rows_a[name])
@@ -144,7 +148,7 @@ def test_a_shard_damaged_after_it_was_written_is_caught_when_the_merged_cache_is
         byte = handle.read(1)
         handle.seek(offset + 1000)
         handle.write(bytes([byte[0] ^ 0xFF]))
-    store.merge(tmp_path / "c.h5", signature=_signature(), sources=[(a, [store.read_shard(a)[1]])], slice_size=SIZE)
+    merge(tmp_path / "c.h5", signature=_signature(), sources=[(a, [store.read_shard(a)[1]])])
     with store.open_cache(tmp_path / "c.h5") as cache:
         cache.read("embeddings", slice(0, 1))
         with pytest.raises(EmbedcacheError, match=r"c.h5: embeddings of rows \[1\] cannot be read .* encode it again"):

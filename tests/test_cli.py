@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import subprocess
+from dataclasses import replace
 import sys
 
 import nibabel as nib
@@ -122,7 +123,7 @@ def test_score_reports_vanilla_against_finetuned(tmp_path, small_cache, tiny_mod
     # The vanilla weights given as the "fine-tuned" decoder score exactly as the vanilla decoder.
     from embedcache.model.backbones import load_backbone
     from embedcache.cache.store import open_cache
-    from embedcache.train.runs import Checkpoint, save_checkpoint
+    from embedcache.train.checkpoint import Checkpoint, save_checkpoint
 
     with open_cache(small_cache) as cache:
         signature = cache.signature
@@ -137,7 +138,7 @@ def test_score_reports_vanilla_against_finetuned(tmp_path, small_cache, tiny_mod
         for case in by_case.values():
             for by_model in case.values():
                 assert by_model["vanilla"] == by_model["finetuned"]
-    save_checkpoint(Checkpoint(decoder=vanilla, signature={**signature, "backbone": "vit_b"}, **made), tmp_path / "other.safetensors")
+    save_checkpoint(Checkpoint(decoder=vanilla, signature=replace(signature, backbone="vit_b"), **made), tmp_path / "other.safetensors")
     _one_line_error(_run("score", small_cache, "--decoder", tmp_path / "other.safetensors", "--out", tmp_path / "r5"),
                     "decoder was trained on a cache with backbone=vit_b, not tiny")
     _one_line_error(_run("score", small_cache, "--out", tmp_path / "r3", "--cases", "val"), "needs --run")

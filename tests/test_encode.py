@@ -19,7 +19,7 @@ import torch
 import tiny
 from conftest import SMALL_PHANTOM
 from embedcache.cache import store
-from embedcache.cache import encode as encode_module
+from embedcache.cache import pipeline
 from embedcache.config import EncodeConfig, PreprocessConfig
 from embedcache.cache.encode import encode, shard_folder, signature_for
 from embedcache.errors import CacheMismatchError, EmbedcacheError
@@ -48,7 +48,7 @@ def test_cache_holds_masks_boxes_and_signature(tiny_model, phantom_dir, tmp_path
         assert cache.embeddings.dtype == np.float16 and cache.embeddings.chunks == (1, 256, 64, 64)
         assert cache.masks.shape[1:] == (512, 512) and len(cache) == summary.slices_encoded
         assert [c.name for c in cache.cases] == [c.name for c in cases]
-        sig = cache.signature
+        sig = cache.signature.to_dict()
         assert sig["backbone"] == "tiny" and sig["labels"] == [7, 8] and len(sig["checkpoint_sha256"]) == 64
         assert sig["preprocess"] == {"window_width_hu": 350.0, "window_level_hu": 50.0, "slice_size": 512}
         case = cache.cases[1]
@@ -211,7 +211,7 @@ def test_cases_without_target_labels_are_skipped_with_a_warning(tiny_model, phan
 @pytest.fixture(params=[0, 2], ids=["inline-writer", "writer-thread"])
 def write_depth(request, monkeypatch) -> int:
     """Shards written in the main thread (as on a CPU) or in the writer thread (as on CUDA)."""
-    monkeypatch.setattr(encode_module, "write_behind_depth", lambda device: request.param)
+    monkeypatch.setattr(pipeline, "write_behind_depth", lambda device: request.param)
     return request.param
 
 
@@ -314,11 +314,12 @@ def test_batches_spanning_cases_and_the_writer_thread_give_the_same_cache(tiny_m
     _encode(cases, tmp_path / "seven.h5", seven)
     _same_cache(tmp_path / "one.h5", tmp_path / "seven.h5")
     threads = []
-    real = encode_module._Store.write
-    monkeypatch.setattr(encode_module._Store, "write", lambda *a: (threads.append(threading.current_thread()), real(*a)))
-    monkeypatch.setattr(encode_module, "write_behind_depth", lambda device: 2)
+    real = store.ShardWriter.write
+    monkeypatch.setattr(store.ShardWriter, "write", lambda *a, **k: (threads.append(threading.current_thread()),
+                                                                     real(*a, **k)))
+    monkeypatch.setattr(pipeline, "write_behind_depth", lambda device: 2)
     _encode(cases, tmp_path / "thread.h5", seven)
-    assert threads and all(t.name == "embedcache-writer" for t in threads)
+    assert threads and all(t is not threading.main_thread() for t in threads)  # the rows went in off the main thread
     _same_cache(tmp_path / "one.h5", tmp_path / "thread.h5")
     assert not any(t.name == "embedcache-writer" for t in threading.enumerate())
 

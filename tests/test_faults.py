@@ -262,7 +262,8 @@ def test_score_finds_the_sources_from_any_folder_and_after_a_move(tiny_model, da
     found there must be the bytes that were encoded; encoding again from the new place re-points the cache."""
     from dataclasses import replace
 
-    from embedcache.cache.store import merge, open_cache
+    from embedcache.cache.merge import merge
+    from embedcache.cache.store import open_cache
 
     monkeypatch.chdir(tmp_path)
     assert _run("encode", "data", "--out", "c.h5", "--model", "tiny", "--no-progress").exit_code == 0
@@ -311,7 +312,7 @@ def test_score_finds_the_sources_from_any_folder_and_after_a_move(tiny_model, da
     # a cache written before paths were absolute names the folder to run in
     relative = [replace(r, image=os.path.relpath(r.image, tmp_path), label=os.path.relpath(r.label, tmp_path))
                 for r in records]
-    merge(tmp_path / "old.h5", signature=signature, sources=[(tmp_path / "c.h5", relative)], slice_size=512)
+    merge(tmp_path / "old.h5", signature=signature, sources=[(tmp_path / "c.h5", relative)])
     one_line(_run("score", "../old.h5", "--prompts", "oracle", "--device", "cpu", "--out", "r5"),
              "relative to the folder encode ran in", "--data")
 

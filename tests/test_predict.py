@@ -157,11 +157,12 @@ class _Bars:
 
 
 def test_predict_shows_inputs_done_and_slices_encoded(one_slice_case, tmp_path):
+    from embedcache.config import PredictConfig
     from embedcache.evaluation.predict import predict
 
     case, bars = one_slice_case, _Bars()
-    written, errors = predict([case.image], tmp_path / "p", from_labels=case.label, prompts="oracle", device="cpu",
-                              progress=bars, log=lambda m: None)
+    config = PredictConfig(from_labels=str(case.label), prompts="oracle", device="cpu")
+    written, errors = predict([case.image], tmp_path / "p", config, progress=bars, log=lambda m: None)
     assert len(written) == 1 and not errors
     truth = read_label(case.label).array
     gland_slices = np.flatnonzero(np.isin(truth, (7, 8)).any(axis=(1, 2)))

@@ -10,10 +10,11 @@ import pytest
 from click.testing import CliRunner
 
 from embedcache.cache import store
+from embedcache.cache.merge import merge
 from embedcache.evaluation import score as score_module
 from embedcache.cli import main
 from embedcache.errors import EmbedcacheError
-from embedcache.evaluation.protocols import ProtocolSettings
+from embedcache.config import ProtocolSettings, ScoreConfig
 from embedcache.io.volumes import read_label
 
 
@@ -35,20 +36,21 @@ def _stand_in_segmenter(self, prompt_encoder, mask_decoder, **size):
 
 
 def test_oracle_is_perfect_where_box3d_pays_for_slices_beyond_the_gland(small_cache, tiny_model, tmp_path, monkeypatch):
-    monkeypatch.setattr(score_module.CachedCase, "segmenter", _stand_in_segmenter)
-    report = score_module.score(small_cache, tmp_path / "r", device="cpu", settings=ProtocolSettings(grow_mm=50.0))
-    assert report["case_set"] == "all" and "none is marked as held out" in report["case_set_note"]
-    assert list(report["cases"]) == ["oracle", "jitter", "box3d"] and report["models"] == ["vanilla"]
-    for case, by_label in report["cases"]["oracle"].items():
+    monkeypatch.setattr(score_module.CachedCase, "segment_with", _stand_in_segmenter)
+    report = score_module.score(ScoreConfig(cache=str(small_cache), device="cpu", protocol=ProtocolSettings(grow_mm=50.0)),
+                                tmp_path / "r")
+    assert report.case_set == "all" and "none is marked as held out" in report.case_set_note
+    assert list(report.cases) == ["oracle", "jitter", "box3d"] and report.models == ("vanilla",)
+    for case, by_label in report.cases["oracle"].items():
         for label, by_model in by_label.items():
             assert by_model["vanilla"]["dice"] == 1.0 and by_model["vanilla"]["nsd"] == 1.0
-            box3d = report["cases"]["box3d"][case][label]["vanilla"]
+            box3d = report.cases["box3d"][case][label]["vanilla"]
             assert box3d["dice"] < 1.0 and box3d["dice_2d"] == 1.0  # right on every gland slice, wrong beyond
-    summary = report["summary"]["box3d"]["7"]["vanilla"]["dice"]
-    values = [c["7"]["vanilla"]["dice"] for c in report["cases"]["box3d"].values()]
+    summary = report.summary["box3d"]["7"]["vanilla"]["dice"]
+    values = [c["7"]["vanilla"]["dice"] for c in report.cases["box3d"].values()]
     assert summary == {"mean": pytest.approx(np.mean(values)), "sd": pytest.approx(np.std(values)), "n": 3}
     out = tmp_path / "r"
-    assert json.loads((out / "report.json").read_text())["summary"] == json.loads(json.dumps(report["summary"]))
+    assert json.loads((out / "report.json").read_text())["summary"] == json.loads(json.dumps(report.summary))
     rows = (out / "cases.csv").read_text().splitlines()
     assert rows[0] == "protocol,case,label,model,dice,nsd,dice_2d" and len(rows) == 1 + 3 * 3 * 2
     assert (out / "dice.png").stat().st_size > 5000 and len(list(out.glob("overlay-*.png"))) == 4
@@ -58,10 +60,10 @@ def test_oracle_is_perfect_where_box3d_pays_for_slices_beyond_the_gland(small_ca
 
 
 def test_box3d_needs_the_cached_margin_slices(small_cache, tiny_model, tmp_path, monkeypatch):
-    monkeypatch.setattr(score_module.CachedCase, "segmenter", _stand_in_segmenter)
+    monkeypatch.setattr(score_module.CachedCase, "segment_with", _stand_in_segmenter)
     with pytest.raises(EmbedcacheError, match=r"has no embedding of slice \d+.*--margin-slices .*the cache has 2"):
-        score_module.score(small_cache, tmp_path / "r", device="cpu", prompts=("box3d",),
-                           settings=ProtocolSettings(margin_slices=4))
+        score_module.score(ScoreConfig(cache=str(small_cache), device="cpu", prompts=("box3d",),
+                                       protocol=ProtocolSettings(margin_slices=4)), tmp_path / "r")
 
 
 def _with_test_case(small_cache, tmp_path):
@@ -69,20 +71,20 @@ def _with_test_case(small_cache, tmp_path):
         records, signature = cache.cases, cache.signature
     records = [replace(r, subset="test") if r.name == records[-1].name else r for r in records]
     out = tmp_path / "with_test.h5"
-    store.merge(out, signature=signature, sources=[(small_cache, records)], slice_size=512)
+    merge(out, signature=signature, sources=[(small_cache, records)])
     return out, records[-1].name
 
 
 def test_held_out_test_cases_are_scored_by_default(small_cache, tiny_model, tmp_path, monkeypatch):
-    monkeypatch.setattr(score_module.CachedCase, "segmenter", _stand_in_segmenter)
+    monkeypatch.setattr(score_module.CachedCase, "segment_with", _stand_in_segmenter)
     cache, test_case = _with_test_case(small_cache, tmp_path)
-    report = score_module.score(cache, tmp_path / "r", device="cpu", prompts=("oracle",))
-    assert report["case_set"] == "test" and report["case_names"] == [test_case]
-    assert "held out" in report["case_set_note"]
-    every = score_module.score(cache, tmp_path / "r2", device="cpu", prompts=("oracle",), cases="all")
-    assert len(every["case_names"]) == 3
+    report = score_module.score(ScoreConfig(cache=str(cache), device="cpu", prompts=("oracle",)), tmp_path / "r")
+    assert report.case_set == "test" and report.case_names == (test_case,)
+    assert "held out" in report.case_set_note
+    every = score_module.score(ScoreConfig(cache=str(cache), device="cpu", prompts=("oracle",), cases="all"), tmp_path / "r2")
+    assert len(every.case_names) == 3
     with pytest.raises(EmbedcacheError, match="--cases val needs --run"):
-        score_module.score(cache, tmp_path / "r3", device="cpu", cases="val")
+        score_module.score(ScoreConfig(cache=str(cache), device="cpu", cases="val"), tmp_path / "r3")
 
 
 def test_evaluate_on_predicts_output_reproduces_scores_box3d(small_cache, tiny_model, tmp_path):

@@ -14,13 +14,16 @@ import torch
 
 import tiny
 from embedcache.cache import store
+from embedcache.cache.merge import merge
 from embedcache.train import trainer as trainer_module
 from embedcache.model.backbones import read_state_dict
 from embedcache.config import FinetuneConfig
-from embedcache.train.data import case_sets, split_cases
+from embedcache.train.cases import split_cases
+from embedcache.train.data import case_sets
 from embedcache.errors import CacheMismatchError, EmbedcacheError
-from embedcache.train.runs import export_run, load_checkpoint
-from embedcache.train.loop import finetune
+from embedcache.train.checkpoint import load_checkpoint
+from embedcache.train.decoders import export_run
+from embedcache.train.finetune import finetune
 from embedcache.train.trainer import build_trainer
 
 QUIET = dict(progress=None, log=lambda m: None)
@@ -182,7 +185,7 @@ def test_a_cache_of_one_case_cannot_be_split(tiny_model, small_cache, tmp_path):
         first = cache.cases[0]
         sig = cache.signature
     one = tmp_path / "one.h5"
-    store.merge(one, signature=sig, sources=[(small_cache, [first])], slice_size=512)
+    merge(one, signature=sig, sources=[(small_cache, [first])])
     with pytest.raises(EmbedcacheError, match="holds 1 case"):
         finetune(_config(one), tmp_path / "run", **QUIET)
 
@@ -294,8 +297,8 @@ def test_test_cases_stay_out_of_training_and_a_split_file_fixes_the_sets(tiny_mo
         records, signature = cache.cases, cache.signature
     names = [r.name for r in records]
     held = tmp_path / "held.h5"
-    store.merge(held, signature=signature, sources=[(small_cache, [replace(r, subset="test") if r.name == names[2] else r
-                                                                   for r in records])], slice_size=512)
+    merge(held, signature=signature, sources=[(small_cache, [replace(r, subset="test") if r.name == names[2] else r
+                                                                   for r in records])])
     finetune(_config(held, epochs=1, val_fraction=0.5), tmp_path / "auto", **QUIET)
     split = json.loads((tmp_path / "auto" / "split.json").read_text())
     assert split["test"] == [names[2]] and sorted(split["train"] + split["val"]) == names[:2]
@@ -342,7 +345,7 @@ def test_resume_refuses_another_cache_and_restarts_a_run_without_checkpoint(tiny
     with store.open_cache(small_cache) as cache:
         records, signature = cache.cases, cache.signature
     other = tmp_path / "other.h5"
-    store.merge(other, signature=signature, sources=[(small_cache, records[::-1][:2])], slice_size=512)
+    merge(other, signature=signature, sources=[(small_cache, records[::-1][:2])])
     with pytest.raises(EmbedcacheError, match="other.h5: not the data the run in .* was trained on"):
         finetune(_config(other, epochs=2), run, resume=True, **QUIET)
 

@@ -63,11 +63,3 @@ def resize_mask(mask: np.ndarray, size: tuple[int, int]) -> np.ndarray:
 def slice_to_model(hu_slice: np.ndarray, *, width_hu: float, level_hu: float, slice_size: int) -> np.ndarray:
     """One axial HU slice ``(y, x)`` → windowed, normalized ``(slice_size, slice_size)`` float32 in ``[0, 1]``."""
     return resize_image(window_hu(hu_slice, width_hu=width_hu, level_hu=level_hu), (slice_size, slice_size))
-
-
-def mask_to_source(mask: np.ndarray, source_shape_yx: tuple[int, int]) -> np.ndarray:
-    """The inverse of the slice resampling for masks: ``(slice_size, slice_size)`` → ``source_shape_yx``.
-
-    Exact (the original mask comes back) for source slices no larger than ``slice_size``.
-    """
-    return resize_mask(mask, tuple(source_shape_yx))

@@ -13,7 +13,7 @@ from embedcache.io import labels as flare
 from embedcache.errors import EmbedcacheError
 from embedcache.io.files import make_output_folder
 from embedcache.evaluation.metrics import gland_metrics
-from embedcache.evaluation.report import write_report
+from embedcache.evaluation.report import Report, write_report
 from embedcache.io.nifti import is_nifti, nifti_stem
 from embedcache.io.volumes import check_same_grid, read_label
 
@@ -28,7 +28,7 @@ def _by_case(folder: Path) -> dict[str, Path]:
 
 
 def evaluate(pred_dir: Path, labels_dir: Path, out_dir: Path, *, labels=flare.ADRENALS, name: str = "prediction",
-             progress=None, log=print) -> dict:
+             progress=None, log=print) -> Report:
     """Score every prediction in ``pred_dir`` against its label in ``labels_dir``; write the report to
     ``out_dir``. A case without a prediction, or on another grid, is reported and the rest scored."""
     truths, predictions = _by_case(labels_dir), _by_case(pred_dir)
@@ -55,13 +55,13 @@ def evaluate(pred_dir: Path, labels_dir: Path, out_dir: Path, *, labels=flare.AD
             progress.advance(task)
     if not results:
         raise EmbedcacheError(f"{pred_dir}: no case could be scored ({next(iter(errors.values()))})")
-    report = {
-        "kind": "evaluate", "case_set": "given", "case_names": list(results),
-        "case_set_note": f"every case of {labels_dir} with a prediction in {pred_dir}",
-        "made_by": {"predictions": str(pred_dir), "labels": str(labels_dir)},
-        "prompts": {PROTOCOL: f"the masks in {pred_dir}, however they were made"},
-        "models": [name], "labels": {str(k): flare.name(k) for k in labels},
-        "nsd_tolerance_mm": {str(k): flare.tolerance_mm(k) for k in labels},
-        "cases": {PROTOCOL: results}, "errors": errors,
-    }
+    report = Report(
+        kind="evaluate", case_set="given", case_names=tuple(results),
+        case_set_note=f"every case of {labels_dir} with a prediction in {pred_dir}",
+        made_by={"predictions": str(pred_dir), "labels": str(labels_dir)},
+        prompts={PROTOCOL: f"the masks in {pred_dir}, however they were made"},
+        models=(name,), labels={str(k): flare.name(k) for k in labels},
+        nsd_tolerance_mm={str(k): flare.tolerance_mm(k) for k in labels},
+        cases={PROTOCOL: results}, errors=errors,
+    )
     return write_report(out_dir, report)

@@ -50,21 +50,6 @@ def nsd(pred: np.ndarray, truth: np.ndarray, *, spacing_mm, tolerance_mm: float 
     return float(value.reshape(-1)[0])
 
 
-def dice_2d(logits_low, masks):
-    """Per-prompt Dice at full slice resolution: ``(P, 1, 256, 256)`` logits vs ``(P, S, S)`` bool masks → ``(P,)``.
-
-    The logits are upsampled to the slice before the threshold. Both empty counts as 1 (FLARE22's rule).
-    """
-    import torch
-    import torch.nn.functional as F
-
-    size = masks.shape[-1]
-    pred = F.interpolate(logits_low.float(), size=(size, size), mode="bilinear", align_corners=False)[:, 0] > 0
-    inter = (pred & masks).sum((1, 2)).float()
-    total = (pred.sum((1, 2)) + masks.sum((1, 2))).float()
-    return torch.where(total > 0, 2 * inter / total.clamp_min(1), torch.ones_like(total))
-
-
 def gland_metrics(pred: np.ndarray, truth: np.ndarray, *, spacing_mm, label: int) -> dict[str, float]:
     """FLARE22's Dice and NSD (at the label's tolerance) of two bool ``(z, y, x)`` masks of one label,
     and the mean 2-D Dice of the slices that hold the ground truth.

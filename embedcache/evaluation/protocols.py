@@ -27,10 +27,10 @@ from typing import Callable
 
 import numpy as np
 
+from embedcache.config import PROTOCOLS, ProtocolSettings, check_protocols
 from embedcache.errors import UsageError
-from embedcache.model.prompts import box_from_mask, jitter_boxes
+from embedcache.model.prompts import box_from_mask, grow_box, jitter_boxes
 
-PROTOCOLS = ("oracle", "jitter", "box3d")
 DESCRIPTIONS = {
     "oracle": "tight ground-truth box on every slice of the gland (an upper bound)",
     "jitter": "ground-truth boxes with every edge moved by a seeded random fraction of the box size",
@@ -43,31 +43,9 @@ Segment = Callable[[np.ndarray, np.ndarray], np.ndarray]
 CHUNK = 16
 
 
-@dataclass(frozen=True)
-class ProtocolSettings:
-    """How the protocols draw their boxes; saved in every report."""
-
-    jitter: float = 0.1  # jitter: each edge moves by up to this fraction of the box's width or height
-    seed: int = 0  # jitter: the same seed, case and label give the same boxes
-    margin_mm: float = 3.0  # box3d from a label: the 3-D box is this much larger in-plane ...
-    margin_slices: int = 1  # ... and this many slices longer at each end
-    grow_mm: float = 3.0  # box3d: the box of the previous slice's mask, grown by this much
-
-    def __post_init__(self):
-        if not 0 <= self.jitter < 1:
-            raise UsageError(f"--jitter must lie in [0, 1), got {self.jitter}")
-        if not (0 <= self.margin_mm <= 100 and 0 <= self.grow_mm <= 100):
-            raise UsageError("--margin-mm and --grow-mm must lie in 0..100 mm")
-        if not 0 <= self.margin_slices <= 50:
-            raise UsageError(f"--margin-slices must lie in 0..50, got {self.margin_slices}")
-
-
 def parse_protocols(text: str) -> tuple[str, ...]:
-    names = tuple(p.strip() for p in text.split(",") if p.strip())
-    unknown = [p for p in names if p not in PROTOCOLS]
-    if unknown or not names:
-        raise UsageError(f"--prompts {text}: choose from {', '.join(PROTOCOLS)} (comma-separated)")
-    return names
+    """``oracle,box3d`` → ``("oracle", "box3d")``; an empty list or an unknown name is refused."""
+    return check_protocols(tuple(p.strip() for p in text.split(",") if p.strip()), text=text)
 
 
 @dataclass(frozen=True)
@@ -80,9 +58,7 @@ class Box3D:
 
     def clipped(self, shape_zyx) -> "Box3D":
         depth, height, width = shape_zyx
-        x0, y0, x1, y1 = self.box
-        return Box3D(max(0, self.z0), min(depth - 1, self.z1),
-                     (max(0.0, x0), max(0.0, y0), min(float(width), x1), min(float(height), y1)))
+        return Box3D(max(0, self.z0), min(depth - 1, self.z1), grow_box(self.box, within=(0.0, 0.0, float(width), float(height))))
 
     def check(self, shape_zyx, source: str) -> None:
         """Refuse a box that is inverted or lies outside the volume, naming ``source``."""
@@ -117,10 +93,10 @@ def box3d_from_label(truth: np.ndarray, spacing_mm, *, margin_mm: float, margin_
     zs = np.flatnonzero(truth.any(axis=(1, 2)))
     if zs.size == 0:
         return None
-    x0, y0, x1, y1 = box_from_mask(truth.any(axis=0))
-    gy, gx = margin_mm / spacing_mm[1], margin_mm / spacing_mm[2]
-    box = Box3D(int(zs[0]) - margin_slices, int(zs[-1]) + margin_slices, (x0 - gx, y0 - gy, x1 + gx, y1 + gy))
-    return box.clipped(truth.shape)
+    depth, height, width = truth.shape
+    grown = grow_box(box_from_mask(truth.any(axis=0)), (margin_mm / spacing_mm[2], margin_mm / spacing_mm[1]),
+                     within=(0.0, 0.0, float(width), float(height)))
+    return Box3D(int(zs[0]) - margin_slices, int(zs[-1]) + margin_slices, grown).clipped(truth.shape)
 
 
 def propagate(box: Box3D, segment: Segment, shape_zyx, *, grow_px: tuple[float, float]) -> Prediction:
@@ -133,9 +109,7 @@ def propagate(box: Box3D, segment: Segment, shape_zyx, *, grow_px: tuple[float, 
     for step in (1, -1):
         previous, z = first, middle + step
         while box.z0 <= z <= box.z1 and previous.any():
-            x0, y0, x1, y1 = box_from_mask(previous)
-            grown = (max(x0 - grow_px[0], box.box[0]), max(y0 - grow_px[1], box.box[1]),
-                     min(x1 + grow_px[0], box.box[2]), min(y1 + grow_px[1], box.box[3]))
+            grown = grow_box(box_from_mask(previous), grow_px, within=box.box)
             if grown[2] <= grown[0] or grown[3] <= grown[1]:
                 break
             previous = segment(np.array([z]), np.array([grown], np.float32))[0]

@@ -1,64 +1,41 @@
 """Scoring on the cache: vanilla against fine-tuned decoder, under each prompt protocol, in 3-D.
 
 Read top to bottom: choose the cases (held-out test cases when there are any), then for every
-case, gland, protocol and model run the protocol (:mod:`embedcache.evaluation.protocols`) on the cached
-embeddings, and compare the 3-D prediction with the label volume on its own voxels: FLARE22's
-Dice and NSD, and the mean 2-D Dice of the slices holding the gland. The report
-(:mod:`embedcache.evaluation.report`) says which cases, which prompts and which checkpoint made each number.
+case, gland, protocol and model run the protocol (:mod:`embedcache.evaluation.protocols`) on the
+cached embeddings, and compare the 3-D prediction with the label volume on its own voxels:
+FLARE22's Dice and NSD, and the mean 2-D Dice of the slices holding the gland. The report
+(:mod:`embedcache.evaluation.report`) says which cases, which prompts and which checkpoint made
+each number; the :class:`~embedcache.config.ScoreConfig` is saved beside it as ``config.json``.
 """
 
 from __future__ import annotations
 
-import copy
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from embedcache.io import labels as flare
+from embedcache.cache.records import CaseRecord
+from embedcache.cache.store import Cache, open_cache
+from embedcache.config import ScoreConfig, save_config
+from embedcache.errors import EmbedcacheError
 from embedcache.evaluation import protocols
-from embedcache.model.backbones import get_backbone, load_backbone, require_weights
-from embedcache.cache.store import Cache, CaseRecord, open_cache
+from embedcache.evaluation.metrics import dice, gland_metrics
+from embedcache.evaluation.page import Overlay
+from embedcache.evaluation.report import Report, write_report
+from embedcache.io import labels as flare
+from embedcache.io.datasets import discover_cases
+from embedcache.io.files import make_output_folder
+from embedcache.io.volumes import read_image, read_label, source_digest
 from embedcache.model.decoder import segment_boxes
 from embedcache.runtime.devices import pick_device
-from embedcache.errors import EmbedcacheError, UsageError
-from embedcache.io.files import make_output_folder
-from embedcache.evaluation.metrics import dice, gland_metrics
-from embedcache.evaluation.protocols import ProtocolSettings
-from embedcache.evaluation.report import Overlay, write_report
-from embedcache.train.runs import LOG, RunFolder, load_trained_decoder
-from embedcache.io.datasets import discover_cases
-from embedcache.io.volumes import read_image, read_label, source_digest
+from embedcache.train.cases import choose_cases
+from embedcache.train.decoders import load_model, load_trained_decoder
+from embedcache.train.runs import LOG, RunFolder
 
-CASE_SETS = ("test", "val", "train", "all")
-
-
-def choose_cases(cache: Cache, split: dict | None, wanted: str | None) -> tuple[str, list[str], str]:
-    """The case set to score, its cases, and a sentence on what it is worth.
-
-    By default the held-out test cases (the run's split, or the cache's ``imagesTs/`` cases), else
-    the validation cases, which chose the checkpoint, else every case."""
-    encoded = [c.name for c in cache.cases if c.n_rows > 0]
-    test = split.get("test") if split and "test" in split else [c.name for c in cache.cases if c.subset == "test"]
-    sets = {"test": test, "all": encoded}
-    if split:
-        sets.update(train=split["train"], val=split["val"])
-    if wanted is None:
-        wanted = "test" if [n for n in test if n in encoded] else ("val" if split else "all")
-    if wanted not in sets:
-        raise UsageError(f"--cases {wanted} needs --run RUN_DIR (its split.json); or use --cases test or all")
-    names = [n for n in encoded if n in sets[wanted]]
-    if not names:
-        raise EmbedcacheError(f"{cache.path}: no {wanted} cases to score; encode a test set (imagesTs/) or choose --cases")
-    notes = {
-        "test": "held out: no training or checkpoint choice saw them",
-        "val": "these validation cases chose the checkpoint (best validation Dice): an optimistic estimate",
-        "train": "the decoder was trained on these cases: not an estimate of accuracy on new scans",
-        "all": "every case in the cache, the training cases included" if split else
-               "every case in the cache; none is marked as held out (no imagesTs/ cases)",
-    }
-    return wanted, names, notes[wanted]
+#: The file in the report folder that holds the settings that made it.
+CONFIG = "config.json"
 
 
 def case_sources(records: list[CaseRecord], data: Path | None) -> dict[str, tuple[Path | None, Path]]:
@@ -110,7 +87,8 @@ class CachedCase:
             )
         return [self.row_of_z[int(z)] for z in zs]
 
-    def segmenter(self, prompt_encoder, mask_decoder, *, input_size: int, slice_size: int) -> protocols.Segment:
+    def segment_with(self, prompt_encoder, mask_decoder, *, input_size: int, slice_size: int) -> protocols.Segment:
+        """This case's :data:`~embedcache.evaluation.protocols.Segment` through the given decoder."""
         shape_yx = tuple(self.case.shape_zyx[1:])
 
         @torch.no_grad()
@@ -124,75 +102,87 @@ class CachedCase:
         return segment
 
 
-def score(
-    cache_path: Path, out_dir: Path, *, run_dir: Path | None = None, decoder_file: Path | None = None,
-    cases: str | None = None, prompts: tuple[str, ...] = protocols.PROTOCOLS,
-    settings: ProtocolSettings = ProtocolSettings(), checkpoint: Path | None = None, device: str = "auto",
-    data: Path | None = None, progress=None, log=print,
-) -> dict:
-    """Score the vanilla decoder (and the fine-tuned one when given) on a case set of ``cache_path``
-    under each of ``prompts``; write the report to ``out_dir`` and return it."""
-    out_dir, cache_path = Path(out_dir), Path(cache_path)
-    if cases is not None and cases not in CASE_SETS:
-        raise UsageError(f"--cases {cases}: choose {', '.join(CASE_SETS)}")
+def score(config: ScoreConfig, out_dir: Path, *, progress=None, log=print) -> Report:
+    """Score the vanilla decoder (and the fine-tuned one of ``config.run`` or ``config.decoder``) on a
+    case set of ``config.cache`` under each of ``config.prompts``; write the report to ``out_dir``."""
+    out_dir, cache_path = Path(out_dir), Path(config.cache)
+    run_dir = Path(config.run) if config.run else None
     make_output_folder(out_dir)
-    dev = pick_device(device)
+    dev = pick_device(config.device)
     with open_cache(cache_path) as cache:
         trained = None
-        if run_dir or decoder_file:
-            trained = load_trained_decoder(run_dir or decoder_file, expect=cache.signature, expect_path=cache_path)
-        split = RunFolder(run_dir).split() if run_dir else None
-        case_set, names, note = choose_cases(cache, split, cases)
-        scored = [c for c in cache.cases if c.name in names]
-        sources = case_sources(scored, data)
-        for case in scored:
+        if config.run or config.decoder:
+            trained = load_trained_decoder(Path(config.run or config.decoder), expect=cache.signature,
+                                           expect_path=cache_path)
+        scored = choose_cases(cache, RunFolder(run_dir).split() if run_dir else None, config.cases)
+        records = [c for c in cache.cases if c.name in scored.names]
+        sources = case_sources(records, Path(config.data) if config.data else None)
+        for case in records:
             if sources[case.name][0] is None:
                 log(f"{case.image}: not there; the pictures of case {case.name} show its masks without the CT")
-        backbone = get_backbone(cache.signature["backbone"])
-        parts, sha = load_backbone(backbone, checkpoint or (trained.checkpoint if trained else None))
-        require_weights(sha, cache.signature["checkpoint_sha256"], path=checkpoint, made=f"the cache {cache_path}")
-        parts = parts.to(dev).eval()
-        decoders = {"vanilla": parts.mask_decoder}
-        if trained is not None:
-            tuned = copy.deepcopy(parts.mask_decoder)  # the decoder alone: no second image encoder to build
-            tuned.load_state_dict(trained.state)
-            decoders["finetuned"] = tuned.eval()
-        size = {"input_size": backbone.input_size, "slice_size": cache.signature["preprocess"]["slice_size"]}
-        results: dict = {p: {} for p in prompts}
-        shown = prompts[-1] if "box3d" not in prompts else "box3d"  # the overlays show the realistic protocol
-        picks: dict = {}
-        task = progress.add_task("scoring", total=len(names) * len(cache.labels)) if progress else None
-        for case in scored:
-            image_path, label_path = sources[case.name]
-            truth = read_label(label_path).array
-            if tuple(truth.shape) != tuple(case.shape_zyx):
-                raise EmbedcacheError(f"{label_path}: label volume changed since encoding; encode again")
-            cached = CachedCase(cache, case, device=dev)
-            segmenters = {m: cached.segmenter(parts.prompt_encoder, d, **size) for m, d in decoders.items()}
-            for label in cache.labels:
-                gt = truth == label
-                for protocol in prompts:
-                    predictions = {m: protocols.run(protocol, segment, truth=gt, spacing_mm=case.spacing_mm,
-                                                    settings=settings, case=case.name, label=label)
-                                   for m, segment in segmenters.items()}
-                    results[protocol].setdefault(case.name, {})[str(label)] = {
-                        m: gland_metrics(p.mask, gt, spacing_mm=case.spacing_mm, label=label) for m, p in predictions.items()
-                    }
-                    if protocol == shown:
-                        _keep_extremes(picks, case, image_path, label, protocol, gt, predictions)
-                if progress:
-                    progress.advance(task)
+        model = load_model(cache.signature.backbone, trained=trained,
+                           checkpoint=Path(config.checkpoint) if config.checkpoint else None, device=dev,
+                           expect_sha256=cache.signature.checkpoint_sha256, made=f"the cache {cache_path}")
+        results, picks = _score_cases(cache, records, sources, model, config, dev, progress)
         overlays = _overlays(picks)
-    report = {
-        "kind": "score", "case_set": case_set, "case_set_note": note, "case_names": names,
-        "made_by": {"cache": str(cache_path), "run": str(run_dir) if run_dir else None,
-                    **(trained.describe() if trained else {"decoder": "vanilla only"}),
-                    "protocol settings": asdict(settings)},
-        "prompts": {p: protocols.DESCRIPTIONS[p] for p in prompts}, "protocol_settings": asdict(settings),
-        "models": list(decoders), "labels": {str(k): flare.name(k) for k in cache.labels},
-        "nsd_tolerance_mm": {str(k): flare.tolerance_mm(k) for k in cache.labels}, "cases": results,
-    }
-    return write_report(out_dir, report, overlays=overlays, log_csv=Path(run_dir) / LOG if run_dir else None)
+    report = Report(
+        kind="score", case_set=scored.set, case_set_note=scored.note, case_names=scored.names,
+        made_by={"cache": str(cache_path), "run": str(run_dir) if run_dir else None,
+                 **(trained.describe() if trained else {"decoder": "vanilla only"}),
+                 "protocol settings": asdict(config.protocol)},
+        prompts={p: protocols.DESCRIPTIONS[p] for p in config.prompts}, protocol_settings=asdict(config.protocol),
+        models=tuple(model.decoders), labels={str(k): flare.name(k) for k in cache.labels},
+        nsd_tolerance_mm={str(k): flare.tolerance_mm(k) for k in cache.labels}, cases=results,
+    )
+    save_config(config, out_dir / CONFIG)
+    return write_report(out_dir, report, overlays=overlays, log_csv=run_dir / LOG if run_dir else None)
+
+
+def _score_cases(cache: Cache, records: list[CaseRecord], sources: dict, model, config: ScoreConfig, dev, progress):
+    """Every protocol on every gland of ``records`` with every decoder of ``model``: the results
+    (``{protocol: {case: {label: {model: metrics}}}}``) and the best and worst slices to show."""
+    size = {"input_size": model.backbone.input_size, "slice_size": cache.signature.slice_size}
+    results: dict = {p: {} for p in config.prompts}
+    shown = config.prompts[-1] if "box3d" not in config.prompts else "box3d"  # the overlays show the realistic protocol
+    picks: dict[tuple[int, str], Pick] = {}
+    task = progress.add_task("scoring", total=len(records) * len(cache.labels)) if progress else None
+    for case in records:
+        image_path, label_path = sources[case.name]
+        truth = read_label(label_path).array
+        if tuple(truth.shape) != tuple(case.shape_zyx):
+            raise EmbedcacheError(f"{label_path}: label volume changed since encoding; encode again")
+        cached = CachedCase(cache, case, device=dev)
+        segments = {m: cached.segment_with(model.parts.prompt_encoder, d, **size) for m, d in model.decoders.items()}
+        for label in cache.labels:
+            gt = truth == label
+            for protocol in config.prompts:
+                predictions = {m: protocols.run(protocol, segment, truth=gt, spacing_mm=case.spacing_mm,
+                                                settings=config.protocol, case=case.name, label=label)
+                               for m, segment in segments.items()}
+                results[protocol].setdefault(case.name, {})[str(label)] = {
+                    m: gland_metrics(p.mask, gt, spacing_mm=case.spacing_mm, label=label) for m, p in predictions.items()
+                }
+                if protocol == shown:
+                    _keep_extremes(picks, case, image_path, label, protocol, gt, predictions)
+            if progress:
+                progress.advance(task)
+    return results, picks
+
+
+@dataclass
+class Pick:
+    """A slice worth showing: the best or the worst (``tag``) of a gland so far, by the last model's 2-D Dice."""
+
+    case: CaseRecord
+    image: Path | None  # None: the CT is gone, the picture shows the masks on air
+    label: int
+    z: int
+    protocol: str
+    tag: str
+    dice: dict[str, float]
+    truth: np.ndarray
+    masks: dict[str, np.ndarray] = field(default_factory=dict)
+    box: tuple[float, float, float, float] | None = None
 
 
 def _keep_extremes(picks: dict, case: CaseRecord, image: Path | None, label: int, protocol: str, gt: np.ndarray,
@@ -203,21 +193,22 @@ def _keep_extremes(picks: dict, case: CaseRecord, image: Path | None, label: int
         scores = {m: dice(p.mask[z], gt[z]) for m, p in predictions.items()}
         for tag, better in (("best", np.greater), ("worst", np.less)):
             held = picks.get((label, tag))
-            if held is None or better(scores[key_model], held["dice"][key_model]):
-                boxes = predictions[key_model].boxes
-                picks[(label, tag)] = dict(case=case, image=image, label=label, z=int(z), protocol=protocol, tag=tag,
+            if held is None or better(scores[key_model], held.dice[key_model]):
+                picks[(label, tag)] = Pick(case=case, image=image, label=label, z=int(z), protocol=protocol, tag=tag,
                                            dice=scores, truth=gt[z].copy(),
                                            masks={m: p.mask[z].copy() for m, p in predictions.items()},
-                                           box=boxes.get(int(z)))
+                                           box=predictions[key_model].boxes.get(int(z)))
 
 
-def _overlays(picks: dict) -> list[Overlay]:
+def _overlays(picks: dict[tuple[int, str], Pick]) -> list[Overlay]:
     images: dict = {}
     shown = []
-    for pick in sorted(picks.values(), key=lambda p: (p["label"], p["tag"] != "best")):
-        case, image = pick.pop("case"), pick.pop("image")
+    for pick in sorted(picks.values(), key=lambda p: (p.label, p.tag != "best")):
+        case = pick.case
         if case.name not in images:  # air where the CT is gone (deleted after encoding, say)
-            images[case.name] = np.full(case.shape_zyx, -1000, np.float32) if image is None \
-                else read_image(image, series_uid=case.series_uid).array
-        shown.append(Overlay(case=case.name, hu=images[case.name][pick["z"]], **pick))
+            images[case.name] = np.full(case.shape_zyx, -1000, np.float32) if pick.image is None \
+                else read_image(pick.image, series_uid=case.series_uid).array
+        shown.append(Overlay(case=case.name, label=pick.label, z=pick.z, protocol=pick.protocol, tag=pick.tag,
+                             hu=images[case.name][pick.z], truth=pick.truth, masks=pick.masks, box=pick.box,
+                             dice=pick.dice))
     return shown

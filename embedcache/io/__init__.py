@@ -1,1 +1,11 @@
-"""io"""
+"""io: the only code that knows file formats.
+
+NIfTI and DICOM series in (:mod:`~embedcache.io.volumes` is the one reader entry point, returning
+volumes in the canonical ``(z, y, x)`` orientation that :mod:`~embedcache.io.geometry` fixes, with
+the affine that maps them back), NIfTI masks out on the input's own grid, dataset layouts
+(:mod:`~embedcache.io.datasets`: FLARE22 / nnU-Net folders), atomic writes and one-line write
+errors (:mod:`~embedcache.io.files`), FLARE22's label ids and NSD tolerances
+(:mod:`~embedcache.io.labels`) and the synthetic phantom (:mod:`~embedcache.io.phantom`).
+Contract: DICOM pixel data become HU through rescale slope and intercept before anything else;
+slices are ordered along the slice normal; every error names the file and the fix. No torch here.
+"""

@@ -17,7 +17,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from embedcache.cache.store import EMBEDDING_SHAPE  # noqa: F401  (every backbone's output shape)
 from embedcache.errors import EmbedcacheError, reason
 
 SAM_PIXEL_MEAN = (123.675 / 255, 116.28 / 255, 103.53 / 255)

@@ -1,4 +1,4 @@
-"""Dice + cross-entropy on sigmoid logits, per prompt.
+"""Dice + cross-entropy on sigmoid logits, per prompt, and the per-prompt 2-D Dice validation reports.
 
 Equal to MONAI's ``DiceCELoss(sigmoid=True, squared_pred=True)`` (tested) when averaged over
 prompts, but it returns one value per prompt: distributed training weights each rank's prompts by
@@ -28,3 +28,15 @@ def dice_ce_per_prompt(
     dice = 1.0 - (2.0 * intersection + smooth_nr) / (denominator + smooth_dr)
     bce = F.binary_cross_entropy_with_logits(logits, target, reduction="none").mean(dims)
     return dice + bce
+
+
+def dice_2d(logits_low, masks):
+    """Per-prompt Dice at full slice resolution: ``(P, 1, 256, 256)`` logits vs ``(P, S, S)`` bool masks → ``(P,)``.
+
+    The logits are upsampled to the slice before the threshold. Both empty counts as 1 (FLARE22's rule).
+    """
+    size = masks.shape[-1]
+    pred = F.interpolate(logits_low.float(), size=(size, size), mode="bilinear", align_corners=False)[:, 0] > 0
+    inter = (pred & masks).sum((1, 2)).float()
+    total = (pred.sum((1, 2)) + masks.sum((1, 2))).float()
+    return torch.where(total > 0, 2 * inter / total.clamp_min(1), torch.ones_like(total))

@@ -27,6 +27,14 @@ def box_from_mask(mask: np.ndarray) -> np.ndarray | None:
     return np.array([cols[0], rows[0], cols[-1] + 1, rows[-1] + 1], dtype=np.float32)
 
 
+def grow_box(box, grow_xy: tuple[float, float] = (0.0, 0.0), *, within) -> tuple[float, float, float, float]:
+    """``box`` ``(x0, y0, x1, y1)`` grown by ``grow_xy`` = ``(x, y)`` pixels on every side and kept inside
+    the box ``within``: the one rule for the 3-D box, its walk and the stop prompts."""
+    x0, y0, x1, y1 = box
+    gx, gy = grow_xy
+    return (max(x0 - gx, within[0]), max(y0 - gy, within[1]), min(x1 + gx, within[2]), min(y1 + gy, within[3]))
+
+
 def boxes_for_labels(label_slice: np.ndarray, labels: tuple[int, ...]) -> np.ndarray:
     """One box per target label for a ``(y, x)`` label slice: ``(len(labels), 4)``, NaN rows where absent."""
     out = np.full((len(labels), 4), np.nan, dtype=np.float32)

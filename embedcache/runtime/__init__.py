@@ -1,1 +1,3 @@
-"""runtime"""
+"""runtime: where and how work runs: device choice and the CPU allocator setting
+(:mod:`~embedcache.runtime.devices`), torchrun's ranks (:mod:`~embedcache.runtime.distributed`),
+and work ahead or behind in a thread (:mod:`~embedcache.runtime.readahead`)."""

@@ -6,6 +6,11 @@ import os
 from datetime import timedelta
 
 
+def is_main_process() -> bool:
+    """True in a plain process and in torchrun's rank 0, which speaks for all (read from ``RANK``, no torch)."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
 class Dist:
     """Reads ``WORLD_SIZE``/``RANK``/``LOCAL_RANK`` as torchrun sets them and joins the process group
     (NCCL on CUDA, gloo on CPU); a plain process is rank 0 of a world of 1."""

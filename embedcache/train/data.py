@@ -9,7 +9,6 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from functools import cached_property
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -17,20 +16,8 @@ import torch.nn.functional as F
 
 from embedcache.cache.store import Cache
 from embedcache.model.decoder import LOW_RES
-from embedcache.errors import EmbedcacheError
-from embedcache.io.files import read_json
-from embedcache.model.prompts import box_present
+from embedcache.model.prompts import box_present, grow_box
 from embedcache.runtime.readahead import ReadAhead
-
-
-def split_cases(names: list[str], *, val_fraction: float, seed: int) -> tuple[list[str], list[str]]:
-    """Seeded split by case (patient): no case on both sides, at least one on each."""
-    if len(names) < 2:
-        raise EmbedcacheError(f"the cache holds {len(names)} case(s); a train/validation split needs at least 2")
-    order = np.random.default_rng(seed).permutation(len(names))
-    n_val = min(max(1, round(len(names) * val_fraction)), len(names) - 1)
-    val = sorted(names[i] for i in order[:n_val])
-    return sorted(n for n in names if n not in val), val
 
 
 @dataclass(frozen=True)
@@ -209,7 +196,7 @@ def _stop_prompts(cache: Cache, rows: np.ndarray, boxes: np.ndarray, present: np
     z = cache.read("slice_index", slice(None))[rows]
     case_of = cache.read("case_index", slice(None))[rows]
     where = {(int(c), int(k)): i for i, (c, k) in enumerate(zip(case_of, z))}
-    size = cache.signature["preprocess"]["slice_size"]
+    size = cache.signature.slice_size
     found = []
     for i, j in zip(*np.nonzero(present)):
         case = cache.cases[int(case_of[i])]
@@ -217,9 +204,7 @@ def _stop_prompts(cache: Cache, rows: np.ndarray, boxes: np.ndarray, present: np
         for step in (-1, 1):
             other = where.get((int(case_of[i]), int(z[i]) + step))
             if other is not None and not present[other, j]:
-                x0, y0, x1, y1 = boxes[i, j]
-                found.append((other, j, (max(0, x0 - grow[0]), max(0, y0 - grow[1]), min(size, x1 + grow[0]),
-                                         min(size, y1 + grow[1]))))
+                found.append((other, j, grow_box(boxes[i, j], grow, within=(0, 0, size, size))))
     if not found:
         return np.zeros(0, int), np.zeros(0, int), np.zeros((0, 4), np.float32)
     other, slot, box = zip(*found)
@@ -244,7 +229,7 @@ class CaseSet:
         """The batch of local ``slices``; ``boxes`` (indexed as ``prompts.boxes``) replaces the cached boxes."""
         return plan_batch(self.prompts, slices, labels=self.labels, box_scale=self.box_scale, boxes=boxes, count=count)
 
-    def batch(self, slices: np.ndarray, boxes: np.ndarray | None = None) -> Batch:
+    def batch(self, slices: np.ndarray, boxes: np.ndarray | None = None) -> Batch:  # benchmarks/epoch.py
         """The prompts of local ``slices`` on the device; ``boxes`` as for :meth:`plan`."""
         return fetch_batch(self.slices, self.plan(slices, boxes), slice_size=self.slice_size)
 
@@ -258,15 +243,16 @@ class CaseSet:
 
 
 def case_sets(cache: Cache, names: dict[str, list[str]], *, box_scale: float, device: torch.device,
-              resident: str = "auto", stop_prompts: tuple[str, ...] = ()) -> dict[str, CaseSet]:
+              resident: str = "auto", stop_prompts: tuple[str, ...] = (), stop_grow_mm: float = 3.0) -> dict[str, CaseSet]:
     """A :class:`CaseSet` per named list of cases, holding the slices that have prompts (the sets named
     in ``stop_prompts`` also get :meth:`PromptIndex.from_cache`'s stop prompts). ``resident``:
     ``device`` keeps every set's embeddings on the device, ``stream`` reads them from HDF5 per batch,
     ``auto`` the former when all sets together take at most half of the device's free memory."""
     all_rows = {key: np.concatenate([cache.case(n).row_index for n in group]) if group else np.zeros(0, int)
                 for key, group in names.items()}
-    prompts = {key: PromptIndex.from_cache(cache, rows, stop_prompts=key in stop_prompts) for key, rows in all_rows.items()}
-    slice_size = cache.signature["preprocess"]["slice_size"]
+    prompts = {key: PromptIndex.from_cache(cache, rows, stop_prompts=key in stop_prompts, grow_mm=stop_grow_mm)
+               for key, rows in all_rows.items()}
+    slice_size = cache.signature.slice_size
     bytes_per_row = int(np.prod(cache.embeddings.shape[1:])) * cache.embeddings.dtype.itemsize + slice_size**2
     on_device = resident == "device" or (
         resident == "auto" and fits_on_device(sum(len(p.rows) for p in prompts.values()), bytes_per_row, device)
@@ -279,32 +265,3 @@ def case_sets(cache: Cache, names: dict[str, list[str]], *, box_scale: float, de
         )
         for key in names
     }
-
-
-def load_split(path: Path, cache: Cache) -> dict[str, list[str]]:
-    """A split file (``{"train": [...], "val": [...], "test": [...]}``, as nnU-Net's ``splits_final.json``
-    holds per fold), checked against the cache: every case known, none in two sets, no test case of
-    the cache (``imagesTs/``) in train or val."""
-    path = Path(path)
-    split = read_json(path)
-    if isinstance(split, list):
-        raise EmbedcacheError(f"{path}: holds {len(split)} folds (nnU-Net's splits_final.json); save the fold to train "
-                              'on as its own file {"train": [...], "val": [...]}')
-    if not isinstance(split, dict) or not {"train", "val"} <= set(split) or set(split) - {"train", "val", "test"} \
-            or not all(isinstance(v, list) and all(isinstance(n, str) for n in v) for v in split.values()):
-        raise EmbedcacheError(f'{path}: expected {{"train": [case names], "val": [...], "test": [...]}} (test optional)')
-    known = {c.name: c for c in cache.cases}
-    seen: dict[str, str] = {}
-    for key in ("train", "val", "test"):
-        for name in split.get(key, []):
-            if name not in known:
-                raise EmbedcacheError(f"{path}: case {name} ({key}) is not in {cache.path}; encode it or remove it")
-            if name in seen:
-                raise EmbedcacheError(f"{path}: case {name} is in both {seen[name]} and {key}; put each case in one set")
-            if key != "test" and known[name].subset == "test":
-                raise EmbedcacheError(f"{path}: case {name} is a test case of the cache (imagesTs/); it may not be "
-                                      f"trained on: move it to test")
-            seen[name] = key
-    if not split["train"] or not split["val"]:
-        raise EmbedcacheError(f"{path}: train and val need at least one case each")
-    return {"train": list(split["train"]), "val": list(split["val"]), "test": list(split.get("test", []))}

@@ -1,10 +1,12 @@
 """Phase two: train SAM's mask decoder, and nothing else, against the embedding cache.
 
-Read :func:`finetune` top to bottom: split the cache's cases into train and validation (by
+Read :func:`train` top to bottom: split the cache's cases into train and validation (by
 patient, seeded), put the embeddings where the decoder runs, build the trainer, then one loop whose
-epochs each train → validate → record → save → stop? The parts live elsewhere: data access in
-:mod:`embedcache.train.data`, the model and its optimizer step in :mod:`embedcache.train.trainer`, the run
-folder and its checkpoints in :mod:`embedcache.train.runs`.
+epochs each train → validate → record → save → stop? The parts live elsewhere: the checks before
+any of this and the resume policy in :mod:`embedcache.train.finetune`, the split in
+:mod:`embedcache.train.cases`, data access in :mod:`embedcache.train.data`, the model and its
+optimizer step in :mod:`embedcache.train.trainer`, the run folder in :mod:`embedcache.train.runs`
+and its checkpoints in :mod:`embedcache.train.checkpoint`.
 
 Distributed: under ``torchrun`` every rank draws the same global batch and trains on its share of
 the slices; each rank's loss is its prompts' sum over the global prompt count, so DDP's gradient
@@ -15,24 +17,26 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from embedcache.model.backbones import file_sha256, get_backbone, resolve_checkpoint
-from embedcache.cache.store import MODEL_KEYS, Cache, check_signature, first_difference, open_cache
+from embedcache.cache.records import MODEL_KEYS, Signature, first_difference
+from embedcache.cache.store import Cache, open_cache
 from embedcache.config import FinetuneConfig
-from embedcache.train.data import CaseSet, case_sets, load_split, split_cases
+from embedcache.errors import EmbedcacheError, reason
+from embedcache.model.backbones import file_sha256, get_backbone, resolve_checkpoint
+from embedcache.model.losses import dice_2d, dice_ce_per_prompt
+from embedcache.model.prompts import jitter_boxes
 from embedcache.runtime.devices import keep_freed_memory, pick_device
 from embedcache.runtime.distributed import Dist
-from embedcache.errors import EmbedcacheError, reason
-from embedcache.model.losses import dice_ce_per_prompt
-from embedcache.evaluation.metrics import dice_2d
-from embedcache.model.prompts import jitter_boxes
 from embedcache.runtime.readahead import ReadAhead
-from embedcache.train.runs import LAST, BEST, Checkpoint, EpochRecord, RunFolder, load_checkpoint, save_checkpoint
+from embedcache.train.cases import Split, check_split_in_cache, choose_split
+from embedcache.train.checkpoint import BEST, Checkpoint, load_checkpoint, save_checkpoint
+from embedcache.train.data import CaseSet, case_sets
+from embedcache.train.runs import LAST, EpochRecord, RunFolder
 from embedcache.train.trainer import Trainer, build_trainer
 
 
@@ -74,24 +78,23 @@ class FinetuneResult:
     stopped_early: bool = False
 
 
-def finetune(
-    config: FinetuneConfig, run_dir: Path, *, resume: bool = False, progress=None, log=print, on_epoch=None
-) -> FinetuneResult:
-    """Train the mask decoder on ``config.cache``; write checkpoints, config, split and log to ``run_dir``."""
-    run = RunFolder(run_dir)
-    resume = run.check_start(resume=resume, log=log)
+def train(config: FinetuneConfig, run: RunFolder, *, resume: bool, progress=None, log=print,
+          on_epoch=None) -> FinetuneResult:
+    """Train the mask decoder on ``config.cache``; write checkpoints, config, split and log to ``run``,
+    whose start :func:`embedcache.train.finetune.finetune` has checked (``resume``: continue it)."""
     dist = Dist(config.device)
     device = pick_device(dist.device_name)
     if device.type == "cpu":
         keep_freed_memory()
 
     with open_cache(Path(config.cache)) as cache:
-        check_signature(cache.signature, expected_signature(cache, config), path=Path(config.cache))
-        split = _resumed_split(run, cache) if resume else choose_split(cache, config)
+        cache.signature.check_matches(expected_signature(cache, config), path=Path(config.cache))
+        split = check_split_in_cache(run.split(), cache, run=run.path) if resume else choose_split(
+            cache, split_file=config.split, val_fraction=config.val_fraction, seed=config.seed)
         sets = _case_sets(cache, config, device, split)
         train, val = sets["train"], sets["val"]
         steps_per_epoch = math.ceil(len(train) / config.batch_size)
-        trainer = build_trainer(get_backbone(cache.signature["backbone"]), _weights(config), config, device=device,
+        trainer = build_trainer(get_backbone(cache.signature.backbone), _weights(config), config, device=device,
                                 total_steps=steps_per_epoch * config.epochs, world=dist.world)
         data = _data_fingerprint(cache, sets)
         if resume:
@@ -130,44 +133,22 @@ def finetune(
     return FinetuneResult(run.path, state.vanilla_dice, state.best_dice, state.best_epoch, state.history, stopped_early)
 
 
-def expected_signature(cache: Cache, config: FinetuneConfig) -> dict:
+def expected_signature(cache: Cache, config: FinetuneConfig) -> Signature:
     """The signature a cache must carry for this fine-tune: the chosen backbone and the weights it starts from."""
-    backbone = get_backbone(config.model or cache.signature["backbone"])
+    backbone = get_backbone(config.model or cache.signature.backbone)
     weights = resolve_checkpoint(backbone, _weights(config))
-    return {**cache.signature, "backbone": backbone.name, "input_size": backbone.input_size,
-            "checkpoint_sha256": file_sha256(weights)}
+    return replace(cache.signature, backbone=backbone.name, input_size=backbone.input_size,
+                   checkpoint_sha256=file_sha256(weights))
 
 
 def _weights(config: FinetuneConfig) -> Path | None:
     return Path(config.checkpoint) if config.checkpoint else None
 
 
-def choose_split(cache: Cache, config: FinetuneConfig) -> dict[str, list[str]]:
-    """Train, validation and test cases: the split file's, or the cache's test cases (``imagesTs/``)
-    held out and the rest split by patient, seeded."""
-    if config.split:
-        return load_split(Path(config.split), cache)
-    test = [c.name for c in cache.cases if c.subset == "test"]
-    names = [c.name for c in cache.cases if c.n_rows > 0 and c.subset != "test"]
-    train_names, val_names = split_cases(names, val_fraction=config.val_fraction, seed=config.seed)
-    return {"train": train_names, "val": val_names, "test": test}
-
-
-def _resumed_split(run: RunFolder, cache: Cache) -> dict[str, list[str]]:
-    """A resumed run's own split (its split.json, wherever the --split file went), if ``cache`` holds its cases."""
-    split = run.split()
-    known = {c.name for c in cache.cases}
-    missing = [n for n in split["train"] + split["val"] if n not in known]
-    if missing:
-        raise EmbedcacheError(f"{cache.path}: not the data the run in {run.path} was trained on (it lacks case "
-                              f"{missing[0]}); resume with the run's cache or start a new run")
-    return split
-
-
-def _case_sets(cache: Cache, config: FinetuneConfig, device: torch.device, split: dict) -> dict[str, CaseSet]:
+def _case_sets(cache: Cache, config: FinetuneConfig, device: torch.device, split: Split) -> dict[str, CaseSet]:
     """The train and validation sets of this run, on the device (or streamed)."""
-    box_scale = get_backbone(cache.signature["backbone"]).box_scale(cache.signature["preprocess"]["slice_size"])
-    sets = case_sets(cache, {"train": split["train"], "val": split["val"]}, box_scale=box_scale, device=device,
+    box_scale = get_backbone(cache.signature.backbone).box_scale(cache.signature.slice_size)
+    sets = case_sets(cache, {"train": list(split.train), "val": list(split.val)}, box_scale=box_scale, device=device,
                      resident=config.resident, stop_prompts=("train",) if config.stop_prompts else ())
     if len(sets["train"].prompts.boxes) == 0 or len(sets["val"].prompts.boxes) == 0:
         raise EmbedcacheError(f"{config.cache}: no box prompts on one side of the split; encode more cases")
@@ -233,18 +214,18 @@ def validate(trainer: Trainer, val: CaseSet, *, batch_size: int) -> tuple[float,
 
 def _data_fingerprint(cache: Cache, sets: dict[str, CaseSet]) -> dict:
     """Which cases (and which versions of their sources) each set holds, and the embeddings' signature."""
-    return {"signature": cache.signature,
+    return {"signature": cache.signature.to_dict(),
             **{key: {name: cache.case(name).digest for name in group.names} for key, group in sets.items()}}
 
 
 def _start(run: RunFolder, trainer: Trainer, config: FinetuneConfig, sets: dict[str, CaseSet], dist: Dist,
-           signature: dict, data: dict, split: dict) -> RunState:
+           signature: Signature, data: dict, split: Split) -> RunState:
     """A new run: score the vanilla decoder, then write the settings, the split, log row 0 and the
     epoch-0 checkpoint, so that from here on the folder can always be resumed."""
     vanilla_loss, vanilla_dice = validate(trainer, sets["val"], batch_size=config.batch_size)
     state = RunState(vanilla_dice=vanilla_dice)
     if dist.main:
-        run.create(config, {**split, "seed": config.seed, "split_file": config.split})
+        run.create(config, split)
         run.append_log(EpochRecord(0, float("nan"), vanilla_loss, vanilla_dice, 0.0, 0.0, 0.0))
         _save_epoch(run, trainer, state, config, signature, data, best=False)
     dist.barrier()
@@ -263,7 +244,7 @@ def _restore(run: RunFolder, trainer: Trainer, cache: Cache, data: dict) -> RunS
                 f"{cache.path}: not the data the run in {run.path} was trained on (its {key} cases differ at "
                 f"{changed[0][0] if changed else '?'}); resume with the run's cache or start a new run"
             )
-    difference = first_difference(cache.signature, saved.get("signature", {}), MODEL_KEYS)
+    difference = first_difference(cache.signature.to_dict(), saved.get("signature", {}), MODEL_KEYS)
     if difference:
         raise EmbedcacheError(f"{cache.path}: the run in {run.path} was trained on a cache with {difference}; "
                               "resume with the run's cache or start a new run")
@@ -278,7 +259,7 @@ def _restore(run: RunFolder, trainer: Trainer, cache: Cache, data: dict) -> RunS
         ) from None
 
 
-def _save_epoch(run: RunFolder, trainer: Trainer, state: RunState, config: FinetuneConfig, signature: dict,
+def _save_epoch(run: RunFolder, trainer: Trainer, state: RunState, config: FinetuneConfig, signature: Signature,
                 data: dict, *, best: bool) -> None:
     """``decoder.safetensors`` when this epoch is the best so far; ``last.safetensors`` always."""
     val_dice = state.history[-1].val_dice if state.history else state.vanilla_dice

@@ -1,0 +1,254 @@
+"""Phase one's pipeline: prepared slices in, embeddings out into each case's shard.
+
+The main thread only launches work: a reader (a thread, or worker processes on CUDA) prepares
+case after case (read, HU, window, resample, masks and boxes); the main thread sends batches,
+which may span cases, to the encoder; on CUDA a writer thread takes their embeddings into the
+cases' shards and writes out the complete ones while the next batches encode (on the CPU the main
+thread does, between encoder calls).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections import deque
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from embedcache.cache.plan import PlannedCase, where
+from embedcache.cache.preprocess import resize_mask, slice_to_model
+from embedcache.cache.records import CaseRecord, Signature
+from embedcache.cache.store import ShardWriter
+from embedcache.config import EncodeConfig
+from embedcache.errors import EmbedcacheError
+from embedcache.io.files import WRITE_ERRNOS, write_error
+from embedcache.io.volumes import read_image
+from embedcache.model.prompts import boxes_for_labels
+from embedcache.runtime.readahead import ReadAhead, WriteBehind
+
+if TYPE_CHECKING:
+    from embedcache.cache.encode import EncodeSummary
+
+
+@dataclass(frozen=True)
+class CaseBatch:
+    """One case, preprocessed: what the encoder and the shard need."""
+
+    plan: PlannedCase
+    record: CaseRecord
+    images: np.ndarray  # (n, S, S) float32 in [0, 1]
+    masks: np.ndarray  # (n, S, S) uint8
+    boxes: np.ndarray  # (n, L, 4)
+    slice_index: np.ndarray  # (n,)
+
+
+def prepare_case(plan: PlannedCase, config: EncodeConfig) -> CaseBatch:
+    """Read a planned case's image and turn its planned slices into model-ready slices, masks and boxes.
+
+    Margin slices, and slices whose gland (a voxel or two) vanished when resampled, get no box."""
+    size = config.preprocess.slice_size
+    image = read_image(plan.source.image, series_uid=plan.source.series_uid)
+    pre = config.preprocess
+    masks = resize_mask(plan.label_slices, (size, size))
+    boxes = np.stack([boxes_for_labels(m, config.labels) for m in masks])
+    z = plan.z
+    images = np.stack(
+        [slice_to_model(image.array[k], width_hu=pre.window_width_hu, level_hu=pre.window_level_hu, slice_size=size) for k in z]
+    ) if z.size else np.zeros((0, size, size), np.float32)
+    geometry = image.geometry
+    record = CaseRecord(
+        name=plan.source.name,
+        digest=plan.digest,
+        first_row=0,
+        n_rows=int(z.size),
+        shape_zyx=tuple(int(s) for s in geometry.shape_zyx),
+        spacing_mm=tuple(float(s) for s in geometry.spacing_mm),
+        source_shape=tuple(int(s) for s in geometry.source_shape),
+        source_affine=tuple(tuple(float(v) for v in row) for row in geometry.source_affine),
+        margin_slices=config.margin_slices,
+        **where(plan.source),  # absolute paths: score finds the sources from any working folder
+    )
+    return CaseBatch(plan=plan, record=record, images=images, masks=masks, boxes=boxes, slice_index=z)
+
+
+def encode_plans(plans, config: EncodeConfig, encoder, shard_dir: Path, signature: Signature, progress, *, row_size: int,
+                  summary: EncodeSummary):
+    """Encode planned cases in batches that may span cases; yield each case's record once its shard is complete.
+
+    The main thread only launches work: it takes prepared cases from the reader, sends batches to
+    the encoder and hands each batch's embeddings, still on their way to the host, to a writer
+    thread (on CUDA; see :func:`write_behind_depth`). The writer waits for them, fills the cases'
+    shards and writes out the complete ones, while the encoder runs the next batches."""
+    total = sum(len(p.z) for p in plans)
+    task = progress.add_task("encoding", total=total) if progress else None
+    reader = _reader(plans, config, encoder.device)
+    behind = WriteBehind(depth=write_behind_depth(encoder.device), name="embedcache-writer")
+    store = _Store(progress, task, summary)
+    pending: list[tuple[ShardWriter, int]] = []  # (writer, row within its case) awaiting the encoder
+    writers: list[ShardWriter] = []
+    try:
+        for item in _timed(reader, summary):
+            writer = ShardWriter(shard_dir, signature=signature, case=item.record)
+            writers.append(writer)
+            store.cases[writer] = item
+            pending.extend((writer, row) for row in range(item.record.n_rows))
+            while len(pending) >= encoder.batch_size:
+                _encode_batch(pending[: encoder.batch_size], store, encoder, behind)
+                del pending[: encoder.batch_size]
+            if item.record.n_rows == 0:
+                behind.submit(partial(store.finish_ready, [writer]))
+            yield from store.drain()
+        if pending:
+            _encode_batch(pending, store, encoder, behind)
+        behind.join()
+        yield from store.drain()
+    except OSError as exc:
+        if exc.errno not in WRITE_ERRNOS:
+            raise
+        raise write_error(exc, shard_dir, needed=sum(len(p.z) for p in plans) * row_size) from None
+    finally:
+        behind.close()  # first: the writer thread may be writing into these shards
+        if isinstance(reader, ReadAhead):
+            reader.close()
+        del reader  # a DataLoader's workers end with its iterator
+        for writer in writers:
+            writer.abort()
+
+
+def _timed(items, summary: EncodeSummary):
+    """``items``, adding the time spent waiting for each to ``summary.input_wait_s``."""
+    items = iter(items)
+    while True:
+        started = time.perf_counter()
+        item = next(items, _timed)
+        summary.input_wait_s += time.perf_counter() - started
+        if item is _timed:
+            return
+        yield item
+
+
+def write_behind_depth(device) -> int:
+    """Batches whose storing may wait in the writer thread: 2 on CUDA, where the encoder runs on
+    while the host writes; 0 (stored in the main thread, between encoder calls) on the CPU, where
+    a writer thread would only take cores from the encoder's threads."""
+    return 2 if device.type == "cuda" else 0
+
+
+class _Store:
+    """The writer thread's side of :func:`_encode_plans`: prepared cases by shard writer, and the
+    records of the shards it has finished, for the main thread to collect."""
+
+    def __init__(self, progress, task, summary: EncodeSummary):
+        self.progress, self.task, self.summary = progress, task, summary
+        self.cases: dict[ShardWriter, CaseBatch] = {}
+        self.finished: deque[CaseRecord] = deque()
+
+    def drain(self):
+        while self.finished:
+            yield self.finished.popleft()
+
+    def write(self, rows: list[tuple[ShardWriter, int]], fetched) -> None:
+        started = time.perf_counter()
+        embeddings, finite = fetched.wait()
+        waited = time.perf_counter()
+        try:
+            self._write(rows, embeddings, finite)
+        finally:
+            self.summary.encoder_wait_s += waited - started
+            self.summary.writing_s += time.perf_counter() - waited
+
+    def _write(self, rows: list[tuple[ShardWriter, int]], embeddings: np.ndarray, finite: bool) -> None:
+        if not finite:  # never let a NaN into the cache, whatever its cause
+            bad = sorted({self.cases[w].plan.source.name for (w, r), e in zip(rows, embeddings) if not np.isfinite(e).all()})
+            raise EmbedcacheError(
+                f"{bad[0]}: the image encoder returned NaN or infinite embeddings; check the image's voxels "
+                "(and --dtype float32 if they overflow float16)"
+            )
+        start = 0
+        while start < len(rows):
+            writer = rows[start][0]
+            stop = start
+            while stop < len(rows) and rows[stop][0] is writer:
+                stop += 1
+            item, first = self.cases[writer], rows[start][1]
+            sel = slice(first, first + stop - start)
+            writer.write(
+                embeddings=embeddings[start:stop],
+                masks=item.masks[sel],
+                boxes=item.boxes[sel],
+                slice_index=item.slice_index[sel],
+                spacing_mm=np.broadcast_to(np.float32(item.record.spacing_mm), (stop - start, 3)),
+            )
+            start = stop
+        if self.progress:
+            self.progress.advance(self.task, len(rows))
+        self.finish_ready([w for w, _ in rows])
+
+    def finish_ready(self, writers) -> None:
+        """Write out the shards of ``writers`` whose rows are all in (a case's last batch, or an empty case)."""
+        for writer in dict.fromkeys(writers):
+            if writer.complete and writer in self.cases:
+                writer.finish()
+                del self.cases[writer]
+                self.finished.append(writer.case)
+
+
+def _encode_batch(rows, store: _Store, encoder, behind: WriteBehind) -> None:
+    """Launch one batch on the encoder and queue its storing; returns without waiting for either."""
+    embeddings = encoder([store.cases[w].images[r] for w, r in rows])
+    behind.submit(partial(store.write, rows, encoder.to_host(embeddings)))
+
+
+def workers_for(config: EncodeConfig, device) -> int:
+    """Processes that prepare slices ahead of the encoder: ``config.workers``, or (-1) none on the
+    CPU, where the encoder itself is the bottleneck and one reader thread keeps up, and on CUDA
+    half the cores up to 8: preparing a slice (read, HU, window, resample) costs ~8 ms of one core
+    here, so each worker feeds ~120 slices/s, and TinyViT on a GPU encodes several hundred."""
+    if config.workers >= 0:
+        return config.workers
+    return max(1, min(8, (os.cpu_count() or 2) // 2)) if device.type == "cuda" else 0
+
+
+class _PreparedCases:
+    """``prepare_case`` as a map-style dataset for a DataLoader's worker processes. A user error in a
+    worker comes back as a value, so it reaches the user as its one line (a DataLoader re-raises
+    worker exceptions with the worker's traceback folded into the message)."""
+
+    def __init__(self, plans, config):
+        self.plans, self.config = plans, config
+
+    def __len__(self):
+        return len(self.plans)
+
+    def __getitem__(self, i):
+        try:
+            return prepare_case(self.plans[i], self.config)
+        except EmbedcacheError as exc:
+            return exc
+
+
+def _as_is(item):
+    return item
+
+
+def _reader(plans, config: EncodeConfig, device):
+    """Prepared cases in plan order: from worker processes (a torch DataLoader) when
+    :func:`workers_for` asks for them, else from one read-ahead thread."""
+    workers = workers_for(config, device)
+    if workers == 0:
+        return ReadAhead(lambda plan: prepare_case(plan, config), plans, depth=2, name="embedcache-reader")
+    from torch.utils.data import DataLoader
+
+    loader = DataLoader(_PreparedCases(plans, config), batch_size=None, shuffle=False, num_workers=workers,
+                        collate_fn=_as_is, prefetch_factor=2)
+    return (_raise_errors(item) for item in loader)
+
+
+def _raise_errors(item):
+    if isinstance(item, EmbedcacheError):
+        raise item
+    return item

@@ -1,0 +1,158 @@
+"""Phase one's plan and resume bookkeeping: what is done already (in the cache, or as complete
+shards of an interrupted run), which cases are still to encode, which of their slices hold a
+target label. Reads headers and label volumes only: no torch, no model.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from embedcache.cache import store
+from embedcache.cache.records import CaseRecord, Signature
+from embedcache.config import EncodeConfig
+from embedcache.errors import CacheMismatchError, EmbedcacheError
+from embedcache.io.datasets import CaseSource
+from embedcache.io.files import PARTIAL, check_writable_folder
+from embedcache.io.volumes import check_sources, read_label, source_digest
+
+
+@dataclass(frozen=True)
+class PlannedCase:
+    source: CaseSource
+    digest: str
+    z: np.ndarray  # canonical slice indices holding a target label
+    label_slices: np.ndarray  # (n, y, x) uint8, target labels only
+
+
+@dataclass
+class Plan:
+    """The cases still to encode, those whose cached rows no longer hold (their sources changed), and
+    those found done or without a target label."""
+
+    cases: list[PlannedCase] = field(default_factory=list)
+    dropped: list[str] = field(default_factory=list)
+    resumed: int = 0
+    skipped: list[str] = field(default_factory=list)
+
+    @property
+    def slices(self) -> int:
+        return sum(len(p.z) for p in self.cases)
+
+
+def shard_folder(out: Path) -> Path:
+    """Where an encode into ``out`` keeps its finished cases until they are merged: ``out.parts/``."""
+    return Path(out).with_name(Path(out).name + ".parts")
+
+
+def _target_slices(label, labels: tuple[int, ...], margin: int) -> tuple[np.ndarray, np.ndarray]:
+    """The slices holding a target label and the ``margin`` slices beyond them, with their target labels."""
+    keep = np.isin(label, labels)
+    held = keep.any(axis=(1, 2))
+    near = np.convolve(held, np.ones(2 * margin + 1), mode="same") > 0 if held.any() else held
+    z = np.flatnonzero(near)
+    slices = np.where(keep[z], label[z], 0).astype(np.uint8)
+    return z, slices
+
+
+def plan_case(source: CaseSource, config: EncodeConfig, digest: str) -> PlannedCase | None:
+    """Find a case's target slices and their margins (its sources checked by :func:`check_sources`
+    already); None (with a warning) when it has none."""
+    label = read_label(source.label)
+    z, slices = _target_slices(label.array, config.labels, config.margin_slices)
+    if z.size == 0:
+        found = sorted(int(v) for v in np.unique(label.array) if v)
+        warnings.warn(
+            f"{source.label}: holds none of labels {list(config.labels)} (found {found[:12]}); case skipped",
+            stacklevel=2,
+        )
+        return None
+    return PlannedCase(source=source, digest=digest, z=z, label_slices=slices)
+
+
+def check_inputs(cases: list[CaseSource], out: Path) -> None:
+    """Everything about the inputs and the output that can be checked without the model: one line
+    for the first problem, in about a second."""
+    if out.is_dir():
+        raise EmbedcacheError(f"{out}: is a folder; --out names the cache file, e.g. cache.h5")
+    check_writable_folder(out.parent)
+    names = [c.name for c in cases]
+    if len(set(names)) != len(names):
+        dup = sorted({n for n in names if names.count(n) > 1})[0]
+        raise EmbedcacheError(f"case name {dup} appears twice in the input; give each case a distinct name")
+    for case in cases:
+        check_sources(case.image, case.label, series_uid=case.series_uid)
+
+
+def where(case: CaseSource) -> dict:
+    """What a cached case records of where its sources are now: its set, its files' absolute paths and
+    the DICOM series read."""
+    return {"subset": case.subset, "image": os.path.abspath(case.image), "label": os.path.abspath(case.label),
+            "series_uid": case.series_uid}
+
+
+def finished(out: Path, signature: Signature, *, tidy: bool = True) -> tuple[dict[str, CaseRecord], dict[str, tuple[Path, CaseRecord]]]:
+    """What is done already: cases in the existing cache, and complete shards of an interrupted run.
+
+    ``tidy`` (one process, or rank 0) also removes what an interrupted run left half-written."""
+    done: dict[str, CaseRecord] = {}
+    if out.exists():
+        with store.open_cache(out, expect=signature) as existing:
+            done = {c.name: c for c in existing.cases}
+    shard_dir = shard_folder(out)
+    shards: dict[str, tuple[Path, CaseRecord]] = {}
+    if shard_dir.exists():
+        for leftover in shard_dir.glob("*" + PARTIAL) if tidy else ():
+            leftover.unlink()  # a case that was being written when the last run stopped
+        for shard in sorted(shard_dir.glob("*.h5")):
+            try:
+                found, record = store.read_shard(shard)
+            except (OSError, KeyError, ValueError):
+                if tidy:
+                    shard.unlink()
+                continue
+            try:
+                found.check_matches(signature, path=shard)
+            except CacheMismatchError as exc:
+                raise EmbedcacheError(
+                    f"{shard_dir}: holds an interrupted encode with other settings ({exc}); delete the folder or rerun "
+                    "with its settings"
+                ) from None
+            shards[record.name] = (shard, record)
+    return done, shards
+
+
+def plan_cases(cases: list[CaseSource], config: EncodeConfig, done: dict[str, CaseRecord],
+               shards: dict[str, tuple[Path, CaseRecord]], log=print) -> Plan:
+    """The cases still to encode, with their target slices, and the cases whose cached rows no longer
+    hold (their sources changed), which are dropped from ``done`` and ``shards``."""
+    plan = Plan()
+    for case in cases:
+        digest = source_digest(case.image, case.label)
+        cached = [r for r in (done.get(case.name), shards.get(case.name, (None, None))[1]) if r is not None]
+        fresh = [r for r in cached if r.digest == digest and r.margin_slices >= config.margin_slices
+                 and r.series_uid == case.series_uid]  # the digest covers every series of a DICOM folder
+        if fresh:
+            plan.resumed += 1
+            continue
+        # Sources changed since they were encoded: what was cached for them no longer holds.
+        if cached:
+            plan.dropped.append(case.name)
+        done.pop(case.name, None)
+        stale = shards.pop(case.name, None)
+        if stale:
+            stale[0].unlink()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            planned = plan_case(case, config, digest)
+        for w in caught:
+            log(f"warning: {w.message}")
+        if planned is None:
+            plan.skipped.append(case.name)
+        else:
+            plan.cases.append(planned)
+    return plan

@@ -1,0 +1,125 @@
+"""What every command shares: one-line errors, progress bars, plain log lines, shared options.
+
+torch and the models are never imported here, so ``embedcache --help`` is instant.
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+from pathlib import Path
+
+import click
+
+from embedcache.errors import EmbedcacheError, UsageError
+
+
+def console():
+    from rich.console import Console
+
+    return Console(stderr=True)
+
+
+def progress_bar(enabled: bool):
+    """A rich progress bar with an items/s column, or a no-op context when switched off."""
+    from contextlib import nullcontext
+
+    if not enabled:
+        return nullcontext(None)
+    from rich.progress import (
+        BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn,
+    )
+    from rich.text import Text
+
+    class RateColumn(ProgressColumn):
+        def render(self, task):
+            return Text(f"{task.speed:.2f}/s" if task.speed else "", style="cyan")
+
+    return Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        RateColumn(),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        console=console(),
+    )
+
+
+def say_to(out):
+    """One plain line per message: no markup, no highlighting, no wrapping (log files stay greppable)."""
+    return lambda message: out.print(message, markup=False, highlight=False, soft_wrap=True)
+
+
+class _OneLineUsageError(click.ClickException):
+    """A usage error as one line (click's own UsageError adds the usage and a hint), exit code 2."""
+
+    exit_code = 2
+
+
+def friendly_errors(func):
+    """Turn our user errors into one line on stderr: exit code 2 for usage errors, 1 for the rest.
+
+    Any other exception is a bug and keeps its traceback.
+    """
+
+    @functools.wraps(func)
+    def wrapper(*args, **kwargs):
+        try:
+            return func(*args, **kwargs)
+        except UsageError as exc:
+            raise _OneLineUsageError(str(exc)) from None
+        except EmbedcacheError as exc:
+            raise click.ClickException(str(exc)) from None
+        except OSError as exc:  # a disk that refuses a write somewhere we did not expect it
+            from embedcache.io.files import WRITE_ERRNOS, write_error
+
+            if exc.errno not in WRITE_ERRNOS or not exc.filename:
+                raise
+            raise click.ClickException(str(write_error(exc, Path(exc.filename)))) from None
+        except KeyboardInterrupt:
+            click.echo("interrupted; finished work is kept, rerun the same command to resume", err=True)
+            sys.exit(130)
+
+    return wrapper
+
+
+def progress_option(func):
+    return click.option(
+        "--progress/--no-progress", default=True, show_default=True, help="Show progress bars (switch off for logs)."
+    )(func)
+
+
+def parse_labels(ctx, param, value: str) -> tuple[int, ...]:
+    try:
+        labels = tuple(int(v) for v in value.split(",") if v.strip())
+    except ValueError:
+        raise click.BadParameter(f"'{value}' is not a comma-separated list of label ids, e.g. 7,8") from None
+    if not labels:
+        raise click.BadParameter("give at least one label id, e.g. 7,8")
+    return labels
+
+
+class Group(click.Group):
+    """click's group, but every error, click's own usage errors included, is one line on stderr."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode, **extra)
+        try:
+            code = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except click.UsageError as exc:
+            hint = f" (see {exc.ctx.command_path} --help)" if exc.ctx is not None else ""
+            click.echo(f"Error: {exc.format_message()}{hint}", err=True)
+            sys.exit(exc.exit_code)
+        except click.ClickException as exc:
+            click.echo(f"Error: {exc.format_message()}", err=True)
+            sys.exit(exc.exit_code)
+        except click.Abort:
+            click.echo("Aborted!", err=True)
+            sys.exit(1)
+        sys.exit(code if isinstance(code, int) else 0)
+
+
+def device_option(func):
+    return click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda[:N].")(func)

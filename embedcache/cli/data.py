@@ -1,0 +1,168 @@
+"""Commands of the data and phase one: ``phantom``, ``encode``, ``info``."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import click
+
+from embedcache.cli.common import (
+    console, device_option, friendly_errors, parse_labels, progress_bar, progress_option, say_to,
+)
+from embedcache.runtime.distributed import is_main_process
+
+
+@click.command()
+@click.argument("out", type=click.Path(path_type=Path))
+@click.option("--cases", default=4, show_default=True, type=click.IntRange(1, 10_000), help="Number of volumes.")
+@click.option("--seed", default=0, show_default=True, type=int, help="Same seed, same files.")
+@click.option("--size", default=512, show_default=True, type=click.IntRange(64, 1024), help="Axial pixels per side.")
+@click.option("--test-cases", default=0, show_default=True, type=click.IntRange(0, 10_000),
+              help="More volumes in imagesTs/ + labelsTs/: held-out test cases.")
+@progress_option
+@friendly_errors
+def phantom(out: Path, cases: int, seed: int, size: int, test_cases: int, progress: bool):
+    """Write synthetic abdominal CT with FLARE22 labels to OUT (imagesTr/ + labelsTr/, and imagesTs/ + labelsTs/).
+
+    Liver, kidneys, spleen, aorta, IVC and thin, irregular adrenal glands (7 = right, 8 = left)
+    in HU with partial volume and noise: the default data, so everything runs with nothing to fetch.
+    """
+    from embedcache.io.phantom import PhantomConfig, write_phantom
+
+    config = PhantomConfig(size=size, pixel_mm=0.8 * 512 / size)
+    with progress_bar(progress) as bar:
+        names = write_phantom(out, cases=cases, seed=seed, config=config, progress=bar, test_cases=test_cases)
+    click.echo(f"wrote {len(names)} cases to {out} (imagesTr/, labelsTr/" + (", imagesTs/, labelsTs/)" if test_cases else ")"))
+
+
+@click.command()
+@click.argument("data", required=False, type=click.Path(path_type=Path))
+@click.option("--out", "-o", required=True, type=click.Path(path_type=Path), help="Cache file to write, e.g. cache.h5.")
+@click.option("--image", "images", multiple=True, type=click.Path(path_type=Path),
+              help="An image (NIfTI file or DICOM series folder); repeatable, paired in order with --label.")
+@click.option("--label", "labels_", multiple=True, type=click.Path(path_type=Path),
+              help="The label NIfTI of the --image at the same position.")
+@click.option("--series", default=None, help="SeriesInstanceUID to read from DICOM folders holding several series.")
+@click.option("--model", default="litemedsam", show_default=True, help="Backbone: litemedsam, vit_b, vit_l, vit_h, medsam.")
+@click.option("--checkpoint", type=click.Path(path_type=Path), default=None,
+              help="Weights file; required for all but litemedsam, whose weights are bundled.")
+@click.option("--labels", default="7,8", show_default=True, callback=parse_labels, help="Target label ids.")
+@click.option("--window-width", default=350.0, show_default=True, type=float, help="CT window width (HU).")
+@click.option("--window-level", default=50.0, show_default=True, type=float, help="CT window level (HU).")
+@click.option("--slice-size", default=512, show_default=True, type=int, help="Slices are resampled to this square size (px).")
+@click.option("--dtype", default="float16", show_default=True, type=click.Choice(["float16", "float32"]),
+              help="Storage type of the embeddings.")
+@device_option
+@click.option("--batch-size", default=0, show_default=True, type=click.IntRange(0, 1024),
+              help="Slices per encoder forward; 0 picks 1 on CPU, and on CUDA the most (up to 32) that fit in half the free memory.")
+@click.option("--margin-slices", default=2, show_default=True, type=int,
+              help="Also encode this many slices beyond each end of a gland (no boxes): 3-D box prompts need them.")
+@click.option("--workers", default=-1, show_default=True, type=int,
+              help="Processes preparing slices ahead of the encoder; -1: none on CPU, half the cores up to 8 on CUDA.")
+@progress_option
+@friendly_errors
+def encode(data, out, images, labels_, series, model, checkpoint, labels, window_width, window_level, slice_size,
+           dtype, device, batch_size, margin_slices, workers, progress):
+    """Encode every slice of DATA that holds a target label into the HDF5 cache OUT.
+
+    DATA is a FLARE22-style folder (imagesTr/ + labelsTr/ or images/ + labels/, and imagesTs/ +
+    labelsTs/ for held-out test cases). Instead, give explicit --image/--label pairs; an image may
+    be a DICOM series folder. An interrupted run resumes: rerun the same command and finished
+    cases are skipped. Under torchrun (`torchrun --nproc_per_node=K -m embedcache encode ...`)
+    the cases are shared among the ranks.
+    """
+
+    from embedcache.config import EncodeConfig, PreprocessConfig
+    from embedcache.cache.encode import encode as run_encode
+    from embedcache.io.datasets import CaseSource, case_name, discover_cases
+
+    if data is not None and images:
+        raise click.UsageError("give either DATA or --image/--label pairs, not both")
+    if data is None and not images:
+        raise click.UsageError("give a dataset folder DATA or at least one --image/--label pair")
+    if len(images) != len(labels_):
+        raise click.UsageError(f"{len(images)} --image but {len(labels_)} --label; give one label per image")
+    if data is not None and series:
+        raise click.UsageError("--series picks one series of an --image DICOM folder; in a dataset folder keep one "
+                               "series per case folder")
+    config = EncodeConfig(
+        backbone=model,
+        checkpoint=str(checkpoint) if checkpoint else None,
+        labels=labels,
+        preprocess=PreprocessConfig(window_width_hu=window_width, window_level_hu=window_level, slice_size=slice_size),
+        embedding_dtype=dtype,
+        device=device,
+        batch_size=batch_size,
+        margin_slices=margin_slices,
+        workers=workers,
+    )
+    if data is not None:
+        cases = discover_cases(data)
+    else:
+        cases = [CaseSource(name=case_name(i), image=i, label=l, series_uid=series) for i, l in zip(images, labels_)]
+    main_rank = is_main_process()
+    say = say_to(console()) if main_rank else (lambda message: None)
+    with progress_bar(progress and main_rank) as bar:
+        summary = run_encode(cases, out, config, progress=bar, log=say)
+    if not main_rank:
+        return
+    say(
+        f"encoded {summary.slices_encoded} slices of {summary.cases_encoded} cases on {summary.device}"
+        + (f" at {summary.slices_per_s:.2f} slices/s" if summary.slices_encoded else "")
+        + (f"; {summary.cases_resumed} cases already done" if summary.cases_resumed else "")
+        + (f"; {len(summary.cases_skipped)} skipped without target labels" if summary.cases_skipped else "")
+    )
+    _print_info(out)
+
+
+@click.command()
+@click.argument("cache", type=click.Path(path_type=Path))
+@friendly_errors
+def info(cache: Path):
+    """Print what the cache file CACHE holds: model, preprocessing, cases, slices and boxes."""
+    _print_info(cache)
+
+
+def _print_info(path: Path) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    from embedcache.cache.store import open_cache
+
+    with open_cache(path) as cache:
+        sig = cache.signature
+        present = cache.present()
+        size_mib = path.stat().st_size / 2**20
+        out = Console()
+        out.print(f"[bold]{path}[/]  {size_mib:.1f} MiB, embedcache {sig.embedcache_version}")
+        out.print(
+            f"model {sig.backbone} (input {sig.input_size} px, checkpoint sha256 {sig.checkpoint_sha256[:12]}), "
+            f"embeddings {tuple(cache.embeddings.shape)} {sig.embedding_dtype}",
+            markup=False,
+        )
+        pre = sig.preprocess
+        out.print(
+            f"window W{pre.window_width_hu:g}/L{pre.window_level_hu:g} HU, slices {pre.slice_size}², "
+            f"labels {list(sig.labels)}",
+            markup=False,
+        )
+        table = Table("case", "set", "slices", *[f"boxes {label}" for label in cache.labels], "margin",
+                      "spacing z, y, x (mm)")
+        for case in cache.cases:
+            table.add_row(
+                case.name, case.subset, str(case.n_rows),
+                *[str(int(present[case.rows, j].sum())) for j in range(len(cache.labels))], str(case.margin_slices),
+                ", ".join(f"{s:.3g}" for s in case.spacing_mm),
+            )
+        table.add_section()
+        table.add_row("total", "", str(len(cache)), *[str(int(present[:, j].sum())) for j in range(len(cache.labels))],
+                      "", "")
+        out.print(table)
+        missing = sum(not os.path.exists(case.label) for case in cache.cases)
+        try:
+            where = f"sources under {os.path.commonpath([p for c in cache.cases for p in (c.image, c.label)])}"
+        except ValueError:  # absolute and relative paths: cases of an older version's encode
+            where = "sources"
+        out.print(where + (f"; {missing} label volume(s) not there: score needs --data DIR" if missing else ""),
+                      markup=False, soft_wrap=True)  # a path wrapped is a path broken for copying

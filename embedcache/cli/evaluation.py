@@ -1,0 +1,179 @@
+"""Commands that measure and segment: ``score``, ``evaluate``, ``predict``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from embedcache.cli.common import (
+    console, device_option, friendly_errors, parse_labels, progress_bar, progress_option, say_to,
+)
+from embedcache.errors import EmbedcacheError
+
+
+def protocol_options(func):
+    """The options of the prompt protocols, shared by score and predict."""
+    options = [
+        click.option("--jitter", default=0.1, show_default=True, type=float,
+                     help="jitter: each box edge moves up to this fraction of the box size."),
+        click.option("--seed", default=0, show_default=True, type=int, help="jitter: same seed, same boxes."),
+        click.option("--box-margin-mm", default=3.0, show_default=True, type=float,
+                     help="box3d from a label: the 3-D box is this much larger in-plane..."),
+        click.option("--box-margin-slices", default=1, show_default=True, type=int,
+                     help="...and this many slices longer at each end."),
+        click.option("--grow-mm", default=3.0, show_default=True, type=float,
+                     help="box3d: each next slice's box is the previous mask's, grown by this much."),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
+def _settings(jitter, seed, box_margin_mm, box_margin_slices, grow_mm):
+    from embedcache.config import ProtocolSettings
+
+    return ProtocolSettings(jitter=jitter, seed=seed, margin_mm=box_margin_mm, margin_slices=box_margin_slices,
+                            grow_mm=grow_mm)
+
+
+@click.command()
+@click.argument("cache", type=click.Path(path_type=Path))
+@click.option("--out", "-o", "out_dir", required=True, type=click.Path(path_type=Path), help="Report folder.")
+@click.option("--run", "run_dir", type=click.Path(path_type=Path), default=None, help="A finetune run folder.")
+@click.option("--decoder", "decoder_file", type=click.Path(path_type=Path), default=None,
+              help="A fine-tuned decoder file (RUN_DIR/decoder.safetensors) instead of --run.")
+@click.option("--cases", default=None, type=click.Choice(["test", "val", "train", "all"]),
+              help="Which cases to score [default: test cases if any, else val with --run, else all].")
+@click.option("--prompts", default="oracle,jitter,box3d", show_default=True,
+              help="Prompt protocols, comma-separated: oracle, jitter, box3d.")
+@protocol_options
+@click.option("--checkpoint", type=click.Path(path_type=Path), default=None,
+              help="The backbone weights the cache was encoded with (default: the run's, or bundled).")
+@click.option("--data", type=click.Path(path_type=Path), default=None,
+              help="The dataset folder, if it moved since encoding: each case's label volume and image are "
+                   "taken from there by name, checked against the cache's sha256 of what was encoded.")
+@device_option
+@progress_option
+@friendly_errors
+def score(cache, out_dir, run_dir, decoder_file, cases, prompts, jitter, seed, box_margin_mm, box_margin_slices,
+          grow_mm, checkpoint, data, device, progress):
+    """Score the vanilla decoder against the fine-tuned one on the cached embeddings of CACHE.
+
+    Per prompt protocol (oracle: tight boxes on every slice, an upper bound; jitter: sloppy boxes;
+    box3d: one 3-D box per gland, propagated from its middle slice, as a person works), case and
+    gland: 3-D Dice and NSD (FLARE22) on the label volume. By default on the held-out test cases.
+    Writes report.json, cases.csv, plots, overlays and index.html to OUT.
+    """
+    from embedcache.cache.store import open_cache
+    from embedcache.config import ScoreConfig
+    from embedcache.evaluation.protocols import parse_protocols
+
+    config = ScoreConfig(cache=str(cache), run=_text(run_dir), decoder=_text(decoder_file), cases=cases,
+                         prompts=parse_protocols(prompts),
+                         protocol=_settings(jitter, seed, box_margin_mm, box_margin_slices, grow_mm),
+                         checkpoint=_text(checkpoint), data=_text(data), device=device)
+    open_cache(cache).close()  # a mistyped path costs a second, not torch's import
+    if data is not None and not data.is_dir():
+        raise EmbedcacheError(f"{data}: no such folder; --data takes the dataset folder the cache was encoded from")
+    from embedcache.evaluation.score import score as run_score
+
+    with progress_bar(progress) as bar:
+        report = run_score(config, out_dir, progress=bar, log=say_to(console()))
+    _print_summary(report)
+    click.echo(f"report: {out_dir / 'index.html'}")
+
+
+def _text(path: Path | None) -> str | None:
+    return str(path) if path is not None else None
+
+
+def _print_summary(report) -> None:
+    """One table per protocol: mean ± sd per gland and metric, per model, and the difference."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from embedcache.evaluation.page import MODEL_NAMES
+
+    out = Console()
+    out.print(f"{report.case_set} cases ({len(report.case_names)}): {report.case_set_note}", markup=False, highlight=False)
+    models = report.models
+    for protocol, by_label in report.summary.items():
+        table = Table("gland", "metric", *[MODEL_NAMES.get(m, m) for m in models],
+                      *(["difference"] if len(models) == 2 else []), title=f"prompts: {protocol}")
+        for label, by_model in by_label.items():
+            for metric in ("dice", "nsd"):
+                stats = [by_model[m][metric] for m in models]
+                table.add_row(report.labels[label], metric, *[f"{x['mean']:.4f} ± {x['sd']:.4f}" for x in stats],
+                              *([f"{stats[1]['mean'] - stats[0]['mean']:+.4f}"] if len(stats) == 2 else []))
+        out.print(table)
+
+
+@click.command()
+@click.argument("pred", type=click.Path(path_type=Path))
+@click.argument("labels_dir", metavar="LABELS", type=click.Path(path_type=Path))
+@click.option("--out", "-o", "out_dir", required=True, type=click.Path(path_type=Path), help="Report folder.")
+@click.option("--labels", default="7,8", show_default=True, callback=parse_labels, help="Label ids to score.")
+@click.option("--name", default="prediction", show_default=True, help="What to call the predictions in the report.")
+@progress_option
+@friendly_errors
+def evaluate(pred, labels_dir, out_dir, labels, name, progress):
+    """Dice and NSD of the label NIfTIs in PRED against the ground truth in LABELS.
+
+    Matched by case name (PRED/CASE.nii.gz with LABELS/CASE.nii.gz) and compared on the label's
+    voxels with FLARE22's rules and NSD tolerances: put embedcache's predictions beside nnU-Net's
+    or TotalSegmentator's. A case without a prediction, or on another grid, is reported (exit
+    code 1) and the rest are scored. Writes the same report as score.
+    """
+    from embedcache.evaluation.evaluate import evaluate as run_evaluate
+
+    with progress_bar(progress) as bar:
+        report = run_evaluate(pred, labels_dir, out_dir, labels=labels, name=name, progress=bar,
+                              log=say_to(console()))
+    _print_summary(report)
+    click.echo(f"report: {out_dir / 'index.html'}")
+    if report.errors:
+        raise click.ClickException(f"{len(report.errors)} case(s) not scored; see the errors above")
+
+
+@click.command()
+@click.argument("inputs", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--out", "-o", "out_dir", required=True, type=click.Path(path_type=Path), help="Folder for the label NIfTIs.")
+@click.option("--run", "run_dir", type=click.Path(path_type=Path), default=None, help="A finetune run folder.")
+@click.option("--decoder", "decoder_file", type=click.Path(path_type=Path), default=None,
+              help="A fine-tuned decoder file instead of --run (neither: the vanilla decoder).")
+@click.option("--boxes", "boxes_file", type=click.Path(path_type=Path), default=None,
+              help="JSON: 3-D boxes (or boxes on one slice) per input and label, in the file's voxel indices.")
+@click.option("--from-labels", type=click.Path(path_type=Path), default=None,
+              help="A label NIfTI (or a folder of CASE.nii.gz) whose glands give the prompts.")
+@click.option("--prompts", default="box3d", show_default=True, type=click.Choice(["oracle", "jitter", "box3d"]),
+              help="With --from-labels: how the glands become prompts (see score).")
+@protocol_options
+@click.option("--series", default=None, help="SeriesInstanceUID to read from DICOM folders holding several series.")
+@click.option("--model", default="litemedsam", show_default=True, help="Backbone when no run or decoder is given.")
+@click.option("--checkpoint", type=click.Path(path_type=Path), default=None, help="Backbone weights (default: bundled).")
+@device_option
+@progress_option
+@friendly_errors
+def predict(inputs, out_dir, run_dir, decoder_file, boxes_file, from_labels, prompts, jitter, seed, box_margin_mm,
+            box_margin_slices, grow_mm, series, model, checkpoint, device, progress):
+    """Segment INPUTS (NIfTI files or DICOM series folders) from box prompts.
+
+    A 3-D box per gland is segmented from its middle slice and propagated slice by slice (box3d);
+    a box on one slice segments that slice. Writes OUT/CASE.nii.gz per input with FLARE22 label ids
+    on the input's own grid and affine, so it opens aligned in 3D Slicer or ITK-SNAP. An input that
+    fails is reported and the rest go on; the exit code is then 1.
+    """
+    from embedcache.config import PredictConfig
+
+    config = PredictConfig(run=_text(run_dir), decoder=_text(decoder_file), boxes=_text(boxes_file),
+                           from_labels=_text(from_labels), prompts=prompts,
+                           protocol=_settings(jitter, seed, box_margin_mm, box_margin_slices, grow_mm), series=series,
+                           model=model, checkpoint=_text(checkpoint), device=device)
+    from embedcache.evaluation.predict import predict as run_predict
+
+    with progress_bar(progress) as bar:
+        written, errors = run_predict(list(inputs), out_dir, config, progress=bar, log=say_to(console()))
+    click.echo(f"wrote {len(written)} of {len(inputs)} label volumes to {out_dir}")
+    if errors:
+        raise click.ClickException(f"{len(errors)} input(s) failed; see the errors above")

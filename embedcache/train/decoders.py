@@ -1,0 +1,138 @@
+"""A trained decoder outside its run: loading it, putting it beside its backbone on a device (the
+one loader ``score``, ``predict`` and ``export`` share, with one check of the backbone's weights),
+and exporting it as a full checkpoint in the backbone's own layout.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from embedcache.cache.records import DECODER_KEYS, Signature
+from embedcache.errors import EmbedcacheError
+from embedcache.io.files import atomic_path, check_writable_folder
+from embedcache.train.checkpoint import BEST, load_checkpoint
+
+if TYPE_CHECKING:
+    from embedcache.model.backbones import Backbone, SamParts
+
+
+@dataclass(frozen=True)
+class TrainedDecoder:
+    """A fine-tuned mask decoder: its weights, the cache signature it was trained on, the file it came
+    from and the backbone weights the run started from (None: bundled)."""
+
+    state: dict
+    signature: Signature
+    source: Path
+    checkpoint: Path | None
+    epoch: int = 0
+    val_dice: float = float("nan")
+
+    def describe(self) -> dict:
+        """What a report says about the decoder it scored."""
+        return {"decoder": str(self.source), "epoch": self.epoch,
+                "validation Dice (2-D, the validation cases)": round(float(self.val_dice), 4)}
+
+    def check_fits(self, signature: Signature, *, path: Path) -> None:
+        """Refuse to decode embeddings (of the cache ``path``) that another backbone or preprocessing made."""
+        difference = self.signature.difference(signature, DECODER_KEYS)
+        if difference:
+            raise EmbedcacheError(
+                f"{self.source}: decoder was trained on a cache with {difference} as {path}; "
+                "use it with the cache (and model) it was trained on"
+            )
+
+
+def load_trained_decoder(run_or_file: Path, *, expect: Signature | None = None,
+                         expect_path: Path | None = None) -> TrainedDecoder:
+    """The best decoder of a run folder, or a decoder file; with ``expect``, checked against that cache signature."""
+    run_or_file = Path(run_or_file)
+    path = run_or_file / BEST if run_or_file.is_dir() else run_or_file
+    checkpoint = load_checkpoint(path)
+    weights = checkpoint.config.get("checkpoint")
+    trained = TrainedDecoder(checkpoint.decoder, checkpoint.signature, path, Path(weights) if weights else None,
+                             epoch=checkpoint.epoch, val_dice=checkpoint.val_dice)
+    if expect is not None:
+        trained.check_fits(expect, path=expect_path or path)
+    return trained
+
+
+@dataclass
+class Model:
+    """A backbone's parts on a device, in eval mode, and the mask decoders to compare: ``vanilla``
+    (the released weights) and, given a trained decoder, ``finetuned``."""
+
+    backbone: Backbone
+    parts: SamParts
+    decoders: dict
+
+    @property
+    def decoder(self):
+        """The decoder to segment with: the fine-tuned one where there is one."""
+        return self.decoders.get("finetuned", self.decoders.get("vanilla"))
+
+
+def load_model(backbone: str, *, trained: TrainedDecoder | None, checkpoint: Path | None, device,
+               expect_sha256: str | None = None, made: str = "", vanilla: bool = True) -> Model:
+    """``backbone`` with its weights (``checkpoint``, else the run's, else bundled) on ``device``, and the
+    trained decoder's state loaded into a decoder of its own. ``expect_sha256`` refuses weights other
+    than those ``made`` (a cache, a decoder) was made with; ``vanilla`` keeps the released decoder too."""
+    from embedcache.model.backbones import get_backbone, load_backbone, require_weights
+
+    chosen = get_backbone(backbone)
+    parts, sha = load_backbone(chosen, checkpoint or (trained.checkpoint if trained else None))
+    if expect_sha256 is not None:
+        require_weights(sha, expect_sha256, path=checkpoint, made=made)
+    parts = parts.to(device).eval()
+    decoders = {"vanilla": parts.mask_decoder} if vanilla or trained is None else {}
+    if trained is not None:
+        tuned = copy.deepcopy(parts.mask_decoder) if vanilla else parts.mask_decoder  # no second image encoder
+        load_decoder_state(tuned, trained)
+        decoders["finetuned"] = tuned.eval()
+    return Model(chosen, parts, decoders)
+
+
+def load_decoder_state(decoder, trained: TrainedDecoder) -> None:
+    """Load ``trained``'s weights into ``decoder``; a state dict that does not fit is one line naming the key."""
+    expected = decoder.state_dict()
+    missing, extra = sorted(set(expected) - set(trained.state)), sorted(set(trained.state) - set(expected))
+    shapes = [k for k in expected if k in trained.state and tuple(trained.state[k].shape) != tuple(expected[k].shape)]
+    if missing or extra or shapes:
+        what = (f"lacks {missing[0]}" if missing else f"has an extra tensor {extra[0]}" if extra else
+                f"{shapes[0]} is {tuple(trained.state[shapes[0]].shape)}, not {tuple(expected[shapes[0]].shape)}")
+        raise EmbedcacheError(f"{trained.source}: decoder does not fit model {trained.signature.backbone} ({what}); "
+                              f"pass RUN_DIR/{BEST} as finetune wrote it")
+    decoder.load_state_dict(trained.state)
+
+
+def export_run(run_dir: Path, out: Path, *, checkpoint: Path | None = None) -> Path:
+    """Write a full checkpoint in the backbone's own layout: its original image encoder and prompt
+    encoder with the run's best mask decoder. Meta SAM / MedSAM files load with
+    ``segment_anything.sam_model_registry[...](checkpoint=out)``; LiteMedSAM files keep LiteMedSAM's
+    state-dict layout (``image_encoder.*``, ``prompt_encoder.*``, ``mask_decoder.*``).
+    """
+    import torch
+
+    from embedcache.model.backbones import file_sha256, get_backbone, read_state_dict, require_weights, resolve_checkpoint
+
+    out, run_dir = Path(out), Path(run_dir)
+    if run_dir.is_file():
+        raise EmbedcacheError(f"{run_dir}: a file; export takes the run folder that finetune --out wrote")
+    trained = load_trained_decoder(run_dir / BEST)
+    backbone = get_backbone(trained.signature.backbone)
+    weights = resolve_checkpoint(backbone, checkpoint or trained.checkpoint)
+    require_weights(file_sha256(weights), trained.signature.checkpoint_sha256, path=weights, made=f"the run in {run_dir}")
+    full = read_state_dict(weights)
+    decoder_keys = {k for k in full if k.startswith("mask_decoder.")}
+    if decoder_keys != {"mask_decoder." + k for k in trained.state}:
+        raise EmbedcacheError(f"{trained.source}: decoder does not fit {weights}; was the run made with another model?")
+    full.update({"mask_decoder." + k: v for k, v in trained.state.items()})
+    if out.is_dir():
+        raise EmbedcacheError(f"{out}: is a folder; --out names the checkpoint file to write, e.g. sam_finetuned.pth")
+    check_writable_folder(out.parent)
+    with atomic_path(out) as tmp:
+        torch.save(full, tmp)
+    return out

@@ -1,0 +1,37 @@
+"""Phase two's entry point: the checks that need no model, the resume policy, then the loop.
+
+Everything here runs before torch is imported, so a mistyped cache or a run folder that cannot be
+used costs a second; :func:`finetune` is what the CLI, tests and benchmarks call.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from embedcache.cache.store import open_cache
+from embedcache.config import FinetuneConfig
+from embedcache.train.runs import CONFIG, RunFolder, resumed_config
+
+if TYPE_CHECKING:
+    from embedcache.train.loop import FinetuneResult
+
+
+def finetune(config: FinetuneConfig, run_dir: Path, *, resume: bool = False, given_fields: frozenset[str] | None = None,
+             progress=None, log=print, on_epoch=None) -> FinetuneResult:
+    """Train the mask decoder on ``config.cache``; write checkpoints, config, split and log to ``run_dir``.
+
+    ``resume`` continues the run in ``run_dir`` with its own settings: only those in
+    :data:`~embedcache.train.runs.RESUMABLE` may change, taken from ``config``; any other field named
+    in ``given_fields`` (None: every field of ``config``) that differs from the run's is refused.
+    ``progress`` is a :class:`rich.progress.Progress` (or None); ``log`` takes one-line notes;
+    ``on_epoch`` is called with each epoch's :class:`~embedcache.train.runs.EpochRecord`.
+    """
+    run = RunFolder(run_dir)
+    if resume and run.file(CONFIG).is_file():
+        config = resumed_config(config, run.config(), path=run.file(CONFIG), given_fields=given_fields)
+    open_cache(Path(config.cache)).close()
+    resume = run.check_start(resume=resume, log=log)
+    from embedcache.train.loop import train
+
+    return train(config, run, resume=resume, progress=progress, log=log, on_epoch=on_epoch)
