@@ -11,8 +11,8 @@ from pathlib import Path
 
 import torch
 
-from embedcache.model.backbones import Backbone
 from embedcache.io.phantom import PhantomConfig
+from embedcache.model.backbones import Backbone
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

@@ -29,18 +29,19 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from common import machine, phantom_config, save, weights_for
 from embedcache import __version__
-from embedcache.model.backbones import get_backbone
-from embedcache.config import EncodeConfig
-from embedcache.runtime.devices import pick_device
 from embedcache.cache.encode import encode, load_encoder
 from embedcache.cache.pipeline import prepare_case, workers_for
 from embedcache.cache.plan import plan_case
-from embedcache.model.encoder import ImageEncoder
-from embedcache.io.phantom import make_case, write_phantom
+from embedcache.config import EncodeConfig
 from embedcache.io.datasets import discover_cases
+from embedcache.io.phantom import make_case, write_phantom
 from embedcache.io.volumes import source_digest
+from embedcache.model.backbones import get_backbone
+from embedcache.model.encoder import ImageEncoder
+from embedcache.runtime.devices import pick_device
+
+from common import machine, phantom_config, save, weights_for
 
 
 def phantom_with_slices(folder: Path, slices: int, seed: int, size: int = 512) -> Path:

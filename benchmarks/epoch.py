@@ -31,22 +31,23 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from common import machine, phantom_config, save, weights_for
-from embedcache.train import finetune as train
-from embedcache.model.backbones import get_backbone
-from embedcache.cache.store import open_cache
-from embedcache.config import EncodeConfig, FinetuneConfig
-from embedcache.train.cases import split_cases
-from embedcache.train.data import Batch, case_sets
-from embedcache.runtime.devices import pick_device
 from embedcache.cache.encode import encode, load_encoder
 from embedcache.cache.pipeline import prepare_case
 from embedcache.cache.plan import plan_case
+from embedcache.cache.store import open_cache
+from embedcache.config import EncodeConfig, FinetuneConfig
+from embedcache.io.datasets import discover_cases
 from embedcache.io.phantom import limit_target_slices, write_phantom
+from embedcache.io.volumes import source_digest
+from embedcache.model.backbones import get_backbone
+from embedcache.runtime.devices import pick_device
+from embedcache.train import finetune as train
+from embedcache.train.cases import split_cases
+from embedcache.train.data import Batch, case_sets
 from embedcache.train.runs import SPLIT
 from embedcache.train.trainer import build_trainer
-from embedcache.io.datasets import discover_cases
-from embedcache.io.volumes import source_digest
+
+from common import machine, phantom_config, save, weights_for
 
 
 def _sync(device):

@@ -19,10 +19,11 @@ from pathlib import Path
 
 import torch
 
-from common import machine, save
 from embedcache.config import FinetuneConfig, ScoreConfig
 from embedcache.evaluation.score import score
 from embedcache.train.finetune import finetune
+
+from common import machine, save
 
 
 def main(argv=None) -> dict:

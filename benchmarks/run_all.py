@@ -18,18 +18,19 @@ import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
 
-import torch
-
 import encode as encode_bench
 import epoch as epoch_bench
-from common import RESULTS, machine, phantom_config, weights_for
-from embedcache.model.backbones import get_backbone
-from embedcache.config import EncodeConfig, ScoreConfig
-from embedcache.runtime.devices import pick_device
+import torch
+
 from embedcache.cache.encode import encode
-from embedcache.io.phantom import limit_target_slices, write_phantom
+from embedcache.config import EncodeConfig, ScoreConfig
 from embedcache.evaluation.score import score
 from embedcache.io.datasets import discover_cases
+from embedcache.io.phantom import limit_target_slices, write_phantom
+from embedcache.model.backbones import get_backbone
+from embedcache.runtime.devices import pick_device
+
+from common import RESULTS, machine, phantom_config, weights_for
 
 #: (encode slices, epoch cases, epoch slices per case) per device kind: sized to finish in minutes.
 SIZES = {"cuda": (256, 8, 24), "cpu": (24, 3, 4), "quick": (8, 2, 2)}

@@ -10,9 +10,10 @@ import numpy as np
 import pytest
 import torch
 
-import tiny
-from embedcache.model import backbones
 from embedcache.io.phantom import PhantomConfig, limit_target_slices, write_phantom
+from embedcache.model import backbones
+
+import tiny
 
 torch.set_num_threads(int(os.environ.get("EMBEDCACHE_TEST_THREADS", "2")))
 
@@ -87,19 +88,83 @@ def rng(seed: int = 0) -> np.random.Generator:
 @pytest.fixture(scope="session")
 def small_cache(tmp_path_factory, tiny_checkpoint) -> Path:
     """A tiny-backbone cache of 3 cases × 2 slices: a training epoch takes seconds on 2 cores."""
-    from embedcache.config import EncodeConfig
     from embedcache.cache.encode import encode
+    from embedcache.config import EncodeConfig
     from embedcache.io.datasets import discover_cases
 
     root = tmp_path_factory.mktemp("small_cache")
     write_phantom(root / "data", cases=3, seed=11, config=SMALL_PHANTOM)
     limit_target_slices(root / "data", per_case=2)
-    previous = backbones.BACKBONES.get("tiny")
-    backbones.BACKBONES["tiny"] = tiny.tiny_backbone(tiny_checkpoint)
-    try:
+    with tiny.registered(tiny_checkpoint):
         encode(discover_cases(root / "data"), root / "cache.h5", EncodeConfig(backbone="tiny", device="cpu"),
                progress=None, log=lambda m: None)
-    finally:
-        if previous is None:
-            backbones.BACKBONES.pop("tiny")
     return root / "cache.h5"
+
+
+# ---------------------------------------------------------------------------------- the command line
+
+
+def cli(*args):
+    """``embedcache ARGS`` in this process (click's runner); every argument as a string."""
+    from click.testing import CliRunner
+
+    from embedcache.cli import main
+
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def one_line(result, *fragments, code: int = 1) -> str:
+    """The result failed with ``code``, its last line the one error line (after any progress notes),
+    holding every fragment; no traceback."""
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    errors = [line for line in lines if line.startswith("Error: ")]
+    assert result.exit_code == code, result.output
+    assert len(errors) == 1 and lines[-1] == errors[0], result.output
+    assert "Traceback" not in result.output and not isinstance(result.exception, (AssertionError, TypeError))
+    for fragment in fragments:
+        assert fragment in errors[0], errors[0]
+    return errors[0]
+
+
+def only_line_error(result, *fragments) -> None:
+    """The result failed and printed exactly one line, the error, holding every fragment; no traceback."""
+    assert result.exit_code != 0
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("Error: "), result.output
+    assert "Traceback" not in result.output
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+
+
+# ---------------------------------------------------------------------------------- phase two
+
+
+#: Keyword arguments that silence a library call's progress bars and notes.
+QUIET = dict(progress=None, log=lambda m: None)
+
+
+def finetune_config(cache, **changes):
+    """A fine-tune of the small cache that takes seconds: 2 epochs of batch 2, one case in three validates."""
+    from embedcache.config import FinetuneConfig
+
+    base = dict(cache=str(cache), epochs=2, batch_size=2, val_fraction=0.34, device="cpu", lr=3e-4)
+    return FinetuneConfig(**{**base, **changes})
+
+
+def decoder_weights(path: Path) -> dict:
+    """The mask decoder's state dict in a checkpoint file."""
+    from embedcache.train.checkpoint import load_checkpoint
+
+    return load_checkpoint(path).decoder
+
+
+def small_batch(backbone, cache_path: Path):
+    """The first three slices of the small cache as one training batch, and the prompt index they come from."""
+    from embedcache.cache.store import open_cache
+    from embedcache.train.data import case_sets
+
+    with open_cache(cache_path) as cache:
+        everything = case_sets(cache, {"all": [c.name for c in cache.cases]}, box_scale=backbone.box_scale(512),
+                               device=torch.device("cpu"), resident="device")["all"]
+        batch = everything.batch(np.array([0, 1, 2]))
+    return batch, everything.prompts

@@ -18,30 +18,13 @@ import h5py
 import nibabel as nib
 import numpy as np
 import pytest
-from click.testing import CliRunner
 
-import tiny
-from embedcache.cli import main
 from embedcache.io.phantom import limit_target_slices
 
+import tiny
+from conftest import cli, one_line
+
 MARKER = Path("/tmp") / f"embedcache-pwned-{os.getpid()}"
-
-
-def _run(*args):
-    return CliRunner().invoke(main, [str(a) for a in args])
-
-
-def one_line(result, *fragments, code: int = 1) -> str:
-    """The result failed with ``code``, its last line the one error line (after any progress notes),
-    holding every fragment; no traceback."""
-    lines = [line for line in result.output.splitlines() if line.strip()]
-    errors = [line for line in lines if line.startswith("Error: ")]
-    assert result.exit_code == code, result.output
-    assert len(errors) == 1 and lines[-1] == errors[0], result.output
-    assert "Traceback" not in result.output and not isinstance(result.exception, (AssertionError, TypeError))
-    for fragment in fragments:
-        assert fragment in errors[0], errors[0]
-    return errors[0]
 
 
 class _Evil:
@@ -70,12 +53,11 @@ def data(phantom_dir, tmp_path) -> Path:
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory, small_cache, tiny_checkpoint) -> Path:
     """A one-epoch run on the small cache (read-only: copy before changing)."""
-    from embedcache.model import backbones
 
-    backbones.BACKBONES["tiny"] = tiny.tiny_backbone(tiny_checkpoint)
     run = tmp_path_factory.mktemp("faults") / "run"
-    result = _run("finetune", small_cache, "--out", run, "--epochs", "1", "--batch-size", "2", "--val-fraction", "0.34",
-                  "--device", "cpu", "--no-progress")
+    with tiny.registered(tiny_checkpoint):
+        result = cli("finetune", small_cache, "--out", run, "--epochs", "1", "--batch-size", "2", "--val-fraction",
+                     "0.34", "--device", "cpu", "--no-progress")
     assert result.exit_code == 0, result.output
     return run
 
@@ -86,18 +68,18 @@ def run_dir(tmp_path_factory, small_cache, tiny_checkpoint) -> Path:
 def test_a_crafted_decoder_runs_nothing_in_any_loading_path(tiny_model, small_cache, run_dir, data, tmp_path):
     evil = _plant(tmp_path / "decoder.safetensors")
     image = sorted((data / "imagesTr").iterdir())[0]
-    one_line(_run("score", small_cache, "--decoder", evil, "--out", tmp_path / "r"), "a pickle file", "cannot run code")
-    one_line(_run("predict", image, "--decoder", evil, "--from-labels", data / "labelsTr", "--out", tmp_path / "p"),
+    one_line(cli("score", small_cache, "--decoder", evil, "--out", tmp_path / "r"), "a pickle file", "cannot run code")
+    one_line(cli("predict", image, "--decoder", evil, "--from-labels", data / "labelsTr", "--out", tmp_path / "p"),
              "a pickle file")
     planted = tmp_path / "planted"
     shutil.copytree(run_dir, planted)
     _plant(planted / "decoder.safetensors")
-    one_line(_run("export", planted, "--out", tmp_path / "x.pth"), "decoder.safetensors: a pickle file")
+    one_line(cli("export", planted, "--out", tmp_path / "x.pth"), "decoder.safetensors: a pickle file")
     _plant(planted / "last.safetensors")
-    one_line(_run("finetune", small_cache, "--out", planted, "--resume", "--device", "cpu", "--no-progress"),
+    one_line(cli("finetune", small_cache, "--out", planted, "--resume", "--device", "cpu", "--no-progress"),
              "last.safetensors: a pickle file")
     _plant(tmp_path / "weights.pth")  # backbone weights go through torch.load(weights_only=True)
-    one_line(_run("encode", data, "--out", tmp_path / "c.h5", "--model", "tiny", "--checkpoint", tmp_path / "weights.pth"),
+    one_line(cli("encode", data, "--out", tmp_path / "c.h5", "--model", "tiny", "--checkpoint", tmp_path / "weights.pth"),
              "weights.pth: not a readable PyTorch checkpoint")
     assert not MARKER.exists()
 
@@ -107,15 +89,15 @@ def test_a_decoder_file_missing_fields_or_damaged_is_named(tiny_model, small_cac
 
     tensors = load_file(str(run_dir / "decoder.safetensors"))
     save_file(tensors, str(tmp_path / "bare.safetensors"))  # the weights without embedcache's header
-    one_line(_run("score", small_cache, "--decoder", tmp_path / "bare.safetensors", "--out", tmp_path / "r"),
+    one_line(cli("score", small_cache, "--decoder", tmp_path / "bare.safetensors", "--out", tmp_path / "r"),
              "bare.safetensors: a safetensors file, but not an embedcache checkpoint")
     header = json.dumps({"dict": [["epoch", 1]]})
     save_file(tensors, str(tmp_path / "partial.safetensors"), metadata={"format": "embedcache-checkpoint-1", "embedcache": header})
-    one_line(_run("score", small_cache, "--decoder", tmp_path / "partial.safetensors", "--out", tmp_path / "r"),
+    one_line(cli("score", small_cache, "--decoder", tmp_path / "partial.safetensors", "--out", tmp_path / "r"),
              "checkpoint lacks config, signature, val_dice")
     data = (run_dir / "decoder.safetensors").read_bytes()
     (tmp_path / "cut.safetensors").write_bytes(data[: len(data) // 2])
-    one_line(_run("score", small_cache, "--decoder", tmp_path / "cut.safetensors", "--out", tmp_path / "r"),
+    one_line(cli("score", small_cache, "--decoder", tmp_path / "cut.safetensors", "--out", tmp_path / "r"),
              "cut.safetensors: checkpoint is corrupt or truncated")
 
 
@@ -133,12 +115,12 @@ def test_a_full_disk_while_writing_a_shard_keeps_finished_cases(tiny_model, data
         return real(self, content)
 
     monkeypatch.setattr(Path, "write_bytes", fills_up)
-    line = one_line(_run("encode", data, "--out", out, "--model", "tiny", "--device", "cpu", "--no-progress"),
+    line = one_line(cli("encode", data, "--out", out, "--model", "tiny", "--device", "cpu", "--no-progress"),
                     "PHANTOM_0002.h5: no space left on device; it needs about", "free; free space and rerun")
     assert "MiB" in line
     assert sorted(p.name for p in (tmp_path / "cache.h5.parts").iterdir()) == ["PHANTOM_0001.h5"] and not out.exists()
     monkeypatch.setattr(Path, "write_bytes", real)
-    resumed = _run("encode", data, "--out", out, "--model", "tiny", "--device", "cpu", "--no-progress")
+    resumed = cli("encode", data, "--out", out, "--model", "tiny", "--device", "cpu", "--no-progress")
     assert resumed.exit_code == 0 and "1 cases already done" in resumed.output
 
 
@@ -169,7 +151,7 @@ def test_the_free_space_check_counts_the_real_dtype(tiny_model, data, tmp_path, 
     monkeypatch.setattr(embedcache.io.files, "free_bytes", lambda folder: 1 << 20)
     needs = {}
     for dtype in ("float16", "float32"):
-        line = one_line(_run("encode", data, "--out", tmp_path / f"{dtype}.h5", "--model", "tiny", "--dtype", dtype),
+        line = one_line(cli("encode", data, "--out", tmp_path / f"{dtype}.h5", "--model", "tiny", "--dtype", dtype),
                         "needs about", "but 1 MiB are free")
         needs[dtype] = float(line.split("needs about ")[1].split(" ")[0])
     assert 1.85 < needs["float32"] / needs["float16"] < 1.93  # (4 MiB + 256 KiB mask) / (2 MiB + 256 KiB)
@@ -187,7 +169,7 @@ def test_a_failing_disk_while_saving_a_checkpoint_keeps_the_last_good_one(tiny_m
         raise OSError(errno.EIO, "Input/output error")
 
     monkeypatch.setattr(safetensors.torch, "save_file", failing)
-    one_line(_run("finetune", small_cache, "--out", run, "--resume", "--epochs", "2", "--no-progress"),
+    one_line(cli("finetune", small_cache, "--out", run, "--resume", "--epochs", "2", "--no-progress"),
              "last.safetensors: write failed (Input/output error); check the disk and rerun")
     assert (run / "last.safetensors").read_bytes() == good and not list(run.glob("*.partial"))
 
@@ -201,16 +183,16 @@ def test_nan_voxels_never_become_a_cache(tiny_model, data, tmp_path):
     volume = np.asarray(ct.dataobj).astype(np.float32)
     volume[10, 20, 5] = np.nan
     nib.save(nib.Nifti1Image(volume, ct.affine), str(image))
-    one_line(_run("encode", data, "--out", tmp_path / "c.h5", "--model", "tiny"),
+    one_line(cli("encode", data, "--out", tmp_path / "c.h5", "--model", "tiny"),
              f"{image}: 1 voxels are NaN or infinite", "replace them")
     assert not (tmp_path / "c.h5").exists() and not (tmp_path / "c.h5.parts").exists()
 
 
 def test_a_nan_window_is_a_usage_error(tiny_model, data, tmp_path):
-    one_line(_run("encode", data, "--out", tmp_path / "c.h5", "--window-width", "nan"), "--window-width must be", code=2)
-    one_line(_run("encode", data, "--out", tmp_path / "c.h5", "--window-level", "nan"), "--window-level must be", code=2)
-    one_line(_run("encode", data, "--out", tmp_path / "c.h5", "--labels", "7,x"), "not a comma-separated list", code=2)
-    one_line(_run("encode", data), "Missing option '--out'", code=2)
+    one_line(cli("encode", data, "--out", tmp_path / "c.h5", "--window-width", "nan"), "--window-width must be", code=2)
+    one_line(cli("encode", data, "--out", tmp_path / "c.h5", "--window-level", "nan"), "--window-level must be", code=2)
+    one_line(cli("encode", data, "--out", tmp_path / "c.h5", "--labels", "7,x"), "not a comma-separated list", code=2)
+    one_line(cli("encode", data), "Missing option '--out'", code=2)
 
 
 def test_input_errors_come_before_torch_is_imported(data, tmp_path):
@@ -229,31 +211,31 @@ def test_input_errors_come_before_torch_is_imported(data, tmp_path):
 def test_everyday_path_mistakes_are_one_line(tiny_model, data, small_cache, run_dir, tmp_path, monkeypatch):
     image = sorted((data / "imagesTr").iterdir())[0]
     label = sorted((data / "labelsTr").iterdir())[0]
-    one_line(_run("encode", "--image", tmp_path / "typo_0000.nii.gz", "--label", label, "--out", tmp_path / "c.h5"),
+    one_line(cli("encode", "--image", tmp_path / "typo_0000.nii.gz", "--label", label, "--out", tmp_path / "c.h5"),
              "typo_0000.nii.gz: no such file")
-    one_line(_run("encode", "--image", image, "--label", tmp_path / "typo.nii.gz", "--out", tmp_path / "c.h5"),
+    one_line(cli("encode", "--image", image, "--label", tmp_path / "typo.nii.gz", "--out", tmp_path / "c.h5"),
              "typo.nii.gz: no such file")
     (tmp_path / "folder.h5").mkdir()
-    one_line(_run("encode", data, "--out", tmp_path / "folder.h5"), "folder.h5: is a folder")
-    one_line(_run("encode", data, "--out", tmp_path / "nowhere" / "c.h5"), "nowhere: folder does not exist")
-    one_line(_run("encode", data / "imagesTr", "--out", tmp_path / "c.h5"),
+    one_line(cli("encode", data, "--out", tmp_path / "folder.h5"), "folder.h5: is a folder")
+    one_line(cli("encode", data, "--out", tmp_path / "nowhere" / "c.h5"), "nowhere: folder does not exist")
+    one_line(cli("encode", data / "imagesTr", "--out", tmp_path / "c.h5"),
              "imagesTr: an images or labels folder itself; give the folder that holds it", str(data))
-    one_line(_run("score", data, "--out", tmp_path / "r"), f"{data}: is a folder; give the cache file")
-    one_line(_run("encode", data, "--series", "1.2.3", "--out", tmp_path / "c.h5"), "--series picks one series", code=2)
+    one_line(cli("score", data, "--out", tmp_path / "r"), f"{data}: is a folder; give the cache file")
+    one_line(cli("encode", data, "--series", "1.2.3", "--out", tmp_path / "c.h5"), "--series picks one series", code=2)
     (tmp_path / "report.txt").write_text("")
-    one_line(_run("score", small_cache, "--out", tmp_path / "report.txt"), "report.txt: is a file")
-    one_line(_run("export", run_dir, "--out", tmp_path / "folder.h5"), "folder.h5: is a folder")
-    one_line(_run("export", small_cache, "--out", tmp_path / "sam.pth"),
+    one_line(cli("score", small_cache, "--out", tmp_path / "report.txt"), "report.txt: is a file")
+    one_line(cli("export", run_dir, "--out", tmp_path / "folder.h5"), "folder.h5: is a folder")
+    one_line(cli("export", small_cache, "--out", tmp_path / "sam.pth"),
              f"{small_cache}: a file; export takes the run folder")
-    one_line(_run("finetune", small_cache, "--out", tmp_path / "report.txt"), "report.txt: is a file", code=1)
+    one_line(cli("finetune", small_cache, "--out", tmp_path / "report.txt"), "report.txt: is a file", code=1)
     import embedcache.io.files
 
     real = embedcache.io.files.os.access
     monkeypatch.setattr(embedcache.io.files.os, "access",  # as a read-only folder does for anyone but root
                         lambda p, mode: False if "locked" in str(p) and mode & os.W_OK else real(p, mode))
     (tmp_path / "locked").mkdir()
-    one_line(_run("encode", data, "--out", tmp_path / "locked" / "c.h5"), "locked: folder is not writable")
-    one_line(_run("score", small_cache, "--out", tmp_path / "locked"), "locked: folder is not writable")
+    one_line(cli("encode", data, "--out", tmp_path / "locked" / "c.h5"), "locked: folder is not writable")
+    one_line(cli("score", small_cache, "--out", tmp_path / "locked"), "locked: folder is not writable")
     assert list((tmp_path / "locked").iterdir()) == []
 
 
@@ -266,23 +248,23 @@ def test_score_finds_the_sources_from_any_folder_and_after_a_move(tiny_model, da
     from embedcache.cache.store import open_cache
 
     monkeypatch.chdir(tmp_path)
-    assert _run("encode", "data", "--out", "c.h5", "--model", "tiny", "--no-progress").exit_code == 0
+    assert cli("encode", "data", "--out", "c.h5", "--model", "tiny", "--no-progress").exit_code == 0
     with open_cache(tmp_path / "c.h5") as cache:
         records, signature = cache.cases, cache.signature
     assert all(Path(r.image).is_absolute() and Path(r.label).parent == data / "labelsTr" for r in records)
     (tmp_path / "elsewhere").mkdir()
     monkeypatch.chdir(tmp_path / "elsewhere")
     score = ("score", "../c.h5", "--prompts", "oracle", "--device", "cpu", "--no-progress", "--out")
-    assert _run(*score, "r1").exit_code == 0
+    assert cli(*score, "r1").exit_code == 0
     expected = json.loads(Path("r1/report.json").read_text())["summary"]
 
-    assert f"sources under {data}\n" in _run("info", "../c.h5").output
+    assert f"sources under {data}\n" in cli("info", "../c.h5").output
     data.rename(tmp_path / "moved")
-    assert "3 label volume(s) not there: score needs --data DIR" in _run("info", "../c.h5").output
-    one_line(_run(*score, "r2"), "PHANTOM_0001.nii.gz: case PHANTOM_0001's label volume is not there",
+    assert "3 label volume(s) not there: score needs --data DIR" in cli("info", "../c.h5").output
+    one_line(cli(*score, "r2"), "PHANTOM_0001.nii.gz: case PHANTOM_0001's label volume is not there",
              "moved or deleted since encoding", "--data")
-    one_line(_run(*score, "r2", "--data", "nowhere"), "nowhere: no such folder")
-    assert _run(*score, "r2", "--data", "../moved").exit_code == 0
+    one_line(cli(*score, "r2", "--data", "nowhere"), "nowhere: no such folder")
+    assert cli(*score, "r2", "--data", "../moved").exit_code == 0
     assert json.loads(Path("r2/report.json").read_text())["summary"] == expected
 
     label = tmp_path / "moved" / "labelsTr" / "PHANTOM_0002.nii.gz"
@@ -290,20 +272,20 @@ def test_score_finds_the_sources_from_any_folder_and_after_a_move(tiny_model, da
     voxels = np.asarray(changed.dataobj).copy()
     voxels[0, 0, 0] = 1
     nib.save(nib.Nifti1Image(voxels, changed.affine, changed.header), str(label))
-    one_line(_run(*score, "r3", "--data", "../moved"), "PHANTOM_0002.nii.gz: case PHANTOM_0002's files differ")
+    one_line(cli(*score, "r3", "--data", "../moved"), "PHANTOM_0002.nii.gz: case PHANTOM_0002's files differ")
 
     # encoding again from the new place keeps the unchanged cases' embeddings and takes their new paths
-    result = _run("encode", "../moved", "--out", "../c.h5", "--model", "tiny", "--no-progress")
+    result = cli("encode", "../moved", "--out", "../c.h5", "--model", "tiny", "--no-progress")
     assert result.exit_code == 0, result.output
     with open_cache(tmp_path / "c.h5") as cache:
         assert all(Path(r.label).parent == tmp_path / "moved" / "labelsTr" for r in cache.cases)
         assert [r.digest for r in cache.cases if r.name != "PHANTOM_0002"] == \
                [r.digest for r in records if r.name != "PHANTOM_0002"]
-    assert _run(*score, "r4").exit_code == 0
+    assert cli(*score, "r4").exit_code == 0
     # the CT deleted after encoding: the numbers need only the labels; the pictures show the masks alone
     image = tmp_path / "moved" / "imagesTr" / "PHANTOM_0001_0000.nii.gz"
     image.unlink()
-    result = _run(*score, "r6", "--cases", "all")
+    result = cli(*score, "r6", "--cases", "all")
     assert result.exit_code == 0, result.output
     assert f"{image}: not there; the pictures of case PHANTOM_0001 show its masks without the CT" in result.output
     assert json.loads(Path("r6/report.json").read_text())["summary"] == \
@@ -313,7 +295,7 @@ def test_score_finds_the_sources_from_any_folder_and_after_a_move(tiny_model, da
     relative = [replace(r, image=os.path.relpath(r.image, tmp_path), label=os.path.relpath(r.label, tmp_path))
                 for r in records]
     merge(tmp_path / "old.h5", signature=signature, sources=[(tmp_path / "c.h5", relative)])
-    one_line(_run("score", "../old.h5", "--prompts", "oracle", "--device", "cpu", "--out", "r5"),
+    one_line(cli("score", "../old.h5", "--prompts", "oracle", "--device", "cpu", "--out", "r5"),
              "relative to the folder encode ran in", "--data")
 
 
@@ -321,15 +303,15 @@ def test_a_run_finds_its_backbone_weights_from_any_folder(tiny_model, tiny_check
                                                           monkeypatch):
     shutil.copy(tiny_checkpoint, tmp_path / "w.pth")
     monkeypatch.chdir(tmp_path)
-    result = _run("finetune", small_cache, "--out", "run", "--checkpoint", "w.pth", "--epochs", "1", "--batch-size", "2",
+    result = cli("finetune", small_cache, "--out", "run", "--checkpoint", "w.pth", "--epochs", "1", "--batch-size", "2",
                   "--val-fraction", "0.34", "--device", "cpu", "--no-progress")
     assert result.exit_code == 0, result.output
     (tmp_path / "elsewhere").mkdir()
     monkeypatch.chdir(tmp_path / "elsewhere")
-    result = _run("score", small_cache, "--run", "../run", "--out", "r", "--prompts", "oracle", "--device", "cpu",
+    result = cli("score", small_cache, "--run", "../run", "--out", "r", "--prompts", "oracle", "--device", "cpu",
                   "--no-progress")
     assert result.exit_code == 0, result.output
-    result = _run("export", "../run", "--out", "sam.pth")
+    result = cli("export", "../run", "--out", "sam.pth")
     assert result.exit_code == 0, result.output
 
 
@@ -337,7 +319,7 @@ def test_a_symbolic_link_loop_in_the_data_folder(tiny_model, data, tmp_path):
     loop = data / "imagesTr" / "LOOP_0000.nii.gz"
     loop.symlink_to(loop)
     shutil.copy(sorted((data / "labelsTr").iterdir())[0], data / "labelsTr" / "LOOP.nii.gz")
-    one_line(_run("encode", data, "--out", tmp_path / "c.h5", "--model", "tiny"),
+    one_line(cli("encode", data, "--out", tmp_path / "c.h5", "--model", "tiny"),
              "LOOP_0000.nii.gz: a symbolic link that leads nowhere")
 
 
@@ -345,21 +327,21 @@ def test_a_damaged_config_or_split_on_resume(tiny_model, small_cache, run_dir, t
     run = tmp_path / "run"
     shutil.copytree(run_dir, run)
     (run / "config.json").write_text(json.dumps({**json.loads((run_dir / "config.json").read_text()), "colour": "red"}))
-    one_line(_run("finetune", small_cache, "--out", run, "--resume"), "config.json: unknown settings ['colour']")
+    one_line(cli("finetune", small_cache, "--out", run, "--resume"), "config.json: unknown settings ['colour']")
     (run / "config.json").write_text("{not json")
-    one_line(_run("finetune", small_cache, "--out", run, "--resume"), "config.json: not a readable settings file")
+    one_line(cli("finetune", small_cache, "--out", run, "--resume"), "config.json: not a readable settings file")
     shutil.copy(run_dir / "config.json", run / "config.json")
-    one_line(_run("finetune", small_cache, "--out", run, "--resume", "--lr", "0.5"),
+    one_line(cli("finetune", small_cache, "--out", run, "--resume", "--lr", "0.5"),
              "--lr 0.5 differs from the run's 0.0001", code=2)
     (tmp_path / "split.json").write_text("[")
-    one_line(_run("finetune", small_cache, "--out", tmp_path / "new", "--split", tmp_path / "split.json"),
+    one_line(cli("finetune", small_cache, "--out", tmp_path / "new", "--split", tmp_path / "split.json"),
              "split.json: not a readable JSON file")
     (run / "split.json").write_text("{")
-    one_line(_run("finetune", small_cache, "--out", run, "--resume", "--epochs", "2"),
+    one_line(cli("finetune", small_cache, "--out", run, "--resume", "--epochs", "2"),
              "split.json: not a readable split file", "start a new run")
-    one_line(_run("score", small_cache, "--run", run, "--out", tmp_path / "r"), "split.json: not a readable split file")
+    one_line(cli("score", small_cache, "--run", run, "--out", tmp_path / "r"), "split.json: not a readable split file")
     (run / "split.json").write_text('{"train": "PHANTOM_0001"}')
-    one_line(_run("score", small_cache, "--run", run, "--out", tmp_path / "r"), "split.json: not a split that finetune wrote")
+    one_line(cli("score", small_cache, "--run", run, "--out", tmp_path / "r"), "split.json: not a split that finetune wrote")
 
 
 def test_a_run_with_a_split_file_resumes_from_any_folder(tiny_model, small_cache, tmp_path, monkeypatch):
@@ -370,11 +352,11 @@ def test_a_run_with_a_split_file_resumes_from_any_folder(tiny_model, small_cache
     monkeypatch.chdir(tmp_path)
     Path("split.json").write_text(json.dumps({"train": names[:2], "val": names[2:]}))
     train = ("finetune", small_cache, "--out", tmp_path / "run", "--batch-size", "2", "--device", "cpu", "--no-progress")
-    assert _run(*train, "--split", "split.json", "--epochs", "1").exit_code == 0
+    assert cli(*train, "--split", "split.json", "--epochs", "1").exit_code == 0
     (tmp_path / "elsewhere").mkdir()
     monkeypatch.chdir(tmp_path / "elsewhere")
     (tmp_path / "split.json").rename(tmp_path / "moved.json")  # the run folder holds its own split
-    result = _run(*train, "--resume", "--epochs", "2")
+    result = cli(*train, "--resume", "--epochs", "2")
     assert result.exit_code == 0 and "resuming" in result.output, result.output
     assert json.loads((tmp_path / "run" / "config.json").read_text())["split"] == str(tmp_path / "split.json")
 
@@ -387,10 +369,10 @@ def test_a_corrupted_cache_chunk_is_named_with_its_rows(tiny_model, small_cache,
     with open(damaged, "r+b") as handle:
         handle.seek(info.byte_offset + 1000)
         handle.write(b"\x00\x11\x22\x33" * 64)
-    line = one_line(_run("finetune", damaged, "--out", tmp_path / "run", "--device", "cpu", "--val-fraction", "0.34",
+    line = one_line(cli("finetune", damaged, "--out", tmp_path / "run", "--device", "cpu", "--val-fraction", "0.34",
                          "--no-progress"), "damaged.h5: embeddings of rows [3] cannot be read")
     assert "encode it again" in line
-    one_line(_run("score", damaged, "--out", tmp_path / "r", "--cases", "all", "--prompts", "oracle", "--device", "cpu",
+    one_line(cli("score", damaged, "--out", tmp_path / "r", "--cases", "all", "--prompts", "oracle", "--device", "cpu",
                   "--no-progress"), "damaged.h5: embeddings of rows [", "cannot be read")
 
 
@@ -403,14 +385,14 @@ def test_a_run_killed_before_its_first_epoch_ends_can_be_resumed(tiny_model, sma
     def killed(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(embedcache.train.loop, "train_epoch", killed)
     run = tmp_path / "run"
-    result = _run("finetune", small_cache, "--out", run, "--epochs", "1", "--val-fraction", "0.34", "--device", "cpu",
-                  "--no-progress")
+    with monkeypatch.context() as patch:  # only this; the tiny model stays registered
+        patch.setattr(embedcache.train.loop, "train_epoch", killed)
+        result = cli("finetune", small_cache, "--out", run, "--epochs", "1", "--val-fraction", "0.34", "--device",
+                     "cpu", "--no-progress")
     assert result.exit_code == 130 and "rerun the same command to resume" in result.output
     assert (run / "last.safetensors").is_file()  # the folder was created with its first checkpoint
-    monkeypatch.undo()
-    resumed = _run("finetune", small_cache, "--out", run, "--resume", "--device", "cpu", "--no-progress")
+    resumed = cli("finetune", small_cache, "--out", run, "--resume", "--device", "cpu", "--no-progress")
     assert resumed.exit_code == 0 and "resuming" in resumed.output and "after epoch 0" in resumed.output
 
 
@@ -420,7 +402,7 @@ def test_a_nan_loss_in_the_first_epoch_points_to_a_checkpoint_that_exists(tiny_m
     real = trainer.dice_ce_per_prompt
     monkeypatch.setattr(trainer, "dice_ce_per_prompt", lambda logits, target: real(logits, target) * float("nan"))
     run = tmp_path / "run"
-    line = one_line(_run("finetune", small_cache, "--out", run, "--epochs", "1", "--val-fraction", "0.34",
+    line = one_line(cli("finetune", small_cache, "--out", run, "--epochs", "1", "--val-fraction", "0.34",
                          "--device", "cpu", "--no-progress"), "loss is not finite at epoch 1, step 1")
     assert line.endswith("last.safetensors") and (run / "last.safetensors").is_file()
 
@@ -442,14 +424,14 @@ def test_predict_refuses_bad_boxes_and_collisions(data, tmp_path):
     }
     for key, (table, fragment) in cases.items():
         boxes.write_text(json.dumps(table).replace('"NaN"', "NaN"))
-        result = _run("predict", image, "--boxes", boxes, "--out", tmp_path / "p", "--device", "cpu")
+        result = cli("predict", image, "--boxes", boxes, "--out", tmp_path / "p", "--device", "cpu")
         lines = [line for line in result.output.splitlines() if line.strip()]
         assert result.exit_code == 1 and fragment in result.output and "Traceback" not in result.output, (key, result.output)
         assert not (tmp_path / "p").exists(), key  # nothing written, the model never loaded
     twin = tmp_path / "twin" / image.name
     twin.parent.mkdir()
     shutil.copy(image, twin)
-    one_line(_run("predict", image, twin, "--from-labels", data / "labelsTr", "--out", tmp_path / "p"),
+    one_line(cli("predict", image, twin, "--from-labels", data / "labelsTr", "--out", tmp_path / "p"),
              "would both be written to", code=2)
     del lines
 
@@ -464,7 +446,7 @@ def test_evaluate_reports_missing_and_misaligned_cases_and_scores_the_rest(data,
     affine = moved.affine.copy()
     affine[0, 3] += 5.0
     nib.save(nib.Nifti1Image(np.asarray(moved.dataobj), affine), str(pred / files[1].name))
-    result = _run("evaluate", pred, labels, "--out", tmp_path / "e", "--no-progress")
+    result = cli("evaluate", pred, labels, "--out", tmp_path / "e", "--no-progress")
     assert result.exit_code == 1 and "2 case(s) not scored" in result.output
     assert f"{files[1].name}: label geometry differs" in result.output and "no prediction for this case" in result.output
     report = json.loads((tmp_path / "e" / "report.json").read_text())
@@ -480,12 +462,12 @@ def test_what_already_held(tiny_model, data, small_cache, tmp_path):
     image = sorted((data / "imagesTr").iterdir())[0]
     truncated = tmp_path / "cut_0000.nii.gz"
     truncated.write_bytes(image.read_bytes()[:5000])
-    one_line(_run("encode", "--image", truncated, "--label", sorted((data / "labelsTr").iterdir())[0], "--out",
+    one_line(cli("encode", "--image", truncated, "--label", sorted((data / "labelsTr").iterdir())[0], "--out",
                   tmp_path / "c.h5"), "cut_0000.nii.gz: ")
     small = tmp_path / "small.nii.gz"
     nib.save(nib.Nifti1Image(np.zeros((8, 8, 8), np.uint8), np.eye(4)), str(small))
-    one_line(_run("encode", "--image", image, "--label", small, "--out", tmp_path / "c.h5"),
+    one_line(cli("encode", "--image", image, "--label", small, "--out", tmp_path / "c.h5"),
              "small.nii.gz: label volume shape (8, 8, 8) does not match image")
-    one_line(_run("encode", data, "--out", small_cache, "--model", "tiny", "--window-level", "40"),
+    one_line(cli("encode", data, "--out", small_cache, "--model", "tiny", "--window-level", "40"),
              "cache was made with preprocess=")
     assert not (tmp_path / "c.h5").exists()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -36,9 +37,24 @@ def write_tiny_checkpoint(path: Path) -> Path:
 
 
 def register(checkpoint: Path) -> backbones.Backbone:
+    """Register the tiny backbone as model ``tiny`` for the rest of the process (a subprocess's CLI)."""
     backbone = tiny_backbone(checkpoint)
     backbones.BACKBONES["tiny"] = backbone
     return backbone
+
+
+@contextmanager
+def registered(checkpoint: Path):
+    """The tiny backbone as model ``tiny`` while the block runs; the registry as it was afterwards."""
+    previous = backbones.BACKBONES.get("tiny")
+    backbone = register(checkpoint)
+    try:
+        yield backbone
+    finally:
+        if previous is None:
+            backbones.BACKBONES.pop("tiny", None)
+        else:
+            backbones.BACKBONES["tiny"] = previous
 
 
 if __name__ == "__main__":

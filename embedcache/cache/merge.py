@@ -20,7 +20,8 @@ import numpy as np
 
 from embedcache.cache.records import CaseRecord, Signature
 from embedcache.cache.store import ROW_DATASETS, create_row_datasets, finish
-from embedcache.errors import EmbedcacheError, reason as _reason
+from embedcache.errors import EmbedcacheError
+from embedcache.errors import reason as _reason
 from embedcache.io.files import partial_path
 
 

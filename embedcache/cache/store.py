@@ -38,7 +38,8 @@ import h5py
 import numpy as np
 
 from embedcache.cache.records import CaseRecord, Signature, check_case_rows
-from embedcache.errors import CacheMismatchError, EmbedcacheError, reason as _reason
+from embedcache.errors import CacheMismatchError, EmbedcacheError
+from embedcache.errors import reason as _reason
 from embedcache.io.files import atomic_path, commit
 from embedcache.model import EMBEDDING_SHAPE
 from embedcache.model.prompts import box_present

@@ -8,7 +8,13 @@ from pathlib import Path
 import click
 
 from embedcache.cli.common import (
-    console, device_option, friendly_errors, parse_labels, progress_bar, progress_option, say_to,
+    console,
+    device_option,
+    friendly_errors,
+    parse_labels,
+    progress_bar,
+    progress_option,
+    say_to,
 )
 from embedcache.runtime.distributed import is_main_process
 
@@ -73,8 +79,8 @@ def encode(data, out, images, labels_, series, model, checkpoint, labels, window
     the cases are shared among the ranks.
     """
 
-    from embedcache.config import EncodeConfig, PreprocessConfig
     from embedcache.cache.encode import encode as run_encode
+    from embedcache.config import EncodeConfig, PreprocessConfig
     from embedcache.io.datasets import CaseSource, case_name, discover_cases
 
     if data is not None and images:

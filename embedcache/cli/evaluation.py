@@ -7,7 +7,13 @@ from pathlib import Path
 import click
 
 from embedcache.cli.common import (
-    console, device_option, friendly_errors, parse_labels, progress_bar, progress_option, say_to,
+    console,
+    device_option,
+    friendly_errors,
+    parse_labels,
+    progress_bar,
+    progress_option,
+    say_to,
 )
 from embedcache.errors import EmbedcacheError
 

@@ -9,11 +9,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from embedcache.io import labels as flare
 from embedcache.errors import EmbedcacheError
-from embedcache.io.files import make_output_folder
 from embedcache.evaluation.metrics import gland_metrics
 from embedcache.evaluation.report import Report, write_report
+from embedcache.io import labels as flare
+from embedcache.io.files import make_output_folder
 from embedcache.io.nifti import is_nifti, nifti_stem
 from embedcache.io.volumes import check_same_grid, read_label
 

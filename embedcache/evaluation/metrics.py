@@ -11,7 +11,8 @@ import warnings
 
 import numpy as np
 
-from embedcache.io.labels import RIGHT_ADRENAL, SCORED_ON_LABELLED_SLICES, tolerance_mm as flare_tolerance_mm
+from embedcache.io.labels import RIGHT_ADRENAL, SCORED_ON_LABELLED_SLICES
+from embedcache.io.labels import tolerance_mm as flare_tolerance_mm
 
 
 def dice(pred: np.ndarray, truth: np.ndarray) -> float:

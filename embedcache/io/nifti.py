@@ -7,7 +7,8 @@ from pathlib import Path
 
 import numpy as np
 
-from embedcache.errors import EmbedcacheError, reason as _reason
+from embedcache.errors import EmbedcacheError
+from embedcache.errors import reason as _reason
 from embedcache.io.files import atomic_path
 from embedcache.io.geometry import Geometry
 

@@ -17,7 +17,17 @@ from pathlib import Path
 
 import numpy as np
 
-from embedcache.io.labels import ADRENALS, AORTA, IVC, LEFT_ADRENAL, LEFT_KIDNEY, LIVER, RIGHT_ADRENAL, RIGHT_KIDNEY, SPLEEN
+from embedcache.io.labels import (
+    ADRENALS,
+    AORTA,
+    IVC,
+    LEFT_ADRENAL,
+    LEFT_KIDNEY,
+    LIVER,
+    RIGHT_ADRENAL,
+    RIGHT_KIDNEY,
+    SPLEEN,
+)
 
 #: Fill values of the phantom's tissues, in HU.
 AIR_HU, FAT_HU, MUSCLE_HU = -1000.0, -95.0, 50.0

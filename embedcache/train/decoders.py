@@ -116,7 +116,13 @@ def export_run(run_dir: Path, out: Path, *, checkpoint: Path | None = None) -> P
     """
     import torch
 
-    from embedcache.model.backbones import file_sha256, get_backbone, read_state_dict, require_weights, resolve_checkpoint
+    from embedcache.model.backbones import (
+        file_sha256,
+        get_backbone,
+        read_state_dict,
+        require_weights,
+        resolve_checkpoint,
+    )
 
     out, run_dir = Path(out), Path(run_dir)
     if run_dir.is_file():

@@ -96,12 +96,12 @@ def train(config: FinetuneConfig, run: RunFolder, *, resume: bool, progress=None
         steps_per_epoch = math.ceil(len(train) / config.batch_size)
         trainer = build_trainer(get_backbone(cache.signature.backbone), _weights(config), config, device=device,
                                 total_steps=steps_per_epoch * config.epochs, world=dist.world)
-        data = _data_fingerprint(cache, sets)
+        fingerprint = _fingerprint(cache, sets)
         if resume:
-            state = _restore(run, trainer, cache, data)
+            state = _restore(run, trainer, cache, fingerprint)
             log(f"resuming {run.path} after epoch {state.epoch} (best val Dice {state.best_dice:.4f} at epoch {state.best_epoch})")
         else:
-            state = _start(run, trainer, config, sets, dist, cache.signature, data, split)
+            state = _start(run, trainer, config, sets, dist, cache.signature, fingerprint, split)
             log(f"vanilla decoder: val Dice {state.vanilla_dice:.4f} on {len(val.prompts.boxes)} prompts of {len(val.names)} case(s)")
         task = progress.add_task("finetune", total=(config.epochs - state.epoch) * steps_per_epoch) if progress else None
         board = run.tensorboard() if dist.main else None  # None also where TensorBoard is not installed
@@ -120,7 +120,7 @@ def train(config: FinetuneConfig, run: RunFolder, *, resume: bool, progress=None
                                  prompts_per_s=seen * dist.world / seconds)
             state.record(record)
             if dist.main:
-                _save_epoch(run, trainer, state, config, cache.signature, data, best=record.best)
+                _save_epoch(run, trainer, state, config, cache.signature, fingerprint, best=record.best)
                 run.append_log(record, board)
                 if on_epoch:
                     on_epoch(record)
@@ -212,14 +212,14 @@ def validate(trainer: Trainer, val: CaseSet, *, batch_size: int) -> tuple[float,
     return torch.cat(losses).mean().item(), torch.cat(dices).mean().item()
 
 
-def _data_fingerprint(cache: Cache, sets: dict[str, CaseSet]) -> dict:
+def _fingerprint(cache: Cache, sets: dict[str, CaseSet]) -> dict:
     """Which cases (and which versions of their sources) each set holds, and the embeddings' signature."""
     return {"signature": cache.signature.to_dict(),
             **{key: {name: cache.case(name).digest for name in group.names} for key, group in sets.items()}}
 
 
 def _start(run: RunFolder, trainer: Trainer, config: FinetuneConfig, sets: dict[str, CaseSet], dist: Dist,
-           signature: Signature, data: dict, split: Split) -> RunState:
+           signature: Signature, fingerprint: dict, split: Split) -> RunState:
     """A new run: score the vanilla decoder, then write the settings, the split, log row 0 and the
     epoch-0 checkpoint, so that from here on the folder can always be resumed."""
     vanilla_loss, vanilla_dice = validate(trainer, sets["val"], batch_size=config.batch_size)
@@ -227,19 +227,19 @@ def _start(run: RunFolder, trainer: Trainer, config: FinetuneConfig, sets: dict[
     if dist.main:
         run.create(config, split)
         run.append_log(EpochRecord(0, float("nan"), vanilla_loss, vanilla_dice, 0.0, 0.0, 0.0))
-        _save_epoch(run, trainer, state, config, signature, data, best=False)
+        _save_epoch(run, trainer, state, config, signature, fingerprint, best=False)
     dist.barrier()
     return state
 
 
-def _restore(run: RunFolder, trainer: Trainer, cache: Cache, data: dict) -> RunState:
+def _restore(run: RunFolder, trainer: Trainer, cache: Cache, fingerprint: dict) -> RunState:
     """Load ``last.safetensors`` into the trainer; the run state it was saved with. Refuses a cache
     other than the run's, or one whose cases (or their sources) changed."""
     checkpoint = load_checkpoint(run.file(LAST))
     saved = checkpoint.data
     for key in ("train", "val"):
-        if saved.get(key) != data[key]:
-            changed = sorted(set(saved.get(key, {}).items()) ^ set(data[key].items()))
+        if saved.get(key) != fingerprint[key]:
+            changed = sorted(set(saved.get(key, {}).items()) ^ set(fingerprint[key].items()))
             raise EmbedcacheError(
                 f"{cache.path}: not the data the run in {run.path} was trained on (its {key} cases differ at "
                 f"{changed[0][0] if changed else '?'}); resume with the run's cache or start a new run"
@@ -260,7 +260,7 @@ def _restore(run: RunFolder, trainer: Trainer, cache: Cache, data: dict) -> RunS
 
 
 def _save_epoch(run: RunFolder, trainer: Trainer, state: RunState, config: FinetuneConfig, signature: Signature,
-                data: dict, *, best: bool) -> None:
+                fingerprint: dict, *, best: bool) -> None:
     """``decoder.safetensors`` when this epoch is the best so far; ``last.safetensors`` always."""
     val_dice = state.history[-1].val_dice if state.history else state.vanilla_dice
     common = dict(decoder=trainer.decoder_state(), signature=signature, config=asdict(config), epoch=state.epoch,
@@ -268,5 +268,5 @@ def _save_epoch(run: RunFolder, trainer: Trainer, state: RunState, config: Finet
     if best:
         save_checkpoint(Checkpoint(**common), run.file(BEST))
     save_checkpoint(Checkpoint(**common, optimizer=trainer.optimizer.state_dict(),
-                               scheduler=trainer.scheduler.state_dict(), state=state.to_dict(), data=data),
+                               scheduler=trainer.scheduler.state_dict(), state=state.to_dict(), data=fingerprint),
                     run.file(LAST))

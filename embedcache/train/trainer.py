@@ -15,11 +15,11 @@ from pathlib import Path
 
 import torch
 
-from embedcache.model.backbones import Backbone, load_backbone
 from embedcache.config import FinetuneConfig
-from embedcache.train.data import Batch
+from embedcache.model.backbones import Backbone, load_backbone
 from embedcache.model.decoder import BoxDecoder
 from embedcache.model.losses import dice_ce_per_prompt
+from embedcache.train.data import Batch
 
 
 def lr_factor(total_steps: int, warmup_steps: int):

@@ -6,16 +6,16 @@ import shutil
 import nibabel as nib
 import numpy as np
 import pytest
-from click.testing import CliRunner
 
-from embedcache.cli import main
 from embedcache.errors import EmbedcacheError
 from embedcache.evaluation.metrics import dice
-from embedcache.io.phantom import limit_target_slices
-from embedcache.evaluation.predict import read_boxes_file, requests_from_json
+from embedcache.evaluation.prompt_file import read_boxes_file, requests_from_json
 from embedcache.evaluation.protocols import box3d_from_label
 from embedcache.io.datasets import discover_cases
+from embedcache.io.phantom import limit_target_slices
 from embedcache.io.volumes import read_geometry, read_label
+
+from conftest import cli
 
 
 @pytest.fixture
@@ -27,7 +27,7 @@ def one_slice_case(phantom_dir, tmp_path):
 
 
 def _predict(*args):
-    return CliRunner().invoke(main, ["predict", *map(str, args), "--device", "cpu"])
+    return cli("predict", *args, "--device", "cpu")
 
 
 def _file_corners(geometry, z0, z1, box):

@@ -2,10 +2,11 @@ from __future__ import annotations
 
 import numpy as np
 
-from conftest import SMALL_PHANTOM
-from embedcache.io.phantom import PhantomConfig, make_case, write_phantom
 from embedcache.io.datasets import discover_cases
+from embedcache.io.phantom import PhantomConfig, make_case, write_phantom
 from embedcache.io.volumes import read_image, read_label
+
+from conftest import SMALL_PHANTOM
 
 
 def test_same_seed_same_files(tmp_path):

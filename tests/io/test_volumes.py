@@ -8,12 +8,13 @@ import numpy as np
 import pydicom
 import pytest
 
-from conftest import pydicom_dir, single_file_dir
 from embedcache.errors import EmbedcacheError
 from embedcache.io.datasets import discover_cases
 from embedcache.io.geometry import Geometry
 from embedcache.io.nifti import write_nifti
 from embedcache.io.volumes import check_same_grid, read_geometry, read_image, read_label
+
+from conftest import pydicom_dir, single_file_dir
 
 
 def _world(affine, ijk):

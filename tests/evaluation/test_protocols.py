@@ -6,7 +6,15 @@ import numpy as np
 import pytest
 
 from embedcache.errors import UsageError
-from embedcache.evaluation.protocols import Box3D, ProtocolSettings, box3d_from_label, parse_protocols, propagate, run, tight_boxes
+from embedcache.evaluation.protocols import (
+    Box3D,
+    ProtocolSettings,
+    box3d_from_label,
+    parse_protocols,
+    propagate,
+    run,
+    tight_boxes,
+)
 
 SHAPE = (10, 40, 50)
 

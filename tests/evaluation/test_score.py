@@ -7,15 +7,15 @@ from dataclasses import replace
 
 import numpy as np
 import pytest
-from click.testing import CliRunner
 
 from embedcache.cache import store
 from embedcache.cache.merge import merge
-from embedcache.evaluation import score as score_module
-from embedcache.cli import main
-from embedcache.errors import EmbedcacheError
 from embedcache.config import ProtocolSettings, ScoreConfig
+from embedcache.errors import EmbedcacheError
+from embedcache.evaluation import score as score_module
 from embedcache.io.volumes import read_label
+
+from conftest import cli
 
 
 def _stand_in_segmenter(self, prompt_encoder, mask_decoder, **size):
@@ -89,20 +89,19 @@ def test_held_out_test_cases_are_scored_by_default(small_cache, tiny_model, tmp_
 
 def test_evaluate_on_predicts_output_reproduces_scores_box3d(small_cache, tiny_model, tmp_path):
     """The same 3-D boxes through predict (embeddings on the fly) and score (cached) give the same masks."""
-    run = CliRunner()
-    assert run.invoke(main, ["finetune", str(small_cache), "--out", str(tmp_path / "run"), "--epochs", "1",
+    assert cli(*["finetune", str(small_cache), "--out", str(tmp_path / "run"), "--epochs", "1",
                              "--batch-size", "2", "--val-fraction", "0.34", "--device", "cpu", "--no-progress"]).exit_code == 0
-    scored = run.invoke(main, ["score", str(small_cache), "--run", str(tmp_path / "run"), "--cases", "all", "--prompts",
+    scored = cli(*["score", str(small_cache), "--run", str(tmp_path / "run"), "--cases", "all", "--prompts",
                                "box3d", "--out", str(tmp_path / "score"), "--device", "cpu", "--no-progress"])
     assert scored.exit_code == 0, scored.output
     assert "prompts: box3d" in scored.output and "every case in the cache, the training cases included" in scored.output
     with store.open_cache(small_cache) as cache:
         images = [c.image for c in cache.cases]
         labels = str(cache.cases[0].label).rsplit("/", 1)[0]
-    predicted = run.invoke(main, ["predict", *images, "--run", str(tmp_path / "run"), "--from-labels", labels,
+    predicted = cli(*["predict", *images, "--run", str(tmp_path / "run"), "--from-labels", labels,
                                   "--prompts", "box3d", "--out", str(tmp_path / "pred"), "--device", "cpu"])
     assert predicted.exit_code == 0, predicted.output
-    evaluated = run.invoke(main, ["evaluate", str(tmp_path / "pred"), labels, "--out", str(tmp_path / "eval"),
+    evaluated = cli(*["evaluate", str(tmp_path / "pred"), labels, "--out", str(tmp_path / "eval"),
                                   "--no-progress"])
     assert evaluated.exit_code == 0, evaluated.output
     score_report = json.loads((tmp_path / "score" / "report.json").read_text())["cases"]["box3d"]
@@ -120,10 +119,11 @@ def test_a_case_from_one_series_of_a_mixed_dicom_folder_is_scored_from_that_seri
     import shutil
 
     import pydicom
-    from conftest import pydicom_dir
 
     from embedcache.io.nifti import write_nifti
     from embedcache.io.volumes import read_image
+
+    from conftest import cli, pydicom_dir
 
     mixed = tmp_path / "mixed"
     shutil.copytree(series_dir, mixed)
@@ -135,16 +135,15 @@ def test_a_case_from_one_series_of_a_mixed_dicom_folder_is_scored_from_that_seri
     label[1:3, 4:8, 3:7] = 7
     label[2:4, 8:12, 10:14] = 8
     write_nifti(label, image.geometry, tmp_path / "label.nii.gz")
-    run = CliRunner()
     encode = ["encode", "--image", str(mixed), "--label", str(tmp_path / "label.nii.gz"), "--series", uid,
               "--out", str(tmp_path / "c.h5"), "--model", "tiny", "--no-progress"]
-    done = run.invoke(main, encode)
+    done = cli(*encode)
     assert done.exit_code == 0, done.output
-    done = run.invoke(main, encode)
+    done = cli(*encode)
     assert done.exit_code == 0 and "encoded 0 slices" in done.output and "1 cases already done" in done.output
     with store.open_cache(tmp_path / "c.h5") as cache:
         assert cache.cases[0].series_uid == uid
-    done = run.invoke(main, ["score", str(tmp_path / "c.h5"), "--out", str(tmp_path / "r"), "--device", "cpu",
+    done = cli(*["score", str(tmp_path / "c.h5"), "--out", str(tmp_path / "r"), "--device", "cpu",
                              "--prompts", "oracle", "--no-progress"])
     assert done.exit_code == 0, done.output
     assert len(list((tmp_path / "r").glob("overlay-*.png"))) == 4

@@ -1,24 +1,21 @@
 from __future__ import annotations
 
 import subprocess
-from dataclasses import replace
 import sys
+from dataclasses import replace
 
 import nibabel as nib
 import numpy as np
 import pytest
-from click.testing import CliRunner
 
 from embedcache.cli import main
 
-
-def _run(*args):
-    return CliRunner().invoke(main, [str(a) for a in args])
+from conftest import cli, only_line_error
 
 
 @pytest.mark.parametrize("name", sorted(main.commands))
 def test_every_command_has_help(name):
-    result = _run(name, "--help")
+    result = cli(name, "--help")
     assert result.exit_code == 0, result.output
     assert main.commands[name].help and main.commands[name].help.split("\n")[0] in " ".join(result.output.split())
 
@@ -29,31 +26,22 @@ def test_help_does_not_import_torch():
     subprocess.run([sys.executable, "-c", code], check=True, capture_output=True)
 
 
-def _one_line_error(result, *fragments):
-    assert result.exit_code != 0
-    lines = [line for line in result.output.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("Error: "), result.output
-    assert "Traceback" not in result.output
-    for fragment in fragments:
-        assert fragment in lines[0], lines[0]
-
-
 def test_bad_input_gives_one_line_errors(tmp_path, phantom_dir, tiny_model):
-    _one_line_error(_run("encode", tmp_path / "nowhere", "--out", tmp_path / "c.h5"), "nowhere: no such folder")
-    _one_line_error(_run("encode", phantom_dir, "--out", tmp_path / "c.h5", "--model", "vit_x"), "unknown model 'vit_x'")
-    _one_line_error(
-        _run("encode", phantom_dir, "--out", tmp_path / "c.h5", "--model", "vit_b", "--checkpoint", tmp_path / "w.pth"),
+    only_line_error(cli("encode", tmp_path / "nowhere", "--out", tmp_path / "c.h5"), "nowhere: no such folder")
+    only_line_error(cli("encode", phantom_dir, "--out", tmp_path / "c.h5", "--model", "vit_x"), "unknown model 'vit_x'")
+    only_line_error(
+        cli("encode", phantom_dir, "--out", tmp_path / "c.h5", "--model", "vit_b", "--checkpoint", tmp_path / "w.pth"),
         "w.pth: checkpoint not found",
     )
-    _one_line_error(_run("encode", phantom_dir, "--out", tmp_path / "c.h5", "--window-width", "-5"), "--window-width must be")
-    _one_line_error(_run("info", tmp_path / "none.h5"), "none.h5: no such cache file")
+    only_line_error(cli("encode", phantom_dir, "--out", tmp_path / "c.h5", "--window-width", "-5"), "--window-width must be")
+    only_line_error(cli("info", tmp_path / "none.h5"), "none.h5: no such cache file")
     (tmp_path / "junk.h5").write_bytes(b"junk")
-    _one_line_error(_run("info", tmp_path / "junk.h5"), "junk.h5: not a readable embedcache cache")
+    only_line_error(cli("info", tmp_path / "junk.h5"), "junk.h5: not a readable embedcache cache")
     image = sorted((phantom_dir / "imagesTr").iterdir())[0]
     small = tmp_path / "small.nii.gz"
     nib.save(nib.Nifti1Image(np.zeros((8, 8, 8), np.uint8), np.eye(4)), str(small))
-    _one_line_error(
-        _run("encode", "--image", image, "--label", small, "--out", tmp_path / "c.h5", "--model", "tiny"),
+    only_line_error(
+        cli("encode", "--image", image, "--label", small, "--out", tmp_path / "c.h5", "--model", "tiny"),
         "small.nii.gz: label volume shape (8, 8, 8) does not match image",
     )
     assert not (tmp_path / "c.h5").exists() and not (tmp_path / "c.h5.parts").exists()
@@ -61,19 +49,19 @@ def test_bad_input_gives_one_line_errors(tmp_path, phantom_dir, tiny_model):
 
 def test_encode_then_info_and_signature_mismatch(tmp_path, phantom_dir, tiny_model):
     out = tmp_path / "c.h5"
-    result = _run("encode", phantom_dir, "--out", out, "--model", "tiny", "--no-progress")
+    result = cli("encode", phantom_dir, "--out", out, "--model", "tiny", "--no-progress")
     assert result.exit_code == 0, result.output
     assert "encoded" in result.output and "PHANTOM_0003" in result.output
-    info = _run("info", out)
+    info = cli("info", out)
     assert info.exit_code == 0 and "model tiny" in info.output and "total" in info.output
-    again = _run("encode", phantom_dir, "--out", out, "--model", "tiny", "--window-level", "40", "--no-progress")
-    _one_line_error(again, "c.h5: cache was made with preprocess=")
-    resumed = _run("encode", phantom_dir, "--out", out, "--model", "tiny", "--no-progress")
+    again = cli("encode", phantom_dir, "--out", out, "--model", "tiny", "--window-level", "40", "--no-progress")
+    only_line_error(again, "c.h5: cache was made with preprocess=")
+    resumed = cli("encode", phantom_dir, "--out", out, "--model", "tiny", "--no-progress")
     assert "3 cases already done" in resumed.output
 
 
 def test_phantom_command_writes_flare_layout(tmp_path):
-    result = _run("phantom", tmp_path / "p", "--cases", "1", "--size", "64", "--no-progress")
+    result = cli("phantom", tmp_path / "p", "--cases", "1", "--size", "64", "--no-progress")
     assert result.exit_code == 0, result.output
     assert (tmp_path / "p" / "imagesTr" / "PHANTOM_0001_0000.nii.gz").is_file()
     assert (tmp_path / "p" / "labelsTr" / "PHANTOM_0001.nii.gz").is_file()
@@ -81,26 +69,26 @@ def test_phantom_command_writes_flare_layout(tmp_path):
 
 def test_finetune_and_export_from_the_command_line(tmp_path, small_cache, tiny_model):
     run = tmp_path / "run"
-    result = _run("finetune", small_cache, "--out", run, "--epochs", "1", "--batch-size", "2",
+    result = cli("finetune", small_cache, "--out", run, "--epochs", "1", "--batch-size", "2",
                   "--val-fraction", "0.34", "--device", "cpu", "--no-progress")
     assert result.exit_code == 0, result.output
     assert "vanilla decoder val Dice" in result.output and "fine-tuned" in result.output
     assert "prompts/s" in result.output and (run / "decoder.safetensors").is_file()
-    _one_line_error(_run("finetune", small_cache, "--out", run, "--no-progress"), "run folder exists; pass --resume")
-    _one_line_error(_run("finetune", tmp_path / "none.h5", "--out", tmp_path / "r2"), "none.h5: no such cache file")
-    _one_line_error(_run("finetune", small_cache, "--out", tmp_path / "r3", "--val-fraction", "1.5"), "--val-fraction")
-    exported = _run("export", run, "--out", tmp_path / "full.pth")
+    only_line_error(cli("finetune", small_cache, "--out", run, "--no-progress"), "run folder exists; pass --resume")
+    only_line_error(cli("finetune", tmp_path / "none.h5", "--out", tmp_path / "r2"), "none.h5: no such cache file")
+    only_line_error(cli("finetune", small_cache, "--out", tmp_path / "r3", "--val-fraction", "1.5"), "--val-fraction")
+    exported = cli("export", run, "--out", tmp_path / "full.pth")
     assert exported.exit_code == 0 and (tmp_path / "full.pth").is_file()
-    _one_line_error(_run("export", tmp_path / "nothing", "--out", tmp_path / "x.pth"), "no checkpoint")
+    only_line_error(cli("export", tmp_path / "nothing", "--out", tmp_path / "x.pth"), "no checkpoint")
 
 
 def test_score_reports_vanilla_against_finetuned(tmp_path, small_cache, tiny_model):
     import json
 
     run = tmp_path / "run"
-    assert _run("finetune", small_cache, "--out", run, "--epochs", "1", "--batch-size", "2",
+    assert cli("finetune", small_cache, "--out", run, "--epochs", "1", "--batch-size", "2",
                 "--val-fraction", "0.34", "--device", "cpu", "--no-progress").exit_code == 0
-    result = _run("score", small_cache, "--run", run, "--out", tmp_path / "report", "--prompts", "oracle,box3d",
+    result = cli("score", small_cache, "--run", run, "--out", tmp_path / "report", "--prompts", "oracle,box3d",
                   "--device", "cpu", "--no-progress")
     assert result.exit_code == 0, result.output
     assert "right adrenal" in result.output and "difference" in result.output and "index.html" in result.output
@@ -121,8 +109,8 @@ def test_score_reports_vanilla_against_finetuned(tmp_path, small_cache, tiny_mod
     assert (tmp_path / "report" / "cases.csv").read_text().count("\n") == 1 + 2 * 2 * 2 * len(split["val"])
 
     # The vanilla weights given as the "fine-tuned" decoder score exactly as the vanilla decoder.
-    from embedcache.model.backbones import load_backbone
     from embedcache.cache.store import open_cache
+    from embedcache.model.backbones import load_backbone
     from embedcache.train.checkpoint import Checkpoint, save_checkpoint
 
     with open_cache(small_cache) as cache:
@@ -130,7 +118,7 @@ def test_score_reports_vanilla_against_finetuned(tmp_path, small_cache, tiny_mod
     vanilla = load_backbone(tiny_model)[0].mask_decoder.state_dict()
     made = dict(config={}, epoch=0, val_dice=0.0)
     save_checkpoint(Checkpoint(decoder=vanilla, signature=signature, **made), tmp_path / "vanilla.safetensors")
-    same = _run("score", small_cache, "--decoder", tmp_path / "vanilla.safetensors", "--out", tmp_path / "r2",
+    same = cli("score", small_cache, "--decoder", tmp_path / "vanilla.safetensors", "--out", tmp_path / "r2",
                 "--device", "cpu", "--no-progress")
     assert same.exit_code == 0, same.output
     twin = json.loads((tmp_path / "r2" / "report.json").read_text())
@@ -139,7 +127,7 @@ def test_score_reports_vanilla_against_finetuned(tmp_path, small_cache, tiny_mod
             for by_model in case.values():
                 assert by_model["vanilla"] == by_model["finetuned"]
     save_checkpoint(Checkpoint(decoder=vanilla, signature=replace(signature, backbone="vit_b"), **made), tmp_path / "other.safetensors")
-    _one_line_error(_run("score", small_cache, "--decoder", tmp_path / "other.safetensors", "--out", tmp_path / "r5"),
+    only_line_error(cli("score", small_cache, "--decoder", tmp_path / "other.safetensors", "--out", tmp_path / "r5"),
                     "decoder was trained on a cache with backbone=vit_b, not tiny")
-    _one_line_error(_run("score", small_cache, "--out", tmp_path / "r3", "--cases", "val"), "needs --run")
-    _one_line_error(_run("score", small_cache, "--run", tmp_path / "nothing", "--out", tmp_path / "r4"), "no checkpoint")
+    only_line_error(cli("score", small_cache, "--out", tmp_path / "r3", "--cases", "val"), "needs --run")
+    only_line_error(cli("score", small_cache, "--run", tmp_path / "nothing", "--out", tmp_path / "r4"), "no checkpoint")

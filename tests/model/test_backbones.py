@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 import torch
 
+from embedcache.errors import EmbedcacheError
 from embedcache.model import EMBEDDING_SHAPE
 from embedcache.model.backbones import BACKBONES, SAM_PIXEL_MEAN, SAM_PIXEL_STD, get_backbone, load_backbone
-from embedcache.errors import EmbedcacheError
 
 
 def _shapes(module) -> dict:

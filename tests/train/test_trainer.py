@@ -1,0 +1,49 @@
+"""The trainable model and its step: only the mask decoder learns, micro-batches add up to the batch."""
+
+from __future__ import annotations
+
+import torch
+
+from embedcache.config import FinetuneConfig
+from embedcache.train.trainer import build_trainer
+
+from conftest import small_batch
+
+
+def _trainer(backbone, *, micro_batch: int = 0):
+    """The factory's trainer for the tiny model, at lr 1e-3 with a schedule long enough to be flat here."""
+    config = FinetuneConfig(lr=1e-3, micro_batch=micro_batch, warmup_fraction=0.0, device="cpu")
+    return build_trainer(backbone, None, config, device=torch.device("cpu"), total_steps=10_000)
+
+
+def test_only_the_mask_decoder_receives_gradients_and_loss_falls(tiny_model, small_cache):
+    batch, _ = small_batch(tiny_model, small_cache)
+    trainer = _trainer(tiny_model)
+    model, params = trainer.model, trainer.step.params
+    losses = []
+    for _ in range(6):
+        trainer.step(batch, len(batch.boxes))
+        losses.append(trainer.step.end_epoch()[0])
+    assert losses[-1] < 0.7 * losses[0]
+    decoder = model.mask_decoder
+    assert {id(p) for p in params} <= {id(p) for p in decoder.parameters()}
+    assert all(p.grad is not None for p in params)  # everything trainable is reached by the loss
+    assert all(p.grad is not None for p in decoder.transformer.parameters())
+    assert decoder.mask_tokens.weight.grad is not None and decoder.output_upscaling[0].weight.grad is not None
+    assert all(p.grad is None and not p.requires_grad for p in model.prompt_encoder.parameters())
+    assert not any(name.startswith("image_encoder") for name, _ in model.named_parameters())  # never even built
+    assert {id(p) for p in trainer.optimizer.param_groups[0]["params"]} == {id(p) for p in params}
+
+
+def test_micro_batches_add_up_to_the_whole_batch_step(tiny_model, small_cache):
+    batch, _ = small_batch(tiny_model, small_cache)
+    weights = []
+    for micro in (0, 3):
+        trainer = _trainer(tiny_model, micro_batch=micro)
+        trainer.step(batch, len(batch.boxes))
+        grads = {n: p.grad.clone() for n, p in trainer.model.mask_decoder.named_parameters() if p.requires_grad}
+        weights.append(grads)
+        assert trainer.step.end_epoch()[1] == len(batch.boxes)
+    for key in weights[0]:  # the gradients the optimizer stepped on, equal up to summation order
+        whole, parts_sum = weights[0][key], weights[1][key]
+        assert (whole - parts_sum).abs().max() <= 1e-4 * whole.abs().max() + 1e-10, key
