@@ -33,6 +33,13 @@ def _bad(source, what: str) -> EmbedcacheError:
     return EmbedcacheError(f"{source}: {what}; it was not written by this embedcache: encode it again")
 
 
+def _check_fields(cls, values, *, source, what: str) -> None:
+    """``values`` is a JSON object with exactly the fields of the dataclass ``cls``."""
+    if not isinstance(values, dict) or set(values) != {f.name for f in fields(cls)}:
+        got = sorted(values) if isinstance(values, dict) else type(values).__name__
+        raise _bad(source, f"{what} is not one (fields {got})")
+
+
 @dataclass(frozen=True)
 class Signature:
     """What made a cache's embeddings: backbone, its weights' sha256, its input size (px), the
@@ -61,10 +68,7 @@ class Signature:
     @classmethod
     def from_dict(cls, values, *, source) -> "Signature":
         """A signature read from ``source`` (a file, named in the error), every field's type checked."""
-        names = {f.name for f in fields(cls)}
-        if not isinstance(values, dict) or set(values) != names:
-            got = sorted(values) if isinstance(values, dict) else type(values).__name__
-            raise _bad(source, f"signature is not one (fields {got})")
+        _check_fields(cls, values, source=source, what="signature")
         text = ("backbone", "checkpoint_sha256", "embedding_dtype", "embedcache_version")
         if not all(isinstance(values[k], str) for k in text) or not all(_is_int(values[k]) for k in ("input_size", "schema")):
             raise _bad(source, "signature has a field of the wrong type")
@@ -149,10 +153,7 @@ class CaseRecord:
     @classmethod
     def from_dict(cls, obj, *, source) -> "CaseRecord":
         """A record read from ``source`` (a file, named in the error), every field's type checked."""
-        names = {f.name for f in fields(cls)}
-        if not isinstance(obj, dict) or set(obj) != names:
-            got = sorted(obj) if isinstance(obj, dict) else type(obj).__name__
-            raise _bad(source, f"a case record is not one (fields {got})")
+        _check_fields(cls, obj, source=source, what="a case record")
         name = obj["name"]
         ok = (all(isinstance(obj[k], str) for k in ("name", "image", "label", "digest"))
               and all(_is_int(obj[k]) and obj[k] >= 0 for k in ("first_row", "n_rows", "margin_slices"))
