@@ -16,6 +16,7 @@ Read top to bottom:
 from __future__ import annotations
 
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -28,7 +29,7 @@ from embedcache.cache.store import row_bytes
 from embedcache.config import EncodeConfig
 from embedcache.errors import EmbedcacheError
 from embedcache.io.datasets import CaseSource
-from embedcache.io.files import check_free_space, write_error
+from embedcache.io.files import WriterLock, check_free_space, lock_path, write_error
 
 
 @dataclass
@@ -98,13 +99,20 @@ def encode(
     resume uses, and rank 0 merges them: the same cache as one process. ``progress`` is a
     :class:`rich.progress.Progress` (or None for silence); ``log`` takes one-line notes.
     """
-    from embedcache.runtime.devices import pick_device
     from embedcache.runtime.distributed import Dist
 
     out = Path(out)
     check_inputs(cases, out)
     signature = signature_for(config)
     dist = Dist(config.device)
+    with WriterLock(lock_path(out), what=str(out)) if dist.main else nullcontext():  # rank 0 writes for all
+        return _encode(cases, out, config, signature, dist, progress=progress, log=log)
+
+
+def _encode(cases: list[CaseSource], out: Path, config: EncodeConfig, signature: Signature, dist, *, progress,
+            log) -> EncodeSummary:
+    from embedcache.runtime.devices import pick_device
+
     summary = EncodeSummary(out=out, cases_total=len(cases))
     done, shards = finished(out, signature, tidy=dist.main)
     plan = plan_cases(cases[dist.rank :: dist.world], config, done, shards, log)

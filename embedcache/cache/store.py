@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import h5py
@@ -65,6 +66,36 @@ def create_row_datasets(f: h5py.File, *, n: int, signature: Signature) -> None:
     f.create_dataset("case_index", shape=(n,), dtype="i4")
     f.create_dataset("slice_index", shape=(n,), dtype="i4")
     f.create_dataset("spacing_mm", shape=(n, 3), dtype="f4")
+
+
+def check_layout(f: h5py.File, signature: Signature, *, source) -> int:
+    """The row count of a cache or shard file whose row datasets are plain datasets held in the file
+    itself (no external link, external storage or virtual dataset: those read another file without
+    a word) with the shapes and types the module docstring and ``signature`` give them."""
+    size, n_labels = signature.slice_size, len(signature.labels)
+    layout = {"embeddings": (EMBEDDING_SHAPE, signature.embedding_dtype), "masks": ((size, size), "u1"),
+              "boxes": ((n_labels, 4), "f4"), "case_index": ((), "i4"), "slice_index": ((), "i4"),
+              "spacing_mm": ((3,), "f4")}
+    rows = set()
+    for name, (tail, dtype) in layout.items():
+        link = f.get(name, getlink=True)
+        dataset = f.get(name) if isinstance(link, h5py.HardLink) else None
+        if not isinstance(dataset, h5py.Dataset) or dataset.is_virtual or dataset.external:
+            kind = {h5py.ExternalLink: "an external link", h5py.SoftLink: "a soft link"}.get(type(link), "")
+            what = "missing" if link is None else kind or ("a virtual dataset" if getattr(dataset, "is_virtual", 0)
+                                                          else "not a dataset held in the file")
+            raise _unreadable_cache(source, f"{name} is {what}; a cache holds its own data")
+        if dataset.ndim < 1 or dataset.shape[1:] != tuple(tail) or dataset.dtype != np.dtype(dtype):
+            raise _unreadable_cache(source, f"{name} is {dataset.dtype} {list(dataset.shape)}, not {np.dtype(dtype)} "
+                                            f"[N, {', '.join(map(str, tail))}]")
+        rows.add(dataset.shape[0])
+    if len(rows) != 1:
+        raise _unreadable_cache(source, f"its datasets hold different numbers of rows: {sorted(rows)}")
+    return rows.pop()
+
+
+def _unreadable_cache(source, why: str) -> EmbedcacheError:
+    return EmbedcacheError(f"{source}: not a readable embedcache cache ({why}); encode it again")
 
 
 def finish(f: h5py.File, tmp: Path, final: Path) -> None:
@@ -130,8 +161,10 @@ def read_shard(path: Path) -> tuple[Signature, CaseRecord]:
     """Signature and case record of a complete shard (an ``OSError``, ``KeyError`` or ``ValueError`` for an
     unreadable file, an :class:`EmbedcacheError` for records that are not embedcache's)."""
     with h5py.File(path, "r") as f:
-        return (Signature.from_dict(json.loads(f.attrs["signature"]), source=path),
-                CaseRecord.from_dict(json.loads(f.attrs["case"]), source=path))
+        signature = Signature.from_dict(json.loads(f.attrs["signature"]), source=path)
+        case = CaseRecord.from_dict(json.loads(f.attrs["case"]), source=path)
+        check_case_rows([replace(case, first_row=0)], check_layout(f, signature, source=path), source=path)
+        return signature, case
 
 
 class Cache:
@@ -143,11 +176,13 @@ class Cache:
         self._f = h5py.File(self.path, "r", rdcc_nbytes=64 << 20)
         try:
             self.signature = Signature.from_dict(json.loads(self._f.attrs["signature"]), source=self.path)
-            cases = json.loads(self._f["cases"][()])
+            n_rows = check_layout(self._f, self.signature, source=self.path)
+            listed = self._f.get("cases") if isinstance(self._f.get("cases", getlink=True), h5py.HardLink) else None
+            cases = json.loads(listed[()]) if isinstance(listed, h5py.Dataset) and listed.shape == () else None
             if not isinstance(cases, list):
-                raise EmbedcacheError(f"{self.path}: its case list is not one; encode it again")
+                raise EmbedcacheError(f"{self.path}: its case list is missing or not one; encode it again")
             self.cases = [CaseRecord.from_dict(c, source=self.path) for c in cases]
-            check_case_rows(self.cases, int(self._f["embeddings"].shape[0]), source=self.path)
+            check_case_rows(self.cases, n_rows, source=self.path)
         except BaseException:
             self._f.close()
             raise

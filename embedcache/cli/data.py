@@ -132,7 +132,7 @@ def info(cache: Path):
 
 def _print_info(path: Path) -> None:
     from rich.console import Console
-    from rich.table import Table
+    from rich.table import Column, Table
 
     from embedcache.cache.store import open_cache
 
@@ -153,8 +153,10 @@ def _print_info(path: Path) -> None:
             f"labels {list(sig.labels)}",
             markup=False,
         )
-        table = Table("case", "set", "slices", *[f"boxes {label}" for label in cache.labels], "margin",
-                      "spacing z, y, x (mm)")
+        # The case column is never cut, in a narrow terminal or a log: a cut name tells no case from another.
+        widest = max([len("total"), *(len(c.name) for c in cache.cases)])
+        table = Table(Column("case", no_wrap=True, min_width=widest), "set", "slices",
+                      *[f"boxes {label}" for label in cache.labels], "margin", "spacing z, y, x (mm)")
         for case in cache.cases:
             table.add_row(
                 case.name, case.subset, str(case.n_rows),

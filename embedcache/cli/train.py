@@ -59,7 +59,7 @@ def finetune(cache, run_dir, epochs, lr, batch_size, val_fraction, seed, device,
     from embedcache.train.finetune import finetune as run_finetune
 
     config = FinetuneConfig(
-        cache=str(cache), epochs=epochs, lr=lr, batch_size=batch_size, val_fraction=val_fraction, seed=seed,
+        cache=os.path.abspath(cache), epochs=epochs, lr=lr, batch_size=batch_size, val_fraction=val_fraction, seed=seed,
         device=device, box_jitter=box_jitter, patience=patience, precision=precision, compile=compile_,
         resident=resident, micro_batch=micro_batch, model=model,
         checkpoint=os.path.abspath(checkpoint) if checkpoint else None,  # score and export read it from any folder
@@ -119,8 +119,9 @@ def _epoch_cells(record) -> list[str]:
 @click.option("--out", "-o", required=True, type=click.Path(path_type=Path), help="Checkpoint file to write.")
 @click.option("--checkpoint", type=click.Path(path_type=Path), default=None,
               help="The original backbone weights, if not where the run found them.")
+@click.option("--force", is_flag=True, help="Replace --out if it exists (never the backbone weights or the run's files).")
 @friendly_errors
-def export(run_dir, out, checkpoint):
+def export(run_dir, out, checkpoint, force):
     """Write RUN_DIR's best decoder into a full checkpoint in the backbone's own format.
 
     The original image encoder and prompt encoder with the fine-tuned mask decoder: SAM and MedSAM
@@ -129,4 +130,4 @@ def export(run_dir, out, checkpoint):
     """
     from embedcache.train.decoders import export_run
 
-    click.echo(f"wrote {export_run(run_dir, out, checkpoint=checkpoint)}")
+    click.echo(f"wrote {export_run(run_dir, out, checkpoint=checkpoint, force=force)}")

@@ -11,9 +11,9 @@ from pathlib import Path
 
 from embedcache.errors import EmbedcacheError
 from embedcache.evaluation.metrics import gland_metrics
-from embedcache.evaluation.report import Report, write_report
+from embedcache.evaluation.report import Report, check_report_folder, write_report
 from embedcache.io import labels as flare
-from embedcache.io.files import make_output_folder
+from embedcache.io.files import same_file
 from embedcache.io.nifti import is_nifti, nifti_stem
 from embedcache.io.volumes import check_same_grid, read_label
 
@@ -34,13 +34,19 @@ def evaluate(pred_dir: Path, labels_dir: Path, out_dir: Path, *, labels=flare.AD
     truths, predictions = _by_case(labels_dir), _by_case(pred_dir)
     if not truths:
         raise EmbedcacheError(f"{labels_dir}: holds no .nii or .nii.gz label volumes")
-    make_output_folder(out_dir)
+    if same_file(pred_dir, labels_dir):
+        raise EmbedcacheError(f"{pred_dir}: the predictions and the ground truth are the same folder; give the "
+                              "folder of predictions, then the folder of labels")
+    check_report_folder(out_dir)
     results, errors = {}, {}
     task = progress.add_task("evaluating", total=len(truths)) if progress else None
     for case, truth_path in truths.items():
         try:
             if case not in predictions:
                 raise EmbedcacheError(f"{Path(pred_dir) / (case + '.nii.gz')}: no prediction for this case")
+            if same_file(predictions[case], truth_path):
+                raise EmbedcacheError(f"{predictions[case]}: is the ground truth itself ({truth_path}); give the "
+                                      "predictions' folder")
             truth, pred = read_label(truth_path), read_label(predictions[case])
             check_same_grid(truth.geometry, pred.geometry, image_path=truth_path, label_path=predictions[case])
             results[case] = {

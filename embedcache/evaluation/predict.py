@@ -1,7 +1,9 @@
 """Segment new CT from what a person gives: a 3-D box per gland, a box on one slice (a JSON file,
 :mod:`embedcache.evaluation.prompt_file`), or a label volume to draw them from. The image encoder
 runs on the fly; the output is a label NIfTI on the input's own grid, and the
-:class:`~embedcache.config.PredictConfig` that made it is saved beside it as ``predict.json``.
+:class:`~embedcache.config.PredictConfig` that made it is saved beside it in ``predict.json``, with the
+names of the files predict wrote there: it never writes over an input, the labels its prompts come
+from, or a file it did not write.
 
 A ``box3d`` is segmented by the ``box3d`` protocol (middle slice, then propagation slice by slice;
 see :mod:`embedcache.evaluation.protocols`); a ``box`` on ``slice`` k segments that slice only.
@@ -9,19 +11,20 @@ see :mod:`embedcache.evaluation.protocols`); a ``box`` on ``slice`` k segments t
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import json
+from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
 
 import numpy as np
 
-from embedcache.config import PredictConfig, PreprocessConfig, ProtocolSettings, save_config
+from embedcache.config import PredictConfig, PreprocessConfig, ProtocolSettings
 from embedcache.errors import EmbedcacheError, UsageError
 from embedcache.evaluation import protocols
 from embedcache.evaluation.prompt_file import Request, read_boxes_file, requests_from_json
 from embedcache.evaluation.protocols import Prediction
 from embedcache.io.datasets import case_name
-from embedcache.io.files import make_output_folder
+from embedcache.io.files import atomic_write_text, make_output_folder, read_json, same_file
 from embedcache.io.geometry import Geometry
 from embedcache.io.labels import ADRENALS
 from embedcache.io.nifti import write_nifti
@@ -52,23 +55,51 @@ def plan(inputs: list[Path], out_dir: Path, config: PredictConfig, *, labels, lo
                          "rename one or predict them into different folders")
     boxes_file = Path(config.boxes) if config.boxes else None
     table = read_boxes_file(boxes_file) if boxes_file is not None else None
+    owned = written_before(Path(out_dir))
     jobs, errors = [], []
     for image in map(Path, inputs):
         try:
             geometry = read_geometry(image, series_uid=config.series)
             out = Path(out_dir) / f"{case_name(image)}.nii.gz"
             if table is not None:
-                jobs.append(Job(image, out, geometry, requests_from_json(table, boxes_file, image, geometry, labels)))
-                continue
-            label_file = Path(config.from_labels)
-            if label_file.is_dir():
-                label_file = label_file / f"{case_name(image)}.nii.gz"
-            check_same_grid(geometry, read_geometry(label_file), image_path=image, label_path=label_file)
-            jobs.append(Job(image, out, geometry, label_file=label_file))
+                job = Job(image, out, geometry, requests_from_json(table, boxes_file, image, geometry, labels))
+            else:
+                label_file = Path(config.from_labels)
+                if label_file.is_dir():
+                    label_file = label_file / f"{case_name(image)}.nii.gz"
+                check_same_grid(geometry, read_geometry(label_file), image_path=image, label_path=label_file)
+                job = Job(image, out, geometry, label_file=label_file)
+            jobs.append(job)
         except EmbedcacheError as exc:
             errors.append(str(exc))
             log(f"error: {exc}")
+    for job in jobs:  # before any work: refused whole, not one input among others
+        _check_output(job, owned)
     return jobs, errors
+
+
+def written_before(out_dir: Path) -> set[str]:
+    """The names of the label volumes earlier runs of predict wrote into ``out_dir`` (its ``predict.json``);
+    a ``predict.json`` that predict did not write is refused: the folder is someone else's."""
+    record = out_dir / CONFIG
+    if not record.exists():
+        return set()
+    saved = read_json(record, what="predict record", fix="choose another --out")
+    if not isinstance(saved, dict) or set(saved) != {"config", "written"} or not isinstance(saved["written"], list) \
+            or not all(isinstance(n, str) for n in saved["written"]):
+        raise EmbedcacheError(f"{record}: not a record predict wrote; choose another --out")
+    return set(saved["written"])
+
+
+def _check_output(job: Job, owned: set[str]) -> None:
+    """Never write over an input, the labels the prompts come from, or a file predict did not write."""
+    if same_file(job.out, job.image):
+        raise EmbedcacheError(f"{job.out}: is the input image itself; choose another --out (predict never writes "
+                              "over its inputs)")
+    if job.label_file is not None and same_file(job.out, job.label_file):
+        raise EmbedcacheError(f"{job.out}: is the label volume the prompts come from; choose another --out")
+    if job.out.exists() and job.out.name not in owned:
+        raise EmbedcacheError(f"{job.out}: exists and predict did not write it; choose another --out or move the file")
 
 
 class OnTheFly:
@@ -124,7 +155,9 @@ def predict(inputs: list[Path], out_dir: Path, config: PredictConfig, *, progres
         return [], errors
     make_output_folder(out_dir)
     model = _load(trained, config)
-    save_config(config, Path(out_dir) / CONFIG)
+    # Recorded before they are written: an interrupted run's outputs are still known as predict's own.
+    names = sorted(written_before(Path(out_dir)) | {job.out.name for job in jobs})
+    atomic_write_text(Path(out_dir) / CONFIG, json.dumps({"config": asdict(config), "written": names}, indent=2) + "\n")
     written = []
     task = encoded = None
     if progress:

@@ -7,6 +7,10 @@ and CSV, and the page (:mod:`embedcache.evaluation.page`) that shows them.
     OUT/learning_curve.png the run's log.csv: training and validation loss, validation Dice (score --run)
     OUT/overlay-*.png      best and worst slice of each gland, labelled with case, slice and Dice
     OUT/index.html         all of the above on one page
+    OUT/config.json        score's settings (ScoreConfig)
+
+The folder is built beside ``OUT`` and then replaces it whole; a folder that holds anything but an
+earlier report is refused (:func:`check_report_folder`).
 
 ``cases`` is ``{protocol: {case: {label: {model: {metric: value}}}}}`` with labels as strings.
 """
@@ -14,7 +18,10 @@ and CSV, and the page (:mod:`embedcache.evaluation.page`) that shows them.
 from __future__ import annotations
 
 import csv
+import fnmatch
 import json
+import os
+import shutil
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -22,7 +29,8 @@ import numpy as np
 
 from embedcache.evaluation import page
 from embedcache.evaluation.page import Overlay
-from embedcache.io.files import atomic_path, atomic_write_text
+from embedcache.errors import EmbedcacheError
+from embedcache.io.files import atomic_path, atomic_write_text, check_writable_folder, make_output_folder
 
 METRICS = ("dice", "nsd", "dice_2d")
 
@@ -77,11 +85,54 @@ def summarize(results: dict) -> dict:
     return summary
 
 
-def write_report(out_dir: Path, report: Report, *, overlays: list[Overlay] = (),
-                 log_csv: Path | None = None) -> Report:
-    """Write every file of the report into ``out_dir``; returns ``report`` with its summary and file names."""
+#: What a report folder holds (besides ``overlay-*.png``); a folder with anything else is not one.
+REPORT_FILES = ("report.json", "cases.csv", "dice.png", "learning_curve.png", "index.html", "config.json")
+REPORT_KINDS = ("score", "evaluate")
+
+
+def check_report_folder(out_dir: Path) -> None:
+    """Refuse a report folder that holds anything but an earlier report of score or evaluate (it is
+    replaced whole): a report never mixes with other files, nor overwrites them."""
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise EmbedcacheError(f"{out_dir}: is a file; --out names the report folder")
+    make_output_folder(Path(os.path.abspath(out_dir)).parent, what="--out's parent folder")
+    if out_dir.is_dir():
+        check_writable_folder(out_dir)  # a folder made read-only is not ours to replace
+    held = sorted(out_dir.iterdir()) if out_dir.is_dir() else []
+    strangers = [p.name for p in held if not (p.is_file() and (p.name in REPORT_FILES or
+                                                               fnmatch.fnmatch(p.name, "overlay-*.png")))]
+    if strangers:
+        raise EmbedcacheError(f"{out_dir}: holds {strangers[0]}, which a report does not; a report replaces its "
+                              "folder whole: choose a new --out")
+    if held:
+        try:
+            kind = json.loads((out_dir / "report.json").read_text()).get("kind")
+        except (OSError, ValueError, AttributeError, RecursionError):
+            kind = None
+        if kind not in REPORT_KINDS:
+            raise EmbedcacheError(f"{out_dir}: holds files but no report of embedcache (report.json); choose a new "
+                                  "--out")
+
+
+def write_report(out_dir: Path, report: Report, *, overlays: list[Overlay] = (), log_csv: Path | None = None,
+                 extra: dict[str, str] | None = None) -> Report:
+    """Write every file of the report (and the ``extra`` text files, by name) into a new folder that then
+    replaces ``out_dir`` whole; returns ``report`` with its summary and file names."""
+    final = Path(os.path.abspath(out_dir))
+    building = final.with_name(f".{final.name}.partial")
+    shutil.rmtree(building, ignore_errors=True)  # an interrupted report's
+    building.mkdir()
+    try:
+        report = _write_files(building, report, overlays=overlays, log_csv=log_csv, extra=extra or {})
+        _replace_folder(building, final)
+    except BaseException:
+        shutil.rmtree(building, ignore_errors=True)
+        raise
+    return report
+
+
+def _write_files(out_dir: Path, report: Report, *, overlays, log_csv, extra: dict[str, str]) -> Report:
     report = replace(report, summary=summarize(report.cases))
     figures = {"dice": page.dice_plot(report, out_dir / "dice.png")}
     if log_csv is not None and Path(log_csv).is_file():
@@ -92,7 +143,21 @@ def write_report(out_dir: Path, report: Report, *, overlays: list[Overlay] = (),
     atomic_write_text(out_dir / "report.json", json.dumps(report.to_dict(), indent=2) + "\n")
     _write_csv(report, out_dir / "cases.csv")
     atomic_write_text(out_dir / "index.html", page.page(report, overlays, pictures))
+    for name, text in extra.items():
+        atomic_write_text(out_dir / name, text)
     return report
+
+
+def _replace_folder(new: Path, final: Path) -> None:
+    """Put the folder ``new`` where ``final`` is: a reader sees the old report or the new one, never a mix."""
+    if not final.exists():
+        new.rename(final)
+        return
+    old = final.with_name(f".{final.name}.old")
+    shutil.rmtree(old, ignore_errors=True)
+    final.rename(old)
+    new.rename(final)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def _write_csv(report: Report, path: Path) -> None:

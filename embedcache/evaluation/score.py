@@ -18,15 +18,14 @@ import torch
 
 from embedcache.cache.records import CaseRecord
 from embedcache.cache.store import Cache, open_cache
-from embedcache.config import ScoreConfig, save_config
+from embedcache.config import ScoreConfig, to_json
 from embedcache.errors import EmbedcacheError
 from embedcache.evaluation import protocols
 from embedcache.evaluation.metrics import dice, gland_metrics
 from embedcache.evaluation.page import Overlay
-from embedcache.evaluation.report import Report, write_report
+from embedcache.evaluation.report import Report, check_report_folder, write_report
 from embedcache.io import labels as flare
 from embedcache.io.datasets import discover_cases
-from embedcache.io.files import make_output_folder
 from embedcache.io.volumes import read_image, read_label, source_digest
 from embedcache.model.decoder import segment_boxes
 from embedcache.runtime.devices import pick_device
@@ -107,7 +106,7 @@ def score(config: ScoreConfig, out_dir: Path, *, progress=None, log=print) -> Re
     case set of ``config.cache`` under each of ``config.prompts``; write the report to ``out_dir``."""
     out_dir, cache_path = Path(out_dir), Path(config.cache)
     run_dir = Path(config.run) if config.run else None
-    make_output_folder(out_dir)
+    check_report_folder(out_dir)
     dev = pick_device(config.device)
     with open_cache(cache_path) as cache:
         trained = None
@@ -134,8 +133,8 @@ def score(config: ScoreConfig, out_dir: Path, *, progress=None, log=print) -> Re
         models=tuple(model.decoders), labels={str(k): flare.name(k) for k in cache.labels},
         nsd_tolerance_mm={str(k): flare.tolerance_mm(k) for k in cache.labels}, cases=results,
     )
-    save_config(config, out_dir / CONFIG)
-    return write_report(out_dir, report, overlays=overlays, log_csv=run_dir / LOG if run_dir else None)
+    return write_report(out_dir, report, overlays=overlays, log_csv=run_dir / LOG if run_dir else None,
+                        extra={CONFIG: to_json(config) + "\n"})
 
 
 def _score_cases(cache: Cache, records: list[CaseRecord], sources: dict, model, config: ScoreConfig, dev, progress):

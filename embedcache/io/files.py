@@ -34,10 +34,18 @@ def partial_path(path: Path, *, keep_suffix: bool = False) -> Path:
 
 
 def commit(tmp: Path, path: Path) -> None:
-    """Sync the finished temporary file ``tmp`` to disk and rename it over ``path``."""
+    """Sync the finished temporary file ``tmp`` to disk and rename it over ``path``, with the mode any
+    new file gets under the umask (some writers make their temporary files private, 0600)."""
     with open(tmp, "rb+") as handle:
         os.fsync(handle.fileno())
+        os.fchmod(handle.fileno(), 0o666 & ~_umask())
     Path(tmp).replace(path)
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)  # the only way to read it is to set it: put it straight back
+    os.umask(mask)
+    return mask
 
 
 @contextmanager
@@ -68,6 +76,61 @@ def read_json(path: Path, *, what: str = "JSON file", fix: str = ""):
         return json.loads(Path(path).read_text())
     except (OSError, UnicodeDecodeError, ValueError) as exc:
         raise EmbedcacheError(f"{path}: not a readable {what} ({exc}){'; ' + fix if fix else ''}") from None
+    except RecursionError:  # nested deeper than any file embedcache reads
+        raise EmbedcacheError(f"{path}: not a readable {what} (nested too deeply){'; ' + fix if fix else ''}") from None
+
+
+def same_file(a: Path, b: Path) -> bool:
+    """True when ``a`` and ``b`` are one file (or folder) on disk, by inode: a link or another spelling of
+    the path counts."""
+    try:
+        return os.path.samefile(a, b)
+    except OSError:  # either does not exist
+        return False
+
+
+def lock_path(path: Path) -> Path:
+    """The lock file of ``path``: ``.NAME.lock`` beside it."""
+    path = Path(path)
+    return path.with_name(f".{path.name}.lock")
+
+
+class WriterLock:
+    """One writer at a time for ``path`` (a cache being encoded, a run folder being trained): an
+    exclusive ``flock`` on the lock file ``lock``, which the kernel releases when the process ends,
+    however it ends, so a killed run never blocks the next. The holder writes its pid into the file,
+    so a second writer is told which process holds it."""
+
+    def __init__(self, lock: Path, *, what: str):
+        self.lock, self.what, self._handle = Path(lock), what, None
+
+    def __enter__(self) -> "WriterLock":
+        import fcntl
+
+        try:
+            handle = open(self.lock, "a+")
+        except OSError as exc:
+            raise write_error(exc, self.lock) from None
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip()
+            handle.close()
+            who = f"pid {holder}" if holder.isdigit() else "another process"
+            raise EmbedcacheError(f"{self.what}: another embedcache ({who}) is writing it; wait for it to end or stop "
+                                  f"it (lock {self.lock})") from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"{os.getpid()}\n")
+        handle.flush()
+        self._handle = handle
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._handle is not None:
+            self._handle.close()  # releases the flock; the file stays, empty of meaning
+            self._handle = None
 
 
 def free_bytes(folder: Path) -> int:

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 
 from embedcache.cache.records import DECODER_KEYS, Signature
 from embedcache.errors import EmbedcacheError
-from embedcache.io.files import atomic_path, check_writable_folder
+from embedcache.io.files import atomic_path, check_writable_folder, same_file
 from embedcache.train.checkpoint import BEST, load_checkpoint
 
 if TYPE_CHECKING:
@@ -108,7 +108,7 @@ def load_decoder_state(decoder, trained: TrainedDecoder) -> None:
     decoder.load_state_dict(trained.state)
 
 
-def export_run(run_dir: Path, out: Path, *, checkpoint: Path | None = None) -> Path:
+def export_run(run_dir: Path, out: Path, *, checkpoint: Path | None = None, force: bool = False) -> Path:
     """Write a full checkpoint in the backbone's own layout: its original image encoder and prompt
     encoder with the run's best mask decoder. Meta SAM / MedSAM files load with
     ``segment_anything.sam_model_registry[...](checkpoint=out)``; LiteMedSAM files keep LiteMedSAM's
@@ -130,6 +130,11 @@ def export_run(run_dir: Path, out: Path, *, checkpoint: Path | None = None) -> P
     trained = load_trained_decoder(run_dir / BEST)
     backbone = get_backbone(trained.signature.backbone)
     weights = resolve_checkpoint(backbone, checkpoint or trained.checkpoint)
+    if same_file(out, weights) or any(same_file(out, p) for p in run_dir.iterdir()):
+        raise EmbedcacheError(f"{out}: is {'the backbone weights' if same_file(out, weights) else 'a file of the run'}; "
+                              "export never writes over its inputs: choose another --out")
+    if out.exists() and not out.is_dir() and not force:
+        raise EmbedcacheError(f"{out}: exists; pass --force to replace it, or choose another --out")
     require_weights(file_sha256(weights), trained.signature.checkpoint_sha256, path=weights, made=f"the run in {run_dir}")
     full = read_state_dict(weights)
     decoder_keys = {k for k in full if k.startswith("mask_decoder.")}

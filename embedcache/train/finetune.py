@@ -6,11 +6,14 @@ used costs a second; :func:`finetune` is what the CLI, tests and benchmarks call
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from embedcache.cache.store import open_cache
 from embedcache.config import FinetuneConfig
+from embedcache.io.files import WriterLock, lock_path, make_output_folder
+from embedcache.runtime.distributed import is_main_process
 from embedcache.train.runs import CONFIG, RunFolder, resumed_config
 
 if TYPE_CHECKING:
@@ -31,7 +34,11 @@ def finetune(config: FinetuneConfig, run_dir: Path, *, resume: bool = False, giv
     if resume and run.file(CONFIG).is_file():
         config = resumed_config(config, run.config(), path=run.file(CONFIG), given_fields=given_fields)
     open_cache(Path(config.cache)).close()
-    resume = run.check_start(resume=resume, log=log)
-    from embedcache.train.loop import train
+    lock = lock_path(run.path)
+    if is_main_process():  # under torchrun rank 0 writes the folder for all
+        make_output_folder(lock.parent, what="--out's parent folder")
+    with WriterLock(lock, what=str(run.path)) if is_main_process() else nullcontext():
+        resume = run.check_start(resume=resume, log=log)
+        from embedcache.train.loop import train
 
-    return train(config, run, resume=resume, progress=progress, log=log, on_epoch=on_epoch)
+        return train(config, run, resume=resume, progress=progress, log=log, on_epoch=on_epoch)

@@ -75,6 +75,9 @@ class RunFolder:
         strangers = sorted(p.name for p in self._files() if p.name not in RUN_FILES)
         if strangers:
             raise EmbedcacheError(f"{self.path}: not a run folder (it holds {strangers[0]}); choose another --out")
+        if self.file(BEST).is_file():  # trained, but the state to resume from is gone: never train it away
+            raise EmbedcacheError(f"{self.file(LAST)}: missing, but the run holds a trained {BEST}; restore "
+                                  f"{LAST} to resume, or start a new run in another --out (the decoder is kept)")
         log(f"{self.path}: no checkpoint yet ({LAST}); starting the run from the beginning")
         for path in self.path.iterdir():
             if path.is_file() and (path.name in RUN_FILES or path.name.endswith(PARTIAL)):

@@ -1,0 +1,217 @@
+"""Nothing made by someone else is overwritten, one writer at a time, and only checked files are read.
+
+Each case ends in one line with a non-zero exit, and every file that was not the command's own
+keeps its bytes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import h5py
+import pytest
+
+from embedcache.cache.merge import merge
+from embedcache.cache.store import open_cache
+from embedcache.io.files import WriterLock, lock_path
+from embedcache.io.phantom import limit_target_slices
+
+import tiny
+from conftest import cli, one_line
+
+
+@pytest.fixture
+def data(phantom_dir, tmp_path) -> Path:
+    out = tmp_path / "data"
+    shutil.copytree(phantom_dir, out)
+    limit_target_slices(out, per_case=1)
+    return out
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory, small_cache, tiny_checkpoint) -> Path:
+    """A one-epoch run on the small cache (read-only: copy before changing)."""
+    run = tmp_path_factory.mktemp("ownership") / "run"
+    with tiny.registered(tiny_checkpoint):
+        result = cli("finetune", small_cache, "--out", run, "--epochs", "1", "--batch-size", "2", "--val-fraction",
+                     "0.34", "--device", "cpu", "--no-progress")
+    assert result.exit_code == 0, result.output
+    return run
+
+
+def _bytes(*paths: Path) -> dict:
+    return {p: p.read_bytes() for p in paths}
+
+
+def test_predict_never_writes_over_an_input_a_label_or_a_file_it_did_not_write(tiny_model, data, tmp_path):
+    image, label = sorted((data / "imagesTr").iterdir())[0], sorted((data / "labelsTr").iterdir())[0]
+    named_like_output = tmp_path / "in" / label.name  # CASE.nii.gz: predict's own output name for it
+    named_like_output.parent.mkdir()
+    shutil.copy(image, named_like_output)
+    before = _bytes(named_like_output, label)
+    common = ["--model", "tiny", "--device", "cpu", "--no-progress", "--prompts", "oracle"]
+    one_line(cli("predict", named_like_output, "--from-labels", label, "--out", named_like_output.parent, *common),
+             f"{named_like_output}: is the input image itself")
+    one_line(cli("predict", image, "--from-labels", label, "--out", label.parent, *common),
+             f"{label}: is the label volume the prompts come from")
+    foreign = tmp_path / "theirs" / label.name
+    foreign.parent.mkdir()
+    foreign.write_bytes(b"someone's segmentation")
+    one_line(cli("predict", image, "--from-labels", label, "--out", foreign.parent, *common),
+             f"{foreign}: exists and predict did not write it")
+    assert _bytes(named_like_output, label) == before and foreign.read_bytes() == b"someone's segmentation"
+    (tmp_path / "crafted").mkdir()
+    (tmp_path / "crafted" / "predict.json").write_text('{"written": ["x.nii.gz"]}')
+    one_line(cli("predict", image, "--from-labels", label, "--out", tmp_path / "crafted", *common),
+             "predict.json: not a record predict wrote")
+
+    # Its own outputs it replaces: a rerun into the same folder works, and the record lists them.
+    for _ in range(2):
+        result = cli("predict", image, "--from-labels", label, "--out", tmp_path / "mine", *common)
+        assert result.exit_code == 0, result.output
+    record = json.loads((tmp_path / "mine" / "predict.json").read_text())
+    assert record["written"] == [label.name] and record["config"]["prompts"] == "oracle"
+
+
+def test_export_never_writes_over_the_weights_and_asks_before_replacing_a_file(tiny_model, tiny_checkpoint, run_dir,
+                                                                               tmp_path):
+    weights = tmp_path / "weights.pth"
+    shutil.copy(tiny_checkpoint, weights)
+    before = weights.read_bytes()
+    one_line(cli("export", run_dir, "--checkpoint", weights, "--out", weights, "--force"),
+             f"{weights}: is the backbone weights")
+    one_line(cli("export", run_dir, "--out", run_dir / "decoder.safetensors", "--force"), "is a file of the run")
+    other = tmp_path / "notes.pth"
+    other.write_bytes(b"my notes")
+    one_line(cli("export", run_dir, "--out", other), f"{other}: exists; pass --force to replace it")
+    assert weights.read_bytes() == before and other.read_bytes() == b"my notes"
+    assert cli("export", run_dir, "--out", other, "--force").exit_code == 0 and other.read_bytes() != b"my notes"
+
+
+def test_a_report_replaces_only_an_earlier_report_and_replaces_it_whole(tiny_model, small_cache, tmp_path):
+    common = ["--prompts", "oracle", "--device", "cpu", "--no-progress"]
+    mixed = tmp_path / "mixed"
+    mixed.mkdir()
+    (mixed / "thesis.docx").write_bytes(b"chapter 1")
+    one_line(cli("score", small_cache, "--out", mixed, *common), f"{mixed}: holds thesis.docx, which a report does not")
+    (tmp_path / "site").mkdir()
+    (tmp_path / "site" / "index.html").write_text("<html>my page</html>")
+    one_line(cli("score", small_cache, "--out", tmp_path / "site", *common), "holds files but no report of embedcache")
+    assert (mixed / "thesis.docx").read_bytes() == b"chapter 1"
+    assert (tmp_path / "site" / "index.html").read_text() == "<html>my page</html>"
+
+    report = tmp_path / "report"
+    assert cli("score", small_cache, "--out", report, *common).exit_code == 0
+    (report / "overlay-best-label7-OLD-z1.png").write_bytes(b"an older report's picture")
+    assert cli("score", small_cache, "--out", report, *common).exit_code == 0
+    assert not (report / "overlay-best-label7-OLD-z1.png").exists()  # replaced whole: nothing of the old one mixes in
+    assert json.loads((report / "config.json").read_text())["prompts"] == ["oracle"]
+    assert not list(tmp_path.glob(".*"))  # no building or old folder left beside it
+
+
+def test_evaluate_refuses_to_score_a_folder_against_itself(data, tmp_path):
+    one_line(cli("evaluate", data / "labelsTr", data / "labelsTr", "--out", tmp_path / "r"),
+             "the predictions and the ground truth are the same folder")
+    assert not (tmp_path / "r").exists()
+
+
+def test_resume_never_trains_away_a_finished_decoder(tiny_model, small_cache, run_dir, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run)
+    (run / "last.safetensors").unlink()
+    before = (run / "decoder.safetensors").read_bytes()
+    one_line(cli("finetune", small_cache, "--out", run, "--resume", "--device", "cpu"),
+             "last.safetensors: missing, but the run holds a trained decoder.safetensors")
+    assert (run / "decoder.safetensors").read_bytes() == before
+
+
+def test_one_writer_at_a_time_and_a_killed_one_blocks_nothing(tiny_model, small_cache, data, tmp_path):
+    out = tmp_path / "c.h5"
+    with WriterLock(lock_path(out), what=str(out)):
+        one_line(cli("encode", data, "--out", out, "--model", "tiny", "--device", "cpu"),
+                 f"{out}: another embedcache (pid {os.getpid()}) is writing it")
+    run = tmp_path / "run"
+    with WriterLock(lock_path(run), what=str(run)):
+        one_line(cli("finetune", small_cache, "--out", run, "--device", "cpu"), f"{run}: another embedcache (pid")
+    assert not out.exists() and not run.exists()
+    # A holder killed with SIGKILL leaves its lock file, but not its lock.
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from embedcache.io.files import WriterLock; "
+                               f"WriterLock(__import__('pathlib').Path({str(lock_path(out))!r}), what='x').__enter__(); "
+                               "print('held', flush=True); time.sleep(60)"], stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "held"
+    holder.send_signal(signal.SIGKILL)
+    holder.wait()
+    result = cli("encode", data, "--out", out, "--model", "tiny", "--device", "cpu", "--no-progress")
+    assert result.exit_code == 0, result.output
+
+
+@pytest.mark.parametrize("craft", ["external link", "virtual dataset", "wrong type"])
+def test_a_cache_that_reads_another_file_or_lies_about_its_layout_is_refused(small_cache, tmp_path, craft):
+    cache = tmp_path / "c.h5"
+    shutil.copy(small_cache, cache)
+    with h5py.File(cache, "r+") as f:
+        n = f["embeddings"].shape[0]
+        if craft == "external link":
+            with h5py.File(tmp_path / "other.h5", "w") as other:
+                other.create_dataset("e", data=f["embeddings"][:])
+            del f["embeddings"]
+            f["embeddings"] = h5py.ExternalLink(str(tmp_path / "other.h5"), "e")
+        elif craft == "virtual dataset":
+            layout = h5py.VirtualLayout(shape=(n,), dtype="i4")
+            layout[:] = h5py.VirtualSource(str(small_cache), "case_index", shape=(n,))
+            del f["case_index"]
+            f.create_virtual_dataset("case_index", layout)
+        else:
+            boxes = f["boxes"][:]
+            del f["boxes"]
+            f.create_dataset("boxes", data=boxes.astype("f8"))
+    what = {"external link": "embeddings is an external link", "virtual dataset": "case_index is a virtual dataset",
+            "wrong type": "boxes is float64"}[craft]
+    one_line(cli("info", cache), f"{cache}: not a readable embedcache cache ({what}")
+
+
+def test_a_case_list_that_lies_about_its_rows_is_refused(small_cache, tmp_path):
+    with open_cache(small_cache) as cache:
+        records, signature = cache.cases, cache.signature
+    merge(tmp_path / "c.h5", signature=signature, sources=[(small_cache, records)])
+    with h5py.File(tmp_path / "c.h5", "r+") as f:
+        cases = json.loads(f["cases"][()])
+        cases[0]["n_rows"] = 10**6
+        del f["cases"]
+        f.create_dataset("cases", data=json.dumps(cases))
+    one_line(cli("info", tmp_path / "c.h5"), f"case {records[0].name}'s rows 0..999999 overlap another case or lie beyond")
+
+
+def test_outputs_get_the_umask_mode_and_json_nesting_is_one_line(run_dir, data, tmp_path):
+    assert (run_dir / "decoder.safetensors").stat().st_mode & 0o777 == 0o666 & ~_umask()
+    deep = tmp_path / "boxes.json"
+    deep.write_text("[" * 100_000 + "]" * 100_000)
+    image = sorted((data / "imagesTr").iterdir())[0]
+    one_line(cli("predict", image, "--boxes", deep, "--out", tmp_path / "p"), f"{deep}: not a readable JSON file (nested")
+
+
+def test_info_never_cuts_a_case_name(small_cache, tmp_path):
+    with open_cache(small_cache) as cache:
+        records, signature = cache.cases, cache.signature
+    long = [replace(r, name=f"FLARE22_Tr_{i:04d}_long_case_name") for i, r in enumerate(records)]
+    merge(tmp_path / "c.h5", signature=signature, sources=[(small_cache, long)])
+    from click.testing import CliRunner
+
+    from embedcache.cli import main
+
+    result = CliRunner().invoke(main, ["info", str(tmp_path / "c.h5")], env={"COLUMNS": "60"})
+    assert result.exit_code == 0, result.output
+    assert all(r.name in result.output for r in long), result.output
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
