@@ -19,6 +19,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
+from embedcache.errors import EmbedcacheError
 from embedcache.io.phantom import limit_target_slices
 
 import tiny
@@ -471,3 +472,89 @@ def test_what_already_held(tiny_model, data, small_cache, tmp_path):
     one_line(cli("encode", data, "--out", small_cache, "--model", "tiny", "--window-level", "40"),
              "cache was made with preprocess=")
     assert not (tmp_path / "c.h5").exists()
+
+
+# ------------------------------------------------------------------ implausible CT, labels, options
+
+
+def _nifti(path: Path, data: np.ndarray, *, dtype=None) -> Path:
+    image = nib.Nifti1Image(data.astype(dtype) if dtype else data, np.diag([0.8, 0.8, 2.5, 1.0]))
+    nib.save(image, str(path))
+    return path
+
+
+def test_implausible_ct_and_labels_are_named(data, tmp_path):
+    """A blank volume, HU scaled by 1000, unsigned raw values and a label that is no id each end in one
+    line naming the file, before a single slice is encoded (the rest of encode's checks come later)."""
+    from embedcache.io.volumes import check_sources, read_image, read_label
+
+    shape = (32, 32, 4)
+    body = np.full(shape, -1000.0, np.float32)
+    body[8:24, 8:24] = 40.0
+    blank = _nifti(tmp_path / "blank_0000.nii.gz", np.full(shape, -1000.0, np.float32))
+    with pytest.raises(EmbedcacheError, match="blank_0000.nii.gz: no tissue: fewer than 1 in 10,000 voxels"):
+        read_image(blank)
+    scaled = _nifti(tmp_path / "scaled_0000.nii.gz", body * 1000)
+    with pytest.raises(EmbedcacheError, match=r"scaled_0000.nii.gz: 100 % of the voxels lie outside .* undo its scaling"):
+        read_image(scaled)
+    read_image(_nifti(tmp_path / "fine_0000.nii.gz", body))  # a body in HU reads
+    label = _nifti(tmp_path / "label.nii.gz", np.zeros(shape, np.uint8))
+    raw = _nifti(tmp_path / "raw_0000.nii.gz", body + 1024, dtype=np.uint16)  # scanner values, no rescale
+    with pytest.raises(EmbedcacheError, match="raw_0000.nii.gz: voxels are unsigned .* no voxel can be air"):
+        check_sources(raw, label)
+    huge = np.zeros(shape, np.float32)
+    huge[0, 0, 0] = 1e10
+    with pytest.raises(EmbedcacheError, match=r"huge.nii.gz: label volume holds 1e\+10, which is no label id"):
+        read_label(_nifti(tmp_path / "huge.nii.gz", huge))
+    with pytest.raises(EmbedcacheError, match="negative.nii.gz: label volume holds -3, which is no label id"):
+        read_label(_nifti(tmp_path / "negative.nii.gz", np.full(shape, -3, np.int16)))
+
+
+def test_a_split_naming_an_unknown_case_is_refused_before_torch(small_cache, tmp_path):
+    split = tmp_path / "split.json"
+    split.write_text(json.dumps({"train": ["PHANTOM_0001", "NOBODY"], "val": ["PHANTOM_0002"]}))
+    code = ("import sys\nfrom embedcache.cli import main\n"
+            f"try:\n    main(['finetune', {str(small_cache)!r}, '--split', {str(split)!r}, '--out', "
+            f"{str(tmp_path / 'run')!r}])\nexcept SystemExit as exc:\n    assert exc.code == 1\n"
+            "assert 'torch' not in sys.modules, 'torch was imported before the split was checked'")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert "split.json: case NOBODY (train) is not in" in done.stderr.strip().splitlines()[-1]
+
+
+def test_predict_refuses_options_its_prompts_do_not_use(data, tmp_path):
+    image = sorted((data / "imagesTr").iterdir())[0]
+    (tmp_path / "boxes.json").write_text(json.dumps({"x": []}))
+    for option, value in (("--box-margin-mm", "5"), ("--jitter", "0.2"), ("--seed", "3"), ("--prompts", "oracle")):
+        one_line(cli("predict", image, "--boxes", tmp_path / "boxes.json", option, value, "--out", tmp_path / "p"),
+                 f"{option} shapes the prompts drawn from --from-labels; --boxes are segmented as given", code=2)
+    one_line(cli("score", tmp_path / "c.h5", "--box-margin-mm", "-5", "--out", tmp_path / "r"),
+             "--box-margin-mm and --grow-mm must lie in 0..100 mm", code=2)
+
+
+def test_a_decoder_that_does_not_fit_or_lies_in_its_header_is_one_line(tiny_model, small_cache, run_dir, tmp_path):
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(run_dir / "decoder.safetensors"), framework="pt") as f:
+        tensors, meta = {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
+    header = json.loads(meta["embedcache"])
+
+    def crafted(name, tensors=tensors, **fields):
+        items = [[k, fields.get(k, v)] for k, v in header["dict"]]
+        save_file(tensors, str(tmp_path / name), metadata={**meta, "embedcache": json.dumps({"dict": items})})
+        return tmp_path / name
+
+    score = ["--out", tmp_path / "r", "--device", "cpu", "--prompts", "oracle"]
+    one_line(cli("score", small_cache, "--decoder", crafted("sig.safetensors", signature="tiny"), *score),
+             "sig.safetensors: signature is not one")
+    one_line(cli("score", small_cache, "--decoder", crafted("dice.safetensors", val_dice="high"), *score),
+             "dice.safetensors: checkpoint val_dice 'high' is not a Dice")
+    first = sorted(tensors)[0]
+    for name, changed, what in (
+            ("missing.safetensors", {k: v for k, v in tensors.items() if k != first}, f"lacks {first[13:]}"),
+            ("extra.safetensors", {**tensors, "mask_decoder.extra": tensors[first].clone()}, "has an extra tensor extra"),
+            ("shape.safetensors", {**tensors, first: tensors[first].flatten()[:1].clone()}, f"{first[13:]} is (1,)")):
+        one_line(cli("score", small_cache, "--decoder", crafted(name, tensors=changed), *score),
+                 f"{name}: decoder does not fit model tiny ({what}")
+    assert not (tmp_path / "r").exists()  # refused before the report was begun

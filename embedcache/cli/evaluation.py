@@ -15,7 +15,7 @@ from embedcache.cli.common import (
     progress_option,
     say_to,
 )
-from embedcache.errors import EmbedcacheError
+from embedcache.errors import EmbedcacheError, UsageError
 
 
 def protocol_options(func):
@@ -172,6 +172,12 @@ def predict(inputs, out_dir, run_dir, decoder_file, boxes_file, from_labels, pro
     """
     from embedcache.config import PredictConfig
 
+    ctx = click.get_current_context()
+    typed = [name for name in ("prompts", "box_margin_mm", "box_margin_slices", "jitter", "seed")
+             if ctx.get_parameter_source(name) == click.core.ParameterSource.COMMANDLINE]
+    if boxes_file is not None and typed:
+        raise UsageError(f"--{typed[0].replace('_', '-')} shapes the prompts drawn from --from-labels; --boxes are "
+                         "segmented as given: drop it")
     config = PredictConfig(run=_text(run_dir), decoder=_text(decoder_file), boxes=_text(boxes_file),
                            from_labels=_text(from_labels), prompts=prompts,
                            protocol=_settings(jitter, seed, box_margin_mm, box_margin_slices, grow_mm), series=series,

@@ -27,9 +27,9 @@ from pathlib import Path
 
 import numpy as np
 
+from embedcache.errors import EmbedcacheError
 from embedcache.evaluation import page
 from embedcache.evaluation.page import Overlay
-from embedcache.errors import EmbedcacheError
 from embedcache.io.files import atomic_path, atomic_write_text, check_writable_folder, make_output_folder
 
 METRICS = ("dice", "nsd", "dice_2d")

@@ -12,6 +12,9 @@ from embedcache.errors import reason as _reason
 from embedcache.io.files import atomic_path
 from embedcache.io.geometry import Geometry
 
+#: A CT volume of the body always holds air: some voxel below this many HU.
+AIR_THRESHOLD_HU = -500.0
+
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 
 
@@ -54,10 +57,15 @@ def nifti_geometry(path: Path) -> Geometry:
 
 
 def check_finite_nifti(path: Path) -> None:
-    """Refuse NaN or infinite voxels. Integer voxels with a finite scaling cannot hold any, so only
-    float volumes (or a NaN scaling) are read here."""
+    """Refuse NaN or infinite voxels, and unsigned voxels that no scaling takes below air's HU (raw
+    scanner values, say). Integer voxels with a finite scaling cannot hold NaN, so only float
+    volumes (or a NaN scaling) are read here: the header settles the rest."""
     img, shape = load_nifti(path)
     slope, inter = getattr(img.dataobj, "slope", 1.0), getattr(img.dataobj, "inter", 0.0)
+    slope, inter = (1.0 if slope is None else float(slope)), (0.0 if inter is None else float(inter))
+    if img.get_data_dtype().kind == "u" and slope >= 0 and inter > AIR_THRESHOLD_HU:
+        raise EmbedcacheError(f"{path}: voxels are unsigned ({img.get_data_dtype()}) with intercept {inter:g}, so no voxel "
+                              "can be air (near -1000 HU); this is not CT in Hounsfield units: rescale it to HU")
     if img.get_data_dtype().kind in "iu" and np.isfinite([slope, inter]).all():
         return
     try:
@@ -93,6 +101,10 @@ def read_nifti(path: Path, *, label: bool) -> tuple[np.ndarray, Geometry]:
             if not np.array_equal(rounded, data):
                 raise EmbedcacheError(f"{path}: label volume holds non-integer values; expected label ids")
             data = rounded
+        low, high = data.min(initial=0), data.max(initial=0)
+        if low < 0 or high > np.iinfo(np.int32).max:
+            raise EmbedcacheError(f"{path}: label volume holds {low if low < 0 else high:g}, which is no label id "
+                                  "(0 and up); expected label ids")
         data = data.astype(np.uint8 if data.max(initial=0) < 256 and data.min(initial=0) >= 0 else np.int32)
     return data, Geometry(source_shape=shape, source_affine=np.asarray(img.affine, dtype=np.float64))
 

@@ -14,10 +14,12 @@ import numpy as np
 from embedcache.errors import EmbedcacheError
 from embedcache.io.dicom import dicom_files, dicom_geometry, read_dicom
 from embedcache.io.geometry import Geometry, Volume
-from embedcache.io.nifti import check_finite, check_finite_nifti, is_nifti, nifti_geometry, read_nifti
+from embedcache.io.nifti import AIR_THRESHOLD_HU, check_finite, check_finite_nifti, is_nifti, nifti_geometry, read_nifti
 
-#: A CT volume of the body always holds air: some voxel below this many HU.
-AIR_THRESHOLD_HU = -500.0
+#: CT in HU lies in the 16-bit range scanners store it in, padding outside the field of view (-3024,
+#: -3995 in pydicom's JPEG 2000 sample) and the extended scale of metal included; a volume with more
+#: than 1 % of its voxels outside is not CT in HU (HU times 1000 puts soft tissue past 32767).
+HU_RANGE = (-32768.0, 32767.0)
 
 
 def read_geometry(path: Path, *, series_uid: str | None = None) -> Geometry:
@@ -50,7 +52,24 @@ def read_image(path: Path, *, series_uid: str | None = None) -> Volume:
                 f"{path}: lowest value is {low:.0f}, but CT in HU holds air near -1000; "
                 "this does not look like CT in Hounsfield units"
             )
+    check_plausible_hu(data, path)
     return Volume(array=geometry.canonical(data), geometry=geometry, path=path)
+
+
+def check_plausible_hu(hu: np.ndarray, path: Path) -> None:
+    """Refuse voxels that cannot be a CT of a body in HU: values scaled out of the HU range (more than
+    1 % of the voxels outside :data:`HU_RANGE`: HU times 1000, say) or a blank volume (no tissue: not
+    one voxel in 10,000 above -500 HU). Either would window to one grey and train on nothing."""
+    if not hu.size:
+        return
+    outside = float(np.mean((hu < HU_RANGE[0]) | (hu > HU_RANGE[1])))
+    if outside > 0.01:
+        raise EmbedcacheError(f"{path}: {100 * outside:.0f} % of the voxels lie outside {HU_RANGE[0]:g}..{HU_RANGE[1]:g} "
+                              f"HU (from {float(hu.min()):g} to {float(hu.max()):g}); this is not CT in Hounsfield "
+                              "units: undo its scaling")
+    if float(np.mean(hu > AIR_THRESHOLD_HU)) < 1e-4:
+        raise EmbedcacheError(f"{path}: no tissue: fewer than 1 in 10,000 voxels lie above {AIR_THRESHOLD_HU:g} HU "
+                              f"(the volume spans {float(hu.min()):g} to {float(hu.max()):g}); is it blank?")
 
 
 def read_label(path: Path) -> Volume:

@@ -1,7 +1,7 @@
 """Phase two's entry point: the checks that need no model, the resume policy, then the loop.
 
-Everything here runs before torch is imported, so a mistyped cache or a run folder that cannot be
-used costs a second; :func:`finetune` is what the CLI, tests and benchmarks call.
+Everything here runs before torch is imported, so a mistyped cache, a run folder that cannot be
+used or a split file naming a case the cache lacks costs a second; :func:`finetune` is what the CLI, tests and benchmarks call.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from embedcache.cache.store import open_cache
 from embedcache.config import FinetuneConfig
 from embedcache.io.files import WriterLock, lock_path, make_output_folder
 from embedcache.runtime.distributed import is_main_process
+from embedcache.train.cases import check_split_in_cache, choose_split
 from embedcache.train.runs import CONFIG, RunFolder, resumed_config
 
 if TYPE_CHECKING:
@@ -33,12 +34,14 @@ def finetune(config: FinetuneConfig, run_dir: Path, *, resume: bool = False, giv
     run = RunFolder(run_dir)
     if resume and run.file(CONFIG).is_file():
         config = resumed_config(config, run.config(), path=run.file(CONFIG), given_fields=given_fields)
-    open_cache(Path(config.cache)).close()
     lock = lock_path(run.path)
     if is_main_process():  # under torchrun rank 0 writes the folder for all
         make_output_folder(lock.parent, what="--out's parent folder")
     with WriterLock(lock, what=str(run.path)) if is_main_process() else nullcontext():
-        resume = run.check_start(resume=resume, log=log)
+        with open_cache(Path(config.cache)) as cache:  # a resumed run takes its own split, wherever --split went
+            resume = run.check_start(resume=resume, log=log)
+            split = check_split_in_cache(run.split(), cache, run=run.path) if resume else choose_split(
+                cache, split_file=config.split, val_fraction=config.val_fraction, seed=config.seed)
         from embedcache.train.loop import train
 
-        return train(config, run, resume=resume, progress=progress, log=log, on_epoch=on_epoch)
+        return train(config, run, split, resume=resume, progress=progress, log=log, on_epoch=on_epoch)

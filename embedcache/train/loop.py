@@ -33,7 +33,7 @@ from embedcache.model.prompts import jitter_boxes
 from embedcache.runtime.devices import keep_freed_memory, pick_device
 from embedcache.runtime.distributed import Dist
 from embedcache.runtime.readahead import ReadAhead
-from embedcache.train.cases import Split, check_split_in_cache, choose_split
+from embedcache.train.cases import Split
 from embedcache.train.checkpoint import BEST, Checkpoint, load_checkpoint, save_checkpoint
 from embedcache.train.data import CaseSet, case_sets
 from embedcache.train.runs import LAST, EpochRecord, RunFolder
@@ -78,10 +78,10 @@ class FinetuneResult:
     stopped_early: bool = False
 
 
-def train(config: FinetuneConfig, run: RunFolder, *, resume: bool, progress=None, log=print,
+def train(config: FinetuneConfig, run: RunFolder, split: Split, *, resume: bool, progress=None, log=print,
           on_epoch=None) -> FinetuneResult:
-    """Train the mask decoder on ``config.cache``; write checkpoints, config, split and log to ``run``,
-    whose start :func:`embedcache.train.finetune.finetune` has checked (``resume``: continue it)."""
+    """Train the mask decoder on ``config.cache``'s ``split``; write checkpoints, config, split and log to
+    ``run``, whose start :func:`embedcache.train.finetune.finetune` has checked (``resume``: continue it)."""
     dist = Dist(config.device)
     device = pick_device(dist.device_name)
     if device.type == "cpu":
@@ -89,8 +89,6 @@ def train(config: FinetuneConfig, run: RunFolder, *, resume: bool, progress=None
 
     with open_cache(Path(config.cache)) as cache:
         cache.signature.check_matches(expected_signature(cache, config), path=Path(config.cache))
-        split = check_split_in_cache(run.split(), cache, run=run.path) if resume else choose_split(
-            cache, split_file=config.split, val_fraction=config.val_fraction, seed=config.seed)
         sets = _case_sets(cache, config, device, split)
         train, val = sets["train"], sets["val"]
         steps_per_epoch = math.ceil(len(train) / config.batch_size)

@@ -86,7 +86,7 @@ def test_a_3d_box_in_voxels_or_millimetres_segments_as_box3d_from_the_label(phan
                       + [max(corners[0][i], corners[1][i]) for i in range(3)]})
     for name, entries in (("voxel", voxel), ("world", world)):
         (tmp_path / f"{name}.json").write_text(json.dumps({case.name: entries}))
-        result = _predict(case.image, "--boxes", tmp_path / f"{name}.json", "--out", tmp_path / name, *margin)
+        result = _predict(case.image, "--boxes", tmp_path / f"{name}.json", "--out", tmp_path / name, "--model", "tiny")
         assert result.exit_code == 0, result.output
         given = read_label(tmp_path / name / f"{case.name}.nii.gz").array
         np.testing.assert_array_equal(given, from_labels, err_msg=name)
