@@ -558,3 +558,18 @@ def test_a_decoder_that_does_not_fit_or_lies_in_its_header_is_one_line(tiny_mode
         one_line(cli("score", small_cache, "--decoder", crafted(name, tensors=changed), *score),
                  f"{name}: decoder does not fit model tiny ({what}")
     assert not (tmp_path / "r").exists()  # refused before the report was begun
+
+
+def test_a_decoder_that_cannot_serve_the_prompts_is_refused_before_torch(data, run_dir, tmp_path):
+    """The decoder's header alone says which labels it knows: a box for label 99 costs a second."""
+    image = sorted((data / "imagesTr").iterdir())[0]
+    boxes = tmp_path / "boxes.json"
+    boxes.write_text(json.dumps({image.name: [{"label": 99, "box3d": [1, 1, 1, 5, 5, 2]}]}))
+    code = ("import sys\nfrom embedcache.cli import main\n"
+            f"try:\n    main(['predict', {str(image)!r}, '--run', {str(run_dir)!r}, '--boxes', {str(boxes)!r}, "
+            f"'--out', {str(tmp_path / 'p')!r}])\nexcept SystemExit as exc:\n    assert exc.code == 1, exc.code\n"
+            "assert 'torch' not in sys.modules, 'torch was imported before the prompts were checked'")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert "label 99 is not one the decoder was trained for (7, 8)" in done.stderr
+    assert not (tmp_path / "p").exists()

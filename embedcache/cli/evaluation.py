@@ -74,12 +74,17 @@ def score(cache, out_dir, run_dir, decoder_file, cases, prompts, jitter, seed, b
     from embedcache.cache.store import open_cache
     from embedcache.config import ScoreConfig
     from embedcache.evaluation.protocols import parse_protocols
+    from embedcache.train.checkpoint import checkpoint_file, read_signature
+    from embedcache.train.decoders import check_decoder_fits
 
     config = ScoreConfig(cache=str(cache), run=_text(run_dir), decoder=_text(decoder_file), cases=cases,
                          prompts=parse_protocols(prompts),
                          protocol=_settings(jitter, seed, box_margin_mm, box_margin_slices, grow_mm),
                          checkpoint=_text(checkpoint), data=_text(data), device=device)
-    open_cache(cache).close()  # a mistyped path costs a second, not torch's import
+    with open_cache(cache) as opened:  # a mistyped path or a decoder for another cache costs a second, not torch's import
+        if run_dir or decoder_file:
+            decoder = checkpoint_file(run_dir or decoder_file)
+            check_decoder_fits(read_signature(decoder), opened.signature, source=decoder, path=cache)
     if data is not None and not data.is_dir():
         raise EmbedcacheError(f"{data}: no such folder; --data takes the dataset folder the cache was encoded from")
     from embedcache.evaluation.score import score as run_score

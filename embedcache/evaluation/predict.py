@@ -146,14 +146,16 @@ class OnTheFly:
 def predict(inputs: list[Path], out_dir: Path, config: PredictConfig, *, progress=None,
             log=print) -> tuple[list[Path], list[str]]:
     """Write ``out_dir/CASE.nii.gz`` for each input; returns the files written and the errors of those that failed."""
+    from embedcache.train.checkpoint import checkpoint_file, read_signature
     from embedcache.train.decoders import load_trained_decoder
 
-    trained = load_trained_decoder(Path(config.run or config.decoder)) if config.run or config.decoder else None
-    labels = trained.signature.labels if trained else None
+    decoder = checkpoint_file(Path(config.run or config.decoder)) if config.run or config.decoder else None
+    labels = read_signature(decoder).labels if decoder else None  # the header alone: the inputs come first
     jobs, errors = plan(inputs, out_dir, config, labels=labels, log=log)
     if not jobs:
         return [], errors
     make_output_folder(out_dir)
+    trained = load_trained_decoder(decoder) if decoder else None
     model = _load(trained, config)
     # Recorded before they are written: an interrupted run's outputs are still known as predict's own.
     names = sorted(written_before(Path(out_dir)) | {job.out.name for job in jobs})

@@ -77,25 +77,21 @@ def save_checkpoint(checkpoint: Checkpoint, path: Path) -> None:
         save_file(tensors, str(tmp), metadata={"format": CHECKPOINT_FORMAT, "embedcache": json.dumps(header)})
 
 
+def checkpoint_file(run_or_file: Path) -> Path:
+    """The decoder a run folder holds (its best), or the decoder file given."""
+    run_or_file = Path(run_or_file)
+    return run_or_file / BEST if run_or_file.is_dir() else run_or_file
+
+
 def load_checkpoint(path: Path) -> Checkpoint:
     """A checkpoint written by :func:`save_checkpoint`; anything else is refused with one line, unread
     beyond its header (a pickle file is never unpickled)."""
     from safetensors import safe_open
 
-    path = Path(path)
-    if not path.is_file():
-        raise EmbedcacheError(f"{path}: no checkpoint; train first (embedcache finetune) or check the run folder")
-    if is_pickle(path):
-        raise EmbedcacheError(
-            f"{path}: a pickle file (torch.save); embedcache reads only safetensors checkpoints, which cannot run "
-            f"code when loaded: pass RUN_DIR/{BEST} from a run of this version"
-        )
+    path = _readable(path)
     try:
         with safe_open(str(path), framework="pt") as tensors:
-            meta = tensors.metadata() or {}
-            if meta.get("format") != CHECKPOINT_FORMAT:
-                raise EmbedcacheError(f"{path}: a safetensors file, but not an embedcache checkpoint; pass RUN_DIR/{BEST}")
-            rest = _from_header(json.loads(meta["embedcache"]), tensors)
+            rest = _from_header(_header(path, tensors.metadata()), tensors)
             decoder = {k[len(DECODER_PREFIX):]: tensors.get_tensor(k) for k in tensors.keys() if k.startswith(DECODER_PREFIX)}
         missing = sorted({"signature", "config", "epoch", "val_dice"} - set(rest)) + ([] if decoder else ["decoder"])
         if missing:
@@ -104,9 +100,51 @@ def load_checkpoint(path: Path) -> Checkpoint:
     except EmbedcacheError:
         raise
     except Exception as exc:  # safetensors and json raise several types for a damaged file
+        raise _corrupt(path, exc) from None
+
+
+def read_signature(path: Path) -> Signature:
+    """The cache signature a checkpoint was trained on, from its header alone: no tensor read, no torch
+    imported, so a decoder that does not fit the cache or the labels asked for costs a second."""
+    from safetensors import safe_open
+
+    path = _readable(path)
+    try:
+        with safe_open(str(path), framework="numpy") as tensors:
+            header = _header(path, tensors.metadata())
+        entries = dict(header["dict"])
+        if "signature" not in entries:
+            raise EmbedcacheError(f"{path}: checkpoint lacks signature; pass RUN_DIR/{BEST} as finetune wrote it")
+        signature = _from_header(entries["signature"], None)
+    except EmbedcacheError:
+        raise
+    except Exception as exc:
+        raise _corrupt(path, exc) from None
+    return Signature.from_dict(signature, source=path)
+
+
+def _readable(path: Path) -> Path:
+    path = Path(path)
+    if not path.is_file():
+        raise EmbedcacheError(f"{path}: no checkpoint; train first (embedcache finetune) or check the run folder")
+    if is_pickle(path):
         raise EmbedcacheError(
-            f"{path}: checkpoint is corrupt or truncated ({type(exc).__name__}); delete it and train again"
-        ) from None
+            f"{path}: a pickle file (torch.save); embedcache reads only safetensors checkpoints, which cannot run "
+            f"code when loaded: pass RUN_DIR/{BEST} from a run of this version"
+        )
+    return path
+
+
+def _header(path: Path, meta: dict | None) -> dict:
+    """The ``embedcache`` entry of a safetensors header, refused when the file is not a checkpoint of ours."""
+    meta = meta or {}
+    if meta.get("format") != CHECKPOINT_FORMAT:
+        raise EmbedcacheError(f"{path}: a safetensors file, but not an embedcache checkpoint; pass RUN_DIR/{BEST}")
+    return json.loads(meta["embedcache"])
+
+
+def _corrupt(path: Path, exc: Exception) -> EmbedcacheError:
+    return EmbedcacheError(f"{path}: checkpoint is corrupt or truncated ({type(exc).__name__}); delete it and train again")
 
 
 def _checked(path: Path, decoder: dict, rest: dict) -> Checkpoint:

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 from embedcache.cache.records import DECODER_KEYS, Signature
 from embedcache.errors import EmbedcacheError
 from embedcache.io.files import atomic_path, check_writable_folder, same_file
-from embedcache.train.checkpoint import BEST, load_checkpoint
+from embedcache.train.checkpoint import BEST, checkpoint_file, load_checkpoint
 
 if TYPE_CHECKING:
     from embedcache.model.backbones import Backbone, SamParts
@@ -38,19 +38,22 @@ class TrainedDecoder:
 
     def check_fits(self, signature: Signature, *, path: Path) -> None:
         """Refuse to decode embeddings (of the cache ``path``) that another backbone or preprocessing made."""
-        difference = self.signature.difference(signature, DECODER_KEYS)
-        if difference:
-            raise EmbedcacheError(
-                f"{self.source}: decoder was trained on a cache with {difference} as {path}; "
-                "use it with the cache (and model) it was trained on"
-            )
+        check_decoder_fits(self.signature, signature, source=self.source, path=path)
+
+
+def check_decoder_fits(trained_on: Signature, signature: Signature, *, source: Path, path: Path) -> None:
+    """Refuse a decoder (``source``, trained on a cache of ``trained_on``) for the embeddings of the cache
+    ``path``, which another backbone or preprocessing made."""
+    difference = trained_on.difference(signature, DECODER_KEYS)
+    if difference:
+        raise EmbedcacheError(f"{source}: decoder was trained on a cache with {difference} as {path}; "
+                              "use it with the cache (and model) it was trained on")
 
 
 def load_trained_decoder(run_or_file: Path, *, expect: Signature | None = None,
                          expect_path: Path | None = None) -> TrainedDecoder:
     """The best decoder of a run folder, or a decoder file; with ``expect``, checked against that cache signature."""
-    run_or_file = Path(run_or_file)
-    path = run_or_file / BEST if run_or_file.is_dir() else run_or_file
+    path = checkpoint_file(run_or_file)
     checkpoint = load_checkpoint(path)
     weights = checkpoint.config.get("checkpoint")
     trained = TrainedDecoder(checkpoint.decoder, checkpoint.signature, path, Path(weights) if weights else None,
