@@ -215,3 +215,16 @@ def _umask() -> int:
     mask = os.umask(0o022)
     os.umask(mask)
     return mask
+
+
+def test_phantom_never_writes_into_a_dataset_and_finetune_records_where_the_cache_is(data, small_cache, tiny_model,
+                                                                                     tmp_path, monkeypatch):
+    image = sorted((data / "imagesTr").iterdir())[0]
+    before = image.read_bytes()
+    one_line(cli("phantom", data, "--cases", "2", "--size", "64"), f"{image}: exists; phantom writes a new dataset")
+    assert image.read_bytes() == before and len(list((data / "imagesTr").iterdir())) == 3
+    monkeypatch.chdir(small_cache.parent)
+    run = tmp_path / "run"
+    assert cli("finetune", small_cache.name, "--out", run, "--epochs", "1", "--batch-size", "2", "--val-fraction",
+               "0.34", "--device", "cpu", "--no-progress").exit_code == 0
+    assert json.loads((run / "config.json").read_text())["cache"] == str(small_cache)  # absolute, as typed relative

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from embedcache.errors import EmbedcacheError
 from embedcache.io.labels import (
     ADRENALS,
     AORTA,
@@ -179,22 +180,25 @@ def write_phantom(out: Path, *, cases: int, seed: int, config: PhantomConfig = P
 
     out = Path(out)
     folders = [("imagesTr", "labelsTr")] * cases + [("imagesTs", "labelsTs")] * test_cases
+    names = [f"PHANTOM_{i + 1:04d}" for i in range(len(folders))]
+    paths = [(out / images / f"{name}_0000.nii.gz", out / labels / f"{name}.nii.gz")
+             for name, (images, labels) in zip(names, folders)]
+    taken = [path for pair in paths for path in pair if path.exists()]
+    if taken:  # checked before any write: a dataset is never half replaced
+        raise EmbedcacheError(f"{taken[0]}: exists; phantom writes a new dataset: choose an empty OUT folder")
     for images, labels in set(folders):
         (out / images).mkdir(parents=True, exist_ok=True)
         (out / labels).mkdir(parents=True, exist_ok=True)
-    names = []
     task = progress.add_task("phantom", total=len(folders)) if progress else None
-    for i, (images, labels_dir) in enumerate(folders):
-        name = f"PHANTOM_{i + 1:04d}"
+    for i, (image_path, label_path) in enumerate(paths):
         hu, labels, canonical_affine = make_case(seed * 1_000_003 + i, config)
         # Store flipped to RAS+ order: index i toward the right... then x, y flip back on reading.
         flip = np.diag([-1.0, -1.0, 1.0, 1.0])
         flip[0, 3], flip[1, 3] = hu.shape[2] - 1, hu.shape[1] - 1
         source_affine = canonical_affine @ flip
         geometry = Geometry(source_shape=(hu.shape[2], hu.shape[1], hu.shape[0]), source_affine=source_affine)
-        write_nifti(hu, geometry, out / images / f"{name}_0000.nii.gz")
-        write_nifti(labels, geometry, out / labels_dir / f"{name}.nii.gz")
-        names.append(name)
+        write_nifti(hu, geometry, image_path)
+        write_nifti(labels, geometry, label_path)
         if progress:
             progress.advance(task)
     return names
