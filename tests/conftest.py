@@ -101,6 +101,26 @@ def small_cache(tmp_path_factory, tiny_checkpoint) -> Path:
     return root / "cache.h5"
 
 
+@pytest.fixture
+def data(phantom_dir, tmp_path) -> Path:
+    """A copy of the small phantom with one target slice per case: encodes in seconds."""
+    out = tmp_path / "data"
+    shutil.copytree(phantom_dir, out)
+    limit_target_slices(out, per_case=1)
+    return out
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory, small_cache, tiny_checkpoint) -> Path:
+    """A one-epoch run on the small cache, one per test module (read-only: copy before changing)."""
+    run = tmp_path_factory.mktemp("run") / "run"
+    with tiny.registered(tiny_checkpoint):
+        result = cli("finetune", small_cache, "--out", run, "--epochs", "1", "--batch-size", "2", "--val-fraction",
+                     "0.34", "--device", "cpu", "--no-progress")
+    assert result.exit_code == 0, result.output
+    return run
+
+
 # ---------------------------------------------------------------------------------- the command line
 
 

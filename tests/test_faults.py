@@ -20,7 +20,6 @@ import numpy as np
 import pytest
 
 from embedcache.errors import EmbedcacheError
-from embedcache.io.phantom import limit_target_slices
 
 import tiny
 from conftest import cli, one_line
@@ -41,26 +40,6 @@ def _plant(path: Path) -> Path:
     MARKER.unlink(missing_ok=True)
     torch.save({"decoder": _Evil(), "signature": _Evil()}, path)
     return path
-
-
-@pytest.fixture
-def data(phantom_dir, tmp_path) -> Path:
-    out = tmp_path / "data"
-    shutil.copytree(phantom_dir, out)
-    limit_target_slices(out, per_case=1)
-    return out
-
-
-@pytest.fixture(scope="module")
-def run_dir(tmp_path_factory, small_cache, tiny_checkpoint) -> Path:
-    """A one-epoch run on the small cache (read-only: copy before changing)."""
-
-    run = tmp_path_factory.mktemp("faults") / "run"
-    with tiny.registered(tiny_checkpoint):
-        result = cli("finetune", small_cache, "--out", run, "--epochs", "1", "--batch-size", "2", "--val-fraction",
-                     "0.34", "--device", "cpu", "--no-progress")
-    assert result.exit_code == 0, result.output
-    return run
 
 
 # ------------------------------------------------------------------------------ nothing we load runs code
@@ -196,14 +175,20 @@ def test_a_nan_window_is_a_usage_error(tiny_model, data, tmp_path):
     one_line(cli("encode", data), "Missing option '--out'", code=2)
 
 
-def test_input_errors_come_before_torch_is_imported(data, tmp_path):
+def refused_before_torch(*args) -> str:
+    """``embedcache ARGS`` in a fresh interpreter: it must exit 1 without having imported torch; its stderr."""
     code = ("import sys\nfrom embedcache.cli import main\n"
-            f"try:\n    main(['encode', '--image', {str(data / 'nope_0000.nii.gz')!r}, '--label', 'x.nii.gz', '--out', "
-            f"{str(tmp_path / 'c.h5')!r}])\nexcept SystemExit as exc:\n    assert exc.code == 1\n"
+            f"try:\n    main({[str(a) for a in args]!r})\nexcept SystemExit as exc:\n    assert exc.code == 1, exc.code\n"
             "assert 'torch' not in sys.modules, 'torch was imported before the input was checked'")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
-    assert done.stderr.strip().endswith("nope_0000.nii.gz: no such file; check the path")
+    return done.stderr.strip()
+
+
+def test_input_errors_come_before_torch_is_imported(data, tmp_path):
+    said = refused_before_torch("encode", "--image", data / "nope_0000.nii.gz", "--label", "x.nii.gz", "--out",
+                                tmp_path / "c.h5")
+    assert said.endswith("nope_0000.nii.gz: no such file; check the path")
 
 
 # ----------------------------------------------------------------------------- everyday path mistakes
@@ -513,13 +498,8 @@ def test_implausible_ct_and_labels_are_named(data, tmp_path):
 def test_a_split_naming_an_unknown_case_is_refused_before_torch(small_cache, tmp_path):
     split = tmp_path / "split.json"
     split.write_text(json.dumps({"train": ["PHANTOM_0001", "NOBODY"], "val": ["PHANTOM_0002"]}))
-    code = ("import sys\nfrom embedcache.cli import main\n"
-            f"try:\n    main(['finetune', {str(small_cache)!r}, '--split', {str(split)!r}, '--out', "
-            f"{str(tmp_path / 'run')!r}])\nexcept SystemExit as exc:\n    assert exc.code == 1\n"
-            "assert 'torch' not in sys.modules, 'torch was imported before the split was checked'")
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
-    assert done.returncode == 0, done.stderr
-    assert "split.json: case NOBODY (train) is not in" in done.stderr.strip().splitlines()[-1]
+    said = refused_before_torch("finetune", small_cache, "--split", split, "--out", tmp_path / "run")
+    assert "split.json: case NOBODY (train) is not in" in said.splitlines()[-1]
 
 
 def test_predict_refuses_options_its_prompts_do_not_use(data, tmp_path):
@@ -565,11 +545,6 @@ def test_a_decoder_that_cannot_serve_the_prompts_is_refused_before_torch(data, r
     image = sorted((data / "imagesTr").iterdir())[0]
     boxes = tmp_path / "boxes.json"
     boxes.write_text(json.dumps({image.name: [{"label": 99, "box3d": [1, 1, 1, 5, 5, 2]}]}))
-    code = ("import sys\nfrom embedcache.cli import main\n"
-            f"try:\n    main(['predict', {str(image)!r}, '--run', {str(run_dir)!r}, '--boxes', {str(boxes)!r}, "
-            f"'--out', {str(tmp_path / 'p')!r}])\nexcept SystemExit as exc:\n    assert exc.code == 1, exc.code\n"
-            "assert 'torch' not in sys.modules, 'torch was imported before the prompts were checked'")
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
-    assert done.returncode == 0, done.stderr
-    assert "label 99 is not one the decoder was trained for (7, 8)" in done.stderr
+    said = refused_before_torch("predict", image, "--run", run_dir, "--boxes", boxes, "--out", tmp_path / "p")
+    assert "label 99 is not one the decoder was trained for (7, 8)" in said
     assert not (tmp_path / "p").exists()

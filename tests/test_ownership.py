@@ -21,29 +21,8 @@ import pytest
 from embedcache.cache.merge import merge
 from embedcache.cache.store import open_cache
 from embedcache.io.files import WriterLock, lock_path
-from embedcache.io.phantom import limit_target_slices
 
-import tiny
 from conftest import cli, one_line
-
-
-@pytest.fixture
-def data(phantom_dir, tmp_path) -> Path:
-    out = tmp_path / "data"
-    shutil.copytree(phantom_dir, out)
-    limit_target_slices(out, per_case=1)
-    return out
-
-
-@pytest.fixture(scope="module")
-def run_dir(tmp_path_factory, small_cache, tiny_checkpoint) -> Path:
-    """A one-epoch run on the small cache (read-only: copy before changing)."""
-    run = tmp_path_factory.mktemp("ownership") / "run"
-    with tiny.registered(tiny_checkpoint):
-        result = cli("finetune", small_cache, "--out", run, "--epochs", "1", "--batch-size", "2", "--val-fraction",
-                     "0.34", "--device", "cpu", "--no-progress")
-    assert result.exit_code == 0, result.output
-    return run
 
 
 def _bytes(*paths: Path) -> dict:

@@ -93,9 +93,7 @@ def load_checkpoint(path: Path) -> Checkpoint:
         with safe_open(str(path), framework="pt") as tensors:
             rest = _from_header(_header(path, tensors.metadata()), tensors)
             decoder = {k[len(DECODER_PREFIX):]: tensors.get_tensor(k) for k in tensors.keys() if k.startswith(DECODER_PREFIX)}
-        missing = sorted({"signature", "config", "epoch", "val_dice"} - set(rest)) + ([] if decoder else ["decoder"])
-        if missing:
-            raise EmbedcacheError(f"{path}: checkpoint lacks {', '.join(missing)}; pass RUN_DIR/{BEST} as finetune wrote it")
+        _check_complete(path, rest, has_decoder=bool(decoder))
         return _checked(path, decoder, rest)
     except EmbedcacheError:
         raise
@@ -112,9 +110,9 @@ def read_signature(path: Path) -> Signature:
     try:
         with safe_open(str(path), framework="numpy") as tensors:
             header = _header(path, tensors.metadata())
+            has_decoder = any(k.startswith(DECODER_PREFIX) for k in tensors.keys())
         entries = dict(header["dict"])
-        if "signature" not in entries:
-            raise EmbedcacheError(f"{path}: checkpoint lacks signature; pass RUN_DIR/{BEST} as finetune wrote it")
+        _check_complete(path, entries, has_decoder=has_decoder)
         signature = _from_header(entries["signature"], None)
     except EmbedcacheError:
         raise
@@ -141,6 +139,12 @@ def _header(path: Path, meta: dict | None) -> dict:
     if meta.get("format") != CHECKPOINT_FORMAT:
         raise EmbedcacheError(f"{path}: a safetensors file, but not an embedcache checkpoint; pass RUN_DIR/{BEST}")
     return json.loads(meta["embedcache"])
+
+
+def _check_complete(path: Path, entries: dict, *, has_decoder: bool) -> None:
+    missing = sorted({"signature", "config", "epoch", "val_dice"} - set(entries)) + ([] if has_decoder else ["decoder"])
+    if missing:
+        raise EmbedcacheError(f"{path}: checkpoint lacks {', '.join(missing)}; pass RUN_DIR/{BEST} as finetune wrote it")
 
 
 def _corrupt(path: Path, exc: Exception) -> EmbedcacheError:
