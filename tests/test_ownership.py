@@ -196,6 +196,14 @@ def _umask() -> int:
     return mask
 
 
+def test_encode_never_writes_over_a_file_that_is_not_its_cache(data, tmp_path):
+    image, label = sorted((data / "imagesTr").iterdir())[0], sorted((data / "labelsTr").iterdir())[0]
+    before = _bytes(image)
+    one_line(cli("encode", "--image", image, "--label", label, "--out", image),
+             f"{image}: exists and is not a cache encode can resume (not a readable embedcache cache")
+    assert _bytes(image) == before
+
+
 def test_phantom_never_writes_into_a_dataset_and_finetune_records_where_the_cache_is(data, small_cache, tiny_model,
                                                                                      tmp_path, monkeypatch):
     image = sorted((data / "imagesTr").iterdir())[0]

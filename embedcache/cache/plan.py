@@ -101,7 +101,15 @@ def finished(out: Path, signature: Signature, *, tidy: bool = True) -> tuple[dic
     ``tidy`` (one process, or rank 0) also removes what an interrupted run left half-written."""
     done: dict[str, CaseRecord] = {}
     if out.exists():
-        with store.open_cache(out, expect=signature) as existing:
+        try:
+            existing = store.open_cache(out, expect=signature)
+        except CacheMismatchError:
+            raise
+        except EmbedcacheError as exc:  # someone's file, or a cache damaged beyond reading: never written over
+            why = str(exc).split(": ", 1)[-1].removesuffix("; encode it again")
+            raise EmbedcacheError(f"{out}: exists and is not a cache encode can resume ({why}); choose another --out, "
+                                  "or delete it if it is a damaged cache") from None
+        with existing:
             done = {c.name: c for c in existing.cases}
     shard_dir = shard_folder(out)
     shards: dict[str, tuple[Path, CaseRecord]] = {}
