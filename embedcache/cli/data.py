@@ -16,29 +16,44 @@ from embedcache.cli.common import (
     progress_option,
     say_to,
 )
+from embedcache.errors import UsageError
 from embedcache.runtime.distributed import is_main_process
 
 
 @click.command()
 @click.argument("out", type=click.Path(path_type=Path))
-@click.option("--cases", default=4, show_default=True, type=click.IntRange(1, 10_000), help="Number of volumes.")
+@click.option("--cases", default=None, type=click.IntRange(1, 10_000),
+              help="Number of training volumes [default: 4; with --anatomy, every label map but the test cases].")
 @click.option("--seed", default=0, show_default=True, type=int, help="Same seed, same files.")
 @click.option("--size", default=512, show_default=True, type=click.IntRange(64, 1024), help="Axial pixels per side.")
 @click.option("--test-cases", default=0, show_default=True, type=click.IntRange(0, 10_000),
               help="More volumes in imagesTs/ + labelsTs/: held-out test cases.")
+@click.option("--anatomy", type=click.Path(path_type=Path), default=None,
+              help="A folder of real label maps (FLARE22 ids) to paint CT around, on each map's own grid.")
 @progress_option
 @friendly_errors
-def phantom(out: Path, cases: int, seed: int, size: int, test_cases: int, progress: bool):
+def phantom(out: Path, cases: int | None, seed: int, size: int, test_cases: int, anatomy: Path | None, progress: bool):
     """Write synthetic abdominal CT with FLARE22 labels to OUT (imagesTr/ + labelsTr/, and imagesTs/ + labelsTs/).
 
     Liver, kidneys, spleen, aorta, IVC and thin, irregular adrenal glands (7 = right, 8 = left)
     in HU with partial volume and noise: the default data, so everything runs with nothing to fetch.
+    With --anatomy, the CT is painted around real label maps instead (organs, fat, body wall, spine,
+    the crura beside the glands): real adrenal shapes, for measuring accuracy where it counts.
     """
     from embedcache.io.phantom import PhantomConfig, write_phantom
 
-    config = PhantomConfig(size=size, pixel_mm=0.8 * 512 / size)
+    ctx = click.get_current_context()
+    if anatomy is not None and ctx.get_parameter_source("size") == click.core.ParameterSource.COMMANDLINE:
+        raise UsageError("--size shapes the synthetic phantom; with --anatomy each CT takes its label map's grid: "
+                         "drop it")
     with progress_bar(progress) as bar:
-        names = write_phantom(out, cases=cases, seed=seed, config=config, progress=bar, test_cases=test_cases)
+        if anatomy is not None:
+            from embedcache.io.anatomy import write_anatomy
+
+            names = write_anatomy(anatomy, out, cases=cases, test_cases=test_cases, seed=seed, progress=bar)
+        else:
+            config = PhantomConfig(size=size, pixel_mm=0.8 * 512 / size)
+            names = write_phantom(out, cases=cases or 4, seed=seed, config=config, progress=bar, test_cases=test_cases)
     click.echo(f"wrote {len(names)} cases to {out} (imagesTr/, labelsTr/" + (", imagesTs/, labelsTs/)" if test_cases else ")"))
 
 
