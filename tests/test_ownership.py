@@ -120,6 +120,8 @@ def test_one_writer_at_a_time_and_a_killed_one_blocks_nothing(tiny_model, small_
     with WriterLock(lock_path(run), what=str(run)):
         one_line(cli("finetune", small_cache, "--out", run, "--device", "cpu"), f"{run}: another embedcache (pid")
     assert not out.exists() and not run.exists()
+    one_line(cli("finetune", tmp_path / "typo.h5", "--out", tmp_path / "r2"), "typo.h5: no such cache file")
+    assert not lock_path(tmp_path / "r2").exists()  # a refused start leaves nothing behind, not even a lock file
     # A holder killed with SIGKILL leaves its lock file, but not its lock.
     holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from embedcache.io.files import WriterLock; "
                                f"WriterLock(__import__('pathlib').Path({str(lock_path(out))!r}), what='x').__enter__(); "

@@ -16,7 +16,6 @@ Read top to bottom:
 from __future__ import annotations
 
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -29,7 +28,7 @@ from embedcache.cache.store import row_bytes
 from embedcache.config import EncodeConfig
 from embedcache.errors import EmbedcacheError
 from embedcache.io.datasets import CaseSource
-from embedcache.io.files import WriterLock, check_free_space, lock_path, write_error
+from embedcache.io.files import check_free_space, write_error, writer_lock
 
 
 @dataclass
@@ -105,7 +104,7 @@ def encode(
     check_inputs(cases, out)
     signature = signature_for(config)
     dist = Dist(config.device)
-    with WriterLock(lock_path(out), what=str(out)) if dist.main else nullcontext():  # rank 0 writes for all
+    with writer_lock(out, main=dist.main):  # under torchrun rank 0 writes the cache for all
         return _encode(cases, out, config, signature, dist, progress=progress, log=log)
 
 

@@ -95,6 +95,13 @@ def lock_path(path: Path) -> Path:
     return path.with_name(f".{path.name}.lock")
 
 
+def writer_lock(path: Path, *, main: bool = True):
+    """The :class:`WriterLock` of ``path`` in the process that writes it (``main``), else nothing to hold."""
+    from contextlib import nullcontext
+
+    return WriterLock(lock_path(path), what=str(path)) if main else nullcontext()
+
+
 class WriterLock:
     """One writer at a time for ``path`` (a cache being encoded, a run folder being trained): an
     exclusive ``flock`` on the lock file ``lock``, which the kernel releases when the process ends,

@@ -6,13 +6,12 @@ used or a split file naming a case the cache lacks costs a second; :func:`finetu
 
 from __future__ import annotations
 
-from contextlib import nullcontext
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from embedcache.cache.store import open_cache
 from embedcache.config import FinetuneConfig
-from embedcache.io.files import WriterLock, lock_path, make_output_folder
+from embedcache.io.files import make_output_folder, writer_lock
 from embedcache.runtime.distributed import is_main_process
 from embedcache.train.cases import check_split_in_cache, choose_split
 from embedcache.train.runs import CONFIG, RunFolder, resumed_config
@@ -34,14 +33,15 @@ def finetune(config: FinetuneConfig, run_dir: Path, *, resume: bool = False, giv
     run = RunFolder(run_dir)
     if resume and run.file(CONFIG).is_file():
         config = resumed_config(config, run.config(), path=run.file(CONFIG), given_fields=given_fields)
-    lock = lock_path(run.path)
-    if is_main_process():  # under torchrun rank 0 writes the folder for all
-        make_output_folder(lock.parent, what="--out's parent folder")
-    with WriterLock(lock, what=str(run.path)) if is_main_process() else nullcontext():
-        with open_cache(Path(config.cache)) as cache:  # a resumed run takes its own split, wherever --split went
+    main = is_main_process()  # under torchrun rank 0 writes the folder for all
+    with open_cache(Path(config.cache)) as cache:  # checked before anything is written, the lock included
+        if main:
+            make_output_folder(run.path.parent, what="--out's parent folder")
+        with writer_lock(run.path, main=main):
             resume = run.check_start(resume=resume, log=log)
+            # a resumed run takes its own split, wherever the --split file went
             split = check_split_in_cache(run.split(), cache, run=run.path) if resume else choose_split(
                 cache, split_file=config.split, val_fraction=config.val_fraction, seed=config.seed)
-        from embedcache.train.loop import train
+            from embedcache.train.loop import train
 
-        return train(config, run, split, resume=resume, progress=progress, log=log, on_epoch=on_epoch)
+            return train(config, run, split, resume=resume, progress=progress, log=log, on_epoch=on_epoch)
