@@ -163,8 +163,8 @@ class ScoreConfig:
 class PredictConfig:
     """Settings of ``predict``: the decoder (``run`` or ``decoder``; neither: the vanilla one of
     ``model``), where the prompts come from (``boxes``, a JSON file, or ``from_labels``, a label
-    volume or folder, under protocol ``prompts``), and the image reader's ``series``; saved as
-    ``OUT/predict.json`` beside the label volumes."""
+    volume or folder, under protocol ``prompts``), and the image reader's ``series``; saved in
+    ``OUT/predict.json`` (its ``config``, beside the names of the files predict wrote there)."""
 
     run: str | None = None
     decoder: str | None = None
