@@ -48,36 +48,32 @@ from embedcache.model.prompts import box_present
 ROW_DATASETS = ("embeddings", "masks", "boxes", "case_index", "slice_index", "spacing_mm")
 
 
+def row_layout(signature: Signature) -> dict[str, tuple[tuple[int, ...], str]]:
+    """Each row dataset's shape after its row axis, and its type: the one statement of the schema that
+    writing (:func:`create_row_datasets`) and reading (:func:`check_layout`) share."""
+    size = signature.slice_size
+    return {"embeddings": (EMBEDDING_SHAPE, signature.embedding_dtype), "masks": ((size, size), "u1"),
+            "boxes": ((len(signature.labels), 4), "f4"), "case_index": ((), "i4"), "slice_index": ((), "i4"),
+            "spacing_mm": ((3,), "f4")}
+
+
 def create_row_datasets(f: h5py.File, *, n: int, signature: Signature) -> None:
-    """The row datasets of ``n`` slices in the layout the module docstring gives."""
-    slice_size, dtype, n_labels = signature.slice_size, signature.embedding_dtype, len(signature.labels)
-    if n == 0:  # a case whose glands vanished in resampling: an empty record, no chunks to lay out
-        f.create_dataset("embeddings", shape=(0, *EMBEDDING_SHAPE), dtype=dtype)
-        f.create_dataset("masks", shape=(0, slice_size, slice_size), dtype="u1")
-    else:
-        f.create_dataset(
-            "embeddings", shape=(n, *EMBEDDING_SHAPE), dtype=dtype, chunks=(1, *EMBEDDING_SHAPE), fletcher32=True
-        )
-        f.create_dataset(
-            "masks", shape=(n, slice_size, slice_size), dtype="u1", chunks=(1, slice_size, slice_size),
-            compression="gzip", compression_opts=1, fletcher32=True,
-        )
-    f.create_dataset("boxes", shape=(n, n_labels, 4), dtype="f4")
-    f.create_dataset("case_index", shape=(n,), dtype="i4")
-    f.create_dataset("slice_index", shape=(n,), dtype="i4")
-    f.create_dataset("spacing_mm", shape=(n, 3), dtype="f4")
+    """The row datasets of ``n`` slices in the layout the module docstring gives: embeddings and masks
+    one slice per chunk with fletcher32 checksums (masks gzipped too), unless there are no rows to lay out
+    (a case whose glands vanished in resampling)."""
+    storage = {"embeddings": dict(fletcher32=True),
+               "masks": dict(compression="gzip", compression_opts=1, fletcher32=True)}
+    for name, (tail, dtype) in row_layout(signature).items():
+        options = dict(chunks=(1, *tail), **storage[name]) if name in storage and n > 0 else {}
+        f.create_dataset(name, shape=(n, *tail), dtype=dtype, **options)
 
 
 def check_layout(f: h5py.File, signature: Signature, *, source) -> int:
     """The row count of a cache or shard file whose row datasets are plain datasets held in the file
     itself (no external link, external storage or virtual dataset: those read another file without
-    a word) with the shapes and types the module docstring and ``signature`` give them."""
-    size, n_labels = signature.slice_size, len(signature.labels)
-    layout = {"embeddings": (EMBEDDING_SHAPE, signature.embedding_dtype), "masks": ((size, size), "u1"),
-              "boxes": ((n_labels, 4), "f4"), "case_index": ((), "i4"), "slice_index": ((), "i4"),
-              "spacing_mm": ((3,), "f4")}
+    a word) with the shapes and types :func:`row_layout` gives them."""
     rows = set()
-    for name, (tail, dtype) in layout.items():
+    for name, (tail, dtype) in row_layout(signature).items():
         link = f.get(name, getlink=True)
         dataset = f.get(name) if isinstance(link, h5py.HardLink) else None
         if not isinstance(dataset, h5py.Dataset) or dataset.is_virtual or dataset.external:

@@ -45,8 +45,10 @@ class Job:
     label_file: Path | None = None  # --from-labels: the requests come from this volume's glands
 
 
-def plan(inputs: list[Path], out_dir: Path, config: PredictConfig, *, labels, log=print) -> tuple[list[Job], list[str]]:
-    """Check every input before any model is loaded; returns the jobs to run and the errors of the rest."""
+def plan(inputs: list[Path], out_dir: Path, config: PredictConfig, *, labels, owned: set[str],
+         log=print) -> tuple[list[Job], list[str]]:
+    """Check every input before any model is loaded; returns the jobs to run and the errors of the rest.
+    ``owned``: the outputs earlier runs of predict wrote in ``out_dir`` (:func:`written_before`)."""
     names = [case_name(Path(i)) for i in inputs]
     clash = sorted({n for n in names if names.count(n) > 1})
     if clash:
@@ -55,7 +57,6 @@ def plan(inputs: list[Path], out_dir: Path, config: PredictConfig, *, labels, lo
                          "rename one or predict them into different folders")
     boxes_file = Path(config.boxes) if config.boxes else None
     table = read_boxes_file(boxes_file) if boxes_file is not None else None
-    owned = written_before(Path(out_dir))
     jobs, errors = [], []
     for image in map(Path, inputs):
         try:
@@ -151,14 +152,15 @@ def predict(inputs: list[Path], out_dir: Path, config: PredictConfig, *, progres
 
     decoder = checkpoint_file(Path(config.run or config.decoder)) if config.run or config.decoder else None
     labels = read_signature(decoder).labels if decoder else None  # the header alone: the inputs come first
-    jobs, errors = plan(inputs, out_dir, config, labels=labels, log=log)
+    owned = written_before(Path(out_dir))
+    jobs, errors = plan(inputs, out_dir, config, labels=labels, owned=owned, log=log)
     if not jobs:
         return [], errors
     make_output_folder(out_dir)
     trained = load_trained_decoder(decoder) if decoder else None
     model = _load(trained, config)
     # Recorded before they are written: an interrupted run's outputs are still known as predict's own.
-    names = sorted(written_before(Path(out_dir)) | {job.out.name for job in jobs})
+    names = sorted(owned | {job.out.name for job in jobs})
     atomic_write_text(Path(out_dir) / CONFIG, json.dumps({"config": asdict(config), "written": names}, indent=2) + "\n")
     written = []
     task = encoded = None
