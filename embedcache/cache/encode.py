@@ -20,6 +20,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from embedcache.cache import store
+from embedcache.cache.augment import with_augmented
 from embedcache.cache.merge import merge
 from embedcache.cache.pipeline import encode_plans
 from embedcache.cache.plan import check_inputs, finished, plan_cases, shard_folder, where
@@ -102,6 +103,7 @@ def encode(
 
     out = Path(out)
     check_inputs(cases, out)
+    cases = with_augmented(cases, config.augment)  # training-only copies, each encoded as a case of its own
     signature = signature_for(config)
     dist = Dist(config.device)
     with writer_lock(out, main=dist.main):  # under torchrun rank 0 writes the cache for all

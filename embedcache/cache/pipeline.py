@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from embedcache.cache.augment import AUGMENT, augment_slices
 from embedcache.cache.plan import PlannedCase, where
 from embedcache.cache.preprocess import resize_mask, slice_to_model
 from embedcache.cache.records import CaseRecord, Signature
@@ -53,11 +54,14 @@ def prepare_case(plan: PlannedCase, config: EncodeConfig) -> CaseBatch:
     size = config.preprocess.slice_size
     image = read_image(plan.source.image, series_uid=plan.source.series_uid)
     pre = config.preprocess
-    masks = resize_mask(plan.label_slices, (size, size))
-    boxes = np.stack([boxes_for_labels(m, config.labels) for m in masks])
     z = plan.z
+    hu, labels = image.array[z], plan.label_slices
+    if plan.source.subset == AUGMENT:  # a training-only copy: its source's slices, moved alike
+        hu, labels = augment_slices(hu, labels, plan.source.name)
+    masks = resize_mask(labels, (size, size))
+    boxes = np.stack([boxes_for_labels(m, config.labels) for m in masks])
     images = np.stack(
-        [slice_to_model(image.array[k], width_hu=pre.window_width_hu, level_hu=pre.window_level_hu, slice_size=size) for k in z]
+        [slice_to_model(s, width_hu=pre.window_width_hu, level_hu=pre.window_level_hu, slice_size=size) for s in hu]
     ) if z.size else np.zeros((0, size, size), np.float32)
     geometry = image.geometry
     record = CaseRecord(

@@ -25,8 +25,10 @@ MODEL_KEYS = ("schema", "backbone", "checkpoint_sha256", "input_size", "preproce
 DECODER_KEYS = ("backbone", "checkpoint_sha256", "input_size", "preprocess", "labels")
 EMBEDDING_DTYPES = ("float16", "float32")
 #: The sets a cached case can belong to: ``train`` (training or validation, as the fine-tune's split
-#: decides) and ``test`` (an ``imagesTs/`` case, never trained on).
-CACHED_SUBSETS = ("train", "test")
+#: decides), ``test`` (an ``imagesTs/`` case, never trained on) and ``augment`` (an augmented copy of a
+#: ``train`` case, ``NAME~KIND``: trained on with its source, never validated or scored; see
+#: :mod:`embedcache.cache.augment`).
+CACHED_SUBSETS = ("train", "test", "augment")
 
 
 def _bad(source, what: str) -> EmbedcacheError:
@@ -143,7 +145,7 @@ class CaseRecord:
     spacing_mm: tuple[float, float, float]
     source_shape: tuple[int, int, int]
     source_affine: tuple[tuple[float, ...], ...]
-    subset: str = "train"  # "test" for a test folder's cases (imagesTs/), never trained on
+    subset: str = "train"  # "test" for a test folder's cases (imagesTs/), never trained on; "augment" for a copy
     margin_slices: int = 0  # slices cached beyond each end of the glands (no boxes), for 3-D box prompts
     series_uid: str | None = None  # the DICOM series read from an image folder that holds several
 

@@ -81,10 +81,14 @@ def phantom(out: Path, cases: int | None, seed: int, size: int, test_cases: int,
               help="Also encode this many slices beyond each end of a gland (no boxes): 3-D box prompts need them.")
 @click.option("--workers", default=-1, show_default=True, type=int,
               help="Processes preparing slices ahead of the encoder; -1: none on CPU, half the cores up to 8 on CUDA.")
+@click.option("--augment", default="", metavar="KINDS",
+              help="Also encode training-only copies of every train case: a comma list of flip (left-right, glands "
+                   "swap labels), rotate (±15°), scale (0.85-1.15), intensity (HU ×0.9-1.1, ±30 HU); each kind costs "
+                   "one more encode of the training cases.")
 @progress_option
 @friendly_errors
 def encode(data, out, images, labels_, series, model, checkpoint, labels, window_width, window_level, slice_size,
-           dtype, device, batch_size, margin_slices, workers, progress):
+           dtype, device, batch_size, margin_slices, workers, augment, progress):
     """Encode every slice of DATA that holds a target label into the HDF5 cache OUT.
 
     DATA is a FLARE22-style folder (imagesTr/ + labelsTr/ or images/ + labels/, and imagesTs/ +
@@ -117,6 +121,7 @@ def encode(data, out, images, labels_, series, model, checkpoint, labels, window
         batch_size=batch_size,
         margin_slices=margin_slices,
         workers=workers,
+        augment=tuple(k.strip() for k in augment.split(",") if k.strip()),
     )
     if data is not None:
         cases = discover_cases(data)

@@ -20,6 +20,9 @@ NAMES = {
     LEFT_KIDNEY: "left kidney",
 }
 
+#: Left-right pairs: what a mirrored image's labels become (encode --augment flip).
+MIRRORED = {RIGHT_ADRENAL: LEFT_ADRENAL, LEFT_ADRENAL: RIGHT_ADRENAL, RIGHT_KIDNEY: LEFT_KIDNEY, LEFT_KIDNEY: RIGHT_KIDNEY}
+
 #: NSD tolerance per label, in mm (FLARE22).
 NSD_TOLERANCE_MM = {
     LIVER: 5.0, RIGHT_KIDNEY: 3.0, SPLEEN: 3.0, PANCREAS: 5.0, AORTA: 2.0, IVC: 2.0, RIGHT_ADRENAL: 2.0,

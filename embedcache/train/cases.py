@@ -2,7 +2,9 @@
 the set ``score`` reports on. The one home of these decisions; no torch here.
 
 Each case belongs to one set: ``train``, ``val`` (chooses the checkpoint) or ``test`` (never seen in
-training: the cache's ``imagesTs/`` cases, or a split file's ``test``).
+training: the cache's ``imagesTs/`` cases, or a split file's ``test``). The augmented copies of a
+case (``encode --augment``) follow it into training only: never into a split, ``val``, ``test`` or a
+scored set (:func:`augmented_of`).
 """
 
 from __future__ import annotations
@@ -60,6 +62,9 @@ def load_split(path: Path, cache: Cache) -> Split:
                 raise EmbedcacheError(f"{path}: case {name} ({key}) is not in {cache.path}; encode it or remove it")
             if name in seen:
                 raise EmbedcacheError(f"{path}: case {name} is in both {seen[name]} and {key}; put each case in one set")
+            if known[name].subset == "augment":
+                raise EmbedcacheError(f"{path}: case {name} is an augmented copy (encode --augment); name its source "
+                                      "case: its copies train with it, and never validate or test")
             if key != "test" and known[name].subset == "test":
                 raise EmbedcacheError(f"{path}: case {name} is a test case of the cache (imagesTs/); it may not be "
                                       f"trained on: move it to test")
@@ -75,9 +80,18 @@ def choose_split(cache: Cache, *, split_file: str | None, val_fraction: float, s
     if split_file:
         return load_split(Path(split_file), cache)
     test = [c.name for c in cache.cases if c.subset == "test"]
-    names = [c.name for c in cache.cases if c.n_rows > 0 and c.subset != "test"]
+    names = [c.name for c in cache.cases if c.n_rows > 0 and c.subset == "train"]
     train, val = split_cases(names, val_fraction=val_fraction, seed=seed)
     return Split(tuple(train), tuple(val), tuple(test))
+
+
+def augmented_of(cache: Cache, train: tuple[str, ...]) -> list[str]:
+    """The augmented copies (set ``augment``) of the ``train`` cases: what a fine-tune adds to its training
+    set, and nowhere else."""
+    from embedcache.cache.augment import source_of
+
+    chosen = set(train)
+    return [c.name for c in cache.cases if c.subset == "augment" and c.n_rows > 0 and source_of(c.name)[0] in chosen]
 
 
 def check_split_in_cache(split: Split, cache: Cache, *, run: Path) -> Split:
@@ -103,7 +117,7 @@ def choose_cases(cache: Cache, split: Split | None, wanted: str | None) -> Score
     """The case set to score: by default the held-out test cases (the run's split, or the cache's
     ``imagesTs/`` cases), else the validation cases, which chose the checkpoint, else every case
     (``wanted``: one of :data:`~embedcache.config.CASE_SETS`, or None)."""
-    encoded = [c.name for c in cache.cases if c.n_rows > 0]
+    encoded = [c.name for c in cache.cases if c.n_rows > 0 and c.subset != "augment"]  # copies are never scored
     test = split.test if split and split.test is not None else [c.name for c in cache.cases if c.subset == "test"]
     sets = {"test": test, "all": encoded}
     if split:
