@@ -28,6 +28,15 @@ class PreprocessConfig:
             raise UsageError(f"--slice-size must lie in 64..2048 px, got {self.slice_size}")
 
 
+#: Kinds of training-only copy ``encode --augment`` makes (see :mod:`embedcache.cache.augment`).
+AUGMENTS = {
+    "flip": "left-right mirror; the left and right glands (and kidneys) swap labels",
+    "rotate": "in-plane rotation by an angle drawn from -15..15 degrees",
+    "scale": "in-plane zoom about the centre by a factor drawn from 0.85..1.15",
+    "intensity": "HU scaled by 0.9..1.1 and shifted by -30..30 HU (window jitter)",
+}
+
+
 @dataclass(frozen=True)
 class EncodeConfig:
     """Settings of phase one. ``checkpoint=None`` means the backbone's bundled weights."""
@@ -41,8 +50,11 @@ class EncodeConfig:
     batch_size: int = 0  # 0: pick for the device (1 on CPU, where larger batches are slower; on CUDA what fits in memory)
     margin_slices: int = 2  # also cache this many slices beyond each end of a gland (3-D box prompts need them)
     workers: int = -1  # processes preparing slices ahead of the encoder; -1: none on CPU, half the cores up to 8 on CUDA
+    augment: tuple[str, ...] = ()  # training-only copies of every train case, one encode each (cache.augment.AUGMENTS)
 
     def __post_init__(self):
+        if any(kind not in AUGMENTS for kind in self.augment) or len(set(self.augment)) != len(self.augment):
+            raise UsageError(f"--augment {','.join(self.augment)}: choose distinct kinds from {', '.join(AUGMENTS)}")
         if self.workers < -1:
             raise UsageError(f"--workers must be -1 (automatic), 0 or more, got {self.workers}")
         if not 0 <= self.margin_slices <= 50:
@@ -53,6 +65,39 @@ class EncodeConfig:
             raise UsageError(f"--batch-size must be at least 1 (or 0 for automatic), got {self.batch_size}")
         if not self.labels or any(not 0 < label < 256 for label in self.labels) or len(set(self.labels)) != len(self.labels):
             raise UsageError(f"--labels must be distinct ids in 1..255, got {self.labels}")
+
+
+#: Kinds of training prompt ``finetune --train-prompts`` mixes (see :mod:`embedcache.train.data`).
+TRAIN_PROMPTS = {
+    "tight": "the tight box of the gland on its slice",
+    "jitter": "the tight box, each edge moved by up to --box-jitter of the box's size",
+    "medsam": "the tight box, each edge moved outward by 0-20 px at 1024 px (MedSAM's training boxes)",
+    "loose": "the gland's 3-D box in-plane extent over all its slices, grown by 0..--loose-margin-mm (box3d's middle slice)",
+    "propagated": "the box of a neighbouring slice's mask of the gland grown by --stop-grow-mm (box3d's walk)",
+}
+
+
+def parse_prompt_mix(text: str) -> dict[str, float]:
+    """``"tight:1,loose:2"`` → ``{"tight": 1/3, "loose": 2/3}``; a kind without a weight weighs 1."""
+    mix: dict[str, float] = {}
+    for part in (p.strip() for p in str(text).split(",")):
+        if not part:
+            continue
+        kind, _, weight = part.partition(":")
+        kind = kind.strip()
+        if kind not in TRAIN_PROMPTS or kind in mix:
+            raise UsageError(f"--train-prompts {text}: {kind!r} is unknown or repeated; "
+                             f"mix kinds from {', '.join(TRAIN_PROMPTS)} as KIND[:WEIGHT],...")
+        try:
+            mix[kind] = float(weight) if weight.strip() else 1.0
+        except ValueError:
+            mix[kind] = float("nan")
+        if not 0 < mix[kind] < 1e6:
+            raise UsageError(f"--train-prompts {text}: the weight of {kind} must be a positive number")
+    if not mix:
+        raise UsageError(f"--train-prompts {text!r}: name at least one kind from {', '.join(TRAIN_PROMPTS)}")
+    total = sum(mix.values())
+    return {kind: weight / total for kind, weight in mix.items()}
 
 
 @dataclass(frozen=True)
@@ -79,7 +124,10 @@ class FinetuneConfig:
     checkpoint: str | None = None
     split: str | None = None  # a split file {"train": [...], "val": [...], "test": [...]}; None: seeded by case
     stop_prompts: bool = False  # also train on the slices just beyond each gland, with the neighbour's box and no target
-    stop_grow_mm: float = 3.0  # stop prompts: the neighbour's box grown by this much, as box3d's walk grows it
+    stop_grow_mm: float = 3.0  # stop and propagated prompts: the neighbour's box grown by this much, as box3d's walk grows it
+    train_prompts: str = "jitter"  # the kinds of training prompt and their weights, KIND[:WEIGHT],... (TRAIN_PROMPTS)
+    loose_margin_mm: float = 6.0  # loose prompts: the 3-D extent grown by a margin drawn from 0..this
+    iou_head: bool = False  # also train the IoU head: MSE against the IoU its mask really has (LiteMedSAM's loss)
 
     def __post_init__(self):
         if not 0 < self.val_fraction < 1:
@@ -96,12 +144,23 @@ class FinetuneConfig:
             raise UsageError(f"--resident must be auto, device or stream, got {self.resident}")
         if not 0 <= self.stop_grow_mm <= 100:
             raise UsageError(f"--stop-grow-mm must lie in 0..100 mm, got {self.stop_grow_mm}")
+        if not 0 <= self.loose_margin_mm <= 100:
+            raise UsageError(f"--loose-margin-mm must lie in 0..100 mm, got {self.loose_margin_mm}")
+        parse_prompt_mix(self.train_prompts)
 
 
 #: The prompt protocols of score and predict (see :mod:`embedcache.evaluation.protocols`).
 PROTOCOLS = ("oracle", "jitter", "box3d")
 #: The sets ``score --cases`` can report on.
 CASE_SETS = ("test", "val", "train", "all")
+
+
+#: How ``box3d`` prompts the slices of a 3-D box beyond its middle one (see :mod:`embedcache.evaluation.protocols`).
+WALKS = {
+    "grow": "the previous slice's mask box grown by --grow-mm, inside the 3-D box; stops where the mask vanishes",
+    "fallback": "as grow, but where the mask vanishes the next slice gets the 3-D box's extent (MedSAM, LiteMedSAM)",
+    "extent": "every slice of the 3-D box prompted with its own in-plane extent: no walk",
+}
 
 
 @dataclass(frozen=True)
@@ -113,8 +172,14 @@ class ProtocolSettings:
     margin_mm: float = 3.0  # box3d from a label: the 3-D box is this much larger in-plane ...
     margin_slices: int = 1  # ... and this many slices longer at each end
     grow_mm: float = 3.0  # box3d: the box of the previous slice's mask, grown by this much
+    walk: str = "grow"  # box3d: how the slices beyond the middle one are prompted (WALKS)
+    min_iou: float = 0.0  # box3d: a mask whose predicted IoU is below this counts as vanished (0: off)
 
     def __post_init__(self):
+        if not 0 <= self.min_iou <= 1:
+            raise UsageError(f"--min-iou must lie in 0..1, got {self.min_iou}")
+        if self.walk not in WALKS:
+            raise UsageError(f"--walk {self.walk}: choose from {', '.join(WALKS)}")
         if not 0 <= self.jitter < 1:
             raise UsageError(f"--jitter must lie in [0, 1), got {self.jitter}")
         if not (0 <= self.margin_mm <= 100 and 0 <= self.grow_mm <= 100):
@@ -176,9 +241,12 @@ class PredictConfig:
     model: str = "litemedsam"
     checkpoint: str | None = None
     device: str = "auto"
+    review_iou: float = 0.5  # CASE.review.json lists the slices whose predicted IoU is below this
 
     def __post_init__(self):
         _one_decoder(self.run, self.decoder)
+        if not 0 <= self.review_iou <= 1:
+            raise UsageError(f"--review-iou must lie in 0..1, got {self.review_iou}")
         if (self.boxes is None) == (self.from_labels is None):
             raise UsageError("give either --boxes BOXES.json or --from-labels LABELS")
         if self.prompts not in PROTOCOLS:

@@ -30,17 +30,23 @@ def protocol_options(func):
                      help="...and this many slices longer at each end."),
         click.option("--grow-mm", default=3.0, show_default=True, type=float,
                      help="box3d: each next slice's box is the previous mask's, grown by this much."),
+        click.option("--walk", default="grow", show_default=True, type=click.Choice(["grow", "fallback", "extent"]),
+                     help="box3d: grow (stop where the mask vanishes), fallback (there, prompt the 3-D box again, as "
+                          "MedSAM does) or extent (every slice gets the 3-D box: no walk)."),
+        click.option("--min-iou", default=0.0, show_default=True, type=float,
+                     help="box3d: a mask whose predicted IoU is below this counts as vanished (needs a decoder "
+                          "trained with --iou-head; 0: off)."),
     ]
     for option in reversed(options):
         func = option(func)
     return func
 
 
-def _settings(jitter, seed, box_margin_mm, box_margin_slices, grow_mm):
+def _settings(jitter, seed, box_margin_mm, box_margin_slices, grow_mm, walk, min_iou):
     from embedcache.config import ProtocolSettings
 
     return ProtocolSettings(jitter=jitter, seed=seed, margin_mm=box_margin_mm, margin_slices=box_margin_slices,
-                            grow_mm=grow_mm)
+                            grow_mm=grow_mm, walk=walk, min_iou=min_iou)
 
 
 @click.command()
@@ -63,7 +69,7 @@ def _settings(jitter, seed, box_margin_mm, box_margin_slices, grow_mm):
 @progress_option
 @friendly_errors
 def score(cache, out_dir, run_dir, decoder_file, cases, prompts, jitter, seed, box_margin_mm, box_margin_slices,
-          grow_mm, checkpoint, data, device, progress):
+          grow_mm, walk, min_iou, checkpoint, data, device, progress):
     """Score the vanilla decoder against the fine-tuned one on the cached embeddings of CACHE.
 
     Per prompt protocol (oracle: tight boxes on every slice, an upper bound; jitter: sloppy boxes;
@@ -79,7 +85,7 @@ def score(cache, out_dir, run_dir, decoder_file, cases, prompts, jitter, seed, b
 
     config = ScoreConfig(cache=str(cache), run=_text(run_dir), decoder=_text(decoder_file), cases=cases,
                          prompts=parse_protocols(prompts),
-                         protocol=_settings(jitter, seed, box_margin_mm, box_margin_slices, grow_mm),
+                         protocol=_settings(jitter, seed, box_margin_mm, box_margin_slices, grow_mm, walk, min_iou),
                          checkpoint=_text(checkpoint), data=_text(data), device=device)
     with open_cache(cache) as opened:  # a mistyped path or a decoder for another cache costs a second, not torch's import
         if run_dir or decoder_file:
@@ -161,13 +167,15 @@ def evaluate(pred, labels_dir, out_dir, labels, name, progress):
               help="With --from-labels: how the glands become prompts (see score).")
 @protocol_options
 @click.option("--series", default=None, help="SeriesInstanceUID to read from DICOM folders holding several series.")
+@click.option("--review-iou", default=0.5, show_default=True, type=float,
+              help="OUT/CASE.review.json lists the slices whose predicted IoU is below this: where to look.")
 @click.option("--model", default="litemedsam", show_default=True, help="Backbone when no run or decoder is given.")
 @click.option("--checkpoint", type=click.Path(path_type=Path), default=None, help="Backbone weights (default: bundled).")
 @device_option
 @progress_option
 @friendly_errors
 def predict(inputs, out_dir, run_dir, decoder_file, boxes_file, from_labels, prompts, jitter, seed, box_margin_mm,
-            box_margin_slices, grow_mm, series, model, checkpoint, device, progress):
+            box_margin_slices, grow_mm, walk, min_iou, series, review_iou, model, checkpoint, device, progress):
     """Segment INPUTS (NIfTI files or DICOM series folders) from box prompts.
 
     A 3-D box per gland is segmented from its middle slice and propagated slice by slice (box3d);
@@ -185,8 +193,8 @@ def predict(inputs, out_dir, run_dir, decoder_file, boxes_file, from_labels, pro
                          "segmented as given: drop it")
     config = PredictConfig(run=_text(run_dir), decoder=_text(decoder_file), boxes=_text(boxes_file),
                            from_labels=_text(from_labels), prompts=prompts,
-                           protocol=_settings(jitter, seed, box_margin_mm, box_margin_slices, grow_mm), series=series,
-                           model=model, checkpoint=_text(checkpoint), device=device)
+                           protocol=_settings(jitter, seed, box_margin_mm, box_margin_slices, grow_mm, walk, min_iou),
+                           series=series, model=model, checkpoint=_text(checkpoint), device=device, review_iou=review_iou)
     from embedcache.evaluation.predict import predict as run_predict
 
     with progress_bar(progress) as bar:

@@ -41,12 +41,21 @@ from embedcache.cli.common import console, device_option, friendly_errors, progr
 @click.option("--stop-prompts", is_flag=True,
               help="Also train on the slices just beyond each gland, prompted with the neighbour's box (target: empty).")
 @click.option("--stop-grow-mm", default=3.0, show_default=True, type=float,
-              help="--stop-prompts: the neighbour's box grows by this much, as score's --grow-mm grows box3d's.")
+              help="Stop and propagated prompts: the neighbour's box grows by this much, as score's --grow-mm grows box3d's.")
+@click.option("--train-prompts", default="jitter", show_default=True,
+              help="Training boxes, a mix KIND[:WEIGHT],... of tight, jitter (--box-jitter), medsam (edges out 0-20 px "
+                   "at 1024 px), loose (the 3-D box's in-plane extent) and propagated (a neighbour slice's box, grown), "
+                   "e.g. jitter:2,loose:1,propagated:1.")
+@click.option("--loose-margin-mm", default=6.0, show_default=True, type=float,
+              help="Loose prompts: the gland's 3-D extent grows by a margin drawn from 0..this (mm).")
+@click.option("--iou-head", is_flag=True,
+              help="Also train the IoU head (MSE against each mask's true IoU), so score --min-iou and predict's "
+                   "low-IoU slices can trust it.")
 @progress_option
 @friendly_errors
 def finetune(cache, run_dir, epochs, lr, batch_size, val_fraction, seed, device, resume, model, checkpoint,
              box_jitter, patience, precision, resident, micro_batch, compile_, split_file, stop_prompts, stop_grow_mm,
-             progress):
+             train_prompts, loose_margin_mm, iou_head, progress):
     """Train only the mask decoder on the embedding cache CACHE, with box prompts and DiceCE loss.
 
     Test cases (imagesTs/ of the encoded data) are held out; the rest are split into train and
@@ -64,7 +73,8 @@ def finetune(cache, run_dir, epochs, lr, batch_size, val_fraction, seed, device,
         resident=resident, micro_batch=micro_batch, model=model,
         checkpoint=os.path.abspath(checkpoint) if checkpoint else None,  # score and export read it from any folder
         split=os.path.abspath(split_file) if split_file else None, stop_prompts=stop_prompts,
-        stop_grow_mm=stop_grow_mm,
+        stop_grow_mm=stop_grow_mm, train_prompts=train_prompts, loose_margin_mm=loose_margin_mm,
+        iou_head=iou_head,
     )
     out = console()
     say = say_to(out)

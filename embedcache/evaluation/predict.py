@@ -23,6 +23,7 @@ from embedcache.errors import EmbedcacheError, UsageError
 from embedcache.evaluation import protocols
 from embedcache.evaluation.prompt_file import Request, read_boxes_file, requests_from_json
 from embedcache.evaluation.protocols import Prediction
+from embedcache.io import labels as flare
 from embedcache.io.datasets import case_name
 from embedcache.io.files import atomic_write_text, make_output_folder, read_json, same_file
 from embedcache.io.geometry import Geometry
@@ -32,6 +33,8 @@ from embedcache.io.volumes import check_same_grid, read_geometry, read_image, re
 
 #: The file beside the label volumes that holds the settings that made them.
 CONFIG = "predict.json"
+#: Beside each CASE.nii.gz, CASE + this: every decoded slice's predicted IoU, the low ones first.
+REVIEW = ".review.json"
 
 
 @dataclass(frozen=True)
@@ -41,6 +44,7 @@ class Job:
     image: Path
     out: Path
     geometry: Geometry
+    review: Path  # the slices to look at: each decoded slice's predicted IoU
     requests: tuple[Request, ...] = ()
     label_file: Path | None = None  # --from-labels: the requests come from this volume's glands
 
@@ -62,14 +66,15 @@ def plan(inputs: list[Path], out_dir: Path, config: PredictConfig, *, labels, ow
         try:
             geometry = read_geometry(image, series_uid=config.series)
             out = Path(out_dir) / f"{case_name(image)}.nii.gz"
+            review = Path(out_dir) / f"{case_name(image)}{REVIEW}"
             if table is not None:
-                job = Job(image, out, geometry, requests_from_json(table, boxes_file, image, geometry, labels))
+                job = Job(image, out, geometry, review, requests_from_json(table, boxes_file, image, geometry, labels))
             else:
                 label_file = Path(config.from_labels)
                 if label_file.is_dir():
                     label_file = label_file / f"{case_name(image)}.nii.gz"
                 check_same_grid(geometry, read_geometry(label_file), image_path=image, label_path=label_file)
-                job = Job(image, out, geometry, label_file=label_file)
+                job = Job(image, out, geometry, review, label_file=label_file)
             jobs.append(job)
         except EmbedcacheError as exc:
             errors.append(str(exc))
@@ -99,8 +104,9 @@ def _check_output(job: Job, owned: set[str]) -> None:
                               "over its inputs)")
     if job.label_file is not None and same_file(job.out, job.label_file):
         raise EmbedcacheError(f"{job.out}: is the label volume the prompts come from; choose another --out")
-    if job.out.exists() and job.out.name not in owned:
-        raise EmbedcacheError(f"{job.out}: exists and predict did not write it; choose another --out or move the file")
+    for path in (job.out, job.review):
+        if path.exists() and path.name not in owned:
+            raise EmbedcacheError(f"{path}: exists and predict did not write it; choose another --out or move the file")
 
 
 class OnTheFly:
@@ -133,13 +139,13 @@ class OnTheFly:
         from embedcache.model.decoder import segment_boxes
 
         @torch.no_grad()
-        def segment(zs: np.ndarray, boxes: np.ndarray) -> np.ndarray:
+        def segment(zs: np.ndarray, boxes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
             embeddings = torch.stack([self.embedding(int(z)) for z in zs]).float()
-            masks = segment_boxes(prompt_encoder, mask_decoder, embeddings,
-                                  torch.as_tensor(boxes, dtype=torch.float32, device=embeddings.device),
-                                  input_size=input_size, slice_size=self.preprocess.slice_size,
-                                  shape_yx=self.hu.shape[1:])
-            return masks.cpu().numpy()
+            masks, iou = segment_boxes(prompt_encoder, mask_decoder, embeddings,
+                                       torch.as_tensor(boxes, dtype=torch.float32, device=embeddings.device),
+                                       input_size=input_size, slice_size=self.preprocess.slice_size,
+                                       shape_yx=self.hu.shape[1:])
+            return masks.cpu().numpy(), iou.float().cpu().numpy()
 
         return segment
 
@@ -160,7 +166,7 @@ def predict(inputs: list[Path], out_dir: Path, config: PredictConfig, *, progres
     trained = load_trained_decoder(decoder) if decoder else None
     model = _load(trained, config)
     # Recorded before they are written: an interrupted run's outputs are still known as predict's own.
-    names = sorted(owned | {job.out.name for job in jobs})
+    names = sorted(owned | {path.name for job in jobs for path in (job.out, job.review)})
     atomic_write_text(Path(out_dir) / CONFIG, json.dumps({"config": asdict(config), "written": names}, indent=2) + "\n")
     written = []
     task = encoded = None
@@ -181,14 +187,35 @@ def predict(inputs: list[Path], out_dir: Path, config: PredictConfig, *, progres
             for label, prediction in predictions:
                 result[prediction.mask] = label
             write_nifti(result, image.geometry, job.out)
+            look = write_review(job.review, predictions, image.geometry, threshold=config.review_iou)
             written.append(job.out)
-            log(f"{job.out}: {len(predictions)} gland(s), {sum(len(p.boxes) for _, p in predictions)} slices decoded")
+            log(f"{job.out}: {len(predictions)} gland(s), {sum(len(p.boxes) for _, p in predictions)} slices decoded"
+                + (f"; {look} with predicted IoU below {config.review_iou:g}: see {job.review.name}" if look else ""))
         except EmbedcacheError as exc:
             errors.append(str(exc))
             log(f"error: {exc}")
         if progress:
             progress.advance(task)
     return written, errors
+
+
+def write_review(path: Path, predictions: list[tuple[int, Prediction]], geometry: Geometry, *, threshold: float) -> int:
+    """``CASE.review.json``: per gland, every decoded slice (the file's own slice index and axis, the box,
+    the mask's voxels, the decoder's predicted IoU), and the slices whose predicted IoU is below
+    ``threshold``, lowest first: where a person should look. Returns how many slices that is."""
+    glands, low = [], 0
+    for label, prediction in predictions:
+        slices = []
+        for z in sorted(prediction.boxes):
+            axis, index = geometry.source_slice(z)
+            slices.append({"slice": index, "axis": axis, "predicted_iou": round(prediction.iou.get(z, float("nan")), 4),
+                           "voxels": int(prediction.mask[z].sum()), "box_xyxy": [round(v, 2) for v in prediction.boxes[z]]})
+        look = sorted((s for s in slices if s["predicted_iou"] < threshold), key=lambda s: s["predicted_iou"])
+        low += len(look)
+        glands.append({"label": int(label), "name": flare.name(label), "look_at": [s["slice"] for s in look],
+                       "slices": slices})
+    atomic_write_text(path, json.dumps({"threshold": threshold, "glands": glands}, indent=1) + "\n")
+    return low
 
 
 def _segment_job(job: Job, segment, image, *, prompts: str, settings: ProtocolSettings, labels) -> list:
@@ -203,10 +230,11 @@ def _segment_job(job: Job, segment, image, *, prompts: str, settings: ProtocolSe
         if request.single_slice:
             prediction = Prediction(np.zeros(shape, bool))
             z = request.box.z0
-            prediction.mask[z] = segment(np.array([z]), np.array([request.box.box], np.float32))[0]
-            prediction.boxes[z] = request.box.box
+            masks, iou = segment(np.array([z]), np.array([request.box.box], np.float32))
+            prediction.mask[z], prediction.boxes[z], prediction.iou[z] = masks[0], request.box.box, float(iou[0])
         else:
-            prediction = protocols.propagate(request.box, segment, shape, grow_px=protocols.grow_px(settings, spacing))
+            prediction = protocols.propagate(request.box, segment, shape, grow_px=protocols.grow_px(settings, spacing),
+                                             walk=settings.walk, min_iou=settings.min_iou)
         results.append((request.label, prediction))
     return results
 

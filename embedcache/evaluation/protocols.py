@@ -37,8 +37,9 @@ DESCRIPTIONS = {
     "box3d": "one 3-D box per gland, propagated slice by slice from its middle slice (the realistic one)",
 }
 
-#: ``segment(z, boxes)``: ``(k,)`` slice indices and ``(k, 4)`` boxes → ``(k, y, x)`` bool masks.
-Segment = Callable[[np.ndarray, np.ndarray], np.ndarray]
+#: ``segment(z, boxes)``: ``(k,)`` slice indices and ``(k, 4)`` boxes → ``(k, y, x)`` bool masks and the
+#: decoder's ``(k,)`` predicted IoU of each.
+Segment = Callable[[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]
 #: Prompts decoded in one call for the oracle and jitter protocols.
 CHUNK = 16
 
@@ -74,10 +75,12 @@ class Box3D:
 
 @dataclass
 class Prediction:
-    """One gland's prediction: the ``(z, y, x)`` mask and the box each decoded slice was given."""
+    """One gland's prediction: the ``(z, y, x)`` mask, the box each decoded slice was given and the
+    decoder's predicted IoU of its mask there."""
 
     mask: np.ndarray
     boxes: dict[int, tuple[float, float, float, float]] = field(default_factory=dict)
+    iou: dict[int, float] = field(default_factory=dict)
 
 
 def tight_boxes(truth: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -99,21 +102,40 @@ def box3d_from_label(truth: np.ndarray, spacing_mm, *, margin_mm: float, margin_
     return Box3D(int(zs[0]) - margin_slices, int(zs[-1]) + margin_slices, grown).clipped(truth.shape)
 
 
-def propagate(box: Box3D, segment: Segment, shape_zyx, *, grow_px: tuple[float, float]) -> Prediction:
-    """The ``box3d`` walk: the middle slice with the box's own extent, then slice by slice up and down,
-    each prompted with the previous mask's box grown by ``grow_px`` = ``(x, y)`` and kept inside ``box``."""
+def propagate(box: Box3D, segment: Segment, shape_zyx, *, grow_px: tuple[float, float], walk: str = "grow",
+              min_iou: float = 0.0) -> Prediction:
+    """The ``box3d`` walk (``walk``, :data:`embedcache.config.WALKS`): the middle slice with the box's own
+    extent, then slice by slice up and down, each prompted with the previous mask's box grown by
+    ``grow_px`` = ``(x, y)`` and kept inside ``box``; where the mask vanishes ``grow`` stops and
+    ``fallback`` prompts the next slice with the box's extent. ``extent`` prompts every slice with it.
+    A mask whose predicted IoU is below ``min_iou`` counts as vanished: it is dropped, and the walk
+    goes on as for an empty one (``extent``: only dropped)."""
+    if walk == "extent":
+        zs = np.arange(box.z0, box.z1 + 1)
+        prediction = _per_slice(zs, np.repeat(np.array([box.box], np.float32), len(zs), axis=0), segment, shape_zyx)
+        for z, iou in prediction.iou.items():
+            if iou < min_iou:
+                prediction.mask[z] = False
+        return prediction
     prediction = Prediction(np.zeros(shape_zyx, bool))
     middle = (box.z0 + box.z1) // 2
-    first = segment(np.array([middle]), np.array([box.box], np.float32))[0]
-    prediction.mask[middle], prediction.boxes[middle] = first, box.box
+    masks, iou = segment(np.array([middle]), np.array([box.box], np.float32))
+    first = masks[0] if iou[0] >= min_iou else np.zeros_like(masks[0])
+    prediction.mask[middle], prediction.boxes[middle], prediction.iou[middle] = first, box.box, float(iou[0])
     for step in (1, -1):
         previous, z = first, middle + step
-        while box.z0 <= z <= box.z1 and previous.any():
-            grown = grow_box(box_from_mask(previous), grow_px, within=box.box)
+        while box.z0 <= z <= box.z1:
+            if previous.any():
+                grown = grow_box(box_from_mask(previous), grow_px, within=box.box)
+            elif walk == "fallback":
+                grown = box.box
+            else:
+                break
             if grown[2] <= grown[0] or grown[3] <= grown[1]:
                 break
-            previous = segment(np.array([z]), np.array([grown], np.float32))[0]
-            prediction.mask[z], prediction.boxes[z] = previous, grown
+            masks, iou = segment(np.array([z]), np.array([grown], np.float32))
+            previous = masks[0] if iou[0] >= min_iou else np.zeros_like(masks[0])
+            prediction.mask[z], prediction.boxes[z], prediction.iou[z] = previous, grown, float(iou[0])
             z += step
     return prediction
 
@@ -121,10 +143,11 @@ def propagate(box: Box3D, segment: Segment, shape_zyx, *, grow_px: tuple[float, 
 def _per_slice(zs: np.ndarray, boxes: np.ndarray, segment: Segment, shape_zyx) -> Prediction:
     prediction = Prediction(np.zeros(shape_zyx, bool))
     for start in range(0, len(zs), CHUNK):
-        masks = segment(zs[start : start + CHUNK], boxes[start : start + CHUNK])
-        for z, box, mask in zip(zs[start : start + CHUNK], boxes[start : start + CHUNK], masks):
+        masks, ious = segment(zs[start : start + CHUNK], boxes[start : start + CHUNK])
+        for z, box, mask, iou in zip(zs[start : start + CHUNK], boxes[start : start + CHUNK], masks, ious):
             prediction.mask[z] |= mask
             prediction.boxes[int(z)] = tuple(float(v) for v in box)
+            prediction.iou[int(z)] = float(iou)
     return prediction
 
 
@@ -148,7 +171,8 @@ def run(protocol: str, segment: Segment, *, truth: np.ndarray, spacing_mm, setti
         box = box3d_from_label(truth, spacing_mm, margin_mm=settings.margin_mm, margin_slices=settings.margin_slices)
         if box is None:
             return Prediction(np.zeros(shape, bool))
-        return propagate(box, segment, shape, grow_px=grow_px(settings, spacing_mm))
+        return propagate(box, segment, shape, grow_px=grow_px(settings, spacing_mm), walk=settings.walk,
+                         min_iou=settings.min_iou)
     raise UsageError(f"unknown prompt protocol {protocol}; choose from {', '.join(PROTOCOLS)}")
 
 

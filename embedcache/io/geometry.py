@@ -83,6 +83,16 @@ class Geometry:
         inverse = np.linalg.inv(self.canonical_affine)
         return points @ inverse[:3, :3].T + inverse[:3, 3]
 
+    def source_slice(self, z: int) -> tuple[int, int]:
+        """Canonical axial slice ``z`` as ``(axis, index)`` of the file's own array: the slice a viewer
+        that shows the file's voxel indices (3D Slicer, ITK-SNAP) names."""
+        from nibabel import orientations as nio
+
+        for axis, (dst, flip) in enumerate(nio.io_orientation(self.source_affine)):
+            if int(dst) == 2:
+                return axis, int(z) if flip > 0 else self.source_shape[axis] - 1 - int(z)
+        raise ValueError("no axis of the affine points along S")
+
     def same_grid(self, other: "Geometry", *, tol_mm: float = 1e-3) -> bool:
         """True when both sample the same world points (array order may differ)."""
         return self.shape_zyx == other.shape_zyx and bool(

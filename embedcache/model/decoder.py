@@ -86,33 +86,36 @@ def masks_on_grid(low_res: torch.Tensor, *, input_size: int, slice_size: int, sh
 class BoxDecoder(torch.nn.Module):
     """Prompt encoder (frozen) + mask decoder (trained) as one module, so DDP sees one forward."""
 
-    def __init__(self, prompt_encoder: torch.nn.Module, mask_decoder: torch.nn.Module):
+    def __init__(self, prompt_encoder: torch.nn.Module, mask_decoder: torch.nn.Module, *, train_iou: bool = False):
         super().__init__()
         self.prompt_encoder = prompt_encoder.requires_grad_(False)
         self.mask_decoder = mask_decoder.requires_grad_(True)
-        # Single-mask output: the loss never reaches the IoU head or the hypernetworks of the three
-        # multimask tokens. Frozen, they stay as released (and DDP finds no unused parameters).
-        mask_decoder.iou_prediction_head.requires_grad_(False)
+        # Single-mask output: the loss never reaches the hypernetworks of the three multimask tokens,
+        # nor the IoU head unless it is trained (``train_iou``). Frozen, they stay as released (and
+        # DDP finds no unused parameters).
+        mask_decoder.iou_prediction_head.requires_grad_(train_iou)
         for mlp in mask_decoder.output_hypernetworks_mlps[1:]:
             mlp.requires_grad_(False)
 
-    def forward(self, embeddings: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
-        """``(P, 256, 64, 64)`` embeddings, ``(P, 4)`` boxes in encoder-input pixels → ``(P, 1, 256, 256)`` mask logits."""
-        return decode_boxes(self.prompt_encoder, self.mask_decoder, embeddings, boxes)[0]
+    def forward(self, embeddings: torch.Tensor, boxes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(P, 256, 64, 64)`` embeddings, ``(P, 4)`` boxes in encoder-input pixels → ``(P, 1, 256, 256)``
+        mask logits and ``(P, 1)`` predicted IoU."""
+        return decode_boxes(self.prompt_encoder, self.mask_decoder, embeddings, boxes)
 
 
 def segment_boxes(prompt_encoder: torch.nn.Module, mask_decoder: torch.nn.Module, embeddings: torch.Tensor,
-                  boxes: torch.Tensor, *, input_size: int, slice_size: int, shape_yx: tuple[int, int]) -> torch.Tensor:
-    """Masks on a slice's own pixel grid for boxes drawn on it.
+                  boxes: torch.Tensor, *, input_size: int, slice_size: int,
+                  shape_yx: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Masks on a slice's own pixel grid for boxes drawn on it, and the decoder's predicted IoU of each.
 
     Arguments:
       embeddings: ``(k, 256, 64, 64)``, one per prompt, of slices that were resampled to ``slice_size``².
       boxes: ``(k, 4)`` ``(x0, y0, x1, y1)`` pixel edges on the ``shape_yx`` slice.
 
     Returns:
-      ``(k, *shape_yx)`` bool masks.
+      ``(k, *shape_yx)`` bool masks and ``(k,)`` predicted IoU.
     """
     height, width = shape_yx
     scale = torch.tensor([slice_size / width, slice_size / height] * 2, device=boxes.device) * (input_size / slice_size)
-    low, _ = decode_boxes(prompt_encoder, mask_decoder, embeddings, boxes * scale)
-    return masks_on_grid(low, input_size=input_size, slice_size=slice_size, shape_yx=shape_yx)
+    low, iou = decode_boxes(prompt_encoder, mask_decoder, embeddings, boxes * scale)
+    return masks_on_grid(low, input_size=input_size, slice_size=slice_size, shape_yx=shape_yx), iou[:, 0]

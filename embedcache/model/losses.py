@@ -1,4 +1,5 @@
-"""Dice + cross-entropy on sigmoid logits, per prompt, and the per-prompt 2-D Dice validation reports.
+"""Dice + cross-entropy on sigmoid logits, per prompt; the IoU head's squared error against the IoU
+its mask really has; and the per-prompt 2-D Dice validation reports.
 
 Equal to MONAI's ``DiceCELoss(sigmoid=True, squared_pred=True)`` (tested) when averaged over
 prompts, but it returns one value per prompt: distributed training weights each rank's prompts by
@@ -40,3 +41,18 @@ def dice_2d(logits_low, masks):
     inter = (pred & masks).sum((1, 2)).float()
     total = (pred.sum((1, 2)) + masks.sum((1, 2))).float()
     return torch.where(total > 0, 2 * inter / total.clamp_min(1), torch.ones_like(total))
+
+
+def mask_iou(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """``(N, 1, H, W)`` logits and targets in ``[0, 1]`` → ``(N,)`` IoU of the thresholded mask with the
+    target (> 0.5), as the IoU head is asked to predict it; both empty counts as 1."""
+    pred, truth = logits.detach() > 0, target > 0.5
+    dims = tuple(range(1, logits.ndim))
+    inter = (pred & truth).sum(dims).float()
+    union = (pred | truth).sum(dims).float()
+    return torch.where(union > 0, inter / union.clamp_min(1), torch.ones_like(union))
+
+
+def iou_mse_per_prompt(iou_pred: torch.Tensor, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """The IoU head's loss (LiteMedSAM's): ``(N, 1)`` predicted IoU against :func:`mask_iou` → ``(N,)``."""
+    return (iou_pred.float()[:, 0] - mask_iou(logits, target)) ** 2

@@ -59,3 +59,21 @@ def jitter_boxes(
         out = np.clip(out, 0.0, limit)
     out[..., 2:] = np.maximum(out[..., 2:], out[..., :2] + 1.0)
     return out
+
+
+def outward_boxes(boxes: np.ndarray, *, max_px: float, rng: np.random.Generator, limit: float | None = None) -> np.ndarray:
+    """MedSAM's training boxes: each edge of ``(..., 4)`` xyxy boxes moved *outward* by a uniform
+    0..``max_px`` pixels (MedSAM: 0–20 px at 1024 px), kept inside ``[0, limit]``."""
+    boxes = np.asarray(boxes, dtype=np.float32)
+    shift = rng.uniform(0.0, max_px, size=boxes.shape).astype(np.float32)
+    out = boxes + shift * np.array([-1, -1, 1, 1], np.float32)
+    return out if limit is None else np.clip(out, 0.0, limit)
+
+
+def union_box(boxes: np.ndarray) -> np.ndarray:
+    """The box around all given ``(k, 4)`` boxes (NaN rows ignored): a gland's in-plane extent over its slices."""
+    boxes = np.asarray(boxes, dtype=np.float32).reshape(-1, 4)
+    boxes = boxes[box_present(boxes)]
+    if len(boxes) == 0:
+        return np.full(4, np.nan, np.float32)
+    return np.concatenate([boxes[:, :2].min(axis=0), boxes[:, 2:].max(axis=0)]).astype(np.float32)

@@ -16,18 +16,26 @@ import torch.nn.functional as F
 
 from embedcache.cache.store import Cache
 from embedcache.model.decoder import LOW_RES
-from embedcache.model.prompts import box_present, grow_box
+from embedcache.model.prompts import box_present, grow_box, jitter_boxes, outward_boxes, union_box
 from embedcache.runtime.readahead import ReadAhead
 
 
 @dataclass(frozen=True)
 class PromptIndex:
-    """The box prompts of a set of cache rows: prompt ``i`` asks for label slot ``slot[i]`` on local slice ``slice_of[i]``."""
+    """The box prompts of a set of cache rows: prompt ``i`` asks for label slot ``slot[i]`` on local slice
+    ``slice_of[i]``, with the cached tight box ``boxes[i]``. Beside it, what the other kinds of training
+    prompt (:data:`embedcache.config.TRAIN_PROMPTS`) are drawn from: the gland's in-plane extent over
+    all its slices of the case, the tight boxes of the gland on the slices above and below, and the
+    slice's pixels per mm."""
 
     rows: np.ndarray  # (n,) cache rows of the slices; "local slice" k is rows[k]
     slice_of: np.ndarray  # (P,) index into rows
     slot: np.ndarray  # (P,) index into the cache's labels
     boxes: np.ndarray  # (P, 4) x0, y0, x1, y1 in slice pixels
+    extent: np.ndarray  # (P, 4) the gland's box over all its slices of the case (the 3-D box, no margin)
+    neighbours: np.ndarray  # (P, 2, 4) the gland's tight box on the slice below and above; NaN where it is absent
+    px_per_mm: np.ndarray  # (P, 2) slice pixels per mm along x and y
+    stop: np.ndarray  # (P,) bool: a stop prompt (a slice just beyond the gland, empty target)
 
     @classmethod
     def from_cache(cls, cache: Cache, rows: np.ndarray, *, stop_prompts: bool = False, grow_mm: float = 3.0) -> "PromptIndex":
@@ -37,19 +45,37 @@ class PromptIndex:
         beyond the gland (a cached margin slice, or a gap), prompted with the gland's box on the
         neighbouring slice grown by ``grow_mm``, whose target is empty."""
         boxes = cache.read("boxes", slice(None))[rows]  # (n, L, 4)
+        z = cache.read("slice_index", slice(None))[rows]
+        case_of = cache.read("case_index", slice(None))[rows]
+        size = cache.signature.slice_size
+        px_per_mm = np.array([(size / (c.spacing_mm[2] * c.shape_zyx[2]), size / (c.spacing_mm[1] * c.shape_zyx[1]))
+                              for c in cache.cases], np.float32).reshape(-1, 2)[case_of]  # (n, 2)
         present = box_present(boxes)
         slice_of, slot = np.nonzero(present)
-        prompt_boxes = boxes[slice_of, slot].astype(np.float32)
+        where = {(int(c), int(k)): i for i, (c, k) in enumerate(zip(case_of, z))}
+        neighbours = np.full((len(slice_of), 2, 4), np.nan, np.float32)
+        for p, (i, j) in enumerate(zip(slice_of, slot)):
+            for side, step in enumerate((-1, 1)):
+                other = where.get((int(case_of[i]), int(z[i]) + step))
+                if other is not None and present[other, j]:
+                    neighbours[p, side] = boxes[other, j]
+        prompt_boxes, stop = boxes[slice_of, slot].astype(np.float32), np.zeros(len(slice_of), bool)
         if stop_prompts:
-            extra = _stop_prompts(cache, rows, boxes, present, grow_mm)
-            slice_of = np.concatenate([slice_of, extra[0]])
-            slot = np.concatenate([slot, extra[1]])
-            prompt_boxes = np.concatenate([prompt_boxes, extra[2]])
+            other, stop_slot, source = _stop_prompts(case_of, z, present, boxes)
+            grown = [grow_box(b, tuple(grow_mm * px_per_mm[o]), within=(0, 0, size, size)) for o, b in zip(other, source)]
+            slice_of, slot = np.concatenate([slice_of, other]), np.concatenate([slot, stop_slot])
+            prompt_boxes = np.concatenate([prompt_boxes, np.array(grown, np.float32).reshape(-1, 4)])
+            neighbours = np.concatenate([neighbours, np.stack([source, np.full_like(source, np.nan)], axis=1)])
+            stop = np.concatenate([stop, np.ones(len(other), bool)])
+        extents = {(int(c), int(j)): union_box(boxes[case_of == c, j]) for c in np.unique(case_of) for j in range(boxes.shape[1])}
+        extent = np.array([extents[int(case_of[i]), int(j)] for i, j in zip(slice_of, slot)], np.float32).reshape(-1, 4)
         used = np.unique(slice_of)
         local = np.full(len(rows), -1)
         local[used] = np.arange(len(used))
         order = np.lexsort((slot, local[slice_of]))  # grouped by slice, as batches take them
-        return cls(rows=rows[used], slice_of=local[slice_of][order], slot=slot[order], boxes=prompt_boxes[order])
+        return cls(rows=rows[used], slice_of=local[slice_of][order], slot=slot[order], boxes=prompt_boxes[order],
+                   extent=extent[order], neighbours=neighbours[order], px_per_mm=px_per_mm[slice_of][order],
+                   stop=stop[order])
 
     def of_slices(self, slices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """The prompts on the given local slices, grouped by slice, and each one's position in ``slices``."""
@@ -191,24 +217,68 @@ class DeviceBatches:
                            self.boxes[p], slice_size=self.slice_size), plan.count
 
 
-def _stop_prompts(cache: Cache, rows: np.ndarray, boxes: np.ndarray, present: np.ndarray, grow_mm: float):
-    """(local slice, label slot, box) of every slice next to a gland's slice that lacks the gland."""
-    z = cache.read("slice_index", slice(None))[rows]
-    case_of = cache.read("case_index", slice(None))[rows]
+def _stop_prompts(case_of: np.ndarray, z: np.ndarray, present: np.ndarray, boxes: np.ndarray):
+    """(local slice, label slot, the gland's box on the neighbouring slice) of every slice next to a
+    gland's slice that lacks the gland."""
     where = {(int(c), int(k)): i for i, (c, k) in enumerate(zip(case_of, z))}
-    size = cache.signature.slice_size
     found = []
     for i, j in zip(*np.nonzero(present)):
-        case = cache.cases[int(case_of[i])]
-        grow = grow_mm / (case.spacing_mm[2] * case.shape_zyx[2] / size), grow_mm / (case.spacing_mm[1] * case.shape_zyx[1] / size)
         for step in (-1, 1):
             other = where.get((int(case_of[i]), int(z[i]) + step))
             if other is not None and not present[other, j]:
-                found.append((other, j, grow_box(boxes[i, j], grow, within=(0, 0, size, size))))
+                found.append((other, j, boxes[i, j]))
     if not found:
         return np.zeros(0, int), np.zeros(0, int), np.zeros((0, 4), np.float32)
     other, slot, box = zip(*found)
     return np.array(other), np.array(slot), np.array(box, np.float32)
+
+
+def draw_boxes(prompts: PromptIndex, which: np.ndarray, *, mix: dict[str, float], rng: np.random.Generator,
+               jitter: float, loose_margin_mm: float, grow_mm: float, limit: float) -> np.ndarray:
+    """Training boxes for prompts ``which``: each draws one kind of :data:`embedcache.config.TRAIN_PROMPTS`
+    with ``mix``'s weights. ``loose``: the gland's extent grown by a margin drawn from 0..``loose_margin_mm``;
+    ``propagated``: the tight box of a neighbouring slice (either side, drawn) grown by ``grow_mm`` and
+    kept inside the loose box, as box3d's walk grows the previous mask's box (``loose`` on a slice with
+    no neighbour, where the walk starts); a stop prompt keeps its propagated box under ``tight``,
+    ``loose`` and ``propagated`` alike. Boxes in slice pixels, inside ``[0, limit]``."""
+    which = np.asarray(which, int)
+    kinds = list(mix)
+    # draws only what the mix uses, so that plain jitter draws exactly as it always has
+    drawn = (rng.choice(len(kinds), size=len(which), p=np.array([mix[k] for k in kinds])) if len(kinds) > 1
+             else np.zeros(len(which), int))
+    px = prompts.px_per_mm[which]
+    margin = np.zeros((len(which), 1), np.float32)
+    if "loose" in mix or "propagated" in mix:
+        margin = rng.uniform(0.0, loose_margin_mm, size=(len(which), 1)).astype(np.float32)
+    side = rng.integers(0, 2, size=len(which)) if "propagated" in mix else np.zeros(len(which), int)
+    loose = np.clip(_grown(prompts.extent[which], margin * px), 0.0, limit)
+    out = prompts.boxes[which].copy()
+    stop = prompts.stop[which]
+    for index, kind in enumerate(kinds):
+        chosen = drawn == index
+        if kind == "jitter" and jitter > 0:
+            out[chosen] = jitter_boxes(out[chosen], fraction=jitter, rng=rng, limit=limit)
+        elif kind == "medsam":
+            out[chosen] = outward_boxes(out[chosen], max_px=20.0 * limit / 1024.0, rng=rng, limit=limit)
+        elif kind == "loose":
+            out[chosen & ~stop] = loose[chosen & ~stop]
+        elif kind == "propagated":
+            pairs = prompts.neighbours[which]
+            first = pairs[np.arange(len(which)), side]
+            other = pairs[np.arange(len(which)), 1 - side]
+            source = np.where(box_present(first)[:, None], first, other)
+            has = box_present(source) & chosen & ~stop
+            grown = _grown(source[has], grow_mm * px[has])
+            out[has] = np.concatenate([np.maximum(grown[:, :2], loose[has, :2]), np.minimum(grown[:, 2:], loose[has, 2:])], axis=1)
+            alone = chosen & ~stop & ~box_present(source)
+            out[alone] = loose[alone]
+    return out
+
+
+def _grown(boxes: np.ndarray, grow_xy: np.ndarray) -> np.ndarray:
+    """``(k, 4)`` boxes grown by ``(k, 2)`` = (x, y) pixels on every side."""
+    grow = np.concatenate([grow_xy, grow_xy], axis=1) * np.array([-1, -1, 1, 1], np.float32)
+    return (boxes + grow).astype(np.float32)
 
 
 @dataclass

@@ -25,17 +25,16 @@ import torch
 
 from embedcache.cache.records import MODEL_KEYS, Signature, first_difference
 from embedcache.cache.store import Cache, open_cache
-from embedcache.config import FinetuneConfig
+from embedcache.config import FinetuneConfig, parse_prompt_mix
 from embedcache.errors import EmbedcacheError, reason
 from embedcache.model.backbones import file_sha256, get_backbone, resolve_checkpoint
 from embedcache.model.losses import dice_2d, dice_ce_per_prompt
-from embedcache.model.prompts import jitter_boxes
 from embedcache.runtime.devices import keep_freed_memory, pick_device
 from embedcache.runtime.distributed import Dist
 from embedcache.runtime.readahead import ReadAhead
-from embedcache.train.cases import Split
+from embedcache.train.cases import Split, augmented_of
 from embedcache.train.checkpoint import BEST, Checkpoint, load_checkpoint, save_checkpoint
-from embedcache.train.data import CaseSet, case_sets
+from embedcache.train.data import CaseSet, case_sets, draw_boxes
 from embedcache.train.runs import LAST, EpochRecord, RunFolder
 from embedcache.train.trainer import Trainer, build_trainer
 
@@ -105,7 +104,7 @@ def train(config: FinetuneConfig, run: RunFolder, split: Split, *, resume: bool,
         board = run.tensorboard() if dist.main else None  # None also where TensorBoard is not installed
         stopped_early = False
         for epoch in range(state.epoch + 1, config.epochs + 1):
-            # train: one pass over the training slices in seeded order, with jittered boxes
+            # train: one pass over the training slices in seeded order, boxes drawn as --train-prompts says
             started = time.perf_counter()
             train_loss, seen = train_epoch(trainer, train, config, epoch=epoch, dist=dist, resume_from=run.file(LAST),
                                            progress=progress, task=task)
@@ -146,7 +145,8 @@ def _weights(config: FinetuneConfig) -> Path | None:
 def _case_sets(cache: Cache, config: FinetuneConfig, device: torch.device, split: Split) -> dict[str, CaseSet]:
     """The train and validation sets of this run, on the device (or streamed)."""
     box_scale = get_backbone(cache.signature.backbone).box_scale(cache.signature.slice_size)
-    sets = case_sets(cache, {"train": list(split.train), "val": list(split.val)}, box_scale=box_scale, device=device,
+    train = list(split.train) + augmented_of(cache, split.train)  # copies train with their sources, never validate
+    sets = case_sets(cache, {"train": train, "val": list(split.val)}, box_scale=box_scale, device=device,
                      resident=config.resident, stop_prompts=("train",) if config.stop_prompts else ())
     if len(sets["train"].prompts.boxes) == 0 or len(sets["val"].prompts.boxes) == 0:
         raise EmbedcacheError(f"{config.cache}: no box prompts on one side of the split; encode more cases")
@@ -164,8 +164,8 @@ def train_epoch(trainer: Trainer, train: CaseSet, config: FinetuneConfig, *, epo
     order = rng.permutation(len(train))
     batches = [order[i : i + config.batch_size] for i in range(0, len(order), config.batch_size)]
     jitter_seeds = rng.integers(0, 2**63, size=len(batches))
-    # Every batch of the epoch planned on the host first (seeded jitter included); then steps only.
-    plans = [_jittered_plan(slices, seed, train, config, dist) for slices, seed in zip(batches, jitter_seeds)]
+    # Every batch of the epoch planned on the host first (seeded boxes included); then steps only.
+    plans = [_training_plan(slices, seed, train, config, dist) for slices, seed in zip(batches, jitter_seeds)]
     feeder = train.batches(plans)
     try:
         for batch, global_count in feeder:
@@ -185,14 +185,17 @@ def train_epoch(trainer: Trainer, train: CaseSet, config: FinetuneConfig, *, epo
     return loss, seen
 
 
-def _jittered_plan(slices: np.ndarray, seed: int, train: CaseSet, config: FinetuneConfig, dist: Dist):
-    """This rank's share of a global batch, every box jittered as it would be on any rank."""
+def _training_plan(slices: np.ndarray, seed: int, train: CaseSet, config: FinetuneConfig, dist: Dist):
+    """This rank's share of a global batch, its boxes drawn (``--train-prompts``) for the whole global
+    batch, so that each prompt gets the same box on any rank."""
     boxes = train.prompts.boxes
-    if config.box_jitter > 0:  # jitter the whole global batch, so each prompt moves the same on any rank
+    mix = parse_prompt_mix(config.train_prompts)
+    if mix != {"jitter": 1.0} or config.box_jitter > 0:
         which, _ = train.prompts.of_slices(np.sort(slices))
         boxes = boxes.copy()
-        boxes[which] = jitter_boxes(boxes[which], fraction=config.box_jitter, rng=np.random.default_rng(seed),
-                                    limit=float(train.slice_size))
+        boxes[which] = draw_boxes(train.prompts, which, mix=mix, rng=np.random.default_rng(seed),
+                                  jitter=config.box_jitter, loose_margin_mm=config.loose_margin_mm,
+                                  grow_mm=config.stop_grow_mm, limit=float(train.slice_size))
     return train.plan(np.sort(slices[dist.rank :: dist.world]), boxes=boxes, count=train.prompts.count(slices))
 
 
@@ -204,7 +207,7 @@ def validate(trainer: Trainer, val: CaseSet, *, batch_size: int) -> tuple[float,
     plans = [val.plan(np.arange(start, min(start + batch_size, len(val)))) for start in range(0, len(val), batch_size)]
     for batch, _ in val.batches([p for p in plans if len(p.local)]):
         with trainer.autocast:
-            logits = model(batch.embeddings, batch.boxes)
+            logits, _ = model(batch.embeddings, batch.boxes)
         losses.append(dice_ce_per_prompt(logits, batch.targets))
         dices.append(dice_2d(logits, batch.masks))
     return torch.cat(losses).mean().item(), torch.cat(dices).mean().item()

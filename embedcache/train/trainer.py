@@ -1,7 +1,8 @@
 """The trainable model and its optimizer step, built in one place for finetune, tests and benchmarks.
 
 :func:`build_trainer` loads a backbone's prompt encoder and mask decoder (the image encoder is not
-needed: the cache holds its output), freezes all but the mask decoder, and assembles AdamW with
+needed: the cache holds its output), freezes all but the mask decoder (and, unless ``--iou-head``,
+its IoU head), and assembles AdamW with
 linear warm-up and cosine decay, mixed precision on CUDA, and DDP under ``torchrun``.
 :class:`TrainStep` runs one optimizer step on a batch.
 """
@@ -18,7 +19,7 @@ import torch
 from embedcache.config import FinetuneConfig
 from embedcache.model.backbones import Backbone, load_backbone
 from embedcache.model.decoder import BoxDecoder
-from embedcache.model.losses import dice_ce_per_prompt
+from embedcache.model.losses import dice_ce_per_prompt, iou_mse_per_prompt
 from embedcache.train.data import Batch
 
 
@@ -53,7 +54,8 @@ def micro_batch_for(config: FinetuneConfig, device: torch.device) -> int:
 
 
 class TrainStep:
-    """One optimizer step on a batch: forward, DiceCE, backward, clipping, AdamW, schedule.
+    """One optimizer step on a batch: forward, DiceCE (plus the IoU head's MSE when it is trained),
+    backward, clipping, AdamW, schedule.
 
     Losses and finiteness stay on the device until :meth:`end_epoch`, so a GPU step never waits
     for the host. ``global_count`` is the prompt count of the whole (all-rank) batch, and each
@@ -63,8 +65,9 @@ class TrainStep:
     """
 
     def __init__(self, net, optimizer, scheduler, params, *, autocast, scaler, grad_clip: float, world: int = 1,
-                 micro_batch: int = 0):
+                 micro_batch: int = 0, iou_weight: float = 0.0):
         self.net, self.optimizer, self.scheduler, self.params = net, optimizer, scheduler, params
+        self.iou_weight = iou_weight  # the IoU head's MSE joins the loss with this weight (0: the head is frozen)
         self.autocast, self.scaler, self.grad_clip, self.world = autocast, scaler, grad_clip, world
         self.micro_batch = micro_batch
         self._losses, self._finite, self._seen = [], [], 0
@@ -80,8 +83,10 @@ class TrainStep:
             sync = nullcontext() if i == len(chunks) - 1 or not hasattr(self.net, "no_sync") else self.net.no_sync()
             with sync:
                 with self.autocast:
-                    logits = self.net(batch.embeddings[part], batch.boxes[part])
+                    logits, iou = self.net(batch.embeddings[part], batch.boxes[part])
                     per_prompt = dice_ce_per_prompt(logits, batch.targets[part])
+                    if self.iou_weight:
+                        per_prompt = per_prompt + self.iou_weight * iou_mse_per_prompt(iou, logits, batch.targets[part])
                 loss = per_prompt.sum() * self.world / max(global_count, 1)
                 (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
             losses.append(per_prompt.detach().sum())
@@ -131,7 +136,7 @@ def build_trainer(backbone: Backbone, checkpoint: Path | None, config: FinetuneC
     """The prompt encoder (frozen) and mask decoder (trained) of ``backbone`` with ``checkpoint``'s
     weights (None: bundled), on ``device``, with AdamW, the lr schedule over ``total_steps`` and the step."""
     parts, _ = load_backbone(backbone, checkpoint)
-    model = BoxDecoder(parts.prompt_encoder, parts.mask_decoder).to(device)
+    model = BoxDecoder(parts.prompt_encoder, parts.mask_decoder, train_iou=config.iou_head).to(device)
     del parts  # the image encoder is not needed: the cache holds its output
     params = [p for p in model.mask_decoder.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
@@ -144,5 +149,5 @@ def build_trainer(backbone: Backbone, checkpoint: Path | None, config: FinetuneC
     if config.compile:
         net = torch.compile(net)
     step = TrainStep(net, optimizer, scheduler, params, autocast=autocast, scaler=scaler, grad_clip=config.grad_clip,
-                     world=world, micro_batch=micro_batch_for(config, device))
+                     world=world, micro_batch=micro_batch_for(config, device), iou_weight=1.0 if config.iou_head else 0.0)
     return Trainer(model=model, optimizer=optimizer, scheduler=scheduler, step=step, autocast=autocast)

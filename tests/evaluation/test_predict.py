@@ -65,6 +65,40 @@ def test_predicted_nifti_keeps_the_input_grid_and_lands_on_the_ground_truth(one_
     np.testing.assert_array_equal(read_label(tmp_path / "pred2" / f"{case.name}.nii.gz").array, predicted)
 
 
+def test_the_review_file_names_each_decoded_slice_by_the_files_own_index_and_flags_low_predicted_iou(one_slice_case,
+                                                                                                    tmp_path):
+    case = one_slice_case
+    truth, geometry = read_label(case.label).array, read_geometry(case.image)
+    result = _predict(case.image, "--from-labels", case.label, "--prompts", "oracle", "--review-iou", "1",
+                      "--out", tmp_path / "pred")
+    assert result.exit_code == 0, result.output
+    review = json.loads((tmp_path / "pred" / f"{case.name}.review.json").read_text())
+    assert f"{case.name}.review.json" in json.loads((tmp_path / "pred" / "predict.json").read_text())["written"]
+    assert review["threshold"] == 1.0 and [g["label"] for g in review["glands"]] == [7, 8]
+    for gland in review["glands"]:
+        z = int(np.flatnonzero((truth == gland["label"]).any(axis=(1, 2)))[0])
+        low, _ = _file_corners(geometry, z, z, (0, 0, 1, 1))
+        (entry,) = gland["slices"]
+        assert entry["slice"] == int(low[2]) and entry["axis"] == 2
+        assert 0 < entry["predicted_iou"] < 1 and entry["voxels"] > 0
+        assert gland["look_at"] == [entry["slice"]]  # below a threshold of 1: every slice
+    again = _predict(case.image, "--from-labels", case.label, "--prompts", "oracle", "--review-iou", "0",
+                     "--out", tmp_path / "pred")
+    assert again.exit_code == 0, again.output  # predict's own files: replaced
+    review = json.loads((tmp_path / "pred" / f"{case.name}.review.json").read_text())
+    assert all(g["look_at"] == [] for g in review["glands"])
+
+
+def test_a_review_file_predict_did_not_write_is_never_replaced(one_slice_case, tmp_path):
+    case = one_slice_case
+    (tmp_path / "pred").mkdir()
+    theirs = tmp_path / "pred" / f"{case.name}.review.json"
+    theirs.write_text("mine")
+    result = _predict(case.image, "--from-labels", case.label, "--prompts", "oracle", "--out", tmp_path / "pred")
+    assert result.exit_code != 0 and "exists and predict did not write it" in result.output
+    assert theirs.read_text() == "mine"
+
+
 def test_a_3d_box_in_voxels_or_millimetres_segments_as_box3d_from_the_label(phantom_dir, tiny_model, tmp_path):
     data = tmp_path / "data"
     shutil.copytree(phantom_dir, data)

@@ -36,7 +36,9 @@ def _stand_in(truth: np.ndarray, calls: list):
             inside = np.zeros(SHAPE[1:], bool)
             inside[int(y0) : int(np.ceil(y1)), int(x0) : int(np.ceil(x1))] = True
             masks.append(truth[z] & inside if (truth[z] & inside).any() else inside)
-        return np.array(masks)
+        masks = np.array(masks)
+        # the predicted IoU: 0.9 on the gland, 0.2 for the false positive beyond it
+        return masks, np.array([0.9 if (m & truth[z]).any() else 0.2 for z, m in zip(zs, masks)])
 
     return segment
 
@@ -74,9 +76,9 @@ def test_box3d_stops_where_the_mask_vanishes_and_keeps_boxes_inside_the_3d_box()
     truth, calls = _gland(), []
 
     def vanishes_above_5(zs, boxes):
-        masks = _stand_in(truth, calls)(zs, boxes)
+        masks, iou = _stand_in(truth, calls)(zs, boxes)
         masks[np.asarray(zs) > 5] = False
-        return masks
+        return masks, iou
 
     box = Box3D(1, 8, (14.0, 9.0, 34.0, 23.0))
     prediction = propagate(box, vanishes_above_5, SHAPE, grow_px=(50.0, 50.0))
@@ -84,6 +86,51 @@ def test_box3d_stops_where_the_mask_vanishes_and_keeps_boxes_inside_the_3d_box()
     assert not prediction.mask[6:].any()
     for given in prediction.boxes.values():  # grown by 50 px, yet never beyond the 3-D box
         assert given[0] >= 14 and given[1] >= 9 and given[2] <= 34 and given[3] <= 23
+
+
+def test_the_fallback_walk_prompts_the_3d_box_where_the_mask_vanishes_and_goes_on():
+    truth, calls = _gland(), []
+
+    def vanishes_on_6(zs, boxes):
+        masks, iou = _stand_in(truth, calls)(zs, boxes)
+        masks[np.asarray(zs) == 6] = False
+        return masks, iou
+
+    box = Box3D(1, 8, (14.0, 9.0, 34.0, 23.0))
+    prediction = propagate(box, vanishes_on_6, SHAPE, grow_px=(1.0, 1.0), walk="fallback")
+    assert sorted(calls) == list(range(1, 9))  # 7 and 8 are asked after 6 came back empty
+    assert prediction.boxes[7] == box.box and prediction.boxes[6] != box.box
+    assert prediction.mask[7].any()
+
+
+def test_the_extent_walk_prompts_every_slice_of_the_3d_box_with_its_own_extent():
+    truth, calls = _gland(), []
+    box = Box3D(2, 7, (14.0, 9.0, 34.0, 23.0))
+    prediction = propagate(box, _stand_in(truth, calls), SHAPE, grow_px=(1.0, 1.0), walk="extent")
+    assert sorted(calls) == list(range(2, 8))
+    assert set(prediction.boxes) == set(range(2, 8)) and set(prediction.boxes.values()) == {box.box}
+    settings = ProtocolSettings(margin_mm=1.0, walk="extent")
+    again = run("box3d", _stand_in(truth, []), truth=truth, spacing_mm=(2.5, 1, 1), settings=settings, case="c", label=7)
+    assert len(set(again.boxes.values())) == 1
+
+
+def test_a_low_predicted_iou_drops_the_mask_and_ends_the_walk_as_a_vanished_one():
+    truth = _gland()
+    box = Box3D(1, 8, (14.0, 9.0, 34.0, 23.0))
+    trusting = propagate(box, _stand_in(truth, []), SHAPE, grow_px=(5.0, 5.0))
+    assert trusting.mask[2].any() and trusting.mask[7].any()  # the false positives beyond the gland
+    calls = []
+    doubting = propagate(box, _stand_in(truth, calls), SHAPE, grow_px=(5.0, 5.0), min_iou=0.5)
+    np.testing.assert_array_equal(doubting.mask, truth)  # dropped where the IoU said 0.2 ...
+    assert sorted(calls) == [2, 3, 4, 5, 6, 7]  # ... and 1 and 8 never asked
+    assert doubting.iou[7] == pytest.approx(0.2) and doubting.iou[4] == pytest.approx(0.9)
+    extent = propagate(box, _stand_in(truth, []), SHAPE, grow_px=(5.0, 5.0), walk="extent", min_iou=0.5)
+    assert not extent.mask[[1, 2, 7, 8]].any() and extent.mask[3:7].any()
+
+
+def test_an_unknown_walk_is_one_line_naming_the_choices():
+    with pytest.raises(UsageError, match="--walk spiral: choose from grow, fallback, extent"):
+        ProtocolSettings(walk="spiral")
 
 
 def test_jitter_moves_every_edge_the_same_way_for_the_same_seed():

@@ -30,7 +30,7 @@ def _stand_in_segmenter(self, prompt_encoder, mask_decoder, **size):
             inside = np.zeros(truth.shape[1:], bool)
             inside[int(y0) : int(np.ceil(y1)), int(x0) : int(np.ceil(x1))] = True
             masks.append(truth[z] & inside if (truth[z] & inside).any() else inside)
-        return np.array(masks)
+        return np.array(masks), np.ones(len(masks))
 
     return segment
 
