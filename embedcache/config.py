@@ -128,6 +128,7 @@ class FinetuneConfig:
     train_prompts: str = "jitter"  # the kinds of training prompt and their weights, KIND[:WEIGHT],... (TRAIN_PROMPTS)
     loose_margin_mm: float = 6.0  # loose prompts: the 3-D extent grown by a margin drawn from 0..this
     iou_head: bool = False  # also train the IoU head: MSE against the IoU its mask really has (LiteMedSAM's loss)
+    adapter: bool = False  # also train a residual adapter on the cached embedding (model.adapter)
 
     def __post_init__(self):
         if not 0 < self.val_fraction < 1:

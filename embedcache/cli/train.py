@@ -48,6 +48,9 @@ from embedcache.cli.common import console, device_option, friendly_errors, progr
                    "e.g. jitter:2,loose:1,propagated:1.")
 @click.option("--loose-margin-mm", default=6.0, show_default=True, type=float,
               help="Loose prompts: the gland's 3-D extent grows by a margin drawn from 0..this (mm).")
+@click.option("--adapter", is_flag=True,
+              help="Also train a small residual adapter on the cached embeddings (1x1 down, depthwise 3x3, 1x1 up), "
+                   "in front of the decoder; the cache stays valid.")
 @click.option("--iou-head", is_flag=True,
               help="Also train the IoU head (MSE against each mask's true IoU), so score --min-iou and predict's "
                    "low-IoU slices can trust it.")
@@ -55,7 +58,7 @@ from embedcache.cli.common import console, device_option, friendly_errors, progr
 @friendly_errors
 def finetune(cache, run_dir, epochs, lr, batch_size, val_fraction, seed, device, resume, model, checkpoint,
              box_jitter, patience, precision, resident, micro_batch, compile_, split_file, stop_prompts, stop_grow_mm,
-             train_prompts, loose_margin_mm, iou_head, progress):
+             train_prompts, loose_margin_mm, adapter, iou_head, progress):
     """Train only the mask decoder on the embedding cache CACHE, with box prompts and DiceCE loss.
 
     Test cases (imagesTs/ of the encoded data) are held out; the rest are split into train and
@@ -74,7 +77,7 @@ def finetune(cache, run_dir, epochs, lr, batch_size, val_fraction, seed, device,
         checkpoint=os.path.abspath(checkpoint) if checkpoint else None,  # score and export read it from any folder
         split=os.path.abspath(split_file) if split_file else None, stop_prompts=stop_prompts,
         stop_grow_mm=stop_grow_mm, train_prompts=train_prompts, loose_margin_mm=loose_margin_mm,
-        iou_head=iou_head,
+        iou_head=iou_head, adapter=adapter,
     )
     out = console()
     say = say_to(out)

@@ -10,8 +10,10 @@
   slice's mask, grown by a few mm and kept inside the 3-D box, until the mask vanishes or the box
   ends. Every slice of the box's z-range belongs to the prediction, so a mask the decoder draws
   above or below the gland counts against it. This is the MedSAM / LiteMedSAM way of segmenting CT
-  from a 3-D box (their reference scripts fall back to the middle slice's box where a mask vanishes;
-  embedcache stops there, as a person would expect).
+  from a 3-D box. Its variants (:data:`~embedcache.config.WALKS`, ``--walk``): ``fallback``
+  prompts the 3-D box again where a mask vanishes, as their reference scripts do; ``extent``
+  prompts every slice with the 3-D box (no walk); ``min_iou`` ends a walk where the decoder's
+  predicted IoU says its mask is wrong.
 
 Everything here works on one canonical ``(z, y, x)`` volume; boxes are ``(x0, y0, x1, y1)`` pixel
 edges of its axial slices (``x1`` = last column + 1). The decoder is behind a :data:`Segment`

@@ -10,6 +10,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from embedcache.model.adapter import attach_adapter
+
 #: Side of the decoder's mask logits, which cover the (padded) encoder input.
 LOW_RES = 256
 
@@ -40,6 +42,9 @@ def decode_boxes(
     b, p = boxes.shape[:2]
     sparse, dense = prompt_encoder(points=None, boxes=boxes.reshape(b * p, 4), masks=None)
     d = mask_decoder
+    adapter = getattr(d, "adapter", None)  # finetune --adapter: a residual correction of each embedding
+    if adapter is not None:
+        embeddings = adapter(embeddings.to(d.iou_token.weight.dtype))
     tokens = torch.cat([d.iou_token.weight, d.mask_tokens.weight], dim=0)
     tokens = torch.cat([tokens.unsqueeze(0).expand(b * p, -1, -1), sparse.to(tokens.dtype)], dim=1)
     src = embeddings.to(tokens.dtype).repeat_interleave(p, dim=0) + dense
@@ -86,8 +91,11 @@ def masks_on_grid(low_res: torch.Tensor, *, input_size: int, slice_size: int, sh
 class BoxDecoder(torch.nn.Module):
     """Prompt encoder (frozen) + mask decoder (trained) as one module, so DDP sees one forward."""
 
-    def __init__(self, prompt_encoder: torch.nn.Module, mask_decoder: torch.nn.Module, *, train_iou: bool = False):
+    def __init__(self, prompt_encoder: torch.nn.Module, mask_decoder: torch.nn.Module, *, train_iou: bool = False,
+                 adapter: bool = False):
         super().__init__()
+        if adapter:
+            attach_adapter(mask_decoder)
         self.prompt_encoder = prompt_encoder.requires_grad_(False)
         self.mask_decoder = mask_decoder.requires_grad_(True)
         # Single-mask output: the loss never reaches the hypernetworks of the three multimask tokens,

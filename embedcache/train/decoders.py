@@ -83,6 +83,7 @@ def load_model(backbone: str, *, trained: TrainedDecoder | None, checkpoint: Pat
     """``backbone`` with its weights (``checkpoint``, else the run's, else bundled) on ``device``, and the
     trained decoder's state loaded into a decoder of its own. ``expect_sha256`` refuses weights other
     than those ``made`` (a cache, a decoder) was made with; ``vanilla`` keeps the released decoder too."""
+    from embedcache.model.adapter import attach_adapter, has_adapter
     from embedcache.model.backbones import get_backbone, load_backbone, require_weights
 
     chosen = get_backbone(backbone)
@@ -93,6 +94,8 @@ def load_model(backbone: str, *, trained: TrainedDecoder | None, checkpoint: Pat
     decoders = {"vanilla": parts.mask_decoder} if vanilla or trained is None else {}
     if trained is not None:
         tuned = copy.deepcopy(parts.mask_decoder) if vanilla else parts.mask_decoder  # no second image encoder
+        if has_adapter(trained.state):
+            attach_adapter(tuned)
         load_decoder_state(tuned, trained)
         decoders["finetuned"] = tuned.eval()
     return Model(chosen, parts, decoders)
@@ -119,6 +122,7 @@ def export_run(run_dir: Path, out: Path, *, checkpoint: Path | None = None, forc
     """
     import torch
 
+    from embedcache.model.adapter import has_adapter
     from embedcache.model.backbones import (
         file_sha256,
         get_backbone,
@@ -139,6 +143,9 @@ def export_run(run_dir: Path, out: Path, *, checkpoint: Path | None = None, forc
     if out.exists() and not out.is_dir() and not force:
         raise EmbedcacheError(f"{out}: exists; pass --force to replace it, or choose another --out")
     require_weights(file_sha256(weights), trained.signature.checkpoint_sha256, path=weights, made=f"the run in {run_dir}")
+    if has_adapter(trained.state):
+        raise EmbedcacheError(f"{trained.source}: trained with --adapter, which {backbone.name}'s own layout has no "
+                              "place for; use the run with embedcache score and predict")
     full = read_state_dict(weights)
     decoder_keys = {k for k in full if k.startswith("mask_decoder.")}
     if decoder_keys != {"mask_decoder." + k for k in trained.state}:

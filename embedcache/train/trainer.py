@@ -136,7 +136,7 @@ def build_trainer(backbone: Backbone, checkpoint: Path | None, config: FinetuneC
     """The prompt encoder (frozen) and mask decoder (trained) of ``backbone`` with ``checkpoint``'s
     weights (None: bundled), on ``device``, with AdamW, the lr schedule over ``total_steps`` and the step."""
     parts, _ = load_backbone(backbone, checkpoint)
-    model = BoxDecoder(parts.prompt_encoder, parts.mask_decoder, train_iou=config.iou_head).to(device)
+    model = BoxDecoder(parts.prompt_encoder, parts.mask_decoder, train_iou=config.iou_head, adapter=config.adapter).to(device)
     del parts  # the image encoder is not needed: the cache holds its output
     params = [p for p in model.mask_decoder.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)

@@ -86,3 +86,19 @@ def test_litemedsam_export_keeps_its_state_dict_layout(phantom_dir, tmp_path):
     for key in bundled:
         if not key.startswith("mask_decoder."):
             torch.testing.assert_close(net.state_dict()[key], bundled[key])
+
+
+def test_a_run_with_an_adapter_scores_with_it_and_is_not_exported_into_a_layout_without_one(tiny_model, small_cache,
+                                                                                              tmp_path):
+    from embedcache.train.decoders import load_model, load_trained_decoder
+
+    result = finetune(finetune_config(small_cache, epochs=1, adapter=True), tmp_path / "run", log=lambda m: None)
+    trained = load_trained_decoder(result.run_dir)
+    assert any(k.startswith("adapter.") for k in trained.state)
+    model = load_model("tiny", trained=trained, checkpoint=None, device=torch.device("cpu"))
+    tuned = model.decoders["finetuned"]
+    assert hasattr(tuned, "adapter") and not hasattr(model.decoders["vanilla"], "adapter")
+    torch.testing.assert_close(tuned.adapter.up.weight, trained.state["adapter.up.weight"])
+    with pytest.raises(EmbedcacheError, match="trained with --adapter"):
+        export_run(result.run_dir, tmp_path / "out.pth")
+    assert not (tmp_path / "out.pth").exists()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from embedcache.config import FinetuneConfig
@@ -10,9 +11,9 @@ from embedcache.train.trainer import build_trainer
 from conftest import small_batch
 
 
-def _trainer(backbone, *, micro_batch: int = 0):
+def _trainer(backbone, *, micro_batch: int = 0, **changes):
     """The factory's trainer for the tiny model, at lr 1e-3 with a schedule long enough to be flat here."""
-    config = FinetuneConfig(lr=1e-3, micro_batch=micro_batch, warmup_fraction=0.0, device="cpu")
+    config = FinetuneConfig(lr=1e-3, micro_batch=micro_batch, warmup_fraction=0.0, device="cpu", **changes)
     return build_trainer(backbone, None, config, device=torch.device("cpu"), total_steps=10_000)
 
 
@@ -47,3 +48,35 @@ def test_micro_batches_add_up_to_the_whole_batch_step(tiny_model, small_cache):
     for key in weights[0]:  # the gradients the optimizer stepped on, equal up to summation order
         whole, parts_sum = weights[0][key], weights[1][key]
         assert (whole - parts_sum).abs().max() <= 1e-4 * whole.abs().max() + 1e-10, key
+
+
+def test_the_iou_head_learns_only_when_asked_and_its_loss_is_the_squared_error_to_the_true_iou(tiny_model, small_cache):
+    from embedcache.model.losses import iou_mse_per_prompt, mask_iou
+
+    batch, _ = small_batch(tiny_model, small_cache)
+    head = lambda trainer: trainer.model.mask_decoder.iou_prediction_head  # noqa: E731
+    frozen, trained = _trainer(tiny_model), _trainer(tiny_model, iou_head=True)
+    for trainer in (frozen, trained):
+        trainer.step(batch, len(batch.boxes))
+    assert all(p.grad is None for p in head(frozen).parameters())
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in head(trained).parameters())
+    logits = torch.tensor([[[[5.0, 5.0], [-5.0, -5.0]]]])  # the top row predicted
+    target = torch.tensor([[[[1.0, 0.0], [1.0, 0.0]]]])  # the left column true: IoU 1/3
+    assert mask_iou(logits, target).item() == pytest.approx(1 / 3)
+    assert iou_mse_per_prompt(torch.tensor([[0.5]]), logits, target).item() == pytest.approx((0.5 - 1 / 3) ** 2)
+
+
+def test_an_adapter_starts_as_the_identity_and_learns_with_the_decoder(tiny_model, small_cache):
+    batch, _ = small_batch(tiny_model, small_cache)
+    plain, adapted = _trainer(tiny_model), _trainer(tiny_model, adapter=True)
+    adapted.model.mask_decoder.load_state_dict(plain.model.mask_decoder.state_dict(), strict=False)
+    with torch.no_grad():
+        before = [t.model(batch.embeddings, batch.boxes)[0] for t in (plain, adapted)]
+    torch.testing.assert_close(before[0], before[1])  # a new adapter changes nothing
+    adapted.step(batch, len(batch.boxes))
+    adapter = adapted.model.mask_decoder.adapter
+    assert all(p.grad is not None for p in adapter.parameters()) and adapter.up.weight.grad.abs().sum() > 0
+    assert {k for k in adapted.decoder_state() if k.startswith("adapter.")}  # saved with the decoder
+    with torch.no_grad():
+        after = adapted.model(batch.embeddings, batch.boxes)[0]
+    assert not torch.allclose(after, before[1])
