@@ -175,10 +175,13 @@ class ProtocolSettings:
     grow_mm: float = 3.0  # box3d: the box of the previous slice's mask, grown by this much
     walk: str = "grow"  # box3d: how the slices beyond the middle one are prompted (WALKS)
     min_iou: float = 0.0  # box3d: a mask whose predicted IoU is below this counts as vanished (0: off)
+    middle: str = "single"  # box3d: the 3-D box's own prompt decodes to one mask, or to SAM's best of three ("multimask")
 
     def __post_init__(self):
         if not 0 <= self.min_iou <= 1:
             raise UsageError(f"--min-iou must lie in 0..1, got {self.min_iou}")
+        if self.middle not in ("single", "multimask"):
+            raise UsageError(f"--middle {self.middle}: choose single or multimask")
         if self.walk not in WALKS:
             raise UsageError(f"--walk {self.walk}: choose from {', '.join(WALKS)}")
         if not 0 <= self.jitter < 1:

@@ -36,17 +36,20 @@ def protocol_options(func):
         click.option("--min-iou", default=0.0, show_default=True, type=float,
                      help="box3d: a mask whose predicted IoU is below this counts as vanished (needs a decoder "
                           "trained with --iou-head; 0: off)."),
+        click.option("--middle", default="single", show_default=True, type=click.Choice(["single", "multimask"]),
+                     help="box3d: the 3-D box's own prompt (the middle slice; every slice under --walk extent) gives "
+                          "one mask, or SAM's three with the best predicted IoU kept."),
     ]
     for option in reversed(options):
         func = option(func)
     return func
 
 
-def _settings(jitter, seed, box_margin_mm, box_margin_slices, grow_mm, walk, min_iou):
+def _settings(jitter, seed, box_margin_mm, box_margin_slices, grow_mm, walk, min_iou, middle):
     from embedcache.config import ProtocolSettings
 
     return ProtocolSettings(jitter=jitter, seed=seed, margin_mm=box_margin_mm, margin_slices=box_margin_slices,
-                            grow_mm=grow_mm, walk=walk, min_iou=min_iou)
+                            grow_mm=grow_mm, walk=walk, min_iou=min_iou, middle=middle)
 
 
 @click.command()
@@ -69,7 +72,7 @@ def _settings(jitter, seed, box_margin_mm, box_margin_slices, grow_mm, walk, min
 @progress_option
 @friendly_errors
 def score(cache, out_dir, run_dir, decoder_file, cases, prompts, jitter, seed, box_margin_mm, box_margin_slices,
-          grow_mm, walk, min_iou, checkpoint, data, device, progress):
+          grow_mm, walk, min_iou, middle, checkpoint, data, device, progress):
     """Score the vanilla decoder against the fine-tuned one on the cached embeddings of CACHE.
 
     Per prompt protocol (oracle: tight boxes on every slice, an upper bound; jitter: sloppy boxes;
@@ -85,7 +88,7 @@ def score(cache, out_dir, run_dir, decoder_file, cases, prompts, jitter, seed, b
 
     config = ScoreConfig(cache=str(cache), run=_text(run_dir), decoder=_text(decoder_file), cases=cases,
                          prompts=parse_protocols(prompts),
-                         protocol=_settings(jitter, seed, box_margin_mm, box_margin_slices, grow_mm, walk, min_iou),
+                         protocol=_settings(jitter, seed, box_margin_mm, box_margin_slices, grow_mm, walk, min_iou, middle),
                          checkpoint=_text(checkpoint), data=_text(data), device=device)
     with open_cache(cache) as opened:  # a mistyped path or a decoder for another cache costs a second, not torch's import
         if run_dir or decoder_file:
@@ -175,7 +178,7 @@ def evaluate(pred, labels_dir, out_dir, labels, name, progress):
 @progress_option
 @friendly_errors
 def predict(inputs, out_dir, run_dir, decoder_file, boxes_file, from_labels, prompts, jitter, seed, box_margin_mm,
-            box_margin_slices, grow_mm, walk, min_iou, series, review_iou, model, checkpoint, device, progress):
+            box_margin_slices, grow_mm, walk, min_iou, middle, series, review_iou, model, checkpoint, device, progress):
     """Segment INPUTS (NIfTI files or DICOM series folders) from box prompts.
 
     A 3-D box per gland is segmented from its middle slice and propagated slice by slice (box3d);
@@ -193,7 +196,7 @@ def predict(inputs, out_dir, run_dir, decoder_file, boxes_file, from_labels, pro
                          "segmented as given: drop it")
     config = PredictConfig(run=_text(run_dir), decoder=_text(decoder_file), boxes=_text(boxes_file),
                            from_labels=_text(from_labels), prompts=prompts,
-                           protocol=_settings(jitter, seed, box_margin_mm, box_margin_slices, grow_mm, walk, min_iou),
+                           protocol=_settings(jitter, seed, box_margin_mm, box_margin_slices, grow_mm, walk, min_iou, middle),
                            series=series, model=model, checkpoint=_text(checkpoint), device=device, review_iou=review_iou)
     from embedcache.evaluation.predict import predict as run_predict
 

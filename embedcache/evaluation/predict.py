@@ -139,12 +139,12 @@ class OnTheFly:
         from embedcache.model.decoder import segment_boxes
 
         @torch.no_grad()
-        def segment(zs: np.ndarray, boxes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        def segment(zs: np.ndarray, boxes: np.ndarray, *, multimask: bool = False) -> tuple[np.ndarray, np.ndarray]:
             embeddings = torch.stack([self.embedding(int(z)) for z in zs]).float()
             masks, iou = segment_boxes(prompt_encoder, mask_decoder, embeddings,
                                        torch.as_tensor(boxes, dtype=torch.float32, device=embeddings.device),
                                        input_size=input_size, slice_size=self.preprocess.slice_size,
-                                       shape_yx=self.hu.shape[1:])
+                                       shape_yx=self.hu.shape[1:], multimask=multimask)
             return masks.cpu().numpy(), iou.float().cpu().numpy()
 
         return segment
@@ -234,7 +234,8 @@ def _segment_job(job: Job, segment, image, *, prompts: str, settings: ProtocolSe
             prediction.mask[z], prediction.boxes[z], prediction.iou[z] = masks[0], request.box.box, float(iou[0])
         else:
             prediction = protocols.propagate(request.box, segment, shape, grow_px=protocols.grow_px(settings, spacing),
-                                             walk=settings.walk, min_iou=settings.min_iou)
+                                             walk=settings.walk, min_iou=settings.min_iou,
+                                             multimask=settings.middle == "multimask")
         results.append((request.label, prediction))
     return results
 

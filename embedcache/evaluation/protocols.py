@@ -39,8 +39,9 @@ DESCRIPTIONS = {
     "box3d": "one 3-D box per gland, propagated slice by slice from its middle slice (the realistic one)",
 }
 
-#: ``segment(z, boxes)``: ``(k,)`` slice indices and ``(k, 4)`` boxes → ``(k, y, x)`` bool masks and the
-#: decoder's ``(k,)`` predicted IoU of each.
+#: ``segment(z, boxes, multimask=False)``: ``(k,)`` slice indices and ``(k, 4)`` boxes → ``(k, y, x)`` bool
+#: masks and the decoder's ``(k,)`` predicted IoU of each; ``multimask``: SAM's three outputs, the one
+#: with the highest predicted IoU kept.
 Segment = Callable[[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]
 #: Prompts decoded in one call for the oracle and jitter protocols.
 CHUNK = 16
@@ -105,23 +106,26 @@ def box3d_from_label(truth: np.ndarray, spacing_mm, *, margin_mm: float, margin_
 
 
 def propagate(box: Box3D, segment: Segment, shape_zyx, *, grow_px: tuple[float, float], walk: str = "grow",
-              min_iou: float = 0.0) -> Prediction:
+              min_iou: float = 0.0, multimask: bool = False) -> Prediction:
     """The ``box3d`` walk (``walk``, :data:`embedcache.config.WALKS`): the middle slice with the box's own
     extent, then slice by slice up and down, each prompted with the previous mask's box grown by
     ``grow_px`` = ``(x, y)`` and kept inside ``box``; where the mask vanishes ``grow`` stops and
     ``fallback`` prompts the next slice with the box's extent. ``extent`` prompts every slice with it.
     A mask whose predicted IoU is below ``min_iou`` counts as vanished: it is dropped, and the walk
-    goes on as for an empty one (``extent``: only dropped)."""
+    goes on as for an empty one (``extent``: only dropped). ``multimask``: the slices prompted with the
+    3-D box's own extent (the middle one; every one under ``extent``) take the best of SAM's three
+    outputs by predicted IoU."""
     if walk == "extent":
         zs = np.arange(box.z0, box.z1 + 1)
-        prediction = _per_slice(zs, np.repeat(np.array([box.box], np.float32), len(zs), axis=0), segment, shape_zyx)
+        prediction = _per_slice(zs, np.repeat(np.array([box.box], np.float32), len(zs), axis=0), segment, shape_zyx,
+                                multimask=multimask)
         for z, iou in prediction.iou.items():
             if iou < min_iou:
                 prediction.mask[z] = False
         return prediction
     prediction = Prediction(np.zeros(shape_zyx, bool))
     middle = (box.z0 + box.z1) // 2
-    masks, iou = segment(np.array([middle]), np.array([box.box], np.float32))
+    masks, iou = segment(np.array([middle]), np.array([box.box], np.float32), multimask=multimask)
     first = masks[0] if iou[0] >= min_iou else np.zeros_like(masks[0])
     prediction.mask[middle], prediction.boxes[middle], prediction.iou[middle] = first, box.box, float(iou[0])
     for step in (1, -1):
@@ -130,7 +134,7 @@ def propagate(box: Box3D, segment: Segment, shape_zyx, *, grow_px: tuple[float, 
             if previous.any():
                 grown = grow_box(box_from_mask(previous), grow_px, within=box.box)
             elif walk == "fallback":
-                grown = box.box
+                grown = box.box  # (single-mask: the walk's own decoder output, as MedSAM's scripts)
             else:
                 break
             if grown[2] <= grown[0] or grown[3] <= grown[1]:
@@ -142,10 +146,10 @@ def propagate(box: Box3D, segment: Segment, shape_zyx, *, grow_px: tuple[float, 
     return prediction
 
 
-def _per_slice(zs: np.ndarray, boxes: np.ndarray, segment: Segment, shape_zyx) -> Prediction:
+def _per_slice(zs: np.ndarray, boxes: np.ndarray, segment: Segment, shape_zyx, *, multimask: bool = False) -> Prediction:
     prediction = Prediction(np.zeros(shape_zyx, bool))
     for start in range(0, len(zs), CHUNK):
-        masks, ious = segment(zs[start : start + CHUNK], boxes[start : start + CHUNK])
+        masks, ious = segment(zs[start : start + CHUNK], boxes[start : start + CHUNK], multimask=multimask)
         for z, box, mask, iou in zip(zs[start : start + CHUNK], boxes[start : start + CHUNK], masks, ious):
             prediction.mask[z] |= mask
             prediction.boxes[int(z)] = tuple(float(v) for v in box)
@@ -174,7 +178,7 @@ def run(protocol: str, segment: Segment, *, truth: np.ndarray, spacing_mm, setti
         if box is None:
             return Prediction(np.zeros(shape, bool))
         return propagate(box, segment, shape, grow_px=grow_px(settings, spacing_mm), walk=settings.walk,
-                         min_iou=settings.min_iou)
+                         min_iou=settings.min_iou, multimask=settings.middle == "multimask")
     raise UsageError(f"unknown prompt protocol {protocol}; choose from {', '.join(PROTOCOLS)}")
 
 

@@ -91,11 +91,12 @@ class CachedCase:
         shape_yx = tuple(self.case.shape_zyx[1:])
 
         @torch.no_grad()
-        def segment(zs: np.ndarray, boxes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        def segment(zs: np.ndarray, boxes: np.ndarray, *, multimask: bool = False) -> tuple[np.ndarray, np.ndarray]:
             index = torch.tensor(self.rows(zs), device=self.device)
             masks, iou = segment_boxes(prompt_encoder, mask_decoder, self.embeddings[index].float(),
                                        torch.as_tensor(boxes, dtype=torch.float32, device=self.device),
-                                       input_size=input_size, slice_size=slice_size, shape_yx=shape_yx)
+                                       input_size=input_size, slice_size=slice_size, shape_yx=shape_yx,
+                                       multimask=multimask)
             return masks.cpu().numpy(), iou.float().cpu().numpy()
 
         return segment

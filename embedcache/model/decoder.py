@@ -112,18 +112,23 @@ class BoxDecoder(torch.nn.Module):
 
 
 def segment_boxes(prompt_encoder: torch.nn.Module, mask_decoder: torch.nn.Module, embeddings: torch.Tensor,
-                  boxes: torch.Tensor, *, input_size: int, slice_size: int,
-                  shape_yx: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+                  boxes: torch.Tensor, *, input_size: int, slice_size: int, shape_yx: tuple[int, int],
+                  multimask: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Masks on a slice's own pixel grid for boxes drawn on it, and the decoder's predicted IoU of each.
 
     Arguments:
       embeddings: ``(k, 256, 64, 64)``, one per prompt, of slices that were resampled to ``slice_size``².
       boxes: ``(k, 4)`` ``(x0, y0, x1, y1)`` pixel edges on the ``shape_yx`` slice.
+      multimask: decode SAM's three multimask outputs and keep, per prompt, the one whose predicted IoU
+        is highest (SAM's own answer to an ambiguous prompt, such as a loose box).
 
     Returns:
       ``(k, *shape_yx)`` bool masks and ``(k,)`` predicted IoU.
     """
     height, width = shape_yx
     scale = torch.tensor([slice_size / width, slice_size / height] * 2, device=boxes.device) * (input_size / slice_size)
-    low, iou = decode_boxes(prompt_encoder, mask_decoder, embeddings, boxes * scale)
-    return masks_on_grid(low, input_size=input_size, slice_size=slice_size, shape_yx=shape_yx), iou[:, 0]
+    low, iou = decode_boxes(prompt_encoder, mask_decoder, embeddings, boxes * scale, multimask_output=multimask)
+    best = iou.argmax(dim=1)
+    pick = torch.arange(len(best), device=best.device)
+    low, iou = low[pick, best][:, None], iou[pick, best]
+    return masks_on_grid(low, input_size=input_size, slice_size=slice_size, shape_yx=shape_yx), iou

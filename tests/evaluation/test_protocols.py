@@ -29,7 +29,7 @@ def _gland() -> np.ndarray:
 def _stand_in(truth: np.ndarray, calls: list):
     """The ground truth inside the box where the slice holds it; elsewhere the whole box (a false positive)."""
 
-    def segment(zs, boxes):
+    def segment(zs, boxes, **_):
         masks = []
         for z, (x0, y0, x1, y1) in zip(zs, boxes):
             calls.append(int(z))
@@ -75,7 +75,7 @@ def test_box3d_counts_the_false_positive_on_the_slice_beyond_the_gland():
 def test_box3d_stops_where_the_mask_vanishes_and_keeps_boxes_inside_the_3d_box():
     truth, calls = _gland(), []
 
-    def vanishes_above_5(zs, boxes):
+    def vanishes_above_5(zs, boxes, **_):
         masks, iou = _stand_in(truth, calls)(zs, boxes)
         masks[np.asarray(zs) > 5] = False
         return masks, iou
@@ -91,7 +91,7 @@ def test_box3d_stops_where_the_mask_vanishes_and_keeps_boxes_inside_the_3d_box()
 def test_the_fallback_walk_prompts_the_3d_box_where_the_mask_vanishes_and_goes_on():
     truth, calls = _gland(), []
 
-    def vanishes_on_6(zs, boxes):
+    def vanishes_on_6(zs, boxes, **_):
         masks, iou = _stand_in(truth, calls)(zs, boxes)
         masks[np.asarray(zs) == 6] = False
         return masks, iou
@@ -126,6 +126,26 @@ def test_a_low_predicted_iou_drops_the_mask_and_ends_the_walk_as_a_vanished_one(
     assert doubting.iou[7] == pytest.approx(0.2) and doubting.iou[4] == pytest.approx(0.9)
     extent = propagate(box, _stand_in(truth, []), SHAPE, grow_px=(5.0, 5.0), walk="extent", min_iou=0.5)
     assert not extent.mask[[1, 2, 7, 8]].any() and extent.mask[3:7].any()
+
+
+def test_multimask_decodes_only_the_slices_prompted_with_the_3d_box_itself():
+    truth = _gland()
+    asked = []
+
+    def recording(zs, boxes, multimask=False):
+        asked.extend((int(z), multimask) for z in zs)
+        return _stand_in(truth, [])(zs, boxes)
+
+    box = Box3D(1, 8, (14.0, 9.0, 34.0, 23.0))
+    propagate(box, recording, SHAPE, grow_px=(5.0, 5.0), multimask=True)
+    assert [z for z, multi in asked if multi] == [4]  # the middle slice, whose prompt is the 3-D box's extent
+    asked.clear()
+    propagate(box, recording, SHAPE, grow_px=(5.0, 5.0), walk="extent", multimask=True)
+    assert all(multi for _, multi in asked) and len(asked) == 8
+    asked.clear()
+    run("box3d", recording, truth=truth, spacing_mm=(2.5, 1, 1), settings=ProtocolSettings(middle="multimask"),
+        case="c", label=7)
+    assert sum(multi for _, multi in asked) == 1
 
 
 def test_an_unknown_walk_is_one_line_naming_the_choices():

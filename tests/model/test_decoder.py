@@ -48,3 +48,22 @@ def test_one_prompt_per_embedding_form(lite_parts):
 def test_logits_to_slice_shape():
     out = logits_to_slice(torch.zeros(2, 3, 1, 256, 256), input_size=256, slice_size=512)
     assert out.shape == (2, 3, 1, 512, 512)
+
+
+def test_multimask_segmentation_keeps_the_output_with_the_highest_predicted_iou(lite_parts):
+    from embedcache.model.decoder import decode_boxes, masks_on_grid, segment_boxes
+
+    torch.manual_seed(0)
+    embeddings = torch.randn(3, 256, 64, 64)
+    boxes = torch.tensor([[10.0, 12.0, 60.0, 70.0], [100.0, 90.0, 200.0, 230.0], [5.0, 5.0, 250.0, 250.0]])
+    pe, md = lite_parts.prompt_encoder, lite_parts.mask_decoder
+    with torch.no_grad():
+        masks, iou = segment_boxes(pe, md, embeddings, boxes, input_size=256, slice_size=256, shape_yx=(256, 256),
+                                   multimask=True)
+        low, all_iou = decode_boxes(pe, md, embeddings, boxes, multimask_output=True)
+    best = all_iou.argmax(dim=1)
+    assert all_iou.shape == (3, 3)
+    torch.testing.assert_close(iou, all_iou.max(dim=1).values)
+    for i in range(3):
+        want = masks_on_grid(low[i : i + 1, best[i] : best[i] + 1], input_size=256, slice_size=256, shape_yx=(256, 256))
+        assert torch.equal(masks[i], want[0])
