@@ -120,13 +120,13 @@ def propagate(box: Box3D, segment: Segment, shape_zyx, *, grow_px: tuple[float, 
         prediction = _per_slice(zs, np.repeat(np.array([box.box], np.float32), len(zs), axis=0), segment, shape_zyx,
                                 multimask=multimask)
         for z, iou in prediction.iou.items():
-            if iou < min_iou:
+            if _doubted(iou, min_iou):
                 prediction.mask[z] = False
         return prediction
     prediction = Prediction(np.zeros(shape_zyx, bool))
     middle = (box.z0 + box.z1) // 2
     masks, iou = segment(np.array([middle]), np.array([box.box], np.float32), multimask=multimask)
-    first = masks[0] if iou[0] >= min_iou else np.zeros_like(masks[0])
+    first = np.zeros_like(masks[0]) if _doubted(iou[0], min_iou) else masks[0]
     prediction.mask[middle], prediction.boxes[middle], prediction.iou[middle] = first, box.box, float(iou[0])
     for step in (1, -1):
         previous, z = first, middle + step
@@ -140,10 +140,16 @@ def propagate(box: Box3D, segment: Segment, shape_zyx, *, grow_px: tuple[float, 
             if grown[2] <= grown[0] or grown[3] <= grown[1]:
                 break
             masks, iou = segment(np.array([z]), np.array([grown], np.float32))
-            previous = masks[0] if iou[0] >= min_iou else np.zeros_like(masks[0])
+            previous = np.zeros_like(masks[0]) if _doubted(iou[0], min_iou) else masks[0]
             prediction.mask[z], prediction.boxes[z], prediction.iou[z] = previous, grown, float(iou[0])
             z += step
     return prediction
+
+
+def _doubted(iou: float, min_iou: float) -> bool:
+    """A mask the decoder itself doubts: predicted IoU below ``min_iou`` (never when the check is off,
+    whatever an untrained IoU head says, negative values included)."""
+    return min_iou > 0 and not iou >= min_iou
 
 
 def _per_slice(zs: np.ndarray, boxes: np.ndarray, segment: Segment, shape_zyx, *, multimask: bool = False) -> Prediction:

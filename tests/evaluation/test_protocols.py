@@ -148,6 +148,19 @@ def test_multimask_decodes_only_the_slices_prompted_with_the_3d_box_itself():
     assert sum(multi for _, multi in asked) == 1
 
 
+def test_with_the_check_off_no_predicted_iou_drops_a_mask_not_even_a_negative_one():
+    truth = _gland()
+
+    def unsure(zs, boxes, **_):
+        masks, _ = _stand_in(truth, [])(zs, boxes)
+        return masks, np.full(len(masks), -0.3)  # an untrained IoU head may say anything
+
+    box = Box3D(1, 8, (14.0, 9.0, 34.0, 23.0))
+    for walk in ("grow", "extent"):
+        assert propagate(box, unsure, SHAPE, grow_px=(5.0, 5.0), walk=walk).mask[3:7].any()
+        assert not propagate(box, unsure, SHAPE, grow_px=(5.0, 5.0), walk=walk, min_iou=0.1).mask.any()
+
+
 def test_an_unknown_walk_is_one_line_naming_the_choices():
     with pytest.raises(UsageError, match="--walk spiral: choose from grow, fallback, extent"):
         ProtocolSettings(walk="spiral")
