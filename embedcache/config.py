@@ -246,9 +246,13 @@ class PredictConfig:
     checkpoint: str | None = None
     device: str = "auto"
     review_iou: float = 0.5  # CASE.review.json lists the slices whose predicted IoU is below this
+    output_types: tuple[str, ...] = ("nifti",)  # nifti, dicom-seg, rtstruct (embedcache.io.dicom_out.OUTPUT_TYPES)
 
     def __post_init__(self):
         _one_decoder(self.run, self.decoder)
+        if not self.output_types or any(t not in ("nifti", "dicom-seg", "rtstruct") for t in self.output_types) \
+                or len(set(self.output_types)) != len(self.output_types):
+            raise UsageError(f"--output-type {','.join(self.output_types)}: choose from nifti, dicom-seg, rtstruct")
         if not 0 <= self.review_iou <= 1:
             raise UsageError(f"--review-iou must lie in 0..1, got {self.review_iou}")
         if (self.boxes is None) == (self.from_labels is None):

@@ -170,6 +170,9 @@ def evaluate(pred, labels_dir, out_dir, labels, name, progress):
               help="With --from-labels: how the glands become prompts (see score).")
 @protocol_options
 @click.option("--series", default=None, help="SeriesInstanceUID to read from DICOM folders holding several series.")
+@click.option("--output-type", "output_types", default="nifti", show_default=True,
+              help="What to write per input, comma-separated: nifti (CASE.nii.gz), dicom-seg (CASE.seg.dcm, a DICOM "
+                   "Segmentation) and rtstruct (CASE.rtstruct.dcm, an RT Structure Set); DICOM ones need a DICOM input.")
 @click.option("--review-iou", default=0.5, show_default=True, type=float,
               help="OUT/CASE.review.json lists the slices whose predicted IoU is below this: where to look.")
 @click.option("--model", default="litemedsam", show_default=True, help="Backbone when no run or decoder is given.")
@@ -178,7 +181,7 @@ def evaluate(pred, labels_dir, out_dir, labels, name, progress):
 @progress_option
 @friendly_errors
 def predict(inputs, out_dir, run_dir, decoder_file, boxes_file, from_labels, prompts, jitter, seed, box_margin_mm,
-            box_margin_slices, grow_mm, walk, min_iou, middle, series, review_iou, model, checkpoint, device, progress):
+            box_margin_slices, grow_mm, walk, min_iou, middle, series, output_types, review_iou, model, checkpoint, device, progress):
     """Segment INPUTS (NIfTI files or DICOM series folders) from box prompts.
 
     A 3-D box per gland is segmented from its middle slice and propagated slice by slice (box3d);
@@ -197,11 +200,12 @@ def predict(inputs, out_dir, run_dir, decoder_file, boxes_file, from_labels, pro
     config = PredictConfig(run=_text(run_dir), decoder=_text(decoder_file), boxes=_text(boxes_file),
                            from_labels=_text(from_labels), prompts=prompts,
                            protocol=_settings(jitter, seed, box_margin_mm, box_margin_slices, grow_mm, walk, min_iou, middle),
-                           series=series, model=model, checkpoint=_text(checkpoint), device=device, review_iou=review_iou)
+                           series=series, model=model, checkpoint=_text(checkpoint), device=device, review_iou=review_iou,
+                           output_types=tuple(t.strip() for t in output_types.split(",") if t.strip()))
     from embedcache.evaluation.predict import predict as run_predict
 
     with progress_bar(progress) as bar:
         written, errors = run_predict(list(inputs), out_dir, config, progress=bar, log=say_to(console()))
-    click.echo(f"wrote {len(written)} of {len(inputs)} label volumes to {out_dir}")
+    click.echo(f"wrote {len(written)} file(s) to {out_dir}")
     if errors:
         raise click.ClickException(f"{len(errors)} input(s) failed; see the errors above")

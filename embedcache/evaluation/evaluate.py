@@ -2,7 +2,8 @@
 
 Predictions and labels are matched by case name (``PRED/CASE.nii.gz`` ↔ ``LABELS/CASE.nii.gz``) and
 compared on the label's voxels, so embedcache's ``predict`` output can stand beside nnU-Net's or
-TotalSegmentator's. The report is the one ``score`` writes (:mod:`embedcache.evaluation.report`).
+TotalSegmentator's. A prediction may also be a DICOM Segmentation ``PRED/CASE.seg.dcm`` (where no
+``CASE.nii.gz`` is), placed on the label's voxels by its frames' positions. The report is the one ``score`` writes (:mod:`embedcache.evaluation.report`).
 """
 
 from __future__ import annotations
@@ -18,20 +19,40 @@ from embedcache.io.nifti import is_nifti, nifti_stem
 from embedcache.io.volumes import check_same_grid, read_label
 
 PROTOCOL = "given"
+#: A DICOM Segmentation prediction: ``CASE`` + this (what ``predict --output-type dicom-seg`` writes).
+SEG = ".seg.dcm"
 
 
-def _by_case(folder: Path) -> dict[str, Path]:
+
+def _by_case(folder: Path, *, seg: bool = False) -> dict[str, Path]:
+    """``CASE`` → ``CASE.nii.gz`` in ``folder``; with ``seg`` also ``CASE.seg.dcm`` where no NIfTI is."""
     folder = Path(folder)
     if not folder.is_dir():
         raise EmbedcacheError(f"{folder}: no such folder; give a folder of CASE.nii.gz label volumes")
-    return {nifti_stem(path): path for path in sorted(folder.iterdir()) if is_nifti(path)}
+    found = {nifti_stem(path): path for path in sorted(folder.iterdir()) if is_nifti(path)}
+    if seg:
+        for path in sorted(folder.glob("*" + SEG)):
+            found.setdefault(path.name[: -len(SEG)], path)
+    return found
+
+
+def _read_prediction(path: Path, geometry, truth_path: Path):
+    """A prediction's label array on the ground truth's grid (``geometry``, of ``truth_path``): a NIfTI on
+    the same grid, or a DICOM SEG placed by its frames' positions."""
+    if path.name.endswith(SEG):
+        from embedcache.io.dicom_out import read_seg
+
+        return read_seg(path, geometry)
+    pred = read_label(path)
+    check_same_grid(geometry, pred.geometry, image_path=truth_path, label_path=path)
+    return pred.array
 
 
 def evaluate(pred_dir: Path, labels_dir: Path, out_dir: Path, *, labels=flare.ADRENALS, name: str = "prediction",
              progress=None, log=print) -> Report:
     """Score every prediction in ``pred_dir`` against its label in ``labels_dir``; write the report to
     ``out_dir``. A case without a prediction, or on another grid, is reported and the rest scored."""
-    truths, predictions = _by_case(labels_dir), _by_case(pred_dir)
+    truths, predictions = _by_case(labels_dir), _by_case(pred_dir, seg=True)
     if not truths:
         raise EmbedcacheError(f"{labels_dir}: holds no .nii or .nii.gz label volumes")
     if same_file(pred_dir, labels_dir):
@@ -47,10 +68,10 @@ def evaluate(pred_dir: Path, labels_dir: Path, out_dir: Path, *, labels=flare.AD
             if same_file(predictions[case], truth_path):
                 raise EmbedcacheError(f"{predictions[case]}: is the ground truth itself ({truth_path}); give the "
                                       "predictions' folder")
-            truth, pred = read_label(truth_path), read_label(predictions[case])
-            check_same_grid(truth.geometry, pred.geometry, image_path=truth_path, label_path=predictions[case])
+            truth = read_label(truth_path)
+            pred = _read_prediction(predictions[case], truth.geometry, truth_path)
             results[case] = {
-                str(label): {name: gland_metrics(pred.array == label, truth.array == label,
+                str(label): {name: gland_metrics(pred == label, truth.array == label,
                                                  spacing_mm=truth.spacing_mm, label=label)}
                 for label in labels
             }

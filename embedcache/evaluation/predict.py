@@ -25,7 +25,8 @@ from embedcache.evaluation.prompt_file import Request, read_boxes_file, requests
 from embedcache.evaluation.protocols import Prediction
 from embedcache.io import labels as flare
 from embedcache.io.datasets import case_name
-from embedcache.io.files import atomic_write_text, make_output_folder, read_json, same_file
+from embedcache.io.dicom_out import OUTPUT_TYPES, check_labels, check_no_other_object, check_only_series
+from embedcache.io.files import atomic_path, atomic_write_text, make_output_folder, read_json, same_file
 from embedcache.io.geometry import Geometry
 from embedcache.io.labels import ADRENALS
 from embedcache.io.nifti import write_nifti
@@ -42,11 +43,17 @@ class Job:
     """One input, checked: where it is, what to segment, where the result goes."""
 
     image: Path
-    out: Path
+    out: Path  # CASE.nii.gz (written where --output-type asks for nifti)
     geometry: Geometry
     review: Path  # the slices to look at: each decoded slice's predicted IoU
+    outputs: tuple[tuple[str, Path], ...] = ()  # (--output-type, file) of each result to write
     requests: tuple[Request, ...] = ()
     label_file: Path | None = None  # --from-labels: the requests come from this volume's glands
+
+    @property
+    def files(self) -> tuple[Path, ...]:
+        """Every file this job writes."""
+        return tuple(path for _, path in self.outputs) + (self.review,)
 
 
 def plan(inputs: list[Path], out_dir: Path, config: PredictConfig, *, labels, owned: set[str],
@@ -59,6 +66,8 @@ def plan(inputs: list[Path], out_dir: Path, config: PredictConfig, *, labels, ow
         same = [str(i) for i, n in zip(inputs, names) if n == clash[0]]
         raise UsageError(f"{' and '.join(same)} would both be written to {Path(out_dir) / (clash[0] + '.nii.gz')}; "
                          "rename one or predict them into different folders")
+    if any(kind != "nifti" for kind in config.output_types):
+        check_labels(labels or ADRENALS)  # every segment and ROI gets its name and code
     boxes_file = Path(config.boxes) if config.boxes else None
     table = read_boxes_file(boxes_file) if boxes_file is not None else None
     jobs, errors = [], []
@@ -67,21 +76,38 @@ def plan(inputs: list[Path], out_dir: Path, config: PredictConfig, *, labels, ow
             geometry = read_geometry(image, series_uid=config.series)
             out = Path(out_dir) / f"{case_name(image)}.nii.gz"
             review = Path(out_dir) / f"{case_name(image)}{REVIEW}"
+            outputs = tuple((kind, Path(out_dir) / f"{case_name(image)}{OUTPUT_TYPES[kind]}") for kind in config.output_types)
+            _check_dicom_source(image, config)
             if table is not None:
-                job = Job(image, out, geometry, review, requests_from_json(table, boxes_file, image, geometry, labels))
+                job = Job(image, out, geometry, review, outputs,
+                          requests=requests_from_json(table, boxes_file, image, geometry, labels))
             else:
                 label_file = Path(config.from_labels)
                 if label_file.is_dir():
                     label_file = label_file / f"{case_name(image)}.nii.gz"
                 check_same_grid(geometry, read_geometry(label_file), image_path=image, label_path=label_file)
-                job = Job(image, out, geometry, review, label_file=label_file)
+                job = Job(image, out, geometry, review, outputs, label_file=label_file)
             jobs.append(job)
         except EmbedcacheError as exc:
             errors.append(str(exc))
             log(f"error: {exc}")
     for job in jobs:  # before any work: refused whole, not one input among others
         _check_output(job, owned)
+        if any(kind != "nifti" for kind, _ in job.outputs):
+            check_no_other_object(Path(out_dir), job.image, series_uid=config.series, owned=owned)
     return jobs, errors
+
+
+def _check_dicom_source(image: Path, config: PredictConfig) -> None:
+    """DICOM output needs the source series (a folder), and for an RT Structure Set a folder of that series only."""
+    kinds = [kind for kind in config.output_types if kind != "nifti"]
+    if not kinds:
+        return
+    if not Path(image).is_dir():
+        raise EmbedcacheError(f"{image}: a NIfTI file; --output-type {kinds[0]} writes a DICOM object that references "
+                              "its source series: predict on the DICOM series folder")
+    if "rtstruct" in kinds:
+        check_only_series(Path(image), config.series)
 
 
 def written_before(out_dir: Path) -> set[str]:
@@ -104,7 +130,7 @@ def _check_output(job: Job, owned: set[str]) -> None:
                               "over its inputs)")
     if job.label_file is not None and same_file(job.out, job.label_file):
         raise EmbedcacheError(f"{job.out}: is the label volume the prompts come from; choose another --out")
-    for path in (job.out, job.review):
+    for path in job.files:
         if path.exists() and path.name not in owned:
             raise EmbedcacheError(f"{path}: exists and predict did not write it; choose another --out or move the file")
 
@@ -153,6 +179,7 @@ class OnTheFly:
 def predict(inputs: list[Path], out_dir: Path, config: PredictConfig, *, progress=None,
             log=print) -> tuple[list[Path], list[str]]:
     """Write ``out_dir/CASE.nii.gz`` for each input; returns the files written and the errors of those that failed."""
+    from embedcache.model.backbones import file_sha256
     from embedcache.train.checkpoint import checkpoint_file, read_signature
     from embedcache.train.decoders import load_trained_decoder
 
@@ -165,8 +192,9 @@ def predict(inputs: list[Path], out_dir: Path, config: PredictConfig, *, progres
     make_output_folder(out_dir)
     trained = load_trained_decoder(decoder) if decoder else None
     model = _load(trained, config)
+    made_by = f"sha256 {file_sha256(decoder)[:16]}" if decoder else f"vanilla {config.model}"
     # Recorded before they are written: an interrupted run's outputs are still known as predict's own.
-    names = sorted(owned | {path.name for job in jobs for path in (job.out, job.review)})
+    names = sorted(owned | {path.name for job in jobs for path in job.files})
     atomic_write_text(Path(out_dir) / CONFIG, json.dumps({"config": asdict(config), "written": names}, indent=2) + "\n")
     written = []
     task = encoded = None
@@ -186,10 +214,12 @@ def predict(inputs: list[Path], out_dir: Path, config: PredictConfig, *, progres
             result = np.zeros(image.array.shape, np.uint8)
             for label, prediction in predictions:
                 result[prediction.mask] = label
-            write_nifti(result, image.geometry, job.out)
+            for kind, path in job.outputs:
+                _write_output(kind, path, result, image, job, config, labels=labels or ADRENALS, made_by=made_by)
             look = write_review(job.review, predictions, image.geometry, threshold=config.review_iou)
-            written.append(job.out)
-            log(f"{job.out}: {len(predictions)} gland(s), {sum(len(p.boxes) for _, p in predictions)} slices decoded"
+            written.extend(path for _, path in job.outputs)
+            log(f"{', '.join(p.name for _, p in job.outputs)}: {len(predictions)} gland(s), "
+                f"{sum(len(p.boxes) for _, p in predictions)} slices decoded"
                 + (f"; {look} with predicted IoU below {config.review_iou:g}: see {job.review.name}" if look else ""))
         except EmbedcacheError as exc:
             errors.append(str(exc))
@@ -197,6 +227,24 @@ def predict(inputs: list[Path], out_dir: Path, config: PredictConfig, *, progres
         if progress:
             progress.advance(task)
     return written, errors
+
+
+def _write_output(kind: str, path: Path, result: np.ndarray, image, job: Job, config: PredictConfig, *, labels,
+                  made_by: str) -> None:
+    """One result file: the label NIfTI, or a DICOM object referencing the source series (built beside it,
+    then moved into place)."""
+    if kind == "nifti":
+        write_nifti(result, image.geometry, path)
+        return
+    from embedcache.io.dicom_out import write_rtstruct, write_seg
+
+    source = image.geometry.to_source(result)
+    with atomic_path(path, keep_suffix=True) as tmp:  # rt-utils adds .dcm to a name without it
+        if kind == "dicom-seg":
+            write_seg(tmp, job.image, source, series_uid=config.series, label_ids=labels, decoder=made_by,
+                      semiautomatic=True)  # box-prompted: a person gave the boxes
+        else:
+            write_rtstruct(tmp, job.image, source, series_uid=config.series, label_ids=labels)
 
 
 def write_review(path: Path, predictions: list[tuple[int, Prediction]], geometry: Geometry, *, threshold: float) -> int:
@@ -209,7 +257,7 @@ def write_review(path: Path, predictions: list[tuple[int, Prediction]], geometry
         for z in sorted(prediction.boxes):
             axis, index = geometry.source_slice(z)
             slices.append({"slice": index, "axis": axis, "predicted_iou": round(prediction.iou.get(z, float("nan")), 4),
-                           "voxels": int(prediction.mask[z].sum()), "box_xyxy": [round(v, 2) for v in prediction.boxes[z]]})
+                           "voxels": int(prediction.mask[z].sum()), "box_xyxy": [round(float(v), 2) for v in prediction.boxes[z]]})
         look = sorted((s for s in slices if s["predicted_iou"] < threshold), key=lambda s: s["predicted_iou"])
         low += len(look)
         glands.append({"label": int(label), "name": flare.name(label), "look_at": [s["slice"] for s in look],

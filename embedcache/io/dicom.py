@@ -136,3 +136,8 @@ def read_dicom(folder: Path, series_uid: str | None) -> tuple[np.ndarray, Geomet
 def dicom_geometry(folder: Path, series_uid: str | None) -> Geometry:
     """The geometry of one series in ``folder``, from its headers only."""
     return _dicom_layout(folder, _dicom_headers(folder, series_uid))[1]
+
+
+def series_layout(folder: Path, series_uid: str | None) -> tuple[list[Path], Geometry]:
+    """The series' files in the order of the file-order array's k axis (along the slice normal), and its geometry."""
+    return _dicom_layout(folder, _dicom_headers(folder, series_uid))

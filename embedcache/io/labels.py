@@ -33,6 +33,21 @@ NSD_TOLERANCE_MM = {
 SCORED_ON_LABELLED_SLICES = (AORTA, IVC, ESOPHAGUS)
 
 
+#: SNOMED CT codes per label, as DICOM Segmentation and RT Structure Set objects name them (DICOM
+#: CID 7150/7151): ``(code, meaning, laterality)``, laterality a modifier code (CID 244) or None.
+SCT = "SCT"
+ANATOMICAL_STRUCTURE = ("123037004", "Anatomical Structure")  # the segmented property category
+RIGHT, LEFT = ("24028007", "Right"), ("7771000", "Left")
+SNOMED = {
+    LIVER: ("10200004", "Liver", None), RIGHT_KIDNEY: ("64033007", "Kidney", RIGHT), SPLEEN: ("78961009", "Spleen", None),
+    PANCREAS: ("15776009", "Pancreas", None), AORTA: ("15825003", "Aorta", None),
+    IVC: ("64131007", "Inferior vena cava", None), RIGHT_ADRENAL: ("23451007", "Adrenal gland", RIGHT),
+    LEFT_ADRENAL: ("23451007", "Adrenal gland", LEFT), GALLBLADDER: ("28231008", "Gallbladder", None),
+    ESOPHAGUS: ("32849002", "Esophagus", None), STOMACH: ("69695003", "Stomach", None),
+    DUODENUM: ("38848004", "Duodenum", None), LEFT_KIDNEY: ("64033007", "Kidney", LEFT),
+}
+
+
 def name(label: int) -> str:
     return NAMES.get(int(label), f"label {int(label)}")
 

@@ -1,0 +1,252 @@
+"""Predictions back into DICOM, beside the series they were made from: a DICOM Segmentation
+(through highdicom) and an RT Structure Set (through rt-utils), both referencing the source series
+and its instances, with new UIDs for everything created and the patient and study copied from the
+source. Both libraries are optional (``pip install embedcache[dicom]``); a missing one is one line
+saying which extra to install.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+from pathlib import Path
+
+import numpy as np
+
+from embedcache import __version__
+from embedcache.errors import EmbedcacheError, UsageError
+from embedcache.io import labels as flare
+from embedcache.io.dicom import series_layout
+
+#: Output kinds of ``predict --output-type`` and the suffix of each file beside ``CASE``.
+OUTPUT_TYPES = {"nifti": ".nii.gz", "dicom-seg": ".seg.dcm", "rtstruct": ".rtstruct.dcm"}
+
+
+def _require(module: str, extra: str = "dicom"):
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise UsageError(f"{module} is not installed; DICOM output needs it: pip install 'embedcache[{extra}]'") from None
+
+
+def check_labels(label_ids) -> None:
+    """Every label to write has a name and a SNOMED code in :data:`embedcache.io.labels.SNOMED`."""
+    unknown = [int(k) for k in label_ids if int(k) not in flare.SNOMED]
+    if unknown:
+        raise UsageError(f"label {unknown[0]} has no name and code in embedcache's label map (FLARE22 ids "
+                         f"{min(flare.SNOMED)}..{max(flare.SNOMED)}); DICOM output names every segment")
+
+
+def source_frames(labels_ijk: np.ndarray) -> np.ndarray:
+    """The file's-order label array ``(i=column, j=row, k=slice along the normal)`` of a DICOM series
+    → ``(k, rows, columns)`` frames, one per source instance in :func:`series_layout`'s order."""
+    return np.ascontiguousarray(np.asarray(labels_ijk).transpose(2, 1, 0))
+
+
+def _sources(folder: Path, series_uid: str | None):
+    """The series' files and headers in the file-order array's slice order; one frame of reference."""
+    import pydicom
+
+    paths, _ = series_layout(folder, series_uid)
+    headers = [pydicom.dcmread(p, stop_before_pixels=True) for p in paths]
+    frames = sorted({str(ds.get("FrameOfReferenceUID", "")) for ds in headers})
+    if len(frames) > 1 or not frames[0]:
+        raise EmbedcacheError(f"{folder}: its slices have {len(frames) if frames[0] else 'no'} frame(s) of reference; "
+                              "a DICOM object placed on the series needs one: export the series again")
+    return paths, headers
+
+
+def series_uid_of(folder: Path, series_uid: str | None) -> str:
+    import pydicom
+
+    paths, _ = series_layout(folder, series_uid)
+    return str(pydicom.dcmread(paths[0], stop_before_pixels=True).SeriesInstanceUID)
+
+
+def referenced_series(path: Path) -> set[str]:
+    """The series a SEG or an RT Structure Set refers to (empty for any other file)."""
+    import pydicom
+
+    try:
+        ds = pydicom.dcmread(path, stop_before_pixels=True)
+    except Exception:  # noqa: BLE001  (not DICOM, unreadable: not an object for any series)
+        return set()
+    found = {str(item.SeriesInstanceUID) for item in ds.get("ReferencedSeriesSequence", [])}
+    for frame in ds.get("ReferencedFrameOfReferenceSequence", []):
+        for study in frame.get("RTReferencedStudySequence", []):
+            found |= {str(item.SeriesInstanceUID) for item in study.get("RTReferencedSeriesSequence", [])}
+    return found
+
+
+def check_no_other_object(out_dir: Path, folder: Path, *, series_uid: str | None, owned: set[str]) -> None:
+    """Refuse an output folder that holds a DICOM object for the same series that predict did not write."""
+    if not Path(out_dir).is_dir():
+        return
+    uid = series_uid_of(folder, series_uid)
+    for path in sorted(Path(out_dir).glob("*.dcm")):
+        if path.name not in owned and uid in referenced_series(path):
+            raise EmbedcacheError(f"{path}: already holds a DICOM object for series {uid}, which predict did not "
+                                  "write; choose another --out so the two are not mistaken for each other")
+
+
+def check_only_series(folder: Path, series_uid: str | None) -> None:
+    """rt-utils reads every image under a folder: the folder must hold just this series' files."""
+    paths, _ = series_layout(folder, series_uid)
+    _only_series(folder, paths)
+
+
+def write_seg(out: Path, folder: Path, labels_ijk: np.ndarray, *, series_uid: str | None, label_ids,
+              decoder: str, semiautomatic: bool) -> Path:
+    """A binary DICOM Segmentation of the label array (the source's own voxel order) of the DICOM series in
+    ``folder``: one segment per label present, empty frames omitted. ``decoder``: what made it (the
+    checkpoint's digest), in the algorithm identification."""
+    hd = _require("highdicom")
+    from pydicom.sr.codedict import codes  # noqa: F401  (pydicom's coded concepts, used by highdicom)
+    from pydicom.sr.coding import Code
+
+    check_labels(label_ids)
+    paths, sources = _sources(folder, series_uid)
+    frames = source_frames(labels_ijk)
+    if frames.shape != (len(sources), int(sources[0].Rows), int(sources[0].Columns)):
+        raise EmbedcacheError(f"{folder}: the mask {frames.shape} does not cover the series' {len(sources)} slices of "
+                              f"{sources[0].Rows}×{sources[0].Columns}; predict on the series itself")
+    present = [int(k) for k in label_ids if (frames == int(k)).any()]
+    algorithm = hd.AlgorithmIdentificationSequence(
+        name="embedcache", version=f"{__version__} (decoder {decoder})",
+        family=Code("123109", "DCM", "Artificial Intelligence"))
+    descriptions = []
+    for number, label in enumerate(present, start=1):
+        code, meaning, side = flare.SNOMED[label]
+        description = hd.seg.SegmentDescription(
+            segment_number=number, segment_label=flare.name(label),
+            segmented_property_category=Code(*ANATOMY),
+            segmented_property_type=Code(code, flare.SCT, meaning),
+            algorithm_type="SEMIAUTOMATIC" if semiautomatic else "AUTOMATIC", algorithm_identification=algorithm)
+        if side is not None:
+            # laterality qualifies the property type: the modifier lives inside its code item
+            description.SegmentedPropertyTypeCodeSequence[0].SegmentedPropertyTypeModifierCodeSequence = [
+                hd.sr.CodedConcept(side[0], flare.SCT, side[1])]
+        descriptions.append(description)
+    if not present:
+        raise EmbedcacheError(f"{folder}: the prediction is empty; there is no segment to write as DICOM SEG")
+    stack = np.stack([frames == label for label in present], axis=-1)  # (frames, rows, columns, segments)
+    seg = hd.seg.Segmentation(
+        source_images=sources, pixel_array=stack, segmentation_type="BINARY", segment_descriptions=descriptions,
+        series_instance_uid=hd.UID(), series_number=int(getattr(sources[0], "SeriesNumber", 0) or 0) + 1000,
+        sop_instance_uid=hd.UID(), instance_number=1, manufacturer="embedcache",
+        manufacturer_model_name="embedcache", software_versions=__version__, device_serial_number="0",
+        series_description=f"embedcache {', '.join(flare.name(k) for k in present)}", omit_empty_frames=True)
+    seg.save_as(out)
+    return out
+
+
+ANATOMY = (flare.ANATOMICAL_STRUCTURE[0], flare.SCT, flare.ANATOMICAL_STRUCTURE[1])
+
+
+def read_seg(path: Path, geometry) -> np.ndarray:
+    """A DICOM Segmentation written by :func:`write_seg` (or any binary one of FLARE22 structures) → a
+    label volume on ``geometry``'s canonical ``(z, y, x)`` grid, placed by each frame's position."""
+    hd = _require("highdicom")
+
+    try:
+        seg = hd.seg.segread(path)
+    except Exception as exc:  # noqa: BLE001  (pydicom and highdicom raise many kinds)
+        raise EmbedcacheError(f"{path}: not a readable DICOM Segmentation ({type(exc).__name__}); "
+                              "give the SEG predict wrote") from None
+    by_code = {(c, side): label for label, (c, _, side) in flare.SNOMED.items()}
+    out = np.zeros(geometry.shape_zyx, np.uint8)
+    shape = geometry.shape_zyx
+    for description in seg.SegmentSequence:
+        item = description.SegmentedPropertyTypeCodeSequence[0]
+        code = str(item.CodeValue)
+        modifiers = item.get("SegmentedPropertyTypeModifierCodeSequence") or []
+        side = next(((str(m.CodeValue), str(m.CodeMeaning)) for m in modifiers), None)
+        label = by_code.get((code, side)) or by_code.get((code, None))
+        if label is None:
+            raise EmbedcacheError(f"{path}: segment {description.SegmentNumber} ({code}) is no structure embedcache "
+                                  "knows; evaluate scores FLARE22 structures")
+        number = int(description.SegmentNumber)
+        pixels = seg.pixel_array.reshape(-1, int(seg.Rows), int(seg.Columns))
+        for index, frame in enumerate(seg.PerFrameFunctionalGroupsSequence):
+            if int(_group(seg, frame, "SegmentIdentificationSequence").ReferencedSegmentNumber) != number:
+                continue
+            position = np.array([float(v) for v in _group(seg, frame, "PlanePositionSequence").ImagePositionPatient])
+            _paint(out, pixels[index] > 0, position, seg, geometry, label, shape, path)
+    return out
+
+
+def _group(seg, frame, keyword: str):
+    """A functional group of one frame: its own, else the one all frames share."""
+    if keyword in frame:
+        return frame[keyword].value[0]
+    return seg.SharedFunctionalGroupsSequence[0][keyword].value[0]
+
+
+def _paint(out, mask_rc, position_lps, seg, geometry, label, shape, path) -> None:
+    """Put one frame's ``(rows, columns)`` mask on the canonical grid at the frame's own position."""
+    shared = seg.SharedFunctionalGroupsSequence[0]
+    iop = [float(v) for v in shared.PlaneOrientationSequence[0].ImageOrientationPatient]
+    spacing = [float(v) for v in shared.PixelMeasuresSequence[0].PixelSpacing]
+    rows, cols = np.nonzero(mask_rc)
+    row_dir, col_dir = np.array(iop[:3]), np.array(iop[3:])
+    points = position_lps + np.outer(cols * spacing[1], row_dir) + np.outer(rows * spacing[0], col_dir)
+    exact = geometry.canonical_index(points, space="lps")
+    xyz = np.rint(exact).astype(int)
+    if len(exact) and np.abs(exact - xyz).max() > 0.05:
+        raise EmbedcacheError(f"{path}: its frames do not lie on the label volume's voxels; the SEG was made on "
+                              "another grid")
+    inside = ((xyz >= 0) & (xyz < np.array([shape[2], shape[1], shape[0]]))).all(axis=1)
+    if not inside.all():
+        raise EmbedcacheError(f"{path}: a frame lies outside the label volume's grid; the SEG belongs to another series")
+    out[xyz[:, 2], xyz[:, 1], xyz[:, 0]] = label
+
+
+def write_rtstruct(out: Path, folder: Path, labels_ijk: np.ndarray, *, series_uid: str | None, label_ids) -> Path:
+    """An RT Structure Set, one ROI per label present, contours per slice from the mask (holes kept),
+    through rt-utils, referencing the DICOM series in ``folder``."""
+    rt_utils = _require("rt_utils")
+
+    check_labels(label_ids)
+    paths, sources = _sources(folder, series_uid)
+    frames = source_frames(labels_ijk)
+    structure = rt_utils.RTStructBuilder.create_new(dicom_series_path=str(_only_series(folder, paths)))
+    order = [str(ds.SOPInstanceUID) for ds in structure.series_data]
+    ours = {str(ds.SOPInstanceUID): k for k, ds in enumerate(sources)}
+    present = [int(k) for k in label_ids if (frames == int(k)).any()]
+    if not present:
+        raise EmbedcacheError(f"{folder}: the prediction is empty; there is no structure to write")
+    for label in present:
+        mask = np.stack([frames[ours[uid]] == label for uid in order], axis=-1)  # rt-utils: (rows, columns, slices)
+        structure.add_roi(mask=mask, name=flare.name(label), use_pin_hole=True, approximate_contours=False)
+    _complete(structure.ds, sources[0], present)
+    with contextlib.redirect_stdout(io.StringIO()):  # rt-utils prints where it writes
+        structure.save(str(out))
+    return out
+
+
+def _complete(ds, source, present) -> None:
+    """What rt-utils leaves out or writes too long, for a Structure Set that passes dciodvfy: contour
+    coordinates as DS of at most 16 characters, the study's and the frame of reference's type 1 and 2
+    attributes from the source, and embedcache named as the maker."""
+    from pydicom.valuerep import format_number_as_ds
+
+    for roi in ds.ROIContourSequence:
+        for contour in roi.ContourSequence:
+            contour.ContourData = [format_number_as_ds(float(v)) for v in contour.ContourData]
+    for keyword in ("ReferringPhysicianName", "AccessionNumber", "PositionReferenceIndicator"):
+        setattr(ds, keyword, source.get(keyword, ""))
+    ds.FrameOfReferenceUID = source.FrameOfReferenceUID
+    ds.OperatorsName = ""
+    ds.SeriesDescription = f"embedcache {', '.join(flare.name(k) for k in present)}"
+    ds.Manufacturer = "embedcache"
+    ds.SoftwareVersions = __version__
+
+
+def _only_series(folder: Path, paths: list[Path]) -> Path:
+    """rt-utils reads every image under a folder: a folder holding just this series' files."""
+    if len(paths) == sum(1 for p in folder.iterdir() if p.is_file()):
+        return folder
+    raise UsageError(f"{folder}: holds files beyond the one series; RT Structure Set output needs a folder of one "
+                     "series (rt-utils reads them all)")
