@@ -197,3 +197,29 @@ def test_a_label_without_a_name_and_a_series_with_two_frames_of_reference_are_on
         write_seg(tmp_path / "x.dcm", ct5n, geometry.to_source(labels), series_uid=None, label_ids=(7, 8),
                   decoder="t", semiautomatic=True)
     assert not (tmp_path / "x.dcm").exists()
+
+
+def test_outputs_carry_no_private_data_of_the_source_and_a_seg_of_another_grid_is_not_scored(ct5n, tiny_model,
+                                                                                              tmp_path):
+    import pydicom
+
+    result = cli("predict", ct5n, "--from-labels", tmp_path / "CT5N.nii.gz", "--prompts", "oracle", "--model", "tiny",
+                 "--device", "cpu", "--output-type", "dicom-seg,rtstruct", "--out", tmp_path / "pred", "--no-progress")
+    assert result.exit_code == 0, result.output
+    source = pydicom.dcmread(sorted(ct5n.iterdir())[0])
+    for name in ("CT5N.seg.dcm", "CT5N.rtstruct.dcm"):
+        ds = pydicom.dcmread(tmp_path / "pred" / name)
+        assert not [e for e in ds.iterall() if e.tag.is_private], name
+        assert ds.PatientID == source.PatientID and ds.StudyInstanceUID == source.StudyInstanceUID
+        assert ds.SOPInstanceUID != source.SOPInstanceUID and ds.SeriesInstanceUID != source.SeriesInstanceUID
+    # a SEG made on another series' grid, handed to evaluate as this case's prediction
+    other = oblique_series(tmp_path / "OBL")
+    geometry = read_geometry(other)
+    (tmp_path / "wrong").mkdir()
+    write_seg(tmp_path / "wrong" / "CT5N.seg.dcm", other, geometry.to_source(_glands(geometry.shape_zyx)),
+              series_uid=None, label_ids=(7, 8), decoder="t", semiautomatic=True)
+    (tmp_path / "truth").mkdir()
+    shutil.copy(tmp_path / "CT5N.nii.gz", tmp_path / "truth")
+    out = cli("evaluate", tmp_path / "wrong", tmp_path / "truth", "--out", tmp_path / "r", "--no-progress")
+    one_line(out, "CT5N.seg.dcm")
+    assert "another grid" in out.output.replace("\n", "") or "outside the label volume" in out.output.replace("\n", "")
