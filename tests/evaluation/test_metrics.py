@@ -59,3 +59,29 @@ def test_nsd_single_voxel_by_hand():
     assert nsd(np.roll(a, 2, axis=1), a, spacing_mm=spacing) == pytest.approx(1.0)  # 0.8 and 1.6 mm
     assert nsd(np.roll(a, 3, axis=1), a, spacing_mm=spacing) == pytest.approx(0.5)  # 1.6 and 2.4 mm
     assert nsd(np.roll(a, 4, axis=1), a, spacing_mm=spacing) == pytest.approx(0.0)  # 2.4 and 3.2 mm
+
+
+def test_nsd_on_the_glands_box_equals_monais_on_the_whole_volume():
+    import torch
+    from monai.metrics import compute_surface_dice
+
+    generator = np.random.default_rng(3)
+    shape = (20, 60, 70)
+    for trial in range(4):
+        truth = np.zeros(shape, bool)
+        truth[5:12, 20:31, 25:40] = True
+        pred = np.roll(truth, (int(generator.integers(-2, 3)), int(generator.integers(-4, 5))), axis=(0, 2))
+        if trial == 1:
+            pred[generator.random(shape) > 0.995] = True  # speckle far from the gland widens the box
+        if trial == 3:
+            truth[:, :3] = pred[:, :3] = True  # touching the volume's edge
+        spacing = (2.5, 0.8, 0.7)
+
+        def one_hot(mask):
+            m = torch.from_numpy(mask)
+            return torch.stack([~m, m])[None].float()
+
+        whole = float(compute_surface_dice(one_hot(pred), one_hot(truth), class_thresholds=[2.0],
+                                           include_background=False, spacing=list(spacing),
+                                           use_subvoxels=True).reshape(-1)[0])
+        assert nsd(pred, truth, spacing_mm=spacing, tolerance_mm=2.0) == pytest.approx(whole, abs=1e-6)
