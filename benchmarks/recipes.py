@@ -1,0 +1,256 @@
+"""Which training recipe and which box3d walk serve a person who gives one 3-D box per gland?
+
+The study of realistic anatomy: a cache encoded from CT painted around real FLARE22 label maps
+(``embedcache phantom DATA --anatomy MAPS --cases 30 --test-cases 10``, then ``encode``), a fixed
+split (the cache's 30 training cases: 24 train and 6 val, seeded; its 10 ``imagesTs/`` cases: test),
+every recipe fine-tuned for the same epochs, every (recipe, walk) scored on **val** to choose, and
+the chosen ones and the baselines reported on **test**. Accuracy, not speed: 3-D Dice and NSD per
+gland, one JSON and one markdown table under benchmarks/results/.
+
+    python benchmarks/recipes.py BED/cache.h5 --epochs 2 --work /tmp/recipes
+
+``--work`` keeps every run and score, so an interrupted study resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from embedcache.cache.store import open_cache
+from embedcache.config import WALKS, FinetuneConfig, ProtocolSettings
+from embedcache.evaluation import protocols
+from embedcache.evaluation.metrics import gland_metrics
+from embedcache.evaluation.score import CachedCase, case_sources
+from embedcache.io import labels as flare
+from embedcache.io.volumes import read_label
+from embedcache.runtime.devices import pick_device
+from embedcache.train.decoders import load_model, load_trained_decoder
+from embedcache.train.finetune import finetune
+
+from common import RESULTS, machine
+
+#: name → the FinetuneConfig fields of the recipe; "vanilla" is the released decoder, not trained.
+RECIPES = {
+    "vanilla": None,
+    "jitter": {"train_prompts": "jitter"},  # the default before this study: tight boxes, each edge ±10 %
+    "medsam": {"train_prompts": "medsam"},  # MedSAM's own: edges outward by 0-20 px at 1024 px
+    "loose": {"train_prompts": "loose"},
+    "propagated": {"train_prompts": "propagated", "stop_prompts": True},
+    "mix": {"train_prompts": "jitter:1,loose:1,propagated:1", "stop_prompts": True},
+    "mix-iou": {"train_prompts": "jitter:1,loose:1,propagated:1", "stop_prompts": True, "iou_head": True},
+    # the same on --augmented-cache: the cache with flipped copies of the training cases (encode --augment flip)
+    "mix-iou-adapter": {"train_prompts": "jitter:1,loose:1,propagated:1", "stop_prompts": True, "iou_head": True,
+                        "adapter": True},
+    "mix-iou-flip": {"train_prompts": "jitter:1,loose:1,propagated:1", "stop_prompts": True, "iou_head": True,
+                     "augmented": True},
+}
+
+
+def make_split(cache_path: Path, out: Path, *, val: int, seed: int) -> dict:
+    """The cache's training cases, ``val`` of them (seeded) held out for choosing; its test cases for reporting."""
+    with open_cache(cache_path) as cache:
+        trainable = sorted(c.name for c in cache.cases if c.subset != "test")
+        test = sorted(c.name for c in cache.cases if c.subset == "test")
+    chosen = set(np.random.default_rng(seed).choice(trainable, size=val, replace=False).tolist())
+    split = {"train": [n for n in trainable if n not in chosen], "val": sorted(chosen), "test": test}
+    out.write_text(json.dumps(split, indent=1) + "\n")
+    return split
+
+
+def measure(cache_path: Path, names: list[str], decoder: Path | None, settings: dict[str, ProtocolSettings],
+            protocol_of: dict[str, str], device: torch.device) -> dict:
+    """``{setting: {case: {label: metrics}}}`` of one decoder (None: vanilla) on ``names``."""
+    results: dict = {key: {} for key in settings}
+    with open_cache(cache_path) as cache:
+        trained = load_trained_decoder(decoder, expect=cache.signature, expect_path=cache_path) if decoder else None
+        model = load_model(cache.signature.backbone, trained=trained, checkpoint=None, device=device,
+                           expect_sha256=cache.signature.checkpoint_sha256, made=str(cache_path), vanilla=trained is None)
+        (name, mask_decoder), = model.decoders.items()
+        size = {"input_size": model.backbone.input_size, "slice_size": cache.signature.slice_size}
+        records = [c for c in cache.cases if c.name in names]
+        sources = case_sources(records, None)
+        for case in records:
+            truth = read_label(sources[case.name][1]).array
+            segment = remembered(CachedCase(cache, case, device=device).segment_with(model.parts.prompt_encoder,
+                                                                                     mask_decoder, **size))
+            for label in cache.labels:
+                gt = truth == label
+                for key, setting in settings.items():
+                    prediction = protocols.run(protocol_of[key], segment, truth=gt, spacing_mm=case.spacing_mm,
+                                               settings=setting, case=case.name, label=label)
+                    results[key].setdefault(case.name, {})[str(label)] = gland_metrics(
+                        prediction.mask, gt, spacing_mm=case.spacing_mm, label=label)
+    return results
+
+
+def remembered(segment):
+    """``segment`` that decodes each (slice, box) once: the walks share most of their slices."""
+    seen: dict = {}
+
+    def again(zs, boxes, multimask=False):
+        keys = [(int(z), tuple(float(v) for v in box), multimask) for z, box in zip(zs, boxes)]
+        new = [i for i, key in enumerate(keys) if key not in seen]
+        if new:
+            masks, iou = segment(np.asarray(zs)[new], np.asarray(boxes)[new], multimask=multimask)
+            for i, mask, value in zip(new, masks, iou):
+                seen[keys[i]] = (mask, value)
+        return np.array([seen[k][0] for k in keys]), np.array([seen[k][1] for k in keys])
+
+    return again
+
+
+def summarise(per_case: dict) -> dict:
+    """Per label: mean and sd of Dice and NSD over cases, and the worst case's Dice."""
+    out = {}
+    labels = sorted({label for case in per_case.values() for label in case})
+    for label in labels:
+        values = {m: np.array([per_case[c][label][m] for c in per_case if label in per_case[c]]) for m in ("dice", "nsd")}
+        out[label] = {**{m: {"mean": round(float(v.mean()), 4), "sd": round(float(v.std()), 4)} for m, v in values.items()},
+                      "min_dice": round(float(values["dice"].min()), 4), "n": int(len(values["dice"]))}
+    return out
+
+
+def glands_mean(summary: dict) -> float:
+    return float(np.mean([summary[label]["dice"]["mean"] for label in summary]))
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("cache", type=Path)
+    parser.add_argument("--work", type=Path, required=True, help="Folder for runs and scores (resumable).")
+    parser.add_argument("--augmented-cache", type=Path, default=None,
+                        help="CACHE with augmented copies (encode --augment), for the recipes marked augmented.")
+    parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--recipes", default=",".join(RECIPES))
+    parser.add_argument("--walks", default=",".join(WALKS))
+    parser.add_argument("--min-ious", default="0,0.5,0.7", help="box3d: predicted-IoU thresholds to try (0: off).")
+    parser.add_argument("--middles", default="single", help="box3d: single and/or multimask for the 3-D box's own prompt.")
+    parser.add_argument("--val-cases", type=int, default=6)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--name", default=None, help="Result file name (default: recipes-DEVICE-DATE).")
+    parser.add_argument("--what", default="", help="How the cache was made, saved with the figures.")
+    args = parser.parse_args(argv)
+    device = pick_device(args.device)
+    args.work.mkdir(parents=True, exist_ok=True)
+    split_file = args.work / "split.json"
+    split = json.loads(split_file.read_text()) if split_file.exists() else \
+        make_split(args.cache, split_file, val=args.val_cases, seed=args.seed)
+    walks = [w for w in args.walks.split(",") if w]
+    ious = [float(v) for v in args.min_ious.split(",") if v]
+    middles = [m for m in args.middles.split(",") if m]
+    settings = {"oracle": ProtocolSettings(),
+                **{f"box3d-{w}" + (f"-iou{t:g}" if t else "") + ("-multimask" if m == "multimask" else ""):
+                   ProtocolSettings(walk=w, min_iou=t, middle=m) for w in walks for t in ious for m in middles}}
+    protocol_of = {key: key.split("-")[0] for key in settings}
+    out = {"benchmark": "recipes", "what": args.what, "cache": str(args.cache), "epochs": args.epochs,
+           "seed": args.seed, "split": split, "machine": machine(device),
+           "date": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+           "recipes": {}, "protocols": {k: asdict_settings(v) for k, v in settings.items()}}
+    for name in args.recipes.split(","):
+        recipe = RECIPES[name]
+        decoder = None
+        row = {"recipe": recipe}
+        if recipe is not None:
+            run = args.work / name
+            fields = {k: v for k, v in recipe.items() if k != "augmented"}
+            cache = args.augmented_cache if recipe.get("augmented") else args.cache
+            if cache is None:
+                print(f"{name}: needs --augmented-cache; skipped", file=sys.stderr)
+                continue
+            if not (run / "done.json").exists():
+                config = FinetuneConfig(cache=str(cache.resolve()), epochs=args.epochs, seed=args.seed,
+                                        device=args.device, split=str(split_file.resolve()), patience=args.epochs,
+                                        **fields)
+                resume = (run / "last.safetensors").exists()
+                started = time.perf_counter()
+                result = finetune(config, run, resume=resume, progress=None, log=lambda m: print(m, file=sys.stderr))
+                (run / "done.json").write_text(json.dumps({
+                    "best_epoch": result.best_epoch, "val_dice_2d": result.best_val_dice, "cache": str(cache),
+                    "train_seconds": round(time.perf_counter() - started, 1),
+                    "seconds_per_epoch": [round(h.seconds, 1) for h in result.history]}) + "\n")
+            row = {"recipe": recipe, **json.loads((run / "done.json").read_text())}
+            decoder = run / "decoder.safetensors"
+        for case_set in ("val", "test"):
+            scored = args.work / f"{name}-{case_set}.json"
+            per_case = json.loads(scored.read_text()) if scored.exists() else {}
+            missing = {k: v for k, v in settings.items() if k not in per_case}  # a study widened later adds only these
+            if missing:
+                per_case.update(measure(args.cache, split[case_set], decoder, missing, protocol_of, device))
+                scored.write_text(json.dumps(per_case) + "\n")
+            per_case = {k: per_case[k] for k in settings}
+            row[case_set] = {key: {"summary": summarise(v), "cases": v} for key, v in per_case.items()}
+        out["recipes"][name] = row
+        val = row["val"]
+        print(json.dumps({"recipe": name, **{k: round(glands_mean(v["summary"]), 4) for k, v in val.items()}}),
+              file=sys.stderr)
+    out["chosen_on_val"] = choose(out["recipes"], [k for k in settings if k.startswith("box3d")])
+    RESULTS.mkdir(exist_ok=True)
+    stem = args.name or f"recipes-{device.type}-{out['date'][:10]}"
+    (RESULTS / f"{stem}.json").write_text(json.dumps(out, indent=1) + "\n")
+    (RESULTS / f"{stem}.md").write_text(table(out) + "\n")
+    print(table(out))
+    return out
+
+
+def asdict_settings(settings: ProtocolSettings) -> dict:
+    from dataclasses import asdict
+
+    return asdict(settings)
+
+
+def choose(recipes: dict, walks: list[str]) -> dict:
+    """The (recipe, walk) whose box3d Dice, mean over both glands, is highest on val."""
+    scores = {(name, walk): glands_mean(row["val"][walk]["summary"]) for name, row in recipes.items() for walk in walks}
+    (name, walk), best = max(scores.items(), key=lambda item: item[1])
+    return {"recipe": name, "walk": walk, "val_box3d_dice": round(best, 4)}
+
+
+def table(out: dict) -> str:
+    """Markdown: per recipe, test Dice (NSD) per gland under oracle, today's box3d walk and the walk its
+    val cases chose, the worst test gland; then every walk's val Dice per recipe (what chose)."""
+    rows = out["recipes"]
+    labels = sorted({label for row in rows.values() for label in row["test"]["oracle"]["summary"]})
+    names = [flare.name(int(label)) for label in labels]
+    walks = [k for k in next(iter(rows.values()))["val"] if k.startswith("box3d")]
+    chosen = out["chosen_on_val"]
+
+    def cell(summary):
+        return " / ".join(f"{summary[l]['dice']['mean']:.3f} ({summary[l]['nsd']['mean']:.3f})" for l in labels)
+
+    lines = [f"{out['what'] or out['cache']}: {len(out['split']['train'])} train, {len(out['split']['val'])} val, "
+             f"{len(out['split']['test'])} test cases; {out['epochs']} epochs per recipe, seed {out['seed']}; "
+             f"LiteMedSAM, best-validation checkpoint. Chosen on val: **{chosen['recipe']}** with "
+             f"**{chosen['walk']}** (val box3d Dice {chosen['val_box3d_dice']:.3f}).",
+             "",
+             f"Test cases, 3-D Dice (NSD) {' / '.join(names)}:",
+             "",
+             "| recipe | oracle | box3d-grow | its best walk on val | that walk on test | worst test gland |",
+             "| --- | --- | --- | --- | --- | --- |"]
+    for name, row in rows.items():
+        best = max(walks, key=lambda w: glands_mean(row["val"][w]["summary"]))
+        worst = min(row["test"][best]["summary"][l]["min_dice"] for l in labels)
+        lines.append(f"| {name} | {cell(row['test']['oracle']['summary'])} | {cell(row['test']['box3d-grow']['summary'])} "
+                     f"| {best} | {cell(row['test'][best]['summary'])} | {worst:.2f} |")
+    lines += ["", "Validation cases, box3d 3-D Dice (mean of both glands) per walk:", "",
+              "| walk | " + " | ".join(rows) + " |", "| --- |" + " --- |" * len(rows)]
+    for walk in walks:
+        lines.append(f"| {walk} | " + " | ".join(f"{glands_mean(row['val'][walk]['summary']):.3f}" for row in rows.values())
+                     + " |")
+    costs = {n: r["seconds_per_epoch"] for n, r in rows.items() if r.get("seconds_per_epoch")}
+    if costs:
+        lines += ["", "Seconds per training epoch (this machine, noisy): "
+                  + ", ".join(f"{n} {sum(v) / len(v):.0f}" for n, v in costs.items()) + "."]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
