@@ -161,6 +161,8 @@ WALKS = {
     "grow": "the previous slice's mask box grown by --grow-mm, inside the 3-D box; stops where the mask vanishes",
     "fallback": "as grow, but where the mask vanishes the next slice gets the 3-D box's extent (MedSAM, LiteMedSAM)",
     "extent": "every slice of the 3-D box prompted with its own in-plane extent: no walk",
+    "bounded": "as grow, with the grow scaled by the slice spacing (--grow-mm per 2.5 mm) and the box never wider "
+               "than the previous slice's box grown by as much: a mask that spills out of its box cannot pull the walk",
 }
 
 

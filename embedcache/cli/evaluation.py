@@ -30,9 +30,11 @@ def protocol_options(func):
                      help="...and this many slices longer at each end."),
         click.option("--grow-mm", default=3.0, show_default=True, type=float,
                      help="box3d: each next slice's box is the previous mask's, grown by this much."),
-        click.option("--walk", default="grow", show_default=True, type=click.Choice(["grow", "fallback", "extent"]),
+        click.option("--walk", default="grow", show_default=True,
+                     type=click.Choice(["grow", "fallback", "extent", "bounded"]),
                      help="box3d: grow (stop where the mask vanishes), fallback (there, prompt the 3-D box again, as "
-                          "MedSAM does) or extent (every slice gets the 3-D box: no walk)."),
+                          "MedSAM does), extent (every slice gets the 3-D box: no walk) or bounded (grow scaled by "
+                          "the slice spacing, each box within the last one grown as much)."),
         click.option("--min-iou", default=0.0, show_default=True, type=float,
                      help="box3d: a mask whose predicted IoU is below this counts as vanished (needs a decoder "
                           "trained with --iou-head; 0: off)."),

@@ -110,7 +110,8 @@ def propagate(box: Box3D, segment: Segment, shape_zyx, *, grow_px: tuple[float, 
     """The ``box3d`` walk (``walk``, :data:`embedcache.config.WALKS`): the middle slice with the box's own
     extent, then slice by slice up and down, each prompted with the previous mask's box grown by
     ``grow_px`` = ``(x, y)`` and kept inside ``box``; where the mask vanishes ``grow`` stops and
-    ``fallback`` prompts the next slice with the box's extent. ``extent`` prompts every slice with it.
+    ``fallback`` prompts the next slice with the box's extent. ``extent`` prompts every slice with it;
+    ``bounded`` also keeps each box within the previous prompt grown by ``grow_px``.
     A mask whose predicted IoU is below ``min_iou`` counts as vanished: it is dropped, and the walk
     goes on as for an empty one (``extent``: only dropped). ``multimask``: the slices prompted with the
     3-D box's own extent (the middle one; every one under ``extent``) take the best of SAM's three
@@ -129,10 +130,12 @@ def propagate(box: Box3D, segment: Segment, shape_zyx, *, grow_px: tuple[float, 
     first = np.zeros_like(masks[0]) if _doubted(iou[0], min_iou) else masks[0]
     prediction.mask[middle], prediction.boxes[middle], prediction.iou[middle] = first, box.box, float(iou[0])
     for step in (1, -1):
-        previous, z = first, middle + step
+        previous, given, z = first, box.box, middle + step
         while box.z0 <= z <= box.z1:
             if previous.any():
                 grown = grow_box(box_from_mask(previous), grow_px, within=box.box)
+                if walk == "bounded":  # never wider than the last prompt grown as much: no runaway
+                    grown = grow_box(grown, within=grow_box(given, grow_px, within=box.box))
             elif walk == "fallback":
                 grown = box.box  # (single-mask: the walk's own decoder output, as MedSAM's scripts)
             else:
@@ -142,7 +145,7 @@ def propagate(box: Box3D, segment: Segment, shape_zyx, *, grow_px: tuple[float, 
             masks, iou = segment(np.array([z]), np.array([grown], np.float32))
             previous = np.zeros_like(masks[0]) if _doubted(iou[0], min_iou) else masks[0]
             prediction.mask[z], prediction.boxes[z], prediction.iou[z] = previous, grown, float(iou[0])
-            z += step
+            given, z = grown, z + step
     return prediction
 
 
@@ -188,6 +191,11 @@ def run(protocol: str, segment: Segment, *, truth: np.ndarray, spacing_mm, setti
     raise UsageError(f"unknown prompt protocol {protocol}; choose from {', '.join(PROTOCOLS)}")
 
 
+#: The slice spacing ``--grow-mm`` is given for under ``--walk bounded`` (FLARE22's usual 2.5 mm).
+BOUNDED_SPACING_MM = 2.5
+
+
 def grow_px(settings: ProtocolSettings, spacing_mm) -> tuple[float, float]:
-    """``grow_mm`` in pixels along ``(x, y)``."""
-    return settings.grow_mm / spacing_mm[2], settings.grow_mm / spacing_mm[1]
+    """``grow_mm`` in pixels along ``(x, y)``; under ``bounded``, scaled by the slice spacing (per 2.5 mm)."""
+    grow = settings.grow_mm * (spacing_mm[0] / BOUNDED_SPACING_MM if settings.walk == "bounded" else 1.0)
+    return grow / spacing_mm[2], grow / spacing_mm[1]

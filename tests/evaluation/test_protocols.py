@@ -161,8 +161,30 @@ def test_with_the_check_off_no_predicted_iou_drops_a_mask_not_even_a_negative_on
         assert not propagate(box, unsure, SHAPE, grow_px=(5.0, 5.0), walk=walk, min_iou=0.1).mask.any()
 
 
+def test_the_bounded_walk_keeps_a_spilling_mask_from_pulling_the_box_and_scales_the_grow_by_the_spacing():
+    from embedcache.evaluation.protocols import grow_px
+
+    def spills(zs, boxes, **_):  # the middle slice's mask is the gland; past it, every mask spills 4 px right
+        masks = np.zeros((len(zs), *SHAPE[1:]), bool)
+        for z, m, (x0, y0, x1, y1) in zip(zs, masks, boxes):
+            if z == 5:
+                m[15:25, 20:26] = True
+            else:
+                m[int(y0) : int(y1), int(x0) : min(int(x1) + 4, SHAPE[2])] = True
+        return masks, np.ones(len(zs))
+
+    box = Box3D(1, 9, (18.0, 13.0, 50.0, 27.0))  # room to run away in
+    free = propagate(box, spills, SHAPE, grow_px=(1.0, 1.0))
+    bounded = propagate(box, spills, SHAPE, grow_px=(1.0, 1.0), walk="bounded")
+    assert free.boxes[9][2] - free.boxes[5][2] > bounded.boxes[9][2] - bounded.boxes[5][2]
+    for z in range(6, 10):  # each box within the one before, grown by the bound
+        assert bounded.boxes[z][2] <= bounded.boxes[z - 1][2] + 1.0 + 1e-6
+    assert grow_px(ProtocolSettings(grow_mm=3.0, walk="bounded"), (5.0, 1.0, 1.0)) == (6.0, 6.0)
+    assert grow_px(ProtocolSettings(grow_mm=3.0), (5.0, 1.0, 1.0)) == (3.0, 3.0)
+
+
 def test_an_unknown_walk_is_one_line_naming_the_choices():
-    with pytest.raises(UsageError, match="--walk spiral: choose from grow, fallback, extent"):
+    with pytest.raises(UsageError, match="--walk spiral: choose from grow, fallback, extent, bounded"):
         ProtocolSettings(walk="spiral")
 
 
