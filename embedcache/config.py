@@ -123,11 +123,12 @@ class FinetuneConfig:
     model: str | None = None  # None: the cache's backbone
     checkpoint: str | None = None
     split: str | None = None  # a split file {"train": [...], "val": [...], "test": [...]}; None: seeded by case
-    stop_prompts: bool = False  # also train on the slices just beyond each gland, with the neighbour's box and no target
+    stop_prompts: bool = True  # also train on the slices just beyond each gland, with the neighbour's box and no target
     stop_grow_mm: float = 3.0  # stop and propagated prompts: the neighbour's box grown by this much, as box3d's walk grows it
-    train_prompts: str = "jitter"  # the kinds of training prompt and their weights, KIND[:WEIGHT],... (TRAIN_PROMPTS)
+    # the kinds of training prompt and their weights, KIND[:WEIGHT],... (TRAIN_PROMPTS): the recipe study's choice
+    train_prompts: str = "jitter:1,loose:1,propagated:1"
     loose_margin_mm: float = 6.0  # loose prompts: the 3-D extent grown by a margin drawn from 0..this
-    iou_head: bool = False  # also train the IoU head: MSE against the IoU its mask really has (LiteMedSAM's loss)
+    iou_head: bool = True  # also train the IoU head: MSE against the IoU its mask really has (LiteMedSAM's loss)
     adapter: bool = False  # also train a residual adapter on the cached embedding (model.adapter)
 
     def __post_init__(self):

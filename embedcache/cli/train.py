@@ -38,11 +38,11 @@ from embedcache.cli.common import console, device_option, friendly_errors, progr
               help="torch.compile the decoder step (no faster on a 2-core CPU: see the README's benchmarks).")
 @click.option("--split", "split_file", type=click.Path(path_type=Path), default=None,
               help='A split file {"train": [...], "val": [...], "test": [...]} instead of --val-fraction.')
-@click.option("--stop-prompts", is_flag=True,
+@click.option("--stop-prompts/--no-stop-prompts", default=True, show_default=True,
               help="Also train on the slices just beyond each gland, prompted with the neighbour's box (target: empty).")
 @click.option("--stop-grow-mm", default=3.0, show_default=True, type=float,
               help="Stop and propagated prompts: the neighbour's box grows by this much, as score's --grow-mm grows box3d's.")
-@click.option("--train-prompts", default="jitter", show_default=True,
+@click.option("--train-prompts", default="jitter:1,loose:1,propagated:1", show_default=True,
               help="Training boxes, a mix KIND[:WEIGHT],... of tight, jitter (--box-jitter), medsam (edges out 0-20 px "
                    "at 1024 px), loose (the 3-D box's in-plane extent) and propagated (a neighbour slice's box, grown), "
                    "e.g. jitter:2,loose:1,propagated:1.")
@@ -51,7 +51,7 @@ from embedcache.cli.common import console, device_option, friendly_errors, progr
 @click.option("--adapter", is_flag=True,
               help="Also train a small residual adapter on the cached embeddings (1x1 down, depthwise 3x3, 1x1 up), "
                    "in front of the decoder; the cache stays valid.")
-@click.option("--iou-head", is_flag=True,
+@click.option("--iou-head/--no-iou-head", default=True, show_default=True,
               help="Also train the IoU head (MSE against each mask's true IoU), so score --min-iou and predict's "
                    "low-IoU slices can trust it.")
 @progress_option

@@ -55,7 +55,7 @@ def test_the_iou_head_learns_only_when_asked_and_its_loss_is_the_squared_error_t
 
     batch, _ = small_batch(tiny_model, small_cache)
     head = lambda trainer: trainer.model.mask_decoder.iou_prediction_head  # noqa: E731
-    frozen, trained = _trainer(tiny_model), _trainer(tiny_model, iou_head=True)
+    frozen, trained = _trainer(tiny_model, iou_head=False), _trainer(tiny_model, iou_head=True)
     for trainer in (frozen, trained):
         trainer.step(batch, len(batch.boxes))
     assert all(p.grad is None for p in head(frozen).parameters())
