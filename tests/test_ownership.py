@@ -56,7 +56,8 @@ def test_predict_never_writes_over_an_input_a_label_or_a_file_it_did_not_write(t
         result = cli("predict", image, "--from-labels", label, "--out", tmp_path / "mine", *common)
         assert result.exit_code == 0, result.output
     record = json.loads((tmp_path / "mine" / "predict.json").read_text())
-    assert record["written"] == [label.name] and record["config"]["prompts"] == "oracle"
+    case = label.name.removesuffix(".nii.gz")
+    assert record["written"] == [label.name, f"{case}.review.json"] and record["config"]["prompts"] == "oracle"
 
 
 def test_export_never_writes_over_the_weights_and_asks_before_replacing_a_file(tiny_model, tiny_checkpoint, run_dir,

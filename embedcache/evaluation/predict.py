@@ -179,7 +179,6 @@ class OnTheFly:
 def predict(inputs: list[Path], out_dir: Path, config: PredictConfig, *, progress=None,
             log=print) -> tuple[list[Path], list[str]]:
     """Write ``out_dir/CASE.nii.gz`` for each input; returns the files written and the errors of those that failed."""
-    from embedcache.model.backbones import file_sha256
     from embedcache.train.checkpoint import checkpoint_file, read_signature
     from embedcache.train.decoders import load_trained_decoder
 
@@ -192,6 +191,8 @@ def predict(inputs: list[Path], out_dir: Path, config: PredictConfig, *, progres
     make_output_folder(out_dir)
     trained = load_trained_decoder(decoder) if decoder else None
     model = _load(trained, config)
+    from embedcache.model.backbones import file_sha256  # torch: only once the inputs are checked
+
     made_by = f"sha256 {file_sha256(decoder)[:16]}" if decoder else f"vanilla {config.model}"
     # Recorded before they are written: an interrupted run's outputs are still known as predict's own.
     names = sorted(owned | {path.name for job in jobs for path in job.files})
