@@ -18,6 +18,7 @@ import argparse
 import json
 import sys
 import time
+from dataclasses import asdict
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -154,7 +155,7 @@ def main(argv=None) -> dict:
     out = {"benchmark": "recipes", "what": args.what, "cache": str(args.cache), "epochs": args.epochs,
            "seed": args.seed, "split": split, "machine": machine(device),
            "date": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
-           "recipes": {}, "protocols": {k: asdict_settings(v) for k, v in settings.items()}}
+           "recipes": {}, "protocols": {k: asdict(v) for k, v in settings.items()}}
     for name in args.recipes.split(","):
         recipe = RECIPES[name]
         decoder = None
@@ -199,12 +200,6 @@ def main(argv=None) -> dict:
     (RESULTS / f"{stem}.md").write_text(table(out) + "\n")
     print(table(out))
     return out
-
-
-def asdict_settings(settings: ProtocolSettings) -> dict:
-    from dataclasses import asdict
-
-    return asdict(settings)
 
 
 #: A default changes only for a gain on val larger than this (mean 3-D Dice of both glands): with 6 val

@@ -253,9 +253,11 @@ class PredictConfig:
 
     def __post_init__(self):
         _one_decoder(self.run, self.decoder)
-        if not self.output_types or any(t not in ("nifti", "dicom-seg", "rtstruct") for t in self.output_types) \
+        from embedcache.io.dicom_out import OUTPUT_TYPES
+
+        if not self.output_types or any(t not in OUTPUT_TYPES for t in self.output_types) \
                 or len(set(self.output_types)) != len(self.output_types):
-            raise UsageError(f"--output-type {','.join(self.output_types)}: choose from nifti, dicom-seg, rtstruct")
+            raise UsageError(f"--output-type {','.join(self.output_types)}: choose from {', '.join(OUTPUT_TYPES)}")
         if not 0 <= self.review_iou <= 1:
             raise UsageError(f"--review-iou must lie in 0..1, got {self.review_iou}")
         if (self.boxes is None) == (self.from_labels is None):

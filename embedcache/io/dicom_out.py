@@ -18,6 +18,8 @@ from embedcache.errors import EmbedcacheError, UsageError
 from embedcache.io import labels as flare
 from embedcache.io.dicom import series_layout
 
+#: The segmented property category of every segment: (code, scheme, meaning).
+ANATOMY = (flare.ANATOMICAL_STRUCTURE[0], flare.SCT, flare.ANATOMICAL_STRUCTURE[1])
 #: Output kinds of ``predict --output-type`` and the suffix of each file beside ``CASE``.
 OUTPUT_TYPES = {"nifti": ".nii.gz", "dicom-seg": ".seg.dcm", "rtstruct": ".rtstruct.dcm"}
 
@@ -103,7 +105,6 @@ def write_seg(out: Path, folder: Path, labels_ijk: np.ndarray, *, series_uid: st
     ``folder``: one segment per label present, empty frames omitted. ``decoder``: what made it (the
     checkpoint's digest), in the algorithm identification."""
     hd = _require("highdicom")
-    from pydicom.sr.codedict import codes  # noqa: F401  (pydicom's coded concepts, used by highdicom)
     from pydicom.sr.coding import Code
 
     check_labels(label_ids)
@@ -113,6 +114,8 @@ def write_seg(out: Path, folder: Path, labels_ijk: np.ndarray, *, series_uid: st
         raise EmbedcacheError(f"{folder}: the mask {frames.shape} does not cover the series' {len(sources)} slices of "
                               f"{sources[0].Rows}×{sources[0].Columns}; predict on the series itself")
     present = [int(k) for k in label_ids if (frames == int(k)).any()]
+    if not present:
+        raise EmbedcacheError(f"{folder}: the prediction is empty; there is no segment to write as DICOM SEG")
     algorithm = hd.AlgorithmIdentificationSequence(
         name="embedcache", version=f"{__version__} (decoder {decoder})",
         family=Code("123109", "DCM", "Artificial Intelligence"))
@@ -129,8 +132,6 @@ def write_seg(out: Path, folder: Path, labels_ijk: np.ndarray, *, series_uid: st
             description.SegmentedPropertyTypeCodeSequence[0].SegmentedPropertyTypeModifierCodeSequence = [
                 hd.sr.CodedConcept(side[0], flare.SCT, side[1])]
         descriptions.append(description)
-    if not present:
-        raise EmbedcacheError(f"{folder}: the prediction is empty; there is no segment to write as DICOM SEG")
     stack = np.stack([frames == label for label in present], axis=-1)  # (frames, rows, columns, segments)
     seg = hd.seg.Segmentation(
         source_images=sources, pixel_array=stack, segmentation_type="BINARY", segment_descriptions=descriptions,
@@ -141,8 +142,6 @@ def write_seg(out: Path, folder: Path, labels_ijk: np.ndarray, *, series_uid: st
     seg.save_as(out)
     return out
 
-
-ANATOMY = (flare.ANATOMICAL_STRUCTURE[0], flare.SCT, flare.ANATOMICAL_STRUCTURE[1])
 
 
 def read_seg(path: Path, geometry) -> np.ndarray:

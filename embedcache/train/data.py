@@ -61,7 +61,7 @@ class PromptIndex:
                     neighbours[p, side] = boxes[other, j]
         prompt_boxes, stop = boxes[slice_of, slot].astype(np.float32), np.zeros(len(slice_of), bool)
         if stop_prompts:
-            other, stop_slot, source = _stop_prompts(case_of, z, present, boxes)
+            other, stop_slot, source = _stop_prompts(where, case_of, z, present, boxes)
             grown = [grow_box(b, tuple(grow_mm * px_per_mm[o]), within=(0, 0, size, size)) for o, b in zip(other, source)]
             slice_of, slot = np.concatenate([slice_of, other]), np.concatenate([slot, stop_slot])
             prompt_boxes = np.concatenate([prompt_boxes, np.array(grown, np.float32).reshape(-1, 4)])
@@ -217,10 +217,9 @@ class DeviceBatches:
                            self.boxes[p], slice_size=self.slice_size), plan.count
 
 
-def _stop_prompts(case_of: np.ndarray, z: np.ndarray, present: np.ndarray, boxes: np.ndarray):
+def _stop_prompts(where: dict, case_of: np.ndarray, z: np.ndarray, present: np.ndarray, boxes: np.ndarray):
     """(local slice, label slot, the gland's box on the neighbouring slice) of every slice next to a
-    gland's slice that lacks the gland."""
-    where = {(int(c), int(k)): i for i, (c, k) in enumerate(zip(case_of, z))}
+    gland's slice that lacks the gland; ``where`` maps (case, z) to the local slice."""
     found = []
     for i, j in zip(*np.nonzero(present)):
         for step in (-1, 1):
