@@ -130,8 +130,14 @@ class FinetuneConfig:
     loose_margin_mm: float = 6.0  # loose prompts: the 3-D extent grown by a margin drawn from 0..this
     iou_head: bool = True  # also train the IoU head: MSE against the IoU its mask really has (LiteMedSAM's loss)
     adapter: bool = False  # also train a residual adapter on the cached embedding (model.adapter)
+    prompts: str = "box"  # box | box+points | mixed: what a training prompt carries (train.data.POINT_MODES)
+    max_points: int = 5  # the most clicks a training prompt carries
 
     def __post_init__(self):
+        if self.prompts not in ("box", "box+points", "mixed"):
+            raise UsageError(f"--prompts {self.prompts}: choose box, box+points or mixed")
+        if not 1 <= self.max_points <= 32:
+            raise UsageError(f"--max-points must lie in 1..32, got {self.max_points}")
         if not 0 < self.val_fraction < 1:
             raise UsageError(f"--val-fraction must lie between 0 and 1, got {self.val_fraction}")
         if self.epochs < 1 or self.batch_size < 1:
@@ -152,7 +158,11 @@ class FinetuneConfig:
 
 
 #: The prompt protocols of score and predict (see :mod:`embedcache.evaluation.protocols`).
-PROTOCOLS = ("oracle", "jitter", "box3d")
+PROTOCOLS = ("oracle", "jitter", "box3d", "clicks")
+#: What ``score`` runs unless ``--prompts`` says otherwise (clicks costs a few decodes per click: asked for).
+DEFAULT_PROTOCOLS = ("oracle", "jitter", "box3d")
+#: The most corrective clicks ``--clicks`` asks for (the CVPR 2025 challenge gives five).
+MAX_CLICKS = 20
 #: The sets ``score --cases`` can report on.
 CASE_SETS = ("test", "val", "train", "all")
 
@@ -179,8 +189,11 @@ class ProtocolSettings:
     walk: str = "grow"  # box3d: how the slices beyond the middle one are prompted (WALKS)
     min_iou: float = 0.0  # box3d: a mask whose predicted IoU is below this counts as vanished (0: off)
     middle: str = "single"  # box3d: the 3-D box's own prompt decodes to one mask, or to SAM's best of three ("multimask")
+    clicks: int = 5  # clicks: corrective clicks per gland after the 3-D box
 
     def __post_init__(self):
+        if isinstance(self.clicks, bool) or not isinstance(self.clicks, int) or not 0 <= self.clicks <= MAX_CLICKS:
+            raise UsageError(f"--clicks must be a whole number in 0..{MAX_CLICKS}, got {self.clicks}")
         if not 0 <= self.min_iou <= 1:
             raise UsageError(f"--min-iou must lie in 0..1, got {self.min_iou}")
         if self.middle not in ("single", "multimask"):
@@ -218,7 +231,7 @@ class ScoreConfig:
     run: str | None = None
     decoder: str | None = None
     cases: str | None = None
-    prompts: tuple[str, ...] = PROTOCOLS
+    prompts: tuple[str, ...] = DEFAULT_PROTOCOLS
     protocol: ProtocolSettings = field(default_factory=ProtocolSettings)
     checkpoint: str | None = None  # the backbone weights (None: the run's, or bundled)
     data: str | None = None  # the dataset folder where the sources lie now, if it moved since encoding

@@ -54,11 +54,16 @@ from embedcache.cli.common import console, device_option, friendly_errors, progr
 @click.option("--iou-head/--no-iou-head", default=True, show_default=True,
               help="Also train the IoU head (MSE against each mask's true IoU), so score --min-iou and predict's "
                    "low-IoU slices can trust it.")
+@click.option("--prompts", default="box", show_default=True, type=click.Choice(["box", "box+points", "mixed"]),
+              help="What a training prompt carries: its box; its box and 0..--max-points corrective clicks (from the "
+                   "error of the decoder's own mask); or mixed: a third each box, box + clicks, clicks alone.")
+@click.option("--max-points", default=5, show_default=True, type=click.IntRange(1, 32),
+              help="The most clicks a training prompt carries (--prompts box+points or mixed).")
 @progress_option
 @friendly_errors
 def finetune(cache, run_dir, epochs, lr, batch_size, val_fraction, seed, device, resume, model, checkpoint,
              box_jitter, patience, precision, resident, micro_batch, compile_, split_file, stop_prompts, stop_grow_mm,
-             train_prompts, loose_margin_mm, adapter, iou_head, progress):
+             train_prompts, loose_margin_mm, adapter, iou_head, prompts, max_points, progress):
     """Train only the mask decoder on the embedding cache CACHE, with box prompts and DiceCE loss.
 
     Test cases (imagesTs/ of the encoded data) are held out; the rest are split into train and
@@ -77,7 +82,7 @@ def finetune(cache, run_dir, epochs, lr, batch_size, val_fraction, seed, device,
         checkpoint=os.path.abspath(checkpoint) if checkpoint else None,  # score and export read it from any folder
         split=os.path.abspath(split_file) if split_file else None, stop_prompts=stop_prompts,
         stop_grow_mm=stop_grow_mm, train_prompts=train_prompts, loose_margin_mm=loose_margin_mm,
-        iou_head=iou_head, adapter=adapter,
+        iou_head=iou_head, adapter=adapter, prompts=prompts, max_points=max_points,
     )
     out = console()
     say = say_to(out)

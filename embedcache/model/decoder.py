@@ -1,12 +1,19 @@
-"""Batched prompt encoder + mask decoder: many image embeddings × many box prompts in one forward.
+"""Batched prompt encoder + mask decoder: many image embeddings × many prompts in one forward.
 
 ``segment_anything``'s ``MaskDecoder.forward`` takes one image and N prompts (it repeats the one
 embedding per prompt). Training and scoring need B images × P prompts; :func:`decode_boxes` runs
 the decoder's own submodules on all of them at once and is tested equal to the per-image call.
+
+A prompt is a box, a box with clicks (points labelled 1 inside the target, 0 outside), or clicks
+alone, as ``SamPredictor.predict(point_coords=..., point_labels=..., box=...)`` takes them. The
+prompts of one call carry the same number of points: SAM has no padding for a point that is not
+there beside a box (its ``-1`` "not a point" token is one more token the decoder attends to, and
+changes the mask), so :func:`segment_boxes` decodes prompts with different counts in groups.
 """
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -20,27 +27,38 @@ def decode_boxes(
     prompt_encoder: torch.nn.Module,
     mask_decoder: torch.nn.Module,
     embeddings: torch.Tensor,
-    boxes: torch.Tensor,
+    boxes: torch.Tensor | None,
     *,
+    points: tuple[torch.Tensor, torch.Tensor] | None = None,
     multimask_output: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Masks for box prompts.
+    """Masks for box (and point) prompts.
 
     Arguments:
       embeddings: ``(B, 256, 64, 64)`` image embeddings.
       boxes: ``(B, P, 4)`` boxes ``(x0, y0, x1, y1)`` in the encoder input's pixels, or ``(N, 4)``
-        with ``N`` prompts for ``N`` embeddings (one prompt each).
+        with ``N`` prompts for ``N`` embeddings (one prompt each); None: points alone (SAM then adds
+        its padding point, as ``SamPredictor`` does).
+      points: coordinates ``(B, P, K, 2)`` (``(N, K, 2)``) ``(x, y)`` in the encoder input's pixels, as
+        ``SamPredictor.transform.apply_coords`` gives them, and labels ``(B, P, K)`` (``(N, K)``): 1 a
+        point on the target, 0 a point off it.
 
     Returns:
       low-resolution mask logits ``(B, P, M, 256, 256)`` (``M`` = 1, or 3 with ``multimask_output``;
       ``(N, M, 256, 256)`` for ``(N, 4)`` boxes) covering the padded encoder input, and the predicted
       IoU ``(B, P, M)``.
     """
-    flat = boxes.ndim == 2
-    if flat:
-        boxes = boxes[:, None]
-    b, p = boxes.shape[:2]
-    sparse, dense = prompt_encoder(points=None, boxes=boxes.reshape(b * p, 4), masks=None)
+    if boxes is None and points is None:
+        raise ValueError("a prompt needs a box or points")
+    lead = (boxes.shape[:-1] if boxes is not None else points[1].shape[:-1])
+    flat = len(lead) == 1
+    b, p = (lead[0], 1) if flat else tuple(lead)
+    coords = None
+    if points is not None:
+        k = points[1].shape[-1]
+        coords = (points[0].reshape(b * p, k, 2).float(), points[1].reshape(b * p, k).to(torch.int64))
+    sparse, dense = prompt_encoder(points=coords, boxes=None if boxes is None else boxes.reshape(b * p, 4).float(),
+                                   masks=None)
     d = mask_decoder
     adapter = getattr(d, "adapter", None)  # finetune --adapter: a residual correction of each embedding
     if adapter is not None:
@@ -88,7 +106,7 @@ def masks_on_grid(low_res: torch.Tensor, *, input_size: int, slice_size: int, sh
     return F.interpolate(logits, size=tuple(shape_yx), mode="bilinear", align_corners=False)[:, 0] > 0
 
 
-class BoxDecoder(torch.nn.Module):
+class PromptDecoder(torch.nn.Module):
     """Prompt encoder (frozen) + mask decoder (trained) as one module, so DDP sees one forward."""
 
     def __init__(self, prompt_encoder: torch.nn.Module, mask_decoder: torch.nn.Module, *, train_iou: bool = False,
@@ -105,29 +123,54 @@ class BoxDecoder(torch.nn.Module):
         for mlp in mask_decoder.output_hypernetworks_mlps[1:]:
             mlp.requires_grad_(False)
 
-    def forward(self, embeddings: torch.Tensor, boxes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(P, 256, 64, 64)`` embeddings, ``(P, 4)`` boxes in encoder-input pixels → ``(P, 1, 256, 256)``
-        mask logits and ``(P, 1)`` predicted IoU."""
-        return decode_boxes(self.prompt_encoder, self.mask_decoder, embeddings, boxes)
+    def forward(self, embeddings: torch.Tensor, boxes: torch.Tensor | None,
+                points: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(P, 256, 64, 64)`` embeddings, ``(P, 4)`` boxes (and ``(P, K, 2)`` points with ``(P, K)``
+        labels) in encoder-input pixels → ``(P, 1, 256, 256)`` mask logits and ``(P, 1)`` predicted IoU."""
+        return decode_boxes(self.prompt_encoder, self.mask_decoder, embeddings, boxes, points=points)
 
 
 def segment_boxes(prompt_encoder: torch.nn.Module, mask_decoder: torch.nn.Module, embeddings: torch.Tensor,
                   boxes: torch.Tensor, *, input_size: int, slice_size: int, shape_yx: tuple[int, int],
-                  multimask: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+                  multimask: bool = False, points: list | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Masks on a slice's own pixel grid for boxes drawn on it, and the decoder's predicted IoU of each.
 
     Arguments:
       embeddings: ``(k, 256, 64, 64)``, one per prompt, of slices that were resampled to ``slice_size``².
-      boxes: ``(k, 4)`` ``(x0, y0, x1, y1)`` pixel edges on the ``shape_yx`` slice.
+      boxes: ``(k, 4)`` ``(x0, y0, x1, y1)`` pixel edges on the ``shape_yx`` slice; a row of NaN: no box
+        (points alone).
       multimask: decode SAM's three multimask outputs and keep, per prompt, the one whose predicted IoU
         is highest (SAM's own answer to an ambiguous prompt, such as a loose box).
+      points: per prompt, None or an ``(n, 3)`` array of clicks ``(x, y, label)`` on the ``shape_yx``
+        slice: ``x`` its column and ``y`` its row, as ``SamPredictor`` takes them; label 1 on the target,
+        0 off it. Prompts with different counts decode in separate groups (see the module).
 
     Returns:
       ``(k, *shape_yx)`` bool masks and ``(k,)`` predicted IoU.
     """
     height, width = shape_yx
     scale = torch.tensor([slice_size / width, slice_size / height] * 2, device=boxes.device) * (input_size / slice_size)
-    low, iou = decode_boxes(prompt_encoder, mask_decoder, embeddings, boxes * scale, multimask_output=multimask)
+    counts = [0 if points is None or points[i] is None else len(points[i]) for i in range(len(boxes))]
+    given = ~torch.isnan(boxes).any(dim=1).cpu().numpy()
+    groups: dict[tuple[bool, int], list[int]] = {}
+    for i, (has_box, n) in enumerate(zip(given, counts)):
+        if not has_box and n == 0:
+            raise ValueError(f"prompt {i} has neither a box nor points")
+        groups.setdefault((bool(has_box), n), []).append(i)
+    low = iou = None
+    for (has_box, n), members in groups.items():
+        index = torch.tensor(members, device=boxes.device)
+        clicks = None
+        if n:
+            xyl = torch.as_tensor(np.stack([np.asarray(points[i], np.float32) for i in members]), device=boxes.device)
+            clicks = (xyl[..., :2] * scale[:2], xyl[..., 2])
+        part_low, part_iou = decode_boxes(prompt_encoder, mask_decoder, embeddings[index],
+                                          boxes[index] * scale if has_box else None, points=clicks,
+                                          multimask_output=multimask)
+        if low is None:
+            low = part_low.new_empty((len(boxes), *part_low.shape[1:]))
+            iou = part_iou.new_empty((len(boxes), *part_iou.shape[1:]))
+        low[index], iou[index] = part_low, part_iou
     best = iou.argmax(dim=1)
     pick = torch.arange(len(best), device=best.device)
     low, iou = low[pick, best][:, None], iou[pick, best]

@@ -143,6 +143,22 @@ class Batch:
     boxes: torch.Tensor  # (P, 4) in encoder-input pixels
     targets: torch.Tensor  # (P, 1, 256, 256) soft targets in [0, 1]
     masks: torch.Tensor  # (P, size, size) bool, full-resolution targets (validation Dice)
+    clicks: Clicks | None = None  # finetune --prompts box+points|mixed: the points each prompt carries
+
+
+@dataclass
+class Clicks:
+    """How many training clicks each prompt of a batch carries (:func:`embedcache.model.clicks.training_clicks`
+    places them on the device): counts and box flags on the host, to group the prompts by, seeds on the device."""
+
+    count: np.ndarray  # (P,) points per prompt, 0..--max-points
+    box: np.ndarray  # (P,) bool: the prompt keeps its box (False: points alone)
+    seeds: torch.Tensor  # (P,) int64 seeds of the click positions
+
+    def groups(self) -> list[tuple[bool, int, np.ndarray]]:
+        """``(box, count, prompts)`` for each kind of prompt in the batch, in a fixed order."""
+        keys = sorted({(bool(b), int(c)) for b, c in zip(self.box, self.count)}, key=lambda bc: (not bc[0], bc[1]))
+        return [(b, c, np.flatnonzero((self.box == b) & (self.count == c))) for b, c in keys]
 
 
 @dataclass
@@ -155,20 +171,50 @@ class BatchPlan:
     label: np.ndarray  # (P,) label ids
     boxes: np.ndarray  # (P, 4) float32, encoder-input pixels
     count: int = 0  # prompts of the whole (all-rank) batch, for the loss weights
+    clicks: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None  # (P,) point counts, box flags, seeds
 
 
 def plan_batch(prompts: PromptIndex, slices: np.ndarray, *, labels: tuple[int, ...], box_scale: float,
-               boxes: np.ndarray | None = None, count: int = 0) -> BatchPlan:
+               boxes: np.ndarray | None = None, count: int = 0, clicks=None) -> BatchPlan:
     """The prompts of ``slices`` (local indices); ``boxes`` replaces ``prompts.boxes`` (same indexing),
-    e.g. with jittered boxes."""
+    e.g. with jittered boxes, and ``clicks`` (point counts, box flags, seeds; indexed the same way) gives
+    prompts points."""
     which, local = prompts.of_slices(slices)
     boxes = (prompts.boxes if boxes is None else boxes)[which]
     return BatchPlan(slices=np.asarray(slices), local=local, label=np.asarray(labels, np.int64)[prompts.slot[which]],
-                     boxes=boxes * box_scale, count=count)
+                     boxes=boxes * box_scale, count=count,
+                     clicks=None if clicks is None else tuple(np.asarray(a)[which] for a in clicks))
+
+
+#: ``finetune --prompts``: what a training prompt carries besides (or instead of) its box.
+POINT_MODES = {
+    "box": "the box alone",
+    "box+points": "the box and 0..--max-points clicks (uniform), from the error of the decoder's own box-only mask",
+    "mixed": "a third each: the box alone; the box and 1..--max-points clicks; 1..--max-points clicks on the gland "
+             "and no box",
+}
+
+
+def draw_clicks(prompts: PromptIndex, which: np.ndarray, *, mode: str, max_points: int,
+                rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Point counts, box flags and click seeds of prompts ``which`` under ``mode`` (:data:`POINT_MODES`).
+    A stop prompt (nothing to click on) keeps its box under ``mixed``."""
+    from embedcache.model.clicks import SEED_BITS
+
+    n = len(which)
+    count, box = np.zeros(n, np.int64), np.ones(n, bool)
+    if mode == "box+points":
+        count = rng.integers(0, max_points + 1, size=n)
+    elif mode == "mixed":
+        kind = rng.integers(0, 3, size=n)
+        count = np.where(kind > 0, rng.integers(1, max_points + 1, size=n), 0)
+        box = (kind < 2) | prompts.stop[which]
+    seeds = rng.integers(0, 2**SEED_BITS, size=n)
+    return count, box, seeds
 
 
 def assemble(embeddings: torch.Tensor, masks: torch.Tensor, local: torch.Tensor, label: torch.Tensor,
-             boxes: torch.Tensor, *, slice_size: int) -> Batch:
+             boxes: torch.Tensor, *, slice_size: int, clicks: Clicks | None = None) -> Batch:
     """A batch from its slices' ``(n, 256, 64, 64)`` embeddings and ``(n, S, S)`` masks and its prompts'
     device tensors: gathers and a pooling, no host synchronisation."""
     target = masks[local] == label[:, None, None]
@@ -178,7 +224,7 @@ def assemble(embeddings: torch.Tensor, masks: torch.Tensor, local: torch.Tensor,
         soft = F.adaptive_avg_pool2d(target[:, None].float(), LOW_RES)
     else:
         soft = F.interpolate(target[:, None].float(), size=(LOW_RES, LOW_RES), mode="bilinear", align_corners=False)
-    return Batch(embeddings=embeddings[local], boxes=boxes, targets=soft, masks=target)
+    return Batch(embeddings=embeddings[local], boxes=boxes, targets=soft, masks=target, clicks=clicks)
 
 
 def fetch_batch(data: SliceData, plan: BatchPlan, *, slice_size: int) -> Batch:
@@ -186,7 +232,14 @@ def fetch_batch(data: SliceData, plan: BatchPlan, *, slice_size: int) -> Batch:
     emb, masks = data.get(plan.slices)
     device = emb.device
     return assemble(emb, masks, torch.from_numpy(plan.local).to(device), torch.from_numpy(plan.label).to(device),
-                    torch.from_numpy(plan.boxes).to(device), slice_size=slice_size)
+                    torch.from_numpy(plan.boxes).to(device), slice_size=slice_size, clicks=_clicks(plan, device))
+
+
+def _clicks(plan: BatchPlan, device: torch.device, seeds: torch.Tensor | None = None) -> Clicks | None:
+    if plan.clicks is None or not plan.clicks[0].any():
+        return None
+    count, box, seed = plan.clicks
+    return Clicks(count=count, box=box, seeds=seeds if seeds is not None else torch.from_numpy(seed).to(device))
 
 
 class DeviceBatches:
@@ -205,6 +258,8 @@ class DeviceBatches:
         self.slices, self.local, self.label = flat("slices", np.int64), flat("local", np.int64), flat("label", np.int64)
         boxes = [p.boxes.astype(np.float32).reshape(-1, 4) for p in plans]
         self.boxes = torch.from_numpy(np.concatenate(boxes) if boxes else np.zeros((0, 4), np.float32)).to(device)
+        seeds = [p.clicks[2] if p.clicks is not None else np.zeros(len(p.local), np.int64) for p in plans]
+        self.seeds = torch.from_numpy(np.concatenate(seeds).astype(np.int64) if seeds else np.zeros(0, np.int64)).to(device)
         self.slice_start = np.cumsum([0] + [len(p.slices) for p in plans])
         self.prompt_start = np.cumsum([0] + [len(p.local) for p in plans])
 
@@ -214,7 +269,8 @@ class DeviceBatches:
             p = slice(int(self.prompt_start[i]), int(self.prompt_start[i + 1]))
             index = self.slices[s]
             yield assemble(self.data.embeddings[index], self.data.masks[index], self.local[p], self.label[p],
-                           self.boxes[p], slice_size=self.slice_size), plan.count
+                           self.boxes[p], slice_size=self.slice_size,
+                           clicks=_clicks(plan, self.boxes.device, self.seeds[p])), plan.count
 
 
 def _stop_prompts(where: dict, case_of: np.ndarray, z: np.ndarray, present: np.ndarray, boxes: np.ndarray):
@@ -294,9 +350,11 @@ class CaseSet:
     def __len__(self) -> int:
         return len(self.prompts.rows)
 
-    def plan(self, slices: np.ndarray, boxes: np.ndarray | None = None, count: int = 0) -> BatchPlan:
-        """The batch of local ``slices``; ``boxes`` (indexed as ``prompts.boxes``) replaces the cached boxes."""
-        return plan_batch(self.prompts, slices, labels=self.labels, box_scale=self.box_scale, boxes=boxes, count=count)
+    def plan(self, slices: np.ndarray, boxes: np.ndarray | None = None, count: int = 0, clicks=None) -> BatchPlan:
+        """The batch of local ``slices``; ``boxes`` (indexed as ``prompts.boxes``) replaces the cached boxes,
+        ``clicks`` (:func:`draw_clicks`'s arrays, indexed the same way) gives prompts points."""
+        return plan_batch(self.prompts, slices, labels=self.labels, box_scale=self.box_scale, boxes=boxes, count=count,
+                          clicks=clicks)
 
     def batch(self, slices: np.ndarray, boxes: np.ndarray | None = None) -> Batch:  # benchmarks/epoch.py
         """The prompts of local ``slices`` on the device; ``boxes`` as for :meth:`plan`."""

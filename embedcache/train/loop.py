@@ -34,7 +34,7 @@ from embedcache.runtime.distributed import Dist
 from embedcache.runtime.readahead import ReadAhead
 from embedcache.train.cases import Split, augmented_of
 from embedcache.train.checkpoint import BEST, Checkpoint, load_checkpoint, save_checkpoint
-from embedcache.train.data import CaseSet, case_sets, draw_boxes
+from embedcache.train.data import CaseSet, case_sets, draw_boxes, draw_clicks
 from embedcache.train.runs import LAST, EpochRecord, RunFolder
 from embedcache.train.trainer import Trainer, build_trainer
 
@@ -190,13 +190,21 @@ def _training_plan(slices: np.ndarray, seed: int, train: CaseSet, config: Finetu
     batch, so that each prompt gets the same box on any rank."""
     boxes = train.prompts.boxes
     mix = parse_prompt_mix(config.train_prompts)
+    which, _ = train.prompts.of_slices(np.sort(slices))
     if mix != {"jitter": 1.0} or config.box_jitter > 0:
-        which, _ = train.prompts.of_slices(np.sort(slices))
         boxes = boxes.copy()
         boxes[which] = draw_boxes(train.prompts, which, mix=mix, rng=np.random.default_rng(seed),
                                   jitter=config.box_jitter, loose_margin_mm=config.loose_margin_mm,
                                   grow_mm=config.stop_grow_mm, limit=float(train.slice_size))
-    return train.plan(np.sort(slices[dist.rank :: dist.world]), boxes=boxes, count=train.prompts.count(slices))
+    clicks = None
+    if config.prompts != "box":  # its own stream: the boxes are drawn as without points
+        drawn = draw_clicks(train.prompts, which, mode=config.prompts, max_points=config.max_points,
+                            rng=np.random.default_rng([seed, 1]))
+        clicks = tuple(np.zeros(len(boxes), a.dtype) for a in drawn)
+        for full, part in zip(clicks, drawn):
+            full[which] = part
+    return train.plan(np.sort(slices[dist.rank :: dist.world]), boxes=boxes, count=train.prompts.count(slices),
+                      clicks=clicks)
 
 
 @torch.no_grad()

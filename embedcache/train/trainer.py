@@ -14,11 +14,12 @@ from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from embedcache.config import FinetuneConfig
 from embedcache.model.backbones import Backbone, load_backbone
-from embedcache.model.decoder import BoxDecoder
+from embedcache.model.decoder import PromptDecoder
 from embedcache.model.losses import dice_ce_per_prompt, iou_mse_per_prompt
 from embedcache.train.data import Batch
 
@@ -65,25 +66,55 @@ class TrainStep:
     """
 
     def __init__(self, net, optimizer, scheduler, params, *, autocast, scaler, grad_clip: float, world: int = 1,
-                 micro_batch: int = 0, iou_weight: float = 0.0):
+                 micro_batch: int = 0, iou_weight: float = 0.0, plain=None, input_size: int = 1024):
         self.net, self.optimizer, self.scheduler, self.params = net, optimizer, scheduler, params
+        self.plain = plain if plain is not None else net  # the module itself, for the click's no-grad forward
+        self.input_size = input_size  # the encoder input's side: where training clicks are placed
         self.iou_weight = iou_weight  # the IoU head's MSE joins the loss with this weight (0: the head is frozen)
         self.autocast, self.scaler, self.grad_clip, self.world = autocast, scaler, grad_clip, world
         self.micro_batch = micro_batch
         self._losses, self._finite, self._seen = [], [], 0
 
+    def _chunks(self, batch: Batch) -> list[tuple[object, bool, int]]:
+        """``(prompts, box given, points)`` per forward: micro-batches of prompts of the same kind (SAM takes
+        one point count per call). Without clicks, slices of the batch, as always."""
+        n = len(batch.boxes)
+        groups = [(True, 0, np.arange(n))] if batch.clicks is None else batch.clicks.groups()
+        chunks = []
+        for box, k, index in groups:
+            size = self.micro_batch or max(len(index), 1)
+            for i in range(0, len(index), size):
+                part = index[i : i + size]
+                chunks.append((slice(int(part[0]), int(part[-1]) + 1) if batch.clicks is None
+                               else torch.from_numpy(part).to(batch.boxes.device), box, k))
+        return chunks or [(slice(0, 0), True, 0)]
+
+    def _forward(self, batch: Batch, part, box: bool, k: int):
+        """Logits and predicted IoU of the prompts ``part``, with ``k`` training clicks each (and their box, if ``box``)."""
+        embeddings, boxes = batch.embeddings[part], batch.boxes[part]
+        if k == 0:
+            return self.net(embeddings, boxes)
+        from embedcache.model.clicks import training_clicks
+
+        prediction = None
+        if box:  # the clicks correct what the decoder draws for the box alone
+            with torch.no_grad():
+                prediction, _ = self.plain(embeddings, boxes)
+        points = training_clicks(batch.targets[part], k, batch.clicks.seeds[part], input_size=self.input_size,
+                                 prediction=prediction, boxes=boxes if box else None)
+        return self.net(embeddings, boxes if box else None, points)
+
     def __call__(self, batch: Batch, global_count: int) -> None:
         self.optimizer.zero_grad(set_to_none=True)
         n = len(batch.boxes)
-        size = self.micro_batch or max(n, 1)
-        chunks = [slice(i, i + size) for i in range(0, n, size)] or [slice(0, 0)]
+        chunks = self._chunks(batch)
         losses, finite = [], []
-        for i, part in enumerate(chunks):
+        for i, (part, box, k) in enumerate(chunks):
             # DDP: all-reduce the gradients once, on the last micro-batch.
             sync = nullcontext() if i == len(chunks) - 1 or not hasattr(self.net, "no_sync") else self.net.no_sync()
             with sync:
                 with self.autocast:
-                    logits, iou = self.net(batch.embeddings[part], batch.boxes[part])
+                    logits, iou = self._forward(batch, part, box, k)
                     per_prompt = dice_ce_per_prompt(logits, batch.targets[part])
                     if self.iou_weight:
                         per_prompt = per_prompt + self.iou_weight * iou_mse_per_prompt(iou, logits, batch.targets[part])
@@ -121,7 +152,7 @@ class Trainer:
     """What a fine-tune trains with. ``model`` is the plain module (its ``mask_decoder`` is saved);
     ``step`` runs ``net``, which is ``model`` wrapped in DDP and/or ``torch.compile`` when asked."""
 
-    model: BoxDecoder
+    model: PromptDecoder
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
     step: TrainStep
@@ -136,7 +167,7 @@ def build_trainer(backbone: Backbone, checkpoint: Path | None, config: FinetuneC
     """The prompt encoder (frozen) and mask decoder (trained) of ``backbone`` with ``checkpoint``'s
     weights (None: bundled), on ``device``, with AdamW, the lr schedule over ``total_steps`` and the step."""
     parts, _ = load_backbone(backbone, checkpoint)
-    model = BoxDecoder(parts.prompt_encoder, parts.mask_decoder, train_iou=config.iou_head, adapter=config.adapter).to(device)
+    model = PromptDecoder(parts.prompt_encoder, parts.mask_decoder, train_iou=config.iou_head, adapter=config.adapter).to(device)
     del parts  # the image encoder is not needed: the cache holds its output
     params = [p for p in model.mask_decoder.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
@@ -149,5 +180,6 @@ def build_trainer(backbone: Backbone, checkpoint: Path | None, config: FinetuneC
     if config.compile:
         net = torch.compile(net)
     step = TrainStep(net, optimizer, scheduler, params, autocast=autocast, scaler=scaler, grad_clip=config.grad_clip,
-                     world=world, micro_batch=micro_batch_for(config, device), iou_weight=1.0 if config.iou_head else 0.0)
+                     world=world, micro_batch=micro_batch_for(config, device), iou_weight=1.0 if config.iou_head else 0.0,
+                     plain=model, input_size=backbone.input_size)
     return Trainer(model=model, optimizer=optimizer, scheduler=scheduler, step=step, autocast=autocast)

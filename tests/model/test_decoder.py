@@ -67,3 +67,36 @@ def test_multimask_segmentation_keeps_the_output_with_the_highest_predicted_iou(
     for i in range(3):
         want = masks_on_grid(low[i : i + 1, best[i] : best[i] + 1], input_size=256, slice_size=256, shape_yx=(256, 256))
         assert torch.equal(masks[i], want[0])
+
+
+@pytest.mark.parametrize("with_box", [True, False])
+def test_points_decode_as_sam_predictor_does_per_sample(lite_parts, with_box):
+    """Box + clicks (and clicks alone) through the batched decoder equal segment_anything's SamPredictor,
+    one prompt at a time, with prompts of different click counts decoded side by side."""
+    import numpy as np
+    from segment_anything import SamPredictor
+    from segment_anything.modeling import Sam
+
+    from embedcache.model.decoder import segment_boxes
+
+    torch.manual_seed(3)
+    embeddings = torch.randn(3, 256, 64, 64)
+    boxes = torch.tensor([[30.0, 40, 190, 220], [150, 100, 400, 360], [10, 10, 500, 500]])  # on a 512² slice
+    if not with_box:
+        boxes[:] = float("nan")
+    points = [np.array([[100.0, 120, 1]]), np.array([[200.0, 150, 1], [380, 300, 0], [250, 200, 1]]),
+              np.array([[60.0, 70, 0], [300, 300, 1]])]
+    pe, md = lite_parts.prompt_encoder, lite_parts.mask_decoder
+    sam = Sam(image_encoder=torch.nn.Identity(), prompt_encoder=pe, mask_decoder=md)
+    sam.image_encoder.img_size = 256  # SamPredictor's transform reads it (LiteMedSAM's input: 256 px)
+    predictor = SamPredictor(sam)
+    with torch.no_grad():
+        masks, iou = segment_boxes(pe, md, embeddings, boxes, input_size=256, slice_size=512, shape_yx=(512, 512),
+                                   points=points)
+        for i in range(3):
+            predictor.features, predictor.is_image_set = embeddings[i : i + 1], True
+            predictor.original_size, predictor.input_size = (512, 512), (256, 256)
+            theirs, their_iou, _ = predictor.predict(point_coords=points[i][:, :2], point_labels=points[i][:, 2],
+                                                     box=boxes[i].numpy() if with_box else None, multimask_output=False)
+            assert np.array_equal(masks[i].numpy(), theirs[0])
+            assert abs(float(iou[i]) - float(their_iou[0])) < 1e-5

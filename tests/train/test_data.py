@@ -141,3 +141,32 @@ def test_a_prompt_mix_draws_each_kind_by_its_weight(tiny_model, small_cache):
                        loose_margin_mm=5.0, grow_mm=0.0, limit=size)
     tight = (boxes == prompts.boxes[which]).all(axis=1)
     assert 0.7 < tight.mean() < 0.8
+
+
+def test_point_modes_draw_counts_and_boxes_as_they_say_and_leave_the_boxes_drawn_as_without_points(tiny_model,
+                                                                                                  small_cache):
+    from embedcache.config import FinetuneConfig
+    from embedcache.runtime.distributed import Dist
+    from embedcache.train.data import PromptIndex, case_sets, draw_clicks
+    from embedcache.train.loop import _training_plan
+
+    with store.open_cache(small_cache) as cache:
+        prompts = PromptIndex.from_cache(cache, np.arange(len(cache)), stop_prompts=True)
+        train = case_sets(cache, {"t": [c.name for c in cache.cases]}, box_scale=tiny_model.box_scale(512),
+                          device=torch.device("cpu"), resident="device", stop_prompts=("t",))["t"]
+    which = np.repeat(np.arange(len(prompts.boxes)), 300)
+    rng = np.random.default_rng(0)
+    count, box, seeds = draw_clicks(prompts, which, mode="box", max_points=5, rng=rng)
+    assert not count.any() and box.all()
+    count, box, _ = draw_clicks(prompts, which, mode="box+points", max_points=5, rng=rng)
+    assert box.all() and set(count.tolist()) == set(range(6))
+    count, box, seeds = draw_clicks(prompts, which, mode="mixed", max_points=3, rng=rng)
+    stop = prompts.stop[which]
+    assert set(count[~box].tolist()) == {1, 2, 3} and not (~box & stop).any()  # nothing to click on a stop prompt
+    assert 0.25 < (~box[~stop]).mean() < 0.42 and 0.25 < (count[box] == 0).mean() < 0.6
+    assert seeds.min() >= 0 and seeds.max() < 2**16
+    slices = np.arange(len(train))
+    plans = {mode: _training_plan(slices, 123, train, FinetuneConfig(prompts=mode), Dist("cpu"))
+             for mode in ("box", "box+points")}
+    np.testing.assert_array_equal(plans["box"].boxes, plans["box+points"].boxes)
+    assert plans["box"].clicks is None and len(plans["box+points"].clicks[0]) == len(plans["box+points"].boxes)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -80,3 +81,34 @@ def test_an_adapter_starts_as_the_identity_and_learns_with_the_decoder(tiny_mode
     with torch.no_grad():
         after = adapted.model(batch.embeddings, batch.boxes)[0]
     assert not torch.allclose(after, before[1])
+
+
+def test_prompts_with_clicks_train_in_groups_whose_gradients_add_up_to_one_prompt_at_a_time(tiny_model, small_cache):
+    """Box, box + clicks and clicks-alone prompts in one batch: grouped by kind (SAM takes one point count
+    per call), each prompt gets its own clicks and target, so the step equals one forward per prompt."""
+    from embedcache.train.data import Clicks
+
+    batch, _ = small_batch(tiny_model, small_cache)
+    n = len(batch.boxes)
+    assert n >= 3
+    count = np.array([2, 0, 3] + [1] * (n - 3))
+    box = np.array([True, True, False] + [True] * (n - 3))
+    batch.clicks = Clicks(count=count, box=box, seeds=torch.arange(n) + 11)
+    grads, losses = [], []
+    for micro in (0, 1):
+        trainer = _trainer(tiny_model, micro_batch=micro)
+        calls = []
+        forward = trainer.step.net.forward
+        trainer.step.net.forward = lambda e, b, p=None: (calls.append((b is not None, 0 if p is None else p[0].shape[1],
+                                                                         len(e))), forward(e, b, p))[1]
+        trainer.step(batch, n)
+        grads.append({k: p.grad.clone() for k, p in trainer.model.mask_decoder.named_parameters() if p.requires_grad})
+        losses.append(trainer.step.end_epoch()[0])
+        if micro == 0:  # one no-grad forward for each group with a box and points, then one per group
+            kinds = {(b, k) for b, k in zip(box.tolist(), count.tolist())}
+            assert sorted(c[:2] for c in calls if c[1] > 0) == sorted((b, k) for b, k in kinds if k > 0)
+            assert len(calls) == len(kinds) + sum(1 for b, k in kinds if b and k > 0)
+    assert abs(losses[0] - losses[1]) < 1e-5
+    scale = max(float(g.abs().max()) for g in grads[0].values())
+    for key in grads[0]:  # equal up to summation order (some tensors' gradients are float noise, ~1e-11)
+        assert (grads[0][key] - grads[1][key]).abs().max() <= 1e-4 * scale, key
