@@ -41,17 +41,19 @@ def protocol_options(func):
         click.option("--middle", default="single", show_default=True, type=click.Choice(["single", "multimask"]),
                      help="box3d: the 3-D box's own prompt (the middle slice; every slice under --walk extent) gives "
                           "one mask, or SAM's three with the best predicted IoU kept."),
+        click.option("--clicks", "clicks", default=5, show_default=True, type=int,
+                     help="clicks: corrective clicks per gland after the 3-D box (0..20)."),
     ]
     for option in reversed(options):
         func = option(func)
     return func
 
 
-def _settings(jitter, seed, box_margin_mm, box_margin_slices, grow_mm, walk, min_iou, middle):
+def _settings(jitter, seed, box_margin_mm, box_margin_slices, grow_mm, walk, min_iou, middle, clicks):
     from embedcache.config import ProtocolSettings
 
     return ProtocolSettings(jitter=jitter, seed=seed, margin_mm=box_margin_mm, margin_slices=box_margin_slices,
-                            grow_mm=grow_mm, walk=walk, min_iou=min_iou, middle=middle)
+                            grow_mm=grow_mm, walk=walk, min_iou=min_iou, middle=middle, clicks=clicks)
 
 
 @click.command()
@@ -63,7 +65,8 @@ def _settings(jitter, seed, box_margin_mm, box_margin_slices, grow_mm, walk, min
 @click.option("--cases", default=None, type=click.Choice(["test", "val", "train", "all"]),
               help="Which cases to score [default: test cases if any, else val with --run, else all].")
 @click.option("--prompts", default="oracle,jitter,box3d", show_default=True,
-              help="Prompt protocols, comma-separated: oracle, jitter, box3d.")
+              help="Prompt protocols, comma-separated: oracle, jitter, box3d, clicks (box3d and --clicks corrective "
+                   "clicks per gland, Dice after each).")
 @protocol_options
 @click.option("--checkpoint", type=click.Path(path_type=Path), default=None,
               help="The backbone weights the cache was encoded with (default: the run's, or bundled).")
@@ -74,7 +77,7 @@ def _settings(jitter, seed, box_margin_mm, box_margin_slices, grow_mm, walk, min
 @progress_option
 @friendly_errors
 def score(cache, out_dir, run_dir, decoder_file, cases, prompts, jitter, seed, box_margin_mm, box_margin_slices,
-          grow_mm, walk, min_iou, middle, checkpoint, data, device, progress):
+          grow_mm, walk, min_iou, middle, clicks, checkpoint, data, device, progress):
     """Score the vanilla decoder against the fine-tuned one on the cached embeddings of CACHE.
 
     Per prompt protocol (oracle: tight boxes on every slice, an upper bound; jitter: sloppy boxes;
@@ -90,7 +93,8 @@ def score(cache, out_dir, run_dir, decoder_file, cases, prompts, jitter, seed, b
 
     config = ScoreConfig(cache=str(cache), run=_text(run_dir), decoder=_text(decoder_file), cases=cases,
                          prompts=parse_protocols(prompts),
-                         protocol=_settings(jitter, seed, box_margin_mm, box_margin_slices, grow_mm, walk, min_iou, middle),
+                         protocol=_settings(jitter, seed, box_margin_mm, box_margin_slices, grow_mm, walk, min_iou, middle,
+                                              clicks),
                          checkpoint=_text(checkpoint), data=_text(data), device=device)
     with open_cache(cache) as opened:  # a mistyped path or a decoder for another cache costs a second, not torch's import
         if run_dir or decoder_file:
@@ -168,8 +172,9 @@ def evaluate(pred, labels_dir, out_dir, labels, name, progress):
               help="JSON: 3-D boxes (or boxes on one slice) per input and label, in the file's voxel indices.")
 @click.option("--from-labels", type=click.Path(path_type=Path), default=None,
               help="A label NIfTI (or a folder of CASE.nii.gz) whose glands give the prompts.")
-@click.option("--prompts", default="box3d", show_default=True, type=click.Choice(["oracle", "jitter", "box3d"]),
-              help="With --from-labels: how the glands become prompts (see score).")
+@click.option("--prompts", default="box3d", show_default=True,
+              type=click.Choice(["oracle", "jitter", "box3d", "clicks"]),
+              help="With --from-labels: how the glands become prompts (see score; clicks: the label places them).")
 @protocol_options
 @click.option("--series", default=None, help="SeriesInstanceUID to read from DICOM folders holding several series.")
 @click.option("--output-type", "output_types", default="nifti", show_default=True,
@@ -183,7 +188,7 @@ def evaluate(pred, labels_dir, out_dir, labels, name, progress):
 @progress_option
 @friendly_errors
 def predict(inputs, out_dir, run_dir, decoder_file, boxes_file, from_labels, prompts, jitter, seed, box_margin_mm,
-            box_margin_slices, grow_mm, walk, min_iou, middle, series, output_types, review_iou, model, checkpoint, device, progress):
+            box_margin_slices, grow_mm, walk, min_iou, middle, clicks, series, output_types, review_iou, model, checkpoint, device, progress):
     """Segment INPUTS (NIfTI files or DICOM series folders) from box prompts.
 
     A 3-D box per gland is segmented from its middle slice and propagated slice by slice (box3d);
@@ -194,14 +199,15 @@ def predict(inputs, out_dir, run_dir, decoder_file, boxes_file, from_labels, pro
     from embedcache.config import PredictConfig
 
     ctx = click.get_current_context()
-    typed = [name for name in ("prompts", "box_margin_mm", "box_margin_slices", "jitter", "seed")
+    typed = [name for name in ("prompts", "box_margin_mm", "box_margin_slices", "jitter", "seed", "clicks")
              if ctx.get_parameter_source(name) == click.core.ParameterSource.COMMANDLINE]
     if boxes_file is not None and typed:
         raise UsageError(f"--{typed[0].replace('_', '-')} shapes the prompts drawn from --from-labels; --boxes are "
                          "segmented as given: drop it")
     config = PredictConfig(run=_text(run_dir), decoder=_text(decoder_file), boxes=_text(boxes_file),
                            from_labels=_text(from_labels), prompts=prompts,
-                           protocol=_settings(jitter, seed, box_margin_mm, box_margin_slices, grow_mm, walk, min_iou, middle),
+                           protocol=_settings(jitter, seed, box_margin_mm, box_margin_slices, grow_mm, walk, min_iou, middle,
+                                              clicks),
                            series=series, model=model, checkpoint=_text(checkpoint), device=device, review_iou=review_iou,
                            output_types=tuple(t.strip() for t in output_types.split(",") if t.strip()))
     from embedcache.evaluation.predict import predict as run_predict

@@ -72,6 +72,33 @@ def dice_plot(report: Report, path: Path) -> Path:
     return _save(fig, path, dpi=110)
 
 
+def clicks_plot(report: Report, path: Path) -> Path:
+    """One panel per gland: mean Dice (± sd over cases) after 0..N corrective clicks, one line per model."""
+    from embedcache.evaluation.report import click_counts
+
+    plt = _pyplot()
+    counts, labels = click_counts(report.summary), list(report.summary["clicks"])
+    fig, axes = plt.subplots(1, len(labels), figsize=(3.6 * len(labels) + 0.6, 3.4), sharey=True, squeeze=False)
+    for ax, label in zip(axes[0], labels):
+        for model, values in report.summary["clicks"][label].items():
+            mean = np.array([values[f"dice@{k}"]["mean"] for k in counts])
+            sd = np.array([values[f"dice@{k}"]["sd"] for k in counts])
+            colour = COLOURS.get(model, "k")
+            ax.plot(counts, mean, "o-", color=colour, label=f"{MODEL_NAMES.get(model, model)} "
+                    f"(AUC {values['dice_auc']['mean']:.3f})")
+            ax.fill_between(counts, mean - sd, mean + sd, color=colour, alpha=0.15, linewidth=0)
+        ax.set_title(report.labels[label], fontsize=10)
+        ax.set_xlabel("corrective clicks after the 3-D box")
+        ax.set_xticks(counts)
+        ax.set_ylim(-0.02, 1.02)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8, loc="lower right")
+    axes[0][0].set_ylabel("Dice (3-D), mean ± sd over cases")
+    n = len(report.cases["clicks"])
+    fig.suptitle(f"clicks: {report.case_set} cases ({n})", fontsize=10)
+    return _save(fig, path, dpi=110)
+
+
 def _save(fig, path: Path, *, dpi: int) -> Path:
     """Write a figure as PNG, atomically, and free it."""
     fig.tight_layout()
@@ -139,6 +166,24 @@ def _fmt(stat: dict) -> str:
     return f"{stat['mean']:.3f} ± {stat['sd']:.3f}"
 
 
+def _clicks_table(report: Report) -> str:
+    """The clicks protocol's mean Dice after 0..N clicks and its AUC, per gland and model ('' without it)."""
+    from embedcache.evaluation.report import click_counts
+
+    counts, e = click_counts(report.summary), html.escape
+    if not counts:
+        return ""
+    head = "".join(f"<th>{k}</th>" for k in counts)
+    rows = "".join(
+        f"<tr><td>{e(report.labels[label])}</td><td>{e(MODEL_NAMES.get(model, model))}</td>"
+        + "".join(f"<td>{values[f'dice@{k}']['mean']:.3f}</td>" for k in counts)
+        + f"<td>{values['dice_auc']['mean']:.3f}</td></tr>"
+        for label, by_model in report.summary["clicks"].items() for model, values in by_model.items()
+    )
+    return (f"<h3>clicks: Dice after each corrective click</h3><table><tr><th>gland</th><th>model</th>{head}"
+            f"<th>AUC</th></tr>{rows}</table>")
+
+
 def page(report: Report, overlays: list[Overlay], pictures: list[Path]) -> str:
     models, e = report.models, html.escape
     blocks = []
@@ -155,6 +200,7 @@ def page(report: Report, overlays: list[Overlay], pictures: list[Path]) -> str:
         description = e(report.prompts.get(protocol, ""))
         blocks.append(f"<h3>{e(protocol)}</h3><p>{description}</p><table><tr><th>gland</th><th>metric</th>{head}"
                       f"<th>difference</th></tr>{''.join(rows)}</table>")
+    clicks = _clicks_table(report)
     case_rows = []
     for protocol, by_case in report.cases.items():
         for case, by_label in by_case.items():
@@ -185,7 +231,7 @@ figure.dice{{display:block}}figure.dice img{{max-width:100%}}
 <ul>{facts}</ul>
 <p>Dice and NSD are 3-D, per case and gland, on the label volume's voxels (FLARE22 rules: both empty 1, one empty 0);
 NSD tolerance: {tolerance}. Mean ± sd over cases.</p>
-<h2>Summary</h2>{''.join(blocks)}
+<h2>Summary</h2>{''.join(blocks)}{clicks}
 <h2>Plots</h2>{figures}
 <h2>Per case</h2><table><tr><th>prompts</th><th>case</th><th>gland</th>{case_head}</tr>{''.join(case_rows)}</table>
 {f'<h2>Not scored</h2><ul>{errors}</ul>' if errors else ''}

@@ -5,6 +5,8 @@ and CSV, and the page (:mod:`embedcache.evaluation.page`) that shows them.
     OUT/cases.csv          one row per protocol, case, gland and model
     OUT/dice.png           Dice per gland and protocol, one point per case, the mean as a bar
     OUT/learning_curve.png the run's log.csv: training and validation loss, validation Dice (score --run)
+    OUT/clicks.png         --prompts clicks: mean Dice per gland after 0..N corrective clicks, per model
+    OUT/clicks.csv         --prompts clicks: one row per case, gland, model and click count
     OUT/overlay-*.png      best and worst slice of each gland, labelled with case, slice and Dice
     OUT/index.html         all of the above on one page
     OUT/config.json        score's settings (ScoreConfig)
@@ -86,7 +88,8 @@ def summarize(results: dict) -> dict:
 
 
 #: What a report folder holds (besides ``overlay-*.png``); a folder with anything else is not one.
-REPORT_FILES = ("report.json", "cases.csv", "dice.png", "learning_curve.png", "index.html", "config.json")
+REPORT_FILES = ("report.json", "cases.csv", "dice.png", "learning_curve.png", "index.html", "config.json",
+                "clicks.png", "clicks.csv")
 REPORT_KINDS = ("score", "evaluate")
 
 
@@ -137,6 +140,9 @@ def _write_files(out_dir: Path, report: Report, *, overlays, log_csv, extra: dic
     figures = {"dice": page.dice_plot(report, out_dir / "dice.png")}
     if log_csv is not None and Path(log_csv).is_file():
         figures["learning_curve"] = page.learning_curve(Path(log_csv), out_dir / "learning_curve.png")
+    if click_counts(report.summary):
+        figures["clicks"] = page.clicks_plot(report, out_dir / "clicks.png")
+        _write_clicks_csv(report, out_dir / "clicks.csv")
     pictures = [page.overlay_png(o, out_dir) for o in overlays]
     report = replace(report, figures={k: v.name for k, v in figures.items() if v is not None},
                      overlays=tuple(p.name for p in pictures))
@@ -158,6 +164,24 @@ def _replace_folder(new: Path, final: Path) -> None:
     final.rename(old)
     new.rename(final)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def click_counts(summary: dict) -> list[int]:
+    """The click counts 0..N a summary holds ``dice@k`` for (the ``clicks`` protocol's); [] without it."""
+    metrics = {m for by_model in summary.get("clicks", {}).values() for values in by_model.values() for m in values}
+    return sorted(int(m.split("@")[1]) for m in metrics if m.startswith("dice@"))
+
+
+def _write_clicks_csv(report: Report, path: Path) -> None:
+    counts = click_counts(report.summary)
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["case", "label", "model", "clicks", "dice", "nsd"])
+        for case, by_label in report.cases["clicks"].items():
+            for label, by_model in by_label.items():
+                for model, values in by_model.items():
+                    for k in counts:
+                        writer.writerow([case, label, model, k, f"{values[f'dice@{k}']:.4f}", f"{values[f'nsd@{k}']:.4f}"])
 
 
 def _write_csv(report: Report, path: Path) -> None:

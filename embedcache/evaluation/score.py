@@ -11,6 +11,7 @@ each number; the :class:`~embedcache.config.ScoreConfig` is saved beside it as `
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -91,12 +92,13 @@ class CachedCase:
         shape_yx = tuple(self.case.shape_zyx[1:])
 
         @torch.no_grad()
-        def segment(zs: np.ndarray, boxes: np.ndarray, *, multimask: bool = False) -> tuple[np.ndarray, np.ndarray]:
+        def segment(zs: np.ndarray, boxes: np.ndarray, *, multimask: bool = False,
+                    points=None) -> tuple[np.ndarray, np.ndarray]:
             index = torch.tensor(self.rows(zs), device=self.device)
             masks, iou = segment_boxes(prompt_encoder, mask_decoder, self.embeddings[index].float(),
                                        torch.as_tensor(boxes, dtype=torch.float32, device=self.device),
                                        input_size=input_size, slice_size=slice_size, shape_yx=shape_yx,
-                                       multimask=multimask)
+                                       multimask=multimask, points=points)
             return masks.cpu().numpy(), iou.float().cpu().numpy()
 
         return segment
@@ -155,18 +157,41 @@ def _score_cases(cache: Cache, records: list[CaseRecord], sources: dict, model, 
         segments = {m: cached.segment_with(model.parts.prompt_encoder, d, **size) for m, d in model.decoders.items()}
         for label in cache.labels:
             gt = truth == label
+            done: dict[str, dict] = {}
             for protocol in config.prompts:
+                curves = {m: {} for m in segments}
                 predictions = {m: protocols.run(protocol, segment, truth=gt, spacing_mm=case.spacing_mm,
-                                                settings=config.protocol, case=case.name, label=label)
+                                                settings=config.protocol, case=case.name, label=label,
+                                                start=done.get("box3d", {}).get(m),  # clicks start where box3d ends
+                                                observe=partial(_observe, curves[m], gt, case.spacing_mm, label))
                                for m, segment in segments.items()}
+                done[protocol] = predictions
                 results[protocol].setdefault(case.name, {})[str(label)] = {
-                    m: gland_metrics(p.mask, gt, spacing_mm=case.spacing_mm, label=label) for m, p in predictions.items()
+                    m: {**gland_metrics(p.mask, gt, spacing_mm=case.spacing_mm, label=label), **click_metrics(curves[m])}
+                    for m, p in predictions.items()
                 }
                 if protocol == shown:
                     _keep_extremes(picks, case, image_path, label, protocol, gt, predictions)
             if progress:
                 progress.advance(task)
     return results, picks
+
+
+def _observe(curve: dict, gt: np.ndarray, spacing_mm, label: int, k: int, mask: np.ndarray) -> None:
+    """The clicks protocol's mask after ``k`` clicks, scored into ``curve[k]``."""
+    curve[k] = gland_metrics(mask, gt, spacing_mm=spacing_mm, label=label)
+
+
+def click_metrics(curve: dict[int, dict]) -> dict[str, float]:
+    """``dice@k`` and ``nsd@k`` after each of 0..N clicks, and ``dice_auc``: the area under Dice per click
+    (trapezoids), divided by N so that it lies in 0..1 (N = 0: the Dice after the box). Empty: no clicks scored."""
+    if not curve:
+        return {}
+    ks = sorted(curve)
+    values = {f"{metric}@{k}": float(curve[k][metric]) for k in ks for metric in ("dice", "nsd")}
+    dices = np.array([curve[k]["dice"] for k in ks])
+    values["dice_auc"] = float(dices[0] if len(ks) == 1 else ((dices[1:] + dices[:-1]) / 2).sum() / (len(ks) - 1))
+    return values
 
 
 @dataclass

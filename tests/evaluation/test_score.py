@@ -147,3 +147,66 @@ def test_a_case_from_one_series_of_a_mixed_dicom_folder_is_scored_from_that_seri
                              "--prompts", "oracle", "--no-progress"])
     assert done.exit_code == 0, done.output
     assert len(list((tmp_path / "r").glob("overlay-*.png"))) == 4
+
+
+def _click_aware_segmenter(self, prompt_encoder, mask_decoder, **size):
+    """A decoder that draws the left half of the gland inside its box and, for each positive click, the whole
+    gland (any target label) on that slice, and honours a negative click by drawing nothing: clicks help."""
+    truth = np.isin(read_label(self.case.label).array, (7, 8))
+
+    def segment(zs, boxes, points=None, **_):
+        masks = []
+        for i, (z, (x0, y0, x1, y1)) in enumerate(zip(zs, boxes)):
+            inside = np.zeros(truth.shape[1:], bool)
+            inside[int(y0) : int(np.ceil(y1)), int(x0) : int(np.ceil(x1))] = True
+            mask = truth[z] & inside
+            cols = np.flatnonzero(mask.any(axis=0))
+            if cols.size:
+                mask[:, (cols[0] + cols[-1]) // 2 + 1 :] = False
+            given = None if points is None else points[i]
+            if given is not None and (given[:, 2] == 1).any():
+                mask = truth[z] & inside
+            if given is not None and (given[:, 2] == 0).any():
+                mask = mask & False
+            masks.append(mask)
+        return np.array(masks), np.ones(len(masks))
+
+    return segment
+
+
+def test_clicks_record_dice_after_every_click_starting_from_box3d(small_cache, tiny_model, tmp_path, monkeypatch):
+    monkeypatch.setattr(score_module.CachedCase, "segment_with", _click_aware_segmenter)
+    settings = ProtocolSettings(clicks=3)
+    report = score_module.score(ScoreConfig(cache=str(small_cache), device="cpu", prompts=("box3d", "clicks"),
+                                            protocol=settings), tmp_path / "r")
+    assert list(report.cases) == ["box3d", "clicks"]
+    gains = []
+    for case, by_label in report.cases["clicks"].items():
+        for label, by_model in by_label.items():
+            values = by_model["vanilla"]
+            assert values["dice@0"] == pytest.approx(report.cases["box3d"][case][label]["vanilla"]["dice"])
+            curve = [values[f"dice@{k}"] for k in range(4)]
+            assert values["dice"] == pytest.approx(curve[-1]) and values["nsd"] == pytest.approx(values["nsd@3"])
+            assert values["dice_auc"] == pytest.approx((curve[0] / 2 + curve[1] + curve[2] + curve[3] / 2) / 3)
+            gains.append(curve[-1] - curve[0])
+    assert min(gains) >= 0 and max(gains) > 0.05  # each positive click restores its slice
+    out = tmp_path / "r"
+    assert (out / "clicks.png").stat().st_size > 1000 and report.figures["clicks"] == "clicks.png"
+    rows = (out / "clicks.csv").read_text().splitlines()
+    assert rows[0] == "case,label,model,clicks,dice,nsd" and len(rows) == 1 + 4 * sum(
+        len(by_label) for by_label in report.cases["clicks"].values())
+    page = (out / "index.html").read_text()
+    assert "Dice after each corrective click" in page and 'src="clicks.png"' in page
+    # scored again: the same clicks, the same numbers (deterministic)
+    again = score_module.score(ScoreConfig(cache=str(small_cache), device="cpu", prompts=("clicks",), protocol=settings),
+                               tmp_path / "r2")
+    assert again.cases["clicks"] == report.cases["clicks"]
+
+
+@pytest.mark.parametrize("value", ["-1", "21", "two"])
+def test_a_bad_click_count_is_one_line(small_cache, tmp_path, value):
+    from conftest import only_line_error
+
+    result = cli("score", small_cache, "--out", tmp_path / "r", "--prompts", "clicks", "--clicks", value)
+    only_line_error(result, "--clicks")
+    assert not (tmp_path / "r").exists()
