@@ -165,12 +165,13 @@ class OnTheFly:
         from embedcache.model.decoder import segment_boxes
 
         @torch.no_grad()
-        def segment(zs: np.ndarray, boxes: np.ndarray, *, multimask: bool = False) -> tuple[np.ndarray, np.ndarray]:
+        def segment(zs: np.ndarray, boxes: np.ndarray, *, multimask: bool = False,
+                    points=None) -> tuple[np.ndarray, np.ndarray]:
             embeddings = torch.stack([self.embedding(int(z)) for z in zs]).float()
             masks, iou = segment_boxes(prompt_encoder, mask_decoder, embeddings,
                                        torch.as_tensor(boxes, dtype=torch.float32, device=embeddings.device),
                                        input_size=input_size, slice_size=self.preprocess.slice_size,
-                                       shape_yx=self.hu.shape[1:], multimask=multimask)
+                                       shape_yx=self.hu.shape[1:], multimask=multimask, points=points)
             return masks.cpu().numpy(), iou.float().cpu().numpy()
 
         return segment
@@ -261,8 +262,10 @@ def write_review(path: Path, predictions: list[tuple[int, Prediction]], geometry
                            "voxels": int(prediction.mask[z].sum()), "box_xyxy": [round(float(v), 2) for v in prediction.boxes[z]]})
         look = sorted((s for s in slices if s["predicted_iou"] < threshold), key=lambda s: s["predicted_iou"])
         low += len(look)
+        # the clicks as a boxes file takes them: the file's voxel indices, 1 on the gland, 0 off it
+        points = [[*map(int, geometry.source_index([[c.x, c.y, c.z]])[0]), int(c.positive)] for c in prediction.clicks]
         glands.append({"label": int(label), "name": flare.name(label), "look_at": [s["slice"] for s in look],
-                       "slices": slices})
+                       "slices": slices, **({"points": points} if points else {})})
     atomic_write_text(path, json.dumps({"threshold": threshold, "glands": glands}, indent=1) + "\n")
     return low
 
@@ -275,16 +278,26 @@ def _segment_job(job: Job, segment, image, *, prompts: str, settings: ProtocolSe
                                       case=case_name(job.image), label=label))
                 for label in labels if (truth == label).any()]
     results = []
+    grow = protocols.grow_px(settings, spacing)
     for request in job.requests:
-        if request.single_slice:
-            prediction = Prediction(np.zeros(shape, bool))
-            z = request.box.z0
-            masks, iou = segment(np.array([z]), np.array([request.box.box], np.float32))
-            prediction.mask[z], prediction.boxes[z], prediction.iou[z] = masks[0], request.box.box, float(iou[0])
+        prediction = Prediction(np.zeros(shape, bool))
+        z = request.box.z0
+        if request.points_only:  # the clicks alone prompt their slice (SAM adds its padding point)
+            prediction.clicks = list(request.clicks)
+            masks, iou = segment(np.array([z]), np.full((1, 4), np.nan, np.float32),
+                                 points=[np.array([c.point() for c in request.clicks], np.float32)])
+            prediction.mask[z], prediction.iou[z] = masks[0], float(iou[0])
+            prediction.boxes[z] = request.box.box
         else:
-            prediction = protocols.propagate(request.box, segment, shape, grow_px=protocols.grow_px(settings, spacing),
-                                             walk=settings.walk, min_iou=settings.min_iou,
-                                             multimask=settings.middle == "multimask")
+            if request.single_slice:
+                masks, iou = segment(np.array([z]), np.array([request.box.box], np.float32))
+                prediction.mask[z], prediction.boxes[z], prediction.iou[z] = masks[0], request.box.box, float(iou[0])
+            else:
+                prediction = protocols.propagate(request.box, segment, shape, grow_px=grow, walk=settings.walk,
+                                                 min_iou=settings.min_iou, multimask=settings.middle == "multimask")
+            for click in request.clicks:  # in the file's order, as the clicks protocol places them
+                protocols.refine(prediction, request.box, click, segment, grow_px=grow, walk=settings.walk,
+                                 min_iou=settings.min_iou)
         results.append((request.label, prediction))
     return results
 

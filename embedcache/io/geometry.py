@@ -83,6 +83,14 @@ class Geometry:
         inverse = np.linalg.inv(self.canonical_affine)
         return points @ inverse[:3, :3].T + inverse[:3, 3]
 
+    def source_index(self, xyz) -> np.ndarray:
+        """``(n, 3)`` canonical ``(x, y, z)`` voxel indices → the file's own ``(i, j, k)`` (the inverse of
+        :meth:`canonical_index` in voxel space), rounded to whole voxels."""
+        xyz = np.asarray(xyz, dtype=np.float64).reshape(-1, 3)
+        world = xyz @ self.canonical_affine[:3, :3].T + self.canonical_affine[:3, 3]
+        inverse = np.linalg.inv(self.source_affine)
+        return np.rint(world @ inverse[:3, :3].T + inverse[:3, 3]).astype(int)
+
     def source_slice(self, z: int) -> tuple[int, int]:
         """Canonical axial slice ``z`` as ``(axis, index)`` of the file's own array: the slice a viewer
         that shows the file's voxel indices (3D Slicer, ITK-SNAP) names."""

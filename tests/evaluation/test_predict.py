@@ -203,3 +203,67 @@ def test_predict_shows_inputs_done_and_slices_encoded(one_slice_case, tmp_path):
     inputs, slices = bars.tasks
     assert inputs == {"description": f"predicting {case.name}", "total": 1, "done": 1}
     assert slices == {"description": "slices encoded", "total": None, "done": len(gland_slices)}
+
+
+def test_points_from_a_boxes_file_give_what_the_clicks_protocol_gives_for_the_same_clicks(phantom_dir, tiny_model,
+                                                                                           tmp_path):
+    """predict --from-labels --prompts clicks places the clicks as score does and lists them in the review file;
+    the same 3-D boxes with those points in a boxes file segment to the same volume."""
+    data = tmp_path / "data"
+    shutil.copytree(phantom_dir, data)
+    limit_target_slices(data, per_case=3)
+    case = discover_cases(data)[0]
+    truth, geometry = read_label(case.label), read_geometry(case.image)
+    margin = ["--box-margin-mm", "0", "--box-margin-slices", "1", "--model", "tiny"]
+    result = _predict(case.image, "--from-labels", case.label, "--prompts", "clicks", "--clicks", "3", *margin,
+                      "--out", tmp_path / "a")
+    assert result.exit_code == 0, result.output
+    from_labels = read_label(tmp_path / "a" / f"{case.name}.nii.gz").array
+    review = json.loads((tmp_path / "a" / f"{case.name}.review.json").read_text())
+    entries = []
+    for gland in review["glands"]:
+        label = gland["label"]
+        assert 1 <= len(gland["points"]) <= 3
+        box = box3d_from_label(truth.array == label, truth.spacing_mm, margin_mm=0.0, margin_slices=1)
+        low, high = _file_corners(geometry, box.z0, box.z1, box.box)
+        entries.append({"label": label, "box3d": [*map(int, low), *map(int, high)], "points": gland["points"]})
+    (tmp_path / "b.json").write_text(json.dumps({case.name: entries}))
+    result = _predict(case.image, "--boxes", tmp_path / "b.json", "--out", tmp_path / "b", "--model", "tiny")
+    assert result.exit_code == 0, result.output
+    np.testing.assert_array_equal(read_label(tmp_path / "b" / f"{case.name}.nii.gz").array, from_labels)
+    again = json.loads((tmp_path / "b" / f"{case.name}.review.json").read_text())
+    assert [g["points"] for g in again["glands"]] == [g["points"] for g in review["glands"]]
+    # without the points: box3d alone, another result
+    for entry in entries:
+        del entry["points"]
+    (tmp_path / "c.json").write_text(json.dumps({case.name: entries}))
+    assert _predict(case.image, "--boxes", tmp_path / "c.json", "--out", tmp_path / "c", "--model", "tiny").exit_code == 0
+    assert not np.array_equal(read_label(tmp_path / "c" / f"{case.name}.nii.gz").array, from_labels)
+
+
+def test_bad_points_are_refused_with_the_entry_and_the_fix(one_slice_case, tmp_path):
+    geometry = read_geometry(one_slice_case.image)
+    i, j, k = geometry.source_shape
+    path, name = tmp_path / "p.json", one_slice_case.name
+    box3d = [2, 2, 0, 20, 20, 1]
+
+    def refused(entry, match):
+        with pytest.raises(EmbedcacheError, match=match):
+            requests_from_json({name: [{"label": 7, **entry}]}, path, one_slice_case.image, geometry, (7, 8))
+
+    refused({"box3d": box3d, "points": [[5, 5, 0, 2]]}, r"\[0\]: point 0's label must be 1 \(on the gland\) or 0")
+    refused({"box3d": box3d, "points": [[5, 5, 0, True]]}, "label must be 1")
+    refused({"box3d": box3d, "points": [[5, "a", 0, 1]]}, "could not convert|point 0 needs 4 numbers")
+    refused({"box3d": box3d, "points": [[5, 5, 0]]}, "point 0 needs 4 numbers")
+    refused({"box3d": box3d, "points": []}, "points must be a list")
+    refused({"box3d": box3d, "points": [[i + 3, 5, 0, 1]]}, "point 0 .* lies outside the volume")
+    refused({"box3d": box3d, "points": [[30, 5, 0, 1]]}, "point 0 .* lies outside the entry's box")
+    assert requests_from_json({name: [{"label": 7, "box3d": box3d, "points": [[30, 5, 0, 0]]}]}, path,
+                              one_slice_case.image, geometry, (7, 8))[0].clicks[0].positive is False  # spill: fine
+    refused({"box3d": box3d, "points": [[5, 5, 0, 1], [5, 5, k - 1, 1]]}, "point 1 .* outside the entry's box")
+    refused({"slice": 0, "box": [2, 2, 20, 20], "points": [[5, 5, 1, 1]]}, "point 0 .* outside the entry's slice")
+    refused({"slice": 0, "points": [[5, 5, 0, 0]]}, "one of them on the gland")
+    refused({"slice": 0, "points": [[5, 5, 1, 1]]}, "every point on slice 0")
+    good = requests_from_json({name: [{"label": 7, "slice": 0, "points": [[5, 6, 0, 1], [9, 9, 0, 0]]}]}, path,
+                              one_slice_case.image, geometry, (7, 8))
+    assert good[0].points_only and [c.positive for c in good[0].clicks] == [True, False]
