@@ -42,6 +42,10 @@ def split_cases(names: list[str], *, val_fraction: float, seed: int) -> tuple[li
     return sorted(n for n in names if n not in val), val
 
 
+#: What ``finetune`` writes into ``RUN_DIR/split.json`` beside the three sets (the seed and the split file it took).
+RUN_SPLIT_EXTRAS = ("seed", "split_file")
+
+
 def load_split(path: Path, cache: Cache) -> Split:
     """A split file (``{"train": [...], "val": [...], "test": [...]}``, as nnU-Net's ``splits_final.json``
     holds per fold), checked against the cache: every case known, none in two sets, no test case of
@@ -51,6 +55,8 @@ def load_split(path: Path, cache: Cache) -> Split:
     if isinstance(split, list):
         raise EmbedcacheError(f"{path}: holds {len(split)} folds (nnU-Net's splits_final.json); save the fold to train "
                               'on as its own file {"train": [...], "val": [...]}')
+    if isinstance(split, dict):  # a run's own RUN_DIR/split.json also records how it was made: train another on it
+        split = {k: v for k, v in split.items() if k not in RUN_SPLIT_EXTRAS}
     if not isinstance(split, dict) or not {"train", "val"} <= set(split) or set(split) - {"train", "val", "test"} \
             or not all(isinstance(v, list) and all(isinstance(n, str) for n in v) for v in split.values()):
         raise EmbedcacheError(f'{path}: expected {{"train": [case names], "val": [...], "test": [...]}} (test optional)')

@@ -53,11 +53,16 @@ def test_test_cases_stay_out_of_training_and_a_split_file_fixes_the_sets(tiny_mo
     finetune(finetune_config(held, epochs=1, split=str(tmp_path / "split.json")), tmp_path / "fixed", **QUIET)
     split = json.loads((tmp_path / "fixed" / "split.json").read_text())
     assert (split["train"], split["val"], split["test"]) == ([names[1]], [names[0]], [names[2]])
+    # a run's own split.json (it also records seed and split file) splits another run the same way
+    finetune(finetune_config(held, epochs=1, split=str(tmp_path / "fixed" / "split.json")), tmp_path / "again", **QUIET)
+    again = json.loads((tmp_path / "again" / "split.json").read_text())
+    assert (again["train"], again["val"], again["test"]) == (split["train"], split["val"], split["test"])
 
     bad = {"unknown": ({"train": ["NOPE"], "val": [names[0]]}, "case NOPE \\(train\\) is not in"),
            "twice": ({"train": [names[0]], "val": [names[0]]}, f"case {names[0]} is in both train and val"),
            "test": ({"train": [names[2]], "val": [names[0]]}, f"case {names[2]} is a test case of the cache"),
-           "folds": ([{"train": [], "val": []}] * 5, "holds 5 folds")}
+           "folds": ([{"train": [], "val": []}] * 5, "holds 5 folds"),
+           "extra": ({"train": [names[1]], "val": [names[0]], "fold": 3}, "expected")}
     for key, (content, match) in bad.items():
         (tmp_path / f"{key}.json").write_text(json.dumps(content))
         with pytest.raises(EmbedcacheError, match=match):
