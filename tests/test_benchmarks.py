@@ -47,3 +47,32 @@ def test_epoch_times_finetune_at_extra_batch_sizes_and_compiled(tiny_model, monk
     # a compile that fails is recorded, not raised: the other figures of a GPU run survive it
     failed = epoch.compile_cost(epoch.FinetuneConfig(cache=str(tmp_path / "none.h5"), device="cpu"), tmp_path, 1)
     assert "error" in failed and "failed" in run_all._compiled("8", failed)
+
+
+def test_clicks_trains_each_recipe_scores_it_on_test_and_reuses_what_is_done(tiny_model, small_cache, tmp_path,
+                                                                             monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    import clicks
+
+    from embedcache.cache.store import open_cache
+
+    with open_cache(small_cache) as cache:
+        names = [c.name for c in cache.cases]
+    split = tmp_path / "split.json"
+    split.write_text(json.dumps({"train": names[:1], "val": names[1:2], "test": names[2:]}))
+    argv = [str(small_cache), "--split", str(split), "--work", str(tmp_path / "work"), "--epochs", "1", "--clicks", "2",
+            "--name", "small", "--out", str(tmp_path)]
+    result = clicks.main(argv)
+    for recipe in ("box", "box+points"):
+        entry = result["recipes"][recipe]
+        assert entry["case_names"] == names[2:] and entry["finetune"]["seconds_this_call"] > 0
+        for model in ("vanilla", "finetuned"):
+            gland = entry["glands"][model]["right adrenal"]
+            assert len(gland["dice_after"]) == 3 and 0 <= gland["dice_auc"] <= 1
+            assert gland["dice_after"][0] == gland["box3d_dice"]  # clicks start where box3d ends
+    assert json.loads((tmp_path / "work" / "box+points" / "config.json").read_text())["prompts"] == "box+points"
+    table = next(tmp_path.glob("clicks-small-cpu-*.md")).read_text()
+    assert "`--prompts box+points`" in table and "| vanilla |" in table
+    again = clicks.main(argv)  # done: read, not redone
+    assert all(again["recipes"][r]["finetune"]["seconds_this_call"] == 0 for r in ("box", "box+points"))
+    assert again["recipes"]["box"]["glands"] == result["recipes"]["box"]["glands"]
