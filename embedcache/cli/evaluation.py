@@ -81,7 +81,8 @@ def score(cache, out_dir, run_dir, decoder_file, cases, prompts, jitter, seed, b
     """Score the vanilla decoder against the fine-tuned one on the cached embeddings of CACHE.
 
     Per prompt protocol (oracle: tight boxes on every slice, an upper bound; jitter: sloppy boxes;
-    box3d: one 3-D box per gland, propagated from its middle slice, as a person works), case and
+    box3d: one 3-D box per gland, propagated from its middle slice, as a person works; clicks, when
+    asked: box3d and then --clicks corrective clicks, Dice after each), case and
     gland: 3-D Dice and NSD (FLARE22) on the label volume. By default on the held-out test cases.
     Writes report.json, cases.csv, plots, overlays and index.html to OUT.
     """
@@ -192,7 +193,8 @@ def predict(inputs, out_dir, run_dir, decoder_file, boxes_file, from_labels, pro
     """Segment INPUTS (NIfTI files or DICOM series folders) from box prompts.
 
     A 3-D box per gland is segmented from its middle slice and propagated slice by slice (box3d);
-    a box on one slice segments that slice. Writes OUT/CASE.nii.gz per input with FLARE22 label ids
+    a box on one slice segments that slice; points beside a box are corrective clicks, applied in
+    order (see the README's boxes file). Writes OUT/CASE.nii.gz per input with FLARE22 label ids
     on the input's own grid and affine, so it opens aligned in 3D Slicer or ITK-SNAP. An input that
     fails is reported and the rest go on; the exit code is then 1.
     """

@@ -208,8 +208,8 @@ def refine(prediction: Prediction, box: Box3D, click: Click, segment: Segment, *
            min_iou: float = 0.0) -> Prediction:
     """Apply one click to a ``box3d`` prediction of ``box``, in place: decode the click's slice again with its
     box (grown to hold its positive clicks; the 3-D box's own where the walk had not reached it) and all
-    its clicks so far, then walk up and down from it as :func:`propagate` does until the masks stop
-    changing (``extent``: the click's slice only)."""
+    its clicks so far, then walk up and down from it as :func:`propagate` does until a slice's mask comes
+    out unchanged or empty (``extent``: the click's slice only)."""
     prediction.clicks.append(click)
     z = click.z
     points = [c for c in prediction.clicks if c.z == z]

@@ -99,16 +99,21 @@ def test_a_review_file_predict_did_not_write_is_never_replaced(one_slice_case, t
     assert theirs.read_text() == "mine"
 
 
-def test_a_3d_box_in_voxels_or_millimetres_segments_as_box3d_from_the_label(phantom_dir, tiny_model, tmp_path):
+def _from_labels(phantom_dir, tmp_path, *prompts):
+    """A phantom case with 3 target slices, predicted by the tiny model from its own label under ``prompts``
+    into ``tmp_path/a`` (3-D boxes without an in-plane margin, so integer voxel corners can give them too)."""
     data = tmp_path / "data"
     shutil.copytree(phantom_dir, data)
     limit_target_slices(data, per_case=3)
     case = discover_cases(data)[0]
-    truth, geometry = read_label(case.label), read_geometry(case.image)
     margin = ["--box-margin-mm", "0", "--box-margin-slices", "1", "--model", "tiny"]
-    result = _predict(case.image, "--from-labels", case.label, "--prompts", "box3d", *margin, "--out", tmp_path / "a")
+    result = _predict(case.image, "--from-labels", case.label, *prompts, *margin, "--out", tmp_path / "a")
     assert result.exit_code == 0, result.output
-    from_labels = read_label(tmp_path / "a" / f"{case.name}.nii.gz").array
+    return case, read_label(case.label), read_geometry(case.image), read_label(tmp_path / "a" / f"{case.name}.nii.gz").array
+
+
+def test_a_3d_box_in_voxels_or_millimetres_segments_as_box3d_from_the_label(phantom_dir, tiny_model, tmp_path):
+    case, truth, geometry, from_labels = _from_labels(phantom_dir, tmp_path, "--prompts", "box3d")
     voxel, world = [], []
     for label in (7, 8):  # both glands, in the order --from-labels paints them
         box = box3d_from_label(truth.array == label, truth.spacing_mm, margin_mm=0.0, margin_slices=1)
@@ -209,16 +214,7 @@ def test_points_from_a_boxes_file_give_what_the_clicks_protocol_gives_for_the_sa
                                                                                            tmp_path):
     """predict --from-labels --prompts clicks places the clicks as score does and lists them in the review file;
     the same 3-D boxes with those points in a boxes file segment to the same volume."""
-    data = tmp_path / "data"
-    shutil.copytree(phantom_dir, data)
-    limit_target_slices(data, per_case=3)
-    case = discover_cases(data)[0]
-    truth, geometry = read_label(case.label), read_geometry(case.image)
-    margin = ["--box-margin-mm", "0", "--box-margin-slices", "1", "--model", "tiny"]
-    result = _predict(case.image, "--from-labels", case.label, "--prompts", "clicks", "--clicks", "3", *margin,
-                      "--out", tmp_path / "a")
-    assert result.exit_code == 0, result.output
-    from_labels = read_label(tmp_path / "a" / f"{case.name}.nii.gz").array
+    case, truth, geometry, from_labels = _from_labels(phantom_dir, tmp_path, "--prompts", "clicks", "--clicks", "3")
     review = json.loads((tmp_path / "a" / f"{case.name}.review.json").read_text())
     entries = []
     for gland in review["glands"]:
