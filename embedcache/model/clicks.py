@@ -18,11 +18,12 @@ Two rules, one for each phase:
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
-from embedcache.model.decoder import LOW_RES
+if TYPE_CHECKING:  # torch only where clicks are drawn for training: predict checks its inputs before importing it
+    import torch
 
 #: Seeds of :func:`training_clicks` lie in 0..2**SEED_BITS - 1 (with the pixel index they fill 32 bits).
 SEED_BITS = 16
@@ -31,6 +32,8 @@ _MASK32 = 0xFFFFFFFF
 
 def _hash_noise(seeds: torch.Tensor, pixels: int) -> torch.Tensor:
     """``(n,)`` int64 seeds → ``(n, pixels)`` float noise in [0, 1): a 32-bit integer hash of (seed, pixel)."""
+    import torch
+
     index = torch.arange(pixels, device=seeds.device, dtype=torch.int64)
     x = (seeds[:, None].to(torch.int64) * pixels + index[None]) & _MASK32
     for _ in range(2):
@@ -56,6 +59,10 @@ def training_clicks(target: torch.Tensor, k: int, seeds: torch.Tensor, *, input_
       ``(n, k, 2)`` coordinates ``(x, y)`` in encoder-input pixels (pixel centres, in SAM's convention)
       and ``(n, k)`` labels: 1 a pixel of the target, 0 one off it.
     """
+    import torch
+
+    from embedcache.model.decoder import LOW_RES
+
     n = len(target)
     truth = (target[:, 0] > 0.5).reshape(n, -1)
     noise = _hash_noise(seeds, LOW_RES * LOW_RES)
