@@ -134,6 +134,26 @@ def _print_summary(report) -> None:
                 table.add_row(report.labels[label], metric, *[f"{x['mean']:.4f} ± {x['sd']:.4f}" for x in stats],
                               *([f"{stats[1]['mean'] - stats[0]['mean']:+.4f}"] if len(stats) == 2 else []))
         out.print(table)
+    _print_clicks(out, report)
+
+
+def _print_clicks(out, report) -> None:
+    """The clicks protocol's mean Dice after 0..N clicks and its AUC, per gland and model (nothing without it)."""
+    from rich.table import Table
+
+    from embedcache.evaluation.page import MODEL_NAMES
+    from embedcache.evaluation.report import click_counts
+
+    counts = click_counts(report.summary)
+    if not counts:
+        return
+    table = Table("gland", "model", *[f"{k} click{'' if k == 1 else 's'}" for k in counts], "AUC",
+                  title="prompts: clicks, mean Dice after each corrective click")
+    for label, by_model in report.summary["clicks"].items():
+        for model, values in by_model.items():
+            table.add_row(report.labels[label], MODEL_NAMES.get(model, model),
+                          *[f"{values[f'dice@{k}']['mean']:.4f}" for k in counts], f"{values['dice_auc']['mean']:.4f}")
+    out.print(table)
 
 
 @click.command()

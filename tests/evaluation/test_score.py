@@ -203,6 +203,18 @@ def test_clicks_record_dice_after_every_click_starting_from_box3d(small_cache, t
     assert again.cases["clicks"] == report.cases["clicks"]
 
 
+def test_score_prints_dice_after_each_click(small_cache, tiny_model, tmp_path):
+    result = cli("score", small_cache, "--out", tmp_path / "r", "--prompts", "box3d,clicks", "--clicks", "2",
+                 "--device", "cpu", "--no-progress")
+    assert result.exit_code == 0, result.output
+    assert "mean Dice after each corrective click" in result.output
+    report = json.loads((tmp_path / "r" / "report.json").read_text())
+    for label in ("7", "8"):
+        value = report["summary"]["clicks"][label]["vanilla"]["dice@2"]["mean"]
+        assert f"{value:.4f}" in result.output
+    assert (tmp_path / "r" / "clicks.png").is_file()
+
+
 @pytest.mark.parametrize("value", ["-1", "21", "two"])
 def test_a_bad_click_count_is_one_line(small_cache, tmp_path, value):
     from conftest import only_line_error
