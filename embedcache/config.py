@@ -51,8 +51,11 @@ class EncodeConfig:
     margin_slices: int = 2  # also cache this many slices beyond each end of a gland (3-D box prompts need them)
     workers: int = -1  # processes preparing slices ahead of the encoder; -1: none on CPU, half the cores up to 8 on CUDA
     augment: tuple[str, ...] = ()  # training-only copies of every train case, one encode each (cache.augment.AUGMENTS)
+    engine: str = "torch"  # what runs the image encoder: torch, or onnxruntime on the CPU (model.engines)
 
     def __post_init__(self):
+        if self.engine not in ("torch", "onnxruntime"):
+            raise UsageError(f"--engine {self.engine}: choose torch or onnxruntime")
         if any(kind not in AUGMENTS for kind in self.augment) or len(set(self.augment)) != len(self.augment):
             raise UsageError(f"--augment {','.join(self.augment)}: choose distinct kinds from {', '.join(AUGMENTS)}")
         if self.workers < -1:
@@ -263,8 +266,11 @@ class PredictConfig:
     device: str = "auto"
     review_iou: float = 0.5  # CASE.review.json lists the slices whose predicted IoU is below this
     output_types: tuple[str, ...] = ("nifti",)  # nifti, dicom-seg, rtstruct (embedcache.io.dicom_out.OUTPUT_TYPES)
+    engine: str = "torch"  # what runs the image encoder: torch, or onnxruntime on the CPU (model.engines)
 
     def __post_init__(self):
+        if self.engine not in ("torch", "onnxruntime"):
+            raise UsageError(f"--engine {self.engine}: choose torch or onnxruntime")
         _one_decoder(self.run, self.decoder)
         from embedcache.io.dicom_out import OUTPUT_TYPES
 

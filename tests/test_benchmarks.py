@@ -76,3 +76,17 @@ def test_clicks_trains_each_recipe_scores_it_on_test_and_reuses_what_is_done(tin
     again = clicks.main(argv)  # done: read, not redone
     assert all(again["recipes"][r]["finetune"]["seconds_this_call"] == 0 for r in ("box", "box+points"))
     assert again["recipes"]["box"]["glands"] == result["recipes"]["box"]["glands"]
+
+
+def test_engines_times_each_engine_against_torch_in_one_run(tiny_model, tmp_path, monkeypatch):
+    import pytest
+
+    pytest.importorskip("onnxruntime", reason="ONNX Runtime is an optional extra")
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    import engines
+
+    result = engines.main(["--backbones", "tiny", "--slices", "2", "--rounds", "2", "--out", str(tmp_path)])
+    figures = result["backbones"]["tiny"]["engines"]
+    assert set(figures) == {"torch", "onnxruntime"} and figures["torch"]["speedup_over_torch"] == 1.0
+    assert figures["onnxruntime"]["max_abs_difference_from_torch"] < 1e-3 and figures["onnxruntime"]["seconds_per_slice"] > 0
+    assert json.loads(next(tmp_path.glob("engines-cpu-*.json")).read_text())["backbones"].keys() == {"tiny"}

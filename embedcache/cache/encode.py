@@ -60,7 +60,8 @@ def _signature(config: EncodeConfig, checkpoint_sha256: str) -> Signature:
 
     backbone = get_backbone(config.backbone)
     return Signature(backbone=backbone.name, checkpoint_sha256=checkpoint_sha256, input_size=backbone.input_size,
-                     preprocess=config.preprocess, labels=config.labels, embedding_dtype=config.embedding_dtype)
+                     preprocess=config.preprocess, labels=config.labels, embedding_dtype=config.embedding_dtype,
+                     engine=config.engine)
 
 
 def signature_for(config: EncodeConfig) -> Signature:
@@ -72,17 +73,19 @@ def signature_for(config: EncodeConfig) -> Signature:
     return _signature(config, file_sha256(checkpoint))
 
 
-def load_encoder(config: EncodeConfig, *, device):
-    """The image encoder ``config`` names, with its weights, on ``device`` (an :class:`ImageEncoder`)."""
+def load_encoder(config: EncodeConfig, *, device, log=print):
+    """The image encoder ``config`` names, with its weights, on ``device``, run by ``config.engine``
+    (an :class:`~embedcache.model.encoder.ImageEncoder` or :class:`~embedcache.model.engines.OnnxEncoder`)."""
     import torch
 
     from embedcache.model.backbones import get_backbone, load_backbone
-    from embedcache.model.encoder import ImageEncoder
+    from embedcache.model.engines import build_encoder
 
     backbone = get_backbone(config.backbone)
-    parts, _ = load_backbone(backbone, Path(config.checkpoint) if config.checkpoint else None)
+    parts, sha = load_backbone(backbone, Path(config.checkpoint) if config.checkpoint else None)
     out_dtype = torch.float16 if config.embedding_dtype == "float16" else torch.float32
-    return ImageEncoder(backbone, parts.image_encoder, device=device, batch_size=config.batch_size, out_dtype=out_dtype)
+    return build_encoder(config.engine, backbone, parts.image_encoder, sha, device=device, batch_size=config.batch_size,
+                         out_dtype=out_dtype, log=log)
 
 
 def encode(
@@ -103,6 +106,11 @@ def encode(
 
     out = Path(out)
     check_inputs(cases, out)
+    if config.engine != "torch":  # a missing engine is one line before any work
+        from embedcache.model.engines import check_engine
+        from embedcache.runtime.devices import pick_device
+
+        check_engine(config.engine, pick_device(config.device).type)
     cases = with_augmented(cases, config.augment)  # training-only copies, each encoded as a case of its own
     signature = signature_for(config)
     dist = Dist(config.device)
@@ -128,7 +136,7 @@ def _encode(cases: list[CaseSource], out: Path, config: EncodeConfig, signature:
         shard_dir.mkdir(exist_ok=True)
         device = pick_device(dist.device_name)
         summary.device = str(device)
-        encoder = load_encoder(config, device=device)
+        encoder = load_encoder(config, device=device, log=log)
         started = time.perf_counter()
         for record in encode_plans(plan.cases, config, encoder, shard_dir, signature, progress, row_size=size,
                                    summary=summary):

@@ -110,6 +110,7 @@ def finished(out: Path, signature: Signature, *, tidy: bool = True) -> tuple[dic
             raise EmbedcacheError(f"{out}: exists and is not a cache encode can resume ({why}); choose another --out, "
                                   "or delete it if it is a damaged cache") from None
         with existing:
+            _same_engine(existing.signature, signature, path=out)
             done = {c.name: c for c in existing.cases}
     shard_dir = shard_folder(out)
     shards: dict[str, tuple[Path, CaseRecord]] = {}
@@ -130,8 +131,16 @@ def finished(out: Path, signature: Signature, *, tidy: bool = True) -> tuple[dic
                     f"{shard_dir}: holds an interrupted encode with other settings ({exc}); delete the folder or rerun "
                     "with its settings"
                 ) from None
+            _same_engine(found, signature, path=shard_dir)
             shards[record.name] = (shard, record)
     return done, shards
+
+
+def _same_engine(found: Signature, signature: Signature, *, path: Path) -> None:
+    """A cache grows with the engine that began it, so that its signature says what made every row."""
+    if found.engine != signature.engine:
+        raise EmbedcacheError(f"{path}: was encoded with --engine {found.engine}; add to it with that engine, or "
+                              f"encode with --engine {signature.engine} into a new --out")
 
 
 def plan_cases(cases: list[CaseSource], config: EncodeConfig, done: dict[str, CaseRecord],

@@ -55,6 +55,7 @@ class Signature:
     embedding_dtype: str = "float16"
     embedcache_version: str = __version__
     schema: int = SCHEMA
+    engine: str = "torch"  # what ran the encoder (encode --engine); fp32 engines agree within 1e-4, so not compared
 
     @property
     def slice_size(self) -> int:
@@ -65,13 +66,16 @@ class Signature:
         """The JSON object stored in the cache, its shards and every checkpoint trained on it."""
         return {"schema": self.schema, "backbone": self.backbone, "checkpoint_sha256": self.checkpoint_sha256,
                 "input_size": self.input_size, "preprocess": asdict(self.preprocess), "labels": list(self.labels),
-                "embedding_dtype": self.embedding_dtype, "embedcache_version": self.embedcache_version}
+                "embedding_dtype": self.embedding_dtype, "embedcache_version": self.embedcache_version,
+                "engine": self.engine}
 
     @classmethod
     def from_dict(cls, values, *, source) -> "Signature":
         """A signature read from ``source`` (a file, named in the error), every field's type checked."""
+        if isinstance(values, dict) and "engine" not in values:  # caches and checkpoints from before --engine
+            values = {**values, "engine": "torch"}
         _check_fields(cls, values, source=source, what="signature")
-        text = ("backbone", "checkpoint_sha256", "embedding_dtype", "embedcache_version")
+        text = ("backbone", "checkpoint_sha256", "embedding_dtype", "embedcache_version", "engine")
         if not all(isinstance(values[k], str) for k in text) or not all(_is_int(values[k]) for k in ("input_size", "schema")):
             raise _bad(source, "signature has a field of the wrong type")
         labels = values["labels"]

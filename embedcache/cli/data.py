@@ -85,10 +85,13 @@ def phantom(out: Path, cases: int | None, seed: int, size: int, test_cases: int,
               help="Also encode training-only copies of every train case: a comma list of flip (left-right, glands "
                    "swap labels), rotate (±15°), scale (0.85-1.15), intensity (HU ×0.9-1.1, ±30 HU); each kind costs "
                    "one more encode of the training cases.")
+@click.option("--engine", default="torch", show_default=True, type=click.Choice(["torch", "onnxruntime"]),
+              help="What runs the image encoder: eager PyTorch, or ONNX Runtime on the CPU (exported once per model "
+                   "and weights; pip install 'embedcache[cpu-fast]').")
 @progress_option
 @friendly_errors
 def encode(data, out, images, labels_, series, model, checkpoint, labels, window_width, window_level, slice_size,
-           dtype, device, batch_size, margin_slices, workers, augment, progress):
+           dtype, device, batch_size, margin_slices, workers, augment, engine, progress):
     """Encode every slice of DATA that holds a target label into the HDF5 cache OUT.
 
     DATA is a FLARE22-style folder (imagesTr/ + labelsTr/ or images/ + labels/, and imagesTs/ +
@@ -122,6 +125,7 @@ def encode(data, out, images, labels_, series, model, checkpoint, labels, window
         margin_slices=margin_slices,
         workers=workers,
         augment=tuple(k.strip() for k in augment.split(",") if k.strip()),
+        engine=engine,
     )
     if data is not None:
         cases = discover_cases(data)

@@ -203,13 +203,17 @@ def evaluate(pred, labels_dir, out_dir, labels, name, progress):
                    "Segmentation) and rtstruct (CASE.rtstruct.dcm, an RT Structure Set); DICOM ones need a DICOM input.")
 @click.option("--review-iou", default=0.5, show_default=True, type=float,
               help="OUT/CASE.review.json lists the slices whose predicted IoU is below this: where to look.")
+@click.option("--engine", default="torch", show_default=True, type=click.Choice(["torch", "onnxruntime"]),
+              help="What runs the image encoder: eager PyTorch, or ONNX Runtime on the CPU (exported once per model "
+                   "and weights; pip install 'embedcache[cpu-fast]').")
 @click.option("--model", default="litemedsam", show_default=True, help="Backbone when no run or decoder is given.")
 @click.option("--checkpoint", type=click.Path(path_type=Path), default=None, help="Backbone weights (default: bundled).")
 @device_option
 @progress_option
 @friendly_errors
 def predict(inputs, out_dir, run_dir, decoder_file, boxes_file, from_labels, prompts, jitter, seed, box_margin_mm,
-            box_margin_slices, grow_mm, walk, min_iou, middle, clicks, series, output_types, review_iou, model, checkpoint, device, progress):
+            box_margin_slices, grow_mm, walk, min_iou, middle, clicks, series, output_types, review_iou, engine, model,
+            checkpoint, device, progress):
     """Segment INPUTS (NIfTI files or DICOM series folders) from box prompts.
 
     A 3-D box per gland is segmented from its middle slice and propagated slice by slice (box3d);
@@ -231,6 +235,7 @@ def predict(inputs, out_dir, run_dir, decoder_file, boxes_file, from_labels, pro
                            protocol=_settings(jitter, seed, box_margin_mm, box_margin_slices, grow_mm, walk, min_iou, middle,
                                               clicks),
                            series=series, model=model, checkpoint=_text(checkpoint), device=device, review_iou=review_iou,
+                           engine=engine,
                            output_types=tuple(t.strip() for t in output_types.split(",") if t.strip()))
     from embedcache.evaluation.predict import predict as run_predict
 

@@ -191,7 +191,7 @@ def predict(inputs: list[Path], out_dir: Path, config: PredictConfig, *, progres
         return [], errors
     make_output_folder(out_dir)
     trained = load_trained_decoder(decoder) if decoder else None
-    model = _load(trained, config)
+    model = _load(trained, config, log=log)
     from embedcache.model.backbones import file_sha256  # torch: only once the inputs are checked
 
     made_by = f"sha256 {file_sha256(decoder)[:16]}" if decoder else f"vanilla {config.model}"
@@ -307,18 +307,18 @@ class PredictModel:
     """What segments on the fly: the image encoder, the prompt encoder and the (fine-tuned) mask decoder
     on the device, the encoder's input size and the preprocessing the decoder was trained with."""
 
-    encoder: object  # embedcache.model.encoder.ImageEncoder
+    encoder: object  # embedcache.model.encoder.ImageEncoder or embedcache.model.engines.OnnxEncoder
     prompt_encoder: object
     mask_decoder: object
     input_size: int
     preprocess: PreprocessConfig
 
 
-def _load(trained, config: PredictConfig) -> PredictModel:
+def _load(trained, config: PredictConfig, *, log=print) -> PredictModel:
     """The model of ``config`` (the trained decoder's backbone and preprocessing, where there is one)."""
     import torch
 
-    from embedcache.model.encoder import ImageEncoder
+    from embedcache.model.engines import build_encoder, check_engine
     from embedcache.runtime.devices import pick_device
     from embedcache.train.decoders import load_model
 
@@ -326,10 +326,13 @@ def _load(trained, config: PredictConfig) -> PredictModel:
     if trained is not None:
         backbone, preprocess, dtype = trained.signature.backbone, trained.signature.preprocess, trained.signature.embedding_dtype
     dev = pick_device(config.device)
+    check_engine(config.engine, dev.type)
     model = load_model(backbone, trained=trained, checkpoint=Path(config.checkpoint) if config.checkpoint else None,
                        device=dev, expect_sha256=trained.signature.checkpoint_sha256 if trained else None,
                        made=f"the decoder {trained.source}" if trained else "", vanilla=False)
     out_dtype = torch.float16 if dtype == "float16" else torch.float32
-    return PredictModel(encoder=ImageEncoder(model.backbone, model.parts.image_encoder, device=dev, out_dtype=out_dtype),
+    encoder = build_encoder(config.engine, model.backbone, model.parts.image_encoder, model.checkpoint_sha256, device=dev,
+                            out_dtype=out_dtype, log=log)
+    return PredictModel(encoder=encoder,
                         prompt_encoder=model.parts.prompt_encoder, mask_decoder=model.decoder,
                         input_size=model.backbone.input_size, preprocess=preprocess)

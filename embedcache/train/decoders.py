@@ -71,6 +71,7 @@ class Model:
     backbone: Backbone
     parts: SamParts
     decoders: dict
+    checkpoint_sha256: str = ""  # of the backbone weights the parts were loaded with
 
     @property
     def decoder(self):
@@ -98,7 +99,7 @@ def load_model(backbone: str, *, trained: TrainedDecoder | None, checkpoint: Pat
             attach_adapter(tuned)
         load_decoder_state(tuned, trained)
         decoders["finetuned"] = tuned.eval()
-    return Model(chosen, parts, decoders)
+    return Model(chosen, parts, decoders, sha)
 
 
 def load_decoder_state(decoder, trained: TrainedDecoder) -> None:
