@@ -37,6 +37,19 @@ AUGMENTS = {
 }
 
 
+#: ``--engine`` choices (``auto`` resolves to one of the others; see :mod:`embedcache.model.engines`).
+ENGINES = ("auto", "torch", "onnxruntime", "openvino")
+#: ``--precision`` choices of the image encoder: fp32 everywhere; bf16 through OpenVINO on a CPU with bf16 instructions.
+PRECISIONS = ("fp32", "bf16")
+
+
+def _check_engine(engine: str, precision: str) -> None:
+    if engine not in ENGINES:
+        raise UsageError(f"--engine {engine}: choose from {', '.join(ENGINES)}")
+    if precision not in PRECISIONS:
+        raise UsageError(f"--precision {precision}: choose from {', '.join(PRECISIONS)}")
+
+
 @dataclass(frozen=True)
 class EncodeConfig:
     """Settings of phase one. ``checkpoint=None`` means the backbone's bundled weights."""
@@ -51,11 +64,11 @@ class EncodeConfig:
     margin_slices: int = 2  # also cache this many slices beyond each end of a gland (3-D box prompts need them)
     workers: int = -1  # processes preparing slices ahead of the encoder; -1: none on CPU, half the cores up to 8 on CUDA
     augment: tuple[str, ...] = ()  # training-only copies of every train case, one encode each (cache.augment.AUGMENTS)
-    engine: str = "torch"  # what runs the image encoder: torch, or onnxruntime on the CPU (model.engines)
+    engine: str = "auto"  # what runs the image encoder: auto, torch, onnxruntime or openvino (model.engines)
+    precision: str = "fp32"  # the encoder's arithmetic: fp32, or bf16 through openvino (model.engines)
 
     def __post_init__(self):
-        if self.engine not in ("torch", "onnxruntime"):
-            raise UsageError(f"--engine {self.engine}: choose torch or onnxruntime")
+        _check_engine(self.engine, self.precision)
         if any(kind not in AUGMENTS for kind in self.augment) or len(set(self.augment)) != len(self.augment):
             raise UsageError(f"--augment {','.join(self.augment)}: choose distinct kinds from {', '.join(AUGMENTS)}")
         if self.workers < -1:
@@ -266,11 +279,11 @@ class PredictConfig:
     device: str = "auto"
     review_iou: float = 0.5  # CASE.review.json lists the slices whose predicted IoU is below this
     output_types: tuple[str, ...] = ("nifti",)  # nifti, dicom-seg, rtstruct (embedcache.io.dicom_out.OUTPUT_TYPES)
-    engine: str = "torch"  # what runs the image encoder: torch, or onnxruntime on the CPU (model.engines)
+    engine: str = "auto"  # what runs the image encoder: auto, torch, onnxruntime or openvino (model.engines)
+    precision: str = "fp32"  # the encoder's arithmetic: fp32, or bf16 through openvino (model.engines)
 
     def __post_init__(self):
-        if self.engine not in ("torch", "onnxruntime"):
-            raise UsageError(f"--engine {self.engine}: choose torch or onnxruntime")
+        _check_engine(self.engine, self.precision)
         _one_decoder(self.run, self.decoder)
         from embedcache.io.dicom_out import OUTPUT_TYPES
 

@@ -17,6 +17,18 @@ import tiny
 
 torch.set_num_threads(int(os.environ.get("EMBEDCACHE_TEST_THREADS", "2")))
 
+
+@pytest.fixture(scope="session", autouse=True)
+def engine_cache_folder(tmp_path_factory):
+    """Exported encoders and --engine auto's measurements of this test session, never the user's cache folder."""
+    previous = os.environ.get("EMBEDCACHE_CACHE")
+    os.environ["EMBEDCACHE_CACHE"] = str(tmp_path_factory.mktemp("engine-cache"))
+    yield Path(os.environ["EMBEDCACHE_CACHE"])
+    if previous is None:
+        os.environ.pop("EMBEDCACHE_CACHE", None)
+    else:
+        os.environ["EMBEDCACHE_CACHE"] = previous
+
 #: Small phantom: 128² slices of 3.2 mm, the glands still a few voxels wide.
 SMALL_PHANTOM = PhantomConfig(size=128, pixel_mm=3.2, slice_mm=2.5, extent_mm=60.0)
 

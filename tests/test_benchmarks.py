@@ -19,8 +19,9 @@ def test_run_all_writes_its_json_and_table(tiny_model, tmp_path, monkeypatch):
     figures = result["backbones"]["tiny"]
     assert figures["encode"]["pipeline_over_bare"] > 0 and figures["epoch"]["cached_over_bound"] > 0
     assert figures["dtype"]["max_abs_difference"] < 0.05  # a float16 cache decodes like a float32 one
+    assert figures["engines"]["torch"]["speedup_over_torch"] == 1.0  # every engine installed, side by side
     table = next(tmp_path.glob("run_all-cpu-quick-*.md")).read_text()
-    assert "| tiny (bundled weights) |" in table and "CPU," in table
+    assert "| tiny (bundled weights) |" in table and "CPU," in table and "encoder × eager torch" in table
 
 
 def test_epoch_times_finetune_at_extra_batch_sizes_and_compiled(tiny_model, monkeypatch, tmp_path):
@@ -78,15 +79,37 @@ def test_clicks_trains_each_recipe_scores_it_on_test_and_reuses_what_is_done(tin
     assert again["recipes"]["box"]["glands"] == result["recipes"]["box"]["glands"]
 
 
-def test_engines_times_each_engine_against_torch_in_one_run(tiny_model, tmp_path, monkeypatch):
+def test_engines_times_each_engine_against_torch_and_scores_each_in_one_run(tiny_model, run_dir, tmp_path,
+                                                                             monkeypatch):
     import pytest
 
-    pytest.importorskip("onnxruntime", reason="ONNX Runtime is an optional extra")
+    from embedcache.io.phantom import limit_target_slices, write_phantom
+    from embedcache.model.engines import installed_engines
+
+    from conftest import SMALL_PHANTOM
+
+    if len(installed_engines()) == 1:
+        pytest.skip("no other engine installed: pip install 'embedcache[cpu-fast]'")
     monkeypatch.syspath_prepend(str(BENCHMARKS))
     import engines
 
-    result = engines.main(["--backbones", "tiny", "--slices", "2", "--rounds", "2", "--out", str(tmp_path)])
+    data = tmp_path / "data"
+    write_phantom(data, cases=1, test_cases=1, seed=3, config=SMALL_PHANTOM)
+    limit_target_slices(data, per_case=2)
+    specs = installed_engines()
+    result = engines.main(["--backbones", "tiny", "--engines", ",".join(specs), "--slices", "2", "--rounds", "2",
+                           "--dice", str(data), "--run", str(run_dir), "--out", str(tmp_path / "out")])
     figures = result["backbones"]["tiny"]["engines"]
-    assert set(figures) == {"torch", "onnxruntime"} and figures["torch"]["speedup_over_torch"] == 1.0
-    assert figures["onnxruntime"]["max_abs_difference_from_torch"] < 1e-3 and figures["onnxruntime"]["seconds_per_slice"] > 0
-    assert json.loads(next(tmp_path.glob("engines-cpu-*.json")).read_text())["backbones"].keys() == {"tiny"}
+    assert list(figures) == specs and figures["torch"]["speedup_over_torch"] == 1.0
+    for spec in specs[1:]:
+        assert figures[spec]["max_abs_difference_from_torch"] < 1e-3 and figures[spec]["seconds_per_slice"] > 0
+    dice = result["dice"]["engines"]
+    assert list(dice) == specs and dice["torch"]["dice_difference_from_torch"] == {
+        label: {"vanilla": 0.0, "finetuned": 0.0} for label in ("7", "8")}
+    for spec in specs[1:]:  # fp32 engines: the same Dice to 4 decimals
+        assert all(abs(d) <= 1e-4 for by in dice[spec]["dice_difference_from_torch"].values() for d in by.values())
+    saved = json.loads(next((tmp_path / "out").glob("engines-cpu-*.json")).read_text())
+    test_case = [p.name.removesuffix("_0000.nii.gz") for p in (data / "imagesTs").iterdir()]
+    assert saved["backbones"].keys() == {"tiny"} and saved["dice"]["cases"] == test_case
+    table = next((tmp_path / "out").glob("engines-cpu-*.md")).read_text()
+    assert "**tiny encoder**" in table and "**Box3d Dice" in table

@@ -61,7 +61,7 @@ def _signature(config: EncodeConfig, checkpoint_sha256: str) -> Signature:
     backbone = get_backbone(config.backbone)
     return Signature(backbone=backbone.name, checkpoint_sha256=checkpoint_sha256, input_size=backbone.input_size,
                      preprocess=config.preprocess, labels=config.labels, embedding_dtype=config.embedding_dtype,
-                     engine=config.engine)
+                     engine=config.engine, precision=config.precision)
 
 
 def signature_for(config: EncodeConfig) -> Signature:
@@ -75,7 +75,7 @@ def signature_for(config: EncodeConfig) -> Signature:
 
 def load_encoder(config: EncodeConfig, *, device, log=print):
     """The image encoder ``config`` names, with its weights, on ``device``, run by ``config.engine``
-    (an :class:`~embedcache.model.encoder.ImageEncoder` or :class:`~embedcache.model.engines.OnnxEncoder`)."""
+    (an :class:`~embedcache.model.encoder.ImageEncoder` or :class:`~embedcache.model.engines.GraphEncoder`)."""
     import torch
 
     from embedcache.model.backbones import get_backbone, load_backbone
@@ -85,7 +85,31 @@ def load_encoder(config: EncodeConfig, *, device, log=print):
     parts, sha = load_backbone(backbone, Path(config.checkpoint) if config.checkpoint else None)
     out_dtype = torch.float16 if config.embedding_dtype == "float16" else torch.float32
     return build_encoder(config.engine, backbone, parts.image_encoder, sha, device=device, batch_size=config.batch_size,
-                         out_dtype=out_dtype, log=log)
+                         out_dtype=out_dtype, precision=config.precision, log=log)
+
+
+def resolve_engine(config: EncodeConfig, out: Path, dist, *, log=print) -> EncodeConfig:
+    """``config`` with ``--engine auto`` made concrete: the engine of the cache (or interrupted encode) at ``out``
+    where there is one, so it grows as it began; torch on CUDA or under torchrun; else the fastest equal engine
+    on this CPU (:func:`embedcache.model.engines.choose_engine`)."""
+    from dataclasses import replace
+
+    from embedcache.cache.plan import existing_signature
+    from embedcache.model.backbones import get_backbone, load_backbone
+    from embedcache.model.engines import choose_engine
+    from embedcache.runtime.devices import pick_device
+
+    if config.engine != "auto":
+        return config
+    held = existing_signature(out)
+    if held is not None:
+        return replace(config, engine=held.engine)
+    device = pick_device(dist.device_name)
+    if device.type != "cpu" or dist.world > 1:
+        return replace(config, engine="torch")
+    backbone = get_backbone(config.backbone)
+    parts, sha = load_backbone(backbone, Path(config.checkpoint) if config.checkpoint else None)
+    return replace(config, engine=choose_engine(backbone, parts.image_encoder, sha, device=device, log=log))
 
 
 def encode(
@@ -106,15 +130,15 @@ def encode(
 
     out = Path(out)
     check_inputs(cases, out)
-    if config.engine != "torch":  # a missing engine is one line before any work
-        from embedcache.model.engines import check_engine
-        from embedcache.runtime.devices import pick_device
+    from embedcache.model.engines import check_engine
+    from embedcache.runtime.devices import pick_device
 
-        check_engine(config.engine, pick_device(config.device).type)
+    check_engine(config.engine, pick_device(config.device).type, config.precision)  # one line before any work
     cases = with_augmented(cases, config.augment)  # training-only copies, each encoded as a case of its own
-    signature = signature_for(config)
     dist = Dist(config.device)
     with writer_lock(out, main=dist.main):  # under torchrun rank 0 writes the cache for all
+        config = resolve_engine(config, out, dist, log=log)
+        signature = signature_for(config)
         return _encode(cases, out, config, signature, dist, progress=progress, log=log)
 
 

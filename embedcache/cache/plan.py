@@ -136,11 +136,29 @@ def finished(out: Path, signature: Signature, *, tidy: bool = True) -> tuple[dic
     return done, shards
 
 
+def existing_signature(out: Path) -> Signature | None:
+    """The signature of the cache at ``out``, else of a complete shard of an interrupted encode into it; None where
+    there is neither (or neither can be read: :func:`finished` then says why)."""
+    if out.is_file():
+        try:
+            with store.open_cache(out) as existing:
+                return existing.signature
+        except EmbedcacheError:
+            return None
+    shard_dir = shard_folder(out)
+    for shard in sorted(shard_dir.glob("*.h5")) if shard_dir.is_dir() else ():
+        try:
+            return store.read_shard(shard)[0]
+        except (OSError, KeyError, ValueError, EmbedcacheError):
+            continue
+    return None
+
+
 def _same_engine(found: Signature, signature: Signature, *, path: Path) -> None:
     """A cache grows with the engine that began it, so that its signature says what made every row."""
     if found.engine != signature.engine:
-        raise EmbedcacheError(f"{path}: was encoded with --engine {found.engine}; add to it with that engine, or "
-                              f"encode with --engine {signature.engine} into a new --out")
+        raise EmbedcacheError(f"{path}: was encoded with --engine {found.engine}; add to it with that engine (or "
+                              f"--engine auto), or encode with --engine {signature.engine} into a new --out")
 
 
 def plan_cases(cases: list[CaseSource], config: EncodeConfig, done: dict[str, CaseRecord],

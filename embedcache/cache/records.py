@@ -19,7 +19,8 @@ from embedcache.errors import CacheMismatchError, EmbedcacheError, UsageError
 
 SCHEMA = 1
 #: Signature fields that must match for two caches (or a cache and a model) to mix.
-MODEL_KEYS = ("schema", "backbone", "checkpoint_sha256", "input_size", "preprocess", "labels", "embedding_dtype")
+MODEL_KEYS = ("schema", "backbone", "checkpoint_sha256", "input_size", "preprocess", "labels", "embedding_dtype",
+              "precision")
 #: Signature fields a trained decoder must share with the cache it decodes: the embeddings' maker and
 #: meaning (the storage type may differ).
 DECODER_KEYS = ("backbone", "checkpoint_sha256", "input_size", "preprocess", "labels")
@@ -56,6 +57,7 @@ class Signature:
     embedcache_version: str = __version__
     schema: int = SCHEMA
     engine: str = "torch"  # what ran the encoder (encode --engine); fp32 engines agree within 1e-4, so not compared
+    precision: str = "fp32"  # the encoder's arithmetic (encode --precision): caches of two precisions do not mix
 
     @property
     def slice_size(self) -> int:
@@ -67,15 +69,16 @@ class Signature:
         return {"schema": self.schema, "backbone": self.backbone, "checkpoint_sha256": self.checkpoint_sha256,
                 "input_size": self.input_size, "preprocess": asdict(self.preprocess), "labels": list(self.labels),
                 "embedding_dtype": self.embedding_dtype, "embedcache_version": self.embedcache_version,
-                "engine": self.engine}
+                "engine": self.engine, "precision": self.precision}
 
     @classmethod
     def from_dict(cls, values, *, source) -> "Signature":
         """A signature read from ``source`` (a file, named in the error), every field's type checked."""
-        if isinstance(values, dict) and "engine" not in values:  # caches and checkpoints from before --engine
-            values = {**values, "engine": "torch"}
+        if isinstance(values, dict):  # caches and checkpoints from before --engine and --precision
+            values = {"engine": "torch", "precision": "fp32", **values}
         _check_fields(cls, values, source=source, what="signature")
-        text = ("backbone", "checkpoint_sha256", "embedding_dtype", "embedcache_version", "engine")
+        text = ("backbone", "checkpoint_sha256", "embedding_dtype", "embedcache_version", "engine",
+                "precision")
         if not all(isinstance(values[k], str) for k in text) or not all(_is_int(values[k]) for k in ("input_size", "schema")):
             raise _bad(source, "signature has a field of the wrong type")
         labels = values["labels"]

@@ -85,13 +85,18 @@ def phantom(out: Path, cases: int | None, seed: int, size: int, test_cases: int,
               help="Also encode training-only copies of every train case: a comma list of flip (left-right, glands "
                    "swap labels), rotate (±15°), scale (0.85-1.15), intensity (HU ×0.9-1.1, ±30 HU); each kind costs "
                    "one more encode of the training cases.")
-@click.option("--engine", default="torch", show_default=True, type=click.Choice(["torch", "onnxruntime"]),
-              help="What runs the image encoder: eager PyTorch, or ONNX Runtime on the CPU (exported once per model "
-                   "and weights; pip install 'embedcache[cpu-fast]').")
+@click.option("--engine", default="auto", show_default=True,
+              type=click.Choice(["auto", "torch", "onnxruntime", "openvino"]),
+              help="What runs the image encoder: eager PyTorch, or ONNX Runtime or OpenVINO on the CPU (exported once "
+                   "per model and weights; pip install 'embedcache[cpu-fast]'). auto: torch on CUDA; on a CPU the "
+                   "fastest installed engine equal to torch within 1e-4, timed once per model, weights and CPU.")
+@click.option("--precision", default="fp32", show_default=True, type=click.Choice(["fp32", "bf16"]),
+              help="The encoder's arithmetic. bf16 runs through --engine openvino on a CPU with bf16 instructions; "
+                   "it changes the embeddings (see the README's measured Dice cost), so a cache keeps one precision.")
 @progress_option
 @friendly_errors
 def encode(data, out, images, labels_, series, model, checkpoint, labels, window_width, window_level, slice_size,
-           dtype, device, batch_size, margin_slices, workers, augment, engine, progress):
+           dtype, device, batch_size, margin_slices, workers, augment, engine, precision, progress):
     """Encode every slice of DATA that holds a target label into the HDF5 cache OUT.
 
     DATA is a FLARE22-style folder (imagesTr/ + labelsTr/ or images/ + labels/, and imagesTs/ +
@@ -126,6 +131,7 @@ def encode(data, out, images, labels_, series, model, checkpoint, labels, window
         workers=workers,
         augment=tuple(k.strip() for k in augment.split(",") if k.strip()),
         engine=engine,
+        precision=precision,
     )
     if data is not None:
         cases = discover_cases(data)

@@ -203,16 +203,21 @@ def evaluate(pred, labels_dir, out_dir, labels, name, progress):
                    "Segmentation) and rtstruct (CASE.rtstruct.dcm, an RT Structure Set); DICOM ones need a DICOM input.")
 @click.option("--review-iou", default=0.5, show_default=True, type=float,
               help="OUT/CASE.review.json lists the slices whose predicted IoU is below this: where to look.")
-@click.option("--engine", default="torch", show_default=True, type=click.Choice(["torch", "onnxruntime"]),
-              help="What runs the image encoder: eager PyTorch, or ONNX Runtime on the CPU (exported once per model "
-                   "and weights; pip install 'embedcache[cpu-fast]').")
+@click.option("--engine", default="auto", show_default=True,
+              type=click.Choice(["auto", "torch", "onnxruntime", "openvino"]),
+              help="What runs the image encoder: eager PyTorch, or ONNX Runtime or OpenVINO on the CPU (exported once "
+                   "per model and weights; pip install 'embedcache[cpu-fast]'). auto: torch on CUDA; on a CPU the "
+                   "fastest installed engine equal to torch within 1e-4, timed once per model, weights and CPU.")
+@click.option("--precision", default="fp32", show_default=True, type=click.Choice(["fp32", "bf16"]),
+              help="The encoder's arithmetic. bf16 runs through --engine openvino on a CPU with bf16 instructions; "
+                   "it changes the embeddings (see the README's measured Dice cost), so a cache keeps one precision.")
 @click.option("--model", default="litemedsam", show_default=True, help="Backbone when no run or decoder is given.")
 @click.option("--checkpoint", type=click.Path(path_type=Path), default=None, help="Backbone weights (default: bundled).")
 @device_option
 @progress_option
 @friendly_errors
 def predict(inputs, out_dir, run_dir, decoder_file, boxes_file, from_labels, prompts, jitter, seed, box_margin_mm,
-            box_margin_slices, grow_mm, walk, min_iou, middle, clicks, series, output_types, review_iou, engine, model,
+            box_margin_slices, grow_mm, walk, min_iou, middle, clicks, series, output_types, review_iou, engine, precision, model,
             checkpoint, device, progress):
     """Segment INPUTS (NIfTI files or DICOM series folders) from box prompts.
 
@@ -235,12 +240,13 @@ def predict(inputs, out_dir, run_dir, decoder_file, boxes_file, from_labels, pro
                            protocol=_settings(jitter, seed, box_margin_mm, box_margin_slices, grow_mm, walk, min_iou, middle,
                                               clicks),
                            series=series, model=model, checkpoint=_text(checkpoint), device=device, review_iou=review_iou,
-                           engine=engine,
+                           engine=engine, precision=precision,
                            output_types=tuple(t.strip() for t in output_types.split(",") if t.strip()))
     from embedcache.evaluation.predict import predict as run_predict
 
     with progress_bar(progress) as bar:
-        written, errors = run_predict(list(inputs), out_dir, config, progress=bar, log=say_to(console()))
-    click.echo(f"wrote {len(written)} file(s) to {out_dir}")
-    if errors:
-        raise click.ClickException(f"{len(errors)} input(s) failed; see the errors above")
+        done = run_predict(list(inputs), out_dir, config, progress=bar, log=say_to(console()))
+    pace = done.pace()
+    click.echo(f"wrote {len(done.written)} file(s) to {out_dir}" + (f": {pace}" if pace else ""))
+    if done.errors:
+        raise click.ClickException(f"{len(done.errors)} input(s) failed; see the errors above")

@@ -51,6 +51,8 @@ class ImageEncoder:
     on one slice, fit in half the free memory (a T4 and an H100 differ by 5× in memory).
     """
 
+    engine, precision = "torch", "fp32"  # as model.engines.GraphEncoder names itself
+
     def __init__(self, backbone: Backbone, image_encoder: torch.nn.Module, *, device: torch.device,
                  batch_size: int = 0, out_dtype: torch.dtype = torch.float16):
         self.backbone, self.device, self.out_dtype = backbone, device, out_dtype

@@ -1,17 +1,21 @@
-"""Where the frozen image encoder runs: eager PyTorch, or ONNX Runtime on the CPU (``--engine``).
+"""Where the frozen image encoder runs (``--engine``) and at what precision (``--precision``).
 
 The CVPR 2024 "MedSAM on Laptop" winners got their CPU speed from the inference engine, not the
-model. :class:`OnnxEncoder` exports a backbone's image encoder once per backbone and weights (its
-sha256) with ``torch.onnx.export`` into the user cache folder (``$EMBEDCACHE_CACHE``, else
-``$XDG_CACHE_HOME/embedcache``, else ``~/.cache/embedcache``), beside a record of its own sha256,
-and re-exports it when either changes; nothing is downloaded. A fresh export is checked against
-eager PyTorch on one seeded input before it is kept. It has :class:`~embedcache.model.encoder.ImageEncoder`'s
-interface, so ``encode`` and ``predict`` run it unchanged.
+model. Beside eager PyTorch, embedcache runs the image encoder in ONNX Runtime or OpenVINO on the
+CPU: the encoder is exported once per backbone and weights (their sha256) with ``torch.onnx.export``
+into the user cache folder (``$EMBEDCACHE_CACHE``, else ``$XDG_CACHE_HOME/embedcache``, else
+``~/.cache/embedcache``), beside a record of its own sha256, and re-exported when either changes;
+nothing is downloaded. A fresh export is checked against eager PyTorch on one seeded input before it
+is kept. Each engine has :class:`~embedcache.model.encoder.ImageEncoder`'s interface, so ``encode``
+and ``predict`` run them unchanged.
 
-Only fp32 is offered: its embeddings equal eager PyTorch's within 1e-4 (tested, with the vanilla
-decoder's Dice on the phantom equal to 4 decimals), so the cache signature records the engine but
-a cache of either engine serves a decoder trained on the other. Reduced precision changes the
-embeddings and is not offered until its Dice cost is measured.
+``--engine auto`` (the default) is torch on CUDA (and under torchrun); on a CPU it is the fastest
+fp32 engine installed whose embeddings equal eager PyTorch's within :data:`EQUAL_TOLERANCE`, found by
+a short measurement once per backbone, weights and CPU and recorded in the cache folder. fp32 engines
+agree within that tolerance (tested, with the vanilla decoder's Dice on the phantom equal to 4
+decimals), so the signature records the engine without comparing it. ``--precision bf16`` (OpenVINO
+on a CPU with bf16 instructions) changes the embeddings: it is part of what a cache and a decoder
+must share, and ``auto`` never chooses it; its Dice cost is measured in ``benchmarks/engines.py``.
 """
 
 from __future__ import annotations
@@ -19,16 +23,20 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import time
 import warnings
 from pathlib import Path
 
 import numpy as np
 
+from embedcache.config import ENGINES, PRECISIONS
 from embedcache.errors import EmbedcacheError, UsageError
 
-#: ``--engine`` choices.
-ENGINES = ("torch", "onnxruntime")
-#: What ``pip install`` brings an engine in with.
+#: The engines that run an exported graph on the CPU, with the modules each needs.
+GRAPH_ENGINES = {"onnxruntime": ("onnx", "onnxruntime"), "openvino": ("onnx", "openvino")}
+#: fp32 engines whose embeddings differ from eager PyTorch's by no more than this are interchangeable.
+EQUAL_TOLERANCE = 1e-4
+#: What ``pip install`` brings the engines in with.
 EXTRA = "pip install 'embedcache[cpu-fast]'"
 #: ONNX opset of the exported graphs.
 OPSET = 17
@@ -44,26 +52,65 @@ def cache_folder() -> Path:
     return Path(base) / "embedcache"
 
 
-def check_engine(engine: str, device_type: str = "cpu") -> None:
-    """Refuse an unknown engine, one whose library is missing (naming the extra), or ONNX Runtime on CUDA."""
+def check_engine(engine: str, device_type: str = "cpu", precision: str = "fp32") -> None:
+    """Refuse an unknown engine or precision, an engine whose library is missing (naming the extra), a CPU
+    engine on CUDA, or bf16 where it cannot run."""
     if engine not in ENGINES:
         raise UsageError(f"--engine {engine}: choose from {', '.join(ENGINES)}")
-    if engine == "onnxruntime":
+    if precision not in PRECISIONS:
+        raise UsageError(f"--precision {precision}: choose from {', '.join(PRECISIONS)}")
+    if precision != "fp32" and engine != "openvino":
+        raise UsageError(f"--precision {precision} runs through OpenVINO: add --engine openvino, or use --precision fp32")
+    if engine in GRAPH_ENGINES:
         if device_type != "cpu":
-            raise UsageError("--engine onnxruntime runs on the CPU; pass --device cpu, or --engine torch on CUDA")
-        try:
-            import onnx  # noqa: F401  (torch.onnx.export writes through it)
-            import onnxruntime  # noqa: F401
-        except ImportError:
-            raise UsageError(f"--engine onnxruntime needs ONNX Runtime and onnx: {EXTRA}") from None
+            raise UsageError(f"--engine {engine} runs on the CPU; pass --device cpu, or --engine torch on CUDA")
+        missing = [m for m in GRAPH_ENGINES[engine] if not _installed(m)]
+        if missing:
+            raise UsageError(f"--engine {engine} needs {' and '.join(missing)}: {EXTRA}")
+    if precision == "bf16" and "BF16" not in _openvino_core().get_property("CPU", "OPTIMIZATION_CAPABILITIES"):
+        raise UsageError("--precision bf16: this CPU has no bf16 instructions (OpenVINO reports none); use --precision fp32")
+
+
+def _installed(module: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(module) is not None
+
+
+def installed_engines() -> list[str]:
+    """The CPU engines whose libraries are installed here, torch first."""
+    return ["torch"] + [e for e, modules in GRAPH_ENGINES.items() if all(_installed(m) for m in modules)]
 
 
 def cpu_threads() -> int:
-    """The cores this process may run on (its affinity mask), for ONNX Runtime's intra-op threads."""
+    """The cores this process may run on: its affinity mask, capped by a cgroup CPU quota (a container's
+    ``--cpus``) where one is set, for the engines' intra-op threads."""
     try:
-        return max(1, len(os.sched_getaffinity(0)))
+        cores = max(1, len(os.sched_getaffinity(0)))
     except (AttributeError, OSError):
-        return max(1, os.cpu_count() or 1)
+        cores = max(1, os.cpu_count() or 1)
+    quota = cgroup_cpu_quota()
+    return max(1, min(cores, quota)) if quota else cores
+
+
+def cgroup_cpu_quota(root: Path = Path("/sys/fs/cgroup")) -> int | None:
+    """The CPUs a cgroup quota allows (rounded up), from cgroup v2 ``cpu.max`` or v1 ``cpu.cfs_quota_us``;
+    None where there is no quota."""
+    import math
+
+    try:
+        quota, period = (root / "cpu.max").read_text().split()[:2]
+        if quota != "max":
+            return max(1, math.ceil(int(quota) / int(period)))
+        return None
+    except (OSError, ValueError):
+        pass
+    try:
+        quota = int((root / "cpu" / "cpu.cfs_quota_us").read_text())
+        period = int((root / "cpu" / "cpu.cfs_period_us").read_text())
+        return max(1, math.ceil(quota / period)) if quota > 0 and period > 0 else None
+    except (OSError, ValueError):
+        return None
 
 
 def _sha256(path: Path) -> str:
@@ -74,10 +121,11 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def exported_encoder(backbone, image_encoder, checkpoint_sha256: str, *, folder: Path | None = None,
-                     log=print) -> Path:
+def exported_encoder(backbone, image_encoder, checkpoint_sha256: str, *, engine: str = "onnxruntime",
+                     folder: Path | None = None, log=print) -> Path:
     """The ONNX graph of ``backbone``'s image encoder with the weights of sha256 ``checkpoint_sha256``: the one
-    exported before (its record and its own sha256 intact), else a fresh export, checked and kept."""
+    exported before (its record and its own sha256 intact), else a fresh export, checked in ``engine`` against
+    eager PyTorch and kept."""
     import torch
 
     from embedcache.io.files import atomic_path, atomic_write_text
@@ -99,52 +147,83 @@ def exported_encoder(backbone, image_encoder, checkpoint_sha256: str, *, folder:
         raise EmbedcacheError(f"{folder}: cannot hold the exported encoder ({exc.strerror}); set EMBEDCACHE_CACHE to "
                               "a writable folder") from None
     log(f"exporting {backbone.name}'s image encoder to ONNX (once per backbone and weights): {graph}")
-    size = backbone.input_size
-    example = torch.from_numpy(np.random.default_rng(0).uniform(0, 1, (1, 3, size, size)).astype(np.float32))
+    example = _example(backbone)
     model = image_encoder.float().eval()
     with atomic_path(graph) as tmp, torch.inference_mode():
         with warnings.catch_warnings():  # the TorchScript exporter's notes on constant folding are not the user's
             warnings.simplefilter("ignore")
-            torch.onnx.export(model, (example,), str(tmp), opset_version=OPSET, dynamo=False, input_names=["image"],
-                              output_names=["embedding"])
-        want = model(example).numpy()
-        got = _session(Path(tmp)).run(None, {"image": example.numpy()})[0]
+            torch.onnx.export(model, (torch.from_numpy(example),), str(tmp), opset_version=OPSET, dynamo=False,
+                              input_names=["image"], output_names=["embedding"])
+        want = model(torch.from_numpy(example)).numpy()
+        got = _runner(engine, Path(tmp), "fp32")(example)
         difference = float(np.abs(got - want).max())
         if not difference <= EXPORT_TOLERANCE:
             raise EmbedcacheError(f"{graph}: the exported encoder differs from PyTorch's by {difference:.2g} "
-                                  f"(more than {EXPORT_TOLERANCE:g}); use --engine torch")
+                                  f"(more than {EXPORT_TOLERANCE:g}) in {engine}; use --engine torch")
     atomic_write_text(record, json.dumps({"backbone": backbone.name, "checkpoint_sha256": checkpoint_sha256,
                                           "sha256": _sha256(graph), "opset": OPSET, "torch": torch.__version__,
-                                          "max_abs_difference_from_torch": difference}, indent=2) + "\n")
+                                          "max_abs_difference_from_torch": difference, "checked_in": engine},
+                                         indent=2) + "\n")
     return graph
 
 
-def _session(graph: Path):
-    import onnxruntime
-
-    options = onnxruntime.SessionOptions()
-    options.intra_op_num_threads = cpu_threads()
-    options.inter_op_num_threads = 1
-    options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
-    return onnxruntime.InferenceSession(str(graph), sess_options=options, providers=["CPUExecutionProvider"])
+def _example(backbone) -> np.ndarray:
+    """The seeded encoder input (already normalised, ``(1, 3, S, S)``) exports and measurements are checked on."""
+    size = backbone.input_size
+    return np.random.default_rng(0).uniform(0, 1, (1, 3, size, size)).astype(np.float32)
 
 
-class OnnxEncoder:
-    """``backbone``'s image encoder as an ONNX Runtime session on the CPU, with
+_OPENVINO_CORE = None
+
+
+def _openvino_core():
+    global _OPENVINO_CORE
+    if _OPENVINO_CORE is None:
+        import openvino
+
+        _OPENVINO_CORE = openvino.Core()
+    return _OPENVINO_CORE
+
+
+def _runner(engine: str, graph: Path, precision: str):
+    """A function running the graph at ``graph`` in ``engine``: one ``(1, 3, S, S)`` float32 input → its embedding."""
+    threads = cpu_threads()
+    if engine == "onnxruntime":
+        import onnxruntime
+
+        options = onnxruntime.SessionOptions()
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+        options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
+        session = onnxruntime.InferenceSession(str(graph), sess_options=options, providers=["CPUExecutionProvider"])
+        return lambda x: session.run(None, {"image": x})[0]
+    if engine == "openvino":
+        core = _openvino_core()
+        compiled = core.compile_model(core.read_model(str(graph)), "CPU", {
+            "INFERENCE_PRECISION_HINT": {"fp32": "f32", "bf16": "bf16"}[precision],
+            "PERFORMANCE_HINT": "LATENCY", "INFERENCE_NUM_THREADS": threads})
+        request = compiled.create_infer_request()
+        return lambda x: request.infer({0: x})[0].copy()
+    raise ValueError(engine)
+
+
+class GraphEncoder:
+    """``backbone``'s image encoder as an exported graph run by ONNX Runtime or OpenVINO on the CPU, with
     :class:`~embedcache.model.encoder.ImageEncoder`'s interface (slices in, embeddings as torch tensors out).
-    The graph takes one slice at a time (TinyViT's export fixes the batch at 1); batch 1 is the CPU's best anyway."""
+    The graph takes one slice at a time (TinyViT's export fixes the batch at 1); batch 1 is the CPU's best anyway
+    (``benchmarks/encode.py`` measured larger batches slower on the CPU), and the engines release the GIL, so
+    encode's reader thread prepares the next case meanwhile."""
 
-    engine = "onnxruntime"
-
-    def __init__(self, backbone, image_encoder, checkpoint_sha256: str, *, out_dtype, folder: Path | None = None,
-                 log=print):
+    def __init__(self, engine: str, backbone, image_encoder, checkpoint_sha256: str, *, out_dtype,
+                 precision: str = "fp32", folder: Path | None = None, log=print):
         import torch
 
+        self.engine, self.precision = engine, precision
         self.backbone, self.out_dtype = backbone, out_dtype
         self.device = torch.device("cpu")
         self.cuda = False
-        self.graph = exported_encoder(backbone, image_encoder, checkpoint_sha256, folder=folder, log=log)
-        self.session = _session(self.graph)
+        self.graph = exported_encoder(backbone, image_encoder, checkpoint_sha256, engine=engine, folder=folder, log=log)
+        self.run = _runner(engine, self.graph, precision)
         self.batch_size = 1
 
     def upload(self, slices):
@@ -161,7 +240,7 @@ class OnnxEncoder:
 
         with torch.inference_mode():
             x = self.backbone.prepare(self.upload(slices)).float().numpy()
-        out = [self.session.run(None, {"image": x[i : i + 1]})[0] for i in range(len(x))]
+        out = [self.run(x[i : i + 1]) for i in range(len(x))]
         return torch.from_numpy(np.concatenate(out)).to(self.out_dtype)
 
     def to_host(self, embeddings):
@@ -172,12 +251,94 @@ class OnnxEncoder:
         return HostEmbeddings(embeddings, torch.isfinite(embeddings).all())
 
 
+def _machine_key() -> str:
+    """What an ``auto`` measurement holds for: the CPU, the threads and the engines' versions."""
+    import platform
+
+    import torch
+
+    model = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    versions = [f"torch{torch.__version__}"]
+    for module in ("onnxruntime", "openvino"):
+        if _installed(module):
+            from importlib.metadata import PackageNotFoundError, version
+
+            try:
+                versions.append(f"{module}{version(module)}")
+            except PackageNotFoundError:
+                pass
+    return hashlib.sha256(f"{model}|{cpu_threads()}|{'|'.join(versions)}".encode()).hexdigest()[:16]
+
+
+def choose_engine(backbone, image_encoder, checkpoint_sha256: str, *, device, folder: Path | None = None,
+                  log=print) -> str:
+    """What ``--engine auto`` runs ``backbone``'s encoder with on ``device``: torch on CUDA or where no other engine
+    is installed; else the fastest fp32 engine whose embeddings equal torch's within :data:`EQUAL_TOLERANCE`,
+    measured once per backbone, weights and CPU (a warm-up and the median of three timed slices each, alternating)
+    and recorded in the cache folder."""
+    import torch
+
+    from embedcache.io.files import atomic_write_text
+
+    candidates = installed_engines()
+    if device.type != "cpu" or len(candidates) == 1:
+        return "torch"
+    folder = Path(folder) if folder is not None else cache_folder()
+    record = folder / f"auto-{backbone.name}-{checkpoint_sha256[:16]}-{_machine_key()}.json"
+    try:
+        held = json.loads(record.read_text())
+        if held.get("chosen") in candidates and held.get("checkpoint_sha256") == checkpoint_sha256:
+            return held["chosen"]
+    except (OSError, ValueError, AttributeError):
+        pass
+    log(f"--engine auto: timing {', '.join(candidates)} on {backbone.name}'s encoder (once for this CPU and weights)")
+    example = _example(backbone)
+    model = image_encoder.float().eval()
+    runners = {"torch": lambda x: model(torch.from_numpy(x)).numpy()}
+    for engine in candidates[1:]:
+        graph = exported_encoder(backbone, image_encoder, checkpoint_sha256, engine=engine, folder=folder, log=log)
+        runners[engine] = _runner(engine, graph, "fp32")
+    with torch.inference_mode():
+        reference = runners["torch"](example)
+        difference = {e: float(np.abs(run(example) - reference).max()) for e, run in runners.items()}  # warm-up too
+        seconds = {e: [] for e in runners}
+        for _ in range(3):
+            for engine, run in runners.items():
+                started = time.perf_counter()
+                run(example)
+                seconds[engine].append(time.perf_counter() - started)
+    median = {e: sorted(s)[1] for e, s in seconds.items()}
+    equal = [e for e in runners if difference[e] <= EQUAL_TOLERANCE]
+    chosen = min(equal, key=median.__getitem__)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(record, json.dumps({
+            "backbone": backbone.name, "checkpoint_sha256": checkpoint_sha256, "chosen": chosen,
+            "seconds_per_slice": {e: round(v, 4) for e, v in median.items()},
+            "max_abs_difference_from_torch": difference, "threads": cpu_threads()}, indent=2) + "\n")
+    except OSError:
+        pass  # the choice stands for this run; the next one measures again
+    log(f"--engine auto: {chosen} (" + ", ".join(f"{e} {v:.2f} s/slice" for e, v in median.items()) + f"); {record}")
+    return chosen
+
+
 def build_encoder(engine: str, backbone, image_encoder, checkpoint_sha256: str, *, device, batch_size: int = 0,
-                  out_dtype, log=print):
-    """The image encoder ``engine`` runs (``torch``: :class:`~embedcache.model.encoder.ImageEncoder` on ``device``)."""
-    check_engine(engine, device.type)
-    if engine == "onnxruntime":
-        return OnnxEncoder(backbone, image_encoder, checkpoint_sha256, out_dtype=out_dtype, log=log)
+                  out_dtype, precision: str = "fp32", log=print):
+    """The image encoder ``engine`` runs at ``precision`` (``torch``: :class:`~embedcache.model.encoder.ImageEncoder`
+    on ``device``; ``auto``: resolved by :func:`choose_engine`)."""
+    check_engine(engine, device.type, precision)
+    if engine == "auto":
+        engine = choose_engine(backbone, image_encoder, checkpoint_sha256, device=device, log=log)
+    if engine in GRAPH_ENGINES:
+        return GraphEncoder(engine, backbone, image_encoder, checkpoint_sha256, out_dtype=out_dtype,
+                            precision=precision, log=log)
     from embedcache.model.encoder import ImageEncoder
 
     return ImageEncoder(backbone, image_encoder, device=device, batch_size=batch_size, out_dtype=out_dtype)

@@ -293,7 +293,7 @@ def test_worker_processes_prepare_the_same_slices(tiny_model, phantom_dir, tmp_p
 
 def test_torchrun_encode_with_two_processes_equals_one_process(tiny_model, tiny_checkpoint, phantom_dir, tmp_path):
     cases = discover_cases(phantom_dir)
-    _encode(cases, tmp_path / "one.h5")
+    _encode(cases, tmp_path / "one.h5", dataclasses.replace(TINY, engine="torch"))  # auto is torch under torchrun
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(Path(tiny.__file__).parent), *sys.path]),
                OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29541",
@@ -329,7 +329,8 @@ def test_nan_embeddings_from_the_encoder_never_reach_the_cache(tiny_model, phant
 
     cases = discover_cases(phantom_dir)
     real, calls = ImageEncoder.__call__, []
-    first_case_rows = _encode(cases[:1], tmp_path / "first.h5").slices_encoded
+    torch_engine = dataclasses.replace(TINY, engine="torch")  # the eager encoder, patched below
+    first_case_rows = _encode(cases[:1], tmp_path / "first.h5", torch_engine).slices_encoded
 
     def overflowing(self, slices):
         calls.append(len(slices))
@@ -339,7 +340,7 @@ def test_nan_embeddings_from_the_encoder_never_reach_the_cache(tiny_model, phant
     monkeypatch.setattr(ImageEncoder, "__call__", overflowing)
     out = tmp_path / "cache.h5"
     with pytest.raises(EmbedcacheError, match=f"^{cases[1].name}: the image encoder returned NaN or infinite"):
-        _encode(cases, out)
+        _encode(cases, out, torch_engine)
     assert not out.exists()
     assert [p.name for p in shard_folder(out).iterdir()] == [f"{cases[0].name}.h5"]  # the finished case is kept
 

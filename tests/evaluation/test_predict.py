@@ -201,13 +201,15 @@ def test_predict_shows_inputs_done_and_slices_encoded(one_slice_case, tmp_path):
 
     case, bars = one_slice_case, _Bars()
     config = PredictConfig(from_labels=str(case.label), prompts="oracle", device="cpu")
-    written, errors = predict([case.image], tmp_path / "p", config, progress=bars, log=lambda m: None)
-    assert len(written) == 1 and not errors
+    done = predict([case.image], tmp_path / "p", config, progress=bars, log=lambda m: None)
+    assert len(done.written) == 1 and not done.errors
     truth = read_label(case.label).array
     gland_slices = np.flatnonzero(np.isin(truth, (7, 8)).any(axis=(1, 2)))
     inputs, slices = bars.tasks
     assert inputs == {"description": f"predicting {case.name}", "total": 1, "done": 1}
     assert slices == {"description": "slices encoded", "total": None, "done": len(gland_slices)}
+    assert done.cases == 1 and done.glands == 2 and done.slices_encoded == len(gland_slices) and done.seconds > 0
+    assert done.pace().startswith(f"{done.seconds:.1f} s per case, {done.seconds / 2:.1f} s per gland (")
 
 
 def test_points_from_a_boxes_file_give_what_the_clicks_protocol_gives_for_the_same_clicks(phantom_dir, tiny_model,

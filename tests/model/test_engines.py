@@ -1,4 +1,5 @@
-"""--engine onnxruntime: the exported encoder gives eager PyTorch's embeddings, and the tools around it hold."""
+"""--engine onnxruntime|openvino|auto and --precision: the exported encoder gives eager PyTorch's embeddings,
+auto chooses among the equal ones, and the tools around them hold."""
 
 from __future__ import annotations
 
@@ -15,8 +16,26 @@ from embedcache.io.phantom import limit_target_slices
 
 from conftest import cli, one_line
 
-pytest.importorskip("onnxruntime", reason="ONNX Runtime is an optional extra: pip install 'embedcache[cpu-fast]'")
 pytest.importorskip("onnx", reason="onnx is an optional extra: pip install 'embedcache[cpu-fast]'")
+
+
+def _has(module):
+    import importlib.util
+
+    return importlib.util.find_spec(module) is not None
+
+
+needs_ort = pytest.mark.skipif(not _has("onnxruntime"), reason="ONNX Runtime is an optional extra: pip install 'embedcache[cpu-fast]'")
+needs_ov = pytest.mark.skipif(not _has("openvino"), reason="OpenVINO is an optional extra: pip install 'embedcache[cpu-fast]'")
+GRAPH_ENGINES = [pytest.param("onnxruntime", marks=needs_ort), pytest.param("openvino", marks=needs_ov)]
+
+
+def _bf16_cpu():
+    if not _has("openvino"):
+        return False
+    import openvino
+
+    return "BF16" in openvino.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
 
 
 @pytest.fixture
@@ -34,28 +53,29 @@ def _encode(data, out, *extra):
     return out
 
 
-def test_onnxruntime_embeddings_equal_torchs_and_score_the_same_to_four_decimals(data, tmp_path):
-    caches = {engine: _encode(data, tmp_path / f"{engine}.h5", "--engine", engine, "--dtype", "float32")
-              for engine in ("torch", "onnxruntime")}
+@pytest.mark.parametrize("engine", GRAPH_ENGINES)
+def test_graph_engines_embeddings_equal_torchs_and_score_the_same_to_four_decimals(engine, data, tmp_path):
+    caches = {e: _encode(data, tmp_path / f"{e}.h5", "--engine", e, "--dtype", "float32") for e in ("torch", engine)}
     embeddings = {}
-    for engine, path in caches.items():
+    for e, path in caches.items():
         with h5py.File(path) as f:
-            embeddings[engine] = f["embeddings"][:]
-            assert json.loads(f.attrs["signature"])["engine"] == engine
-    assert np.abs(embeddings["torch"] - embeddings["onnxruntime"]).max() <= 1e-4
+            embeddings[e] = f["embeddings"][:]
+            assert json.loads(f.attrs["signature"])["engine"] == e
+    assert np.abs(embeddings["torch"] - embeddings[engine]).max() <= 1e-4
     dice = {}
-    for engine, path in caches.items():
-        result = cli("score", path, "--out", tmp_path / f"report-{engine}", "--prompts", "oracle,box3d", "--device",
+    for e, path in caches.items():
+        result = cli("score", path, "--out", tmp_path / f"report-{e}", "--prompts", "oracle,box3d", "--device",
                      "cpu", "--no-progress")
         assert result.exit_code == 0, result.output
-        summary = json.loads((tmp_path / f"report-{engine}" / "report.json").read_text())["summary"]
-        dice[engine] = {(p, label): round(v["vanilla"]["dice"]["mean"], 4) for p, by in summary.items()
-                        for label, v in by.items()}
-    assert dice["torch"] == dice["onnxruntime"]
+        summary = json.loads((tmp_path / f"report-{e}" / "report.json").read_text())["summary"]
+        dice[e] = {(p, label): round(v["vanilla"]["dice"]["mean"], 4) for p, by in summary.items()
+                   for label, v in by.items()}
+    assert dice["torch"] == dice[engine]
     graphs = list((tmp_path / "user-cache").glob("litemedsam-*.onnx"))
     assert len(graphs) == 1 and graphs[0].with_suffix(".json").is_file()
 
 
+@needs_ort
 def test_the_graph_is_exported_once_and_again_when_it_no_longer_matches_its_record(data, tmp_path):
     notes = []
     _encode(data, tmp_path / "a.h5", "--engine", "onnxruntime")
@@ -74,41 +94,114 @@ def test_the_graph_is_exported_once_and_again_when_it_no_longer_matches_its_reco
         assert np.array_equal(b["embeddings"][:], c["embeddings"][:])
 
 
-def test_a_cache_grows_only_with_the_engine_that_began_it(data, tmp_path):
-    out = _encode(data, tmp_path / "c.h5")
+def _more(data, tmp_path):
     more = tmp_path / "more"
     shutil.copytree(data, more)
     (more / "imagesTr" / "PHANTOM_0001_0000.nii.gz").rename(more / "imagesTr" / "EXTRA_0001_0000.nii.gz")
     (more / "labelsTr" / "PHANTOM_0001.nii.gz").rename(more / "labelsTr" / "EXTRA_0001.nii.gz")
+    return more
+
+
+@needs_ort
+def test_a_cache_grows_only_with_the_engine_that_began_it(data, tmp_path):
+    out = _encode(data, tmp_path / "c.h5", "--engine", "torch")
+    more = _more(data, tmp_path)
     result = cli("encode", more, "--out", out, "--device", "cpu", "--no-progress", "--engine", "onnxruntime")
     one_line(result, "was encoded with --engine torch", "into a new --out")
+    result = cli("encode", more, "--out", out, "--device", "cpu", "--no-progress")  # auto: as the cache began
+    assert result.exit_code == 0, result.output
+    from embedcache.cache.store import open_cache
+
+    with open_cache(out) as cache:
+        assert cache.signature.engine == "torch" and "EXTRA_0001" in [c.name for c in cache.cases]
 
 
 def test_a_missing_engine_is_one_line_naming_the_extra(data, tmp_path, monkeypatch):
     from embedcache.model.engines import check_engine
 
     monkeypatch.setitem(sys.modules, "onnxruntime", None)  # import fails as when it is not installed
+    monkeypatch.setitem(sys.modules, "openvino", None)
     with pytest.raises(UsageError, match=r"embedcache\[cpu-fast\]"):
         check_engine("onnxruntime")
-    result = cli("encode", data, "--out", tmp_path / "c.h5", "--device", "cpu", "--engine", "onnxruntime")
-    one_line(result, "--engine onnxruntime needs ONNX Runtime", "cpu-fast", code=2)
-    assert not (tmp_path / "c.h5").exists()
+    for engine in ("onnxruntime", "openvino"):
+        result = cli("encode", data, "--out", tmp_path / "c.h5", "--device", "cpu", "--engine", engine)
+        one_line(result, f"--engine {engine} needs {engine}", "cpu-fast", code=2)
+        assert not (tmp_path / "c.h5").exists()
     with pytest.raises(UsageError, match="runs on the CPU"):
-        check_engine("onnxruntime", "cuda")
+        check_engine("openvino", "cuda")
+    with pytest.raises(UsageError, match="runs through OpenVINO"):
+        check_engine("onnxruntime", "cpu", "bf16")
+    result = cli("encode", data, "--out", tmp_path / "c.h5", "--device", "cpu", "--precision", "bf16")
+    one_line(result, "--precision bf16 runs through OpenVINO", "--engine openvino", code=2)
+    _encode(data, tmp_path / "auto.h5")  # auto with no other engine installed: torch, no measurement
+    with h5py.File(tmp_path / "auto.h5") as f:
+        assert json.loads(f.attrs["signature"])["engine"] == "torch"
 
 
-def test_predict_with_onnxruntime_segments_as_with_torch(data, tmp_path):
+@pytest.mark.parametrize("engine", GRAPH_ENGINES)
+def test_predict_with_a_graph_engine_segments_as_with_torch(engine, data, tmp_path):
     from embedcache.evaluation.metrics import dice
     from embedcache.io.datasets import discover_cases
     from embedcache.io.volumes import read_label
 
     case = discover_cases(data)[0]
     out = {}
-    for engine in ("torch", "onnxruntime"):
-        result = cli("predict", case.image, "--from-labels", case.label, "--out", tmp_path / engine, "--engine", engine,
+    for e in ("torch", engine):
+        result = cli("predict", case.image, "--from-labels", case.label, "--out", tmp_path / e, "--engine", e,
                      "--device", "cpu", "--no-progress")
         assert result.exit_code == 0, result.output
-        out[engine] = read_label(tmp_path / engine / f"{case.name}.nii.gz").array
+        out[e] = read_label(tmp_path / e / f"{case.name}.nii.gz").array
     for label in (7, 8):
         assert (out["torch"] == label).any()
-        assert dice(out["torch"] == label, out["onnxruntime"] == label) >= 0.995
+        assert dice(out["torch"] == label, out[engine] == label) >= 0.995
+
+
+@needs_ort
+def test_auto_times_the_engines_once_and_chooses_an_equal_one(data, tmp_path):
+    first = cli("encode", data, "--out", tmp_path / "a.h5", "--device", "cpu", "--no-progress")
+    assert first.exit_code == 0, first.output
+    assert "--engine auto: timing torch, onnxruntime" in first.output
+    records = list((tmp_path / "user-cache").glob("auto-litemedsam-*.json"))
+    assert len(records) == 1
+    held = json.loads(records[0].read_text())
+    assert held["chosen"] in ("torch", "onnxruntime", "openvino")
+    assert held["max_abs_difference_from_torch"][held["chosen"]] <= 1e-4
+    assert held["seconds_per_slice"][held["chosen"]] == min(held["seconds_per_slice"].values()) or \
+        any(d > 1e-4 for d in held["max_abs_difference_from_torch"].values())
+    with h5py.File(tmp_path / "a.h5") as f:
+        assert json.loads(f.attrs["signature"])["engine"] == held["chosen"]
+    again = cli("encode", data, "--out", tmp_path / "b.h5", "--device", "cpu", "--no-progress")
+    assert again.exit_code == 0 and "timing" not in again.output  # measured once per CPU and weights
+    with h5py.File(tmp_path / "b.h5") as f:
+        assert json.loads(f.attrs["signature"])["engine"] == held["chosen"]
+
+
+@needs_ov
+def test_bf16_is_a_cache_of_its_own_and_close_to_fp32(data, tmp_path):
+    if not _bf16_cpu():
+        pytest.skip("this CPU has no bf16 instructions")
+    fp32 = _encode(data, tmp_path / "fp32.h5", "--engine", "openvino", "--dtype", "float32")
+    bf16 = _encode(data, tmp_path / "bf16.h5", "--engine", "openvino", "--precision", "bf16", "--dtype", "float32")
+    with h5py.File(fp32) as a, h5py.File(bf16) as b:
+        assert json.loads(b.attrs["signature"])["precision"] == "bf16"
+        difference = np.abs(a["embeddings"][:] - b["embeddings"][:])
+        assert 1e-4 < difference.max() < 0.5 and difference.mean() < 0.01  # not fp32, but near it
+    result = cli("encode", _more(data, tmp_path), "--out", fp32, "--device", "cpu", "--no-progress", "--engine",
+                 "openvino", "--precision", "bf16", "--dtype", "float32")
+    one_line(result, "precision=fp32, not bf16", "encode into a new file")
+
+
+def test_threads_follow_the_cgroup_quota(tmp_path):
+    from embedcache.model.engines import cgroup_cpu_quota
+
+    (tmp_path / "cpu.max").write_text("150000 100000\n")
+    assert cgroup_cpu_quota(tmp_path) == 2
+    (tmp_path / "cpu.max").write_text("max 100000\n")
+    assert cgroup_cpu_quota(tmp_path) is None
+    v1 = tmp_path / "v1"
+    (v1 / "cpu").mkdir(parents=True)
+    (v1 / "cpu" / "cpu.cfs_quota_us").write_text("100000\n")
+    (v1 / "cpu" / "cpu.cfs_period_us").write_text("100000\n")
+    assert cgroup_cpu_quota(v1) == 1
+    (v1 / "cpu" / "cpu.cfs_quota_us").write_text("-1\n")
+    assert cgroup_cpu_quota(v1) is None
