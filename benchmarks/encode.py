@@ -72,6 +72,9 @@ def main(argv=None) -> dict:
     parser.add_argument("--checkpoint", type=Path, default=None, help="weights (random weights if not given and not bundled)")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--batch-size", type=int, default=0)
+    parser.add_argument("--engine", default="torch",
+                        help="ENGINE or ENGINE:bf16 (model.engines) for both the bare and the pipeline runs; "
+                             "benchmarks/engines.py sets the engines side by side")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--phantom-size", type=int, default=512, help="axial pixels of the synthetic CT")
     parser.add_argument("--repeats", type=int, default=2, help="pipeline runs, each between two bare runs")
@@ -83,12 +86,13 @@ def main(argv=None) -> dict:
     with tempfile.TemporaryDirectory(prefix="embedcache-bench-") as tmp:
         tmp = Path(tmp)
         checkpoint = weights_for(backbone, tmp, args.checkpoint)
+        engine, _, precision = args.engine.partition(":")
         config = EncodeConfig(
             backbone=backbone.name, checkpoint=str(checkpoint) if checkpoint else None,
-            device=str(device), batch_size=args.batch_size,
+            device=str(device), batch_size=args.batch_size, engine=engine, precision=precision or "fp32",
         )
         cases = discover_cases(phantom_with_slices(tmp / "data", args.slices, args.seed, args.phantom_size))
-        encoder = load_encoder(config, device=device)
+        encoder = load_encoder(config, device=device, log=lambda m: None)
         config = replace(config, batch_size=encoder.batch_size)  # the pipeline's batches as the bare run's
         images = np.concatenate([
             prepare_case(plan_case(c, config, source_digest(c.image, c.label)), config).images for c in cases
@@ -118,6 +122,7 @@ def main(argv=None) -> dict:
     result = {
         "benchmark": "encode",
         "backbone": backbone.name,
+        "engine": args.engine,
         "weights": "given" if args.checkpoint else ("bundled" if backbone.bundled_checkpoint else "random"),
         "slices": n,
         "cases": len(cases),

@@ -13,12 +13,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
 
 import encode as encode_bench
+import engines as engines_bench
 import epoch as epoch_bench
 import torch
 
@@ -45,7 +47,7 @@ def dtype_cost(backbone: str, *, device: torch.device, tmp: Path, cases: int, pe
     dice = {}
     for dtype in ("float16", "float32"):
         config = EncodeConfig(backbone=backbone, checkpoint=str(checkpoint) if checkpoint else None, device=str(device),
-                              embedding_dtype=dtype)
+                              embedding_dtype=dtype, engine="torch")
         cache = tmp / f"{backbone}-{dtype}.h5"
         encode(discover_cases(folder), cache, config, progress=None, log=lambda m: None)
         report = score(ScoreConfig(cache=str(cache), prompts=("oracle",), cases="all", device=str(device),
@@ -68,8 +70,8 @@ def table(result: dict) -> str:
     where = m.get("gpu") or f"CPU, {m['cpu']}, {m['cpu_cores']} cores"
     rows = [f"Machine: {where}; torch {m['torch']}; {result['date']}.", "",
             "| backbone | encode: pipeline / bare encoder | epoch: cached / bound | epoch: uncached / cached "
-            "| prompts/s (cached) | fp16 − fp32 Dice | peak memory |",
-            "| --- | --- | --- | --- | --- | --- | --- |"]
+            "| prompts/s (cached) | fp16 − fp32 Dice | peak memory | encoder × eager torch |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for name, figures in result["backbones"].items():
         enc, ep, dt = figures["encode"], figures["epoch"], figures["dtype"]
         memory = f"RSS {max(enc['peak_rss_mib'], ep['peak_rss_mib']):.0f} MiB"
@@ -82,7 +84,9 @@ def table(result: dict) -> str:
             f"| {name} ({enc['weights']} weights) | {enc['pipeline_slices_per_s']:.2f} / {enc['bare_slices_per_s']:.2f} "
             f"slices/s = **{enc['pipeline_over_bare']:.2f}×** | {ep['cached_s']:.3g} / {ep['bound_s']:.3g} s = "
             f"**{ep['cached_over_bound']:.2f}** | {ep['uncached_s']:.3g} / {ep['cached_s']:.3g} s = "
-            f"**{ep['uncached_over_cached']:.1f}×** | {prompts} | {dt['max_abs_difference']:.4f} | {memory} |"
+            f"**{ep['uncached_over_cached']:.1f}×** | {prompts} | {dt['max_abs_difference']:.4f} | {memory} | "
+            + (", ".join(f"{spec} {e['speedup_over_torch']:.2f}×" for spec, e in figures.get("engines", {}).items()
+                         if spec != "torch") or "—") + " |"
         )
     return "\n".join(rows) + "\n"
 
@@ -121,6 +125,7 @@ def main(argv=None) -> dict:
     stem = f"run_all-{device.type}{'-quick' if args.quick else ''}-{result['date'][:10]}"
     names = args.backbones.split(",")
     with tempfile.TemporaryDirectory(prefix="embedcache-run-all-") as tmp:
+        os.environ["EMBEDCACHE_CACHE"] = str(Path(tmp) / "engine-cache")  # exports of this run, not the user's
         for name in names:
             print(f"run_all: {name} on {device}", file=sys.stderr)
             if device.type == "cuda":
@@ -137,6 +142,9 @@ def main(argv=None) -> dict:
                                              else [])])[name],
                 "dtype": dtype_cost(name, device=device, tmp=Path(tmp), cases=2, per_case=per_case, size=int(size[1])),
             }
+            if device.type == "cpu":  # the encoder in every engine installed here, side by side
+                figures["engines"] = engines_bench.measure(name, engines_bench.default_specs(), 2 if args.quick else 4,
+                                                           2 if args.quick else 3, Path(tmp))["engines"]
             figures["encode"].pop("machine", None)
             result["backbones"][name] = figures
             _write(result, args.out, stem)  # after each backbone: a run cut short keeps what it measured

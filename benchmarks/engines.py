@@ -1,0 +1,270 @@
+"""Which engine runs the image encoder fastest on this CPU, and what does each cost in embeddings and Dice?
+
+Engines (``--engines``; ``ENGINE:bf16`` for reduced precision): ``torch`` (eager PyTorch, the
+reference), ``onnxruntime``, ``openvino``, ``openvino:bf16``. All in one run, on the same input:
+
+* **encoder**: the same preprocessed slices (windowed phantom CT) through each engine's encoder, in
+  one process, alternating engine by engine (torch · onnxruntime · openvino · torch ...), so drift of
+  a shared machine hits every engine alike. Per engine: seconds per slice (median over rounds), the
+  ratio of eager torch's time to its own (> 1: faster than torch), the largest absolute difference
+  of its embeddings from torch's, the resident memory building and running it added, and the
+  export-and-build seconds (once per backbone and weights, in a temporary cache folder here).
+* **--dice DATA --run RUN**: DATA's test cases (``imagesTs/``) encoded by each engine, then scored
+  under box3d with RUN's fine-tuned decoder and the vanilla one: Dice per gland, and its difference
+  from torch fp32's. The accuracy cost of reduced precision, measured.
+* **--predict DATA --run RUN**: ``embedcache predict`` of DATA's first test case (both glands, box3d
+  from its label map) end to end, a fresh process per run, alternating engines over ``--rounds``:
+  wall seconds per case (process start to exit: imports, loading, reading, encoding, writing) and
+  the ratio to torch's.
+
+One JSON object under benchmarks/results/ (``--out``) and a markdown table beside it.
+
+    python benchmarks/engines.py --backbones litemedsam,vit_b --slices 4 --rounds 3
+    python benchmarks/engines.py --dice BED --run BED_RUN --predict BED --skip-encoder
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import replace
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from embedcache.cache.preprocess import slice_to_model
+from embedcache.io.phantom import make_case
+from embedcache.model.backbones import file_sha256, get_backbone, load_backbone, resolve_checkpoint
+from embedcache.model.engines import build_encoder, check_engine, installed_engines
+
+from common import RESULTS, machine, weights_for
+
+
+def default_specs() -> list[str]:
+    """Every engine installed here, and bf16 through OpenVINO where this CPU has bf16 instructions."""
+    specs = installed_engines()
+    if "openvino" in specs:
+        import openvino
+
+        if "BF16" in openvino.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES"):
+            specs.append("openvino:bf16")
+    return specs
+
+
+def parse_spec(spec: str) -> tuple[str, str]:
+    engine, _, precision = spec.partition(":")
+    return engine, precision or "fp32"
+
+
+def slices(n: int, size: int = 512) -> np.ndarray:
+    """``n`` windowed axial slices of a phantom case through its glands, as encode feeds them."""
+    hu, label, _ = make_case(5)
+    zs = np.flatnonzero(np.isin(label, (7, 8)).any(axis=(1, 2)))
+    zs = np.resize(zs, n)
+    return np.stack([slice_to_model(hu[z], width_hu=350.0, level_hu=50.0, slice_size=size) for z in zs])
+
+
+def resident_mib() -> float:
+    """This process's resident memory now (Linux), in MiB."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return float("nan")
+
+
+def measure(backbone_name: str, specs: list[str], n: int, rounds: int, folder: Path) -> dict:
+    backbone = get_backbone(backbone_name)
+    weights = resolve_checkpoint(backbone, weights_for(backbone, folder))
+    sha = file_sha256(weights)
+    batch = slices(n)
+    encoders, build_s, memory = {}, {}, {}
+    for spec in specs:
+        engine, precision = parse_spec(spec)
+        parts, _ = load_backbone(backbone, weights)
+        before = resident_mib()
+        started = time.perf_counter()
+        encoders[spec] = build_encoder(engine, backbone, parts.image_encoder, sha, device=torch.device("cpu"),
+                                       batch_size=1, out_dtype=torch.float32, precision=precision, log=lambda m: None)
+        build_s[spec] = round(time.perf_counter() - started, 2)
+        encoders[spec](batch[:1])  # warm-up: first-call allocations and kernel choice
+        memory[spec] = round(resident_mib() - before, 1)
+    reference = torch.cat([encoders[specs[0]](batch[i : i + 1]) for i in range(n)]).numpy()
+    seconds = {s: [] for s in specs}
+    difference = {}
+    for _ in range(rounds):
+        for spec, encoder in encoders.items():
+            started = time.perf_counter()
+            out = torch.cat([encoder(batch[i : i + 1]) for i in range(n)]).numpy()
+            seconds[spec].append((time.perf_counter() - started) / n)
+            difference[spec] = float(np.abs(out - reference).max())
+    per_slice = {s: statistics.median(v) for s, v in seconds.items()}
+    return {
+        "checkpoint": str(weights), "slices": n, "rounds": rounds, "threads": torch.get_num_threads(),
+        "engines": {s: {"seconds_per_slice": round(per_slice[s], 4), "all_rounds": [round(v, 4) for v in seconds[s]],
+                        "speedup_over_torch": round(per_slice["torch"] / per_slice[s], 3),
+                        "max_abs_difference_from_torch": difference[s], "build_seconds": build_s[s],
+                        "resident_mib_added": memory[s]}
+                    for s in specs},
+    }
+
+
+def _summary(report: Path) -> dict:
+    summary = json.loads((report / "report.json").read_text())["summary"]
+    box3d = summary["box3d"]
+    return {label: {model: round(v[model]["dice"]["mean"], 4) for model in ("vanilla", "finetuned") if model in v}
+            for label, v in box3d.items()}
+
+
+def dice_cost(data: Path, run: Path, specs: list[str], tmp: Path) -> dict:
+    """Box3d Dice per gland of the test cases of ``data`` encoded by each engine, vanilla and fine-tuned by ``run``."""
+    from embedcache.cache.encode import encode
+    from embedcache.config import EncodeConfig, ScoreConfig
+    from embedcache.evaluation.score import score
+    from embedcache.io.datasets import discover_cases
+    from embedcache.train.checkpoint import checkpoint_file
+    from embedcache.train.decoders import load_trained_decoder
+
+    trained = load_trained_decoder(checkpoint_file(run))
+    signature = trained.signature
+    cases = [c for c in discover_cases(data) if c.subset == "test"]
+    base = EncodeConfig(backbone=signature.backbone, preprocess=signature.preprocess, labels=signature.labels,
+                        embedding_dtype=signature.embedding_dtype, device="cpu")
+    out = {"data": str(data), "run": str(run), "cases": [c.name for c in cases], "protocol": "box3d", "engines": {}}
+    for spec in specs:
+        engine, precision = parse_spec(spec)
+        cache = tmp / f"dice-{spec.replace(':', '-')}.h5"
+        started = time.perf_counter()
+        encode(cases, cache, replace(base, engine=engine, precision=precision), log=lambda m: None)
+        encode_s = time.perf_counter() - started
+        report = tmp / f"report-{spec.replace(':', '-')}"
+        # the decoder alone, not the run: the cases scored are this cache's imagesTs/ ones, whatever the run's split
+        score(ScoreConfig(cache=str(cache), decoder=str(checkpoint_file(run)), prompts=("box3d",), device="cpu"), report,
+              log=lambda m: None)
+        out["engines"][spec] = {"dice": _summary(report), "encode_seconds": round(encode_s, 1)}
+        print(spec, json.dumps(out["engines"][spec]), flush=True)
+    reference = out["engines"][specs[0]]["dice"]
+    for spec, figures in out["engines"].items():
+        figures["dice_difference_from_torch"] = {
+            label: {model: round(value - reference[label][model], 4) for model, value in by.items()}
+            for label, by in figures["dice"].items()}
+    return out
+
+
+def predict_pace(data: Path, run: Path, specs: list[str], rounds: int, tmp: Path) -> dict:
+    """Wall seconds of ``embedcache predict`` of one test case (both glands, box3d) per engine, a fresh process each."""
+    from embedcache.io.datasets import discover_cases
+
+    case = next(c for c in discover_cases(data) if c.subset == "test")
+    seconds = {s: [] for s in specs}
+    lines = {}
+    for number in range(rounds + 1):  # the first round (exports, first compilation) is not counted
+        for spec in specs:
+            engine, precision = parse_spec(spec)
+            out = tmp / f"predict-{spec.replace(':', '-')}-{number}"
+            command = [sys.executable, "-m", "embedcache", "predict", str(case.image), "--from-labels", str(case.label),
+                       "--run", str(run), "--out", str(out), "--device", "cpu", "--engine", engine, "--precision",
+                       precision, "--no-progress"]
+            started = time.perf_counter()
+            done = subprocess.run(command, capture_output=True, text=True, env=os.environ)
+            elapsed = time.perf_counter() - started
+            if done.returncode != 0:
+                raise SystemExit(f"predict with {spec} failed: {done.stdout[-2000:]}{done.stderr[-2000:]}")
+            if number:
+                seconds[spec].append(elapsed)
+            lines[spec] = done.stdout.strip().splitlines()[-1]
+    per_case = {s: statistics.median(v) for s, v in seconds.items()}
+    return {"case": case.name, "rounds": rounds, "engines": {
+        s: {"seconds_per_case": round(per_case[s], 2), "all_rounds": [round(v, 2) for v in seconds[s]],
+            "speedup_over_torch": round(per_case[specs[0]] / per_case[s], 3), "last_line": lines[s]}
+        for s in specs}}
+
+
+def table(result: dict) -> str:
+    rows = [f"Engines on {result['machine']['cpu']} ({result['machine']['cpu_cores']} cores), "
+            f"{result['date'][:10]}; ratios measured in one run.", ""]
+    for name, figures in result.get("backbones", {}).items():
+        rows += [f"**{name} encoder** ({figures['slices']} slices, {figures['rounds']} rounds, median):", "",
+                 "| engine | s/slice | × torch | max abs diff | memory added MiB | export+build s |",
+                 "| --- | --- | --- | --- | --- | --- |"]
+        rows += [f"| {s} | {v['seconds_per_slice']:.3f} | {v['speedup_over_torch']:.2f} | "
+                 f"{v['max_abs_difference_from_torch']:.1e} | {v['resident_mib_added']:.0f} | {v['build_seconds']:.1f} |"
+                 for s, v in figures["engines"].items()]
+        rows.append("")
+    if "dice" in result:
+        dice = result["dice"]
+        rows += [f"**Box3d Dice, {len(dice['cases'])} test cases of {dice['data']}**, decoder {dice['run']} "
+                 "(fine-tuned / vanilla):", "", "| engine | " + " | ".join(
+                     f"label {label}" for label in next(iter(dice["engines"].values()))["dice"]) + " | Δ vs torch |",
+                 "| --- |" + " --- |" * (1 + len(next(iter(dice["engines"].values()))["dice"]))]
+        for spec, v in dice["engines"].items():
+            cells = [f"{by.get('finetuned', float('nan')):.4f} / {by['vanilla']:.4f}" for by in v["dice"].values()]
+            worst = max(abs(d) for by in v["dice_difference_from_torch"].values() for d in by.values())
+            rows.append(f"| {spec} | " + " | ".join(cells) + f" | {worst:.4f} |")
+        rows.append("")
+    if "predict" in result:
+        pace = result["predict"]
+        rows += [f"**predict, one case end to end** ({pace['case']}, both glands, box3d, fresh process, "
+                 f"median of {pace['rounds']}):", "", "| engine | s/case | × torch |", "| --- | --- | --- |"]
+        rows += [f"| {s} | {v['seconds_per_case']:.1f} | {v['speedup_over_torch']:.2f} |"
+                 for s, v in pace["engines"].items()]
+        rows.append("")
+    return "\n".join(rows)
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--backbones", default="litemedsam")
+    parser.add_argument("--engines", default=None, help="comma list; default: every engine installed, and openvino:bf16")
+    parser.add_argument("--slices", type=int, default=4)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--skip-encoder", action="store_true", help="only --dice and --predict")
+    parser.add_argument("--dice", type=Path, default=None, help="a dataset folder whose imagesTs/ cases are scored")
+    parser.add_argument("--predict", type=Path, default=None, help="a dataset folder whose first test case is predicted")
+    parser.add_argument("--run", type=Path, default=None, help="the fine-tuned run --dice and --predict use")
+    parser.add_argument("--name", default="cpu", help="results file: engines-NAME-DATE.json")
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args(argv)
+    specs = [e.strip() for e in args.engines.split(",") if e.strip()] if args.engines else default_specs()
+    specs = ["torch"] + [s for s in specs if s != "torch"]  # the reference first
+    for spec in specs:
+        check_engine(*parse_spec(spec)[:1], "cpu", parse_spec(spec)[1])
+    if (args.dice or args.predict) and not args.run:
+        parser.error("--dice and --predict need --run")
+    result = {"benchmark": "engines", "machine": machine(torch.device("cpu")),
+              "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "specs": specs}
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        os.environ["EMBEDCACHE_CACHE"] = str(tmp / "engine-cache")  # fresh exports, timed
+        if not args.skip_encoder:
+            result["backbones"] = {}
+            for name in [b.strip() for b in args.backbones.split(",") if b.strip()]:
+                result["backbones"][name] = measure(name, specs, args.slices, args.rounds, tmp)
+                print(name, json.dumps(result["backbones"][name]["engines"]), flush=True)
+        if args.dice:
+            result["dice"] = dice_cost(args.dice, args.run, specs, tmp)
+        if args.predict:
+            result["predict"] = predict_pace(args.predict, args.run, specs, args.rounds, tmp)
+            print(json.dumps(result["predict"]), flush=True)
+    stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d")
+    args.out.mkdir(parents=True, exist_ok=True)
+    out = args.out / f"engines-{args.name}-{stamp}.json"
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    out.with_suffix(".md").write_text(table(result) + "\n")
+    print(table(result))
+    print(f"wrote {out}")
+    return result
+
+
+if __name__ == "__main__":
+    main()
