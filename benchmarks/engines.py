@@ -192,7 +192,8 @@ def predict_pace(data: Path, run: Path, specs: list[str], rounds: int, tmp: Path
 
 def table(result: dict) -> str:
     rows = [f"Engines on {result['machine']['cpu']} ({result['machine']['cpu_cores']} cores), "
-            f"{result['date'][:10]}; ratios measured in one run.", ""]
+            f"{result['date'][:10]}; ratios measured in one run. Δ: per gland (labels in order), Dice of the "
+            "engine's cache minus eager torch's.", ""]
     for name, figures in result.get("backbones", {}).items():
         rows += [f"**{name} encoder** ({figures['slices']} slices, {figures['rounds']} rounds, median):", "",
                  "| engine | s/slice | × torch | max abs diff | memory added MiB | export+build s |",
@@ -205,12 +206,14 @@ def table(result: dict) -> str:
         dice = result["dice"]
         rows += [f"**Box3d Dice, {len(dice['cases'])} test cases of {dice['data']}**, decoder {dice['run']} "
                  "(fine-tuned / vanilla):", "", "| engine | " + " | ".join(
-                     f"label {label}" for label in next(iter(dice["engines"].values()))["dice"]) + " | Δ vs torch |",
-                 "| --- |" + " --- |" * (1 + len(next(iter(dice["engines"].values()))["dice"]))]
+                     f"label {label}" for label in next(iter(dice["engines"].values()))["dice"])
+                 + " | Δ fine-tuned vs torch | Δ vanilla vs torch |",
+                 "| --- |" + " --- |" * (2 + len(next(iter(dice["engines"].values()))["dice"]))]
         for spec, v in dice["engines"].items():
             cells = [f"{by.get('finetuned', float('nan')):.4f} / {by['vanilla']:.4f}" for by in v["dice"].values()]
-            worst = max(abs(d) for by in v["dice_difference_from_torch"].values() for d in by.values())
-            rows.append(f"| {spec} | " + " | ".join(cells) + f" | {worst:.4f} |")
+            deltas = [" / ".join(f"{by[model]:+.4f}" for by in v["dice_difference_from_torch"].values() if model in by)
+                      for model in ("finetuned", "vanilla")]
+            rows.append(f"| {spec} | " + " | ".join(cells + deltas) + " |")
         rows.append("")
     if "predict" in result:
         pace = result["predict"]

@@ -174,7 +174,7 @@ def _print_info(path: Path) -> None:
         out.print(f"[bold]{path}[/]  {size_mib:.1f} MiB, embedcache {sig.embedcache_version}")
         out.print(
             f"model {sig.backbone} (input {sig.input_size} px, checkpoint sha256 {sig.checkpoint_sha256[:12]}), "
-            f"embeddings {tuple(cache.embeddings.shape)} {sig.embedding_dtype}",
+            f"embeddings {tuple(cache.embeddings.shape)} {sig.embedding_dtype}, encoded by {sig.engine} {sig.precision}",
             markup=False,
         )
         pre = sig.preprocess

@@ -186,6 +186,7 @@ def test_bf16_is_a_cache_of_its_own_and_close_to_fp32(data, tmp_path):
         assert json.loads(b.attrs["signature"])["precision"] == "bf16"
         difference = np.abs(a["embeddings"][:] - b["embeddings"][:])
         assert 1e-4 < difference.max() < 0.5 and difference.mean() < 0.01  # not fp32, but near it
+    assert "encoded by openvino bf16" in cli("info", bf16).output
     result = cli("encode", _more(data, tmp_path), "--out", fp32, "--device", "cpu", "--no-progress", "--engine",
                  "openvino", "--precision", "bf16", "--dtype", "float32")
     one_line(result, "precision=fp32, not bf16", "encode into a new file")
