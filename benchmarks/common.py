@@ -13,21 +13,14 @@ import torch
 
 from embedcache.io.phantom import PhantomConfig
 from embedcache.model.backbones import Backbone
+from embedcache.model.engines import cpu_name
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def machine(device: torch.device) -> dict:
-    cpu = platform.processor()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
     info = {
-        "cpu": cpu,
+        "cpu": cpu_name(),
         "cpu_cores": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "python": platform.python_version(),

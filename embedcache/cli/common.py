@@ -129,3 +129,18 @@ class Group(click.Group):
 
 def device_option(func):
     return click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda[:N].")(func)
+
+
+def engine_options(func):
+    """``--engine`` and ``--precision`` of the image encoder (encode and predict; see embedcache.model.engines)."""
+    from embedcache.config import ENGINES, PRECISIONS
+
+    func = click.option("--precision", default="fp32", show_default=True, type=click.Choice(list(PRECISIONS)),
+                        help="The encoder's arithmetic. bf16 runs through --engine openvino on a CPU with bf16 "
+                             "instructions; it changes the embeddings (see the README's measured Dice cost), so a "
+                             "cache keeps one precision.")(func)
+    return click.option("--engine", default="auto", show_default=True, type=click.Choice(list(ENGINES)),
+                        help="What runs the image encoder: eager PyTorch, or ONNX Runtime or OpenVINO on the CPU "
+                             "(exported once per model and weights; pip install 'embedcache[cpu-fast]'). auto: torch "
+                             "on CUDA; on a CPU the fastest installed engine equal to torch within 1e-4, timed once "
+                             "per model, weights and CPU.")(func)

@@ -10,6 +10,7 @@ import click
 from embedcache.cli.common import (
     console,
     device_option,
+    engine_options,
     friendly_errors,
     parse_labels,
     progress_bar,
@@ -85,14 +86,7 @@ def phantom(out: Path, cases: int | None, seed: int, size: int, test_cases: int,
               help="Also encode training-only copies of every train case: a comma list of flip (left-right, glands "
                    "swap labels), rotate (±15°), scale (0.85-1.15), intensity (HU ×0.9-1.1, ±30 HU); each kind costs "
                    "one more encode of the training cases.")
-@click.option("--engine", default="auto", show_default=True,
-              type=click.Choice(["auto", "torch", "onnxruntime", "openvino"]),
-              help="What runs the image encoder: eager PyTorch, or ONNX Runtime or OpenVINO on the CPU (exported once "
-                   "per model and weights; pip install 'embedcache[cpu-fast]'). auto: torch on CUDA; on a CPU the "
-                   "fastest installed engine equal to torch within 1e-4, timed once per model, weights and CPU.")
-@click.option("--precision", default="fp32", show_default=True, type=click.Choice(["fp32", "bf16"]),
-              help="The encoder's arithmetic. bf16 runs through --engine openvino on a CPU with bf16 instructions; "
-                   "it changes the embeddings (see the README's measured Dice cost), so a cache keeps one precision.")
+@engine_options
 @progress_option
 @friendly_errors
 def encode(data, out, images, labels_, series, model, checkpoint, labels, window_width, window_level, slice_size,

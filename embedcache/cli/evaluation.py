@@ -9,6 +9,7 @@ import click
 from embedcache.cli.common import (
     console,
     device_option,
+    engine_options,
     friendly_errors,
     parse_labels,
     progress_bar,
@@ -203,14 +204,7 @@ def evaluate(pred, labels_dir, out_dir, labels, name, progress):
                    "Segmentation) and rtstruct (CASE.rtstruct.dcm, an RT Structure Set); DICOM ones need a DICOM input.")
 @click.option("--review-iou", default=0.5, show_default=True, type=float,
               help="OUT/CASE.review.json lists the slices whose predicted IoU is below this: where to look.")
-@click.option("--engine", default="auto", show_default=True,
-              type=click.Choice(["auto", "torch", "onnxruntime", "openvino"]),
-              help="What runs the image encoder: eager PyTorch, or ONNX Runtime or OpenVINO on the CPU (exported once "
-                   "per model and weights; pip install 'embedcache[cpu-fast]'). auto: torch on CUDA; on a CPU the "
-                   "fastest installed engine equal to torch within 1e-4, timed once per model, weights and CPU.")
-@click.option("--precision", default="fp32", show_default=True, type=click.Choice(["fp32", "bf16"]),
-              help="The encoder's arithmetic. bf16 runs through --engine openvino on a CPU with bf16 instructions; "
-                   "it changes the embeddings (see the README's measured Dice cost), so a cache keeps one precision.")
+@engine_options
 @click.option("--model", default="litemedsam", show_default=True, help="Backbone when no run or decoder is given.")
 @click.option("--checkpoint", type=click.Path(path_type=Path), default=None, help="Backbone weights (default: bundled).")
 @device_option

@@ -251,20 +251,24 @@ class GraphEncoder:
         return HostEmbeddings(embeddings, torch.isfinite(embeddings).all())
 
 
-def _machine_key() -> str:
-    """What an ``auto`` measurement holds for: the CPU, the threads and the engines' versions."""
+def cpu_name() -> str:
+    """The CPU's model name (Linux ``/proc/cpuinfo``), else what :mod:`platform` says."""
     import platform
 
-    import torch
-
-    model = platform.processor() or platform.machine()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
+                return line.split(":", 1)[1].strip()
     except OSError:
         pass
+    return platform.processor() or platform.machine()
+
+
+def _machine_key() -> str:
+    """What an ``auto`` measurement holds for: the CPU, the threads and the engines' versions."""
+    import torch
+
+    model = cpu_name()
     versions = [f"torch{torch.__version__}"]
     for module in ("onnxruntime", "openvino"):
         if _installed(module):
