@@ -241,7 +241,8 @@ def main(argv=None) -> dict:
     specs = [e.strip() for e in args.engines.split(",") if e.strip()] if args.engines else default_specs()
     specs = ["torch"] + [s for s in specs if s != "torch"]  # the reference first
     for spec in specs:
-        check_engine(*parse_spec(spec)[:1], "cpu", parse_spec(spec)[1])
+        engine, precision = parse_spec(spec)
+        check_engine(engine, "cpu", precision)
     if (args.dice or args.predict) and not args.run:
         parser.error("--dice and --predict need --run")
     result = {"benchmark": "engines", "machine": machine(torch.device("cpu")),

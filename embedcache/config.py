@@ -43,7 +43,8 @@ ENGINES = ("auto", "torch", "onnxruntime", "openvino")
 PRECISIONS = ("fp32", "bf16")
 
 
-def _check_engine(engine: str, precision: str) -> None:
+def check_engine_names(engine: str, precision: str) -> None:
+    """Refuse an ``--engine`` or ``--precision`` that is not one of :data:`ENGINES` / :data:`PRECISIONS`."""
     if engine not in ENGINES:
         raise UsageError(f"--engine {engine}: choose from {', '.join(ENGINES)}")
     if precision not in PRECISIONS:
@@ -68,7 +69,7 @@ class EncodeConfig:
     precision: str = "fp32"  # the encoder's arithmetic: fp32, or bf16 through openvino (model.engines)
 
     def __post_init__(self):
-        _check_engine(self.engine, self.precision)
+        check_engine_names(self.engine, self.precision)
         if any(kind not in AUGMENTS for kind in self.augment) or len(set(self.augment)) != len(self.augment):
             raise UsageError(f"--augment {','.join(self.augment)}: choose distinct kinds from {', '.join(AUGMENTS)}")
         if self.workers < -1:
@@ -283,7 +284,7 @@ class PredictConfig:
     precision: str = "fp32"  # the encoder's arithmetic: fp32, or bf16 through openvino (model.engines)
 
     def __post_init__(self):
-        _check_engine(self.engine, self.precision)
+        check_engine_names(self.engine, self.precision)
         _one_decoder(self.run, self.decoder)
         from embedcache.io.dicom_out import OUTPUT_TYPES
 

@@ -95,7 +95,7 @@ def resolve_engine(config: EncodeConfig, out: Path, dist, *, log=print) -> Encod
     from dataclasses import replace
 
     from embedcache.cache.plan import existing_signature
-    from embedcache.model.backbones import get_backbone, load_backbone
+    from embedcache.model.backbones import file_sha256, get_backbone, load_backbone, resolve_checkpoint
     from embedcache.model.engines import choose_engine
     from embedcache.runtime.devices import pick_device
 
@@ -108,8 +108,12 @@ def resolve_engine(config: EncodeConfig, out: Path, dist, *, log=print) -> Encod
     if device.type != "cpu" or dist.world > 1:
         return replace(config, engine="torch")
     backbone = get_backbone(config.backbone)
-    parts, sha = load_backbone(backbone, Path(config.checkpoint) if config.checkpoint else None)
-    return replace(config, engine=choose_engine(backbone, parts.image_encoder, sha, device=device, log=log))
+    checkpoint = Path(config.checkpoint) if config.checkpoint else None
+    sha = file_sha256(resolve_checkpoint(backbone, checkpoint))  # remembered: the signature hashes it again for free
+    # the weights are loaded to time the engines only when no earlier measurement on this CPU answers
+    chosen = choose_engine(backbone, lambda: load_backbone(backbone, checkpoint)[0].image_encoder, sha, device=device,
+                           log=log)
+    return replace(config, engine=chosen)
 
 
 def encode(

@@ -239,37 +239,40 @@ def predict(inputs: list[Path], out_dir: Path, config: PredictConfig, *, progres
     reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="embedcache-predict-reader")
     read = partial(read_image, series_uid=config.series)
     coming = reader.submit(read, jobs[0].image)
-    for number, job in enumerate(jobs):
-        if progress:
-            progress.update(task, description=f"predicting {case_name(job.image)}")
-        started = time.perf_counter()
-        try:
-            pending, coming = coming, (reader.submit(read, jobs[number + 1].image) if number + 1 < len(jobs) else None)
-            image = pending.result()
-            volume = OnTheFly(image.array, model.encoder, model.preprocess, on_encode=encoded)
-            segment = volume.segment_with(model.prompt_encoder, model.mask_decoder, input_size=model.input_size)
-            predictions = _segment_job(job, segment, image, prompts=config.prompts, settings=config.protocol,
-                                       labels=labels or ADRENALS)
-            result = np.zeros(image.array.shape, np.uint8)
-            for label, prediction in predictions:
-                result[prediction.mask] = label
-            for kind, path in job.outputs:
-                _write_output(kind, path, result, image, job, config, labels=labels or ADRENALS, made_by=made_by)
-            look = write_review(job.review, predictions, image.geometry, threshold=config.review_iou)
-            written.extend(path for _, path in job.outputs)
-            seconds = time.perf_counter() - started
-            result_of.cases += 1
-            result_of.glands += len(predictions)
-            result_of.seconds += seconds
-            log(f"{', '.join(p.name for _, p in job.outputs)}: {len(predictions)} gland(s), "
-                f"{sum(len(p.boxes) for _, p in predictions)} slices decoded in {seconds:.1f} s"
-                + (f"; {look} with predicted IoU below {config.review_iou:g}: see {job.review.name}" if look else ""))
-        except EmbedcacheError as exc:
-            errors.append(str(exc))
-            log(f"error: {exc}")
-        if progress:
-            progress.advance(task)
-    reader.shutdown()
+    try:
+        for number, job in enumerate(jobs):
+            if progress:
+                progress.update(task, description=f"predicting {case_name(job.image)}")
+            started = time.perf_counter()
+            try:
+                pending = coming
+                coming = reader.submit(read, jobs[number + 1].image) if number + 1 < len(jobs) else None
+                image = pending.result()
+                volume = OnTheFly(image.array, model.encoder, model.preprocess, on_encode=encoded)
+                segment = volume.segment_with(model.prompt_encoder, model.mask_decoder, input_size=model.input_size)
+                predictions = _segment_job(job, segment, image, prompts=config.prompts, settings=config.protocol,
+                                           labels=labels or ADRENALS)
+                result = np.zeros(image.array.shape, np.uint8)
+                for label, prediction in predictions:
+                    result[prediction.mask] = label
+                for kind, path in job.outputs:
+                    _write_output(kind, path, result, image, job, config, labels=labels or ADRENALS, made_by=made_by)
+                look = write_review(job.review, predictions, image.geometry, threshold=config.review_iou)
+                written.extend(path for _, path in job.outputs)
+                seconds = time.perf_counter() - started
+                result_of.cases += 1
+                result_of.glands += len(predictions)
+                result_of.seconds += seconds
+                log(f"{', '.join(p.name for _, p in job.outputs)}: {len(predictions)} gland(s), "
+                    f"{sum(len(p.boxes) for _, p in predictions)} slices decoded in {seconds:.1f} s"
+                    + (f"; {look} with predicted IoU below {config.review_iou:g}: see {job.review.name}" if look else ""))
+            except EmbedcacheError as exc:
+                errors.append(str(exc))
+                log(f"error: {exc}")
+            if progress:
+                progress.advance(task)
+    finally:  # an interrupt leaves no read running behind it
+        reader.shutdown(cancel_futures=True)
     return result_of
 
 

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-from embedcache.config import ENGINES, PRECISIONS
+from embedcache.config import check_engine_names
 from embedcache.errors import EmbedcacheError, UsageError
 
 #: The engines that run an exported graph on the CPU, with the modules each needs.
@@ -55,10 +55,7 @@ def cache_folder() -> Path:
 def check_engine(engine: str, device_type: str = "cpu", precision: str = "fp32") -> None:
     """Refuse an unknown engine or precision, an engine whose library is missing (naming the extra), a CPU
     engine on CUDA, or bf16 where it cannot run."""
-    if engine not in ENGINES:
-        raise UsageError(f"--engine {engine}: choose from {', '.join(ENGINES)}")
-    if precision not in PRECISIONS:
-        raise UsageError(f"--precision {precision}: choose from {', '.join(PRECISIONS)}")
+    check_engine_names(engine, precision)
     if precision != "fp32" and engine != "openvino":
         raise UsageError(f"--precision {precision} runs through OpenVINO: add --engine openvino, or use --precision fp32")
     if engine in GRAPH_ENGINES:
@@ -113,14 +110,6 @@ def cgroup_cpu_quota(root: Path = Path("/sys/fs/cgroup")) -> int | None:
         return None
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def exported_encoder(backbone, image_encoder, checkpoint_sha256: str, *, engine: str = "onnxruntime",
                      folder: Path | None = None, log=print) -> Path:
     """The ONNX graph of ``backbone``'s image encoder with the weights of sha256 ``checkpoint_sha256``: the one
@@ -129,6 +118,7 @@ def exported_encoder(backbone, image_encoder, checkpoint_sha256: str, *, engine:
     import torch
 
     from embedcache.io.files import atomic_path, atomic_write_text
+    from embedcache.model.backbones import file_sha256
 
     folder = Path(folder) if folder is not None else cache_folder()
     name = f"{backbone.name}-{checkpoint_sha256[:16]}-opset{OPSET}-torch{torch.__version__.split('+')[0]}"
@@ -136,7 +126,7 @@ def exported_encoder(backbone, image_encoder, checkpoint_sha256: str, *, engine:
     if graph.is_file() and record.is_file():
         try:
             held = json.loads(record.read_text())
-            if held.get("checkpoint_sha256") == checkpoint_sha256 and held.get("sha256") == _sha256(graph):
+            if held.get("checkpoint_sha256") == checkpoint_sha256 and held.get("sha256") == file_sha256(graph):
                 return graph
         except (OSError, ValueError, AttributeError):
             pass
@@ -161,7 +151,7 @@ def exported_encoder(backbone, image_encoder, checkpoint_sha256: str, *, engine:
             raise EmbedcacheError(f"{graph}: the exported encoder differs from PyTorch's by {difference:.2g} "
                                   f"(more than {EXPORT_TOLERANCE:g}) in {engine}; use --engine torch")
     atomic_write_text(record, json.dumps({"backbone": backbone.name, "checkpoint_sha256": checkpoint_sha256,
-                                          "sha256": _sha256(graph), "opset": OPSET, "torch": torch.__version__,
+                                          "sha256": file_sha256(graph), "opset": OPSET, "torch": torch.__version__,
                                           "max_abs_difference_from_torch": difference, "checked_in": engine},
                                          indent=2) + "\n")
     return graph
@@ -227,12 +217,11 @@ class GraphEncoder:
         self.batch_size = 1
 
     def upload(self, slices):
-        import torch
+        """Slices as one CPU tensor, as :meth:`ImageEncoder.upload <embedcache.model.encoder.ImageEncoder.upload>`
+        makes them on the CPU (torch is imported only once an engine runs)."""
+        from embedcache.model.encoder import ImageEncoder
 
-        if isinstance(slices, torch.Tensor):
-            return slices.float()
-        return torch.from_numpy(np.ascontiguousarray(np.stack(list(slices)) if not isinstance(slices, np.ndarray)
-                                                     else slices, dtype=np.float32))
+        return ImageEncoder.upload(self, slices)
 
     def __call__(self, slices):
         """``(n, S, S)`` float32 slices in [0, 1] → ``(n, 256, 64, 64)`` embeddings (a CPU tensor, ``out_dtype``)."""
@@ -244,11 +233,10 @@ class GraphEncoder:
         return torch.from_numpy(np.concatenate(out)).to(self.out_dtype)
 
     def to_host(self, embeddings):
-        import torch
+        """The embeddings and whether they are finite, as ImageEncoder hands them over on the CPU."""
+        from embedcache.model.encoder import ImageEncoder
 
-        from embedcache.model.encoder import HostEmbeddings
-
-        return HostEmbeddings(embeddings, torch.isfinite(embeddings).all())
+        return ImageEncoder.to_host(self, embeddings)
 
 
 def cpu_name() -> str:
@@ -281,12 +269,13 @@ def _machine_key() -> str:
     return hashlib.sha256(f"{model}|{cpu_threads()}|{'|'.join(versions)}".encode()).hexdigest()[:16]
 
 
-def choose_engine(backbone, image_encoder, checkpoint_sha256: str, *, device, folder: Path | None = None,
+def choose_engine(backbone, load_image_encoder, checkpoint_sha256: str, *, device, folder: Path | None = None,
                   log=print) -> str:
     """What ``--engine auto`` runs ``backbone``'s encoder with on ``device``: torch on CUDA or where no other engine
     is installed; else the fastest fp32 engine whose embeddings equal torch's within :data:`EQUAL_TOLERANCE`,
     measured once per backbone, weights and CPU (two warm-ups and the median of three timed slices each,
-    alternating; torch as encode runs it) and recorded in the cache folder."""
+    alternating; torch as encode runs it) and recorded in the cache folder. ``load_image_encoder()`` gives the
+    encoder's module; it is called only when no record answers."""
     import torch
 
     from embedcache.io.files import atomic_write_text
@@ -304,6 +293,7 @@ def choose_engine(backbone, image_encoder, checkpoint_sha256: str, *, device, fo
     except (OSError, ValueError, AttributeError):
         pass
     log(f"--engine auto: timing {', '.join(candidates)} on {backbone.name}'s encoder (once for this CPU and weights)")
+    image_encoder = load_image_encoder()
     example = _example(backbone)
     runners = {}
     for engine in candidates[1:]:
@@ -345,7 +335,7 @@ def build_encoder(engine: str, backbone, image_encoder, checkpoint_sha256: str, 
     on ``device``; ``auto``: resolved by :func:`choose_engine`)."""
     check_engine(engine, device.type, precision)
     if engine == "auto":
-        engine = choose_engine(backbone, image_encoder, checkpoint_sha256, device=device, log=log)
+        engine = choose_engine(backbone, lambda: image_encoder, checkpoint_sha256, device=device, log=log)
     if engine in GRAPH_ENGINES:
         return GraphEncoder(engine, backbone, image_encoder, checkpoint_sha256, out_dtype=out_dtype,
                             precision=precision, log=log)
