@@ -37,6 +37,14 @@ AUGMENTS = {
 }
 
 
+#: ``finetune --prompts``: what a training prompt carries besides (or instead of) its box (see train.data).
+POINT_MODES = {
+    "box": "the box alone",
+    "box+points": "the box and 0..--max-points clicks (uniform), from the error of the decoder's own box-only mask",
+    "mixed": "a third each: the box alone; the box and 1..--max-points clicks; 1..--max-points clicks on the gland "
+             "and no box",
+}
+
 #: ``--engine`` choices (``auto`` resolves to one of the others; see :mod:`embedcache.model.engines`).
 ENGINES = ("auto", "torch", "onnxruntime", "openvino")
 #: ``--precision`` choices of the image encoder: fp32 everywhere; bf16 through OpenVINO on a CPU with bf16 instructions.
@@ -147,12 +155,12 @@ class FinetuneConfig:
     loose_margin_mm: float = 6.0  # loose prompts: the 3-D extent grown by a margin drawn from 0..this
     iou_head: bool = True  # also train the IoU head: MSE against the IoU its mask really has (LiteMedSAM's loss)
     adapter: bool = False  # also train a residual adapter on the cached embedding (model.adapter)
-    prompts: str = "box"  # box | box+points | mixed: what a training prompt carries (train.data.POINT_MODES)
+    prompts: str = "box"  # box | box+points | mixed: what a training prompt carries (POINT_MODES)
     max_points: int = 5  # the most clicks a training prompt carries
 
     def __post_init__(self):
-        if self.prompts not in ("box", "box+points", "mixed"):
-            raise UsageError(f"--prompts {self.prompts}: choose box, box+points or mixed")
+        if self.prompts not in POINT_MODES:
+            raise UsageError(f"--prompts {self.prompts}: choose {', '.join(POINT_MODES)}")
         if not 1 <= self.max_points <= 32:
             raise UsageError(f"--max-points must lie in 1..32, got {self.max_points}")
         if not 0 < self.val_fraction < 1:

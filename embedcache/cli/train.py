@@ -8,6 +8,7 @@ from pathlib import Path
 import click
 
 from embedcache.cli.common import console, device_option, friendly_errors, progress_bar, progress_option, say_to
+from embedcache.config import POINT_MODES
 
 
 @click.command()
@@ -54,7 +55,7 @@ from embedcache.cli.common import console, device_option, friendly_errors, progr
 @click.option("--iou-head/--no-iou-head", default=True, show_default=True,
               help="Also train the IoU head (MSE against each mask's true IoU), so score --min-iou and predict's "
                    "low-IoU slices can trust it.")
-@click.option("--prompts", default="box", show_default=True, type=click.Choice(["box", "box+points", "mixed"]),
+@click.option("--prompts", default="box", show_default=True, type=click.Choice(list(POINT_MODES)),
               help="What a training prompt carries: its box; its box and 0..--max-points corrective clicks (from the "
                    "error of the decoder's own mask); or mixed: a third each box, box + clicks, clicks alone.")
 @click.option("--max-points", default=5, show_default=True, type=click.IntRange(1, 32),

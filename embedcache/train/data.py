@@ -186,18 +186,9 @@ def plan_batch(prompts: PromptIndex, slices: np.ndarray, *, labels: tuple[int, .
                      clicks=None if clicks is None else tuple(np.asarray(a)[which] for a in clicks))
 
 
-#: ``finetune --prompts``: what a training prompt carries besides (or instead of) its box.
-POINT_MODES = {
-    "box": "the box alone",
-    "box+points": "the box and 0..--max-points clicks (uniform), from the error of the decoder's own box-only mask",
-    "mixed": "a third each: the box alone; the box and 1..--max-points clicks; 1..--max-points clicks on the gland "
-             "and no box",
-}
-
-
 def draw_clicks(prompts: PromptIndex, which: np.ndarray, *, mode: str, max_points: int,
                 rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Point counts, box flags and click seeds of prompts ``which`` under ``mode`` (:data:`POINT_MODES`).
+    """Point counts, box flags and click seeds of prompts ``which`` under ``mode`` (:data:`embedcache.config.POINT_MODES`).
     A stop prompt (nothing to click on) keeps its box under ``mixed``."""
     from embedcache.model.clicks import SEED_BITS
 
