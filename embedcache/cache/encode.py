@@ -161,10 +161,10 @@ def _encode(cases: list[CaseSource], out: Path, config: EncodeConfig, signature:
 
     shard_dir = shard_folder(out)
     if plan.cases:
-        shard_dir.mkdir(exist_ok=True)
         device = pick_device(dist.device_name)
         summary.device = str(device)
-        encoder = load_encoder(config, device=device, log=log)
+        encoder = load_encoder(config, device=device, log=log)  # weights or an export that fail leave no folder behind
+        shard_dir.mkdir(exist_ok=True)
         started = time.perf_counter()
         for record in encode_plans(plan.cases, config, encoder, shard_dir, signature, progress, row_size=size,
                                    summary=summary):

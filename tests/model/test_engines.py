@@ -206,3 +206,14 @@ def test_threads_follow_the_cgroup_quota(tmp_path):
     assert cgroup_cpu_quota(v1) == 1
     (v1 / "cpu" / "cpu.cfs_quota_us").write_text("-1\n")
     assert cgroup_cpu_quota(v1) is None
+
+
+@needs_ov
+def test_an_unusable_cache_folder_is_one_line_and_leaves_nothing_behind(data, tmp_path, monkeypatch):
+    taken = tmp_path / "a-file"
+    taken.write_text("someone's\n")
+    monkeypatch.setenv("EMBEDCACHE_CACHE", str(taken))
+    result = cli("encode", data, "--out", tmp_path / "c.h5", "--device", "cpu", "--engine", "openvino")
+    one_line(result, f"{taken}: cannot hold the exported encoder", "set EMBEDCACHE_CACHE")
+    assert taken.read_text() == "someone's\n"
+    assert not (tmp_path / "c.h5").exists() and not (tmp_path / "c.h5.parts").exists()  # no cache, no shard folder
