@@ -213,8 +213,13 @@ def predict(inputs: list[Path], out_dir: Path, config: PredictConfig, *, progres
     jobs, errors = plan(inputs, out_dir, config, labels=labels, owned=owned, log=log)
     if not jobs:
         return PredictResult([], errors)
-    make_output_folder(out_dir)
+    from embedcache.model.engines import check_engine
+    from embedcache.runtime.devices import pick_device
+
+    # what can be refused without the model is refused before OUT is made: no empty folder is left behind
+    check_engine(config.engine, pick_device(config.device).type, config.precision)
     trained = load_trained_decoder(decoder) if decoder else None
+    make_output_folder(out_dir)
     model = _load(trained, config, log=log)
     from embedcache.model.backbones import file_sha256  # torch: only once the inputs are checked
 
@@ -363,7 +368,7 @@ def _load(trained, config: PredictConfig, *, log=print) -> PredictModel:
     """The model of ``config`` (the trained decoder's backbone and preprocessing, where there is one)."""
     import torch
 
-    from embedcache.model.engines import build_encoder, check_engine
+    from embedcache.model.engines import build_encoder
     from embedcache.runtime.devices import pick_device
     from embedcache.train.decoders import load_model
 
@@ -371,7 +376,6 @@ def _load(trained, config: PredictConfig, *, log=print) -> PredictModel:
     if trained is not None:
         backbone, preprocess, dtype = trained.signature.backbone, trained.signature.preprocess, trained.signature.embedding_dtype
     dev = pick_device(config.device)
-    check_engine(config.engine, dev.type, config.precision)
     model = load_model(backbone, trained=trained, checkpoint=Path(config.checkpoint) if config.checkpoint else None,
                        device=dev, expect_sha256=trained.signature.checkpoint_sha256 if trained else None,
                        made=f"the decoder {trained.source}" if trained else "", vanilla=False)

@@ -133,6 +133,13 @@ def test_a_missing_engine_is_one_line_naming_the_extra(data, tmp_path, monkeypat
         check_engine("onnxruntime", "cpu", "bf16")
     result = cli("encode", data, "--out", tmp_path / "c.h5", "--device", "cpu", "--precision", "bf16")
     one_line(result, "--precision bf16 runs through OpenVINO", "--engine openvino", code=2)
+    from embedcache.io.datasets import discover_cases
+
+    case = discover_cases(data)[0]
+    result = cli("predict", case.image, "--from-labels", case.label, "--out", tmp_path / "pred", "--device", "cpu",
+                 "--engine", "openvino")
+    one_line(result, "--engine openvino needs openvino", "cpu-fast", code=2)
+    assert not (tmp_path / "pred").exists()  # refused before the output folder is made
     _encode(data, tmp_path / "auto.h5")  # auto with no other engine installed: torch, no measurement
     with h5py.File(tmp_path / "auto.h5") as f:
         assert json.loads(f.attrs["signature"])["engine"] == "torch"
