@@ -12,12 +12,17 @@ benchmarks/results/.
 
     python benchmarks/encode.py --backbone litemedsam --slices 24
     python benchmarks/encode.py --backbone vit_b --slices 8      # random weights unless --checkpoint
+
+``--engines torch,onnxruntime,openvino`` sets the engines side by side instead: ``encode()`` end to end
+with each on the CPU, on the same cases, alternating (benchmarks/engines.py times the bare encoders,
+their memory and their Dice).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import statistics
 import tempfile
@@ -26,6 +31,7 @@ from dataclasses import replace
 from datetime import datetime, timezone
 from pathlib import Path
 
+import h5py
 import numpy as np
 import torch
 
@@ -78,11 +84,15 @@ def main(argv=None) -> dict:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--phantom-size", type=int, default=512, help="axial pixels of the synthetic CT")
     parser.add_argument("--repeats", type=int, default=2, help="pipeline runs, each between two bare runs")
+    parser.add_argument("--engines", default=None,
+                        help="comma list (ENGINE or ENGINE:bf16): encode() end to end with each, alternating, on a CPU")
     parser.add_argument("--no-save", action="store_true")
     args = parser.parse_args(argv)
 
     backbone = get_backbone(args.backbone)
     device = pick_device(args.device)
+    if args.engines:
+        return engines_side_by_side(args, backbone)
     with tempfile.TemporaryDirectory(prefix="embedcache-bench-") as tmp:
         tmp = Path(tmp)
         checkpoint = weights_for(backbone, tmp, args.checkpoint)
@@ -149,6 +159,58 @@ def main(argv=None) -> dict:
     print(json.dumps(result, indent=2))
     if not args.no_save:
         save(result, f"encode-{backbone.name}-{device.type}-{result['date'][:10]}")
+    return result
+
+
+def engines_side_by_side(args, backbone) -> dict:
+    """``encode()`` end to end on the same cases with each engine of ``--engines``, on the CPU, alternating engine by
+    engine over ``--repeats`` rounds after one uncounted round (exports, first compilation): slices per second per
+    engine, its ratio to eager torch's, and its float32 embeddings' largest difference from torch's."""
+    from embedcache.model.engines import check_engine
+
+    specs = [e.strip() for e in args.engines.split(",") if e.strip()]
+    specs = ["torch"] + [s for s in specs if s != "torch"]  # the reference first
+    for spec in specs:
+        engine, _, precision = spec.partition(":")
+        check_engine(engine, "cpu", precision or "fp32")
+    with tempfile.TemporaryDirectory(prefix="embedcache-bench-") as tmp:
+        tmp = Path(tmp)
+        os.environ["EMBEDCACHE_CACHE"] = str(tmp / "engine-cache")  # this run's own exports
+        checkpoint = weights_for(backbone, tmp, args.checkpoint)
+        cases = discover_cases(phantom_with_slices(tmp / "data", args.slices, args.seed, args.phantom_size))
+        rates, slices = {s: [] for s in specs}, 0
+        for round_ in range(args.repeats + 1):
+            for spec in specs:
+                engine, _, precision = spec.partition(":")
+                config = EncodeConfig(backbone=backbone.name, checkpoint=str(checkpoint) if checkpoint else None,
+                                      device="cpu", engine=engine, precision=precision or "fp32",
+                                      embedding_dtype="float32")
+                out = tmp / f"{spec.replace(':', '-')}-{round_}.h5"
+                started = time.perf_counter()
+                summary = encode(cases, out, config, progress=None, log=lambda m: None)
+                elapsed = time.perf_counter() - started
+                slices = summary.slices_encoded
+                if round_:
+                    rates[spec].append(slices / elapsed)
+        embeddings = {}
+        for spec in specs:
+            with h5py.File(tmp / f"{spec.replace(':', '-')}-{args.repeats}.h5") as f:
+                embeddings[spec] = f["embeddings"][:]
+    rate = {s: statistics.median(v) for s, v in rates.items()}
+    result = {
+        "benchmark": "encode-engines", "backbone": backbone.name,
+        "weights": "given" if args.checkpoint else ("bundled" if backbone.bundled_checkpoint else "random"),
+        "slices": slices, "cases": len(cases), "rounds": args.repeats,
+        "engines": {s: {"pipeline_slices_per_s": round(rate[s], 4), "runs_slices_per_s": [round(r, 4) for r in rates[s]],
+                        "speedup_over_torch": round(rate[s] / rate["torch"], 3),
+                        "max_abs_difference_from_torch": float(np.abs(embeddings[s] - embeddings["torch"]).max())}
+                    for s in specs},
+        "machine": machine(torch.device("cpu")), "embedcache": __version__,
+        "date": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+    }
+    print(json.dumps(result, indent=2))
+    if not args.no_save:
+        save(result, f"encode-engines-{backbone.name}-cpu-{result['date'][:10]}")
     return result
 
 

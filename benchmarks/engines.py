@@ -14,8 +14,9 @@ reference), ``onnxruntime``, ``openvino``, ``openvino:bf16``. All in one run, on
   from torch fp32's. The accuracy cost of reduced precision, measured.
 * **--predict DATA --run RUN**: ``embedcache predict`` of DATA's first test case (both glands, box3d
   from its label map) end to end, a fresh process per run, alternating engines over ``--rounds``:
-  wall seconds per case (process start to exit: imports, loading, reading, encoding, writing) and
-  the ratio to torch's.
+  wall seconds per case (process start to exit: imports, loading, reading, encoding, writing), the
+  ratio to torch's, and the Dice per gland of what each wrote (a graph engine runs the mask decoder
+  as a graph too) with the voxels where it differs from torch's.
 
 One JSON object under benchmarks/results/ (``--out``) and a markdown table beside it.
 
@@ -46,6 +47,9 @@ from embedcache.model.backbones import file_sha256, get_backbone, load_backbone,
 from embedcache.model.engines import build_encoder, check_engine, installed_engines
 
 from common import RESULTS, machine, weights_for
+
+#: How --predict starts the command line, in a fresh process each run.
+EMBEDCACHE = [sys.executable, "-m", "embedcache"]
 
 
 def default_specs() -> list[str]:
@@ -162,17 +166,20 @@ def dice_cost(data: Path, run: Path, specs: list[str], tmp: Path) -> dict:
 
 
 def predict_pace(data: Path, run: Path, specs: list[str], rounds: int, tmp: Path) -> dict:
-    """Wall seconds of ``embedcache predict`` of one test case (both glands, box3d) per engine, a fresh process each."""
+    """Wall seconds of ``embedcache predict`` of one test case (both glands, box3d) per engine, a fresh process each,
+    and the Dice per gland of what each wrote (the encoder and, on a graph engine, the decoder as graphs)."""
+    from embedcache.evaluation.metrics import dice
     from embedcache.io.datasets import discover_cases
+    from embedcache.io.volumes import read_label
 
     case = next(c for c in discover_cases(data) if c.subset == "test")
     seconds = {s: [] for s in specs}
-    lines = {}
+    lines, labels = {}, {}
     for number in range(rounds + 1):  # the first round (exports, first compilation) is not counted
         for spec in specs:
             engine, precision = parse_spec(spec)
             out = tmp / f"predict-{spec.replace(':', '-')}-{number}"
-            command = [sys.executable, "-m", "embedcache", "predict", str(case.image), "--from-labels", str(case.label),
+            command = [*EMBEDCACHE, "predict", str(case.image), "--from-labels", str(case.label),
                        "--run", str(run), "--out", str(out), "--device", "cpu", "--engine", engine, "--precision",
                        precision, "--no-progress"]
             started = time.perf_counter()
@@ -183,10 +190,15 @@ def predict_pace(data: Path, run: Path, specs: list[str], rounds: int, tmp: Path
             if number:
                 seconds[spec].append(elapsed)
             lines[spec] = done.stdout.strip().splitlines()[-1]
+            labels[spec] = read_label(out / f"{case.name}.nii.gz").array
     per_case = {s: statistics.median(v) for s, v in seconds.items()}
-    return {"case": case.name, "rounds": rounds, "engines": {
+    truth = read_label(case.label).array
+    glands = [label for label in (7, 8) if (truth == label).any()]
+    return {"case": case.name, "rounds": rounds, "labels": glands, "engines": {
         s: {"seconds_per_case": round(per_case[s], 2), "all_rounds": [round(v, 2) for v in seconds[s]],
-            "speedup_over_torch": round(per_case[specs[0]] / per_case[s], 3), "last_line": lines[s]}
+            "speedup_over_torch": round(per_case[specs[0]] / per_case[s], 3), "last_line": lines[s],
+            "dice": [round(dice(labels[s] == g, truth == g), 4) for g in glands],
+            "voxels_differing_from_torch": int((labels[s] != labels[specs[0]]).sum())}
         for s in specs}}
 
 
@@ -218,8 +230,11 @@ def table(result: dict) -> str:
     if "predict" in result:
         pace = result["predict"]
         rows += [f"**predict, one case end to end** ({pace['case']}, both glands, box3d, fresh process, "
-                 f"median of {pace['rounds']}):", "", "| engine | s/case | × torch |", "| --- | --- | --- |"]
-        rows += [f"| {s} | {v['seconds_per_case']:.1f} | {v['speedup_over_torch']:.2f} |"
+                 f"median of {pace['rounds']}):", "", "| engine | s/case | × torch | Dice " +
+                 " / ".join(f"label {g}" for g in pace.get("labels", [])) + " | voxels ≠ torch's |",
+                 "| --- | --- | --- | --- | --- |"]
+        rows += [f"| {s} | {v['seconds_per_case']:.1f} | {v['speedup_over_torch']:.2f} | "
+                 f"{' / '.join(f'{d:.4f}' for d in v.get('dice', []))} | {v.get('voxels_differing_from_torch', '')} |"
                  for s, v in pace["engines"].items()]
         rows.append("")
     return "\n".join(rows)

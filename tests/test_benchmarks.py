@@ -113,3 +113,57 @@ def test_engines_times_each_engine_against_torch_and_scores_each_in_one_run(tiny
     assert saved["backbones"].keys() == {"tiny"} and saved["dice"]["cases"] == test_case
     table = next((tmp_path / "out").glob("engines-cpu-*.md")).read_text()
     assert "**tiny encoder**" in table and "**Box3d Dice" in table
+
+
+def test_engines_predict_times_each_engine_end_to_end_and_scores_what_it_wrote(tiny_checkpoint, run_dir, tmp_path,
+                                                                                monkeypatch):
+    import sys
+
+    import pytest
+
+    from embedcache.io.phantom import write_phantom
+    from embedcache.model.engines import installed_engines
+
+    from conftest import SMALL_PHANTOM
+
+    if len(installed_engines()) == 1:
+        pytest.skip("no other engine installed: pip install 'embedcache[cpu-fast]'")
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    import engines
+
+    # each predict a fresh process with the tiny backbone registered
+    monkeypatch.setattr(engines, "EMBEDCACHE", [sys.executable, str(Path(__file__).parent / "tiny.py"), str(tiny_checkpoint)])
+    data = tmp_path / "data"
+    write_phantom(data, cases=1, test_cases=1, seed=3, config=SMALL_PHANTOM)
+    specs = ["torch", installed_engines()[1]]
+    result = engines.main(["--skip-encoder", "--engines", ",".join(specs), "--rounds", "1", "--predict", str(data),
+                           "--run", str(run_dir), "--out", str(tmp_path / "out")])
+    pace = result["predict"]["engines"]
+    assert list(pace) == specs and pace["torch"]["speedup_over_torch"] == 1.0
+    assert result["predict"]["labels"] == [7, 8]
+    for spec in specs:
+        assert pace[spec]["seconds_per_case"] > 0 and len(pace[spec]["dice"]) == 2
+        assert all(0.0 <= d <= 1.0 for d in pace[spec]["dice"]) and "s per case" in pace[spec]["last_line"]
+    assert pace["torch"]["voxels_differing_from_torch"] == 0
+    assert f"decoder {specs[1]}" in pace[specs[1]]["last_line"]  # the decoder ran as a graph too
+    assert "**predict, one case end to end**" in next((tmp_path / "out").glob("engines-cpu-*.md")).read_text()
+
+
+def test_encode_sets_the_engines_side_by_side_end_to_end(tiny_model, tmp_path, monkeypatch):
+    import pytest
+
+    from embedcache.model.engines import installed_engines
+
+    if len(installed_engines()) == 1:
+        pytest.skip("no other engine installed: pip install 'embedcache[cpu-fast]'")
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    monkeypatch.setenv("EMBEDCACHE_CACHE", str(tmp_path / "engine-cache"))
+    import encode
+
+    specs = ["torch", installed_engines()[1]]
+    result = encode.main(["--backbone", "tiny", "--slices", "2", "--phantom-size", "128", "--repeats", "1",
+                          "--engines", ",".join(specs), "--no-save"])
+    figures = result["engines"]
+    assert list(figures) == specs and figures["torch"]["speedup_over_torch"] == 1.0
+    assert figures["torch"]["max_abs_difference_from_torch"] == 0.0 and result["slices"] >= 2
+    assert figures[specs[1]]["max_abs_difference_from_torch"] <= 1e-4 and figures[specs[1]]["pipeline_slices_per_s"] > 0

@@ -7,7 +7,9 @@ into the user cache folder (``$EMBEDCACHE_CACHE``, else ``$XDG_CACHE_HOME/embedc
 ``~/.cache/embedcache``), beside a record of its own sha256, and re-exported when either changes;
 nothing is downloaded. A fresh export is checked against eager PyTorch on one seeded input before it
 is kept. Each engine has :class:`~embedcache.model.encoder.ImageEncoder`'s interface, so ``encode``
-and ``predict`` run them unchanged.
+and ``predict`` run them unchanged. ``predict`` also runs the prompt encoder and mask decoder as a
+graph (:class:`GraphDecoder`, exported once per backbone weights and decoder file, fp32), and builds
+no eager model at all once both graphs exist; OpenVINO keeps what it compiles beside them.
 
 ``--engine auto`` (the default) is torch on CUDA (and under torchrun); on a CPU it is the fastest
 fp32 engine installed whose embeddings equal eager PyTorch's within :data:`EQUAL_TOLERANCE`, found by
@@ -152,7 +154,7 @@ def _exported(name: str, key: dict, module, examples: tuple, *, inputs: list[str
                               output_names=outputs)
         want = model(*tensors)
         want = [t.numpy() for t in (want if isinstance(want, (tuple, list)) else (want,))]
-        got = _session(engine, Path(tmp), "fp32")(*examples)
+        got = _session(engine, Path(tmp), "fp32", keep_compiled=False)(*examples)
         difference = max(float(np.abs(g - w).max()) for g, w in zip(got, want))
         if not difference <= EXPORT_TOLERANCE:
             raise EmbedcacheError(f"{graph}: the exported {what} differs from PyTorch's by {difference:.2g} "
@@ -219,8 +221,10 @@ def _openvino_core():
     return _OPENVINO_CORE
 
 
-def _session(engine: str, graph: Path, precision: str):
-    """A function running the graph at ``graph`` in ``engine``: its float32 inputs, in order → its outputs (a list)."""
+def _session(engine: str, graph: Path, precision: str, *, keep_compiled: bool = True):
+    """A function running the graph at ``graph`` in ``engine``: its float32 inputs, in order → its outputs (a list).
+    OpenVINO keeps what it compiles in ``openvino/`` beside the graph (``keep_compiled``; its own cache, keyed by the
+    graph and the settings): compiling the encoder and the decoder again took seconds at every start."""
     threads = cpu_threads()
     if engine == "onnxruntime":
         import onnxruntime
@@ -233,10 +237,11 @@ def _session(engine: str, graph: Path, precision: str):
         names = [i.name for i in session.get_inputs()]
         return lambda *xs: session.run(None, dict(zip(names, xs)))
     if engine == "openvino":
-        core = _openvino_core()
-        compiled = core.compile_model(core.read_model(str(graph)), "CPU", {
-            "INFERENCE_PRECISION_HINT": {"fp32": "f32", "bf16": "bf16"}[precision],
-            "PERFORMANCE_HINT": "LATENCY", "INFERENCE_NUM_THREADS": threads})
+        settings = {"INFERENCE_PRECISION_HINT": {"fp32": "f32", "bf16": "bf16"}[precision],
+                    "PERFORMANCE_HINT": "LATENCY", "INFERENCE_NUM_THREADS": threads}
+        if keep_compiled:
+            settings["CACHE_DIR"] = str(Path(graph).parent / "openvino")
+        compiled = _openvino_core().compile_model(str(graph), "CPU", settings)
         request = compiled.create_infer_request()
 
         def run(*xs):

@@ -161,6 +161,8 @@ def test_predict_with_a_graph_engine_segments_as_with_torch(engine, data, tmp_pa
     for label in (7, 8):
         assert (out["torch"] == label).any()
         assert dice(out["torch"] == label, out[engine] == label) >= 0.995
+    if engine == "openvino":  # what it compiled is kept for the next start
+        assert any((tmp_path / "user-cache" / "openvino").iterdir())
 
 
 @needs_ort
