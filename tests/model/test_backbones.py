@@ -72,3 +72,14 @@ def test_unknown_model_and_missing_or_mismatched_checkpoints(tmp_path, tiny_mode
     garbage.write_bytes(np.random.default_rng(0).bytes(1000))
     with pytest.raises(EmbedcacheError, match="garbage.pth: not a readable PyTorch checkpoint"):
         load_backbone(get_backbone("vit_b"), garbage)
+
+
+def test_the_bundled_weights_are_found_without_importing_timm():
+    import subprocess
+    import sys
+
+    code = ("import sys; from embedcache.model.backbones import _medsam_lite, get_backbone, resolve_checkpoint; "
+            "path = resolve_checkpoint(get_backbone('litemedsam'), None); imported = 'timm' in sys.modules; "
+            "print(imported, path == __import__('pathlib').Path(_medsam_lite().get_asset_path()))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.split() == ["False", "True"], done.stdout + done.stderr
