@@ -165,7 +165,7 @@ def dice_cost(data: Path, run: Path, specs: list[str], tmp: Path) -> dict:
     return out
 
 
-def predict_pace(data: Path, run: Path, specs: list[str], rounds: int, tmp: Path) -> dict:
+def predict_pace(data: Path, run: Path, specs: list[str], rounds: int, tmp: Path, *, warmup: int = 1) -> dict:
     """Wall seconds of ``embedcache predict`` of one test case (both glands, box3d) per engine, a fresh process each,
     and the Dice per gland of what each wrote (the encoder and, on a graph engine, the decoder as graphs)."""
     from embedcache.evaluation.metrics import dice
@@ -175,7 +175,7 @@ def predict_pace(data: Path, run: Path, specs: list[str], rounds: int, tmp: Path
     case = next(c for c in discover_cases(data) if c.subset == "test")
     seconds = {s: [] for s in specs}
     lines, labels = {}, {}
-    for number in range(rounds + 1):  # the first round (exports, first compilation) is not counted
+    for number in range(rounds + warmup):  # the warm-up rounds (exports, first compilation) are not counted
         for spec in specs:
             engine, precision = parse_spec(spec)
             out = tmp / f"predict-{spec.replace(':', '-')}-{number}"
@@ -187,7 +187,7 @@ def predict_pace(data: Path, run: Path, specs: list[str], rounds: int, tmp: Path
             elapsed = time.perf_counter() - started
             if done.returncode != 0:
                 raise SystemExit(f"predict with {spec} failed: {done.stdout[-2000:]}{done.stderr[-2000:]}")
-            if number:
+            if number >= warmup:
                 seconds[spec].append(elapsed)
             lines[spec] = done.stdout.strip().splitlines()[-1]
             labels[spec] = read_label(out / f"{case.name}.nii.gz").array
@@ -250,6 +250,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--dice", type=Path, default=None, help="a dataset folder whose imagesTs/ cases are scored")
     parser.add_argument("--predict", type=Path, default=None, help="a dataset folder whose first test case is predicted")
     parser.add_argument("--run", type=Path, default=None, help="the fine-tuned run --dice and --predict use")
+    parser.add_argument("--warmup", type=int, default=1, help="--predict rounds run first and not counted")
     parser.add_argument("--name", default="cpu", help="results file: engines-NAME-DATE.json")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
@@ -273,7 +274,7 @@ def main(argv=None) -> dict:
         if args.dice:
             result["dice"] = dice_cost(args.dice, args.run, specs, tmp)
         if args.predict:
-            result["predict"] = predict_pace(args.predict, args.run, specs, args.rounds, tmp)
+            result["predict"] = predict_pace(args.predict, args.run, specs, args.rounds, tmp, warmup=args.warmup)
             print(json.dumps(result["predict"]), flush=True)
     stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d")
     args.out.mkdir(parents=True, exist_ok=True)

@@ -136,7 +136,7 @@ def test_engines_predict_times_each_engine_end_to_end_and_scores_what_it_wrote(t
     data = tmp_path / "data"
     write_phantom(data, cases=1, test_cases=1, seed=3, config=SMALL_PHANTOM)
     specs = ["torch", installed_engines()[1]]
-    result = engines.main(["--skip-encoder", "--engines", ",".join(specs), "--rounds", "1", "--predict", str(data),
+    result = engines.main(["--skip-encoder", "--engines", ",".join(specs), "--rounds", "1", "--warmup", "0", "--predict", str(data),
                            "--run", str(run_dir), "--out", str(tmp_path / "out")])
     pace = result["predict"]["engines"]
     assert list(pace) == specs and pace["torch"]["speedup_over_torch"] == 1.0

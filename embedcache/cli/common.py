@@ -143,4 +143,4 @@ def engine_options(func):
                         help="What runs the image encoder: eager PyTorch, or ONNX Runtime or OpenVINO on the CPU "
                              "(exported once per model and weights; pip install 'embedcache[cpu-fast]'). auto: torch "
                              "on CUDA; on a CPU the fastest installed engine equal to torch within 1e-4, timed once "
-                             "per model, weights and CPU.")(func)
+                             "per model, weights and CPU. predict runs the mask decoder in the same engine.")(func)
