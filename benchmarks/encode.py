@@ -166,13 +166,15 @@ def engines_side_by_side(args, backbone) -> dict:
     """``encode()`` end to end on the same cases with each engine of ``--engines``, on the CPU, alternating engine by
     engine over ``--repeats`` rounds after one uncounted round (exports, first compilation): slices per second per
     engine, its ratio to eager torch's, and its float32 embeddings' largest difference from torch's."""
+    from engines import parse_spec
+
     from embedcache.model.engines import check_engine
 
     specs = [e.strip() for e in args.engines.split(",") if e.strip()]
     specs = ["torch"] + [s for s in specs if s != "torch"]  # the reference first
     for spec in specs:
-        engine, _, precision = spec.partition(":")
-        check_engine(engine, "cpu", precision or "fp32")
+        engine, precision = parse_spec(spec)
+        check_engine(engine, "cpu", precision)
     with tempfile.TemporaryDirectory(prefix="embedcache-bench-") as tmp:
         tmp = Path(tmp)
         os.environ["EMBEDCACHE_CACHE"] = str(tmp / "engine-cache")  # this run's own exports
@@ -181,9 +183,9 @@ def engines_side_by_side(args, backbone) -> dict:
         rates, slices = {s: [] for s in specs}, 0
         for round_ in range(args.repeats + 1):
             for spec in specs:
-                engine, _, precision = spec.partition(":")
+                engine, precision = parse_spec(spec)
                 config = EncodeConfig(backbone=backbone.name, checkpoint=str(checkpoint) if checkpoint else None,
-                                      device="cpu", engine=engine, precision=precision or "fp32",
+                                      device="cpu", engine=engine, precision=precision,
                                       embedding_dtype="float32")
                 out = tmp / f"{spec.replace(':', '-')}-{round_}.h5"
                 started = time.perf_counter()

@@ -190,7 +190,8 @@ def predict_pace(data: Path, run: Path, specs: list[str], rounds: int, tmp: Path
             if number >= warmup:
                 seconds[spec].append(elapsed)
             lines[spec] = done.stdout.strip().splitlines()[-1]
-            labels[spec] = read_label(out / f"{case.name}.nii.gz").array
+            if number == rounds + warmup - 1:  # what the last round wrote is scored
+                labels[spec] = read_label(out / f"{case.name}.nii.gz").array
     per_case = {s: statistics.median(v) for s, v in seconds.items()}
     truth = read_label(case.label).array
     glands = [label for label in (7, 8) if (truth == label).any()]

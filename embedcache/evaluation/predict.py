@@ -226,68 +226,62 @@ def predict(inputs: list[Path], out_dir: Path, config: PredictConfig, *, progres
     read = partial(read_image, series_uid=config.series)
     coming = reader.submit(read, jobs[0].image)
     try:
-        return _run(jobs, coming, reader, read, out_dir, config, trained, decoder, labels=labels, owned=owned,
-                    errors=errors, progress=progress, log=log)
+        model = _load(trained, config, log=log)
+        make_output_folder(out_dir)  # once the model is in hand: a refused model leaves no empty folder behind
+        from embedcache.model.backbones import file_sha256  # torch: only once the inputs are checked
+
+        made_by = f"sha256 {file_sha256(decoder)[:16]}" if decoder else f"vanilla {config.model}"
+        # Recorded before they are written: an interrupted run's outputs are still known as predict's own.
+        names = sorted(owned | {path.name for job in jobs for path in job.files})
+        atomic_write_text(Path(out_dir) / CONFIG, json.dumps({"config": asdict(config), "written": names}, indent=2)
+                          + "\n")
+        result_of = PredictResult([], errors, engine=model.engines)
+        written = result_of.written
+        task = bar = None
+        if progress:
+            task = progress.add_task("predicting", total=len(jobs))
+            # how many slices a 3-D box's propagation asks for is known only at its end: a count, no total
+            bar = progress.add_task("slices encoded", total=None)
+
+        def encoded(n=1):
+            result_of.slices_encoded += n
+            if progress:
+                progress.advance(bar, n)
+
+        for number, job in enumerate(jobs):
+            if progress:
+                progress.update(task, description=f"predicting {case_name(job.image)}")
+            started = time.perf_counter()
+            try:
+                pending = coming
+                coming = reader.submit(read, jobs[number + 1].image) if number + 1 < len(jobs) else None
+                image = pending.result()
+                volume = OnTheFly(image.array, model.encoder, model.preprocess, on_encode=encoded)
+                segment = volume.segment_with(model.prompt_encoder, model.mask_decoder, input_size=model.input_size,
+                                              decode=model.decode)
+                predictions = _segment_job(job, segment, image, prompts=config.prompts, settings=config.protocol,
+                                           labels=labels or ADRENALS)
+                result = np.zeros(image.array.shape, np.uint8)
+                for label, prediction in predictions:
+                    result[prediction.mask] = label
+                for kind, path in job.outputs:
+                    _write_output(kind, path, result, image, job, config, labels=labels or ADRENALS, made_by=made_by)
+                look = write_review(job.review, predictions, image.geometry, threshold=config.review_iou)
+                written.extend(path for _, path in job.outputs)
+                seconds = time.perf_counter() - started
+                result_of.cases += 1
+                result_of.glands += len(predictions)
+                result_of.seconds += seconds
+                log(f"{', '.join(p.name for _, p in job.outputs)}: {len(predictions)} gland(s), "
+                    f"{sum(len(p.boxes) for _, p in predictions)} slices decoded in {seconds:.1f} s"
+                    + (f"; {look} with predicted IoU below {config.review_iou:g}: see {job.review.name}" if look else ""))
+            except EmbedcacheError as exc:
+                errors.append(str(exc))
+                log(f"error: {exc}")
+            if progress:
+                progress.advance(task)
     finally:  # an interrupt leaves no read running behind it
         reader.shutdown(cancel_futures=True)
-
-
-def _run(jobs, coming, reader, read, out_dir, config, trained, decoder, *, labels, owned, errors, progress,
-         log) -> PredictResult:
-    """Load the model, then segment each job in turn; ``coming``: the first input's read, already under way."""
-    model = _load(trained, config, log=log)
-    make_output_folder(out_dir)  # once the model is in hand: a refused model leaves no empty folder behind
-    from embedcache.model.backbones import file_sha256  # torch: only once the inputs are checked
-
-    made_by = f"sha256 {file_sha256(decoder)[:16]}" if decoder else f"vanilla {config.model}"
-    # Recorded before they are written: an interrupted run's outputs are still known as predict's own.
-    names = sorted(owned | {path.name for job in jobs for path in job.files})
-    atomic_write_text(Path(out_dir) / CONFIG, json.dumps({"config": asdict(config), "written": names}, indent=2) + "\n")
-    result_of = PredictResult([], errors, engine=model.engines)
-    written = result_of.written
-    task = bar = None
-    if progress:
-        task = progress.add_task("predicting", total=len(jobs))
-        # how many slices a 3-D box's propagation asks for is known only at its end: a count, no total
-        bar = progress.add_task("slices encoded", total=None)
-
-    def encoded(n=1):
-        result_of.slices_encoded += n
-        if progress:
-            progress.advance(bar, n)
-
-    for number, job in enumerate(jobs):
-        if progress:
-            progress.update(task, description=f"predicting {case_name(job.image)}")
-        started = time.perf_counter()
-        try:
-            pending = coming
-            coming = reader.submit(read, jobs[number + 1].image) if number + 1 < len(jobs) else None
-            image = pending.result()
-            volume = OnTheFly(image.array, model.encoder, model.preprocess, on_encode=encoded)
-            segment = volume.segment_with(model.prompt_encoder, model.mask_decoder, input_size=model.input_size,
-                                          decode=model.decode)
-            predictions = _segment_job(job, segment, image, prompts=config.prompts, settings=config.protocol,
-                                       labels=labels or ADRENALS)
-            result = np.zeros(image.array.shape, np.uint8)
-            for label, prediction in predictions:
-                result[prediction.mask] = label
-            for kind, path in job.outputs:
-                _write_output(kind, path, result, image, job, config, labels=labels or ADRENALS, made_by=made_by)
-            look = write_review(job.review, predictions, image.geometry, threshold=config.review_iou)
-            written.extend(path for _, path in job.outputs)
-            seconds = time.perf_counter() - started
-            result_of.cases += 1
-            result_of.glands += len(predictions)
-            result_of.seconds += seconds
-            log(f"{', '.join(p.name for _, p in job.outputs)}: {len(predictions)} gland(s), "
-                f"{sum(len(p.boxes) for _, p in predictions)} slices decoded in {seconds:.1f} s"
-                + (f"; {look} with predicted IoU below {config.review_iou:g}: see {job.review.name}" if look else ""))
-        except EmbedcacheError as exc:
-            errors.append(str(exc))
-            log(f"error: {exc}")
-        if progress:
-            progress.advance(task)
     return result_of
 
 
@@ -390,7 +384,7 @@ def _load(trained, config: PredictConfig, *, log=print) -> PredictModel:
     import torch
 
     from embedcache.model.backbones import file_sha256, get_backbone, require_weights, resolve_checkpoint
-    from embedcache.model.engines import GRAPH_ENGINES, GraphDecoder, GraphEncoder, build_encoder, choose_engine
+    from embedcache.model.engines import GRAPH_ENGINES, GraphDecoder, build_encoder
     from embedcache.runtime.devices import pick_device
     from embedcache.train.decoders import load_model
 
@@ -407,23 +401,16 @@ def _load(trained, config: PredictConfig, *, log=print) -> PredictModel:
         require_weights(sha, trained.signature.checkpoint_sha256, path=checkpoint, made=made)
 
     @cache
-    def model():
-        return load_model(name, trained=trained, checkpoint=weights, device=dev,
-                          expect_sha256=trained.signature.checkpoint_sha256 if trained else None, made=made, vanilla=False)
+    def model():  # the weights are checked above
+        return load_model(name, trained=trained, checkpoint=weights, device=dev, vanilla=False)
 
-    out_dtype = torch.float16 if dtype == "float16" else torch.float32
-    engine = config.engine
-    if engine == "auto":
-        engine = choose_engine(backbone, lambda: model().parts.image_encoder, sha, device=dev, log=log)
-    if engine in GRAPH_ENGINES:
-        encoder = GraphEncoder(engine, backbone, lambda: model().parts.image_encoder, sha, out_dtype=out_dtype,
-                               precision=config.precision, log=log)
-        decode = GraphDecoder(engine, backbone, lambda: (model().parts.prompt_encoder, model().decoder), sha,
+    encoder = build_encoder(config.engine, backbone, lambda: model().parts.image_encoder, sha, device=dev,
+                            out_dtype=torch.float16 if dtype == "float16" else torch.float32,
+                            precision=config.precision, log=log)
+    if encoder.engine in GRAPH_ENGINES:
+        decode = GraphDecoder(encoder.engine, backbone, lambda: (model().parts.prompt_encoder, model().decoder), sha,
                               file_sha256(trained.source) if trained else "vanilla", log=log)
         return PredictModel(encoder=encoder, prompt_encoder=None, mask_decoder=None, input_size=backbone.input_size,
                             preprocess=preprocess, decode=decode)
-    loaded = model()
-    encoder = build_encoder(engine, backbone, loaded.parts.image_encoder, sha, device=dev, out_dtype=out_dtype,
-                            precision=config.precision, log=log)
-    return PredictModel(encoder=encoder, prompt_encoder=loaded.parts.prompt_encoder, mask_decoder=loaded.decoder,
+    return PredictModel(encoder=encoder, prompt_encoder=model().parts.prompt_encoder, mask_decoder=model().decoder,
                         input_size=backbone.input_size, preprocess=preprocess)
