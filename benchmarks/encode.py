@@ -166,7 +166,7 @@ def engines_side_by_side(args, backbone) -> dict:
     """``encode()`` end to end on the same cases with each engine of ``--engines``, on the CPU, alternating engine by
     engine over ``--repeats`` rounds after one uncounted round (exports, first compilation): slices per second per
     engine, its ratio to eager torch's, and its float32 embeddings' largest difference from torch's."""
-    from engines import parse_spec
+    from engines import parse_spec, spec_streams
 
     from embedcache.model.engines import check_engine
 
@@ -186,8 +186,8 @@ def engines_side_by_side(args, backbone) -> dict:
                 engine, precision = parse_spec(spec)
                 config = EncodeConfig(backbone=backbone.name, checkpoint=str(checkpoint) if checkpoint else None,
                                       device="cpu", engine=engine, precision=precision,
-                                      embedding_dtype="float32")
-                out = tmp / f"{spec.replace(':', '-')}-{round_}.h5"
+                                      streams=spec_streams(spec), embedding_dtype="float32")
+                out = tmp / f"{spec.replace(':', '-').replace('@', '-')}-{round_}.h5"
                 started = time.perf_counter()
                 summary = encode(cases, out, config, progress=None, log=lambda m: None)
                 elapsed = time.perf_counter() - started
@@ -196,7 +196,7 @@ def engines_side_by_side(args, backbone) -> dict:
                     rates[spec].append(slices / elapsed)
         embeddings = {}
         for spec in specs:
-            with h5py.File(tmp / f"{spec.replace(':', '-')}-{args.repeats}.h5") as f:
+            with h5py.File(tmp / f"{spec.replace(':', '-').replace('@', '-')}-{args.repeats}.h5") as f:
                 embeddings[spec] = f["embeddings"][:]
     rate = {s: statistics.median(v) for s, v in rates.items()}
     result = {

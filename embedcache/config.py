@@ -51,8 +51,11 @@ ENGINES = ("auto", "torch", "onnxruntime", "openvino")
 PRECISIONS = ("fp32", "bf16")
 
 
-def check_engine_names(engine: str, precision: str) -> None:
-    """Refuse an ``--engine`` or ``--precision`` that is not one of :data:`ENGINES` / :data:`PRECISIONS`."""
+def check_engine_names(engine: str, precision: str, streams: int = 0) -> None:
+    """Refuse an ``--engine`` or ``--precision`` that is not one of :data:`ENGINES` / :data:`PRECISIONS`, and
+    ``--streams`` below 0."""
+    if streams < 0:
+        raise UsageError(f"--streams must be at least 1 (or 0 to measure), got {streams}")
     if engine not in ENGINES:
         raise UsageError(f"--engine {engine}: choose from {', '.join(ENGINES)}")
     if precision not in PRECISIONS:
@@ -69,15 +72,16 @@ class EncodeConfig:
     preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
     embedding_dtype: str = "float16"
     device: str = "auto"
-    batch_size: int = 0  # 0: pick for the device (1 on CPU, where larger batches are slower; on CUDA what fits in memory)
+    batch_size: int = 0  # torch's slices per forward; 0: pick for the device (1 on CPU, where larger are slower; on CUDA what fits)
     margin_slices: int = 2  # also cache this many slices beyond each end of a gland (3-D box prompts need them)
     workers: int = -1  # processes preparing slices ahead of the encoder; -1: none on CPU, half the cores up to 8 on CUDA
     augment: tuple[str, ...] = ()  # training-only copies of every train case, one encode each (cache.augment.AUGMENTS)
     engine: str = "auto"  # what runs the image encoder: auto, torch, onnxruntime or openvino (model.engines)
     precision: str = "fp32"  # the encoder's arithmetic: fp32, or bf16 through openvino (model.engines)
+    streams: int = 0  # slices a graph engine encodes at once, each on its share of the cores; 0: measured (model.engines)
 
     def __post_init__(self):
-        check_engine_names(self.engine, self.precision)
+        check_engine_names(self.engine, self.precision, self.streams)
         if any(kind not in AUGMENTS for kind in self.augment) or len(set(self.augment)) != len(self.augment):
             raise UsageError(f"--augment {','.join(self.augment)}: choose distinct kinds from {', '.join(AUGMENTS)}")
         if self.workers < -1:
@@ -290,9 +294,10 @@ class PredictConfig:
     output_types: tuple[str, ...] = ("nifti",)  # nifti, dicom-seg, rtstruct (embedcache.io.dicom_out.OUTPUT_TYPES)
     engine: str = "auto"  # what runs the image encoder: auto, torch, onnxruntime or openvino (model.engines)
     precision: str = "fp32"  # the encoder's arithmetic: fp32, or bf16 through openvino (model.engines)
+    streams: int = 0  # slices a graph engine encodes at once, each on its share of the cores; 0: measured (model.engines)
 
     def __post_init__(self):
-        check_engine_names(self.engine, self.precision)
+        check_engine_names(self.engine, self.precision, self.streams)
         _one_decoder(self.run, self.decoder)
         from embedcache.io.dicom_out import OUTPUT_TYPES
 

@@ -96,13 +96,14 @@ def test_engines_times_each_engine_against_torch_and_scores_each_in_one_run(tiny
     data = tmp_path / "data"
     write_phantom(data, cases=1, test_cases=1, seed=3, config=SMALL_PHANTOM)
     limit_target_slices(data, per_case=2)
-    specs = installed_engines()
+    specs = [*installed_engines(), f"{installed_engines()[1]}@2"]  # the last: two slices at once
     result = engines.main(["--backbones", "tiny", "--engines", ",".join(specs), "--slices", "2", "--rounds", "2",
                            "--dice", str(data), "--run", str(run_dir), "--out", str(tmp_path / "out")])
     figures = result["backbones"]["tiny"]["engines"]
     assert list(figures) == specs and figures["torch"]["speedup_over_torch"] == 1.0
     for spec in specs[1:]:
         assert figures[spec]["max_abs_difference_from_torch"] < 1e-3 and figures[spec]["seconds_per_slice"] > 0
+    assert figures[specs[-1]]["streams"] == 2 and figures["torch"]["streams"] == 1
     dice = result["dice"]["engines"]
     assert list(dice) == specs and dice["torch"]["dice_difference_from_torch"] == {
         label: {"vanilla": 0.0, "finetuned": 0.0} for label in ("7", "8")}

@@ -85,7 +85,7 @@ def load_encoder(config: EncodeConfig, *, device, log=print):
     parts, sha = load_backbone(backbone, Path(config.checkpoint) if config.checkpoint else None)
     out_dtype = torch.float16 if config.embedding_dtype == "float16" else torch.float32
     return build_encoder(config.engine, backbone, parts.image_encoder, sha, device=device, batch_size=config.batch_size,
-                         out_dtype=out_dtype, precision=config.precision, log=log)
+                         out_dtype=out_dtype, precision=config.precision, streams=config.streams, log=log)
 
 
 def resolve_engine(config: EncodeConfig, out: Path, dist, *, log=print) -> EncodeConfig:

@@ -132,9 +132,14 @@ def device_option(func):
 
 
 def engine_options(func):
-    """``--engine`` and ``--precision`` of the image encoder (encode and predict; see embedcache.model.engines)."""
+    """``--engine``, ``--precision`` and ``--streams`` of the image encoder (encode and predict; see
+    embedcache.model.engines)."""
     from embedcache.config import ENGINES, PRECISIONS
 
+    func = click.option("--streams", default=0, show_default=True, type=click.IntRange(0, 256),
+                        help="Slices onnxruntime or openvino encodes at once, each on its share of the cores (the "
+                             "CPU's batch); 0: timed once per CPU and model (one at a time on every core, or "
+                             "several). predict encodes that many ahead of its walk.")(func)
     func = click.option("--precision", default="fp32", show_default=True, type=click.Choice(list(PRECISIONS)),
                         help="The encoder's arithmetic. bf16 runs through --engine openvino on a CPU with bf16 "
                              "instructions; it changes the embeddings (see the README's measured Dice cost), so a "

@@ -77,7 +77,8 @@ def phantom(out: Path, cases: int | None, seed: int, size: int, test_cases: int,
               help="Storage type of the embeddings.")
 @device_option
 @click.option("--batch-size", default=0, show_default=True, type=click.IntRange(0, 1024),
-              help="Slices per encoder forward; 0 picks 1 on CPU, and on CUDA the most (up to 32) that fit in half the free memory.")
+              help="Slices per forward of --engine torch; 0 picks 1 on CPU, and on CUDA the most (up to 32) that fit in half "
+                   "the free memory (onnxruntime and openvino: see --streams).")
 @click.option("--margin-slices", default=2, show_default=True, type=int,
               help="Also encode this many slices beyond each end of a gland (no boxes): 3-D box prompts need them.")
 @click.option("--workers", default=-1, show_default=True, type=int,
@@ -90,7 +91,7 @@ def phantom(out: Path, cases: int | None, seed: int, size: int, test_cases: int,
 @progress_option
 @friendly_errors
 def encode(data, out, images, labels_, series, model, checkpoint, labels, window_width, window_level, slice_size,
-           dtype, device, batch_size, margin_slices, workers, augment, engine, precision, progress):
+           dtype, device, batch_size, margin_slices, workers, augment, engine, precision, streams, progress):
     """Encode every slice of DATA that holds a target label into the HDF5 cache OUT.
 
     DATA is a FLARE22-style folder (imagesTr/ + labelsTr/ or images/ + labels/, and imagesTs/ +
@@ -126,6 +127,7 @@ def encode(data, out, images, labels_, series, model, checkpoint, labels, window
         augment=tuple(k.strip() for k in augment.split(",") if k.strip()),
         engine=engine,
         precision=precision,
+        streams=streams,
     )
     if data is not None:
         cases = discover_cases(data)

@@ -211,7 +211,7 @@ def evaluate(pred, labels_dir, out_dir, labels, name, progress):
 @progress_option
 @friendly_errors
 def predict(inputs, out_dir, run_dir, decoder_file, boxes_file, from_labels, prompts, jitter, seed, box_margin_mm,
-            box_margin_slices, grow_mm, walk, min_iou, middle, clicks, series, output_types, review_iou, engine, precision, model,
+            box_margin_slices, grow_mm, walk, min_iou, middle, clicks, series, output_types, review_iou, engine, precision, streams, model,
             checkpoint, device, progress):
     """Segment INPUTS (NIfTI files or DICOM series folders) from box prompts.
 
@@ -234,7 +234,7 @@ def predict(inputs, out_dir, run_dir, decoder_file, boxes_file, from_labels, pro
                            protocol=_settings(jitter, seed, box_margin_mm, box_margin_slices, grow_mm, walk, min_iou, middle,
                                               clicks),
                            series=series, model=model, checkpoint=_text(checkpoint), device=device, review_iou=review_iou,
-                           engine=engine, precision=precision,
+                           engine=engine, precision=precision, streams=streams,
                            output_types=tuple(t.strip() for t in output_types.split(",") if t.strip()))
     from embedcache.evaluation.predict import predict as run_predict
 

@@ -12,6 +12,7 @@ see :mod:`embedcache.evaluation.protocols`); a ``box`` on ``slice`` k segments t
 from __future__ import annotations
 
 import json
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
@@ -138,7 +139,9 @@ def _check_output(job: Job, owned: set[str]) -> None:
 
 
 class OnTheFly:
-    """A volume's slices, encoded when first asked for, decodable as a :data:`protocols.Segment`.
+    """A volume's slices, encoded when first asked for, decodable as a :data:`protocols.Segment`; the slices a walk
+    says it will ask for next (:meth:`ahead`) are encoded ahead of it, beside the decoding, as many at once as the
+    encoder runs together (a graph engine's streams; one for torch). :meth:`close` drops what is still waiting.
 
     Embeddings are rounded to ``embedding_dtype`` (the cache's, float16 by default) before decoding,
     as cached ones are: the same box gives the same mask here and in ``score``."""
@@ -147,18 +150,44 @@ class OnTheFly:
         self.hu, self.encoder, self.preprocess = hu_zyx, encoder, preprocess
         self.embeddings: dict[int, object] = {}
         self.on_encode = on_encode  # called after each slice is encoded (a progress bar's advance)
+        self._coming: dict[int, object] = {}  # slice → the Future encoding it ahead
+        self._pool = None
 
-    def embedding(self, z: int):
+    def _encode(self, z: int):
         from embedcache.cache.preprocess import slice_to_model
 
+        pre = self.preprocess
+        image = slice_to_model(self.hu[z], width_hu=pre.window_width_hu, level_hu=pre.window_level_hu,
+                               slice_size=pre.slice_size)
+        embedding = self.encoder(image[None])[0]
+        if self.on_encode:
+            self.on_encode()
+        return embedding
+
+    def ahead(self, zs) -> None:
+        """Encode slices ``zs`` (in this order) before they are asked for; those told before and not yet begun that
+        are not among them are dropped."""
+        wanted = set(zs)
+        for z in [z for z in self._coming if z not in wanted]:
+            if self._coming[z].cancel():
+                del self._coming[z]
+        if self._pool is None and zs:
+            self._pool = ThreadPoolExecutor(getattr(self.encoder, "streams", 1), thread_name_prefix="embedcache-ahead")
+        for z in zs:
+            if z not in self.embeddings and z not in self._coming and 0 <= z < len(self.hu):
+                self._coming[z] = self._pool.submit(self._encode, z)
+
+    def embedding(self, z: int):
         if z not in self.embeddings:
-            pre = self.preprocess
-            image = slice_to_model(self.hu[z], width_hu=pre.window_width_hu, level_hu=pre.window_level_hu,
-                                   slice_size=pre.slice_size)
-            self.embeddings[z] = self.encoder(image[None])[0]
-            if self.on_encode:
-                self.on_encode()
+            coming = self._coming.pop(z, None)
+            self.embeddings[z] = coming.result() if coming is not None and not coming.cancelled() else self._encode(z)
         return self.embeddings[z]
+
+    def close(self) -> None:
+        """Drop the slices still waiting to be encoded ahead, and wait for the ones being encoded."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+        self._coming.clear()
 
     def segment_with(self, prompt_encoder, mask_decoder, *, input_size: int, decode=None) -> protocols.Segment:
         """This volume's :data:`~embedcache.evaluation.protocols.Segment` through the given decoder (``decode``: an
@@ -177,6 +206,7 @@ class OnTheFly:
                                        shape_yx=self.hu.shape[1:], multimask=multimask, points=points, decode=decode)
             return masks.cpu().numpy(), iou.float().cpu().numpy()
 
+        segment.ahead = self.ahead
         return segment
 
 
@@ -243,8 +273,11 @@ def predict(inputs: list[Path], out_dir: Path, config: PredictConfig, *, progres
             # how many slices a 3-D box's propagation asks for is known only at its end: a count, no total
             bar = progress.add_task("slices encoded", total=None)
 
+        counting = threading.Lock()  # slices are encoded ahead in other threads too
+
         def encoded(n=1):
-            result_of.slices_encoded += n
+            with counting:
+                result_of.slices_encoded += n
             if progress:
                 progress.advance(bar, n)
 
@@ -259,8 +292,11 @@ def predict(inputs: list[Path], out_dir: Path, config: PredictConfig, *, progres
                 volume = OnTheFly(image.array, model.encoder, model.preprocess, on_encode=encoded)
                 segment = volume.segment_with(model.prompt_encoder, model.mask_decoder, input_size=model.input_size,
                                               decode=model.decode)
-                predictions = _segment_job(job, segment, image, prompts=config.prompts, settings=config.protocol,
-                                           labels=labels or ADRENALS)
+                try:
+                    predictions = _segment_job(job, segment, image, prompts=config.prompts, settings=config.protocol,
+                                               labels=labels or ADRENALS)
+                finally:  # an error or an interrupt leaves no encoding running ahead
+                    volume.close()
                 result = np.zeros(image.array.shape, np.uint8)
                 for label, prediction in predictions:
                     result[prediction.mask] = label
@@ -370,9 +406,11 @@ class PredictModel:
 
     @property
     def engines(self) -> str:
-        """What runs the encoder, and the decoder where a graph does: ``openvino bf16, decoder openvino``."""
-        return f"{self.encoder.engine} {self.encoder.precision}" + (f", decoder {self.decode.engine}" if self.decode
-                                                                     else "")
+        """What runs the encoder (and how many slices at once, where more than one), and the decoder where a graph
+        does: ``openvino fp32 2 at once, decoder openvino``."""
+        streams = getattr(self.encoder, "streams", 1)
+        return (f"{self.encoder.engine} {self.encoder.precision}" + (f" {streams} at once" if streams > 1 else "")
+                + (f", decoder {self.decode.engine}" if self.decode else ""))
 
 
 def _load(trained, config: PredictConfig, *, log=print) -> PredictModel:
@@ -406,7 +444,7 @@ def _load(trained, config: PredictConfig, *, log=print) -> PredictModel:
 
     encoder = build_encoder(config.engine, backbone, lambda: model().parts.image_encoder, sha, device=dev,
                             out_dtype=torch.float16 if dtype == "float16" else torch.float32,
-                            precision=config.precision, log=log)
+                            precision=config.precision, streams=config.streams, log=log)
     if encoder.engine in GRAPH_ENGINES:
         decode = GraphDecoder(encoder.engine, backbone, lambda: (model().parts.prompt_encoder, model().decoder), sha,
                               file_sha256(trained.source) if trained else "vanilla", log=log)

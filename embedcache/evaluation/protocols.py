@@ -53,6 +53,8 @@ DESCRIPTIONS = {
 #: ``segment(z, boxes, multimask=False, points=None)``: ``(k,)`` slice indices and ``(k, 4)`` boxes → ``(k, y, x)``
 #: bool masks and the decoder's ``(k,)`` predicted IoU of each; ``multimask``: SAM's three outputs, the one
 #: with the highest predicted IoU kept; ``points``: per prompt None or ``(n, 3)`` clicks ``(x, y, label)``.
+#: A segment that encodes slices as it goes may also have ``segment.ahead(zs)``: the slices the walk will ask
+#: for next, in order (any others it was told of before are no longer wanted); see :func:`propagate`.
 Segment = Callable[[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]
 #: Prompts decoded in one call for the oracle and jitter protocols.
 CHUNK = 16
@@ -130,9 +132,15 @@ def propagate(box: Box3D, segment: Segment, shape_zyx, *, grow_px: tuple[float, 
     A mask whose predicted IoU is below ``min_iou`` counts as vanished: it is dropped, and the walk
     goes on as for an empty one (``extent``: only dropped). ``multimask``: the slices prompted with the
     3-D box's own extent (the middle one; every one under ``extent``) take the best of SAM's three
-    outputs by predicted IoU."""
+    outputs by predicted IoU.
+
+    The walk tells ``segment.ahead``, where it has one, which slices it will ask for and in what order (every
+    slice of the box, up from the middle, then down), then on turning what is left, and at its end that nothing
+    is: predict encodes them ahead of the decoding, several at once."""
+    ahead = getattr(segment, "ahead", lambda zs: None)
     if walk == "extent":
         zs = np.arange(box.z0, box.z1 + 1)
+        ahead([int(z) for z in zs])
         prediction = _per_slice(zs, np.repeat(np.array([box.box], np.float32), len(zs), axis=0), segment, shape_zyx,
                                 multimask=multimask)
         for z, iou in prediction.iou.items():
@@ -141,11 +149,16 @@ def propagate(box: Box3D, segment: Segment, shape_zyx, *, grow_px: tuple[float, 
         return prediction
     prediction = Prediction(np.zeros(shape_zyx, bool))
     middle = (box.z0 + box.z1) // 2
+    up, down = list(range(middle + 1, box.z1 + 1)), list(range(middle - 1, box.z0 - 1, -1))
+    ahead([middle, *up, *down])
     masks, iou = segment(np.array([middle]), np.array([box.box], np.float32), multimask=multimask)
     first = np.zeros_like(masks[0]) if _doubted(iou[0], min_iou) else masks[0]
     prediction.mask[middle], prediction.boxes[middle], prediction.iou[middle] = first, box.box, float(iou[0])
     for step in (1, -1):
+        if step == -1:  # the walk up may have stopped short: the slices above it are not wanted
+            ahead(down)
         _walk(prediction, box, segment, middle, step, grow_px=grow_px, walk=walk, min_iou=min_iou)
+    ahead([])
     return prediction
 
 

@@ -221,53 +221,118 @@ def _openvino_core():
     return _OPENVINO_CORE
 
 
-def _session(engine: str, graph: Path, precision: str, *, keep_compiled: bool = True):
+def _session(engine: str, graph: Path, precision: str, *, keep_compiled: bool = True, streams: int = 1):
     """A function running the graph at ``graph`` in ``engine``: its float32 inputs, in order → its outputs (a list).
-    OpenVINO keeps what it compiles in ``openvino/`` beside the graph (``keep_compiled``; its own cache, keyed by the
-    graph and the settings): compiling the encoder and the decoder again took seconds at every start."""
+    It may be called from ``streams`` threads at once, each call then running on its own share of the cores
+    (OpenVINO's throughput streams; ONNX Runtime's one session, ``cores // streams`` threads a run); with one stream
+    a run has every core. OpenVINO keeps what it compiles in ``openvino/`` beside the graph (``keep_compiled``; its
+    own cache, keyed by the graph and the settings): compiling the encoder and the decoder again took seconds at
+    every start."""
+    import queue
+
     threads = cpu_threads()
     if engine == "onnxruntime":
         import onnxruntime
 
         options = onnxruntime.SessionOptions()
-        options.intra_op_num_threads = threads
+        options.intra_op_num_threads = max(1, threads // streams)
         options.inter_op_num_threads = 1
         options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
         session = onnxruntime.InferenceSession(str(graph), sess_options=options, providers=["CPUExecutionProvider"])
         names = [i.name for i in session.get_inputs()]
-        return lambda *xs: session.run(None, dict(zip(names, xs)))
+        return lambda *xs: session.run(None, dict(zip(names, xs)))  # a session runs from several threads at once
     if engine == "openvino":
         settings = {"INFERENCE_PRECISION_HINT": {"fp32": "f32", "bf16": "bf16"}[precision],
-                    "PERFORMANCE_HINT": "LATENCY", "INFERENCE_NUM_THREADS": threads}
+                    "INFERENCE_NUM_THREADS": threads}
+        settings.update({"PERFORMANCE_HINT": "THROUGHPUT", "NUM_STREAMS": streams} if streams > 1
+                        else {"PERFORMANCE_HINT": "LATENCY"})
         if keep_compiled:
             settings["CACHE_DIR"] = str(Path(graph).parent / "openvino")
         compiled = _openvino_core().compile_model(str(graph), "CPU", settings)
-        request = compiled.create_infer_request()
+        free = queue.SimpleQueue()  # one infer request per stream: a call takes one, runs, and gives it back
+        for _ in range(streams):
+            free.put(compiled.create_infer_request())
+        outputs = len(compiled.outputs)
 
         def run(*xs):
-            result = request.infer(dict(enumerate(xs)))
-            return [result[i].copy() for i in range(len(compiled.outputs))]
+            request = free.get()
+            try:
+                result = request.infer(dict(enumerate(xs)))
+                return [result[i].copy() for i in range(outputs)]
+            finally:
+                free.put(request)
 
         return run
     raise ValueError(engine)
 
 
-def _runner(engine: str, graph: Path, precision: str):
+def _runner(engine: str, graph: Path, precision: str, streams: int = 1):
     """A function running the encoder graph at ``graph`` in ``engine``: one ``(1, 3, S, S)`` float32 input → its
-    embedding."""
-    run = _session(engine, graph, precision)
+    embedding (callable from ``streams`` threads at once)."""
+    run = _session(engine, graph, precision, streams=streams)
     return lambda x: run(x)[0]
+
+
+def choose_streams(engine: str, graph: Path, precision: str, backbone, *, folder: Path | None = None,
+                   log=print) -> int:
+    """How many slices ``engine`` encodes at once through ``graph`` on this CPU: one on all the cores, or several,
+    each on its share (the CPU's batch: TinyViT's many small operations keep two cores busier as two one-core runs
+    than as one two-core run). Measured once per graph, precision and CPU (one stream, then doubling while it pays
+    by more than 5 %, each the faster of two rounds of as many slices as streams, after a warm-up round), and
+    recorded beside the graph."""
+    from embedcache.io.files import atomic_write_text
+
+    threads = cpu_threads()
+    if threads < 2:
+        return 1
+    folder = Path(folder) if folder is not None else Path(graph).parent
+    record = folder / f"streams-{Path(graph).stem}-{engine}-{precision}-{_machine_key()}.json"
+    try:
+        held = json.loads(record.read_text())
+        if isinstance(held.get("streams"), int) and held["streams"] >= 1:
+            return held["streams"]
+    except (OSError, ValueError, AttributeError):
+        pass
+    log(f"{engine}: timing one slice at a time against several at once (once for this CPU and graph)")
+    from concurrent.futures import ThreadPoolExecutor
+
+    example = _example(backbone)
+    seconds, streams = {}, 1
+    while streams <= threads:
+        run = _runner(engine, graph, precision, streams)
+        with ThreadPoolExecutor(streams) as pool:
+            rounds = []
+            for _ in range(3):
+                started = time.perf_counter()
+                list(pool.map(lambda _: run(example), range(streams)))
+                rounds.append((time.perf_counter() - started) / streams)
+        seconds[streams] = min(rounds[1:])  # the first round warms up
+        if streams > 1 and seconds[streams] > 0.95 * seconds[streams // 2]:
+            break
+        streams *= 2
+    chosen = min(seconds, key=seconds.__getitem__)
+    try:
+        atomic_write_text(record, json.dumps({"graph": Path(graph).name, "engine": engine, "precision": precision,
+                                              "streams": chosen, "threads": threads,
+                                              "seconds_per_slice": {str(k): round(v, 4) for k, v in seconds.items()}},
+                                             indent=2) + "\n")
+    except OSError:
+        pass  # the choice stands for this run; the next one measures again
+    log(f"{engine}: {chosen} slice(s) at once (" + ", ".join(f"{k}: {v:.2f} s/slice" for k, v in seconds.items())
+        + f"); {record}")
+    return chosen
 
 
 class GraphEncoder:
     """``backbone``'s image encoder as an exported graph run by ONNX Runtime or OpenVINO on the CPU, with
     :class:`~embedcache.model.encoder.ImageEncoder`'s interface (slices in, embeddings as torch tensors out).
-    The graph takes one slice at a time (TinyViT's export fixes the batch at 1); batch 1 is the CPU's best anyway
-    (``benchmarks/encode.py`` measured larger batches slower on the CPU), and the engines release the GIL, so
-    encode's reader thread prepares the next case meanwhile."""
+    The graph takes one slice a run (TinyViT's export fixes the batch at 1); the CPU's batch is ``streams`` runs at
+    once, each on its share of the cores (``streams``: given, else :func:`choose_streams` measures it), so encode
+    hands it ``batch_size = streams`` slices at a time and predict encodes that many ahead of its walk. The engines
+    release the GIL: encode's reader thread prepares the next case meanwhile."""
 
     def __init__(self, engine: str, backbone, image_encoder, checkpoint_sha256: str, *, out_dtype,
-                 precision: str = "fp32", folder: Path | None = None, log=print):
+                 precision: str = "fp32", streams: int = 0, folder: Path | None = None, log=print):
         import torch
 
         self.engine, self.precision = engine, precision
@@ -275,8 +340,10 @@ class GraphEncoder:
         self.device = torch.device("cpu")
         self.cuda = False
         self.graph = exported_encoder(backbone, image_encoder, checkpoint_sha256, engine=engine, folder=folder, log=log)
-        self.run = _runner(engine, self.graph, precision)
-        self.batch_size = 1
+        self.streams = streams or choose_streams(engine, self.graph, precision, backbone, log=log)
+        self.run = _runner(engine, self.graph, precision, self.streams)
+        self.batch_size = self.streams
+        self._pool = None
 
     def upload(self, slices):
         """Slices as one CPU tensor, as :meth:`ImageEncoder.upload <embedcache.model.encoder.ImageEncoder.upload>`
@@ -291,7 +358,15 @@ class GraphEncoder:
 
         with torch.inference_mode():
             x = self.backbone.prepare(self.upload(slices)).float().numpy()
-        out = [self.run(x[i : i + 1]) for i in range(len(x))]
+        parts = [x[i : i + 1] for i in range(len(x))]
+        if len(parts) > 1 and self.streams > 1:
+            if self._pool is None:
+                from concurrent.futures import ThreadPoolExecutor
+
+                self._pool = ThreadPoolExecutor(self.streams, thread_name_prefix="embedcache-stream")
+            out = list(self._pool.map(self.run, parts))
+        else:
+            out = [self.run(p) for p in parts]
         return torch.from_numpy(np.concatenate(out)).to(self.out_dtype)
 
     def to_host(self, embeddings):
@@ -379,8 +454,9 @@ def choose_engine(backbone, load_image_encoder, checkpoint_sha256: str, *, devic
                   log=print) -> str:
     """What ``--engine auto`` runs ``backbone``'s encoder with on ``device``: torch on CUDA or where no other engine
     is installed; else the fastest fp32 engine whose embeddings equal torch's within :data:`EQUAL_TOLERANCE`,
-    measured once per backbone, weights and CPU (two warm-ups and the median of three timed slices each,
-    alternating; torch as encode runs it) and recorded in the cache folder. ``load_image_encoder()`` gives the
+    measured once per backbone, weights and CPU (two warm-ups and the median of three timed rounds each,
+    alternating, a round as many slices at once as the engine encodes: :func:`choose_streams`; torch as encode
+    runs it) and recorded in the cache folder. ``load_image_encoder()`` gives the
     encoder's module; it is called only when no record answers."""
     import torch
 
@@ -401,25 +477,30 @@ def choose_engine(backbone, load_image_encoder, checkpoint_sha256: str, *, devic
     log(f"--engine auto: timing {', '.join(candidates)} on {backbone.name}'s encoder (once for this CPU and weights)")
     image_encoder = _module(load_image_encoder)
     example = _example(backbone)
-    runners = {}
+    from concurrent.futures import ThreadPoolExecutor
+
+    runners, streams = {}, {"torch": 1}
     for engine in candidates[1:]:
         graph = exported_encoder(backbone, image_encoder, checkpoint_sha256, engine=engine, folder=folder, log=log)
-        runners[engine] = _runner(engine, graph, "fp32")
+        streams[engine] = choose_streams(engine, graph, "fp32", backbone, log=log)
+        runners[engine] = _runner(engine, graph, "fp32", streams[engine])
     # eager torch as encode runs it (ImageEncoder: channels_last, which TinyViT's convolutions need to be fast)
     eager = ImageEncoder(backbone, image_encoder.float(), device=device, batch_size=1, out_dtype=torch.float32)
     runners = {"torch": lambda x: eager.model(torch.from_numpy(x).contiguous(memory_format=torch.channels_last)).numpy(),
                **runners}
+    pool = ThreadPoolExecutor(max(streams.values()))
     with torch.inference_mode():
         reference = runners["torch"](example)
         difference = {e: float(np.abs(run(example) - reference).max()) for e, run in runners.items()}  # warm-up too
         for run in runners.values():  # a second warm-up: oneDNN and OpenVINO settle their kernels on the first calls
             run(example)
         seconds = {e: [] for e in runners}
-        for _ in range(3):
+        for _ in range(3):  # each engine as many slices at once as it encodes (its streams)
             for engine, run in runners.items():
                 started = time.perf_counter()
-                run(example)
-                seconds[engine].append(time.perf_counter() - started)
+                list(pool.map(lambda _: run(example), range(streams[engine])))
+                seconds[engine].append((time.perf_counter() - started) / streams[engine])
+    pool.shutdown()
     median = {e: sorted(s)[1] for e, s in seconds.items()}
     equal = [e for e in runners if difference[e] <= EQUAL_TOLERANCE]
     chosen = min(equal, key=median.__getitem__)
@@ -427,7 +508,7 @@ def choose_engine(backbone, load_image_encoder, checkpoint_sha256: str, *, devic
         folder.mkdir(parents=True, exist_ok=True)
         atomic_write_text(record, json.dumps({
             "backbone": backbone.name, "checkpoint_sha256": checkpoint_sha256, "chosen": chosen,
-            "seconds_per_slice": {e: round(v, 4) for e, v in median.items()},
+            "seconds_per_slice": {e: round(v, 4) for e, v in median.items()}, "streams": streams,
             "max_abs_difference_from_torch": difference, "threads": cpu_threads()}, indent=2) + "\n")
     except OSError:
         pass  # the choice stands for this run; the next one measures again
@@ -436,16 +517,17 @@ def choose_engine(backbone, load_image_encoder, checkpoint_sha256: str, *, devic
 
 
 def build_encoder(engine: str, backbone, image_encoder, checkpoint_sha256: str, *, device, batch_size: int = 0,
-                  out_dtype, precision: str = "fp32", log=print):
+                  out_dtype, precision: str = "fp32", streams: int = 0, log=print):
     """The image encoder ``engine`` runs at ``precision`` (``torch``: :class:`~embedcache.model.encoder.ImageEncoder`
     on ``device``; ``auto``: resolved by :func:`choose_engine`). ``image_encoder``: the module, or the function that
-    loads it (a graph engine calls it only to export)."""
+    loads it (a graph engine calls it only to export). ``batch_size``: torch's slices per forward (0: chosen for the
+    device); ``streams``: a graph engine's slices at once (0: measured by :func:`choose_streams`)."""
     check_engine(engine, device.type, precision)
     if engine == "auto":
         engine = choose_engine(backbone, image_encoder, checkpoint_sha256, device=device, log=log)
     if engine in GRAPH_ENGINES:
         return GraphEncoder(engine, backbone, image_encoder, checkpoint_sha256, out_dtype=out_dtype,
-                            precision=precision, log=log)
+                            precision=precision, streams=streams, log=log)
     from embedcache.model.encoder import ImageEncoder
 
     return ImageEncoder(backbone, _module(image_encoder), device=device, batch_size=batch_size, out_dtype=out_dtype)

@@ -265,3 +265,40 @@ def test_bad_points_are_refused_with_the_entry_and_the_fix(one_slice_case, tmp_p
     good = requests_from_json({name: [{"label": 7, "slice": 0, "points": [[5, 6, 0, 1], [9, 9, 0, 0]]}]}, path,
                               one_slice_case.image, geometry, (7, 8))
     assert good[0].points_only and [c.positive for c in good[0].clicks] == [True, False]
+
+
+def test_slices_told_of_are_encoded_ahead_once_each_and_those_no_longer_wanted_are_dropped():
+    import threading
+
+    from embedcache.config import PreprocessConfig
+    from embedcache.evaluation.predict import OnTheFly
+
+    started, release, encoded = threading.Event(), threading.Event(), []
+
+    class Encoder:  # stands in for an engine: the first slice waits until released
+        streams = 1
+
+        def __call__(self, slices):
+            encoded.append(float(slices[0].mean()))
+            started.set()
+            release.wait(10)
+            return slices.copy()
+
+    hu = np.stack([np.full((64, 64), 100.0 * z - 400) for z in range(6)]).astype(np.float32)
+    volume = OnTheFly(hu, Encoder(), PreprocessConfig(slice_size=64))
+    on_demand = OnTheFly(hu, lambda s: s.copy(), PreprocessConfig(slice_size=64))
+    volume.ahead([2, 3, 4, 5])
+    assert started.wait(10)  # slice 2 is being encoded; 3, 4 and 5 wait behind it
+    volume.ahead([2, 1])  # the walk turned: 3..5 are dropped, 1 comes after 2
+    release.set()
+    for z in (2, 1, 4):  # 4 was dropped: encoded now, when asked for
+        np.testing.assert_array_equal(volume.embedding(z), on_demand.embedding(z))
+        np.testing.assert_array_equal(volume.embedding(z), on_demand.embedding(z))  # and kept
+    assert len(encoded) == 3
+    started.clear()
+    release.clear()
+    volume.ahead([0, 5])
+    assert started.wait(10)  # 0 is being encoded, 5 waits
+    threading.Timer(0.5, release.set).start()
+    volume.close()  # drops what waits at once, then waits for what runs
+    assert len(encoded) == 4 and release.is_set()

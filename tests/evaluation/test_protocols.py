@@ -88,6 +88,24 @@ def test_box3d_stops_where_the_mask_vanishes_and_keeps_boxes_inside_the_3d_box()
         assert given[0] >= 14 and given[1] >= 9 and given[2] <= 34 and given[3] <= 23
 
 
+def test_the_walk_tells_a_segment_that_encodes_as_it_goes_which_slices_come_next():
+    truth, calls, told = _gland(), [], []
+
+    def vanishes_above_5(zs, boxes, **_):
+        masks, iou = _stand_in(truth, calls)(zs, boxes)
+        masks[np.asarray(zs) > 5] = False
+        return masks, iou
+
+    vanishes_above_5.ahead = lambda zs: told.append(list(zs))
+    propagate(Box3D(1, 8, (14.0, 9.0, 34.0, 23.0)), vanishes_above_5, SHAPE, grow_px=(50.0, 50.0))
+    # every slice of the box, the middle first, then up, then down; on turning, what is left; at the end, nothing
+    assert told == [[4, 5, 6, 7, 8, 3, 2, 1], [3, 2, 1], []]
+    assert calls == [4, 5, 6, 3, 2, 1]  # what the walk asked for, in the order it was told
+    told.clear()
+    propagate(Box3D(2, 4, (14.0, 9.0, 34.0, 23.0)), vanishes_above_5, SHAPE, grow_px=(1.0, 1.0), walk="extent")
+    assert told == [[2, 3, 4]]
+
+
 def test_the_fallback_walk_prompts_the_3d_box_where_the_mask_vanishes_and_goes_on():
     truth, calls = _gland(), []
 

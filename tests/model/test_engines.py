@@ -48,6 +48,8 @@ def data(phantom_dir, tmp_path, monkeypatch):
 
 
 def _encode(data, out, *extra):
+    if "--engine" in extra and "--streams" not in extra:
+        extra = (*extra, "--streams", "1")  # one at a time unless asked: no measurement in every test
     result = cli("encode", data, "--out", out, "--device", "cpu", "--no-progress", *extra)
     assert result.exit_code == 0, result.output
     return out
@@ -55,7 +57,8 @@ def _encode(data, out, *extra):
 
 @pytest.mark.parametrize("engine", GRAPH_ENGINES)
 def test_graph_engines_embeddings_equal_torchs_and_score_the_same_to_four_decimals(engine, data, tmp_path):
-    caches = {e: _encode(data, tmp_path / f"{e}.h5", "--engine", e, "--dtype", "float32") for e in ("torch", engine)}
+    caches = {e: _encode(data, tmp_path / f"{e}.h5", "--engine", e, "--dtype", "float32", "--streams", "2")
+              for e in ("torch", engine)}  # two slices at once in the graph engine; torch takes no streams
     embeddings = {}
     for e, path in caches.items():
         with h5py.File(path) as f:
@@ -87,7 +90,7 @@ def test_the_graph_is_exported_once_and_again_when_it_no_longer_matches_its_reco
         handle.seek(1000)
         handle.write(b"\0" * 64)
     result = cli("encode", data, "--out", tmp_path / "c.h5", "--device", "cpu", "--no-progress", "--engine",
-                 "onnxruntime")
+                 "onnxruntime", "--streams", "1")
     assert result.exit_code == 0 and "does not match its record; exporting it again" in result.output
     notes.append(result.output)
     with h5py.File(tmp_path / "b.h5") as b, h5py.File(tmp_path / "c.h5") as c:
@@ -155,8 +158,9 @@ def test_predict_with_a_graph_engine_segments_as_with_torch(engine, data, tmp_pa
     out = {}
     for e in ("torch", engine):
         result = cli("predict", case.image, "--from-labels", case.label, "--out", tmp_path / e, "--engine", e,
-                     "--device", "cpu", "--no-progress")
+                     "--device", "cpu", "--no-progress", "--streams", "2")  # two slices encoded ahead at once
         assert result.exit_code == 0, result.output
+        assert e == "torch" or f"({e} fp32 2 at once, decoder {e}" in result.output.splitlines()[-1]
         out[e] = read_label(tmp_path / e / f"{case.name}.nii.gz").array
     for label in (7, 8):
         assert (out["torch"] == label).any()
@@ -179,6 +183,11 @@ def test_auto_times_the_engines_once_and_chooses_an_equal_one(data, tmp_path):
         any(d > 1e-4 for d in held["max_abs_difference_from_torch"].values())
     with h5py.File(tmp_path / "a.h5") as f:
         assert json.loads(f.attrs["signature"])["engine"] == held["chosen"]
+    for engine, streams in held["streams"].items():  # each engine timed as many slices at once as it runs best
+        if engine != "torch":
+            measured = json.loads(next((tmp_path / "user-cache").glob(f"streams-*-{engine}-fp32-*.json")).read_text())
+            timed = measured["seconds_per_slice"]
+            assert streams == measured["streams"] and timed[str(streams)] == min(timed.values()) and "1" in timed
     again = cli("encode", data, "--out", tmp_path / "b.h5", "--device", "cpu", "--no-progress")
     assert again.exit_code == 0 and "timing" not in again.output  # measured once per CPU and weights
     with h5py.File(tmp_path / "b.h5") as f:

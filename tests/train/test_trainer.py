@@ -46,9 +46,12 @@ def test_micro_batches_add_up_to_the_whole_batch_step(tiny_model, small_cache):
         grads = {n: p.grad.clone() for n, p in trainer.model.mask_decoder.named_parameters() if p.requires_grad}
         weights.append(grads)
         assert trainer.step.end_epoch()[1] == len(batch.boxes)
+    # float32 summation noise is relative to the whole step's gradients: a key projection's bias gets an exact zero
+    # (softmax ignores a shift of every key alike), so its two sums are both noise of ~1e-10
+    scale = max(float(g.abs().max()) for g in weights[0].values())
     for key in weights[0]:  # the gradients the optimizer stepped on, equal up to summation order
         whole, parts_sum = weights[0][key], weights[1][key]
-        assert (whole - parts_sum).abs().max() <= 1e-4 * whole.abs().max() + 1e-10, key
+        assert (whole - parts_sum).abs().max() <= 1e-4 * whole.abs().max() + 1e-6 * scale, key
 
 
 def test_the_iou_head_learns_only_when_asked_and_its_loss_is_the_squared_error_to_the_true_iou(tiny_model, small_cache):
