@@ -137,7 +137,7 @@ def encode(
     from embedcache.model.engines import check_engine
     from embedcache.runtime.devices import pick_device
 
-    check_engine(config.engine, pick_device(config.device).type, config.precision)  # one line before any work
+    check_engine(config.engine, pick_device(config.device).type, config.precision, config.streams)  # before any work
     cases = with_augmented(cases, config.augment)  # training-only copies, each encoded as a case of its own
     dist = Dist(config.device)
     with writer_lock(out, main=dist.main):  # under torchrun rank 0 writes the cache for all

@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
@@ -140,8 +140,8 @@ def _check_output(job: Job, owned: set[str]) -> None:
 
 class OnTheFly:
     """A volume's slices, encoded when first asked for, decodable as a :data:`protocols.Segment`; the slices a walk
-    says it will ask for next (:meth:`ahead`) are encoded ahead of it, beside the decoding, as many at once as the
-    encoder runs together (a graph engine's streams; one for torch). :meth:`close` drops what is still waiting.
+    says it will ask for next (:meth:`ahead`) are encoded ahead of it, beside the decoding, as many at once as a
+    graph engine runs together (its streams). :meth:`close` drops what is still waiting.
 
     Embeddings are rounded to ``embedding_dtype`` (the cache's, float16 by default) before decoding,
     as cached ones are: the same box gives the same mask here and in ``score``."""
@@ -166,7 +166,10 @@ class OnTheFly:
 
     def ahead(self, zs) -> None:
         """Encode slices ``zs`` (in this order) before they are asked for; those told before and not yet begun that
-        are not among them are dropped."""
+        are not among them are dropped. Only a graph engine encodes ahead: eager torch beside the eager decoder
+        made predict slower on a 2-core CPU (their thread pools contend), so torch encodes when asked."""
+        if not hasattr(self.encoder, "streams"):
+            return
         wanted = set(zs)
         for z in [z for z in self._coming if z not in wanted]:
             if self._coming[z].cancel():
@@ -248,7 +251,7 @@ def predict(inputs: list[Path], out_dir: Path, config: PredictConfig, *, progres
     from embedcache.runtime.devices import pick_device
 
     # what can be refused without the model is refused before OUT is made: no empty folder is left behind
-    check_engine(config.engine, pick_device(config.device).type, config.precision)
+    check_engine(config.engine, pick_device(config.device).type, config.precision, config.streams)
     trained = load_trained_decoder(decoder) if decoder else None
     # the first input is read while the model loads, the next while this one is encoded (NIfTI's gzip and DICOM
     # decoding run beside the engine)
@@ -256,7 +259,7 @@ def predict(inputs: list[Path], out_dir: Path, config: PredictConfig, *, progres
     read = partial(read_image, series_uid=config.series)
     coming = reader.submit(read, jobs[0].image)
     try:
-        model = _load(trained, config, log=log)
+        model = _load(trained, config, settle=partial(wait, [coming]), log=log)
         make_output_folder(out_dir)  # once the model is in hand: a refused model leaves no empty folder behind
         from embedcache.model.backbones import file_sha256  # torch: only once the inputs are checked
 
@@ -413,10 +416,11 @@ class PredictModel:
                 + (f", decoder {self.decode.engine}" if self.decode else ""))
 
 
-def _load(trained, config: PredictConfig, *, log=print) -> PredictModel:
+def _load(trained, config: PredictConfig, *, settle=None, log=print) -> PredictModel:
     """The model of ``config`` (the trained decoder's backbone and preprocessing, where there is one). With a CPU
     graph engine the encoder and the decoder run as exported graphs, and the eager model is loaded only to export
-    them (once per weights) or to decode a prompt with clicks: a graph engine's predict spends no time building it."""
+    them (once per weights) or to decode a prompt with clicks: a graph engine's predict spends no time building it.
+    ``settle()`` waits for the first input's read before an engine measurement times anything."""
     from functools import cache
 
     import torch
@@ -444,7 +448,7 @@ def _load(trained, config: PredictConfig, *, log=print) -> PredictModel:
 
     encoder = build_encoder(config.engine, backbone, lambda: model().parts.image_encoder, sha, device=dev,
                             out_dtype=torch.float16 if dtype == "float16" else torch.float32,
-                            precision=config.precision, streams=config.streams, log=log)
+                            precision=config.precision, streams=config.streams, settle=settle, log=log)
     if encoder.engine in GRAPH_ENGINES:
         decode = GraphDecoder(encoder.engine, backbone, lambda: (model().parts.prompt_encoder, model().decoder), sha,
                               file_sha256(trained.source) if trained else "vanilla", log=log)

@@ -9,7 +9,9 @@ nothing is downloaded. A fresh export is checked against eager PyTorch on one se
 is kept. Each engine has :class:`~embedcache.model.encoder.ImageEncoder`'s interface, so ``encode``
 and ``predict`` run them unchanged. ``predict`` also runs the prompt encoder and mask decoder as a
 graph (:class:`GraphDecoder`, exported once per backbone weights and decoder file, fp32), and builds
-no eager model at all once both graphs exist; OpenVINO keeps what it compiles beside them.
+no eager model at all once both graphs exist; OpenVINO keeps what it compiles beside them. A graph engine
+encodes ``--streams`` slices at once, each on its share of the cores (0, the default: whichever of one or
+several was faster per slice in a short measurement, once per graph and CPU: :func:`choose_streams`).
 
 ``--engine auto`` (the default) is torch on CUDA (and under torchrun); on a CPU it is the fastest
 fp32 engine installed whose embeddings equal eager PyTorch's within :data:`EQUAL_TOLERANCE`, found by
@@ -27,6 +29,7 @@ import json
 import os
 import time
 import warnings
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -54,10 +57,13 @@ def cache_folder() -> Path:
     return Path(base) / "embedcache"
 
 
-def check_engine(engine: str, device_type: str = "cpu", precision: str = "fp32") -> None:
+def check_engine(engine: str, device_type: str = "cpu", precision: str = "fp32", streams: int = 0) -> None:
     """Refuse an unknown engine or precision, an engine whose library is missing (naming the extra), a CPU
-    engine on CUDA, or bf16 where it cannot run."""
-    check_engine_names(engine, precision)
+    engine on CUDA, bf16 where it cannot run, or ``--streams`` for torch."""
+    check_engine_names(engine, precision, streams)
+    if streams and engine == "torch":
+        raise UsageError(f"--streams {streams}: slices at once are onnxruntime's and openvino's; add --engine openvino, "
+                         "or drop --streams")
     if precision != "fp32" and engine != "openvino":
         raise UsageError(f"--precision {precision} runs through OpenVINO: add --engine openvino, or use --precision fp32")
     if engine in GRAPH_ENGINES:
@@ -273,20 +279,79 @@ def _runner(engine: str, graph: Path, precision: str, streams: int = 1):
     return lambda x: run(x)[0]
 
 
-def choose_streams(engine: str, graph: Path, precision: str, backbone, *, folder: Path | None = None,
-                   log=print) -> int:
-    """How many slices ``engine`` encodes at once through ``graph`` on this CPU: one on all the cores, or several,
-    each on its share (the CPU's batch: TinyViT's many small operations keep two cores busier as two one-core runs
-    than as one two-core run). Measured once per graph, precision and CPU (one stream, then doubling while it pays
-    by more than 5 %, each the faster of two rounds of as many slices as streams, after a warm-up round), and
-    recorded beside the graph."""
+#: A graph engine runs more slices at once only where that is at least this much faster per slice (a lone slice then
+#: runs on fewer cores).
+STREAMS_GAIN = 0.03
+
+
+def _stream_counts(threads: int) -> list[int]:
+    """The slices-at-once a measurement tries: 1 and 2, and 4 on eight cores or more."""
+    return [1] + ([2] if threads >= 2 else []) + ([4] if threads >= 8 else [])
+
+
+def _time_pipelined(runners: dict, example: np.ndarray, slices: int, rounds: int = 2) -> dict:
+    """Seconds per slice of each ``(make, streams)`` in ``runners`` (``make()`` builds the function that runs one
+    slice): ``slices`` slices a round kept ``streams`` in flight (as predict's walk and encode feed them), the
+    faster of ``rounds`` rounds, runner by runner in turn. Each round builds its runner afresh, warms it up on
+    ``streams`` slices and lets it go before the next is built: OpenVINO's compiled models share the cores, and one
+    kept beside another ran slower than alone (1.02 against 1.16 s a slice, the same model and settings)."""
+    import gc
+    from concurrent.futures import ThreadPoolExecutor
+
+    timed = {key: [] for key in runners}
+    for _ in range(rounds):
+        for key, (make, k) in runners.items():
+            run = make()
+            with ThreadPoolExecutor(k) as pool:
+                list(pool.map(lambda _: run(example), range(k)))  # the warm-up: first-call allocations, kernels
+                started = time.perf_counter()
+                list(pool.map(lambda _: run(example), range(slices)))
+                timed[key].append((time.perf_counter() - started) / slices)
+            run = None  # let it go before the next is built
+            gc.collect()
+    return {key: min(v) for key, v in timed.items()}
+
+
+def _streams_record(graph: Path, engine: str, precision: str) -> Path:
+    return Path(graph).parent / f"streams-{Path(graph).stem}-{engine}-{precision}-{_machine_key()}.json"
+
+
+def _pick_streams(seconds: dict[int, float]) -> int:
+    """The slices-at-once to run: the most that each time paid :data:`STREAMS_GAIN` over the fewer."""
+    chosen = 1
+    for k in sorted(seconds)[1:]:
+        if seconds[k] <= (1 - STREAMS_GAIN) * seconds[chosen]:
+            chosen = k
+    return chosen
+
+
+def _keep_streams(graph: Path, engine: str, precision: str, seconds: dict[int, float]) -> int:
+    """Record what a measurement chose (``seconds``: per slice by slices at once) beside the graph; returns it."""
     from embedcache.io.files import atomic_write_text
 
+    chosen = _pick_streams(seconds)
+    try:
+        atomic_write_text(_streams_record(graph, engine, precision), json.dumps({
+            "graph": Path(graph).name, "engine": engine, "precision": precision, "streams": chosen,
+            "threads": cpu_threads(), "seconds_per_slice": {str(k): round(v, 4) for k, v in seconds.items()}},
+            indent=2) + "\n")
+    except OSError:
+        pass  # the choice stands for this run; the next one measures again
+    return chosen
+
+
+def choose_streams(engine: str, graph: Path, precision: str, backbone, *, settle=None, log=print) -> int:
+    """How many slices ``engine`` encodes at once through ``graph`` on this CPU: one on all the cores, or several,
+    each on its share (the CPU's batch: on the AMD EPYC's two cores, TinyViT in OpenVINO ran predict 1.15x faster
+    as two one-core runs than as one two-core run). Measured once per graph, precision and CPU
+    (:func:`_time_pipelined`: four slices a round on two cores, eight on more, two rounds; more than one at once
+    only where it is :data:`STREAMS_GAIN` faster per slice) and recorded beside the graph; ``--engine auto``'s
+    measurement records it too. ``settle()``, where given, is called before the timing: it waits for other work
+    of this process (predict's first read, which took a core and made one at a time look faster)."""
     threads = cpu_threads()
     if threads < 2:
         return 1
-    folder = Path(folder) if folder is not None else Path(graph).parent
-    record = folder / f"streams-{Path(graph).stem}-{engine}-{precision}-{_machine_key()}.json"
+    record = _streams_record(graph, engine, precision)
     try:
         held = json.loads(record.read_text())
         if isinstance(held.get("streams"), int) and held["streams"] >= 1:
@@ -294,30 +359,12 @@ def choose_streams(engine: str, graph: Path, precision: str, backbone, *, folder
     except (OSError, ValueError, AttributeError):
         pass
     log(f"{engine}: timing one slice at a time against several at once (once for this CPU and graph)")
-    from concurrent.futures import ThreadPoolExecutor
-
-    example = _example(backbone)
-    seconds, streams = {}, 1
-    while streams <= threads:
-        run = _runner(engine, graph, precision, streams)
-        with ThreadPoolExecutor(streams) as pool:
-            rounds = []
-            for _ in range(3):
-                started = time.perf_counter()
-                list(pool.map(lambda _: run(example), range(streams)))
-                rounds.append((time.perf_counter() - started) / streams)
-        seconds[streams] = min(rounds[1:])  # the first round warms up
-        if streams > 1 and seconds[streams] > 0.95 * seconds[streams // 2]:
-            break
-        streams *= 2
-    chosen = min(seconds, key=seconds.__getitem__)
-    try:
-        atomic_write_text(record, json.dumps({"graph": Path(graph).name, "engine": engine, "precision": precision,
-                                              "streams": chosen, "threads": threads,
-                                              "seconds_per_slice": {str(k): round(v, 4) for k, v in seconds.items()}},
-                                             indent=2) + "\n")
-    except OSError:
-        pass  # the choice stands for this run; the next one measures again
+    if settle is not None:
+        settle()
+    counts = _stream_counts(threads)
+    runners = {k: (partial(_runner, engine, graph, precision, k), k) for k in counts}
+    seconds = _time_pipelined(runners, _example(backbone), 2 * counts[-1])
+    chosen = _keep_streams(graph, engine, precision, seconds)
     log(f"{engine}: {chosen} slice(s) at once (" + ", ".join(f"{k}: {v:.2f} s/slice" for k, v in seconds.items())
         + f"); {record}")
     return chosen
@@ -332,7 +379,7 @@ class GraphEncoder:
     release the GIL: encode's reader thread prepares the next case meanwhile."""
 
     def __init__(self, engine: str, backbone, image_encoder, checkpoint_sha256: str, *, out_dtype,
-                 precision: str = "fp32", streams: int = 0, folder: Path | None = None, log=print):
+                 precision: str = "fp32", streams: int = 0, folder: Path | None = None, settle=None, log=print):
         import torch
 
         self.engine, self.precision = engine, precision
@@ -340,7 +387,7 @@ class GraphEncoder:
         self.device = torch.device("cpu")
         self.cuda = False
         self.graph = exported_encoder(backbone, image_encoder, checkpoint_sha256, engine=engine, folder=folder, log=log)
-        self.streams = streams or choose_streams(engine, self.graph, precision, backbone, log=log)
+        self.streams = streams or choose_streams(engine, self.graph, precision, backbone, settle=settle, log=log)
         self.run = _runner(engine, self.graph, precision, self.streams)
         self.batch_size = self.streams
         self._pool = None
@@ -451,12 +498,12 @@ def _machine_key() -> str:
 
 
 def choose_engine(backbone, load_image_encoder, checkpoint_sha256: str, *, device, folder: Path | None = None,
-                  log=print) -> str:
+                  settle=None, log=print) -> str:
     """What ``--engine auto`` runs ``backbone``'s encoder with on ``device``: torch on CUDA or where no other engine
     is installed; else the fastest fp32 engine whose embeddings equal torch's within :data:`EQUAL_TOLERANCE`,
-    measured once per backbone, weights and CPU (two warm-ups and the median of three timed rounds each,
-    alternating, a round as many slices at once as the engine encodes: :func:`choose_streams`; torch as encode
-    runs it) and recorded in the cache folder. ``load_image_encoder()`` gives the
+    measured once per backbone, weights and CPU (each graph engine at every slices-at-once
+    :func:`choose_streams` tries, with torch as encode runs it, alternating: :func:`_time_pipelined`) and recorded
+    in the cache folder, with each engine's slices at once beside its graph. ``load_image_encoder()`` gives the
     encoder's module; it is called only when no record answers."""
     import torch
 
@@ -477,57 +524,56 @@ def choose_engine(backbone, load_image_encoder, checkpoint_sha256: str, *, devic
     log(f"--engine auto: timing {', '.join(candidates)} on {backbone.name}'s encoder (once for this CPU and weights)")
     image_encoder = _module(load_image_encoder)
     example = _example(backbone)
-    from concurrent.futures import ThreadPoolExecutor
-
-    runners, streams = {}, {"torch": 1}
-    for engine in candidates[1:]:
-        graph = exported_encoder(backbone, image_encoder, checkpoint_sha256, engine=engine, folder=folder, log=log)
-        streams[engine] = choose_streams(engine, graph, "fp32", backbone, log=log)
-        runners[engine] = _runner(engine, graph, "fp32", streams[engine])
+    counts = _stream_counts(cpu_threads())
     # eager torch as encode runs it (ImageEncoder: channels_last, which TinyViT's convolutions need to be fast)
     eager = ImageEncoder(backbone, image_encoder.float(), device=device, batch_size=1, out_dtype=torch.float32)
-    runners = {"torch": lambda x: eager.model(torch.from_numpy(x).contiguous(memory_format=torch.channels_last)).numpy(),
-               **runners}
-    pool = ThreadPoolExecutor(max(streams.values()))
+    run_eager = lambda x: eager.model(torch.from_numpy(x).contiguous(memory_format=torch.channels_last)).numpy()  # noqa: E731
+    runners = {("torch", 1): (lambda: run_eager, 1)}
+    graphs = {}
+    for engine in candidates[1:]:
+        graphs[engine] = exported_encoder(backbone, image_encoder, checkpoint_sha256, engine=engine, folder=folder,
+                                          log=log)
+        runners.update({(engine, k): (partial(_runner, engine, graphs[engine], "fp32", k), k) for k in counts})
+    if settle is not None:
+        settle()
     with torch.inference_mode():
-        reference = runners["torch"](example)
-        difference = {e: float(np.abs(run(example) - reference).max()) for e, run in runners.items()}  # warm-up too
-        for run in runners.values():  # a second warm-up: oneDNN and OpenVINO settle their kernels on the first calls
-            run(example)
-        seconds = {e: [] for e in runners}
-        for _ in range(3):  # each engine as many slices at once as it encodes (its streams)
-            for engine, run in runners.items():
-                started = time.perf_counter()
-                list(pool.map(lambda _: run(example), range(streams[engine])))
-                seconds[engine].append((time.perf_counter() - started) / streams[engine])
-    pool.shutdown()
-    median = {e: sorted(s)[1] for e, s in seconds.items()}
-    equal = [e for e in runners if difference[e] <= EQUAL_TOLERANCE]
-    chosen = min(equal, key=median.__getitem__)
+        reference = run_eager(example)
+        difference = {e: float(np.abs(runners[e, 1][0]()(example) - reference).max()) for e in candidates}
+        seconds = _time_pipelined(runners, example, 2 * counts[-1])
+    streams = {"torch": 1}
+    for engine, graph in graphs.items():  # each engine's slices at once, as choose_streams would have chosen them
+        streams[engine] = _keep_streams(graph, engine, "fp32", {k: seconds[engine, k] for k in counts})
+    best = {e: seconds[e, streams[e]] for e in candidates}
+    equal = [e for e in candidates if difference[e] <= EQUAL_TOLERANCE]
+    chosen = min(equal, key=best.__getitem__)
     try:
         folder.mkdir(parents=True, exist_ok=True)
         atomic_write_text(record, json.dumps({
             "backbone": backbone.name, "checkpoint_sha256": checkpoint_sha256, "chosen": chosen,
-            "seconds_per_slice": {e: round(v, 4) for e, v in median.items()}, "streams": streams,
+            "seconds_per_slice": {e: round(v, 4) for e, v in best.items()}, "streams": streams,
+            "seconds_per_slice_by_streams": {f"{e}@{k}": round(v, 4) for (e, k), v in seconds.items()},
             "max_abs_difference_from_torch": difference, "threads": cpu_threads()}, indent=2) + "\n")
     except OSError:
         pass  # the choice stands for this run; the next one measures again
-    log(f"--engine auto: {chosen} (" + ", ".join(f"{e} {v:.2f} s/slice" for e, v in median.items()) + f"); {record}")
+    log(f"--engine auto: {chosen} (" + ", ".join(f"{e} {v:.2f} s/slice" + (f" {streams[e]} at once" if streams[e] > 1
+                                                                            else "") for e, v in best.items())
+        + f"); {record}")
     return chosen
 
 
 def build_encoder(engine: str, backbone, image_encoder, checkpoint_sha256: str, *, device, batch_size: int = 0,
-                  out_dtype, precision: str = "fp32", streams: int = 0, log=print):
+                  out_dtype, precision: str = "fp32", streams: int = 0, settle=None, log=print):
     """The image encoder ``engine`` runs at ``precision`` (``torch``: :class:`~embedcache.model.encoder.ImageEncoder`
     on ``device``; ``auto``: resolved by :func:`choose_engine`). ``image_encoder``: the module, or the function that
     loads it (a graph engine calls it only to export). ``batch_size``: torch's slices per forward (0: chosen for the
-    device); ``streams``: a graph engine's slices at once (0: measured by :func:`choose_streams`)."""
-    check_engine(engine, device.type, precision)
+    device); ``streams``: a graph engine's slices at once (0: measured by :func:`choose_streams`, after
+    ``settle()``; ``auto``'s measurement too)."""
+    check_engine(engine, device.type, precision, streams)
     if engine == "auto":
-        engine = choose_engine(backbone, image_encoder, checkpoint_sha256, device=device, log=log)
+        engine = choose_engine(backbone, image_encoder, checkpoint_sha256, device=device, settle=settle, log=log)
     if engine in GRAPH_ENGINES:
         return GraphEncoder(engine, backbone, image_encoder, checkpoint_sha256, out_dtype=out_dtype,
-                            precision=precision, streams=streams, log=log)
+                            precision=precision, streams=streams, settle=settle, log=log)
     from embedcache.model.encoder import ImageEncoder
 
     return ImageEncoder(backbone, _module(image_encoder), device=device, batch_size=batch_size, out_dtype=out_dtype)
