@@ -342,7 +342,7 @@ def _keep_streams(graph: Path, engine: str, precision: str, seconds: dict[int, f
 
 def choose_streams(engine: str, graph: Path, precision: str, backbone, *, settle=None, log=print) -> int:
     """How many slices ``engine`` encodes at once through ``graph`` on this CPU: one on all the cores, or several,
-    each on its share (the CPU's batch: on the AMD EPYC's two cores, TinyViT in OpenVINO ran predict 1.15x faster
+    each on its share (the CPU's batch: on the AMD EPYC's two cores, TinyViT in OpenVINO ran predict about 1.1x faster
     as two one-core runs than as one two-core run). Measured once per graph, precision and CPU
     (:func:`_time_pipelined`: four slices a round on two cores, eight on more, two rounds; more than one at once
     only where it is :data:`STREAMS_GAIN` faster per slice) and recorded beside the graph; ``--engine auto``'s

@@ -38,9 +38,28 @@ def _bf16_cpu():
     return "BF16" in openvino.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
 
 
+@pytest.fixture(scope="session")
+def litemedsam_graphs(tmp_path_factory):
+    """LiteMedSAM's encoder and vanilla decoder graphs, exported once for the session (about 10 s each on a 2-core
+    CPU): each test's own cache folder starts with a copy, so only the tests about exporting export."""
+    from embedcache.model.backbones import get_backbone, load_backbone
+    from embedcache.model.decoder import AllMasks
+    from embedcache.model.engines import exported_decoder, exported_encoder
+
+    engine = "onnxruntime" if _has("onnxruntime") else "openvino"
+    folder = tmp_path_factory.mktemp("litemedsam-graphs")
+    backbone = get_backbone("litemedsam")
+    parts, sha = load_backbone(backbone)
+    exported_encoder(backbone, parts.image_encoder, sha, engine=engine, folder=folder, log=lambda m: None)
+    exported_decoder(backbone, AllMasks(parts.prompt_encoder, parts.mask_decoder), sha, "vanilla", engine=engine,
+                     folder=folder, log=lambda m: None)
+    return folder
+
+
 @pytest.fixture
-def data(phantom_dir, tmp_path, monkeypatch):
+def data(phantom_dir, litemedsam_graphs, tmp_path, monkeypatch):
     monkeypatch.setenv("EMBEDCACHE_CACHE", str(tmp_path / "user-cache"))
+    shutil.copytree(litemedsam_graphs, tmp_path / "user-cache")
     out = tmp_path / "data"
     shutil.copytree(phantom_dir, out)
     limit_target_slices(out, per_case=2)
@@ -82,7 +101,7 @@ def test_graph_engines_embeddings_equal_torchs_and_score_the_same_to_four_decima
 def test_the_graph_is_exported_once_and_again_when_it_no_longer_matches_its_record(data, tmp_path):
     notes = []
     _encode(data, tmp_path / "a.h5", "--engine", "onnxruntime")
-    graph = next((tmp_path / "user-cache").glob("*.onnx"))
+    graph = next((tmp_path / "user-cache").glob("litemedsam-*.onnx"))
     stamp = graph.stat().st_mtime_ns
     _encode(data, tmp_path / "b.h5", "--engine", "onnxruntime")
     assert graph.stat().st_mtime_ns == stamp  # reused, not exported again
@@ -172,13 +191,14 @@ def test_predict_with_a_graph_engine_segments_as_with_torch(engine, data, tmp_pa
 
 
 @needs_ort
-def test_auto_times_the_engines_once_and_chooses_an_equal_one(data, tmp_path):
-    from embedcache.model.engines import _pick_streams
+def test_auto_times_the_engines_once_and_chooses_an_equal_one(data, tiny_model, tmp_path):
+    from embedcache.model.engines import _pick_streams, _stream_counts, cpu_threads
 
-    first = cli("encode", data, "--out", tmp_path / "a.h5", "--device", "cpu", "--no-progress")
+    # the tiny backbone: the same measurement and choice, in milliseconds (LiteMedSAM's took over a minute here)
+    first = cli("encode", data, "--out", tmp_path / "a.h5", "--device", "cpu", "--no-progress", "--model", "tiny")
     assert first.exit_code == 0, first.output
     assert "--engine auto: timing torch, onnxruntime" in first.output
-    records = list((tmp_path / "user-cache").glob("auto-litemedsam-*.json"))
+    records = list((tmp_path / "user-cache").glob("auto-tiny-*.json"))
     assert len(records) == 1
     held = json.loads(records[0].read_text())
     assert held["chosen"] in ("torch", "onnxruntime", "openvino")
@@ -189,10 +209,11 @@ def test_auto_times_the_engines_once_and_chooses_an_equal_one(data, tmp_path):
         assert json.loads(f.attrs["signature"])["engine"] == held["chosen"]
     for engine, streams in held["streams"].items():  # each engine timed as many slices at once as it runs best
         if engine != "torch":
-            measured = json.loads(next((tmp_path / "user-cache").glob(f"streams-*-{engine}-fp32-*.json")).read_text())
+            measured = json.loads(next((tmp_path / "user-cache").glob(f"streams-tiny-*-{engine}-fp32-*.json")).read_text())
             timed = {int(k): v for k, v in measured["seconds_per_slice"].items()}
-            assert streams == measured["streams"] == _pick_streams(timed) and set(timed) == {1, 2}
-    again = cli("encode", data, "--out", tmp_path / "b.h5", "--device", "cpu", "--no-progress")
+            assert streams == measured["streams"] == _pick_streams(timed)
+            assert set(timed) == set(_stream_counts(cpu_threads()))
+    again = cli("encode", data, "--out", tmp_path / "b.h5", "--device", "cpu", "--no-progress", "--model", "tiny")
     assert again.exit_code == 0 and "timing" not in again.output  # measured once per CPU and weights
     with h5py.File(tmp_path / "b.h5") as f:
         assert json.loads(f.attrs["signature"])["engine"] == held["chosen"]
