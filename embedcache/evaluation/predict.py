@@ -175,7 +175,7 @@ class OnTheFly:
             if self._coming[z].cancel():
                 del self._coming[z]
         if self._pool is None and zs:
-            self._pool = ThreadPoolExecutor(getattr(self.encoder, "streams", 1), thread_name_prefix="embedcache-ahead")
+            self._pool = ThreadPoolExecutor(self.encoder.streams, thread_name_prefix="embedcache-ahead")
         for z in zs:
             if z not in self.embeddings and z not in self._coming and 0 <= z < len(self.hu):
                 self._coming[z] = self._pool.submit(self._encode, z)
@@ -183,7 +183,7 @@ class OnTheFly:
     def embedding(self, z: int):
         if z not in self.embeddings:
             coming = self._coming.pop(z, None)
-            self.embeddings[z] = coming.result() if coming is not None and not coming.cancelled() else self._encode(z)
+            self.embeddings[z] = coming.result() if coming is not None else self._encode(z)  # cancelled ones are gone
         return self.embeddings[z]
 
     def close(self) -> None:
