@@ -219,10 +219,14 @@ _OPENVINO_CORE = None
 
 
 def _openvino_core():
+    """OpenVINO's one Core of this process. Its bindings set up their numpy interface on the first call that takes
+    an array; two infer requests making that first call from two threads at once hung the process (2 and 3 in 8
+    fresh processes here, OpenVINO 2026.4), so one array goes through here, on one thread, before any model runs."""
     global _OPENVINO_CORE
     if _OPENVINO_CORE is None:
         import openvino
 
+        openvino.Tensor(np.zeros((1,), np.float32))
         _OPENVINO_CORE = openvino.Core()
     return _OPENVINO_CORE
 
@@ -497,6 +501,13 @@ def _machine_key() -> str:
     return hashlib.sha256(f"{model}|{cpu_threads()}|{'|'.join(versions)}".encode()).hexdigest()[:16]
 
 
+def auto_record(backbone, checkpoint_sha256: str, folder: Path | None = None) -> Path:
+    """Where ``--engine auto``'s measurement for ``backbone`` with the weights of sha256 ``checkpoint_sha256`` on this
+    CPU is recorded (a JSON object whose ``chosen`` engine later runs answer with)."""
+    folder = Path(folder) if folder is not None else cache_folder()
+    return folder / f"auto-{backbone.name}-{checkpoint_sha256[:16]}-{_machine_key()}.json"
+
+
 def choose_engine(backbone, load_image_encoder, checkpoint_sha256: str, *, device, folder: Path | None = None,
                   settle=None, log=print) -> str:
     """What ``--engine auto`` runs ``backbone``'s encoder with on ``device``: torch on CUDA or where no other engine
@@ -513,8 +524,8 @@ def choose_engine(backbone, load_image_encoder, checkpoint_sha256: str, *, devic
     candidates = installed_engines()
     if device.type != "cpu" or len(candidates) == 1:
         return "torch"
-    folder = Path(folder) if folder is not None else cache_folder()
-    record = folder / f"auto-{backbone.name}-{checkpoint_sha256[:16]}-{_machine_key()}.json"
+    record = auto_record(backbone, checkpoint_sha256, folder)
+    folder = record.parent
     try:
         held = json.loads(record.read_text())
         if held.get("chosen") in candidates and held.get("checkpoint_sha256") == checkpoint_sha256:
