@@ -20,9 +20,24 @@ torch.set_num_threads(int(os.environ.get("EMBEDCACHE_TEST_THREADS", "2")))
 
 @pytest.fixture(scope="session", autouse=True)
 def engine_cache_folder(tmp_path_factory):
-    """Exported encoders and --engine auto's measurements of this test session, never the user's cache folder."""
+    """Exported encoders and --engine auto's measurements of this test session, never the user's cache folder.
+
+    LiteMedSAM's ``--engine auto`` answers torch here, from a record this fixture writes where the measurement
+    would keep its own: the measurement (two graph exports, three engines timed at one and two slices at once) took
+    three minutes of the suite on a 2-core CPU, paid by whichever test first encoded with LiteMedSAM, and the tests
+    that are not about engines were written against eager torch. tests/model/test_engines.py measures auto in its
+    own cache folders (on the tiny backbone), and runs the graph engines by name."""
+    import json
+
+    from embedcache.model.backbones import file_sha256, get_backbone, resolve_checkpoint
+    from embedcache.model.engines import auto_record
+
     previous = os.environ.get("EMBEDCACHE_CACHE")
     os.environ["EMBEDCACHE_CACHE"] = str(tmp_path_factory.mktemp("engine-cache"))
+    backbone = get_backbone("litemedsam")
+    sha = file_sha256(resolve_checkpoint(backbone, None))
+    auto_record(backbone, sha).write_text(json.dumps({"backbone": backbone.name, "checkpoint_sha256": sha,
+                                                      "chosen": "torch", "written_by": "tests/conftest.py"}) + "\n")
     yield Path(os.environ["EMBEDCACHE_CACHE"])
     if previous is None:
         os.environ.pop("EMBEDCACHE_CACHE", None)

@@ -96,24 +96,24 @@ def resolve_engine(config: EncodeConfig, out: Path, dist, *, log=print) -> Encod
 
     from embedcache.cache.plan import existing_signature
     from embedcache.model.backbones import file_sha256, get_backbone, load_backbone, resolve_checkpoint
-    from embedcache.model.engines import choose_engine
+    from embedcache.model.engines import choose_engine, streams_for_auto
     from embedcache.runtime.devices import pick_device
 
     if config.engine != "auto":
         return config
     held = existing_signature(out)
     if held is not None:
-        return replace(config, engine=held.engine)
+        return replace(config, engine=held.engine, streams=streams_for_auto(held.engine, config.streams, log=log))
     device = pick_device(dist.device_name)
     if device.type != "cpu" or dist.world > 1:
-        return replace(config, engine="torch")
+        return replace(config, engine="torch", streams=streams_for_auto("torch", config.streams, log=log))
     backbone = get_backbone(config.backbone)
     checkpoint = Path(config.checkpoint) if config.checkpoint else None
     sha = file_sha256(resolve_checkpoint(backbone, checkpoint))  # remembered: the signature hashes it again for free
     # the weights are loaded to time the engines only when no earlier measurement on this CPU answers
     chosen = choose_engine(backbone, lambda: load_backbone(backbone, checkpoint)[0].image_encoder, sha, device=device,
                            log=log)
-    return replace(config, engine=chosen)
+    return replace(config, engine=chosen, streams=streams_for_auto(chosen, config.streams, log=log))
 
 
 def encode(

@@ -572,6 +572,17 @@ def choose_engine(backbone, load_image_encoder, checkpoint_sha256: str, *, devic
     return chosen
 
 
+def streams_for_auto(engine: str, streams: int, *, log=print) -> int:
+    """The ``--streams`` that stand once ``--engine auto`` has chosen ``engine``: torch (CUDA, torchrun, or the CPU
+    where it measured fastest) encodes ``--batch-size`` slices a forward instead, so they are dropped, with a note
+    (an explicit ``--engine torch --streams N`` is refused)."""
+    if engine == "torch" and streams:
+        log(f"--streams {streams}: --engine auto chose torch here, which encodes --batch-size slices a forward "
+            "instead; --streams is not used")
+        return 0
+    return streams
+
+
 def build_encoder(engine: str, backbone, image_encoder, checkpoint_sha256: str, *, device, batch_size: int = 0,
                   out_dtype, precision: str = "fp32", streams: int = 0, settle=None, log=print):
     """The image encoder ``engine`` runs at ``precision`` (``torch``: :class:`~embedcache.model.encoder.ImageEncoder`
@@ -582,6 +593,7 @@ def build_encoder(engine: str, backbone, image_encoder, checkpoint_sha256: str, 
     check_engine(engine, device.type, precision, streams)
     if engine == "auto":
         engine = choose_engine(backbone, image_encoder, checkpoint_sha256, device=device, settle=settle, log=log)
+        streams = streams_for_auto(engine, streams, log=log)
     if engine in GRAPH_ENGINES:
         return GraphEncoder(engine, backbone, image_encoder, checkpoint_sha256, out_dtype=out_dtype,
                             precision=precision, streams=streams, settle=settle, log=log)

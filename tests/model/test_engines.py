@@ -62,7 +62,7 @@ def data(phantom_dir, litemedsam_graphs, tmp_path, monkeypatch):
     shutil.copytree(litemedsam_graphs, tmp_path / "user-cache")
     out = tmp_path / "data"
     shutil.copytree(phantom_dir, out)
-    limit_target_slices(out, per_case=2)
+    limit_target_slices(out, per_case=1)
     return out
 
 
@@ -110,7 +110,7 @@ def test_the_graph_is_exported_once_and_again_when_it_no_longer_matches_its_reco
         handle.seek(1000)
         handle.write(b"\0" * 64)
     result = cli("encode", data, "--out", tmp_path / "c.h5", "--device", "cpu", "--no-progress", "--engine",
-                 "onnxruntime", "--streams", "1")
+                 "onnxruntime", "--streams", "1", "--margin-slices", "1")
     assert result.exit_code == 0 and "does not match its record; exporting it again" in result.output
     notes.append(result.output)
     with h5py.File(tmp_path / "b.h5") as b, h5py.File(tmp_path / "c.h5") as c:
@@ -165,7 +165,10 @@ def test_a_missing_engine_is_one_line_naming_the_extra(data, tmp_path, monkeypat
                  "--engine", "openvino")
     one_line(result, "--engine openvino needs openvino", "cpu-fast", code=2)
     assert not (tmp_path / "pred").exists()  # refused before the output folder is made
-    _encode(data, tmp_path / "auto.h5")  # auto with no other engine installed: torch, no measurement
+    # auto with no other engine installed: torch, no measurement; --streams, a graph engine's, is said to go unused
+    result = cli("encode", data, "--out", tmp_path / "auto.h5", "--device", "cpu", "--no-progress", "--margin-slices",
+                 "1", "--streams", "2")
+    assert result.exit_code == 0 and "--streams 2: --engine auto chose torch here" in result.output, result.output
     with h5py.File(tmp_path / "auto.h5") as f:
         assert json.loads(f.attrs["signature"])["engine"] == "torch"
 
