@@ -7,6 +7,7 @@ import json
 import os
 import platform
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -16,6 +17,21 @@ from embedcache.model.backbones import Backbone
 from embedcache.model.engines import cpu_name
 
 RESULTS = Path(__file__).resolve().parent / "results"
+
+
+@contextmanager
+def own_engine_cache(tmp):
+    """EMBEDCACHE_CACHE at ``tmp/engine-cache`` while the block runs (a run's own graph exports and measurements,
+    never the user's), and as it was afterwards: the tests call the benchmarks' main() in their own process."""
+    previous = os.environ.get("EMBEDCACHE_CACHE")
+    os.environ["EMBEDCACHE_CACHE"] = str(Path(tmp) / "engine-cache")
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop("EMBEDCACHE_CACHE", None)
+        else:
+            os.environ["EMBEDCACHE_CACHE"] = previous
 
 
 def machine(device: torch.device) -> dict:

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import resource
 import statistics
 import tempfile
@@ -47,7 +46,7 @@ from embedcache.model.backbones import get_backbone
 from embedcache.model.encoder import ImageEncoder
 from embedcache.runtime.devices import pick_device
 
-from common import machine, phantom_config, save, weights_for
+from common import machine, own_engine_cache, phantom_config, save, weights_for
 
 
 def phantom_with_slices(folder: Path, slices: int, seed: int, size: int = 512) -> Path:
@@ -175,9 +174,8 @@ def engines_side_by_side(args, backbone) -> dict:
     for spec in specs:
         engine, precision = parse_spec(spec)
         check_engine(engine, "cpu", precision)
-    with tempfile.TemporaryDirectory(prefix="embedcache-bench-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="embedcache-bench-") as tmp, own_engine_cache(tmp):  # its own exports
         tmp = Path(tmp)
-        os.environ["EMBEDCACHE_CACHE"] = str(tmp / "engine-cache")  # this run's own exports
         checkpoint = weights_for(backbone, tmp, args.checkpoint)
         cases = discover_cases(phantom_with_slices(tmp / "data", args.slices, args.seed, args.phantom_size))
         rates, slices = {s: [] for s in specs}, 0

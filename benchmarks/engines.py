@@ -48,7 +48,7 @@ from embedcache.io.phantom import make_case
 from embedcache.model.backbones import file_sha256, get_backbone, load_backbone, resolve_checkpoint
 from embedcache.model.engines import build_encoder, check_engine, installed_engines
 
-from common import RESULTS, machine, weights_for
+from common import RESULTS, machine, own_engine_cache, weights_for
 
 #: How --predict starts the command line, in a fresh process each run.
 EMBEDCACHE = [sys.executable, "-m", "embedcache"]
@@ -280,9 +280,8 @@ def main(argv=None) -> dict:
         parser.error("--dice and --predict need --run")
     result = {"benchmark": "engines", "machine": machine(torch.device("cpu")),
               "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "specs": specs}
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp, own_engine_cache(tmp):  # fresh exports, timed
         tmp = Path(tmp)
-        os.environ["EMBEDCACHE_CACHE"] = str(tmp / "engine-cache")  # fresh exports, timed
         if not args.skip_encoder:
             result["backbones"] = {}
             for name in [b.strip() for b in args.backbones.split(",") if b.strip()]:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import tempfile
 from datetime import datetime, timezone
@@ -32,7 +31,7 @@ from embedcache.io.phantom import limit_target_slices, write_phantom
 from embedcache.model.backbones import get_backbone
 from embedcache.runtime.devices import pick_device
 
-from common import RESULTS, machine, phantom_config, weights_for
+from common import RESULTS, machine, own_engine_cache, phantom_config, weights_for
 
 #: (encode slices, epoch cases, epoch slices per case) per device kind: sized to finish in minutes.
 SIZES = {"cuda": (256, 8, 24), "cpu": (24, 3, 4), "quick": (8, 2, 2)}
@@ -124,8 +123,7 @@ def main(argv=None) -> dict:
               "date": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"), "backbones": {}}
     stem = f"run_all-{device.type}{'-quick' if args.quick else ''}-{result['date'][:10]}"
     names = args.backbones.split(",")
-    with tempfile.TemporaryDirectory(prefix="embedcache-run-all-") as tmp:
-        os.environ["EMBEDCACHE_CACHE"] = str(Path(tmp) / "engine-cache")  # exports of this run, not the user's
+    with tempfile.TemporaryDirectory(prefix="embedcache-run-all-") as tmp, own_engine_cache(tmp):
         for name in names:
             print(f"run_all: {name} on {device}", file=sys.stderr)
             if device.type == "cuda":

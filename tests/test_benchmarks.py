@@ -12,11 +12,12 @@ BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
 @pytest.fixture(autouse=True)
-def session_engine_cache(monkeypatch):
-    """The benchmarks' main() points EMBEDCACHE_CACHE at its own temporary folder and leaves it there: put back
-    after each test, else later tests lost the session's engine cache (test_what_already_held then measured LiteMedSAM's
-    --engine auto again in a folder that no longer existed: 94 s)."""
-    monkeypatch.setenv("EMBEDCACHE_CACHE", os.environ["EMBEDCACHE_CACHE"])
+def session_engine_cache_kept():
+    """A benchmark's main() runs in its own EMBEDCACHE_CACHE and puts the caller's back: when it did not, every later
+    test lost the session's engine cache (test_what_already_held measured LiteMedSAM's --engine auto again, 94 s)."""
+    before = os.environ["EMBEDCACHE_CACHE"]
+    yield
+    assert os.environ["EMBEDCACHE_CACHE"] == before, "a benchmark left EMBEDCACHE_CACHE at its own folder"
 
 
 def test_run_all_writes_its_json_and_table(tiny_model, tmp_path, monkeypatch):
