@@ -231,12 +231,23 @@ def _openvino_core():
     return _OPENVINO_CORE
 
 
+def openvino_cache_dir(graph: Path, settings: dict) -> Path:
+    """Where OpenVINO keeps what it compiled from ``graph`` under ``settings``: a folder of its own per settings
+    (``openvino/f32-LATENCY-1x2`` beside the graph). OpenVINO's own cache key leaves the precision hint out (2026.4,
+    CPU; the stream count too, by others' account): a bf16 compile of LiteMedSAM's encoder imported the blob an
+    fp32 one had left, under the same name, and its first run crashed the process (a segfault in the plugin's JIT
+    code: every bf16 encode after an fp32 one, in this process or an earlier one)."""
+    name = f"{settings['INFERENCE_PRECISION_HINT']}-{settings['PERFORMANCE_HINT']}-" \
+           f"{settings.get('NUM_STREAMS', 1)}x{settings['INFERENCE_NUM_THREADS']}"
+    return Path(graph).parent / "openvino" / name
+
+
 def _session(engine: str, graph: Path, precision: str, *, keep_compiled: bool = True, streams: int = 1):
     """A function running the graph at ``graph`` in ``engine``: its float32 inputs, in order → its outputs (a list).
     It may be called from ``streams`` threads at once, each call then running on its own share of the cores
     (OpenVINO's throughput streams; ONNX Runtime's one session, ``cores // streams`` threads a run); with one stream
     a run has every core. OpenVINO keeps what it compiles in ``openvino/`` beside the graph (``keep_compiled``; its
-    own cache, keyed by the graph and the settings): compiling the encoder and the decoder again took seconds at
+    own cache, keyed by the graph, in a folder per settings: see ``openvino_cache_dir``): compiling the encoder and the decoder again took seconds at
     every start."""
     import queue
 
@@ -257,7 +268,7 @@ def _session(engine: str, graph: Path, precision: str, *, keep_compiled: bool = 
         settings.update({"PERFORMANCE_HINT": "THROUGHPUT", "NUM_STREAMS": streams} if streams > 1
                         else {"PERFORMANCE_HINT": "LATENCY"})
         if keep_compiled:
-            settings["CACHE_DIR"] = str(Path(graph).parent / "openvino")
+            settings["CACHE_DIR"] = str(openvino_cache_dir(graph, settings))
         compiled = _openvino_core().compile_model(str(graph), "CPU", settings)
         free = queue.SimpleQueue()  # one infer request per stream: a call takes one, runs, and gives it back
         for _ in range(streams):

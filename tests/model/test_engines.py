@@ -376,3 +376,30 @@ def test_two_streams_first_runs_at_once_do_not_hang(tmp_path):
         except subprocess.TimeoutExpired:
             pytest.fail(f"fresh process {attempt + 1}: two streams' first runs hung")
         assert done.returncode == 0 and done.stdout.strip() == "ran", done.stderr[-2000:]
+
+
+@needs_ov
+def test_openvino_keeps_what_it_compiled_apart_per_precision_and_streams(tmp_path):
+    """OpenVINO's own cache key leaves the precision hint out: on a bf16 CPU a bf16 compile of LiteMedSAM's encoder
+    imported the blob of an earlier fp32 one and crashed the process. Each settings' blob lies in a folder of its
+    own, and each runs at its own precision."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from embedcache.model.engines import _session
+
+    weights = np.random.default_rng(0).normal(size=(64, 64)).astype(np.float32)
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], "matmul",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 64])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 64])],
+                              [numpy_helper.from_array(weights, "w")])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(tmp_path / "matmul.onnx"))
+    x = np.random.default_rng(1).normal(size=(1, 64)).astype(np.float32)
+    exact = x.astype(np.float64) @ weights
+    settings = [("fp32", 1), ("fp32", 2)] + ([("bf16", 1), ("fp32", 1)] if _bf16_cpu() else [])
+    for precision, streams in settings:
+        got = _session("openvino", tmp_path / "matmul.onnx", precision, streams=streams)(x)[0]
+        error = np.abs(got - exact).max()
+        assert (error > 1e-3) if precision == "bf16" else (error < 1e-4), (precision, streams, error)
+    folders = sorted(p.name for p in (tmp_path / "openvino").iterdir() if any(p.glob("*.blob")))
+    assert len(folders) == len(set(settings)), folders
