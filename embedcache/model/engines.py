@@ -27,6 +27,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
+import tempfile
 import time
 import warnings
 from functools import partial
@@ -47,6 +49,9 @@ EXTRA = "pip install 'embedcache[cpu-fast]'"
 OPSET = 17
 #: A fresh export must give the eager encoder's embeddings within this (max abs difference).
 EXPORT_TOLERANCE = 1e-3
+#: A graph file that would be larger than this keeps its weights in one file beside it (``NAME.onnx.data``): one
+#: protobuf holds at most 2 GiB, and SAM ViT-H's encoder weighs 2.5 GB in float32.
+EXTERNAL_DATA_BYTES = 1 << 30
 
 
 def cache_folder() -> Path:
@@ -132,17 +137,21 @@ def _exported(name: str, key: dict, module, examples: tuple, *, inputs: list[str
     ``engine`` against eager PyTorch on the seeded ``examples`` and kept with its record."""
     import torch
 
-    from embedcache.io.files import atomic_path, atomic_write_text
+    from embedcache.io.files import PARTIAL, WRITE_ERRNOS, atomic_write_text, commit, write_error
     from embedcache.model.backbones import file_sha256
 
     folder = Path(folder) if folder is not None else cache_folder()
     graph, record = folder / f"{name}.onnx", folder / f"{name}.json"
+    data = graph.with_name(graph.name + ".data")
     if graph.is_file() and record.is_file():
         try:
             held = json.loads(record.read_text())
-            if all(held.get(k) == v for k, v in key.items()) and held.get("sha256") == file_sha256(graph):
+            weights_held = held.get("data_sha256") is None or (data.is_file() and
+                                                               held["data_sha256"] == file_sha256(data))
+            if all(held.get(k) == v for k, v in key.items()) and held.get("sha256") == file_sha256(graph) \
+                    and weights_held:
                 return graph
-        except (OSError, ValueError, AttributeError):
+        except (OSError, ValueError, AttributeError, TypeError):
             pass
         log(f"{graph}: does not match its record; exporting it again")
     try:
@@ -153,22 +162,58 @@ def _exported(name: str, key: dict, module, examples: tuple, *, inputs: list[str
     log(f"exporting {what} to ONNX (once per weights): {graph}")
     model = _module(module).float().eval()
     tensors = tuple(torch.from_numpy(x) for x in examples)
-    with atomic_path(graph) as tmp, torch.inference_mode():
-        with warnings.catch_warnings():  # the TorchScript exporter's notes on constant folding are not the user's
-            warnings.simplefilter("ignore")
-            torch.onnx.export(model, tensors, str(tmp), opset_version=OPSET, dynamo=False, input_names=inputs,
-                              output_names=outputs)
-        want = model(*tensors)
+    # a folder of its own: an export over 2 GiB writes each weight as a file beside the graph, named by the tensor
+    # alone (another graph's weights of the same name would be overwritten); they are gathered into one data file
+    try:
+        work = Path(tempfile.mkdtemp(prefix=f".{name}.", suffix=PARTIAL, dir=folder))
+    except OSError as exc:
+        raise write_error(exc, graph) from None
+    try:
+        tmp = work / graph.name
+        with torch.inference_mode():
+            with warnings.catch_warnings():  # the TorchScript exporter's notes on constant folding are not the user's
+                warnings.simplefilter("ignore")
+                torch.onnx.export(model, tensors, str(tmp), opset_version=OPSET, dynamo=False, input_names=inputs,
+                                  output_names=outputs)
+            apart = _weights_apart(tmp, data.name)
+            want = model(*tensors)
         want = [t.numpy() for t in (want if isinstance(want, (tuple, list)) else (want,))]
-        got = _session(engine, Path(tmp), "fp32", keep_compiled=False)(*examples)
+        got = _session(engine, tmp, "fp32", keep_compiled=False)(*examples)
         difference = max(float(np.abs(g - w).max()) for g, w in zip(got, want))
         if not difference <= EXPORT_TOLERANCE:
             raise EmbedcacheError(f"{graph}: the exported {what} differs from PyTorch's by {difference:.2g} "
                                   f"(more than {EXPORT_TOLERANCE:g}) in {engine}; use --engine torch")
-    atomic_write_text(record, json.dumps({**key, "sha256": file_sha256(graph), "opset": OPSET,
+        weights = {"data_sha256": file_sha256(work / data.name)} if apart else {}
+        if apart:  # the weights first: a graph never names a data file that is not yet there
+            commit(work / data.name, data)
+        commit(tmp, graph)
+    except OSError as exc:
+        if exc.errno in WRITE_ERRNOS:
+            raise write_error(exc, graph) from None
+        raise
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    atomic_write_text(record, json.dumps({**key, "sha256": file_sha256(graph), **weights, "opset": OPSET,
                                           "torch": torch.__version__, "max_abs_difference_from_torch": difference,
                                           "checked_in": engine}, indent=2) + "\n")
     return graph
+
+
+def _weights_apart(graph: Path, location: str) -> bool:
+    """Where the fresh export at ``graph`` is larger than :data:`EXTERNAL_DATA_BYTES` (or the exporter already
+    wrote its weights beside it, as it does past 2 GiB), its weights go into one file ``location`` beside it, named
+    in the graph; true where they did."""
+    import onnx
+
+    others = [p for p in graph.parent.iterdir() if p != graph]
+    if not others and graph.stat().st_size <= EXTERNAL_DATA_BYTES:
+        return False
+    model = onnx.load(str(graph))  # with any weights the exporter wrote beside it
+    for path in others:
+        path.unlink()
+    onnx.save_model(model, str(graph), save_as_external_data=True, all_tensors_to_one_file=True, location=location,
+                    size_threshold=1024)
+    return True
 
 
 def _torch_version() -> str:

@@ -75,25 +75,34 @@ def _encode(data, out, *extra):
     return out
 
 
+def _box_dice(cache, out) -> dict:
+    """The vanilla decoder's mean Dice per prompt protocol (oracle, box3d) and gland, to 4 decimals."""
+    result = cli("score", cache, "--out", out, "--prompts", "oracle,box3d", "--device", "cpu", "--no-progress")
+    assert result.exit_code == 0, result.output
+    summary = json.loads((out / "report.json").read_text())["summary"]
+    return {(p, label): round(v["vanilla"]["dice"]["mean"], 4) for p, by in summary.items() for label, v in by.items()}
+
+
+@pytest.fixture(scope="module")
+def torch_reference(phantom_dir, tmp_path_factory):
+    """Eager torch's float32 cache of ``data``'s slices and its Dice, made once for the engines compared with it."""
+    root = tmp_path_factory.mktemp("torch-reference")
+    shutil.copytree(phantom_dir, root / "data")
+    limit_target_slices(root / "data", per_case=1)
+    cache = _encode(root / "data", root / "torch.h5", "--engine", "torch", "--dtype", "float32")
+    return cache, _box_dice(cache, root / "report")
+
+
 @pytest.mark.parametrize("engine", GRAPH_ENGINES)
-def test_graph_engines_embeddings_equal_torchs_and_score_the_same_to_four_decimals(engine, data, tmp_path):
-    caches = {e: _encode(data, tmp_path / f"{e}.h5", "--engine", e, "--dtype", "float32",
-                         *(("--streams", "2") if e != "torch" else ())) for e in ("torch", engine)}  # two at once
-    embeddings = {}
-    for e, path in caches.items():
-        with h5py.File(path) as f:
-            embeddings[e] = f["embeddings"][:]
-            assert json.loads(f.attrs["signature"])["engine"] == e
-    assert np.abs(embeddings["torch"] - embeddings[engine]).max() <= 1e-4
-    dice = {}
-    for e, path in caches.items():
-        result = cli("score", path, "--out", tmp_path / f"report-{e}", "--prompts", "oracle,box3d", "--device",
-                     "cpu", "--no-progress")
-        assert result.exit_code == 0, result.output
-        summary = json.loads((tmp_path / f"report-{e}" / "report.json").read_text())["summary"]
-        dice[e] = {(p, label): round(v["vanilla"]["dice"]["mean"], 4) for p, by in summary.items()
-                   for label, v in by.items()}
-    assert dice["torch"] == dice[engine]
+def test_graph_engines_embeddings_equal_torchs_and_score_the_same_to_four_decimals(engine, data, torch_reference,
+                                                                                   tmp_path):
+    reference, reference_dice = torch_reference
+    cache = _encode(data, tmp_path / f"{engine}.h5", "--engine", engine, "--dtype", "float32", "--streams", "2")
+    with h5py.File(reference) as want, h5py.File(cache) as got:  # two slices at once
+        assert json.loads(want.attrs["signature"])["engine"] == "torch"
+        assert json.loads(got.attrs["signature"])["engine"] == engine
+        assert np.abs(want["embeddings"][:] - got["embeddings"][:]).max() <= 1e-4
+    assert _box_dice(cache, tmp_path / "report") == reference_dice
     graphs = list((tmp_path / "user-cache").glob("litemedsam-*.onnx"))
     assert len(graphs) == 1 and graphs[0].with_suffix(".json").is_file()
 
@@ -101,8 +110,7 @@ def test_graph_engines_embeddings_equal_torchs_and_score_the_same_to_four_decima
 @needs_ort
 def test_the_graph_is_exported_once_and_again_when_it_no_longer_matches_its_record(data, tmp_path):
     notes = []
-    _encode(data, tmp_path / "a.h5", "--engine", "onnxruntime")
-    graph = next((tmp_path / "user-cache").glob("litemedsam-*.onnx"))
+    graph = next((tmp_path / "user-cache").glob("litemedsam-*.onnx"))  # the session's export
     stamp = graph.stat().st_mtime_ns
     _encode(data, tmp_path / "b.h5", "--engine", "onnxruntime")
     assert graph.stat().st_mtime_ns == stamp  # reused, not exported again
@@ -131,8 +139,8 @@ def test_a_cache_grows_only_with_the_engine_that_began_it(data, tmp_path):
     more = _more(data, tmp_path)
     result = cli("encode", more, "--out", out, "--device", "cpu", "--no-progress", "--engine", "onnxruntime")
     one_line(result, "was encoded with --engine torch", "into a new --out")
-    result = cli("encode", more, "--out", out, "--device", "cpu", "--no-progress")  # auto: as the cache began
-    assert result.exit_code == 0, result.output
+    result = cli("encode", more, "--out", out, "--device", "cpu", "--no-progress", "--margin-slices", "1")
+    assert result.exit_code == 0, result.output  # auto: as the cache began
     from embedcache.cache.store import open_cache
 
     with open_cache(out) as cache:
@@ -403,3 +411,46 @@ def test_openvino_keeps_what_it_compiled_apart_per_precision_and_streams(tmp_pat
         assert (error > 1e-3) if precision == "bf16" else (error < 1e-4), (precision, streams, error)
     folders = sorted(p.name for p in (tmp_path / "openvino").iterdir() if any(p.glob("*.blob")))
     assert len(folders) == len(set(settings)), folders
+
+
+@needs_ort
+def test_a_graph_too_large_for_one_file_keeps_its_weights_in_one_file_of_its_own(tiny_checkpoint, tmp_path,
+                                                                                 monkeypatch):
+    """Past 2 GiB (SAM ViT-H's encoder) a graph's weights cannot lie in the graph: they go into NAME.onnx.data beside
+    it, whose sha256 the record holds, so that two graphs' weights never mix and damaged weights are exported again."""
+    import torch
+
+    import embedcache.model.engines as engines
+    from embedcache.model.backbones import file_sha256
+
+    import tiny
+
+    monkeypatch.setattr(engines, "EXTERNAL_DATA_BYTES", 0)  # as a graph past the limit does
+    backbone = tiny.tiny_backbone(tiny_checkpoint)
+    image = torch.from_numpy(engines._example(backbone))
+    graphs, want = {}, {}
+    for seed in (0, 1):  # two weights, one folder
+        torch.manual_seed(seed)
+        encoder = backbone.build().image_encoder.eval()
+        with torch.inference_mode():
+            want[seed] = encoder(image).numpy()
+        graphs[seed] = engines.exported_encoder(backbone, encoder, str(seed) * 64, engine="onnxruntime",
+                                                folder=tmp_path, log=lambda m: None)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        n for g in graphs.values() for n in (g.name, g.name + ".data", g.with_suffix(".json").name))
+    for seed, graph in graphs.items():
+        assert graph.stat().st_size < 200_000 < (tmp_path / (graph.name + ".data")).stat().st_size
+        record = json.loads(graph.with_suffix(".json").read_text())
+        assert record["data_sha256"] == file_sha256(tmp_path / (graph.name + ".data"))
+        got = engines._runner("onnxruntime", graph, "fp32")(image.numpy())
+        assert np.abs(got - want[seed]).max() <= 1e-4  # each its own weights
+    data = tmp_path / (graphs[0].name + ".data")
+    with open(data, "r+b") as handle:  # damaged weights: exported again, never used
+        handle.seek(data.stat().st_size // 2)
+        handle.write(b"\xff" * 64)
+    notes = []
+    torch.manual_seed(0)
+    again = engines.exported_encoder(backbone, backbone.build().image_encoder.eval(), "0" * 64,
+                                     engine="onnxruntime", folder=tmp_path, log=notes.append)
+    assert again == graphs[0] and "does not match its record; exporting it again" in notes[0]
+    assert np.abs(engines._runner("onnxruntime", again, "fp32")(image.numpy()) - want[0]).max() <= 1e-4
