@@ -43,7 +43,8 @@ def test_epoch_times_finetune_at_extra_batch_sizes_and_compiled(tiny_model, monk
     import torch
     from torch._dynamo.testing import CompileCounterWithBackend
 
-    counter = CompileCounterWithBackend("aot_eager")  # inductor's C++ build would take a minute here
+    counter = CompileCounterWithBackend("eager")  # dynamo's graphs run as they are: inductor's C++ build would take
+    # a minute here, AOT autograd 20 s (test_finetune's compile test runs that)
     real_compile = torch.compile
     monkeypatch.setattr(torch, "compile", lambda model, **kw: real_compile(model, backend=counter, **kw))
     result = epoch.main(["--backbones", "tiny", "--cases", "2", "--slices-per-case", "2", "--device", "cpu",
@@ -108,7 +109,9 @@ def test_engines_times_each_engine_against_torch_and_scores_each_in_one_run(tiny
     data = tmp_path / "data"
     write_phantom(data, cases=1, test_cases=1, seed=3, config=SMALL_PHANTOM)
     limit_target_slices(data, per_case=2)
-    specs = [*installed_engines(), f"{installed_engines()[1]}@2"]  # the last: two slices at once
+    # the first graph engine one slice at a time, the next as its measurement chose, the last two slices at once
+    graph_engines = installed_engines()[1:]
+    specs = ["torch", f"{graph_engines[0]}@1", *graph_engines[1:], f"{graph_engines[-1]}@2"]
     result = engines.main(["--backbones", "tiny", "--engines", ",".join(specs), "--slices", "2", "--rounds", "2",
                            "--dice", str(data), "--run", str(run_dir), "--out", str(tmp_path / "out")])
     figures = result["backbones"]["tiny"]["engines"]
@@ -173,7 +176,7 @@ def test_encode_sets_the_engines_side_by_side_end_to_end(tiny_model, tmp_path, m
     monkeypatch.setenv("EMBEDCACHE_CACHE", str(tmp_path / "engine-cache"))
     import encode
 
-    specs = ["torch", installed_engines()[1]]
+    specs = ["torch", f"{installed_engines()[1]}@1"]  # one at a time: engines.py's test runs the measurement
     result = encode.main(["--backbone", "tiny", "--slices", "2", "--phantom-size", "128", "--repeats", "1",
                           "--engines", ",".join(specs), "--no-save"])
     figures = result["engines"]

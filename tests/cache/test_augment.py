@@ -61,7 +61,7 @@ def augmented_cache(tmp_path_factory, tiny_checkpoint):
     limit_target_slices(root / "data", per_case=2)
     with tiny.registered(tiny_checkpoint):
         encode(discover_cases(root / "data"), root / "cache.h5",
-               EncodeConfig(backbone="tiny", device="cpu", augment=("flip",)), progress=None, log=lambda m: None)
+               EncodeConfig(backbone="tiny", device="cpu", augment=("flip",), margin_slices=0), progress=None, log=lambda m: None)
     return root / "cache.h5"
 
 
