@@ -146,12 +146,10 @@ def _exported(name: str, key: dict, module, examples: tuple, *, inputs: list[str
     if graph.is_file() and record.is_file():
         try:
             held = json.loads(record.read_text())
-            weights_held = held.get("data_sha256") is None or (data.is_file() and
-                                                               held["data_sha256"] == file_sha256(data))
-            if all(held.get(k) == v for k, v in key.items()) and held.get("sha256") == file_sha256(graph) \
-                    and weights_held:
+            if all(held.get(k) == v for k, v in key.items()) and held.get("sha256") == file_sha256(graph) and (
+                    held.get("data_sha256") is None or held["data_sha256"] == file_sha256(data)):  # its weights
                 return graph
-        except (OSError, ValueError, AttributeError, TypeError):
+        except (OSError, ValueError, AttributeError):
             pass
         log(f"{graph}: does not match its record; exporting it again")
     try:
