@@ -27,17 +27,12 @@ def engine_cache_folder(tmp_path_factory):
     three minutes of the suite on a 2-core CPU, paid by whichever test first encoded with LiteMedSAM, and the tests
     that are not about engines were written against eager torch. tests/model/test_engines.py measures auto in its
     own cache folders (on the tiny backbone), and runs the graph engines by name."""
-    import json
-
     from embedcache.model.backbones import file_sha256, get_backbone, resolve_checkpoint
-    from embedcache.model.engines import auto_record
 
     previous = os.environ.get("EMBEDCACHE_CACHE")
     os.environ["EMBEDCACHE_CACHE"] = str(tmp_path_factory.mktemp("engine-cache"))
     backbone = get_backbone("litemedsam")
-    sha = file_sha256(resolve_checkpoint(backbone, None))
-    auto_record(backbone, sha).write_text(json.dumps({"backbone": backbone.name, "checkpoint_sha256": sha,
-                                                      "chosen": "torch", "written_by": "tests/conftest.py"}) + "\n")
+    auto_answers_torch(backbone, file_sha256(resolve_checkpoint(backbone, None)))
     yield Path(os.environ["EMBEDCACHE_CACHE"])
     if previous is None:
         os.environ.pop("EMBEDCACHE_CACHE", None)
@@ -48,9 +43,29 @@ def engine_cache_folder(tmp_path_factory):
 SMALL_PHANTOM = PhantomConfig(size=128, pixel_mm=3.2, slice_mm=2.5, extent_mm=60.0)
 
 
+def auto_answers_torch(backbone, checkpoint_sha256: str) -> None:
+    """``--engine auto`` on ``backbone`` with these weights answers torch in this session's cache folder, as a
+    measurement would have recorded it: what auto chose (and when the suite paid for measuring it) then no longer
+    depends on the machine the suite runs on."""
+    import json
+
+    from embedcache.model.engines import auto_record
+
+    auto_record(backbone, checkpoint_sha256).write_text(json.dumps(
+        {"backbone": backbone.name, "checkpoint_sha256": checkpoint_sha256, "chosen": "torch",
+         "written_by": "tests/conftest.py"}) + "\n")
+
+
 @pytest.fixture(scope="session")
-def tiny_checkpoint(tmp_path_factory) -> Path:
-    return tiny.write_tiny_checkpoint(tmp_path_factory.mktemp("tiny") / "tiny.pth")
+def tiny_checkpoint(tmp_path_factory, engine_cache_folder) -> Path:
+    """The tiny backbone's weights; its ``--engine auto`` answers torch, as LiteMedSAM's does (its measurement took
+    9 s of the first tiny encode, and chose by machine). tests/model/test_engines.py measures auto in a cache folder
+    of its own."""
+    from embedcache.model.backbones import file_sha256
+
+    path = tiny.write_tiny_checkpoint(tmp_path_factory.mktemp("tiny") / "tiny.pth")
+    auto_answers_torch(tiny.tiny_backbone(path), file_sha256(path))
+    return path
 
 
 @pytest.fixture
