@@ -213,7 +213,7 @@ def evaluate(pred, labels_dir, out_dir, labels, name, progress):
 def predict(inputs, out_dir, run_dir, decoder_file, boxes_file, from_labels, prompts, jitter, seed, box_margin_mm,
             box_margin_slices, grow_mm, walk, min_iou, middle, clicks, series, output_types, review_iou, engine, precision, streams, model,
             checkpoint, device, progress):
-    """Segment INPUTS (NIfTI files or DICOM series folders) from box prompts.
+    """Segment INPUTS (NIfTI files, folders of them, or DICOM series folders) from box prompts.
 
     A 3-D box per gland is segmented from its middle slice and propagated slice by slice (box3d);
     a box on one slice segments that slice; points beside a box are corrective clicks, applied in

@@ -33,7 +33,7 @@ from embedcache.io.files import atomic_path, atomic_write_text, make_output_fold
 from embedcache.io.geometry import Geometry
 from embedcache.io.labels import ADRENALS
 from embedcache.io.nifti import write_nifti
-from embedcache.io.volumes import check_same_grid, read_geometry, read_image, read_label
+from embedcache.io.volumes import check_same_grid, expand_inputs, read_geometry, read_image, read_label
 
 #: The file beside the label volumes that holds the settings that made them.
 CONFIG = "predict.json"
@@ -244,7 +244,7 @@ def predict(inputs: list[Path], out_dir: Path, config: PredictConfig, *, progres
     decoder = checkpoint_file(Path(config.run or config.decoder)) if config.run or config.decoder else None
     labels = read_signature(decoder).labels if decoder else None  # the header alone: the inputs come first
     owned = written_before(Path(out_dir))
-    jobs, errors = plan(inputs, out_dir, config, labels=labels, owned=owned, log=log)
+    jobs, errors = plan(expand_inputs(inputs), out_dir, config, labels=labels, owned=owned, log=log)
     if not jobs:
         return PredictResult([], errors)
     from embedcache.model.engines import check_engine

@@ -22,6 +22,32 @@ from embedcache.io.nifti import AIR_THRESHOLD_HU, check_finite, check_finite_nif
 HU_RANGE = (-32768.0, 32767.0)
 
 
+#: Files beside the volumes of a folder of NIfTI files that are not inputs (nnU-Net's and FLARE's notes).
+SIDECARS = (".json", ".txt", ".csv", ".md")
+
+
+def expand_inputs(inputs) -> list[Path]:
+    """The inputs a person gives, as volumes: a NIfTI file or DICOM series folder stays itself; a folder of NIfTI
+    files (``imagesTs/``, as nnU-Net's predict takes one) becomes its ``.nii``/``.nii.gz`` files in name order. A
+    folder holding NIfTI files beside other files is refused: it is neither a folder of volumes nor one series."""
+    out = []
+    for path in map(Path, inputs):
+        if not path.is_dir():
+            out.append(path)
+            continue
+        files = [f for f in sorted(path.iterdir()) if not f.name.startswith(".") and not f.is_dir()]
+        volumes = [f for f in files if is_nifti(f)]
+        if not volumes:
+            out.append(path)  # a DICOM series folder (read_geometry says what is wrong with it otherwise)
+            continue
+        other = [f for f in files if not is_nifti(f) and f.suffix.lower() not in SIDECARS]
+        if other:
+            raise EmbedcacheError(f"{path}: holds {len(volumes)} NIfTI volume(s) beside other files ({other[0].name}); "
+                                  "give the volumes themselves (FOLDER/*.nii.gz) or a folder of one DICOM series")
+        out.extend(volumes)
+    return out
+
+
 def read_geometry(path: Path, *, series_uid: str | None = None) -> Geometry:
     """The geometry of a NIfTI file or DICOM series folder, read from headers only."""
     path = Path(path)

@@ -168,6 +168,24 @@ def test_an_unreadable_input_is_reported_and_the_rest_go_on(one_slice_case, tmp_
     assert "1 input(s) failed" in result.output
 
 
+def test_a_folder_of_nifti_volumes_is_its_volumes_and_one_holding_other_files_is_refused(one_slice_case, tmp_path):
+    images = tmp_path / "imagesTs"  # CASE_0000.nii.gz files, as nnU-Net's predict takes them
+    images.mkdir()
+    for source in sorted(one_slice_case.image.parent.glob("*.nii.gz"))[:2]:
+        shutil.copy(source, images / source.name)
+    (images / "dataset.json").write_text("{}")  # a note beside them is not an input
+    result = _predict(images, "--from-labels", one_slice_case.label.parent, "--prompts", "oracle", "--out",
+                      tmp_path / "p")
+    assert result.exit_code == 0, result.output
+    cases = sorted(f.name.replace("_0000", "") for f in images.glob("*.nii.gz"))
+    assert len(cases) == 2 and sorted(f.name for f in (tmp_path / "p").glob("*.nii.gz")) == cases
+    (images / "IM0001").write_bytes(b"DICM")  # a series folder or a folder of volumes? Neither: say so
+    result = _predict(images, "--from-labels", one_slice_case.label.parent, "--out", tmp_path / "q")
+    assert result.exit_code != 0
+    assert f"{images}: holds 2 NIfTI volume(s) beside other files (IM0001)" in result.output
+    assert "Traceback" not in result.output and not (tmp_path / "q").exists()
+
+
 def test_two_inputs_for_one_output_are_refused_before_any_work(one_slice_case, tmp_path):
     twin = tmp_path / "elsewhere"
     twin.mkdir()
