@@ -14,7 +14,7 @@ import torch
 
 from embedcache.io.phantom import PhantomConfig
 from embedcache.model.backbones import Backbone
-from embedcache.model.engines import cpu_name
+from embedcache.model.engines import cpu_identity, cpu_name
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -37,6 +37,7 @@ def own_engine_cache(tmp):
 def machine(device: torch.device) -> dict:
     info = {
         "cpu": cpu_name(),
+        "cpu_identity": cpu_identity(),  # two CPUs named "AMD EPYC" here were an AVX2 one and a Zen 4 with bf16
         "cpu_cores": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "python": platform.python_version(),

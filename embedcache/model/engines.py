@@ -538,11 +538,39 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
+#: The instruction sets that change which engine and precision run fastest (and whether bf16 runs at all).
+CPU_FEATURES = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "avx_vnni", "amx_tile", "amx_bf16", "amx_int8")
+
+
+def cpu_identity(cpuinfo: str | None = None) -> str:
+    """The CPU as a measurement is valid for: its model name, family and model numbers, and which of
+    :data:`CPU_FEATURES` it has (Linux ``/proc/cpuinfo``, or the text given). The name alone is not enough: an
+    "AMD EPYC" of a cloud machine was an AVX2 CPU without bf16 one day and an AVX-512 one with bf16 the next, and a
+    home folder shared by a cluster's nodes would have answered one with the other's measurement."""
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            cpuinfo = ""
+    fields = {}
+    for line in cpuinfo.splitlines():
+        if not line.strip():
+            break  # the first processor's block: every core of one machine is alike
+        key, _, value = line.partition(":")
+        fields.setdefault(key.strip(), value.strip())
+    if not fields:
+        return cpu_name()
+    flags = set(fields.get("flags", "").split())
+    features = ",".join(f for f in CPU_FEATURES if f in flags)
+    return (f"{fields.get('model name', cpu_name())} (family {fields.get('cpu family', '?')} "
+            f"model {fields.get('model', '?')}; {features or 'none of ' + ','.join(CPU_FEATURES)})")
+
+
 def _machine_key() -> str:
-    """What an ``auto`` measurement holds for: the CPU, the threads and the engines' versions."""
+    """What an ``auto`` measurement holds for: the CPU (:func:`cpu_identity`), the threads and the engines' versions."""
     import torch
 
-    model = cpu_name()
+    model = cpu_identity()
     versions = [f"torch{torch.__version__}"]
     for module in ("onnxruntime", "openvino"):
         if _installed(module):

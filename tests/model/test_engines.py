@@ -263,6 +263,26 @@ def test_threads_follow_the_cgroup_quota(tmp_path):
     assert cgroup_cpu_quota(v1) is None
 
 
+def test_a_measurement_holds_for_one_cpu_not_for_every_cpu_of_that_name(monkeypatch):
+    from embedcache.model import engines
+    from embedcache.model.backbones import get_backbone
+
+    def cpuinfo(family, model, flags):
+        block = f"processor\t: {{n}}\nmodel name\t: AMD EPYC\ncpu family\t: {family}\nmodel\t\t: {model}\nflags\t\t: {flags}\n"
+        return "\n".join(block.format(n=n) for n in range(2))  # the first processor's block speaks for all
+
+    zen2 = cpuinfo(23, 49, "fpu sse2 avx avx2 fma")
+    zen4 = cpuinfo(25, 17, "fpu sse2 avx avx2 fma avx512f avx512_vnni avx512_bf16")
+    assert engines.cpu_identity(zen2) == "AMD EPYC (family 23 model 49; avx2)"
+    assert engines.cpu_identity(zen4) == "AMD EPYC (family 25 model 17; avx2,avx512f,avx512_vnni,avx512_bf16)"
+    assert engines.cpu_identity("") == engines.cpu_name()  # no /proc/cpuinfo: the name the platform gives
+    records = set()
+    for text in (zen2, zen4):  # the same name, two CPUs: two records, neither answering for the other
+        monkeypatch.setattr(engines, "cpu_identity", lambda text=text: text)
+        records.add(engines.auto_record(get_backbone("litemedsam"), "0" * 64).name)
+    assert len(records) == 2
+
+
 @needs_ov
 def test_an_unusable_cache_folder_is_one_line_and_leaves_nothing_behind(data, tmp_path, monkeypatch):
     taken = tmp_path / "a-file"
