@@ -525,17 +525,27 @@ class GraphDecoder:
         return torch.from_numpy(masks).to(embeddings.device), torch.from_numpy(iou).to(embeddings.device)
 
 
+def _cpuinfo(text: str | None = None) -> dict[str, str]:
+    """Linux ``/proc/cpuinfo`` (or ``text``) as its first value of each field: the first processor's, every core
+    of one machine being alike; empty where there is none."""
+    if text is None:
+        try:
+            text = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            return {}
+    fields = {}
+    for line in text.splitlines():
+        key, sep, value = line.partition(":")
+        if sep:
+            fields.setdefault(key.strip(), value.strip())
+    return fields
+
+
 def cpu_name() -> str:
     """The CPU's model name (Linux ``/proc/cpuinfo``), else what :mod:`platform` says."""
     import platform
 
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+    return _cpuinfo().get("model name") or platform.processor() or platform.machine()
 
 
 #: The instruction sets that change which engine and precision run fastest (and whether bf16 runs at all).
@@ -547,22 +557,12 @@ def cpu_identity(cpuinfo: str | None = None) -> str:
     :data:`CPU_FEATURES` it has (Linux ``/proc/cpuinfo``, or the text given). The name alone is not enough: an
     "AMD EPYC" of a cloud machine was an AVX2 CPU without bf16 one day and an AVX-512 one with bf16 the next, and a
     home folder shared by a cluster's nodes would have answered one with the other's measurement."""
-    if cpuinfo is None:
-        try:
-            cpuinfo = Path("/proc/cpuinfo").read_text()
-        except OSError:
-            cpuinfo = ""
-    fields = {}
-    for line in cpuinfo.splitlines():
-        if not line.strip():
-            break  # the first processor's block: every core of one machine is alike
-        key, _, value = line.partition(":")
-        fields.setdefault(key.strip(), value.strip())
+    fields = _cpuinfo(cpuinfo)
     if not fields:
         return cpu_name()
     flags = set(fields.get("flags", "").split())
     features = ",".join(f for f in CPU_FEATURES if f in flags)
-    return (f"{fields.get('model name', cpu_name())} (family {fields.get('cpu family', '?')} "
+    return (f"{fields.get('model name') or cpu_name()} (family {fields.get('cpu family', '?')} "
             f"model {fields.get('model', '?')}; {features or 'none of ' + ','.join(CPU_FEATURES)})")
 
 

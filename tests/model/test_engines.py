@@ -277,8 +277,8 @@ def test_a_measurement_holds_for_one_cpu_not_for_every_cpu_of_that_name(monkeypa
     assert engines.cpu_identity(zen4) == "AMD EPYC (family 25 model 17; avx2,avx512f,avx512_vnni,avx512_bf16)"
     assert engines.cpu_identity("") == engines.cpu_name()  # no /proc/cpuinfo: the name the platform gives
     records = set()
-    for text in (zen2, zen4):  # the same name, two CPUs: two records, neither answering for the other
-        monkeypatch.setattr(engines, "cpu_identity", lambda text=text: text)
+    for identity in [engines.cpu_identity(zen2), engines.cpu_identity(zen4)]:  # one name, two CPUs: two records
+        monkeypatch.setattr(engines, "cpu_identity", lambda identity=identity: identity)
         records.add(engines.auto_record(get_backbone("litemedsam"), "0" * 64).name)
     assert len(records) == 2
 
