@@ -15,7 +15,8 @@ from embedcache.model import backbones
 
 import tiny
 
-torch.set_num_threads(int(os.environ.get("EMBEDCACHE_TEST_THREADS", "2")))
+# Two threads in one process; one in each of bin/test's worker processes (pytest-xdist), which share the cores.
+torch.set_num_threads(int(os.environ.get("EMBEDCACHE_TEST_THREADS", "1" if os.environ.get("PYTEST_XDIST_WORKER") else "2")))
 
 
 @pytest.fixture(scope="session", autouse=True)
