@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 import os
 from datetime import timedelta
 
@@ -26,6 +27,9 @@ class Dist:
             use_cuda = device_name != "cpu" and torch.cuda.is_available()
             # A long timeout: ranks wait at a barrier while others finish their share of an encode.
             dist.init_process_group("nccl" if use_cuda else "gloo", timeout=timedelta(hours=24))
+            # Left to the interpreter's exit, the group's threads were destroyed still running: a rank that had
+            # finished its work aborted ("terminate called without an active exception") and torchrun failed.
+            atexit.register(_destroy_group, dist)
             if use_cuda:
                 torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
                 device_name = f"cuda:{torch.cuda.current_device()}"
@@ -40,3 +44,9 @@ class Dist:
     def barrier(self) -> None:
         if self.world > 1:
             self._dist.barrier()
+
+
+def _destroy_group(dist) -> None:
+    """Leave the process group before the interpreter exits (its threads stopped, not destroyed running)."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
