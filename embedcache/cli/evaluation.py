@@ -241,6 +241,9 @@ def predict(inputs, out_dir, run_dir, decoder_file, boxes_file, from_labels, pro
     with progress_bar(progress) as bar:
         done = run_predict(list(inputs), out_dir, config, progress=bar, log=say_to(console()))
     pace = done.pace()
-    click.echo(f"wrote {len(done.written)} file(s) to {out_dir}" + (f": {pace}" if pace else ""))
+    if done.written:
+        click.echo(f"wrote {len(done.written)} file(s) to {out_dir}" + (f": {pace}" if pace else ""))
+    else:  # a run whose every input failed says so, and names no folder it did not make
+        click.echo("wrote no files" + ("" if out_dir.is_dir() else f"; {out_dir} was not made"))
     if done.errors:
         raise click.ClickException(f"{len(done.errors)} input(s) failed; see the errors above")

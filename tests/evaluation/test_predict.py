@@ -168,6 +168,17 @@ def test_an_unreadable_input_is_reported_and_the_rest_go_on(one_slice_case, tmp_
     assert "1 input(s) failed" in result.output
 
 
+def test_a_run_whose_every_input_fails_writes_nothing_and_says_so(one_slice_case, tmp_path):
+    broken = tmp_path / "BROKEN_0000.nii.gz"
+    broken.write_bytes(b"not a nifti")
+    out = tmp_path / "p"
+    result = _predict(broken, "--from-labels", one_slice_case.label.parent, "--prompts", "oracle", "--out", out)
+    assert result.exit_code == 1
+    assert "BROKEN_0000.nii.gz: not a readable NIfTI" in result.output
+    assert not out.exists()
+    assert f"wrote no files; {out} was not made" in result.output and "wrote 0" not in result.output
+
+
 def test_a_folder_of_nifti_volumes_is_its_volumes_and_one_holding_other_files_is_refused(one_slice_case, tmp_path):
     images = tmp_path / "imagesTs"  # CASE_0000.nii.gz files, as nnU-Net's predict takes them
     images.mkdir()
