@@ -296,7 +296,7 @@ def test_torchrun_encode_with_two_processes_equals_one_process(tiny_model, tiny_
     _encode(cases, tmp_path / "one.h5", dataclasses.replace(TINY, engine="torch"))  # auto is torch under torchrun
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(Path(tiny.__file__).parent), *sys.path]),
                OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29541",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone",
            tiny.__file__, str(tiny_checkpoint), "encode", str(phantom_dir), "--out", str(tmp_path / "two.h5"),
            "--model", "tiny", "--device", "cpu", "--no-progress"]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)

@@ -29,8 +29,14 @@ def test_each_rank_leaves_the_process_group_before_it_exits():
                               env=dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2",
                                        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1"))
              for rank in range(2)]
-    for rank, proc in enumerate(procs):
-        out, err = proc.communicate(timeout=120)
-        assert proc.returncode == 0, err[-2000:]
-        assert f"rank {rank} of 2" in out
-        assert "in a process group at exit: False" in out, out + err[-2000:]
+    try:
+        for rank, proc in enumerate(procs):
+            out, err = proc.communicate(timeout=120)
+            assert proc.returncode == 0, err[-2000:]
+            assert f"rank {rank} of 2" in out
+            assert "in a process group at exit: False" in out, out + err[-2000:]
+    finally:  # a rank left waiting for its peer (a timeout, a failed assert) does not outlive the test
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.communicate()

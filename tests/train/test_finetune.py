@@ -113,7 +113,7 @@ def test_torchrun_with_two_processes_matches_one_process(tiny_model, tiny_checkp
     finetune(finetune_config(small_cache, epochs=2, batch_size=2), single, **QUIET)
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(Path(tiny.__file__).parent), *sys.path]),
                OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone",
            tiny.__file__, str(tiny_checkpoint), "finetune", str(small_cache), "--out", str(tmp_path / "ddp"),
            "--epochs", "2", "--batch-size", "2", "--val-fraction", "0.34", "--device", "cpu", "--lr", "3e-4",
            "--no-progress"]
