@@ -183,3 +183,46 @@ def test_encode_sets_the_engines_side_by_side_end_to_end(tiny_model, tmp_path, m
     assert list(figures) == specs and figures["torch"]["speedup_over_torch"] == 1.0
     assert figures["torch"]["max_abs_difference_from_torch"] == 0.0 and result["slices"] >= 2
     assert figures[specs[1]]["max_abs_difference_from_torch"] <= 1e-4 and figures[specs[1]]["pipeline_slices_per_s"] > 0
+
+
+def test_int8_costs_are_dice_lost_against_fp32_per_gland_and_the_gate_holds_every_gland(monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    import int8
+
+    models = {"fp32": {"box3d_dice": {7: {"a": 0.80, "b": 0.90}, 8: {"a": 0.90, "b": 0.70}}},
+              "bf16": {"box3d_dice": {7: {"a": 0.81, "b": 0.89}, 8: {"a": 0.90, "b": 0.70}}},
+              "int8": {"box3d_dice": {7: {"a": 0.80, "b": 0.90}, 8: {"a": 0.88, "b": 0.71}}}}
+    int8.add_costs(models)
+    assert models["fp32"]["dice_cost_mean"] == {"7": 0.0, "8": 0.0} and models["fp32"]["within_gate"]
+    assert models["bf16"]["dice_cost_mean"] == {"7": 0.0, "8": 0.0} and models["bf16"]["dice_cost_worst_case"]["7"] == 0.01
+    assert models["int8"]["dice_cost_mean"] == {"7": 0.0, "8": 0.005} and models["int8"]["within_gate"]  # at the gate
+    models["int8"]["box3d_dice"][8]["b"] = 0.70
+    int8.add_costs(models)
+    assert models["int8"]["dice_cost_mean"]["8"] == 0.01 and not models["int8"]["within_gate"]  # one gland fails it
+    assert models["int8"]["dice_cost_worst_case"] == {"7": 0.0, "8": 0.02}
+
+
+def test_int8_quantizes_times_and_scores_fp32_and_int8_on_the_held_out_cases(tiny_model, run_dir, tmp_path, monkeypatch):
+    pytest.importorskip("nncf", reason="benchmarks/int8.py needs NNCF, which no extra installs: pip install nncf")
+    pytest.importorskip("openvino", reason="pip install 'embedcache[cpu-fast]'")
+    from embedcache.io.phantom import write_phantom
+
+    from conftest import SMALL_PHANTOM
+
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    import int8
+
+    data = tmp_path / "data"
+    write_phantom(data, cases=1, test_cases=1, seed=3, config=SMALL_PHANTOM)
+    result = int8.main(["--data", str(data), "--run", str(run_dir), "--calibration", "3", "--every", "1",
+                        "--rounds", "1", "--name", "smoke", "--out", str(tmp_path / "out")])
+    models = result["models"]
+    assert {"fp32", "int8"} <= models.keys() and models["fp32"]["max_abs_difference"] == 0.0
+    assert result["calibration_slices"] == 3 and result["test_cases"] == [p.name.removesuffix("_0000.nii.gz")
+                                                                           for p in (data / "imagesTs").iterdir()]
+    assert models["int8"]["max_abs_difference"] > 0  # quantized: not fp32's graph under another name
+    for figures in models.values():
+        assert set(figures["box3d_mean"]) == {"7", "8"} and all(0.0 <= d <= 1.0 for d in figures["box3d_mean"].values())
+    saved = json.loads(next((tmp_path / "out").glob("int8-smoke-*.json")).read_text())
+    assert saved["models"]["int8"]["within_gate"] == models["int8"]["within_gate"]
+    assert "| int8 |" in next((tmp_path / "out").glob("int8-smoke-*.md")).read_text()
