@@ -143,7 +143,7 @@ def engine_options(func):
     func = click.option("--precision", default="fp32", show_default=True, type=click.Choice(list(PRECISIONS)),
                         help="The encoder's arithmetic. bf16 runs through --engine openvino on a CPU with bf16 "
                              "instructions; it changes the embeddings (see the README's measured Dice cost), so a "
-                             "cache keeps one precision.")(func)
+                             "cache keeps one precision. predict runs its decoder graph in bf16 too.")(func)
     return click.option("--engine", default="auto", show_default=True, type=click.Choice(list(ENGINES)),
                         help="What runs the image encoder: eager PyTorch, or ONNX Runtime or OpenVINO on the CPU "
                              "(exported once per model and weights; pip install 'embedcache[cpu-fast]'). auto: torch "

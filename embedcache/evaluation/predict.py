@@ -410,10 +410,11 @@ class PredictModel:
     @property
     def engines(self) -> str:
         """What runs the encoder (and how many slices at once, where more than one), and the decoder where a graph
-        does: ``openvino fp32 2 at once, decoder openvino``."""
+        does (and its precision where not fp32): ``openvino fp32 2 at once, decoder openvino``."""
         streams = getattr(self.encoder, "streams", 1)
         return (f"{self.encoder.engine} {self.encoder.precision}" + (f" {streams} at once" if streams > 1 else "")
-                + (f", decoder {self.decode.engine}" if self.decode else ""))
+                + (f", decoder {self.decode.engine}" + (f" {self.decode.precision}" if self.decode.precision != "fp32"
+                                                         else "") if self.decode else ""))
 
 
 def _load(trained, config: PredictConfig, *, settle=None, log=print) -> PredictModel:
@@ -451,7 +452,8 @@ def _load(trained, config: PredictConfig, *, settle=None, log=print) -> PredictM
                             precision=config.precision, streams=config.streams, settle=settle, log=log)
     if encoder.engine in GRAPH_ENGINES:
         decode = GraphDecoder(encoder.engine, backbone, lambda: (model().parts.prompt_encoder, model().decoder), sha,
-                              file_sha256(trained.source) if trained else "vanilla", log=log)
+                              file_sha256(trained.source) if trained else "vanilla", precision=encoder.precision,
+                              log=log)
         return PredictModel(encoder=encoder, prompt_encoder=None, mask_decoder=None, input_size=backbone.input_size,
                             preprocess=preprocess, decode=decode)
     return PredictModel(encoder=encoder, prompt_encoder=model().parts.prompt_encoder, mask_decoder=model().decoder,

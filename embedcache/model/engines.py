@@ -8,7 +8,8 @@ into the user cache folder (``$EMBEDCACHE_CACHE``, else ``$XDG_CACHE_HOME/embedc
 nothing is downloaded. A fresh export is checked against eager PyTorch on one seeded input before it
 is kept. Each engine has :class:`~embedcache.model.encoder.ImageEncoder`'s interface, so ``encode``
 and ``predict`` run them unchanged. ``predict`` also runs the prompt encoder and mask decoder as a
-graph (:class:`GraphDecoder`, exported once per backbone weights and decoder file, fp32), and builds
+graph (:class:`GraphDecoder`, exported once per backbone weights and decoder file, run at the encoder's
+precision), and builds
 no eager model at all once both graphs exist; OpenVINO keeps what it compiles beside them. A graph engine
 encodes ``--streams`` slices at once, each on its share of the cores (0, the default: whichever of one or
 several was faster per slice in a short measurement, once per graph and CPU: :func:`choose_streams`).
@@ -290,8 +291,8 @@ def _session(engine: str, graph: Path, precision: str, *, keep_compiled: bool = 
     It may be called from ``streams`` threads at once, each call then running on its own share of the cores
     (OpenVINO's throughput streams; ONNX Runtime's one session, ``cores // streams`` threads a run); with one stream
     a run has every core. OpenVINO keeps what it compiles in ``openvino/`` beside the graph (``keep_compiled``; its
-    own cache, keyed by the graph, in a folder per settings: see ``openvino_cache_dir``): compiling the encoder and the decoder again took seconds at
-    every start."""
+    own cache, keyed by the graph, in a folder per settings: see ``openvino_cache_dir``): compiling the encoder and
+    the decoder again took seconds at every start."""
     import queue
 
     threads = cpu_threads()
@@ -483,14 +484,15 @@ class GraphEncoder:
 
 class GraphDecoder:
     """The prompt encoder and mask decoder as one exported graph (:func:`exported_decoder`) run by ONNX Runtime or
-    OpenVINO at fp32, in :func:`~embedcache.model.decoder.decode_boxes`'s place for box prompts: one embedding and
-    one box a run (the box3d walk asks for one slice at a time), all four mask outputs out, the one asked for kept.
+    OpenVINO at ``precision`` (predict's: the encoder's, so bf16 with a bf16 encoder), in
+    :func:`~embedcache.model.decoder.decode_boxes`'s place for box prompts: one embedding and one box a run (the
+    box3d walk asks for one slice at a time), all four mask outputs out, the one asked for kept.
     Prompts with clicks, and boxes in ``(B, P, 4)`` batches, go to the eager modules, loaded when first needed
     (``load_heads()`` gives ``(prompt_encoder, mask_decoder)``)."""
 
     def __init__(self, engine: str, backbone, load_heads, checkpoint_sha256: str, decoder_sha256: str, *,
-                 folder: Path | None = None, log=print):
-        self.engine, self.load_heads, self._heads = engine, load_heads, None
+                 precision: str = "fp32", folder: Path | None = None, log=print):
+        self.engine, self.precision, self.load_heads, self._heads = engine, precision, load_heads, None
 
         def all_masks():
             from embedcache.model.decoder import AllMasks
@@ -499,7 +501,7 @@ class GraphDecoder:
 
         self.graph = exported_decoder(backbone, all_masks, checkpoint_sha256, decoder_sha256, engine=engine,
                                       folder=folder, log=log)
-        self.run = _session(engine, self.graph, "fp32")
+        self.run = _session(engine, self.graph, precision)
 
     def heads(self):
         """The eager ``(prompt_encoder, mask_decoder)``, loaded once."""
