@@ -412,9 +412,12 @@ class PredictModel:
         """What runs the encoder (and how many slices at once, where more than one), and the decoder where a graph
         does (and its precision where not fp32): ``openvino fp32 2 at once, decoder openvino``."""
         streams = getattr(self.encoder, "streams", 1)
-        return (f"{self.encoder.engine} {self.encoder.precision}" + (f" {streams} at once" if streams > 1 else "")
-                + (f", decoder {self.decode.engine}" + (f" {self.decode.precision}" if self.decode.precision != "fp32"
-                                                         else "") if self.decode else ""))
+        label = f"{self.encoder.engine} {self.encoder.precision}" + (f" {streams} at once" if streams > 1 else "")
+        if self.decode:
+            label += f", decoder {self.decode.engine}"
+            if self.decode.precision != "fp32":
+                label += f" {self.decode.precision}"
+        return label
 
 
 def _load(trained, config: PredictConfig, *, settle=None, log=print) -> PredictModel:

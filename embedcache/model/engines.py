@@ -9,10 +9,10 @@ nothing is downloaded. A fresh export is checked against eager PyTorch on one se
 is kept. Each engine has :class:`~embedcache.model.encoder.ImageEncoder`'s interface, so ``encode``
 and ``predict`` run them unchanged. ``predict`` also runs the prompt encoder and mask decoder as a
 graph (:class:`GraphDecoder`, exported once per backbone weights and decoder file, run at the encoder's
-precision), and builds
-no eager model at all once both graphs exist; OpenVINO keeps what it compiles beside them. A graph engine
-encodes ``--streams`` slices at once, each on its share of the cores (0, the default: whichever of one or
-several was faster per slice in a short measurement, once per graph and CPU: :func:`choose_streams`).
+precision), and builds no eager model at all once both graphs exist; OpenVINO keeps what it compiles
+beside them. A graph engine encodes ``--streams`` slices at once, each on its share of the cores (0, the
+default: whichever of one or several was faster per slice in a short measurement, once per graph and CPU:
+:func:`choose_streams`).
 
 ``--engine auto`` (the default) is torch on CUDA (and under torchrun); on a CPU it is the fastest
 fp32 engine installed whose embeddings equal eager PyTorch's within :data:`EQUAL_TOLERANCE`, found by

@@ -294,6 +294,15 @@ def test_an_unusable_cache_folder_is_one_line_and_leaves_nothing_behind(data, tm
     assert not (tmp_path / "c.h5").exists() and not (tmp_path / "c.h5.parts").exists()  # no cache, no shard folder
 
 
+def _seeded_prompts():
+    """Three seeded embeddings and a box on each (tight, whole-slice, small), as the graph decoder tests decode."""
+    import torch
+
+    embeddings = torch.randn(3, 256, 64, 64, generator=torch.Generator().manual_seed(0)) * 0.5
+    boxes = torch.tensor([[40.0, 50.0, 120.0, 140.0], [10.0, 10.0, 250.0, 250.0], [100.0, 90.0, 130.0, 118.0]])
+    return embeddings, boxes
+
+
 @pytest.mark.parametrize("engine", GRAPH_ENGINES)
 def test_the_graph_decoder_decodes_as_the_eager_one_and_leaves_clicks_to_it(engine, tmp_path):
     import torch
@@ -306,8 +315,7 @@ def test_the_graph_decoder_decodes_as_the_eager_one_and_leaves_clicks_to_it(engi
     parts, sha = load_backbone(backbone)
     heads = (parts.prompt_encoder, parts.mask_decoder)
     graph = GraphDecoder(engine, backbone, lambda: heads, sha, "vanilla", folder=tmp_path, log=lambda m: None)
-    embeddings = torch.randn(3, 256, 64, 64, generator=torch.Generator().manual_seed(0)) * 0.5
-    boxes = torch.tensor([[40.0, 50.0, 120.0, 140.0], [10.0, 10.0, 250.0, 250.0], [100.0, 90.0, 130.0, 118.0]])
+    embeddings, boxes = _seeded_prompts()
     with torch.inference_mode():
         for multimask in (False, True):
             want = decode_boxes(*heads, embeddings, boxes, multimask_output=multimask)
@@ -340,8 +348,7 @@ def test_a_bf16_encoder_decodes_through_a_bf16_decoder_graph_close_to_fp32(tmp_p
     fp32, bf16 = (GraphDecoder("openvino", backbone, lambda: heads, sha, "vanilla", precision=precision,
                                folder=tmp_path, log=lambda m: None) for precision in ("fp32", "bf16"))
     assert bf16.graph == fp32.graph  # one graph, compiled at two precisions
-    embeddings = torch.randn(3, 256, 64, 64, generator=torch.Generator().manual_seed(0)) * 0.5
-    boxes = torch.tensor([[40.0, 50.0, 120.0, 140.0], [10.0, 10.0, 250.0, 250.0], [100.0, 90.0, 130.0, 118.0]])
+    embeddings, boxes = _seeded_prompts()
     with torch.inference_mode():
         (want, want_iou), (got, got_iou) = (decode(embeddings, boxes)[:2] for decode in (fp32, bf16))
     assert float((got - want).abs().max()) > 1e-3  # it ran in bf16
