@@ -30,7 +30,6 @@ from embedcache.config import WALKS, FinetuneConfig, ProtocolSettings
 from embedcache.evaluation import protocols
 from embedcache.evaluation.metrics import gland_metrics
 from embedcache.evaluation.score import CachedCase, case_sources
-from embedcache.io import labels as flare
 from embedcache.io.volumes import read_label
 from embedcache.runtime.devices import pick_device
 from embedcache.train.decoders import load_model, load_trained_decoder
@@ -88,7 +87,8 @@ def measure(cache_path: Path, names: list[str], decoder: Path | None, settings: 
                     prediction = protocols.run(protocol_of[key], segment, truth=gt, spacing_mm=case.spacing_mm,
                                                settings=setting, case=case.name, label=label)
                     results[key].setdefault(case.name, {})[str(label)] = gland_metrics(
-                        prediction.mask, gt, spacing_mm=case.spacing_mm, label=label)
+                        prediction.mask, gt, spacing_mm=case.spacing_mm, label=label,
+                        label_map=cache.signature.label_map)
     return results
 
 
@@ -152,7 +152,9 @@ def main(argv=None) -> dict:
                 **{f"box3d-{w}" + (f"-iou{t:g}" if t else "") + ("-multimask" if m == "multimask" else ""):
                    ProtocolSettings(walk=w, min_iou=t, middle=m) for w in walks for t in ious for m in middles}}
     protocol_of = {key: key.split("-")[0] for key in settings}
-    out = {"benchmark": "recipes", "what": args.what, "cache": str(args.cache), "epochs": args.epochs,
+    with open_cache(args.cache) as cache:
+        names = {str(k): cache.signature.label_map.name(k) for k in cache.labels}
+    out = {"benchmark": "recipes", "what": args.what, "cache": str(args.cache), "epochs": args.epochs, "labels": names,
            "seed": args.seed, "split": split, "machine": machine(device),
            "date": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
            "recipes": {}, "protocols": {k: asdict(v) for k, v in settings.items()}}
@@ -245,7 +247,7 @@ def table(out: dict) -> str:
     val cases chose, the worst test gland; then every walk's val Dice per recipe (what chose)."""
     rows = out["recipes"]
     labels = sorted({label for row in rows.values() for label in row["test"]["oracle"]["summary"]})
-    names = [flare.name(int(label)) for label in labels]
+    names = [out.get("labels", {}).get(str(label), f"label {label}") for label in labels]
     walks = [k for k in next(iter(rows.values()))["val"] if k.startswith("box3d")]
     chosen = out["chosen_on_val"]
 

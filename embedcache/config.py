@@ -8,7 +8,7 @@ from pathlib import Path
 
 from embedcache.errors import EmbedcacheError, UsageError
 from embedcache.io.files import atomic_write_text, read_json
-from embedcache.io.labels import ADRENALS
+from embedcache.io.labels import ADRENALS, FLARE22, LabelMap
 
 
 @dataclass(frozen=True)
@@ -30,7 +30,7 @@ class PreprocessConfig:
 
 #: Kinds of training-only copy ``encode --augment`` makes (see :mod:`embedcache.cache.augment`).
 AUGMENTS = {
-    "flip": "left-right mirror; the left and right glands (and kidneys) swap labels",
+    "flip": "left-right mirror; each right and left label of one organ swap (their sides come from the label map)",
     "rotate": "in-plane rotation by an angle drawn from -15..15 degrees",
     "scale": "in-plane zoom about the centre by a factor drawn from 0.85..1.15",
     "intensity": "HU scaled by 0.9..1.1 and shifted by -30..30 HU (window jitter)",
@@ -79,6 +79,7 @@ class EncodeConfig:
     engine: str = "auto"  # what runs the image encoder: auto, torch, onnxruntime or openvino (model.engines)
     precision: str = "fp32"  # the encoder's arithmetic: fp32, or bf16 through openvino (model.engines)
     streams: int = 0  # slices a graph engine encodes at once, each on its share of the cores; 0: measured (model.engines)
+    label_map: LabelMap = FLARE22  # what the ids mean (io.labels): the cache records it, flips read their pairs from it
 
     def __post_init__(self):
         check_engine_names(self.engine, self.precision, self.streams)
@@ -94,6 +95,8 @@ class EncodeConfig:
             raise UsageError(f"--batch-size must be at least 1 (or 0 for automatic), got {self.batch_size}")
         if not self.labels or any(not 0 < label < 256 for label in self.labels) or len(set(self.labels)) != len(self.labels):
             raise UsageError(f"--labels must be distinct ids in 1..255, got {self.labels}")
+        if "flip" in self.augment:
+            self.label_map.mirrored(self.labels)  # refused here, before any work, where a target has no known side
 
 
 #: Kinds of training prompt ``finetune --train-prompts`` mixes (see :mod:`embedcache.train.data`).
@@ -295,10 +298,13 @@ class PredictConfig:
     engine: str = "auto"  # what runs the image encoder: auto, torch, onnxruntime or openvino (model.engines)
     precision: str = "fp32"  # the encoder's arithmetic: fp32, or bf16 through openvino (model.engines)
     streams: int = 0  # slices a graph engine encodes at once, each on its share of the cores; 0: measured (model.engines)
+    label_map: str | None = None  # a label map file (io.labels); None: the decoder's, a dataset.json, the preset
+    label_preset: str | None = None  # a built-in map (io.labels.PRESETS)
 
     def __post_init__(self):
         check_engine_names(self.engine, self.precision, self.streams)
         _one_decoder(self.run, self.decoder)
+        check_label_map_options(self.label_map, self.label_preset)
         from embedcache.io.dicom_out import OUTPUT_TYPES
 
         if not self.output_types or any(t not in OUTPUT_TYPES for t in self.output_types) \
@@ -310,6 +316,16 @@ class PredictConfig:
             raise UsageError("give either --boxes BOXES.json or --from-labels LABELS")
         if self.prompts not in PROTOCOLS:
             raise UsageError(f"--prompts {self.prompts}: choose one of {', '.join(PROTOCOLS)}")
+
+
+def check_label_map_options(path: str | None, preset: str | None) -> None:
+    """``--label-map`` and ``--label-preset`` are exclusive, and the preset is one of :data:`~embedcache.io.labels.PRESETS`."""
+    from embedcache.io.labels import PRESETS
+
+    if path is not None and preset is not None:
+        raise UsageError("give --label-map or --label-preset, not both")
+    if preset is not None and preset not in PRESETS:
+        raise UsageError(f"--label-preset {preset}: choose from {', '.join(PRESETS)}")
 
 
 def to_json(config) -> str:

@@ -16,7 +16,6 @@ import zlib
 import numpy as np
 
 from embedcache.config import AUGMENTS
-from embedcache.io.labels import MIRRORED
 
 __all__ = ["AUGMENTS", "augment_slices", "augmented_name", "source_of", "with_augmented"]
 #: Separates a source case's name from the kind of its augmented copy.
@@ -63,19 +62,23 @@ def parameters(name: str, kind: str) -> dict:
     return {}
 
 
-def augment_slices(hu: np.ndarray, labels: np.ndarray, name: str) -> tuple[np.ndarray, np.ndarray]:
+def augment_slices(hu: np.ndarray, labels: np.ndarray, name: str, *, mirrored: dict[int, int] | None = None
+                   ) -> tuple[np.ndarray, np.ndarray]:
     """The copy ``name`` (``CASE~KIND``) of ``(n, y, x)`` HU slices and label slices: every slice moved
-    alike (linear for HU, nearest for labels, air outside the source)."""
+    alike (linear for HU, nearest for labels, air outside the source). ``mirrored``: what each label id
+    becomes in a flipped copy (:meth:`embedcache.io.labels.LabelMap.mirrored`); ids not in it keep theirs."""
     from scipy import ndimage
 
     _, kind = source_of(name)
     p = parameters(name, kind)
     hu, labels = np.asarray(hu, np.float32), np.asarray(labels)
     if kind == "flip":
-        mirrored = labels[..., ::-1].copy()
-        out = mirrored.copy()
-        for a, b in MIRRORED.items():
-            out[mirrored == a] = b
+        if mirrored is None:
+            raise ValueError("a flipped copy needs the label map's left-right pairs (mirrored=)")
+        flipped = labels[..., ::-1].copy()
+        out = flipped.copy()
+        for a, b in mirrored.items():
+            out[flipped == a] = b
         return hu[..., ::-1].copy(), out
     if kind == "intensity":
         return hu * p["gain"] + p["offset_hu"], labels.copy()

@@ -61,7 +61,8 @@ def _signature(config: EncodeConfig, checkpoint_sha256: str) -> Signature:
     backbone = get_backbone(config.backbone)
     return Signature(backbone=backbone.name, checkpoint_sha256=checkpoint_sha256, input_size=backbone.input_size,
                      preprocess=config.preprocess, labels=config.labels, embedding_dtype=config.embedding_dtype,
-                     engine=config.engine, precision=config.precision)
+                     engine=config.engine, precision=config.precision,
+                     label_map=config.label_map.only(config.labels))
 
 
 def signature_for(config: EncodeConfig) -> Signature:

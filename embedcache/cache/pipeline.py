@@ -57,7 +57,8 @@ def prepare_case(plan: PlannedCase, config: EncodeConfig) -> CaseBatch:
     z = plan.z
     hu, labels = image.array[z], plan.label_slices
     if plan.source.subset == AUGMENT:  # a training-only copy: its source's slices, moved alike
-        hu, labels = augment_slices(hu, labels, plan.source.name)
+        mirrored = config.label_map.mirrored(config.labels) if "flip" in config.augment else None
+        hu, labels = augment_slices(hu, labels, plan.source.name, mirrored=mirrored)
     masks = resize_mask(labels, (size, size))
     boxes = np.stack([boxes_for_labels(m, config.labels) for m in masks])
     images = np.stack(

@@ -16,6 +16,7 @@ import numpy as np
 from embedcache import __version__
 from embedcache.config import PreprocessConfig
 from embedcache.errors import CacheMismatchError, EmbedcacheError, UsageError
+from embedcache.io.labels import FLARE22, LabelMap
 
 SCHEMA = 1
 #: Signature fields that must match for two caches (or a cache and a model) to mix.
@@ -58,6 +59,12 @@ class Signature:
     schema: int = SCHEMA
     engine: str = "torch"  # what ran the encoder (encode --engine); fp32 engines agree within 1e-4, so not compared
     precision: str = "fp32"  # the encoder's arithmetic (encode --precision): caches of two precisions do not mix
+    # what the target labels mean (io.labels), cut to them; None: FLARE22's, as every cache before label maps
+    label_map: LabelMap | None = None
+
+    def __post_init__(self):
+        if self.label_map is None:
+            object.__setattr__(self, "label_map", _flare22_before_maps(self.labels))
 
     @property
     def slice_size(self) -> int:
@@ -69,13 +76,13 @@ class Signature:
         return {"schema": self.schema, "backbone": self.backbone, "checkpoint_sha256": self.checkpoint_sha256,
                 "input_size": self.input_size, "preprocess": asdict(self.preprocess), "labels": list(self.labels),
                 "embedding_dtype": self.embedding_dtype, "embedcache_version": self.embedcache_version,
-                "engine": self.engine, "precision": self.precision}
+                "engine": self.engine, "precision": self.precision, "label_map": self.label_map.to_dict()}
 
     @classmethod
     def from_dict(cls, values, *, source) -> "Signature":
         """A signature read from ``source`` (a file, named in the error), every field's type checked."""
-        if isinstance(values, dict):  # caches and checkpoints from before --engine and --precision
-            values = {"engine": "torch", "precision": "fp32", **values}
+        if isinstance(values, dict):  # caches and checkpoints from before --engine, --precision and label maps
+            values = {"engine": "torch", "precision": "fp32", "label_map": None, **values}
         _check_fields(cls, values, source=source, what="signature")
         text = ("backbone", "checkpoint_sha256", "embedding_dtype", "embedcache_version", "engine",
                 "precision")
@@ -94,11 +101,16 @@ class Signature:
             preprocess = PreprocessConfig(**pre)
         except UsageError as exc:
             raise _bad(source, f"signature preprocess out of range ({exc})") from None
-        return cls(**{**values, "preprocess": preprocess, "labels": tuple(labels)})
+        label_map = None if values["label_map"] is None else LabelMap.from_dict(values["label_map"], source=source)
+        return cls(**{**values, "preprocess": preprocess, "labels": tuple(labels), "label_map": label_map})
 
     def difference(self, other: "Signature", keys: tuple[str, ...] = MODEL_KEYS) -> str | None:
-        """``key=MINE, not OTHER`` for the first of ``keys`` on which the two differ, else None."""
-        return first_difference(self.to_dict(), other.to_dict(), keys)
+        """``key=MINE, not OTHER`` for the first of ``keys`` on which the two differ, else None; with ``labels``
+        among them, also where the two label maps give a target label another meaning."""
+        difference = first_difference(self.to_dict(), other.to_dict(), keys)
+        if difference is None and "labels" in keys:
+            difference = self.label_map.disagreement(other.label_map, self.labels)
+        return difference
 
     def check_matches(self, expected: "Signature", *, path: Path) -> None:
         """Refuse a cache made by another model, checkpoint, preprocessing or label set; warn on version."""
@@ -110,6 +122,10 @@ class Signature:
         if self.embedcache_version != expected.embedcache_version:
             warnings.warn(f"{path}: written by embedcache {self.embedcache_version}, this is {expected.embedcache_version}",
                           stacklevel=2)
+
+
+def _flare22_before_maps(labels) -> LabelMap:
+    return LabelMap(FLARE22.only(labels).labels, "FLARE22's ids (made before label maps)")
 
 
 def first_difference(found: dict, expected: dict, keys: tuple[str, ...]) -> str | None:

@@ -96,7 +96,9 @@ def progress_option(func):
     )(func)
 
 
-def parse_labels(ctx, param, value: str) -> tuple[int, ...]:
+def parse_labels(ctx, param, value: str | None) -> tuple[int, ...] | None:
+    if value is None:
+        return None
     try:
         labels = tuple(int(v) for v in value.split(",") if v.strip())
     except ValueError:
@@ -125,6 +127,31 @@ class Group(click.Group):
             click.echo("Aborted!", err=True)
             sys.exit(1)
         sys.exit(code if isinstance(code, int) else 0)
+
+
+def label_map_options(func):
+    """``--label-map`` and ``--label-preset``: what the data's label ids mean (embedcache.io.labels)."""
+    from embedcache.io.labels import PRESETS
+
+    func = click.option("--label-preset", type=click.Choice(list(PRESETS)), default=None,
+                        help="The ids of a public data set: " + ", ".join(PRESETS) + ".")(func)
+    return click.option("--label-map", type=click.Path(path_type=Path), default=None,
+                        help="What the label ids mean: an nnU-Net or Decathlon dataset.json, or a JSON or TSV of id → "
+                             "name [default: a dataset.json beside the data, else --label-preset, else FLARE22's "
+                             "ids].")(func)
+
+
+def resolve_labels(label_map_path, preset, folders, labels):
+    """The label map of a command's options, the target labels (those given, else the map's adrenal glands) and
+    the note a command says once at its end where the map fell back to FLARE22's ids (else None): said last, so
+    a refused input is still one line."""
+    from embedcache.io.labels import fallback_note, resolve_label_map
+
+    label_map, fallback = resolve_label_map(path=label_map_path, preset_name=preset, folders=folders)
+    targets = tuple(labels) if labels else label_map.adrenals()
+    if not targets:
+        raise UsageError(f"{label_map.source} names no adrenal gland; give --labels with the target ids")
+    return label_map, targets, fallback_note(targets) if fallback else None
 
 
 def device_option(func):

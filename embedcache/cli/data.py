@@ -12,9 +12,11 @@ from embedcache.cli.common import (
     device_option,
     engine_options,
     friendly_errors,
+    label_map_options,
     parse_labels,
     progress_bar,
     progress_option,
+    resolve_labels,
     say_to,
 )
 from embedcache.errors import UsageError
@@ -69,7 +71,9 @@ def phantom(out: Path, cases: int | None, seed: int, size: int, test_cases: int,
 @click.option("--model", default="litemedsam", show_default=True, help="Backbone: litemedsam, vit_b, vit_l, vit_h, medsam.")
 @click.option("--checkpoint", type=click.Path(path_type=Path), default=None,
               help="Weights file; required for all but litemedsam, whose weights are bundled.")
-@click.option("--labels", default="7,8", show_default=True, callback=parse_labels, help="Target label ids.")
+@click.option("--labels", default=None, callback=parse_labels,
+              help="Target label ids [default: the label map's adrenal glands: 7,8 in FLARE22's ids].")
+@label_map_options
 @click.option("--window-width", default=350.0, show_default=True, type=float, help="CT window width (HU).")
 @click.option("--window-level", default=50.0, show_default=True, type=float, help="CT window level (HU).")
 @click.option("--slice-size", default=512, show_default=True, type=int, help="Slices are resampled to this square size (px).")
@@ -90,8 +94,9 @@ def phantom(out: Path, cases: int | None, seed: int, size: int, test_cases: int,
 @engine_options
 @progress_option
 @friendly_errors
-def encode(data, out, images, labels_, series, model, checkpoint, labels, window_width, window_level, slice_size,
-           dtype, device, batch_size, margin_slices, workers, augment, engine, precision, streams, progress):
+def encode(data, out, images, labels_, series, model, checkpoint, labels, label_map, label_preset, window_width,
+           window_level, slice_size, dtype, device, batch_size, margin_slices, workers, augment, engine, precision,
+           streams, progress):
     """Encode every slice of DATA that holds a target label into the HDF5 cache OUT.
 
     DATA is a FLARE22-style folder (imagesTr/ + labelsTr/ or images/ + labels/, and imagesTs/ +
@@ -114,6 +119,13 @@ def encode(data, out, images, labels_, series, model, checkpoint, labels, window
     if data is not None and series:
         raise click.UsageError("--series picks one series of an --image DICOM folder; in a dataset folder keep one "
                                "series per case folder")
+    main_rank = is_main_process()
+    say = say_to(console()) if main_rank else (lambda message: None)
+    # what the ids mean: --label-map, a dataset.json beside the data (nnU-Net's), --label-preset, else FLARE22's
+    from embedcache.io.labels import beside
+
+    near = (data,) if data is not None else tuple(dict.fromkeys(f for p in labels_ for f in beside(p)))
+    mapping, labels, note = resolve_labels(label_map, label_preset, near, labels)
     config = EncodeConfig(
         backbone=model,
         checkpoint=str(checkpoint) if checkpoint else None,
@@ -128,13 +140,12 @@ def encode(data, out, images, labels_, series, model, checkpoint, labels, window
         engine=engine,
         precision=precision,
         streams=streams,
+        label_map=mapping,
     )
     if data is not None:
         cases = discover_cases(data)
     else:
         cases = [CaseSource(name=case_name(i), image=i, label=l, series_uid=series) for i, l in zip(images, labels_)]
-    main_rank = is_main_process()
-    say = say_to(console()) if main_rank else (lambda message: None)
     with progress_bar(progress and main_rank) as bar:
         summary = run_encode(cases, out, config, progress=bar, log=say)
     if not main_rank:
@@ -145,6 +156,8 @@ def encode(data, out, images, labels_, series, model, checkpoint, labels, window
         + (f"; {summary.cases_resumed} cases already done" if summary.cases_resumed else "")
         + (f"; {len(summary.cases_skipped)} skipped without target labels" if summary.cases_skipped else "")
     )
+    if note:
+        say(note)
     _print_info(out)
 
 
@@ -176,7 +189,7 @@ def _print_info(path: Path) -> None:
         pre = sig.preprocess
         out.print(
             f"window W{pre.window_width_hu:g}/L{pre.window_level_hu:g} HU, slices {pre.slice_size}², "
-            f"labels {list(sig.labels)}",
+            f"labels {', '.join(f'{k} = {sig.label_map.name(k)}' for k in sig.labels)} ({sig.label_map.source})",
             markup=False,
         )
         # The case column is never cut, in a narrow terminal or a log: a cut name tells no case from another.

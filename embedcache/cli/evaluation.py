@@ -11,9 +11,11 @@ from embedcache.cli.common import (
     device_option,
     engine_options,
     friendly_errors,
+    label_map_options,
     parse_labels,
     progress_bar,
     progress_option,
+    resolve_labels,
     say_to,
 )
 from embedcache.errors import EmbedcacheError, UsageError
@@ -161,24 +163,35 @@ def _print_clicks(out, report) -> None:
 @click.argument("pred", type=click.Path(path_type=Path))
 @click.argument("labels_dir", metavar="LABELS", type=click.Path(path_type=Path))
 @click.option("--out", "-o", "out_dir", required=True, type=click.Path(path_type=Path), help="Report folder.")
-@click.option("--labels", default="7,8", show_default=True, callback=parse_labels, help="Label ids to score.")
+@click.option("--labels", default=None, callback=parse_labels,
+              help="Label ids to score [default: the label map's adrenal glands: 7,8 in FLARE22's ids].")
+@label_map_options
 @click.option("--name", default="prediction", show_default=True, help="What to call the predictions in the report.")
 @progress_option
 @friendly_errors
-def evaluate(pred, labels_dir, out_dir, labels, name, progress):
+def evaluate(pred, labels_dir, out_dir, labels, label_map, label_preset, name, progress):
     """Dice and NSD of the label NIfTIs in PRED against the ground truth in LABELS.
 
     Matched by case name (PRED/CASE.nii.gz with LABELS/CASE.nii.gz) and compared on the label's
     voxels with FLARE22's rules and NSD tolerances: put embedcache's predictions beside nnU-Net's
-    or TotalSegmentator's. A case without a prediction, or on another grid, is reported (exit
-    code 1) and the rest are scored. Writes the same report as score.
+    or TotalSegmentator's. What the ids mean comes from --label-map, a dataset.json beside LABELS,
+    --label-preset, or else FLARE22's ids. A case without a prediction, or on another grid, is
+    reported (exit code 1) and the rest are scored. Writes the same report as score.
     """
+    from embedcache.config import check_label_map_options
     from embedcache.evaluation.evaluate import evaluate as run_evaluate
 
+    say = say_to(console())
+    check_label_map_options(label_map, label_preset)
+    from embedcache.io.labels import beside
+
+    mapping, labels, note = resolve_labels(label_map, label_preset, beside(labels_dir), labels)
     with progress_bar(progress) as bar:
-        report = run_evaluate(pred, labels_dir, out_dir, labels=labels, name=name, progress=bar,
-                              log=say_to(console()))
+        report = run_evaluate(pred, labels_dir, out_dir, labels=labels, label_map=mapping, name=name, progress=bar,
+                              log=say)
     _print_summary(report)
+    if note:
+        say(note)
     click.echo(f"report: {out_dir / 'index.html'}")
     if report.errors:
         raise click.ClickException(f"{len(report.errors)} case(s) not scored; see the errors above")
@@ -204,6 +217,7 @@ def evaluate(pred, labels_dir, out_dir, labels, name, progress):
                    "Segmentation) and rtstruct (CASE.rtstruct.dcm, an RT Structure Set); DICOM ones need a DICOM input.")
 @click.option("--review-iou", default=0.5, show_default=True, type=float,
               help="OUT/CASE.review.json lists the slices whose predicted IoU is below this: where to look.")
+@label_map_options
 @engine_options
 @click.option("--model", default="litemedsam", show_default=True, help="Backbone when no run or decoder is given.")
 @click.option("--checkpoint", type=click.Path(path_type=Path), default=None, help="Backbone weights (default: bundled).")
@@ -211,14 +225,14 @@ def evaluate(pred, labels_dir, out_dir, labels, name, progress):
 @progress_option
 @friendly_errors
 def predict(inputs, out_dir, run_dir, decoder_file, boxes_file, from_labels, prompts, jitter, seed, box_margin_mm,
-            box_margin_slices, grow_mm, walk, min_iou, middle, clicks, series, output_types, review_iou, engine, precision, streams, model,
-            checkpoint, device, progress):
+            box_margin_slices, grow_mm, walk, min_iou, middle, clicks, series, output_types, review_iou, label_map,
+            label_preset, engine, precision, streams, model, checkpoint, device, progress):
     """Segment INPUTS (NIfTI files, folders of them, or DICOM series folders) from box prompts.
 
     A 3-D box per gland is segmented from its middle slice and propagated slice by slice (box3d);
     a box on one slice segments that slice; points beside a box are corrective clicks, applied in
-    order (see the README's boxes file). Writes OUT/CASE.nii.gz per input with FLARE22 label ids
-    on the input's own grid and affine, so it opens aligned in 3D Slicer or ITK-SNAP. An input that
+    order (see the README's boxes file). Writes OUT/CASE.nii.gz per input with the decoder's label
+    ids (or those of --label-map / --label-preset; FLARE22's by default) on the input's own grid and affine, so it opens aligned in 3D Slicer or ITK-SNAP. An input that
     fails is reported and the rest go on; the exit code is then 1.
     """
     from embedcache.config import PredictConfig
@@ -234,7 +248,8 @@ def predict(inputs, out_dir, run_dir, decoder_file, boxes_file, from_labels, pro
                            protocol=_settings(jitter, seed, box_margin_mm, box_margin_slices, grow_mm, walk, min_iou, middle,
                                               clicks),
                            series=series, model=model, checkpoint=_text(checkpoint), device=device, review_iou=review_iou,
-                           engine=engine, precision=precision, streams=streams,
+                           engine=engine, precision=precision, streams=streams, label_map=_text(label_map),
+                           label_preset=label_preset,
                            output_types=tuple(t.strip() for t in output_types.split(",") if t.strip()))
     from embedcache.evaluation.predict import predict as run_predict
 
@@ -245,5 +260,7 @@ def predict(inputs, out_dir, run_dir, decoder_file, boxes_file, from_labels, pro
         click.echo(f"wrote {len(done.written)} file(s) to {out_dir}" + (f": {pace}" if pace else ""))
     else:  # a run whose every input failed says so, and names no folder it did not make
         click.echo("wrote no files" + ("" if out_dir.is_dir() else f"; {out_dir} was not made"))
+    if done.note:
+        say_to(console())(done.note)
     if done.errors:
         raise click.ClickException(f"{len(done.errors)} input(s) failed; see the errors above")

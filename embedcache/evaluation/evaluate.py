@@ -10,11 +10,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from embedcache.errors import EmbedcacheError
+from embedcache.errors import EmbedcacheError, UsageError
 from embedcache.evaluation.metrics import gland_metrics
-from embedcache.evaluation.report import Report, check_report_folder, write_report
-from embedcache.io import labels as flare
+from embedcache.evaluation.report import Report, check_report_folder, report_labels, write_report
 from embedcache.io.files import same_file
+from embedcache.io.labels import FLARE22, LabelMap
 from embedcache.io.nifti import is_nifti, nifti_stem
 from embedcache.io.volumes import check_same_grid, read_label
 
@@ -36,22 +36,27 @@ def _by_case(folder: Path, *, seg: bool = False) -> dict[str, Path]:
     return found
 
 
-def _read_prediction(path: Path, geometry, truth_path: Path):
+def _read_prediction(path: Path, geometry, truth_path: Path, label_map: LabelMap):
     """A prediction's label array on the ground truth's grid (``geometry``, of ``truth_path``): a NIfTI on
     the same grid, or a DICOM SEG placed by its frames' positions."""
     if path.name.endswith(SEG):
         from embedcache.io.dicom_out import read_seg
 
-        return read_seg(path, geometry)
+        return read_seg(path, geometry, label_map=label_map)
     pred = read_label(path)
     check_same_grid(geometry, pred.geometry, image_path=truth_path, label_path=path)
     return pred.array
 
 
-def evaluate(pred_dir: Path, labels_dir: Path, out_dir: Path, *, labels=flare.ADRENALS, name: str = "prediction",
-             progress=None, log=print) -> Report:
+def evaluate(pred_dir: Path, labels_dir: Path, out_dir: Path, *, labels=None, label_map: LabelMap = FLARE22,
+             name: str = "prediction", progress=None, log=print) -> Report:
     """Score every prediction in ``pred_dir`` against its label in ``labels_dir``; write the report to
-    ``out_dir``. A case without a prediction, or on another grid, is reported and the rest scored."""
+    ``out_dir``. A case without a prediction, or on another grid, is reported and the rest scored.
+    ``label_map`` says what the ids mean (names, NSD tolerances, a SEG's codes); ``labels`` None: its
+    adrenal glands."""
+    labels = tuple(labels) if labels else label_map.adrenals()
+    if not labels:
+        raise UsageError(f"{label_map.source} names no adrenal gland; give --labels with the ids to score")
     truths, predictions = _by_case(labels_dir), _by_case(pred_dir, seg=True)
     if not truths:
         raise EmbedcacheError(f"{labels_dir}: holds no .nii or .nii.gz label volumes")
@@ -69,10 +74,10 @@ def evaluate(pred_dir: Path, labels_dir: Path, out_dir: Path, *, labels=flare.AD
                 raise EmbedcacheError(f"{predictions[case]}: is the ground truth itself ({truth_path}); give the "
                                       "predictions' folder")
             truth = read_label(truth_path)
-            pred = _read_prediction(predictions[case], truth.geometry, truth_path)
+            pred = _read_prediction(predictions[case], truth.geometry, truth_path, label_map)
             results[case] = {
                 str(label): {name: gland_metrics(pred == label, truth.array == label,
-                                                 spacing_mm=truth.spacing_mm, label=label)}
+                                                 spacing_mm=truth.spacing_mm, label=label, label_map=label_map)}
                 for label in labels
             }
         except EmbedcacheError as exc:
@@ -87,8 +92,7 @@ def evaluate(pred_dir: Path, labels_dir: Path, out_dir: Path, *, labels=flare.AD
         case_set_note=f"every case of {labels_dir} with a prediction in {pred_dir}",
         made_by={"predictions": str(pred_dir), "labels": str(labels_dir)},
         prompts={PROTOCOL: f"the masks in {pred_dir}, however they were made"},
-        models=(name,), labels={str(k): flare.name(k) for k in labels},
-        nsd_tolerance_mm={str(k): flare.tolerance_mm(k) for k in labels},
+        models=(name,), **report_labels(label_map, labels),
         cases={PROTOCOL: results}, errors=errors,
     )
     return write_report(out_dir, report)

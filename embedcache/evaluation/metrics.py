@@ -11,8 +11,7 @@ import warnings
 
 import numpy as np
 
-from embedcache.io.labels import RIGHT_ADRENAL, SCORED_ON_LABELLED_SLICES
-from embedcache.io.labels import tolerance_mm as flare_tolerance_mm
+from embedcache.io.labels import DEFAULT_TOLERANCE_MM, LabelMap
 
 
 def dice(pred: np.ndarray, truth: np.ndarray) -> float:
@@ -24,7 +23,7 @@ def dice(pred: np.ndarray, truth: np.ndarray) -> float:
     return 2.0 * int(np.logical_and(pred, truth).sum()) / total
 
 
-def nsd(pred: np.ndarray, truth: np.ndarray, *, spacing_mm, tolerance_mm: float = flare_tolerance_mm(RIGHT_ADRENAL)) -> float:
+def nsd(pred: np.ndarray, truth: np.ndarray, *, spacing_mm, tolerance_mm: float = DEFAULT_TOLERANCE_MM) -> float:
     """Normalized surface Dice of two boolean ``(z, y, x)`` masks at ``tolerance_mm``.
 
     ``spacing_mm`` is the voxel size along the same axes. 1 when both are empty, 0 when only one is.
@@ -61,18 +60,18 @@ def _around(pred: np.ndarray, truth: np.ndarray, margin: int = 2) -> tuple[np.nd
     return pred[box], truth[box]
 
 
-def gland_metrics(pred: np.ndarray, truth: np.ndarray, *, spacing_mm, label: int) -> dict[str, float]:
-    """FLARE22's Dice and NSD (at the label's tolerance) of two bool ``(z, y, x)`` masks of one label,
-    and the mean 2-D Dice of the slices that hold the ground truth.
-
-    As FLARE22's evaluation does, the aorta, IVC and oesophagus are scored on the slices their
-    ground truth covers only."""
+def gland_metrics(pred: np.ndarray, truth: np.ndarray, *, spacing_mm, label: int, label_map: LabelMap
+                  ) -> dict[str, float]:
+    """FLARE22's Dice and NSD of two bool ``(z, y, x)`` masks of one label, and the mean 2-D Dice of the
+    slices that hold the ground truth. The organ ``label`` holds in ``label_map`` sets the NSD tolerance;
+    as FLARE22's evaluation does, the aorta, IVC and oesophagus are scored on the slices their ground
+    truth covers only (by organ, whatever their ids)."""
     zs = np.flatnonzero(truth.any(axis=(1, 2)))
-    if int(label) in SCORED_ON_LABELLED_SLICES and zs.size:
+    if label_map.labelled_slices_only(label) and zs.size:
         keep = slice(zs[0], zs[-1] + 1)
         pred, truth, zs = pred[keep], truth[keep], zs - zs[0]
     return {
         "dice": dice(pred, truth),
-        "nsd": nsd(pred, truth, spacing_mm=spacing_mm, tolerance_mm=flare_tolerance_mm(label)),
+        "nsd": nsd(pred, truth, spacing_mm=spacing_mm, tolerance_mm=label_map.tolerance_mm(label)),
         "dice_2d": float(np.mean([dice(pred[z], truth[z]) for z in zs])) if zs.size else dice(pred, truth),
     }

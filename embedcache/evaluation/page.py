@@ -220,6 +220,7 @@ def page(report: Report, overlays: list[Overlay], pictures: list[Path]) -> str:
     errors = "".join(f"<li>{e(case)}: {e(msg)}</li>" for case, msg in (report.errors or {}).items())
     facts = "".join(f"<li><b>{e(k)}</b>: {e(str(v))}</li>" for k, v in report.made_by.items())
     tolerance = ", ".join(f"{e(report.labels[k])} {v:g} mm" for k, v in report.nsd_tolerance_mm.items())
+    names = f" Label names from {e(report.label_map)}." if report.label_map else ""
     return f"""<!doctype html><html><head><meta charset="utf-8"><title>embedcache {e(report.kind)}</title>
 <style>body{{font-family:sans-serif;margin:2em;max-width:1200px}}table{{border-collapse:collapse;margin-bottom:1em}}
 td,th{{border:1px solid #ccc;padding:3px 8px;text-align:right}}td:first-child,th:first-child{{text-align:left}}
@@ -230,7 +231,7 @@ figure.dice{{display:block}}figure.dice img{{max-width:100%}}
 <p class="note"><b>{e(report.case_set)} cases</b> ({len(report.case_names)}): {e(report.case_set_note)}</p>
 <ul>{facts}</ul>
 <p>Dice and NSD are 3-D, per case and gland, on the label volume's voxels (FLARE22 rules: both empty 1, one empty 0);
-NSD tolerance: {tolerance}. Mean ± sd over cases.</p>
+NSD tolerance: {tolerance}. Mean ± sd over cases.{names}</p>
 <h2>Summary</h2>{''.join(blocks)}{clicks}
 <h2>Plots</h2>{figures}
 <h2>Per case</h2><table><tr><th>prompts</th><th>case</th><th>gland</th>{case_head}</tr>{''.join(case_rows)}</table>

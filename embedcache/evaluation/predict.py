@@ -26,12 +26,11 @@ from embedcache.errors import EmbedcacheError, UsageError
 from embedcache.evaluation import protocols
 from embedcache.evaluation.prompt_file import Request, read_boxes_file, requests_from_json
 from embedcache.evaluation.protocols import Prediction
-from embedcache.io import labels as flare
 from embedcache.io.datasets import case_name
 from embedcache.io.dicom_out import OUTPUT_TYPES, check_labels, check_no_other_object, check_only_series
 from embedcache.io.files import atomic_path, atomic_write_text, make_output_folder, read_json, same_file
 from embedcache.io.geometry import Geometry
-from embedcache.io.labels import ADRENALS
+from embedcache.io.labels import LabelMap, beside, fallback_note, resolve_label_map
 from embedcache.io.nifti import write_nifti
 from embedcache.io.volumes import check_same_grid, expand_inputs, read_geometry, read_image, read_label
 
@@ -59,9 +58,10 @@ class Job:
         return tuple(path for _, path in self.outputs) + (self.review,)
 
 
-def plan(inputs: list[Path], out_dir: Path, config: PredictConfig, *, labels, owned: set[str],
+def plan(inputs: list[Path], out_dir: Path, config: PredictConfig, *, labels, label_map: LabelMap, owned: set[str],
          log=print) -> tuple[list[Job], list[str]]:
     """Check every input before any model is loaded; returns the jobs to run and the errors of the rest.
+    ``labels``: the decoder's (None: any in a boxes file; with ``--from-labels`` the map's adrenal glands).
     ``owned``: the outputs earlier runs of predict wrote in ``out_dir`` (:func:`written_before`)."""
     names = [case_name(Path(i)) for i in inputs]
     clash = sorted({n for n in names if names.count(n) > 1})
@@ -69,8 +69,12 @@ def plan(inputs: list[Path], out_dir: Path, config: PredictConfig, *, labels, ow
         same = [str(i) for i, n in zip(inputs, names) if n == clash[0]]
         raise UsageError(f"{' and '.join(same)} would both be written to {Path(out_dir) / (clash[0] + '.nii.gz')}; "
                          "rename one or predict them into different folders")
-    if any(kind != "nifti" for kind in config.output_types):
-        check_labels(labels or ADRENALS)  # every segment and ROI gets its name and code
+    dicom = any(kind != "nifti" for kind in config.output_types)
+    if config.from_labels is not None and not (labels or label_map.adrenals()):
+        raise UsageError(f"{label_map.source} names no adrenal gland, the vanilla decoder's targets; give the label map "
+                         "that names them, or --run a decoder trained on your labels")
+    if dicom and config.from_labels is not None:
+        check_labels(labels or label_map.adrenals(), label_map)  # every segment and ROI gets its name and code
     boxes_file = Path(config.boxes) if config.boxes else None
     table = read_boxes_file(boxes_file) if boxes_file is not None else None
     jobs, errors = [], []
@@ -84,6 +88,8 @@ def plan(inputs: list[Path], out_dir: Path, config: PredictConfig, *, labels, ow
             if table is not None:
                 job = Job(image, out, geometry, review, outputs,
                           requests=requests_from_json(table, boxes_file, image, geometry, labels))
+                if dicom:
+                    check_labels(sorted({r.label for r in job.requests}), label_map)
             else:
                 label_file = Path(config.from_labels)
                 if label_file.is_dir():
@@ -120,7 +126,8 @@ def written_before(out_dir: Path) -> set[str]:
     if not record.exists():
         return set()
     saved = read_json(record, what="predict record", fix="choose another --out")
-    if not isinstance(saved, dict) or set(saved) != {"config", "written"} or not isinstance(saved["written"], list) \
+    if not isinstance(saved, dict) or set(saved) - {"label_map"} != {"config", "written"} \
+            or not isinstance(saved["written"], list) \
             or not all(isinstance(n, str) for n in saved["written"]):
         raise EmbedcacheError(f"{record}: not a record predict wrote; choose another --out")
     return set(saved["written"])
@@ -225,6 +232,7 @@ class PredictResult:
     glands: int = 0
     slices_encoded: int = 0
     seconds: float = 0.0
+    note: str = ""  # said once at the end: the label map fell back to FLARE22's ids
 
     def pace(self) -> str:
         """``12.3 s per case, 6.1 s per gland (openvino fp32, 40 slices encoded)``, or "" before any case."""
@@ -242,11 +250,14 @@ def predict(inputs: list[Path], out_dir: Path, config: PredictConfig, *, progres
     from embedcache.train.decoders import load_trained_decoder
 
     decoder = checkpoint_file(Path(config.run or config.decoder)) if config.run or config.decoder else None
-    labels = read_signature(decoder).labels if decoder else None  # the header alone: the inputs come first
+    trained_on = read_signature(decoder) if decoder else None  # the header alone: the inputs come first
+    labels = trained_on.labels if trained_on else None
+    label_map, note = predict_label_map(config, trained_on, decoder)
     owned = written_before(Path(out_dir))
-    jobs, errors = plan(expand_inputs(inputs), out_dir, config, labels=labels, owned=owned, log=log)
+    jobs, errors = plan(expand_inputs(inputs), out_dir, config, labels=labels, label_map=label_map, owned=owned,
+                        log=log)
     if not jobs:
-        return PredictResult([], errors)
+        return PredictResult([], errors, note=note)
     from embedcache.model.engines import check_engine
     from embedcache.runtime.devices import pick_device
 
@@ -266,9 +277,9 @@ def predict(inputs: list[Path], out_dir: Path, config: PredictConfig, *, progres
         made_by = f"sha256 {file_sha256(decoder)[:16]}" if decoder else f"vanilla {config.model}"
         # Recorded before they are written: an interrupted run's outputs are still known as predict's own.
         names = sorted(owned | {path.name for job in jobs for path in job.files})
-        atomic_write_text(Path(out_dir) / CONFIG, json.dumps({"config": asdict(config), "written": names}, indent=2)
-                          + "\n")
-        result_of = PredictResult([], errors, engine=model.engines)
+        atomic_write_text(Path(out_dir) / CONFIG, json.dumps({"config": asdict(config), "written": names,
+                                                               "label_map": label_map.to_dict()}, indent=2) + "\n")
+        result_of = PredictResult([], errors, engine=model.engines, note=note)
         written = result_of.written
         task = bar = None
         if progress:
@@ -297,15 +308,17 @@ def predict(inputs: list[Path], out_dir: Path, config: PredictConfig, *, progres
                                               decode=model.decode)
                 try:
                     predictions = _segment_job(job, segment, image, prompts=config.prompts, settings=config.protocol,
-                                               labels=labels or ADRENALS)
+                                               labels=labels or label_map.adrenals())
                 finally:  # an error or an interrupt leaves no encoding running ahead
                     volume.close()
                 result = np.zeros(image.array.shape, np.uint8)
                 for label, prediction in predictions:
                     result[prediction.mask] = label
                 for kind, path in job.outputs:
-                    _write_output(kind, path, result, image, job, config, labels=labels or ADRENALS, made_by=made_by)
-                look = write_review(job.review, predictions, image.geometry, threshold=config.review_iou)
+                    _write_output(kind, path, result, image, job, config, labels=list(dict.fromkeys(l for l, _ in predictions)),
+                                  label_map=label_map, made_by=made_by)
+                look = write_review(job.review, predictions, image.geometry, threshold=config.review_iou,
+                                    label_map=label_map)
                 written.extend(path for _, path in job.outputs)
                 seconds = time.perf_counter() - started
                 result_of.cases += 1
@@ -325,7 +338,7 @@ def predict(inputs: list[Path], out_dir: Path, config: PredictConfig, *, progres
 
 
 def _write_output(kind: str, path: Path, result: np.ndarray, image, job: Job, config: PredictConfig, *, labels,
-                  made_by: str) -> None:
+                  label_map: LabelMap, made_by: str) -> None:
     """One result file: the label NIfTI, or a DICOM object referencing the source series (built beside it,
     then moved into place)."""
     if kind == "nifti":
@@ -336,13 +349,14 @@ def _write_output(kind: str, path: Path, result: np.ndarray, image, job: Job, co
     source = image.geometry.to_source(result)
     with atomic_path(path, keep_suffix=True) as tmp:  # rt-utils adds .dcm to a name without it
         if kind == "dicom-seg":
-            write_seg(tmp, job.image, source, series_uid=config.series, label_ids=labels, decoder=made_by,
-                      semiautomatic=True)  # box-prompted: a person gave the boxes
+            write_seg(tmp, job.image, source, series_uid=config.series, label_ids=labels, label_map=label_map,
+                      decoder=made_by, semiautomatic=True)  # box-prompted: a person gave the boxes
         else:
-            write_rtstruct(tmp, job.image, source, series_uid=config.series, label_ids=labels)
+            write_rtstruct(tmp, job.image, source, series_uid=config.series, label_ids=labels, label_map=label_map)
 
 
-def write_review(path: Path, predictions: list[tuple[int, Prediction]], geometry: Geometry, *, threshold: float) -> int:
+def write_review(path: Path, predictions: list[tuple[int, Prediction]], geometry: Geometry, *, threshold: float,
+                 label_map: LabelMap) -> int:
     """``CASE.review.json``: per gland, every decoded slice (the file's own slice index and axis, the box,
     the mask's voxels, the decoder's predicted IoU), and the slices whose predicted IoU is below
     ``threshold``, lowest first: where a person should look. Returns how many slices that is."""
@@ -357,10 +371,30 @@ def write_review(path: Path, predictions: list[tuple[int, Prediction]], geometry
         low += len(look)
         # the clicks as a boxes file takes them: the file's voxel indices, 1 on the gland, 0 off it
         points = [[*map(int, geometry.source_index([[c.x, c.y, c.z]])[0]), int(c.positive)] for c in prediction.clicks]
-        glands.append({"label": int(label), "name": flare.name(label), "look_at": [s["slice"] for s in look],
+        glands.append({"label": int(label), "name": label_map.name(label), "look_at": [s["slice"] for s in look],
                        "slices": slices, **({"points": points} if points else {})})
     atomic_write_text(path, json.dumps({"threshold": threshold, "glands": glands}, indent=1) + "\n")
     return low
+
+
+def predict_label_map(config: PredictConfig, trained_on, decoder: Path | None) -> tuple[LabelMap, str]:
+    """What the ids mean: the trained decoder's map (a ``--label-map`` or ``--label-preset`` given beside it must
+    agree with it on its labels), else ``--label-map``, a ``dataset.json`` beside ``--from-labels``, a preset, or
+    FLARE22's ids; and the note to say where it fell back to them (else "")."""
+    folders = beside(Path(config.from_labels)) if config.from_labels else ()
+    given = config.label_map is not None or config.label_preset is not None
+    if trained_on is not None:
+        if given:
+            mine, _ = resolve_label_map(path=Path(config.label_map) if config.label_map else None,
+                                        preset_name=config.label_preset)
+            clash = trained_on.label_map.disagreement(mine, trained_on.labels)
+            if clash:
+                raise UsageError(f"{decoder} and the label map given disagree ({clash}); drop --label-map/"
+                                 "--label-preset (the decoder carries its own) or give the one it was trained with")
+        return trained_on.label_map, ""
+    label_map, fallback = resolve_label_map(path=Path(config.label_map) if config.label_map else None,
+                                            preset_name=config.label_preset, folders=folders)
+    return label_map, fallback_note(label_map.adrenals()) if fallback else ""
 
 
 def _segment_job(job: Job, segment, image, *, prompts: str, settings: ProtocolSettings, labels) -> list:

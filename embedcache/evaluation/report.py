@@ -2,7 +2,7 @@
 and CSV, and the page (:mod:`embedcache.evaluation.page`) that shows them.
 
     OUT/report.json        every number: per protocol, case, gland and model; means and sd; what made them
-    OUT/cases.csv          one row per protocol, case, gland and model
+    OUT/cases.csv          one row per protocol, case, gland (its id and name) and model
     OUT/dice.png           Dice per gland and protocol, one point per case, the mean as a bar
     OUT/learning_curve.png the run's log.csv: training and validation loss, validation Dice (score --run)
     OUT/clicks.png         --prompts clicks: mean Dice per gland after 0..N corrective clicks, per model
@@ -53,6 +53,7 @@ class Report:
     labels: dict[str, str]  # label id (as a string) → name
     nsd_tolerance_mm: dict[str, float]
     cases: dict
+    label_map: str = ""  # where the names came from: a dataset.json, a preset, FLARE22's ids
     protocol_settings: dict | None = None  # score's ProtocolSettings
     errors: dict[str, str] | None = None  # evaluate: case → why it was not scored
     summary: dict = field(default_factory=dict)
@@ -64,9 +65,17 @@ class Report:
         values = {"kind": self.kind, "case_set": self.case_set, "case_set_note": self.case_set_note,
                   "case_names": list(self.case_names), "made_by": self.made_by, "prompts": self.prompts,
                   "protocol_settings": self.protocol_settings, "models": list(self.models), "labels": self.labels,
-                  "nsd_tolerance_mm": self.nsd_tolerance_mm, "cases": self.cases, "errors": self.errors,
+                  "label_map": self.label_map, "nsd_tolerance_mm": self.nsd_tolerance_mm, "cases": self.cases, "errors": self.errors,
                   "summary": self.summary, "figures": self.figures, "overlays": list(self.overlays)}
         return {k: v for k, v in values.items() if v is not None}
+
+
+def report_labels(label_map, labels) -> dict:
+    """A report's ``labels`` (id → the name every table shows), ``nsd_tolerance_mm`` (by organ) and
+    ``label_map`` (where the names came from) for the ``labels`` scored, read from ``label_map``."""
+    return {"labels": {str(k): label_map.name(k) for k in labels},
+            "nsd_tolerance_mm": {str(k): label_map.tolerance_mm(k) for k in labels},
+            "label_map": label_map.source}
 
 
 def summarize(results: dict) -> dict:
@@ -176,20 +185,20 @@ def _write_clicks_csv(report: Report, path: Path) -> None:
     counts = click_counts(report.summary)
     with atomic_path(path) as tmp, open(tmp, "w", newline="") as handle:
         writer = csv.writer(handle)
-        writer.writerow(["case", "label", "model", "clicks", "dice", "nsd"])
+        writer.writerow(["case", "label", "gland", "model", "clicks", "dice", "nsd"])
         for case, by_label in report.cases["clicks"].items():
             for label, by_model in by_label.items():
                 for model, values in by_model.items():
                     for k in counts:
-                        writer.writerow([case, label, model, k, f"{values[f'dice@{k}']:.4f}", f"{values[f'nsd@{k}']:.4f}"])
+                        writer.writerow([case, label, report.labels[label], model, k, f"{values[f'dice@{k}']:.4f}", f"{values[f'nsd@{k}']:.4f}"])
 
 
 def _write_csv(report: Report, path: Path) -> None:
     with atomic_path(path) as tmp, open(tmp, "w", newline="") as handle:
         writer = csv.writer(handle)
-        writer.writerow(["protocol", "case", "label", "model", *METRICS])
+        writer.writerow(["protocol", "case", "label", "gland", "model", *METRICS])
         for protocol, by_case in report.cases.items():
             for case, by_label in by_case.items():
                 for label, by_model in by_label.items():
                     for model, values in by_model.items():
-                        writer.writerow([protocol, case, label, model, *[f"{values[m]:.4f}" for m in METRICS]])
+                        writer.writerow([protocol, case, label, report.labels[label], model, *[f"{values[m]:.4f}" for m in METRICS]])

@@ -24,8 +24,7 @@ from embedcache.errors import EmbedcacheError
 from embedcache.evaluation import protocols
 from embedcache.evaluation.metrics import dice, gland_metrics
 from embedcache.evaluation.page import Overlay
-from embedcache.evaluation.report import Report, check_report_folder, write_report
-from embedcache.io import labels as flare
+from embedcache.evaluation.report import Report, check_report_folder, report_labels, write_report
 from embedcache.io.datasets import discover_cases
 from embedcache.io.volumes import read_image, read_label, source_digest
 from embedcache.model.decoder import segment_boxes
@@ -133,8 +132,7 @@ def score(config: ScoreConfig, out_dir: Path, *, progress=None, log=print) -> Re
                  **(trained.describe() if trained else {"decoder": "vanilla only"}),
                  "protocol settings": asdict(config.protocol)},
         prompts={p: protocols.DESCRIPTIONS[p] for p in config.prompts}, protocol_settings=asdict(config.protocol),
-        models=tuple(model.decoders), labels={str(k): flare.name(k) for k in cache.labels},
-        nsd_tolerance_mm={str(k): flare.tolerance_mm(k) for k in cache.labels}, cases=results,
+        models=tuple(model.decoders), **report_labels(cache.signature.label_map, cache.labels), cases=results,
     )
     return write_report(out_dir, report, overlays=overlays, log_csv=run_dir / LOG if run_dir else None,
                         extra={CONFIG: to_json(config) + "\n"})
@@ -163,11 +161,13 @@ def _score_cases(cache: Cache, records: list[CaseRecord], sources: dict, model, 
                 predictions = {m: protocols.run(protocol, segment, truth=gt, spacing_mm=case.spacing_mm,
                                                 settings=config.protocol, case=case.name, label=label,
                                                 start=done.get("box3d", {}).get(m),  # clicks start where box3d ends
-                                                observe=partial(_observe, curves[m], gt, case.spacing_mm, label))
+                                                observe=partial(_observe, curves[m], gt, case.spacing_mm, label,
+                                                                cache.signature.label_map))
                                for m, segment in segments.items()}
                 done[protocol] = predictions
                 results[protocol].setdefault(case.name, {})[str(label)] = {
-                    m: {**gland_metrics(p.mask, gt, spacing_mm=case.spacing_mm, label=label), **click_metrics(curves[m])}
+                    m: {**gland_metrics(p.mask, gt, spacing_mm=case.spacing_mm, label=label,
+                                     label_map=cache.signature.label_map), **click_metrics(curves[m])}
                     for m, p in predictions.items()
                 }
                 if protocol == shown:
@@ -177,9 +177,9 @@ def _score_cases(cache: Cache, records: list[CaseRecord], sources: dict, model, 
     return results, picks
 
 
-def _observe(curve: dict, gt: np.ndarray, spacing_mm, label: int, k: int, mask: np.ndarray) -> None:
+def _observe(curve: dict, gt: np.ndarray, spacing_mm, label: int, label_map, k: int, mask: np.ndarray) -> None:
     """The clicks protocol's mask after ``k`` clicks, scored into ``curve[k]``."""
-    curve[k] = gland_metrics(mask, gt, spacing_mm=spacing_mm, label=label)
+    curve[k] = gland_metrics(mask, gt, spacing_mm=spacing_mm, label=label, label_map=label_map)
 
 
 def click_metrics(curve: dict[int, dict]) -> dict[str, float]:

@@ -21,6 +21,7 @@ import numpy as np
 
 from embedcache.errors import EmbedcacheError
 from embedcache.io import labels as flare
+from embedcache.io.labels import DATASET_JSON, write_dataset_json
 
 #: Mean HU of each labelled organ, portal-venous phase, and of the structures drawn around them.
 ORGAN_HU = {
@@ -136,7 +137,7 @@ def write_anatomy(labels_dir: Path, out: Path, *, cases: int | None, test_cases:
              [(p, ("imagesTs", "labelsTs")) for p in maps[cases:cases + test_cases]]
     targets = [(out / images / f"{nifti_stem(p)}_0000.nii.gz", out / labels / f"{nifti_stem(p)}.nii.gz", p)
                for p, (images, labels) in chosen]
-    taken = [path for image, label, _ in targets for path in (image, label) if path.exists()]
+    taken = [path for image, label, _ in targets for path in (image, label, out / DATASET_JSON) if path.exists()]
     if taken:  # checked before any write: a dataset is never half replaced
         raise EmbedcacheError(f"{taken[0]}: exists; phantom writes a new dataset: choose an empty OUT folder")
     task = progress.add_task("anatomy", total=len(targets)) if progress else None
@@ -148,4 +149,5 @@ def write_anatomy(labels_dir: Path, out: Path, *, cases: int | None, test_cases:
         shutil.copyfile(source, label_out)
         if progress:
             progress.advance(task)
+    write_dataset_json(out, training=cases, name=f"embedcache anatomy from {labels_dir.name}")
     return [nifti_stem(p) for p, _ in chosen]

@@ -15,11 +15,11 @@ import numpy as np
 
 from embedcache import __version__
 from embedcache.errors import EmbedcacheError, UsageError
-from embedcache.io import labels as flare
 from embedcache.io.dicom import series_layout
+from embedcache.io.labels import ANATOMICAL_STRUCTURE, SCT, LabelMap
 
 #: The segmented property category of every segment: (code, scheme, meaning).
-ANATOMY = (flare.ANATOMICAL_STRUCTURE[0], flare.SCT, flare.ANATOMICAL_STRUCTURE[1])
+ANATOMY = (ANATOMICAL_STRUCTURE[0], SCT, ANATOMICAL_STRUCTURE[1])
 #: Output kinds of ``predict --output-type`` and the suffix of each file beside ``CASE``.
 OUTPUT_TYPES = {"nifti": ".nii.gz", "dicom-seg": ".seg.dcm", "rtstruct": ".rtstruct.dcm"}
 
@@ -33,12 +33,16 @@ def _require(module: str, extra: str = "dicom"):
         raise UsageError(f"{module} is not installed; DICOM output needs it: pip install 'embedcache[{extra}]'") from None
 
 
-def check_labels(label_ids) -> None:
-    """Every label to write has a name and a SNOMED code in :data:`embedcache.io.labels.SNOMED`."""
-    unknown = [int(k) for k in label_ids if int(k) not in flare.SNOMED]
-    if unknown:
-        raise UsageError(f"label {unknown[0]} has no name and code in embedcache's label map (FLARE22 ids "
-                         f"{min(flare.SNOMED)}..{max(flare.SNOMED)}); DICOM output names every segment")
+def check_labels(label_ids, label_map: LabelMap) -> None:
+    """Every label to write is an organ ``label_map`` can code (SNOMED CT, with its side): a DICOM object
+    for a structure it cannot name is refused, never written with another organ's code."""
+    for label in label_ids:
+        if label_map.code(label) is None:
+            entry = label_map.get(label)
+            what = f"is named {entry.name!r}, which" if entry else "has no name in it, so it"
+            raise UsageError(f"label {int(label)} {what} embedcache cannot code as anatomy ({label_map.source}); "
+                             "DICOM output names every segment by its SNOMED CT code: give a --label-map naming it "
+                             "as an organ (e.g. adrenal_gland_right), or --output-type nifti")
 
 
 def source_frames(labels_ijk: np.ndarray) -> np.ndarray:
@@ -100,14 +104,14 @@ def check_only_series(folder: Path, series_uid: str | None) -> None:
 
 
 def write_seg(out: Path, folder: Path, labels_ijk: np.ndarray, *, series_uid: str | None, label_ids,
-              decoder: str, semiautomatic: bool) -> Path:
+              label_map: LabelMap, decoder: str, semiautomatic: bool) -> Path:
     """A binary DICOM Segmentation of the label array (the source's own voxel order) of the DICOM series in
-    ``folder``: one segment per label present, empty frames omitted. ``decoder``: what made it (the
-    checkpoint's digest), in the algorithm identification."""
+    ``folder``: one segment per label present, empty frames omitted, named and coded from ``label_map``.
+    ``decoder``: what made it (the checkpoint's digest), in the algorithm identification."""
     hd = _require("highdicom")
     from pydicom.sr.coding import Code
 
-    check_labels(label_ids)
+    check_labels(label_ids, label_map)
     paths, sources = _sources(folder, series_uid)
     frames = source_frames(labels_ijk)
     if frames.shape != (len(sources), int(sources[0].Rows), int(sources[0].Columns)):
@@ -121,16 +125,16 @@ def write_seg(out: Path, folder: Path, labels_ijk: np.ndarray, *, series_uid: st
         family=Code("123109", "DCM", "Artificial Intelligence"))
     descriptions = []
     for number, label in enumerate(present, start=1):
-        code, meaning, side = flare.SNOMED[label]
+        code, meaning, side = label_map.code(label)
         description = hd.seg.SegmentDescription(
-            segment_number=number, segment_label=flare.name(label),
+            segment_number=number, segment_label=label_map.name(label),
             segmented_property_category=Code(*ANATOMY),
-            segmented_property_type=Code(code, flare.SCT, meaning),
+            segmented_property_type=Code(code, SCT, meaning),
             algorithm_type="SEMIAUTOMATIC" if semiautomatic else "AUTOMATIC", algorithm_identification=algorithm)
         if side is not None:
             # laterality qualifies the property type: the modifier lives inside its code item
             description.SegmentedPropertyTypeCodeSequence[0].SegmentedPropertyTypeModifierCodeSequence = [
-                hd.sr.CodedConcept(side[0], flare.SCT, side[1])]
+                hd.sr.CodedConcept(side[0], SCT, side[1])]
         descriptions.append(description)
     stack = np.stack([frames == label for label in present], axis=-1)  # (frames, rows, columns, segments)
     seg = hd.seg.Segmentation(
@@ -138,15 +142,17 @@ def write_seg(out: Path, folder: Path, labels_ijk: np.ndarray, *, series_uid: st
         series_instance_uid=hd.UID(), series_number=int(getattr(sources[0], "SeriesNumber", 0) or 0) + 1000,
         sop_instance_uid=hd.UID(), instance_number=1, manufacturer="embedcache",
         manufacturer_model_name="embedcache", software_versions=__version__, device_serial_number="0",
-        series_description=f"embedcache {', '.join(flare.name(k) for k in present)}", omit_empty_frames=True)
+        series_description=f"embedcache {', '.join(label_map.name(k) for k in present)}"[:64],
+        omit_empty_frames=True)
     seg.save_as(out)
     return out
 
 
 
-def read_seg(path: Path, geometry) -> np.ndarray:
-    """A DICOM Segmentation written by :func:`write_seg` (or any binary one of FLARE22 structures) → a
-    label volume on ``geometry``'s canonical ``(z, y, x)`` grid, placed by each frame's position."""
+def read_seg(path: Path, geometry, *, label_map: LabelMap) -> np.ndarray:
+    """A DICOM Segmentation written by :func:`write_seg` (or any binary one of structures ``label_map`` names)
+    → a label volume of ``label_map``'s ids on ``geometry``'s canonical ``(z, y, x)`` grid, each segment placed by
+    its frames' positions and given the id whose organ and side its code says."""
     hd = _require("highdicom")
 
     try:
@@ -154,7 +160,11 @@ def read_seg(path: Path, geometry) -> np.ndarray:
     except Exception as exc:  # noqa: BLE001  (pydicom and highdicom raise many kinds)
         raise EmbedcacheError(f"{path}: not a readable DICOM Segmentation ({type(exc).__name__}); "
                               "give the SEG predict wrote") from None
-    by_code = {(c, side): label for label, (c, _, side) in flare.SNOMED.items()}
+    by_code = {}
+    for label in label_map.ids:
+        coded = label_map.code(label)
+        if coded is not None:
+            by_code.setdefault((coded[0], coded[2]), label)
     out = np.zeros(geometry.shape_zyx, np.uint8)
     shape = geometry.shape_zyx
     for description in seg.SegmentSequence:
@@ -164,8 +174,9 @@ def read_seg(path: Path, geometry) -> np.ndarray:
         side = next(((str(m.CodeValue), str(m.CodeMeaning)) for m in modifiers), None)
         label = by_code.get((code, side)) or by_code.get((code, None))
         if label is None:
-            raise EmbedcacheError(f"{path}: segment {description.SegmentNumber} ({code}) is no structure embedcache "
-                                  "knows; evaluate scores FLARE22 structures")
+            raise EmbedcacheError(f"{path}: segment {description.SegmentNumber} ({code} {item.CodeMeaning}"
+                                  f"{', ' + side[1] if side else ''}) is no label of {label_map.source}; give the "
+                                  "--label-map of the ground truth")
         number = int(description.SegmentNumber)
         pixels = seg.pixel_array.reshape(-1, int(seg.Rows), int(seg.Columns))
         for index, frame in enumerate(seg.PerFrameFunctionalGroupsSequence):
@@ -202,12 +213,13 @@ def _paint(out, mask_rc, position_lps, seg, geometry, label, shape, path) -> Non
     out[xyz[:, 2], xyz[:, 1], xyz[:, 0]] = label
 
 
-def write_rtstruct(out: Path, folder: Path, labels_ijk: np.ndarray, *, series_uid: str | None, label_ids) -> Path:
-    """An RT Structure Set, one ROI per label present, contours per slice from the mask (holes kept),
-    through rt-utils, referencing the DICOM series in ``folder``."""
+def write_rtstruct(out: Path, folder: Path, labels_ijk: np.ndarray, *, series_uid: str | None, label_ids,
+                   label_map: LabelMap) -> Path:
+    """An RT Structure Set, one ROI per label present named from ``label_map``, contours per slice from the
+    mask (holes kept), through rt-utils, referencing the DICOM series in ``folder``."""
     rt_utils = _require("rt_utils")
 
-    check_labels(label_ids)
+    check_labels(label_ids, label_map)
     paths, sources = _sources(folder, series_uid)
     frames = source_frames(labels_ijk)
     structure = rt_utils.RTStructBuilder.create_new(dicom_series_path=str(_only_series(folder, paths)))
@@ -218,14 +230,14 @@ def write_rtstruct(out: Path, folder: Path, labels_ijk: np.ndarray, *, series_ui
         raise EmbedcacheError(f"{folder}: the prediction is empty; there is no structure to write")
     for label in present:
         mask = np.stack([frames[ours[uid]] == label for uid in order], axis=-1)  # rt-utils: (rows, columns, slices)
-        structure.add_roi(mask=mask, name=flare.name(label), use_pin_hole=True, approximate_contours=False)
-    _complete(structure.ds, sources[0], present)
+        structure.add_roi(mask=mask, name=label_map.name(label), use_pin_hole=True, approximate_contours=False)
+    _complete(structure.ds, sources[0], [label_map.name(k) for k in present])
     with contextlib.redirect_stdout(io.StringIO()):  # rt-utils prints where it writes
         structure.save(str(out))
     return out
 
 
-def _complete(ds, source, present) -> None:
+def _complete(ds, source, names) -> None:
     """What rt-utils leaves out or writes too long, for a Structure Set that passes dciodvfy: contour
     coordinates as DS of at most 16 characters, the study's and the frame of reference's type 1 and 2
     attributes from the source, and embedcache named as the maker."""
@@ -238,7 +250,7 @@ def _complete(ds, source, present) -> None:
         setattr(ds, keyword, source.get(keyword, ""))
     ds.FrameOfReferenceUID = source.FrameOfReferenceUID
     ds.OperatorsName = ""
-    ds.SeriesDescription = f"embedcache {', '.join(flare.name(k) for k in present)}"
+    ds.SeriesDescription = f"embedcache {', '.join(names)}"[:64]
     ds.Manufacturer = "embedcache"
     ds.SoftwareVersions = __version__
 

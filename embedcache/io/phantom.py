@@ -21,6 +21,7 @@ from embedcache.errors import EmbedcacheError
 from embedcache.io.labels import (
     ADRENALS,
     AORTA,
+    DATASET_JSON,
     IVC,
     LEFT_ADRENAL,
     LEFT_KIDNEY,
@@ -28,6 +29,7 @@ from embedcache.io.labels import (
     RIGHT_ADRENAL,
     RIGHT_KIDNEY,
     SPLEEN,
+    write_dataset_json,
 )
 
 #: Fill values of the phantom's tissues, in HU.
@@ -183,7 +185,7 @@ def write_phantom(out: Path, *, cases: int, seed: int, config: PhantomConfig = P
     names = [f"PHANTOM_{i + 1:04d}" for i in range(len(folders))]
     paths = [(out / images / f"{name}_0000.nii.gz", out / labels / f"{name}.nii.gz")
              for name, (images, labels) in zip(names, folders)]
-    taken = [path for pair in paths for path in pair if path.exists()]
+    taken = [path for pair in paths for path in (*pair, out / DATASET_JSON) if path.exists()]
     if taken:  # checked before any write: a dataset is never half replaced
         raise EmbedcacheError(f"{taken[0]}: exists; phantom writes a new dataset: choose an empty OUT folder")
     for images, labels in set(folders):
@@ -201,6 +203,7 @@ def write_phantom(out: Path, *, cases: int, seed: int, config: PhantomConfig = P
         write_nifti(labels, geometry, label_path)
         if progress:
             progress.advance(task)
+    write_dataset_json(out, training=cases, name="embedcache phantom")
     return names
 
 

@@ -8,27 +8,50 @@ import pytest
 from embedcache.cache import store
 from embedcache.cache.augment import augment_slices, source_of
 from embedcache.errors import UsageError
+from embedcache.io import labels as labels_of
 from embedcache.io.phantom import limit_target_slices, write_phantom
 
 import tiny
 from conftest import SMALL_PHANTOM, finetune_config
 
 
-def _slices():
+def _slices(right=7, left=8, other=None):
     hu = np.full((2, 40, 60), -100.0, np.float32)
     labels = np.zeros((2, 40, 60), np.uint8)
-    labels[:, 10:15, 5:12] = 7  # right adrenal on the image's left (canonical x grows to the patient's left)
-    labels[:, 20:30, 40:44] = 8
+    labels[:, 10:15, 5:12] = right  # right adrenal on the image's left (canonical x grows to the patient's left)
+    labels[:, 20:30, 40:44] = left
+    if other is not None:
+        labels[:, 30:36, 25:35] = other  # an unpaired organ across the middle
     hu[labels > 0] = 30.0
     return hu, labels
 
 
-def test_a_flip_mirrors_left_right_and_swaps_the_glands_labels():
-    hu, labels = _slices()
-    flipped_hu, flipped = augment_slices(hu, labels, "CASE~flip")
+@pytest.mark.parametrize("preset, right, left, unpaired", [("flare22", 7, 8, 4), ("totalsegmentator", 8, 9, 7),
+                                                          ("amos", 11, 12, 10), ("btcv", 12, 13, 11)])
+def test_a_flip_mirrors_left_right_and_swaps_the_glands_labels_of_the_data_sets_own_ids(preset, right, left, unpaired):
+    """Each convention's right adrenal becomes its left one on the mirrored side; its pancreas keeps its id
+    (in TotalSegmentator's ids 7 is the pancreas, which a FLARE22 table would have turned into 8)."""
+    label_map = labels_of.preset(preset)
+    hu, labels = _slices(right, left, unpaired)
+    flipped_hu, flipped = augment_slices(hu, labels, "CASE~flip", mirrored=label_map.mirrored((right, left)))
     np.testing.assert_array_equal(flipped_hu, hu[..., ::-1])
-    assert (flipped == 8).sum() == (labels == 7).sum() and (flipped == 7).sum() == (labels == 8).sum()
-    np.testing.assert_array_equal(flipped == 8, (labels == 7)[..., ::-1])  # the gland that was right is left now
+    np.testing.assert_array_equal(flipped == left, (labels == right)[..., ::-1])  # the gland that was right is left
+    np.testing.assert_array_equal(flipped == right, (labels == left)[..., ::-1])
+    np.testing.assert_array_equal(flipped == unpaired, (labels == unpaired)[..., ::-1])
+    assert set(np.unique(flipped)) == set(np.unique(labels))
+
+
+def test_flip_is_refused_where_a_target_has_no_known_side_or_partner():
+    from embedcache.config import EncodeConfig
+
+    word = labels_of.preset("word")  # one adrenal class for both glands: it keeps its id
+    assert word.mirrored((12,)) == {3: 4, 4: 3}
+    custom = labels_of.from_names({1: "adrenal_gland_right", 2: "lesion"}, "dataset.json")
+    with pytest.raises(UsageError, match="label 1 .*right adrenal.* no left partner"):
+        EncodeConfig(labels=(1,), augment=("flip",), label_map=custom)
+    with pytest.raises(UsageError, match="label 2 .*lesion.* whose side is known"):
+        EncodeConfig(labels=(2,), augment=("flip",), label_map=custom)
+    EncodeConfig(labels=(1,), augment=("rotate",), label_map=custom)  # only flips need sides
 
 
 def test_rotation_scale_and_intensity_are_seeded_by_the_copys_name_and_keep_the_anatomy():

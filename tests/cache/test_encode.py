@@ -293,7 +293,11 @@ def test_worker_processes_prepare_the_same_slices(tiny_model, phantom_dir, tmp_p
 
 def test_torchrun_encode_with_two_processes_equals_one_process(tiny_model, tiny_checkpoint, phantom_dir, tmp_path):
     cases = discover_cases(phantom_dir)
-    _encode(cases, tmp_path / "one.h5", dataclasses.replace(TINY, engine="torch"))  # auto is torch under torchrun
+    from embedcache.io.labels import read_label_map
+
+    # auto is torch under torchrun; the command reads the phantom's dataset.json, as the library is told to
+    _encode(cases, tmp_path / "one.h5", dataclasses.replace(TINY, engine="torch",
+                                                            label_map=read_label_map(phantom_dir / "dataset.json")))
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(Path(tiny.__file__).parent), *sys.path]),
                OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone",

@@ -28,5 +28,6 @@ def test_the_report_record_is_what_report_json_holds(tmp_path):
     assert "protocol_settings" not in evaluated.to_dict() and evaluated.to_dict()["errors"] == {"C": "no file"}
     assert "C: no file" in (tmp_path / "e" / "index.html").read_text()
     rows = (tmp_path / "cases.csv").read_text().splitlines()
-    assert rows == ["protocol,case,label,model,dice,nsd,dice_2d", "oracle,A,7,vanilla,1.0000,1.0000,1.0000",
-                    "oracle,B,7,vanilla,0.5000,0.2500,0.5000"]
+    assert rows == ["protocol,case,label,gland,model,dice,nsd,dice_2d",
+                    "oracle,A,7,right adrenal,vanilla,1.0000,1.0000,1.0000",
+                    "oracle,B,7,right adrenal,vanilla,0.5000,0.2500,0.5000"]

@@ -52,7 +52,8 @@ def test_oracle_is_perfect_where_box3d_pays_for_slices_beyond_the_gland(small_ca
     out = tmp_path / "r"
     assert json.loads((out / "report.json").read_text())["summary"] == json.loads(json.dumps(report.summary))
     rows = (out / "cases.csv").read_text().splitlines()
-    assert rows[0] == "protocol,case,label,model,dice,nsd,dice_2d" and len(rows) == 1 + 3 * 3 * 2
+    assert rows[0] == "protocol,case,label,gland,model,dice,nsd,dice_2d" and len(rows) == 1 + 3 * 3 * 2
+    assert {row.split(",")[3] for row in rows[1:]} == {"right adrenal", "left adrenal"}
     assert (out / "dice.png").stat().st_size > 5000 and len(list(out.glob("overlay-*.png"))) == 4
     page = (out / "index.html").read_text()
     assert "box3d" in page and "dice.png" in page and all(p.name in page for p in out.glob("overlay-*.png"))
@@ -193,7 +194,7 @@ def test_clicks_record_dice_after_every_click_starting_from_box3d(small_cache, t
     out = tmp_path / "r"
     assert (out / "clicks.png").stat().st_size > 1000 and report.figures["clicks"] == "clicks.png"
     rows = (out / "clicks.csv").read_text().splitlines()
-    assert rows[0] == "case,label,model,clicks,dice,nsd" and len(rows) == 1 + 4 * sum(
+    assert rows[0] == "case,label,gland,model,clicks,dice,nsd" and len(rows) == 1 + 4 * sum(
         len(by_label) for by_label in report.cases["clicks"].values())
     page = (out / "index.html").read_text()
     assert "Dice after each corrective click" in page and 'src="clicks.png"' in page

@@ -13,6 +13,7 @@ import pytest
 
 from embedcache.evaluation.metrics import dice
 from embedcache.io.dicom_out import read_seg, write_rtstruct, write_seg
+from embedcache.io.labels import FLARE22
 from embedcache.io.nifti import write_nifti
 from embedcache.io.volumes import read_geometry, read_label
 
@@ -87,9 +88,9 @@ def test_a_seg_reads_back_voxel_for_voxel_and_passes_dciodvfy(which, ct5n, tmp_p
     folder = ct5n if which == "ct5n" else oblique_series(tmp_path / "OBL")
     geometry = read_geometry(folder)
     labels = _glands(geometry.shape_zyx)
-    out = write_seg(tmp_path / "x.seg.dcm", folder, geometry.to_source(labels), series_uid=None, label_ids=(7, 8),
+    out = write_seg(tmp_path / "x.seg.dcm", folder, geometry.to_source(labels), series_uid=None, label_ids=(7, 8), label_map=FLARE22,
                     decoder="test", semiautomatic=True)
-    np.testing.assert_array_equal(read_seg(out, geometry), labels)
+    np.testing.assert_array_equal(read_seg(out, geometry, label_map=FLARE22), labels)
     dciodvfy(out)
     import pydicom
 
@@ -111,7 +112,7 @@ def test_an_rt_structure_set_rasterises_back_to_the_mask_and_passes_dciodvfy(tmp
     geometry = read_geometry(folder)
     labels = _glands(geometry.shape_zyx)
     out = write_rtstruct(tmp_path / "x.rtstruct.dcm", folder, geometry.to_source(labels), series_uid=None,
-                         label_ids=(7, 8))
+                         label_ids=(7, 8), label_map=FLARE22)
     dciodvfy(out)
     structure = rt_utils.RTStructBuilder.create_from(str(folder), str(out))
     assert structure.get_roi_names() == ["right adrenal", "left adrenal"]
@@ -136,7 +137,7 @@ def test_predict_writes_seg_and_rtstruct_that_equal_its_nifti_and_evaluate_score
     nifti, seg = tmp_path / "pred" / "CT5N.nii.gz", tmp_path / "pred" / "CT5N.seg.dcm"
     predicted = read_label(nifti).array
     assert predicted.any()
-    np.testing.assert_array_equal(read_seg(seg, read_geometry(ct5n)), predicted)
+    np.testing.assert_array_equal(read_seg(seg, read_geometry(ct5n), label_map=FLARE22), predicted)
     for path in (seg, tmp_path / "pred" / "CT5N.rtstruct.dcm"):
         dciodvfy(path)
     # evaluate takes a folder of SEGs as it takes one of NIfTIs, and scores them the same
@@ -171,7 +172,7 @@ def test_a_foreign_object_for_the_same_series_in_the_output_folder_is_refused(ct
     geometry = read_geometry(ct5n)
     (tmp_path / "pred").mkdir()
     theirs = write_seg(tmp_path / "pred" / "theirs.dcm", ct5n, geometry.to_source(_glands(geometry.shape_zyx)),
-                       series_uid=None, label_ids=(7, 8), decoder="someone", semiautomatic=False)
+                       series_uid=None, label_ids=(7, 8), label_map=FLARE22, decoder="someone", semiautomatic=False)
     before = theirs.read_bytes()
     result = cli("predict", ct5n, "--from-labels", tmp_path / "CT5N.nii.gz", "--model", "tiny", "--device", "cpu",
                  "--output-type", "dicom-seg", "--out", tmp_path / "pred", "--no-progress")
@@ -186,15 +187,15 @@ def test_a_label_without_a_name_and_a_series_with_two_frames_of_reference_are_on
 
     geometry = read_geometry(ct5n)
     labels = _glands(geometry.shape_zyx)
-    with pytest.raises(UsageError, match="label 42 has no name"):
-        write_seg(tmp_path / "x.dcm", ct5n, geometry.to_source(labels), series_uid=None, label_ids=(42,),
+    with pytest.raises(UsageError, match="label 42 has no name in it"):
+        write_seg(tmp_path / "x.dcm", ct5n, geometry.to_source(labels), series_uid=None, label_ids=(42,), label_map=FLARE22,
                   decoder="t", semiautomatic=True)
     first = sorted(ct5n.iterdir())[0]
     ds = pydicom.dcmread(first)
     ds.FrameOfReferenceUID = pydicom.uid.generate_uid()
     ds.save_as(first)
     with pytest.raises(EmbedcacheError, match="2 frame\\(s\\) of reference"):
-        write_seg(tmp_path / "x.dcm", ct5n, geometry.to_source(labels), series_uid=None, label_ids=(7, 8),
+        write_seg(tmp_path / "x.dcm", ct5n, geometry.to_source(labels), series_uid=None, label_ids=(7, 8), label_map=FLARE22,
                   decoder="t", semiautomatic=True)
     assert not (tmp_path / "x.dcm").exists()
 
@@ -217,7 +218,7 @@ def test_outputs_carry_no_private_data_of_the_source_and_a_seg_of_another_grid_i
     geometry = read_geometry(other)
     (tmp_path / "wrong").mkdir()
     write_seg(tmp_path / "wrong" / "CT5N.seg.dcm", other, geometry.to_source(_glands(geometry.shape_zyx)),
-              series_uid=None, label_ids=(7, 8), decoder="t", semiautomatic=True)
+              series_uid=None, label_ids=(7, 8), label_map=FLARE22, decoder="t", semiautomatic=True)
     (tmp_path / "truth").mkdir()
     shutil.copy(tmp_path / "CT5N.nii.gz", tmp_path / "truth")
     out = cli("evaluate", tmp_path / "wrong", tmp_path / "truth", "--out", tmp_path / "r", "--no-progress")
