@@ -378,22 +378,20 @@ def write_review(path: Path, predictions: list[tuple[int, Prediction]], geometry
 
 
 def predict_label_map(config: PredictConfig, trained_on, decoder: Path | None) -> tuple[LabelMap, str]:
-    """What the ids mean: the trained decoder's map (a ``--label-map`` or ``--label-preset`` given beside it must
-    agree with it on its labels), else ``--label-map``, a ``dataset.json`` beside ``--from-labels``, a preset, or
-    FLARE22's ids; and the note to say where it fell back to them (else "")."""
+    """What the ids mean: the trained decoder's map, else ``--label-map``, a ``dataset.json`` beside
+    ``--from-labels``, a preset, or FLARE22's ids; and the note to say where it fell back to them (else "").
+    With a decoder, a map given or found beside ``--from-labels`` must agree with it on its labels: label volumes
+    in another convention would prompt one organ with another's outline."""
     folders = beside(Path(config.from_labels)) if config.from_labels else ()
-    given = config.label_map is not None or config.label_preset is not None
+    path = Path(config.label_map) if config.label_map else None
     if trained_on is not None:
-        if given:
-            mine, _ = resolve_label_map(path=Path(config.label_map) if config.label_map else None,
-                                        preset_name=config.label_preset)
-            clash = trained_on.label_map.disagreement(mine, trained_on.labels)
-            if clash:
-                raise UsageError(f"{decoder} and the label map given disagree ({clash}); drop --label-map/"
-                                 "--label-preset (the decoder carries its own) or give the one it was trained with")
+        mine, fallback = resolve_label_map(path=path, preset_name=config.label_preset, folders=folders)
+        clash = None if fallback else trained_on.label_map.disagreement(mine, trained_on.labels)
+        if clash:
+            raise UsageError(f"{decoder} and {mine.source} disagree ({clash}); give labels in the ids the decoder "
+                             "was trained on, or drop a --label-map/--label-preset that does not describe them")
         return trained_on.label_map, ""
-    label_map, fallback = resolve_label_map(path=Path(config.label_map) if config.label_map else None,
-                                            preset_name=config.label_preset, folders=folders)
+    label_map, fallback = resolve_label_map(path=path, preset_name=config.label_preset, folders=folders)
     return label_map, fallback_note(label_map.adrenals()) if fallback else ""
 
 

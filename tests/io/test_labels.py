@@ -361,3 +361,6 @@ def test_a_decoder_and_a_cache_whose_maps_disagree_are_refused_naming_both(conve
                  "--label-preset", "flare22", "--out", tmp_path / "p", "--device", "cpu"),
              "disagree", "label 8", code=2)
     assert not (tmp_path / "p").exists()
+    # the FLARE22 labels' own dataset.json beside --from-labels says the same without being asked
+    one_line(cli("predict", series, "--run", run, "--from-labels", conventions["flare22"] / "labelsTr",
+                 "--out", tmp_path / "p", "--device", "cpu"), "dataset.json disagree", "label 8", code=2)
