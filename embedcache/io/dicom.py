@@ -19,8 +19,47 @@ def dicom_files(folder: Path) -> list[Path]:
         raise EmbedcacheError(f"{folder}: cannot list the folder ({exc.strerror}); check its permissions") from None
 
 
+#: Suffixes of the notes and pictures that sit beside slices (exports' READMEs, reports, thumbnails): never a slice.
+NOTES = {".txt", ".json", ".xml", ".md", ".pdf", ".csv", ".html", ".htm", ".log", ".ini", ".db", ".png", ".jpg",
+         ".jpeg", ".gif", ".bmp"}
+#: Suffixes of slice files (besides none, and the numeric tail of a UID as file name).
+SLICE_SUFFIXES = {".dcm", ".dicom", ".dic", ".ima"}
+#: The enhanced (one file, many frames) CT image classes: Enhanced CT, Legacy Converted Enhanced CT.
+ENHANCED_CT = {"1.2.840.10008.5.1.4.1.1.2.1", "1.2.840.10008.5.1.4.1.1.2.2"}
+
+
+def _meant_as_slice(path: Path) -> bool:
+    """A file pydicom cannot read as DICOM that is a slice all the same: named like one, or holding DICOM
+    tags without the Part 10 header (damaged, or written raw). Dropping it would shift every slice after it."""
+    import warnings
+
+    import pydicom
+
+    suffix = path.suffix.lower()
+    if path.name.startswith(".") or suffix in NOTES:
+        return False  # the system's own files (.DS_Store), notes and pictures
+    if suffix in SLICE_SUFFIXES or not suffix or suffix[1:].isdigit():
+        return True
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # forced reads of non-DICOM bytes warn about every odd tag
+            ds = pydicom.dcmread(path, force=True, stop_before_pixels=True)
+        return any(tag in ds for tag in ("SOPInstanceUID", "SeriesInstanceUID", "ImagePositionPatient"))
+    except Exception:  # noqa: BLE001  (garbage raises anything: not a slice)
+        return False
+
+
+def _multiframe_ct(ds) -> bool:
+    """One file holding many CT frames (Enhanced or Legacy Converted Enhanced CT): its positions live in
+    per-frame functional groups and its pixels (skipped by a header read) in one element, not one per slice."""
+    frames = int(ds.get("NumberOfFrames", 1) or 1)
+    return ds.get("Modality") == "CT" and (frames > 1 or "PerFrameFunctionalGroupsSequence" in ds
+                                           or str(ds.get("SOPClassUID", "")) in ENHANCED_CT)
+
+
 def _dicom_headers(folder: Path, series_uid: str | None):
-    """The headers of one CT series in ``folder``, checked for one series, CT, and one slice geometry."""
+    """The headers of one CT series in ``folder``, checked for one series, CT, and one slice geometry.
+    A file that is no readable DICOM yet looks meant as a slice refuses the series; notes beside it do not."""
     import pydicom
     from pydicom.errors import InvalidDicomError
 
@@ -29,10 +68,14 @@ def _dicom_headers(folder: Path, series_uid: str | None):
         try:
             ds = pydicom.dcmread(path, stop_before_pixels=True)
         except InvalidDicomError:
+            if _meant_as_slice(path):
+                raise EmbedcacheError(f"{path}: not a readable DICOM file (no Part 10 header: damaged or cut short), "
+                                      "yet named or built like a slice of the series; replace it with an intact "
+                                      "copy, or move it out of the folder if it is not a slice") from None
             continue  # not DICOM: a README, a thumbnail
         except Exception as exc:
             raise EmbedcacheError(f"{path}: unreadable DICOM file ({_reason(exc)}); remove or replace it") from None
-        if "PixelData" not in ds and "ImagePositionPatient" not in ds:
+        if "PixelData" not in ds and "ImagePositionPatient" not in ds and not _multiframe_ct(ds):
             continue  # DICOMDIR-like or non-image object
         headers.append((path, ds))
     if not headers:
@@ -54,8 +97,10 @@ def _dicom_headers(folder: Path, series_uid: str | None):
     if modality != "CT":
         raise EmbedcacheError(f"{folder}: DICOM modality is {modality or 'missing'}, not CT; embedcache reads CT only")
     for path, ds in headers:
-        if int(ds.get("NumberOfFrames", 1) or 1) > 1:
-            raise EmbedcacheError(f"{path}: multi-frame DICOM is not supported; convert the series to NIfTI first")
+        if _multiframe_ct(ds):
+            raise EmbedcacheError(f"{path}: an enhanced multi-frame CT ({ds.get('NumberOfFrames', '?')} frames); "
+                                  "embedcache reads one file per slice: convert it to NIfTI (e.g. with dcm2niix) or "
+                                  "to single-frame slices (e.g. with dcm4che's emf2sf), or export classic slices")
         for tag in ("ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing"):
             if tag not in ds:
                 raise EmbedcacheError(f"{path}: DICOM file lacks {tag}; it cannot be placed in 3-D")

@@ -64,6 +64,24 @@ def _sources(folder: Path, series_uid: str | None):
     return paths, headers
 
 
+#: The note an object made from a series with emptied SOP classes carries (its content or structure set description).
+CLASS_NOTE = "source SOPClassUID empty: class read from its file meta"
+
+
+def _fill_classes(paths: list[Path], headers) -> bool:
+    """Anonymizers empty SOPClassUID and keep the file meta's MediaStorageSOPClassUID: each header handed to
+    highdicom or rt-utils gets that class back, in memory (the user's files stay as they are). True if any did."""
+    filled = False
+    for path, ds in zip(paths, headers):
+        if not str(ds.get("SOPClassUID", "")).strip():
+            meta = str(ds.get("file_meta", {}).get("MediaStorageSOPClassUID", "")).strip()
+            if not meta:
+                raise EmbedcacheError(f"{path}: its SOPClassUID is empty and its file meta names no class either, so "
+                                      "no DICOM object can reference it; export the series again with its SOP classes")
+            ds.SOPClassUID, filled = meta, True
+    return filled
+
+
 def series_uid_of(folder: Path, series_uid: str | None) -> str:
     import pydicom
 
@@ -91,7 +109,7 @@ def check_no_other_object(out_dir: Path, folder: Path, *, series_uid: str | None
     if not Path(out_dir).is_dir():
         return
     uid = series_uid_of(folder, series_uid)
-    for path in sorted(Path(out_dir).glob("*.dcm")):
+    for path in sorted(p for p in Path(out_dir).iterdir() if p.is_file()):  # by content: PLAN.DCM, no suffix
         if path.name not in owned and uid in referenced_series(path):
             raise EmbedcacheError(f"{path}: already holds a DICOM object for series {uid}, which predict did not "
                                   "write; choose another --out so the two are not mistaken for each other")
@@ -113,6 +131,7 @@ def write_seg(out: Path, folder: Path, labels_ijk: np.ndarray, *, series_uid: st
 
     check_labels(label_ids, label_map)
     paths, sources = _sources(folder, series_uid)
+    filled = _fill_classes(paths, sources)
     frames = source_frames(labels_ijk)
     if frames.shape != (len(sources), int(sources[0].Rows), int(sources[0].Columns)):
         raise EmbedcacheError(f"{folder}: the mask {frames.shape} does not cover the series' {len(sources)} slices of "
@@ -143,7 +162,7 @@ def write_seg(out: Path, folder: Path, labels_ijk: np.ndarray, *, series_uid: st
         sop_instance_uid=hd.UID(), instance_number=1, manufacturer="embedcache",
         manufacturer_model_name="embedcache", software_versions=__version__, device_serial_number="0",
         series_description=f"embedcache {', '.join(label_map.name(k) for k in present)}"[:64],
-        omit_empty_frames=True)
+        content_description=CLASS_NOTE if filled else None, omit_empty_frames=True)
     seg.save_as(out)
     return out
 
@@ -165,8 +184,7 @@ def read_seg(path: Path, geometry, *, label_map: LabelMap) -> np.ndarray:
         coded = label_map.code(label)
         if coded is not None:
             by_code.setdefault((coded[0], coded[2]), label)
-    out = np.zeros(geometry.shape_zyx, np.uint8)
-    shape = geometry.shape_zyx
+    labels = {}  # segment number → label id
     for description in seg.SegmentSequence:
         item = description.SegmentedPropertyTypeCodeSequence[0]
         code = str(item.CodeValue)
@@ -177,40 +195,54 @@ def read_seg(path: Path, geometry, *, label_map: LabelMap) -> np.ndarray:
             raise EmbedcacheError(f"{path}: segment {description.SegmentNumber} ({code} {item.CodeMeaning}"
                                   f"{', ' + side[1] if side else ''}) is no label of {label_map.source}; give the "
                                   "--label-map of the ground truth")
-        number = int(description.SegmentNumber)
-        pixels = seg.pixel_array.reshape(-1, int(seg.Rows), int(seg.Columns))
-        for index, frame in enumerate(seg.PerFrameFunctionalGroupsSequence):
-            if int(_group(seg, frame, "SegmentIdentificationSequence").ReferencedSegmentNumber) != number:
-                continue
-            position = np.array([float(v) for v in _group(seg, frame, "PlanePositionSequence").ImagePositionPatient])
-            _paint(out, pixels[index] > 0, position, seg, geometry, label, shape, path)
+        labels[int(description.SegmentNumber)] = label
+    out = np.zeros(geometry.shape_zyx, np.uint8)
+    owner = np.zeros(geometry.shape_zyx, np.uint16)  # the segment that painted each voxel
+    pixels = seg.pixel_array.reshape(-1, int(seg.Rows), int(seg.Columns))
+    for index, frame in enumerate(seg.PerFrameFunctionalGroupsSequence):
+        number = int(_group(seg, frame, "SegmentIdentificationSequence", path).ReferencedSegmentNumber)
+        if number not in labels:
+            raise EmbedcacheError(f"{path}: frame {index + 1} belongs to segment {number}, which its SegmentSequence "
+                                  f"does not describe (it has {sorted(labels)}); the SEG is damaged: write it again")
+        at = _voxels(pixels[index] > 0, seg, frame, geometry, path)
+        clash = (owner[at] != 0) & (out[at] != labels[number])
+        if clash.any():
+            other = int(owner[at][clash][0])
+            raise EmbedcacheError(f"{path}: segments {other} ({label_map.name(labels[other])}) and {number} "
+                                  f"({label_map.name(labels[number])}) overlap; a label volume holds one organ per "
+                                  "voxel, so the SEG cannot be scored: give one whose segments do not overlap")
+        out[at], owner[at] = labels[number], number
     return out
 
 
-def _group(seg, frame, keyword: str):
-    """A functional group of one frame: its own, else the one all frames share."""
-    if keyword in frame:
-        return frame[keyword].value[0]
-    return seg.SharedFunctionalGroupsSequence[0][keyword].value[0]
+def _group(seg, frame, keyword: str, path):
+    """A functional group of one frame: its own, else the one all frames share (DICOM allows either)."""
+    for groups in (frame, *seg.get("SharedFunctionalGroupsSequence", [])):
+        if keyword in groups and len(groups[keyword].value):
+            return groups[keyword].value[0]
+    raise EmbedcacheError(f"{path}: a frame has no {keyword}, of its own or shared; the SEG is incomplete: write "
+                          "it again")
 
 
-def _paint(out, mask_rc, position_lps, seg, geometry, label, shape, path) -> None:
-    """Put one frame's ``(rows, columns)`` mask on the canonical grid at the frame's own position."""
-    shared = seg.SharedFunctionalGroupsSequence[0]
-    iop = [float(v) for v in shared.PlaneOrientationSequence[0].ImageOrientationPatient]
-    spacing = [float(v) for v in shared.PixelMeasuresSequence[0].PixelSpacing]
+def _voxels(mask_rc, seg, frame, geometry, path) -> tuple:
+    """The ``(z, y, x)`` indices on the canonical grid of one frame's ``(rows, columns)`` mask, placed by the
+    frame's own position, orientation and pixel spacing."""
+    position = np.array([float(v) for v in _group(seg, frame, "PlanePositionSequence", path).ImagePositionPatient])
+    iop = [float(v) for v in _group(seg, frame, "PlaneOrientationSequence", path).ImageOrientationPatient]
+    spacing = [float(v) for v in _group(seg, frame, "PixelMeasuresSequence", path).PixelSpacing]
     rows, cols = np.nonzero(mask_rc)
     row_dir, col_dir = np.array(iop[:3]), np.array(iop[3:])
-    points = position_lps + np.outer(cols * spacing[1], row_dir) + np.outer(rows * spacing[0], col_dir)
+    points = position + np.outer(cols * spacing[1], row_dir) + np.outer(rows * spacing[0], col_dir)
     exact = geometry.canonical_index(points, space="lps")
     xyz = np.rint(exact).astype(int)
     if len(exact) and np.abs(exact - xyz).max() > 0.05:
         raise EmbedcacheError(f"{path}: its frames do not lie on the label volume's voxels; the SEG was made on "
                               "another grid")
+    shape = geometry.shape_zyx
     inside = ((xyz >= 0) & (xyz < np.array([shape[2], shape[1], shape[0]]))).all(axis=1)
     if not inside.all():
         raise EmbedcacheError(f"{path}: a frame lies outside the label volume's grid; the SEG belongs to another series")
-    out[xyz[:, 2], xyz[:, 1], xyz[:, 0]] = label
+    return xyz[:, 2], xyz[:, 1], xyz[:, 0]
 
 
 def write_rtstruct(out: Path, folder: Path, labels_ijk: np.ndarray, *, series_uid: str | None, label_ids,
@@ -221,6 +253,7 @@ def write_rtstruct(out: Path, folder: Path, labels_ijk: np.ndarray, *, series_ui
 
     check_labels(label_ids, label_map)
     paths, sources = _sources(folder, series_uid)
+    filled = _fill_classes(paths, sources)
     frames = source_frames(labels_ijk)
     structure = rt_utils.RTStructBuilder.create_new(dicom_series_path=str(_only_series(folder, paths)))
     order = [str(ds.SOPInstanceUID) for ds in structure.series_data]
@@ -232,6 +265,9 @@ def write_rtstruct(out: Path, folder: Path, labels_ijk: np.ndarray, *, series_ui
         mask = np.stack([frames[ours[uid]] == label for uid in order], axis=-1)  # rt-utils: (rows, columns, slices)
         structure.add_roi(mask=mask, name=label_map.name(label), use_pin_hole=True, approximate_contours=False)
     _complete(structure.ds, sources[0], [label_map.name(k) for k in present])
+    if filled:  # rt-utils read the files itself: its references carry the emptied classes
+        _fill_references(structure.ds, {str(ds.SOPInstanceUID): ds.SOPClassUID for ds in sources})
+        structure.ds.StructureSetDescription = CLASS_NOTE
     with contextlib.redirect_stdout(io.StringIO()):  # rt-utils prints where it writes
         structure.save(str(out))
     return out
@@ -253,6 +289,17 @@ def _complete(ds, source, names) -> None:
     ds.SeriesDescription = f"embedcache {', '.join(names)}"[:64]
     ds.Manufacturer = "embedcache"
     ds.SoftwareVersions = __version__
+
+
+def _fill_references(ds, classes: dict) -> None:
+    """Every empty ReferencedSOPClassUID under ``ds`` that refers to an instance of ``classes`` gets its class."""
+    for element in ds:
+        if element.VR == "SQ":
+            for item in element.value:
+                uid = str(item.get("ReferencedSOPInstanceUID", ""))
+                if uid in classes and not str(item.get("ReferencedSOPClassUID", "")).strip():
+                    item.ReferencedSOPClassUID = classes[uid]
+                _fill_references(item, classes)
 
 
 def _only_series(folder: Path, paths: list[Path]) -> Path:
