@@ -93,7 +93,8 @@ def test_a_report_replaces_only_an_earlier_report_and_replaces_it_whole(tiny_mod
     assert cli("score", small_cache, "--out", report, *common).exit_code == 0
     assert not (report / "overlay-best-label7-OLD-z1.png").exists()  # replaced whole: nothing of the old one mixes in
     assert json.loads((report / "config.json").read_text())["prompts"] == ["oracle"]
-    assert not list(tmp_path.glob(".*"))  # no building or old folder left beside it
+    # no building or old folder left beside it; the lock that keeps a second score out stays, as a cache's does
+    assert [p.name for p in tmp_path.glob(".*")] == [".report.lock"]
 
 
 def test_evaluate_refuses_to_score_a_folder_against_itself(data, tmp_path):
@@ -218,3 +219,140 @@ def test_phantom_never_writes_into_a_dataset_and_finetune_records_where_the_cach
     assert cli("finetune", small_cache.name, "--out", run, "--epochs", "1", "--batch-size", "2", "--val-fraction",
                "0.34", "--device", "cpu", "--no-progress").exit_code == 0
     assert json.loads((run / "config.json").read_text())["cache"] == str(small_cache)  # absolute, as typed relative
+
+
+# ----------------------------------------------------------- temporary names, output folders, interrupted swaps
+
+
+def test_temporary_names_are_the_runs_own_and_a_users_namesakes_survive(tiny_model, small_cache, run_dir, data,
+                                                                        tmp_path):
+    """score and evaluate used to delete a folder named .OUT.partial or .OUT.old beside --out, export to overwrite
+    FILE.partial and encode to remove CACHE.partial: a temporary name is now unique to its write and marked as
+    embedcache's, so a user's files of those names keep their bytes."""
+    report, export, cache = tmp_path / "report", tmp_path / "decoder.pth", tmp_path / "cache.h5"
+    theirs = {tmp_path / ".report.partial" / "notes.txt": b"mine", tmp_path / ".report.old" / "notes.txt": b"also",
+              tmp_path / "decoder.pth.partial": b"my draft", tmp_path / "cache.h5.partial": b"my half cache",
+              tmp_path / ".decoder.partial.pth": b"kept"}
+    for path, content in theirs.items():
+        path.parent.mkdir(exist_ok=True)
+        path.write_bytes(content)
+    for _ in range(2):  # a first report, then one that replaces it
+        assert cli("score", small_cache, "--out", report, "--prompts", "oracle", "--device", "cpu",
+                   "--no-progress").exit_code == 0
+    assert cli("evaluate", data / "labelsTr", data / "labelsTr", "--out", report).exit_code == 1  # refused, no harm
+    assert cli("export", run_dir, "--out", export).exit_code == 0
+    assert cli("encode", data, "--out", cache, "--model", "tiny", "--device", "cpu", "--no-progress").exit_code == 0
+    assert {p: p.read_bytes() for p in theirs} == theirs
+    assert not [p for p in tmp_path.iterdir() if ".embedcache-" in p.name]  # and none of its own left behind
+
+
+def test_predict_never_writes_inside_its_inputs(tiny_model, data, series_dir, tmp_path):
+    """--out as the input series folder wrote into it, and the folder was then refused as an input; an --out
+    inside a folder of volumes or of labels would mix predictions with them."""
+    image, label = sorted((data / "imagesTr").iterdir())[0], sorted((data / "labelsTr").iterdir())[0]
+    before = {p: p.read_bytes() for p in [*series_dir.iterdir(), *(data / "imagesTr").iterdir()]}
+    for inputs, out in (([series_dir], series_dir), ([series_dir], series_dir / "pred"),
+                        ([data / "imagesTr"], data / "imagesTr" / "pred"), ([image], data / "labelsTr")):
+        result = cli("predict", *inputs, "--from-labels", data / "labelsTr" if inputs[0] != series_dir else label,
+                     "--out", out, "--model", "tiny", "--device", "cpu")
+        one_line(result, f"--out {out}: lies inside the input", code=2)
+    assert {p: p.read_bytes() for p in before} == before and not (series_dir / "pred").exists()
+    assert sorted(p.name for p in (data / "labelsTr").iterdir()) == sorted(p.name for p in label.parent.iterdir())
+
+
+def test_one_predict_writes_an_output_folder_at_a_time_and_keeps_what_another_wrote(tiny_model, data, tmp_path,
+                                                                                      monkeypatch):
+    """Two predicts into one --out ran at once and predict.json lost the first one's files (its rerun was then
+    refused): a lock inside --out admits one writer, and the record is read again under it."""
+    from embedcache.evaluation import predict as predict_module
+
+    image, label = sorted((data / "imagesTr").iterdir())[0], sorted((data / "labelsTr").iterdir())[0]
+    common = ["--from-labels", label, "--prompts", "oracle", "--model", "tiny", "--device", "cpu", "--no-progress"]
+    out = tmp_path / "pred"
+    out.mkdir()
+    with WriterLock(out / predict_module.LOCK, what=str(out)):
+        one_line(cli("predict", image, *common, "--out", out), f"{out}: another embedcache (pid {os.getpid()})")
+    real_load = predict_module._load
+
+    def load_while_another_writes(*args, **kwargs):  # a second predict finishes while this one loads its model
+        model = real_load(*args, **kwargs)
+        (out / "OTHER.nii.gz").write_bytes(b"the other run's")
+        (out / predict_module.CONFIG).write_text(json.dumps({"config": {}, "written": ["OTHER.nii.gz"]}))
+        return model
+
+    monkeypatch.setattr(predict_module, "_load", load_while_another_writes)
+    assert cli("predict", image, *common, "--out", out).exit_code == 0
+    written = json.loads((out / predict_module.CONFIG).read_text())["written"]
+    assert "OTHER.nii.gz" in written and label.name in written
+    monkeypatch.setattr(predict_module, "_load", real_load)
+    assert cli("predict", image, *common, "--out", out).exit_code == 0  # its rerun is not refused
+
+
+def test_a_killed_reports_swap_leaves_a_report_and_ctrl_c_says_what_it_kept(tiny_model, small_cache, tmp_path,
+                                                                           monkeypatch):
+    """A kill between the two renames of the old swap left no report at --out, and Ctrl-C deleted the new one while
+    saying "finished work is kept". The swap is one exchange where the system can; where it cannot, the next run
+    puts the old report back first. Ctrl-C says that no new report was written and the old one is kept."""
+    from embedcache.evaluation import report as report_module
+    from embedcache.io import files
+
+    report = tmp_path / "report"
+    common = ["--prompts", "oracle", "--device", "cpu", "--no-progress"]
+    assert cli("score", small_cache, "--out", report, *common).exit_code == 0
+    first = (report / "report.json").read_bytes()
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    real_write = report_module._write_files
+    monkeypatch.setattr(report_module, "_write_files", interrupted)
+    result = cli("score", small_cache, "--out", report, *common)
+    assert result.exit_code == 130 and "no new report was written and an earlier one at --out is kept" in result.output
+    assert (report / "report.json").read_bytes() == first
+    monkeypatch.setattr(report_module, "_write_files", real_write)
+
+    renames = []
+    real_rename = Path.rename
+
+    def dies_on_the_second_rename(self, target):  # the fallback's two renames, killed between them
+        renames.append(self)
+        if len(renames) == 2:
+            raise KeyboardInterrupt
+        return real_rename(self, target)
+
+    real_exchange = files.exchange
+    monkeypatch.setattr(files, "exchange", lambda a, b: False)
+    monkeypatch.setattr(Path, "rename", dies_on_the_second_rename)
+    killed = cli("score", small_cache, "--out", report, *common)
+    monkeypatch.setattr(Path, "rename", real_rename)
+    assert killed.exit_code == 130, killed.output
+    assert not report.exists()  # the instant the fallback cannot avoid: the old report waits under a marked name
+    assert cli("info", small_cache).exit_code == 0
+    files.recover_folder(report)  # what the next run does first, under the lock
+    assert (report / "report.json").read_bytes() == first
+    monkeypatch.setattr(files, "exchange", real_exchange)
+    assert files.exchange(report, report) is True  # this system swaps in one step: the default path has no gap
+    assert cli("score", small_cache, "--out", report, *common).exit_code == 0
+    assert not [p for p in tmp_path.iterdir() if ".embedcache-" in p.name]
+
+
+def test_dicom_output_is_checked_before_the_first_file_of_an_input_is_written(tiny_model, data, tmp_path, monkeypatch):
+    """An empty prediction was refused by the SEG writer after the NIfTI was written: now no file of that input is."""
+    from embedcache.evaluation import predict as predict_module
+
+    series = tmp_path / "CT_0000"
+    shutil.copytree(Path(__import__("conftest").pydicom_dir("dicomdirtests/98892001/CT5N")), series)
+    import numpy as np
+
+    from embedcache.io.nifti import write_nifti
+    from embedcache.io.volumes import read_geometry
+
+    geometry = read_geometry(series)
+    labels = np.zeros(geometry.shape_zyx, np.uint8)
+    labels[2, 4:10, 4:10] = 7
+    write_nifti(labels, geometry, tmp_path / "CT.nii.gz")
+    monkeypatch.setattr(predict_module, "_segment_job", lambda *a, **k: [])  # nothing found
+    result = cli("predict", series, "--from-labels", tmp_path / "CT.nii.gz", "--output-type", "nifti,dicom-seg",
+                 "--model", "tiny", "--device", "cpu", "--out", tmp_path / "pred", "--no-progress")
+    assert result.exit_code == 1 and "the prediction is empty" in result.output and "nothing was written" in result.output
+    assert not [p.name for p in (tmp_path / "pred").iterdir() if p.name.startswith("CT")]

@@ -32,11 +32,12 @@ def merge(out: Path, *, signature: Signature, sources: list[tuple[Path, list[Cas
     Returns the case records as stored in ``out``. Runs in a child process where the platform can
     fork (see the module docstring); its errors come back as the same exceptions.
     """
+    tmp = partial_path(out)  # this merge's own name: a crashed child's file is removed by name, nothing else
     if "fork" not in multiprocessing.get_all_start_methods():
-        return _merge(out, signature=signature, sources=sources)
+        return _merge(out, tmp, signature=signature, sources=sources)
     context = multiprocessing.get_context("fork")
     receive, send = context.Pipe(duplex=False)
-    child = context.Process(target=_merge_child, args=(send, out, signature, sources), daemon=True)
+    child = context.Process(target=_merge_child, args=(send, out, tmp, signature, sources), daemon=True)
     child.start()
     send.close()
     try:
@@ -54,13 +55,13 @@ def merge(out: Path, *, signature: Signature, sources: list[tuple[Path, list[Cas
         raise EmbedcacheError(payload)
     if kind == "interrupt":
         raise KeyboardInterrupt
-    partial_path(out).unlink(missing_ok=True)
+    tmp.unlink(missing_ok=True)
     raise EmbedcacheError(f"{out}: writing the cache failed (exit code {child.exitcode}); rerun to try again")
 
 
-def _merge_child(send, out, signature, sources) -> None:
+def _merge_child(send, out, tmp, signature, sources) -> None:
     try:
-        records = _merge(out, signature=signature, sources=sources)
+        records = _merge(out, tmp, signature=signature, sources=sources)
         send.send(("ok", [r.to_dict() for r in records]))
     except OSError as exc:
         code = exc.errno or _errno_in(str(exc))
@@ -84,9 +85,9 @@ def _errno_in(message: str) -> int | None:
     return int(found.group(1)) if found else None
 
 
-def _merge(out: Path, *, signature: Signature, sources: list[tuple[Path, list[CaseRecord]]]) -> list[CaseRecord]:
+def _merge(out: Path, tmp: Path, *, signature: Signature,
+           sources: list[tuple[Path, list[CaseRecord]]]) -> list[CaseRecord]:
     out = Path(out)
-    tmp = partial_path(out)
     total = sum(case.n_rows for _, cases in sources for case in cases)
     records: list[CaseRecord] = []
     f = h5py.File(tmp, "w")

@@ -63,11 +63,20 @@ class _OneLineUsageError(click.ClickException):
     exit_code = 2
 
 
-def friendly_errors(func):
-    """Turn our user errors into one line on stderr: exit code 2 for usage errors, 1 for the rest.
+#: What Ctrl-C leaves, said as the command stops: true of the commands that resume.
+RESUMES = "interrupted; finished work is kept, rerun the same command to resume"
+#: ... and of those that replace their output whole (score, evaluate).
+REPLACES = "interrupted; no new report was written and an earlier one at --out is kept as it was"
+
+
+def friendly_errors(func=None, *, interrupted: str = RESUMES):
+    """Turn our user errors into one line on stderr: exit code 2 for usage errors, 1 for the rest; Ctrl-C into
+    the line ``interrupted`` (what the command leaves behind), exit code 130.
 
     Any other exception is a bug and keeps its traceback.
     """
+    if func is None:
+        return functools.partial(friendly_errors, interrupted=interrupted)
 
     @functools.wraps(func)
     def wrapper(*args, **kwargs):
@@ -84,7 +93,7 @@ def friendly_errors(func):
                 raise
             raise click.ClickException(str(write_error(exc, Path(exc.filename)))) from None
         except KeyboardInterrupt:
-            click.echo("interrupted; finished work is kept, rerun the same command to resume", err=True)
+            click.echo(interrupted, err=True)
             sys.exit(130)
 
     return wrapper
@@ -99,13 +108,16 @@ def progress_option(func):
 def parse_labels(ctx, param, value: str | None) -> tuple[int, ...] | None:
     if value is None:
         return None
+    from embedcache.config import check_label_ids
+
     try:
         labels = tuple(int(v) for v in value.split(",") if v.strip())
     except ValueError:
         raise click.BadParameter(f"'{value}' is not a comma-separated list of label ids, e.g. 7,8") from None
-    if not labels:
-        raise click.BadParameter("give at least one label id, e.g. 7,8")
-    return labels
+    try:
+        return check_label_ids(labels)
+    except UsageError as exc:
+        raise click.BadParameter(str(exc).removeprefix("--labels ")) from None
 
 
 class Group(click.Group):

@@ -7,6 +7,7 @@ from pathlib import Path
 import click
 
 from embedcache.cli.common import (
+    REPLACES,
     console,
     device_option,
     engine_options,
@@ -78,7 +79,7 @@ def _settings(jitter, seed, box_margin_mm, box_margin_slices, grow_mm, walk, min
                    "taken from there by name, checked against the cache's sha256 of what was encoded.")
 @device_option
 @progress_option
-@friendly_errors
+@friendly_errors(interrupted=REPLACES)
 def score(cache, out_dir, run_dir, decoder_file, cases, prompts, jitter, seed, box_margin_mm, box_margin_slices,
           grow_mm, walk, min_iou, middle, clicks, checkpoint, data, device, progress):
     """Score the vanilla decoder against the fine-tuned one on the cached embeddings of CACHE.
@@ -168,7 +169,7 @@ def _print_clicks(out, report) -> None:
 @label_map_options
 @click.option("--name", default="prediction", show_default=True, help="What to call the predictions in the report.")
 @progress_option
-@friendly_errors
+@friendly_errors(interrupted=REPLACES)
 def evaluate(pred, labels_dir, out_dir, labels, label_map, label_preset, name, progress):
     """Dice and NSD of the label NIfTIs in PRED against the ground truth in LABELS.
 

@@ -12,9 +12,11 @@ see :mod:`embedcache.evaluation.protocols`); a ``box`` on ``slice`` k segments t
 from __future__ import annotations
 
 import json
+import os
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor, wait
+from contextlib import ExitStack
 from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
@@ -28,7 +30,15 @@ from embedcache.evaluation.prompt_file import Request, read_boxes_file, requests
 from embedcache.evaluation.protocols import Prediction
 from embedcache.io.datasets import case_name
 from embedcache.io.dicom_out import OUTPUT_TYPES, check_labels, check_no_other_object, check_only_series
-from embedcache.io.files import atomic_path, atomic_write_text, make_output_folder, read_json, same_file
+from embedcache.io.files import (
+    WriterLock,
+    atomic_path,
+    atomic_write_text,
+    is_partial,
+    make_output_folder,
+    read_json,
+    same_file,
+)
 from embedcache.io.geometry import Geometry
 from embedcache.io.labels import LabelMap, beside, fallback_note, resolve_label_map
 from embedcache.io.nifti import write_nifti
@@ -36,6 +46,8 @@ from embedcache.io.volumes import check_same_grid, expand_inputs, read_geometry,
 
 #: The file beside the label volumes that holds the settings that made them.
 CONFIG = "predict.json"
+#: The lock of an output folder, inside it: one predict writes there at a time.
+LOCK = ".embedcache.lock"
 #: Beside each CASE.nii.gz, CASE + this: every decoded slice's predicted IoU, the low ones first.
 REVIEW = ".review.json"
 
@@ -100,10 +112,12 @@ def plan(inputs: list[Path], out_dir: Path, config: PredictConfig, *, labels, la
         except EmbedcacheError as exc:
             errors.append(str(exc))
             log(f"error: {exc}")
+    # a killed run's temporary files (marked as embedcache's) are its own, replaced under the lock, not foreign
+    ours = owned | ({p.name for p in Path(out_dir).iterdir() if is_partial(p.name)} if Path(out_dir).is_dir() else set())
     for job in jobs:  # before any work: refused whole, not one input among others
         _check_output(job, owned)
         if any(kind != "nifti" for kind, _ in job.outputs):
-            check_no_other_object(Path(out_dir), job.image, series_uid=config.series, owned=owned)
+            check_no_other_object(Path(out_dir), job.image, series_uid=config.series, owned=ours)
     return jobs, errors
 
 
@@ -131,6 +145,17 @@ def written_before(out_dir: Path) -> set[str]:
             or not all(isinstance(n, str) for n in saved["written"]):
         raise EmbedcacheError(f"{record}: not a record predict wrote; choose another --out")
     return set(saved["written"])
+
+
+def check_out_outside_inputs(out_dir: Path, inputs) -> None:
+    """Refuse an ``--out`` that is an input folder (a DICOM series, a folder of volumes or of labels) or lies inside
+    one: predict would write among its inputs, and the folder would no longer read as one."""
+    out = Path(os.path.abspath(out_dir))
+    for given in map(Path, inputs):
+        folder = Path(os.path.abspath(given))
+        if given.is_dir() and (out == folder or folder in out.parents):
+            raise UsageError(f"--out {out_dir}: lies inside the input {given}; predict never writes among its inputs: "
+                             "choose a folder outside it")
 
 
 def _check_output(job: Job, owned: set[str]) -> None:
@@ -253,6 +278,7 @@ def predict(inputs: list[Path], out_dir: Path, config: PredictConfig, *, progres
     trained_on = read_signature(decoder) if decoder else None  # the header alone: the inputs come first
     labels = trained_on.labels if trained_on else None
     label_map, note = predict_label_map(config, trained_on, decoder)
+    check_out_outside_inputs(Path(out_dir), [*inputs, *([config.from_labels] if config.from_labels else [])])
     owned = written_before(Path(out_dir))
     jobs, errors = plan(expand_inputs(inputs), out_dir, config, labels=labels, label_map=label_map, owned=owned,
                         log=log)
@@ -269,9 +295,17 @@ def predict(inputs: list[Path], out_dir: Path, config: PredictConfig, *, progres
     reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="embedcache-predict-reader")
     read = partial(read_image, series_uid=config.series)
     coming = reader.submit(read, jobs[0].image)
+    held = ExitStack()
     try:
         model = _load(trained, config, settle=partial(wait, [coming]), log=log)
         make_output_folder(out_dir)  # once the model is in hand: a refused model leaves no empty folder behind
+        held.enter_context(WriterLock(Path(out_dir) / LOCK, what=str(out_dir)))  # one predict writes here at a time
+        owned = written_before(Path(out_dir))  # what another predict wrote here since the checks counts too
+        for job in jobs:
+            _check_output(job, owned)
+        for leftover in Path(out_dir).iterdir():  # a killed run's temporary files: marked as embedcache's own
+            if is_partial(leftover.name) and leftover.is_file():
+                leftover.unlink()
         from embedcache.model.backbones import file_sha256  # torch: only once the inputs are checked
 
         made_by = f"sha256 {file_sha256(decoder)[:16]}" if decoder else f"vanilla {config.model}"
@@ -314,6 +348,10 @@ def predict(inputs: list[Path], out_dir: Path, config: PredictConfig, *, progres
                 result = np.zeros(image.array.shape, np.uint8)
                 for label, prediction in predictions:
                     result[prediction.mask] = label
+                dicom = [kind for kind, _ in job.outputs if kind != "nifti"]
+                if dicom and not result.any():  # checked before the first file: none is written for this input
+                    raise EmbedcacheError(f"{job.image}: the prediction is empty, so there is no segment to write "
+                                          f"as --output-type {dicom[0]}; nothing was written for it: check its boxes")
                 for kind, path in job.outputs:
                     _write_output(kind, path, result, image, job, config, labels=list(dict.fromkeys(l for l, _ in predictions)),
                                   label_map=label_map, made_by=made_by)
@@ -334,6 +372,7 @@ def predict(inputs: list[Path], out_dir: Path, config: PredictConfig, *, progres
                 progress.advance(task)
     finally:  # an interrupt leaves no read running behind it
         reader.shutdown(cancel_futures=True)
+        held.close()
     return result_of
 
 

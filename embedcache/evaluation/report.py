@@ -32,7 +32,16 @@ import numpy as np
 from embedcache.errors import EmbedcacheError
 from embedcache.evaluation import page
 from embedcache.evaluation.page import Overlay
-from embedcache.io.files import atomic_path, atomic_write_text, check_writable_folder, make_output_folder
+from embedcache.io.files import (
+    atomic_path,
+    atomic_write_text,
+    check_writable_folder,
+    make_output_folder,
+    partial_folder,
+    recover_folder,
+    replace_folder,
+    writer_lock,
+)
 
 METRICS = ("dice", "nsd", "dice_2d")
 
@@ -129,18 +138,21 @@ def check_report_folder(out_dir: Path) -> None:
 
 def write_report(out_dir: Path, report: Report, *, overlays: list[Overlay] = (), log_csv: Path | None = None,
                  extra: dict[str, str] | None = None) -> Report:
-    """Write every file of the report (and the ``extra`` text files, by name) into a new folder that then
-    replaces ``out_dir`` whole; returns ``report`` with its summary and file names."""
+    """Write every file of the report (and the ``extra`` text files, by name) into a new folder of this run's own
+    (marked and unique: :func:`~embedcache.io.files.partial_folder`) that then replaces ``out_dir`` whole: at every
+    instant ``out_dir`` holds the old report or the new one. One writer at a time (a lock beside ``out_dir``);
+    what a killed run left is recovered or removed first. Returns ``report`` with its summary and file names."""
     final = Path(os.path.abspath(out_dir))
-    building = final.with_name(f".{final.name}.partial")
-    shutil.rmtree(building, ignore_errors=True)  # an interrupted report's
-    building.mkdir()
-    try:
-        report = _write_files(building, report, overlays=overlays, log_csv=log_csv, extra=extra or {})
-        _replace_folder(building, final)
-    except BaseException:
-        shutil.rmtree(building, ignore_errors=True)
-        raise
+    with writer_lock(final):
+        recover_folder(final)
+        check_report_folder(final)
+        building = partial_folder(final)
+        try:
+            report = _write_files(building, report, overlays=overlays, log_csv=log_csv, extra=extra or {})
+            replace_folder(building, final)
+        except BaseException:
+            shutil.rmtree(building, ignore_errors=True)
+            raise
     return report
 
 
@@ -161,18 +173,6 @@ def _write_files(out_dir: Path, report: Report, *, overlays, log_csv, extra: dic
     for name, text in extra.items():
         atomic_write_text(out_dir / name, text)
     return report
-
-
-def _replace_folder(new: Path, final: Path) -> None:
-    """Put the folder ``new`` where ``final`` is: a reader sees the old report or the new one, never a mix."""
-    if not final.exists():
-        new.rename(final)
-        return
-    old = final.with_name(f".{final.name}.old")
-    shutil.rmtree(old, ignore_errors=True)
-    final.rename(old)
-    new.rename(final)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def click_counts(summary: dict) -> list[int]:

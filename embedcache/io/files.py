@@ -1,13 +1,18 @@
 """Writing files so that a crash, Ctrl-C or a full disk never leaves a half-written one in place.
 
-Every output of embedcache is written under a temporary ``.partial`` name beside its final path,
-synced to disk, and only then renamed over it: a reader sees the old file or the new one.
+Every output of embedcache is written under a temporary name beside its final path, synced to disk,
+and only then renamed over it: a reader sees the old file or the new one. A temporary name is unique
+to its write and marked as embedcache's (``.NAME.embedcache-TOKEN.partial``), and is reserved by
+creating it exclusively: a user's ``NAME.partial`` is never written over or removed, and what a
+killed run left behind is known as embedcache's by its mark (:func:`is_partial`).
 """
 
 from __future__ import annotations
 
 import errno
 import os
+import re
+import secrets
 import shutil
 from contextlib import contextmanager
 from pathlib import Path
@@ -16,6 +21,9 @@ from typing import Iterator
 from embedcache.errors import EmbedcacheError, reason
 
 PARTIAL = ".partial"
+#: What marks a temporary name as embedcache's own, between the name and its token.
+MARK = ".embedcache-"
+_MARKED = re.compile(r"^\..+" + re.escape(MARK) + r"[0-9a-f]{8}" + re.escape(PARTIAL) + r"(\.[A-Za-z0-9.]+)?$")
 #: errno values that mean "this disk cannot take the write", not a bug.
 NO_SPACE = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 NOT_WRITABLE = (errno.EACCES, errno.EPERM, errno.EROFS)
@@ -23,14 +31,101 @@ WRITE_ERRNOS = (*NO_SPACE, *NOT_WRITABLE, errno.EIO)
 
 
 def partial_path(path: Path, *, keep_suffix: bool = False) -> Path:
-    """The temporary name ``path`` is written under: ``NAME.partial``, or ``.STEM.partial.SUFFIX`` with
-    ``keep_suffix`` for writers that choose the format by the suffix (nibabel)."""
+    """A new temporary name to write ``path`` under, reserved (created empty, exclusively) so that no other file
+    is ever written over: ``.NAME.embedcache-TOKEN.partial``, or ``.STEM.embedcache-TOKEN.partial.SUFFIX`` with
+    ``keep_suffix`` for writers that choose the format by the suffix (nibabel, rt-utils)."""
     path = Path(path)
-    if not keep_suffix:
-        return path.with_name(path.name + PARTIAL)
-    suffix = ".nii.gz" if path.name.endswith(".nii.gz") else path.suffix
+    suffix = (".nii.gz" if path.name.endswith(".nii.gz") else path.suffix) if keep_suffix else ""
     stem = path.name[: len(path.name) - len(suffix)]
-    return path.with_name(f".{stem}{PARTIAL}{suffix}")
+    while True:
+        tmp = path.with_name(f".{stem}{MARK}{secrets.token_hex(4)}{PARTIAL}{suffix}")
+        try:
+            os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
+            return tmp
+        except FileExistsError:
+            continue
+
+
+def is_partial(name: str) -> bool:
+    """Whether ``name`` is one of embedcache's temporary names (:func:`partial_path`, :func:`partial_folder`)."""
+    return bool(_MARKED.match(name))
+
+
+def partials_of(path: Path) -> list[Path]:
+    """The temporary files and folders embedcache's writes of ``path`` left beside it (a killed run's)."""
+    path = Path(path)
+    suffix = ".nii.gz" if path.name.endswith(".nii.gz") else path.suffix
+    stems = {path.name, path.name[: len(path.name) - len(suffix)] if suffix else path.name}
+    try:
+        found = list(path.parent.iterdir())
+    except OSError:
+        return []
+    return [p for p in found if is_partial(p.name) and p.name[1:].split(MARK)[0] in stems]
+
+
+def partial_folder(path: Path) -> Path:
+    """A new, empty, marked folder beside ``path`` to build a folder that will replace ``path`` whole."""
+    path = Path(path)
+    while True:
+        folder = path.with_name(f".{path.name}{MARK}{secrets.token_hex(4)}{PARTIAL}")
+        try:
+            folder.mkdir()
+            return folder
+        except FileExistsError:
+            continue
+
+
+def exchange(a: Path, b: Path) -> bool:
+    """Swap the names of ``a`` and ``b`` in one step (Linux ``renameat2(RENAME_EXCHANGE)``): a reader finds one or
+    the other at each name at every instant. False where the system or file system cannot."""
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    at_cwd, rename_exchange = -100, 2
+    if renameat2(at_cwd, os.fsencode(a), at_cwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+        return False
+    raise OSError(code, os.strerror(code), str(b))
+
+
+def replace_folder(new: Path, final: Path) -> None:
+    """Put the folder ``new`` (beside ``final``) where ``final`` is, so that ``final`` holds the old folder or the new
+    one at every instant: one exchange of the two where the system can, then the old one removed. Elsewhere the old
+    one moves to a marked ``.old`` name first, and :func:`recover_folder` puts it back if the run dies between the
+    two renames."""
+    new, final = Path(new), Path(final)
+    if not final.exists():
+        new.rename(final)
+        return
+    if exchange(new, final):
+        shutil.rmtree(new, ignore_errors=True)  # the old folder, under the new one's temporary name
+        return
+    reserved = partial_folder(final)
+    old = reserved.with_name(reserved.name + ".old")  # its token is this run's: no one else's name
+    final.rename(old)
+    reserved.rmdir()
+    new.rename(final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def recover_folder(final: Path) -> None:
+    """After a run killed inside :func:`replace_folder`'s fallback: the old folder back at ``final``, and the
+    marked folders embedcache left beside it removed (call it while holding ``final``'s writer lock)."""
+    final = Path(final)
+    leftovers = [p for p in partials_of(final) if p.is_dir()]
+    olds = [p for p in leftovers if p.name.endswith(".old")]
+    if not final.exists() and olds:
+        olds[0].rename(final)
+        leftovers.remove(olds[0])
+    for path in leftovers:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def commit(tmp: Path, path: Path) -> None:
@@ -54,26 +149,37 @@ def atomic_path(path: Path, *, keep_suffix: bool = False, needed: int | None = N
     failure (or interrupt) remove it and leave ``path`` as it was. A full, read-only or failing
     disk becomes an :class:`EmbedcacheError` naming ``path`` (and ``needed``, the bytes it takes)."""
     path = Path(path)
-    tmp = partial_path(path, keep_suffix=keep_suffix)
+    tmp = None
     try:
+        tmp = partial_path(path, keep_suffix=keep_suffix)
         yield tmp
         commit(tmp, path)
     except OSError as exc:
-        tmp.unlink(missing_ok=True)
+        if tmp is not None:
+            tmp.unlink(missing_ok=True)
         if exc.errno in WRITE_ERRNOS:
             raise write_error(exc, path, needed=needed) from None
         raise
     except BaseException:
-        tmp.unlink(missing_ok=True)
+        if tmp is not None:
+            tmp.unlink(missing_ok=True)
         raise
 
 
-def read_json(path: Path, *, what: str = "JSON file", fix: str = ""):
-    """The JSON value in ``path``; a missing, unreadable or malformed file is one line naming it."""
+def read_json(path: Path, *, what: str = "JSON file", fix: str = "", unique_keys: bool = False):
+    """The JSON value in ``path``; a missing, unreadable or malformed file is one line naming it. With
+    ``unique_keys``, an object that names a key twice is refused (JSON keeps the last silently)."""
     import json
 
+    def pairs(items):
+        keys = [k for k, _ in items]
+        twice = sorted({k for k in keys if keys.count(k) > 1})
+        if twice:
+            raise ValueError(f"key {twice[0]!r} appears twice in one object; keep one")
+        return dict(items)
+
     try:
-        return json.loads(Path(path).read_text())
+        return json.loads(Path(path).read_text(), object_pairs_hook=pairs if unique_keys else None)
     except (OSError, UnicodeDecodeError, ValueError) as exc:
         raise EmbedcacheError(f"{path}: not a readable {what} ({exc}){'; ' + fix if fix else ''}") from None
     except RecursionError:  # nested deeper than any file embedcache reads

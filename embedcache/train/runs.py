@@ -20,7 +20,7 @@ from pathlib import Path
 
 from embedcache.config import FinetuneConfig, load_config, save_config
 from embedcache.errors import EmbedcacheError, UsageError
-from embedcache.io.files import PARTIAL, atomic_write_text, read_json
+from embedcache.io.files import atomic_write_text, is_partial, read_json
 from embedcache.train.cases import Split
 from embedcache.train.checkpoint import BEST
 
@@ -57,7 +57,7 @@ class RunFolder:
         """What the folder holds, unfinished ``.partial`` writes aside."""
         if not self.path.is_dir():
             return []
-        return [p for p in self.path.iterdir() if not p.name.endswith(PARTIAL)]
+        return [p for p in self.path.iterdir() if not is_partial(p.name)]
 
     def check_start(self, *, resume: bool, log=print) -> bool:
         """Whether this run resumes. A new run needs a new (or empty) folder; ``--resume`` of a folder
@@ -80,7 +80,7 @@ class RunFolder:
                                   f"{LAST} to resume, or start a new run in another --out (the decoder is kept)")
         log(f"{self.path}: no checkpoint yet ({LAST}); starting the run from the beginning")
         for path in self.path.iterdir():
-            if path.is_file() and (path.name in RUN_FILES or path.name.endswith(PARTIAL)):
+            if path.is_file() and (path.name in RUN_FILES or is_partial(path.name)):
                 path.unlink(missing_ok=True)  # under torchrun every rank clears the same files
         return False
 
