@@ -62,6 +62,16 @@ def check_engine_names(engine: str, precision: str, streams: int = 0) -> None:
         raise UsageError(f"--precision {precision}: choose from {', '.join(PRECISIONS)}")
 
 
+def check_label_ids(labels) -> tuple[int, ...]:
+    """The one check of target label ids, for every command: at least one, distinct, each in 1..255 (0 is the
+    background; masks and predictions are stored as 8-bit label volumes)."""
+    labels = tuple(labels)
+    if not labels or any(isinstance(v, bool) or not isinstance(v, int) or not 0 < v < 256 for v in labels) \
+            or len(set(labels)) != len(labels):
+        raise UsageError(f"--labels must be distinct ids in 1..255, got {','.join(map(str, labels)) or 'none'}")
+    return labels
+
+
 @dataclass(frozen=True)
 class EncodeConfig:
     """Settings of phase one. ``checkpoint=None`` means the backbone's bundled weights."""
@@ -93,8 +103,7 @@ class EncodeConfig:
             raise UsageError(f"--dtype must be float16 or float32, got {self.embedding_dtype}")
         if self.batch_size < 0:
             raise UsageError(f"--batch-size must be at least 1 (or 0 for automatic), got {self.batch_size}")
-        if not self.labels or any(not 0 < label < 256 for label in self.labels) or len(set(self.labels)) != len(self.labels):
-            raise UsageError(f"--labels must be distinct ids in 1..255, got {self.labels}")
+        check_label_ids(self.labels)
         if "flip" in self.augment:
             self.label_map.mirrored(self.labels)  # refused here, before any work, where a target has no known side
 

@@ -548,3 +548,92 @@ def test_a_decoder_that_cannot_serve_the_prompts_is_refused_before_torch(data, r
     said = refused_before_torch("predict", image, "--run", run_dir, "--boxes", boxes, "--out", tmp_path / "p")
     assert "label 99 is not one the decoder was trained for (7, 8)" in said
     assert not (tmp_path / "p").exists()
+
+
+# ------------------------------------------------------------------------------------------ bounded inputs
+
+
+def _nifti_declaring(path: Path, shape) -> Path:
+    """A small uncompressed NIfTI whose header declares ``shape``: what a damaged or crafted header says."""
+    image = nib.Nifti1Image(np.zeros((4, 4, 4), np.int16), np.eye(4))
+    nib.save(image, str(path))
+    raw = bytearray(path.read_bytes())
+    raw[40:56] = np.array([3, *shape, 1, 1, 1, 1], "<i2").tobytes()  # dim[0..7]
+    path.write_bytes(bytes(raw))
+    return path
+
+
+def test_a_header_declaring_a_huge_grid_is_refused_before_a_voxel_is_read(data, tmp_path):
+    """A 1 KB header may declare 30000 × 30000 slices (or a gzip inflate to them): the size is checked against the
+    documented bound before reading, so evaluate and predict say so in one line instead of a MemoryError."""
+    truth, pred = tmp_path / "truth", tmp_path / "pred"
+    truth.mkdir(), pred.mkdir()
+    case = sorted((data / "labelsTr").iterdir())[0]
+    shutil.copy(case, truth / case.name)
+    _nifti_declaring(pred / case.name.replace(".nii.gz", ".nii"), (30000, 30000, 2))
+    result = cli("evaluate", pred, truth, "--out", tmp_path / "r", "--no-progress")
+    assert "declares a 30000×30000×2 grid, beyond the largest volume" in result.output and "Traceback" not in result.output
+    big = _nifti_declaring(tmp_path / "big.nii", (32000, 32000, 1))  # NIfTI-1 sizes are int16
+    result = cli("predict", big, "--from-labels", case, "--out", tmp_path / "p", "--device", "cpu")
+    one_line(result, "1 input(s) failed")  # the input's own line first, then the run's
+    assert f"{big}: its header declares a 32000×32000×1 grid" in result.output and "Traceback" not in result.output
+    assert not (tmp_path / "p").exists()
+
+
+def test_a_boxes_file_is_bounded_and_says_what_is_wrong(data, tmp_path):
+    """Clicks per gland are capped in the file as --clicks is (2000 clicks ran 25 minutes); a key given twice is
+    refused (JSON keeps the last, silently); corners of 1e308 lie outside the volume, with no numpy warning."""
+    image = sorted((data / "imagesTr").iterdir())[0]
+    name = image.name.replace("_0000.nii.gz", "")
+    boxes = tmp_path / "boxes.json"
+    many = [[20, 20, 10, 1]] * 21
+    boxes.write_text(json.dumps({name: [{"label": 7, "box3d": [10, 10, 5, 40, 40, 15], "points": many}]}))
+    result = cli("predict", image, "--boxes", boxes, "--out", tmp_path / "p", "--device", "cpu")
+    assert result.exit_code == 1 and "label 7 has 21 clicks in this file; at most 20" in result.output
+    boxes.write_text('{"%s": [{"label": 7, "box3d": [10, 10, 5, 40, 40, 15]}], "%s": []}' % (name, name))
+    one_line(cli("predict", image, "--boxes", boxes, "--out", tmp_path / "p", "--device", "cpu"),
+             f"key '{name}' appears twice in one object")
+    boxes.write_text(json.dumps({name: [{"label": 7, "box3d": [1, 1, 1, 1e308, 1e308, 1e308]}]}))
+    result = cli("predict", image, "--boxes", boxes, "--out", tmp_path / "p", "--device", "cpu")
+    assert result.exit_code == 1 and "lies outside the volume" in result.output, result.output
+    assert "Warning" not in result.output and "inverted" not in result.output
+    assert not (tmp_path / "p").exists()
+
+
+def test_label_ids_are_checked_alike_by_every_command(data, tmp_path):
+    """evaluate took --labels 300,-1 and reported Dice 1.0 for both; encode refused the same ids."""
+    for command in (["evaluate", data / "labelsTr", data / "labelsTr", "--out", tmp_path / "r"],
+                    ["encode", data, "--out", tmp_path / "c.h5"]):
+        for ids in ("300,-1", "7,7", "0"):
+            result = cli(*command, "--labels", ids)
+            assert result.exit_code == 2 and "distinct ids in 1..255" in result.output, (command[0], ids, result.output)
+            assert "Traceback" not in result.output
+    assert not (tmp_path / "r").exists() and not (tmp_path / "c.h5").exists()
+
+
+def test_ct_cropped_inside_the_body_is_read_with_a_note_and_other_airless_volumes_are_not(data, tmp_path):
+    """A region of interest around the kidneys and glands holds no air: its fat and soft tissue say it is CT in HU.
+    MR-like values (no fat band below zero), a PNG stack and a normalized volume are still refused."""
+    from embedcache.io.nifti import write_nifti
+    from embedcache.io.volumes import read_image
+
+    image = read_image(sorted((data / "imagesTr").iterdir())[0])
+    z, y, x = image.array.shape
+    cropped = image.array[:, y // 2 - 20 : y // 2 + 20, x // 2 - 30 : x // 2 + 30]
+    assert cropped.min() > -500  # no air
+    path = tmp_path / "roi.nii.gz"
+    write_nifti(cropped, _geometry_of(cropped.shape), path)
+    with pytest.warns(UserWarning, match="holds no air .* read as CT cropped inside the body"):
+        assert read_image(path).array.shape == cropped.shape
+    for name, values in (("mr", np.abs(cropped) * 3 + 200), ("png", np.clip(cropped, 0, 255)),
+                         ("normalized", (cropped - cropped.mean()) / cropped.std())):
+        other = tmp_path / f"{name}.nii.gz"
+        write_nifti(values.astype(np.float32), _geometry_of(cropped.shape), other)
+        with pytest.raises(EmbedcacheError, match="does not look like CT in Hounsfield units"):
+            read_image(other)
+
+
+def _geometry_of(shape_zyx):
+    from embedcache.io.geometry import Geometry
+
+    return Geometry(source_shape=(shape_zyx[2], shape_zyx[1], shape_zyx[0]), source_affine=np.diag([-1.0, -1, 2.5, 1]))

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from embedcache.config import check_label_ids
 from embedcache.errors import EmbedcacheError, UsageError
 from embedcache.evaluation.metrics import gland_metrics
 from embedcache.evaluation.report import Report, check_report_folder, report_labels, write_report
@@ -57,6 +58,7 @@ def evaluate(pred_dir: Path, labels_dir: Path, out_dir: Path, *, labels=None, la
     labels = tuple(labels) if labels else label_map.adrenals()
     if not labels:
         raise UsageError(f"{label_map.source} names no adrenal gland; give --labels with the ids to score")
+    check_label_ids(labels)
     truths, predictions = _by_case(labels_dir), _by_case(pred_dir, seg=True)
     if not truths:
         raise EmbedcacheError(f"{labels_dir}: holds no .nii or .nii.gz label volumes")

@@ -28,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
+from embedcache.config import MAX_CLICKS
 from embedcache.errors import EmbedcacheError, UsageError
 from embedcache.evaluation.protocols import Box3D
 from embedcache.io.datasets import case_name
@@ -60,7 +61,7 @@ def _number_list(value, n: int, what: str) -> list[float]:
 
 def read_boxes_file(boxes_file: Path) -> dict:
     """The JSON boxes table: an object mapping case names to lists of prompts."""
-    table = read_json(boxes_file, fix="see the boxes schema in the README")
+    table = read_json(boxes_file, fix="see the boxes schema in the README", unique_keys=True)
     if not isinstance(table, dict) or not all(isinstance(v, list) for v in table.values()):
         raise EmbedcacheError(f"{boxes_file}: expected an object {{\"CASE\": [prompts, ...]}}; see the boxes schema in the README")
     return table
@@ -72,6 +73,7 @@ def requests_from_json(table: dict, boxes_file: Path, image: Path, geometry: Geo
     if key not in table:
         raise EmbedcacheError(f"{boxes_file}: no boxes for {image.name} (key '{case_name(image)}'); add them")
     requests = []
+    clicks_of: dict[int, int] = {}  # clicks per gland, over all its entries
     for n, entry in enumerate(table[key]):
         where = f"{boxes_file} [{key}][{n}]"
         try:
@@ -107,6 +109,10 @@ def requests_from_json(table: dict, boxes_file: Path, image: Path, geometry: Geo
             raise UsageError(f"{where}: label {label} is not one the decoder was trained for ({', '.join(map(str, labels))})")
         if not 0 < label < 256:
             raise UsageError(f"{where}: label {label} must lie in 1..255")
+        clicks_of[label] = clicks_of.get(label, 0) + (len(points) if points is not None else 0)
+        if clicks_of[label] > MAX_CLICKS:
+            raise UsageError(f"{where}: label {label} has {clicks_of[label]} clicks in this file; at most {MAX_CLICKS} "
+                             "corrective clicks a gland are taken (as --clicks): keep the ones that matter")
         try:
             clicks = _canonical_clicks(points, geometry, space) if points is not None else ()
             if points_only:
@@ -144,7 +150,7 @@ def _points(value) -> np.ndarray:
 
 def _canonical_clicks(points: np.ndarray, geometry: Geometry, space: str) -> tuple[Click, ...]:
     """``(n, 4)`` points in ``space`` → clicks on canonical voxels (the nearest voxel centre for mm)."""
-    xyz = geometry.canonical_index(points[:, :3], space=space)
+    xyz = _inside_reach(geometry, points[:, :3], space, "a point")
     if space == "voxel" and np.any(np.abs(xyz - np.rint(xyz)) > 1e-3):
         raise UsageError(f"voxel points {points[:, :3].tolist()} must be whole voxel indices")
     xyz = np.rint(xyz).astype(int)
@@ -170,12 +176,25 @@ def _slice_of_points(clicks: tuple[Click, ...], points: np.ndarray, slice_value,
     return Box3D(z, z, (0.0, 0.0, float(width), float(height)))
 
 
+def _inside_reach(geometry: Geometry, xyz, space: str, what: str) -> np.ndarray:
+    """``xyz`` in ``space`` as canonical indices; coordinates that overflow, or lie more than a volume's size away
+    from it, are refused as outside the volume (not as an inverted box, nor with numpy's overflow warnings)."""
+    with np.errstate(all="ignore"):
+        index = geometry.canonical_index(np.asarray(xyz, float), space=space)
+    depth, height, width = geometry.shape_zyx
+    reach = 2 * np.array([width, height, depth])
+    if not np.isfinite(index).all() or np.any(np.abs(index) > reach + 1):
+        raise UsageError(f"{what} {np.asarray(xyz).tolist()} lies outside the volume of {width}×{height}×{depth} "
+                         f"voxels; give {space} coordinates of this image")
+    return index
+
+
 def _canonical_box(corners: np.ndarray, geometry: Geometry, space: str) -> Box3D:
     """Two inclusive corner voxels (or points) → canonical slices and in-plane pixel edges."""
     if np.any(corners[1] < corners[0]):
         raise UsageError(f"box is inverted: {corners[1].tolist()} lies before {corners[0].tolist()} on some axis; "
                          "give the first corner, then the last")
-    xyz = geometry.canonical_index(corners, space=space)
+    xyz = _inside_reach(geometry, corners, space, "the box")
     if space == "voxel" and np.any(np.abs(xyz - np.rint(xyz)) > 1e-3):
         raise UsageError(f"voxel corners {corners.tolist()} must be whole voxel indices")
     low, high = np.rint(xyz.min(axis=0)).astype(int), np.rint(xyz.max(axis=0)).astype(int)

@@ -48,7 +48,40 @@ def load_nifti(path: Path):
         raise EmbedcacheError(
             f"{path}: volume has shape {tuple(img.shape)}; expected a 3-D CT volume (split 4-D series first)"
         )
-    return img, tuple(int(s) for s in shape)
+    shape = tuple(int(s) for s in shape)
+    check_declared_size(path, shape)
+    return img, shape
+
+
+#: The largest volume read (checked from the header, before a voxel is): slices of at most 4096 px a side, and
+#: 2^30 voxels in all (a 1024³ volume; a 512² CT of 4096 slices). Past it a header is a mistake or a bomb.
+MAX_SIDE_PX, MAX_VOXELS = 4096, 2**30
+
+
+def check_declared_size(path: Path, shape) -> None:
+    """Refuse a header whose declared grid is larger than any CT (:data:`MAX_SIDE_PX`, :data:`MAX_VOXELS`) or than
+    this machine's free memory can hold as float32 twice over, before any voxel is read or inflated."""
+    voxels = int(np.prod(shape, dtype=np.int64))
+    if sorted(shape)[1] > MAX_SIDE_PX or voxels > MAX_VOXELS:
+        raise EmbedcacheError(f"{path}: its header declares a {'×'.join(map(str, shape))} grid, beyond the largest "
+                              f"volume embedcache reads ({MAX_SIDE_PX} px a side in-plane, {MAX_VOXELS:,} voxels); "
+                              "the header is damaged or the file is not a CT volume")
+    free = _available_memory()
+    if free is not None and voxels * 4 * 2 > free:
+        raise EmbedcacheError(f"{path}: its {'×'.join(map(str, shape))} voxels need about {voxels * 8 / 2**30:.1f} GiB "
+                              f"of memory to read, but {free / 2**30:.1f} GiB are free; free memory or crop the volume")
+
+
+def _available_memory() -> int | None:
+    """Bytes of memory free for a new allocation (Linux's MemAvailable), or None where the system does not say."""
+    try:
+        with open("/proc/meminfo") as handle:
+            for line in handle:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
 
 
 def nifti_geometry(path: Path) -> Geometry:

@@ -7,6 +7,7 @@ Every reader returns a :class:`~embedcache.io.geometry.Volume` in the canonical 
 from __future__ import annotations
 
 import hashlib
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -62,7 +63,8 @@ def read_image(path: Path, *, series_uid: str | None = None) -> Volume:
 
     DICOM pixel values become HU through RescaleSlope and RescaleIntercept; slices are ordered by
     their position along the slice normal. A NIfTI volume is taken to hold HU already and is
-    refused when it holds no air (a sign of MR, a PNG stack or a pre-normalized volume).
+    refused when it holds no air (a sign of MR, a PNG stack or a pre-normalized volume), unless its
+    values are those of CT cropped inside the body (:func:`looks_like_cropped_ct`), which is read with a note.
     """
     path = Path(path)
     if path.is_dir():
@@ -74,12 +76,27 @@ def read_image(path: Path, *, series_uid: str | None = None) -> Volume:
         check_finite(data, path)
         low = float(data.min(initial=0.0)) if data.size else 0.0
         if low > AIR_THRESHOLD_HU:
-            raise EmbedcacheError(
-                f"{path}: lowest value is {low:.0f}, but CT in HU holds air near -1000; "
-                "this does not look like CT in Hounsfield units"
-            )
+            if not looks_like_cropped_ct(data):
+                raise EmbedcacheError(
+                    f"{path}: lowest value is {low:.0f}, but CT in HU holds air near -1000, and these values are not "
+                    "those of CT cropped inside the body either (fat near -100 HU, soft tissue near 40 HU); this does "
+                    "not look like CT in Hounsfield units"
+                )
+            warnings.warn(f"{path}: holds no air (lowest value {low:.0f} HU); read as CT cropped inside the body, "
+                          "its fat and soft tissue in HU", stacklevel=2)
     check_plausible_hu(data, path)
     return Volume(array=geometry.canonical(data), geometry=geometry, path=path)
+
+
+def looks_like_cropped_ct(hu: np.ndarray) -> bool:
+    """Whether values with no air are still CT in HU: a region cropped inside the body (around the kidneys and
+    glands, as some data sets store them) holds fat (-150..-50 HU) and soft tissue (0..100 HU), some of each, and
+    values beyond both. An MR volume, a PNG stack (0..255) or a normalized one (0..1, z-scores) holds no fat band
+    below zero, and HU scaled ×1000 fails :func:`check_plausible_hu`."""
+    sample = np.asarray(hu).ravel()[:: max(1, hu.size // 2_000_000)]  # a couple of million voxels decide
+    fat = float(np.mean((sample >= -150) & (sample <= -50)))
+    soft = float(np.mean((sample >= 0) & (sample <= 100)))
+    return fat >= 0.01 and soft >= 0.05 and float(sample.max()) >= 100
 
 
 def check_plausible_hu(hu: np.ndarray, path: Path) -> None:
