@@ -356,3 +356,13 @@ def test_dicom_output_is_checked_before_the_first_file_of_an_input_is_written(ti
                  "--model", "tiny", "--device", "cpu", "--out", tmp_path / "pred", "--no-progress")
     assert result.exit_code == 1 and "the prediction is empty" in result.output and "nothing was written" in result.output
     assert not [p.name for p in (tmp_path / "pred").iterdir() if p.name.startswith("CT")]
+    import pydicom
+    from pydicom.uid import generate_uid
+
+    moved = sorted(series.iterdir())[0]  # a slice of another frame of reference: refused before the model loads
+    ds = pydicom.dcmread(moved)
+    ds.FrameOfReferenceUID = generate_uid()
+    ds.save_as(moved)
+    result = cli("predict", series, "--from-labels", tmp_path / "CT.nii.gz", "--output-type", "nifti,dicom-seg",
+                 "--model", "tiny", "--device", "cpu", "--out", tmp_path / "pred2", "--no-progress")
+    assert result.exit_code == 1 and "2 frame(s) of reference" in result.output and not (tmp_path / "pred2").exists()

@@ -29,7 +29,13 @@ from embedcache.evaluation import protocols
 from embedcache.evaluation.prompt_file import Request, read_boxes_file, requests_from_json
 from embedcache.evaluation.protocols import Prediction
 from embedcache.io.datasets import case_name
-from embedcache.io.dicom_out import OUTPUT_TYPES, check_labels, check_no_other_object, check_only_series
+from embedcache.io.dicom_out import (
+    OUTPUT_TYPES,
+    check_labels,
+    check_no_other_object,
+    check_only_series,
+    check_source_series,
+)
 from embedcache.io.files import (
     WriterLock,
     atomic_path,
@@ -122,13 +128,15 @@ def plan(inputs: list[Path], out_dir: Path, config: PredictConfig, *, labels, la
 
 
 def _check_dicom_source(image: Path, config: PredictConfig) -> None:
-    """DICOM output needs the source series (a folder), and for an RT Structure Set a folder of that series only."""
+    """DICOM output needs the source series (a folder) with one frame of reference and its slices' classes, and for
+    an RT Structure Set a folder of that series only: all checked before the first file is written."""
     kinds = [kind for kind in config.output_types if kind != "nifti"]
     if not kinds:
         return
     if not Path(image).is_dir():
         raise EmbedcacheError(f"{image}: a NIfTI file; --output-type {kinds[0]} writes a DICOM object that references "
                               "its source series: predict on the DICOM series folder")
+    check_source_series(Path(image), config.series)
     if "rtstruct" in kinds:
         check_only_series(Path(image), config.series)
 

@@ -64,6 +64,13 @@ def _sources(folder: Path, series_uid: str | None):
     return paths, headers
 
 
+def check_source_series(folder: Path, series_uid: str | None) -> None:
+    """What a DICOM object placed on the series in ``folder`` needs of it, checked before anything is written: one
+    frame of reference, and a SOP class for every slice (its own, or its file meta's)."""
+    paths, headers = _sources(folder, series_uid)
+    _fill_classes(paths, headers)
+
+
 #: The note an object made from a series with emptied SOP classes carries (its content or structure set description).
 CLASS_NOTE = "source SOPClassUID empty: class read from its file meta"
 
