@@ -27,13 +27,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import shutil
 import tempfile
 import time
 import warnings
 from functools import partial
-from pathlib import Path
+from pathlib import Path, PurePosixPath, PureWindowsPath
 
 import numpy as np
 
@@ -53,6 +54,11 @@ EXPORT_TOLERANCE = 1e-3
 #: A graph file that would be larger than this keeps its weights in one file beside it (``NAME.onnx.data``): one
 #: protobuf holds at most 2 GiB, and SAM ViT-H's encoder weighs 2.5 GB in float32.
 EXTERNAL_DATA_BYTES = 1 << 30
+#: The most slices at once ``--streams`` allows; a record holding more (or more than this CPU's threads) is measured
+#: again, never used.
+MAX_STREAMS = 256
+#: The record of the blobs OpenVINO compiled into a folder of :func:`openvino_cache_dir`: each one's sha256.
+BLOB_RECORD = "embedcache-blobs.json"
 
 
 def cache_folder() -> Path:
@@ -131,11 +137,13 @@ def _module(given):
     return given if isinstance(given, torch.nn.Module) else given()
 
 
-def _exported(name: str, key: dict, module, examples: tuple, *, inputs: list[str], outputs: list[str], engine: str,
-              folder: Path | None, what: str, log=print) -> Path:
+def _exported(name: str, key: dict, module, examples: tuple, *, inputs: list[str], outputs: dict[str, tuple],
+              engine: str, folder: Path | None, what: str, log=print) -> Path:
     """The ONNX graph ``name`` in the cache folder: the one exported before (its record holding ``key`` and the
-    graph's own sha256), else a fresh export of ``module`` (a module, or the function that loads it), checked in
-    ``engine`` against eager PyTorch on the seeded ``examples`` and kept with its record."""
+    graph's own sha256, the graph taking ``inputs`` shaped as the ``examples`` and giving ``outputs``, name → shape,
+    its weights inside it or in the one data file its record holds: :func:`_graph_fault`), else a fresh export of
+    ``module`` (a module, or the function that loads it), checked in ``engine`` against eager PyTorch on the seeded
+    ``examples`` and kept with its record."""
     import torch
 
     from embedcache.io.files import PARTIAL, WRITE_ERRNOS, atomic_write_text, commit, write_error
@@ -145,14 +153,20 @@ def _exported(name: str, key: dict, module, examples: tuple, *, inputs: list[str
     graph, record = folder / f"{name}.onnx", folder / f"{name}.json"
     data = graph.with_name(graph.name + ".data")
     if graph.is_file() and record.is_file():
+        fault = "does not match its record"
         try:
             held = json.loads(record.read_text())
             if all(held.get(k) == v for k, v in key.items()) and held.get("sha256") == file_sha256(graph) and (
                     held.get("data_sha256") is None or held["data_sha256"] == file_sha256(data)):  # its weights
-                return graph
+                # a record vouches for a graph only as far as it was written with it: one replaced with its record
+                # updated, or emptied, would reach the engines, and their tracebacks, unless it is what we export
+                fault = _graph_fault(graph, dict(zip(inputs, (x.shape for x in examples))), outputs,
+                                     data.name if held.get("data_sha256") is not None else None)
+                if fault is None:
+                    return graph
         except (OSError, ValueError, AttributeError):
             pass
-        log(f"{graph}: does not match its record; exporting it again")
+        log(f"{graph}: {fault}; exporting it again")
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -173,7 +187,7 @@ def _exported(name: str, key: dict, module, examples: tuple, *, inputs: list[str
             with warnings.catch_warnings():  # the TorchScript exporter's notes on constant folding are not the user's
                 warnings.simplefilter("ignore")
                 torch.onnx.export(model, tensors, str(tmp), opset_version=OPSET, dynamo=False, input_names=inputs,
-                                  output_names=outputs)
+                                  output_names=list(outputs))
             apart = _weights_apart(tmp, data.name)
             want = model(*tensors)
         want = [t.numpy() for t in (want if isinstance(want, (tuple, list)) else (want,))]
@@ -215,6 +229,110 @@ def _weights_apart(graph: Path, location: str) -> bool:
     return True
 
 
+def _tensors(graph):
+    """Every tensor an ONNX ``GraphProto`` holds: its initializers (sparse ones too) and those in its nodes' attributes,
+    in subgraphs too: any of them may keep its data in a file of its own."""
+    yield from graph.initializer
+    for sparse in graph.sparse_initializer:
+        yield from (sparse.values, sparse.indices)
+    for node in graph.node:
+        for attribute in node.attribute:
+            yield from ([attribute.t] if attribute.HasField("t") else []) + list(attribute.tensors)
+            for sparse in ([attribute.sparse_tensor] if attribute.HasField("sparse_tensor") else []) + list(
+                    attribute.sparse_tensors):
+                yield from (sparse.values, sparse.indices)
+            for subgraph in ([attribute.g] if attribute.HasField("g") else []) + list(attribute.graphs):
+                yield from _tensors(subgraph)
+
+
+def _weight_files(model) -> set[str]:
+    """Where ``model`` (an ONNX ``ModelProto`` loaded without its external data) keeps weights outside itself: each
+    external tensor's ``location`` as written ("" for one that names none)."""
+    import onnx
+
+    return {next((e.value for e in t.external_data if e.key == "location"), "") for t in _tensors(model.graph)
+            if t.data_location == onnx.TensorProto.EXTERNAL}
+
+
+def _outside(location: str) -> bool:
+    """Whether an external-data ``location`` is absolute or leaves the graph's folder (or is empty): the engines
+    would read any file the user may read, or refuse it with their own exception."""
+    posix = PurePosixPath(location.replace("\\", "/"))
+    return not location or posix.is_absolute() or bool(PureWindowsPath(location).anchor) or ".." in posix.parts
+
+
+def _load_graph(graph: Path):
+    """The ONNX model at ``graph`` without its external data, or the reason it is none."""
+    import onnx
+    from google.protobuf.message import DecodeError
+
+    try:
+        model = onnx.load(str(graph), load_external_data=False)
+    except (OSError, ValueError, DecodeError) as exc:
+        return None, f"is not an ONNX graph ({type(exc).__name__})"
+    return (model, None) if len(model.graph.node) else (None, "is not an ONNX graph (it holds no graph)")
+
+
+def _io_fault(kind: str, values, want: dict[str, tuple]) -> str | None:
+    """Why a graph's ``values`` (its inputs or outputs) are not the float32 tensors ``want`` names (name → shape;
+    a size the graph leaves open passes), or None."""
+    import onnx
+
+    names = [v.name for v in values]
+    if names != list(want):
+        return f"its {kind} are {names}, not {list(want)}"
+    for value, shape in zip(values, want.values()):
+        tensor = value.type.tensor_type
+        dims = [d.dim_value if d.HasField("dim_value") else None for d in tensor.shape.dim]
+        if tensor.elem_type != onnx.TensorProto.FLOAT or len(dims) != len(shape) or any(
+                d is not None and d != s for d, s in zip(dims, shape)):
+            return f"its {kind[:-1]} {value.name} is {dims} of type {tensor.elem_type}, not float32 {list(shape)}"
+    return None
+
+
+#: Graphs (path, size, mtime, inode) whose weights were found inside their folder, so that the engines' many
+#: sessions of one graph (a measurement builds one per round) read it once.
+_INSIDE = set()
+
+
+def _identity(graph: Path) -> tuple:
+    """What names one version of the file at ``graph``: a graph written again is read again."""
+    stat = Path(graph).stat()
+    return str(Path(graph).resolve()), stat.st_size, stat.st_mtime_ns, stat.st_ino
+
+
+def _graph_fault(graph: Path, inputs: dict[str, tuple], outputs: dict[str, tuple], data: str | None) -> str | None:
+    """Why the cached graph at ``graph`` is not one embedcache exported, or None: not an ONNX graph (an empty file),
+    inputs or outputs other than ``inputs`` and ``outputs`` (names in order, float32, ranks and fixed sizes), or
+    weights kept anywhere but in the data file ``data`` beside it (None: its record holds none, so every weight lies
+    in the graph)."""
+    model, fault = _load_graph(graph)
+    if fault:
+        return fault
+    fault = _io_fault("inputs", model.graph.input, inputs) or _io_fault("outputs", model.graph.output, outputs)
+    if fault:
+        return fault
+    files = _weight_files(model) - {data}
+    if files:
+        return f"its weights are read from {sorted(files)[0]!r}, which its record does not hold"
+    _INSIDE.add(_identity(graph))
+    return None
+
+
+def _check_weights_inside(graph: Path) -> None:
+    """Refuse, in one line naming it, a graph that is not ONNX or reads weights from outside its folder, before an
+    engine sees it (each refused the path with its own exception, ONNX Runtime's and OpenVINO's, a traceback)."""
+    if _identity(graph) in _INSIDE:
+        return
+    model, fault = _load_graph(graph)
+    if fault is None:
+        outside = sorted(location for location in _weight_files(model) if _outside(location))
+        fault = f"reads its weights from {outside[0]!r}, outside its folder" if outside else None
+    if fault:
+        raise EmbedcacheError(f"{graph}: {fault}; delete it (embedcache exports its own graphs again)")
+    _INSIDE.add(_identity(graph))
+
+
 def _torch_version() -> str:
     import torch
 
@@ -227,8 +345,8 @@ def exported_encoder(backbone, image_encoder, checkpoint_sha256: str, *, engine:
     sha256 ``checkpoint_sha256``: the one exported before, else a fresh export, checked in ``engine``."""
     name = f"{backbone.name}-{checkpoint_sha256[:16]}-opset{OPSET}-torch{_torch_version()}"
     return _exported(name, {"backbone": backbone.name, "checkpoint_sha256": checkpoint_sha256}, image_encoder,
-                     (_example(backbone),), inputs=["image"], outputs=["embedding"], engine=engine, folder=folder,
-                     what=f"{backbone.name}'s image encoder", log=log)
+                     (_example(backbone),), inputs=["image"], outputs={"embedding": (1, 256, 64, 64)}, engine=engine,
+                     folder=folder, what=f"{backbone.name}'s image encoder", log=log)
 
 
 #: Bumped when :class:`~embedcache.model.decoder.AllMasks` changes what the exported decoder computes.
@@ -249,8 +367,8 @@ def exported_decoder(backbone, heads, checkpoint_sha256: str, decoder_sha256: st
                 np.array([[0.25 * size, 0.3 * size, 0.55 * size, 0.6 * size]], np.float32))
     return _exported(name, {"backbone": backbone.name, "checkpoint_sha256": checkpoint_sha256,
                             "decoder_sha256": decoder_sha256, "format": DECODER_GRAPH}, heads, examples,
-                     inputs=["embedding", "box"], outputs=["masks", "iou"], engine=engine, folder=folder,
-                     what=f"{backbone.name}'s mask decoder", log=log)
+                     inputs=["embedding", "box"], outputs={"masks": (1, 4, 256, 256), "iou": (1, 4)}, engine=engine,
+                     folder=folder, what=f"{backbone.name}'s mask decoder", log=log)
 
 
 def _example(backbone) -> np.ndarray:
@@ -286,15 +404,18 @@ def openvino_cache_dir(graph: Path, settings: dict) -> Path:
     return Path(graph).parent / "openvino" / name
 
 
-def _session(engine: str, graph: Path, precision: str, *, keep_compiled: bool = True, streams: int = 1):
+def _session(engine: str, graph: Path, precision: str, *, keep_compiled: bool = True, streams: int = 1, log=print):
     """A function running the graph at ``graph`` in ``engine``: its float32 inputs, in order → its outputs (a list).
     It may be called from ``streams`` threads at once, each call then running on its own share of the cores
     (OpenVINO's throughput streams; ONNX Runtime's one session, ``cores // streams`` threads a run); with one stream
     a run has every core. OpenVINO keeps what it compiles in ``openvino/`` beside the graph (``keep_compiled``; its
     own cache, keyed by the graph, in a folder per settings: see ``openvino_cache_dir``): compiling the encoder and
-    the decoder again took seconds at every start."""
+    the decoder again took seconds at every start; each blob is checked against the sha256 recorded when it was
+    written: :func:`_checked_blobs`). A graph that is not ONNX or reads weights from outside its folder is refused
+    in one line first (:func:`_check_weights_inside`)."""
     import queue
 
+    _check_weights_inside(graph)
     threads = cpu_threads()
     if engine == "onnxruntime":
         import onnxruntime
@@ -311,9 +432,13 @@ def _session(engine: str, graph: Path, precision: str, *, keep_compiled: bool = 
                     "INFERENCE_NUM_THREADS": threads}
         settings.update({"PERFORMANCE_HINT": "THROUGHPUT", "NUM_STREAMS": streams} if streams > 1
                         else {"PERFORMANCE_HINT": "LATENCY"})
-        if keep_compiled:
-            settings["CACHE_DIR"] = str(openvino_cache_dir(graph, settings))
+        blobs = openvino_cache_dir(graph, settings) if keep_compiled else None
+        kept = _checked_blobs(blobs, log) if blobs is not None else None
+        if kept is not None:  # None: a blob that failed its check could not be removed; compile without the cache
+            settings["CACHE_DIR"] = str(blobs)
         compiled = _openvino_core().compile_model(str(graph), "CPU", settings)
+        if kept is not None:
+            _record_blobs(blobs, kept)
         free = queue.SimpleQueue()  # one infer request per stream: a call takes one, runs, and gives it back
         for _ in range(streams):
             free.put(compiled.create_infer_request())
@@ -331,10 +456,62 @@ def _session(engine: str, graph: Path, precision: str, *, keep_compiled: bool = 
     raise ValueError(engine)
 
 
-def _runner(engine: str, graph: Path, precision: str, streams: int = 1):
+def _checked_blobs(folder: Path, log=print) -> dict[str, tuple] | None:
+    """Check what OpenVINO compiled into ``folder`` (embedcache's own, per settings: :func:`openvino_cache_dir`)
+    against :data:`BLOB_RECORD` before OpenVINO imports it, unchecked (4 KiB flipped in a blob changed a
+    prediction, exit 0): a blob whose sha256 differs from the record's, or that the record does not hold, is removed,
+    and OpenVINO compiles it again. Returns the blobs kept, name → (size, mtime, sha256); None where one that failed
+    could not be removed (the folder is then not to be used)."""
+    from embedcache.model.backbones import file_sha256
+
+    record = folder / BLOB_RECORD
+    try:
+        held = json.loads(record.read_text())["sha256"]
+        held = held if isinstance(held, dict) else {}
+    except (OSError, ValueError, TypeError, KeyError):
+        held = {}  # no record (or not ours): every blob is unknown
+    kept = {}
+    for blob in sorted(folder.glob("*.blob")):
+        why = f"differs from the sha256 {record.name} holds" if blob.name in held else f"is not in {record.name}"
+        try:
+            stat = blob.stat()
+            digest = file_sha256(blob)
+            if held.get(blob.name) == digest:
+                kept[blob.name] = (stat.st_size, stat.st_mtime_ns, digest)
+                continue
+            blob.unlink()
+            log(f"{blob}: {why}; removed, OpenVINO compiles it again")
+        except FileNotFoundError:
+            pass  # another process removed it first
+        except OSError as exc:
+            log(f"{blob}: {why} and cannot be removed ({exc.strerror}); compiling without OpenVINO's cache")
+            return None
+    return kept
+
+
+def _record_blobs(folder: Path, kept: dict[str, tuple]) -> None:
+    """Record the sha256 of every blob in ``folder`` once OpenVINO has written them, atomically (a blob
+    :func:`_checked_blobs` kept, unchanged since, is not read again); a blob left unrecorded (a folder that cannot
+    be written) is removed and compiled again next time."""
+    from embedcache.io.files import atomic_write_text
+    from embedcache.model.backbones import file_sha256
+
+    blobs = {}
+    try:
+        for blob in sorted(folder.glob("*.blob")):
+            stat, was = blob.stat(), kept.get(blob.name)
+            same = was is not None and was[:2] == (stat.st_size, stat.st_mtime_ns)
+            blobs[blob.name] = was[2] if same else file_sha256(blob)
+        if blobs != {name: was[2] for name, was in kept.items()}:
+            atomic_write_text(folder / BLOB_RECORD, json.dumps({"sha256": blobs}, indent=2) + "\n")
+    except OSError:
+        pass
+
+
+def _runner(engine: str, graph: Path, precision: str, streams: int = 1, log=print):
     """A function running the encoder graph at ``graph`` in ``engine``: one ``(1, 3, S, S)`` float32 input → its
     embedding (callable from ``streams`` threads at once)."""
-    run = _session(engine, graph, precision, streams=streams)
+    run = _session(engine, graph, precision, streams=streams, log=log)
     return lambda x: run(x)[0]
 
 
@@ -375,6 +552,26 @@ def _streams_record(graph: Path, engine: str, precision: str) -> Path:
     return Path(graph).parent / f"streams-{Path(graph).stem}-{engine}-{precision}-{_machine_key()}.json"
 
 
+def _bounds_fault(held) -> str | None:
+    """What in a streams or ``--engine auto`` record (a JSON object) lies outside what a measurement here writes, or
+    None: slices at once (``streams``: one, or one per engine) outside 1 to :data:`MAX_STREAMS` or above this CPU's
+    threads, seconds a slice (``seconds_per_slice``, ``seconds_per_slice_by_streams``) not finite and positive. A
+    record is only read, never trusted: 100000 slices at once would have started as many threads."""
+    if not isinstance(held, dict):
+        return "is not a JSON object"
+    most = min(MAX_STREAMS, cpu_threads())
+    streams = held.get("streams", 1)
+    for k in streams.values() if isinstance(streams, dict) else [streams]:
+        if type(k) is not int or not 1 <= k <= most:
+            return f"holds {k!r} slices at once (1 to {most} here)"
+    for field in ("seconds_per_slice", "seconds_per_slice_by_streams"):
+        seconds = held.get(field, {})
+        for v in seconds.values() if isinstance(seconds, dict) else [seconds]:
+            if type(v) not in (int, float) or not (math.isfinite(v) and v > 0):
+                return f"holds {v!r} seconds a slice"
+    return None
+
+
 def _pick_streams(seconds: dict[int, float]) -> int:
     """The slices-at-once to run: the most that each time paid :data:`STREAMS_GAIN` over the fewer."""
     chosen = 1
@@ -413,15 +610,17 @@ def choose_streams(engine: str, graph: Path, precision: str, backbone, *, settle
     record = _streams_record(graph, engine, precision)
     try:
         held = json.loads(record.read_text())
-        if isinstance(held.get("streams"), int) and held["streams"] >= 1:
+        fault = _bounds_fault(held) or (None if "streams" in held else "holds no slices at once")
+        if fault is None:
             return held["streams"]
-    except (OSError, ValueError, AttributeError):
+        log(f"{record}: {fault}; measuring again")
+    except (OSError, ValueError):
         pass
     log(f"{engine}: timing one slice at a time against several at once (once for this CPU and graph)")
     if settle is not None:
         settle()
     counts = _stream_counts(threads)
-    runners = {k: (partial(_runner, engine, graph, precision, k), k) for k in counts}
+    runners = {k: (partial(_runner, engine, graph, precision, k, log=log), k) for k in counts}
     seconds = _time_pipelined(runners, _example(backbone), 2 * counts[-1])
     chosen = _keep_streams(graph, engine, precision, seconds)
     log(f"{engine}: {chosen} slice(s) at once (" + ", ".join(f"{k}: {v:.2f} s/slice" for k, v in seconds.items())
@@ -447,7 +646,7 @@ class GraphEncoder:
         self.cuda = False
         self.graph = exported_encoder(backbone, image_encoder, checkpoint_sha256, engine=engine, folder=folder, log=log)
         self.streams = streams or choose_streams(engine, self.graph, precision, backbone, settle=settle, log=log)
-        self.run = _runner(engine, self.graph, precision, self.streams)
+        self.run = _runner(engine, self.graph, precision, self.streams, log=log)
         self.batch_size = self.streams
         self._pool = None
 
@@ -501,7 +700,7 @@ class GraphDecoder:
 
         self.graph = exported_decoder(backbone, all_masks, checkpoint_sha256, decoder_sha256, engine=engine,
                                       folder=folder, log=log)
-        self.run = _session(engine, self.graph, precision)
+        self.run = _session(engine, self.graph, precision, log=log)
 
     def heads(self):
         """The eager ``(prompt_encoder, mask_decoder)``, loaded once."""
@@ -612,9 +811,12 @@ def choose_engine(backbone, load_image_encoder, checkpoint_sha256: str, *, devic
     folder = record.parent
     try:
         held = json.loads(record.read_text())
-        if held.get("chosen") in candidates and held.get("checkpoint_sha256") == checkpoint_sha256:
+        fault = _bounds_fault(held)
+        if fault is None and held.get("chosen") in candidates and held.get("checkpoint_sha256") == checkpoint_sha256:
             return held["chosen"]
-    except (OSError, ValueError, AttributeError):
+        if fault:
+            log(f"{record}: {fault}; measuring again")
+    except (OSError, ValueError):
         pass
     log(f"--engine auto: timing {', '.join(candidates)} on {backbone.name}'s encoder (once for this CPU and weights)")
     image_encoder = _module(load_image_encoder)
@@ -628,7 +830,8 @@ def choose_engine(backbone, load_image_encoder, checkpoint_sha256: str, *, devic
     for engine in candidates[1:]:
         graphs[engine] = exported_encoder(backbone, image_encoder, checkpoint_sha256, engine=engine, folder=folder,
                                           log=log)
-        runners.update({(engine, k): (partial(_runner, engine, graphs[engine], "fp32", k), k) for k in counts})
+        runners.update({(engine, k): (partial(_runner, engine, graphs[engine], "fp32", k, log=log), k)
+                        for k in counts})
     if settle is not None:
         settle()
     with torch.inference_mode():
