@@ -11,13 +11,29 @@ from embedcache.io.files import atomic_write_text, read_json
 from embedcache.io.labels import ADRENALS, FLARE22, LabelMap
 
 
+def setting(default, help: str, *, flag: str | None = None, choices=None, cli_range: tuple | None = None,
+            path: bool = False):
+    """A field that a command-line option fills, with everything the option says written once here: its default, its
+    help, its flag (``--FIELD-NAME`` unless given), its choices, the range the command line checks (``cli_range``)
+    and whether it names a file (``path``). :func:`embedcache.cli.options.option` builds the option from it, and a
+    test holds every command's options to their fields."""
+    return field(default=default, metadata={"help": help, "flag": flag, "choices": choices, "cli_range": cli_range,
+                                            "path": path})
+
+
+def flag(cls, name: str) -> str:
+    """The command-line flag of ``cls``'s field ``name``: what a message about the field names."""
+    found = next(f for f in fields(cls) if f.name == name)
+    return found.metadata.get("flag") or "--" + name.replace("_", "-")
+
+
 @dataclass(frozen=True)
 class PreprocessConfig:
     """CT window (HU) and the square slice size (px) every slice is resampled to."""
 
-    window_width_hu: float = 350.0
-    window_level_hu: float = 50.0
-    slice_size: int = 512
+    window_width_hu: float = setting(350.0, "CT window width (HU).", flag="--window-width")
+    window_level_hu: float = setting(50.0, "CT window level (HU).", flag="--window-level")
+    slice_size: int = setting(512, "Slices are resampled to this square size (px).")
 
     def __post_init__(self):
         if not self.window_width_hu > 0:  # also refuses NaN
@@ -45,10 +61,39 @@ POINT_MODES = {
              "and no box",
 }
 
+#: ``encode --dtype``: how the embeddings are stored.
+EMBEDDING_DTYPES = ("float16", "float32")
+#: ``--model`` choices (embedcache.model.backbones.BACKBONES holds each one's builder).
+BACKBONE_NAMES = ("litemedsam", "vit_b", "vit_l", "vit_h", "medsam")
+
+#: The most slices a graph engine encodes at once (``--streams``; a measurement's record is held to it too).
+MAX_STREAMS = 256
 #: ``--engine`` choices (``auto`` resolves to one of the others; see :mod:`embedcache.model.engines`).
 ENGINES = ("auto", "torch", "onnxruntime", "openvino")
 #: ``--precision`` choices of the image encoder: fp32 everywhere; bf16 through OpenVINO on a CPU with bf16 instructions.
 PRECISIONS = ("fp32", "bf16")
+
+
+def engine_setting():
+    """``--engine``, as encode and predict take it (a new field each call: a field belongs to one class)."""
+    return setting("auto", "What runs the image encoder: eager PyTorch, or ONNX Runtime or OpenVINO on the CPU (exported "
+                           "once per model and weights; pip install 'embedcache[cpu-fast]'). auto: torch on CUDA; on a "
+                           "CPU the fastest installed engine equal to torch within 1e-4, timed once per model, weights "
+                           "and CPU. predict runs the mask decoder in the same engine.", choices=ENGINES)
+
+
+def precision_setting():
+    """``--precision`` of the image encoder, as encode and predict take it."""
+    return setting("fp32", "The encoder's arithmetic. bf16 runs through --engine openvino on a CPU with bf16 "
+                           "instructions; it changes the embeddings (see the README's measured Dice cost), so a cache "
+                           "keeps one precision. predict runs its decoder graph in bf16 too.", choices=PRECISIONS)
+
+
+def streams_setting():
+    """``--streams`` of a graph engine, as encode and predict take it."""
+    return setting(0, "Slices onnxruntime or openvino encodes at once, each on its share of the cores (the CPU's batch); "
+                      "0: timed once per CPU and model (one at a time on every core, or several). predict encodes that "
+                      "many ahead of its walk.", cli_range=(0, MAX_STREAMS))
 
 
 def check_engine_names(engine: str, precision: str, streams: int = 0) -> None:
@@ -76,19 +121,26 @@ def check_label_ids(labels) -> tuple[int, ...]:
 class EncodeConfig:
     """Settings of phase one. ``checkpoint=None`` means the backbone's bundled weights."""
 
-    backbone: str = "litemedsam"
-    checkpoint: str | None = None
+    backbone: str = setting("litemedsam", "Backbone: " + ", ".join(BACKBONE_NAMES) + ".", flag="--model")
+    checkpoint: str | None = setting(None, "Weights file; required for all but litemedsam, whose weights are bundled.",
+                                     path=True)
     labels: tuple[int, ...] = ADRENALS
     preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
-    embedding_dtype: str = "float16"
-    device: str = "auto"
-    batch_size: int = 0  # torch's slices per forward; 0: pick for the device (1 on CPU, where larger are slower; on CUDA what fits)
-    margin_slices: int = 2  # also cache this many slices beyond each end of a gland (3-D box prompts need them)
-    workers: int = -1  # processes preparing slices ahead of the encoder; -1: none on CPU, half the cores up to 8 on CUDA
+    embedding_dtype: str = setting("float16", "Storage type of the embeddings.", flag="--dtype",
+                                   choices=EMBEDDING_DTYPES)
+    device: str = setting("auto", "auto, cpu or cuda[:N].")
+    # torch's slices per forward; 0: pick for the device (1 on CPU, where larger are slower; on CUDA what fits)
+    batch_size: int = setting(0, "Slices per forward of --engine torch; 0 picks 1 on CPU, and on CUDA the most (up to "
+                                 "32) that fit in half the free memory (onnxruntime and openvino: see --streams).",
+                              cli_range=(0, 1024))
+    margin_slices: int = setting(2, "Also encode this many slices beyond each end of a gland (no boxes): 3-D box prompts "
+                                    "need them.")
+    workers: int = setting(-1, "Processes preparing slices ahead of the encoder; -1: none on CPU, half the cores up to 8 "
+                               "on CUDA.")
     augment: tuple[str, ...] = ()  # training-only copies of every train case, one encode each (cache.augment.AUGMENTS)
-    engine: str = "auto"  # what runs the image encoder: auto, torch, onnxruntime or openvino (model.engines)
-    precision: str = "fp32"  # the encoder's arithmetic: fp32, or bf16 through openvino (model.engines)
-    streams: int = 0  # slices a graph engine encodes at once, each on its share of the cores; 0: measured (model.engines)
+    engine: str = engine_setting()  # what runs the image encoder (model.engines)
+    precision: str = precision_setting()  # the encoder's arithmetic: fp32, or bf16 through openvino
+    streams: int = streams_setting()  # slices a graph engine encodes at once; 0: measured (model.engines)
     label_map: LabelMap = FLARE22  # what the ids mean (io.labels): the cache records it, flips read their pairs from it
 
     def __post_init__(self):
@@ -99,8 +151,9 @@ class EncodeConfig:
             raise UsageError(f"--workers must be -1 (automatic), 0 or more, got {self.workers}")
         if not 0 <= self.margin_slices <= 50:
             raise UsageError(f"--margin-slices must lie in 0..50, got {self.margin_slices}")
-        if self.embedding_dtype not in ("float16", "float32"):
-            raise UsageError(f"--dtype must be float16 or float32, got {self.embedding_dtype}")
+        if self.embedding_dtype not in EMBEDDING_DTYPES:
+            raise UsageError(f"{flag(EncodeConfig, 'embedding_dtype')} must be {' or '.join(EMBEDDING_DTYPES)}, got "
+                             f"{self.embedding_dtype}")
         if self.batch_size < 0:
             raise UsageError(f"--batch-size must be at least 1 (or 0 for automatic), got {self.batch_size}")
         check_label_ids(self.labels)
@@ -141,38 +194,60 @@ def parse_prompt_mix(text: str) -> dict[str, float]:
     return {kind: weight / total for kind, weight in mix.items()}
 
 
+#: ``finetune --precision``: mixed precision of the training step.
+TRAIN_PRECISIONS = ("auto", "fp32", "fp16", "bf16")
+#: ``finetune --resident``: where the embeddings live during training.
+RESIDENCES = ("auto", "device", "stream")
+
+
 @dataclass(frozen=True)
 class FinetuneConfig:
     """Settings of phase two. ``checkpoint=None``: the backbone's bundled weights."""
 
     cache: str = ""
-    epochs: int = 30
-    lr: float = 1e-4
+    epochs: int = setting(30, "Epochs to train at most.", cli_range=(1, 100_000))
+    lr: float = setting(1e-4, "Peak learning rate (AdamW).")
     weight_decay: float = 0.01
-    batch_size: int = 8  # slices per step; each brings all its prompts (both glands)
-    val_fraction: float = 0.2
-    seed: int = 0
-    device: str = "auto"
-    box_jitter: float = 0.1  # each box edge moves up to this fraction of the box size, per step
+    batch_size: int = setting(8, "Slices per step; each brings all its box prompts.", cli_range=(1, 4096))
+    val_fraction: float = setting(0.2, "Share of cases held out.")
+    seed: int = setting(0, "Seed of the split and of the training prompts.")
+    device: str = setting("auto", "auto, cpu or cuda[:N].")
+    box_jitter: float = setting(0.1, "Each box edge moves up to this fraction of the box size per step.")
     warmup_fraction: float = 0.05
     grad_clip: float = 1.0
-    patience: int = 10  # epochs without a better validation Dice before stopping
-    precision: str = "auto"  # auto: bf16 on CUDA where supported, else fp16; fp32 on CPU
-    compile: bool = False
-    resident: str = "auto"  # auto | device | stream: where the embeddings live during training
-    micro_batch: int = 0  # prompts per forward/backward within a step; 0: all on CUDA, 4 on CPU
-    model: str | None = None  # None: the cache's backbone
-    checkpoint: str | None = None
-    split: str | None = None  # a split file {"train": [...], "val": [...], "test": [...]}; None: seeded by case
-    stop_prompts: bool = True  # also train on the slices just beyond each gland, with the neighbour's box and no target
-    stop_grow_mm: float = 3.0  # stop and propagated prompts: the neighbour's box grown by this much, as box3d's walk grows it
-    # the kinds of training prompt and their weights, KIND[:WEIGHT],... (TRAIN_PROMPTS): the recipe study's choice
-    train_prompts: str = "jitter:1,loose:1,propagated:1"
-    loose_margin_mm: float = 6.0  # loose prompts: the 3-D extent grown by a margin drawn from 0..this
-    iou_head: bool = True  # also train the IoU head: MSE against the IoU its mask really has (LiteMedSAM's loss)
-    adapter: bool = False  # also train a residual adapter on the cached embedding (model.adapter)
-    prompts: str = "box"  # box | box+points | mixed: what a training prompt carries (POINT_MODES)
-    max_points: int = 5  # the most clicks a training prompt carries
+    patience: int = setting(10, "Stop after this many epochs without a better validation Dice.",
+                            cli_range=(1, 100_000))
+    precision: str = setting("auto", "Mixed precision on CUDA (auto: bf16 where supported, else fp16); CPU runs fp32.",
+                             choices=TRAIN_PRECISIONS)
+    compile: bool = setting(False, "torch.compile the decoder step (no faster on a 2-core CPU: see the benchmarks).")
+    resident: str = setting("auto", "Keep the cache on the device (auto: when it fits) or stream it from HDF5.",
+                            choices=RESIDENCES)
+    micro_batch: int = setting(0, "Prompts per forward/backward within a step (same gradients); 0: all on CUDA, 4 on "
+                                  "CPU.", cli_range=(0, 4096))
+    model: str | None = setting(None, "Backbone the cache must have been made with (default: the cache's).")
+    checkpoint: str | None = setting(None, "The backbone weights the cache was encoded with (default: bundled).",
+                                     path=True)
+    split: str | None = setting(None, 'A split file {"train": [...], "val": [...], "test": [...]} instead of '
+                                      "--val-fraction.", path=True)
+    stop_prompts: bool = setting(True, "Also train on the slices just beyond each gland, prompted with the neighbour's "
+                                       "box (target: empty).")
+    stop_grow_mm: float = setting(3.0, "Stop and propagated prompts: the neighbour's box grows by this much, as score's "
+                                       "--grow-mm grows box3d's.")
+    train_prompts: str = setting("jitter:1,loose:1,propagated:1",
+                                 "Training boxes, a mix KIND[:WEIGHT],... of tight, jitter (--box-jitter), medsam (edges "
+                                 "out 0-20 px at 1024 px), loose (the 3-D box's in-plane extent) and propagated (a "
+                                 "neighbour slice's box, grown), e.g. jitter:2,loose:1,propagated:1.")
+    loose_margin_mm: float = setting(6.0, "Loose prompts: the gland's 3-D extent grows by a margin drawn from 0..this "
+                                          "(mm).")
+    iou_head: bool = setting(True, "Also train the IoU head (MSE against each mask's true IoU), so score --min-iou and "
+                                   "predict's low-IoU slices can trust it.")
+    adapter: bool = setting(False, "Also train a small residual adapter on the cached embeddings (1x1 down, depthwise "
+                                   "3x3, 1x1 up), in front of the decoder; the cache stays valid.")
+    prompts: str = setting("box", "What a training prompt carries: its box; its box and 0..--max-points corrective "
+                                  "clicks (from the error of the decoder's own mask); or mixed: a third each box, box + "
+                                  "clicks, clicks alone.", choices=tuple(POINT_MODES))
+    max_points: int = setting(5, "The most clicks a training prompt carries (--prompts box+points or mixed).",
+                              cli_range=(1, 32))
 
     def __post_init__(self):
         if self.prompts not in POINT_MODES:
@@ -187,10 +262,10 @@ class FinetuneConfig:
             raise UsageError(f"--lr must be positive, got {self.lr}")
         if not 0 <= self.box_jitter < 1:
             raise UsageError(f"--box-jitter must lie in [0, 1), got {self.box_jitter}")
-        if self.precision not in ("auto", "fp32", "fp16", "bf16"):
-            raise UsageError(f"--precision must be auto, fp32, fp16 or bf16, got {self.precision}")
-        if self.resident not in ("auto", "device", "stream"):
-            raise UsageError(f"--resident must be auto, device or stream, got {self.resident}")
+        if self.precision not in TRAIN_PRECISIONS:
+            raise UsageError(f"--precision must be {', '.join(TRAIN_PRECISIONS)}, got {self.precision}")
+        if self.resident not in RESIDENCES:
+            raise UsageError(f"--resident must be {', '.join(RESIDENCES)}, got {self.resident}")
         if not 0 <= self.stop_grow_mm <= 100:
             raise UsageError(f"--stop-grow-mm must lie in 0..100 mm, got {self.stop_grow_mm}")
         if not 0 <= self.loose_margin_mm <= 100:
@@ -218,35 +293,46 @@ WALKS = {
 }
 
 
+#: ``--middle``: what the 3-D box's own prompt decodes to.
+MIDDLES = ("single", "multimask")
+
+
 @dataclass(frozen=True)
 class ProtocolSettings:
     """How the protocols draw their boxes; saved in every report."""
 
-    jitter: float = 0.1  # jitter: each edge moves by up to this fraction of the box's width or height
-    seed: int = 0  # jitter: the same seed, case and label give the same boxes
-    margin_mm: float = 3.0  # box3d from a label: the 3-D box is this much larger in-plane ...
-    margin_slices: int = 1  # ... and this many slices longer at each end
-    grow_mm: float = 3.0  # box3d: the box of the previous slice's mask, grown by this much
-    walk: str = "grow"  # box3d: how the slices beyond the middle one are prompted (WALKS)
-    min_iou: float = 0.0  # box3d: a mask whose predicted IoU is below this counts as vanished (0: off)
-    middle: str = "single"  # box3d: the 3-D box's own prompt decodes to one mask, or to SAM's best of three ("multimask")
-    clicks: int = 5  # clicks: corrective clicks per gland after the 3-D box
+    jitter: float = setting(0.1, "jitter: each box edge moves up to this fraction of the box size.")
+    seed: int = setting(0, "jitter: same seed, same boxes.")
+    margin_mm: float = setting(3.0, "box3d from a label: the 3-D box is this much larger in-plane...",
+                               flag="--box-margin-mm")
+    margin_slices: int = setting(1, "...and this many slices longer at each end.", flag="--box-margin-slices")
+    grow_mm: float = setting(3.0, "box3d: each next slice's box is the previous mask's, grown by this much.")
+    walk: str = setting("grow", "box3d: grow (stop where the mask vanishes), fallback (there, prompt the 3-D box again, "
+                                "as MedSAM does), extent (every slice gets the 3-D box: no walk) or bounded (grow scaled "
+                                "by the slice spacing, each box within the last one grown as much).", choices=tuple(WALKS))
+    min_iou: float = setting(0.0, "box3d: a mask whose predicted IoU is below this counts as vanished (needs a decoder "
+                                  "trained with --iou-head; 0: off).")
+    middle: str = setting("single", "box3d: the 3-D box's own prompt (the middle slice; every slice under --walk extent) "
+                                    "gives one mask, or SAM's three with the best predicted IoU kept.",
+                          choices=MIDDLES)
+    clicks: int = setting(5, f"clicks: corrective clicks per gland after the 3-D box (0..{MAX_CLICKS}).")
 
     def __post_init__(self):
         if isinstance(self.clicks, bool) or not isinstance(self.clicks, int) or not 0 <= self.clicks <= MAX_CLICKS:
             raise UsageError(f"--clicks must be a whole number in 0..{MAX_CLICKS}, got {self.clicks}")
         if not 0 <= self.min_iou <= 1:
             raise UsageError(f"--min-iou must lie in 0..1, got {self.min_iou}")
-        if self.middle not in ("single", "multimask"):
-            raise UsageError(f"--middle {self.middle}: choose single or multimask")
+        if self.middle not in MIDDLES:
+            raise UsageError(f"--middle {self.middle}: choose {' or '.join(MIDDLES)}")
         if self.walk not in WALKS:
             raise UsageError(f"--walk {self.walk}: choose from {', '.join(WALKS)}")
         if not 0 <= self.jitter < 1:
             raise UsageError(f"--jitter must lie in [0, 1), got {self.jitter}")
         if not (0 <= self.margin_mm <= 100 and 0 <= self.grow_mm <= 100):
-            raise UsageError("--box-margin-mm and --grow-mm must lie in 0..100 mm")
+            raise UsageError(f"{flag(ProtocolSettings, 'margin_mm')} and {flag(ProtocolSettings, 'grow_mm')} must lie "
+                             "in 0..100 mm")
         if not 0 <= self.margin_slices <= 50:
-            raise UsageError(f"--box-margin-slices must lie in 0..50, got {self.margin_slices}")
+            raise UsageError(f"{flag(ProtocolSettings, 'margin_slices')} must lie in 0..50, got {self.margin_slices}")
 
 
 def check_protocols(names: tuple[str, ...], *, text: str | None = None) -> tuple[str, ...]:
@@ -274,9 +360,12 @@ class ScoreConfig:
     cases: str | None = None
     prompts: tuple[str, ...] = DEFAULT_PROTOCOLS
     protocol: ProtocolSettings = field(default_factory=ProtocolSettings)
-    checkpoint: str | None = None  # the backbone weights (None: the run's, or bundled)
-    data: str | None = None  # the dataset folder where the sources lie now, if it moved since encoding
-    device: str = "auto"
+    checkpoint: str | None = setting(None, "The backbone weights the cache was encoded with (default: the run's, or "
+                                           "bundled).", path=True)
+    data: str | None = setting(None, "The dataset folder, if it moved since encoding: each case's label volume and "
+                                     "image are taken from there by name, checked against the cache's sha256 of what "
+                                     "was encoded.", path=True)
+    device: str = setting("auto", "auto, cpu or cuda[:N].")
 
     def __post_init__(self):
         _one_decoder(self.run, self.decoder)
@@ -296,17 +385,19 @@ class PredictConfig:
     decoder: str | None = None
     boxes: str | None = None
     from_labels: str | None = None
-    prompts: str = "box3d"
+    prompts: str = setting("box3d", "With --from-labels: how the glands become prompts (see score; clicks: the label "
+                                    "places them).", choices=PROTOCOLS)
     protocol: ProtocolSettings = field(default_factory=ProtocolSettings)
-    series: str | None = None
-    model: str = "litemedsam"
-    checkpoint: str | None = None
-    device: str = "auto"
-    review_iou: float = 0.5  # CASE.review.json lists the slices whose predicted IoU is below this
+    series: str | None = setting(None, "SeriesInstanceUID to read from DICOM folders holding several series.")
+    model: str = setting("litemedsam", "Backbone when no run or decoder is given: " + ", ".join(BACKBONE_NAMES) + ".")
+    checkpoint: str | None = setting(None, "Backbone weights (default: bundled).", path=True)
+    device: str = setting("auto", "auto, cpu or cuda[:N].")
+    review_iou: float = setting(0.5, "OUT/CASE.review.json lists the slices whose predicted IoU is below this: where "
+                                     "to look.")
     output_types: tuple[str, ...] = ("nifti",)  # nifti, dicom-seg, rtstruct (embedcache.io.dicom_out.OUTPUT_TYPES)
-    engine: str = "auto"  # what runs the image encoder: auto, torch, onnxruntime or openvino (model.engines)
-    precision: str = "fp32"  # the encoder's arithmetic: fp32, or bf16 through openvino (model.engines)
-    streams: int = 0  # slices a graph engine encodes at once, each on its share of the cores; 0: measured (model.engines)
+    engine: str = engine_setting()  # what runs the image encoder (model.engines)
+    precision: str = precision_setting()  # the encoder's arithmetic: fp32, or bf16 through openvino
+    streams: int = streams_setting()  # slices a graph engine encodes at once; 0: measured (model.engines)
     label_map: str | None = None  # a label map file (io.labels); None: the decoder's, a dataset.json, the preset
     label_preset: str | None = None  # a built-in map (io.labels.PRESETS)
 

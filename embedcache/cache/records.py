@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from embedcache import __version__
-from embedcache.config import PreprocessConfig
+from embedcache.config import EMBEDDING_DTYPES, PreprocessConfig
 from embedcache.errors import CacheMismatchError, EmbedcacheError, UsageError
 from embedcache.io.labels import FLARE22, LabelMap
 
@@ -25,7 +25,6 @@ MODEL_KEYS = ("schema", "backbone", "checkpoint_sha256", "input_size", "preproce
 #: Signature fields a trained decoder must share with the cache it decodes: the embeddings' maker and
 #: meaning (the storage type may differ).
 DECODER_KEYS = ("backbone", "checkpoint_sha256", "input_size", "preprocess", "labels")
-EMBEDDING_DTYPES = ("float16", "float32")
 #: The sets a cached case can belong to: ``train`` (training or validation, as the fine-tune's split
 #: decides), ``test`` (an ``imagesTs/`` case, never trained on) and ``augment`` (an augmented copy of a
 #: ``train`` case, ``NAME~KIND``: trained on with its source, never validated or scored; see

@@ -164,27 +164,3 @@ def resolve_labels(label_map_path, preset, folders, labels):
     if not targets:
         raise UsageError(f"{label_map.source} names no adrenal gland; give --labels with the target ids")
     return label_map, targets, fallback_note(targets) if fallback else None
-
-
-def device_option(func):
-    return click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda[:N].")(func)
-
-
-def engine_options(func):
-    """``--engine``, ``--precision`` and ``--streams`` of the image encoder (encode and predict; see
-    embedcache.model.engines)."""
-    from embedcache.config import ENGINES, PRECISIONS
-
-    func = click.option("--streams", default=0, show_default=True, type=click.IntRange(0, 256),
-                        help="Slices onnxruntime or openvino encodes at once, each on its share of the cores (the "
-                             "CPU's batch); 0: timed once per CPU and model (one at a time on every core, or "
-                             "several). predict encodes that many ahead of its walk.")(func)
-    func = click.option("--precision", default="fp32", show_default=True, type=click.Choice(list(PRECISIONS)),
-                        help="The encoder's arithmetic. bf16 runs through --engine openvino on a CPU with bf16 "
-                             "instructions; it changes the embeddings (see the README's measured Dice cost), so a "
-                             "cache keeps one precision. predict runs its decoder graph in bf16 too.")(func)
-    return click.option("--engine", default="auto", show_default=True, type=click.Choice(list(ENGINES)),
-                        help="What runs the image encoder: eager PyTorch, or ONNX Runtime or OpenVINO on the CPU "
-                             "(exported once per model and weights; pip install 'embedcache[cpu-fast]'). auto: torch "
-                             "on CUDA; on a CPU the fastest installed engine equal to torch within 1e-4, timed once "
-                             "per model, weights and CPU. predict runs the mask decoder in the same engine.")(func)

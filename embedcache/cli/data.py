@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import os
+from dataclasses import fields
 from pathlib import Path
 
 import click
 
 from embedcache.cli.common import (
     console,
-    device_option,
-    engine_options,
     friendly_errors,
     label_map_options,
     parse_labels,
@@ -19,6 +18,8 @@ from embedcache.cli.common import (
     resolve_labels,
     say_to,
 )
+from embedcache.cli.options import options, typed
+from embedcache.config import EncodeConfig, PreprocessConfig
 from embedcache.errors import UsageError
 from embedcache.runtime.distributed import is_main_process
 
@@ -45,8 +46,7 @@ def phantom(out: Path, cases: int | None, seed: int, size: int, test_cases: int,
     """
     from embedcache.io.phantom import PhantomConfig, write_phantom
 
-    ctx = click.get_current_context()
-    if anatomy is not None and ctx.get_parameter_source("size") == click.core.ParameterSource.COMMANDLINE:
+    if anatomy is not None and "size" in typed():
         raise UsageError("--size shapes the synthetic phantom; with --anatomy each CT takes its label map's grid: "
                          "drop it")
     with progress_bar(progress) as bar:
@@ -68,35 +68,20 @@ def phantom(out: Path, cases: int | None, seed: int, size: int, test_cases: int,
 @click.option("--label", "labels_", multiple=True, type=click.Path(path_type=Path),
               help="The label NIfTI of the --image at the same position.")
 @click.option("--series", default=None, help="SeriesInstanceUID to read from DICOM folders holding several series.")
-@click.option("--model", default="litemedsam", show_default=True, help="Backbone: litemedsam, vit_b, vit_l, vit_h, medsam.")
-@click.option("--checkpoint", type=click.Path(path_type=Path), default=None,
-              help="Weights file; required for all but litemedsam, whose weights are bundled.")
+@options(EncodeConfig, "backbone", "checkpoint")
 @click.option("--labels", default=None, callback=parse_labels,
               help="Target label ids [default: the label map's adrenal glands: 7,8 in FLARE22's ids].")
 @label_map_options
-@click.option("--window-width", default=350.0, show_default=True, type=float, help="CT window width (HU).")
-@click.option("--window-level", default=50.0, show_default=True, type=float, help="CT window level (HU).")
-@click.option("--slice-size", default=512, show_default=True, type=int, help="Slices are resampled to this square size (px).")
-@click.option("--dtype", default="float16", show_default=True, type=click.Choice(["float16", "float32"]),
-              help="Storage type of the embeddings.")
-@device_option
-@click.option("--batch-size", default=0, show_default=True, type=click.IntRange(0, 1024),
-              help="Slices per forward of --engine torch; 0 picks 1 on CPU, and on CUDA the most (up to 32) that fit in half "
-                   "the free memory (onnxruntime and openvino: see --streams).")
-@click.option("--margin-slices", default=2, show_default=True, type=int,
-              help="Also encode this many slices beyond each end of a gland (no boxes): 3-D box prompts need them.")
-@click.option("--workers", default=-1, show_default=True, type=int,
-              help="Processes preparing slices ahead of the encoder; -1: none on CPU, half the cores up to 8 on CUDA.")
+@options(PreprocessConfig, "window_width_hu", "window_level_hu", "slice_size")
+@options(EncodeConfig, "embedding_dtype", "device", "batch_size", "margin_slices", "workers")
 @click.option("--augment", default="", metavar="KINDS",
               help="Also encode training-only copies of every train case: a comma list of flip (left-right, glands "
                    "swap labels), rotate (±15°), scale (0.85-1.15), intensity (HU ×0.9-1.1, ±30 HU); each kind costs "
                    "one more encode of the training cases.")
-@engine_options
+@options(EncodeConfig, "engine", "precision", "streams")
 @progress_option
 @friendly_errors
-def encode(data, out, images, labels_, series, model, checkpoint, labels, label_map, label_preset, window_width,
-           window_level, slice_size, dtype, device, batch_size, margin_slices, workers, augment, engine, precision,
-           streams, progress):
+def encode(data, out, images, labels_, series, labels, label_map, label_preset, augment, progress, **settings):
     """Encode every slice of DATA that holds a target label into the HDF5 cache OUT.
 
     DATA is a FLARE22-style folder (imagesTr/ + labelsTr/ or images/ + labels/, and imagesTs/ +
@@ -107,7 +92,6 @@ def encode(data, out, images, labels_, series, model, checkpoint, labels, label_
     """
 
     from embedcache.cache.encode import encode as run_encode
-    from embedcache.config import EncodeConfig, PreprocessConfig
     from embedcache.io.datasets import CaseSource, case_name, discover_cases
 
     if data is not None and images:
@@ -126,22 +110,11 @@ def encode(data, out, images, labels_, series, model, checkpoint, labels, label_
 
     near = (data,) if data is not None else tuple(dict.fromkeys(f for p in labels_ for f in beside(p)))
     mapping, labels, note = resolve_labels(label_map, label_preset, near, labels)
-    config = EncodeConfig(
-        backbone=model,
-        checkpoint=str(checkpoint) if checkpoint else None,
-        labels=labels,
-        preprocess=PreprocessConfig(window_width_hu=window_width, window_level_hu=window_level, slice_size=slice_size),
-        embedding_dtype=dtype,
-        device=device,
-        batch_size=batch_size,
-        margin_slices=margin_slices,
-        workers=workers,
-        augment=tuple(k.strip() for k in augment.split(",") if k.strip()),
-        engine=engine,
-        precision=precision,
-        streams=streams,
-        label_map=mapping,
-    )
+    preprocess = PreprocessConfig(**{f.name: settings.pop(f.name) for f in fields(PreprocessConfig)})
+    checkpoint = settings.pop("checkpoint")
+    config = EncodeConfig(**settings, checkpoint=str(checkpoint) if checkpoint else None, labels=labels,
+                          preprocess=preprocess, augment=tuple(k.strip() for k in augment.split(",") if k.strip()),
+                          label_map=mapping)
     if data is not None:
         cases = discover_cases(data)
     else:

@@ -9,8 +9,6 @@ import click
 from embedcache.cli.common import (
     REPLACES,
     console,
-    device_option,
-    engine_options,
     friendly_errors,
     label_map_options,
     parse_labels,
@@ -19,45 +17,39 @@ from embedcache.cli.common import (
     resolve_labels,
     say_to,
 )
+from embedcache.cli.options import options, typed
+from embedcache.config import CASE_SETS, DEFAULT_PROTOCOLS, PROTOCOLS
 from embedcache.errors import EmbedcacheError, UsageError
+
+#: The fields of the prompt protocols' settings, shared by score and predict, in the order --help lists them.
+PROTOCOL_FIELDS = ("jitter", "seed", "margin_mm", "margin_slices", "grow_mm", "walk", "min_iou", "middle", "clicks")
+
+
+def score_options(*names: str):
+    from embedcache.config import ScoreConfig
+
+    return options(ScoreConfig, *names)
+
+
+def predict_options(*names: str):
+    from embedcache.config import PredictConfig
+
+    return options(PredictConfig, *names)
 
 
 def protocol_options(func):
-    """The options of the prompt protocols, shared by score and predict."""
-    options = [
-        click.option("--jitter", default=0.1, show_default=True, type=float,
-                     help="jitter: each box edge moves up to this fraction of the box size."),
-        click.option("--seed", default=0, show_default=True, type=int, help="jitter: same seed, same boxes."),
-        click.option("--box-margin-mm", default=3.0, show_default=True, type=float,
-                     help="box3d from a label: the 3-D box is this much larger in-plane..."),
-        click.option("--box-margin-slices", default=1, show_default=True, type=int,
-                     help="...and this many slices longer at each end."),
-        click.option("--grow-mm", default=3.0, show_default=True, type=float,
-                     help="box3d: each next slice's box is the previous mask's, grown by this much."),
-        click.option("--walk", default="grow", show_default=True,
-                     type=click.Choice(["grow", "fallback", "extent", "bounded"]),
-                     help="box3d: grow (stop where the mask vanishes), fallback (there, prompt the 3-D box again, as "
-                          "MedSAM does), extent (every slice gets the 3-D box: no walk) or bounded (grow scaled by "
-                          "the slice spacing, each box within the last one grown as much)."),
-        click.option("--min-iou", default=0.0, show_default=True, type=float,
-                     help="box3d: a mask whose predicted IoU is below this counts as vanished (needs a decoder "
-                          "trained with --iou-head; 0: off)."),
-        click.option("--middle", default="single", show_default=True, type=click.Choice(["single", "multimask"]),
-                     help="box3d: the 3-D box's own prompt (the middle slice; every slice under --walk extent) gives "
-                          "one mask, or SAM's three with the best predicted IoU kept."),
-        click.option("--clicks", "clicks", default=5, show_default=True, type=int,
-                     help="clicks: corrective clicks per gland after the 3-D box (0..20)."),
-    ]
-    for option in reversed(options):
-        func = option(func)
-    return func
-
-
-def _settings(jitter, seed, box_margin_mm, box_margin_slices, grow_mm, walk, min_iou, middle, clicks):
+    """The options of the prompt protocols (:class:`~embedcache.config.ProtocolSettings`), shared by score and
+    predict."""
     from embedcache.config import ProtocolSettings
 
-    return ProtocolSettings(jitter=jitter, seed=seed, margin_mm=box_margin_mm, margin_slices=box_margin_slices,
-                            grow_mm=grow_mm, walk=walk, min_iou=min_iou, middle=middle, clicks=clicks)
+    return options(ProtocolSettings, *PROTOCOL_FIELDS)(func)
+
+
+def _settings(params: dict):
+    """The :class:`~embedcache.config.ProtocolSettings` of a command's parameters (popped from ``params``)."""
+    from embedcache.config import ProtocolSettings
+
+    return ProtocolSettings(**{name: params.pop(name) for name in PROTOCOL_FIELDS})
 
 
 @click.command()
@@ -66,22 +58,16 @@ def _settings(jitter, seed, box_margin_mm, box_margin_slices, grow_mm, walk, min
 @click.option("--run", "run_dir", type=click.Path(path_type=Path), default=None, help="A finetune run folder.")
 @click.option("--decoder", "decoder_file", type=click.Path(path_type=Path), default=None,
               help="A fine-tuned decoder file (RUN_DIR/decoder.safetensors) instead of --run.")
-@click.option("--cases", default=None, type=click.Choice(["test", "val", "train", "all"]),
+@click.option("--cases", default=None, type=click.Choice(list(CASE_SETS)),
               help="Which cases to score [default: test cases if any, else val with --run, else all].")
-@click.option("--prompts", default="oracle,jitter,box3d", show_default=True,
-              help="Prompt protocols, comma-separated: oracle, jitter, box3d, clicks (box3d and --clicks corrective "
+@click.option("--prompts", default=",".join(DEFAULT_PROTOCOLS), show_default=True,
+              help=f"Prompt protocols, comma-separated: {', '.join(PROTOCOLS)} (clicks: box3d and --clicks corrective "
                    "clicks per gland, Dice after each).")
 @protocol_options
-@click.option("--checkpoint", type=click.Path(path_type=Path), default=None,
-              help="The backbone weights the cache was encoded with (default: the run's, or bundled).")
-@click.option("--data", type=click.Path(path_type=Path), default=None,
-              help="The dataset folder, if it moved since encoding: each case's label volume and image are "
-                   "taken from there by name, checked against the cache's sha256 of what was encoded.")
-@device_option
+@score_options("checkpoint", "data", "device")
 @progress_option
 @friendly_errors(interrupted=REPLACES)
-def score(cache, out_dir, run_dir, decoder_file, cases, prompts, jitter, seed, box_margin_mm, box_margin_slices,
-          grow_mm, walk, min_iou, middle, clicks, checkpoint, data, device, progress):
+def score(cache, out_dir, run_dir, decoder_file, cases, prompts, checkpoint, data, device, progress, **protocol):
     """Score the vanilla decoder against the fine-tuned one on the cached embeddings of CACHE.
 
     Per prompt protocol (oracle: tight boxes on every slice, an upper bound; jitter: sloppy boxes;
@@ -97,9 +83,7 @@ def score(cache, out_dir, run_dir, decoder_file, cases, prompts, jitter, seed, b
     from embedcache.train.decoders import check_decoder_fits
 
     config = ScoreConfig(cache=str(cache), run=_text(run_dir), decoder=_text(decoder_file), cases=cases,
-                         prompts=parse_protocols(prompts),
-                         protocol=_settings(jitter, seed, box_margin_mm, box_margin_slices, grow_mm, walk, min_iou, middle,
-                                              clicks),
+                         prompts=parse_protocols(prompts), protocol=_settings(protocol),
                          checkpoint=_text(checkpoint), data=_text(data), device=device)
     with open_cache(cache) as opened:  # a mistyped path or a decoder for another cache costs a second, not torch's import
         if run_dir or decoder_file:
@@ -208,26 +192,19 @@ def evaluate(pred, labels_dir, out_dir, labels, label_map, label_preset, name, p
               help="JSON: 3-D boxes (or boxes on one slice) per input and label, in the file's voxel indices.")
 @click.option("--from-labels", type=click.Path(path_type=Path), default=None,
               help="A label NIfTI (or a folder of CASE.nii.gz) whose glands give the prompts.")
-@click.option("--prompts", default="box3d", show_default=True,
-              type=click.Choice(["oracle", "jitter", "box3d", "clicks"]),
-              help="With --from-labels: how the glands become prompts (see score; clicks: the label places them).")
+@predict_options("prompts")
 @protocol_options
-@click.option("--series", default=None, help="SeriesInstanceUID to read from DICOM folders holding several series.")
+@predict_options("series")
 @click.option("--output-type", "output_types", default="nifti", show_default=True,
               help="What to write per input, comma-separated: nifti (CASE.nii.gz), dicom-seg (CASE.seg.dcm, a DICOM "
                    "Segmentation) and rtstruct (CASE.rtstruct.dcm, an RT Structure Set); DICOM ones need a DICOM input.")
-@click.option("--review-iou", default=0.5, show_default=True, type=float,
-              help="OUT/CASE.review.json lists the slices whose predicted IoU is below this: where to look.")
+@predict_options("review_iou")
 @label_map_options
-@engine_options
-@click.option("--model", default="litemedsam", show_default=True, help="Backbone when no run or decoder is given.")
-@click.option("--checkpoint", type=click.Path(path_type=Path), default=None, help="Backbone weights (default: bundled).")
-@device_option
+@predict_options("engine", "precision", "streams", "model", "checkpoint", "device")
 @progress_option
 @friendly_errors
-def predict(inputs, out_dir, run_dir, decoder_file, boxes_file, from_labels, prompts, jitter, seed, box_margin_mm,
-            box_margin_slices, grow_mm, walk, min_iou, middle, clicks, series, output_types, review_iou, label_map,
-            label_preset, engine, precision, streams, model, checkpoint, device, progress):
+def predict(inputs, out_dir, run_dir, decoder_file, boxes_file, from_labels, prompts, series, output_types, review_iou,
+            label_map, label_preset, engine, precision, streams, model, checkpoint, device, progress, **protocol):
     """Segment INPUTS (NIfTI files, folders of them, or DICOM series folders) from box prompts.
 
     A 3-D box per gland is segmented from its middle slice and propagated slice by slice (box3d);
@@ -236,18 +213,15 @@ def predict(inputs, out_dir, run_dir, decoder_file, boxes_file, from_labels, pro
     ids (or those of --label-map / --label-preset; FLARE22's by default) on the input's own grid and affine, so it opens aligned in 3D Slicer or ITK-SNAP. An input that
     fails is reported and the rest go on; the exit code is then 1.
     """
-    from embedcache.config import PredictConfig
+    from embedcache.config import PredictConfig, ProtocolSettings, flag
 
-    ctx = click.get_current_context()
-    typed = [name for name in ("prompts", "box_margin_mm", "box_margin_slices", "jitter", "seed", "clicks")
-             if ctx.get_parameter_source(name) == click.core.ParameterSource.COMMANDLINE]
-    if boxes_file is not None and typed:
-        raise UsageError(f"--{typed[0].replace('_', '-')} shapes the prompts drawn from --from-labels; --boxes are "
-                         "segmented as given: drop it")
+    shaping = [name for name in ("prompts", "margin_mm", "margin_slices", "jitter", "seed", "clicks") if name in typed()]
+    if boxes_file is not None and shaping:
+        spelled = "--prompts" if shaping[0] == "prompts" else flag(ProtocolSettings, shaping[0])
+        raise UsageError(f"{spelled} shapes the prompts drawn from --from-labels; --boxes are segmented as given: "
+                         "drop it")
     config = PredictConfig(run=_text(run_dir), decoder=_text(decoder_file), boxes=_text(boxes_file),
-                           from_labels=_text(from_labels), prompts=prompts,
-                           protocol=_settings(jitter, seed, box_margin_mm, box_margin_slices, grow_mm, walk, min_iou, middle,
-                                              clicks),
+                           from_labels=_text(from_labels), prompts=prompts, protocol=_settings(protocol),
                            series=series, model=model, checkpoint=_text(checkpoint), device=device, review_iou=review_iou,
                            engine=engine, precision=precision, streams=streams, label_map=_text(label_map),
                            label_preset=label_preset,

@@ -38,7 +38,9 @@ from pathlib import Path, PurePosixPath, PureWindowsPath
 
 import numpy as np
 
-from embedcache.config import check_engine_names
+# MAX_STREAMS: the most slices at once --streams allows; a record holding more (or more than this CPU's threads) is
+# measured again, never used
+from embedcache.config import MAX_STREAMS, check_engine_names
 from embedcache.errors import EmbedcacheError, UsageError
 
 #: The engines that run an exported graph on the CPU, with the modules each needs.
@@ -54,9 +56,6 @@ EXPORT_TOLERANCE = 1e-3
 #: A graph file that would be larger than this keeps its weights in one file beside it (``NAME.onnx.data``): one
 #: protobuf holds at most 2 GiB, and SAM ViT-H's encoder weighs 2.5 GB in float32.
 EXTERNAL_DATA_BYTES = 1 << 30
-#: The most slices at once ``--streams`` allows; a record holding more (or more than this CPU's threads) is measured
-#: again, never used.
-MAX_STREAMS = 256
 #: The record of the blobs OpenVINO compiled into a folder of :func:`openvino_cache_dir`: each one's sha256.
 BLOB_RECORD = "embedcache-blobs.json"
 

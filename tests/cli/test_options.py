@@ -1,0 +1,65 @@
+"""Each option once: every command-line option that fills a config field is built from that field
+(:func:`embedcache.config.setting`), so its default, choices, flag and help cannot disagree with the config, its
+checks or its messages."""
+
+from __future__ import annotations
+
+from dataclasses import fields
+
+import click
+import pytest
+
+from embedcache import config
+from embedcache.cli import main
+from embedcache.errors import UsageError
+
+#: The config classes whose fields each command's options fill.
+FILLS = {"encode": (config.EncodeConfig, config.PreprocessConfig), "finetune": (config.FinetuneConfig,),
+         "score": (config.ScoreConfig, config.ProtocolSettings),
+         "predict": (config.PredictConfig, config.ProtocolSettings)}
+
+
+def _settings(classes):
+    return {f.name: f for cls in classes for f in fields(cls) if "help" in f.metadata}
+
+
+@pytest.mark.parametrize("command", sorted(FILLS))
+def test_every_option_of_a_config_field_is_that_fields_default_choices_flag_and_help(command):
+    settings = _settings(FILLS[command])
+    options = {p.name: p for p in main.commands[command].params if isinstance(p, click.Option)}
+    filled = set(settings) & set(options)
+    assert filled, command
+    for name in sorted(filled):
+        option, field, meta = options[name], settings[name], settings[name].metadata
+        assert option.default == field.default, (command, name)
+        assert option.help == meta["help"], (command, name)
+        assert (meta["flag"] or "--" + name.replace("_", "-")) in option.opts, (command, name, option.opts)
+        if meta["choices"] is not None:
+            assert tuple(option.type.choices) == tuple(meta["choices"]), (command, name)
+    # a setting of the command's configs that no option fills is one a person cannot set: say so here if meant
+    unfilled = {"encode": set(), "finetune": set(), "score": set(), "predict": set()}[command]
+    assert set(settings) - set(options) == unfilled, (command, sorted(set(settings) - set(options)))
+
+
+def test_the_choice_lists_are_the_configs_own():
+    score = {p.name: p for p in main.commands["score"].params}
+    assert tuple(score["cases"].type.choices) == config.CASE_SETS
+    assert score["prompts"].default == ",".join(config.DEFAULT_PROTOCOLS)
+    predict = {p.name: p for p in main.commands["predict"].params}
+    assert tuple(predict["prompts"].type.choices) == config.PROTOCOLS
+    assert predict["streams"].type.max == config.MAX_STREAMS
+
+
+def test_the_backbone_names_are_the_registrys():
+    from embedcache.model.backbones import BACKBONES
+
+    assert tuple(name for name in BACKBONES if name != "tiny") == config.BACKBONE_NAMES
+
+
+@pytest.mark.parametrize("settings, flag", [(dict(margin_mm=-1), "--box-margin-mm"),
+                                            (dict(margin_slices=99), "--box-margin-slices")])
+def test_a_configs_message_names_the_flag_a_person_typed(settings, flag):
+    with pytest.raises(UsageError, match=flag):
+        config.ProtocolSettings(**settings)
+    with pytest.raises(UsageError, match="--dtype"):
+        config.EncodeConfig(embedding_dtype="int8")
