@@ -28,6 +28,7 @@ from embedcache.errors import EmbedcacheError, UsageError
 from embedcache.evaluation import protocols
 from embedcache.evaluation.prompt_file import Request, read_boxes_file, requests_from_json
 from embedcache.evaluation.protocols import Prediction
+from embedcache.evaluation.segmenter import Decoder, Segmenter
 from embedcache.io.datasets import case_name
 from embedcache.io.dicom_out import (
     OUTPUT_TYPES,
@@ -179,7 +180,8 @@ def _check_output(job: Job, owned: set[str]) -> None:
 
 
 class OnTheFly:
-    """A volume's slices, encoded when first asked for, decodable as a :data:`protocols.Segment`; the slices a walk
+    """A volume's slices, encoded when first asked for: the :class:`~embedcache.evaluation.segmenter.SliceEmbeddings`
+    predict's segmenter decodes; the slices a walk
     says it will ask for next (:meth:`ahead`) are encoded ahead of it, beside the decoding, as many at once as a
     graph engine runs together (its streams). :meth:`close` drops what is still waiting.
 
@@ -188,7 +190,7 @@ class OnTheFly:
 
     def __init__(self, hu_zyx: np.ndarray, encoder, preprocess: PreprocessConfig, *, on_encode=None):
         self.hu, self.encoder, self.preprocess = hu_zyx, encoder, preprocess
-        self.embeddings: dict[int, object] = {}
+        self.encoded: dict[int, object] = {}  # slice → its embedding
         self.on_encode = on_encode  # called after each slice is encoded (a progress bar's advance)
         self._coming: dict[int, object] = {}  # slice → the Future encoding it ahead
         self._pool = None
@@ -217,14 +219,14 @@ class OnTheFly:
         if self._pool is None and zs:
             self._pool = ThreadPoolExecutor(self.encoder.streams, thread_name_prefix="embedcache-ahead")
         for z in zs:
-            if z not in self.embeddings and z not in self._coming and 0 <= z < len(self.hu):
+            if z not in self.encoded and z not in self._coming and 0 <= z < len(self.hu):
                 self._coming[z] = self._pool.submit(self._encode, z)
 
     def embedding(self, z: int):
-        if z not in self.embeddings:
+        if z not in self.encoded:
             coming = self._coming.pop(z, None)
-            self.embeddings[z] = coming.result() if coming is not None else self._encode(z)  # cancelled ones are gone
-        return self.embeddings[z]
+            self.encoded[z] = coming.result() if coming is not None else self._encode(z)  # cancelled ones are gone
+        return self.encoded[z]
 
     def close(self) -> None:
         """Drop the slices still waiting to be encoded ahead, and wait for the ones being encoded."""
@@ -232,25 +234,20 @@ class OnTheFly:
             self._pool.shutdown(wait=True, cancel_futures=True)
         self._coming.clear()
 
-    def segment_with(self, prompt_encoder, mask_decoder, *, input_size: int, decode=None) -> protocols.Segment:
-        """This volume's :data:`~embedcache.evaluation.protocols.Segment` through the given decoder (``decode``: an
-        exported graph in its place, see :func:`~embedcache.model.decoder.segment_boxes`)."""
+    @property
+    def shape_yx(self) -> tuple[int, int]:
+        return tuple(self.hu.shape[1:])
+
+    def embeddings(self, zs):
+        """``(len(zs), 256, 64, 64)`` float32: each slice's embedding, encoded now unless it was already."""
         import torch
 
-        from embedcache.model.decoder import segment_boxes
+        return torch.stack([self.embedding(int(z)) for z in zs]).float()
 
-        @torch.no_grad()
-        def segment(zs: np.ndarray, boxes: np.ndarray, *, multimask: bool = False,
-                    points=None) -> tuple[np.ndarray, np.ndarray]:
-            embeddings = torch.stack([self.embedding(int(z)) for z in zs]).float()
-            masks, iou = segment_boxes(prompt_encoder, mask_decoder, embeddings,
-                                       torch.as_tensor(boxes, dtype=torch.float32, device=embeddings.device),
-                                       input_size=input_size, slice_size=self.preprocess.slice_size,
-                                       shape_yx=self.hu.shape[1:], multimask=multimask, points=points, decode=decode)
-            return masks.cpu().numpy(), iou.float().cpu().numpy()
-
-        segment.ahead = self.ahead
-        return segment
+    def segment_with(self, prompt_encoder, mask_decoder, *, input_size: int, decode=None) -> Segmenter:
+        """This volume's :class:`~embedcache.evaluation.segmenter.Segmenter` through the given decoder (``decode``:
+        an exported graph in its place, see :func:`~embedcache.model.decoder.segment_boxes`)."""
+        return Segmenter(self, Decoder(prompt_encoder, mask_decoder, input_size, self.preprocess.slice_size, decode))
 
 
 @dataclass

@@ -53,8 +53,9 @@ DESCRIPTIONS = {
 #: ``segment(z, boxes, multimask=False, points=None)``: ``(k,)`` slice indices and ``(k, 4)`` boxes → ``(k, y, x)``
 #: bool masks and the decoder's ``(k,)`` predicted IoU of each; ``multimask``: SAM's three outputs, the one
 #: with the highest predicted IoU kept; ``points``: per prompt None or ``(n, 3)`` clicks ``(x, y, label)``.
-#: A segment that encodes slices as it goes may also have ``segment.ahead(zs)``: the slices the walk will ask
-#: for next, in order (any others it was told of before are no longer wanted); see :func:`propagate`.
+#: score and predict give :class:`~embedcache.evaluation.segmenter.Segmenter`, whose ``segment.ahead(zs)`` hears the
+#: slices the walk will ask for next, in order (any others it was told of before are no longer wanted; see
+#: :func:`propagate`); any callable of this shape works, ``ahead`` or not (the tests' stand-ins).
 Segment = Callable[[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]
 #: Prompts decoded in one call for the oracle and jitter protocols.
 CHUNK = 16

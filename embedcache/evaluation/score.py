@@ -25,9 +25,9 @@ from embedcache.evaluation import protocols
 from embedcache.evaluation.metrics import dice, gland_metrics
 from embedcache.evaluation.page import Overlay
 from embedcache.evaluation.report import Report, check_report_folder, report_labels, write_report
+from embedcache.evaluation.segmenter import Decoder, Segmenter
 from embedcache.io.datasets import discover_cases
 from embedcache.io.volumes import read_image, read_label, source_digest
-from embedcache.model.decoder import segment_boxes
 from embedcache.runtime.devices import pick_device
 from embedcache.train.cases import choose_cases
 from embedcache.train.decoders import load_model, load_trained_decoder
@@ -68,12 +68,13 @@ def case_sources(records: list[CaseRecord], data: Path | None) -> dict[str, tupl
 
 
 class CachedCase:
-    """One case's cached embeddings, decodable as a :data:`protocols.Segment` for any mask decoder."""
+    """One case's cached embeddings: the :class:`~embedcache.evaluation.segmenter.SliceEmbeddings` score's
+    segmenters decode, for any mask decoder."""
 
     def __init__(self, cache: Cache, case: CaseRecord, *, device: torch.device):
         self.case, self.device = case, device
         self.row_of_z = {int(z): i for i, z in enumerate(cache.read("slice_index", case.rows))}
-        self.embeddings = torch.from_numpy(cache.read("embeddings", case.rows)).to(device)
+        self.embeddings_by_row = torch.from_numpy(cache.read("embeddings", case.rows)).to(device)
         self.cache_path = cache.path
 
     def rows(self, zs: np.ndarray) -> list[int]:
@@ -86,21 +87,19 @@ class CachedCase:
             )
         return [self.row_of_z[int(z)] for z in zs]
 
-    def segment_with(self, prompt_encoder, mask_decoder, *, input_size: int, slice_size: int) -> protocols.Segment:
-        """This case's :data:`~embedcache.evaluation.protocols.Segment` through the given decoder."""
-        shape_yx = tuple(self.case.shape_zyx[1:])
+    @property
+    def shape_yx(self) -> tuple[int, int]:
+        return tuple(self.case.shape_zyx[1:])
 
-        @torch.no_grad()
-        def segment(zs: np.ndarray, boxes: np.ndarray, *, multimask: bool = False,
-                    points=None) -> tuple[np.ndarray, np.ndarray]:
-            index = torch.tensor(self.rows(zs), device=self.device)
-            masks, iou = segment_boxes(prompt_encoder, mask_decoder, self.embeddings[index].float(),
-                                       torch.as_tensor(boxes, dtype=torch.float32, device=self.device),
-                                       input_size=input_size, slice_size=slice_size, shape_yx=shape_yx,
-                                       multimask=multimask, points=points)
-            return masks.cpu().numpy(), iou.float().cpu().numpy()
+    def embeddings(self, zs: np.ndarray) -> torch.Tensor:
+        return self.embeddings_by_row[torch.tensor(self.rows(zs), device=self.device)].float()
 
-        return segment
+    def ahead(self, zs) -> None:
+        """Cached slices need no encoding ahead."""
+
+    def segment_with(self, prompt_encoder, mask_decoder, *, input_size: int, slice_size: int) -> Segmenter:
+        """This case's :class:`~embedcache.evaluation.segmenter.Segmenter` through the given decoder."""
+        return Segmenter(self, Decoder(prompt_encoder, mask_decoder, input_size, slice_size))
 
 
 def score(config: ScoreConfig, out_dir: Path, *, progress=None, log=print) -> Report:

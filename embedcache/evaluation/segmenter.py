@@ -1,0 +1,65 @@
+"""The one segmenter: the slices of one volume, wherever their embeddings come from, through one mask decoder.
+
+``score`` reads a case's embeddings from the cache (:class:`~embedcache.evaluation.score.CachedCase`), ``predict``
+encodes a new volume's slices as the walk asks for them (:class:`~embedcache.evaluation.predict.OnTheFly`); both
+hand a :class:`Segmenter` to the prompt protocols, so the same box gives the same mask in either (SAM's
+``SamPredictor`` holds an image's features the same way; here one object holds "the embedding of slice z").
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+import torch
+
+from embedcache.model.decoder import segment_boxes
+
+
+class SliceEmbeddings(Protocol):
+    """Where a volume's slice embeddings come from."""
+
+    #: ``(height, width)`` of the volume's axial slices (px), on which boxes and masks are given.
+    shape_yx: tuple[int, int]
+
+    def embeddings(self, zs: np.ndarray) -> torch.Tensor:
+        """``(len(zs), 256, 64, 64)`` float32 embeddings of slices ``zs``, on the decoder's device."""
+
+    def ahead(self, zs: list[int]) -> None:
+        """The slices a walk will ask for next, in order (a source that encodes on the fly starts on them)."""
+
+
+@dataclass(frozen=True)
+class Decoder:
+    """A mask decoder with its prompt encoder, the backbone's input size (px) and the size the slices were resampled
+    to (px) before encoding; ``decode``: an exported graph that decodes in the two modules' place (see
+    :func:`~embedcache.model.decoder.segment_boxes`)."""
+
+    prompt_encoder: object
+    mask_decoder: object
+    input_size: int
+    slice_size: int
+    decode: object = None
+
+
+class Segmenter:
+    """The :class:`~embedcache.evaluation.protocols.Segment` of one volume (``slices``) and one ``decoder``: boxes
+    ``(k, 4)`` (and clicks) on slices ``zs`` → ``(k, height, width)`` bool masks and ``(k,)`` predicted IoU."""
+
+    def __init__(self, slices: SliceEmbeddings, decoder: Decoder):
+        self.slices, self.decoder = slices, decoder
+
+    @torch.no_grad()
+    def __call__(self, zs: np.ndarray, boxes: np.ndarray, *, multimask: bool = False,
+                 points=None) -> tuple[np.ndarray, np.ndarray]:
+        embeddings = self.slices.embeddings(zs)
+        d = self.decoder
+        masks, iou = segment_boxes(d.prompt_encoder, d.mask_decoder, embeddings,
+                                   torch.as_tensor(boxes, dtype=torch.float32, device=embeddings.device),
+                                   input_size=d.input_size, slice_size=d.slice_size, shape_yx=self.slices.shape_yx,
+                                   multimask=multimask, points=points, decode=d.decode)
+        return masks.cpu().numpy(), iou.float().cpu().numpy()
+
+    def ahead(self, zs: list[int]) -> None:
+        self.slices.ahead(zs)
