@@ -85,7 +85,7 @@ def engine_setting():
 def precision_setting():
     """``--precision`` of the image encoder, as encode and predict take it."""
     return setting("fp32", "The encoder's arithmetic. bf16 runs through --engine openvino on a CPU with bf16 "
-                           "instructions; it changes the embeddings (see the README's measured Dice cost), so a cache "
+                           "instructions; it changes the embeddings (see docs/cpu-engines.md for its measured Dice cost), so a cache "
                            "keeps one precision. predict runs its decoder graph in bf16 too.", choices=PRECISIONS)
 
 

@@ -209,7 +209,7 @@ def predict(inputs, out_dir, run_dir, decoder_file, boxes_file, from_labels, pro
 
     A 3-D box per gland is segmented from its middle slice and propagated slice by slice (box3d);
     a box on one slice segments that slice; points beside a box are corrective clicks, applied in
-    order (see the README's boxes file). Writes OUT/CASE.nii.gz per input with the decoder's label
+    order (see the boxes file in docs/commands.md). Writes OUT/CASE.nii.gz per input with the decoder's label
     ids (or those of --label-map / --label-preset; FLARE22's by default) on the input's own grid and affine, so it opens aligned in 3D Slicer or ITK-SNAP. An input that
     fails is reported and the rest go on; the exit code is then 1.
     """

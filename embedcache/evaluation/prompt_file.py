@@ -61,9 +61,9 @@ def _number_list(value, n: int, what: str) -> list[float]:
 
 def read_boxes_file(boxes_file: Path) -> dict:
     """The JSON boxes table: an object mapping case names to lists of prompts."""
-    table = read_json(boxes_file, fix="see the boxes schema in the README", unique_keys=True)
+    table = read_json(boxes_file, fix="see the boxes schema in docs/commands.md", unique_keys=True)
     if not isinstance(table, dict) or not all(isinstance(v, list) for v in table.values()):
-        raise EmbedcacheError(f"{boxes_file}: expected an object {{\"CASE\": [prompts, ...]}}; see the boxes schema in the README")
+        raise EmbedcacheError(f"{boxes_file}: expected an object {{\"CASE\": [prompts, ...]}}; see the boxes schema in docs/commands.md")
     return table
 
 
