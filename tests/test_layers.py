@@ -46,3 +46,45 @@ def test_no_module_imports_from_a_layer_above_its_own():
 def test_every_part_of_the_package_has_a_layer():
     parts = {p.name.removesuffix(".py") for p in ROOT.iterdir() if p.name != "__pycache__" and p.name != "__init__.py"}
     assert parts == set(LAYERS)
+
+
+def _module_graph() -> dict[str, set[str]]:
+    """Each module of the package → the package's modules it imports, anywhere in it (inside functions and under
+    TYPE_CHECKING too: a cycle there is a cycle of the design)."""
+    modules = {}
+    for path in ROOT.rglob("*.py"):
+        parts = list(path.relative_to(ROOT.parent).with_suffix("").parts)
+        modules[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
+    graph = {}
+    for module, path in modules.items():
+        found = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("embedcache"):
+                found |= {f"{node.module}.{a.name}" if f"{node.module}.{a.name}" in modules else node.module
+                          for a in node.names}
+            elif isinstance(node, ast.Import):
+                found |= {a.name for a in node.names if a.name.startswith("embedcache")}
+        graph[module] = {m for m in found if m in modules and m != module}
+    return graph
+
+
+def test_no_two_modules_import_each_other_round_a_cycle():
+    graph = _module_graph()
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+    cycles = []
+
+    def visit(module, path):
+        state[module] = 1
+        for target in sorted(graph[module]):
+            if target.startswith(module + ".") or module.startswith(target + "."):
+                continue  # a package and its own modules
+            if state.get(target) == 1:
+                cycles.append(" → ".join(path[path.index(target):] + [target]))
+            elif target not in state:
+                visit(target, path + [target])
+        state[module] = 2
+
+    for module in sorted(graph):
+        if module not in state:
+            visit(module, [module])
+    assert not cycles, "\n".join(cycles)

@@ -16,13 +16,13 @@ Read top to bottom:
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
 
 from embedcache.cache import store
 from embedcache.cache.augment import with_augmented
 from embedcache.cache.merge import merge
-from embedcache.cache.pipeline import encode_plans
+from embedcache.cache.pipeline import EncodeSummary, encode_plans
 from embedcache.cache.plan import check_inputs, finished, plan_cases, shard_folder, where
 from embedcache.cache.records import CaseRecord, Signature
 from embedcache.cache.store import row_bytes
@@ -30,29 +30,6 @@ from embedcache.config import EncodeConfig
 from embedcache.errors import EmbedcacheError
 from embedcache.io.datasets import CaseSource
 from embedcache.io.files import check_free_space, write_error, writer_lock
-
-
-@dataclass
-class EncodeSummary:
-    out: Path
-    cases_total: int = 0
-    cases_encoded: int = 0
-    cases_resumed: int = 0
-    cases_skipped: list[str] = field(default_factory=list)
-    slices_encoded: int = 0
-    slices_total: int = 0
-    encode_seconds: float = 0.0
-    device: str = "cpu"
-    # Where the encode loop's time went, to tell which stage sets the pace: the main thread waiting
-    # for prepared slices; the writer thread waiting for the encoder's results, and writing.
-    input_wait_s: float = 0.0
-    encoder_wait_s: float = 0.0
-    writing_s: float = 0.0
-    merge_s: float = 0.0
-
-    @property
-    def slices_per_s(self) -> float:
-        return self.slices_encoded / self.encode_seconds if self.encode_seconds > 0 else 0.0
 
 
 def _signature(config: EncodeConfig, checkpoint_sha256: str) -> Signature:

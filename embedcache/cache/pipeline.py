@@ -12,10 +12,9 @@ from __future__ import annotations
 import os
 import time
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -31,8 +30,30 @@ from embedcache.io.volumes import read_image
 from embedcache.model.prompts import boxes_for_labels
 from embedcache.runtime.readahead import ReadAhead, WriteBehind
 
-if TYPE_CHECKING:
-    from embedcache.cache.encode import EncodeSummary
+
+@dataclass
+class EncodeSummary:
+    """What an encode did and where its time went (encode returns it; the pipeline fills in its stages' times)."""
+
+    out: Path
+    cases_total: int = 0
+    cases_encoded: int = 0
+    cases_resumed: int = 0
+    cases_skipped: list[str] = field(default_factory=list)
+    slices_encoded: int = 0
+    slices_total: int = 0
+    encode_seconds: float = 0.0
+    device: str = "cpu"
+    # Where the encode loop's time went, to tell which stage sets the pace: the main thread waiting
+    # for prepared slices; the writer thread waiting for the encoder's results, and writing.
+    input_wait_s: float = 0.0
+    encoder_wait_s: float = 0.0
+    writing_s: float = 0.0
+    merge_s: float = 0.0
+
+    @property
+    def slices_per_s(self) -> float:
+        return self.slices_encoded / self.encode_seconds if self.encode_seconds > 0 else 0.0
 
 
 @dataclass(frozen=True)

@@ -130,7 +130,7 @@ def _print_clicks(out, report) -> None:
     from rich.table import Table
 
     from embedcache.evaluation.page import MODEL_NAMES
-    from embedcache.evaluation.report import click_counts
+    from embedcache.evaluation.page import click_counts
 
     counts = click_counts(report.summary)
     if not counts:

@@ -1,4 +1,7 @@
-"""The report's pictures and page: Dice plot, learning curve, best and worst slices, ``index.html``."""
+"""The report's pictures and page: Dice plot, learning curve, best and worst slices, ``index.html``.
+
+Each function takes the :class:`~embedcache.evaluation.report.Report` it draws (``report``); the report module
+writes through this one, never the other way round."""
 
 from __future__ import annotations
 
@@ -6,14 +9,10 @@ import csv
 import html
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 
 from embedcache.io.files import atomic_path
-
-if TYPE_CHECKING:
-    from embedcache.evaluation.report import Report
 
 COLOURS = {"vanilla": "#d62728", "finetuned": "#e6b800", "prediction": "#1f77b4"}
 MODEL_NAMES = {"vanilla": "vanilla", "finetuned": "fine-tuned", "prediction": "prediction"}
@@ -44,7 +43,7 @@ def _pyplot():
     return plt
 
 
-def dice_plot(report: Report, path: Path) -> Path:
+def dice_plot(report, path: Path) -> Path:
     """One panel per protocol; per gland, one column of points (cases) per model with the mean as a bar."""
     plt = _pyplot()
     protocols, models, labels = list(report.cases), report.models, list(report.labels)
@@ -72,10 +71,8 @@ def dice_plot(report: Report, path: Path) -> Path:
     return _save(fig, path, dpi=110)
 
 
-def clicks_plot(report: Report, path: Path) -> Path:
+def clicks_plot(report, path: Path) -> Path:
     """One panel per gland: mean Dice (± sd over cases) after 0..N corrective clicks, one line per model."""
-    from embedcache.evaluation.report import click_counts
-
     plt = _pyplot()
     counts, labels = click_counts(report.summary), list(report.summary["clicks"])
     fig, axes = plt.subplots(1, len(labels), figsize=(3.6 * len(labels) + 0.6, 3.4), sharey=True, squeeze=False)
@@ -166,10 +163,8 @@ def _fmt(stat: dict) -> str:
     return f"{stat['mean']:.3f} ± {stat['sd']:.3f}"
 
 
-def _clicks_table(report: Report) -> str:
+def _clicks_table(report) -> str:
     """The clicks protocol's mean Dice after 0..N clicks and its AUC, per gland and model ('' without it)."""
-    from embedcache.evaluation.report import click_counts
-
     counts, e = click_counts(report.summary), html.escape
     if not counts:
         return ""
@@ -184,7 +179,7 @@ def _clicks_table(report: Report) -> str:
             f"<th>AUC</th></tr>{rows}</table>")
 
 
-def page(report: Report, overlays: list[Overlay], pictures: list[Path]) -> str:
+def page(report, overlays: list[Overlay], pictures: list[Path]) -> str:
     models, e = report.models, html.escape
     blocks = []
     for protocol, by_label in report.summary.items():
@@ -239,3 +234,9 @@ NSD tolerance: {tolerance}. Mean ± sd over cases.{names}</p>
 <h2>Best and worst slices</h2><p>Contours: ground truth green, vanilla red, fine-tuned yellow; the slice's box white, dashed.</p>
 {shots}</body></html>
 """
+
+
+def click_counts(summary: dict) -> list[int]:
+    """The click counts 0..N a summary holds ``dice@k`` for (the ``clicks`` protocol's); [] without it."""
+    metrics = {m for by_model in summary.get("clicks", {}).values() for values in by_model.values() for m in values}
+    return sorted(int(m.split("@")[1]) for m in metrics if m.startswith("dice@"))

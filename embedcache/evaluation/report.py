@@ -31,7 +31,7 @@ import numpy as np
 
 from embedcache.errors import EmbedcacheError
 from embedcache.evaluation import page
-from embedcache.evaluation.page import Overlay
+from embedcache.evaluation.page import Overlay, click_counts
 from embedcache.io.files import (
     atomic_path,
     atomic_write_text,
@@ -173,12 +173,6 @@ def _write_files(out_dir: Path, report: Report, *, overlays, log_csv, extra: dic
     for name, text in extra.items():
         atomic_write_text(out_dir / name, text)
     return report
-
-
-def click_counts(summary: dict) -> list[int]:
-    """The click counts 0..N a summary holds ``dice@k`` for (the ``clicks`` protocol's); [] without it."""
-    metrics = {m for by_model in summary.get("clicks", {}).values() for values in by_model.values() for m in values}
-    return sorted(int(m.split("@")[1]) for m in metrics if m.startswith("dice@"))
 
 
 def _write_clicks_csv(report: Report, path: Path) -> None:
