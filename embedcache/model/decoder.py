@@ -32,6 +32,7 @@ def decode_boxes(
     boxes: torch.Tensor | None,
     *,
     points: tuple[torch.Tensor, torch.Tensor] | None = None,
+    masks: torch.Tensor | None = None,
     multimask_output: bool = False,
     all_outputs: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -45,6 +46,9 @@ def decode_boxes(
       points: coordinates ``(B, P, K, 2)`` (``(N, K, 2)``) ``(x, y)`` in the encoder input's pixels, as
         ``SamPredictor.transform.apply_coords`` gives them, and labels ``(B, P, K)`` (``(N, K)``): 1 a
         point on the target, 0 a point off it.
+      masks: the previous round's low-resolution logits of each prompt, ``(B, P, 1, 256, 256)`` (``(N, 1, 256,
+        256)``), as SAM's mask prompt (``SamPredictor.predict(mask_input=...)``): its prompt encoder downscales them
+        into the dense embedding added to the image's, in place of the "no mask" embedding. None: no mask prompt.
 
     Returns:
       low-resolution mask logits ``(B, P, M, 256, 256)`` (``M`` = 1, or 3 with ``multimask_output``;
@@ -60,8 +64,10 @@ def decode_boxes(
     if points is not None:
         k = points[1].shape[-1]
         coords = (points[0].reshape(b * p, k, 2).float(), points[1].reshape(b * p, k).to(torch.int64))
+    if masks is not None:
+        masks = masks.reshape(b * p, 1, *masks.shape[-2:]).to(prompt_encoder.no_mask_embed.weight.dtype)
     sparse, dense = prompt_encoder(points=coords, boxes=None if boxes is None else boxes.reshape(b * p, 4).float(),
-                                   masks=None)
+                                   masks=masks)
     d = mask_decoder
     adapter = getattr(d, "adapter", None)  # finetune --adapter: a residual correction of each embedding
     if adapter is not None:
@@ -140,10 +146,12 @@ class PromptDecoder(torch.nn.Module):
             mlp.requires_grad_(False)
 
     def forward(self, embeddings: torch.Tensor, boxes: torch.Tensor | None,
-                points: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                points: tuple[torch.Tensor, torch.Tensor] | None = None,
+                masks: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """``(P, 256, 64, 64)`` embeddings, ``(P, 4)`` boxes (and ``(P, K, 2)`` points with ``(P, K)``
-        labels) in encoder-input pixels → ``(P, 1, 256, 256)`` mask logits and ``(P, 1)`` predicted IoU."""
-        return decode_boxes(self.prompt_encoder, self.mask_decoder, embeddings, boxes, points=points)
+        labels) in encoder-input pixels (and ``(P, 1, 256, 256)`` previous logits as the mask prompt) →
+        ``(P, 1, 256, 256)`` mask logits and ``(P, 1)`` predicted IoU."""
+        return decode_boxes(self.prompt_encoder, self.mask_decoder, embeddings, boxes, points=points, masks=masks)
 
 
 def segment_boxes(prompt_encoder: torch.nn.Module, mask_decoder: torch.nn.Module, embeddings: torch.Tensor,

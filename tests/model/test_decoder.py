@@ -100,3 +100,36 @@ def test_points_decode_as_sam_predictor_does_per_sample(lite_parts, with_box):
                                                      box=boxes[i].numpy() if with_box else None, multimask_output=False)
             assert np.array_equal(masks[i].numpy(), theirs[0])
             assert abs(float(iou[i]) - float(their_iou[0])) < 1e-5
+
+
+def test_the_previous_mask_as_a_prompt_equals_sam_predictors_mask_input(lite_parts):
+    """The mask prompt (the last round's low-resolution logits, fed back with a click as SAM, SAM-Med3D and MedSAM2
+    do) goes through SAM's own mask downscaling, batched: each prompt equals SamPredictor.predict(mask_input=...)
+    on its embedding, and the mask prompt changes the result (it is not dropped)."""
+    from segment_anything.modeling import Sam
+    from segment_anything.predictor import SamPredictor
+
+    class Encoder(torch.nn.Module):  # SamPredictor asks only the encoder's input size; the features are given
+        img_size = 256
+
+    torch.manual_seed(0)
+    pe, md = lite_parts.prompt_encoder, lite_parts.mask_decoder
+    embeddings = torch.randn(2, 256, 64, 64)
+    boxes = torch.tensor([[[30.0, 40, 90, 120], [150, 100, 200, 160]], [[60.0, 60, 120, 140], [20, 20, 80, 90]]])
+    coords = torch.tensor([[[[50.0, 70]], [[170, 130]]], [[[90.0, 100]], [[40, 50]]]])
+    labels = torch.tensor([[[1], [0]], [[1], [1]]])
+    previous = torch.randn(2, 2, 1, 256, 256) * 4
+    predictor = SamPredictor(Sam(image_encoder=Encoder(), prompt_encoder=pe, mask_decoder=md))
+    with torch.no_grad():
+        masks, iou = decode_boxes(pe, md, embeddings, boxes, points=(coords, labels), masks=previous)
+        without, _ = decode_boxes(pe, md, embeddings, boxes, points=(coords, labels))
+        for i in range(2):
+            predictor.features, predictor.is_image_set = embeddings[i : i + 1], True
+            predictor.original_size = predictor.input_size = (256, 256)
+            for j in range(2):
+                _, ref_iou, ref_low = predictor.predict_torch(
+                    coords[i, j][None], labels[i, j][None], boxes=boxes[i, j][None], mask_input=previous[i, j][None],
+                    multimask_output=False, return_logits=True)
+                torch.testing.assert_close(masks[i, j], ref_low[0], atol=1e-4, rtol=1e-4)
+                torch.testing.assert_close(iou[i, j], ref_iou[0], atol=1e-5, rtol=1e-5)
+    assert (masks - without).abs().max() > 0.1
