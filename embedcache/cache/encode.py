@@ -53,45 +53,44 @@ def signature_for(config: EncodeConfig) -> Signature:
 
 def load_encoder(config: EncodeConfig, *, device, log=print):
     """The image encoder ``config`` names, with its weights, on ``device``, run by ``config.engine``
-    (an :class:`~embedcache.model.encoder.ImageEncoder` or :class:`~embedcache.model.engines.GraphEncoder`)."""
+    (an :class:`~embedcache.model.encoder.Encoder`: eager torch's, or a graph engine's). ``encode`` resolves
+    ``--engine auto`` first (:func:`resolve_engine`); a caller that has not is answered as a new cache would be."""
     import torch
 
     from embedcache.model.backbones import get_backbone, load_backbone
-    from embedcache.model.engines import build_encoder
+    from embedcache.model.engines import build_encoder, resolve_engine
 
     backbone = get_backbone(config.backbone)
     parts, sha = load_backbone(backbone, Path(config.checkpoint) if config.checkpoint else None)
     out_dtype = torch.float16 if config.embedding_dtype == "float16" else torch.float32
-    return build_encoder(config.engine, backbone, parts.image_encoder, sha, device=device, batch_size=config.batch_size,
-                         out_dtype=out_dtype, precision=config.precision, streams=config.streams, log=log)
+    engine, streams = resolve_engine(config.engine, backbone, parts.image_encoder, sha, device=device,
+                                     streams=config.streams, log=log)
+    return build_encoder(engine, backbone, parts.image_encoder, sha, device=device, batch_size=config.batch_size,
+                         out_dtype=out_dtype, precision=config.precision, streams=streams, log=log)
 
 
 def resolve_engine(config: EncodeConfig, out: Path, dist, *, log=print) -> EncodeConfig:
-    """``config`` with ``--engine auto`` made concrete: the engine of the cache (or interrupted encode) at ``out``
-    where there is one, so it grows as it began; torch on CUDA or under torchrun; else the fastest equal engine
-    on this CPU (:func:`embedcache.model.engines.choose_engine`)."""
+    """``config`` with ``--engine auto`` made concrete by :func:`embedcache.model.engines.resolve_engine`: the engine
+    of the cache (or interrupted encode) at ``out`` where there is one, so it grows as it began; torch on CUDA or
+    under torchrun; else the fastest equal engine on this CPU."""
     from dataclasses import replace
 
     from embedcache.cache.plan import existing_signature
     from embedcache.model.backbones import file_sha256, get_backbone, load_backbone, resolve_checkpoint
-    from embedcache.model.engines import choose_engine, streams_for_auto
+    from embedcache.model.engines import resolve_engine as resolve
     from embedcache.runtime.devices import pick_device
 
     if config.engine != "auto":
         return config
     held = existing_signature(out)
-    if held is not None:
-        return replace(config, engine=held.engine, streams=streams_for_auto(held.engine, config.streams, log=log))
-    device = pick_device(dist.device_name)
-    if device.type != "cpu" or dist.world > 1:
-        return replace(config, engine="torch", streams=streams_for_auto("torch", config.streams, log=log))
     backbone = get_backbone(config.backbone)
     checkpoint = Path(config.checkpoint) if config.checkpoint else None
     sha = file_sha256(resolve_checkpoint(backbone, checkpoint))  # remembered: the signature hashes it again for free
     # the weights are loaded to time the engines only when no earlier measurement on this CPU answers
-    chosen = choose_engine(backbone, lambda: load_backbone(backbone, checkpoint)[0].image_encoder, sha, device=device,
-                           log=log)
-    return replace(config, engine=chosen, streams=streams_for_auto(chosen, config.streams, log=log))
+    engine, streams = resolve(config.engine, backbone, lambda: load_backbone(backbone, checkpoint)[0].image_encoder,
+                              sha, device=pick_device(dist.device_name), streams=config.streams,
+                              held=held.engine if held is not None else None, distributed=dist.world > 1, log=log)
+    return replace(config, engine=engine, streams=streams)
 
 
 def encode(

@@ -506,7 +506,7 @@ def _load(trained, config: PredictConfig, *, settle=None, log=print) -> PredictM
     import torch
 
     from embedcache.model.backbones import file_sha256, get_backbone, require_weights, resolve_checkpoint
-    from embedcache.model.engines import GRAPH_ENGINES, GraphDecoder, build_encoder
+    from embedcache.model.engines import GRAPH_ENGINES, GraphDecoder, build_encoder, resolve_engine
     from embedcache.runtime.devices import pick_device
     from embedcache.train.decoders import load_model
 
@@ -526,12 +526,14 @@ def _load(trained, config: PredictConfig, *, settle=None, log=print) -> PredictM
     def model():  # the weights are checked above
         return load_model(name, trained=trained, checkpoint=weights, device=dev, vanilla=False)
 
-    encoder = build_encoder(config.engine, backbone, lambda: model().parts.image_encoder, sha, device=dev,
+    engine, streams = resolve_engine(config.engine, backbone, lambda: model().parts.image_encoder, sha, device=dev,
+                                     streams=config.streams, settle=settle, log=log)
+    encoder = build_encoder(engine, backbone, lambda: model().parts.image_encoder, sha, device=dev,
                             out_dtype=torch.float16 if dtype == "float16" else torch.float32,
-                            precision=config.precision, streams=config.streams, settle=settle, log=log)
-    if encoder.engine in GRAPH_ENGINES:
-        decode = GraphDecoder(encoder.engine, backbone, lambda: (model().parts.prompt_encoder, model().decoder), sha,
-                              file_sha256(trained.source) if trained else "vanilla", precision=encoder.precision,
+                            precision=config.precision, streams=streams, settle=settle, log=log)
+    if engine in GRAPH_ENGINES:  # the decoder runs where the encoder does, at its precision
+        decode = GraphDecoder(engine, backbone, lambda: (model().parts.prompt_encoder, model().decoder), sha,
+                              file_sha256(trained.source) if trained else "vanilla", precision=config.precision,
                               log=log)
         return PredictModel(encoder=encoder, prompt_encoder=None, mask_decoder=None, input_size=backbone.input_size,
                             preprocess=preprocess, decode=decode)

@@ -193,7 +193,7 @@ def test_a_graph_reading_weights_outside_its_folder_is_refused_in_one_line(engin
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
-    from embedcache.model.engines import _session
+    from embedcache.model.engines.sessions import session
 
     folder = tmp_path / "graphs"
     folder.mkdir()
@@ -205,7 +205,7 @@ def test_a_graph_reading_weights_outside_its_folder_is_refused_in_one_line(engin
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
     _weights_at(path, str(tmp_path / "w.data") if where == "absolute" else where, tmp_path / "w.data")
     with pytest.raises(EmbedcacheError) as refused:
-        _session(engine, path, "fp32", keep_compiled=False)
+        session(engine, path, "fp32", keep_compiled=False)
     message = str(refused.value)
     assert message.startswith(f"{path}: ") and "delete it" in message and "\n" not in message
 
@@ -243,18 +243,19 @@ def test_a_streams_record_out_of_bounds_is_measured_again(streams, seconds, cach
     """A streams record of 100000 slices at once (--streams allows 0 to 256) was used as it was: a record holding slices
     at once outside 1 to 256 or above this CPU's threads (here two), or seconds that are not finite and positive, is
     measured again, never used."""
-    import embedcache.model.engines as engines
+    from embedcache.model.engines import choose_streams, measure
+    from embedcache.runtime import cpu
 
     import tiny
 
-    monkeypatch.setattr(engines, "cpu_threads", lambda: 2)
-    monkeypatch.setattr(engines, "_time_pipelined", lambda runners, *a, **k: {1: 1.0, 2: 0.5})  # two at once pays
+    monkeypatch.setattr(cpu, "cpu_threads", lambda: 2)
+    monkeypatch.setattr(measure, "time_pipelined", lambda runners, *a, **k: {1: 1.0, 2: 0.5})  # two at once pays
     graph = next(cache.glob("tiny-*.onnx"))
-    record = engines._streams_record(graph, "onnxruntime", "fp32")
+    record = measure.streams_record(graph, "onnxruntime", "fp32")
     record.write_text(json.dumps({"graph": graph.name, "engine": "onnxruntime", "precision": "fp32",
                                   "streams": streams, "threads": 2, "seconds_per_slice": {"1": seconds}}))
     notes = []
-    chosen = engines.choose_streams("onnxruntime", graph, "fp32", tiny.tiny_backbone(tiny_checkpoint), log=notes.append)
+    chosen = choose_streams("onnxruntime", graph, "fp32", tiny.tiny_backbone(tiny_checkpoint), log=notes.append)
     assert chosen == 2 and json.loads(record.read_text())["streams"] == 2
     assert any(str(record) in n and "measuring again" in n for n in notes), notes
 
@@ -269,23 +270,24 @@ def test_an_auto_record_out_of_bounds_is_measured_again(change, cache, tiny_chec
     threads, seconds finite and positive; one outside is measured again (its choice not used)."""
     import torch
 
-    import embedcache.model.engines as engines
     from embedcache.model.backbones import file_sha256, load_backbone
+    from embedcache.model.engines import auto_record, choose_engine, measure, names
+    from embedcache.runtime import cpu
 
     import tiny
 
-    monkeypatch.setattr(engines, "cpu_threads", lambda: 2)
-    monkeypatch.setattr(engines, "installed_engines", lambda: ["torch", "onnxruntime"])
-    monkeypatch.setattr(engines, "_time_pipelined", lambda runners, *a, **k: {key: 1.0 for key in runners})
+    monkeypatch.setattr(cpu, "cpu_threads", lambda: 2)
+    monkeypatch.setattr(names, "installed_engines", lambda: ["torch", "onnxruntime"])
+    monkeypatch.setattr(measure, "time_pipelined", lambda runners, *a, **k: {key: 1.0 for key in runners})
     backbone = tiny.tiny_backbone(tiny_checkpoint)
     sha = file_sha256(tiny_checkpoint)
-    record = engines.auto_record(backbone, sha)
+    record = auto_record(backbone, sha)
     record.write_text(json.dumps({"backbone": "tiny", "checkpoint_sha256": sha, "chosen": "onnxruntime",
                                   "seconds_per_slice": {"torch": 1.0, "onnxruntime": 0.5},
                                   "streams": {"torch": 1, "onnxruntime": 1}, **change}))
     notes = []
-    chosen = engines.choose_engine(backbone, lambda: load_backbone(backbone)[0].image_encoder, sha,
-                                   device=torch.device("cpu"), log=notes.append)
+    chosen = choose_engine(backbone, lambda: load_backbone(backbone)[0].image_encoder, sha,
+                           device=torch.device("cpu"), log=notes.append)
     assert any(str(record) in n and "measuring again" in n for n in notes), notes
     held = json.loads(record.read_text())
     assert chosen == held["chosen"] == "torch"  # all equally fast: the first, as measured, not as the record said

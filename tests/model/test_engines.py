@@ -204,7 +204,9 @@ def test_predict_with_a_graph_engine_segments_as_with_torch(engine, data, tmp_pa
 
 @needs_ort
 def test_auto_times_the_engines_once_and_chooses_an_equal_one(data, tiny_model, tmp_path):
-    from embedcache.model.engines import _pick_streams, _stream_counts, cpu_threads
+    from embedcache.model.engines import choose_streams
+    from embedcache.model.engines.measure import pick_streams, stream_counts
+    from embedcache.runtime.cpu import cpu_threads
 
     # the tiny backbone: the same measurement and choice, in milliseconds (LiteMedSAM's took over a minute here)
     first = cli("encode", data, "--out", tmp_path / "a.h5", "--device", "cpu", "--no-progress", "--model", "tiny")
@@ -223,8 +225,10 @@ def test_auto_times_the_engines_once_and_chooses_an_equal_one(data, tiny_model, 
         if engine != "torch":
             measured = json.loads(next((tmp_path / "user-cache").glob(f"streams-tiny-*-{engine}-fp32-*.json")).read_text())
             timed = {int(k): v for k, v in measured["seconds_per_slice"].items()}
-            assert streams == measured["streams"] == _pick_streams(timed)
-            assert set(timed) == set(_stream_counts(cpu_threads()))
+            assert streams == measured["streams"] == pick_streams(timed)
+            assert set(timed) == set(stream_counts(cpu_threads()))
+            graph = tmp_path / "user-cache" / measured["graph"]  # what a graph engine then runs, without measuring
+            assert choose_streams(engine, graph, "fp32", tiny_model, log=pytest.fail) == streams
     again = cli("encode", data, "--out", tmp_path / "b.h5", "--device", "cpu", "--no-progress", "--model", "tiny")
     assert again.exit_code == 0 and "timing" not in again.output  # measured once per CPU and weights
     with h5py.File(tmp_path / "b.h5") as f:
@@ -248,7 +252,7 @@ def test_bf16_is_a_cache_of_its_own_and_close_to_fp32(data, tmp_path):
 
 
 def test_threads_follow_the_cgroup_quota(tmp_path):
-    from embedcache.model.engines import cgroup_cpu_quota
+    from embedcache.runtime.cpu import cgroup_cpu_quota
 
     (tmp_path / "cpu.max").write_text("150000 100000\n")
     assert cgroup_cpu_quota(tmp_path) == 2
@@ -264,8 +268,9 @@ def test_threads_follow_the_cgroup_quota(tmp_path):
 
 
 def test_a_measurement_holds_for_one_cpu_not_for_every_cpu_of_that_name(monkeypatch):
-    from embedcache.model import engines
     from embedcache.model.backbones import get_backbone
+    from embedcache.model.engines import auto_record
+    from embedcache.runtime import cpu
 
     def cpuinfo(family, model, flags):
         block = f"processor\t: {{n}}\nmodel name\t: AMD EPYC\ncpu family\t: {family}\nmodel\t\t: {model}\nflags\t\t: {flags}\n"
@@ -273,13 +278,13 @@ def test_a_measurement_holds_for_one_cpu_not_for_every_cpu_of_that_name(monkeypa
 
     zen2 = cpuinfo(23, 49, "fpu sse2 avx avx2 fma")
     zen4 = cpuinfo(25, 17, "fpu sse2 avx avx2 fma avx512f avx512_vnni avx512_bf16")
-    assert engines.cpu_identity(zen2) == "AMD EPYC (family 23 model 49; avx2)"
-    assert engines.cpu_identity(zen4) == "AMD EPYC (family 25 model 17; avx2,avx512f,avx512_vnni,avx512_bf16)"
-    assert engines.cpu_identity("") == engines.cpu_name()  # no /proc/cpuinfo: the name the platform gives
+    assert cpu.cpu_identity(zen2) == "AMD EPYC (family 23 model 49; avx2)"
+    assert cpu.cpu_identity(zen4) == "AMD EPYC (family 25 model 17; avx2,avx512f,avx512_vnni,avx512_bf16)"
+    assert cpu.cpu_identity("") == cpu.cpu_name()  # no /proc/cpuinfo: the name the platform gives
     records = set()
-    for identity in [engines.cpu_identity(zen2), engines.cpu_identity(zen4)]:  # one name, two CPUs: two records
-        monkeypatch.setattr(engines, "cpu_identity", lambda identity=identity: identity)
-        records.add(engines.auto_record(get_backbone("litemedsam"), "0" * 64).name)
+    for identity in [cpu.cpu_identity(zen2), cpu.cpu_identity(zen4)]:  # one name, two CPUs: two records
+        monkeypatch.setattr(cpu, "cpu_identity", lambda identity=identity: identity)
+        records.add(auto_record(get_backbone("litemedsam"), "0" * 64).name)
     assert len(records) == 2
 
 
@@ -355,7 +360,7 @@ def test_a_bf16_encoder_decodes_through_a_bf16_decoder_graph_close_to_fp32(tmp_p
     union = ((got > 0) | (want > 0)).sum()
     assert union > 0 and ((got > 0) & (want > 0)).sum() / union >= 0.8
     assert float((got_iou - want_iou).abs().max()) < 0.05
-    encoder = type("Encoder", (), {"engine": "openvino", "precision": "bf16"})()
+    encoder = type("Encoder", (), {"engine": "openvino", "precision": "bf16", "streams": 1})()
     model = PredictModel(encoder=encoder, prompt_encoder=None, mask_decoder=None, input_size=256, preprocess=None,
                          decode=bf16)
     assert model.engines == "openvino bf16, decoder openvino bf16"
@@ -390,12 +395,12 @@ def test_predict_on_a_graph_engine_builds_no_eager_model_once_its_graphs_exist(d
 
 
 def test_more_slices_at_once_only_where_each_step_pays():
-    from embedcache.model.engines import _pick_streams
+    from embedcache.model.engines.measure import pick_streams
 
-    assert _pick_streams({1: 1.0, 2: 0.9}) == 2
-    assert _pick_streams({1: 1.0, 2: 0.99}) == 1  # within the noise: a lone slice keeps every core
-    assert _pick_streams({1: 1.0, 2: 1.2}) == 1
-    assert _pick_streams({1: 1.0, 2: 0.9, 4: 0.89}) == 2 and _pick_streams({1: 1.0, 2: 0.9, 4: 0.8}) == 4
+    assert pick_streams({1: 1.0, 2: 0.9}) == 2
+    assert pick_streams({1: 1.0, 2: 0.99}) == 1  # within the noise: a lone slice keeps every core
+    assert pick_streams({1: 1.0, 2: 1.2}) == 1
+    assert pick_streams({1: 1.0, 2: 0.9, 4: 0.89}) == 2 and pick_streams({1: 1.0, 2: 0.9, 4: 0.8}) == 4
 
 
 _FIRST_RUNS = """
@@ -405,9 +410,9 @@ from pathlib import Path
 
 import numpy as np
 
-from embedcache.model.engines import _session
+from embedcache.model.engines.sessions import session
 
-run = _session("openvino", Path(sys.argv[1]), "fp32", keep_compiled=False, streams=2)
+run = session("openvino", Path(sys.argv[1]), "fp32", keep_compiled=False, streams=2)
 stop = threading.Event()
 def busy():  # another thread of numpy work, as encode's reader is, switching the GIL
     labels = np.arange(64 * 256 * 256, dtype=np.int32).reshape(64, 256, 256)
@@ -425,7 +430,7 @@ print("ran")
 @needs_ov
 def test_two_streams_first_runs_at_once_do_not_hang(tmp_path):
     """OpenVINO's bindings set up their numpy interface on their first array; two streams' first runs arriving at once
-    hung 2 to 3 fresh processes in 8 until one array went through on one thread first (``_openvino_core``)."""
+    hung 2 to 3 fresh processes in 8 until one array went through on one thread first (``openvino_core``)."""
     import subprocess
 
     import onnx
@@ -453,7 +458,7 @@ def test_openvino_keeps_what_it_compiled_apart_per_precision_and_streams(tmp_pat
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
-    from embedcache.model.engines import _session
+    from embedcache.model.engines.sessions import session
 
     weights = np.random.default_rng(0).normal(size=(64, 64)).astype(np.float32)
     graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], "matmul",
@@ -465,7 +470,7 @@ def test_openvino_keeps_what_it_compiled_apart_per_precision_and_streams(tmp_pat
     exact = x.astype(np.float64) @ weights
     settings = [("fp32", 1), ("fp32", 2)] + ([("bf16", 1), ("fp32", 1)] if _bf16_cpu() else [])
     for precision, streams in settings:
-        got = _session("openvino", tmp_path / "matmul.onnx", precision, streams=streams)(x)[0]
+        got = session("openvino", tmp_path / "matmul.onnx", precision, streams=streams)(x)[0]
         error = np.abs(got - exact).max()
         assert (error > 1e-3) if precision == "bf16" else (error < 1e-4), (precision, streams, error)
     folders = sorted(p.name for p in (tmp_path / "openvino").iterdir() if any(p.glob("*.blob")))
@@ -479,29 +484,30 @@ def test_a_graph_too_large_for_one_file_keeps_its_weights_in_one_file_of_its_own
     it, whose sha256 the record holds, so that two graphs' weights never mix and damaged weights are exported again."""
     import torch
 
-    import embedcache.model.engines as engines
     from embedcache.model.backbones import file_sha256
+    from embedcache.model.engines import exported_encoder, store
+    from embedcache.model.engines.sessions import runner
 
     import tiny
 
-    monkeypatch.setattr(engines, "EXTERNAL_DATA_BYTES", 0)  # as a graph past the limit does
+    monkeypatch.setattr(store, "EXTERNAL_DATA_BYTES", 0)  # as a graph past the limit does
     backbone = tiny.tiny_backbone(tiny_checkpoint)
-    image = torch.from_numpy(engines._example(backbone))
+    image = torch.from_numpy(store.example_input(backbone))
     graphs, want = {}, {}
     for seed in (0, 1):  # two weights, one folder
         torch.manual_seed(seed)
         encoder = backbone.build().image_encoder.eval()
         with torch.inference_mode():
             want[seed] = encoder(image).numpy()
-        graphs[seed] = engines.exported_encoder(backbone, encoder, str(seed) * 64, engine="onnxruntime",
-                                                folder=tmp_path, log=lambda m: None)
+        graphs[seed] = exported_encoder(backbone, encoder, str(seed) * 64, engine="onnxruntime", folder=tmp_path,
+                                        log=lambda m: None)
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
         n for g in graphs.values() for n in (g.name, g.name + ".data", g.with_suffix(".json").name))
     for seed, graph in graphs.items():
         assert graph.stat().st_size < 200_000 < (tmp_path / (graph.name + ".data")).stat().st_size
         record = json.loads(graph.with_suffix(".json").read_text())
         assert record["data_sha256"] == file_sha256(tmp_path / (graph.name + ".data"))
-        got = engines._runner("onnxruntime", graph, "fp32")(image.numpy())
+        got = runner("onnxruntime", graph, "fp32")(image.numpy())
         assert np.abs(got - want[seed]).max() <= 1e-4  # each its own weights
     data = tmp_path / (graphs[0].name + ".data")
     with open(data, "r+b") as handle:  # damaged weights: exported again, never used
@@ -509,7 +515,7 @@ def test_a_graph_too_large_for_one_file_keeps_its_weights_in_one_file_of_its_own
         handle.write(b"\xff" * 64)
     notes = []
     torch.manual_seed(0)
-    again = engines.exported_encoder(backbone, backbone.build().image_encoder.eval(), "0" * 64,
-                                     engine="onnxruntime", folder=tmp_path, log=notes.append)
+    again = exported_encoder(backbone, backbone.build().image_encoder.eval(), "0" * 64, engine="onnxruntime",
+                             folder=tmp_path, log=notes.append)
     assert again == graphs[0] and "does not match its record; exporting it again" in notes[0]
-    assert np.abs(engines._runner("onnxruntime", again, "fp32")(image.numpy()) - want[0]).max() <= 1e-4
+    assert np.abs(runner("onnxruntime", again, "fp32")(image.numpy()) - want[0]).max() <= 1e-4
