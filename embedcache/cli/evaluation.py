@@ -129,8 +129,7 @@ def _print_clicks(out, report) -> None:
     """The clicks protocol's mean Dice after 0..N clicks and its AUC, per gland and model (nothing without it)."""
     from rich.table import Table
 
-    from embedcache.evaluation.page import MODEL_NAMES
-    from embedcache.evaluation.page import click_counts
+    from embedcache.evaluation.page import MODEL_NAMES, click_counts
 
     counts = click_counts(report.summary)
     if not counts:

@@ -210,7 +210,7 @@ class OnTheFly:
         """Encode slices ``zs`` (in this order) before they are asked for; those told before and not yet begun that
         are not among them are dropped. Only a graph engine encodes ahead: eager torch beside the eager decoder
         made predict slower on a 2-core CPU (their thread pools contend), so torch encodes when asked."""
-        if not hasattr(self.encoder, "streams"):
+        if not getattr(self.encoder, "streams", 0):  # 0: eager torch, which encodes when asked (Encoder.streams)
             return
         wanted = set(zs)
         for z in [z for z in self._coming if z not in wanted]:
@@ -487,7 +487,7 @@ class PredictModel:
     def engines(self) -> str:
         """What runs the encoder (and how many slices at once, where more than one), and the decoder where a graph
         does (and its precision where not fp32): ``openvino fp32 2 at once, decoder openvino``."""
-        streams = getattr(self.encoder, "streams", 1)
+        streams = self.encoder.streams or 1
         label = f"{self.encoder.engine} {self.encoder.precision}" + (f" {streams} at once" if streams > 1 else "")
         if self.decode:
             label += f", decoder {self.decode.engine}"

@@ -9,12 +9,12 @@ hand a :class:`Segmenter` to the prompt protocols, so the same box gives the sam
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
-import torch
 
-from embedcache.model.decoder import segment_boxes
+if TYPE_CHECKING:  # torch is imported where a slice is decoded: predict checks its inputs before torch loads
+    import torch
 
 
 class SliceEmbeddings(Protocol):
@@ -50,15 +50,19 @@ class Segmenter:
     def __init__(self, slices: SliceEmbeddings, decoder: Decoder):
         self.slices, self.decoder = slices, decoder
 
-    @torch.no_grad()
     def __call__(self, zs: np.ndarray, boxes: np.ndarray, *, multimask: bool = False,
                  points=None) -> tuple[np.ndarray, np.ndarray]:
-        embeddings = self.slices.embeddings(zs)
+        import torch
+
+        from embedcache.model.decoder import segment_boxes
+
         d = self.decoder
-        masks, iou = segment_boxes(d.prompt_encoder, d.mask_decoder, embeddings,
-                                   torch.as_tensor(boxes, dtype=torch.float32, device=embeddings.device),
-                                   input_size=d.input_size, slice_size=d.slice_size, shape_yx=self.slices.shape_yx,
-                                   multimask=multimask, points=points, decode=d.decode)
+        with torch.no_grad():
+            embeddings = self.slices.embeddings(zs)
+            masks, iou = segment_boxes(d.prompt_encoder, d.mask_decoder, embeddings,
+                                       torch.as_tensor(boxes, dtype=torch.float32, device=embeddings.device),
+                                       input_size=d.input_size, slice_size=d.slice_size, shape_yx=self.slices.shape_yx,
+                                       multimask=multimask, points=points, decode=d.decode)
         return masks.cpu().numpy(), iou.float().cpu().numpy()
 
     def ahead(self, zs: list[int]) -> None:
