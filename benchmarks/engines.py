@@ -132,7 +132,8 @@ def measure(backbone_name: str, specs: list[str], n: int, rounds: int, folder: P
         "engines": {s: {"seconds_per_slice": round(per_slice[s], 4), "all_rounds": [round(v, 4) for v in seconds[s]],
                         "speedup_over_torch": round(per_slice["torch"] / per_slice[s], 3),
                         "max_abs_difference_from_torch": difference[s], "build_seconds": build_s[s],
-                        "resident_mib_added": memory[s], "streams": getattr(encoders[s], "streams", 1)}
+                        # slices at once: eager torch's streams are 0, and it runs one slice a call here
+                        "resident_mib_added": memory[s], "streams": encoders[s].streams or 1}
                     for s in specs},
     }
 

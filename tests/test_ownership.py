@@ -366,3 +366,31 @@ def test_dicom_output_is_checked_before_the_first_file_of_an_input_is_written(ti
     result = cli("predict", series, "--from-labels", tmp_path / "CT.nii.gz", "--output-type", "nifti,dicom-seg",
                  "--model", "tiny", "--device", "cpu", "--out", tmp_path / "pred2", "--no-progress")
     assert result.exit_code == 1 and "2 frame(s) of reference" in result.output and not (tmp_path / "pred2").exists()
+
+
+def test_a_killed_predicts_own_partial_dicom_object_is_replaced_on_rerun(tiny_model, tmp_path):
+    """A kill during DICOM output left a complete SEG under its temporary name in --out, and the rerun refused it as
+    a DICOM object of the series that predict did not write: its mark says it is predict's own."""
+    import numpy as np
+
+    from conftest import pydicom_dir
+    from embedcache.io.dicom_out import write_seg
+    from embedcache.io.labels import FLARE22
+    from embedcache.io.nifti import write_nifti
+    from embedcache.io.volumes import read_geometry
+
+    pytest.importorskip("highdicom", reason="DICOM output needs the dicom extra (pip install 'embedcache[dicom]')")
+    series = tmp_path / "CT5N_0000"
+    shutil.copytree(pydicom_dir("dicomdirtests/98892001/CT5N"), series)
+    geometry = read_geometry(series)
+    labels = np.zeros(geometry.shape_zyx, np.uint8)
+    labels[1:4, 3:10, 2:8] = 7
+    write_nifti(labels, geometry, tmp_path / "CT5N.nii.gz")
+    out = tmp_path / "pred"
+    out.mkdir()
+    left = write_seg(out / ".CT5N.seg.embedcache-0badf00d.partial.dcm", series, geometry.to_source(labels),
+                     series_uid=None, label_ids=(7,), label_map=FLARE22, decoder="killed", semiautomatic=True)
+    result = cli("predict", series, "--from-labels", tmp_path / "CT5N.nii.gz", "--prompts", "oracle", "--model", "tiny",
+                 "--device", "cpu", "--output-type", "dicom-seg", "--out", out, "--no-progress")
+    assert result.exit_code == 0, result.output
+    assert not left.exists() and (out / "CT5N.seg.dcm").is_file()
