@@ -46,7 +46,7 @@ class PreprocessConfig:
 
 #: Kinds of training-only copy ``encode --augment`` makes (see :mod:`embedcache.cache.augment`).
 AUGMENTS = {
-    "flip": "left-right mirror; each right and left label of one organ swap (their sides come from the label map)",
+    "flip": "left-right mirror; each organ's right and left labels swap, their sides read from the label map",
     "rotate": "in-plane rotation by an angle drawn from -15..15 degrees",
     "scale": "in-plane zoom about the centre by a factor drawn from 0.85..1.15",
     "intensity": "HU scaled by 0.9..1.1 and shifted by -30..30 HU (window jitter)",
@@ -219,7 +219,7 @@ class FinetuneConfig:
                             cli_range=(1, 100_000))
     precision: str = setting("auto", "Mixed precision on CUDA (auto: bf16 where supported, else fp16); CPU runs fp32.",
                              choices=TRAIN_PRECISIONS)
-    compile: bool = setting(False, "torch.compile the decoder step (no faster on a 2-core CPU: see the benchmarks).")
+    compile: bool = setting(False, "torch.compile the decoder step (whether it pays on your device: see the benchmarks).")
     resident: str = setting("auto", "Keep the cache on the device (auto: when it fits) or stream it from HDF5.",
                             choices=RESIDENCES)
     micro_batch: int = setting(0, "Prompts per forward/backward within a step (same gradients); 0: all on CUDA, 4 on "

@@ -19,7 +19,7 @@ from embedcache.cli.common import (
     say_to,
 )
 from embedcache.cli.options import options, typed
-from embedcache.config import EncodeConfig, PreprocessConfig
+from embedcache.config import AUGMENTS, EncodeConfig, PreprocessConfig
 from embedcache.errors import UsageError
 from embedcache.runtime.distributed import is_main_process
 
@@ -75,9 +75,9 @@ def phantom(out: Path, cases: int | None, seed: int, size: int, test_cases: int,
 @options(PreprocessConfig, "window_width_hu", "window_level_hu", "slice_size")
 @options(EncodeConfig, "embedding_dtype", "device", "batch_size", "margin_slices", "workers")
 @click.option("--augment", default="", metavar="KINDS",
-              help="Also encode training-only copies of every train case: a comma list of flip (left-right, glands "
-                   "swap labels), rotate (±15°), scale (0.85-1.15), intensity (HU ×0.9-1.1, ±30 HU); each kind costs "
-                   "one more encode of the training cases.")
+              help="Also encode training-only copies of every train case, a comma list of: "
+                   + "; ".join(f"{kind} ({what})" for kind, what in AUGMENTS.items())
+                   + ". Each kind costs one more encode of the training cases.")
 @options(EncodeConfig, "engine", "precision", "streams")
 @progress_option
 @friendly_errors
