@@ -373,11 +373,12 @@ def test_a_killed_predicts_own_partial_dicom_object_is_replaced_on_rerun(tiny_mo
     a DICOM object of the series that predict did not write: its mark says it is predict's own."""
     import numpy as np
 
-    from conftest import pydicom_dir
     from embedcache.io.dicom_out import write_seg
     from embedcache.io.labels import FLARE22
     from embedcache.io.nifti import write_nifti
     from embedcache.io.volumes import read_geometry
+
+    from conftest import pydicom_dir
 
     pytest.importorskip("highdicom", reason="DICOM output needs the dicom extra (pip install 'embedcache[dicom]')")
     series = tmp_path / "CT5N_0000"
