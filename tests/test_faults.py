@@ -573,6 +573,10 @@ def test_a_header_declaring_a_huge_grid_is_refused_before_a_voxel_is_read(data, 
     _nifti_declaring(pred / case.name.replace(".nii.gz", ".nii"), (30000, 30000, 2))
     result = cli("evaluate", pred, truth, "--out", tmp_path / "r", "--no-progress")
     assert "declares a 30000×30000×2 grid, beyond the largest volume" in result.output and "Traceback" not in result.output
+    negative = _nifti_declaring(pred / case.name.replace(".nii.gz", ".nii"), (8, 8, -36))
+    result = cli("evaluate", pred, truth, "--out", tmp_path / "r", "--no-progress")
+    assert "with a negative size; the header is damaged" in result.output and "Traceback" not in result.output
+    negative.unlink()
     big = _nifti_declaring(tmp_path / "big.nii", (32000, 32000, 1))  # NIfTI-1 sizes are int16
     result = cli("predict", big, "--from-labels", case, "--out", tmp_path / "p", "--device", "cpu")
     one_line(result, "1 input(s) failed")  # the input's own line first, then the run's

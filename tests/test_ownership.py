@@ -36,10 +36,11 @@ def test_predict_never_writes_over_an_input_a_label_or_a_file_it_did_not_write(t
     shutil.copy(image, named_like_output)
     before = _bytes(named_like_output, label)
     common = ["--model", "tiny", "--device", "cpu", "--no-progress", "--prompts", "oracle"]
+    # the folder of an input image or of the labels is refused whole, before the file of the same name is reached
     one_line(cli("predict", named_like_output, "--from-labels", label, "--out", named_like_output.parent, *common),
-             f"{named_like_output}: is the input image itself")
+             f"is the folder of the input {named_like_output}", code=2)
     one_line(cli("predict", image, "--from-labels", label, "--out", label.parent, *common),
-             f"{label}: is the label volume the prompts come from")
+             f"is the folder of the input {label}", code=2)
     foreign = tmp_path / "theirs" / label.name
     foreign.parent.mkdir()
     foreign.write_bytes(b"someone's segmentation")
@@ -101,6 +102,20 @@ def test_evaluate_refuses_to_score_a_folder_against_itself(data, tmp_path):
     one_line(cli("evaluate", data / "labelsTr", data / "labelsTr", "--out", tmp_path / "r"),
              "the predictions and the ground truth are the same folder")
     assert not (tmp_path / "r").exists()
+
+
+def test_resume_of_a_folder_without_a_run_never_deletes_its_files(tiny_model, small_cache, tmp_path):
+    """--resume of a folder with no checkpoint cleared every file named like a run's, the --split file it was about to
+    read included: now only a folder that a finetune start made (its config.json) is cleared, never the split file."""
+    folder = tmp_path / "project"
+    folder.mkdir()
+    split = folder / "split.json"
+    split.write_text('{"train": ["PHANTOM_0001"], "val": ["PHANTOM_0002"], "test": []}')
+    (folder / "log.csv").write_text("my notes")
+    before = {p: p.read_bytes() for p in folder.iterdir()}
+    one_line(cli("finetune", small_cache, "--out", folder, "--split", split, "--resume", "--epochs", "1",
+                 "--device", "cpu"), "holds", "but no config.json of a finetune start")
+    assert {p: p.read_bytes() for p in folder.iterdir()} == before
 
 
 def test_resume_never_trains_away_a_finished_decoder(tiny_model, small_cache, run_dir, tmp_path):
@@ -232,7 +247,10 @@ def test_temporary_names_are_the_runs_own_and_a_users_namesakes_survive(tiny_mod
     report, export, cache = tmp_path / "report", tmp_path / "decoder.pth", tmp_path / "cache.h5"
     theirs = {tmp_path / ".report.partial" / "notes.txt": b"mine", tmp_path / ".report.old" / "notes.txt": b"also",
               tmp_path / "decoder.pth.partial": b"my draft", tmp_path / "cache.h5.partial": b"my half cache",
-              tmp_path / ".decoder.partial.pth": b"kept"}
+              tmp_path / ".decoder.partial.pth": b"kept",
+              # even a name with embedcache's own mark is not proof that embedcache made it
+              tmp_path / ".report.embedcache-0123abcd.partial" / "data.txt": b"precious",
+              tmp_path / ".report.embedcache-0123abcd.partial.old" / "data.txt": b"precious too"}
     for path, content in theirs.items():
         path.parent.mkdir(exist_ok=True)
         path.write_bytes(content)
@@ -243,7 +261,8 @@ def test_temporary_names_are_the_runs_own_and_a_users_namesakes_survive(tiny_mod
     assert cli("export", run_dir, "--out", export).exit_code == 0
     assert cli("encode", data, "--out", cache, "--model", "tiny", "--device", "cpu", "--no-progress").exit_code == 0
     assert {p: p.read_bytes() for p in theirs} == theirs
-    assert not [p for p in tmp_path.iterdir() if ".embedcache-" in p.name]  # and none of its own left behind
+    assert {p.name for p in tmp_path.iterdir() if ".embedcache-" in p.name} == {  # and none of its own left behind
+        ".report.embedcache-0123abcd.partial", ".report.embedcache-0123abcd.partial.old"}
 
 
 def test_predict_never_writes_inside_its_inputs(tiny_model, data, series_dir, tmp_path):
@@ -256,8 +275,14 @@ def test_predict_never_writes_inside_its_inputs(tiny_model, data, series_dir, tm
         result = cli("predict", *inputs, "--from-labels", data / "labelsTr" if inputs[0] != series_dir else label,
                      "--out", out, "--model", "tiny", "--device", "cpu")
         one_line(result, f"--out {out}: lies inside the input", code=2)
+    link = tmp_path / "link"
+    link.symlink_to(data / "imagesTr")
+    for out in (data / "imagesTr", link):  # the folder of an input file, however a link spells it
+        one_line(cli("predict", image, "--from-labels", label, "--out", out, "--model", "tiny", "--device", "cpu"),
+                 "is the folder of the input", code=2)
     assert {p: p.read_bytes() for p in before} == before and not (series_dir / "pred").exists()
-    assert sorted(p.name for p in (data / "labelsTr").iterdir()) == sorted(p.name for p in label.parent.iterdir())
+    assert sorted(p.name for p in (data / "imagesTr").iterdir()) == sorted(p.name for p in before
+                                                                         if p.parent == data / "imagesTr")
 
 
 def test_one_predict_writes_an_output_folder_at_a_time_and_keeps_what_another_wrote(tiny_model, data, tmp_path,
@@ -328,7 +353,7 @@ def test_a_killed_reports_swap_leaves_a_report_and_ctrl_c_says_what_it_kept(tiny
     assert killed.exit_code == 130, killed.output
     assert not report.exists()  # the instant the fallback cannot avoid: the old report waits under a marked name
     assert cli("info", small_cache).exit_code == 0
-    files.recover_folder(report)  # what the next run does first, under the lock
+    files.recover_folder(report, is_ours=report_module.holds_a_report)  # what the next run does first, under the lock
     assert (report / "report.json").read_bytes() == first
     monkeypatch.setattr(files, "exchange", real_exchange)
     assert files.exchange(report, report) is True  # this system swaps in one step: the default path has no gap

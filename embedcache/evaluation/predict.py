@@ -41,8 +41,8 @@ from embedcache.io.files import (
     WriterLock,
     atomic_path,
     atomic_write_text,
-    is_partial,
     make_output_folder,
+    partials_of,
     read_json,
     same_file,
 )
@@ -120,7 +120,7 @@ def plan(inputs: list[Path], out_dir: Path, config: PredictConfig, *, labels, la
             errors.append(str(exc))
             log(f"error: {exc}")
     # a killed run's temporary files (marked as embedcache's) are its own, replaced under the lock, not foreign
-    ours = owned | ({p.name for p in Path(out_dir).iterdir() if is_partial(p.name)} if Path(out_dir).is_dir() else set())
+    ours = owned | {p.name for job in jobs for path in job.files for p in partials_of(path)}
     for job in jobs:  # before any work: refused whole, not one input among others
         _check_output(job, owned)
         if any(kind != "nifti" for kind, _ in job.outputs):
@@ -158,13 +158,15 @@ def written_before(out_dir: Path) -> set[str]:
 
 def check_out_outside_inputs(out_dir: Path, inputs) -> None:
     """Refuse an ``--out`` that is an input folder (a DICOM series, a folder of volumes or of labels) or lies inside
-    one: predict would write among its inputs, and the folder would no longer read as one."""
-    out = Path(os.path.abspath(out_dir))
+    one, or that is the folder an input file lies in, however a link spells it: predict would write among its
+    inputs, and the folder would no longer read as one."""
+    out = Path(os.path.realpath(out_dir))
     for given in map(Path, inputs):
-        folder = Path(os.path.abspath(given))
-        if given.is_dir() and (out == folder or folder in out.parents):
-            raise UsageError(f"--out {out_dir}: lies inside the input {given}; predict never writes among its inputs: "
-                             "choose a folder outside it")
+        folder = Path(os.path.realpath(given if given.is_dir() else given.parent))
+        if given.exists() and (out == folder or (given.is_dir() and folder in out.parents)):
+            where = "lies inside the input" if given.is_dir() else "is the folder of the input"
+            raise UsageError(f"--out {out_dir}: {where} {given}; predict never writes among its inputs: choose a "
+                             "folder outside it")
 
 
 def _check_output(job: Job, owned: set[str]) -> None:
@@ -308,9 +310,10 @@ def predict(inputs: list[Path], out_dir: Path, config: PredictConfig, *, progres
         owned = written_before(Path(out_dir))  # what another predict wrote here since the checks counts too
         for job in jobs:
             _check_output(job, owned)
-        for leftover in Path(out_dir).iterdir():  # a killed run's temporary files: marked as embedcache's own
-            if is_partial(leftover.name) and leftover.is_file():
-                leftover.unlink()
+        for job in jobs:  # a killed run's temporary files of this run's own outputs, marked as embedcache's
+            for leftover in (p for path in job.files for p in partials_of(path)):
+                if leftover.is_file():
+                    leftover.unlink()
         from embedcache.model.backbones import file_sha256  # torch: only once the inputs are checked
 
         made_by = f"sha256 {file_sha256(decoder)[:16]}" if decoder else f"vanilla {config.model}"

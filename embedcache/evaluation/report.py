@@ -111,6 +111,14 @@ REPORT_FILES = ("report.json", "cases.csv", "dice.png", "learning_curve.png", "i
 REPORT_KINDS = ("score", "evaluate")
 
 
+def holds_a_report(folder: Path) -> bool:
+    """Whether ``folder`` holds a report of score or evaluate (its report.json says so)."""
+    try:
+        return json.loads((Path(folder) / "report.json").read_text()).get("kind") in REPORT_KINDS
+    except (OSError, ValueError, AttributeError, RecursionError):
+        return False
+
+
 def check_report_folder(out_dir: Path) -> None:
     """Refuse a report folder that holds anything but an earlier report of score or evaluate (it is
     replaced whole): a report never mixes with other files, nor overwrites them."""
@@ -144,7 +152,7 @@ def write_report(out_dir: Path, report: Report, *, overlays: list[Overlay] = (),
     what a killed run left is recovered or removed first. Returns ``report`` with its summary and file names."""
     final = Path(os.path.abspath(out_dir))
     with writer_lock(final):
-        recover_folder(final)
+        recover_folder(final, is_ours=holds_a_report)
         check_report_folder(final)
         building = partial_folder(final)
         try:

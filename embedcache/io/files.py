@@ -115,17 +115,16 @@ def replace_folder(new: Path, final: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-def recover_folder(final: Path) -> None:
-    """After a run killed inside :func:`replace_folder`'s fallback: the old folder back at ``final``, and the
-    marked folders embedcache left beside it removed (call it while holding ``final``'s writer lock)."""
+def recover_folder(final: Path, *, is_ours) -> None:
+    """After a run killed inside :func:`replace_folder`'s fallback: the old folder back at ``final`` (call it while
+    holding ``final``'s writer lock). Only a marked ``.old`` folder that ``is_ours(folder)`` recognises (an earlier
+    report, say) is put back; nothing is removed: a marked name alone does not prove who made a folder."""
     final = Path(final)
-    leftovers = [p for p in partials_of(final) if p.is_dir()]
-    olds = [p for p in leftovers if p.name.endswith(".old")]
-    if not final.exists() and olds:
+    if final.exists():
+        return
+    olds = [p for p in partials_of(final) if p.is_dir() and p.name.endswith(".old") and is_ours(p)]
+    if olds:
         olds[0].rename(final)
-        leftovers.remove(olds[0])
-    for path in leftovers:
-        shutil.rmtree(path, ignore_errors=True)
 
 
 def commit(tmp: Path, path: Path) -> None:

@@ -179,6 +179,15 @@ class LabelMap:
         ids = [entry.id for entry in self.labels]
         if len(set(ids)) != len(ids):
             raise EmbedcacheError(f"{self.source}: label {sorted(i for i in ids if ids.count(i) > 1)[0]} is named twice")
+        seen: dict[tuple, int] = {}
+        for entry in self.labels:  # two ids of one organ and side: reports, flips and DICOM codes could not tell them
+            if entry.organ is None:
+                continue
+            key = (entry.organ, entry.laterality)
+            if key in seen:
+                raise EmbedcacheError(f"{self.source}: labels {seen[key]} and {entry.id} both name the "
+                                      f"{entry.display}; give each organ and side one id")
+            seen[key] = entry.id
 
     def get(self, label: int) -> Label | None:
         return next((entry for entry in self.labels if entry.id == int(label)), None)
@@ -397,7 +406,8 @@ def read_label_map(path: Path) -> LabelMap:
     else:
         from embedcache.io.files import read_json
 
-        values = read_json(path, what="label map", fix="give a dataset.json or a JSON object of id → name")
+        values = read_json(path, what="label map", fix="give a dataset.json or a JSON object of id → name",
+                           unique_keys=True)
         names = _names(values.get("labels") if isinstance(values, dict) and "labels" in values else values, path)
     names = {i: n for i, n in names.items() if i != 0}
     if not names:
@@ -417,7 +427,7 @@ def _names(labels, path: Path) -> dict[int, str]:
                                   "id per organ: give a map of single ids")
         if _is_id(value) or value == 0:
             label, name = value, key
-        elif isinstance(value, str) and key.strip().isdigit():
+        elif isinstance(value, str) and key.strip().isascii() and key.strip().isdigit():
             label, name = int(key), value
         else:
             raise EmbedcacheError(f"{path}: label entry {key!r}: {str(value)[:40]!r} is not an id and a name; {fix}")
@@ -435,7 +445,7 @@ def _table(text: str, path: Path) -> dict[int, str]:
         if not line.strip() or line.lstrip().startswith("#"):
             continue
         label, _, name = (line.partition("\t") if "\t" in line else line.partition(","))
-        if not label.strip().isdigit():
+        if not (label.strip().isascii() and label.strip().isdigit()):
             if number == 1 and not out:
                 continue  # a header
             raise EmbedcacheError(f"{path}:{number}: {line.strip()[:40]!r} is not 'id<TAB>name'")
@@ -457,7 +467,7 @@ def find_dataset_json(*folders: Path) -> Path | None:
             continue
         candidate = Path(folder) / DATASET_JSON
         if candidate.is_file():
-            values = read_json(candidate, what="dataset.json", fix="mend it, or give --label-map")
+            values = read_json(candidate, what="dataset.json", fix="mend it, or give --label-map", unique_keys=True)
             if isinstance(values, dict) and "labels" in values:
                 return candidate
     return None

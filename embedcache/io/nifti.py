@@ -61,6 +61,9 @@ MAX_SIDE_PX, MAX_VOXELS = 4096, 2**30
 def check_declared_size(path: Path, shape) -> None:
     """Refuse a header whose declared grid is larger than any CT (:data:`MAX_SIDE_PX`, :data:`MAX_VOXELS`) or than
     this machine's free memory can hold as float32 twice over, before any voxel is read or inflated."""
+    if min(shape) < 0:
+        raise EmbedcacheError(f"{path}: its header declares a {'×'.join(map(str, shape))} grid, with a negative size; "
+                              "the header is damaged: re-export or replace the file")
     voxels = int(np.prod(shape, dtype=np.int64))
     if sorted(shape)[1] > MAX_SIDE_PX or voxels > MAX_VOXELS:
         raise EmbedcacheError(f"{path}: its header declares a {'×'.join(map(str, shape))} grid, beyond the largest "

@@ -74,7 +74,7 @@ def read_image(path: Path, *, series_uid: str | None = None) -> Volume:
         _check_file(path)
         data, geometry = read_nifti(path, label=False)
         check_finite(data, path)
-        low = float(data.min(initial=0.0)) if data.size else 0.0
+        low = float(data.min()) if data.size else 0.0
         if low > AIR_THRESHOLD_HU:
             if not looks_like_cropped_ct(data):
                 raise EmbedcacheError(

@@ -38,7 +38,7 @@ def finetune(config: FinetuneConfig, run_dir: Path, *, resume: bool = False, giv
         if main:
             make_output_folder(run.path.parent, what="--out's parent folder")
         with writer_lock(run.path, main=main):
-            resume = run.check_start(resume=resume, log=log)
+            resume = run.check_start(resume=resume, keep=(config.split,), log=log)
             # a resumed run takes its own split, wherever the --split file went
             split = check_split_in_cache(run.split(), cache, run=run.path) if resume else choose_split(
                 cache, split_file=config.split, val_fraction=config.val_fraction, seed=config.seed)

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from embedcache.config import FinetuneConfig, load_config, save_config
 from embedcache.errors import EmbedcacheError, UsageError
-from embedcache.io.files import atomic_write_text, is_partial, read_json
+from embedcache.io.files import atomic_write_text, is_partial, read_json, same_file
 from embedcache.train.cases import Split
 from embedcache.train.checkpoint import BEST
 
@@ -59,9 +59,11 @@ class RunFolder:
             return []
         return [p for p in self.path.iterdir() if not is_partial(p.name)]
 
-    def check_start(self, *, resume: bool, log=print) -> bool:
+    def check_start(self, *, resume: bool, keep=(), log=print) -> bool:
         """Whether this run resumes. A new run needs a new (or empty) folder; ``--resume`` of a folder
-        that holds no checkpoint yet (the first one was never written) starts the run again."""
+        that holds no checkpoint yet (the first one was never written) starts the run again, clearing the
+        files a start of finetune wrote there, which its config.json says it did; ``keep`` (the ``--split``
+        file) is never one of them."""
         if self.path.exists() and not self.path.is_dir():
             raise EmbedcacheError(f"{self.path}: is a file; --out names the run folder to create")
         if not resume:
@@ -78,6 +80,17 @@ class RunFolder:
         if self.file(BEST).is_file():  # trained, but the state to resume from is gone: never train it away
             raise EmbedcacheError(f"{self.file(LAST)}: missing, but the run holds a trained {BEST}; restore "
                                   f"{LAST} to resume, or start a new run in another --out (the decoder is kept)")
+        ours = [p for p in self._files() if p.name in RUN_FILES]
+        if ours and not self.file(CONFIG).is_file():
+            raise EmbedcacheError(f"{self.path}: holds {ours[0].name} but no {CONFIG} of a finetune start, so not a run "
+                                  "folder; choose another --out (its files are kept)")
+        if ours:
+            self.config()  # a config.json that finetune did not write is refused, naming it, before anything goes
+        given = [Path(k) for k in keep if k]
+        for path in ours:
+            if any(same_file(path, k) for k in given):
+                raise EmbedcacheError(f"{path}: is the --split file; keep it outside the run folder --out (the run "
+                                      "writes its own split.json there)")
         log(f"{self.path}: no checkpoint yet ({LAST}); starting the run from the beginning")
         for path in self.path.iterdir():
             if path.is_file() and (path.name in RUN_FILES or is_partial(path.name)):

@@ -85,7 +85,10 @@ def test_every_map_format_gives_the_same_map(text, suffix, tmp_path):
     (json.dumps({"labels": {"kidney": [2, 3]}}), "region of several ids"),
     (json.dumps({"labels": {"a": 3, "b": 3}}), "label 3 is named twice"),
     (json.dumps({"labels": {"a": "b"}}), "is not an id and a name"),
-    (json.dumps({"labels": {"a": 70000}}), "is not an id and a name")])
+    (json.dumps({"labels": {"a": 70000}}), "is not an id and a name"),
+    ('{"7": "right adrenal gland", "7": "left adrenal gland"}', "key '7' appears twice"),  # JSON keeps the last
+    (json.dumps({"7": "right adrenal gland", "8": "Adrenal_Gland_R"}), "labels 7 and 8 both name the right adrenal"),
+    (json.dumps({"labels": {"\u00b2": "liver", "7": "right adrenal gland"}}), "is not an id and a name")])
 def test_a_bad_map_is_one_line_naming_the_file(text, fragment, tmp_path):
     path = tmp_path / "dataset.json"
     path.write_text(text)
