@@ -8,7 +8,7 @@ from pathlib import Path
 
 from embedcache.errors import EmbedcacheError, UsageError
 from embedcache.io.files import atomic_write_text, read_json
-from embedcache.io.labels import ADRENALS, FLARE22, LabelMap
+from embedcache.io.labels import ADRENALS, FLARE22, LabelMap, check_options
 
 
 def setting(default, help: str, *, flag: str | None = None, choices=None, cli_range: tuple | None = None,
@@ -404,7 +404,7 @@ class PredictConfig:
     def __post_init__(self):
         check_engine_names(self.engine, self.precision, self.streams)
         _one_decoder(self.run, self.decoder)
-        check_label_map_options(self.label_map, self.label_preset)
+        check_options(self.label_map, self.label_preset)
         from embedcache.io.dicom_out import OUTPUT_TYPES
 
         if not self.output_types or any(t not in OUTPUT_TYPES for t in self.output_types) \
@@ -416,16 +416,6 @@ class PredictConfig:
             raise UsageError("give either --boxes BOXES.json or --from-labels LABELS")
         if self.prompts not in PROTOCOLS:
             raise UsageError(f"--prompts {self.prompts}: choose one of {', '.join(PROTOCOLS)}")
-
-
-def check_label_map_options(path: str | None, preset: str | None) -> None:
-    """``--label-map`` and ``--label-preset`` are exclusive, and the preset is one of :data:`~embedcache.io.labels.PRESETS`."""
-    from embedcache.io.labels import PRESETS
-
-    if path is not None and preset is not None:
-        raise UsageError("give --label-map or --label-preset, not both")
-    if preset is not None and preset not in PRESETS:
-        raise UsageError(f"--label-preset {preset}: choose from {', '.join(PRESETS)}")
 
 
 def to_json(config) -> str:

@@ -162,11 +162,9 @@ def evaluate(pred, labels_dir, out_dir, labels, label_map, label_preset, name, p
     --label-preset, or else FLARE22's ids. A case without a prediction, or on another grid, is
     reported (exit code 1) and the rest are scored. Writes the same report as score.
     """
-    from embedcache.config import check_label_map_options
     from embedcache.evaluation.evaluate import evaluate as run_evaluate
 
     say = say_to(console())
-    check_label_map_options(label_map, label_preset)
     from embedcache.io.labels import beside
 
     mapping, labels, note = resolve_labels(label_map, label_preset, beside(labels_dir), labels)

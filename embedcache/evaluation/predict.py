@@ -430,16 +430,15 @@ def predict_label_map(config: PredictConfig, trained_on, decoder: Path | None) -
     With a decoder, a map given or found beside ``--from-labels`` must agree with it on its labels: label volumes
     in another convention would prompt one organ with another's outline."""
     folders = beside(Path(config.from_labels)) if config.from_labels else ()
-    path = Path(config.label_map) if config.label_map else None
-    if trained_on is not None:
-        mine, fallback = resolve_label_map(path=path, preset_name=config.label_preset, folders=folders)
-        clash = None if fallback else trained_on.label_map.disagreement(mine, trained_on.labels)
-        if clash:
-            raise UsageError(f"{decoder} and {mine.source} disagree ({clash}); give labels in the ids the decoder "
-                             "was trained on, or drop a --label-map/--label-preset that does not describe them")
-        return trained_on.label_map, ""
-    label_map, fallback = resolve_label_map(path=path, preset_name=config.label_preset, folders=folders)
-    return label_map, fallback_note(label_map.adrenals()) if fallback else ""
+    label_map, fallback = resolve_label_map(path=Path(config.label_map) if config.label_map else None,
+                                            preset_name=config.label_preset, folders=folders)
+    if trained_on is None:
+        return label_map, fallback_note(label_map.adrenals()) if fallback else ""
+    clash = None if fallback else trained_on.label_map.disagreement(label_map, trained_on.labels)
+    if clash:
+        raise UsageError(f"{decoder} and {label_map.source} disagree ({clash}); give labels in the ids the decoder "
+                         "was trained on, or drop a --label-map/--label-preset that does not describe them")
+    return trained_on.label_map, ""
 
 
 def _segment_job(job: Job, segment, image, *, prompts: str, settings: ProtocolSettings, labels) -> list:

@@ -149,7 +149,8 @@ def write_report(out_dir: Path, report: Report, *, overlays: list[Overlay] = (),
     """Write every file of the report (and the ``extra`` text files, by name) into a new folder of this run's own
     (marked and unique: :func:`~embedcache.io.files.partial_folder`) that then replaces ``out_dir`` whole: at every
     instant ``out_dir`` holds the old report or the new one. One writer at a time (a lock beside ``out_dir``);
-    what a killed run left is recovered or removed first. Returns ``report`` with its summary and file names."""
+    an old report a killed run left under its marked name is put back first, and nothing else beside ``out_dir``
+    is touched. Returns ``report`` with its summary and file names."""
     final = Path(os.path.abspath(out_dir))
     with writer_lock(final):
         recover_folder(final, is_ours=holds_a_report)

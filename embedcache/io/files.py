@@ -35,13 +35,25 @@ def partial_path(path: Path, *, keep_suffix: bool = False) -> Path:
     is ever written over: ``.NAME.embedcache-TOKEN.partial``, or ``.STEM.embedcache-TOKEN.partial.SUFFIX`` with
     ``keep_suffix`` for writers that choose the format by the suffix (nibabel, rt-utils)."""
     path = Path(path)
-    suffix = (".nii.gz" if path.name.endswith(".nii.gz") else path.suffix) if keep_suffix else ""
-    stem = path.name[: len(path.name) - len(suffix)]
+    stem, suffix = _split_suffix(path.name) if keep_suffix else (path.name, "")
+    return _reserve(lambda token: path.with_name(f".{stem}{MARK}{token}{PARTIAL}{suffix}"),
+                    lambda tmp: os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)))
+
+
+def _split_suffix(name: str) -> tuple[str, str]:
+    """``CASE.nii.gz`` → ``("CASE", ".nii.gz")``, ``x.seg.dcm`` → ``("x.seg", ".dcm")``: the suffix a writer chooses its
+    format by."""
+    suffix = ".nii.gz" if name.endswith(".nii.gz") else Path(name).suffix
+    return name[: len(name) - len(suffix)], suffix
+
+
+def _reserve(name_for, create) -> Path:
+    """The first name ``name_for(token)`` that ``create`` makes exclusively (raising FileExistsError if taken)."""
     while True:
-        tmp = path.with_name(f".{stem}{MARK}{secrets.token_hex(4)}{PARTIAL}{suffix}")
+        candidate = name_for(secrets.token_hex(4))
         try:
-            os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
-            return tmp
+            create(candidate)
+            return candidate
         except FileExistsError:
             continue
 
@@ -54,8 +66,7 @@ def is_partial(name: str) -> bool:
 def partials_of(path: Path) -> list[Path]:
     """The temporary files and folders embedcache's writes of ``path`` left beside it (a killed run's)."""
     path = Path(path)
-    suffix = ".nii.gz" if path.name.endswith(".nii.gz") else path.suffix
-    stems = {path.name, path.name[: len(path.name) - len(suffix)] if suffix else path.name}
+    stems = {path.name, _split_suffix(path.name)[0]}
     try:
         found = list(path.parent.iterdir())
     except OSError:
@@ -66,13 +77,7 @@ def partials_of(path: Path) -> list[Path]:
 def partial_folder(path: Path) -> Path:
     """A new, empty, marked folder beside ``path`` to build a folder that will replace ``path`` whole."""
     path = Path(path)
-    while True:
-        folder = path.with_name(f".{path.name}{MARK}{secrets.token_hex(4)}{PARTIAL}")
-        try:
-            folder.mkdir()
-            return folder
-        except FileExistsError:
-            continue
+    return _reserve(lambda token: path.with_name(f".{path.name}{MARK}{token}{PARTIAL}"), Path.mkdir)
 
 
 def exchange(a: Path, b: Path) -> bool:
@@ -171,10 +176,11 @@ def read_json(path: Path, *, what: str = "JSON file", fix: str = "", unique_keys
     import json
 
     def pairs(items):
-        keys = [k for k, _ in items]
-        twice = sorted({k for k in keys if keys.count(k) > 1})
-        if twice:
-            raise ValueError(f"key {twice[0]!r} appears twice in one object; keep one")
+        seen = set()
+        for key, _ in items:
+            if key in seen:
+                raise ValueError(f"key {key!r} appears twice in one object; keep one")
+            seen.add(key)
         return dict(items)
 
     try:

@@ -361,8 +361,7 @@ PRESETS: dict[str, dict[int, str]] = {
 
 def preset(name: str) -> LabelMap:
     """The built-in map ``name`` (:data:`PRESETS`)."""
-    if name not in PRESETS:
-        raise UsageError(f"--label-preset {name}: choose from {', '.join(PRESETS)}")
+    check_options(None, name)
     return from_names(PRESETS[name], f"--label-preset {name}")
 
 
@@ -480,13 +479,20 @@ def beside(path: Path) -> tuple[Path, Path]:
     return folder, folder.parent
 
 
+def check_options(path, preset_name: str | None) -> None:
+    """``--label-map`` and ``--label-preset`` are exclusive, and the preset is one of :data:`PRESETS`."""
+    if path is not None and preset_name is not None:
+        raise UsageError("give --label-map or --label-preset, not both")
+    if preset_name is not None and preset_name not in PRESETS:
+        raise UsageError(f"--label-preset {preset_name}: choose from {', '.join(PRESETS)}")
+
+
 def resolve_label_map(*, path: Path | None = None, preset_name: str | None = None,
                       folders: tuple = ()) -> tuple[LabelMap, bool]:
     """The map a command uses, and whether it is the FLARE22 fallback (the CLI then says so once):
     ``path`` (``--label-map``), else a ``dataset.json`` beside ``folders``, else ``preset_name``, else FLARE22.
     A preset that a found ``dataset.json`` contradicts on an id both name is refused, naming both."""
-    if path is not None and preset_name is not None:
-        raise UsageError("give --label-map or --label-preset, not both")
+    check_options(path, preset_name)
     if path is not None:
         return read_label_map(path), False
     found = find_dataset_json(*folders)
