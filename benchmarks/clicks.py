@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 import time
 from datetime import datetime, timezone
@@ -52,12 +53,12 @@ def train(cache: Path, split: Path, run: Path, prompts: str, *, epochs: int, see
     config = FinetuneConfig(cache=str(cache.resolve()), epochs=epochs, seed=seed, split=str(split.resolve()),
                             patience=epochs, prompts=prompts)
     started = time.perf_counter()
-    finetune(config, run, resume=(run / "last.safetensors").is_file(), progress=None, log=print)
+    finetune(config, run, resume=(run / "last.safetensors").is_file(), progress=None)
     return time.perf_counter() - started
 
 
 def scored(cache: Path, run: Path, out: Path, *, clicks: int) -> dict:
-    """``embedcache score --prompts oracle,box3d,clicks`` of ``run`` on the test cases, or the report
+    """``embedcache score --protocols oracle,box3d,clicks`` of ``run`` on the test cases, or the report
     already in ``out`` when it was made with the same settings."""
     config = ScoreConfig(cache=str(cache), run=str(run), cases="test", prompts=("oracle", "box3d", "clicks"),
                          protocol=ProtocolSettings(clicks=clicks))
@@ -67,7 +68,7 @@ def scored(cache: Path, run: Path, out: Path, *, clicks: int) -> dict:
         if (held.prompts, held.protocol, report["case_set"]) == (config.prompts, config.protocol, "test") \
                 and Path(held.cache).resolve() == cache.resolve() and Path(held.run).resolve() == run.resolve():
             return report
-    score(config, out, progress=None, log=print)
+    score(config, out, progress=None)
     return json.loads((out / "report.json").read_text())
 
 
@@ -108,6 +109,7 @@ def table(results: dict) -> str:
 
 
 def main(argv=None) -> dict:
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)  # embedcache's notes
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("cache", type=Path)
     parser.add_argument("--split", type=Path, required=True, help="split file with train, val and test cases")

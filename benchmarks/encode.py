@@ -101,7 +101,7 @@ def main(argv=None) -> dict:
             device=str(device), batch_size=args.batch_size, engine=engine, precision=precision or "fp32",
         )
         cases = discover_cases(phantom_with_slices(tmp / "data", args.slices, args.seed, args.phantom_size))
-        encoder = load_encoder(config, device=device, log=lambda m: None)
+        encoder = load_encoder(config, device=device)
         config = replace(config, batch_size=encoder.batch_size)  # the pipeline's batches as the bare run's
         images = np.concatenate([
             prepare_case(plan_case(c, config, source_digest(c.image, c.label)), config).images for c in cases
@@ -115,7 +115,7 @@ def main(argv=None) -> dict:
         for run in range(args.repeats):
             out = tmp / f"cache-{run}.h5"
             started = time.perf_counter()
-            summary = encode(cases, out, config, progress=None, log=lambda m: None)
+            summary = encode(cases, out, config, progress=None)
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             elapsed = time.perf_counter() - started
@@ -187,7 +187,7 @@ def engines_side_by_side(args, backbone) -> dict:
                                       streams=spec_streams(spec), embedding_dtype="float32")
                 out = tmp / f"{spec.replace(':', '-').replace('@', '-')}-{round_}.h5"
                 started = time.perf_counter()
-                summary = encode(cases, out, config, progress=None, log=lambda m: None)
+                summary = encode(cases, out, config, progress=None)
                 elapsed = time.perf_counter() - started
                 slices = summary.slices_encoded
                 if round_:

@@ -44,8 +44,9 @@ import numpy as np
 import torch
 
 from embedcache.cache.preprocess import slice_to_model
+from embedcache.io.files import file_sha256
 from embedcache.io.phantom import make_case
-from embedcache.model.backbones import file_sha256, get_backbone, load_backbone, resolve_checkpoint
+from embedcache.model.backbones import get_backbone, load_backbone, resolve_checkpoint
 from embedcache.model.engines import build_encoder, check_engine, installed_engines
 
 from common import RESULTS, machine, own_engine_cache, weights_for
@@ -109,7 +110,7 @@ def measure(backbone_name: str, specs: list[str], n: int, rounds: int, folder: P
         started = time.perf_counter()
         encoders[spec] = build_encoder(engine, backbone, parts.image_encoder, sha, device=torch.device("cpu"),
                                        batch_size=1, out_dtype=torch.float32, precision=precision,
-                                       streams=spec_streams(spec), log=lambda m: None)
+                                       streams=spec_streams(spec))
         build_s[spec] = round(time.perf_counter() - started, 2)
         encoders[spec](batch[: encoders[spec].batch_size])  # warm-up (every stream): first-call allocations, kernels
         memory[spec] = round(resident_mib() - before, 1)
@@ -165,13 +166,11 @@ def dice_cost(data: Path, run: Path, specs: list[str], tmp: Path) -> dict:
         name = spec.replace(":", "-").replace("@", "-")
         cache = tmp / f"dice-{name}.h5"
         started = time.perf_counter()
-        encode(cases, cache, replace(base, engine=engine, precision=precision, streams=spec_streams(spec)),
-               log=lambda m: None)
+        encode(cases, cache, replace(base, engine=engine, precision=precision, streams=spec_streams(spec)))
         encode_s = time.perf_counter() - started
         report = tmp / f"report-{name}"
         # the decoder alone, not the run: the cases scored are this cache's imagesTs/ ones, whatever the run's split
-        score(ScoreConfig(cache=str(cache), decoder=str(checkpoint_file(run)), prompts=("box3d",), device="cpu"), report,
-              log=lambda m: None)
+        score(ScoreConfig(cache=str(cache), decoder=str(checkpoint_file(run)), prompts=("box3d",), device="cpu"), report)
         out["engines"][spec] = {"dice": _summary(report), "encode_seconds": round(encode_s, 1)}
         print(spec, json.dumps(out["engines"][spec]), flush=True)
     reference = out["engines"][specs[0]]["dice"]
@@ -197,7 +196,7 @@ def predict_pace(data: Path, run: Path, specs: list[str], rounds: int, tmp: Path
             engine, precision = parse_spec(spec)
             out = tmp / f"predict-{spec.replace(':', '-').replace('@', '-')}-{number}"
             command = [*EMBEDCACHE, "predict", str(case.image), "--from-labels", str(case.label),
-                       "--run", str(run), "--out", str(out), "--device", "cpu", "--engine", engine, "--precision",
+                       "--run", str(run), "--out", str(out), "--device", "cpu", "--engine", engine, "--encoder-precision",
                        precision, "--streams", str(spec_streams(spec)), "--no-progress"]
             started = time.perf_counter()
             done = subprocess.run(command, capture_output=True, text=True, env=os.environ)

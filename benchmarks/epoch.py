@@ -61,8 +61,7 @@ def compile_cost(config: FinetuneConfig, folder: Path, n_prompts: int) -> dict:
     epochs = {False: [], True: []}
     try:
         for i, compile_ in enumerate((False, True, False)):
-            run = train.finetune(replace(config, compile=compile_), folder / f"run-{i}", progress=None,
-                                 log=lambda m: None)
+            run = train.finetune(replace(config, compile=compile_), folder / f"run-{i}", progress=None)
             epochs[compile_].append([record.seconds for record in run.history])
     except Exception as error:  # a compile that fails on this machine is a finding; keep the other figures
         return {"error": f"{type(error).__name__}: {error}"[:400]}
@@ -89,7 +88,7 @@ def bench_backbone(name: str, *, cases: int, per_case: int, batch_size: int, dev
     limit_target_slices(data_dir, per_case=per_case)
     sources = discover_cases(data_dir)
     cache_path = tmp / f"{name}.h5"
-    encode(sources, cache_path, enc_config, progress=None, log=lambda m: None)
+    encode(sources, cache_path, enc_config, progress=None)
     config = FinetuneConfig(
         cache=str(cache_path), epochs=epochs, batch_size=batch_size, device=str(device),
         checkpoint=str(checkpoint) if checkpoint else None, val_fraction=0.25, seed=seed,
@@ -142,7 +141,7 @@ def bench_backbone(name: str, *, cases: int, per_case: int, batch_size: int, dev
         timed("uncached", uncached_epoch)
 
     # (a) finetune's own epochs; each minimum skips the first epoch, whose first-call costs differ.
-    result = train.finetune(config, tmp / f"run-{name}", progress=None, log=lambda m: None,
+    result = train.finetune(config, tmp / f"run-{name}", progress=None,
                             on_epoch=after_finetune_epoch)
     assert json.loads((tmp / f"run-{name}" / SPLIT).read_text())["train"] == train_names
     cached_s = min(record.seconds for record in result.history[1:])
@@ -151,7 +150,7 @@ def bench_backbone(name: str, *, cases: int, per_case: int, batch_size: int, dev
     at_batch = {}
     for size in extra_batch_sizes:
         run = train.finetune(replace(config, batch_size=size, epochs=max(epochs, 4)), tmp / f"run-{name}-b{size}",
-                             progress=None, log=lambda m: None)
+                             progress=None)
         seconds = min(record.seconds for record in run.history[1:])
         at_batch[str(size)] = {"epoch_s": round(seconds, 4), "prompts_per_s": round(n_prompts / seconds, 1)}
     compiled = {str(size): compile_cost(replace(config, batch_size=size, epochs=max(epochs, 2)),

@@ -118,7 +118,8 @@ def main(argv=None) -> dict:
     import openvino as ov
 
     from embedcache.io.datasets import discover_cases
-    from embedcache.model.backbones import file_sha256, get_backbone, load_backbone, resolve_checkpoint
+    from embedcache.io.files import file_sha256
+    from embedcache.model.backbones import get_backbone, load_backbone, resolve_checkpoint
     from embedcache.model.engines import exported_encoder
     from embedcache.train.checkpoint import checkpoint_file
     from embedcache.train.decoders import load_trained_decoder
@@ -140,8 +141,7 @@ def main(argv=None) -> dict:
     floating = "bf16" if bf16 else "f32"
 
     with tempfile.TemporaryDirectory() as tmp, own_engine_cache(tmp):
-        graph = exported_encoder(backbone, parts.image_encoder, file_sha256(weights), engine="openvino",
-                                 log=lambda m: None)
+        graph = exported_encoder(backbone, parts.image_encoder, file_sha256(weights), engine="openvino")
         calibration_slices = gland_slices(train, labels, every=args.every, limit=args.calibration)
         probe = Encoder(core, str(graph), "f32", backbone)
         calibration = [probe.prepared(s[None]) for s in calibration_slices]

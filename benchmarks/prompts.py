@@ -44,7 +44,7 @@ def main(argv=None) -> dict:
                 name = f"jitter{jitter:g}" + ("-stop" if stop else "")
                 config = FinetuneConfig(cache=str(args.cache), epochs=args.epochs, seed=args.seed, device=args.device,
                                         box_jitter=jitter, stop_prompts=stop)
-                result = finetune(config, Path(tmp) / name, progress=None, log=lambda m: None)
+                result = finetune(config, Path(tmp) / name, progress=None)
                 report = score(ScoreConfig(cache=str(args.cache), run=str(Path(tmp) / name),
                                            prompts=("oracle", "box3d"), device=args.device), Path(tmp) / f"{name}-report")
                 row = {"run": name, "box_jitter": jitter, "stop_prompts": stop, "best_epoch": result.best_epoch,

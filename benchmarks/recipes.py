@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 import time
 from dataclasses import asdict
@@ -124,6 +125,7 @@ def glands_mean(summary: dict) -> float:
 
 
 def main(argv=None) -> dict:
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)  # embedcache's notes
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("cache", type=Path)
     parser.add_argument("--work", type=Path, required=True, help="Folder for runs and scores (resumable).")
@@ -175,7 +177,7 @@ def main(argv=None) -> dict:
                                         **fields)
                 resume = (run / "last.safetensors").exists()
                 started = time.perf_counter()
-                result = finetune(config, run, resume=resume, progress=None, log=lambda m: print(m, file=sys.stderr))
+                result = finetune(config, run, resume=resume, progress=None)
                 (run / "done.json").write_text(json.dumps({
                     "best_epoch": result.best_epoch, "val_dice_2d": result.best_val_dice, "cache": str(cache),
                     "train_seconds": round(time.perf_counter() - started, 1),

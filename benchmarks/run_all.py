@@ -48,7 +48,7 @@ def dtype_cost(backbone: str, *, device: torch.device, tmp: Path, cases: int, pe
         config = EncodeConfig(backbone=backbone, checkpoint=str(checkpoint) if checkpoint else None, device=str(device),
                               embedding_dtype=dtype, engine="torch")
         cache = tmp / f"{backbone}-{dtype}.h5"
-        encode(discover_cases(folder), cache, config, progress=None, log=lambda m: None)
+        encode(discover_cases(folder), cache, config, progress=None)
         report = score(ScoreConfig(cache=str(cache), prompts=("oracle",), cases="all", device=str(device),
                                    checkpoint=str(checkpoint) if checkpoint else None), tmp / f"report-{backbone}-{dtype}")
         dice[dtype] = {label: by_model["vanilla"]["dice"]["mean"] for label, by_model in report.summary["oracle"].items()}

@@ -12,13 +12,14 @@ from embedcache.io.labels import ADRENALS, FLARE22, LabelMap, check_options
 
 
 def setting(default, help: str, *, flag: str | None = None, choices=None, cli_range: tuple | None = None,
-            path: bool = False):
+            path: bool = False, renamed_from: tuple[str, ...] = ()):
     """A field that a command-line option fills, with everything the option says written once here: its default, its
-    help, its flag (``--FIELD-NAME`` unless given), its choices, the range the command line checks (``cli_range``)
-    and whether it names a file (``path``). :func:`embedcache.cli.options.option` builds the option from it, and a
-    test holds every command's options to their fields."""
+    help, its flag (``--FIELD-NAME`` unless given), its choices, the range the command line checks (``cli_range``),
+    whether it names a file (``path``) and the flags it was spelled with before (``renamed_from``: still taken, with
+    a note, for a release). :func:`embedcache.cli.options.option` builds the option from it, and a test holds every
+    command's options to their fields."""
     return field(default=default, metadata={"help": help, "flag": flag, "choices": choices, "cli_range": cli_range,
-                                            "path": path})
+                                            "path": path, "renamed_from": tuple(renamed_from)})
 
 
 def flag(cls, name: str) -> str:
@@ -70,7 +71,7 @@ BACKBONE_NAMES = ("litemedsam", "vit_b", "vit_l", "vit_h", "medsam")
 MAX_STREAMS = 256
 #: ``--engine`` choices (``auto`` resolves to one of the others; see :mod:`embedcache.model.engines`).
 ENGINES = ("auto", "torch", "onnxruntime", "openvino")
-#: ``--precision`` choices of the image encoder: fp32 everywhere; bf16 through OpenVINO on a CPU with bf16 instructions.
+#: ``--encoder-precision`` choices of the image encoder: fp32 everywhere; bf16 through OpenVINO on a CPU with bf16 instructions.
 PRECISIONS = ("fp32", "bf16")
 
 
@@ -83,10 +84,11 @@ def engine_setting():
 
 
 def precision_setting():
-    """``--precision`` of the image encoder, as encode and predict take it."""
+    """``--encoder-precision`` of the image encoder, as encode and predict take it."""
     return setting("fp32", "The encoder's arithmetic. bf16 runs through --engine openvino on a CPU with bf16 "
                            "instructions; it changes the embeddings (see docs/cpu-engines.md for its measured Dice cost), so a cache "
-                           "keeps one precision. predict runs its decoder graph in bf16 too.", choices=PRECISIONS)
+                           "keeps one precision. predict runs its decoder graph in bf16 too.", choices=PRECISIONS,
+                   flag="--encoder-precision", renamed_from=("--precision",))
 
 
 def streams_setting():
@@ -97,14 +99,14 @@ def streams_setting():
 
 
 def check_engine_names(engine: str, precision: str, streams: int = 0) -> None:
-    """Refuse an ``--engine`` or ``--precision`` that is not one of :data:`ENGINES` / :data:`PRECISIONS`, and
+    """Refuse an ``--engine`` or ``--encoder-precision`` that is not one of :data:`ENGINES` / :data:`PRECISIONS`, and
     ``--streams`` below 0."""
     if streams < 0:
         raise UsageError(f"--streams must be at least 1 (or 0 to measure), got {streams}")
     if engine not in ENGINES:
         raise UsageError(f"--engine {engine}: choose from {', '.join(ENGINES)}")
     if precision not in PRECISIONS:
-        raise UsageError(f"--precision {precision}: choose from {', '.join(PRECISIONS)}")
+        raise UsageError(f"--encoder-precision {precision}: choose from {', '.join(PRECISIONS)}")
 
 
 def check_label_ids(labels) -> tuple[int, ...]:
@@ -123,7 +125,7 @@ class EncodeConfig:
 
     backbone: str = setting("litemedsam", "Backbone: " + ", ".join(BACKBONE_NAMES) + ".", flag="--model")
     checkpoint: str | None = setting(None, "Weights file; required for all but litemedsam, whose weights are bundled.",
-                                     path=True)
+                                     path=True, flag="--weights", renamed_from=("--checkpoint",))
     labels: tuple[int, ...] = ADRENALS
     preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
     embedding_dtype: str = setting("float16", "Storage type of the embeddings.", flag="--dtype",
@@ -161,7 +163,7 @@ class EncodeConfig:
             self.label_map.mirrored(self.labels)  # refused here, before any work, where a target has no known side
 
 
-#: Kinds of training prompt ``finetune --train-prompts`` mixes (see :mod:`embedcache.train.data`).
+#: Kinds of training prompt ``finetune --train-boxes`` mixes (see :mod:`embedcache.train.data`).
 TRAIN_PROMPTS = {
     "tight": "the tight box of the gland on its slice",
     "jitter": "the tight box, each edge moved by up to --box-jitter of the box's size",
@@ -180,21 +182,21 @@ def parse_prompt_mix(text: str) -> dict[str, float]:
         kind, _, weight = part.partition(":")
         kind = kind.strip()
         if kind not in TRAIN_PROMPTS or kind in mix:
-            raise UsageError(f"--train-prompts {text}: {kind!r} is unknown or repeated; "
+            raise UsageError(f"--train-boxes {text}: {kind!r} is unknown or repeated; "
                              f"mix kinds from {', '.join(TRAIN_PROMPTS)} as KIND[:WEIGHT],...")
         try:
             mix[kind] = float(weight) if weight.strip() else 1.0
         except ValueError:
             mix[kind] = float("nan")
         if not 0 < mix[kind] < 1e6:
-            raise UsageError(f"--train-prompts {text}: the weight of {kind} must be a positive number")
+            raise UsageError(f"--train-boxes {text}: the weight of {kind} must be a positive number")
     if not mix:
-        raise UsageError(f"--train-prompts {text!r}: name at least one kind from {', '.join(TRAIN_PROMPTS)}")
+        raise UsageError(f"--train-boxes {text!r}: name at least one kind from {', '.join(TRAIN_PROMPTS)}")
     total = sum(mix.values())
     return {kind: weight / total for kind, weight in mix.items()}
 
 
-#: ``finetune --precision``: mixed precision of the training step.
+#: ``finetune --amp``: mixed precision of the training step.
 TRAIN_PRECISIONS = ("auto", "fp32", "fp16", "bf16")
 #: ``finetune --resident``: where the embeddings live during training.
 RESIDENCES = ("auto", "device", "stream")
@@ -218,7 +220,7 @@ class FinetuneConfig:
     patience: int = setting(10, "Stop after this many epochs without a better validation Dice.",
                             cli_range=(1, 100_000))
     precision: str = setting("auto", "Mixed precision on CUDA (auto: bf16 where supported, else fp16); CPU runs fp32.",
-                             choices=TRAIN_PRECISIONS)
+                             choices=TRAIN_PRECISIONS, flag="--amp", renamed_from=("--precision",))
     compile: bool = setting(False, "torch.compile the decoder step (whether it pays on your device: see the benchmarks).")
     resident: str = setting("auto", "Keep the cache on the device (auto: when it fits) or stream it from HDF5.",
                             choices=RESIDENCES)
@@ -226,7 +228,7 @@ class FinetuneConfig:
                                   "CPU.", cli_range=(0, 4096))
     model: str | None = setting(None, "Backbone the cache must have been made with (default: the cache's).")
     checkpoint: str | None = setting(None, "The backbone weights the cache was encoded with (default: bundled).",
-                                     path=True)
+                                     path=True, flag="--weights", renamed_from=("--checkpoint",))
     split: str | None = setting(None, 'A split file {"train": [...], "val": [...], "test": [...]} instead of '
                                       "--val-fraction.", path=True)
     stop_prompts: bool = setting(True, "Also train on the slices just beyond each gland, prompted with the neighbour's "
@@ -236,7 +238,8 @@ class FinetuneConfig:
     train_prompts: str = setting("jitter:1,loose:1,propagated:1",
                                  "Training boxes, a mix KIND[:WEIGHT],... of tight, jitter (--box-jitter), medsam (edges "
                                  "out 0-20 px at 1024 px), loose (the 3-D box's in-plane extent) and propagated (a "
-                                 "neighbour slice's box, grown), e.g. jitter:2,loose:1,propagated:1.")
+                                 "neighbour slice's box, grown), e.g. jitter:2,loose:1,propagated:1.",
+                                 flag="--train-boxes", renamed_from=("--train-prompts",))
     loose_margin_mm: float = setting(6.0, "Loose prompts: the gland's 3-D extent grows by a margin drawn from 0..this "
                                           "(mm).")
     iou_head: bool = setting(True, "Also train the IoU head (MSE against each mask's true IoU), so score --min-iou and "
@@ -263,7 +266,7 @@ class FinetuneConfig:
         if not 0 <= self.box_jitter < 1:
             raise UsageError(f"--box-jitter must lie in [0, 1), got {self.box_jitter}")
         if self.precision not in TRAIN_PRECISIONS:
-            raise UsageError(f"--precision must be {', '.join(TRAIN_PRECISIONS)}, got {self.precision}")
+            raise UsageError(f"--amp must be {', '.join(TRAIN_PRECISIONS)}, got {self.precision}")
         if self.resident not in RESIDENCES:
             raise UsageError(f"--resident must be {', '.join(RESIDENCES)}, got {self.resident}")
         if not 0 <= self.stop_grow_mm <= 100:
@@ -275,7 +278,7 @@ class FinetuneConfig:
 
 #: The prompt protocols of score and predict (see :mod:`embedcache.evaluation.protocols`).
 PROTOCOLS = ("oracle", "jitter", "box3d", "clicks")
-#: What ``score`` runs unless ``--prompts`` says otherwise (clicks costs a few decodes per click: asked for).
+#: What ``score`` runs unless ``--protocols`` says otherwise (clicks costs a few decodes per click: asked for).
 DEFAULT_PROTOCOLS = ("oracle", "jitter", "box3d")
 #: The most corrective clicks ``--clicks`` asks for (the CVPR 2025 challenge gives five).
 MAX_CLICKS = 20
@@ -336,9 +339,9 @@ class ProtocolSettings:
 
 
 def check_protocols(names: tuple[str, ...], *, text: str | None = None) -> tuple[str, ...]:
-    """Refuse an empty or unknown ``--prompts`` (``text``: as typed)."""
+    """Refuse an empty or unknown ``--protocols`` (``text``: as typed)."""
     if not names or any(p not in PROTOCOLS for p in names):
-        raise UsageError(f"--prompts {','.join(names) if text is None else text}: choose from {', '.join(PROTOCOLS)} "
+        raise UsageError(f"--protocols {','.join(names) if text is None else text}: choose from {', '.join(PROTOCOLS)} "
                          "(comma-separated)")
     return names
 
@@ -361,7 +364,7 @@ class ScoreConfig:
     prompts: tuple[str, ...] = DEFAULT_PROTOCOLS
     protocol: ProtocolSettings = field(default_factory=ProtocolSettings)
     checkpoint: str | None = setting(None, "The backbone weights the cache was encoded with (default: the run's, or "
-                                           "bundled).", path=True)
+                                           "bundled).", path=True, flag="--weights", renamed_from=("--checkpoint",))
     data: str | None = setting(None, "The dataset folder, if it moved since encoding: each case's label volume and "
                                      "image are taken from there by name, checked against the cache's sha256 of what "
                                      "was encoded.", path=True)
@@ -386,11 +389,12 @@ class PredictConfig:
     boxes: str | None = None
     from_labels: str | None = None
     prompts: str = setting("box3d", "With --from-labels: how the glands become prompts (see score; clicks: the label "
-                                    "places them).", choices=PROTOCOLS)
+                                    "places them).", choices=PROTOCOLS, flag="--protocol", renamed_from=("--prompts",))
     protocol: ProtocolSettings = field(default_factory=ProtocolSettings)
     series: str | None = setting(None, "SeriesInstanceUID to read from DICOM folders holding several series.")
     model: str = setting("litemedsam", "Backbone when no run or decoder is given: " + ", ".join(BACKBONE_NAMES) + ".")
-    checkpoint: str | None = setting(None, "Backbone weights (default: bundled).", path=True)
+    checkpoint: str | None = setting(None, "Backbone weights (default: bundled).", path=True, flag="--weights",
+                                     renamed_from=("--checkpoint",))
     device: str = setting("auto", "auto, cpu or cuda[:N].")
     review_iou: float = setting(0.5, "OUT/CASE.review.json lists the slices whose predicted IoU is below this: where "
                                      "to look.")
@@ -415,7 +419,7 @@ class PredictConfig:
         if (self.boxes is None) == (self.from_labels is None):
             raise UsageError("give either --boxes BOXES.json or --from-labels LABELS")
         if self.prompts not in PROTOCOLS:
-            raise UsageError(f"--prompts {self.prompts}: choose one of {', '.join(PROTOCOLS)}")
+            raise UsageError(f"{flag(PredictConfig, 'prompts')} {self.prompts}: choose one of {', '.join(PROTOCOLS)}")
 
 
 def to_json(config) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 from pathlib import Path
@@ -28,7 +29,8 @@ def engine_cache_folder(tmp_path_factory):
     three minutes of the suite on a 2-core CPU, paid by whichever test first encoded with LiteMedSAM, and the tests
     that are not about engines were written against eager torch. tests/model/test_engines.py measures auto in its
     own cache folders (on the tiny backbone), and runs the graph engines by name."""
-    from embedcache.model.backbones import file_sha256, get_backbone, resolve_checkpoint
+    from embedcache.io.files import file_sha256
+    from embedcache.model.backbones import get_backbone, resolve_checkpoint
 
     previous = os.environ.get("EMBEDCACHE_CACHE")
     os.environ["EMBEDCACHE_CACHE"] = str(tmp_path_factory.mktemp("engine-cache"))
@@ -62,7 +64,7 @@ def tiny_checkpoint(tmp_path_factory, engine_cache_folder) -> Path:
     """The tiny backbone's weights; its ``--engine auto`` answers torch, as LiteMedSAM's does (its measurement took
     9 s of the first tiny encode, and chose by machine). tests/model/test_engines.py measures auto in a cache folder
     of its own."""
-    from embedcache.model.backbones import file_sha256
+    from embedcache.io.files import file_sha256
 
     path = tiny.write_tiny_checkpoint(tmp_path_factory.mktemp("tiny") / "tiny.pth")
     auto_answers_torch(tiny.tiny_backbone(path), file_sha256(path))
@@ -140,7 +142,7 @@ def small_cache(tmp_path_factory, tiny_checkpoint) -> Path:
     limit_target_slices(root / "data", per_case=2)
     with tiny.registered(tiny_checkpoint):
         encode(discover_cases(root / "data"), root / "cache.h5", EncodeConfig(backbone="tiny", device="cpu"),
-               progress=None, log=lambda m: None)
+               progress=None)
     return root / "cache.h5"
 
 
@@ -203,7 +205,28 @@ def only_line_error(result, *fragments) -> None:
 
 
 #: Keyword arguments that silence a library call's progress bars and notes.
-QUIET = dict(progress=None, log=lambda m: None)
+QUIET = dict(progress=None)
+
+
+class _Notes(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.INFO)
+        self.lines = []
+
+    def emit(self, record):
+        self.lines.append(record.getMessage())
+
+
+@pytest.fixture
+def notes():
+    """What the ``embedcache`` logger says during the test (INFO and above): a list that fills as it speaks."""
+    logger, handler = logging.getLogger("embedcache"), _Notes()
+    level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    yield handler.lines
+    logger.removeHandler(handler)
+    logger.setLevel(level)
 
 
 def finetune_config(cache, **changes):

@@ -35,7 +35,7 @@ def test_predict_never_writes_over_an_input_a_label_or_a_file_it_did_not_write(t
     named_like_output.parent.mkdir()
     shutil.copy(image, named_like_output)
     before = _bytes(named_like_output, label)
-    common = ["--model", "tiny", "--device", "cpu", "--no-progress", "--prompts", "oracle"]
+    common = ["--model", "tiny", "--device", "cpu", "--no-progress", "--protocol", "oracle"]
     # the folder of an input image or of the labels is refused whole, before the file of the same name is reached
     one_line(cli("predict", named_like_output, "--from-labels", label, "--out", named_like_output.parent, *common),
              f"is the folder of the input {named_like_output}", code=2)
@@ -66,7 +66,7 @@ def test_export_never_writes_over_the_weights_and_asks_before_replacing_a_file(t
     weights = tmp_path / "weights.pth"
     shutil.copy(tiny_checkpoint, weights)
     before = weights.read_bytes()
-    one_line(cli("export", run_dir, "--checkpoint", weights, "--out", weights, "--force"),
+    one_line(cli("export", run_dir, "--weights", weights, "--out", weights, "--force"),
              f"{weights}: is the backbone weights")
     one_line(cli("export", run_dir, "--out", run_dir / "decoder.safetensors", "--force"), "is a file of the run")
     other = tmp_path / "notes.pth"
@@ -77,7 +77,7 @@ def test_export_never_writes_over_the_weights_and_asks_before_replacing_a_file(t
 
 
 def test_a_report_replaces_only_an_earlier_report_and_replaces_it_whole(tiny_model, small_cache, tmp_path):
-    common = ["--prompts", "oracle", "--device", "cpu", "--no-progress"]
+    common = ["--protocols", "oracle", "--device", "cpu", "--no-progress"]
     mixed = tmp_path / "mixed"
     mixed.mkdir()
     (mixed / "thesis.docx").write_bytes(b"chapter 1")
@@ -255,7 +255,7 @@ def test_temporary_names_are_the_runs_own_and_a_users_namesakes_survive(tiny_mod
         path.parent.mkdir(exist_ok=True)
         path.write_bytes(content)
     for _ in range(2):  # a first report, then one that replaces it
-        assert cli("score", small_cache, "--out", report, "--prompts", "oracle", "--device", "cpu",
+        assert cli("score", small_cache, "--out", report, "--protocols", "oracle", "--device", "cpu",
                    "--no-progress").exit_code == 0
     assert cli("evaluate", data / "labelsTr", data / "labelsTr", "--out", report).exit_code == 1  # refused, no harm
     assert cli("export", run_dir, "--out", export).exit_code == 0
@@ -292,7 +292,7 @@ def test_one_predict_writes_an_output_folder_at_a_time_and_keeps_what_another_wr
     from embedcache.evaluation import predict as predict_module
 
     image, label = sorted((data / "imagesTr").iterdir())[0], sorted((data / "labelsTr").iterdir())[0]
-    common = ["--from-labels", label, "--prompts", "oracle", "--model", "tiny", "--device", "cpu", "--no-progress"]
+    common = ["--from-labels", label, "--protocol", "oracle", "--model", "tiny", "--device", "cpu", "--no-progress"]
     out = tmp_path / "pred"
     out.mkdir()
     with WriterLock(out / predict_module.LOCK, what=str(out)):
@@ -322,7 +322,7 @@ def test_a_killed_reports_swap_leaves_a_report_and_ctrl_c_says_what_it_kept(tiny
     from embedcache.io import files
 
     report = tmp_path / "report"
-    common = ["--prompts", "oracle", "--device", "cpu", "--no-progress"]
+    common = ["--protocols", "oracle", "--device", "cpu", "--no-progress"]
     assert cli("score", small_cache, "--out", report, *common).exit_code == 0
     first = (report / "report.json").read_bytes()
 
@@ -416,7 +416,7 @@ def test_a_killed_predicts_own_partial_dicom_object_is_replaced_on_rerun(tiny_mo
     out.mkdir()
     left = write_seg(out / ".CT5N.seg.embedcache-0badf00d.partial.dcm", series, geometry.to_source(labels),
                      series_uid=None, label_ids=(7,), label_map=FLARE22, decoder="killed", semiautomatic=True)
-    result = cli("predict", series, "--from-labels", tmp_path / "CT5N.nii.gz", "--prompts", "oracle", "--model", "tiny",
+    result = cli("predict", series, "--from-labels", tmp_path / "CT5N.nii.gz", "--protocol", "oracle", "--model", "tiny",
                  "--device", "cpu", "--output-type", "dicom-seg", "--out", out, "--no-progress")
     assert result.exit_code == 0, result.output
     assert not left.exists() and (out / "CT5N.seg.dcm").is_file()

@@ -44,52 +44,48 @@ def _signature(config: EncodeConfig, checkpoint_sha256: str) -> Signature:
 
 def signature_for(config: EncodeConfig) -> Signature:
     """The signature a cache encoded with ``config`` carries (reads the checkpoint to hash it)."""
-    from embedcache.model.backbones import file_sha256, get_backbone, resolve_checkpoint
+    from embedcache.model.backbones import Weights
 
-    backbone = get_backbone(config.backbone)
-    checkpoint = resolve_checkpoint(backbone, Path(config.checkpoint) if config.checkpoint else None)
-    return _signature(config, file_sha256(checkpoint))
+    return _signature(config, Weights.of(config.backbone, config.checkpoint).sha256)
 
 
-def load_encoder(config: EncodeConfig, *, device, log=print):
+def load_encoder(config: EncodeConfig, *, device):
     """The image encoder ``config`` names, with its weights, on ``device``, run by ``config.engine``
     (an :class:`~embedcache.model.encoder.Encoder`: eager torch's, or a graph engine's). ``encode`` resolves
     ``--engine auto`` first (:func:`resolve_engine`); a caller that has not is answered as a new cache would be."""
     import torch
 
-    from embedcache.model.backbones import get_backbone, load_backbone
+    from embedcache.model.backbones import Weights
     from embedcache.model.engines import build_encoder, resolve_engine
 
-    backbone = get_backbone(config.backbone)
-    parts, sha = load_backbone(backbone, Path(config.checkpoint) if config.checkpoint else None)
+    weights = Weights.of(config.backbone, config.checkpoint)
+    image_encoder = weights.load().image_encoder
     out_dtype = torch.float16 if config.embedding_dtype == "float16" else torch.float32
-    engine, streams = resolve_engine(config.engine, backbone, parts.image_encoder, sha, device=device,
-                                     streams=config.streams, log=log)
-    return build_encoder(engine, backbone, parts.image_encoder, sha, device=device, batch_size=config.batch_size,
-                         out_dtype=out_dtype, precision=config.precision, streams=streams, log=log)
+    engine, streams = resolve_engine(config.engine, weights.backbone, image_encoder, weights.sha256, device=device,
+                                     streams=config.streams)
+    return build_encoder(engine, weights.backbone, image_encoder, weights.sha256, device=device,
+                         batch_size=config.batch_size, out_dtype=out_dtype, precision=config.precision, streams=streams)
 
 
-def resolve_engine(config: EncodeConfig, out: Path, dist, *, log=print) -> EncodeConfig:
+def resolve_engine(config: EncodeConfig, out: Path, dist) -> EncodeConfig:
     """``config`` with ``--engine auto`` made concrete by :func:`embedcache.model.engines.resolve_engine`: the engine
     of the cache (or interrupted encode) at ``out`` where there is one, so it grows as it began; torch on CUDA or
     under torchrun; else the fastest equal engine on this CPU."""
     from dataclasses import replace
 
     from embedcache.cache.plan import existing_signature
-    from embedcache.model.backbones import file_sha256, get_backbone, load_backbone, resolve_checkpoint
+    from embedcache.model.backbones import Weights
     from embedcache.model.engines import resolve_engine as resolve
     from embedcache.runtime.devices import pick_device
 
     if config.engine != "auto":
         return config
     held = existing_signature(out)
-    backbone = get_backbone(config.backbone)
-    checkpoint = Path(config.checkpoint) if config.checkpoint else None
-    sha = file_sha256(resolve_checkpoint(backbone, checkpoint))  # remembered: the signature hashes it again for free
+    weights = Weights.of(config.backbone, config.checkpoint)  # its sha256 remembered: the signature's is free
     # the weights are loaded to time the engines only when no earlier measurement on this CPU answers
-    engine, streams = resolve(config.engine, backbone, lambda: load_backbone(backbone, checkpoint)[0].image_encoder,
-                              sha, device=pick_device(dist.device_name), streams=config.streams,
-                              held=held.engine if held is not None else None, distributed=dist.world > 1, log=log)
+    engine, streams = resolve(config.engine, weights.backbone, lambda: weights.load().image_encoder, weights.sha256,
+                              device=pick_device(dist.device_name), streams=config.streams,
+                              held=held.engine if held is not None else None, distributed=dist.world > 1)
     return replace(config, engine=engine, streams=streams)
 
 
@@ -99,13 +95,13 @@ def encode(
     config: EncodeConfig,
     *,
     progress=None,
-    log=print,
 ) -> EncodeSummary:
     """Encode ``cases`` into the cache ``out``, resuming from whatever an earlier run completed.
 
     Under ``torchrun`` each rank encodes its share of the cases (every K-th) into the shards that
     resume uses, and rank 0 merges them: the same cache as one process. ``progress`` is a
-    :class:`rich.progress.Progress` (or None for silence); ``log`` takes one-line notes.
+    :class:`rich.progress.Progress` (or None for silence); notes go to the
+    ``embedcache`` logger.
     """
     from embedcache.runtime.distributed import Dist
 
@@ -118,18 +114,18 @@ def encode(
     cases = with_augmented(cases, config.augment)  # training-only copies, each encoded as a case of its own
     dist = Dist(config.device)
     with writer_lock(out, main=dist.main):  # under torchrun rank 0 writes the cache for all
-        config = resolve_engine(config, out, dist, log=log)
+        config = resolve_engine(config, out, dist)
         signature = signature_for(config)
-        return _encode(cases, out, config, signature, dist, progress=progress, log=log)
+        return _encode(cases, out, config, signature, dist, progress=progress)
 
 
-def _encode(cases: list[CaseSource], out: Path, config: EncodeConfig, signature: Signature, dist, *, progress,
-            log) -> EncodeSummary:
+def _encode(cases: list[CaseSource], out: Path, config: EncodeConfig, signature: Signature, dist, *,
+            progress) -> EncodeSummary:
     from embedcache.runtime.devices import pick_device
 
     summary = EncodeSummary(out=out, cases_total=len(cases))
     done, shards = finished(out, signature, tidy=dist.main)
-    plan = plan_cases(cases[dist.rank :: dist.world], config, done, shards, log)
+    plan = plan_cases(cases[dist.rank :: dist.world], config, done, shards)
     summary.cases_resumed, summary.cases_skipped, summary.slices_total = plan.resumed, plan.skipped, plan.slices
     dropped = plan.dropped
     size = row_bytes(embedding_dtype=config.embedding_dtype, slice_size=config.preprocess.slice_size)
@@ -140,7 +136,7 @@ def _encode(cases: list[CaseSource], out: Path, config: EncodeConfig, signature:
     if plan.cases:
         device = pick_device(dist.device_name)
         summary.device = str(device)
-        encoder = load_encoder(config, device=device, log=log)  # weights or an export that fail leave no folder behind
+        encoder = load_encoder(config, device=device)  # weights or an export that fail leave no folder behind
         shard_dir.mkdir(exist_ok=True)
         started = time.perf_counter()
         for record in encode_plans(plan.cases, config, encoder, shard_dir, signature, progress, row_size=size,

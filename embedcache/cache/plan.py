@@ -5,8 +5,8 @@ target label. Reads headers and label volumes only: no torch, no model.
 
 from __future__ import annotations
 
+import logging
 import os
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,6 +19,8 @@ from embedcache.errors import CacheMismatchError, EmbedcacheError
 from embedcache.io.datasets import CaseSource
 from embedcache.io.files import PARTIAL, check_writable_folder
 from embedcache.io.volumes import check_sources, read_label, source_digest
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -66,10 +68,7 @@ def plan_case(source: CaseSource, config: EncodeConfig, digest: str) -> PlannedC
     z, slices = _target_slices(label.array, config.labels, config.margin_slices)
     if z.size == 0:
         found = sorted(int(v) for v in np.unique(label.array) if v)
-        warnings.warn(
-            f"{source.label}: holds none of labels {list(config.labels)} (found {found[:12]}); case skipped",
-            stacklevel=2,
-        )
+        logger.warning(f"{source.label}: holds none of labels {list(config.labels)} (found {found[:12]}); case skipped")
         return None
     return PlannedCase(source=source, digest=digest, z=z, label_slices=slices)
 
@@ -162,7 +161,7 @@ def _same_engine(found: Signature, signature: Signature, *, path: Path) -> None:
 
 
 def plan_cases(cases: list[CaseSource], config: EncodeConfig, done: dict[str, CaseRecord],
-               shards: dict[str, tuple[Path, CaseRecord]], log=print) -> Plan:
+               shards: dict[str, tuple[Path, CaseRecord]]) -> Plan:
     """The cases still to encode, with their target slices, and the cases whose cached rows no longer
     hold (their sources changed), which are dropped from ``done`` and ``shards``."""
     plan = Plan()
@@ -181,11 +180,7 @@ def plan_cases(cases: list[CaseSource], config: EncodeConfig, done: dict[str, Ca
         stale = shards.pop(case.name, None)
         if stale:
             stale[0].unlink()
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            planned = plan_case(case, config, digest)
-        for w in caught:
-            log(f"warning: {w.message}")
+        planned = plan_case(case, config, digest)
         if planned is None:
             plan.skipped.append(case.name)
         else:

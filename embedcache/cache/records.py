@@ -6,8 +6,8 @@ per source case. Both are frozen, written as JSON by :meth:`to_dict` and read ba
 from __future__ import annotations
 
 import json
+import logging
 import math
-import warnings
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
@@ -17,6 +17,8 @@ from embedcache import __version__
 from embedcache.config import EMBEDDING_DTYPES, PreprocessConfig
 from embedcache.errors import CacheMismatchError, EmbedcacheError, UsageError
 from embedcache.io.labels import FLARE22, LabelMap
+
+logger = logging.getLogger(__name__)
 
 SCHEMA = 1
 #: Signature fields that must match for two caches (or a cache and a model) to mix.
@@ -57,7 +59,7 @@ class Signature:
     embedcache_version: str = __version__
     schema: int = SCHEMA
     engine: str = "torch"  # what ran the encoder (encode --engine); fp32 engines agree within 1e-4, so not compared
-    precision: str = "fp32"  # the encoder's arithmetic (encode --precision): caches of two precisions do not mix
+    precision: str = "fp32"  # the encoder's arithmetic (encode --encoder-precision): caches of two precisions do not mix
     # what the target labels mean (io.labels), cut to them; None: FLARE22's, as every cache before label maps
     label_map: LabelMap | None = None
 
@@ -80,7 +82,7 @@ class Signature:
     @classmethod
     def from_dict(cls, values, *, source) -> "Signature":
         """A signature read from ``source`` (a file, named in the error), every field's type checked."""
-        if isinstance(values, dict):  # caches and checkpoints from before --engine, --precision and label maps
+        if isinstance(values, dict):  # caches and checkpoints from before --engine, --encoder-precision and label maps
             values = {"engine": "torch", "precision": "fp32", "label_map": None, **values}
         _check_fields(cls, values, source=source, what="signature")
         text = ("backbone", "checkpoint_sha256", "embedding_dtype", "embedcache_version", "engine",
@@ -119,8 +121,8 @@ class Signature:
                 f"{path}: cache was made with {difference}; encode into a new file or use the settings it was made with"
             )
         if self.embedcache_version != expected.embedcache_version:
-            warnings.warn(f"{path}: written by embedcache {self.embedcache_version}, this is {expected.embedcache_version}",
-                          stacklevel=2)
+            logger.warning(f"{path}: written by embedcache {self.embedcache_version}, this is "
+                           f"{expected.embedcache_version}")
 
 
 def _flare22_before_maps(labels) -> LabelMap:

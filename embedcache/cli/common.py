@@ -6,7 +6,9 @@ torch and the models are never imported here, so ``embedcache --help`` is instan
 from __future__ import annotations
 
 import functools
+import logging
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 import click
@@ -55,6 +57,43 @@ def progress_bar(enabled: bool):
 def say_to(out):
     """One plain line per message: no markup, no highlighting, no wrapping (log files stay greppable)."""
     return lambda message: out.print(message, markup=False, highlight=False, soft_wrap=True)
+
+
+class ConsoleNotes(logging.Handler):
+    """The ``embedcache`` logger's records on a rich console, as :func:`say_to` prints: one plain line each (rich's
+    own ``RichHandler`` lays records out in wrapped columns), ``warning: `` or ``error: `` before those levels.
+    Printed through the console, a note lands above a live progress bar instead of through it."""
+
+    PREFIX = {logging.WARNING: "warning: ", logging.ERROR: "error: ", logging.CRITICAL: "error: "}
+
+    def __init__(self, out):
+        super().__init__(logging.INFO)
+        self.say = say_to(out)
+
+    def emit(self, record):
+        try:
+            self.say(self.PREFIX.get(record.levelno, "") + record.getMessage())
+        except Exception:
+            self.handleError(record)
+
+
+@contextmanager
+def notes_to(out):
+    """While inside, the ``embedcache`` logger's notes (INFO and above) are printed on ``out``."""
+    logger = logging.getLogger("embedcache")
+    handler, level = ConsoleNotes(out), logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        yield handler
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+
+
+def silence_notes() -> None:
+    """No notes from here to the end of the command (a torchrun rank other than the first says nothing)."""
+    logging.getLogger("embedcache").setLevel(logging.CRITICAL + 1)
 
 
 class _OneLineUsageError(click.ClickException):
@@ -127,7 +166,8 @@ class Group(click.Group):
         if not standalone_mode:
             return super().main(args, prog_name, complete_var, standalone_mode, **extra)
         try:
-            code = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+            with notes_to(console()):
+                code = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
         except click.UsageError as exc:
             hint = f" (see {exc.ctx.command_path} --help)" if exc.ctx is not None else ""
             click.echo(f"Error: {exc.format_message()}{hint}", err=True)

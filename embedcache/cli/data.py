@@ -17,6 +17,7 @@ from embedcache.cli.common import (
     progress_option,
     resolve_labels,
     say_to,
+    silence_notes,
 )
 from embedcache.cli.options import options, typed
 from embedcache.config import AUGMENTS, EncodeConfig, PreprocessConfig
@@ -104,7 +105,9 @@ def encode(data, out, images, labels_, series, labels, label_map, label_preset, 
         raise click.UsageError("--series picks one series of an --image DICOM folder; in a dataset folder keep one "
                                "series per case folder")
     main_rank = is_main_process()
-    say = say_to(console()) if main_rank else (lambda message: None)
+    say = say_to(console())
+    if not main_rank:
+        silence_notes()
     # what the ids mean: --label-map, a dataset.json beside the data (nnU-Net's), --label-preset, else FLARE22's
     from embedcache.io.labels import beside
 
@@ -120,7 +123,7 @@ def encode(data, out, images, labels_, series, labels, label_map, label_preset, 
     else:
         cases = [CaseSource(name=case_name(i), image=i, label=l, series_uid=series) for i, l in zip(images, labels_)]
     with progress_bar(progress and main_rank) as bar:
-        summary = run_encode(cases, out, config, progress=bar, log=say)
+        summary = run_encode(cases, out, config, progress=bar)
     if not main_rank:
         return
     say(

@@ -17,7 +17,7 @@ from embedcache.cli.common import (
     resolve_labels,
     say_to,
 )
-from embedcache.cli.options import options, typed
+from embedcache.cli.options import old_spellings, options, typed
 from embedcache.config import CASE_SETS, DEFAULT_PROTOCOLS, PROTOCOLS
 from embedcache.errors import EmbedcacheError, UsageError
 
@@ -60,7 +60,8 @@ def _settings(params: dict):
               help="A fine-tuned decoder file (RUN_DIR/decoder.safetensors) instead of --run.")
 @click.option("--cases", default=None, type=click.Choice(list(CASE_SETS)),
               help="Which cases to score [default: test cases if any, else val with --run, else all].")
-@click.option("--prompts", default=",".join(DEFAULT_PROTOCOLS), show_default=True,
+@old_spellings("prompts", "--protocols", ("--prompts",))
+@click.option("--protocols", "prompts", default=",".join(DEFAULT_PROTOCOLS), show_default=True,
               help=f"Prompt protocols, comma-separated: {', '.join(PROTOCOLS)} (clicks: box3d and --clicks corrective "
                    "clicks per gland, Dice after each).")
 @protocol_options
@@ -94,7 +95,7 @@ def score(cache, out_dir, run_dir, decoder_file, cases, prompts, checkpoint, dat
     from embedcache.evaluation.score import score as run_score
 
     with progress_bar(progress) as bar:
-        report = run_score(config, out_dir, progress=bar, log=say_to(console()))
+        report = run_score(config, out_dir, progress=bar)
     _print_summary(report)
     click.echo(f"report: {out_dir / 'index.html'}")
 
@@ -169,8 +170,7 @@ def evaluate(pred, labels_dir, out_dir, labels, label_map, label_preset, name, p
 
     mapping, labels, note = resolve_labels(label_map, label_preset, beside(labels_dir), labels)
     with progress_bar(progress) as bar:
-        report = run_evaluate(pred, labels_dir, out_dir, labels=labels, label_map=mapping, name=name, progress=bar,
-                              log=say)
+        report = run_evaluate(pred, labels_dir, out_dir, labels=labels, label_map=mapping, name=name, progress=bar)
     _print_summary(report)
     if note:
         say(note)
@@ -214,7 +214,7 @@ def predict(inputs, out_dir, run_dir, decoder_file, boxes_file, from_labels, pro
 
     shaping = [name for name in ("prompts", "margin_mm", "margin_slices", "jitter", "seed", "clicks") if name in typed()]
     if boxes_file is not None and shaping:
-        spelled = "--prompts" if shaping[0] == "prompts" else flag(ProtocolSettings, shaping[0])
+        spelled = flag(PredictConfig if shaping[0] == "prompts" else ProtocolSettings, shaping[0])
         raise UsageError(f"{spelled} shapes the prompts drawn from --from-labels; --boxes are segmented as given: "
                          "drop it")
     config = PredictConfig(run=_text(run_dir), decoder=_text(decoder_file), boxes=_text(boxes_file),
@@ -226,7 +226,7 @@ def predict(inputs, out_dir, run_dir, decoder_file, boxes_file, from_labels, pro
     from embedcache.evaluation.predict import predict as run_predict
 
     with progress_bar(progress) as bar:
-        done = run_predict(list(inputs), out_dir, config, progress=bar, log=say_to(console()))
+        done = run_predict(list(inputs), out_dir, config, progress=bar)
     pace = done.pace()
     if done.written:
         click.echo(f"wrote {len(done.written)} file(s) to {out_dir}" + (f": {pace}" if pace else ""))

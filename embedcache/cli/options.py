@@ -4,10 +4,14 @@ messages and the manual cannot disagree."""
 
 from __future__ import annotations
 
+import functools
 from dataclasses import MISSING, fields
 from pathlib import Path
 
 import click
+
+#: Joins a field's name and an old spelling in the parameter name of that spelling's hidden option.
+_RENAMED = "__renamed_from_"
 
 
 def field_of(cls, name: str):
@@ -38,7 +42,42 @@ def option(cls, name: str, *short: str, **overrides):
         kwargs["type"] = click.Path(path_type=Path)
     elif default is not None:
         kwargs["type"] = type(default)
-    return click.option(*declarations, name, **{**kwargs, **overrides})
+    made = click.option(*declarations, name, **{**kwargs, **overrides})
+    if not meta.get("renamed_from"):
+        return made
+    return lambda func: old_spellings(name, flag, meta["renamed_from"], type=kwargs.get("type"))(made(func))
+
+
+def old_spellings(name: str, flag: str, olds: tuple[str, ...], *, type=None):
+    """Keep taking the old spellings ``olds`` of the option ``flag`` (which fills parameter ``name``) for a release:
+    each a hidden option whose value, typed, fills ``name`` with a note on stderr. Put it above the option."""
+    def decorate(func):
+        for old in olds:  # hidden: --help shows the one name
+            func = click.option(old, name + _RENAMED + old[2:].replace("-", "_"), default=None, hidden=True,
+                                type=type)(func)
+        return _take_old_spellings(func, name, flag)
+
+    return decorate
+
+
+def _take_old_spellings(func, name: str, flag: str):
+    """``func`` taking a value typed under an old spelling of ``name``'s option as if typed under ``flag``, with a
+    note on stderr; both spellings at once are a usage error."""
+    @functools.wraps(func)
+    def command(*args, **kwargs):
+        for param in [k for k in kwargs if k.startswith(name + _RENAMED)]:
+            value = kwargs.pop(param)
+            if value is None:
+                continue
+            old = "--" + param.removeprefix(name + _RENAMED).replace("_", "-")
+            ctx = click.get_current_context()
+            if ctx.get_parameter_source(name) == click.core.ParameterSource.COMMANDLINE:
+                raise click.UsageError(f"{old} is the old spelling of {flag}; give one of them")
+            click.echo(f"note: {old} is now {flag}; the old spelling goes in a later release", err=True)
+            kwargs[name] = value
+        return func(*args, **kwargs)
+
+    return command
 
 
 def options(cls, *names: str):
@@ -55,5 +94,5 @@ def typed(ctx: click.Context | None = None) -> frozenset[str]:
     """The parameters whose options were typed on the command line (not defaults or the environment): the one
     place every command asks it."""
     ctx = ctx or click.get_current_context()
-    return frozenset(name for name in ctx.params
+    return frozenset(name.split(_RENAMED)[0] for name in ctx.params  # an old spelling types its field
                      if ctx.get_parameter_source(name) == click.core.ParameterSource.COMMANDLINE)

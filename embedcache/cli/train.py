@@ -8,7 +8,7 @@ from pathlib import Path
 import click
 
 from embedcache.cli.common import console, friendly_errors, progress_bar, progress_option, say_to
-from embedcache.cli.options import options, typed
+from embedcache.cli.options import old_spellings, options, typed
 from embedcache.config import FinetuneConfig
 
 
@@ -50,7 +50,7 @@ def finetune(cache, run_dir, resume, progress, **settings):
 
     with progress_bar(progress) as bar:
         result = run_finetune(config, run_dir, resume=resume, given_fields=typed() & set(settings), progress=bar,
-                              on_epoch=on_epoch, log=say)
+                              on_epoch=on_epoch)
     if result.history:
         out.print(table)
     say(
@@ -75,7 +75,8 @@ def _epoch_cells(record) -> list[str]:
 @click.command()
 @click.argument("run_dir", type=click.Path(path_type=Path))
 @click.option("--out", "-o", required=True, type=click.Path(path_type=Path), help="Checkpoint file to write.")
-@click.option("--checkpoint", type=click.Path(path_type=Path), default=None,
+@old_spellings("checkpoint", "--weights", ("--checkpoint",), type=click.Path(path_type=Path))
+@click.option("--weights", "checkpoint", type=click.Path(path_type=Path), default=None,
               help="The original backbone weights, if not where the run found them.")
 @click.option("--force", is_flag=True, help="Replace --out if it exists (never the backbone weights or the run's files).")
 @friendly_errors

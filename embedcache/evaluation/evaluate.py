@@ -8,6 +8,7 @@ TotalSegmentator's. A prediction may also be a DICOM Segmentation ``PRED/CASE.se
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 from embedcache.config import check_label_ids
@@ -18,6 +19,8 @@ from embedcache.io.files import same_file
 from embedcache.io.labels import FLARE22, LabelMap
 from embedcache.io.nifti import is_nifti, nifti_stem
 from embedcache.io.volumes import check_same_grid, read_label
+
+logger = logging.getLogger(__name__)
 
 PROTOCOL = "given"
 #: A DICOM Segmentation prediction: ``CASE`` + this (what ``predict --output-type dicom-seg`` writes).
@@ -50,7 +53,7 @@ def _read_prediction(path: Path, geometry, truth_path: Path, label_map: LabelMap
 
 
 def evaluate(pred_dir: Path, labels_dir: Path, out_dir: Path, *, labels=None, label_map: LabelMap = FLARE22,
-             name: str = "prediction", progress=None, log=print) -> Report:
+             name: str = "prediction", progress=None) -> Report:
     """Score every prediction in ``pred_dir`` against its label in ``labels_dir``; write the report to
     ``out_dir``. A case without a prediction, or on another grid, is reported and the rest scored.
     ``label_map`` says what the ids mean (names, NSD tolerances, a SEG's codes); ``labels`` None: its
@@ -84,7 +87,7 @@ def evaluate(pred_dir: Path, labels_dir: Path, out_dir: Path, *, labels=None, la
             }
         except EmbedcacheError as exc:
             errors[case] = str(exc)
-            log(f"error: {exc}")
+            logger.error(str(exc))
         if progress:
             progress.advance(task)
     if not results:

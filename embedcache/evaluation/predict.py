@@ -12,6 +12,7 @@ see :mod:`embedcache.evaluation.protocols`); a ``box`` on ``slice`` k segments t
 from __future__ import annotations
 
 import json
+import logging
 import os
 import threading
 import time
@@ -51,6 +52,8 @@ from embedcache.io.labels import LabelMap, beside, fallback_note, resolve_label_
 from embedcache.io.nifti import write_nifti
 from embedcache.io.volumes import check_same_grid, expand_inputs, read_geometry, read_image, read_label
 
+logger = logging.getLogger(__name__)
+
 #: The file beside the label volumes that holds the settings that made them.
 CONFIG = "predict.json"
 #: The lock of an output folder, inside it: one predict writes there at a time.
@@ -77,8 +80,8 @@ class Job:
         return tuple(path for _, path in self.outputs) + (self.review,)
 
 
-def plan(inputs: list[Path], out_dir: Path, config: PredictConfig, *, labels, label_map: LabelMap, owned: set[str],
-         log=print) -> tuple[list[Job], list[str]]:
+def plan(inputs: list[Path], out_dir: Path, config: PredictConfig, *, labels, label_map: LabelMap,
+         owned: set[str]) -> tuple[list[Job], list[str]]:
     """Check every input before any model is loaded; returns the jobs to run and the errors of the rest.
     ``labels``: the decoder's (None: any in a boxes file; with ``--from-labels`` the map's adrenal glands).
     ``owned``: the outputs earlier runs of predict wrote in ``out_dir`` (:func:`written_before`)."""
@@ -118,7 +121,7 @@ def plan(inputs: list[Path], out_dir: Path, config: PredictConfig, *, labels, la
             jobs.append(job)
         except EmbedcacheError as exc:
             errors.append(str(exc))
-            log(f"error: {exc}")
+            logger.error(str(exc))
     # a killed run's temporary files (marked as embedcache's) are its own, replaced under the lock, not foreign
     ours = owned | {p.name for job in jobs for path in job.files for p in partials_of(path)}
     for job in jobs:  # before any work: refused whole, not one input among others
@@ -275,7 +278,7 @@ class PredictResult:
                 "encoded)")
 
 
-def predict(inputs: list[Path], out_dir: Path, config: PredictConfig, *, progress=None, log=print) -> PredictResult:
+def predict(inputs: list[Path], out_dir: Path, config: PredictConfig, *, progress=None) -> PredictResult:
     """Write ``out_dir/CASE.nii.gz`` for each input; returns the files written, the errors of those that failed and
     the pace."""
     from embedcache.train.checkpoint import checkpoint_file, read_signature
@@ -287,8 +290,7 @@ def predict(inputs: list[Path], out_dir: Path, config: PredictConfig, *, progres
     label_map, note = predict_label_map(config, trained_on, decoder)
     check_out_outside_inputs(Path(out_dir), [*inputs, *([config.from_labels] if config.from_labels else [])])
     owned = written_before(Path(out_dir))
-    jobs, errors = plan(expand_inputs(inputs), out_dir, config, labels=labels, label_map=label_map, owned=owned,
-                        log=log)
+    jobs, errors = plan(expand_inputs(inputs), out_dir, config, labels=labels, label_map=label_map, owned=owned)
     if not jobs:
         return PredictResult([], errors, note=note)
     from embedcache.model.engines import check_engine
@@ -304,7 +306,7 @@ def predict(inputs: list[Path], out_dir: Path, config: PredictConfig, *, progres
     coming = reader.submit(read, jobs[0].image)
     held = ExitStack()
     try:
-        model = _load(trained, config, settle=partial(wait, [coming]), log=log)
+        model = _load(trained, config, settle=partial(wait, [coming]))
         make_output_folder(out_dir)  # once the model is in hand: a refused model leaves no empty folder behind
         held.enter_context(WriterLock(Path(out_dir) / LOCK, what=str(out_dir)))  # one predict writes here at a time
         owned = written_before(Path(out_dir))  # what another predict wrote here since the checks counts too
@@ -314,7 +316,7 @@ def predict(inputs: list[Path], out_dir: Path, config: PredictConfig, *, progres
             for leftover in (p for path in job.files for p in partials_of(path)):
                 if leftover.is_file():
                     leftover.unlink()
-        from embedcache.model.backbones import file_sha256  # torch: only once the inputs are checked
+        from embedcache.io.files import file_sha256
 
         made_by = f"sha256 {file_sha256(decoder)[:16]}" if decoder else f"vanilla {config.model}"
         # Recorded before they are written: an interrupted run's outputs are still known as predict's own.
@@ -370,12 +372,12 @@ def predict(inputs: list[Path], out_dir: Path, config: PredictConfig, *, progres
                 result_of.cases += 1
                 result_of.glands += len(predictions)
                 result_of.seconds += seconds
-                log(f"{', '.join(p.name for _, p in job.outputs)}: {len(predictions)} gland(s), "
+                logger.info(f"{', '.join(p.name for _, p in job.outputs)}: {len(predictions)} gland(s), "
                     f"{sum(len(p.boxes) for _, p in predictions)} slices decoded in {seconds:.1f} s"
                     + (f"; {look} with predicted IoU below {config.review_iou:g}: see {job.review.name}" if look else ""))
             except EmbedcacheError as exc:
                 errors.append(str(exc))
-                log(f"error: {exc}")
+                logger.error(str(exc))
             if progress:
                 progress.advance(task)
     finally:  # an interrupt leaves no read running behind it
@@ -498,7 +500,7 @@ class PredictModel:
         return label
 
 
-def _load(trained, config: PredictConfig, *, settle=None, log=print) -> PredictModel:
+def _load(trained, config: PredictConfig, *, settle=None) -> PredictModel:
     """The model of ``config`` (the trained decoder's backbone and preprocessing, where there is one). With a CPU
     graph engine the encoder and the decoder run as exported graphs, and the eager model is loaded only to export
     them (once per weights) or to decode a prompt with clicks: a graph engine's predict spends no time building it.
@@ -507,7 +509,8 @@ def _load(trained, config: PredictConfig, *, settle=None, log=print) -> PredictM
 
     import torch
 
-    from embedcache.model.backbones import file_sha256, get_backbone, require_weights, resolve_checkpoint
+    from embedcache.io.files import file_sha256
+    from embedcache.model.backbones import Weights
     from embedcache.model.engines import GRAPH_ENGINES, GraphDecoder, build_encoder, resolve_engine
     from embedcache.runtime.devices import pick_device
     from embedcache.train.decoders import load_model
@@ -516,27 +519,24 @@ def _load(trained, config: PredictConfig, *, settle=None, log=print) -> PredictM
     if trained is not None:
         name, preprocess, dtype = trained.signature.backbone, trained.signature.preprocess, trained.signature.embedding_dtype
     dev = pick_device(config.device)
-    backbone = get_backbone(name)
     checkpoint = Path(config.checkpoint) if config.checkpoint else None
-    weights = resolve_checkpoint(backbone, checkpoint or (trained.checkpoint if trained else None))
-    sha = file_sha256(weights)
-    made = f"the decoder {trained.source}" if trained else ""
+    weights = Weights.of(name, checkpoint or (trained.checkpoint if trained else None))
+    backbone, sha = weights.backbone, weights.sha256
     if trained is not None:
-        require_weights(sha, trained.signature.checkpoint_sha256, path=checkpoint, made=made)
+        weights.require(trained.signature.checkpoint_sha256, given=checkpoint, made=f"the decoder {trained.source}")
 
     @cache
     def model():  # the weights are checked above
-        return load_model(name, trained=trained, checkpoint=weights, device=dev, vanilla=False)
+        return load_model(name, trained=trained, checkpoint=weights.path, device=dev, vanilla=False)
 
     engine, streams = resolve_engine(config.engine, backbone, lambda: model().parts.image_encoder, sha, device=dev,
-                                     streams=config.streams, settle=settle, log=log)
+                                     streams=config.streams, settle=settle)
     encoder = build_encoder(engine, backbone, lambda: model().parts.image_encoder, sha, device=dev,
                             out_dtype=torch.float16 if dtype == "float16" else torch.float32,
-                            precision=config.precision, streams=streams, settle=settle, log=log)
+                            precision=config.precision, streams=streams, settle=settle)
     if engine in GRAPH_ENGINES:  # the decoder runs where the encoder does, at its precision
         decode = GraphDecoder(engine, backbone, lambda: (model().parts.prompt_encoder, model().decoder), sha,
-                              file_sha256(trained.source) if trained else "vanilla", precision=config.precision,
-                              log=log)
+                              file_sha256(trained.source) if trained else "vanilla", precision=config.precision)
         return PredictModel(encoder=encoder, prompt_encoder=None, mask_decoder=None, input_size=backbone.input_size,
                             preprocess=preprocess, decode=decode)
     return PredictModel(encoder=encoder, prompt_encoder=model().parts.prompt_encoder, mask_decoder=model().decoder,

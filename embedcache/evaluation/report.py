@@ -5,8 +5,8 @@ and CSV, and the page (:mod:`embedcache.evaluation.page`) that shows them.
     OUT/cases.csv          one row per protocol, case, gland (its id and name) and model
     OUT/dice.png           Dice per gland and protocol, one point per case, the mean as a bar
     OUT/learning_curve.png the run's log.csv: training and validation loss, validation Dice (score --run)
-    OUT/clicks.png         --prompts clicks: mean Dice per gland after 0..N corrective clicks, per model
-    OUT/clicks.csv         --prompts clicks: one row per case, gland, model and click count
+    OUT/clicks.png         --protocols clicks: mean Dice per gland after 0..N corrective clicks, per model
+    OUT/clicks.csv         --protocols clicks: one row per case, gland, model and click count
     OUT/overlay-*.png      best and worst slice of each gland, labelled with case, slice and Dice
     OUT/index.html         all of the above on one page
     OUT/config.json        score's settings (ScoreConfig)

@@ -10,6 +10,7 @@ each number; the :class:`~embedcache.config.ScoreConfig` is saved beside it as `
 
 from __future__ import annotations
 
+import logging
 from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
@@ -32,6 +33,8 @@ from embedcache.runtime.devices import pick_device
 from embedcache.train.cases import choose_cases
 from embedcache.train.decoders import load_model, load_trained_decoder
 from embedcache.train.runs import LOG, RunFolder
+
+logger = logging.getLogger(__name__)
 
 #: The file in the report folder that holds the settings that made it.
 CONFIG = "config.json"
@@ -102,7 +105,7 @@ class CachedCase:
         return Segmenter(self, Decoder(prompt_encoder, mask_decoder, input_size, slice_size))
 
 
-def score(config: ScoreConfig, out_dir: Path, *, progress=None, log=print) -> Report:
+def score(config: ScoreConfig, out_dir: Path, *, progress=None) -> Report:
     """Score the vanilla decoder (and the fine-tuned one of ``config.run`` or ``config.decoder``) on a
     case set of ``config.cache`` under each of ``config.prompts``; write the report to ``out_dir``."""
     out_dir, cache_path = Path(out_dir), Path(config.cache)
@@ -119,7 +122,7 @@ def score(config: ScoreConfig, out_dir: Path, *, progress=None, log=print) -> Re
         sources = case_sources(records, Path(config.data) if config.data else None)
         for case in records:
             if sources[case.name][0] is None:
-                log(f"{case.image}: not there; the pictures of case {case.name} show its masks without the CT")
+                logger.info(f"{case.image}: not there; the pictures of case {case.name} show its masks without the CT")
         model = load_model(cache.signature.backbone, trained=trained,
                            checkpoint=Path(config.checkpoint) if config.checkpoint else None, device=dev,
                            expect_sha256=cache.signature.checkpoint_sha256, made=f"the cache {cache_path}")

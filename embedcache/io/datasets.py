@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
-import warnings
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
 from embedcache.errors import EmbedcacheError
 from embedcache.io.nifti import is_nifti, nifti_stem
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -61,7 +63,7 @@ def discover_cases(root: Path) -> list[CaseSource]:
             case = case_name(image)
             label = label_by_case.get(case)
             if label is None:
-                warnings.warn(f"{image}: no label {case}.nii.gz in {labels}; case skipped", stacklevel=2)
+                logger.warning(f"{image}: no label {case}.nii.gz in {labels}; case skipped")
                 continue
             cases.append(CaseSource(name=case, image=image, label=label, subset=subset))
     if not found_layout:

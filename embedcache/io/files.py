@@ -10,6 +10,7 @@ killed run left behind is known as embedcache's by its mark (:func:`is_partial`)
 from __future__ import annotations
 
 import errno
+import hashlib
 import os
 import re
 import secrets
@@ -317,3 +318,19 @@ def make_output_folder(folder: Path, *, what: str = "--out") -> Path:
         raise write_error(exc, folder) from None
     check_writable_folder(folder, what=what)
     return folder
+
+
+_SHA256: dict[tuple[str, int, int], str] = {}
+
+
+def file_sha256(path: Path) -> str:
+    """sha256 of a file, remembered per (path, size, mtime) for this process."""
+    stat = Path(path).stat()
+    key = (str(Path(path).resolve()), stat.st_size, stat.st_mtime_ns)
+    if key not in _SHA256:
+        digest = hashlib.sha256()
+        with open(path, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 22), b""):
+                digest.update(block)
+        _SHA256[key] = digest.hexdigest()
+    return _SHA256[key]

@@ -7,7 +7,7 @@ Every reader returns a :class:`~embedcache.io.geometry.Volume` in the canonical 
 from __future__ import annotations
 
 import hashlib
-import warnings
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +16,8 @@ from embedcache.errors import EmbedcacheError
 from embedcache.io.dicom import dicom_files, dicom_geometry, read_dicom
 from embedcache.io.geometry import Geometry, Volume
 from embedcache.io.nifti import AIR_THRESHOLD_HU, check_finite, check_finite_nifti, is_nifti, nifti_geometry, read_nifti
+
+logger = logging.getLogger(__name__)
 
 #: CT in HU lies in the 16-bit range scanners store it in, padding outside the field of view (-3024,
 #: -3995 in pydicom's JPEG 2000 sample) and the extended scale of metal included; a volume with more
@@ -82,8 +84,8 @@ def read_image(path: Path, *, series_uid: str | None = None) -> Volume:
                     "those of CT cropped inside the body either (fat near -100 HU, soft tissue near 40 HU); this does "
                     "not look like CT in Hounsfield units"
                 )
-            warnings.warn(f"{path}: holds no air (lowest value {low:.0f} HU); read as CT cropped inside the body, "
-                          "its fat and soft tissue in HU", stacklevel=2)
+            logger.warning(f"{path}: holds no air (lowest value {low:.0f} HU); read as CT cropped inside the body, "
+                           "its fat and soft tissue in HU")
     check_plausible_hu(data, path)
     return Volume(array=geometry.canonical(data), geometry=geometry, path=path)
 

@@ -2,12 +2,11 @@
 
 Every backbone yields 256×64×64 image embeddings and uses ``segment_anything``'s own
 ``PromptEncoder`` and ``MaskDecoder``, so the decoder code and the cache are shared by all.
-Nothing is downloaded: weights are the bundled LiteMedSAM file or a user-supplied ``--checkpoint``.
+Nothing is downloaded: weights are the bundled LiteMedSAM file or a user-supplied ``--weights``.
 """
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -18,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from embedcache.errors import EmbedcacheError, reason
+from embedcache.io.files import file_sha256
 
 SAM_PIXEL_MEAN = (123.675 / 255, 116.28 / 255, 103.53 / 255)
 SAM_PIXEL_STD = (58.395 / 255, 57.12 / 255, 57.375 / 255)
@@ -44,7 +44,7 @@ class Backbone:
     pixel_mean: tuple[float, float, float] = (0.0, 0.0, 0.0)
     pixel_std: tuple[float, float, float] = (1.0, 1.0, 1.0)
     minmax: bool = False  # min-max normalize each slice first, as MedSAM and LiteMedSAM do
-    checkpoint_hint: str = ""  # the file a user should pass as --checkpoint
+    checkpoint_hint: str = ""  # the file a user should pass as --weights
     bundled_checkpoint: Callable[[], Path] | None = field(default=None, repr=False)
     encoder_embed_dim: int = 768
     encoder_depth: int = 12
@@ -236,28 +236,12 @@ def get_backbone(name: str) -> Backbone:
         raise EmbedcacheError(f"unknown model '{name}'; choose one of: {', '.join(BACKBONES)}") from None
 
 
-_SHA256: dict[tuple[str, int, int], str] = {}
-
-
-def file_sha256(path: Path) -> str:
-    """sha256 of a file, remembered per (path, size, mtime) for this process."""
-    stat = Path(path).stat()
-    key = (str(Path(path).resolve()), stat.st_size, stat.st_mtime_ns)
-    if key not in _SHA256:
-        digest = hashlib.sha256()
-        with open(path, "rb") as handle:
-            for block in iter(lambda: handle.read(1 << 22), b""):
-                digest.update(block)
-        _SHA256[key] = digest.hexdigest()
-    return _SHA256[key]
-
-
 def resolve_checkpoint(backbone: Backbone, checkpoint: Path | None) -> Path:
     """The weights file to use: ``checkpoint`` if given, else the bundled one; never a download."""
     if checkpoint is None:
         if backbone.bundled_checkpoint is None:
             raise EmbedcacheError(
-                f"model {backbone.name} needs its weights: pass --checkpoint {backbone.checkpoint_hint} "
+                f"model {backbone.name} needs its weights: pass --weights {backbone.checkpoint_hint} "
                 "(nothing is downloaded)"
             )
         return backbone.bundled_checkpoint()
@@ -273,8 +257,36 @@ def require_weights(found_sha256: str, expected_sha256: str, *, path: Path | Non
     if found_sha256 != expected_sha256:
         raise EmbedcacheError(
             f"{path or 'the bundled weights'}: not the weights {made} was made with (sha256 differs); "
-            "pass those with --checkpoint"
+            "pass those with --weights"
         )
+
+
+@dataclass(frozen=True)
+class Weights:
+    """The backbone weights a step runs: the model, the file and its sha256 (what a cache, a run and a decoder record
+    as ``checkpoint_sha256``), resolved once by :meth:`of` and passed down."""
+
+    backbone: Backbone
+    path: Path
+    sha256: str
+
+    @classmethod
+    def of(cls, backbone: Backbone | str, checkpoint: Path | str | None = None) -> Weights:
+        """``checkpoint`` where given (it must be a file), else the backbone's bundled weights; never a download."""
+        backbone = get_backbone(backbone) if isinstance(backbone, str) else backbone
+        path = resolve_checkpoint(backbone, Path(checkpoint) if checkpoint else None)
+        return cls(backbone, path, file_sha256(path))
+
+    def require(self, expected_sha256: str, *, given: Path | None, made: str) -> None:
+        """Refuse these weights unless they are those ``made`` (a cache, a decoder, a run) came from; ``given``: the
+        path the person typed (None: the bundled or recorded file)."""
+        require_weights(self.sha256, expected_sha256, path=given, made=made)
+
+    def load(self) -> SamParts:
+        """The backbone built and loaded with these weights, in eval mode."""
+        parts = self.backbone.build().eval()
+        load_weights(parts, self.backbone, self.path)
+        return parts
 
 
 def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
@@ -321,9 +333,7 @@ def load_backbone(
 
     ``random_weights=True`` skips loading (tests, timing) and reports the sha256 as ``"random"``.
     """
-    parts = backbone.build().eval()
     if random_weights:
-        return parts, "random"
-    path = resolve_checkpoint(backbone, checkpoint)
-    load_weights(parts, backbone, path)
-    return parts, file_sha256(path)
+        return backbone.build().eval(), "random"
+    weights = Weights.of(backbone, checkpoint)
+    return weights.load(), weights.sha256

@@ -9,7 +9,7 @@ Two rules, one for each phase:
   pixels, the rest come from inside the box, labelled by the target. Without a prediction (points
   alone), every point lies on the target. All on the device, at the decoder's 256² resolution, from a
   seeded integer hash: the same seed gives the same clicks on any device and any number of ranks.
-* :func:`corrective_click` (``score --prompts clicks``): the most interior voxel (largest distance to
+* :func:`corrective_click` (``score --protocols clicks``): the most interior voxel (largest distance to
   its border, in mm) of the largest 3-D connected component of the error, positive when that
   component is a missed region and negative when it is a false positive: the rule of the CVPR 2025
   interactive 3-D segmentation challenge, deterministic.

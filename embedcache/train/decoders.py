@@ -85,13 +85,12 @@ def load_model(backbone: str, *, trained: TrainedDecoder | None, checkpoint: Pat
     trained decoder's state loaded into a decoder of its own. ``expect_sha256`` refuses weights other
     than those ``made`` (a cache, a decoder) was made with; ``vanilla`` keeps the released decoder too."""
     from embedcache.model.adapter import attach_adapter, has_adapter
-    from embedcache.model.backbones import get_backbone, load_backbone, require_weights
+    from embedcache.model.backbones import Weights
 
-    chosen = get_backbone(backbone)
-    parts, sha = load_backbone(chosen, checkpoint or (trained.checkpoint if trained else None))
+    weights = Weights.of(backbone, checkpoint or (trained.checkpoint if trained else None))
     if expect_sha256 is not None:
-        require_weights(sha, expect_sha256, path=checkpoint, made=made)
-    parts = parts.to(device).eval()
+        weights.require(expect_sha256, given=checkpoint, made=made)
+    parts = weights.load().to(device).eval()
     decoders = {"vanilla": parts.mask_decoder} if vanilla or trained is None else {}
     if trained is not None:
         tuned = copy.deepcopy(parts.mask_decoder) if vanilla else parts.mask_decoder  # no second image encoder
@@ -99,7 +98,7 @@ def load_model(backbone: str, *, trained: TrainedDecoder | None, checkpoint: Pat
             attach_adapter(tuned)
         load_decoder_state(tuned, trained)
         decoders["finetuned"] = tuned.eval()
-    return Model(chosen, parts, decoders, sha)
+    return Model(weights.backbone, parts, decoders, weights.sha256)
 
 
 def load_decoder_state(decoder, trained: TrainedDecoder) -> None:
@@ -124,26 +123,20 @@ def export_run(run_dir: Path, out: Path, *, checkpoint: Path | None = None, forc
     import torch
 
     from embedcache.model.adapter import has_adapter
-    from embedcache.model.backbones import (
-        file_sha256,
-        get_backbone,
-        read_state_dict,
-        require_weights,
-        resolve_checkpoint,
-    )
+    from embedcache.model.backbones import Weights, read_state_dict
 
     out, run_dir = Path(out), Path(run_dir)
     if run_dir.is_file():
         raise EmbedcacheError(f"{run_dir}: a file; export takes the run folder that finetune --out wrote")
     trained = load_trained_decoder(run_dir / BEST)
-    backbone = get_backbone(trained.signature.backbone)
-    weights = resolve_checkpoint(backbone, checkpoint or trained.checkpoint)
+    given = Weights.of(trained.signature.backbone, checkpoint or trained.checkpoint)
+    backbone, weights = given.backbone, given.path
     if same_file(out, weights) or any(same_file(out, p) for p in run_dir.iterdir()):
         raise EmbedcacheError(f"{out}: is {'the backbone weights' if same_file(out, weights) else 'a file of the run'}; "
                               "export never writes over its inputs: choose another --out")
     if out.exists() and not out.is_dir() and not force:
         raise EmbedcacheError(f"{out}: exists; pass --force to replace it, or choose another --out")
-    require_weights(file_sha256(weights), trained.signature.checkpoint_sha256, path=weights, made=f"the run in {run_dir}")
+    given.require(trained.signature.checkpoint_sha256, given=weights, made=f"the run in {run_dir}")
     if has_adapter(trained.state):
         raise EmbedcacheError(f"{trained.source}: trained with --adapter, which {backbone.name}'s own layout has no "
                               "place for; use the run with embedcache score and predict")

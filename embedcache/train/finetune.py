@@ -21,13 +21,13 @@ if TYPE_CHECKING:
 
 
 def finetune(config: FinetuneConfig, run_dir: Path, *, resume: bool = False, given_fields: frozenset[str] | None = None,
-             progress=None, log=print, on_epoch=None) -> FinetuneResult:
+             progress=None, on_epoch=None) -> FinetuneResult:
     """Train the mask decoder on ``config.cache``; write checkpoints, config, split and log to ``run_dir``.
 
     ``resume`` continues the run in ``run_dir`` with its own settings: only those in
     :data:`~embedcache.train.runs.RESUMABLE` may change, taken from ``config``; any other field named
     in ``given_fields`` (None: every field of ``config``) that differs from the run's is refused.
-    ``progress`` is a :class:`rich.progress.Progress` (or None); ``log`` takes one-line notes;
+    ``progress`` is a :class:`rich.progress.Progress` (or None); notes go to the ``embedcache`` logger;
     ``on_epoch`` is called with each epoch's :class:`~embedcache.train.runs.EpochRecord`.
     """
     run = RunFolder(run_dir)
@@ -38,10 +38,10 @@ def finetune(config: FinetuneConfig, run_dir: Path, *, resume: bool = False, giv
         if main:
             make_output_folder(run.path.parent, what="--out's parent folder")
         with writer_lock(run.path, main=main):
-            resume = run.check_start(resume=resume, keep=(config.split,), log=log)
+            resume = run.check_start(resume=resume, keep=(config.split,))
             # a resumed run takes its own split, wherever the --split file went
             split = check_split_in_cache(run.split(), cache, run=run.path) if resume else choose_split(
                 cache, split_file=config.split, val_fraction=config.val_fraction, seed=config.seed)
             from embedcache.train.loop import train
 
-            return train(config, run, split, resume=resume, progress=progress, log=log, on_epoch=on_epoch)
+            return train(config, run, split, resume=resume, progress=progress, on_epoch=on_epoch)

@@ -15,6 +15,7 @@ average reproduces one process's step.
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from dataclasses import asdict, dataclass, field, replace
@@ -27,7 +28,7 @@ from embedcache.cache.records import MODEL_KEYS, Signature, first_difference
 from embedcache.cache.store import Cache, open_cache
 from embedcache.config import FinetuneConfig, parse_prompt_mix
 from embedcache.errors import EmbedcacheError, reason
-from embedcache.model.backbones import file_sha256, get_backbone, resolve_checkpoint
+from embedcache.model.backbones import Weights, get_backbone
 from embedcache.model.losses import dice_2d, dice_ce_per_prompt
 from embedcache.runtime.devices import keep_freed_memory, pick_device
 from embedcache.runtime.distributed import Dist
@@ -37,6 +38,8 @@ from embedcache.train.checkpoint import BEST, Checkpoint, load_checkpoint, save_
 from embedcache.train.data import CaseSet, case_sets, draw_boxes, draw_clicks
 from embedcache.train.runs import LAST, EpochRecord, RunFolder
 from embedcache.train.trainer import Trainer, build_trainer
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -77,7 +80,7 @@ class FinetuneResult:
     stopped_early: bool = False
 
 
-def train(config: FinetuneConfig, run: RunFolder, split: Split, *, resume: bool, progress=None, log=print,
+def train(config: FinetuneConfig, run: RunFolder, split: Split, *, resume: bool, progress=None,
           on_epoch=None) -> FinetuneResult:
     """Train the mask decoder on ``config.cache``'s ``split``; write checkpoints, config, split and log to
     ``run``, whose start :func:`embedcache.train.finetune.finetune` has checked (``resume``: continue it)."""
@@ -96,15 +99,15 @@ def train(config: FinetuneConfig, run: RunFolder, split: Split, *, resume: bool,
         fingerprint = _fingerprint(cache, sets)
         if resume:
             state = _restore(run, trainer, cache, fingerprint)
-            log(f"resuming {run.path} after epoch {state.epoch} (best val Dice {state.best_dice:.4f} at epoch {state.best_epoch})")
+            logger.info(f"resuming {run.path} after epoch {state.epoch} (best val Dice {state.best_dice:.4f} at epoch {state.best_epoch})")
         else:
             state = _start(run, trainer, config, sets, dist, cache.signature, fingerprint, split)
-            log(f"vanilla decoder: val Dice {state.vanilla_dice:.4f} on {len(val.prompts.boxes)} prompts of {len(val.names)} case(s)")
+            logger.info(f"vanilla decoder: val Dice {state.vanilla_dice:.4f} on {len(val.prompts.boxes)} prompts of {len(val.names)} case(s)")
         task = progress.add_task("finetune", total=(config.epochs - state.epoch) * steps_per_epoch) if progress else None
         board = run.tensorboard() if dist.main else None  # None also where TensorBoard is not installed
         stopped_early = False
         for epoch in range(state.epoch + 1, config.epochs + 1):
-            # train: one pass over the training slices in seeded order, boxes drawn as --train-prompts says
+            # train: one pass over the training slices in seeded order, boxes drawn as --train-boxes says
             started = time.perf_counter()
             train_loss, seen = train_epoch(trainer, train, config, epoch=epoch, dist=dist, resume_from=run.file(LAST),
                                            progress=progress, task=task)
@@ -125,17 +128,16 @@ def train(config: FinetuneConfig, run: RunFolder, split: Split, *, resume: bool,
             # stop when validation has not improved for `patience` epochs
             if state.since_best >= config.patience:
                 stopped_early = True
-                log(f"no better validation Dice for {config.patience} epochs: stopping after epoch {epoch}")
+                logger.info(f"no better validation Dice for {config.patience} epochs: stopping after epoch {epoch}")
                 break
     return FinetuneResult(run.path, state.vanilla_dice, state.best_dice, state.best_epoch, state.history, stopped_early)
 
 
 def expected_signature(cache: Cache, config: FinetuneConfig) -> Signature:
     """The signature a cache must carry for this fine-tune: the chosen backbone and the weights it starts from."""
-    backbone = get_backbone(config.model or cache.signature.backbone)
-    weights = resolve_checkpoint(backbone, _weights(config))
-    return replace(cache.signature, backbone=backbone.name, input_size=backbone.input_size,
-                   checkpoint_sha256=file_sha256(weights))
+    weights = Weights.of(config.model or cache.signature.backbone, config.checkpoint)
+    return replace(cache.signature, backbone=weights.backbone.name, input_size=weights.backbone.input_size,
+                   checkpoint_sha256=weights.sha256)
 
 
 def _weights(config: FinetuneConfig) -> Path | None:
@@ -186,7 +188,7 @@ def train_epoch(trainer: Trainer, train: CaseSet, config: FinetuneConfig, *, epo
 
 
 def _training_plan(slices: np.ndarray, seed: int, train: CaseSet, config: FinetuneConfig, dist: Dist):
-    """This rank's share of a global batch, its boxes drawn (``--train-prompts``) for the whole global
+    """This rank's share of a global batch, its boxes drawn (``--train-boxes``) for the whole global
     batch, so that each prompt gets the same box on any rank."""
     boxes = train.prompts.boxes
     mix = parse_prompt_mix(config.train_prompts)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
@@ -23,6 +24,8 @@ from embedcache.errors import EmbedcacheError, UsageError
 from embedcache.io.files import atomic_write_text, is_partial, read_json, same_file
 from embedcache.train.cases import Split
 from embedcache.train.checkpoint import BEST
+
+logger = logging.getLogger(__name__)
 
 CONFIG, SPLIT, LAST, LOG = "config.json", "split.json", "last.safetensors", "log.csv"
 RUN_FILES = (CONFIG, SPLIT, BEST, LAST, LOG, "tensorboard")
@@ -59,7 +62,7 @@ class RunFolder:
             return []
         return [p for p in self.path.iterdir() if not is_partial(p.name)]
 
-    def check_start(self, *, resume: bool, keep=(), log=print) -> bool:
+    def check_start(self, *, resume: bool, keep=()) -> bool:
         """Whether this run resumes. A new run needs a new (or empty) folder; ``--resume`` of a folder
         that holds no checkpoint yet (the first one was never written) starts the run again, clearing the
         files a start of finetune wrote there, which its config.json says it did; ``keep`` (the ``--split``
@@ -91,7 +94,7 @@ class RunFolder:
             if any(same_file(path, k) for k in given):
                 raise EmbedcacheError(f"{path}: is the --split file; keep it outside the run folder --out (the run "
                                       "writes its own split.json there)")
-        log(f"{self.path}: no checkpoint yet ({LAST}); starting the run from the beginning")
+        logger.info(f"{self.path}: no checkpoint yet ({LAST}); starting the run from the beginning")
         for path in self.path.iterdir():
             if path.is_file() and (path.name in RUN_FILES or is_partial(path.name)):
                 path.unlink(missing_ok=True)  # under torchrun every rank clears the same files

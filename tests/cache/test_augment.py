@@ -84,7 +84,7 @@ def augmented_cache(tmp_path_factory, tiny_checkpoint):
     limit_target_slices(root / "data", per_case=2)
     with tiny.registered(tiny_checkpoint):
         encode(discover_cases(root / "data"), root / "cache.h5",
-               EncodeConfig(backbone="tiny", device="cpu", augment=("flip",), margin_slices=0), progress=None, log=lambda m: None)
+               EncodeConfig(backbone="tiny", device="cpu", augment=("flip",), margin_slices=0), progress=None)
     return root / "cache.h5"
 
 
@@ -111,7 +111,7 @@ def test_augmented_rows_train_with_their_source_and_never_reach_validation_test_
     from embedcache.train.finetune import finetune
     from embedcache.train.runs import LAST
 
-    result = finetune(finetune_config(augmented_cache, epochs=1, val_fraction=0.34), tmp_path / "run", log=lambda m: None)
+    result = finetune(finetune_config(augmented_cache, epochs=1, val_fraction=0.34), tmp_path / "run")
     seen = load_checkpoint(result.run_dir / LAST).data  # what each set was built from
     split = (tmp_path / "run" / "split.json").read_text()
     assert "~" not in split  # the split names source cases only

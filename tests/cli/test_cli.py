@@ -30,7 +30,7 @@ def test_bad_input_gives_one_line_errors(tmp_path, phantom_dir, tiny_model):
     only_line_error(cli("encode", tmp_path / "nowhere", "--out", tmp_path / "c.h5"), "nowhere: no such folder")
     only_line_error(cli("encode", phantom_dir, "--out", tmp_path / "c.h5", "--model", "vit_x"), "unknown model 'vit_x'")
     only_line_error(
-        cli("encode", phantom_dir, "--out", tmp_path / "c.h5", "--model", "vit_b", "--checkpoint", tmp_path / "w.pth"),
+        cli("encode", phantom_dir, "--out", tmp_path / "c.h5", "--model", "vit_b", "--weights", tmp_path / "w.pth"),
         "w.pth: checkpoint not found",
     )
     only_line_error(cli("encode", phantom_dir, "--out", tmp_path / "c.h5", "--window-width", "-5"), "--window-width must be")
@@ -88,7 +88,7 @@ def test_score_reports_vanilla_against_finetuned(tmp_path, small_cache, tiny_mod
     run = tmp_path / "run"
     assert cli("finetune", small_cache, "--out", run, "--epochs", "1", "--batch-size", "2",
                 "--val-fraction", "0.34", "--device", "cpu", "--no-progress").exit_code == 0
-    result = cli("score", small_cache, "--run", run, "--out", tmp_path / "report", "--prompts", "oracle,box3d",
+    result = cli("score", small_cache, "--run", run, "--out", tmp_path / "report", "--protocols", "oracle,box3d",
                   "--device", "cpu", "--no-progress")
     assert result.exit_code == 0, result.output
     assert "right adrenal" in result.output and "difference" in result.output and "index.html" in result.output
@@ -131,3 +131,21 @@ def test_score_reports_vanilla_against_finetuned(tmp_path, small_cache, tiny_mod
                     "decoder was trained on a cache with backbone=vit_b, not tiny")
     only_line_error(cli("score", small_cache, "--out", tmp_path / "r3", "--cases", "val"), "needs --run")
     only_line_error(cli("score", small_cache, "--run", tmp_path / "nothing", "--out", tmp_path / "r4"), "no checkpoint")
+
+
+def test_notes_and_warnings_are_plain_lines_on_stderr(tmp_path, phantom_copy, tiny_model):
+    """The library says what it notices through the ``embedcache`` logger; the command prints each note as one plain
+    line (a warning as ``warning: ...``, never a Python ``UserWarning`` with its source line) and takes its printer
+    away when it ends."""
+    import logging
+
+    image = next((phantom_copy / "imagesTr").iterdir())
+    image.rename(image.with_name("LONELY_0000.nii.gz"))  # an image without its label
+    result = cli("encode", phantom_copy, "--out", tmp_path / "c.h5", "--device", "cpu", "--no-progress",
+                 "--model", "tiny")
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    warned = [line for line in lines if "LONELY_0000.nii.gz: no label" in line]
+    assert len(warned) == 1 and warned[0].startswith("warning: ") and warned[0].endswith("case skipped"), lines
+    assert "UserWarning" not in result.output and "Traceback" not in result.output
+    assert logging.getLogger("embedcache").handlers == []

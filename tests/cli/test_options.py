@@ -11,6 +11,7 @@ import pytest
 
 from embedcache import config
 from embedcache.cli import main
+from embedcache.cli.options import options
 from embedcache.errors import UsageError
 
 #: The config classes whose fields each command's options fill.
@@ -63,3 +64,34 @@ def test_a_configs_message_names_the_flag_a_person_typed(settings, flag):
         config.ProtocolSettings(**settings)
     with pytest.raises(UsageError, match="--dtype"):
         config.EncodeConfig(embedding_dtype="int8")
+
+
+def test_a_renamed_option_keeps_its_old_spelling_for_a_release(tmp_path, phantom_dir):
+    """``--weights`` was ``--checkpoint`` (and score's ``--protocols`` was ``--prompts``): the old spelling still fills
+    the field, with a note naming the new one, is hidden from --help, counts as typed, and both at once are refused."""
+    from click.testing import CliRunner
+
+    from embedcache.cli.options import typed
+
+    run = lambda *args: CliRunner().invoke(main, [str(a) for a in args])  # noqa: E731
+    missing = tmp_path / "nope.pth"
+    old = run("encode", phantom_dir, "--out", tmp_path / "c.h5", "--model", "vit_b", "--checkpoint", missing)
+    assert old.exit_code == 1 and f"{missing}: checkpoint not found" in old.output, old.output
+    assert "note: --checkpoint is now --weights" in old.output
+    both = run("encode", phantom_dir, "--out", tmp_path / "c.h5", "--weights", missing, "--checkpoint", missing)
+    assert both.exit_code == 2 and "--checkpoint is the old spelling of --weights" in both.output, both.output
+    assert not (tmp_path / "c.h5").exists()
+    for command, new, gone in (("encode", "--weights", "--checkpoint"), ("score", "--protocols", "--prompts"),
+                               ("predict", "--protocol", "--prompts"), ("finetune", "--amp", "--precision"),
+                               ("encode", "--encoder-precision", "--precision"), ("export", "--weights", "--checkpoint"),
+                               ("finetune", "--train-boxes", "--train-prompts")):
+        shown = run(command, "--help").output
+        assert new in shown and f"{gone} " not in shown.replace(f"{gone}/", ""), (command, gone)
+
+    @click.command()
+    @options(config.FinetuneConfig, "precision")
+    def probe(precision):
+        click.echo(f"{precision} {sorted(typed())}")
+
+    said = CliRunner().invoke(probe, ["--precision", "fp16"])
+    assert said.exit_code == 0 and said.output.splitlines()[-1] == "fp16 ['precision']", said.output

@@ -41,7 +41,7 @@ def _file_corners(geometry, z0, z1, box):
 
 def test_predicted_nifti_keeps_the_input_grid_and_lands_on_the_ground_truth(one_slice_case, tmp_path):
     case = one_slice_case
-    result = _predict(case.image, "--from-labels", case.label, "--prompts", "oracle", "--out", tmp_path / "pred")
+    result = _predict(case.image, "--from-labels", case.label, "--protocol", "oracle", "--out", tmp_path / "pred")
     assert result.exit_code == 0, result.output
     out = tmp_path / "pred" / f"{case.name}.nii.gz"
     written, source = nib.load(out), nib.load(case.image)
@@ -69,7 +69,7 @@ def test_the_review_file_names_each_decoded_slice_by_the_files_own_index_and_fla
                                                                                                     tmp_path):
     case = one_slice_case
     truth, geometry = read_label(case.label).array, read_geometry(case.image)
-    result = _predict(case.image, "--from-labels", case.label, "--prompts", "oracle", "--review-iou", "1",
+    result = _predict(case.image, "--from-labels", case.label, "--protocol", "oracle", "--review-iou", "1",
                       "--out", tmp_path / "pred")
     assert result.exit_code == 0, result.output
     review = json.loads((tmp_path / "pred" / f"{case.name}.review.json").read_text())
@@ -82,7 +82,7 @@ def test_the_review_file_names_each_decoded_slice_by_the_files_own_index_and_fla
         assert entry["slice"] == int(low[2]) and entry["axis"] == 2
         assert 0 < entry["predicted_iou"] < 1 and entry["voxels"] > 0
         assert gland["look_at"] == [entry["slice"]]  # below a threshold of 1: every slice
-    again = _predict(case.image, "--from-labels", case.label, "--prompts", "oracle", "--review-iou", "0",
+    again = _predict(case.image, "--from-labels", case.label, "--protocol", "oracle", "--review-iou", "0",
                      "--out", tmp_path / "pred")
     assert again.exit_code == 0, again.output  # predict's own files: replaced
     review = json.loads((tmp_path / "pred" / f"{case.name}.review.json").read_text())
@@ -94,7 +94,7 @@ def test_a_review_file_predict_did_not_write_is_never_replaced(one_slice_case, t
     (tmp_path / "pred").mkdir()
     theirs = tmp_path / "pred" / f"{case.name}.review.json"
     theirs.write_text("mine")
-    result = _predict(case.image, "--from-labels", case.label, "--prompts", "oracle", "--out", tmp_path / "pred")
+    result = _predict(case.image, "--from-labels", case.label, "--protocol", "oracle", "--out", tmp_path / "pred")
     assert result.exit_code != 0 and "exists and predict did not write it" in result.output
     assert theirs.read_text() == "mine"
 
@@ -113,7 +113,7 @@ def _from_labels(phantom_dir, tmp_path, *prompts):
 
 
 def test_a_3d_box_in_voxels_or_millimetres_segments_as_box3d_from_the_label(phantom_dir, tiny_model, tmp_path):
-    case, truth, geometry, from_labels = _from_labels(phantom_dir, tmp_path, "--prompts", "box3d")
+    case, truth, geometry, from_labels = _from_labels(phantom_dir, tmp_path, "--protocol", "box3d")
     voxel, world = [], []
     for label in (7, 8):  # both glands, in the order --from-labels paints them
         box = box3d_from_label(truth.array == label, truth.spacing_mm, margin_mm=0.0, margin_slices=1)
@@ -161,7 +161,7 @@ def test_an_unreadable_input_is_reported_and_the_rest_go_on(one_slice_case, tmp_
     broken = tmp_path / "BROKEN_0000.nii.gz"
     broken.write_bytes(b"not a nifti")
     labels = one_slice_case.label.parent
-    result = _predict(broken, one_slice_case.image, "--from-labels", labels, "--prompts", "oracle", "--out", tmp_path / "p")
+    result = _predict(broken, one_slice_case.image, "--from-labels", labels, "--protocol", "oracle", "--out", tmp_path / "p")
     assert result.exit_code == 1
     assert "BROKEN_0000.nii.gz: not a readable NIfTI" in result.output
     assert (tmp_path / "p" / f"{one_slice_case.name}.nii.gz").is_file()
@@ -172,7 +172,7 @@ def test_a_run_whose_every_input_fails_writes_nothing_and_says_so(one_slice_case
     broken = tmp_path / "BROKEN_0000.nii.gz"
     broken.write_bytes(b"not a nifti")
     out = tmp_path / "p"
-    result = _predict(broken, "--from-labels", one_slice_case.label.parent, "--prompts", "oracle", "--out", out)
+    result = _predict(broken, "--from-labels", one_slice_case.label.parent, "--protocol", "oracle", "--out", out)
     assert result.exit_code == 1
     assert "BROKEN_0000.nii.gz: not a readable NIfTI" in result.output
     assert not out.exists()
@@ -185,7 +185,7 @@ def test_a_folder_of_nifti_volumes_is_its_volumes_and_one_holding_other_files_is
     for source in sorted(one_slice_case.image.parent.glob("*.nii.gz"))[:2]:
         shutil.copy(source, images / source.name)
     (images / "dataset.json").write_text("{}")  # a note beside them is not an input
-    result = _predict(images, "--from-labels", one_slice_case.label.parent, "--prompts", "oracle", "--out",
+    result = _predict(images, "--from-labels", one_slice_case.label.parent, "--protocol", "oracle", "--out",
                       tmp_path / "p")
     assert result.exit_code == 0, result.output
     cases = sorted(f.name.replace("_0000", "") for f in images.glob("*.nii.gz"))
@@ -230,7 +230,7 @@ def test_predict_shows_inputs_done_and_slices_encoded(one_slice_case, tmp_path):
 
     case, bars = one_slice_case, _Bars()
     config = PredictConfig(from_labels=str(case.label), prompts="oracle", device="cpu")
-    done = predict([case.image], tmp_path / "p", config, progress=bars, log=lambda m: None)
+    done = predict([case.image], tmp_path / "p", config, progress=bars)
     assert len(done.written) == 1 and not done.errors
     truth = read_label(case.label).array
     gland_slices = np.flatnonzero(np.isin(truth, (7, 8)).any(axis=(1, 2)))
@@ -243,9 +243,9 @@ def test_predict_shows_inputs_done_and_slices_encoded(one_slice_case, tmp_path):
 
 def test_points_from_a_boxes_file_give_what_the_clicks_protocol_gives_for_the_same_clicks(phantom_dir, tiny_model,
                                                                                            tmp_path):
-    """predict --from-labels --prompts clicks places the clicks as score does and lists them in the review file;
+    """predict --from-labels --protocol clicks places the clicks as score does and lists them in the review file;
     the same 3-D boxes with those points in a boxes file segment to the same volume."""
-    case, truth, geometry, from_labels = _from_labels(phantom_dir, tmp_path, "--prompts", "clicks", "--clicks", "3")
+    case, truth, geometry, from_labels = _from_labels(phantom_dir, tmp_path, "--protocol", "clicks", "--clicks", "3")
     review = json.loads((tmp_path / "a" / f"{case.name}.review.json").read_text())
     entries = []
     for gland in review["glands"]:

@@ -92,7 +92,7 @@ def test_evaluate_on_predicts_output_reproduces_scores_box3d(small_cache, tiny_m
     """The same 3-D boxes through predict (embeddings on the fly) and score (cached) give the same masks."""
     assert cli(*["finetune", str(small_cache), "--out", str(tmp_path / "run"), "--epochs", "1",
                              "--batch-size", "2", "--val-fraction", "0.34", "--device", "cpu", "--no-progress"]).exit_code == 0
-    scored = cli(*["score", str(small_cache), "--run", str(tmp_path / "run"), "--cases", "all", "--prompts",
+    scored = cli(*["score", str(small_cache), "--run", str(tmp_path / "run"), "--cases", "all", "--protocols",
                                "box3d", "--out", str(tmp_path / "score"), "--device", "cpu", "--no-progress"])
     assert scored.exit_code == 0, scored.output
     assert "prompts: box3d" in scored.output and "every case in the cache, the training cases included" in scored.output
@@ -100,7 +100,7 @@ def test_evaluate_on_predicts_output_reproduces_scores_box3d(small_cache, tiny_m
         images = [c.image for c in cache.cases]
         labels = str(cache.cases[0].label).rsplit("/", 1)[0]
     predicted = cli(*["predict", *images, "--run", str(tmp_path / "run"), "--from-labels", labels,
-                                  "--prompts", "box3d", "--out", str(tmp_path / "pred"), "--device", "cpu"])
+                                  "--protocol", "box3d", "--out", str(tmp_path / "pred"), "--device", "cpu"])
     assert predicted.exit_code == 0, predicted.output
     evaluated = cli(*["evaluate", str(tmp_path / "pred"), labels, "--out", str(tmp_path / "eval"),
                                   "--no-progress"])
@@ -145,7 +145,7 @@ def test_a_case_from_one_series_of_a_mixed_dicom_folder_is_scored_from_that_seri
     with store.open_cache(tmp_path / "c.h5") as cache:
         assert cache.cases[0].series_uid == uid
     done = cli(*["score", str(tmp_path / "c.h5"), "--out", str(tmp_path / "r"), "--device", "cpu",
-                             "--prompts", "oracle", "--no-progress"])
+                             "--protocols", "oracle", "--no-progress"])
     assert done.exit_code == 0, done.output
     assert len(list((tmp_path / "r").glob("overlay-*.png"))) == 4
 
@@ -205,7 +205,7 @@ def test_clicks_record_dice_after_every_click_starting_from_box3d(small_cache, t
 
 
 def test_score_prints_dice_after_each_click(small_cache, tiny_model, tmp_path):
-    result = cli("score", small_cache, "--out", tmp_path / "r", "--prompts", "box3d,clicks", "--clicks", "2",
+    result = cli("score", small_cache, "--out", tmp_path / "r", "--protocols", "box3d,clicks", "--clicks", "2",
                  "--device", "cpu", "--no-progress")
     assert result.exit_code == 0, result.output
     assert "mean Dice after each corrective click" in result.output
@@ -220,6 +220,6 @@ def test_score_prints_dice_after_each_click(small_cache, tiny_model, tmp_path):
 def test_a_bad_click_count_is_one_line(small_cache, tmp_path, value):
     from conftest import only_line_error
 
-    result = cli("score", small_cache, "--out", tmp_path / "r", "--prompts", "clicks", "--clicks", value)
+    result = cli("score", small_cache, "--out", tmp_path / "r", "--protocols", "clicks", "--clicks", value)
     only_line_error(result, "--clicks")
     assert not (tmp_path / "r").exists()

@@ -131,7 +131,7 @@ def test_an_rt_structure_set_rasterises_back_to_the_mask_and_passes_dciodvfy(tmp
 def test_predict_writes_seg_and_rtstruct_that_equal_its_nifti_and_evaluate_scores_them_alike(ct5n, tiny_model,
                                                                                               tmp_path):
     label = tmp_path / "CT5N.nii.gz"
-    result = cli("predict", ct5n, "--from-labels", label, "--prompts", "oracle", "--model", "tiny", "--device", "cpu",
+    result = cli("predict", ct5n, "--from-labels", label, "--protocol", "oracle", "--model", "tiny", "--device", "cpu",
                  "--output-type", "nifti,dicom-seg,rtstruct", "--out", tmp_path / "pred", "--no-progress")
     assert result.exit_code == 0, result.output
     nifti, seg = tmp_path / "pred" / "CT5N.nii.gz", tmp_path / "pred" / "CT5N.seg.dcm"
@@ -204,7 +204,7 @@ def test_outputs_carry_no_private_data_of_the_source_and_a_seg_of_another_grid_i
                                                                                               tmp_path):
     import pydicom
 
-    result = cli("predict", ct5n, "--from-labels", tmp_path / "CT5N.nii.gz", "--prompts", "oracle", "--model", "tiny",
+    result = cli("predict", ct5n, "--from-labels", tmp_path / "CT5N.nii.gz", "--protocol", "oracle", "--model", "tiny",
                  "--device", "cpu", "--output-type", "dicom-seg,rtstruct", "--out", tmp_path / "pred", "--no-progress")
     assert result.exit_code == 0, result.output
     source = pydicom.dcmread(sorted(ct5n.iterdir())[0])

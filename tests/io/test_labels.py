@@ -189,7 +189,7 @@ def test_encode_score_and_evaluate_name_the_glands_of_each_convention(convention
     assert f"{right} = right adrenal, {left} = left adrenal" in " ".join(info.output.split())
 
     report_dir = tmp_path / "report"
-    result = cli("score", cache, "--out", report_dir, "--prompts", "oracle", "--cases", "all", "--device", "cpu",
+    result = cli("score", cache, "--out", report_dir, "--protocols", "oracle", "--cases", "all", "--device", "cpu",
                  "--no-progress")
     assert result.exit_code == 0, result.output
     report = json.loads((report_dir / "report.json").read_text())
@@ -293,7 +293,7 @@ def test_dicom_output_codes_each_gland_with_its_own_side(convention, right, left
         options = ()
     else:
         options = ("--label-preset", "totalsegmentator")
-    result = cli("predict", series, "--from-labels", label, "--prompts", "oracle", "--model", "tiny", "--device",
+    result = cli("predict", series, "--from-labels", label, "--protocol", "oracle", "--model", "tiny", "--device",
                  "cpu", "--output-type", "nifti,dicom-seg,rtstruct", "--out", tmp_path / "pred", "--no-progress",
                  *options)
     assert result.exit_code == 0, result.output

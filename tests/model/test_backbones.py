@@ -62,7 +62,7 @@ def test_prepare_normalizes_like_each_model():
 def test_unknown_model_and_missing_or_mismatched_checkpoints(tmp_path, tiny_model, tiny_checkpoint):
     with pytest.raises(EmbedcacheError, match="unknown model 'vit_x'; choose one of: litemedsam"):
         get_backbone("vit_x")
-    with pytest.raises(EmbedcacheError, match="needs its weights: pass --checkpoint sam_vit_b_01ec64.pth"):
+    with pytest.raises(EmbedcacheError, match="needs its weights: pass --weights sam_vit_b_01ec64.pth"):
         load_backbone(get_backbone("vit_b"))
     with pytest.raises(EmbedcacheError, match="nope.pth: checkpoint not found; expected medsam_vit_b.pth"):
         load_backbone(get_backbone("medsam"), tmp_path / "nope.pth")

@@ -25,7 +25,6 @@ EXTRA = "an optional extra: pip install 'embedcache[cpu-fast]'"
 needs_ort = pytest.mark.skipif(not _has("onnxruntime"), reason=f"ONNX Runtime is {EXTRA}")
 needs_ov = pytest.mark.skipif(not _has("openvino"), reason=f"OpenVINO is {EXTRA}")
 GRAPH_ENGINES = [pytest.param("onnxruntime", marks=needs_ort), pytest.param("openvino", marks=needs_ov)]
-QUIET = dict(log=lambda m: None)
 
 
 @pytest.fixture(scope="module")
@@ -42,9 +41,9 @@ def tiny_graphs(tmp_path_factory, tiny_checkpoint):
     folder = tmp_path_factory.mktemp("tiny-graphs")
     backbone = tiny.tiny_backbone(tiny_checkpoint)
     parts, sha = load_backbone(backbone)
-    exported_encoder(backbone, parts.image_encoder, sha, engine=engine, folder=folder, **QUIET)
+    exported_encoder(backbone, parts.image_encoder, sha, engine=engine, folder=folder)
     exported_decoder(backbone, AllMasks(parts.prompt_encoder, parts.mask_decoder), sha, "vanilla", engine=engine,
-                     folder=folder, **QUIET)
+                     folder=folder)
     return folder
 
 
@@ -97,20 +96,20 @@ def _another_graph(graph) -> None:
     onnx.save(helper.make_model(relu, opset_imports=[helper.make_opsetid("", 17)]), str(graph))
 
 
-def _encoder(engine, tiny_checkpoint, notes, folder=None):
+def _encoder(engine, tiny_checkpoint, folder=None):
     """The tiny encoder in ``engine`` from the cache folder (``folder``, else EMBEDCACHE_CACHE), one slice at a time
     (no measurement)."""
     import torch
 
-    from embedcache.model.backbones import file_sha256, load_backbone
+    from embedcache.io.files import file_sha256
+    from embedcache.model.backbones import load_backbone
     from embedcache.model.engines import GraphEncoder
 
     import tiny
 
     backbone = tiny.tiny_backbone(tiny_checkpoint)
     return GraphEncoder(engine, backbone, lambda: load_backbone(backbone)[0].image_encoder,
-                        file_sha256(tiny_checkpoint), out_dtype=torch.float32, streams=1, folder=folder,
-                        log=notes.append)
+                        file_sha256(tiny_checkpoint), out_dtype=torch.float32, streams=1, folder=folder)
 
 
 def _slice():
@@ -120,14 +119,14 @@ def _slice():
 @pytest.fixture(scope="module")
 def tiny_embedding(tiny_graphs, tiny_checkpoint):
     """The undamaged tiny encoder graph's embedding of :func:`_slice` in ONNX Runtime."""
-    return _encoder("onnxruntime", tiny_checkpoint, [], folder=tiny_graphs)(_slice()).numpy()
+    return _encoder("onnxruntime", tiny_checkpoint, folder=tiny_graphs)(_slice()).numpy()
 
 
 @needs_ort
 @pytest.mark.parametrize("fault", ["another graph", "0 bytes", "weights outside its folder",
                                    "weights at an absolute path", "weights in a file its record does not hold"])
 def test_a_cached_graph_that_is_not_what_was_exported_is_exported_again(fault, cache, tiny_checkpoint, tiny_embedding,
-                                                                         tmp_path):
+                                                                         tmp_path, notes):
     """A graph replaced together with its record (the record's sha256 updated), emptied, or naming weights outside the
     cache folder ended in ONNX Runtime's traceback (and one naming a data file its record holds no sha256 of ran with
     weights nobody checked): before any engine sees it, its inputs, outputs and weight files are checked against what
@@ -146,18 +145,17 @@ def test_a_cached_graph_that_is_not_what_was_exported_is_exported_again(fault, c
         _weights_at(graph, graph.name + ".data", graph.with_name(graph.name + ".data"))
     _vouch(graph)
     before = outside.read_bytes() if outside.exists() else None
-    notes = []
-    got = _encoder("onnxruntime", tiny_checkpoint, notes)(_slice())
+    got = _encoder("onnxruntime", tiny_checkpoint)(_slice())
     assert any(f"{graph}: " in n and "exporting it again" in n for n in notes), notes
     assert np.array_equal(got.numpy(), tiny_embedding)
     assert (outside.read_bytes() if outside.exists() else None) == before
-    again = []
-    _encoder("onnxruntime", tiny_checkpoint, again)  # exported once more, then kept
-    assert not any("exporting" in n for n in again), again
+    notes.clear()
+    _encoder("onnxruntime", tiny_checkpoint)  # exported once more, then kept
+    assert not any("exporting" in n for n in notes), notes
 
 
 @needs_ort
-def test_a_cached_decoder_graph_of_other_inputs_is_exported_again(cache, tiny_checkpoint):
+def test_a_cached_decoder_graph_of_other_inputs_is_exported_again(cache, tiny_checkpoint, notes):
     """The decoder graph is checked as the encoder's is: the encoder's graph copied in its place (its record vouching
     for it) is exported again, and the graph decoder decodes as the eager one."""
     import torch
@@ -173,9 +171,7 @@ def test_a_cached_decoder_graph_of_other_inputs_is_exported_again(cache, tiny_ch
     decoder = next(cache.glob("decoder-tiny-*.onnx"))
     shutil.copy(next(cache.glob("tiny-*.onnx")), decoder)
     _vouch(decoder)
-    notes = []
-    graph = GraphDecoder("onnxruntime", backbone, lambda: (parts.prompt_encoder, parts.mask_decoder), sha, "vanilla",
-                         log=notes.append)
+    graph = GraphDecoder("onnxruntime", backbone, lambda: (parts.prompt_encoder, parts.mask_decoder), sha, "vanilla")
     assert any(f"{decoder}: " in n and "exporting it again" in n for n in notes), notes
     embeddings = torch.randn(1, 256, 64, 64, generator=torch.Generator().manual_seed(0)) * 0.5
     boxes = torch.tensor([[256.0, 300.0, 560.0, 610.0]])
@@ -220,17 +216,17 @@ def _flip(path, size: int = 4096) -> None:
 
 
 @needs_ov
-def test_a_compiled_openvino_blob_changed_on_disk_is_compiled_again(cache, tiny_checkpoint):
+def test_a_compiled_openvino_blob_changed_on_disk_is_compiled_again(cache, tiny_checkpoint, notes):
     """OpenVINO imported the blobs it compiled unchecked: 4 KiB flipped in place changed a prediction, exit 0. Each
     blob's sha256 is recorded when it is written and checked before the next compile; a blob that differs is removed
     and compiled again, and encodes as the first compile did."""
-    want = _encoder("openvino", tiny_checkpoint, [])(_slice())
+    want = _encoder("openvino", tiny_checkpoint)(_slice())
     blobs = list((cache / "openvino").glob("*/*.blob"))
     assert len(blobs) == 1
     blob = blobs[0]
     _flip(blob)
-    notes = []
-    got = _encoder("openvino", tiny_checkpoint, notes)(_slice())
+    notes.clear()
+    got = _encoder("openvino", tiny_checkpoint)(_slice())
     assert np.array_equal(got.numpy(), want.numpy())
     records = list(blob.parent.glob("*.json"))
     assert len(records) == 1 and any(str(blob) in n for n in notes), notes
@@ -239,7 +235,7 @@ def test_a_compiled_openvino_blob_changed_on_disk_is_compiled_again(cache, tiny_
 
 @pytest.mark.parametrize("streams, seconds", [(100000, 1.0), (257, 1.0), (3, 1.0), (1, -1.0), (1, float("nan")),
                                               (1, float("inf"))])
-def test_a_streams_record_out_of_bounds_is_measured_again(streams, seconds, cache, tiny_checkpoint, monkeypatch):
+def test_a_streams_record_out_of_bounds_is_measured_again(streams, seconds, cache, tiny_checkpoint, monkeypatch, notes):
     """A streams record of 100000 slices at once (--streams allows 0 to 256) was used as it was: a record holding slices
     at once outside 1 to 256 or above this CPU's threads (here two), or seconds that are not finite and positive, is
     measured again, never used."""
@@ -254,8 +250,7 @@ def test_a_streams_record_out_of_bounds_is_measured_again(streams, seconds, cach
     record = measure.streams_record(graph, "onnxruntime", "fp32")
     record.write_text(json.dumps({"graph": graph.name, "engine": "onnxruntime", "precision": "fp32",
                                   "streams": streams, "threads": 2, "seconds_per_slice": {"1": seconds}}))
-    notes = []
-    chosen = choose_streams("onnxruntime", graph, "fp32", tiny.tiny_backbone(tiny_checkpoint), log=notes.append)
+    chosen = choose_streams("onnxruntime", graph, "fp32", tiny.tiny_backbone(tiny_checkpoint))
     assert chosen == 2 and json.loads(record.read_text())["streams"] == 2
     assert any(str(record) in n and "measuring again" in n for n in notes), notes
 
@@ -265,12 +260,13 @@ def test_a_streams_record_out_of_bounds_is_measured_again(streams, seconds, cach
                                     {"seconds_per_slice": {"torch": float("nan")}},
                                     {"seconds_per_slice": {"torch": 0.0}},
                                     {"seconds_per_slice_by_streams": {"torch@1": -2.0}}])
-def test_an_auto_record_out_of_bounds_is_measured_again(change, cache, tiny_checkpoint, monkeypatch):
+def test_an_auto_record_out_of_bounds_is_measured_again(change, cache, tiny_checkpoint, monkeypatch, notes):
     """``--engine auto``'s record is bounded as the streams records are: slices at once within 1 to 256 and this CPU's
     threads, seconds finite and positive; one outside is measured again (its choice not used)."""
     import torch
 
-    from embedcache.model.backbones import file_sha256, load_backbone
+    from embedcache.io.files import file_sha256
+    from embedcache.model.backbones import load_backbone
     from embedcache.model.engines import auto_record, choose_engine, measure, names
     from embedcache.runtime import cpu
 
@@ -285,9 +281,7 @@ def test_an_auto_record_out_of_bounds_is_measured_again(change, cache, tiny_chec
     record.write_text(json.dumps({"backbone": "tiny", "checkpoint_sha256": sha, "chosen": "onnxruntime",
                                   "seconds_per_slice": {"torch": 1.0, "onnxruntime": 0.5},
                                   "streams": {"torch": 1, "onnxruntime": 1}, **change}))
-    notes = []
-    chosen = choose_engine(backbone, lambda: load_backbone(backbone)[0].image_encoder, sha,
-                           device=torch.device("cpu"), log=notes.append)
+    chosen = choose_engine(backbone, lambda: load_backbone(backbone)[0].image_encoder, sha, device=torch.device("cpu"))
     assert any(str(record) in n and "measuring again" in n for n in notes), notes
     held = json.loads(record.read_text())
     assert chosen == held["chosen"] == "torch"  # all equally fast: the first, as measured, not as the record said

@@ -13,33 +13,32 @@ import torch
 
 from conftest import cli
 
-QUIET = dict(log=lambda m: None)
-
 
 def _never():
     pytest.fail("the encoder was loaded: nothing was to be measured")
 
 
-def test_a_concrete_engine_is_itself_and_auto_is_the_held_cache_s_engine_or_torch_on_cuda_and_torchrun(tiny_model):
+def test_a_concrete_engine_is_itself_and_auto_is_the_held_cache_s_engine_or_torch_on_cuda_and_torchrun(tiny_model, notes):
     from embedcache.model.engines import resolve_engine
 
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     resolve = lambda engine, **k: resolve_engine(engine, tiny_model, _never, "0" * 64, **k)  # noqa: E731
     assert resolve("openvino", device=cpu, streams=2, held="torch") == ("openvino", 2)
     assert resolve("torch", device=cuda, streams=0) == ("torch", 0)
-    assert resolve("auto", device=cpu, streams=2, held="onnxruntime", **QUIET) == ("onnxruntime", 2)  # as it began
-    assert resolve("auto", device=cuda, held="openvino", **QUIET) == ("openvino", 0)  # the cache's, even on CUDA
-    notes = []
-    assert resolve("auto", device=cuda, streams=2, log=notes.append) == ("torch", 0)
+    assert resolve("auto", device=cpu, streams=2, held="onnxruntime") == ("onnxruntime", 2)  # as it began
+    assert resolve("auto", device=cuda, held="openvino") == ("openvino", 0)  # the cache's, even on CUDA
+    assert resolve("auto", device=cuda, streams=2) == ("torch", 0)
     assert notes == ["--streams 2: --engine auto chose torch here, which encodes --batch-size slices a forward "
                      "instead; --streams is not used"]
-    assert resolve("auto", device=cpu, distributed=True, **QUIET) == ("torch", 0)  # torchrun
-    assert resolve("auto", device=cpu, held="torch", streams=0, log=pytest.fail) == ("torch", 0)  # no note: no streams
+    assert resolve("auto", device=cpu, distributed=True) == ("torch", 0)  # torchrun
+    notes.clear()
+    assert resolve("auto", device=cpu, held="torch", streams=0) == ("torch", 0)
+    assert notes == []  # no note: no streams
 
 
-def test_auto_on_a_cpu_answers_with_the_measurement_s_record(tiny_model, tiny_checkpoint, tmp_path, monkeypatch):
+def test_auto_on_a_cpu_answers_with_the_measurement_s_record(tiny_model, tiny_checkpoint, tmp_path, monkeypatch, notes):
     pytest.importorskip("onnxruntime", reason="ONNX Runtime is an optional extra: pip install 'embedcache[cpu-fast]'")
-    from embedcache.model.backbones import file_sha256
+    from embedcache.io.files import file_sha256
     from embedcache.model.engines import auto_record, resolve_engine
 
     monkeypatch.setenv("EMBEDCACHE_CACHE", str(tmp_path))
@@ -47,8 +46,8 @@ def test_auto_on_a_cpu_answers_with_the_measurement_s_record(tiny_model, tiny_ch
     auto_record(tiny_model, sha).write_text(json.dumps({"backbone": "tiny", "checkpoint_sha256": sha,
                                                         "chosen": "onnxruntime"}))
     # the record answers: nothing is measured, nothing loaded, and the --streams given stand
-    assert resolve_engine("auto", tiny_model, _never, sha, device=torch.device("cpu"), streams=1,
-                          log=pytest.fail) == ("onnxruntime", 1)
+    assert resolve_engine("auto", tiny_model, _never, sha, device=torch.device("cpu"), streams=1) == ("onnxruntime", 1)
+    assert notes == []
 
 
 def test_build_encoder_takes_a_concrete_engine_only(tiny_model):
@@ -64,7 +63,7 @@ def test_predict_s_decoder_graph_runs_in_the_engine_auto_chose(tiny_model, tiny_
     decoder graph too."""
     pytest.importorskip("onnxruntime", reason="ONNX Runtime is an optional extra: pip install 'embedcache[cpu-fast]'")
     from embedcache.io.datasets import discover_cases
-    from embedcache.model.backbones import file_sha256
+    from embedcache.io.files import file_sha256
     from embedcache.model.engines import auto_record
 
     monkeypatch.setenv("EMBEDCACHE_CACHE", str(tmp_path / "user-cache"))
@@ -88,7 +87,8 @@ def _own(cls, name) -> bool:
 
 def test_both_encoders_are_encoders_and_implement_every_member_themselves(tiny_model, tiny_checkpoint, tmp_path):
     pytest.importorskip("onnxruntime", reason="ONNX Runtime is an optional extra: pip install 'embedcache[cpu-fast]'")
-    from embedcache.model.backbones import file_sha256, load_backbone
+    from embedcache.io.files import file_sha256
+    from embedcache.model.backbones import load_backbone
     from embedcache.model.encoder import Encoder, HostEmbeddings, ImageEncoder
     from embedcache.model.engines import GraphEncoder
 
@@ -100,7 +100,7 @@ def test_both_encoders_are_encoders_and_implement_every_member_themselves(tiny_m
     parts, _ = load_backbone(tiny_model)
     eager = ImageEncoder(tiny_model, parts.image_encoder, device=torch.device("cpu"), out_dtype=torch.float32)
     graph = GraphEncoder("onnxruntime", tiny_model, parts.image_encoder, file_sha256(tiny_checkpoint),
-                         out_dtype=torch.float32, streams=2, folder=tmp_path, **QUIET)
+                         out_dtype=torch.float32, streams=2, folder=tmp_path)
     slices = np.random.default_rng(0).uniform(0, 1, (2, 64, 64)).astype(np.float32)
     for encoder, (engine, streams, batch) in [(eager, ("torch", 0, 1)), (graph, ("onnxruntime", 2, 2))]:
         assert (encoder.engine, encoder.precision, encoder.device.type) == (engine, "fp32", "cpu")

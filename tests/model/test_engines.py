@@ -1,4 +1,4 @@
-"""--engine onnxruntime|openvino|auto and --precision: the exported encoder gives eager PyTorch's embeddings,
+"""--engine onnxruntime|openvino|auto and --encoder-precision: the exported encoder gives eager PyTorch's embeddings,
 auto chooses among the equal ones, and the tools around them hold."""
 
 from __future__ import annotations
@@ -50,9 +50,9 @@ def litemedsam_graphs(tmp_path_factory):
     folder = tmp_path_factory.mktemp("litemedsam-graphs")
     backbone = get_backbone("litemedsam")
     parts, sha = load_backbone(backbone)
-    exported_encoder(backbone, parts.image_encoder, sha, engine=engine, folder=folder, log=lambda m: None)
+    exported_encoder(backbone, parts.image_encoder, sha, engine=engine, folder=folder)
     exported_decoder(backbone, AllMasks(parts.prompt_encoder, parts.mask_decoder), sha, "vanilla", engine=engine,
-                     folder=folder, log=lambda m: None)
+                     folder=folder)
     return folder
 
 
@@ -77,7 +77,7 @@ def _encode(data, out, *extra):
 
 def _box_dice(cache, out) -> dict:
     """The vanilla decoder's mean Dice per prompt protocol (oracle, box3d) and gland, to 4 decimals."""
-    result = cli("score", cache, "--out", out, "--prompts", "oracle,box3d", "--device", "cpu", "--no-progress")
+    result = cli("score", cache, "--out", out, "--protocols", "oracle,box3d", "--device", "cpu", "--no-progress")
     assert result.exit_code == 0, result.output
     summary = json.loads((out / "report.json").read_text())["summary"]
     return {(p, label): round(v["vanilla"]["dice"]["mean"], 4) for p, by in summary.items() for label, v in by.items()}
@@ -164,8 +164,8 @@ def test_a_missing_engine_is_one_line_naming_the_extra(data, tmp_path, monkeypat
         check_engine("onnxruntime", "cpu", "bf16")
     result = cli("encode", data, "--out", tmp_path / "c.h5", "--device", "cpu", "--engine", "torch", "--streams", "2")
     one_line(result, "--streams 2: slices at once are onnxruntime's and openvino's", "drop --streams", code=2)
-    result = cli("encode", data, "--out", tmp_path / "c.h5", "--device", "cpu", "--precision", "bf16")
-    one_line(result, "--precision bf16 runs through OpenVINO", "--engine openvino", code=2)
+    result = cli("encode", data, "--out", tmp_path / "c.h5", "--device", "cpu", "--encoder-precision", "bf16")
+    one_line(result, "--encoder-precision bf16 runs through OpenVINO", "--engine openvino", code=2)
     from embedcache.io.datasets import discover_cases
 
     case = discover_cases(data)[0]
@@ -203,7 +203,7 @@ def test_predict_with_a_graph_engine_segments_as_with_torch(engine, data, tmp_pa
 
 
 @needs_ort
-def test_auto_times_the_engines_once_and_chooses_an_equal_one(data, tiny_model, tmp_path):
+def test_auto_times_the_engines_once_and_chooses_an_equal_one(data, tiny_model, tmp_path, notes):
     from embedcache.model.engines import choose_streams
     from embedcache.model.engines.measure import pick_streams, stream_counts
     from embedcache.runtime.cpu import cpu_threads
@@ -228,7 +228,8 @@ def test_auto_times_the_engines_once_and_chooses_an_equal_one(data, tiny_model, 
             assert streams == measured["streams"] == pick_streams(timed)
             assert set(timed) == set(stream_counts(cpu_threads()))
             graph = tmp_path / "user-cache" / measured["graph"]  # what a graph engine then runs, without measuring
-            assert choose_streams(engine, graph, "fp32", tiny_model, log=pytest.fail) == streams
+            notes.clear()
+            assert choose_streams(engine, graph, "fp32", tiny_model) == streams and notes == []
     again = cli("encode", data, "--out", tmp_path / "b.h5", "--device", "cpu", "--no-progress", "--model", "tiny")
     assert again.exit_code == 0 and "timing" not in again.output  # measured once per CPU and weights
     with h5py.File(tmp_path / "b.h5") as f:
@@ -240,14 +241,14 @@ def test_bf16_is_a_cache_of_its_own_and_close_to_fp32(data, tmp_path):
     if not _bf16_cpu():
         pytest.skip("this CPU has no bf16 instructions")
     fp32 = _encode(data, tmp_path / "fp32.h5", "--engine", "openvino", "--dtype", "float32")
-    bf16 = _encode(data, tmp_path / "bf16.h5", "--engine", "openvino", "--precision", "bf16", "--dtype", "float32")
+    bf16 = _encode(data, tmp_path / "bf16.h5", "--engine", "openvino", "--encoder-precision", "bf16", "--dtype", "float32")
     with h5py.File(fp32) as a, h5py.File(bf16) as b:
         assert json.loads(b.attrs["signature"])["precision"] == "bf16"
         difference = np.abs(a["embeddings"][:] - b["embeddings"][:])
         assert 1e-4 < difference.max() < 0.5 and difference.mean() < 0.01  # not fp32, but near it
     assert "encoded by openvino bf16" in cli("info", bf16).output
     result = cli("encode", _more(data, tmp_path), "--out", fp32, "--device", "cpu", "--no-progress", "--engine",
-                 "openvino", "--precision", "bf16", "--dtype", "float32")
+                 "openvino", "--encoder-precision", "bf16", "--dtype", "float32")
     one_line(result, "precision=fp32, not bf16", "encode into a new file")
 
 
@@ -309,7 +310,7 @@ def _seeded_prompts():
 
 
 @pytest.mark.parametrize("engine", GRAPH_ENGINES)
-def test_the_graph_decoder_decodes_as_the_eager_one_and_leaves_clicks_to_it(engine, tmp_path):
+def test_the_graph_decoder_decodes_as_the_eager_one_and_leaves_clicks_to_it(engine, tmp_path, notes):
     import torch
 
     from embedcache.model.backbones import get_backbone, load_backbone
@@ -319,7 +320,7 @@ def test_the_graph_decoder_decodes_as_the_eager_one_and_leaves_clicks_to_it(engi
     backbone = get_backbone("litemedsam")
     parts, sha = load_backbone(backbone)
     heads = (parts.prompt_encoder, parts.mask_decoder)
-    graph = GraphDecoder(engine, backbone, lambda: heads, sha, "vanilla", folder=tmp_path, log=lambda m: None)
+    graph = GraphDecoder(engine, backbone, lambda: heads, sha, "vanilla", folder=tmp_path)
     embeddings, boxes = _seeded_prompts()
     with torch.inference_mode():
         for multimask in (False, True):
@@ -330,8 +331,10 @@ def test_the_graph_decoder_decodes_as_the_eager_one_and_leaves_clicks_to_it(engi
         clicks = (torch.tensor([[[60.0, 70.0]]] * 3), torch.ones(3, 1))
         want = decode_boxes(*heads, embeddings, boxes, points=clicks)
         assert all(torch.equal(g, w) for g, w in zip(graph(embeddings, boxes, points=clicks), want))
+        notes.clear()
         again = GraphDecoder(engine, backbone, lambda: pytest.fail("the eager decoder was loaded"), sha, "vanilla",
-                             folder=tmp_path, log=lambda m: pytest.fail(m))  # exported once: neither loaded nor logged
+                             folder=tmp_path)
+        assert notes == []  # exported once: neither loaded nor logged
         assert again.graph == graph.graph and torch.equal(again(embeddings, boxes)[1], graph(embeddings, boxes)[1])
 
 
@@ -351,7 +354,7 @@ def test_a_bf16_encoder_decodes_through_a_bf16_decoder_graph_close_to_fp32(tmp_p
     parts, sha = load_backbone(backbone)
     heads = (parts.prompt_encoder, parts.mask_decoder)
     fp32, bf16 = (GraphDecoder("openvino", backbone, lambda: heads, sha, "vanilla", precision=precision,
-                               folder=tmp_path, log=lambda m: None) for precision in ("fp32", "bf16"))
+                               folder=tmp_path) for precision in ("fp32", "bf16"))
     assert bf16.graph == fp32.graph  # one graph, compiled at two precisions
     embeddings, boxes = _seeded_prompts()
     with torch.inference_mode():
@@ -371,8 +374,8 @@ def test_predict_on_a_graph_engine_builds_no_eager_model_once_its_graphs_exist(d
                                                                                monkeypatch):
     import embedcache.train.decoders as decoders
     from embedcache.io.datasets import discover_cases
+    from embedcache.io.files import file_sha256
     from embedcache.io.volumes import read_label
-    from embedcache.model.backbones import file_sha256
     from embedcache.train.checkpoint import BEST
 
     import tiny
@@ -479,12 +482,12 @@ def test_openvino_keeps_what_it_compiled_apart_per_precision_and_streams(tmp_pat
 
 @needs_ort
 def test_a_graph_too_large_for_one_file_keeps_its_weights_in_one_file_of_its_own(tiny_checkpoint, tmp_path,
-                                                                                 monkeypatch):
+                                                                                 monkeypatch, notes):
     """Past 2 GiB (SAM ViT-H's encoder) a graph's weights cannot lie in the graph: they go into NAME.onnx.data beside
     it, whose sha256 the record holds, so that two graphs' weights never mix and damaged weights are exported again."""
     import torch
 
-    from embedcache.model.backbones import file_sha256
+    from embedcache.io.files import file_sha256
     from embedcache.model.engines import exported_encoder, store
     from embedcache.model.engines.sessions import runner
 
@@ -499,8 +502,7 @@ def test_a_graph_too_large_for_one_file_keeps_its_weights_in_one_file_of_its_own
         encoder = backbone.build().image_encoder.eval()
         with torch.inference_mode():
             want[seed] = encoder(image).numpy()
-        graphs[seed] = exported_encoder(backbone, encoder, str(seed) * 64, engine="onnxruntime", folder=tmp_path,
-                                        log=lambda m: None)
+        graphs[seed] = exported_encoder(backbone, encoder, str(seed) * 64, engine="onnxruntime", folder=tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
         n for g in graphs.values() for n in (g.name, g.name + ".data", g.with_suffix(".json").name))
     for seed, graph in graphs.items():
@@ -513,9 +515,9 @@ def test_a_graph_too_large_for_one_file_keeps_its_weights_in_one_file_of_its_own
     with open(data, "r+b") as handle:  # damaged weights: exported again, never used
         handle.seek(data.stat().st_size // 2)
         handle.write(b"\xff" * 64)
-    notes = []
+    notes.clear()
     torch.manual_seed(0)
     again = exported_encoder(backbone, backbone.build().image_encoder.eval(), "0" * 64, engine="onnxruntime",
-                             folder=tmp_path, log=notes.append)
+                             folder=tmp_path)
     assert again == graphs[0] and "does not match its record; exporting it again" in notes[0]
     assert np.abs(runner("onnxruntime", again, "fp32")(image.numpy()) - want[0]).max() <= 1e-4

@@ -73,7 +73,7 @@ def test_litemedsam_export_keeps_its_state_dict_layout(phantom_dir, tmp_path):
     shutil.copytree(phantom_dir, data)
     limit_target_slices(data, per_case=1)
     cache = tmp_path / "lite.h5"
-    encode(discover_cases(data), cache, EncodeConfig(device="cpu", margin_slices=0), progress=None, log=lambda m: None)
+    encode(discover_cases(data), cache, EncodeConfig(device="cpu", margin_slices=0), progress=None)
     run = tmp_path / "run"
     finetune(finetune_config(cache, epochs=1, batch_size=2), run, **QUIET)
     out = export_run(run, tmp_path / "lite_finetuned.pth")
@@ -92,7 +92,7 @@ def test_a_run_with_an_adapter_scores_with_it_and_is_not_exported_into_a_layout_
                                                                                               tmp_path):
     from embedcache.train.decoders import load_model, load_trained_decoder
 
-    result = finetune(finetune_config(small_cache, epochs=1, adapter=True), tmp_path / "run", log=lambda m: None)
+    result = finetune(finetune_config(small_cache, epochs=1, adapter=True), tmp_path / "run")
     trained = load_trained_decoder(result.run_dir)
     assert any(k.startswith("adapter.") for k in trained.state)
     model = load_model("tiny", trained=trained, checkpoint=None, device=torch.device("cpu"))

@@ -18,7 +18,7 @@ from embedcache.train.runs import RunFolder, resumed_config
 from conftest import QUIET, finetune_config
 
 
-def test_resume_refuses_another_cache_and_restarts_a_run_without_checkpoint(tiny_model, small_cache, tmp_path):
+def test_resume_refuses_another_cache_and_restarts_a_run_without_checkpoint(tiny_model, small_cache, tmp_path, notes):
     run = tmp_path / "run"
     finetune(finetune_config(small_cache, epochs=1), run, **QUIET)
     with store.open_cache(small_cache) as cache:
@@ -31,8 +31,7 @@ def test_resume_refuses_another_cache_and_restarts_a_run_without_checkpoint(tiny
     # A folder whose first checkpoint was never written: --resume starts the run again.
     (run / "last.safetensors").unlink()
     (run / "decoder.safetensors").unlink()
-    notes = []
-    result = finetune(finetune_config(small_cache, epochs=1), run, resume=True, progress=None, log=notes.append)
+    result = finetune(finetune_config(small_cache, epochs=1), run, resume=True, progress=None)
     assert [r.epoch for r in result.history] == [1] and any("no checkpoint yet" in n for n in notes)
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "thesis.tex").write_text("keep me")

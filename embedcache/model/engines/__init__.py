@@ -1,4 +1,4 @@
-"""Where the frozen image encoder runs (``--engine``) and at what precision (``--precision``).
+"""Where the frozen image encoder runs (``--engine``) and at what precision (``--encoder-precision``).
 
 The CVPR 2024 "MedSAM on Laptop" winners got their CPU speed from the inference engine, not the
 model. Beside eager PyTorch, embedcache runs the image encoder in ONNX Runtime or OpenVINO on the
@@ -20,7 +20,7 @@ a short measurement once per backbone, weights and CPU and recorded in the cache
 exists keeps the engine it began with. It is resolved in one place, :func:`resolve_engine`, before an
 encoder is built. fp32 engines agree within that tolerance (tested, with the vanilla decoder's Dice on
 the phantom equal to 4 decimals), so the signature records the engine without comparing it.
-``--precision bf16`` (OpenVINO on a CPU with bf16 instructions) changes the embeddings: it is part of
+``--encoder-precision bf16`` (OpenVINO on a CPU with bf16 instructions) changes the embeddings: it is part of
 what a cache and a decoder must share, and ``auto`` never chooses it; its Dice cost is measured in
 ``benchmarks/engines.py``.
 

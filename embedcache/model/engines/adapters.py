@@ -25,15 +25,15 @@ class GraphEncoder(Encoder):
     release the GIL: encode's reader thread prepares the next case meanwhile."""
 
     def __init__(self, engine: str, backbone, image_encoder, checkpoint_sha256: str, *, out_dtype,
-                 precision: str = "fp32", streams: int = 0, folder: Path | None = None, settle=None, log=print):
+                 precision: str = "fp32", streams: int = 0, folder: Path | None = None, settle=None):
         import torch
 
         self.engine, self.precision = engine, precision
         self.backbone, self.out_dtype = backbone, out_dtype
         self.device = torch.device("cpu")
-        self.graph = exported_encoder(backbone, image_encoder, checkpoint_sha256, engine=engine, folder=folder, log=log)
-        self.streams = streams or choose_streams(engine, self.graph, precision, backbone, settle=settle, log=log)
-        self.run = runner(engine, self.graph, precision, self.streams, log=log)
+        self.graph = exported_encoder(backbone, image_encoder, checkpoint_sha256, engine=engine, folder=folder)
+        self.streams = streams or choose_streams(engine, self.graph, precision, backbone, settle=settle)
+        self.run = runner(engine, self.graph, precision, self.streams)
         self._pool = None
 
     @property
@@ -76,7 +76,7 @@ class GraphDecoder:
     (``load_heads()`` gives ``(prompt_encoder, mask_decoder)``)."""
 
     def __init__(self, engine: str, backbone, load_heads, checkpoint_sha256: str, decoder_sha256: str, *,
-                 precision: str = "fp32", folder: Path | None = None, log=print):
+                 precision: str = "fp32", folder: Path | None = None):
         self.engine, self.precision, self.load_heads, self._heads = engine, precision, load_heads, None
 
         def all_masks():
@@ -85,8 +85,8 @@ class GraphDecoder:
             return AllMasks(*self.heads())
 
         self.graph = exported_decoder(backbone, all_masks, checkpoint_sha256, decoder_sha256, engine=engine,
-                                      folder=folder, log=log)
-        self.run = session(engine, self.graph, precision, log=log)
+                                      folder=folder)
+        self.run = session(engine, self.graph, precision)
 
     def heads(self):
         """The eager ``(prompt_encoder, mask_decoder)``, loaded once."""
@@ -113,7 +113,7 @@ class GraphDecoder:
 
 
 def build_encoder(engine: str, backbone, image_encoder, checkpoint_sha256: str, *, device, batch_size: int = 0,
-                  out_dtype, precision: str = "fp32", streams: int = 0, settle=None, log=print) -> Encoder:
+                  out_dtype, precision: str = "fp32", streams: int = 0, settle=None) -> Encoder:
     """The image encoder ``engine`` runs at ``precision``: torch's :class:`~embedcache.model.encoder.ImageEncoder` on
     ``device``, or a :class:`GraphEncoder`. ``engine`` is a concrete one: ``auto`` is resolved first
     (:func:`~embedcache.model.engines.auto.resolve_engine`). ``image_encoder``: the module, or the function that
@@ -125,6 +125,6 @@ def build_encoder(engine: str, backbone, image_encoder, checkpoint_sha256: str, 
     check_engine(engine, device.type, precision, streams)
     if engine in GRAPH_ENGINES:
         return GraphEncoder(engine, backbone, image_encoder, checkpoint_sha256, out_dtype=out_dtype,
-                            precision=precision, streams=streams, settle=settle, log=log)
+                            precision=precision, streams=streams, settle=settle)
     return ImageEncoder(backbone, load_module(image_encoder), device=device, batch_size=batch_size,
                         out_dtype=out_dtype)

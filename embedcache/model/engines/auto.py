@@ -6,6 +6,7 @@ recorded in the cache folder (:func:`choose_engine`). ``auto`` never chooses bf1
 from __future__ import annotations
 
 import json
+import logging
 from functools import partial
 from pathlib import Path
 
@@ -16,12 +17,14 @@ from embedcache.model.engines.sessions import runner
 from embedcache.model.engines.store import example_input, exported_encoder, load_module
 from embedcache.runtime import cpu
 
+logger = logging.getLogger(__name__)
+
 #: fp32 engines whose embeddings differ from eager PyTorch's by no more than this are interchangeable.
 EQUAL_TOLERANCE = 1e-4
 
 
 def resolve_engine(engine: str, backbone, load_image_encoder, checkpoint_sha256: str, *, device, streams: int = 0,
-                   held: str | None = None, distributed: bool = False, settle=None, log=print) -> tuple[str, int]:
+                   held: str | None = None, distributed: bool = False, settle=None) -> tuple[str, int]:
     """The concrete engine ``engine`` runs as, and the ``--streams`` that stand with it: any engine but ``auto`` as it
     is; ``auto``: ``held`` (the engine of the cache, or interrupted encode, being grown: it grows as it began) where
     given, torch on CUDA or under torchrun (``distributed``), else :func:`choose_engine`'s measurement of
@@ -34,16 +37,16 @@ def resolve_engine(engine: str, backbone, load_image_encoder, checkpoint_sha256:
     elif device.type != "cpu" or distributed:
         chosen = "torch"
     else:
-        chosen = choose_engine(backbone, load_image_encoder, checkpoint_sha256, device=device, settle=settle, log=log)
-    return chosen, streams_for_auto(chosen, streams, log=log)
+        chosen = choose_engine(backbone, load_image_encoder, checkpoint_sha256, device=device, settle=settle)
+    return chosen, streams_for_auto(chosen, streams)
 
 
-def streams_for_auto(engine: str, streams: int, *, log=print) -> int:
+def streams_for_auto(engine: str, streams: int) -> int:
     """The ``--streams`` that stand once ``--engine auto`` has chosen ``engine``: torch (CUDA, torchrun, or the CPU
     where it measured fastest) encodes ``--batch-size`` slices a forward instead, so they are dropped, with a note
     (an explicit ``--engine torch --streams N`` is refused)."""
     if engine == "torch" and streams:
-        log(f"--streams {streams}: --engine auto chose torch here, which encodes --batch-size slices a forward "
+        logger.info(f"--streams {streams}: --engine auto chose torch here, which encodes --batch-size slices a forward "
             "instead; --streams is not used")
         return 0
     return streams
@@ -57,7 +60,7 @@ def auto_record(backbone, checkpoint_sha256: str, folder: Path | None = None) ->
 
 
 def choose_engine(backbone, load_image_encoder, checkpoint_sha256: str, *, device, folder: Path | None = None,
-                  settle=None, log=print) -> str:
+                  settle=None) -> str:
     """What ``--engine auto`` runs ``backbone``'s encoder with on ``device``: torch on CUDA or where no other engine
     is installed; else the fastest fp32 engine whose embeddings equal torch's within :data:`EQUAL_TOLERANCE`,
     measured once per backbone, weights and CPU (each graph engine at every slices-at-once
@@ -81,10 +84,10 @@ def choose_engine(backbone, load_image_encoder, checkpoint_sha256: str, *, devic
         if fault is None and held.get("chosen") in candidates and held.get("checkpoint_sha256") == checkpoint_sha256:
             return held["chosen"]
         if fault:
-            log(f"{record}: {fault}; measuring again")
+            logger.warning(f"{record}: {fault}; measuring again")
     except (OSError, ValueError):
         pass
-    log(f"--engine auto: timing {', '.join(candidates)} on {backbone.name}'s encoder (once for this CPU and weights)")
+    logger.info(f"--engine auto: timing {', '.join(candidates)} on {backbone.name}'s encoder (once for this CPU and weights)")
     image_encoder = load_module(load_image_encoder)
     example = example_input(backbone)
     counts = measure.stream_counts(cpu.cpu_threads())
@@ -94,9 +97,8 @@ def choose_engine(backbone, load_image_encoder, checkpoint_sha256: str, *, devic
     runners = {("torch", 1): (lambda: run_eager, 1)}
     graphs = {}
     for engine in candidates[1:]:
-        graphs[engine] = exported_encoder(backbone, image_encoder, checkpoint_sha256, engine=engine, folder=folder,
-                                          log=log)
-        runners.update({(engine, k): (partial(runner, engine, graphs[engine], "fp32", k, log=log), k)
+        graphs[engine] = exported_encoder(backbone, image_encoder, checkpoint_sha256, engine=engine, folder=folder)
+        runners.update({(engine, k): (partial(runner, engine, graphs[engine], "fp32", k), k)
                         for k in counts})
     if settle is not None:
         settle()
@@ -119,7 +121,7 @@ def choose_engine(backbone, load_image_encoder, checkpoint_sha256: str, *, devic
             "max_abs_difference_from_torch": difference, "threads": cpu.cpu_threads()}, indent=2) + "\n")
     except OSError:
         pass  # the choice stands for this run; the next one measures again
-    log(f"--engine auto: {chosen} (" + ", ".join(f"{e} {v:.2f} s/slice" + (f" {at_once[e]} at once" if at_once[e] > 1
+    logger.info(f"--engine auto: {chosen} (" + ", ".join(f"{e} {v:.2f} s/slice" + (f" {at_once[e]} at once" if at_once[e] > 1
                                                                             else "") for e, v in best.items())
         + f"); {record}")
     return chosen

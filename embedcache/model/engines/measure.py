@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 import time
 from functools import partial
@@ -21,6 +22,8 @@ from embedcache.model.engines.names import installed
 from embedcache.model.engines.sessions import runner
 from embedcache.model.engines.store import example_input
 from embedcache.runtime import cpu
+
+logger = logging.getLogger(__name__)
 
 #: A graph engine runs more slices at once only where that is at least this much faster per slice (a lone slice then
 #: runs on fewer cores).
@@ -123,7 +126,7 @@ def keep_streams(graph: Path, engine: str, precision: str, seconds: dict[int, fl
     return chosen
 
 
-def choose_streams(engine: str, graph: Path, precision: str, backbone, *, settle=None, log=print) -> int:
+def choose_streams(engine: str, graph: Path, precision: str, backbone, *, settle=None) -> int:
     """How many slices ``engine`` encodes at once through ``graph`` on this CPU: one on all the cores, or several,
     each on its share (the CPU's batch: on the AMD EPYC's two cores, TinyViT in OpenVINO ran predict about 1.1x faster
     as two one-core runs than as one two-core run). Measured once per graph, precision and CPU
@@ -140,16 +143,16 @@ def choose_streams(engine: str, graph: Path, precision: str, backbone, *, settle
         fault = record_fault(held) or (None if "streams" in held else "holds no slices at once")
         if fault is None:
             return held["streams"]
-        log(f"{record}: {fault}; measuring again")
+        logger.warning(f"{record}: {fault}; measuring again")
     except (OSError, ValueError):
         pass
-    log(f"{engine}: timing one slice at a time against several at once (once for this CPU and graph)")
+    logger.info(f"{engine}: timing one slice at a time against several at once (once for this CPU and graph)")
     if settle is not None:
         settle()
     counts = stream_counts(threads)
-    runners = {k: (partial(runner, engine, graph, precision, k, log=log), k) for k in counts}
+    runners = {k: (partial(runner, engine, graph, precision, k), k) for k in counts}
     seconds = time_pipelined(runners, example_input(backbone), 2 * counts[-1])
     chosen = keep_streams(graph, engine, precision, seconds)
-    log(f"{engine}: {chosen} slice(s) at once (" + ", ".join(f"{k}: {v:.2f} s/slice" for k, v in seconds.items())
+    logger.info(f"{engine}: {chosen} slice(s) at once (" + ", ".join(f"{k}: {v:.2f} s/slice" for k, v in seconds.items())
         + f"); {record}")
     return chosen

@@ -34,7 +34,7 @@ def check_engine(engine: str, device_type: str = "cpu", precision: str = "fp32",
         raise UsageError(f"--streams {streams}: slices at once are onnxruntime's and openvino's; add --engine openvino, "
                          "or drop --streams")
     if precision != "fp32" and engine != "openvino":
-        raise UsageError(f"--precision {precision} runs through OpenVINO: add --engine openvino, or use --precision fp32")
+        raise UsageError(f"--encoder-precision {precision} runs through OpenVINO: add --engine openvino, or use --encoder-precision fp32")
     if engine in GRAPH_ENGINES:
         if device_type != "cpu":
             raise UsageError(f"--engine {engine} runs on the CPU; pass --device cpu, or --engine torch on CUDA")
@@ -45,8 +45,8 @@ def check_engine(engine: str, device_type: str = "cpu", precision: str = "fp32",
         from embedcache.model.engines.sessions import openvino_core
 
         if "BF16" not in openvino_core().get_property("CPU", "OPTIMIZATION_CAPABILITIES"):
-            raise UsageError("--precision bf16: this CPU has no bf16 instructions (OpenVINO reports none); use "
-                             "--precision fp32")
+            raise UsageError("--encoder-precision bf16: this CPU has no bf16 instructions (OpenVINO reports none); use "
+                             "--encoder-precision fp32")
 
 
 def installed(module: str) -> bool:

@@ -5,12 +5,15 @@ beside the graph in a folder per settings and checked against the sha256 recorde
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import numpy as np
 
 from embedcache.model.engines.graphs import check_weights_inside
 from embedcache.runtime import cpu
+
+logger = logging.getLogger(__name__)
 
 #: The record of the blobs OpenVINO compiled into a folder of :func:`openvino_cache_dir`: each one's sha256.
 BLOB_RECORD = "embedcache-blobs.json"
@@ -42,7 +45,7 @@ def openvino_cache_dir(graph: Path, settings: dict) -> Path:
     return Path(graph).parent / "openvino" / name
 
 
-def session(engine: str, graph: Path, precision: str, *, keep_compiled: bool = True, streams: int = 1, log=print):
+def session(engine: str, graph: Path, precision: str, *, keep_compiled: bool = True, streams: int = 1):
     """A function running the graph at ``graph`` in ``engine``: its float32 inputs, in order → its outputs (a list).
     It may be called from ``streams`` threads at once, each call then running on its own share of the cores
     (OpenVINO's throughput streams; ONNX Runtime's one session, ``cores // streams`` threads a run); with one stream
@@ -71,7 +74,7 @@ def session(engine: str, graph: Path, precision: str, *, keep_compiled: bool = T
         settings.update({"PERFORMANCE_HINT": "THROUGHPUT", "NUM_STREAMS": streams} if streams > 1
                         else {"PERFORMANCE_HINT": "LATENCY"})
         blobs = openvino_cache_dir(graph, settings) if keep_compiled else None
-        kept = _checked_blobs(blobs, log) if blobs is not None else None
+        kept = _checked_blobs(blobs) if blobs is not None else None
         if kept is not None:  # None: a blob that failed its check could not be removed; compile without the cache
             settings["CACHE_DIR"] = str(blobs)
         compiled = openvino_core().compile_model(str(graph), "CPU", settings)
@@ -94,20 +97,20 @@ def session(engine: str, graph: Path, precision: str, *, keep_compiled: bool = T
     raise ValueError(engine)
 
 
-def runner(engine: str, graph: Path, precision: str, streams: int = 1, log=print):
+def runner(engine: str, graph: Path, precision: str, streams: int = 1):
     """A function running the encoder graph at ``graph`` in ``engine``: one ``(1, 3, S, S)`` float32 input → its
     embedding (callable from ``streams`` threads at once)."""
-    run = session(engine, graph, precision, streams=streams, log=log)
+    run = session(engine, graph, precision, streams=streams)
     return lambda x: run(x)[0]
 
 
-def _checked_blobs(folder: Path, log=print) -> dict[str, tuple] | None:
+def _checked_blobs(folder: Path) -> dict[str, tuple] | None:
     """Check what OpenVINO compiled into ``folder`` (embedcache's own, per settings: :func:`openvino_cache_dir`)
     against :data:`BLOB_RECORD` before OpenVINO imports it, unchecked (4 KiB flipped in a blob changed a
     prediction, exit 0): a blob whose sha256 differs from the record's, or that the record does not hold, is removed,
     and OpenVINO compiles it again. Returns the blobs kept, name → (size, mtime, sha256); None where one that failed
     could not be removed (the folder is then not to be used)."""
-    from embedcache.model.backbones import file_sha256
+    from embedcache.io.files import file_sha256
 
     record = folder / BLOB_RECORD
     try:
@@ -125,11 +128,11 @@ def _checked_blobs(folder: Path, log=print) -> dict[str, tuple] | None:
                 kept[blob.name] = (stat.st_size, stat.st_mtime_ns, digest)
                 continue
             blob.unlink()
-            log(f"{blob}: {why}; removed, OpenVINO compiles it again")
+            logger.warning(f"{blob}: {why}; removed, OpenVINO compiles it again")
         except FileNotFoundError:
             pass  # another process removed it first
         except OSError as exc:
-            log(f"{blob}: {why} and cannot be removed ({exc.strerror}); compiling without OpenVINO's cache")
+            logger.warning(f"{blob}: {why} and cannot be removed ({exc.strerror}); compiling without OpenVINO's cache")
             return None
     return kept
 
@@ -138,8 +141,7 @@ def _record_blobs(folder: Path, kept: dict[str, tuple]) -> None:
     """Record the sha256 of every blob in ``folder`` once OpenVINO has written them, atomically (a blob
     :func:`_checked_blobs` kept, unchanged since, is not read again); a blob left unrecorded (a folder that cannot
     be written) is removed and compiled again next time."""
-    from embedcache.io.files import atomic_write_text
-    from embedcache.model.backbones import file_sha256
+    from embedcache.io.files import atomic_write_text, file_sha256
 
     blobs = {}
     try:

@@ -6,6 +6,7 @@ shape no longer match (:func:`~embedcache.model.engines.graphs.graph_fault`); no
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 import tempfile
 import warnings
@@ -17,6 +18,8 @@ from embedcache.errors import EmbedcacheError
 from embedcache.model.engines.graphs import graph_fault
 from embedcache.model.engines.names import cache_folder
 from embedcache.model.engines.sessions import session
+
+logger = logging.getLogger(__name__)
 
 #: ONNX opset of the exported graphs.
 OPSET = 17
@@ -49,17 +52,17 @@ def _torch_version() -> str:
 
 
 def exported_encoder(backbone, image_encoder, checkpoint_sha256: str, *, engine: str = "onnxruntime",
-                     folder: Path | None = None, log=print) -> Path:
+                     folder: Path | None = None) -> Path:
     """The ONNX graph of ``backbone``'s image encoder (a module, or the function that loads it) with the weights of
     sha256 ``checkpoint_sha256``: the one exported before, else a fresh export, checked in ``engine``."""
     name = f"{backbone.name}-{checkpoint_sha256[:16]}-opset{OPSET}-torch{_torch_version()}"
     return _exported(name, {"backbone": backbone.name, "checkpoint_sha256": checkpoint_sha256}, image_encoder,
                      (example_input(backbone),), inputs=["image"], outputs={"embedding": (1, 256, 64, 64)},
-                     engine=engine, folder=folder, what=f"{backbone.name}'s image encoder", log=log)
+                     engine=engine, folder=folder, what=f"{backbone.name}'s image encoder")
 
 
 def exported_decoder(backbone, heads, checkpoint_sha256: str, decoder_sha256: str, *, engine: str = "onnxruntime",
-                     folder: Path | None = None, log=print) -> Path:
+                     folder: Path | None = None) -> Path:
     """The ONNX graph of the prompt encoder and mask decoder (``heads``: an
     :class:`~embedcache.model.decoder.AllMasks`, or the function that loads it) for one embedding and one box:
     ``backbone``'s prompt encoder from the weights of sha256 ``checkpoint_sha256`` and the mask decoder of
@@ -73,11 +76,11 @@ def exported_decoder(backbone, heads, checkpoint_sha256: str, decoder_sha256: st
     return _exported(name, {"backbone": backbone.name, "checkpoint_sha256": checkpoint_sha256,
                             "decoder_sha256": decoder_sha256, "format": DECODER_GRAPH}, heads, examples,
                      inputs=["embedding", "box"], outputs={"masks": (1, 4, 256, 256), "iou": (1, 4)}, engine=engine,
-                     folder=folder, what=f"{backbone.name}'s mask decoder", log=log)
+                     folder=folder, what=f"{backbone.name}'s mask decoder")
 
 
 def _exported(name: str, key: dict, module, examples: tuple, *, inputs: list[str], outputs: dict[str, tuple],
-              engine: str, folder: Path | None, what: str, log=print) -> Path:
+              engine: str, folder: Path | None, what: str) -> Path:
     """The ONNX graph ``name`` in the cache folder: the one exported before (its record holding ``key`` and the
     graph's own sha256, the graph taking ``inputs`` shaped as the ``examples`` and giving ``outputs``, name → shape,
     its weights inside it or in the one data file its record holds: :func:`graph_fault`), else a fresh export of
@@ -85,8 +88,7 @@ def _exported(name: str, key: dict, module, examples: tuple, *, inputs: list[str
     ``examples`` and kept with its record."""
     import torch
 
-    from embedcache.io.files import PARTIAL, WRITE_ERRNOS, atomic_write_text, commit, write_error
-    from embedcache.model.backbones import file_sha256
+    from embedcache.io.files import PARTIAL, WRITE_ERRNOS, atomic_write_text, commit, file_sha256, write_error
 
     folder = Path(folder) if folder is not None else cache_folder()
     graph, record = folder / f"{name}.onnx", folder / f"{name}.json"
@@ -105,13 +107,13 @@ def _exported(name: str, key: dict, module, examples: tuple, *, inputs: list[str
                     return graph
         except (OSError, ValueError, AttributeError):
             pass
-        log(f"{graph}: {fault}; exporting it again")
+        logger.warning(f"{graph}: {fault}; exporting it again")
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise EmbedcacheError(f"{folder}: cannot hold the exported {what} ({exc.strerror}); set EMBEDCACHE_CACHE to "
                               "a writable folder") from None
-    log(f"exporting {what} to ONNX (once per weights): {graph}")
+    logger.info(f"exporting {what} to ONNX (once per weights): {graph}")
     model = load_module(module).float().eval()
     tensors = tuple(torch.from_numpy(x) for x in examples)
     # a folder of its own: an export over 2 GiB writes each weight as a file beside the graph, named by the tensor
