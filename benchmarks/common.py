@@ -12,9 +12,9 @@ from pathlib import Path
 
 import torch
 
-from embedcache.io.phantom import PhantomConfig
 from embedcache.model.backbones import Backbone
 from embedcache.model.engines import cpu_identity, cpu_name
+from embedcache.synth.phantom import PhantomConfig
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

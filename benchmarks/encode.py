@@ -40,11 +40,11 @@ from embedcache.cache.pipeline import prepare_case, workers_for
 from embedcache.cache.plan import plan_case
 from embedcache.config import EncodeConfig
 from embedcache.io.datasets import discover_cases
-from embedcache.io.phantom import make_case, write_phantom
 from embedcache.io.volumes import source_digest
 from embedcache.model.backbones import get_backbone
 from embedcache.model.encoder import ImageEncoder
 from embedcache.runtime.devices import pick_device
+from embedcache.synth.phantom import make_case, write_phantom
 
 from common import machine, own_engine_cache, phantom_config, save, weights_for
 

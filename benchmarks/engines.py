@@ -45,9 +45,9 @@ import torch
 
 from embedcache.cache.preprocess import slice_to_model
 from embedcache.io.files import file_sha256
-from embedcache.io.phantom import make_case
 from embedcache.model.backbones import get_backbone, load_backbone, resolve_checkpoint
 from embedcache.model.engines import build_encoder, check_engine, installed_engines
+from embedcache.synth.phantom import make_case
 
 from common import RESULTS, machine, own_engine_cache, weights_for
 

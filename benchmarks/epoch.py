@@ -37,10 +37,10 @@ from embedcache.cache.plan import plan_case
 from embedcache.cache.store import open_cache
 from embedcache.config import EncodeConfig, FinetuneConfig
 from embedcache.io.datasets import discover_cases
-from embedcache.io.phantom import limit_target_slices, write_phantom
 from embedcache.io.volumes import source_digest
 from embedcache.model.backbones import get_backbone
 from embedcache.runtime.devices import pick_device
+from embedcache.synth.phantom import limit_target_slices, write_phantom
 from embedcache.train import finetune as train
 from embedcache.train.cases import split_cases
 from embedcache.train.data import Batch, case_sets

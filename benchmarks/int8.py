@@ -83,8 +83,8 @@ def box3d_dice(cases, encoder, decoder, parts, labels) -> dict:
     from embedcache.config import PreprocessConfig, ProtocolSettings
     from embedcache.evaluation import protocols
     from embedcache.evaluation.metrics import dice
-    from embedcache.evaluation.predict import OnTheFly
     from embedcache.io.volumes import read_image, read_label
+    from embedcache.segment.predict import OnTheFly
 
     out = {label: {} for label in labels}
     for case in cases:

@@ -27,9 +27,9 @@ from embedcache.cache.encode import encode
 from embedcache.config import EncodeConfig, ScoreConfig
 from embedcache.evaluation.score import score
 from embedcache.io.datasets import discover_cases
-from embedcache.io.phantom import limit_target_slices, write_phantom
 from embedcache.model.backbones import get_backbone
 from embedcache.runtime.devices import pick_device
+from embedcache.synth.phantom import limit_target_slices, write_phantom
 
 from common import RESULTS, machine, own_engine_cache, phantom_config, weights_for
 

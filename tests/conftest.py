@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from embedcache.io.phantom import PhantomConfig, limit_target_slices, write_phantom
 from embedcache.model import backbones
+from embedcache.synth.phantom import PhantomConfig, limit_target_slices, write_phantom
 
 import tiny
 

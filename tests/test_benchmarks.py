@@ -96,8 +96,8 @@ def test_engines_times_each_engine_against_torch_and_scores_each_in_one_run(tiny
                                                                              monkeypatch):
     import pytest
 
-    from embedcache.io.phantom import limit_target_slices, write_phantom
     from embedcache.model.engines import installed_engines
+    from embedcache.synth.phantom import limit_target_slices, write_phantom
 
     from conftest import SMALL_PHANTOM
 
@@ -137,8 +137,8 @@ def test_engines_predict_times_each_engine_end_to_end_and_scores_what_it_wrote(t
 
     import pytest
 
-    from embedcache.io.phantom import write_phantom
     from embedcache.model.engines import installed_engines
+    from embedcache.synth.phantom import write_phantom
 
     from conftest import SMALL_PHANTOM
 
@@ -205,7 +205,7 @@ def test_int8_costs_are_dice_lost_against_fp32_per_gland_and_the_gate_holds_ever
 def test_int8_quantizes_times_and_scores_fp32_and_int8_on_the_held_out_cases(tiny_model, run_dir, tmp_path, monkeypatch):
     pytest.importorskip("nncf", reason="benchmarks/int8.py needs NNCF, which no extra installs: pip install nncf")
     pytest.importorskip("openvino", reason="pip install 'embedcache[cpu-fast]'")
-    from embedcache.io.phantom import write_phantom
+    from embedcache.synth.phantom import write_phantom
 
     from conftest import SMALL_PHANTOM
 

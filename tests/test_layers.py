@@ -1,16 +1,17 @@
 """The package's layers: every module imports only from its own layer or the ones below it, so the
-folder listing is the architecture (io → model → cache → train → evaluation → cli)."""
+folder listing is the architecture (io → synth → model → cache → train → evaluation → segment → cli)."""
 
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 import embedcache
 
 #: Layer of each top-level part of the package; a module may import parts of its own layer or lower.
-LAYERS = {"errors": 0, "io": 1, "runtime": 1, "config": 2, "model": 3, "cache": 4, "train": 5, "evaluation": 6,
-          "cli": 7, "__main__": 7}
+LAYERS = {"errors": 0, "io": 1, "runtime": 1, "config": 2, "synth": 2, "model": 3, "cache": 4, "train": 5,
+          "evaluation": 6, "segment": 7, "cli": 8, "__main__": 8}
 ROOT = Path(embedcache.__file__).parent
 
 
@@ -88,3 +89,43 @@ def test_no_two_modules_import_each_other_round_a_cycle():
         if module not in state:
             visit(module, [module])
     assert not cycles, "\n".join(cycles)
+
+
+def _table_rows():
+    """The rows of docs/architecture.md's layer table: (layer, parts, modules as written)."""
+    text = (ROOT.parent / "docs" / "architecture.md").read_text()
+    for line in text.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) == 4 and cells[0].isdigit():
+            yield int(cells[0]), re.findall(r"`([^`]+)`", cells[1]), cells[2]
+
+
+def _modules_written(cell: str) -> set[str]:
+    """``a``, ``engines/`` (``x``, ``y``) → {"a", "engines/x", "engines/y"}; ``—`` → nothing."""
+    found, cell = set(), re.sub(r"`(\w+)/` \(([^)]*)\)",
+                                lambda m: ", ".join(f"`{m.group(1)}/{n}`" for n in re.findall(r"`(\w+)`", m.group(2))),
+                                cell)
+    for name in re.findall(r"`([\w/]+)`", cell):
+        found.add(name)
+    return found
+
+
+def test_the_architecture_page_lists_every_part_its_layer_and_its_modules():
+    """docs/architecture.md's table is the package as it is: each part at the layer LAYERS gives it, and each
+    subpackage's modules (a nested package's too), no more and no fewer."""
+    rows = list(_table_rows())
+    assert rows, "no layer table in docs/architecture.md"
+    listed = {}
+    for layer, parts, modules in rows:
+        for part in parts:
+            name = part.removesuffix("/").removesuffix(".py")
+            assert LAYERS[name] == layer, f"docs/architecture.md puts {part} at layer {layer}; LAYERS says {LAYERS[name]}"
+            listed[name] = modules
+    assert set(listed) == set(LAYERS), sorted(set(LAYERS) ^ set(listed))
+    for name, modules in listed.items():
+        folder = ROOT / name
+        if not folder.is_dir():
+            continue
+        actual = {str(p.relative_to(folder).with_suffix("")) for p in folder.rglob("*.py")
+                  if p.name != "__init__.py" and "__pycache__" not in p.parts}
+        assert _modules_written(modules) == actual, (name, sorted(_modules_written(modules) ^ actual))

@@ -289,7 +289,7 @@ def test_one_predict_writes_an_output_folder_at_a_time_and_keeps_what_another_wr
                                                                                       monkeypatch):
     """Two predicts into one --out ran at once and predict.json lost the first one's files (its rerun was then
     refused): a lock inside --out admits one writer, and the record is read again under it."""
-    from embedcache.evaluation import predict as predict_module
+    from embedcache.segment import predict as predict_module
 
     image, label = sorted((data / "imagesTr").iterdir())[0], sorted((data / "labelsTr").iterdir())[0]
     common = ["--from-labels", label, "--protocol", "oracle", "--model", "tiny", "--device", "cpu", "--no-progress"]
@@ -363,7 +363,7 @@ def test_a_killed_reports_swap_leaves_a_report_and_ctrl_c_says_what_it_kept(tiny
 
 def test_dicom_output_is_checked_before_the_first_file_of_an_input_is_written(tiny_model, data, tmp_path, monkeypatch):
     """An empty prediction was refused by the SEG writer after the NIfTI was written: now no file of that input is."""
-    from embedcache.evaluation import predict as predict_module
+    from embedcache.segment import predict as predict_module
 
     series = tmp_path / "CT_0000"
     shutil.copytree(Path(__import__("conftest").pydicom_dir("dicomdirtests/98892001/CT5N")), series)

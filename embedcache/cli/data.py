@@ -45,14 +45,14 @@ def phantom(out: Path, cases: int | None, seed: int, size: int, test_cases: int,
     With --anatomy, the CT is painted around real label maps instead (organs, fat, body wall, spine,
     the crura beside the glands): real adrenal shapes, for measuring accuracy where it counts.
     """
-    from embedcache.io.phantom import PhantomConfig, write_phantom
+    from embedcache.synth.phantom import PhantomConfig, write_phantom
 
     if anatomy is not None and "size" in typed():
         raise UsageError("--size shapes the synthetic phantom; with --anatomy each CT takes its label map's grid: "
                          "drop it")
     with progress_bar(progress) as bar:
         if anatomy is not None:
-            from embedcache.io.anatomy import write_anatomy
+            from embedcache.synth.anatomy import write_anatomy
 
             names = write_anatomy(anatomy, out, cases=cases, test_cases=test_cases, seed=seed, progress=bar)
         else:

@@ -223,7 +223,7 @@ def predict(inputs, out_dir, run_dir, decoder_file, boxes_file, from_labels, pro
                            engine=engine, precision=precision, streams=streams, label_map=_text(label_map),
                            label_preset=label_preset,
                            output_types=tuple(t.strip() for t in output_types.split(",") if t.strip()))
-    from embedcache.evaluation.predict import predict as run_predict
+    from embedcache.segment.predict import predict as run_predict
 
     with progress_bar(progress) as bar:
         done = run_predict(list(inputs), out_dir, config, progress=bar)

@@ -1,7 +1,7 @@
 """The one segmenter: the slices of one volume, wherever their embeddings come from, through one mask decoder.
 
 ``score`` reads a case's embeddings from the cache (:class:`~embedcache.evaluation.score.CachedCase`), ``predict``
-encodes a new volume's slices as the walk asks for them (:class:`~embedcache.evaluation.predict.OnTheFly`); both
+encodes a new volume's slices as the walk asks for them (:class:`~embedcache.segment.predict.OnTheFly`); both
 hand a :class:`Segmenter` to the prompt protocols, so the same box gives the same mask in either (SAM's
 ``SamPredictor`` holds an image's features the same way; here one object holds "the embedding of slice z").
 """

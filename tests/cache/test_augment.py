@@ -9,7 +9,7 @@ from embedcache.cache import store
 from embedcache.cache.augment import augment_slices, source_of
 from embedcache.errors import UsageError
 from embedcache.io import labels as labels_of
-from embedcache.io.phantom import limit_target_slices, write_phantom
+from embedcache.synth.phantom import limit_target_slices, write_phantom
 
 import tiny
 from conftest import SMALL_PHANTOM, finetune_config

@@ -24,9 +24,9 @@ from embedcache.errors import CacheMismatchError, EmbedcacheError
 from embedcache.io.datasets import CaseSource, discover_cases
 from embedcache.io.geometry import Geometry
 from embedcache.io.nifti import write_nifti
-from embedcache.io.phantom import write_phantom
 from embedcache.io.volumes import read_image, read_label
 from embedcache.model.prompts import boxes_for_labels
+from embedcache.synth.phantom import write_phantom
 
 import tiny
 from conftest import SMALL_PHANTOM

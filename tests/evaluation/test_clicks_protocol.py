@@ -14,10 +14,10 @@ from embedcache.evaluation import protocols
 from embedcache.evaluation.metrics import dice
 from embedcache.evaluation.score import CachedCase
 from embedcache.io.datasets import discover_cases
-from embedcache.io.phantom import limit_target_slices
 from embedcache.io.volumes import read_label
 from embedcache.model.clicks import corrective_click
 from embedcache.model.prompts import box_from_mask, grow_box
+from embedcache.synth.phantom import limit_target_slices
 from embedcache.train.decoders import load_model, load_trained_decoder
 from embedcache.train.finetune import finetune
 

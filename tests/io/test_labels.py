@@ -14,8 +14,8 @@ from embedcache.errors import EmbedcacheError, UsageError
 from embedcache.io import labels
 from embedcache.io.labels import FLARE22, organ_of, preset, read_label_map, resolve_label_map
 from embedcache.io.nifti import write_nifti
-from embedcache.io.phantom import limit_target_slices
 from embedcache.io.volumes import read_geometry, read_label
+from embedcache.synth.phantom import limit_target_slices
 
 from conftest import cli, one_line, only_line_error, pydicom_dir
 

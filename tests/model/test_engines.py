@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from embedcache.errors import UsageError
-from embedcache.io.phantom import limit_target_slices
+from embedcache.synth.phantom import limit_target_slices
 
 from conftest import cli, one_line
 
@@ -346,9 +346,9 @@ def test_a_bf16_encoder_decodes_through_a_bf16_decoder_graph_close_to_fp32(tmp_p
         pytest.skip("this CPU has no bf16 instructions")
     import torch
 
-    from embedcache.evaluation.predict import PredictModel
     from embedcache.model.backbones import get_backbone, load_backbone
     from embedcache.model.engines import GraphDecoder
+    from embedcache.segment.predict import PredictModel
 
     backbone = get_backbone("litemedsam")
     parts, sha = load_backbone(backbone)

@@ -3,8 +3,8 @@ from __future__ import annotations
 import numpy as np
 
 from embedcache.io.datasets import discover_cases
-from embedcache.io.phantom import PhantomConfig, make_case, write_phantom
 from embedcache.io.volumes import read_image, read_label
+from embedcache.synth.phantom import PhantomConfig, make_case, write_phantom
 
 from conftest import SMALL_PHANTOM
 

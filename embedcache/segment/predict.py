@@ -1,5 +1,5 @@
 """Segment new CT from what a person gives: a 3-D box per gland, a box on one slice (a JSON file,
-:mod:`embedcache.evaluation.prompt_file`), or a label volume to draw them from. The image encoder
+:mod:`embedcache.segment.prompt_file`), or a label volume to draw them from. The image encoder
 runs on the fly; the output is a label NIfTI on the input's own grid, and the
 :class:`~embedcache.config.PredictConfig` that made it is saved beside it in ``predict.json``, with the
 names of the files predict wrote there: it never writes over an input, the labels its prompts come
@@ -27,7 +27,6 @@ import numpy as np
 from embedcache.config import PredictConfig, PreprocessConfig, ProtocolSettings
 from embedcache.errors import EmbedcacheError, UsageError
 from embedcache.evaluation import protocols
-from embedcache.evaluation.prompt_file import Request, read_boxes_file, requests_from_json
 from embedcache.evaluation.protocols import Prediction
 from embedcache.evaluation.segmenter import Decoder, Segmenter
 from embedcache.io.datasets import case_name
@@ -51,6 +50,7 @@ from embedcache.io.geometry import Geometry
 from embedcache.io.labels import LabelMap, beside, fallback_note, resolve_label_map
 from embedcache.io.nifti import write_nifti
 from embedcache.io.volumes import check_same_grid, expand_inputs, read_geometry, read_image, read_label
+from embedcache.segment.prompt_file import Request, read_boxes_file, requests_from_json
 
 logger = logging.getLogger(__name__)
 

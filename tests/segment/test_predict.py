@@ -9,11 +9,11 @@ import pytest
 
 from embedcache.errors import EmbedcacheError
 from embedcache.evaluation.metrics import dice
-from embedcache.evaluation.prompt_file import read_boxes_file, requests_from_json
 from embedcache.evaluation.protocols import box3d_from_label
 from embedcache.io.datasets import discover_cases
-from embedcache.io.phantom import limit_target_slices
 from embedcache.io.volumes import read_geometry, read_label
+from embedcache.segment.prompt_file import read_boxes_file, requests_from_json
+from embedcache.synth.phantom import limit_target_slices
 
 from conftest import cli
 
@@ -226,7 +226,7 @@ class _Bars:
 
 def test_predict_shows_inputs_done_and_slices_encoded(one_slice_case, tmp_path):
     from embedcache.config import PredictConfig
-    from embedcache.evaluation.predict import predict
+    from embedcache.segment.predict import predict
 
     case, bars = one_slice_case, _Bars()
     config = PredictConfig(from_labels=str(case.label), prompts="oracle", device="cpu")
@@ -300,7 +300,7 @@ def test_slices_told_of_are_encoded_ahead_once_each_and_those_no_longer_wanted_a
     import threading
 
     from embedcache.config import PreprocessConfig
-    from embedcache.evaluation.predict import OnTheFly
+    from embedcache.segment.predict import OnTheFly
 
     started, release, encoded = threading.Event(), threading.Event(), []
 

@@ -8,8 +8,8 @@ import pytest
 
 from embedcache.errors import EmbedcacheError
 from embedcache.io import labels as flare
-from embedcache.io.anatomy import FAT_HU, MUSCLE_HU, ORGAN_HU, write_anatomy
 from embedcache.io.volumes import check_sources, read_image, read_label
+from embedcache.synth.anatomy import FAT_HU, MUSCLE_HU, ORGAN_HU, write_anatomy
 
 from conftest import cli, one_line
 
