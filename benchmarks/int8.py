@@ -59,7 +59,9 @@ def gland_slices(cases, labels, *, every: int, limit: int | None = None) -> list
 
 class Encoder:
     """One OpenVINO model (a path or an ``ov.Model``) at one inference precision, as ``OnTheFly`` calls an encoder:
-    ``(n, S, S)`` slices in, float16 embeddings out (the cache's dtype)."""
+    ``(n, S, S)`` slices in, float16 embeddings out (the cache's dtype), one slice at a time when asked."""
+
+    streams = 0  # as eager torch: nothing encoded ahead of the walk
 
     def __init__(self, core, model, precision: str, backbone):
         settings = {"INFERENCE_PRECISION_HINT": precision, "INFERENCE_NUM_THREADS": torch.get_num_threads(),

@@ -45,6 +45,17 @@ class PreprocessConfig:
             raise UsageError(f"--slice-size must lie in 64..2048 px, got {self.slice_size}")
 
 
+
+@dataclass(frozen=True)
+class PhantomConfig:
+    """Size of each synthetic volume: ``size × size`` axial pixels of ``pixel_mm``, slices ``slice_mm`` apart."""
+
+    size: int = setting(512, "Axial pixels per side.", cli_range=(64, 1024))
+    pixel_mm: float = 0.8
+    slice_mm: float = 2.5
+    extent_mm: float = 90.0  # cranio-caudal length of the volume
+    noise_hu: float = 12.0
+
 #: Kinds of training-only copy ``encode --augment`` makes (see :mod:`embedcache.cache.augment`).
 AUGMENTS = {
     "flip": "left-right mirror; each organ's right and left labels swap, their sides read from the label map",
@@ -139,7 +150,10 @@ class EncodeConfig:
                                     "need them.")
     workers: int = setting(-1, "Processes preparing slices ahead of the encoder; -1: none on CPU, half the cores up to 8 "
                                "on CUDA.")
-    augment: tuple[str, ...] = ()  # training-only copies of every train case, one encode each (cache.augment.AUGMENTS)
+    augment: tuple[str, ...] = setting((), "Also encode training-only copies of every train case, a comma list of: "
+                                       + "; ".join(f"{kind} ({what})" for kind, what in AUGMENTS.items())
+                                       + ". Each kind costs one more encode of the training cases.",
+                                       choices=tuple(AUGMENTS))
     engine: str = engine_setting()  # what runs the image encoder (model.engines)
     precision: str = precision_setting()  # the encoder's arithmetic: fp32, or bf16 through openvino
     streams: int = streams_setting()  # slices a graph engine encodes at once; 0: measured (model.engines)
@@ -360,8 +374,11 @@ class ScoreConfig:
     cache: str = ""
     run: str | None = None
     decoder: str | None = None
-    cases: str | None = None
-    prompts: tuple[str, ...] = DEFAULT_PROTOCOLS
+    cases: str | None = setting(None, "Which cases to score [default: test cases if any, else val with --run, else "
+                                      "all].", choices=CASE_SETS)
+    prompts: tuple[str, ...] = setting(DEFAULT_PROTOCOLS, f"Prompt protocols, comma-separated: {', '.join(PROTOCOLS)} "
+                                       "(clicks: box3d and --clicks corrective clicks per gland, Dice after each).",
+                                       choices=PROTOCOLS, flag="--protocols", renamed_from=("--prompts",))
     protocol: ProtocolSettings = field(default_factory=ProtocolSettings)
     checkpoint: str | None = setting(None, "The backbone weights the cache was encoded with (default: the run's, or "
                                            "bundled).", path=True, flag="--weights", renamed_from=("--checkpoint",))
@@ -376,6 +393,9 @@ class ScoreConfig:
             raise UsageError(f"--cases {self.cases}: choose {', '.join(CASE_SETS)}")
         check_protocols(self.prompts)
 
+
+#: ``predict --output-type``: what it writes per input, and the suffix of each file (``CASE`` + suffix).
+OUTPUT_TYPES = {"nifti": ".nii.gz", "dicom-seg": ".seg.dcm", "rtstruct": ".rtstruct.dcm"}
 
 @dataclass(frozen=True)
 class PredictConfig:
@@ -398,7 +418,10 @@ class PredictConfig:
     device: str = setting("auto", "auto, cpu or cuda[:N].")
     review_iou: float = setting(0.5, "OUT/CASE.review.json lists the slices whose predicted IoU is below this: where "
                                      "to look.")
-    output_types: tuple[str, ...] = ("nifti",)  # nifti, dicom-seg, rtstruct (embedcache.io.dicom_out.OUTPUT_TYPES)
+    output_types: tuple[str, ...] = setting(("nifti",), "What to write per input, comma-separated: nifti (CASE.nii.gz), "
+                                            "dicom-seg (CASE.seg.dcm, a DICOM Segmentation) and rtstruct "
+                                            "(CASE.rtstruct.dcm, an RT Structure Set); DICOM ones need a DICOM input.",
+                                            choices=tuple(OUTPUT_TYPES), flag="--output-type")
     engine: str = engine_setting()  # what runs the image encoder (model.engines)
     precision: str = precision_setting()  # the encoder's arithmetic: fp32, or bf16 through openvino
     streams: int = streams_setting()  # slices a graph engine encodes at once; 0: measured (model.engines)
@@ -409,7 +432,6 @@ class PredictConfig:
         check_engine_names(self.engine, self.precision, self.streams)
         _one_decoder(self.run, self.decoder)
         check_options(self.label_map, self.label_preset)
-        from embedcache.io.dicom_out import OUTPUT_TYPES
 
         if not self.output_types or any(t not in OUTPUT_TYPES for t in self.output_types) \
                 or len(set(self.output_types)) != len(self.output_types):

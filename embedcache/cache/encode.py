@@ -23,13 +23,17 @@ from embedcache.cache import store
 from embedcache.cache.augment import with_augmented
 from embedcache.cache.merge import merge
 from embedcache.cache.pipeline import EncodeSummary, encode_plans
-from embedcache.cache.plan import check_inputs, finished, plan_cases, shard_folder, where
+from embedcache.cache.plan import check_inputs, existing_signature, finished, plan_cases, shard_folder, where
 from embedcache.cache.records import CaseRecord, Signature
 from embedcache.cache.store import row_bytes
 from embedcache.config import EncodeConfig
 from embedcache.errors import EmbedcacheError
 from embedcache.io.datasets import CaseSource
 from embedcache.io.files import check_free_space, write_error, writer_lock
+from embedcache.model.engines import build_encoder, check_engine
+from embedcache.model.engines import resolve_engine as resolve
+from embedcache.runtime.devices import pick_device
+from embedcache.runtime.distributed import Dist
 
 
 def _signature(config: EncodeConfig, checkpoint_sha256: str) -> Signature:
@@ -56,13 +60,12 @@ def load_encoder(config: EncodeConfig, *, device):
     import torch
 
     from embedcache.model.backbones import Weights
-    from embedcache.model.engines import build_encoder, resolve_engine
 
     weights = Weights.of(config.backbone, config.checkpoint)
     image_encoder = weights.load().image_encoder
     out_dtype = torch.float16 if config.embedding_dtype == "float16" else torch.float32
-    engine, streams = resolve_engine(config.engine, weights.backbone, image_encoder, weights.sha256, device=device,
-                                     streams=config.streams)
+    engine, streams = resolve(config.engine, weights.backbone, image_encoder, weights.sha256, device=device,
+                              streams=config.streams)
     return build_encoder(engine, weights.backbone, image_encoder, weights.sha256, device=device,
                          batch_size=config.batch_size, out_dtype=out_dtype, precision=config.precision, streams=streams)
 
@@ -71,12 +74,7 @@ def resolve_engine(config: EncodeConfig, out: Path, dist) -> EncodeConfig:
     """``config`` with ``--engine auto`` made concrete by :func:`embedcache.model.engines.resolve_engine`: the engine
     of the cache (or interrupted encode) at ``out`` where there is one, so it grows as it began; torch on CUDA or
     under torchrun; else the fastest equal engine on this CPU."""
-    from dataclasses import replace
-
-    from embedcache.cache.plan import existing_signature
     from embedcache.model.backbones import Weights
-    from embedcache.model.engines import resolve_engine as resolve
-    from embedcache.runtime.devices import pick_device
 
     if config.engine != "auto":
         return config
@@ -103,12 +101,8 @@ def encode(
     :class:`rich.progress.Progress` (or None for silence); notes go to the
     ``embedcache`` logger.
     """
-    from embedcache.runtime.distributed import Dist
-
     out = Path(out)
     check_inputs(cases, out)
-    from embedcache.model.engines import check_engine
-    from embedcache.runtime.devices import pick_device
 
     check_engine(config.engine, pick_device(config.device).type, config.precision, config.streams)  # before any work
     cases = with_augmented(cases, config.augment)  # training-only copies, each encoded as a case of its own
@@ -121,8 +115,6 @@ def encode(
 
 def _encode(cases: list[CaseSource], out: Path, config: EncodeConfig, signature: Signature, dist, *,
             progress) -> EncodeSummary:
-    from embedcache.runtime.devices import pick_device
-
     summary = EncodeSummary(out=out, cases_total=len(cases))
     done, shards = finished(out, signature, tidy=dist.main)
     plan = plan_cases(cases[dist.rank :: dist.world], config, done, shards)

@@ -12,6 +12,7 @@ import errno
 import json
 import multiprocessing
 import os
+import re
 from dataclasses import replace
 from pathlib import Path
 
@@ -79,8 +80,6 @@ def _merge_child(send, out, tmp, signature, sources) -> None:
 
 def _errno_in(message: str) -> int | None:
     """libhdf5 puts the system's errno in its message ("errno = 28") where h5py sets none."""
-    import re
-
     found = re.search(r"errno = (\d+)", message)
     return int(found.group(1)) if found else None
 
@@ -122,7 +121,7 @@ def _merge(out: Path, tmp: Path, *, signature: Signature,
 
 def _copy_chunks(src: h5py.Dataset, dst: h5py.Dataset, case: CaseRecord, row: int, source: Path) -> bool:
     """Copy ``case``'s rows of a one-row-per-chunk dataset to ``dst`` from ``row`` on as stored bytes
-    (checksummed, compressed), never decoding them: 2× faster here than reading and writing, and the
+    (checksummed, compressed), never decoding them: faster than reading and writing them, and the
     checksums still guard every read of the merged cache. False where the layouts differ (nothing copied)."""
     same = (src.chunks == dst.chunks and src.chunks is not None and src.chunks[0] == 1
             and src.compression == dst.compression and src.compression_opts == dst.compression_opts

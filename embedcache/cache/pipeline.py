@@ -232,8 +232,8 @@ def _encode_batch(rows, store: _Store, encoder, behind: WriteBehind) -> None:
 def workers_for(config: EncodeConfig, device) -> int:
     """Processes that prepare slices ahead of the encoder: ``config.workers``, or (-1) none on the
     CPU, where the encoder itself is the bottleneck and one reader thread keeps up, and on CUDA
-    half the cores up to 8: preparing a slice (read, HU, window, resample) costs ~8 ms of one core
-    here, so each worker feeds ~120 slices/s, and TinyViT on a GPU encodes several hundred."""
+    half the cores up to 8: preparing a slice (read, HU, window, resample) is cheap next to encoding it on
+    a CPU, but one core cannot keep up with a GPU encoding TinyViT (benchmarks/encode.py)."""
     if config.workers >= 0:
         return config.workers
     return max(1, min(8, (os.cpu_count() or 2) // 2)) if device.type == "cuda" else 0

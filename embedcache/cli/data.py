@@ -20,7 +20,7 @@ from embedcache.cli.common import (
     silence_notes,
 )
 from embedcache.cli.options import options, typed
-from embedcache.config import AUGMENTS, EncodeConfig, PreprocessConfig
+from embedcache.config import EncodeConfig, PhantomConfig, PreprocessConfig
 from embedcache.errors import UsageError
 from embedcache.runtime.distributed import is_main_process
 
@@ -30,7 +30,7 @@ from embedcache.runtime.distributed import is_main_process
 @click.option("--cases", default=None, type=click.IntRange(1, 10_000),
               help="Number of training volumes [default: 4; with --anatomy, every label map but the test cases].")
 @click.option("--seed", default=0, show_default=True, type=int, help="Same seed, same files.")
-@click.option("--size", default=512, show_default=True, type=click.IntRange(64, 1024), help="Axial pixels per side.")
+@options(PhantomConfig, "size")
 @click.option("--test-cases", default=0, show_default=True, type=click.IntRange(0, 10_000),
               help="More volumes in imagesTs/ + labelsTs/: held-out test cases.")
 @click.option("--anatomy", type=click.Path(path_type=Path), default=None,
@@ -45,7 +45,7 @@ def phantom(out: Path, cases: int | None, seed: int, size: int, test_cases: int,
     With --anatomy, the CT is painted around real label maps instead (organs, fat, body wall, spine,
     the crura beside the glands): real adrenal shapes, for measuring accuracy where it counts.
     """
-    from embedcache.synth.phantom import PhantomConfig, write_phantom
+    from embedcache.synth.phantom import write_phantom
 
     if anatomy is not None and "size" in typed():
         raise UsageError("--size shapes the synthetic phantom; with --anatomy each CT takes its label map's grid: "
@@ -75,10 +75,7 @@ def phantom(out: Path, cases: int | None, seed: int, size: int, test_cases: int,
 @label_map_options
 @options(PreprocessConfig, "window_width_hu", "window_level_hu", "slice_size")
 @options(EncodeConfig, "embedding_dtype", "device", "batch_size", "margin_slices", "workers")
-@click.option("--augment", default="", metavar="KINDS",
-              help="Also encode training-only copies of every train case, a comma list of: "
-                   + "; ".join(f"{kind} ({what})" for kind, what in AUGMENTS.items())
-                   + ". Each kind costs one more encode of the training cases.")
+@options(EncodeConfig, "augment")
 @options(EncodeConfig, "engine", "precision", "streams")
 @progress_option
 @friendly_errors
@@ -116,7 +113,7 @@ def encode(data, out, images, labels_, series, labels, label_map, label_preset, 
     preprocess = PreprocessConfig(**{f.name: settings.pop(f.name) for f in fields(PreprocessConfig)})
     checkpoint = settings.pop("checkpoint")
     config = EncodeConfig(**settings, checkpoint=str(checkpoint) if checkpoint else None, labels=labels,
-                          preprocess=preprocess, augment=tuple(k.strip() for k in augment.split(",") if k.strip()),
+                          preprocess=preprocess, augment=augment,
                           label_map=mapping)
     if data is not None:
         cases = discover_cases(data)

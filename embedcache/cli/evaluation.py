@@ -17,8 +17,7 @@ from embedcache.cli.common import (
     resolve_labels,
     say_to,
 )
-from embedcache.cli.options import old_spellings, options, typed
-from embedcache.config import CASE_SETS, DEFAULT_PROTOCOLS, PROTOCOLS
+from embedcache.cli.options import options, typed
 from embedcache.errors import EmbedcacheError, UsageError
 
 #: The fields of the prompt protocols' settings, shared by score and predict, in the order --help lists them.
@@ -58,12 +57,7 @@ def _settings(params: dict):
 @click.option("--run", "run_dir", type=click.Path(path_type=Path), default=None, help="A finetune run folder.")
 @click.option("--decoder", "decoder_file", type=click.Path(path_type=Path), default=None,
               help="A fine-tuned decoder file (RUN_DIR/decoder.safetensors) instead of --run.")
-@click.option("--cases", default=None, type=click.Choice(list(CASE_SETS)),
-              help="Which cases to score [default: test cases if any, else val with --run, else all].")
-@old_spellings("prompts", "--protocols", ("--prompts",))
-@click.option("--protocols", "prompts", default=",".join(DEFAULT_PROTOCOLS), show_default=True,
-              help=f"Prompt protocols, comma-separated: {', '.join(PROTOCOLS)} (clicks: box3d and --clicks corrective "
-                   "clicks per gland, Dice after each).")
+@score_options("cases", "prompts")
 @protocol_options
 @score_options("checkpoint", "data", "device")
 @progress_option
@@ -79,12 +73,11 @@ def score(cache, out_dir, run_dir, decoder_file, cases, prompts, checkpoint, dat
     """
     from embedcache.cache.store import open_cache
     from embedcache.config import ScoreConfig
-    from embedcache.evaluation.protocols import parse_protocols
     from embedcache.train.checkpoint import checkpoint_file, read_signature
     from embedcache.train.decoders import check_decoder_fits
 
     config = ScoreConfig(cache=str(cache), run=_text(run_dir), decoder=_text(decoder_file), cases=cases,
-                         prompts=parse_protocols(prompts), protocol=_settings(protocol),
+                         prompts=prompts, protocol=_settings(protocol),
                          checkpoint=_text(checkpoint), data=_text(data), device=device)
     with open_cache(cache) as opened:  # a mistyped path or a decoder for another cache costs a second, not torch's import
         if run_dir or decoder_file:
@@ -192,9 +185,7 @@ def evaluate(pred, labels_dir, out_dir, labels, label_map, label_preset, name, p
 @predict_options("prompts")
 @protocol_options
 @predict_options("series")
-@click.option("--output-type", "output_types", default="nifti", show_default=True,
-              help="What to write per input, comma-separated: nifti (CASE.nii.gz), dicom-seg (CASE.seg.dcm, a DICOM "
-                   "Segmentation) and rtstruct (CASE.rtstruct.dcm, an RT Structure Set); DICOM ones need a DICOM input.")
+@predict_options("output_types")
 @predict_options("review_iou")
 @label_map_options
 @predict_options("engine", "precision", "streams", "model", "checkpoint", "device")
@@ -222,7 +213,7 @@ def predict(inputs, out_dir, run_dir, decoder_file, boxes_file, from_labels, pro
                            series=series, model=model, checkpoint=_text(checkpoint), device=device, review_iou=review_iou,
                            engine=engine, precision=precision, streams=streams, label_map=_text(label_map),
                            label_preset=label_preset,
-                           output_types=tuple(t.strip() for t in output_types.split(",") if t.strip()))
+                           output_types=output_types)
     from embedcache.segment.predict import predict as run_predict
 
     with progress_bar(progress) as bar:

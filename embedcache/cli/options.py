@@ -28,7 +28,10 @@ def option(cls, name: str, *short: str, **overrides):
     flag = meta["flag"] or "--" + name.replace("_", "-")
     kwargs: dict = {"default": default, "help": meta["help"], "show_default": default is not None}
     declarations = [flag, *short]
-    if isinstance(default, bool):
+    if isinstance(default, tuple):  # a comma list, checked against its choices by the config
+        kwargs.update(default=",".join(map(str, default)), show_default=bool(default), callback=comma_list,
+                      metavar="A,B,...")
+    elif isinstance(default, bool):
         if default:
             declarations = [f"{flag}/--no-{flag[2:]}", *short]
         else:
@@ -45,16 +48,17 @@ def option(cls, name: str, *short: str, **overrides):
     made = click.option(*declarations, name, **{**kwargs, **overrides})
     if not meta.get("renamed_from"):
         return made
-    return lambda func: old_spellings(name, flag, meta["renamed_from"], type=kwargs.get("type"))(made(func))
+    return lambda func: old_spellings(name, flag, meta["renamed_from"], type=kwargs.get("type"),
+                                      callback=kwargs.get("callback"))(made(func))
 
 
-def old_spellings(name: str, flag: str, olds: tuple[str, ...], *, type=None):
+def old_spellings(name: str, flag: str, olds: tuple[str, ...], *, type=None, callback=None):
     """Keep taking the old spellings ``olds`` of the option ``flag`` (which fills parameter ``name``) for a release:
     each a hidden option whose value, typed, fills ``name`` with a note on stderr. Put it above the option."""
     def decorate(func):
         for old in olds:  # hidden: --help shows the one name
             func = click.option(old, name + _RENAMED + old[2:].replace("-", "_"), default=None, hidden=True,
-                                type=type)(func)
+                                type=type, callback=callback)(func)
         return _take_old_spellings(func, name, flag)
 
     return decorate
@@ -78,6 +82,13 @@ def _take_old_spellings(func, name: str, flag: str):
         return func(*args, **kwargs)
 
     return command
+
+
+def comma_list(ctx, param, value: str | tuple | None) -> tuple[str, ...] | None:
+    """``"a, b,,c"`` → ``("a", "b", "c")``: the value of an option whose field holds a tuple."""
+    if value is None or isinstance(value, tuple):
+        return value
+    return tuple(part.strip() for part in value.split(",") if part.strip())
 
 
 def options(cls, *names: str):

@@ -15,6 +15,7 @@ from embedcache.config import check_label_ids
 from embedcache.errors import EmbedcacheError, UsageError
 from embedcache.evaluation.metrics import gland_metrics
 from embedcache.evaluation.report import Report, check_report_folder, report_labels, write_report
+from embedcache.io.dicom_out import read_seg
 from embedcache.io.files import same_file
 from embedcache.io.labels import FLARE22, LabelMap
 from embedcache.io.nifti import is_nifti, nifti_stem
@@ -44,8 +45,6 @@ def _read_prediction(path: Path, geometry, truth_path: Path, label_map: LabelMap
     """A prediction's label array on the ground truth's grid (``geometry``, of ``truth_path``): a NIfTI on
     the same grid, or a DICOM SEG placed by its frames' positions."""
     if path.name.endswith(SEG):
-        from embedcache.io.dicom_out import read_seg
-
         return read_seg(path, geometry, label_map=label_map)
     pred = read_label(path)
     check_same_grid(geometry, pred.geometry, image_path=truth_path, label_path=path)

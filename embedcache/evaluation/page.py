@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
+from embedcache.cache.preprocess import window_hu
 from embedcache.io.files import atomic_path
 
 COLOURS = {"vanilla": "#d62728", "finetuned": "#e6b800", "prediction": "#1f77b4"}
@@ -128,8 +129,6 @@ def learning_curve(log_csv: Path, path: Path) -> Path | None:
 
 def overlay_png(o: Overlay, out_dir: Path) -> Path:
     """The CT around the gland, ground truth (green), each model's contour and the box (white, dashed)."""
-    from embedcache.cache.preprocess import window_hu
-
     plt = _pyplot()
     height, width = o.hu.shape
     ys, xs = np.nonzero(o.truth | np.any([m for m in o.masks.values()], axis=0))

@@ -3,9 +3,12 @@ slope and intercept, slices ordered by their position along the slice normal."""
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import numpy as np
+import pydicom
+from pydicom.errors import InvalidDicomError
 
 from embedcache.errors import EmbedcacheError
 from embedcache.errors import reason as _reason
@@ -31,10 +34,6 @@ ENHANCED_CT = {"1.2.840.10008.5.1.4.1.1.2.1", "1.2.840.10008.5.1.4.1.1.2.2"}
 def _meant_as_slice(path: Path) -> bool:
     """A file pydicom cannot read as DICOM that is a slice all the same: named like one, or holding DICOM
     tags without the Part 10 header (damaged, or written raw). Dropping it would shift every slice after it."""
-    import warnings
-
-    import pydicom
-
     suffix = path.suffix.lower()
     if path.name.startswith(".") or suffix in NOTES:
         return False  # the system's own files (.DS_Store), notes and pictures
@@ -60,9 +59,6 @@ def _multiframe_ct(ds) -> bool:
 def _dicom_headers(folder: Path, series_uid: str | None):
     """The headers of one CT series in ``folder``, checked for one series, CT, and one slice geometry.
     A file that is no readable DICOM yet looks meant as a slice refuses the series; notes beside it do not."""
-    import pydicom
-    from pydicom.errors import InvalidDicomError
-
     headers = []
     for path in dicom_files(folder):
         try:
@@ -158,8 +154,6 @@ def _dicom_layout(folder: Path, headers) -> tuple[list[Path], Geometry]:
 
 
 def read_dicom(folder: Path, series_uid: str | None) -> tuple[np.ndarray, Geometry]:
-    import pydicom
-
     paths, geometry = _dicom_layout(folder, _dicom_headers(folder, series_uid))
     slices = []
     for path in paths:

@@ -8,10 +8,14 @@ saying which extra to install.
 from __future__ import annotations
 
 import contextlib
+import importlib
 import io
 from pathlib import Path
 
 import numpy as np
+import pydicom
+from pydicom.sr.coding import Code
+from pydicom.valuerep import format_number_as_ds
 
 from embedcache import __version__
 from embedcache.errors import EmbedcacheError, UsageError
@@ -20,13 +24,9 @@ from embedcache.io.labels import ANATOMICAL_STRUCTURE, SCT, LabelMap
 
 #: The segmented property category of every segment: (code, scheme, meaning).
 ANATOMY = (ANATOMICAL_STRUCTURE[0], SCT, ANATOMICAL_STRUCTURE[1])
-#: Output kinds of ``predict --output-type`` and the suffix of each file beside ``CASE``.
-OUTPUT_TYPES = {"nifti": ".nii.gz", "dicom-seg": ".seg.dcm", "rtstruct": ".rtstruct.dcm"}
 
 
 def _require(module: str, extra: str = "dicom"):
-    import importlib
-
     try:
         return importlib.import_module(module)
     except ImportError:
@@ -53,8 +53,6 @@ def source_frames(labels_ijk: np.ndarray) -> np.ndarray:
 
 def _sources(folder: Path, series_uid: str | None):
     """The series' files and headers in the file-order array's slice order; one frame of reference."""
-    import pydicom
-
     paths, _ = series_layout(folder, series_uid)
     headers = [pydicom.dcmread(p, stop_before_pixels=True) for p in paths]
     frames = sorted({str(ds.get("FrameOfReferenceUID", "")) for ds in headers})
@@ -90,16 +88,12 @@ def _fill_classes(paths: list[Path], headers) -> bool:
 
 
 def series_uid_of(folder: Path, series_uid: str | None) -> str:
-    import pydicom
-
     paths, _ = series_layout(folder, series_uid)
     return str(pydicom.dcmread(paths[0], stop_before_pixels=True).SeriesInstanceUID)
 
 
 def referenced_series(path: Path) -> set[str]:
     """The series a SEG or an RT Structure Set refers to (empty for any other file)."""
-    import pydicom
-
     try:
         ds = pydicom.dcmread(path, stop_before_pixels=True)
     except Exception:  # noqa: BLE001  (not DICOM, unreadable: not an object for any series)
@@ -134,7 +128,6 @@ def write_seg(out: Path, folder: Path, labels_ijk: np.ndarray, *, series_uid: st
     ``folder``: one segment per label present, empty frames omitted, named and coded from ``label_map``.
     ``decoder``: what made it (the checkpoint's digest), in the algorithm identification."""
     hd = _require("highdicom")
-    from pydicom.sr.coding import Code
 
     check_labels(label_ids, label_map)
     paths, sources = _sources(folder, series_uid)
@@ -284,8 +277,6 @@ def _complete(ds, source, names) -> None:
     """What rt-utils leaves out or writes too long, for a Structure Set that passes dciodvfy: contour
     coordinates as DS of at most 16 characters, the study's and the frame of reference's type 1 and 2
     attributes from the source, and embedcache named as the maker."""
-    from pydicom.valuerep import format_number_as_ds
-
     for roi in ds.ROIContourSequence:
         for contour in roi.ContourSequence:
             contour.ContourData = [format_number_as_ds(float(v)) for v in contour.ContourData]

@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import json
 import os
 import re
 import secrets
 import shutil
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Iterator
 
@@ -174,8 +175,6 @@ def atomic_path(path: Path, *, keep_suffix: bool = False, needed: int | None = N
 def read_json(path: Path, *, what: str = "JSON file", fix: str = "", unique_keys: bool = False):
     """The JSON value in ``path``; a missing, unreadable or malformed file is one line naming it. With
     ``unique_keys``, an object that names a key twice is refused (JSON keeps the last silently)."""
-    import json
-
     def pairs(items):
         seen = set()
         for key, _ in items:
@@ -209,8 +208,6 @@ def lock_path(path: Path) -> Path:
 
 def writer_lock(path: Path, *, main: bool = True):
     """The :class:`WriterLock` of ``path`` in the process that writes it (``main``), else nothing to hold."""
-    from contextlib import nullcontext
-
     return WriterLock(lock_path(path), what=str(path)) if main else nullcontext()
 
 

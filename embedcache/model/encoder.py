@@ -119,9 +119,9 @@ def embeddings_to_host(embeddings: torch.Tensor, device: torch.device) -> HostEm
 class ImageEncoder(Encoder):
     """``backbone``'s image encoder on ``device``, in inference mode (fp16 autocast on CUDA).
 
-    ``batch_size`` 0 picks the device's best: 1 on CPU (TinyViT runs 0.47 slices/s at batch 1 and
-    0.31 at 4 on 2 cores); on CUDA the largest power of two up to 32 whose activations, measured
-    on one slice, fit in half the free memory (a T4 and an H100 differ by 5× in memory).
+    ``batch_size`` 0 picks the device's best: 1 on CPU (larger batches encode fewer slices a second there:
+    benchmarks/encode.py); on CUDA the largest power of two up to 32 whose activations, measured on one slice,
+    fit in half the free memory.
     ``out_dtype``: the embeddings' dtype (None: float16).
     """
 
@@ -134,8 +134,8 @@ class ImageEncoder(Encoder):
 
         self.backbone, self.device = backbone, device
         self.out_dtype = torch.float16 if out_dtype is None else out_dtype
-        # channels_last lets oneDNN/cuDNN run TinyViT's convolutions without layout reorders
-        # (measured 1.3× on this 2-core CPU); for ViT it only touches the patch embedding.
+        # channels_last lets oneDNN/cuDNN run TinyViT's convolutions without layout reorders;
+        # for ViT it only touches the patch embedding.
         self.model = image_encoder.to(device, memory_format=torch.channels_last).eval().requires_grad_(False)
         self.cuda = device.type == "cuda"
         if not self.cuda:

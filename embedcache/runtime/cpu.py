@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 import os
+import platform
 from pathlib import Path
 
 
@@ -57,8 +58,6 @@ def _cpuinfo(text: str | None = None) -> dict[str, str]:
 
 def cpu_name() -> str:
     """The CPU's model name (Linux ``/proc/cpuinfo``), else what :mod:`platform` says."""
-    import platform
-
     return _cpuinfo().get("model name") or platform.processor() or platform.machine()
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 from embedcache.errors import EmbedcacheError
 
 
@@ -21,12 +23,11 @@ def keep_freed_memory() -> None:
     """Ask glibc to keep freed activation buffers instead of unmapping them after every layer.
 
     The encoder and the decoder's backward allocate and free tens of MiB per layer; with glibc's
-    defaults each becomes an mmap/munmap pair and page faults, which cost ~30 % of the TinyViT
-    encoder's CPU time here (measured: sys time 33 s of 76 s) and ~7 % of a decoder step.
+    defaults each becomes an mmap/munmap pair and page faults, a large share of the encoder's CPU
+    time (system time) and a smaller one of a decoder step.
     Process-wide; Linux/glibc only, elsewhere a no-op.
     """
     import ctypes
-    import sys
 
     if not sys.platform.startswith("linux"):
         return

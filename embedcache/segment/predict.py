@@ -19,28 +19,31 @@ import time
 from concurrent.futures import ThreadPoolExecutor, wait
 from contextlib import ExitStack
 from dataclasses import asdict, dataclass
-from functools import partial
+from functools import cache, partial
 from pathlib import Path
 
 import numpy as np
 
-from embedcache.config import PredictConfig, PreprocessConfig, ProtocolSettings
+from embedcache.cache.preprocess import slice_to_model
+from embedcache.config import OUTPUT_TYPES, PredictConfig, PreprocessConfig, ProtocolSettings
 from embedcache.errors import EmbedcacheError, UsageError
 from embedcache.evaluation import protocols
 from embedcache.evaluation.protocols import Prediction
 from embedcache.evaluation.segmenter import Decoder, Segmenter
 from embedcache.io.datasets import case_name
 from embedcache.io.dicom_out import (
-    OUTPUT_TYPES,
     check_labels,
     check_no_other_object,
     check_only_series,
     check_source_series,
+    write_rtstruct,
+    write_seg,
 )
 from embedcache.io.files import (
     WriterLock,
     atomic_path,
     atomic_write_text,
+    file_sha256,
     make_output_folder,
     partials_of,
     read_json,
@@ -50,7 +53,18 @@ from embedcache.io.geometry import Geometry
 from embedcache.io.labels import LabelMap, beside, fallback_note, resolve_label_map
 from embedcache.io.nifti import write_nifti
 from embedcache.io.volumes import check_same_grid, expand_inputs, read_geometry, read_image, read_label
+from embedcache.model.engines import (
+    GRAPH_ENGINES,
+    GraphDecoder,
+    build_encoder,
+    check_engine,
+    resolve_engine,
+    timing_waits_for,
+)
+from embedcache.runtime.devices import pick_device
 from embedcache.segment.prompt_file import Request, read_boxes_file, requests_from_json
+from embedcache.train.checkpoint import checkpoint_file, read_signature
+from embedcache.train.decoders import load_model, load_trained_decoder
 
 logger = logging.getLogger(__name__)
 
@@ -201,8 +215,6 @@ class OnTheFly:
         self._pool = None
 
     def _encode(self, z: int):
-        from embedcache.cache.preprocess import slice_to_model
-
         pre = self.preprocess
         image = slice_to_model(self.hu[z], width_hu=pre.window_width_hu, level_hu=pre.window_level_hu,
                                slice_size=pre.slice_size)
@@ -214,8 +226,8 @@ class OnTheFly:
     def ahead(self, zs) -> None:
         """Encode slices ``zs`` (in this order) before they are asked for; those told before and not yet begun that
         are not among them are dropped. Only a graph engine encodes ahead: eager torch beside the eager decoder
-        made predict slower on a 2-core CPU (their thread pools contend), so torch encodes when asked."""
-        if not getattr(self.encoder, "streams", 0):  # 0: eager torch, which encodes when asked (Encoder.streams)
+        made predict slower on a CPU (their thread pools contend), so torch encodes when asked."""
+        if not self.encoder.streams:  # 0: eager torch, which encodes when asked (Encoder.streams)
             return
         wanted = set(zs)
         for z in [z for z in self._coming if z not in wanted]:
@@ -281,9 +293,6 @@ class PredictResult:
 def predict(inputs: list[Path], out_dir: Path, config: PredictConfig, *, progress=None) -> PredictResult:
     """Write ``out_dir/CASE.nii.gz`` for each input; returns the files written, the errors of those that failed and
     the pace."""
-    from embedcache.train.checkpoint import checkpoint_file, read_signature
-    from embedcache.train.decoders import load_trained_decoder
-
     decoder = checkpoint_file(Path(config.run or config.decoder)) if config.run or config.decoder else None
     trained_on = read_signature(decoder) if decoder else None  # the header alone: the inputs come first
     labels = trained_on.labels if trained_on else None
@@ -293,8 +302,6 @@ def predict(inputs: list[Path], out_dir: Path, config: PredictConfig, *, progres
     jobs, errors = plan(expand_inputs(inputs), out_dir, config, labels=labels, label_map=label_map, owned=owned)
     if not jobs:
         return PredictResult([], errors, note=note)
-    from embedcache.model.engines import check_engine
-    from embedcache.runtime.devices import pick_device
 
     # what can be refused without the model is refused before OUT is made: no empty folder is left behind
     check_engine(config.engine, pick_device(config.device).type, config.precision, config.streams)
@@ -306,7 +313,8 @@ def predict(inputs: list[Path], out_dir: Path, config: PredictConfig, *, progres
     coming = reader.submit(read, jobs[0].image)
     held = ExitStack()
     try:
-        model = _load(trained, config, settle=partial(wait, [coming]))
+        with timing_waits_for(partial(wait, [coming])):  # a measurement, if one runs, times a quiet CPU
+            model = _load(trained, config)
         make_output_folder(out_dir)  # once the model is in hand: a refused model leaves no empty folder behind
         held.enter_context(WriterLock(Path(out_dir) / LOCK, what=str(out_dir)))  # one predict writes here at a time
         owned = written_before(Path(out_dir))  # what another predict wrote here since the checks counts too
@@ -316,7 +324,6 @@ def predict(inputs: list[Path], out_dir: Path, config: PredictConfig, *, progres
             for leftover in (p for path in job.files for p in partials_of(path)):
                 if leftover.is_file():
                     leftover.unlink()
-        from embedcache.io.files import file_sha256
 
         made_by = f"sha256 {file_sha256(decoder)[:16]}" if decoder else f"vanilla {config.model}"
         # Recorded before they are written: an interrupted run's outputs are still known as predict's own.
@@ -393,7 +400,6 @@ def _write_output(kind: str, path: Path, result: np.ndarray, image, job: Job, co
     if kind == "nifti":
         write_nifti(result, image.geometry, path)
         return
-    from embedcache.io.dicom_out import write_rtstruct, write_seg
 
     source = image.geometry.to_source(result)
     with atomic_path(path, keep_suffix=True) as tmp:  # rt-utils adds .dcm to a name without it
@@ -500,20 +506,14 @@ class PredictModel:
         return label
 
 
-def _load(trained, config: PredictConfig, *, settle=None) -> PredictModel:
+def _load(trained, config: PredictConfig) -> PredictModel:
     """The model of ``config`` (the trained decoder's backbone and preprocessing, where there is one). With a CPU
     graph engine the encoder and the decoder run as exported graphs, and the eager model is loaded only to export
     them (once per weights) or to decode a prompt with clicks: a graph engine's predict spends no time building it.
-    ``settle()`` waits for the first input's read before an engine measurement times anything."""
-    from functools import cache
-
+"""
     import torch
 
-    from embedcache.io.files import file_sha256
     from embedcache.model.backbones import Weights
-    from embedcache.model.engines import GRAPH_ENGINES, GraphDecoder, build_encoder, resolve_engine
-    from embedcache.runtime.devices import pick_device
-    from embedcache.train.decoders import load_model
 
     preprocess, dtype, name = PreprocessConfig(), "float16", config.model
     if trained is not None:
@@ -530,10 +530,10 @@ def _load(trained, config: PredictConfig, *, settle=None) -> PredictModel:
         return load_model(name, trained=trained, checkpoint=weights.path, device=dev, vanilla=False)
 
     engine, streams = resolve_engine(config.engine, backbone, lambda: model().parts.image_encoder, sha, device=dev,
-                                     streams=config.streams, settle=settle)
+                                     streams=config.streams)
     encoder = build_encoder(engine, backbone, lambda: model().parts.image_encoder, sha, device=dev,
                             out_dtype=torch.float16 if dtype == "float16" else torch.float32,
-                            precision=config.precision, streams=streams, settle=settle)
+                            precision=config.precision, streams=streams)
     if engine in GRAPH_ENGINES:  # the decoder runs where the encoder does, at its precision
         decode = GraphDecoder(engine, backbone, lambda: (model().parts.prompt_encoder, model().decoder), sha,
                               file_sha256(trained.source) if trained else "vanilla", precision=config.precision)

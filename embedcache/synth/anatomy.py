@@ -15,6 +15,7 @@ left, ``y`` toward posterior (:mod:`embedcache.io.geometry`).
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +23,8 @@ import numpy as np
 from embedcache.errors import EmbedcacheError
 from embedcache.io import labels as flare
 from embedcache.io.labels import DATASET_JSON, write_dataset_json
+from embedcache.io.nifti import is_nifti, nifti_stem, write_nifti
+from embedcache.io.volumes import read_label
 
 #: Mean HU of each labelled organ, portal-venous phase, and of the structures drawn around them.
 ORGAN_HU = {
@@ -120,11 +123,6 @@ def write_anatomy(labels_dir: Path, out: Path, *, cases: int | None, test_cases:
     first ``cases`` (None: all but the test cases) into ``imagesTr/`` + ``labelsTr/``, the next
     ``test_cases`` into ``imagesTs/`` + ``labelsTs/``; each CT painted on its label map's own grid and
     affine, the label map copied as it is. Returns the case names."""
-    import shutil
-
-    from embedcache.io.nifti import is_nifti, nifti_stem, write_nifti
-    from embedcache.io.volumes import read_label
-
     labels_dir, out = Path(labels_dir), Path(out)
     if not labels_dir.is_dir():
         raise EmbedcacheError(f"{labels_dir}: no such folder; --anatomy takes a folder of label NIfTIs")

@@ -12,12 +12,13 @@ posterior, ``z`` toward superior, which is also the canonical array order of :mo
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from embedcache.config import PhantomConfig
 from embedcache.errors import EmbedcacheError
+from embedcache.io.geometry import Geometry
 from embedcache.io.labels import (
     ADRENALS,
     AORTA,
@@ -31,20 +32,11 @@ from embedcache.io.labels import (
     SPLEEN,
     write_dataset_json,
 )
+from embedcache.io.nifti import write_nifti
+from embedcache.io.volumes import read_label
 
 #: Fill values of the phantom's tissues, in HU.
 AIR_HU, FAT_HU, MUSCLE_HU = -1000.0, -95.0, 50.0
-
-
-@dataclass(frozen=True)
-class PhantomConfig:
-    """Size of each synthetic volume: ``size × size`` axial pixels of ``pixel_mm``, slices ``slice_mm`` apart."""
-
-    size: int = 512
-    pixel_mm: float = 0.8
-    slice_mm: float = 2.5
-    extent_mm: float = 90.0  # cranio-caudal length of the volume
-    noise_hu: float = 12.0
 
 
 class _Canvas:
@@ -177,9 +169,6 @@ def write_phantom(out: Path, *, cases: int, seed: int, config: PhantomConfig = P
     Files are stored in RAS+ array order (not the canonical one), so every read exercises the
     reorientation. Returns the case names.
     """
-    from embedcache.io.geometry import Geometry
-    from embedcache.io.nifti import write_nifti
-
     out = Path(out)
     folders = [("imagesTr", "labelsTr")] * cases + [("imagesTs", "labelsTs")] * test_cases
     names = [f"PHANTOM_{i + 1:04d}" for i in range(len(folders))]
@@ -213,9 +202,6 @@ def limit_target_slices(data: Path, *, per_case: int, labels: tuple[int, ...] = 
     For tests and benchmarks that want a given number of target slices: encoding and an epoch
     then cost a known amount, whatever the glands' extent.
     """
-    from embedcache.io.nifti import write_nifti
-    from embedcache.io.volumes import read_label
-
     for path in sorted((Path(data) / "labelsTr").glob("*.nii.gz")) + sorted((Path(data) / "labelsTs").glob("*.nii.gz")):
         label = read_label(path)
         array = label.array.copy()

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from embedcache.cache.augment import source_of
 from embedcache.cache.store import Cache
 from embedcache.errors import EmbedcacheError, UsageError
 from embedcache.io.files import read_json
@@ -94,8 +95,6 @@ def choose_split(cache: Cache, *, split_file: str | None, val_fraction: float, s
 def augmented_of(cache: Cache, train: tuple[str, ...]) -> list[str]:
     """The augmented copies (set ``augment``) of the ``train`` cases: what a fine-tune adds to its training
     set, and nowhere else."""
-    from embedcache.cache.augment import source_of
-
     chosen = set(train)
     return [c.name for c in cache.cases if c.subset == "augment" and c.n_rows > 0 and source_of(c.name)[0] in chosen]
 

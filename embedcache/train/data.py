@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from embedcache.cache.store import Cache
+from embedcache.model.clicks import SEED_BITS
 from embedcache.model.decoder import LOW_RES
 from embedcache.model.prompts import box_present, grow_box, jitter_boxes, outward_boxes, union_box
 from embedcache.runtime.readahead import ReadAhead
@@ -190,8 +191,6 @@ def draw_clicks(prompts: PromptIndex, which: np.ndarray, *, mode: str, max_point
                 rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Point counts, box flags and click seeds of prompts ``which`` under ``mode`` (:data:`embedcache.config.POINT_MODES`).
     A stop prompt (nothing to click on) keeps its box under ``mixed``."""
-    from embedcache.model.clicks import SEED_BITS
-
     n = len(which)
     count, box = np.zeros(n, np.int64), np.ones(n, bool)
     if mode == "box+points":

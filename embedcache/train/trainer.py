@@ -19,6 +19,7 @@ import torch
 
 from embedcache.config import FinetuneConfig
 from embedcache.model.backbones import Backbone, load_backbone
+from embedcache.model.clicks import training_clicks
 from embedcache.model.decoder import PromptDecoder
 from embedcache.model.losses import dice_ce_per_prompt, iou_mse_per_prompt
 from embedcache.train.data import Batch
@@ -61,8 +62,8 @@ class TrainStep:
     Losses and finiteness stay on the device until :meth:`end_epoch`, so a GPU step never waits
     for the host. ``global_count`` is the prompt count of the whole (all-rank) batch, and each
     prompt's loss is weighted by it, so a batch may run as micro-batches of ``micro_batch`` prompts
-    whose gradients add up to the whole batch's (on 2 CPU cores a decoder forward + backward
-    costs 0.23 s per prompt in fours and 0.36 s in sixteens: the activations leave the caches).
+    whose gradients add up to the whole batch's (on a CPU small micro-batches are faster per prompt: the
+    activations of large ones leave the caches).
     """
 
     def __init__(self, net, optimizer, scheduler, params, *, autocast, scaler, grad_clip: float, world: int = 1,
@@ -94,7 +95,6 @@ class TrainStep:
         embeddings, boxes = batch.embeddings[part], batch.boxes[part]
         if k == 0:
             return self.net(embeddings, boxes)
-        from embedcache.model.clicks import training_clicks
 
         prediction = None
         if box:  # the clicks correct what the decoder draws for the box alone

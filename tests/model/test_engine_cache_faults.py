@@ -286,3 +286,30 @@ def test_an_auto_record_out_of_bounds_is_measured_again(change, cache, tiny_chec
     held = json.loads(record.read_text())
     assert chosen == held["chosen"] == "torch"  # all equally fast: the first, as measured, not as the record said
     assert all(1 <= k <= 2 for k in held["streams"].values())
+
+
+def test_a_measurement_waits_for_what_predict_names_and_a_record_waits_for_nothing(cache, tiny_checkpoint,
+                                                                                    monkeypatch):
+    """predict reads its first input while the model loads; a streams measurement must not time the CPU while that
+    read runs: inside ``timing_waits_for(settle)`` it calls ``settle()`` before it times anything, and where its
+    record answers it neither times nor waits."""
+    from embedcache.model.engines import choose_streams, measure, timing_waits_for
+    from embedcache.runtime import cpu
+
+    import tiny
+
+    events = []
+    monkeypatch.setattr(cpu, "cpu_threads", lambda: 2)
+    monkeypatch.setattr(measure, "time_pipelined",
+                        lambda runners, *a, **k: events.append("timed") or {1: 1.0, 2: 0.5})
+    graph = next(cache.glob("tiny-*.onnx"))
+    backbone = tiny.tiny_backbone(tiny_checkpoint)
+    with timing_waits_for(lambda: events.append("settled")):
+        assert choose_streams("onnxruntime", graph, "fp32", backbone) == 2
+    assert events == ["settled", "timed"]
+    events.clear()
+    with timing_waits_for(lambda: events.append("settled")):
+        assert choose_streams("onnxruntime", graph, "fp32", backbone) == 2  # the record answers
+    assert events == []
+    measure.streams_record(graph, "onnxruntime", "fp32").unlink()
+    assert choose_streams("onnxruntime", graph, "fp32", backbone) == 2 and events == ["timed"]  # outside: no wait

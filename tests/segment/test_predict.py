@@ -313,9 +313,15 @@ def test_slices_told_of_are_encoded_ahead_once_each_and_those_no_longer_wanted_a
             release.wait(10)
             return slices.copy()
 
+    class Eager:  # stands in for eager torch: encodes when asked, never ahead
+        streams = 0
+
+        def __call__(self, slices):
+            return slices.copy()
+
     hu = np.stack([np.full((64, 64), 100.0 * z - 400) for z in range(6)]).astype(np.float32)
     volume = OnTheFly(hu, Encoder(), PreprocessConfig(slice_size=64))
-    on_demand = OnTheFly(hu, lambda s: s.copy(), PreprocessConfig(slice_size=64))
+    on_demand = OnTheFly(hu, Eager(), PreprocessConfig(slice_size=64))
     volume.ahead([2, 3, 4, 5])
     assert started.wait(10)  # slice 2 is being encoded; 3, 4 and 5 wait behind it
     volume.ahead([2, 1])  # the walk turned: 3..5 are dropped, 1 comes after 2

@@ -39,7 +39,7 @@ The CPU's identity and threads are :mod:`embedcache.runtime.cpu`'s (re-exported 
 
 from embedcache.model.engines.adapters import GraphDecoder, GraphEncoder, build_encoder
 from embedcache.model.engines.auto import EQUAL_TOLERANCE, auto_record, choose_engine, resolve_engine, streams_for_auto
-from embedcache.model.engines.measure import STREAMS_GAIN, choose_streams
+from embedcache.model.engines.measure import STREAMS_GAIN, choose_streams, timing_waits_for
 from embedcache.model.engines.names import ENGINES, EXTRA, GRAPH_ENGINES, cache_folder, check_engine, installed_engines
 from embedcache.model.engines.sessions import BLOB_RECORD, openvino_cache_dir
 from embedcache.model.engines.store import (
@@ -56,4 +56,4 @@ __all__ = ["BLOB_RECORD", "CPU_FEATURES", "DECODER_GRAPH", "ENGINES", "EQUAL_TOL
            "EXTERNAL_DATA_BYTES", "EXTRA", "GRAPH_ENGINES", "OPSET", "STREAMS_GAIN", "GraphDecoder", "GraphEncoder",
            "auto_record", "build_encoder", "cache_folder", "cgroup_cpu_quota", "check_engine", "choose_engine",
            "choose_streams", "cpu_identity", "cpu_name", "cpu_threads", "exported_decoder", "exported_encoder",
-           "installed_engines", "openvino_cache_dir", "resolve_engine", "streams_for_auto"]
+           "installed_engines", "openvino_cache_dir", "resolve_engine", "streams_for_auto", "timing_waits_for"]

@@ -5,6 +5,7 @@ and :class:`GraphDecoder`, in :func:`~embedcache.model.decoder.decode_boxes`'s p
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -25,14 +26,14 @@ class GraphEncoder(Encoder):
     release the GIL: encode's reader thread prepares the next case meanwhile."""
 
     def __init__(self, engine: str, backbone, image_encoder, checkpoint_sha256: str, *, out_dtype,
-                 precision: str = "fp32", streams: int = 0, folder: Path | None = None, settle=None):
+                 precision: str = "fp32", streams: int = 0, folder: Path | None = None):
         import torch
 
         self.engine, self.precision = engine, precision
         self.backbone, self.out_dtype = backbone, out_dtype
         self.device = torch.device("cpu")
         self.graph = exported_encoder(backbone, image_encoder, checkpoint_sha256, engine=engine, folder=folder)
-        self.streams = streams or choose_streams(engine, self.graph, precision, backbone, settle=settle)
+        self.streams = streams or choose_streams(engine, self.graph, precision, backbone)
         self.run = runner(engine, self.graph, precision, self.streams)
         self._pool = None
 
@@ -54,8 +55,6 @@ class GraphEncoder(Encoder):
         parts = [x[i : i + 1] for i in range(len(x))]
         if len(parts) > 1 and self.streams > 1:
             if self._pool is None:
-                from concurrent.futures import ThreadPoolExecutor
-
                 self._pool = ThreadPoolExecutor(self.streams, thread_name_prefix="embedcache-stream")
             out = list(self._pool.map(self.run, parts))
         else:
@@ -113,18 +112,17 @@ class GraphDecoder:
 
 
 def build_encoder(engine: str, backbone, image_encoder, checkpoint_sha256: str, *, device, batch_size: int = 0,
-                  out_dtype, precision: str = "fp32", streams: int = 0, settle=None) -> Encoder:
+                  out_dtype, precision: str = "fp32", streams: int = 0) -> Encoder:
     """The image encoder ``engine`` runs at ``precision``: torch's :class:`~embedcache.model.encoder.ImageEncoder` on
     ``device``, or a :class:`GraphEncoder`. ``engine`` is a concrete one: ``auto`` is resolved first
     (:func:`~embedcache.model.engines.auto.resolve_engine`). ``image_encoder``: the module, or the function that
     loads it (a graph engine calls it only to export). ``batch_size``: torch's slices per forward (0: chosen for the
-    device); ``streams``: a graph engine's slices at once (0: measured by :func:`choose_streams`, after
-    ``settle()``)."""
+    device); ``streams``: a graph engine's slices at once (0: measured by :func:`choose_streams`)."""
     if engine == "auto":
         raise ValueError("build_encoder takes a concrete engine: resolve --engine auto with resolve_engine first")
     check_engine(engine, device.type, precision, streams)
     if engine in GRAPH_ENGINES:
         return GraphEncoder(engine, backbone, image_encoder, checkpoint_sha256, out_dtype=out_dtype,
-                            precision=precision, streams=streams, settle=settle)
+                            precision=precision, streams=streams)
     return ImageEncoder(backbone, load_module(image_encoder), device=device, batch_size=batch_size,
                         out_dtype=out_dtype)

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import numpy as np
 
+from embedcache.io.files import atomic_write_text
+from embedcache.model.encoder import ImageEncoder
 from embedcache.model.engines import measure, names
 from embedcache.model.engines.sessions import runner
 from embedcache.model.engines.store import example_input, exported_encoder, load_module
@@ -24,12 +26,12 @@ EQUAL_TOLERANCE = 1e-4
 
 
 def resolve_engine(engine: str, backbone, load_image_encoder, checkpoint_sha256: str, *, device, streams: int = 0,
-                   held: str | None = None, distributed: bool = False, settle=None) -> tuple[str, int]:
+                   held: str | None = None, distributed: bool = False) -> tuple[str, int]:
     """The concrete engine ``engine`` runs as, and the ``--streams`` that stand with it: any engine but ``auto`` as it
     is; ``auto``: ``held`` (the engine of the cache, or interrupted encode, being grown: it grows as it began) where
     given, torch on CUDA or under torchrun (``distributed``), else :func:`choose_engine`'s measurement of
-    ``backbone``'s encoder (``load_image_encoder()``, called only when no record answers; ``settle()`` before it
-    times anything). Once auto has chosen torch, ``--streams`` is dropped with a note (:func:`streams_for_auto`)."""
+    ``backbone``'s encoder (``load_image_encoder()``, called only when no record answers; see
+    :func:`~embedcache.model.engines.measure.timing_waits_for`). Once auto has chosen torch, ``--streams`` is dropped with a note (:func:`streams_for_auto`)."""
     if engine != "auto":
         return engine, streams
     if held is not None:
@@ -37,7 +39,7 @@ def resolve_engine(engine: str, backbone, load_image_encoder, checkpoint_sha256:
     elif device.type != "cpu" or distributed:
         chosen = "torch"
     else:
-        chosen = choose_engine(backbone, load_image_encoder, checkpoint_sha256, device=device, settle=settle)
+        chosen = choose_engine(backbone, load_image_encoder, checkpoint_sha256, device=device)
     return chosen, streams_for_auto(chosen, streams)
 
 
@@ -59,8 +61,7 @@ def auto_record(backbone, checkpoint_sha256: str, folder: Path | None = None) ->
     return folder / f"auto-{backbone.name}-{checkpoint_sha256[:16]}-{measure.machine_key()}.json"
 
 
-def choose_engine(backbone, load_image_encoder, checkpoint_sha256: str, *, device, folder: Path | None = None,
-                  settle=None) -> str:
+def choose_engine(backbone, load_image_encoder, checkpoint_sha256: str, *, device, folder: Path | None = None) -> str:
     """What ``--engine auto`` runs ``backbone``'s encoder with on ``device``: torch on CUDA or where no other engine
     is installed; else the fastest fp32 engine whose embeddings equal torch's within :data:`EQUAL_TOLERANCE`,
     measured once per backbone, weights and CPU (each graph engine at every slices-at-once
@@ -69,9 +70,6 @@ def choose_engine(backbone, load_image_encoder, checkpoint_sha256: str, *, devic
     slices at once beside its graph. ``load_image_encoder()`` gives the encoder's module; it is called only when no
     record answers."""
     import torch
-
-    from embedcache.io.files import atomic_write_text
-    from embedcache.model.encoder import ImageEncoder
 
     candidates = names.installed_engines()
     if device.type != "cpu" or len(candidates) == 1:
@@ -100,8 +98,7 @@ def choose_engine(backbone, load_image_encoder, checkpoint_sha256: str, *, devic
         graphs[engine] = exported_encoder(backbone, image_encoder, checkpoint_sha256, engine=engine, folder=folder)
         runners.update({(engine, k): (partial(runner, engine, graphs[engine], "fp32", k), k)
                         for k in counts})
-    if settle is not None:
-        settle()
+    measure.settle_before_timing()
     with torch.inference_mode():
         reference = run_eager(example)
         difference = {e: float(np.abs(runners[e, 1][0]()(example) - reference).max()) for e in candidates}

@@ -5,12 +5,17 @@ threads and the engines' versions (:func:`machine_key`); a record is only read, 
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import json
 import logging
 import math
 import time
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from contextvars import ContextVar
 from functools import partial
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +23,7 @@ import numpy as np
 # MAX_STREAMS: the most slices at once --streams allows; a record holding more (or more than this CPU's threads) is
 # measured again, never used
 from embedcache.config import MAX_STREAMS
+from embedcache.io.files import atomic_write_text
 from embedcache.model.engines.names import installed
 from embedcache.model.engines.sessions import runner
 from embedcache.model.engines.store import example_input
@@ -28,6 +34,29 @@ logger = logging.getLogger(__name__)
 #: A graph engine runs more slices at once only where that is at least this much faster per slice (a lone slice then
 #: runs on fewer cores).
 STREAMS_GAIN = 0.03
+
+
+#: What a measurement waits for before it times anything (:func:`timing_waits_for`); None: nothing.
+_BEFORE_TIMING: ContextVar = ContextVar("embedcache_before_timing", default=None)
+
+
+@contextmanager
+def timing_waits_for(settle):
+    """Inside, a measurement of engines or streams first calls ``settle()`` (predict: wait for the first input's read,
+    which ran beside the model's loading), so that what it times has the cores to itself; nothing waits where no
+    measurement runs, as when a record answers."""
+    token = _BEFORE_TIMING.set(settle)
+    try:
+        yield
+    finally:
+        _BEFORE_TIMING.reset(token)
+
+
+def settle_before_timing() -> None:
+    """Wait for what :func:`timing_waits_for` named, if anything."""
+    settle = _BEFORE_TIMING.get()
+    if settle is not None:
+        settle()
 
 
 def stream_counts(threads: int) -> list[int]:
@@ -49,10 +78,7 @@ def time_pipelined(runners: dict, example: np.ndarray, slices: int, rounds: int 
     slice): ``slices`` slices a round kept ``streams`` in flight (as predict's walk and encode feed them), the
     faster of ``rounds`` rounds, runner by runner in turn. Each round builds its runner afresh, warms it up on
     ``streams`` slices and lets it go before the next is built: OpenVINO's compiled models share the cores, and one
-    kept beside another ran slower than alone (1.02 against 1.16 s a slice, the same model and settings)."""
-    import gc
-    from concurrent.futures import ThreadPoolExecutor
-
+    kept beside another runs slower than alone."""
     timed = {key: [] for key in runners}
     for _ in range(rounds):
         for key, (make, k) in runners.items():
@@ -76,8 +102,6 @@ def machine_key() -> str:
     versions = [f"torch{torch.__version__}"]
     for module in ("onnxruntime", "openvino"):
         if installed(module):
-            from importlib.metadata import PackageNotFoundError, version
-
             try:
                 versions.append(f"{module}{version(module)}")
             except PackageNotFoundError:
@@ -113,8 +137,6 @@ def streams_record(graph: Path, engine: str, precision: str) -> Path:
 
 def keep_streams(graph: Path, engine: str, precision: str, seconds: dict[int, float]) -> int:
     """Record what a measurement chose (``seconds``: per slice by slices at once) beside the graph; returns it."""
-    from embedcache.io.files import atomic_write_text
-
     chosen = pick_streams(seconds)
     try:
         atomic_write_text(streams_record(graph, engine, precision), json.dumps({
@@ -126,14 +148,13 @@ def keep_streams(graph: Path, engine: str, precision: str, seconds: dict[int, fl
     return chosen
 
 
-def choose_streams(engine: str, graph: Path, precision: str, backbone, *, settle=None) -> int:
+def choose_streams(engine: str, graph: Path, precision: str, backbone) -> int:
     """How many slices ``engine`` encodes at once through ``graph`` on this CPU: one on all the cores, or several,
-    each on its share (the CPU's batch: on the AMD EPYC's two cores, TinyViT in OpenVINO ran predict about 1.1x faster
-    as two one-core runs than as one two-core run). Measured once per graph, precision and CPU
-    (:func:`time_pipelined`: four slices a round on two cores, eight on more, two rounds; more than one at once
-    only where it is :data:`STREAMS_GAIN` faster per slice) and recorded beside the graph; ``--engine auto``'s
-    measurement records it too. ``settle()``, where given, is called before the timing: it waits for other work
-    of this process (predict's first read, which took a core and made one at a time look faster)."""
+    each on its share (the CPU's batch: which pays depends on the CPU, see docs/cpu-engines.md). Measured once per
+    graph, precision and CPU (:func:`time_pipelined`: four slices a round on two cores, eight on more, two rounds;
+    more than one at once only where it is :data:`STREAMS_GAIN` faster per slice) and recorded beside the graph;
+    ``--engine auto``'s measurement records it too. What :func:`timing_waits_for` names is waited for first: other
+    work of this process (predict's first read) takes a core and makes one at a time look faster."""
     threads = cpu.cpu_threads()
     if threads < 2:
         return 1
@@ -147,8 +168,7 @@ def choose_streams(engine: str, graph: Path, precision: str, backbone, *, settle
     except (OSError, ValueError):
         pass
     logger.info(f"{engine}: timing one slice at a time against several at once (once for this CPU and graph)")
-    if settle is not None:
-        settle()
+    settle_before_timing()
     counts = stream_counts(threads)
     runners = {k: (partial(runner, engine, graph, precision, k), k) for k in counts}
     seconds = time_pipelined(runners, example_input(backbone), 2 * counts[-1])

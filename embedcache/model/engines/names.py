@@ -4,11 +4,13 @@ exported graphs and measurements live in. Nothing here imports torch or an engin
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from pathlib import Path
 
 from embedcache.config import ENGINES, check_engine_names
 from embedcache.errors import UsageError
+from embedcache.model.engines.sessions import openvino_core
 
 __all__ = ["ENGINES", "EXTRA", "GRAPH_ENGINES", "cache_folder", "check_engine", "installed", "installed_engines"]
 
@@ -42,8 +44,6 @@ def check_engine(engine: str, device_type: str = "cpu", precision: str = "fp32",
         if missing:
             raise UsageError(f"--engine {engine} needs {' and '.join(missing)}: {EXTRA}")
     if precision == "bf16":
-        from embedcache.model.engines.sessions import openvino_core
-
         if "BF16" not in openvino_core().get_property("CPU", "OPTIMIZATION_CAPABILITIES"):
             raise UsageError("--encoder-precision bf16: this CPU has no bf16 instructions (OpenVINO reports none); use "
                              "--encoder-precision fp32")
@@ -51,8 +51,6 @@ def check_engine(engine: str, device_type: str = "cpu", precision: str = "fp32",
 
 def installed(module: str) -> bool:
     """Whether ``module`` can be imported here (without importing it)."""
-    import importlib.util
-
     return importlib.util.find_spec(module) is not None
 
 

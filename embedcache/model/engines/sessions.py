@@ -6,10 +6,12 @@ from __future__ import annotations
 
 import json
 import logging
+import queue
 from pathlib import Path
 
 import numpy as np
 
+from embedcache.io.files import atomic_write_text, file_sha256
 from embedcache.model.engines.graphs import check_weights_inside
 from embedcache.runtime import cpu
 
@@ -54,8 +56,6 @@ def session(engine: str, graph: Path, precision: str, *, keep_compiled: bool = T
     and the decoder again took seconds at every start; each blob is checked against the sha256 recorded when it was
     written: :func:`_checked_blobs`). A graph that is not ONNX or reads weights from outside its folder is refused
     in one line first (:func:`~embedcache.model.engines.graphs.check_weights_inside`)."""
-    import queue
-
     check_weights_inside(graph)
     threads = cpu.cpu_threads()
     if engine == "onnxruntime":
@@ -110,8 +110,6 @@ def _checked_blobs(folder: Path) -> dict[str, tuple] | None:
     prediction, exit 0): a blob whose sha256 differs from the record's, or that the record does not hold, is removed,
     and OpenVINO compiles it again. Returns the blobs kept, name → (size, mtime, sha256); None where one that failed
     could not be removed (the folder is then not to be used)."""
-    from embedcache.io.files import file_sha256
-
     record = folder / BLOB_RECORD
     try:
         held = json.loads(record.read_text())["sha256"]
@@ -141,8 +139,6 @@ def _record_blobs(folder: Path, kept: dict[str, tuple]) -> None:
     """Record the sha256 of every blob in ``folder`` once OpenVINO has written them, atomically (a blob
     :func:`_checked_blobs` kept, unchanged since, is not read again); a blob left unrecorded (a folder that cannot
     be written) is removed and compiled again next time."""
-    from embedcache.io.files import atomic_write_text, file_sha256
-
     blobs = {}
     try:
         for blob in sorted(folder.glob("*.blob")):

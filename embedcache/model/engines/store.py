@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from embedcache.errors import EmbedcacheError
+from embedcache.io.files import PARTIAL, WRITE_ERRNOS, atomic_write_text, commit, file_sha256, write_error
 from embedcache.model.engines.graphs import graph_fault
 from embedcache.model.engines.names import cache_folder
 from embedcache.model.engines.sessions import session
@@ -87,8 +88,6 @@ def _exported(name: str, key: dict, module, examples: tuple, *, inputs: list[str
     ``module`` (a module, or the function that loads it), checked in ``engine`` against eager PyTorch on the seeded
     ``examples`` and kept with its record."""
     import torch
-
-    from embedcache.io.files import PARTIAL, WRITE_ERRNOS, atomic_write_text, commit, file_sha256, write_error
 
     folder = Path(folder) if folder is not None else cache_folder()
     graph, record = folder / f"{name}.onnx", folder / f"{name}.json"
