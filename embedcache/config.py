@@ -397,12 +397,14 @@ class ScoreConfig:
 #: ``predict --output-type``: what it writes per input, and the suffix of each file (``CASE`` + suffix).
 OUTPUT_TYPES = {"nifti": ".nii.gz", "dicom-seg": ".seg.dcm", "rtstruct": ".rtstruct.dcm"}
 
+
 @dataclass(frozen=True)
 class PredictConfig:
     """Settings of ``predict``: the decoder (``run`` or ``decoder``; neither: the vanilla one of
     ``model``), where the prompts come from (``boxes``, a JSON file, or ``from_labels``, a label
-    volume or folder, under protocol ``prompts``), and the image reader's ``series``; saved in
-    ``OUT/predict.json`` (its ``config``, beside the names of the files predict wrote there)."""
+    volume or folder, under protocol ``prompts``; neither: a person gives them, :mod:`embedcache.segment.annotate`),
+    and the image reader's ``series``; saved in ``OUT/predict.json`` (its ``config``, beside the names of the files
+    predict wrote there)."""
 
     run: str | None = None
     decoder: str | None = None
@@ -438,8 +440,8 @@ class PredictConfig:
             raise UsageError(f"--output-type {','.join(self.output_types)}: choose from {', '.join(OUTPUT_TYPES)}")
         if not 0 <= self.review_iou <= 1:
             raise UsageError(f"--review-iou must lie in 0..1, got {self.review_iou}")
-        if (self.boxes is None) == (self.from_labels is None):
-            raise UsageError("give either --boxes BOXES.json or --from-labels LABELS")
+        if self.boxes is not None and self.from_labels is not None:
+            raise UsageError("give either --boxes BOXES.json or --from-labels LABELS, not both")
         if self.prompts not in PROTOCOLS:
             raise UsageError(f"{flag(PredictConfig, 'prompts')} {self.prompts}: choose one of {', '.join(PROTOCOLS)}")
 

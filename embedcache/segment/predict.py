@@ -293,6 +293,8 @@ class PredictResult:
 def predict(inputs: list[Path], out_dir: Path, config: PredictConfig, *, progress=None) -> PredictResult:
     """Write ``out_dir/CASE.nii.gz`` for each input; returns the files written, the errors of those that failed and
     the pace."""
+    if config.boxes is None and config.from_labels is None:
+        raise UsageError("give either --boxes BOXES.json or --from-labels LABELS")
     decoder = checkpoint_file(Path(config.run or config.decoder)) if config.run or config.decoder else None
     trained_on = read_signature(decoder) if decoder else None  # the header alone: the inputs come first
     labels = trained_on.labels if trained_on else None
@@ -456,29 +458,40 @@ def _segment_job(job: Job, segment, image, *, prompts: str, settings: ProtocolSe
         return [(label, protocols.run(prompts, segment, truth=truth == label, spacing_mm=spacing, settings=settings,
                                       case=case_name(job.image), label=label))
                 for label in labels if (truth == label).any()]
-    results = []
-    grow = protocols.grow_px(settings, spacing)
-    for request in job.requests:
-        prediction = Prediction(np.zeros(shape, bool))
-        z = request.box.z0
-        if request.points_only:  # the clicks alone prompt their slice (SAM adds its padding point)
-            prediction.clicks = list(request.clicks)
-            masks, iou = segment(np.array([z]), np.full((1, 4), np.nan, np.float32),
-                                 points=[np.array([c.point() for c in request.clicks], np.float32)])
-            prediction.mask[z], prediction.iou[z] = masks[0], float(iou[0])
-            prediction.boxes[z] = request.box.box
-        else:
-            if request.single_slice:
-                masks, iou = segment(np.array([z]), np.array([request.box.box], np.float32))
-                prediction.mask[z], prediction.boxes[z], prediction.iou[z] = masks[0], request.box.box, float(iou[0])
-            else:
-                prediction = protocols.propagate(request.box, segment, shape, grow_px=grow, walk=settings.walk,
-                                                 min_iou=settings.min_iou, multimask=settings.middle == "multimask")
-            for click in request.clicks:  # in the file's order, as the clicks protocol places them
-                protocols.refine(prediction, request.box, click, segment, grow_px=grow, walk=settings.walk,
-                                 min_iou=settings.min_iou)
-        results.append((request.label, prediction))
-    return results
+    return [(request.label, segment_request(request, segment, shape, spacing, settings)) for request in job.requests]
+
+
+def segment_request(request: Request, segment, shape_zyx, spacing_mm, settings: ProtocolSettings, *,
+                    clicks: int | None = None) -> Prediction:
+    """One gland of a boxes file (or of a person's box and clicks, :mod:`embedcache.segment.annotate`): its 3-D box
+    propagated (``box3d``), or its one slice, then its clicks applied in order as the clicks protocol applies them;
+    ``clicks``: only the first that many (None: all)."""
+    prediction = Prediction(np.zeros(shape_zyx, bool))
+    z = request.box.z0
+    if request.points_only:  # the clicks alone prompt their slice (SAM adds its padding point)
+        prediction.clicks = list(request.clicks)
+        masks, iou = segment(np.array([z]), np.full((1, 4), np.nan, np.float32),
+                             points=[np.array([c.point() for c in request.clicks], np.float32)])
+        prediction.mask[z], prediction.iou[z] = masks[0], float(iou[0])
+        prediction.boxes[z] = request.box.box
+        return prediction
+    if request.single_slice:
+        masks, iou = segment(np.array([z]), np.array([request.box.box], np.float32))
+        prediction.mask[z], prediction.boxes[z], prediction.iou[z] = masks[0], request.box.box, float(iou[0])
+    else:
+        prediction = protocols.propagate(request.box, segment, shape_zyx, grow_px=protocols.grow_px(settings, spacing_mm),
+                                         walk=settings.walk, min_iou=settings.min_iou,
+                                         multimask=settings.middle == "multimask")
+    for click in request.clicks[:clicks]:  # in the file's order, as the clicks protocol places them
+        add_click(prediction, request, click, segment, spacing_mm, settings)
+    return prediction
+
+
+def add_click(prediction: Prediction, request: Request, click, segment, spacing_mm, settings: ProtocolSettings) -> None:
+    """Apply one more click of ``request`` to its ``prediction``, in place (:func:`~embedcache.evaluation.protocols.refine`
+    with the protocol settings predict uses)."""
+    protocols.refine(prediction, request.box, click, segment, grow_px=protocols.grow_px(settings, spacing_mm),
+                     walk=settings.walk, min_iou=settings.min_iou)
 
 
 @dataclass
@@ -509,8 +522,7 @@ class PredictModel:
 def _load(trained, config: PredictConfig) -> PredictModel:
     """The model of ``config`` (the trained decoder's backbone and preprocessing, where there is one). With a CPU
     graph engine the encoder and the decoder run as exported graphs, and the eager model is loaded only to export
-    them (once per weights) or to decode a prompt with clicks: a graph engine's predict spends no time building it.
-"""
+    them (once per weights) or to decode a prompt with clicks: a graph engine's predict spends no time building it."""
     import torch
 
     from embedcache.model.backbones import Weights
