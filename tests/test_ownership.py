@@ -297,7 +297,7 @@ def test_one_predict_writes_an_output_folder_at_a_time_and_keeps_what_another_wr
     out.mkdir()
     with WriterLock(out / predict_module.LOCK, what=str(out)):
         one_line(cli("predict", image, *common, "--out", out), f"{out}: another embedcache (pid {os.getpid()})")
-    real_load = predict_module._load
+    real_load = predict_module.load_predict_model
 
     def load_while_another_writes(*args, **kwargs):  # a second predict finishes while this one loads its model
         model = real_load(*args, **kwargs)
@@ -305,11 +305,11 @@ def test_one_predict_writes_an_output_folder_at_a_time_and_keeps_what_another_wr
         (out / predict_module.CONFIG).write_text(json.dumps({"config": {}, "written": ["OTHER.nii.gz"]}))
         return model
 
-    monkeypatch.setattr(predict_module, "_load", load_while_another_writes)
+    monkeypatch.setattr(predict_module, "load_predict_model", load_while_another_writes)
     assert cli("predict", image, *common, "--out", out).exit_code == 0
     written = json.loads((out / predict_module.CONFIG).read_text())["written"]
     assert "OTHER.nii.gz" in written and label.name in written
-    monkeypatch.setattr(predict_module, "_load", real_load)
+    monkeypatch.setattr(predict_module, "load_predict_model", real_load)
     assert cli("predict", image, *common, "--out", out).exit_code == 0  # its rerun is not refused
 
 

@@ -23,7 +23,14 @@ from embedcache.io.labels import LabelMap
 from embedcache.io.nifti import write_nifti
 from embedcache.io.volumes import Volume, read_image
 from embedcache.model.clicks import Click
-from embedcache.segment.predict import OnTheFly, PredictModel, add_click, predict_label_map, segment_request
+from embedcache.segment.predict import (
+    OnTheFly,
+    PredictModel,
+    add_click,
+    load_predict_model,
+    predict_label_map,
+    segment_request,
+)
 from embedcache.segment.prompt_file import Request
 from embedcache.train.checkpoint import checkpoint_file, read_signature
 from embedcache.train.decoders import load_trained_decoder
@@ -61,8 +68,6 @@ class Annotation:
     def open(cls, image: Path, config: PredictConfig) -> Annotation:
         """The CT at ``image`` (a NIfTI file or a DICOM series folder; ``config.series`` picks one) with the decoder
         ``config`` names (``run`` or ``decoder``; neither: vanilla) on its engine, as predict loads them."""
-        from embedcache.segment.predict import _load
-
         decoder = checkpoint_file(Path(config.run or config.decoder)) if config.run or config.decoder else None
         trained_on = read_signature(decoder) if decoder else None
         label_map, _ = predict_label_map(config, trained_on, decoder)
@@ -70,7 +75,7 @@ class Annotation:
         trained = load_trained_decoder(decoder) if decoder else None
         made_by = f"sha256 {file_sha256(decoder)[:16]}" if decoder else f"vanilla {config.model}"
         labels = trained_on.labels if trained_on else label_map.adrenals()
-        return cls(volume, _load(trained, config), config, labels=labels, label_map=label_map, made_by=made_by)
+        return cls(volume, load_predict_model(trained, config), config, labels=labels, label_map=label_map, made_by=made_by)
 
     @property
     def shape(self) -> tuple[int, int, int]:

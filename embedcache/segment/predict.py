@@ -316,7 +316,7 @@ def predict(inputs: list[Path], out_dir: Path, config: PredictConfig, *, progres
     held = ExitStack()
     try:
         with timing_waits_for(partial(wait, [coming])):  # a measurement, if one runs, times a quiet CPU
-            model = _load(trained, config)
+            model = load_predict_model(trained, config)
         make_output_folder(out_dir)  # once the model is in hand: a refused model leaves no empty folder behind
         held.enter_context(WriterLock(Path(out_dir) / LOCK, what=str(out_dir)))  # one predict writes here at a time
         owned = written_before(Path(out_dir))  # what another predict wrote here since the checks counts too
@@ -519,7 +519,7 @@ class PredictModel:
         return label
 
 
-def _load(trained, config: PredictConfig) -> PredictModel:
+def load_predict_model(trained, config: PredictConfig) -> PredictModel:
     """The model of ``config`` (the trained decoder's backbone and preprocessing, where there is one). With a CPU
     graph engine the encoder and the decoder run as exported graphs, and the eager model is loaded only to export
     them (once per weights) or to decode a prompt with clicks: a graph engine's predict spends no time building it."""
