@@ -178,6 +178,15 @@ def cli(*args):
     return CliRunner().invoke(main, [str(a) for a in args])
 
 
+def file_corners(geometry, z0, z1, box):
+    """Canonical slices z0..z1 and pixel edges → the file's inclusive voxel corners, through the file's own layout."""
+    mask = np.zeros(geometry.shape_zyx, bool)
+    x0, y0, x1, y1 = (int(round(v)) for v in box)
+    mask[z0 : z1 + 1, y0:y1, x0:x1] = True
+    ijk = np.argwhere(geometry.to_source(mask))
+    return ijk.min(axis=0), ijk.max(axis=0)
+
+
 def one_line(result, *fragments, code: int = 1) -> str:
     """The result failed with ``code``, its last line the one error line (after any progress notes),
     holding every fragment; no traceback."""

@@ -16,16 +16,7 @@ from embedcache.io.volumes import read_geometry, read_label
 from embedcache.model.clicks import corrective_click
 from embedcache.segment.annotate import Annotation
 
-from conftest import cli, one_line
-
-
-def _file_corners(geometry, z0, z1, box):
-    """Canonical slices z0..z1 and pixel edges → the file's inclusive voxel corners."""
-    mask = np.zeros(geometry.shape_zyx, bool)
-    x0, y0, x1, y1 = (int(round(v)) for v in box)
-    mask[z0 : z1 + 1, y0:y1, x0:x1] = True
-    ijk = np.argwhere(geometry.to_source(mask))
-    return ijk.min(axis=0), ijk.max(axis=0)
+from conftest import cli, file_corners, one_line
 
 
 @pytest.fixture
@@ -52,7 +43,7 @@ def test_a_box_and_two_clicks_give_what_predict_boxes_writes_and_undo_takes_them
     assert not np.array_equal(annotated == 7, after_box)  # the clicks changed something
 
     geometry = read_geometry(case.image)
-    low, high = _file_corners(geometry, box.z0, box.z1, box.box)
+    low, high = file_corners(geometry, box.z0, box.z1, box.box)
     points = [[*map(int, geometry.source_index([[c.x, c.y, c.z]])[0]), int(c.positive)] for c in clicks]
     (tmp_path / "b.json").write_text(json.dumps({case.name: [{"label": 7, "box3d": [*map(int, low), *map(int, high)],
                                                                "points": points}]}))

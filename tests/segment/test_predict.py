@@ -15,7 +15,7 @@ from embedcache.io.volumes import read_geometry, read_label
 from embedcache.segment.prompt_file import read_boxes_file, requests_from_json
 from embedcache.synth.phantom import limit_target_slices
 
-from conftest import cli
+from conftest import cli, file_corners
 
 
 @pytest.fixture
@@ -28,15 +28,6 @@ def one_slice_case(phantom_dir, tmp_path):
 
 def _predict(*args):
     return cli("predict", *args, "--device", "cpu")
-
-
-def _file_corners(geometry, z0, z1, box):
-    """Canonical slices z0..z1 and pixel edges → the file's inclusive voxel corners, through the file's own layout."""
-    mask = np.zeros(geometry.shape_zyx, bool)
-    x0, y0, x1, y1 = (int(round(v)) for v in box)
-    mask[z0 : z1 + 1, y0:y1, x0:x1] = True
-    ijk = np.argwhere(geometry.to_source(mask))
-    return ijk.min(axis=0), ijk.max(axis=0)
 
 
 def test_predicted_nifti_keeps_the_input_grid_and_lands_on_the_ground_truth(one_slice_case, tmp_path):
@@ -56,7 +47,7 @@ def test_predicted_nifti_keeps_the_input_grid_and_lands_on_the_ground_truth(one_
     for label in (7, 8):
         z = int(np.flatnonzero((truth == label).any(axis=(1, 2)))[0])
         ys, xs = np.nonzero(truth[z] == label)
-        low, high = _file_corners(geometry, z, z, (xs.min(), ys.min(), xs.max() + 1, ys.max() + 1))
+        low, high = file_corners(geometry, z, z, (xs.min(), ys.min(), xs.max() + 1, ys.max() + 1))
         assert low[2] == high[2]  # the phantom's files are axial: one k
         table[case.name].append({"slice": int(low[2]), "label": label, "box": [int(low[0]), int(low[1]), int(high[0]), int(high[1])]})
     (tmp_path / "boxes.json").write_text(json.dumps(table))
@@ -77,7 +68,7 @@ def test_the_review_file_names_each_decoded_slice_by_the_files_own_index_and_fla
     assert review["threshold"] == 1.0 and [g["label"] for g in review["glands"]] == [7, 8]
     for gland in review["glands"]:
         z = int(np.flatnonzero((truth == gland["label"]).any(axis=(1, 2)))[0])
-        low, _ = _file_corners(geometry, z, z, (0, 0, 1, 1))
+        low, _ = file_corners(geometry, z, z, (0, 0, 1, 1))
         (entry,) = gland["slices"]
         assert entry["slice"] == int(low[2]) and entry["axis"] == 2
         assert 0 < entry["predicted_iou"] < 1 and entry["voxels"] > 0
@@ -117,7 +108,7 @@ def test_a_3d_box_in_voxels_or_millimetres_segments_as_box3d_from_the_label(phan
     voxel, world = [], []
     for label in (7, 8):  # both glands, in the order --from-labels paints them
         box = box3d_from_label(truth.array == label, truth.spacing_mm, margin_mm=0.0, margin_slices=1)
-        low, high = _file_corners(geometry, box.z0, box.z1, box.box)
+        low, high = file_corners(geometry, box.z0, box.z1, box.box)
         corners = [nib.affines.apply_affine(geometry.source_affine, corner).tolist() for corner in (low, high)]
         voxel.append({"label": label, "box3d": [*map(int, low), *map(int, high)]})
         world.append({"label": label, "space": "world",
@@ -252,7 +243,7 @@ def test_points_from_a_boxes_file_give_what_the_clicks_protocol_gives_for_the_sa
         label = gland["label"]
         assert 1 <= len(gland["points"]) <= 3
         box = box3d_from_label(truth.array == label, truth.spacing_mm, margin_mm=0.0, margin_slices=1)
-        low, high = _file_corners(geometry, box.z0, box.z1, box.box)
+        low, high = file_corners(geometry, box.z0, box.z1, box.box)
         entries.append({"label": label, "box3d": [*map(int, low), *map(int, high)], "points": gland["points"]})
     (tmp_path / "b.json").write_text(json.dumps({case.name: entries}))
     result = _predict(case.image, "--boxes", tmp_path / "b.json", "--out", tmp_path / "b", "--model", "tiny")
