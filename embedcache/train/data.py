@@ -189,7 +189,8 @@ def plan_batch(prompts: PromptIndex, slices: np.ndarray, *, labels: tuple[int, .
 def draw_clicks(prompts: PromptIndex, which: np.ndarray, *, mode: str, max_points: int,
                 rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Point counts, box flags and click seeds of prompts ``which`` under ``mode`` (:data:`embedcache.config.POINT_MODES`).
-    A stop prompt (nothing to click on) keeps its box under ``mixed``."""
+    A stop prompt (nothing to click on) keeps its box under ``mixed``. Under ``interactive`` every prompt keeps its
+    box and has count 1: it runs the rounds (:class:`~embedcache.train.trainer.TrainStep`), its clicks placed there."""
     from embedcache.model.clicks import SEED_BITS
 
     n = len(which)
@@ -200,6 +201,8 @@ def draw_clicks(prompts: PromptIndex, which: np.ndarray, *, mode: str, max_point
         kind = rng.integers(0, 3, size=n)
         count = np.where(kind > 0, rng.integers(1, max_points + 1, size=n), 0)
         box = (kind < 2) | prompts.stop[which]
+    elif mode == "interactive":
+        count = np.ones(n, np.int64)
     seeds = rng.integers(0, 2**SEED_BITS, size=n)
     return count, box, seeds
 
