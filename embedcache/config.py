@@ -311,6 +311,16 @@ WALKS = {
 
 #: ``--middle``: what the 3-D box's own prompt decodes to.
 MIDDLES = ("single", "multimask")
+#: ``--refine``: how a click changes a ``box3d`` prediction (see :mod:`embedcache.evaluation.protocols`).
+REFINES = {
+    "local": "its slice decoded again with the box, its clicks and that slice's previous logits (SAM's mask prompt); "
+             "the change spreads to at most --reach slices each way, only while each new mask touches the one "
+             "before it and stays in the 3-D box",
+    "walk": "its slice decoded again with the box and its clicks, the change walked up and down until a slice's mask "
+            "comes out unchanged or empty (the rule before the mask prompt)",
+}
+#: The most slices ``--reach`` lets a click change on each side of its own.
+MAX_REACH = 64
 
 
 @dataclass(frozen=True)
@@ -332,8 +342,18 @@ class ProtocolSettings:
                                     "gives one mask, or SAM's three with the best predicted IoU kept.",
                           choices=MIDDLES)
     clicks: int = setting(5, f"clicks: corrective clicks per gland after the 3-D box (0..{MAX_CLICKS}).")
+    refine: str = setting("local", "clicks (and predict's points): local (the click's slice decoded again with its "
+                                   "previous logits as SAM's mask prompt, the change spread at most --reach slices "
+                                   "each way while the gland stays connected and in the 3-D box) or walk (the change "
+                                   "walked until a slice comes out unchanged).", choices=tuple(REFINES))
+    reach: int = setting(3, f"clicks, --refine local: the most slices a click changes on each side of its own "
+                            f"(0..{MAX_REACH}).", cli_range=(0, MAX_REACH))
 
     def __post_init__(self):
+        if self.refine not in REFINES:
+            raise UsageError(f"--refine {self.refine}: choose {' or '.join(REFINES)}")
+        if isinstance(self.reach, bool) or not isinstance(self.reach, int) or not 0 <= self.reach <= MAX_REACH:
+            raise UsageError(f"--reach must be a whole number in 0..{MAX_REACH}, got {self.reach}")
         if isinstance(self.clicks, bool) or not isinstance(self.clicks, int) or not 0 <= self.clicks <= MAX_CLICKS:
             raise UsageError(f"--clicks must be a whole number in 0..{MAX_CLICKS}, got {self.clicks}")
         if not 0 <= self.min_iou <= 1:

@@ -22,7 +22,8 @@ from embedcache.config import CASE_SETS, DEFAULT_PROTOCOLS, PROTOCOLS
 from embedcache.errors import EmbedcacheError, UsageError
 
 #: The fields of the prompt protocols' settings, shared by score and predict, in the order --help lists them.
-PROTOCOL_FIELDS = ("jitter", "seed", "margin_mm", "margin_slices", "grow_mm", "walk", "min_iou", "middle", "clicks")
+PROTOCOL_FIELDS = ("jitter", "seed", "margin_mm", "margin_slices", "grow_mm", "walk", "min_iou", "middle", "clicks",
+                   "refine", "reach")
 
 
 def score_options(*names: str):

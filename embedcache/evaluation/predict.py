@@ -468,7 +468,7 @@ def _segment_job(job: Job, segment, image, *, prompts: str, settings: ProtocolSe
                                                  min_iou=settings.min_iou, multimask=settings.middle == "multimask")
             for click in request.clicks:  # in the file's order, as the clicks protocol places them
                 protocols.refine(prediction, request.box, click, segment, grow_px=grow, walk=settings.walk,
-                                 min_iou=settings.min_iou)
+                                 min_iou=settings.min_iou, rule=settings.refine, reach=settings.reach)
         results.append((request.label, prediction))
     return results
 
