@@ -71,6 +71,10 @@ POINT_MODES = {
     "box+points": "the box and 0..--max-points clicks (uniform), from the error of the decoder's own box-only mask",
     "mixed": "a third each: the box alone; the box and 1..--max-points clicks; 1..--max-points clicks on the gland "
              "and no box",
+    "interactive": "SAM's interactive loop: --rounds decodes per prompt, the first with the box alone, each next one "
+                   "with the box, one more click (the most interior pixel of the error of the round before: positive "
+                   "in a miss, negative in a false positive) and the round before's logits as the mask prompt; the "
+                   "last round (and one in the middle from 5 rounds) adds no click; loss on --round-loss rounds",
 }
 
 #: ``encode --dtype``: how the embeddings are stored.
@@ -210,6 +214,8 @@ def parse_prompt_mix(text: str) -> dict[str, float]:
     return {kind: weight / total for kind, weight in mix.items()}
 
 
+#: ``finetune --round-loss``: which rounds of ``--prompts interactive`` the loss is taken on.
+ROUND_LOSSES = ("every", "last")
 #: ``finetune --amp``: mixed precision of the training step.
 TRAIN_PRECISIONS = ("auto", "fp32", "fp16", "bf16")
 #: ``finetune --resident``: where the embeddings live during training.
@@ -261,14 +267,24 @@ class FinetuneConfig:
     adapter: bool = setting(False, "Also train a small residual adapter on the cached embeddings (1x1 down, depthwise "
                                    "3x3, 1x1 up), in front of the decoder; the cache stays valid.")
     prompts: str = setting("box", "What a training prompt carries: its box; its box and 0..--max-points corrective "
-                                  "clicks (from the error of the decoder's own mask); or mixed: a third each box, box + "
-                                  "clicks, clicks alone.", choices=tuple(POINT_MODES))
+                                  "clicks (from the error of the decoder's own mask); mixed: a third each box, box + "
+                                  "clicks, clicks alone; or interactive: SAM's rounds of clicks from the error of the "
+                                  "round before, fed its logits (--rounds, --round-loss).", choices=tuple(POINT_MODES))
     max_points: int = setting(5, "The most clicks a training prompt carries (--prompts box+points or mixed).",
                               cli_range=(1, 32))
+    rounds: int = setting(8, "--prompts interactive: decodes per prompt and step (SAM's rounds): the box, then clicks "
+                             "with the previous logits as the mask prompt.", cli_range=(2, 16))
+    round_loss: str = setting("every", "--prompts interactive: the loss of every round (their mean; each round's "
+                                       "gradient stops at its mask prompt) or of the last alone (the rounds before "
+                                       "without gradients).", choices=ROUND_LOSSES)
 
     def __post_init__(self):
         if self.prompts not in POINT_MODES:
             raise UsageError(f"--prompts {self.prompts}: choose {', '.join(POINT_MODES)}")
+        if isinstance(self.rounds, bool) or not isinstance(self.rounds, int) or not 2 <= self.rounds <= 16:
+            raise UsageError(f"--rounds must be a whole number in 2..16, got {self.rounds}")
+        if self.round_loss not in ROUND_LOSSES:
+            raise UsageError(f"--round-loss {self.round_loss}: choose {' or '.join(ROUND_LOSSES)}")
         if not 1 <= self.max_points <= 32:
             raise UsageError(f"--max-points must lie in 1..32, got {self.max_points}")
         if not 0 < self.val_fraction < 1:
@@ -312,6 +328,16 @@ WALKS = {
 
 #: ``--middle``: what the 3-D box's own prompt decodes to.
 MIDDLES = ("single", "multimask")
+#: ``--refine``: how a click changes a ``box3d`` prediction (see :mod:`embedcache.evaluation.protocols`).
+REFINES = {
+    "local": "its slice decoded again with the box, its clicks and that slice's previous logits (SAM's mask prompt); "
+             "the change spreads to at most --reach slices each way, only while each new mask touches the one "
+             "before it and stays in the 3-D box",
+    "walk": "its slice decoded again with the box and its clicks, the change walked up and down until a slice's mask "
+            "comes out unchanged or empty (the rule before the mask prompt)",
+}
+#: The most slices ``--reach`` lets a click change on each side of its own.
+MAX_REACH = 64
 
 
 @dataclass(frozen=True)
@@ -333,8 +359,18 @@ class ProtocolSettings:
                                     "gives one mask, or SAM's three with the best predicted IoU kept.",
                           choices=MIDDLES)
     clicks: int = setting(5, f"clicks: corrective clicks per gland after the 3-D box (0..{MAX_CLICKS}).")
+    refine: str = setting("local", "clicks (and predict's points): local (the click's slice decoded again with its "
+                                   "previous logits as SAM's mask prompt, the change spread at most --reach slices "
+                                   "each way while the gland stays connected and in the 3-D box) or walk (the change "
+                                   "walked until a slice comes out unchanged).", choices=tuple(REFINES))
+    reach: int = setting(3, f"clicks, --refine local: the most slices a click changes on each side of its own "
+                            f"(0..{MAX_REACH}).", cli_range=(0, MAX_REACH))
 
     def __post_init__(self):
+        if self.refine not in REFINES:
+            raise UsageError(f"--refine {self.refine}: choose {' or '.join(REFINES)}")
+        if isinstance(self.reach, bool) or not isinstance(self.reach, int) or not 0 <= self.reach <= MAX_REACH:
+            raise UsageError(f"--reach must be a whole number in 0..{MAX_REACH}, got {self.reach}")
         if isinstance(self.clicks, bool) or not isinstance(self.clicks, int) or not 0 <= self.clicks <= MAX_CLICKS:
             raise UsageError(f"--clicks must be a whole number in 0..{MAX_CLICKS}, got {self.clicks}")
         if not 0 <= self.min_iou <= 1:

@@ -63,8 +63,8 @@ def test_epoch_times_finetune_at_extra_batch_sizes_and_compiled(tiny_model, monk
     assert "error" in failed and "failed" in run_all._compiled("8", failed)
 
 
-def test_clicks_trains_each_recipe_scores_it_on_test_and_reuses_what_is_done(tiny_model, small_cache, tmp_path,
-                                                                             monkeypatch):
+def test_clicks_chooses_on_val_reports_on_test_under_each_rule_and_reuses_what_is_done(tiny_model, small_cache,
+                                                                                        tmp_path, monkeypatch):
     monkeypatch.syspath_prepend(str(BENCHMARKS))
     import clicks
 
@@ -75,21 +75,32 @@ def test_clicks_trains_each_recipe_scores_it_on_test_and_reuses_what_is_done(tin
     split = tmp_path / "split.json"
     split.write_text(json.dumps({"train": names[:1], "val": names[1:2], "test": names[2:]}))
     argv = [str(small_cache), "--split", str(split), "--work", str(tmp_path / "work"), "--epochs", "1", "--clicks", "2",
+            "--recipes", "vanilla,box,interactive,interactive-last", "--rounds", "3", "--test-rules", "local",
             "--name", "small", "--out", str(tmp_path)]
     result = clicks.main(argv)
-    for recipe in ("box", "box+points"):
-        entry = result["recipes"][recipe]
-        assert entry["case_names"] == names[2:] and entry["finetune"]["seconds_this_call"] > 0
-        for model in ("vanilla", "finetuned"):
-            gland = entry["glands"][model]["right adrenal"]
-            assert len(gland["dice_after"]) == 3 and 0 <= gland["dice_auc"] <= 1
-            assert gland["dice_after"][0] == gland["box3d_dice"]  # clicks start where box3d ends
-    assert json.loads((tmp_path / "work" / "box+points" / "config.json").read_text())["prompts"] == "box+points"
+    chosen = result["chosen_on_val"]["recipe"]
+    assert chosen in ("interactive", "interactive-last") and set(result["chosen_on_val"]["val"]) == set(clicks.CANDIDATES)
+    other = ({"interactive", "interactive-last"} - {chosen}).pop()
+    assert "test" not in result["decoders"][other] and "val" in result["decoders"][other]  # val chooses, test reports
+    assert set(result["decoders"][chosen]["test"]) == {"local", "walk"}
+    assert set(result["decoders"]["box"]["test"]) == {"local"}
+    for recipe in ("vanilla", "box", chosen):
+        for rule, value in result["decoders"][recipe]["test"].items():
+            gland = value["glands"]["right adrenal"]
+            assert len(gland["dice_after"]) == 3 and 0 <= gland["dice_auc"] <= 1 and gland["cases"] == len(names) - 2
+            assert value["decodes_per_click"] >= 1 or value["clicks_given"] == 0
+    # the rules start from the same box3d: equal Dice at 0 clicks
+    test = result["decoders"][chosen]["test"]
+    assert test["local"]["glands"]["right adrenal"]["dice_after"][0] == test["walk"]["glands"]["right adrenal"]["dice_after"][0]
+    finetuned = result["decoders"][chosen]["finetune"]
+    assert finetuned["prompts"] == "interactive" and finetuned["rounds"] == 3 and finetuned["seconds_per_epoch"][0] > 0
+    assert json.loads((tmp_path / "work" / chosen / "config.json").read_text())["prompts"] == "interactive"
     table = next(tmp_path.glob("clicks-small-cpu-*.md")).read_text()
-    assert "`--prompts box+points`" in table and "| vanilla |" in table
+    assert f"| `{chosen}` | walk |" in table and "| vanilla | local |" in table
+    files = sorted(p.name for p in (tmp_path / "work").glob("*.json"))
     again = clicks.main(argv)  # done: read, not redone
-    assert all(again["recipes"][r]["finetune"]["seconds_this_call"] == 0 for r in ("box", "box+points"))
-    assert again["recipes"]["box"]["glands"] == result["recipes"]["box"]["glands"]
+    assert sorted(p.name for p in (tmp_path / "work").glob("*.json")) == files
+    assert again["decoders"]["box"]["test"] == result["decoders"]["box"]["test"]
 
 
 def test_engines_times_each_engine_against_torch_and_scores_each_in_one_run(tiny_model, run_dir, tmp_path,

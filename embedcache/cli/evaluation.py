@@ -21,7 +21,8 @@ from embedcache.cli.options import options, typed
 from embedcache.errors import EmbedcacheError, UsageError
 
 #: The fields of the prompt protocols' settings, shared by score and predict, in the order --help lists them.
-PROTOCOL_FIELDS = ("jitter", "seed", "margin_mm", "margin_slices", "grow_mm", "walk", "min_iou", "middle", "clicks")
+PROTOCOL_FIELDS = ("jitter", "seed", "margin_mm", "margin_slices", "grow_mm", "walk", "min_iou", "middle", "clicks",
+                   "refine", "reach")
 
 
 def score_options(*names: str):

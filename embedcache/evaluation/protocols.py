@@ -16,10 +16,14 @@
   predicted IoU says its mask is wrong.
 * ``clicks``: ``box3d``, then up to ``--clicks`` corrective clicks per gland, as interactive 3-D
   segmentation is judged (CVPR 2025 challenge): each click goes to the most interior voxel of the
-  largest 3-D error component (:func:`embedcache.model.clicks.corrective_click`); its slice is
-  decoded again with its box and every click on it so far, and the change walks up and down as
+  largest 3-D error component (:func:`embedcache.model.clicks.corrective_click`); :func:`refine` applies it
+  (``--refine``, :data:`~embedcache.config.REFINES`). ``local`` (the default): its slice is decoded again
+  with its box, every click on it so far and that slice's previous low-resolution logits as SAM's mask
+  prompt, and the change spreads to at most ``--reach`` slices on each side, each decoded with its own
+  previous logits and kept only while its new mask touches the one before it (the gland stays
+  connected) and lies in the 3-D box; ``walk`` (the rule before): the change walks up and down as
   ``box3d``'s propagation does until a slice's mask no longer changes, or vanishes (the slices beyond
-  then keep their masks: :func:`refine`). Dice and NSD
+  then keep their masks), however far that is. Dice and NSD
   are recorded after the box and after every click. ``predict`` applies a person's clicks
   (``"points"`` in the boxes file) with the same :func:`refine`.
 
@@ -55,7 +59,10 @@ DESCRIPTIONS = {
 #: with the highest predicted IoU kept; ``points``: per prompt None or ``(n, 3)`` clicks ``(x, y, label)``.
 #: score and predict give :class:`~embedcache.evaluation.segmenter.Segmenter`, whose ``segment.ahead(zs)`` hears the
 #: slices the walk will ask for next, in order (any others it was told of before are no longer wanted; see
-#: :func:`propagate`); any callable of this shape works, ``ahead`` or not (the tests' stand-ins).
+#: :func:`propagate`); any callable of this shape works, ``ahead`` or not (the tests' stand-ins). One whose
+#: ``feeds_back`` is true also takes ``previous`` (``(k, 256, 256)`` low-resolution logits of an earlier decode of
+#: each slice, SAM's mask prompt) and ``low_res=True`` (then it returns the new logits as a third array): the walks
+#: keep each slice's logits (:attr:`Prediction.logits`) and a ``local`` click gives them back.
 Segment = Callable[[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]
 #: Prompts decoded in one call for the oracle and jitter protocols.
 CHUNK = 16
@@ -99,9 +106,17 @@ class Prediction:
     boxes: dict[int, tuple[float, float, float, float]] = field(default_factory=dict)
     iou: dict[int, float] = field(default_factory=dict)
     clicks: list[Click] = field(default_factory=list)  # in the order they were given
+    #: each decoded slice's low-resolution logits (float16 ``(256, 256)``), where the segmenter gives them back
+    logits: dict[int, np.ndarray] = field(default_factory=dict)
 
     def copy(self) -> "Prediction":
-        return Prediction(self.mask.copy(), dict(self.boxes), dict(self.iou), list(self.clicks))
+        return Prediction(self.mask.copy(), dict(self.boxes), dict(self.iou), list(self.clicks), dict(self.logits))
+
+    def keep(self, z: int, mask: np.ndarray, box, iou: float, logits: np.ndarray | None) -> None:
+        """Slice ``z``'s new mask, the box it was given, its predicted IoU and (where there are any) its logits."""
+        self.mask[z], self.boxes[z], self.iou[z] = mask, box, iou
+        if logits is not None:
+            self.logits[z] = logits
 
 
 def tight_boxes(truth: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -152,9 +167,8 @@ def propagate(box: Box3D, segment: Segment, shape_zyx, *, grow_px: tuple[float, 
     middle = (box.z0 + box.z1) // 2
     up, down = list(range(middle + 1, box.z1 + 1)), list(range(middle - 1, box.z0 - 1, -1))
     ahead([middle, *up, *down])
-    masks, iou = segment(np.array([middle]), np.array([box.box], np.float32), multimask=multimask)
-    first = np.zeros_like(masks[0]) if _doubted(iou[0], min_iou) else masks[0]
-    prediction.mask[middle], prediction.boxes[middle], prediction.iou[middle] = first, box.box, float(iou[0])
+    mask, iou, logits = _decode(segment, middle, box.box, multimask=multimask)
+    prediction.keep(middle, np.zeros_like(mask) if _doubted(iou, min_iou) else mask, box.box, iou, logits)
     for step in (1, -1):
         if step == -1:  # the walk up may have stopped short: the slices above it are not wanted
             ahead(down)
@@ -192,9 +206,9 @@ def _walk(prediction: Prediction, box: Box3D, segment: Segment, start: int, step
         if points:
             grown = _holding(grown, points, grow_px, within=box.box)
         old = prediction.mask[z].copy(), prediction.boxes.get(z)
-        masks, iou = segment(np.array([z]), np.array([grown], np.float32), **_points(points))
-        previous = np.zeros_like(masks[0]) if _doubted(iou[0], min_iou) else masks[0]
-        prediction.mask[z], prediction.boxes[z], prediction.iou[z] = previous, grown, float(iou[0])
+        mask, iou, logits = _decode(segment, z, grown, points)
+        previous = np.zeros_like(mask) if _doubted(iou, min_iou) else mask
+        prediction.keep(z, previous, grown, iou, logits)
         if until_unchanged and old[1] is not None and np.array_equal(old[0], previous) \
                 and (walk != "bounded" or tuple(old[1]) == tuple(grown)):
             return
@@ -204,6 +218,31 @@ def _walk(prediction: Prediction, box: Box3D, segment: Segment, start: int, step
 def _points(clicks: list[Click]) -> dict:
     """``segment``'s keyword for one prompt's clicks (none: no keyword, so a box-only Segment works as always)."""
     return {"points": [np.array([c.point() for c in clicks], np.float32)]} if clicks else {}
+
+
+def _decode(segment: Segment, z: int, box, clicks: list[Click] = (), *, previous: np.ndarray | None = None,
+            multimask: bool | None = None) -> tuple[np.ndarray, float, np.ndarray | None]:
+    """Slice ``z`` with one prompt (``box`` and ``clicks``; ``previous``: its earlier logits as the mask prompt) →
+    its mask, predicted IoU and, from a segmenter that ``feeds_back``, its float16 logits (else None, and
+    ``previous`` is not given: a plain Segment is called as it always was)."""
+    kwargs = _points(list(clicks))
+    if multimask is not None:
+        kwargs["multimask"] = multimask
+    if not getattr(segment, "feeds_back", False):
+        masks, iou = segment(np.array([z]), np.array([box], np.float32), **kwargs)
+        return masks[0], float(iou[0]), None
+    if previous is not None:
+        kwargs["previous"] = np.asarray(previous, np.float32)[None]
+    masks, iou, low = segment(np.array([z]), np.array([box], np.float32), low_res=True, **kwargs)
+    return masks[0], float(iou[0]), low[0].astype(np.float16)
+
+
+def _in_box(mask: np.ndarray, box) -> np.ndarray:
+    """``mask`` with every pixel outside the in-plane box ``(x0, y0, x1, y1)`` (pixel edges) cleared."""
+    x0, y0, x1, y1 = box
+    inside = np.zeros_like(mask)
+    inside[max(0, int(np.floor(y0))) : max(0, int(np.ceil(y1))), max(0, int(np.floor(x0))) : max(0, int(np.ceil(x1)))] = True
+    return mask & inside
 
 
 def _holding(given, clicks: list[Click], grow_px, *, within) -> tuple[float, float, float, float]:
@@ -219,26 +258,58 @@ def _holding(given, clicks: list[Click], grow_px, *, within) -> tuple[float, flo
 
 
 def refine(prediction: Prediction, box: Box3D, click: Click, segment: Segment, *, grow_px, walk: str = "grow",
-           min_iou: float = 0.0) -> Prediction:
+           min_iou: float = 0.0, rule: str = "local", reach: int = 3) -> Prediction:
     """Apply one click to a ``box3d`` prediction of ``box``, in place: decode the click's slice again with its
     box (grown to hold its positive clicks; the 3-D box's own where the walk had not reached it) and all
-    its clicks so far, then walk up and down from it as :func:`propagate` does until a slice's mask comes
-    out unchanged or empty (``extent``: the click's slice only)."""
+    its clicks so far, then (``extent``: not) spread the change to the neighbouring slices under ``rule``
+    (:data:`~embedcache.config.REFINES`): ``walk``, up and down as :func:`propagate` does until a slice's
+    mask comes out unchanged or empty; ``local``, the click's slice also given its previous logits as the
+    mask prompt (from a segmenter that ``feeds_back``), and at most ``reach`` slices each way, each with
+    its own previous logits, a slice's new mask kept (clipped to the 3-D box) only while it touches the
+    mask of the slice before it: the spread stops at the first slice that comes out unchanged, empty or
+    detached, which keeps its mask, as do all beyond."""
     prediction.clicks.append(click)
     z = click.z
     points = [c for c in prediction.clicks if c.z == z]
     given = _holding(prediction.boxes.get(z, box.box), points, grow_px, within=box.box)
-    masks, iou = segment(np.array([z]), np.array([given], np.float32), **_points(points))
-    prediction.mask[z] = np.zeros_like(masks[0]) if _doubted(iou[0], min_iou) else masks[0]
-    prediction.boxes[z], prediction.iou[z] = given, float(iou[0])
-    if walk != "extent":
-        for step in (1, -1):
+    local = rule == "local"
+    mask, iou, logits = _decode(segment, z, given, points, previous=prediction.logits.get(z) if local else None)
+    mask = np.zeros_like(mask) if _doubted(iou, min_iou) else _in_box(mask, box.box) if local else mask
+    prediction.keep(z, mask, given, iou, logits)
+    if walk == "extent":
+        return prediction
+    for step in (1, -1):
+        if local:
+            _spread(prediction, box, segment, z, step, grow_px=grow_px, walk=walk, min_iou=min_iou, reach=reach)
+        else:
             _walk(prediction, box, segment, z, step, grow_px=grow_px, walk=walk, min_iou=min_iou, until_unchanged=True)
     return prediction
 
 
+def _spread(prediction: Prediction, box: Box3D, segment: Segment, start: int, step: int, *, grow_px, walk: str,
+            min_iou: float, reach: int) -> None:
+    """``local`` refinement: carry slice ``start``'s new mask at most ``reach`` slices in direction ``step``, in place
+    (see :func:`refine`)."""
+    previous, given = prediction.mask[start], prediction.boxes[start]
+    for z in range(start + step, start + step * (reach + 1), step):
+        if not box.z0 <= z <= box.z1:
+            return
+        grown = _next_box(previous, given, box, grow_px, walk)
+        if grown is None:  # the click emptied its slice: the gland beyond is not wiped out
+            return
+        points = [c for c in prediction.clicks if c.z == z]
+        if points:
+            grown = _holding(grown, points, grow_px, within=box.box)
+        mask, iou, logits = _decode(segment, z, grown, points, previous=prediction.logits.get(z))
+        mask = np.zeros_like(mask) if _doubted(iou, min_iou) else _in_box(mask, box.box)
+        if not (mask & previous).any() or np.array_equal(mask, prediction.mask[z]):
+            return  # it would detach (or empty) the slice, or it changes nothing: it and the slices beyond stay
+        prediction.keep(z, mask, grown, iou, logits)
+        previous, given = mask, grown
+
+
 def clicks(start: Prediction, box: Box3D, segment: Segment, truth: np.ndarray, spacing_mm, *, count: int, grow_px,
-           walk: str = "grow", min_iou: float = 0.0, observe=None) -> Prediction:
+           walk: str = "grow", min_iou: float = 0.0, observe=None, rule: str = "local", reach: int = 3) -> Prediction:
     """The ``clicks`` protocol from a ``box3d`` prediction ``start`` (not changed): up to ``count`` corrective
     clicks against ``truth``; ``observe(k, mask)`` sees the mask after the box (k = 0) and after each click
     (the last mask again where there is nothing left to correct)."""
@@ -248,7 +319,7 @@ def clicks(start: Prediction, box: Box3D, segment: Segment, truth: np.ndarray, s
     for k in range(1, count + 1):
         click = corrective_click(prediction.mask, truth, spacing_mm)
         if click is not None:
-            refine(prediction, box, click, segment, grow_px=grow_px, walk=walk, min_iou=min_iou)
+            refine(prediction, box, click, segment, grow_px=grow_px, walk=walk, min_iou=min_iou, rule=rule, reach=reach)
         if observe:
             observe(k, prediction.mask)
     return prediction
@@ -306,7 +377,7 @@ def run(protocol: str, segment: Segment, *, truth: np.ndarray, spacing_mm, setti
             start = run("box3d", segment, truth=truth, spacing_mm=spacing_mm, settings=settings, case=case, label=label)
         return clicks(start, box, segment, truth, spacing_mm, count=settings.clicks,
                       grow_px=grow_px(settings, spacing_mm), walk=settings.walk, min_iou=settings.min_iou,
-                      observe=observe)
+                      observe=observe, rule=settings.refine, reach=settings.reach)
     raise UsageError(f"unknown prompt protocol {protocol}; choose from {', '.join(PROTOCOLS)}")
 
 

@@ -45,13 +45,22 @@ class Decoder:
 
 class Segmenter:
     """The :class:`~embedcache.evaluation.protocols.Segment` of one volume (``slices``) and one ``decoder``: boxes
-    ``(k, 4)`` (and clicks) on slices ``zs`` → ``(k, height, width)`` bool masks and ``(k,)`` predicted IoU."""
+    ``(k, 4)`` (and clicks, and each slice's previous low-resolution logits) on slices ``zs`` → ``(k, height, width)``
+    bool masks and ``(k,)`` predicted IoU (and, asked for, the ``(k, 256, 256)`` logits to give back next round)."""
 
     def __init__(self, slices: SliceEmbeddings, decoder: Decoder):
         self.slices, self.decoder = slices, decoder
 
-    def __call__(self, zs: np.ndarray, boxes: np.ndarray, *, multimask: bool = False,
-                 points=None) -> tuple[np.ndarray, np.ndarray]:
+    @property
+    def feeds_back(self) -> bool:
+        """Whether the protocols give a slice's previous logits back (``previous=``, asking for the new ones with
+        ``low_res=``): for a decoder trained with them (``finetune --prompts interactive``). LiteMedSAM's released
+        decoder, and one fine-tuned without them, follow the mask prompt to worse masks (measured: a click then
+        lowers its slice's Dice), so they decode without it."""
+        return bool(getattr(self.decoder.mask_decoder, "mask_prompt", False))
+
+    def __call__(self, zs: np.ndarray, boxes: np.ndarray, *, multimask: bool = False, points=None,
+                 previous: np.ndarray | None = None, low_res: bool = False) -> tuple[np.ndarray, ...]:
         import torch
 
         from embedcache.model.decoder import segment_boxes
@@ -59,11 +68,14 @@ class Segmenter:
         d = self.decoder
         with torch.no_grad():
             embeddings = self.slices.embeddings(zs)
-            masks, iou = segment_boxes(d.prompt_encoder, d.mask_decoder, embeddings,
-                                       torch.as_tensor(boxes, dtype=torch.float32, device=embeddings.device),
-                                       input_size=d.input_size, slice_size=d.slice_size, shape_yx=self.slices.shape_yx,
-                                       multimask=multimask, points=points, decode=d.decode)
-        return masks.cpu().numpy(), iou.float().cpu().numpy()
+            prior = None if previous is None else \
+                torch.as_tensor(np.asarray(previous, np.float32), device=embeddings.device).reshape(len(zs), 1, *previous.shape[-2:])
+            out = segment_boxes(d.prompt_encoder, d.mask_decoder, embeddings,
+                                torch.as_tensor(boxes, dtype=torch.float32, device=embeddings.device),
+                                input_size=d.input_size, slice_size=d.slice_size, shape_yx=self.slices.shape_yx,
+                                multimask=multimask, points=points, decode=d.decode, previous=prior, low_res=low_res)
+        masks, iou = out[0].cpu().numpy(), out[1].float().cpu().numpy()
+        return (masks, iou, out[2][:, 0].float().cpu().numpy()) if low_res else (masks, iou)
 
     def ahead(self, zs: list[int]) -> None:
         self.slices.ahead(zs)

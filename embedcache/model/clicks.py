@@ -9,6 +9,10 @@ Two rules, one for each phase:
   pixels, the rest come from inside the box, labelled by the target. Without a prediction (points
   alone), every point lies on the target. All on the device, at the decoder's 256² resolution, from a
   seeded integer hash: the same seed gives the same clicks on any device and any number of ranks.
+* :func:`interior_click` (``finetune --prompts interactive``): one click per prompt and round, on the most interior
+  pixel of the error between the target and the round before's prediction (the depth of a pixel: how many
+  3×3 erosions of the error it survives, up to :data:`DEPTH`; ties broken by the seeded hash), positive in a
+  miss and negative in a false positive: the 2-D, batched counterpart of ``score``'s rule below.
 * :func:`corrective_click` (``score --protocols clicks``): the most interior voxel (largest distance to
   its border, in mm) of the largest 3-D connected component of the error, positive when that
   component is a missed region and negative when it is a false positive: the rule of the CVPR 2025
@@ -82,6 +86,45 @@ def training_clicks(target: torch.Tensor, k: int, seeds: torch.Tensor, *, input_
     labels = truth.gather(1, picked).to(torch.int64)
     step = input_size / LOW_RES
     # SAM's prompt encoder adds half a pixel to a point: this puts it on the low-res pixel's centre
+    x = (picked % LOW_RES).float() * step + (step - 1.0) / 2.0
+    y = (picked // LOW_RES).float() * step + (step - 1.0) / 2.0
+    return torch.stack([x, y], dim=-1), labels
+
+
+#: The most 3×3 erosions :func:`interior_click` counts (a pixel deeper than this is as interior as any).
+DEPTH = 12
+
+
+def interior_click(target: torch.Tensor, prediction: torch.Tensor, seeds: torch.Tensor, *, input_size: int,
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """One corrective click per prompt on the most interior pixel of its error.
+
+    Arguments:
+      target: ``(n, 1, 256, 256)`` soft targets (a pixel is on the target above 0.5).
+      prediction: ``(n, 1, 256, 256)`` the round before's logits.
+      seeds: ``(n,)`` integers in ``0..2**SEED_BITS - 1`` (a different one per round: the tie-break).
+
+    Returns:
+      ``(n, 1, 2)`` coordinates ``(x, y)`` in encoder-input pixels (pixel centres, as :func:`training_clicks`) and
+      ``(n, 1)`` labels: 1 where the pixel is on the target (a miss), 0 where it is not (a false positive). A
+      prompt without error gets a pixel drawn by the hash, labelled by the target.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    from embedcache.model.decoder import LOW_RES
+
+    n = len(target)
+    truth = target[:, :1] > 0.5
+    error = ((prediction[:, :1].detach() > 0) ^ truth).float()
+    depth, inner = torch.zeros_like(error), error
+    for _ in range(DEPTH):
+        depth = depth + inner
+        inner = -F.max_pool2d(-F.pad(inner, (1, 1, 1, 1)), 3, stride=1)  # erosion; beyond the edge is not error
+    score = depth.reshape(n, -1) + _hash_noise(seeds, LOW_RES * LOW_RES) * 0.5
+    picked = score.argmax(dim=1, keepdim=True)  # (n, 1)
+    labels = truth.reshape(n, -1).gather(1, picked).to(torch.int64)
+    step = input_size / LOW_RES
     x = (picked % LOW_RES).float() * step + (step - 1.0) / 2.0
     y = (picked // LOW_RES).float() * step + (step - 1.0) / 2.0
     return torch.stack([x, y], dim=-1), labels

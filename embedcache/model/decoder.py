@@ -156,7 +156,8 @@ class PromptDecoder(torch.nn.Module):
 
 def segment_boxes(prompt_encoder: torch.nn.Module, mask_decoder: torch.nn.Module, embeddings: torch.Tensor,
                   boxes: torch.Tensor, *, input_size: int, slice_size: int, shape_yx: tuple[int, int],
-                  multimask: bool = False, points: list | None = None, decode=None) -> tuple[torch.Tensor, torch.Tensor]:
+                  multimask: bool = False, points: list | None = None, decode=None, previous: torch.Tensor | None = None,
+                  low_res: bool = False) -> tuple[torch.Tensor, ...]:
     """Masks on a slice's own pixel grid for boxes drawn on it, and the decoder's predicted IoU of each.
 
     Arguments:
@@ -170,9 +171,12 @@ def segment_boxes(prompt_encoder: torch.nn.Module, mask_decoder: torch.nn.Module
         0 off it. Prompts with different counts decode in separate groups (see the module).
       decode: what decodes in :func:`decode_boxes`'s place, given its arguments but the two modules (an exported
         graph: :class:`~embedcache.model.engines.GraphDecoder`); None: :func:`decode_boxes` itself.
+      previous: ``(k, 1, 256, 256)`` each prompt's low-resolution logits of an earlier round on the same slice, given
+        back as SAM's mask prompt (``SamPredictor.predict(mask_input=...)``); None: no mask prompt.
+      low_res: also return the kept output's low-resolution logits ``(k, 1, 256, 256)``: the next round's ``previous``.
 
     Returns:
-      ``(k, *shape_yx)`` bool masks and ``(k,)`` predicted IoU.
+      ``(k, *shape_yx)`` bool masks and ``(k,)`` predicted IoU (and, with ``low_res``, the logits).
     """
     height, width = shape_yx
     scale = torch.tensor([slice_size / width, slice_size / height] * 2, device=boxes.device) * (input_size / slice_size)
@@ -190,8 +194,10 @@ def segment_boxes(prompt_encoder: torch.nn.Module, mask_decoder: torch.nn.Module
         if n:
             xyl = torch.as_tensor(np.stack([np.asarray(points[i], np.float32) for i in members]), device=boxes.device)
             clicks = (xyl[..., :2] * scale[:2], xyl[..., 2])
+        extra = {} if previous is None else {"masks": previous[index]}
         part_low, part_iou = (decode or partial(decode_boxes, prompt_encoder, mask_decoder))(
-            embeddings[index], boxes[index] * scale if has_box else None, points=clicks, multimask_output=multimask)
+            embeddings[index], boxes[index] * scale if has_box else None, points=clicks, multimask_output=multimask,
+            **extra)
         if low is None:
             low = part_low.new_empty((len(boxes), *part_low.shape[1:]))
             iou = part_iou.new_empty((len(boxes), *part_iou.shape[1:]))
@@ -199,4 +205,5 @@ def segment_boxes(prompt_encoder: torch.nn.Module, mask_decoder: torch.nn.Module
     best = iou.argmax(dim=1)
     pick = torch.arange(len(best), device=best.device)
     low, iou = low[pick, best][:, None], iou[pick, best]
-    return masks_on_grid(low, input_size=input_size, slice_size=slice_size, shape_yx=shape_yx), iou
+    masks = masks_on_grid(low, input_size=input_size, slice_size=slice_size, shape_yx=shape_yx)
+    return (masks, iou, low) if low_res else (masks, iou)

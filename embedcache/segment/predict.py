@@ -491,7 +491,7 @@ def add_click(prediction: Prediction, request: Request, click, segment, spacing_
     """Apply one more click of ``request`` to its ``prediction``, in place (:func:`~embedcache.evaluation.protocols.refine`
     with the protocol settings predict uses)."""
     protocols.refine(prediction, request.box, click, segment, grow_px=protocols.grow_px(settings, spacing_mm),
-                     walk=settings.walk, min_iou=settings.min_iou)
+                     walk=settings.walk, min_iou=settings.min_iou, rule=settings.refine, reach=settings.reach)
 
 
 @dataclass

@@ -190,7 +190,8 @@ def plan_batch(prompts: PromptIndex, slices: np.ndarray, *, labels: tuple[int, .
 def draw_clicks(prompts: PromptIndex, which: np.ndarray, *, mode: str, max_points: int,
                 rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Point counts, box flags and click seeds of prompts ``which`` under ``mode`` (:data:`embedcache.config.POINT_MODES`).
-    A stop prompt (nothing to click on) keeps its box under ``mixed``."""
+    A stop prompt (nothing to click on) keeps its box under ``mixed``. Under ``interactive`` every prompt keeps its
+    box and has count 1: it runs the rounds (:class:`~embedcache.train.trainer.TrainStep`), its clicks placed there."""
     n = len(which)
     count, box = np.zeros(n, np.int64), np.ones(n, bool)
     if mode == "box+points":
@@ -199,6 +200,8 @@ def draw_clicks(prompts: PromptIndex, which: np.ndarray, *, mode: str, max_point
         kind = rng.integers(0, 3, size=n)
         count = np.where(kind > 0, rng.integers(1, max_points + 1, size=n), 0)
         box = (kind < 2) | prompts.stop[which]
+    elif mode == "interactive":
+        count = np.ones(n, np.int64)
     seeds = rng.integers(0, 2**SEED_BITS, size=n)
     return count, box, seeds
 

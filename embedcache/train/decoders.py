@@ -30,6 +30,7 @@ class TrainedDecoder:
     checkpoint: Path | None
     epoch: int = 0
     val_dice: float = float("nan")
+    mask_prompt: bool = False  # trained with its previous logits as SAM's mask prompt (finetune --prompts interactive)
 
     def describe(self) -> dict:
         """What a report says about the decoder it scored."""
@@ -57,7 +58,8 @@ def load_trained_decoder(run_or_file: Path, *, expect: Signature | None = None,
     checkpoint = load_checkpoint(path)
     weights = checkpoint.config.get("checkpoint")
     trained = TrainedDecoder(checkpoint.decoder, checkpoint.signature, path, Path(weights) if weights else None,
-                             epoch=checkpoint.epoch, val_dice=checkpoint.val_dice)
+                             epoch=checkpoint.epoch, val_dice=checkpoint.val_dice,
+                             mask_prompt=checkpoint.config.get("prompts") == "interactive")
     if expect is not None:
         trained.check_fits(expect, path=expect_path or path)
     return trained
@@ -97,6 +99,7 @@ def load_model(backbone: str, *, trained: TrainedDecoder | None, checkpoint: Pat
         if has_adapter(trained.state):
             attach_adapter(tuned)
         load_decoder_state(tuned, trained)
+        tuned.mask_prompt = trained.mask_prompt  # the segmenter gives a slice's logits back only to a decoder trained so
         decoders["finetuned"] = tuned.eval()
     return Model(weights.backbone, parts, decoders, weights.sha256)
 

@@ -19,7 +19,7 @@ import torch
 
 from embedcache.config import FinetuneConfig
 from embedcache.model.backbones import Backbone, load_backbone
-from embedcache.model.clicks import training_clicks
+from embedcache.model.clicks import SEED_BITS, interior_click, training_clicks
 from embedcache.model.decoder import PromptDecoder
 from embedcache.model.losses import dice_ce_per_prompt, iou_mse_per_prompt
 from embedcache.train.data import Batch
@@ -67,13 +67,15 @@ class TrainStep:
     """
 
     def __init__(self, net, optimizer, scheduler, params, *, autocast, scaler, grad_clip: float, world: int = 1,
-                 micro_batch: int = 0, iou_weight: float = 0.0, plain=None, input_size: int = 1024):
+                 micro_batch: int = 0, iou_weight: float = 0.0, plain=None, input_size: int = 1024, rounds: int = 0,
+                 round_loss: str = "every"):
         self.net, self.optimizer, self.scheduler, self.params = net, optimizer, scheduler, params
         self.plain = plain if plain is not None else net  # the module itself, for the click's no-grad forward
         self.input_size = input_size  # the encoder input's side: where training clicks are placed
         self.iou_weight = iou_weight  # the IoU head's MSE joins the loss with this weight (0: the head is frozen)
         self.autocast, self.scaler, self.grad_clip, self.world = autocast, scaler, grad_clip, world
         self.micro_batch = micro_batch
+        self.rounds, self.round_loss = rounds, round_loss  # --prompts interactive (rounds 0: the other modes)
         self._losses, self._finite, self._seen = [], [], 0
 
     def _chunks(self, batch: Batch) -> list[tuple[object, bool, int]]:
@@ -104,24 +106,74 @@ class TrainStep:
                                  prediction=prediction, boxes=boxes if box else None)
         return self.net(embeddings, boxes if box else None, points)
 
+    def _per_prompt(self, logits, iou, target):
+        per_prompt = dice_ce_per_prompt(logits, target)
+        if self.iou_weight:
+            per_prompt = per_prompt + self.iou_weight * iou_mse_per_prompt(iou, logits, target)
+        return per_prompt
+
+    def _plan_rounds(self, seeds: torch.Tensor) -> list[bool]:
+        """Whether each round after the first adds a click: all but the last, and (from 5 rounds) one in the middle,
+        chosen by the batch's first seed, as SAM's loop keeps two rounds without a new point."""
+        adds = [True] * (self.rounds - 2) + [False]
+        if self.rounds >= 5:
+            adds[int(seeds[:1].sum().item()) % (self.rounds - 2)] = False
+        return adds
+
+    def _rounds(self, batch: Batch, part, sync, backward) -> tuple[torch.Tensor, torch.Tensor]:
+        """``--prompts interactive`` on prompts ``part``: the box alone, then ``rounds - 1`` rounds, each fed the round
+        before's logits (detached) as the mask prompt and, where it adds one, a click on the most interior pixel of
+        that round's error (:func:`~embedcache.model.clicks.interior_click`); each round that has a loss (every round,
+        or the last) runs forward and ``backward(per_prompt, weight)`` inside ``sync(last round)``. The last round's
+        per-prompt loss and finiteness come back."""
+        embeddings, boxes, target = batch.embeddings[part], batch.boxes[part], batch.targets[part]
+        seeds = batch.clicks.seeds[part]
+        adds = self._plan_rounds(seeds)
+        weight = 1.0 / self.rounds if self.round_loss == "every" else 1.0
+        points = previous = None
+        for r in range(self.rounds):
+            if r and adds[r - 1]:
+                xy, label = interior_click(target, previous, (seeds * 31 + r) % 2**SEED_BITS,
+                                           input_size=self.input_size)
+                points = (xy, label) if points is None else (torch.cat([points[0], xy], 1), torch.cat([points[1], label], 1))
+            last = r == self.rounds - 1
+            if self.round_loss == "every" or last:
+                with sync(last):
+                    with self.autocast:
+                        logits, iou = self.net(embeddings, boxes, points, previous)
+                        per_prompt = self._per_prompt(logits, iou, target)
+                    loss = backward(per_prompt, weight)
+            else:
+                with torch.no_grad(), self.autocast:
+                    logits, _ = self.plain(embeddings, boxes, points, previous)
+            previous = logits.detach().float()
+        return per_prompt.detach(), torch.isfinite(loss.detach())
+
     def __call__(self, batch: Batch, global_count: int) -> None:
         self.optimizer.zero_grad(set_to_none=True)
         n = len(batch.boxes)
         chunks = self._chunks(batch)
         losses, finite = [], []
         for i, (part, box, k) in enumerate(chunks):
-            # DDP: all-reduce the gradients once, on the last micro-batch.
-            sync = nullcontext() if i == len(chunks) - 1 or not hasattr(self.net, "no_sync") else self.net.no_sync()
-            with sync:
-                with self.autocast:
-                    logits, iou = self._forward(batch, part, box, k)
-                    per_prompt = dice_ce_per_prompt(logits, batch.targets[part])
-                    if self.iou_weight:
-                        per_prompt = per_prompt + self.iou_weight * iou_mse_per_prompt(iou, logits, batch.targets[part])
-                loss = per_prompt.sum() * self.world / max(global_count, 1)
+            # DDP: all-reduce the gradients once, on the last backward (of the last round) of the last micro-batch.
+            def sync(last: bool = True, final: bool = i == len(chunks) - 1):
+                return nullcontext() if (final and last) or not hasattr(self.net, "no_sync") else self.net.no_sync()
+
+            def backward(per_prompt, weight=1.0):
+                loss = per_prompt.sum() * (weight * self.world / max(global_count, 1))
                 (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
+                return loss
+
+            if self.rounds and k:
+                per_prompt, ok = self._rounds(batch, part, sync, backward)
+            else:
+                with sync():
+                    with self.autocast:
+                        logits, iou = self._forward(batch, part, box, k)
+                        per_prompt = self._per_prompt(logits, iou, batch.targets[part])
+                    ok = torch.isfinite(backward(per_prompt).detach())
             losses.append(per_prompt.detach().sum())
-            finite.append(torch.isfinite(loss.detach()))
+            finite.append(ok)
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
             torch.nn.utils.clip_grad_norm_(self.params, self.grad_clip)
@@ -181,5 +233,6 @@ def build_trainer(backbone: Backbone, checkpoint: Path | None, config: FinetuneC
         net = torch.compile(net)
     step = TrainStep(net, optimizer, scheduler, params, autocast=autocast, scaler=scaler, grad_clip=config.grad_clip,
                      world=world, micro_batch=micro_batch_for(config, device), iou_weight=1.0 if config.iou_head else 0.0,
-                     plain=model, input_size=backbone.input_size)
+                     plain=model, input_size=backbone.input_size,
+                     rounds=config.rounds if config.prompts == "interactive" else 0, round_loss=config.round_loss)
     return Trainer(model=model, optimizer=optimizer, scheduler=scheduler, step=step, autocast=autocast)

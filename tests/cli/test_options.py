@@ -98,3 +98,21 @@ def test_a_renamed_option_keeps_its_old_spelling_for_a_release(tmp_path, phantom
 
     said = CliRunner().invoke(probe, ["--precision", "fp16"])
     assert said.exit_code == 0 and said.output.splitlines()[-1] == "fp16 ['precision']", said.output
+
+
+@pytest.mark.parametrize("cls, settings, flag", [
+    (config.FinetuneConfig, dict(rounds=1), "--rounds"), (config.FinetuneConfig, dict(round_loss="first"), "--round-loss"),
+    (config.ProtocolSettings, dict(refine="spread"), "--refine"), (config.ProtocolSettings, dict(reach=-1), "--reach"),
+    (config.ProtocolSettings, dict(reach=True), "--reach")])
+def test_the_click_settings_refuse_what_does_not_fit_naming_their_flag(cls, settings, flag):
+    with pytest.raises(UsageError, match=flag):
+        cls(**settings)
+
+
+def test_a_bad_click_option_on_the_command_line_is_one_line(small_cache, tmp_path):
+    from conftest import cli, one_line
+
+    one_line(cli("score", small_cache, "--out", tmp_path / "r", "--refine", "spread"), "--refine", code=2)
+    one_line(cli("finetune", small_cache, "--out", tmp_path / "run", "--prompts", "interactive", "--rounds", "1"),
+             "--rounds", code=2)
+    one_line(cli("score", small_cache, "--out", tmp_path / "r", "--reach", "99"), "--reach", code=2)

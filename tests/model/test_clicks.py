@@ -62,3 +62,21 @@ def test_the_corrective_click_is_the_most_interior_voxel_of_the_largest_error():
     click = corrective_click(prediction, truth, (1.0, 1.0, 1.0))
     assert not click.positive and (click.z, click.y, click.x) == (1, 1, 1)
     assert corrective_click(truth, truth, (1.0, 1.0, 1.0)) is None
+
+
+def test_the_interior_click_lands_deep_in_the_error_and_says_miss_or_false_positive():
+    """interactive training's click: on the most interior pixel of the error (a 40×20 missed half: its middle
+    columns, not its rim), positive there; on a thick false-positive ring, negative and inside the ring's band."""
+    from embedcache.model.clicks import interior_click
+
+    target = torch.cat([_square(100, 140, 100, 140), _square(10, 30, 10, 30)])
+    prediction = torch.cat([_square(100, 140, 100, 120), _square(0, 40, 0, 40)]) * 20 - 10
+    xy, labels = interior_click(target, prediction, torch.tensor([3, 4]), input_size=256)
+    assert xy.shape == (2, 1, 2) and labels.tolist() == [[1], [0]]
+    col, row = xy[0, 0]
+    assert 126 <= col <= 133 and 110 <= row <= 129, (row, col)  # 10 px wide: depth 10 only in its middle
+    col, row = xy[1, 0]
+    assert not (10 <= row < 30 and 10 <= col < 30)
+    assert min(row, col, 39 - row, 39 - col) >= 3 or max(row, col) < 10  # deep in the ring
+    same = interior_click(target, prediction, torch.tensor([3, 4]), input_size=256)[0]
+    assert torch.equal(xy, same)

@@ -133,3 +133,32 @@ def test_the_previous_mask_as_a_prompt_equals_sam_predictors_mask_input(lite_par
                 torch.testing.assert_close(masks[i, j], ref_low[0], atol=1e-4, rtol=1e-4)
                 torch.testing.assert_close(iou[i, j], ref_iou[0], atol=1e-5, rtol=1e-5)
     assert (masks - without).abs().max() > 0.1
+
+
+def test_segment_boxes_gives_back_and_takes_the_previous_logits(lite_parts):
+    """The one segmenter's path (segment_boxes, as Segmenter calls it): with ``low_res`` it returns the kept output's
+    logits, and ``previous`` reaches decode_boxes's mask prompt per prompt, in a batch that mixes click counts."""
+    import numpy as np
+
+    from embedcache.model.decoder import segment_boxes
+
+    torch.manual_seed(1)
+    pe, md = lite_parts.prompt_encoder, lite_parts.mask_decoder
+    embeddings = torch.randn(3, 256, 64, 64)
+    boxes = torch.tensor([[10.0, 12, 40, 44], [20, 18, 50, 60], [5, 8, 30, 30]])
+    points = [None, np.array([[30, 40, 1]], np.float32), None]
+    previous = torch.randn(3, 1, 256, 256) * 4
+    kw = dict(input_size=256, slice_size=64, shape_yx=(64, 64))
+    with torch.no_grad():
+        masks, iou, low = segment_boxes(pe, md, embeddings, boxes, points=points, previous=previous, low_res=True, **kw)
+        plain, _, plain_low = segment_boxes(pe, md, embeddings, boxes, points=points, low_res=True, **kw)
+        for i in range(3):
+            clicks = None
+            if points[i] is not None:
+                clicks = (torch.from_numpy(points[i][None, :, :2]) * 4, torch.from_numpy(points[i][None, :, 2]))
+            ref, ref_iou = decode_boxes(pe, md, embeddings[i : i + 1], boxes[i : i + 1] * 4, points=clicks,
+                                        masks=previous[i : i + 1])
+            torch.testing.assert_close(low[i], ref[0], atol=1e-4, rtol=1e-4)
+            torch.testing.assert_close(iou[i], ref_iou[0, 0], atol=1e-5, rtol=1e-5)
+    assert low.shape == (3, 1, 256, 256) and masks.shape == (3, 64, 64)
+    assert (low - plain_low).abs().max() > 0.1  # the mask prompt is used, not dropped

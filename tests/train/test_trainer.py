@@ -115,3 +115,40 @@ def test_prompts_with_clicks_train_in_groups_whose_gradients_add_up_to_one_promp
     scale = max(float(g.abs().max()) for g in grads[0].values())
     for key in grads[0]:  # equal up to summation order (some tensors' gradients are float noise, ~1e-11)
         assert (grads[0][key] - grads[1][key]).abs().max() <= 1e-4 * scale, key
+
+
+@pytest.mark.parametrize("round_loss", ["every", "last"])
+def test_interactive_rounds_feed_back_the_logits_and_add_one_click_a_round(tiny_model, small_cache, round_loss):
+    """--prompts interactive: the first round has the box alone, each next one the round before's logits as the
+    mask prompt and one more click where it adds one (none on the last round, nor on one in the middle), every
+    round with the box; the loss's rounds go through the trained module with gradients, the others without."""
+    from embedcache.train.data import Clicks
+
+    batch, _ = small_batch(tiny_model, small_cache)
+    n = len(batch.boxes)
+    batch.clicks = Clicks(count=np.ones(n, np.int64), box=np.ones(n, bool), seeds=torch.arange(n) + 5)
+    trainer = _trainer(tiny_model, micro_batch=64, prompts="interactive", rounds=6, round_loss=round_loss)
+    calls, seen = [], []
+    for module in {id(trainer.step.net): trainer.step.net, id(trainer.step.plain): trainer.step.plain}.values():
+        forward = module.forward
+
+        def spy(e, b, p=None, m=None, forward=forward):
+            out = forward(e, b, p, m)
+            calls.append((0 if p is None else p[0].shape[1], m is not None, torch.is_grad_enabled()))
+            if m is not None:
+                assert any(torch.equal(m, s) for s in seen)  # a logits tensor an earlier round gave
+            seen.append(out[0].detach().float())
+            return out
+
+        module.forward = spy
+    trainer.step(batch, n)
+    loss, _, bad = trainer.step.end_epoch()
+    assert bad is None and np.isfinite(loss)
+    counts = [c for c, _, _ in calls]
+    assert counts[0] == 0 and not calls[0][1] and all(m for _, m, _ in calls[1:])
+    assert len(calls) == 6 and counts[-1] == counts[-2] and counts[-2] == 3  # 6 rounds: 3 clicks, 2 rounds without
+    assert all(b - a in (0, 1) for a, b in zip(counts, counts[1:]))
+    graded = [g for _, _, g in calls]
+    assert graded == ([True] * 6 if round_loss == "every" else [False] * 5 + [True])
+    grads = [p.grad for p in trainer.model.mask_decoder.parameters() if p.requires_grad]
+    assert any(g is not None and g.abs().sum() > 0 for g in grads)

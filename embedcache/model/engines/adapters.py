@@ -93,15 +93,17 @@ class GraphDecoder:
             self._heads = self.load_heads()
         return self._heads
 
-    def __call__(self, embeddings, boxes, *, points=None, multimask_output: bool = False):
+    def __call__(self, embeddings, boxes, *, points=None, multimask_output: bool = False, masks=None):
         """As :func:`~embedcache.model.decoder.decode_boxes` without its two modules: ``(N, 256, 64, 64)`` embeddings
-        and ``(N, 4)`` boxes (encoder-input pixels) → ``(N, M, 256, 256)`` mask logits and ``(N, M)`` predicted IoU."""
+        and ``(N, 4)`` boxes (encoder-input pixels) → ``(N, M, 256, 256)`` mask logits and ``(N, M)`` predicted IoU.
+        Points and mask prompts are not in the graph: the eager modules decode them."""
         import torch
 
-        if points is not None or boxes is None or boxes.dim() != 2:
+        if points is not None or masks is not None or boxes is None or boxes.dim() != 2:
             from embedcache.model.decoder import decode_boxes
 
-            return decode_boxes(*self.heads(), embeddings, boxes, points=points, multimask_output=multimask_output)
+            return decode_boxes(*self.heads(), embeddings, boxes, points=points, multimask_output=multimask_output,
+                                masks=masks)
         e = embeddings.detach().float().cpu().numpy()
         b = boxes.detach().float().cpu().numpy()
         runs = [self.run(e[i : i + 1], b[i : i + 1]) for i in range(len(b))]
