@@ -34,13 +34,10 @@ from embedcache.cache.store import open_cache
 from embedcache.config import REFINES, FinetuneConfig, ProtocolSettings
 from embedcache.evaluation import protocols
 from embedcache.evaluation.metrics import gland_metrics
-from embedcache.evaluation.score import CachedCase, case_sources
-from embedcache.io.volumes import read_label
 from embedcache.runtime.devices import pick_device
-from embedcache.train.decoders import load_model, load_trained_decoder
 from embedcache.train.finetune import finetune
 
-from common import RESULTS, machine
+from common import RESULTS, decoded_cases, machine
 
 #: name → the ``finetune`` fields of the recipe (``--rounds`` joins the interactive ones); vanilla: not trained.
 RECIPES = {
@@ -96,40 +93,29 @@ def measure(cache_path: Path, names: list[str], decoder: Path | None, rules: lis
     """``{rule: {"cases": {case: {label: {"dice": [...], "nsd": [...]}}}, "decodes", "seconds", "clicks"}}`` of one
     decoder (None: vanilla) on ``names``: Dice and NSD after 0..``clicks`` clicks from one ``box3d`` start."""
     out = {rule: {"cases": {}, "decodes": 0, "seconds": 0.0, "clicks": 0} for rule in rules}
-    with open_cache(cache_path) as cache:
-        trained = load_trained_decoder(decoder, expect=cache.signature, expect_path=cache_path) if decoder else None
-        model = load_model(cache.signature.backbone, trained=trained, checkpoint=None, device=device,
-                           expect_sha256=cache.signature.checkpoint_sha256, made=str(cache_path), vanilla=trained is None)
-        (_, mask_decoder), = model.decoders.items()
-        size = {"input_size": model.backbone.input_size, "slice_size": cache.signature.slice_size}
-        records = [c for c in cache.cases if c.name in names]
-        sources = case_sources(records, None)
-        for case in records:
-            truth = read_label(sources[case.name][1]).array
-            segment = CachedCase(cache, case, device=device).segment_with(model.parts.prompt_encoder, mask_decoder,
-                                                                          **size)
-            for label in cache.labels:
-                gt = truth == label
-                base = ProtocolSettings(clicks=clicks, reach=reach)
-                start = protocols.run("box3d", segment, truth=gt, spacing_mm=case.spacing_mm, settings=base,
-                                      case=case.name, label=label)
-                for rule in rules:
-                    curve: dict[int, dict] = {}
-                    counted = Counted(segment)
+    for cache, case, truth, segment in decoded_cases(cache_path, names, decoder, device):
+        for label in cache.labels:
+            gt = truth == label
+            base = ProtocolSettings(clicks=clicks, reach=reach)
+            start = protocols.run("box3d", segment, truth=gt, spacing_mm=case.spacing_mm, settings=base,
+                                  case=case.name, label=label)
+            for rule in rules:
+                curve: dict[int, dict] = {}
+                counted = Counted(segment)
 
-                    def observe(k, mask, curve=curve):
-                        curve[k] = gland_metrics(mask, gt, spacing_mm=case.spacing_mm, label=label,
-                                                 label_map=cache.signature.label_map)
+                def observe(k, mask, curve=curve):
+                    curve[k] = gland_metrics(mask, gt, spacing_mm=case.spacing_mm, label=label,
+                                             label_map=cache.signature.label_map)
 
-                    settings = ProtocolSettings(clicks=clicks, reach=reach, refine=rule)
-                    done = protocols.run("clicks", counted, truth=gt, spacing_mm=case.spacing_mm, settings=settings,
-                                         case=case.name, label=label, start=start, observe=observe)
-                    entry = out[rule]
-                    entry["cases"].setdefault(case.name, {})[str(label)] = {
-                        m: [round(float(curve[k][m]), 5) for k in range(clicks + 1)] for m in ("dice", "nsd")}
-                    entry["decodes"] += counted.decodes
-                    entry["seconds"] += counted.seconds
-                    entry["clicks"] += len(done.clicks)
+                settings = ProtocolSettings(clicks=clicks, reach=reach, refine=rule)
+                done = protocols.run("clicks", counted, truth=gt, spacing_mm=case.spacing_mm, settings=settings,
+                                     case=case.name, label=label, start=start, observe=observe)
+                entry = out[rule]
+                entry["cases"].setdefault(case.name, {})[str(label)] = {
+                    m: [round(float(curve[k][m]), 5) for k in range(clicks + 1)] for m in ("dice", "nsd")}
+                entry["decodes"] += counted.decodes
+                entry["seconds"] += counted.seconds
+                entry["clicks"] += len(done.clicks)
     return out
 
 

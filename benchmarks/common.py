@@ -12,11 +12,33 @@ from pathlib import Path
 
 import torch
 
+from embedcache.cache.store import open_cache
+from embedcache.evaluation.score import CachedCase, case_sources
+from embedcache.io.volumes import read_label
 from embedcache.model.backbones import Backbone
 from embedcache.model.engines import cpu_identity, cpu_name
 from embedcache.synth.phantom import PhantomConfig
+from embedcache.train.decoders import load_model, load_trained_decoder
 
 RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def decoded_cases(cache_path: Path, names, decoder: Path | None, device):
+    """Each case of ``names`` in the cache at ``cache_path`` with one decoder (None: vanilla), as score decodes it:
+    yields ``(cache, case, truth, segment)``, ``truth`` the case's label volume and ``segment`` its
+    :class:`~embedcache.evaluation.segmenter.Segmenter` over the cached embeddings."""
+    with open_cache(cache_path) as cache:
+        trained = load_trained_decoder(decoder, expect=cache.signature, expect_path=cache_path) if decoder else None
+        model = load_model(cache.signature.backbone, trained=trained, checkpoint=None, device=device,
+                           expect_sha256=cache.signature.checkpoint_sha256, made=str(cache_path), vanilla=trained is None)
+        (_, mask_decoder), = model.decoders.items()
+        size = {"input_size": model.backbone.input_size, "slice_size": cache.signature.slice_size}
+        records = [c for c in cache.cases if c.name in names]
+        sources = case_sources(records, None)
+        for case in records:
+            truth = read_label(sources[case.name][1]).array
+            yield cache, case, truth, CachedCase(cache, case, device=device).segment_with(model.parts.prompt_encoder,
+                                                                                          mask_decoder, **size)
 
 
 @contextmanager

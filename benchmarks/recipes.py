@@ -30,13 +30,10 @@ from embedcache.cache.store import open_cache
 from embedcache.config import WALKS, FinetuneConfig, ProtocolSettings
 from embedcache.evaluation import protocols
 from embedcache.evaluation.metrics import gland_metrics
-from embedcache.evaluation.score import CachedCase, case_sources
-from embedcache.io.volumes import read_label
 from embedcache.runtime.devices import pick_device
-from embedcache.train.decoders import load_model, load_trained_decoder
 from embedcache.train.finetune import finetune
 
-from common import RESULTS, machine
+from common import RESULTS, decoded_cases, machine
 
 #: name → the FinetuneConfig fields of the recipe; "vanilla" is the released decoder, not trained.
 RECIPES = {
@@ -70,26 +67,15 @@ def measure(cache_path: Path, names: list[str], decoder: Path | None, settings: 
             protocol_of: dict[str, str], device: torch.device) -> dict:
     """``{setting: {case: {label: metrics}}}`` of one decoder (None: vanilla) on ``names``."""
     results: dict = {key: {} for key in settings}
-    with open_cache(cache_path) as cache:
-        trained = load_trained_decoder(decoder, expect=cache.signature, expect_path=cache_path) if decoder else None
-        model = load_model(cache.signature.backbone, trained=trained, checkpoint=None, device=device,
-                           expect_sha256=cache.signature.checkpoint_sha256, made=str(cache_path), vanilla=trained is None)
-        (name, mask_decoder), = model.decoders.items()
-        size = {"input_size": model.backbone.input_size, "slice_size": cache.signature.slice_size}
-        records = [c for c in cache.cases if c.name in names]
-        sources = case_sources(records, None)
-        for case in records:
-            truth = read_label(sources[case.name][1]).array
-            segment = remembered(CachedCase(cache, case, device=device).segment_with(model.parts.prompt_encoder,
-                                                                                     mask_decoder, **size))
-            for label in cache.labels:
-                gt = truth == label
-                for key, setting in settings.items():
-                    prediction = protocols.run(protocol_of[key], segment, truth=gt, spacing_mm=case.spacing_mm,
-                                               settings=setting, case=case.name, label=label)
-                    results[key].setdefault(case.name, {})[str(label)] = gland_metrics(
-                        prediction.mask, gt, spacing_mm=case.spacing_mm, label=label,
-                        label_map=cache.signature.label_map)
+    for cache, case, truth, segment in decoded_cases(cache_path, names, decoder, device):
+        segment = remembered(segment)
+        for label in cache.labels:
+            gt = truth == label
+            for key, setting in settings.items():
+                prediction = protocols.run(protocol_of[key], segment, truth=gt, spacing_mm=case.spacing_mm,
+                                           settings=setting, case=case.name, label=label)
+                results[key].setdefault(case.name, {})[str(label)] = gland_metrics(
+                    prediction.mask, gt, spacing_mm=case.spacing_mm, label=label, label_map=cache.signature.label_map)
     return results
 
 

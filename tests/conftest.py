@@ -187,6 +187,23 @@ def file_corners(geometry, z0, z1, box):
     return ijk.min(axis=0), ijk.max(axis=0)
 
 
+def export_graphs(backbone, folder: Path) -> Path:
+    """``backbone``'s encoder and vanilla decoder exported as graphs into ``folder`` (ONNX Runtime's where it is
+    installed, else OpenVINO's), as a graph engine's first run exports them."""
+    import importlib.util
+
+    from embedcache.model.backbones import load_backbone
+    from embedcache.model.decoder import AllMasks
+    from embedcache.model.engines import exported_decoder, exported_encoder
+
+    engine = "onnxruntime" if importlib.util.find_spec("onnxruntime") else "openvino"
+    parts, sha = load_backbone(backbone)
+    exported_encoder(backbone, parts.image_encoder, sha, engine=engine, folder=folder)
+    exported_decoder(backbone, AllMasks(parts.prompt_encoder, parts.mask_decoder), sha, "vanilla", engine=engine,
+                     folder=folder)
+    return folder
+
+
 def one_line(result, *fragments, code: int = 1) -> str:
     """The result failed with ``code``, its last line the one error line (after any progress notes),
     holding every fragment; no traceback."""

@@ -12,6 +12,8 @@ import pytest
 
 from embedcache.errors import EmbedcacheError
 
+from conftest import export_graphs
+
 pytest.importorskip("onnx", reason="onnx is an optional extra: pip install 'embedcache[cpu-fast]'")
 
 
@@ -31,20 +33,9 @@ GRAPH_ENGINES = [pytest.param("onnxruntime", marks=needs_ort), pytest.param("ope
 def tiny_graphs(tmp_path_factory, tiny_checkpoint):
     """The tiny backbone's encoder and vanilla decoder graphs, exported once for this module (a second each); each
     test damages a copy in a cache folder of its own."""
-    from embedcache.model.backbones import load_backbone
-    from embedcache.model.decoder import AllMasks
-    from embedcache.model.engines import exported_decoder, exported_encoder
-
     import tiny
 
-    engine = "onnxruntime" if _has("onnxruntime") else "openvino"
-    folder = tmp_path_factory.mktemp("tiny-graphs")
-    backbone = tiny.tiny_backbone(tiny_checkpoint)
-    parts, sha = load_backbone(backbone)
-    exported_encoder(backbone, parts.image_encoder, sha, engine=engine, folder=folder)
-    exported_decoder(backbone, AllMasks(parts.prompt_encoder, parts.mask_decoder), sha, "vanilla", engine=engine,
-                     folder=folder)
-    return folder
+    return export_graphs(tiny.tiny_backbone(tiny_checkpoint), tmp_path_factory.mktemp("tiny-graphs"))
 
 
 @pytest.fixture

@@ -14,7 +14,7 @@ import pytest
 from embedcache.errors import UsageError
 from embedcache.synth.phantom import limit_target_slices
 
-from conftest import cli, one_line
+from conftest import cli, export_graphs, one_line
 
 pytest.importorskip("onnx", reason="onnx is an optional extra: pip install 'embedcache[cpu-fast]'")
 
@@ -42,18 +42,9 @@ def _bf16_cpu():
 def litemedsam_graphs(tmp_path_factory):
     """LiteMedSAM's encoder and vanilla decoder graphs, exported once for the session (about 10 s each on a 2-core
     CPU): each test's own cache folder starts with a copy, so only the tests about exporting export."""
-    from embedcache.model.backbones import get_backbone, load_backbone
-    from embedcache.model.decoder import AllMasks
-    from embedcache.model.engines import exported_decoder, exported_encoder
+    from embedcache.model.backbones import get_backbone
 
-    engine = "onnxruntime" if _has("onnxruntime") else "openvino"
-    folder = tmp_path_factory.mktemp("litemedsam-graphs")
-    backbone = get_backbone("litemedsam")
-    parts, sha = load_backbone(backbone)
-    exported_encoder(backbone, parts.image_encoder, sha, engine=engine, folder=folder)
-    exported_decoder(backbone, AllMasks(parts.prompt_encoder, parts.mask_decoder), sha, "vanilla", engine=engine,
-                     folder=folder)
-    return folder
+    return export_graphs(get_backbone("litemedsam"), tmp_path_factory.mktemp("litemedsam-graphs"))
 
 
 @pytest.fixture
