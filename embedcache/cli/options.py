@@ -55,25 +55,25 @@ def option(cls, name: str, *short: str, **overrides):
 def old_spellings(name: str, flag: str, olds: tuple[str, ...], *, type=None, callback=None):
     """Keep taking the old spellings ``olds`` of the option ``flag`` (which fills parameter ``name``) for a release:
     each a hidden option whose value, typed, fills ``name`` with a note on stderr. Put it above the option."""
+    spelled = {name + _RENAMED + old[2:].replace("-", "_"): old for old in olds}  # parameter → old flag
+
     def decorate(func):
-        for old in olds:  # hidden: --help shows the one name
-            func = click.option(old, name + _RENAMED + old[2:].replace("-", "_"), default=None, hidden=True,
-                                type=type, callback=callback)(func)
-        return _take_old_spellings(func, name, flag)
+        for param, old in spelled.items():  # hidden: --help shows the one name
+            func = click.option(old, param, default=None, hidden=True, type=type, callback=callback)(func)
+        return _take_old_spellings(func, name, flag, spelled)
 
     return decorate
 
 
-def _take_old_spellings(func, name: str, flag: str):
-    """``func`` taking a value typed under an old spelling of ``name``'s option as if typed under ``flag``, with a
-    note on stderr; both spellings at once are a usage error."""
+def _take_old_spellings(func, name: str, flag: str, spelled: dict[str, str]):
+    """``func`` taking a value typed under an old spelling of ``name``'s option (``spelled``: its parameter → the old
+    flag) as if typed under ``flag``, with a note on stderr; both spellings at once are a usage error."""
     @functools.wraps(func)
     def command(*args, **kwargs):
-        for param in [k for k in kwargs if k.startswith(name + _RENAMED)]:
+        for param, old in spelled.items():
             value = kwargs.pop(param)
             if value is None:
                 continue
-            old = "--" + param.removeprefix(name + _RENAMED).replace("_", "-")
             ctx = click.get_current_context()
             if ctx.get_parameter_source(name) == click.core.ParameterSource.COMMANDLINE:
                 raise click.UsageError(f"{old} is the old spelling of {flag}; give one of them")
@@ -84,10 +84,10 @@ def _take_old_spellings(func, name: str, flag: str):
     return command
 
 
-def comma_list(ctx, param, value: str | tuple | None) -> tuple[str, ...] | None:
+def comma_list(ctx, param, value: str | None) -> tuple[str, ...] | None:
     """``"a, b,,c"`` → ``("a", "b", "c")``: the value of an option whose field holds a tuple."""
-    if value is None or isinstance(value, tuple):
-        return value
+    if value is None:
+        return None
     return tuple(part.strip() for part in value.split(",") if part.strip())
 
 

@@ -18,7 +18,6 @@ import numpy as np
 from embedcache.config import PredictConfig
 from embedcache.errors import EmbedcacheError, UsageError
 from embedcache.evaluation.protocols import Box3D, Prediction
-from embedcache.io.files import file_sha256
 from embedcache.io.labels import LabelMap
 from embedcache.io.nifti import write_nifti
 from embedcache.io.volumes import Volume, read_image
@@ -27,6 +26,7 @@ from embedcache.segment.predict import (
     OnTheFly,
     PredictModel,
     add_click,
+    label_volume,
     load_predict_model,
     predict_label_map,
     segment_request,
@@ -53,8 +53,8 @@ class Annotation:
     A bad step is refused with a :class:`~embedcache.errors.UsageError` and changes nothing."""
 
     def __init__(self, image: Volume, model: PredictModel, config: PredictConfig, *, labels: tuple[int, ...],
-                 label_map: LabelMap, made_by: str = ""):
-        self.image, self.config, self.label_map, self.made_by = image, config, label_map, made_by
+                 label_map: LabelMap):
+        self.image, self.config, self.label_map = image, config, label_map
         self.allowed = tuple(labels)
         self.volume = OnTheFly(image.array, model.encoder, model.preprocess)
         self.segment = self.volume.segment_with(model.prompt_encoder, model.mask_decoder,
@@ -73,9 +73,8 @@ class Annotation:
         label_map, _ = predict_label_map(config, trained_on, decoder)
         volume = read_image(Path(image), series_uid=config.series)
         trained = load_trained_decoder(decoder) if decoder else None
-        made_by = f"sha256 {file_sha256(decoder)[:16]}" if decoder else f"vanilla {config.model}"
         labels = trained_on.labels if trained_on else label_map.adrenals()
-        return cls(volume, load_predict_model(trained, config), config, labels=labels, label_map=label_map, made_by=made_by)
+        return cls(volume, load_predict_model(trained, config), config, labels=labels, label_map=label_map)
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -127,10 +126,7 @@ class Annotation:
     def labels(self) -> np.ndarray:
         """The ``(z, y, x)`` uint8 label volume of every gland segmented so far (a later label over an earlier one
         where they overlap, as predict writes them)."""
-        result = np.zeros(self.shape, np.uint8)
-        for label, prediction in self.predictions.items():
-            result[prediction.mask] = label
-        return result
+        return label_volume(self.shape, self.predictions.items())
 
     def save(self, path: Path) -> Path:
         """Write the label volume as NIfTI on the input's own grid and affine; never over a file this annotation

@@ -364,9 +364,7 @@ def predict(inputs: list[Path], out_dir: Path, config: PredictConfig, *, progres
                                                labels=labels or label_map.adrenals())
                 finally:  # an error or an interrupt leaves no encoding running ahead
                     volume.close()
-                result = np.zeros(image.array.shape, np.uint8)
-                for label, prediction in predictions:
-                    result[prediction.mask] = label
+                result = label_volume(image.array.shape, predictions)
                 dicom = [kind for kind, _ in job.outputs if kind != "nifti"]
                 if dicom and not result.any():  # checked before the first file: none is written for this input
                     raise EmbedcacheError(f"{job.image}: the prediction is empty, so there is no segment to write "
@@ -393,6 +391,15 @@ def predict(inputs: list[Path], out_dir: Path, config: PredictConfig, *, progres
         reader.shutdown(cancel_futures=True)
         held.close()
     return result_of
+
+
+def label_volume(shape_zyx, predictions) -> np.ndarray:
+    """The ``(z, y, x)`` uint8 label volume of ``(label, prediction)`` pairs: a later label over an earlier one where
+    two overlap."""
+    result = np.zeros(shape_zyx, np.uint8)
+    for label, prediction in predictions:
+        result[prediction.mask] = label
+    return result
 
 
 def _write_output(kind: str, path: Path, result: np.ndarray, image, job: Job, config: PredictConfig, *, labels,
@@ -461,11 +468,9 @@ def _segment_job(job: Job, segment, image, *, prompts: str, settings: ProtocolSe
     return [(request.label, segment_request(request, segment, shape, spacing, settings)) for request in job.requests]
 
 
-def segment_request(request: Request, segment, shape_zyx, spacing_mm, settings: ProtocolSettings, *,
-                    clicks: int | None = None) -> Prediction:
+def segment_request(request: Request, segment, shape_zyx, spacing_mm, settings: ProtocolSettings) -> Prediction:
     """One gland of a boxes file (or of a person's box and clicks, :mod:`embedcache.segment.annotate`): its 3-D box
-    propagated (``box3d``), or its one slice, then its clicks applied in order as the clicks protocol applies them;
-    ``clicks``: only the first that many (None: all)."""
+    propagated (``box3d``), or its one slice, then its clicks applied in order as the clicks protocol applies them."""
     prediction = Prediction(np.zeros(shape_zyx, bool))
     z = request.box.z0
     if request.points_only:  # the clicks alone prompt their slice (SAM adds its padding point)
@@ -482,7 +487,7 @@ def segment_request(request: Request, segment, shape_zyx, spacing_mm, settings: 
         prediction = protocols.propagate(request.box, segment, shape_zyx, grow_px=protocols.grow_px(settings, spacing_mm),
                                          walk=settings.walk, min_iou=settings.min_iou,
                                          multimask=settings.middle == "multimask")
-    for click in request.clicks[:clicks]:  # in the file's order, as the clicks protocol places them
+    for click in request.clicks:  # in the file's order, as the clicks protocol places them
         add_click(prediction, request, click, segment, spacing_mm, settings)
     return prediction
 
