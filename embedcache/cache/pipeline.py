@@ -80,8 +80,7 @@ def prepare_case(plan: PlannedCase, config: EncodeConfig) -> CaseBatch:
     if plan.source.subset == AUGMENT:  # a training-only copy: its source's slices, moved alike
         mirrored = config.label_map.mirrored(config.labels) if "flip" in config.augment else None
         hu, labels = augment_slices(hu, labels, plan.source.name, mirrored=mirrored)
-    masks = resize_mask(labels, (size, size))
-    boxes = np.stack([boxes_for_labels(m, config.labels) for m in masks])
+    masks, boxes = masks_and_boxes(labels, config.labels, size)
     images = np.stack(
         [slice_to_model(s, width_hu=pre.window_width_hu, level_hu=pre.window_level_hu, slice_size=size) for s in hu]
     ) if z.size else np.zeros((0, size, size), np.float32)
@@ -99,6 +98,15 @@ def prepare_case(plan: PlannedCase, config: EncodeConfig) -> CaseBatch:
         **where(plan.source),  # absolute paths: score finds the sources from any working folder
     )
     return CaseBatch(plan=plan, record=record, images=images, masks=masks, boxes=boxes, slice_index=z)
+
+
+def masks_and_boxes(label_slices: np.ndarray, labels: tuple[int, ...], size: int) -> tuple[np.ndarray, np.ndarray]:
+    """A cache's rows of ``(n, y, x)`` label slices: their masks at ``size`` × ``size`` and each target label's box
+    there, ``(n, len(labels), 4)`` (NaN where absent)."""
+    masks = resize_mask(label_slices, (size, size))
+    boxes = np.stack([boxes_for_labels(m, labels) for m in masks]) if len(masks) else np.zeros((0, len(labels), 4),
+                                                                                                  np.float32)
+    return masks, boxes
 
 
 def encode_plans(plans, config: EncodeConfig, encoder, shard_dir: Path, signature: Signature, progress, *, row_size: int,

@@ -51,7 +51,7 @@ def shard_folder(out: Path) -> Path:
     return Path(out).with_name(Path(out).name + ".parts")
 
 
-def _target_slices(label, labels: tuple[int, ...], margin: int) -> tuple[np.ndarray, np.ndarray]:
+def target_slices(label, labels: tuple[int, ...], margin: int) -> tuple[np.ndarray, np.ndarray]:
     """The slices holding a target label and the ``margin`` slices beyond them, with their target labels."""
     keep = np.isin(label, labels)
     held = keep.any(axis=(1, 2))
@@ -65,7 +65,7 @@ def plan_case(source: CaseSource, config: EncodeConfig, digest: str) -> PlannedC
     """Find a case's target slices and their margins (its sources checked by :func:`check_sources`
     already); None (with a warning) when it has none."""
     label = read_label(source.label)
-    z, slices = _target_slices(label.array, config.labels, config.margin_slices)
+    z, slices = target_slices(label.array, config.labels, config.margin_slices)
     if z.size == 0:
         found = sorted(int(v) for v in np.unique(label.array) if v)
         logger.warning(f"{source.label}: holds none of labels {list(config.labels)} (found {found[:12]}); case skipped")

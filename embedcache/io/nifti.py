@@ -144,14 +144,25 @@ def read_nifti(path: Path, *, label: bool) -> tuple[np.ndarray, Geometry]:
     return data, Geometry(source_shape=shape, source_affine=np.asarray(img.affine, dtype=np.float64))
 
 
-def write_nifti(array_zyx: np.ndarray, geometry: Geometry, path: Path) -> None:
-    """Write a canonical ``(z, y, x)`` array into ``path`` on ``geometry``'s own grid and affine.
+def write_nifti(array_zyx: np.ndarray, geometry: Geometry, path: Path, *, description: str = "") -> None:
+    """Write a canonical ``(z, y, x)`` array into ``path`` on ``geometry``'s own grid and affine, with
+    ``description`` (at most 79 ASCII characters) in the header's ``descrip`` field.
 
     Written to a temporary name first, so an interrupted write never leaves a half file behind.
     """
     data = geometry.to_source(array_zyx)
     img = nib.Nifti1Image(data, geometry.source_affine)
+    if description:
+        img.header["descrip"] = description.encode("ascii")[:79]
     img.set_qform(geometry.source_affine, code=1)
     img.set_sform(geometry.source_affine, code=1)
     with atomic_path(Path(path), keep_suffix=True) as tmp:  # nibabel picks the format by suffix
         nib.save(img, str(tmp))
+
+
+def nifti_description(path: Path) -> str:
+    """The header's ``descrip`` field of a NIfTI file ("" where it cannot be read as one)."""
+    try:
+        return nib.load(str(path)).header["descrip"].item().split(b"\0", 1)[0].decode("ascii", "replace")
+    except (OSError, ValueError, EOFError, nib.filebasedimages.ImageFileError):  # not NIfTI, or damaged: no mark
+        return ""

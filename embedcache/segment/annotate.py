@@ -1,4 +1,5 @@
-"""A person's segmentation of one CT, with no window in it: the core a viewer drives (box, clicks, undo, save).
+"""A person's segmentation of one CT, with no window in it: the core a viewer drives (box, clicks, an accepted slice,
+undo, save, add to training).
 
 An :class:`Annotation` holds one volume, encoded slice by slice as the walks ask for it (predict's
 :class:`~embedcache.segment.predict.OnTheFly`), one decoder, and per label the 3-D box and the clicks a person gave.
@@ -6,96 +7,218 @@ Each step goes through the code ``predict --boxes`` runs (:func:`~embedcache.seg
 a box and clicks give here the voxels predict writes for the same box and points in a boxes file. Coordinates are
 the canonical volume's: slice ``z``, row ``y``, column ``x`` (:mod:`embedcache.io.geometry`), as a viewer shows
 ``Volume.array``.
+
+With a cache (``--cache CACHE.h5``, the project's HDF5 format, its signature the model's), the slices it holds of this
+CT are not encoded again, and :meth:`Annotation.add_to_training` writes the corrected label volume beside the image
+and appends the case to that cache as a ``train`` case, its embeddings the ones already computed here: ``finetune``
+on the cache then trains on it without a second encode.
 """
 
 from __future__ import annotations
 
+import logging
+import os
+import tempfile
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 
-from embedcache.config import PredictConfig
+from embedcache.cache.merge import merge
+from embedcache.cache.pipeline import masks_and_boxes
+from embedcache.cache.plan import target_slices
+from embedcache.cache.records import CaseRecord, Signature
+from embedcache.cache.store import ShardWriter, open_cache
+from embedcache.config import OUTPUT_TYPES, EncodeConfig, PredictConfig
 from embedcache.errors import EmbedcacheError, UsageError
 from embedcache.evaluation.protocols import Box3D, Prediction
+from embedcache.io.datasets import case_name
+from embedcache.io.dicom_out import check_labels
+from embedcache.io.files import file_sha256, same_file, write_error, writer_lock
 from embedcache.io.labels import LabelMap
-from embedcache.io.nifti import write_nifti
-from embedcache.io.volumes import Volume, read_image
+from embedcache.io.nifti import nifti_description, write_nifti
+from embedcache.io.volumes import Volume, read_image, source_digest
 from embedcache.model.clicks import Click
 from embedcache.segment.predict import (
     OnTheFly,
     PredictModel,
     add_click,
+    check_dicom_source,
     label_volume,
     load_predict_model,
     predict_label_map,
     segment_request,
+    write_output,
 )
 from embedcache.segment.prompt_file import Request
 from embedcache.train.checkpoint import checkpoint_file, read_signature
 from embedcache.train.decoders import load_trained_decoder
 
+logger = logging.getLogger(__name__)
+
+#: The ``descrip`` of every label volume an annotation writes: a later annotation may replace a file with it.
+MARK = "embedcache annotate"
+#: Beside the image (a NIfTI file or a DICOM folder), CASE + this: the label volume "add to training" writes.
+ADDED_LABELS = ".annotated.nii.gz"
+
 
 @dataclass(frozen=True)
 class _Step:
-    """What one step changed: the label's request and prediction before it (None: the label had none)."""
+    """What one step changed: the label's request, prediction and accepted slices before it (None: it had none)."""
 
     label: int
     request: Request | None
     prediction: Prediction | None
+    accepted: frozenset[int]
+
+
+@dataclass(frozen=True)
+class Added:
+    """What :meth:`Annotation.add_to_training` did: the label volume it wrote, the cache it grew, the case's name
+    and its rows (slices) there, and whether it replaced an earlier version of the case."""
+
+    labels: Path
+    cache: Path
+    case: str
+    rows: int
+    replaced: bool
+    encoded: int  # slices encoded for it that had not been encoded before
 
 
 class Annotation:
     """One CT being segmented gland by gland: :meth:`box` (a 3-D box, propagated), :meth:`click` (a corrective
-    click, positive on the gland or negative off it), :meth:`undo`, :meth:`labels` and :meth:`save`.
+    click, positive on the gland or negative off it), :meth:`accept` (a slice as the person drew it), :meth:`undo`,
+    :meth:`labels`, :meth:`save` and :meth:`add_to_training`.
 
     ``labels``: the ids a box may be given for (the decoder's; a vanilla decoder: the map's adrenal glands).
     A bad step is refused with a :class:`~embedcache.errors.UsageError` and changes nothing."""
 
     def __init__(self, image: Volume, model: PredictModel, config: PredictConfig, *, labels: tuple[int, ...],
-                 label_map: LabelMap):
-        self.image, self.config, self.label_map = image, config, label_map
+                 label_map: LabelMap, source: Path | None = None, made_by: str = "vanilla"):
+        self.image, self.model, self.config, self.label_map = image, model, config, label_map
+        self.source, self.made_by = (Path(source) if source else None), made_by
         self.allowed = tuple(labels)
         self.volume = OnTheFly(image.array, model.encoder, model.preprocess)
         self.segment = self.volume.segment_with(model.prompt_encoder, model.mask_decoder,
                                                 input_size=model.input_size, decode=model.decode)
         self.requests: dict[int, Request] = {}
         self.predictions: dict[int, Prediction] = {}
+        self.accepted: dict[int, frozenset[int]] = {}  # per label, the slices the person drew (kept over decodes)
+        self.cache: Path | None = None
         self._history: list[_Step] = []
         self._saved: set[Path] = set()
 
     @classmethod
-    def open(cls, image: Path, config: PredictConfig) -> Annotation:
+    def open(cls, image: Path, config: PredictConfig, *, cache: Path | None = None) -> Annotation:
         """The CT at ``image`` (a NIfTI file or a DICOM series folder; ``config.series`` picks one) with the decoder
-        ``config`` names (``run`` or ``decoder``; neither: vanilla) on its engine, as predict loads them."""
+        ``config`` names (``run`` or ``decoder``; neither: vanilla) on its engine, as predict loads them; with
+        ``cache``, the slices it holds of this CT are taken from it (see :meth:`use_cache`)."""
         decoder = checkpoint_file(Path(config.run or config.decoder)) if config.run or config.decoder else None
         trained_on = read_signature(decoder) if decoder else None
         label_map, _ = predict_label_map(config, trained_on, decoder)
         volume = read_image(Path(image), series_uid=config.series)
         trained = load_trained_decoder(decoder) if decoder else None
         labels = trained_on.labels if trained_on else label_map.adrenals()
-        return cls(volume, load_predict_model(trained, config), config, labels=labels, label_map=label_map)
+        if not labels:
+            raise UsageError(f"{label_map.source} names no adrenal gland, the vanilla decoder's targets; give the label "
+                             "map that names them, or --run a decoder trained on your labels")
+        made_by = f"sha256 {file_sha256(decoder)[:16]}" if decoder else f"vanilla {config.model}"
+        annotation = cls(volume, load_predict_model(trained, config), config, labels=labels, label_map=label_map,
+                         source=Path(image), made_by=made_by)
+        if cache is not None:
+            try:
+                annotation.use_cache(Path(cache))
+            except BaseException:
+                annotation.close()
+                raise
+        return annotation
 
     @property
     def shape(self) -> tuple[int, int, int]:
         """``(z, y, x)`` of the canonical volume."""
         return tuple(self.image.array.shape)
 
+    @property
+    def name(self) -> str:
+        """The case's name (FLARE22's rule: ``CASE_0000.nii.gz`` → ``CASE``)."""
+        return case_name(self.source) if self.source else "case"
+
+    # -- the cache ------------------------------------------------------------------------------------------------
+
+    def signature(self) -> Signature:
+        """The signature a cache of this annotation's embeddings carries: the model's backbone, weights, input size,
+        preprocessing and labels, as ``encode`` would write it."""
+        model = self.model
+        return Signature(backbone=model.backbone, checkpoint_sha256=model.weights_sha256, input_size=model.input_size,
+                         preprocess=model.preprocess, labels=self.allowed, embedding_dtype=model.embedding_dtype,
+                         engine=model.encoder.engine, precision=model.encoder.precision,
+                         label_map=self.label_map.only(self.allowed))
+
+    def use_cache(self, path: Path) -> int:
+        """Take ``path`` as this annotation's cache: one made with another model, weights, preprocessing or labels is
+        refused now, before any work; the slices it holds of this CT (the same image file) are not encoded again.
+        A cache that does not exist yet is made by the first :meth:`add_to_training`. Returns the slices taken."""
+        path = Path(path)
+        if path.exists():
+            import torch
+
+            with open_cache(path, expect=self.signature()) as cache:
+                record = self._cached_case(cache)
+                if record is not None and tuple(record.shape_zyx) == self.shape and record.n_rows:
+                    embeddings = cache.read("embeddings", record.rows)
+                    for z, embedding in zip(cache.read("slice_index", record.rows), embeddings):
+                        self.volume.encoded.setdefault(int(z), torch.from_numpy(embedding).to(self.model.encoder.device))
+                taken = record.n_rows if record is not None else 0
+        else:
+            folder = path.parent if str(path.parent) else Path(".")
+            if not folder.is_dir():
+                raise EmbedcacheError(f"{path}: its folder does not exist; make it, or choose another --cache")
+            taken = 0
+        self.cache = path
+        return taken
+
+    def _cached_case(self, cache) -> CaseRecord | None:
+        """This CT's case in an open cache: the one of its name made from the same image (None: there is none)."""
+        for record in cache.cases:
+            if record.name == self.name and self.source is not None and same_file(Path(record.image), self.source) \
+                    and record.series_uid == self.config.series:
+                return record
+        return None
+
+    def encoded(self) -> set[int]:
+        """The slices encoded so far (or taken from the cache)."""
+        return set(self.volume.encoded)
+
+    def encode(self, zs, *, stop=None) -> int:
+        """Encode slices ``zs`` in this order, those not encoded yet, checking ``stop()`` (if given) before each: a
+        viewer encodes ahead of the person this way, and stops when they act. Returns how many were encoded."""
+        done = 0
+        for z in zs:
+            if stop is not None and stop():
+                break
+            if 0 <= z < self.shape[0] and z not in self.volume.encoded:
+                self.volume.embedding(int(z))
+                done += 1
+        return done
+
+    # -- steps ----------------------------------------------------------------------------------------------------
+
     def box(self, label: int, z0: int, z1: int, xyxy) -> Prediction:
         """Segment gland ``label`` in the 3-D box of slices ``z0..z1`` (inclusive) and in-plane pixel edges
-        ``xyxy`` = ``(x0, y0, x1, y1)``; a box given again for a label replaces its box and clicks."""
+        ``xyxy`` = ``(x0, y0, x1, y1)``; a box given again for a label replaces its box, clicks and accepted
+        slices."""
         self._check_label(label)
         box = Box3D(int(z0), int(z1), tuple(float(v) for v in xyxy))
         box.check(self.shape, f"the box of {self.label_map.name(label)}")
         request = Request(label=label, box=box.clipped(self.shape))
         prediction = segment_request(request, self.segment, self.shape, self.image.geometry.spacing_mm,
                                      self.config.protocol)
-        return self._step(label, request, prediction)
+        return self._step(label, request, prediction, frozenset())
 
     def click(self, label: int, z: int, y: int, x: int, *, positive: bool = True) -> Prediction:
         """One more click on voxel ``(z, y, x)`` for gland ``label``: positive on the gland where the mask missed it,
         negative where the mask holds what is not the gland; its slice is decoded again with all its clicks and the
-        change walks up and down as the clicks protocol walks."""
+        change walks up and down as the clicks protocol walks. Slices the person accepted keep their mask."""
         self._check_label(label)
         request = self.requests.get(label)
         if request is None:
@@ -107,49 +230,197 @@ class Annotation:
             raise UsageError(f"click on slice {z} lies outside the box of {self.label_map.name(label)} (slices "
                              f"{request.box.z0}..{request.box.z1}): click inside it, or draw the box again")
         click = Click(int(z), int(y), int(x), bool(positive))
-        prediction = self.predictions[label].copy()
+        before = self.predictions[label]
+        prediction = before.copy()
         add_click(prediction, request, click, self.segment, self.image.geometry.spacing_mm, self.config.protocol)
-        return self._step(label, replace(request, clicks=(*request.clicks, click)), prediction)
+        accepted = self.accepted.get(label, frozenset())
+        for kept in accepted:
+            prediction.mask[kept] = before.mask[kept]
+        return self._step(label, replace(request, clicks=(*request.clicks, click)), prediction, accepted)
+
+    def accept(self, label: int, z: int, mask: np.ndarray) -> Prediction:
+        """Slice ``z`` of gland ``label`` as the person drew it (``mask``, ``(y, x)`` bool): it replaces the decoded
+        mask there and later clicks leave it as it is; a gland with no box yet starts from this slice."""
+        self._check_label(label)
+        mask = np.asarray(mask, bool)
+        if mask.shape != self.shape[1:]:
+            raise UsageError(f"the accepted mask is {mask.shape[1]}×{mask.shape[0]} pixels, the slices "
+                             f"{self.shape[2]}×{self.shape[1]}")
+        if not 0 <= z < self.shape[0]:
+            raise UsageError(f"slice {z} lies outside the volume's {self.shape[0]} slices")
+        prediction = self.predictions[label].copy() if label in self.predictions else Prediction(np.zeros(self.shape, bool))
+        prediction.mask[z] = mask
+        prediction.iou.pop(z, None)  # drawn by a person: no predicted IoU to look at
+        accepted = self.accepted.get(label, frozenset()) | {int(z)}
+        return self._step(label, self.requests.get(label), prediction, accepted)
 
     def undo(self) -> int | None:
-        """Take back the last box or click; returns the label it changed (None: nothing to undo)."""
+        """Take back the last box, click or accepted slice; returns the label it changed (None: nothing to undo)."""
         if not self._history:
             return None
         step = self._history.pop()
-        for held, before in ((self.requests, step.request), (self.predictions, step.prediction)):
+        for held, before in ((self.requests, step.request), (self.predictions, step.prediction),
+                             (self.accepted, step.accepted or None)):
             if before is None:
                 held.pop(step.label, None)
             else:
                 held[step.label] = before
         return step.label
 
+    def look_at(self, label: int) -> list[tuple[int, float]]:
+        """Where a person should look for gland ``label``: its decoded slices whose predicted IoU is below
+        ``--review-iou``, lowest first (the review file's ``look_at``), as ``(z, iou)``."""
+        prediction = self.predictions.get(label)
+        if prediction is None:
+            return []
+        low = [(z, iou) for z, iou in prediction.iou.items() if iou < self.config.review_iou]
+        return sorted(low, key=lambda item: item[1])
+
     def labels(self) -> np.ndarray:
         """The ``(z, y, x)`` uint8 label volume of every gland segmented so far (a later label over an earlier one
         where they overlap, as predict writes them)."""
         return label_volume(self.shape, self.predictions.items())
 
-    def save(self, path: Path) -> Path:
-        """Write the label volume as NIfTI on the input's own grid and affine; never over a file this annotation
-        did not write."""
+    # -- files ----------------------------------------------------------------------------------------------------
+
+    def save(self, path: Path, kind: str | None = None) -> Path:
+        """Write the label volume to ``path``, as ``kind`` (an ``--output-type``: nifti, dicom-seg, rtstruct; None:
+        told by the name's ending, ``.nii.gz``, ``.seg.dcm``, ``.rtstruct.dcm``) on the input's own grid, through
+        predict's writers; never over a file this annotation did not write, never into the DICOM input."""
         path = Path(path)
-        if path.exists() and path not in self._saved:
-            raise EmbedcacheError(f"{path}: exists and this annotation did not write it; choose another name")
-        if not self.predictions:
+        kind = kind or _kind_of(path)
+        result = self.labels()
+        if not result.any():
             raise UsageError("nothing to save yet: draw a box first")
-        write_nifti(self.labels(), self.image.geometry, path)
+        self._check_writable(path)
+        if kind != "nifti":
+            check_dicom_source(self.source, [kind], self.config.series)
+            if _inside(path, self.source):
+                raise UsageError(f"{path}: lies inside the DICOM series it segments; save it outside {self.source}")
+            check_labels(self._present(result), self.label_map)
+        write_output(kind, path, result, self.image, self.source, series=self.config.series,
+                     labels=self._present(result), label_map=self.label_map, made_by=self.made_by)
         self._saved.add(path)
         return path
+
+    def add_to_training(self, cache: Path | None = None, *, labels_path: Path | None = None) -> Added:
+        """Write the label volume beside the image (``CASE.annotated.nii.gz``, or ``labels_path``) and append the case
+        to ``cache`` (None: the one given at :meth:`open`) as a ``train`` case: its slices that hold a target label
+        and the cache's margin slices beyond them, their embeddings the ones computed here (a slice not encoded yet
+        is encoded now). A case of this name made from this image is replaced (with its augmented copies); one
+        made from another image, or a test case, is refused. The cache is replaced whole, as encode does."""
+        cache = Path(cache) if cache is not None else self.cache
+        if cache is None:
+            raise UsageError("no cache to add the case to: open the annotation with --cache CACHE.h5")
+        if cache != self.cache:
+            self.use_cache(cache)
+        result = self.labels()
+        if not result.any():
+            raise UsageError("nothing to add yet: draw a box first")
+        labels_path = Path(labels_path) if labels_path is not None else self._beside_image()
+        self._check_writable(labels_path)
+        signature = self.signature()
+        with writer_lock(cache):
+            records, margin = [], EncodeConfig().margin_slices
+            if cache.exists():
+                with open_cache(cache, expect=signature) as held:
+                    records, same = list(held.cases), self._cached_case(held)
+                    margin = held.cases[0].margin_slices if held.cases else margin
+            else:
+                same = None
+            clash = next((r for r in records if r.name == self.name), None)
+            if clash is not None and (same is None or clash.subset != "train"):
+                why = "a test case there: it is scored, never trained on" if clash.subset == "test" and same \
+                    else f"made there from {clash.image}"
+                raise EmbedcacheError(f"{cache}: already holds a case {self.name}, {why}; rename the image or use "
+                                      "another cache")
+            zs, slices = target_slices(result, signature.labels, margin)
+            encoded = sum(int(z) not in self.volume.encoded for z in zs)
+            embeddings = self.volume.embeddings(zs).to(_dtype(signature.embedding_dtype)).cpu().numpy()
+            masks, boxes = masks_and_boxes(slices, signature.labels, signature.slice_size)
+            write_nifti(result, self.image.geometry, labels_path, description=MARK)
+            self._saved.add(labels_path)
+            geometry = self.image.geometry
+            record = CaseRecord(
+                name=self.name, image=os.path.abspath(self.source), label=os.path.abspath(labels_path),
+                digest=source_digest(self.source, labels_path), first_row=0, n_rows=len(zs),
+                shape_zyx=tuple(int(s) for s in geometry.shape_zyx),
+                spacing_mm=tuple(float(s) for s in geometry.spacing_mm),
+                source_shape=tuple(int(s) for s in geometry.source_shape),
+                source_affine=tuple(tuple(float(v) for v in row) for row in geometry.source_affine),
+                subset="train", margin_slices=margin, series_uid=self.config.series)
+            kept = [r for r in records if r.name != self.name and r.name.split("~", 1)[0] != self.name]
+            if len(kept) < len(records) - (same is not None):
+                logger.warning(f"{cache}: the augmented copies of {self.name} were dropped (made from its old labels); "
+                               "encode again with --augment to make them anew")
+            try:
+                with tempfile.TemporaryDirectory(dir=cache.parent, prefix=f".{cache.name}.add-") as folder:
+                    writer = ShardWriter(Path(folder), signature=signature, case=record)
+                    writer.write(embeddings=embeddings, masks=masks, boxes=boxes, slice_index=zs,
+                                 spacing_mm=np.broadcast_to(np.float32(record.spacing_mm), (len(zs), 3)))
+                    shard = writer.finish()
+                    merge(cache, signature=signature, sources=[*([(cache, kept)] if kept else []), (shard, [record])])
+            except OSError as exc:
+                raise write_error(exc, cache) from None
+        return Added(labels=labels_path, cache=cache, case=self.name, rows=len(zs), replaced=same is not None,
+                     encoded=encoded)
 
     def close(self) -> None:
         """Stop encoding ahead."""
         self.volume.close()
+
+    # -- checks ---------------------------------------------------------------------------------------------------
+
+    def _beside_image(self) -> Path:
+        if self.source is None:
+            raise UsageError("this annotation has no image file to write beside: give the labels' path")
+        return self.source.parent / f"{self.name}{ADDED_LABELS}"
+
+    def _check_writable(self, path: Path) -> None:
+        """Never over the input, nor over a file that neither this annotation nor an earlier one wrote."""
+        if self.source is not None and same_file(path, self.source):
+            raise EmbedcacheError(f"{path}: is the image being annotated; choose another name")
+        if path.exists() and path not in self._saved and nifti_description(path) != MARK:
+            raise EmbedcacheError(f"{path}: exists and this annotation did not write it; choose another name")
+
+    def _present(self, result: np.ndarray) -> list[int]:
+        return [label for label in self.predictions if (result == label).any()]
 
     def _check_label(self, label: int) -> None:
         if label not in self.allowed:
             raise UsageError(f"label {label}: the decoder segments {', '.join(map(str, self.allowed))} "
                              f"({', '.join(self.label_map.name(l) for l in self.allowed)}); choose one of them")
 
-    def _step(self, label: int, request: Request, prediction: Prediction) -> Prediction:
-        self._history.append(_Step(label, self.requests.get(label), self.predictions.get(label)))
-        self.requests[label], self.predictions[label] = request, prediction
+    def _step(self, label: int, request: Request | None, prediction: Prediction, accepted: frozenset[int]) -> Prediction:
+        self._history.append(_Step(label, self.requests.get(label), self.predictions.get(label),
+                                   self.accepted.get(label, frozenset())))
+        if request is not None:
+            self.requests[label] = request
+        self.predictions[label], self.accepted[label] = prediction, accepted
         return prediction
+
+
+def _kind_of(path: Path) -> str:
+    """The ``--output-type`` a file name asks for by its ending."""
+    name = path.name.lower()
+    for kind, suffix in sorted(OUTPUT_TYPES.items(), key=lambda item: -len(item[1])):
+        if name.endswith(suffix):
+            return kind
+    if name.endswith(".nii"):
+        return "nifti"
+    raise UsageError(f"{path}: name it CASE.nii.gz (NIfTI), CASE.seg.dcm (DICOM SEG) or CASE.rtstruct.dcm "
+                     "(RT Structure Set)")
+
+
+def _inside(path: Path, folder: Path | None) -> bool:
+    if folder is None or not folder.is_dir():
+        return False
+    real = Path(os.path.realpath(path.parent))
+    base = Path(os.path.realpath(folder))
+    return real == base or base in real.parents
+
+
+def _dtype(name: str):
+    import torch
+
+    return torch.float16 if name == "float16" else torch.float32

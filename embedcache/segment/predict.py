@@ -120,7 +120,7 @@ def plan(inputs: list[Path], out_dir: Path, config: PredictConfig, *, labels, la
             out = Path(out_dir) / f"{case_name(image)}.nii.gz"
             review = Path(out_dir) / f"{case_name(image)}{REVIEW}"
             outputs = tuple((kind, Path(out_dir) / f"{case_name(image)}{OUTPUT_TYPES[kind]}") for kind in config.output_types)
-            _check_dicom_source(image, config)
+            check_dicom_source(image, config.output_types, config.series)
             if table is not None:
                 job = Job(image, out, geometry, review, outputs,
                           requests=requests_from_json(table, boxes_file, image, geometry, labels))
@@ -145,18 +145,19 @@ def plan(inputs: list[Path], out_dir: Path, config: PredictConfig, *, labels, la
     return jobs, errors
 
 
-def _check_dicom_source(image: Path, config: PredictConfig) -> None:
-    """DICOM output needs the source series (a folder) with one frame of reference and its slices' classes, and for
-    an RT Structure Set a folder of that series only: all checked before the first file is written."""
-    kinds = [kind for kind in config.output_types if kind != "nifti"]
+def check_dicom_source(image: Path, kinds, series: str | None) -> None:
+    """DICOM output (``kinds`` other than nifti) needs the source series (a folder) with one frame of reference and
+    its slices' classes, and for an RT Structure Set a folder of that series only: all checked before the first
+    file is written."""
+    kinds = [kind for kind in kinds if kind != "nifti"]
     if not kinds:
         return
     if not Path(image).is_dir():
         raise EmbedcacheError(f"{image}: a NIfTI file; --output-type {kinds[0]} writes a DICOM object that references "
-                              "its source series: predict on the DICOM series folder")
-    check_source_series(Path(image), config.series)
+                              "its source series: segment the DICOM series folder")
+    check_source_series(Path(image), series)
     if "rtstruct" in kinds:
-        check_only_series(Path(image), config.series)
+        check_only_series(Path(image), series)
 
 
 def written_before(out_dir: Path) -> set[str]:
@@ -370,8 +371,9 @@ def predict(inputs: list[Path], out_dir: Path, config: PredictConfig, *, progres
                     raise EmbedcacheError(f"{job.image}: the prediction is empty, so there is no segment to write "
                                           f"as --output-type {dicom[0]}; nothing was written for it: check its boxes")
                 for kind, path in job.outputs:
-                    _write_output(kind, path, result, image, job, config, labels=list(dict.fromkeys(l for l, _ in predictions)),
-                                  label_map=label_map, made_by=made_by)
+                    write_output(kind, path, result, image, job.image, series=config.series,
+                                 labels=list(dict.fromkeys(l for l, _ in predictions)), label_map=label_map,
+                                 made_by=made_by)
                 look = write_review(job.review, predictions, image.geometry, threshold=config.review_iou,
                                     label_map=label_map)
                 written.extend(path for _, path in job.outputs)
@@ -402,21 +404,21 @@ def label_volume(shape_zyx, predictions) -> np.ndarray:
     return result
 
 
-def _write_output(kind: str, path: Path, result: np.ndarray, image, job: Job, config: PredictConfig, *, labels,
-                  label_map: LabelMap, made_by: str) -> None:
-    """One result file: the label NIfTI, or a DICOM object referencing the source series (built beside it,
-    then moved into place)."""
+def write_output(kind: str, path: Path, result: np.ndarray, image, source: Path, *, series: str | None, labels,
+                 label_map: LabelMap, made_by: str) -> None:
+    """One result file of ``--output-type`` ``kind``: the label NIfTI, or a DICOM object referencing the series
+    ``source`` (a folder; ``series`` picks one), built beside ``path``, then moved into place."""
     if kind == "nifti":
         write_nifti(result, image.geometry, path)
         return
 
-    source = image.geometry.to_source(result)
+    voxels = image.geometry.to_source(result)
     with atomic_path(path, keep_suffix=True) as tmp:  # rt-utils adds .dcm to a name without it
         if kind == "dicom-seg":
-            write_seg(tmp, job.image, source, series_uid=config.series, label_ids=labels, label_map=label_map,
+            write_seg(tmp, source, voxels, series_uid=series, label_ids=labels, label_map=label_map,
                       decoder=made_by, semiautomatic=True)  # box-prompted: a person gave the boxes
         else:
-            write_rtstruct(tmp, job.image, source, series_uid=config.series, label_ids=labels, label_map=label_map)
+            write_rtstruct(tmp, source, voxels, series_uid=series, label_ids=labels, label_map=label_map)
 
 
 def write_review(path: Path, predictions: list[tuple[int, Prediction]], geometry: Geometry, *, threshold: float,
@@ -510,6 +512,9 @@ class PredictModel:
     input_size: int
     preprocess: PreprocessConfig
     decode: object = None  # embedcache.model.engines.GraphDecoder: the decoder as a graph, on a CPU engine
+    backbone: str = ""  # what made the embeddings, as a cache's signature records it: the backbone's name,
+    weights_sha256: str = ""  # its weights' sha256
+    embedding_dtype: str = "float16"  # and the type they are rounded to
 
     @property
     def engines(self) -> str:
@@ -555,6 +560,8 @@ def load_predict_model(trained, config: PredictConfig) -> PredictModel:
         decode = GraphDecoder(engine, backbone, lambda: (model().parts.prompt_encoder, model().decoder), sha,
                               file_sha256(trained.source) if trained else "vanilla", precision=config.precision)
         return PredictModel(encoder=encoder, prompt_encoder=None, mask_decoder=None, input_size=backbone.input_size,
-                            preprocess=preprocess, decode=decode)
+                            preprocess=preprocess, decode=decode, backbone=backbone.name, weights_sha256=sha,
+                            embedding_dtype=dtype)
     return PredictModel(encoder=encoder, prompt_encoder=model().parts.prompt_encoder, mask_decoder=model().decoder,
-                        input_size=backbone.input_size, preprocess=preprocess)
+                        input_size=backbone.input_size, preprocess=preprocess, backbone=backbone.name,
+                        weights_sha256=sha, embedding_dtype=dtype)

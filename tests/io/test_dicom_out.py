@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from embedcache.errors import UsageError
 from embedcache.evaluation.metrics import dice
 from embedcache.io.dicom_out import read_seg, write_rtstruct, write_seg
 from embedcache.io.labels import FLARE22
@@ -224,3 +225,32 @@ def test_outputs_carry_no_private_data_of_the_source_and_a_seg_of_another_grid_i
     out = cli("evaluate", tmp_path / "wrong", tmp_path / "truth", "--out", tmp_path / "r", "--no-progress")
     one_line(out, "CT5N.seg.dcm")
     assert "another grid" in out.output.replace("\n", "") or "outside the label volume" in out.output.replace("\n", "")
+
+
+def test_an_annotation_saves_seg_and_rtstruct_of_its_dicom_series_as_predict_writes_them(ct5n, tiny_model, tmp_path):
+    from embedcache.config import PredictConfig
+    from embedcache.evaluation.protocols import box3d_from_label
+    from embedcache.segment.annotate import Annotation
+
+    truth = read_label(tmp_path / "CT5N.nii.gz")
+    annotation = Annotation.open(ct5n, PredictConfig(model="tiny", device="cpu"))
+    try:
+        for label in (7, 8):
+            box = box3d_from_label(truth.array == label, truth.spacing_mm, margin_mm=0.0, margin_slices=0)
+            annotation.box(label, box.z0, box.z1, box.box)
+        with pytest.raises(UsageError, match="lies inside the DICOM series it segments"):
+            annotation.save(ct5n / "mine.seg.dcm")
+        (tmp_path / "out").mkdir()
+        seg = annotation.save(tmp_path / "out" / "CT5N.seg.dcm")
+        rtstruct = annotation.save(tmp_path / "out" / "CT5N.rtstruct.dcm")
+        with pytest.raises(UsageError, match="name it CASE.nii.gz"):
+            annotation.save(tmp_path / "out" / "CT5N.png")
+        labels = annotation.labels()
+    finally:
+        annotation.close()
+    assert labels.any()
+    np.testing.assert_array_equal(read_seg(seg, read_geometry(ct5n), label_map=FLARE22), labels)
+    for path in (seg, rtstruct):
+        dciodvfy(path)
+    assert sorted(p.name for p in ct5n.parent.iterdir() if p.name.startswith("CT5N")) == [
+        "CT5N.nii.gz", "CT5N_0000"]  # nothing written beside the series

@@ -4,6 +4,7 @@ points; each step can be undone; a bad step is refused and changes nothing; savi
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -97,3 +98,136 @@ def test_predict_without_prompts_asks_for_boxes_or_labels(phantom_dir, tmp_path)
     case = discover_cases(phantom_dir)[0]
     one_line(cli("predict", case.image, "--out", tmp_path / "p", "--device", "cpu"), "give either --boxes", code=2)
     assert not (tmp_path / "p").exists()
+
+
+@pytest.fixture
+def own_copy(phantom_dir, tmp_path, tiny_model):
+    """A phantom case's image in a folder of the test's own (the annotated labels are written beside it)."""
+    case = discover_cases(phantom_dir)[0]
+    image = tmp_path / "ct" / case.image.name
+    image.parent.mkdir()
+    shutil.copy(case.image, image)
+    return case, image
+
+
+def _boxes(annotation, truth, labels=(7, 8)):
+    for label in labels:
+        box = box3d_from_label(truth.array == label, truth.spacing_mm, margin_mm=0.0, margin_slices=1)
+        annotation.box(label, box.z0, box.z1, box.box)
+
+
+def test_an_accepted_slice_replaces_the_decoded_mask_and_stays_through_clicks_until_undone(session):
+    case, annotation = session
+    truth = read_label(case.label)
+    gland = truth.array == 7
+    _boxes(annotation, truth, (7,))
+    z = int(np.flatnonzero(gland.any(axis=(1, 2)))[len(np.flatnonzero(gland.any(axis=(1, 2)))) // 2])
+    decoded = annotation.predictions[7].mask.copy()
+    annotation.accept(7, z, gland[z])
+    np.testing.assert_array_equal(annotation.labels()[z] == 7, gland[z])
+    assert z not in dict(annotation.look_at(7))  # drawn by the person: nothing to review there
+    click = corrective_click(annotation.predictions[7].mask, gland, truth.spacing_mm)
+    annotation.click(7, click.z, click.y, click.x, positive=click.positive)
+    np.testing.assert_array_equal(annotation.predictions[7].mask[z], gland[z])  # the click left it as drawn
+    annotation.undo()
+    annotation.undo()
+    np.testing.assert_array_equal(annotation.predictions[7].mask, decoded)
+    assert annotation.accepted.get(7, frozenset()) == frozenset()
+    with pytest.raises(UsageError, match="accepted mask is 3×2 pixels"):
+        annotation.accept(7, z, np.zeros((2, 3), bool))
+
+
+def test_add_to_training_appends_the_case_with_the_rows_encode_makes_of_the_saved_labels(own_copy, tmp_path):
+    case, image = own_copy
+    truth = read_label(case.label)
+    cache = tmp_path / "mine.h5"
+    config = PredictConfig(model="tiny", device="cpu")
+    annotation = Annotation.open(image, config, cache=cache)
+    try:
+        _boxes(annotation, truth)
+        added = annotation.add_to_training()
+    finally:
+        annotation.close()
+    assert added.labels == image.parent / f"{case.name}.annotated.nii.gz" and not added.replaced
+    np.testing.assert_array_equal(read_label(added.labels).array, annotation.labels())
+
+    # encode of the image and the labels it wrote makes the same rows
+    from embedcache.cache.encode import encode
+    from embedcache.cache.store import open_cache
+    from embedcache.config import EncodeConfig
+    from embedcache.io.datasets import CaseSource
+
+    encode([CaseSource(case.name, image, added.labels)], tmp_path / "encoded.h5",
+           EncodeConfig(backbone="tiny", device="cpu"), progress=None)
+    with open_cache(cache) as mine, open_cache(tmp_path / "encoded.h5") as theirs:
+        assert [c.name for c in mine.cases] == [case.name] and mine.cases[0].subset == "train"
+        assert mine.signature.difference(theirs.signature) is None
+        assert mine.cases[0].digest == theirs.cases[0].digest
+        for name in ("slice_index", "masks", "boxes", "spacing_mm"):
+            np.testing.assert_array_equal(mine.read(name, slice(None)), theirs.read(name, slice(None)))
+        np.testing.assert_allclose(mine.read("embeddings", slice(None)).astype(np.float32),
+                                   theirs.read("embeddings", slice(None)).astype(np.float32), atol=2e-3)
+        rows = set(int(z) for z in mine.read("slice_index", slice(None)))
+
+    # opened again with the cache, its slices are not encoded again; a second add replaces the case
+    again = Annotation.open(image, config, cache=cache)
+    try:
+        assert again.encoded() == rows
+        _boxes(again, truth, (8,))
+        second = again.add_to_training()
+    finally:
+        again.close()
+    assert second.replaced and second.labels == added.labels
+    with open_cache(cache) as mine:
+        assert [c.name for c in mine.cases] == [case.name]
+        assert not (mine.read("masks", slice(None)) == 7).any()  # the right gland was not annotated this time
+
+
+def test_add_to_training_refuses_a_foreign_label_file_a_test_case_and_another_models_cache(own_copy, small_cache,
+                                                                                            tmp_path):
+    case, image = own_copy
+    truth = read_label(case.label)
+    foreign = image.parent / f"{case.name}.annotated.nii.gz"
+    shutil.copy(case.label, foreign)  # the person's own labels under that name
+    annotation = Annotation.open(image, PredictConfig(model="tiny", device="cpu"), cache=tmp_path / "new.h5")
+    try:
+        with pytest.raises(UsageError, match="nothing to add yet"):
+            annotation.add_to_training()
+        _boxes(annotation, truth, (7,))
+        with pytest.raises(EmbedcacheError, match="annotated.nii.gz: exists and this annotation did not write it"):
+            annotation.add_to_training()
+        assert not (tmp_path / "new.h5").exists() and read_label(foreign).array.max() == truth.array.max()
+        foreign.unlink()
+
+        import h5py
+
+        test_cache = tmp_path / "test.h5"
+        shutil.copy(small_cache, test_cache)
+        with h5py.File(test_cache, "r+") as f:  # the small cache's first case, renamed to this one, as a test case
+            cases = json.loads(f["cases"][()])
+            cases[0].update(name=case.name, subset="test")
+            del f["cases"]
+            f["cases"] = json.dumps(cases)
+        before = test_cache.read_bytes()
+        with pytest.raises(EmbedcacheError, match=f"already holds a case {case.name}, made there from"):
+            annotation.add_to_training(test_cache)
+        assert test_cache.read_bytes() == before
+    finally:
+        annotation.close()
+    from embedcache.errors import CacheMismatchError
+
+    with pytest.raises(CacheMismatchError, match="cache was made with"):  # LiteMedSAM's cache, a tiny model
+        Annotation.open(image, PredictConfig(model="tiny", device="cpu", review_iou=0.5),
+                        cache=_cache_of_another_model(small_cache, tmp_path))
+
+
+def _cache_of_another_model(cache, tmp_path):
+    import h5py
+
+    other = tmp_path / "other.h5"
+    shutil.copy(cache, other)
+    with h5py.File(other, "r+") as f:
+        signature = json.loads(f.attrs["signature"])
+        signature["checkpoint_sha256"] = "0" * 64
+        f.attrs["signature"] = json.dumps(signature)
+    return other
