@@ -11,7 +11,7 @@ import embedcache
 
 #: Layer of each top-level part of the package; a module may import parts of its own layer or lower.
 LAYERS = {"errors": 0, "io": 1, "runtime": 1, "config": 2, "synth": 2, "model": 3, "cache": 4, "train": 5,
-          "evaluation": 6, "segment": 7, "cli": 8, "__main__": 8}
+          "evaluation": 6, "segment": 7, "viewer": 8, "cli": 8, "__main__": 8}
 ROOT = Path(embedcache.__file__).parent
 
 

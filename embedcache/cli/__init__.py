@@ -26,7 +26,7 @@ def main():
 
 
 for command in (data.phantom, data.encode, train.finetune, train.export, evaluation.score, evaluation.evaluate,
-                evaluation.predict, data.info):
+                evaluation.predict, evaluation.annotate, data.info):
     main.add_command(command)
 
 

@@ -228,3 +228,50 @@ def predict(inputs, out_dir, run_dir, decoder_file, boxes_file, from_labels, pro
         say_to(console())(done.note)
     if done.errors:
         raise click.ClickException(f"{len(done.errors)} input(s) failed; see the errors above")
+
+
+@click.command()
+@click.argument("image", type=click.Path(path_type=Path))
+@click.option("--run", "run_dir", type=click.Path(path_type=Path), default=None, help="A finetune run folder.")
+@click.option("--decoder", "decoder_file", type=click.Path(path_type=Path), default=None,
+              help="A fine-tuned decoder file instead of --run (neither: the vanilla decoder).")
+@click.option("--labels", callback=parse_labels, default=None,
+              help="The glands to annotate, e.g. 7,8 [default: every label the decoder was trained on].")
+@click.option("--cache", "cache_file", type=click.Path(path_type=Path), default=None,
+              help="CACHE.h5 (the project's format): slices it holds of IMAGE are not encoded again, and \"add to "
+                   "training\" appends the corrected case to it (made if missing).")
+@click.option("--save-to", type=click.Path(path_type=Path), default=None,
+              help="Where \"save\" writes first (.nii.gz, .seg.dcm or .rtstruct.dcm) [default: ./CASE.nii.gz].")
+@protocol_options
+@predict_options("series")
+@predict_options("review_iou")
+@label_map_options
+@predict_options("engine", "precision", "streams", "model", "checkpoint", "device")
+@friendly_errors
+def annotate(image, run_dir, decoder_file, labels, cache_file, save_to, series, review_iou, label_map, label_preset,
+             engine, precision, streams, model, checkpoint, device, **protocol):
+    """Segment IMAGE (a NIfTI file or a DICOM series folder) by hand in napari: draw a box around a gland on any
+    slice, set its first and last slice, click where the mask is wrong; save the result, or add the corrected case
+    to a cache to fine-tune on. Needs the napari extra: pip install 'embedcache[napari]'.
+    """
+    try:
+        import napari  # noqa: F401  (the extra, asked for before the model loads)
+    except ImportError:
+        raise UsageError("embedcache annotate needs napari: pip install 'embedcache[napari]'") from None
+    from embedcache.config import PredictConfig
+
+    config = PredictConfig(run=_text(run_dir), decoder=_text(decoder_file), protocol=_settings(protocol),
+                           series=series, model=model, checkpoint=_text(checkpoint), device=device,
+                           review_iou=review_iou, engine=engine, precision=precision, streams=streams,
+                           label_map=_text(label_map), label_preset=label_preset)
+    from embedcache.segment.annotate import Annotation
+
+    with console().status(f"opening {image} and the model…"):
+        annotation = Annotation.open(image, config, cache=cache_file, labels=labels)
+    from embedcache.viewer.annotator import open_window
+
+    _, widget = open_window(annotation, save_to=save_to)
+    try:
+        napari.run()
+    finally:
+        widget.close()

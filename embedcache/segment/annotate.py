@@ -90,14 +90,19 @@ class Annotation:
     click, positive on the gland or negative off it), :meth:`accept` (a slice as the person drew it), :meth:`undo`,
     :meth:`labels`, :meth:`save` and :meth:`add_to_training`.
 
-    ``labels``: the ids a box may be given for (the decoder's; a vanilla decoder: the map's adrenal glands).
-    A bad step is refused with a :class:`~embedcache.errors.UsageError` and changes nothing."""
+    ``labels``: the ids the decoder segments (a vanilla decoder: the map's adrenal glands), which a cache of its
+    embeddings holds; ``only``: those of them a box may be given for (None: all). A bad step is refused with a :class:`~embedcache.errors.UsageError` and changes nothing."""
 
     def __init__(self, image: Volume, model: PredictModel, config: PredictConfig, *, labels: tuple[int, ...],
-                 label_map: LabelMap, source: Path | None = None, made_by: str = "vanilla"):
+                 label_map: LabelMap, only: tuple[int, ...] | None = None, source: Path | None = None,
+                 made_by: str = "vanilla"):
         self.image, self.model, self.config, self.label_map = image, model, config, label_map
         self.source, self.made_by = (Path(source) if source else None), made_by
-        self.allowed = tuple(labels)
+        self.targets = tuple(labels)
+        self.allowed = self.targets
+        if only:
+            self._check_label(*only)
+            self.allowed = tuple(only)
         self.volume = OnTheFly(image.array, model.encoder, model.preprocess)
         self.segment = self.volume.segment_with(model.prompt_encoder, model.mask_decoder,
                                                 input_size=model.input_size, decode=model.decode)
@@ -109,22 +114,26 @@ class Annotation:
         self._saved: set[Path] = set()
 
     @classmethod
-    def open(cls, image: Path, config: PredictConfig, *, cache: Path | None = None) -> Annotation:
+    def open(cls, image: Path, config: PredictConfig, *, cache: Path | None = None,
+             labels: tuple[int, ...] | None = None) -> Annotation:
         """The CT at ``image`` (a NIfTI file or a DICOM series folder; ``config.series`` picks one) with the decoder
         ``config`` names (``run`` or ``decoder``; neither: vanilla) on its engine, as predict loads them; with
-        ``cache``, the slices it holds of this CT are taken from it (see :meth:`use_cache`)."""
+        ``cache``, the slices it holds of this CT are taken from it (see :meth:`use_cache`); ``labels``: the
+        glands to annotate, among the decoder's (None: all)."""
         decoder = checkpoint_file(Path(config.run or config.decoder)) if config.run or config.decoder else None
         trained_on = read_signature(decoder) if decoder else None
         label_map, _ = predict_label_map(config, trained_on, decoder)
         volume = read_image(Path(image), series_uid=config.series)
         trained = load_trained_decoder(decoder) if decoder else None
-        labels = trained_on.labels if trained_on else label_map.adrenals()
-        if not labels:
+        targets = trained_on.labels if trained_on else label_map.adrenals()
+        if not targets:
             raise UsageError(f"{label_map.source} names no adrenal gland, the vanilla decoder's targets; give the label "
                              "map that names them, or --run a decoder trained on your labels")
         made_by = f"sha256 {file_sha256(decoder)[:16]}" if decoder else f"vanilla {config.model}"
-        annotation = cls(volume, load_predict_model(trained, config), config, labels=labels, label_map=label_map,
-                         source=Path(image), made_by=made_by)
+        if labels:
+            cls._refuse_labels(labels, targets, label_map)  # before the model loads
+        annotation = cls(volume, load_predict_model(trained, config), config, labels=targets, label_map=label_map,
+                         only=labels, source=Path(image), made_by=made_by)
         if cache is not None:
             try:
                 annotation.use_cache(Path(cache))
@@ -150,9 +159,9 @@ class Annotation:
         preprocessing and labels, as ``encode`` would write it."""
         model = self.model
         return Signature(backbone=model.backbone, checkpoint_sha256=model.weights_sha256, input_size=model.input_size,
-                         preprocess=model.preprocess, labels=self.allowed, embedding_dtype=model.embedding_dtype,
+                         preprocess=model.preprocess, labels=self.targets, embedding_dtype=model.embedding_dtype,
                          engine=model.encoder.engine, precision=model.encoder.precision,
-                         label_map=self.label_map.only(self.allowed))
+                         label_map=self.label_map.only(self.targets))
 
     def use_cache(self, path: Path) -> int:
         """Take ``path`` as this annotation's cache: one made with another model, weights, preprocessing or labels is
@@ -386,10 +395,15 @@ class Annotation:
     def _present(self, result: np.ndarray) -> list[int]:
         return [label for label in self.predictions if (result == label).any()]
 
-    def _check_label(self, label: int) -> None:
-        if label not in self.allowed:
-            raise UsageError(f"label {label}: the decoder segments {', '.join(map(str, self.allowed))} "
-                             f"({', '.join(self.label_map.name(l) for l in self.allowed)}); choose one of them")
+    def _check_label(self, *labels: int) -> None:
+        self._refuse_labels(labels, self.allowed, self.label_map)
+
+    @staticmethod
+    def _refuse_labels(labels, allowed, label_map: LabelMap) -> None:
+        for label in labels:
+            if label not in allowed:
+                raise UsageError(f"label {label}: the decoder segments {', '.join(map(str, allowed))} "
+                                 f"({', '.join(label_map.name(l) for l in allowed)}); choose one of them")
 
     def _step(self, label: int, request: Request | None, prediction: Prediction, accepted: frozenset[int]) -> Prediction:
         self._history.append(_Step(label, self.requests.get(label), self.predictions.get(label),
