@@ -19,7 +19,7 @@ import logging
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
-from embedcache.config import FinetuneConfig, load_config, save_config
+from embedcache.config import FinetuneConfig, flag, load_config, save_config
 from embedcache.errors import EmbedcacheError, UsageError
 from embedcache.io.files import atomic_write_text, is_partial, read_json, same_file
 from embedcache.train.cases import Split
@@ -155,6 +155,6 @@ def resumed_config(given: FinetuneConfig, saved: FinetuneConfig, *, path: Path,
     for name in sorted(chosen - set(RESUMABLE)):
         value, theirs = getattr(given, name), getattr(saved, name)
         if value != theirs:
-            raise UsageError(f"--{name.replace('_', '-')} {value} differs from the run's "
+            raise UsageError(f"{flag(FinetuneConfig, name)} {value} differs from the run's "
                              f"{theirs} ({path}); --resume continues that run: drop the option or start a new run")
     return replace(saved, **{k: getattr(given, k) for k in RESUMABLE if k in chosen or k == "cache"})
