@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 from embedcache.cache.records import DECODER_KEYS, Signature
 from embedcache.errors import EmbedcacheError
 from embedcache.io.files import atomic_path, check_writable_folder, same_file
-from embedcache.train.checkpoint import BEST, checkpoint_file, load_checkpoint
+from embedcache.train.checkpoint import BEST, checkpoint_file, load_checkpoint, read_header
 
 if TYPE_CHECKING:
     from embedcache.model.backbones import Backbone, SamParts
@@ -76,8 +76,6 @@ def check_start_decoder(run_or_file: Path, *, signature: Signature, cache: Path,
     line unless it is one trained on a cache of ``signature`` (the cache ``cache``'s) and the run would build the
     same decoder: with an adapter exactly when ``adapter``; trained with the mask prompt (``--prompts interactive``)
     only when ``interactive`` is. Its header alone is read: no tensor, no torch."""
-    from embedcache.train.checkpoint import read_header
-
     given = Path(run_or_file)
     path = checkpoint_file(given)
     if not given.exists():
