@@ -277,6 +277,12 @@ class FinetuneConfig:
     round_loss: str = setting("every", "--prompts interactive: the loss of every round (their mean; each round's "
                                        "gradient stops at its mask prompt) or of the last alone (the rounds before "
                                        "without gradients).", choices=ROUND_LOSSES)
+    start_from: str | None = setting(None, "Start from this trained decoder instead of the backbone's own: a finetune "
+                                           "run folder (its decoder.safetensors) or a decoder file, trained on a cache "
+                                           "of the same model, weights, preprocessing and labels (e.g. to train on a "
+                                           "corrected case for a few more epochs).", path=True, flag="--from")
+    # sha256 of the decoder file start_from named when the run started: finetune fills it in, never a person
+    start_from_sha256: str | None = None
 
     def __post_init__(self):
         if self.prompts not in POINT_MODES:

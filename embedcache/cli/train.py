@@ -17,9 +17,9 @@ from embedcache.config import FinetuneConfig
 @click.option("--out", "-o", "run_dir", required=True, type=click.Path(path_type=Path), help="Run folder to create.")
 @options(FinetuneConfig, "epochs", "lr", "batch_size", "val_fraction", "seed", "device")
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its last checkpoint.")
-@options(FinetuneConfig, "model", "checkpoint", "box_jitter", "patience", "precision", "resident", "micro_batch",
-         "compile", "split", "stop_prompts", "stop_grow_mm", "train_prompts", "loose_margin_mm", "adapter", "iou_head",
-         "prompts", "max_points", "rounds", "round_loss")
+@options(FinetuneConfig, "start_from", "model", "checkpoint", "box_jitter", "patience", "precision", "resident",
+         "micro_batch", "compile", "split", "stop_prompts", "stop_grow_mm", "train_prompts", "loose_margin_mm", "adapter",
+         "iou_head", "prompts", "max_points", "rounds", "round_loss")
 @progress_option
 @friendly_errors
 def finetune(cache, run_dir, resume, progress, **settings):
@@ -29,12 +29,14 @@ def finetune(cache, run_dir, resume, progress, **settings):
     validation by patient (seeded), or as --split says; all saved as split.json. Each
     epoch reports validation Dice; the best decoder is kept as RUN_DIR/decoder.safetensors, the last state
     as RUN_DIR/last.safetensors, the settings as config.json and the epochs in log.csv.
+    --from RUN_DIR (or a decoder file) starts from that decoder instead of the backbone's.
     Under torchrun (`torchrun --nproc_per_node=K -m embedcache finetune ...`) it trains with DDP.
     """
     from embedcache.train.finetune import finetune as run_finetune
 
     # files as absolute paths: score and export read them from any folder
-    files = {name: os.path.abspath(settings[name]) if settings[name] else None for name in ("checkpoint", "split")}
+    files = {name: os.path.abspath(settings[name]) if settings[name] else None
+             for name in ("checkpoint", "split", "start_from")}
     config = FinetuneConfig(cache=os.path.abspath(cache), **{**settings, **files})
     out = console()
     say = say_to(out)
@@ -53,8 +55,9 @@ def finetune(cache, run_dir, resume, progress, **settings):
                               on_epoch=on_epoch)
     if result.history:
         out.print(table)
+    start = f"decoder of --from {result.start_from}" if result.start_from else "vanilla decoder"
     say(
-        f"vanilla decoder val Dice {result.vanilla_val_dice:.4f} → fine-tuned {result.best_val_dice:.4f} "
+        f"{start} val Dice {result.vanilla_val_dice:.4f} → fine-tuned {result.best_val_dice:.4f} "
         f"(epoch {result.best_epoch}); best decoder: {run_dir / 'decoder.safetensors'}"
     )
 

@@ -104,21 +104,39 @@ def load_checkpoint(path: Path) -> Checkpoint:
 def read_signature(path: Path) -> Signature:
     """The cache signature a checkpoint was trained on, from its header alone: no tensor read, no torch
     imported, so a decoder that does not fit the cache or the labels asked for costs a second."""
+    return read_header(path).signature
+
+
+@dataclass(frozen=True)
+class Header:
+    """What a checkpoint's header says, read without its tensors: the cache signature, the FinetuneConfig (a dict)
+    and the names of the decoder's tensors (without the ``mask_decoder.`` prefix)."""
+
+    signature: Signature
+    config: dict
+    decoder_keys: tuple[str, ...]
+
+
+def read_header(path: Path) -> Header:
+    """:class:`Header` of a checkpoint: no tensor read, no torch imported (see :func:`read_signature`)."""
     from safetensors import safe_open
 
     path = _readable(path)
     try:
         with safe_open(str(path), framework="numpy") as tensors:
             header = _header(path, tensors.metadata())
-            has_decoder = any(k.startswith(DECODER_PREFIX) for k in tensors.keys())
+            keys = tuple(k[len(DECODER_PREFIX):] for k in tensors.keys() if k.startswith(DECODER_PREFIX))
         entries = dict(header["dict"])
-        _check_complete(path, entries, has_decoder=has_decoder)
+        _check_complete(path, entries, has_decoder=bool(keys))
         signature = _from_header(entries["signature"], None)
+        config = _from_header(entries["config"], None)
     except EmbedcacheError:
         raise
     except Exception as exc:
         raise _corrupt(path, exc) from None
-    return Signature.from_dict(signature, source=path)
+    if not isinstance(config, dict):
+        raise EmbedcacheError(f"{path}: checkpoint header is not one that finetune wrote; pass RUN_DIR/{BEST}")
+    return Header(Signature.from_dict(signature, source=path), config, keys)
 
 
 def _readable(path: Path) -> Path:

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 from embedcache.cache.records import DECODER_KEYS, Signature
 from embedcache.errors import EmbedcacheError
 from embedcache.io.files import atomic_path, check_writable_folder, same_file
-from embedcache.train.checkpoint import BEST, checkpoint_file, load_checkpoint
+from embedcache.train.checkpoint import BEST, checkpoint_file, load_checkpoint, read_header
 
 if TYPE_CHECKING:
     from embedcache.model.backbones import Backbone, SamParts
@@ -63,6 +63,41 @@ def load_trained_decoder(run_or_file: Path, *, expect: Signature | None = None,
     if expect is not None:
         trained.check_fits(expect, path=expect_path or path)
     return trained
+
+
+#: Key prefix of an adapter's weights in a decoder (:data:`embedcache.model.adapter.PREFIX`; not imported: that
+#: module imports torch, and :func:`check_start_decoder` runs before torch is imported).
+_ADAPTER = "adapter."
+
+
+def check_start_decoder(run_or_file: Path, *, signature: Signature, cache: Path, adapter: bool,
+                        interactive: bool) -> Path:
+    """The decoder file ``finetune --from`` names (a run folder's best decoder, or a decoder file), refused in one
+    line unless it is one trained on a cache of ``signature`` (the cache ``cache``'s) and the run would build the
+    same decoder: with an adapter exactly when ``adapter``; trained with the mask prompt (``--prompts interactive``)
+    only when ``interactive`` is. Its header alone is read: no tensor, no torch."""
+    given = Path(run_or_file)
+    path = checkpoint_file(given)
+    if not given.exists():
+        raise EmbedcacheError(f"{given}: no such run folder or decoder file; --from takes a finetune run folder "
+                              f"(RUN_DIR, with its {BEST}) or a decoder file")
+    if not path.is_file():
+        raise EmbedcacheError(f"{given}: a folder without {BEST}, so not a run with a trained decoder; give --from a "
+                              f"run folder that finished an epoch, or its {BEST}")
+    header = read_header(path)
+    difference = header.signature.difference(signature, DECODER_KEYS)
+    if difference:
+        raise EmbedcacheError(f"{path}: decoder was trained on a cache with {difference} as {cache}; --from needs a "
+                              "decoder trained on a cache of the same model, weights, preprocessing and labels")
+    trained_adapter = any(k.startswith(_ADAPTER) for k in header.decoder_keys)
+    if trained_adapter != adapter:
+        raise EmbedcacheError(f"{path}: decoder was trained {'with' if trained_adapter else 'without'} --adapter; "
+                              f"{'give' if trained_adapter else 'drop'} --adapter to start from it")
+    if header.config.get("prompts") == "interactive" and not interactive:
+        raise EmbedcacheError(f"{path}: decoder was trained with --prompts interactive (it takes its previous "
+                              "logits as the mask prompt); give --prompts interactive to train it on, or start from "
+                              "another decoder")
+    return path
 
 
 @dataclass

@@ -6,14 +6,16 @@ used or a split file naming a case the cache lacks costs a second; :func:`finetu
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from embedcache.cache.store import open_cache
+from embedcache.cache.store import Cache, open_cache
 from embedcache.config import FinetuneConfig
-from embedcache.io.files import make_output_folder, writer_lock
+from embedcache.io.files import file_sha256, make_output_folder, writer_lock
 from embedcache.runtime.distributed import is_main_process
 from embedcache.train.cases import check_split_in_cache, choose_split
+from embedcache.train.decoders import check_start_decoder
 from embedcache.train.runs import CONFIG, RunFolder, resumed_config
 
 if TYPE_CHECKING:
@@ -39,9 +41,21 @@ def finetune(config: FinetuneConfig, run_dir: Path, *, resume: bool = False, giv
             make_output_folder(run.path.parent, what="--out's parent folder")
         with writer_lock(run.path, main=main):
             resume = run.check_start(resume=resume, keep=(config.split,))
+            if not resume:  # a resumed run has its own weights: what it started from is its config's record
+                config = started_from(config, cache)
             # a resumed run takes its own split, wherever the --split file went
             split = check_split_in_cache(run.split(), cache, run=run.path) if resume else choose_split(
                 cache, split_file=config.split, val_fraction=config.val_fraction, seed=config.seed)
             from embedcache.train.loop import train
 
             return train(config, run, split, resume=resume, progress=progress, on_epoch=on_epoch)
+
+
+def started_from(config: FinetuneConfig, cache: Cache) -> FinetuneConfig:
+    """``config`` with the sha256 of the decoder ``--from`` names (None without ``--from``), once that decoder is
+    checked to fit ``cache`` and the run's decoder settings (:func:`~embedcache.train.decoders.check_start_decoder`)."""
+    if not config.start_from:
+        return replace(config, start_from_sha256=None)
+    path = check_start_decoder(Path(config.start_from), signature=cache.signature, cache=cache.path,
+                               adapter=config.adapter, interactive=config.prompts == "interactive")
+    return replace(config, start_from_sha256=file_sha256(path))

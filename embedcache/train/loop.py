@@ -36,6 +36,7 @@ from embedcache.runtime.readahead import ReadAhead
 from embedcache.train.cases import Split, augmented_of
 from embedcache.train.checkpoint import BEST, Checkpoint, load_checkpoint, save_checkpoint
 from embedcache.train.data import CaseSet, case_sets, draw_boxes, draw_clicks
+from embedcache.train.decoders import load_decoder_state, load_trained_decoder
 from embedcache.train.runs import LAST, EpochRecord, RunFolder
 from embedcache.train.trainer import Trainer, build_trainer
 
@@ -78,6 +79,7 @@ class FinetuneResult:
     best_epoch: int
     history: list[EpochRecord] = field(default_factory=list)
     stopped_early: bool = False
+    start_from: str | None = None  # the decoder the run started from (--from); None: the backbone's (vanilla_val_dice's)
 
 
 def train(config: FinetuneConfig, run: RunFolder, split: Split, *, resume: bool, progress=None,
@@ -101,8 +103,9 @@ def train(config: FinetuneConfig, run: RunFolder, split: Split, *, resume: bool,
             state = _restore(run, trainer, cache, fingerprint)
             logger.info(f"resuming {run.path} after epoch {state.epoch} (best val Dice {state.best_dice:.4f} at epoch {state.best_epoch})")
         else:
-            state = _start(run, trainer, config, sets, dist, cache.signature, fingerprint, split)
-            logger.info(f"vanilla decoder: val Dice {state.vanilla_dice:.4f} on {len(val.prompts.boxes)} prompts of {len(val.names)} case(s)")
+            state = _start(run, trainer, config, sets, dist, cache, fingerprint, split)
+            start = f"decoder of --from {config.start_from}" if config.start_from else "vanilla decoder"
+            logger.info(f"{start}: val Dice {state.vanilla_dice:.4f} on {len(val.prompts.boxes)} prompts of {len(val.names)} case(s)")
         task = progress.add_task("finetune", total=(config.epochs - state.epoch) * steps_per_epoch) if progress else None
         board = run.tensorboard() if dist.main else None  # None also where TensorBoard is not installed
         stopped_early = False
@@ -130,7 +133,8 @@ def train(config: FinetuneConfig, run: RunFolder, split: Split, *, resume: bool,
                 stopped_early = True
                 logger.info(f"no better validation Dice for {config.patience} epochs: stopping after epoch {epoch}")
                 break
-    return FinetuneResult(run.path, state.vanilla_dice, state.best_dice, state.best_epoch, state.history, stopped_early)
+    return FinetuneResult(run.path, state.vanilla_dice, state.best_dice, state.best_epoch, state.history, stopped_early,
+                          config.start_from)
 
 
 def expected_signature(cache: Cache, config: FinetuneConfig) -> Signature:
@@ -230,9 +234,14 @@ def _fingerprint(cache: Cache, sets: dict[str, CaseSet]) -> dict:
 
 
 def _start(run: RunFolder, trainer: Trainer, config: FinetuneConfig, sets: dict[str, CaseSet], dist: Dist,
-           signature: Signature, fingerprint: dict, split: Split) -> RunState:
-    """A new run: score the vanilla decoder, then write the settings, the split, log row 0 and the
-    epoch-0 checkpoint, so that from here on the folder can always be resumed."""
+           cache: Cache, fingerprint: dict, split: Split) -> RunState:
+    """A new run: load the decoder of ``--from`` if given (else the backbone's stays), score it, then write the
+    settings, the split, log row 0 and the epoch-0 checkpoint, so that from here on the folder can always be
+    resumed."""
+    signature = cache.signature
+    if config.start_from:  # checked by finetune before torch was imported; read through the safetensors loader
+        trained = load_trained_decoder(Path(config.start_from), expect=signature, expect_path=cache.path)
+        load_decoder_state(trainer.model.mask_decoder, trained)
     vanilla_loss, vanilla_dice = validate(trainer, sets["val"], batch_size=config.batch_size)
     state = RunState(vanilla_dice=vanilla_dice)
     if dist.main:

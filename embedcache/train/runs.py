@@ -19,7 +19,7 @@ import logging
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
-from embedcache.config import FinetuneConfig, load_config, save_config
+from embedcache.config import FinetuneConfig, flag, load_config, save_config
 from embedcache.errors import EmbedcacheError, UsageError
 from embedcache.io.files import atomic_write_text, is_partial, read_json, same_file
 from embedcache.train.cases import Split
@@ -31,6 +31,9 @@ CONFIG, SPLIT, LAST, LOG = "config.json", "split.json", "last.safetensors", "log
 RUN_FILES = (CONFIG, SPLIT, BEST, LAST, LOG, "tensorboard")
 #: Settings that may change on ``--resume``; any other must equal the run's.
 RESUMABLE = ("epochs", "device", "patience", "cache", "resident", "compile")
+#: Settings finetune records itself when a run starts (what it started from): kept from the run on ``--resume``,
+#: never compared (the file ``--from`` named may have changed since; the run has its own weights by then).
+RECORDED = ("start_from_sha256",)
 
 
 @dataclass
@@ -152,9 +155,10 @@ def resumed_config(given: FinetuneConfig, saved: FinetuneConfig, *, path: Path,
     on the command line); None means all of them, as for a library call with a whole config."""
     names = {f.name for f in fields(FinetuneConfig)}
     chosen = names if given_fields is None else names & set(given_fields)
-    for name in sorted(chosen - set(RESUMABLE)):
+    for name in sorted(chosen - set(RESUMABLE) - set(RECORDED)):
         value, theirs = getattr(given, name), getattr(saved, name)
         if value != theirs:
-            raise UsageError(f"--{name.replace('_', '-')} {value} differs from the run's "
+            raise UsageError(f"{flag(FinetuneConfig, name)} {value} differs from the run's "
                              f"{theirs} ({path}); --resume continues that run: drop the option or start a new run")
     return replace(saved, **{k: getattr(given, k) for k in RESUMABLE if k in chosen or k == "cache"})
+

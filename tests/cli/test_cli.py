@@ -10,7 +10,7 @@ import pytest
 
 from embedcache.cli import main
 
-from conftest import cli, only_line_error
+from conftest import cli, one_line, only_line_error
 
 
 @pytest.mark.parametrize("name", sorted(main.commands))
@@ -82,6 +82,62 @@ def test_finetune_and_export_from_the_command_line(tmp_path, small_cache, tiny_m
     exported = cli("export", run, "--out", tmp_path / "full.pth")
     assert exported.exit_code == 0 and (tmp_path / "full.pth").is_file()
     only_line_error(cli("export", tmp_path / "nothing", "--out", tmp_path / "x.pth"), "no checkpoint")
+
+
+def test_finetune_from_a_run_and_what_it_refuses_to_start_from(tmp_path, small_cache, tiny_model):
+    """--from RUN_DIR trains on from that run's decoder; a path that is no decoder, a decoder of another cache and one
+    the run's settings would build otherwise are each one line before anything is trained; so is --resume with
+    another --from."""
+    import torch
+
+    from embedcache.cache.store import open_cache
+    from embedcache.model.backbones import load_backbone
+    from embedcache.train.checkpoint import Checkpoint, save_checkpoint
+
+    quick = ("--epochs", "1", "--batch-size", "2", "--val-fraction", "0.34", "--device", "cpu", "--no-progress")
+    first = tmp_path / "first"
+    assert cli("finetune", small_cache, "--out", first, *quick).exit_code == 0
+    started = cli("finetune", small_cache, "--out", tmp_path / "second", "--from", first, *quick)
+    assert started.exit_code == 0, started.output
+    assert f"decoder of --from {first} val Dice" in started.output
+    one_line(cli("finetune", small_cache, "--out", tmp_path / "second", "--resume", "--from", tmp_path / "second",
+                 *quick), "--from", "differs from the run's", code=2)
+
+    with open_cache(small_cache) as cache:
+        signature = cache.signature
+    vanilla = load_backbone(tiny_model)[0].mask_decoder.state_dict()
+
+    def decoder(name, *, state=vanilla, config=None, **changes):
+        path = tmp_path / name
+        save_checkpoint(Checkpoint(decoder=state, signature=replace(signature, **changes), config=config or {},
+                                   epoch=1, val_dice=0.5), path)
+        return path
+
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "junk.safetensors").write_bytes(b"junk" * 64)
+    torch.save(vanilla, tmp_path / "pickled.pth")
+    adapted = {**vanilla, "adapter.up.bias": torch.zeros(256)}
+    for start, extra, fragments in [
+        (tmp_path / "nowhere", (), ["nowhere: no such run folder or decoder file"]),
+        (tmp_path / "empty", (), ["empty: a folder without decoder.safetensors"]),
+        (tmp_path / "junk.safetensors", (), ["junk.safetensors: checkpoint is corrupt"]),
+        (tmp_path / "pickled.pth", (), ["pickled.pth: a pickle file"]),
+        (decoder("vit_b.safetensors", backbone="vit_b"), (), ["vit_b.safetensors: decoder was trained on a cache "
+                                                              "with backbone=vit_b, not tiny"]),
+        (decoder("labels.safetensors", labels=(7,)), (), ["labels.safetensors: decoder was trained on a cache with "
+                                                          "labels="]),
+        (decoder("wider.safetensors", preprocess=replace(signature.preprocess, window_width_hu=400.0)), (),
+         ["decoder was trained on a cache with preprocess="]),
+        (decoder("adapted.safetensors", state=adapted), (), ["adapted.safetensors: decoder was trained with "
+                                                             "--adapter; give --adapter"]),
+        (decoder("plain.safetensors"), ("--adapter",), ["plain.safetensors: decoder was trained without --adapter; "
+                                                        "drop --adapter"]),
+        (decoder("clicks.safetensors", config={"prompts": "interactive"}), (),
+         ["clicks.safetensors: decoder was trained with --prompts interactive", "give --prompts interactive"]),
+    ]:
+        out = tmp_path / f"refused-{start.stem}"
+        one_line(cli("finetune", small_cache, "--out", out, "--from", start, *extra, *quick), *fragments)
+        assert not out.exists() or not any(out.iterdir()), start
 
 
 def test_score_reports_vanilla_against_finetuned(tmp_path, small_cache, tiny_model):

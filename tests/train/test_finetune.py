@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from embedcache.errors import CacheMismatchError, EmbedcacheError
+from embedcache.errors import CacheMismatchError, EmbedcacheError, UsageError
 from embedcache.train import trainer as trainer_module
 from embedcache.train.finetune import finetune
 
@@ -105,6 +105,52 @@ def test_bad_runs_fail_with_one_line_and_keep_the_last_good_checkpoint(tiny_mode
     (run / "last.safetensors").write_bytes(good[: len(good) // 3])
     with pytest.raises(EmbedcacheError, match="last.safetensors: checkpoint is corrupt or truncated"):
         finetune(finetune_config(small_cache, epochs=2), run, resume=True, **QUIET)
+
+
+def test_from_a_run_starts_from_its_decoder_and_records_which(tiny_model, small_cache, tmp_path):
+    """--from RUN: the new run's epoch 0 is the old run's best decoder (at an lr too small to move it, its decoder
+    stays that one); without --from it is the backbone's. config.json names the file it started from and its sha256,
+    and a resume keeps that record."""
+    from embedcache.io.files import file_sha256
+    from embedcache.model.backbones import load_backbone
+    from embedcache.train.checkpoint import load_checkpoint
+
+    first = tmp_path / "first"
+    finetune(finetune_config(small_cache, epochs=1, lr=3e-3), first, **QUIET)
+    trained = load_checkpoint(first / "decoder.safetensors")
+    vanilla = load_backbone(tiny_model)[0].mask_decoder.state_dict()
+    assert any(not torch.allclose(trained.decoder[k], vanilla[k], atol=1e-4) for k in vanilla)  # training moved it
+
+    still = dict(epochs=1, lr=1e-12)  # AdamW moves each weight by at most about lr per step
+    started = finetune(finetune_config(small_cache, start_from=str(first), **still), tmp_path / "from", **QUIET)
+    plain = finetune(finetune_config(small_cache, **still), tmp_path / "plain", **QUIET)
+    from_weights = decoder_weights(tmp_path / "from" / "decoder.safetensors")
+    plain_weights = decoder_weights(tmp_path / "plain" / "decoder.safetensors")
+    assert set(from_weights) == set(trained.decoder) == set(vanilla)
+    for key in vanilla:
+        torch.testing.assert_close(from_weights[key], trained.decoder[key], atol=1e-7, rtol=0)
+        torch.testing.assert_close(plain_weights[key], vanilla[key], atol=1e-7, rtol=0)
+    # epoch 0 scores the decoder it started from: the first run's best, on the same validation case
+    assert started.vanilla_val_dice == pytest.approx(trained.val_dice, abs=1e-6)
+    assert started.start_from == str(first) and plain.start_from is None
+    assert started.vanilla_val_dice != pytest.approx(plain.vanilla_val_dice, abs=1e-6)
+
+    saved = json.loads((tmp_path / "from" / "config.json").read_text())
+    assert saved["start_from"] == str(first)
+    assert saved["start_from_sha256"] == file_sha256(first / "decoder.safetensors")
+    assert json.loads((tmp_path / "plain" / "config.json").read_text())["start_from_sha256"] is None
+    header = load_checkpoint(tmp_path / "from" / "decoder.safetensors").config
+    assert header["start_from_sha256"] == saved["start_from_sha256"]
+
+    # A resume has its own weights: the file --from named may change or go; the record stays the run's.
+    (first / "decoder.safetensors").unlink()
+    resumed = finetune(finetune_config(small_cache, start_from=str(first), epochs=2, lr=1e-12), tmp_path / "from",
+                       resume=True, **QUIET)
+    assert [r.epoch for r in resumed.history] == [1, 2]
+    assert json.loads((tmp_path / "from" / "config.json").read_text()) == saved
+    with pytest.raises(UsageError, match=r"^--from .*plain differs from the run's .*first"):
+        finetune(finetune_config(small_cache, start_from=str(tmp_path / "plain"), epochs=2, lr=1e-12),
+                 tmp_path / "from", resume=True, **QUIET)
 
 
 def test_torchrun_with_two_processes_matches_one_process(tiny_model, tiny_checkpoint, small_cache, tmp_path):
