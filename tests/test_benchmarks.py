@@ -237,3 +237,31 @@ def test_int8_quantizes_times_and_scores_fp32_and_int8_on_the_held_out_cases(tin
     saved = json.loads(next((tmp_path / "out").glob("int8-smoke-*.json")).read_text())
     assert saved["models"]["int8"]["within_gate"] == models["int8"]["within_gate"]
     assert "| int8 |" in next((tmp_path / "out").glob("int8-smoke-*.md")).read_text()
+
+
+def test_annotate_times_the_cold_box_and_each_click_per_engine_and_says_where_the_time_goes(tiny_model, tmp_path,
+                                                                                             monkeypatch):
+    from embedcache.model.engines import installed_engines
+
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    import annotate
+
+    specs = ["torch", *installed_engines()[1:2]]  # eager torch and one graph engine (its decoder graph too)
+    result = annotate.main(["--model", "tiny", "--quick", "--engines", ",".join(specs), "--streams", "1",
+                            "--out", str(tmp_path)])
+    assert list(result["engines"]) == specs and not result["case"]["realistic"]  # --quick: the phantom
+    for spec, figures in result["engines"].items():
+        assert "error" not in figures, figures
+        cold = figures["cold_first_box"]
+        assert cold["encodes"] >= 1 and cold["decodes"] >= 1 and cold["seconds"] >= cold["box_s"] > 0
+        # the shares add up to the step's wall time
+        assert abs(cold["decode_s"] + cold["encode_s"] + cold["other_s"] - cold["box_s"]) < 1e-3
+        assert figures["boxes"].keys() == {"7", "8"} and figures["load_before"] and len(figures["load_after"]) == 3
+        for click in figures["clicks"]:
+            assert click["encodes"] == 0 and click["decodes"] >= 1  # every slice of the box was encoded first
+        assert figures["click_summary"]["clicks"] == len(figures["clicks"]) >= 1
+    assert result["engines"]["torch"]["warmup"]["exported"] is False
+    if len(specs) > 1:
+        assert result["engines"][specs[1]]["warmup"]["exported"]  # a fresh engine cache folder: the graphs exported
+    table = next(tmp_path.glob("annotate-latency-quick-cpu-*.md")).read_text()
+    assert "| torch | fp32 |" in table and "targets met" in table
