@@ -231,3 +231,14 @@ def _cache_of_another_model(cache, tmp_path):
         signature["checkpoint_sha256"] = "0" * 64
         f.attrs["signature"] = json.dumps(signature)
     return other
+
+
+def test_annotate_refuses_before_any_window_what_it_cannot_open(phantom_dir, tiny_model, tmp_path, monkeypatch):
+    case = discover_cases(phantom_dir)[0]
+    one_line(cli("annotate", tmp_path / "missing.nii.gz", "--model", "tiny", "--device", "cpu"), "missing.nii.gz")
+    one_line(cli("annotate", case.image, "--labels", "5", "--model", "tiny", "--device", "cpu"),
+             "label 5: the decoder segments 7, 8", code=2)
+    one_line(cli("annotate", case.image, "--model", "tiny", "--device", "cpu", "--cache", tmp_path / "no" / "c.h5"),
+             "c.h5: its folder does not exist")
+    monkeypatch.setitem(__import__("sys").modules, "napari", None)  # the extra not installed
+    one_line(cli("annotate", case.image), "needs napari: pip install 'embedcache[napari]'", code=2)
