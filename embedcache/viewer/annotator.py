@@ -15,6 +15,7 @@ edges ``i .. i + 1``.
 from __future__ import annotations
 
 import logging
+import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -399,9 +400,18 @@ def _rectangle(box, z: int | None) -> np.ndarray:
                      [z, y1 - 0.5, x0 - 0.5]], float)
 
 
+def qt_without_opencv() -> None:
+    """Forget the Qt plugin and font folders OpenCV points Qt to when it is imported (rt-utils, for RT Structure
+    Sets, imports it): Qt would load OpenCV's own xcb plugin, which fails beside PyQt's, and end the process."""
+    for name in ("QT_QPA_PLATFORM_PLUGIN_PATH", "QT_QPA_FONTDIR"):
+        if "cv2" in Path(os.environ.get(name, "")).parts:
+            del os.environ[name]
+
+
 def open_window(annotation: Annotation, *, viewer: napari.Viewer | None = None,
                 save_to: Path | None = None) -> tuple[napari.Viewer, AnnotateWidget]:
     """A napari viewer (a new one unless given) with the annotate layers and dock."""
+    qt_without_opencv()
     viewer = viewer or napari.Viewer(title=f"embedcache annotate: {annotation.name}")
     widget = AnnotateWidget(viewer, annotation, save_to=save_to)
     viewer.window.add_dock_widget(widget, name="embedcache", area="right")

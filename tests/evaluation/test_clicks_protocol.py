@@ -42,12 +42,13 @@ class _FeedsBack:
     feeds_back = True
 
     def __init__(self, truth, detached=()):
-        self.truth, self.detached, self.calls = truth, set(detached), []
+        self.truth, self.detached, self.calls, self.batches = truth, set(detached), [], []
 
     def __call__(self, zs, boxes, *, points=None, previous=None, low_res=False, multimask=False):
         masks = []
-        for z, (x0, y0, x1, y1) in zip(zs, boxes):
-            self.calls.append((int(z), None if previous is None else float(previous[0, 0, 0])))
+        self.batches.append([int(z) for z in zs])
+        for i, (z, (x0, y0, x1, y1)) in enumerate(zip(zs, boxes)):
+            self.calls.append((int(z), None if previous is None else float(previous[i, 0, 0])))
             inside = np.zeros(TUBE[1:], bool)
             inside[int(y0) : int(np.ceil(y1)), int(x0) : int(np.ceil(x1))] = True
             mask = self.truth[z] & inside
@@ -85,6 +86,7 @@ def test_a_local_click_changes_no_slice_beyond_its_reach_and_gives_back_the_slic
         assert segment.calls[0] == (9, 9.0)  # the click's slice with its own previous logits
         assert all(given == float(z) for z, given in segment.calls)
         assert after.logits[9][0, 0] == 9.0
+        assert segment.batches == [[9], [10, 8], [11, 7]]  # the two ways in step: one call per step
     else:
         assert changed == list(range(2, 18))
         assert all(given is None for _, given in segment.calls)

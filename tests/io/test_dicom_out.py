@@ -165,7 +165,7 @@ def test_dicom_output_of_a_nifti_input_is_one_line_saying_it_needs_the_series(ph
                  "--out", tmp_path / "p", "--no-progress")
     assert result.exit_code == 1 and "Traceback" not in result.output
     assert f"{case.image}: a NIfTI file; --output-type dicom-seg" in result.output.replace("\n", "")
-    assert "predict on the DICOM series folder" in result.output.replace("\n", "")
+    assert "segment the DICOM series folder" in result.output.replace("\n", "")
     assert not (tmp_path / "p" / f"{case.name}.nii.gz").exists()
 
 

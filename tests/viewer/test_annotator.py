@@ -42,6 +42,9 @@ def screen():
             __import__(module)
         except ImportError:
             _missing(f"{module} is not installed: pip install 'embedcache[napari]' pytest-qt")
+    from embedcache.viewer.annotator import qt_without_opencv
+
+    qt_without_opencv()  # an earlier test in this process may have imported OpenCV (RT Structure Sets)
     if os.environ.get("DISPLAY"):
         os.environ.setdefault("QT_QPA_PLATFORM", "xcb")
         return os.environ["DISPLAY"]
@@ -195,3 +198,36 @@ def test_a_refused_step_is_one_line_in_the_status_bar_and_the_window_goes_on(win
     _settle(qtbot, widget)
     assert "inverted or empty" in widget.message
     assert widget.annotation.requests == {} and len(widget.boxes[7].data) == 0
+
+
+def test_a_dicom_series_in_the_window_saves_an_rt_structure_set_and_a_seg(viewer, qtbot, tiny_model, tmp_path):
+    """rt-utils brings OpenCV, whose own Qt must not meet the window's: the save runs inside the Qt process."""
+    pytest.importorskip("rt_utils", reason="RT Structure Set output needs the dicom extra")
+    from embedcache.io.dicom_out import read_seg
+    from embedcache.io.labels import FLARE22
+    from embedcache.viewer.annotator import open_window
+
+    from conftest import pydicom_dir
+
+    series = tmp_path / "CT5N_0000"
+    shutil.copytree(pydicom_dir("dicomdirtests/98892001/CT5N"), series)
+    annotation = Annotation.open(series, PredictConfig(model="tiny", device="cpu"))
+    _, widget = open_window(annotation, viewer=viewer, save_to=tmp_path / "CT5N.rtstruct.dcm")
+    try:
+        z0, u = annotation.shape[0] // 2 - 1, annotation.shape[1] / 16  # the gland test_dicom_out draws
+        widget.z0.setValue(z0)
+        widget.z1.setValue(z0 + 2)
+        widget.boxes[7].add_rectangles(_corners(z0 + 1, 2 * u - 0.5, 3 * u - 0.5, 8 * u - 0.5, 10 * u - 0.5))
+        _settle(qtbot, widget)
+        assert widget.result.data.any(), widget.message
+        widget.save()
+        _settle(qtbot, widget)
+        widget.save_path.setText(str(tmp_path / "CT5N.seg.dcm"))
+        widget.save()
+        _settle(qtbot, widget)
+        assert widget.message == f"saved {tmp_path / 'CT5N.seg.dcm'}", widget.message
+        np.testing.assert_array_equal(read_seg(tmp_path / "CT5N.seg.dcm", read_geometry(series), label_map=FLARE22),
+                                      widget.result.data)
+        assert (tmp_path / "CT5N.rtstruct.dcm").stat().st_size > 0
+    finally:
+        widget.close()
