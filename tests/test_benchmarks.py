@@ -265,3 +265,29 @@ def test_annotate_times_the_cold_box_and_each_click_per_engine_and_says_where_th
         assert result["engines"][specs[1]]["warmup"]["exported"]  # a fresh engine cache folder: the graphs exported
     table = next(tmp_path.glob("annotate-latency-quick-cpu-*.md")).read_text()
     assert "| torch | fp32 |" in table and "targets met" in table
+
+
+def test_annotate_loop_times_each_step_and_scores_the_decoder_before_and_after_with_a_control(tiny_model, tmp_path,
+                                                                                             monkeypatch):
+    from embedcache.synth.phantom import write_phantom
+
+    from conftest import SMALL_PHANTOM
+
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    import annotate_loop
+
+    write_phantom(tmp_path / "maps", cases=4, seed=3, config=SMALL_PHANTOM)  # its label maps stand in for FLARE22's
+    result = annotate_loop.main(["--labels", str(tmp_path / "maps" / "labelsTr"), "--work", str(tmp_path / "work"),
+                                 "--train", "2", "--test", "1", "--val", "1", "--epochs", "1", "--clicks", "1",
+                                 "--accept", "2", "--model", "tiny", "--name", "loop", "--out", str(tmp_path / "out")])
+    steps = result["loop_s"]
+    assert set(steps) == {"open_s", "boxes_s", "clicks_s", "add_s", "finetune_s", "loop_s"}
+    assert abs(steps["loop_s"] - sum(v for k, v in steps.items() if k != "loop_s")) < 0.05
+    assert result["bed"]["new_case"] == "PHANTOM_0004" and result["bed"]["new_case_rows"] > 0
+    for after in result["new_case_dice_after_box_then_each_click"].values():
+        assert len(after) >= 3 and after[-1] > after[0]  # the two painted slices count
+    assert set(result["test_box3d"]) == {"run0", "run1 (with the new case)", "control (without it)"}
+    split = json.loads((tmp_path / "work" / "split-grown.json").read_text())
+    assert "PHANTOM_0004" in split["train"]  # run1 trained on the annotated case, the control did not
+    assert "PHANTOM_0004" not in json.loads((tmp_path / "work" / "control" / "split.json").read_text())["train"]
+    assert "| **the loop** |" in (tmp_path / "out" / "loop.md").read_text()

@@ -132,8 +132,14 @@ class Annotation:
         made_by = f"sha256 {file_sha256(decoder)[:16]}" if decoder else f"vanilla {config.model}"
         if labels:
             cls._refuse_labels(labels, targets, label_map)  # before the model loads
-        annotation = cls(volume, load_predict_model(trained, config), config, labels=targets, label_map=label_map,
-                         only=labels, source=Path(image), made_by=made_by)
+        model = load_predict_model(trained, config)
+        if model.decode is not None:
+            # Clicks decode with the eager heads, not the box graph: loaded now rather than on the first click, and
+            # before a viewer makes its OpenGL context: torch's first eager load imports Triton, whose LLVM and
+            # Mesa's (llvmpipe, under Xvfb) end the process with a segmentation fault when Triton comes second.
+            model.decode.heads()
+        annotation = cls(volume, model, config, labels=targets, label_map=label_map, only=labels, source=Path(image),
+                         made_by=made_by)
         if cache is not None:
             try:
                 annotation.use_cache(Path(cache))

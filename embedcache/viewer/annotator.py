@@ -112,7 +112,7 @@ class AnnotateWidget(QWidget):
         low, high = pre.window_level_hu - pre.window_width_hu / 2, pre.window_level_hu + pre.window_width_hu / 2
         self.image = viewer.add_image(a.image.array, name=f"CT {a.name}", scale=spacing, contrast_limits=(low, high),
                                       colormap="gray")
-        self.result = viewer.add_labels(np.zeros(a.shape, np.uint8), name="result", scale=spacing, opacity=0.45)
+        self.result = viewer.add_labels(np.zeros(a.shape, np.uint8), name="result", scale=spacing, opacity=0.6)
         self.boxes = {}
         for label in a.allowed:
             layer = viewer.add_shapes(name=f"box: {a.label_map.name(label)} ({label})", ndim=3, scale=spacing,
@@ -200,6 +200,9 @@ class AnnotateWidget(QWidget):
         """A step or an encode ahead is still running."""
         return self.worker.pending > 0
 
+    def _gland(self, label: int) -> str:
+        return self.annotation.label_map.name(label)
+
     def current_slice(self) -> int:
         return int(round(self.viewer.dims.point[0] / self.spacing[0]))
 
@@ -258,7 +261,7 @@ class AnnotateWidget(QWidget):
             return
         z0, z1 = self.z0.value(), self.z1.value()
         self.say(f"segmenting {self.annotation.label_map.name(label)} in slices {z0}..{z1}…")
-        self._run(lambda: self.annotation.box(label, z0, z1, xyxy), f"box of slices {z0}..{z1}")
+        self._run(lambda: self.annotation.box(label, z0, z1, xyxy), f"{self._gland(label)}: box of slices {z0}..{z1}")
 
     def _clicked(self, event) -> None:
         if self._syncing or getattr(event, "action", "added") != "added" or not len(self.clicks.data):
@@ -268,12 +271,12 @@ class AnnotateWidget(QWidget):
         self.clicks.features.loc[self.clicks.features.index[-1], "label"] = self.label
         label = self.label
         self._run(lambda: self.annotation.click(label, z, y, x, positive=positive),
-                  f"{'positive' if positive else 'negative'} click on slice {z}")
+                  f"{self._gland(label)}: {'positive' if positive else 'negative'} click on slice {z}")
 
     def accept_slice(self) -> None:
         z, label = self.current_slice(), self.label
         mask = np.asarray(self.result.data[z]) == label
-        self._run(lambda: self.annotation.accept(label, z, mask), f"slice {z} accepted")
+        self._run(lambda: self.annotation.accept(label, z, mask), f"{self._gland(label)}: slice {z} accepted")
 
     def undo(self) -> None:
         self._run(self.annotation.undo, "undone")
