@@ -60,7 +60,7 @@ from embedcache.segment.annotate import Annotation
 from embedcache.synth.anatomy import paint_ct
 from embedcache.synth.phantom import write_phantom
 
-from common import RESULTS, machine, own_engine_cache, phantom_config
+from common import RESULTS, machine, own_engine_cache, phantom_config, write_result
 
 #: Where the benchmarks find real label maps to paint CT around (never copied into the repository).
 LABELS = Path("/work/shared/data/flare22-labels")
@@ -424,13 +424,8 @@ def main(argv=None) -> dict:
             print(spec, json.dumps({k: figures.get(k) for k in ("cold_first_box", "click_summary", "load_after",
                                                                 "error") if k in figures}), flush=True)
             gc.collect()
-    stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d")
-    args.out.mkdir(parents=True, exist_ok=True)
-    out = args.out / f"annotate-{args.name}-cpu-{stamp}.json"
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    out.with_suffix(".md").write_text(table(result))
-    print(table(result))
-    print(f"wrote {out}")
+    write_result(result, args.out, f"annotate-{args.name}-cpu-{datetime.now(timezone.utc):%Y-%m-%d}",
+                 table(result))
     return result
 
 

@@ -49,7 +49,7 @@ from embedcache.segment.annotate import Annotation
 from embedcache.synth.anatomy import paint_ct, write_anatomy
 from embedcache.train.finetune import finetune
 
-from common import RESULTS, decoded_cases, machine
+from common import RESULTS, decoded_cases, machine, write_result
 
 LABELS = Path("/work/shared/data/flare22-labels")
 ADRENALS = (7, 8)
@@ -196,10 +196,7 @@ def main(argv=None) -> dict:
         "test_box3d": scores,
         "torch_threads": torch.get_num_threads(),
     }
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / f"{args.name}.json").write_text(json.dumps(result, indent=2) + "\n")
-    (args.out / f"{args.name}.md").write_text(table(result))
-    print(table(result))
+    write_result(result, args.out, args.name, table(result))
     return result
 
 
@@ -217,8 +214,9 @@ def table(result: dict) -> str:
              "clicks_s": "the clicks", "add_s": "add to training", "finetune_s": "finetune --from run0",
              "loop_s": "**the loop**"}
     lines += [f"| {names[k]} | {v} |" for k, v in s.items()]
+    steps_of = result["new_case_dice_after_box_then_each_click"].values()
     lines += ["", "New case, Dice after the box and each click or painted slice (right; left): "
-              + "; ".join(" → ".join(str(d) for d in v) for v in result["new_case_dice_after_box_then_each_click"].values()),
+              + "; ".join(" → ".join(str(d) for d in v) for v in steps_of),
               "", "| decoder | right Dice | left Dice | right NSD | left NSD |", "| --- | --- | --- | --- | --- |"]
     for name, score in result["test_box3d"].items():
         lines.append(f"| {name} | {score['7']['dice']} | {score['8']['dice']} | {score['7']['nsd']} | "

@@ -37,7 +37,7 @@ from embedcache.evaluation.metrics import gland_metrics
 from embedcache.runtime.devices import pick_device
 from embedcache.train.finetune import finetune
 
-from common import RESULTS, decoded_cases, machine
+from common import RESULTS, decoded_cases, machine, write_result
 
 #: name → the ``finetune`` fields of the recipe (``--rounds`` joins the interactive ones); vanilla: not trained.
 RECIPES = {
@@ -235,13 +235,8 @@ def main(argv=None) -> dict:
             continue
         results["decoders"][recipe]["test"] = score_of(recipe, "test", rules if recipe == chosen else test_rules)
         print(f"{recipe}: scored on test", file=sys.stderr)
-    stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d")
-    args.out.mkdir(parents=True, exist_ok=True)
-    out = args.out / f"clicks-{args.name}-{device.type}-{stamp}.json"
-    out.write_text(json.dumps(results, indent=2) + "\n")
-    out.with_suffix(".md").write_text(table(results))
-    print(table(results))
-    print(f"wrote {out}")
+    write_result(results, args.out, f"clicks-{args.name}-{device.type}-{datetime.now(timezone.utc):%Y-%m-%d}",
+                 table(results))
     return results
 
 

@@ -87,6 +87,18 @@ def phantom_config(size: int) -> PhantomConfig:
     return PhantomConfig(size=size, pixel_mm=0.8 * 512 / size)
 
 
+def write_result(result: dict, folder: Path, stem: str, table: str) -> Path:
+    """Write ``result`` as ``folder/STEM.json`` and its markdown ``table`` beside it as ``STEM.md``, print the table
+    and where they went; returns the JSON's path."""
+    folder.mkdir(parents=True, exist_ok=True)
+    out = folder / f"{stem}.json"
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    out.with_suffix(".md").write_text(table)
+    print(table)
+    print(f"wrote {out}")
+    return out
+
+
 def save(result: dict, name: str) -> Path:
     """Write ``result`` as ``benchmarks/results/NAME.json`` and say where."""
     RESULTS.mkdir(exist_ok=True)

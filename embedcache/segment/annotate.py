@@ -91,7 +91,8 @@ class Annotation:
     :meth:`labels`, :meth:`save` and :meth:`add_to_training`.
 
     ``labels``: the ids the decoder segments (a vanilla decoder: the map's adrenal glands), which a cache of its
-    embeddings holds; ``only``: those of them a box may be given for (None: all). A bad step is refused with a :class:`~embedcache.errors.UsageError` and changes nothing."""
+    embeddings holds; ``only``: those of them a box may be given for (None: all). A bad step is refused with a
+    :class:`~embedcache.errors.UsageError` and changes nothing."""
 
     def __init__(self, image: Volume, model: PredictModel, config: PredictConfig, *, labels: tuple[int, ...],
                  label_map: LabelMap, only: tuple[int, ...] | None = None, source: Path | None = None,
@@ -127,8 +128,8 @@ class Annotation:
         trained = load_trained_decoder(decoder) if decoder else None
         targets = trained_on.labels if trained_on else label_map.adrenals()
         if not targets:
-            raise UsageError(f"{label_map.source} names no adrenal gland, the vanilla decoder's targets; give the label "
-                             "map that names them, or --run a decoder trained on your labels")
+            raise UsageError(f"{label_map.source} names no adrenal gland, the vanilla decoder's targets; give the "
+                             "label map that names them, or --run a decoder trained on your labels")
         made_by = f"sha256 {file_sha256(decoder)[:16]}" if decoder else f"vanilla {config.model}"
         if labels:
             cls._refuse_labels(labels, targets, label_map)  # before the model loads
@@ -181,8 +182,9 @@ class Annotation:
                 record = self._cached_case(cache)
                 if record is not None and tuple(record.shape_zyx) == self.shape and record.n_rows:
                     embeddings = cache.read("embeddings", record.rows)
+                    device = self.model.encoder.device
                     for z, embedding in zip(cache.read("slice_index", record.rows), embeddings):
-                        self.volume.encoded.setdefault(int(z), torch.from_numpy(embedding).to(self.model.encoder.device))
+                        self.volume.encoded.setdefault(int(z), torch.from_numpy(embedding).to(device))
                 taken = record.n_rows if record is not None else 0
         else:
             folder = path.parent if str(path.parent) else Path(".")
@@ -263,7 +265,8 @@ class Annotation:
                              f"{self.shape[2]}×{self.shape[1]}")
         if not 0 <= z < self.shape[0]:
             raise UsageError(f"slice {z} lies outside the volume's {self.shape[0]} slices")
-        prediction = self.predictions[label].copy() if label in self.predictions else Prediction(np.zeros(self.shape, bool))
+        held = self.predictions.get(label)
+        prediction = held.copy() if held is not None else Prediction(np.zeros(self.shape, bool))
         prediction.mask[z] = mask
         prediction.iou.pop(z, None)  # drawn by a person: no predicted IoU to look at
         accepted = self.accepted.get(label, frozenset()) | {int(z)}
@@ -411,7 +414,8 @@ class Annotation:
                 raise UsageError(f"label {label}: the decoder segments {', '.join(map(str, allowed))} "
                                  f"({', '.join(label_map.name(l) for l in allowed)}); choose one of them")
 
-    def _step(self, label: int, request: Request | None, prediction: Prediction, accepted: frozenset[int]) -> Prediction:
+    def _step(self, label: int, request: Request | None, prediction: Prediction,
+              accepted: frozenset[int]) -> Prediction:
         self._history.append(_Step(label, self.requests.get(label), self.predictions.get(label),
                                    self.accepted.get(label, frozenset())))
         if request is not None:
