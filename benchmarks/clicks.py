@@ -39,6 +39,9 @@ from embedcache.train.finetune import finetune
 
 from common import RESULTS, decoded_cases, machine, write_result
 
+#: ``--reach``'s default, the clicks protocol's: score files of another reach carry it in their names.
+REACH = ProtocolSettings().reach
+
 #: name → the ``finetune`` fields of the recipe (``--rounds`` joins the interactive ones); vanilla: not trained.
 RECIPES = {
     "vanilla": None,
@@ -138,17 +141,15 @@ def digest(scored: dict, labels: dict[str, str]) -> dict:
             "seconds_per_click": round(scored["seconds"] / clicks, 3)}
 
 
-def scored(work: Path, recipe: str, case_set: str, rules: list[str], compute) -> dict:
-    """The scores of ``recipe`` on ``case_set`` under each rule, read from WORK where they were made, else computed."""
-    found = {}
-    for rule in rules:
-        path = work / f"{recipe}-{case_set}-{rule}.json"
-        if path.is_file():
-            found[rule] = json.loads(path.read_text())
+def scored(work: Path, recipe: str, case_set: str, rules: list[str], compute, *, reach: int = REACH) -> dict:
+    """The scores of ``recipe`` on ``case_set`` under each rule (and ``reach``), read from WORK where they were made,
+    else computed."""
+    name = lambda rule: work / f"{recipe}-{case_set}-{rule}{'' if reach == REACH else f'-reach{reach}'}.json"  # noqa: E731
+    found = {rule: json.loads(name(rule).read_text()) for rule in rules if name(rule).is_file()}
     missing = [r for r in rules if r not in found]
     if missing:
         for rule, value in compute(missing).items():
-            (work / f"{recipe}-{case_set}-{rule}.json").write_text(json.dumps(value) + "\n")
+            name(rule).write_text(json.dumps(value) + "\n")
             found[rule] = value
     return found
 
@@ -182,7 +183,9 @@ def main(argv=None) -> dict:
     parser.add_argument("--epochs", type=int, default=1)
     parser.add_argument("--rounds", type=int, default=8, help="finetune --rounds of the interactive recipes")
     parser.add_argument("--clicks", type=int, default=5)
-    parser.add_argument("--reach", type=int, default=ProtocolSettings().reach)
+    parser.add_argument("--reach", type=int, default=REACH)
+    parser.add_argument("--reaches", default=None, help="--reach values the chosen decoder tries on val (the first "
+                                                        "rule); the best is used on test (default: --reach alone)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--name", default="bed", help="what the cache holds, for the result's file name")
@@ -205,11 +208,11 @@ def main(argv=None) -> dict:
                "machine": machine(device), "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                "cases": {"val": split["val"], "test": split["test"]}, "decoders": {}}
 
-    def score_of(recipe, case_set, chosen_rules):
+    def score_of(recipe, case_set, chosen_rules, reach=args.reach):
         decoder = None if RECIPES[recipe] is None else args.work / recipe / "decoder.safetensors"
         found = scored(args.work, recipe, case_set, chosen_rules,
                        lambda missing: measure(args.cache, split[case_set], decoder, missing, clicks=args.clicks,
-                                               reach=args.reach, device=device))
+                                               reach=reach, device=device), reach=reach)
         return {rule: digest(found[rule], labels) for rule in chosen_rules}
 
     for recipe in recipes:
@@ -230,10 +233,22 @@ def main(argv=None) -> dict:
         results["chosen_on_val"] = {"recipe": chosen, "rule": rules[0], "by": f"mean Dice of both glands after "
                                     f"{args.clicks} clicks on the val cases",
                                     "val": {r: round(on_val(r), 4) for r in candidates}}
+    reaches = [args.reach] if args.reaches is None else [int(r) for r in args.reaches.split(",") if r.strip()]
+    reach = args.reach
+    if chosen is not None and len(reaches) > 1:  # the chosen decoder's reach, on val too
+        def after_last(value):
+            return round(float(np.mean([g["dice_after"][-1] for g in value["glands"].values()])), 4)
+
+        tried = {r: after_last(score_of(chosen, "val", rules[:1], reach=r)[rules[0]]) for r in reaches}
+        reach = max(reaches, key=lambda r: (tried[r], -abs(r - args.reach)))
+        results["chosen_reach_on_val"] = {"reach": reach, "decoder": chosen, "rule": rules[0], "val": tried,
+                                          "by": f"mean Dice of both glands after {args.clicks} clicks"}
+        results["reach"] = reach
     for recipe in recipes:
         if recipe in CANDIDATES and recipe != chosen:
             continue
-        results["decoders"][recipe]["test"] = score_of(recipe, "test", rules if recipe == chosen else test_rules)
+        results["decoders"][recipe]["test"] = score_of(recipe, "test", rules if recipe == chosen else test_rules,
+                                                       reach=reach)
         print(f"{recipe}: scored on test", file=sys.stderr)
     write_result(results, args.out, f"clicks-{args.name}-{device.type}-{datetime.now(timezone.utc):%Y-%m-%d}",
                  table(results))

@@ -76,8 +76,11 @@ def test_clicks_chooses_on_val_reports_on_test_under_each_rule_and_reuses_what_i
     split.write_text(json.dumps({"train": names[:1], "val": names[1:2], "test": names[2:]}))
     argv = [str(small_cache), "--split", str(split), "--work", str(tmp_path / "work"), "--epochs", "1", "--clicks", "2",
             "--recipes", "vanilla,box,interactive,interactive-last", "--rounds", "3", "--test-rules", "local",
-            "--name", "small", "--out", str(tmp_path)]
+            "--reaches", "1,3", "--name", "small", "--out", str(tmp_path)]
     result = clicks.main(argv)
+    chosen_reach = result["chosen_reach_on_val"]
+    assert set(chosen_reach["val"]) == {1, 3} and result["reach"] == chosen_reach["reach"] in (1, 3)
+    assert (tmp_path / "work" / f"{chosen_reach['decoder']}-val-local-reach1.json").is_file()
     chosen = result["chosen_on_val"]["recipe"]
     assert chosen in ("interactive", "interactive-last") and set(result["chosen_on_val"]["val"]) == set(clicks.CANDIDATES)
     other = ({"interactive", "interactive-last"} - {chosen}).pop()

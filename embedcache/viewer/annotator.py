@@ -288,8 +288,9 @@ class AnnotateWidget(QWidget):
 
     def add_to_training(self) -> None:
         def added(done) -> None:
-            self.say(f"{'replaced' if done.replaced else 'added'} {done.case} ({done.rows} slices) in {done.cache}, "
-                     f"labels in {done.labels}; train on it: embedcache finetune {done.cache} --out RUN")
+            self.say(f"{'replaced' if done.replaced else 'added'} {done.case} ({done.rows} slices, {done.encoded} of "
+                     f"them encoded for it) in {done.cache}, labels in {done.labels}; train on it: embedcache "
+                     f"finetune {done.cache} --out RUN2 --from RUN")
 
         self.say("adding the case to the cache…")
         self.worker.submit(self.annotation.add_to_training, added, self._refused)
