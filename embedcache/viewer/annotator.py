@@ -341,9 +341,9 @@ class AnnotateWidget(QWidget):
 
     def _gland_changed(self, *_) -> None:
         request = self.annotation.requests.get(self.label)
-        if request is not None:
-            self.z0.setValue(request.box.z0)
-            self.z1.setValue(request.box.z1)
+        # the gland's own box ends, or none set yet (a box drawn next spans BOX_REACH_MM around its slice)
+        self.z0.setValue(request.box.z0 if request is not None else 0)
+        self.z1.setValue(request.box.z1 if request is not None else 0)
         if self.label in self.boxes:
             self.viewer.layers.selection.active = self.boxes[self.label]
         self._show_look_at()
