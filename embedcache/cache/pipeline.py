@@ -25,6 +25,7 @@ from embedcache.cache.records import CaseRecord, Signature
 from embedcache.cache.store import ShardWriter
 from embedcache.config import EncodeConfig
 from embedcache.errors import EmbedcacheError
+from embedcache.io.datasets import CaseSource
 from embedcache.io.files import WRITE_ERRNOS, write_error
 from embedcache.io.volumes import read_image
 from embedcache.model.prompts import boxes_for_labels
@@ -85,19 +86,26 @@ def prepare_case(plan: PlannedCase, config: EncodeConfig) -> CaseBatch:
         [slice_to_model(s, width_hu=pre.window_width_hu, level_hu=pre.window_level_hu, slice_size=size) for s in hu]
     ) if z.size else np.zeros((0, size, size), np.float32)
     geometry = image.geometry
-    record = CaseRecord(
-        name=plan.source.name,
-        digest=plan.digest,
+    record = case_record(plan.source, geometry, digest=plan.digest, n_rows=int(z.size),
+                         margin_slices=config.margin_slices)
+    return CaseBatch(plan=plan, record=record, images=images, masks=masks, boxes=boxes, slice_index=z)
+
+
+def case_record(source: CaseSource, geometry, *, digest: str, n_rows: int, margin_slices: int) -> CaseRecord:
+    """The cache's record of ``source`` (its sources' absolute paths: score finds them from any working folder) on
+    ``geometry``, its ``n_rows`` rows first in its shard."""
+    return CaseRecord(
+        name=source.name,
+        digest=digest,
         first_row=0,
-        n_rows=int(z.size),
+        n_rows=n_rows,
         shape_zyx=tuple(int(s) for s in geometry.shape_zyx),
         spacing_mm=tuple(float(s) for s in geometry.spacing_mm),
         source_shape=tuple(int(s) for s in geometry.source_shape),
         source_affine=tuple(tuple(float(v) for v in row) for row in geometry.source_affine),
-        margin_slices=config.margin_slices,
-        **where(plan.source),  # absolute paths: score finds the sources from any working folder
+        margin_slices=margin_slices,
+        **where(source),
     )
-    return CaseBatch(plan=plan, record=record, images=images, masks=masks, boxes=boxes, slice_index=z)
 
 
 def masks_and_boxes(label_slices: np.ndarray, labels: tuple[int, ...], size: int) -> tuple[np.ndarray, np.ndarray]:

@@ -228,13 +228,20 @@ def _decode(segment: Segment, z: int, box, clicks: list[Click] = (), *, previous
     kwargs = _points(list(clicks))
     if multimask is not None:
         kwargs["multimask"] = multimask
+    return _decode_slices(segment, [z], [box], previous=None if previous is None else [previous], **kwargs)[0]
+
+
+def _decode_slices(segment: Segment, zs, boxes, *, previous=None, **kwargs) -> list:
+    """Slices ``zs``, each with its box (``previous``: each one's earlier logits, or None), in one call → each one's
+    mask, predicted IoU and, from a segmenter that ``feeds_back``, float16 logits (else None)."""
+    zs, boxes = np.asarray(zs), np.asarray(boxes, np.float32)
     if not getattr(segment, "feeds_back", False):
-        masks, iou = segment(np.array([z]), np.array([box], np.float32), **kwargs)
-        return masks[0], float(iou[0]), None
+        masks, iou = segment(zs, boxes, **kwargs)
+        return [(mask, float(i), None) for mask, i in zip(masks, iou)]
     if previous is not None:
-        kwargs["previous"] = np.asarray(previous, np.float32)[None]
-    masks, iou, low = segment(np.array([z]), np.array([box], np.float32), low_res=True, **kwargs)
-    return masks[0], float(iou[0]), low[0].astype(np.float16)
+        kwargs["previous"] = np.stack([np.asarray(p, np.float32) for p in previous])
+    masks, iou, low = segment(zs, boxes, low_res=True, **kwargs)
+    return [(mask, float(i), l.astype(np.float16)) for mask, i, l in zip(masks, iou, low)]
 
 
 def _in_box(mask: np.ndarray, box) -> np.ndarray:
@@ -320,14 +327,9 @@ def _decode_together(segment: Segment, asks, logits: dict) -> list:
     alike = len(asks) > 1 and not any(clicks for *_, clicks in asks) and len({z in logits for _, z, _, _ in asks}) == 1
     if not alike:
         return [_decode(segment, z, given, clicks, previous=logits.get(z)) for _, z, given, clicks in asks]
-    zs = np.array([z for _, z, _, _ in asks])
-    boxes = np.array([given for _, _, given, _ in asks], np.float32)
-    if not getattr(segment, "feeds_back", False):
-        masks, iou = segment(zs, boxes)
-        return [(mask, float(i), None) for mask, i in zip(masks, iou)]
-    kwargs = {"previous": np.stack([np.asarray(logits[z], np.float32) for z in zs])} if zs[0] in logits else {}
-    masks, iou, low = segment(zs, boxes, low_res=True, **kwargs)
-    return [(mask, float(i), l.astype(np.float16)) for mask, i, l in zip(masks, iou, low)]
+    zs = [z for _, z, _, _ in asks]
+    return _decode_slices(segment, zs, [given for _, _, given, _ in asks],
+                          previous=[logits[z] for z in zs] if zs[0] in logits else None)
 
 
 def clicks(start: Prediction, box: Box3D, segment: Segment, truth: np.ndarray, spacing_mm, *, count: int, grow_px,

@@ -25,14 +25,14 @@ from pathlib import Path
 import numpy as np
 
 from embedcache.cache.merge import merge
-from embedcache.cache.pipeline import masks_and_boxes
+from embedcache.cache.pipeline import case_record, masks_and_boxes
 from embedcache.cache.plan import target_slices
 from embedcache.cache.records import CaseRecord, Signature
 from embedcache.cache.store import ShardWriter, open_cache
 from embedcache.config import OUTPUT_TYPES, EncodeConfig, PredictConfig
 from embedcache.errors import EmbedcacheError, UsageError
 from embedcache.evaluation.protocols import Box3D, Prediction
-from embedcache.io.datasets import case_name
+from embedcache.io.datasets import CaseSource, case_name
 from embedcache.io.dicom_out import check_labels
 from embedcache.io.files import file_sha256, same_file, write_error, writer_lock
 from embedcache.io.labels import LabelMap
@@ -311,13 +311,14 @@ class Annotation:
         if not result.any():
             raise UsageError("nothing to save yet: draw a box first")
         self._check_writable(path)
+        present = self._present(result)
         if kind != "nifti":
             check_dicom_source(self.source, [kind], self.config.series)
             if _inside(path, self.source):
                 raise UsageError(f"{path}: lies inside the DICOM series it segments; save it outside {self.source}")
-            check_labels(self._present(result), self.label_map)
-        write_output(kind, path, result, self.image, self.source, series=self.config.series,
-                     labels=self._present(result), label_map=self.label_map, made_by=self.made_by)
+            check_labels(present, self.label_map)
+        write_output(kind, path, result, self.image, self.source, series=self.config.series, labels=present,
+                     label_map=self.label_map, made_by=self.made_by)
         self._saved.add(path)
         return path
 
@@ -358,15 +359,9 @@ class Annotation:
             masks, boxes = masks_and_boxes(slices, signature.labels, signature.slice_size)
             write_nifti(result, self.image.geometry, labels_path, description=MARK)
             self._saved.add(labels_path)
-            geometry = self.image.geometry
-            record = CaseRecord(
-                name=self.name, image=os.path.abspath(self.source), label=os.path.abspath(labels_path),
-                digest=source_digest(self.source, labels_path), first_row=0, n_rows=len(zs),
-                shape_zyx=tuple(int(s) for s in geometry.shape_zyx),
-                spacing_mm=tuple(float(s) for s in geometry.spacing_mm),
-                source_shape=tuple(int(s) for s in geometry.source_shape),
-                source_affine=tuple(tuple(float(v) for v in row) for row in geometry.source_affine),
-                subset="train", margin_slices=margin, series_uid=self.config.series)
+            source = CaseSource(self.name, self.source, labels_path, series_uid=self.config.series)
+            record = case_record(source, self.image.geometry, digest=source_digest(self.source, labels_path),
+                                 n_rows=len(zs), margin_slices=margin)
             kept = [r for r in records if r.name != self.name and r.name.split("~", 1)[0] != self.name]
             if len(kept) < len(records) - (same is not None):
                 logger.warning(f"{cache}: the augmented copies of {self.name} were dropped (made from its old labels); "
