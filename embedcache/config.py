@@ -56,6 +56,12 @@ class PhantomConfig:
     extent_mm: float = 90.0  # cranio-caudal length of the volume
     noise_hu: float = 12.0
 
+#: ``phantom --anatomy --style``: how CT is painted around real label maps (:data:`embedcache.synth.anatomy.STYLES`).
+PAINT_STYLES = {
+    "portal": "portal-venous phase: the bed recipes are chosen on",
+    "arterial": "late arterial phase with coarser texture, more noise, softer edges and thicker crura: for testing only",
+}
+
 #: Kinds of training-only copy ``encode --augment`` makes (see :mod:`embedcache.cache.augment`).
 AUGMENTS = {
     "flip": "left-right mirror; each organ's right and left labels swap, their sides read from the label map",

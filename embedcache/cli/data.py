@@ -20,7 +20,7 @@ from embedcache.cli.common import (
     silence_notes,
 )
 from embedcache.cli.options import options, typed
-from embedcache.config import EncodeConfig, PhantomConfig, PreprocessConfig
+from embedcache.config import PAINT_STYLES, EncodeConfig, PhantomConfig, PreprocessConfig
 from embedcache.errors import UsageError
 from embedcache.runtime.distributed import is_main_process
 
@@ -35,9 +35,13 @@ from embedcache.runtime.distributed import is_main_process
               help="More volumes in imagesTs/ + labelsTs/: held-out test cases.")
 @click.option("--anatomy", type=click.Path(path_type=Path), default=None,
               help="A folder of real label maps (FLARE22 ids) to paint CT around, on each map's own grid.")
+@click.option("--style", type=click.Choice(tuple(PAINT_STYLES)), default=None,
+              help="With --anatomy: how the CT is painted: portal (portal-venous phase) or arterial (another phase, "
+                   "texture, noise and blur: a second style to test on) [default: portal].")
 @progress_option
 @friendly_errors
-def phantom(out: Path, cases: int | None, seed: int, size: int, test_cases: int, anatomy: Path | None, progress: bool):
+def phantom(out: Path, cases: int | None, seed: int, size: int, test_cases: int, anatomy: Path | None,
+            style: str | None, progress: bool):
     """Write synthetic abdominal CT with FLARE22 labels to OUT (imagesTr/ + labelsTr/, and imagesTs/ + labelsTs/).
 
     Liver, kidneys, spleen, aorta, IVC and thin, irregular adrenal glands (7 = right, 8 = left)
@@ -50,11 +54,14 @@ def phantom(out: Path, cases: int | None, seed: int, size: int, test_cases: int,
     if anatomy is not None and "size" in typed():
         raise UsageError("--size shapes the synthetic phantom; with --anatomy each CT takes its label map's grid: "
                          "drop it")
+    if anatomy is None and style is not None:
+        raise UsageError("--style paints CT around --anatomy label maps; the synthetic phantom has one style: drop it")
     with progress_bar(progress) as bar:
         if anatomy is not None:
             from embedcache.synth.anatomy import write_anatomy
 
-            names = write_anatomy(anatomy, out, cases=cases, test_cases=test_cases, seed=seed, progress=bar)
+            names = write_anatomy(anatomy, out, cases=cases, test_cases=test_cases, seed=seed,
+                                  style=style or "portal", progress=bar)
         else:
             config = PhantomConfig(size=size, pixel_mm=0.8 * 512 / size)
             names = write_phantom(out, cases=cases or 4, seed=seed, config=config, progress=bar, test_cases=test_cases)

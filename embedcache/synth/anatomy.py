@@ -7,15 +7,19 @@ FLARE22 label maps carry that geometry), this paints a CT around it: organ HU wi
 retroperitoneal fat, a body wall and back muscles, a vertebral body behind the aorta, the crura
 from the spine round the aorta (where the glands lie against them), partial volume and noise.
 
-Not a CT for anyone to read: intensities are plausible means (portal-venous phase), and every
-structure not in the label map (spine, crura, muscle, fat) is drawn from the labelled ones. Same
-label map and seed, same volume. Arrays are canonical ``(z, y, x)``: ``x`` toward the patient's
+Not a CT for anyone to read: intensities are plausible means, and every structure not in the
+label map (spine, crura, muscle, fat) is drawn from the labelled ones. Two painting styles
+(:data:`STYLES`, ``phantom --style``): ``portal`` (portal-venous phase, the bed the recipes are chosen
+on) and ``arterial`` (another contrast phase, coarser texture, more noise, softer edges, thicker
+crura), kept for testing only: a recipe tuned on one style is checked on the other. Same label map,
+style and seed, same volume. Arrays are canonical ``(z, y, x)``: ``x`` toward the patient's
 left, ``y`` toward posterior (:mod:`embedcache.io.geometry`).
 """
 
 from __future__ import annotations
 
 import shutil
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -35,9 +39,39 @@ ORGAN_HU = {
 AIR_HU, FAT_HU, MUSCLE_HU, BONE_HU, CORTEX_HU = -1000.0, -100.0, 50.0, 300.0, 700.0
 
 
-def paint_ct(labels_zyx: np.ndarray, spacing_mm, *, seed: int, noise_hu: float = 12.0) -> np.ndarray:
+@dataclass(frozen=True)
+class PaintStyle:
+    """How a CT is painted: HU per organ and tissue, texture, blur and noise."""
+
+    organ_hu: dict = field(default_factory=lambda: dict(ORGAN_HU))
+    fat_hu: float = FAT_HU
+    muscle_hu: float = MUSCLE_HU
+    crus_mm: float = 3.5  # the crus's radius
+    texture_hu: float = 10.0  # the smooth per-tissue variation's standard deviation...
+    texture_mm: float = 3.0  # ...and its size
+    blur_px: float = 0.6  # partial volume: Gaussian sigma in pixels in-plane...
+    blur_slices: float = 0.35  # ...and across slices
+    noise_hu: float = 12.0
+
+
+#: ``phantom --style`` (:data:`embedcache.config.PAINT_STYLES`): the portal-venous bed the recipes are chosen on, and another contrast phase with other
+#: texture, noise and blur (late arterial: bright aorta and renal cortex, an IVC not yet filled, darker liver,
+#: glands a little brighter than the thicker crura) for testing only.
+STYLES = {
+    "portal": PaintStyle(),
+    "arterial": PaintStyle(
+        organ_hu={**ORGAN_HU, flare.LIVER: 70.0, flare.RIGHT_KIDNEY: 190.0, flare.LEFT_KIDNEY: 190.0,
+                  flare.SPLEEN: 125.0, flare.PANCREAS: 110.0, flare.AORTA: 290.0, flare.IVC: 75.0,
+                  flare.RIGHT_ADRENAL: 70.0, flare.LEFT_ADRENAL: 70.0, flare.GALLBLADDER: 5.0,
+                  flare.STOMACH: 30.0, flare.DUODENUM: 40.0, flare.ESOPHAGUS: 40.0},
+        fat_hu=-85.0, muscle_hu=60.0, crus_mm=5.0, texture_hu=16.0, texture_mm=6.0, blur_px=0.9,
+        blur_slices=0.5, noise_hu=20.0),
+}
+
+
+def paint_ct(labels_zyx: np.ndarray, spacing_mm, *, seed: int, style: PaintStyle = STYLES["portal"]) -> np.ndarray:
     """A ``(z, y, x)`` float32 HU volume around the label map ``labels_zyx`` (FLARE22 ids) with voxel
-    size ``spacing_mm`` = ``(z, y, x)`` mm."""
+    size ``spacing_mm`` = ``(z, y, x)`` mm, painted in ``style``."""
     from scipy import ndimage
 
     rng = np.random.default_rng(seed)
@@ -56,29 +90,31 @@ def paint_ct(labels_zyx: np.ndarray, spacing_mm, *, seed: int, noise_hu: float =
         spine_y = ay + ar + 16.0
         inside = body[z]
         s = hu[z]
-        s[inside] = FAT_HU
+        s[inside] = style.fat_hu
         wall = inside & ~ndimage.binary_erosion(inside, iterations=max(1, int(round(9.0 / dx))))
-        s[wall] = MUSCLE_HU
+        s[wall] = style.muscle_hu
         for side in (-1, 1):  # side -1: the patient's right
-            s[_ellipse(xs, ys, mid + side * 38.0, spine_y + 22.0, 26.0, 20.0) & inside] = MUSCLE_HU  # back muscles
+            s[_ellipse(xs, ys, mid + side * 38.0, spine_y + 22.0, 26.0, 20.0) & inside] = style.muscle_hu  # back
             # the crus: from the front of the vertebral body round the aorta's side, where the glands lie
             path = [(mid + side * 10.0, spine_y - 14.0), (ax + side * (ar + 4.0), ay + 2.0),
                     (ax + side * 0.5 * ar, ay - ar - 5.0)]
             for (x0, y0), (x1, y1) in zip(path, path[1:]):
                 for f in np.linspace(0.0, 1.0, 8):
-                    s[_ellipse(xs, ys, x0 + f * (x1 - x0), y0 + f * (y1 - y0), 3.5, 3.5) & inside] = MUSCLE_HU
+                    s[_ellipse(xs, ys, x0 + f * (x1 - x0), y0 + f * (y1 - y0), style.crus_mm, style.crus_mm)
+                      & inside] = style.muscle_hu
         vertebra = _ellipse(xs, ys, mid, spine_y + 4.0, 20.0, 16.0)
         s[vertebra] = CORTEX_HU
         s[_ellipse(xs, ys, mid, spine_y + 4.0, 17.0, 13.0)] = BONE_HU
-    for label, value in ORGAN_HU.items():
+    for label, value in style.organ_hu.items():
         where = labels_zyx == label
         if where.any():
             hu[where] = value
     # texture: smooth per-tissue variation (a few mm across), then partial volume, then scanner noise
-    smooth = ndimage.gaussian_filter(rng.standard_normal(hu.shape).astype(np.float32), (0.5, 3.0 / dy, 3.0 / dx))
-    hu += np.where(hu > -500, 10.0 * smooth / max(float(smooth.std()), 1e-6), 0.0).astype(np.float32)
-    hu = ndimage.gaussian_filter(hu, (0.35, 0.6, 0.6))
-    hu += rng.normal(0.0, noise_hu, hu.shape).astype(np.float32)
+    size = style.texture_mm
+    smooth = ndimage.gaussian_filter(rng.standard_normal(hu.shape).astype(np.float32), (0.5, size / dy, size / dx))
+    hu += np.where(hu > -500, style.texture_hu * smooth / max(float(smooth.std()), 1e-6), 0.0).astype(np.float32)
+    hu = ndimage.gaussian_filter(hu, (style.blur_slices, style.blur_px, style.blur_px))
+    hu += rng.normal(0.0, style.noise_hu, hu.shape).astype(np.float32)
     return hu.astype(np.float32)
 
 
@@ -118,12 +154,14 @@ def _body(organs: np.ndarray, dx: float, dy: float) -> np.ndarray:
 
 
 def write_anatomy(labels_dir: Path, out: Path, *, cases: int | None, test_cases: int, seed: int,
-                  progress=None) -> list[str]:
+                  style: str = "portal", progress=None) -> list[str]:
     """A FLARE22-layout dataset in ``out`` from the label maps of ``labels_dir`` (sorted by name): the
     first ``cases`` (None: all but the test cases) into ``imagesTr/`` + ``labelsTr/``, the next
     ``test_cases`` into ``imagesTs/`` + ``labelsTs/``; each CT painted on its label map's own grid and
-    affine, the label map copied as it is. Returns the case names."""
+    affine in ``style`` (:data:`STYLES`), the label map copied as it is. Returns the case names."""
     labels_dir, out = Path(labels_dir), Path(out)
+    if style not in STYLES:
+        raise EmbedcacheError(f"--style {style}: choose {' or '.join(STYLES)}")
     if not labels_dir.is_dir():
         raise EmbedcacheError(f"{labels_dir}: no such folder; --anatomy takes a folder of label NIfTIs")
     maps = sorted(p for p in labels_dir.iterdir() if is_nifti(p))
@@ -143,9 +181,10 @@ def write_anatomy(labels_dir: Path, out: Path, *, cases: int | None, test_cases:
         volume = read_label(source)
         for folder in (image.parent, label_out.parent):
             folder.mkdir(parents=True, exist_ok=True)
-        write_nifti(paint_ct(volume.array, volume.spacing_mm, seed=seed * 1_000_003 + i), volume.geometry, image)
+        write_nifti(paint_ct(volume.array, volume.spacing_mm, seed=seed * 1_000_003 + i, style=STYLES[style]),
+                    volume.geometry, image)
         shutil.copyfile(source, label_out)
         if progress:
             progress.advance(task)
-    write_dataset_json(out, training=cases, name=f"embedcache anatomy from {labels_dir.name}")
+    write_dataset_json(out, training=cases, name=f"embedcache anatomy from {labels_dir.name}, {style} style")
     return [nifti_stem(p) for p, _ in chosen]

@@ -9,7 +9,8 @@ import pytest
 from embedcache.errors import EmbedcacheError
 from embedcache.io import labels as flare
 from embedcache.io.volumes import check_sources, read_image, read_label
-from embedcache.synth.anatomy import FAT_HU, MUSCLE_HU, ORGAN_HU, write_anatomy
+from embedcache.config import PAINT_STYLES
+from embedcache.synth.anatomy import FAT_HU, MUSCLE_HU, ORGAN_HU, STYLES, write_anatomy
 
 from conftest import cli, one_line
 
@@ -73,3 +74,28 @@ def test_an_anatomy_dataset_is_refused_over_existing_files_or_too_few_maps(maps,
     assert result.exit_code == 0, result.output
     assert sorted(p.name for p in (tmp_path / "p" / "imagesTr").iterdir()) == ["CASE_0000_0000.nii.gz",
                                                                              "CASE_0001_0000.nii.gz"]
+
+
+def test_the_arterial_style_paints_another_phase_and_texture_on_the_same_anatomy(maps, tmp_path):
+    assert tuple(STYLES) == tuple(PAINT_STYLES)  # the CLI's choices are the painter's
+    result = cli("phantom", tmp_path / "b", "--anatomy", maps, "--cases", "1", "--test-cases", "1", "--style",
+                 "arterial", "--no-progress")
+    assert result.exit_code == 0, result.output
+    write_anatomy(maps, tmp_path / "a", cases=1, test_cases=1, seed=0)
+    name = "CASE_0001_0000.nii.gz"
+    portal, arterial = (read_image(tmp_path / f / "imagesTs" / name).array for f in ("a", "b"))
+    truth = read_label(tmp_path / "b" / "labelsTs" / "CASE_0001.nii.gz").array
+    style = STYLES["arterial"]
+    for organ in (flare.AORTA, flare.IVC, flare.LIVER, flare.RIGHT_ADRENAL):
+        assert abs(float(np.median(arterial[truth == organ])) - style.organ_hu[organ]) < 40, organ
+    assert float(np.median(arterial[truth == flare.AORTA])) > float(np.median(portal[truth == flare.AORTA])) + 80
+    assert float(np.median(arterial[truth == flare.IVC])) < float(np.median(portal[truth == flare.IVC])) - 30
+    from scipy import ndimage
+
+    liver = ndimage.binary_erosion(truth == flare.LIVER, iterations=2)  # away from its edges' partial volume
+    assert np.std(arterial[liver]) > 1.3 * np.std(portal[liver])  # more noise and a coarser texture
+    assert "arterial style" in (tmp_path / "b" / "dataset.json").read_text()
+    one_line(cli("phantom", tmp_path / "p", "--style", "arterial"), "--style paints CT around --anatomy label maps",
+             code=2)
+    with pytest.raises(EmbedcacheError, match="--style sepia: choose portal or arterial"):
+        write_anatomy(maps, tmp_path / "c", cases=1, test_cases=1, seed=0, style="sepia")
