@@ -6,10 +6,10 @@ import nibabel as nib
 import numpy as np
 import pytest
 
+from embedcache.config import PAINT_STYLES
 from embedcache.errors import EmbedcacheError
 from embedcache.io import labels as flare
 from embedcache.io.volumes import check_sources, read_image, read_label
-from embedcache.config import PAINT_STYLES
 from embedcache.synth.anatomy import FAT_HU, MUSCLE_HU, ORGAN_HU, STYLES, write_anatomy
 
 from conftest import cli, one_line
