@@ -9,6 +9,12 @@ gland, one JSON and one markdown table under benchmarks/results/.
 
     python benchmarks/recipes.py BED/cache.h5 --epochs 2 --work /tmp/recipes
 
+``--second-style CACHE`` also scores every recipe on the same test cases painted another way
+(``phantom --anatomy --style arterial``, encoded alone): a recipe chosen on one painting style is
+checked on another. ``--train-cases N`` trains on N of the split's training cases (seeded), to see what
+fewer cases cost. Where ``box3d`` loses voxels against ``oracle`` is counted per slice position of the
+gland (its end slices, the next ones in, its middle, and slices beyond it that the 3-D box takes in).
+
 ``--work`` keeps every run and score, so an interrupted study resumes where it stopped.
 """
 
@@ -52,21 +58,28 @@ RECIPES = {
 }
 
 
-def make_split(cache_path: Path, out: Path, *, val: int, seed: int) -> dict:
-    """The cache's training cases, ``val`` of them (seeded) held out for choosing; its test cases for reporting."""
+def make_split(cache_path: Path, out: Path, *, val: int, seed: int, train: int | None = None) -> dict:
+    """The cache's training cases, ``val`` of them (seeded) held out for choosing, ``train`` of the rest (seeded;
+    None: all) trained on; its test cases for reporting."""
     with open_cache(cache_path) as cache:
         trainable = sorted(c.name for c in cache.cases if c.subset != "test")
         test = sorted(c.name for c in cache.cases if c.subset == "test")
-    chosen = set(np.random.default_rng(seed).choice(trainable, size=val, replace=False).tolist())
-    split = {"train": [n for n in trainable if n not in chosen], "val": sorted(chosen), "test": test}
+    rng = np.random.default_rng(seed)
+    chosen = set(rng.choice(trainable, size=val, replace=False).tolist())
+    rest = [n for n in trainable if n not in chosen]
+    if train is not None:
+        rest = sorted(rng.choice(rest, size=min(train, len(rest)), replace=False).tolist())
+    split = {"train": rest, "val": sorted(chosen), "test": test}
     out.write_text(json.dumps(split, indent=1) + "\n")
     return split
 
 
 def measure(cache_path: Path, names: list[str], decoder: Path | None, settings: dict[str, ProtocolSettings],
             protocol_of: dict[str, str], device: torch.device) -> dict:
-    """``{setting: {case: {label: metrics}}}`` of one decoder (None: vanilla) on ``names``."""
+    """``{setting: {case: {label: metrics}}}`` of one decoder (None: vanilla) on ``names``; under ``WHERE``,
+    ``{setting: {label: {position: voxel counts}}}`` of the settings in :data:`WHERE_OF` (:func:`where_lost`)."""
     results: dict = {key: {} for key in settings}
+    where: dict = {}
     for cache, case, truth, segment in decoded_cases(cache_path, names, decoder, device):
         segment = remembered(segment)
         for label in cache.labels:
@@ -76,7 +89,43 @@ def measure(cache_path: Path, names: list[str], decoder: Path | None, settings: 
                                            settings=setting, case=case.name, label=label)
                 results[key].setdefault(case.name, {})[str(label)] = gland_metrics(
                     prediction.mask, gt, spacing_mm=case.spacing_mm, label=label, label_map=cache.signature.label_map)
+                if key in WHERE_OF:
+                    add_counts(where.setdefault(key, {}).setdefault(str(label), {}), where_lost(prediction.mask, gt))
+    if where:
+        results[WHERE] = where
     return results
+
+
+#: The settings whose lost and extra voxels are counted per slice position, and the key they are kept under.
+WHERE_OF, WHERE = ("oracle", "box3d-grow"), "where"
+#: Slice positions of a gland: its first and last slice, the next ones in, the rest, and slices without it.
+POSITIONS = ("end", "next to end", "middle", "beyond")
+
+
+def where_lost(mask: np.ndarray, truth: np.ndarray) -> dict:
+    """Per slice position (:data:`POSITIONS`): the gland's voxels there, those the prediction missed (``missed``)
+    and those it drew outside the gland (``extra``), and the gland's slices it left empty (``empty``)."""
+    zs = np.flatnonzero(truth.any(axis=(1, 2)))
+    counts = {p: {"slices": 0, "voxels": 0, "missed": 0, "extra": 0, "empty": 0} for p in POSITIONS}
+    for z in np.flatnonzero(truth.any(axis=(1, 2)) | mask.any(axis=(1, 2))):
+        k = int(np.searchsorted(zs, z))
+        held = k < zs.size and zs[k] == z
+        position = "beyond" if not held else "end" if k in (0, zs.size - 1) else \
+            "next to end" if k in (1, zs.size - 2) else "middle"
+        c = counts[position]
+        c["slices"] += 1
+        c["voxels"] += int(truth[z].sum())
+        c["missed"] += int((truth[z] & ~mask[z]).sum())
+        c["extra"] += int((mask[z] & ~truth[z]).sum())
+        c["empty"] += int(held and not mask[z].any())
+    return counts
+
+
+def add_counts(total: dict, counts: dict) -> None:
+    for position, c in counts.items():
+        for k, v in c.items():
+            total.setdefault(position, {}).setdefault(k, 0)
+            total[position][k] += v
 
 
 def remembered(segment):
@@ -123,16 +172,21 @@ def main(argv=None) -> dict:
     parser.add_argument("--min-ious", default="0,0.5,0.7", help="box3d: predicted-IoU thresholds to try (0: off).")
     parser.add_argument("--middles", default="single", help="box3d: single and/or multimask for the 3-D box's own prompt.")
     parser.add_argument("--val-cases", type=int, default=6)
+    parser.add_argument("--train-cases", type=int, default=None, help="Train on this many of the rest (seeded).")
+    parser.add_argument("--second-style", type=Path, default=None,
+                        help="A cache of the same test cases painted another way (phantom --style arterial), for "
+                             "testing only.")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--name", default=None, help="Result file name (default: recipes-DEVICE-DATE).")
     parser.add_argument("--what", default="", help="How the cache was made, saved with the figures.")
+    parser.add_argument("--out", type=Path, default=RESULTS, help="Folder for the JSON and table.")
     args = parser.parse_args(argv)
     device = pick_device(args.device)
     args.work.mkdir(parents=True, exist_ok=True)
     split_file = args.work / "split.json"
     split = json.loads(split_file.read_text()) if split_file.exists() else \
-        make_split(args.cache, split_file, val=args.val_cases, seed=args.seed)
+        make_split(args.cache, split_file, val=args.val_cases, seed=args.seed, train=args.train_cases)
     walks = [w for w in args.walks.split(",") if w]
     ious = [float(v) for v in args.min_ious.split(",") if v]
     middles = [m for m in args.middles.split(",") if m]
@@ -143,6 +197,7 @@ def main(argv=None) -> dict:
     with open_cache(args.cache) as cache:
         names = {str(k): cache.signature.label_map.name(k) for k in cache.labels}
     out = {"benchmark": "recipes", "what": args.what, "cache": str(args.cache), "epochs": args.epochs, "labels": names,
+           "second_style": str(args.second_style) if args.second_style else None,
            "seed": args.seed, "split": split, "machine": machine(device),
            "date": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
            "recipes": {}, "protocols": {k: asdict(v) for k, v in settings.items()}}
@@ -170,24 +225,30 @@ def main(argv=None) -> dict:
                     "seconds_per_epoch": [round(h.seconds, 1) for h in result.history]}) + "\n")
             row = {"recipe": recipe, **json.loads((run / "done.json").read_text())}
             decoder = run / "decoder.safetensors"
-        for case_set in ("val", "test"):
+        for case_set, source in (("val", args.cache), ("test", args.cache), ("test2", args.second_style)):
+            if source is None:
+                continue
             scored = args.work / f"{name}-{case_set}.json"
             per_case = json.loads(scored.read_text()) if scored.exists() else {}
             missing = {k: v for k, v in settings.items() if k not in per_case}  # a study widened later adds only these
             if missing:
-                per_case.update(measure(args.cache, split[case_set], decoder, missing, protocol_of, device))
+                found = measure(source, split["test" if case_set == "test2" else case_set], decoder, missing,
+                                protocol_of, device)
+                for key, counts in found.pop(WHERE, {}).items():
+                    per_case.setdefault(WHERE, {})[key] = counts
+                per_case.update(found)
                 scored.write_text(json.dumps(per_case) + "\n")
-            per_case = {k: per_case[k] for k in settings}
-            row[case_set] = {key: {"summary": summarise(v), "cases": v} for key, v in per_case.items()}
+            row[case_set] = {key: {"summary": summarise(per_case[key]), "cases": per_case[key]} for key in settings}
+            row[f"{case_set}_where"] = per_case.get(WHERE, {})
         out["recipes"][name] = row
         val = row["val"]
         print(json.dumps({"recipe": name, **{k: round(glands_mean(v["summary"]), 4) for k, v in val.items()}}),
               file=sys.stderr)
     out["chosen_on_val"] = choose(out["recipes"], [k for k in settings if k.startswith("box3d")])
-    RESULTS.mkdir(exist_ok=True)
+    args.out.mkdir(exist_ok=True)
     stem = args.name or f"recipes-{device.type}-{out['date'][:10]}"
-    (RESULTS / f"{stem}.json").write_text(json.dumps(out, indent=1) + "\n")
-    (RESULTS / f"{stem}.md").write_text(table(out) + "\n")
+    (args.out / f"{stem}.json").write_text(json.dumps(out, indent=1) + "\n")
+    (args.out / f"{stem}.md").write_text(table(out) + "\n")
     print(table(out))
     return out
 
@@ -238,6 +299,7 @@ def table(out: dict) -> str:
     names = [out.get("labels", {}).get(str(label), f"label {label}") for label in labels]
     walks = [k for k in next(iter(rows.values()))["val"] if k.startswith("box3d")]
     chosen = out["chosen_on_val"]
+    second = all("test2" in row for row in rows.values()) and bool(rows)
 
     def cell(summary):
         return " / ".join(f"{summary[l]['dice']['mean']:.3f} ({summary[l]['nsd']['mean']:.3f})" for l in labels)
@@ -249,13 +311,34 @@ def table(out: dict) -> str:
              "",
              f"Test cases, 3-D Dice (NSD) {' / '.join(names)}:",
              "",
-             "| recipe | oracle | box3d-grow | its best walk on val | that walk on test | worst test gland |",
-             "| --- | --- | --- | --- | --- | --- |"]
+             "| recipe | oracle | box3d-grow | its best walk on val | that walk on test | worst test gland |"
+             + (" oracle, 2nd style | box3d-grow, 2nd style | that walk, 2nd style |" if second else ""),
+             "| --- | --- | --- | --- | --- | --- |" + (" --- | --- | --- |" if second else "")]
     for name, row in rows.items():
         best = max(walks, key=lambda w: glands_mean(row["val"][w]["summary"]))
         worst = min(row["test"][best]["summary"][l]["min_dice"] for l in labels)
         lines.append(f"| {name} | {cell(row['test']['oracle']['summary'])} | {cell(row['test']['box3d-grow']['summary'])} "
-                     f"| {best} | {cell(row['test'][best]['summary'])} | {worst:.2f} |")
+                     f"| {best} | {cell(row['test'][best]['summary'])} | {worst:.2f} |"
+                     + (f" {cell(row['test2']['oracle']['summary'])} | {cell(row['test2']['box3d-grow']['summary'])} | "
+                        f"{cell(row['test2'][best]['summary'])} |" if second else ""))
+    for case_set, title in (("test_where", "test cases"), ("test2_where", "test cases, 2nd style")):
+        found = {n: r[case_set] for n, r in rows.items() if r.get(case_set)}
+        if not found:
+            continue
+        lines += ["", f"Where voxels are lost, {title}: voxels missed / drawn outside the gland under oracle → "
+                  "box3d-grow, in % of the gland's voxels, per slice position (end: a gland's first and last slice; "
+                  "beyond: slices without it that the 3-D box takes in):", "",
+                  "| recipe | gland | " + " | ".join(POSITIONS) + " |", "| --- | --- |" + " --- |" * len(POSITIONS)]
+        for name, where in found.items():
+            for label, name_of in zip(labels, names):
+                o, b = where["oracle"][str(label)], where["box3d-grow"][str(label)]
+                total = sum(c["voxels"] for c in o.values())
+                cells = []
+                for p in POSITIONS:
+                    oc, bc = o.get(p, {}), b.get(p, {})
+                    cells.append(f"{100 * oc.get('missed', 0) / total:.1f} / {100 * oc.get('extra', 0) / total:.1f} → "
+                                 f"{100 * bc.get('missed', 0) / total:.1f} / {100 * bc.get('extra', 0) / total:.1f}")
+                lines.append(f"| {name} | {name_of} | " + " | ".join(cells) + " |")
     lines += ["", "Validation cases, box3d 3-D Dice (mean of both glands) per walk:", "",
               "| walk | " + " | ".join(rows) + " |", "| --- |" + " --- |" * len(rows)]
     for walk in walks:

@@ -294,3 +294,43 @@ def test_annotate_loop_times_each_step_and_scores_the_decoder_before_and_after_w
     assert "PHANTOM_0004" in split["train"]  # run1 trained on the annotated case, the control did not
     assert "PHANTOM_0004" not in json.loads((tmp_path / "work" / "control" / "split.json").read_text())["train"]
     assert "| **the loop** |" in (tmp_path / "out" / "loop.md").read_text()
+
+
+def test_recipes_reports_the_second_painting_style_and_where_box3d_loses_voxels(tiny_model, small_cache, tmp_path,
+                                                                                monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    import numpy as np
+    import recipes
+
+    from embedcache.cache.store import open_cache
+
+    with open_cache(small_cache) as cache:
+        names = [c.name for c in cache.cases]
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "split.json").write_text(json.dumps({"train": names[:1], "val": names[1:2], "test": names[2:]}))
+    result = recipes.main([str(small_cache), "--work", str(work), "--epochs", "1", "--recipes", "vanilla,jitter",
+                           "--walks", "grow", "--min-ious", "0", "--second-style", str(small_cache), "--name", "small",
+                           "--out", str(tmp_path)])
+    for row in result["recipes"].values():
+        assert row["test2"] == row["test"]  # the same cache as its own second style: the same figures
+        where = row["test_where"]
+        assert set(where) == {"oracle", "box3d-grow"}
+        for label, counts in where["oracle"].items():
+            assert counts.get("beyond", {}).get("slices", 0) == 0  # the oracle never prompts a slice without the gland
+            held = sum(c["voxels"] for c in counts.values())
+            assert held == sum(c["voxels"] for c in where["box3d-grow"][label].values()) > 0
+    table = (tmp_path / "small.md").read_text()
+    assert "box3d-grow, 2nd style |" in table and "Where voxels are lost, test cases, 2nd style" in table
+    # each slice position, counted on its own
+    truth = np.zeros((7, 8, 8), bool)
+    truth[1:6, 2:6, 2:6] = True
+    mask = truth.copy()
+    mask[1] = False  # the first slice missed
+    mask[3, 0, 0] = True  # one voxel too many in the middle
+    mask[6, 2:4, 2:4] = True  # four beyond the gland
+    counts = recipes.where_lost(mask, truth)
+    assert counts["end"] == {"slices": 2, "voxels": 32, "missed": 16, "extra": 0, "empty": 1}
+    assert counts["next to end"]["slices"] == 2 and counts["middle"] == {"slices": 1, "voxels": 16, "missed": 0,
+                                                                           "extra": 1, "empty": 0}
+    assert counts["beyond"] == {"slices": 1, "voxels": 0, "missed": 0, "extra": 4, "empty": 0}
