@@ -334,3 +334,32 @@ def test_recipes_reports_the_second_painting_style_and_where_box3d_loses_voxels(
     assert counts["next to end"]["slices"] == 2 and counts["middle"] == {"slices": 1, "voxels": 16, "missed": 0,
                                                                            "extra": 1, "empty": 0}
     assert counts["beyond"] == {"slices": 1, "voxels": 0, "missed": 0, "extra": 4, "empty": 0}
+
+
+def test_error_rim_tells_a_boundary_rim_from_a_missed_region(tiny_model, small_cache, tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    import error_rim
+    import numpy as np
+
+    from embedcache.cache.store import open_cache
+
+    truth = np.zeros((3, 20, 20), bool)
+    truth[:, 5:15, 5:15] = True
+    grown = np.zeros_like(truth)
+    grown[:, 4:16, 4:16] = True  # one pixel too many all round: all rim, one component
+    assert error_rim.error_shape(grown, truth) == {"error": 3 * 44, "on_rim": 3 * 44, "largest": 3 * 44,
+                                                   "components": 1, "gland": 300}
+    missed = truth.copy()
+    missed[1, 8:12, 8:12] = False  # a hole inside: off the rim
+    assert error_rim.error_shape(missed, truth)["on_rim"] == 0
+    with open_cache(small_cache) as cache:
+        names = [c.name for c in cache.cases]
+    split = tmp_path / "split.json"
+    split.write_text(json.dumps({"train": [], "val": [], "test": names[:2]}))
+    result = error_rim.main([str(small_cache), "--split", str(split), "--clicks", "1", "--name", "small",
+                             "--out", str(tmp_path)])
+    assert set(result["summary"]) == {"0", "1"}
+    for by_label in result["summary"].values():
+        for s in by_label.values():
+            assert s["cases"] == 2 and 0 <= s["on_rim_pct"] <= 100 and 0 <= s["largest_component_pct"] <= 100
+    assert "| on the rim (±1 px)" in next(tmp_path.glob("error-rim-small-cpu-*.md")).read_text()
