@@ -12,7 +12,8 @@ gland, one JSON and one markdown table under benchmarks/results/.
 ``--second-style CACHE`` also scores every recipe on the same test cases painted another way
 (``phantom --anatomy --style arterial``, encoded alone): a recipe chosen on one painting style is
 checked on another. ``--train-cases N`` trains on N of the split's training cases (seeded), to see what
-fewer cases cost. Where ``box3d`` loses voxels against ``oracle`` is counted per slice position of the
+fewer cases cost. ``--train-cache CACHE`` trains on another cache of the same training cases (the same
+anatomy painted ``phantom --style varied``, say), scored on CACHE's as always. Where ``box3d`` loses voxels against ``oracle`` is counted per slice position of the
 gland (its end slices, the next ones in, its middle, and slices beyond it that the 3-D box takes in).
 
 ``--work`` keeps every run and score, so an interrupted study resumes where it stopped.
@@ -173,6 +174,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--middles", default="single", help="box3d: single and/or multimask for the 3-D box's own prompt.")
     parser.add_argument("--val-cases", type=int, default=6)
     parser.add_argument("--train-cases", type=int, default=None, help="Train on this many of the rest (seeded).")
+    parser.add_argument("--train-cache", type=Path, default=None,
+                        help="Train on this cache of the same training cases (e.g. painted --style varied) instead.")
     parser.add_argument("--second-style", type=Path, default=None,
                         help="A cache of the same test cases painted another way (phantom --style arterial), for "
                              "testing only.")
@@ -198,6 +201,7 @@ def main(argv=None) -> dict:
         names = {str(k): cache.signature.label_map.name(k) for k in cache.labels}
     out = {"benchmark": "recipes", "what": args.what, "cache": str(args.cache), "epochs": args.epochs, "labels": names,
            "second_style": str(args.second_style) if args.second_style else None,
+           "train_cache": str(args.train_cache) if args.train_cache else None,
            "seed": args.seed, "split": split, "machine": machine(device),
            "date": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
            "recipes": {}, "protocols": {k: asdict(v) for k, v in settings.items()}}
@@ -208,7 +212,7 @@ def main(argv=None) -> dict:
         if recipe is not None:
             run = args.work / name
             fields = {k: v for k, v in recipe.items() if k != "augmented"}
-            cache = args.augmented_cache if recipe.get("augmented") else args.cache
+            cache = args.augmented_cache if recipe.get("augmented") else args.train_cache or args.cache
             if cache is None:
                 print(f"{name}: needs --augmented-cache; skipped", file=sys.stderr)
                 continue

@@ -60,6 +60,7 @@ class PhantomConfig:
 PAINT_STYLES = {
     "portal": "portal-venous phase: the bed recipes are chosen on",
     "arterial": "late arterial phase with coarser texture, more noise, softer edges and thicker crura: for testing only",
+    "varied": "each case its own style drawn around portal's (arterial's settings outside the ranges): for training",
 }
 
 #: Kinds of training-only copy ``encode --augment`` makes (see :mod:`embedcache.cache.augment`).

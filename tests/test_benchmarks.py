@@ -299,6 +299,8 @@ def test_annotate_loop_times_each_step_and_scores_the_decoder_before_and_after_w
 def test_recipes_reports_the_second_painting_style_and_where_box3d_loses_voxels(tiny_model, small_cache, tmp_path,
                                                                                 monkeypatch):
     monkeypatch.syspath_prepend(str(BENCHMARKS))
+    import shutil
+
     import numpy as np
     import recipes
 
@@ -309,9 +311,13 @@ def test_recipes_reports_the_second_painting_style_and_where_box3d_loses_voxels(
     work = tmp_path / "work"
     work.mkdir()
     (work / "split.json").write_text(json.dumps({"train": names[:1], "val": names[1:2], "test": names[2:]}))
+    other = tmp_path / "other.h5"  # the same training cases painted another way, in a real study
+    shutil.copyfile(small_cache, other)
     result = recipes.main([str(small_cache), "--work", str(work), "--epochs", "1", "--recipes", "vanilla,jitter",
                            "--walks", "grow", "--min-ious", "0", "--second-style", str(small_cache), "--name", "small",
-                           "--out", str(tmp_path)])
+                           "--train-cache", str(other), "--out", str(tmp_path)])
+    assert json.loads((work / "jitter" / "config.json").read_text())["cache"] == str(other.resolve())  # trained there
+    assert result["train_cache"] == str(other)
     for row in result["recipes"].values():
         assert row["test2"] == row["test"]  # the same cache as its own second style: the same figures
         where = row["test_where"]

@@ -36,8 +36,9 @@ from embedcache.runtime.distributed import is_main_process
 @click.option("--anatomy", type=click.Path(path_type=Path), default=None,
               help="A folder of real label maps (FLARE22 ids) to paint CT around, on each map's own grid.")
 @click.option("--style", type=click.Choice(tuple(PAINT_STYLES)), default=None,
-              help="With --anatomy: how the CT is painted: portal (portal-venous phase) or arterial (another phase, "
-                   "texture, noise and blur: a second style to test on) [default: portal].")
+              help="With --anatomy: how the CT is painted: portal (portal-venous phase), arterial (another phase, "
+                   "texture, noise and blur: a second style to test on) or varied (each case its own style around "
+                   "portal's, for training) [default: portal].")
 @progress_option
 @friendly_errors
 def phantom(out: Path, cases: int | None, seed: int, size: int, test_cases: int, anatomy: Path | None,

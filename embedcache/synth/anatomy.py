@@ -8,10 +8,11 @@ retroperitoneal fat, a body wall and back muscles, a vertebral body behind the a
 from the spine round the aorta (where the glands lie against them), partial volume and noise.
 
 Not a CT for anyone to read: intensities are plausible means, and every structure not in the
-label map (spine, crura, muscle, fat) is drawn from the labelled ones. Two painting styles
-(:data:`STYLES`, ``phantom --style``): ``portal`` (portal-venous phase, the bed the recipes are chosen
-on) and ``arterial`` (another contrast phase, coarser texture, more noise, softer edges, thicker
-crura), kept for testing only: a recipe tuned on one style is checked on the other. Same label map,
+label map (spine, crura, muscle, fat) is drawn from the labelled ones. Painting styles
+(``phantom --style``): ``portal`` (portal-venous phase, the bed the recipes are chosen on),
+``arterial`` (another contrast phase, coarser texture, more noise, softer edges, thicker crura),
+kept for testing only, and ``varied`` (each case its own style, drawn around portal's, arterial's
+settings outside the ranges: for training a decoder that must carry over). Same label map,
 style and seed, same volume. Arrays are canonical ``(z, y, x)``: ``x`` toward the patient's
 left, ``y`` toward posterior (:mod:`embedcache.io.geometry`).
 """
@@ -67,6 +68,17 @@ STYLES = {
         fat_hu=-85.0, muscle_hu=60.0, crus_mm=5.0, texture_hu=16.0, texture_mm=6.0, blur_px=0.9,
         blur_slices=0.5, noise_hu=20.0),
 }
+
+
+def varied_style(rng: np.random.Generator) -> PaintStyle:
+    """A style drawn around ``portal``'s: every organ's HU ±25, fat, muscle, the crus, texture, blur and noise each
+    from its own range, all kept clear of ``arterial``'s settings (its aorta, IVC, texture size, blur, noise and
+    crus lie outside these ranges), so that style stays unseen by a decoder trained on these."""
+    return PaintStyle(organ_hu={label: value + float(rng.uniform(-25.0, 25.0)) for label, value in ORGAN_HU.items()},
+                      fat_hu=float(rng.uniform(-115.0, -85.0)), muscle_hu=float(rng.uniform(40.0, 60.0)),
+                      crus_mm=float(rng.uniform(3.0, 4.5)), texture_hu=float(rng.uniform(6.0, 14.0)),
+                      texture_mm=float(rng.uniform(2.0, 4.5)), blur_px=float(rng.uniform(0.4, 0.8)),
+                      blur_slices=float(rng.uniform(0.25, 0.45)), noise_hu=float(rng.uniform(8.0, 16.0)))
 
 
 def paint_ct(labels_zyx: np.ndarray, spacing_mm, *, seed: int, style: PaintStyle = STYLES["portal"]) -> np.ndarray:
@@ -160,8 +172,8 @@ def write_anatomy(labels_dir: Path, out: Path, *, cases: int | None, test_cases:
     ``test_cases`` into ``imagesTs/`` + ``labelsTs/``; each CT painted on its label map's own grid and
     affine in ``style`` (:data:`STYLES`), the label map copied as it is. Returns the case names."""
     labels_dir, out = Path(labels_dir), Path(out)
-    if style not in STYLES:
-        raise EmbedcacheError(f"--style {style}: choose {' or '.join(STYLES)}")
+    if style not in (*STYLES, "varied"):
+        raise EmbedcacheError(f"--style {style}: choose {', '.join(STYLES)} or varied")
     if not labels_dir.is_dir():
         raise EmbedcacheError(f"{labels_dir}: no such folder; --anatomy takes a folder of label NIfTIs")
     maps = sorted(p for p in labels_dir.iterdir() if is_nifti(p))
@@ -181,7 +193,8 @@ def write_anatomy(labels_dir: Path, out: Path, *, cases: int | None, test_cases:
         volume = read_label(source)
         for folder in (image.parent, label_out.parent):
             folder.mkdir(parents=True, exist_ok=True)
-        write_nifti(paint_ct(volume.array, volume.spacing_mm, seed=seed * 1_000_003 + i, style=STYLES[style]),
+        painted = varied_style(np.random.default_rng([seed, i])) if style == "varied" else STYLES[style]
+        write_nifti(paint_ct(volume.array, volume.spacing_mm, seed=seed * 1_000_003 + i, style=painted),
                     volume.geometry, image)
         shutil.copyfile(source, label_out)
         if progress:

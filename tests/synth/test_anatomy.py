@@ -77,7 +77,7 @@ def test_an_anatomy_dataset_is_refused_over_existing_files_or_too_few_maps(maps,
 
 
 def test_the_arterial_style_paints_another_phase_and_texture_on_the_same_anatomy(maps, tmp_path):
-    assert tuple(STYLES) == tuple(PAINT_STYLES)  # the CLI's choices are the painter's
+    assert (*STYLES, "varied") == tuple(PAINT_STYLES)  # the CLI's choices are the painter's
     result = cli("phantom", tmp_path / "b", "--anatomy", maps, "--cases", "1", "--test-cases", "1", "--style",
                  "arterial", "--no-progress")
     assert result.exit_code == 0, result.output
@@ -97,5 +97,24 @@ def test_the_arterial_style_paints_another_phase_and_texture_on_the_same_anatomy
     assert "arterial style" in (tmp_path / "b" / "dataset.json").read_text()
     one_line(cli("phantom", tmp_path / "p", "--style", "arterial"), "--style paints CT around --anatomy label maps",
              code=2)
-    with pytest.raises(EmbedcacheError, match="--style sepia: choose portal or arterial"):
+    with pytest.raises(EmbedcacheError, match="--style sepia: choose portal, arterial or varied"):
         write_anatomy(maps, tmp_path / "c", cases=1, test_cases=1, seed=0, style="sepia")
+
+
+def test_the_varied_style_paints_each_case_its_own_way_and_never_as_the_arterial_one(maps, tmp_path):
+    from embedcache.synth.anatomy import varied_style
+
+    write_anatomy(maps, tmp_path / "v", cases=2, test_cases=0, seed=0, style="varied")
+    write_anatomy(maps, tmp_path / "p", cases=2, test_cases=0, seed=0)
+    painted = {f: [read_image(tmp_path / f / "imagesTr" / f"CASE_000{i}_0000.nii.gz").array for i in (0, 1)]
+               for f in ("v", "p")}
+    truth = read_label(tmp_path / "v" / "labelsTr" / "CASE_0000.nii.gz").array
+    liver = [float(np.median(v[truth == flare.LIVER])) for v in painted["v"]]
+    assert abs(liver[0] - liver[1]) > 1 and not np.array_equal(painted["v"][0], painted["p"][0])
+    arterial = STYLES["arterial"]
+    for seed in range(200):  # arterial's settings stay outside every drawn style's ranges
+        style = varied_style(np.random.default_rng(seed))
+        assert abs(style.organ_hu[flare.AORTA] - arterial.organ_hu[flare.AORTA]) > 50
+        assert abs(style.organ_hu[flare.IVC] - arterial.organ_hu[flare.IVC]) > 25
+        assert style.noise_hu < arterial.noise_hu and style.texture_mm < arterial.texture_mm
+        assert style.blur_px < arterial.blur_px and style.crus_mm < arterial.crus_mm
