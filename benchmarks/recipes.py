@@ -190,6 +190,10 @@ def main(argv=None) -> dict:
     split_file = args.work / "split.json"
     split = json.loads(split_file.read_text()) if split_file.exists() else \
         make_split(args.cache, split_file, val=args.val_cases, seed=args.seed, train=args.train_cases)
+    trained_split = split_file
+    if args.train_cache:  # another cache of the training cases: its split names no test case it lacks
+        trained_split = args.work / "train-split.json"
+        trained_split.write_text(json.dumps({"train": split["train"], "val": split["val"]}, indent=1) + "\n")
     walks = [w for w in args.walks.split(",") if w]
     ious = [float(v) for v in args.min_ious.split(",") if v]
     middles = [m for m in args.middles.split(",") if m]
@@ -218,7 +222,7 @@ def main(argv=None) -> dict:
                 continue
             if not (run / "done.json").exists():
                 config = FinetuneConfig(cache=str(cache.resolve()), epochs=args.epochs, seed=args.seed,
-                                        device=args.device, split=str(split_file.resolve()), patience=args.epochs,
+                                        device=args.device, split=str(trained_split.resolve()), patience=args.epochs,
                                         **fields)
                 resume = (run / "last.safetensors").exists()
                 started = time.perf_counter()
