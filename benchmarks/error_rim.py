@@ -81,7 +81,8 @@ def main(argv=None) -> dict:
             summary.setdefault(clicks, {})[label] = {
                 "error_pct_of_gland": round(100 * sum(r["error"] for r in rows) / sum(r["gland"] for r in rows), 1),
                 "on_rim_pct": round(100 * sum(r["on_rim"] for r in rows) / max(1, sum(r["error"] for r in rows)), 1),
-                "largest_component_pct": round(100 * float(np.mean([r["largest"] / max(1, r["error"]) for r in rows])), 1),
+                "largest_component_pct": round(100 * float(np.mean([r["largest"] / max(1, r["error"])
+                                                                    for r in rows])), 1),
                 "components": round(float(np.mean([r["components"] for r in rows])), 1), "cases": len(rows)}
     date = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
     result = {"benchmark": "error_rim", "cache": str(args.cache), "decoder": str(args.decoder or "vanilla"),

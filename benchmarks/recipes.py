@@ -13,8 +13,9 @@ gland, one JSON and one markdown table under benchmarks/results/.
 (``phantom --anatomy --style arterial``, encoded alone): a recipe chosen on one painting style is
 checked on another. ``--train-cases N`` trains on N of the split's training cases (seeded), to see what
 fewer cases cost. ``--train-cache CACHE`` trains on another cache of the same training cases (the same
-anatomy painted ``phantom --style varied``, say), scored on CACHE's as always. Where ``box3d`` loses voxels against ``oracle`` is counted per slice position of the
-gland (its end slices, the next ones in, its middle, and slices beyond it that the 3-D box takes in).
+anatomy painted ``phantom --style varied``, say), scored on CACHE's as always. Where ``box3d`` loses
+voxels against ``oracle`` is counted per slice position of the gland (its end slices, the next ones in,
+its middle, and slices beyond it that the 3-D box takes in).
 
 ``--work`` keeps every run and score, so an interrupted study resumes where it stopped.
 """
@@ -40,7 +41,7 @@ from embedcache.evaluation.metrics import gland_metrics
 from embedcache.runtime.devices import pick_device
 from embedcache.train.finetune import finetune
 
-from common import RESULTS, decoded_cases, machine
+from common import RESULTS, decoded_cases, machine, write_result
 
 #: name → the FinetuneConfig fields of the recipe; "vanilla" is the released decoder, not trained.
 RECIPES = {
@@ -253,11 +254,7 @@ def main(argv=None) -> dict:
         print(json.dumps({"recipe": name, **{k: round(glands_mean(v["summary"]), 4) for k, v in val.items()}}),
               file=sys.stderr)
     out["chosen_on_val"] = choose(out["recipes"], [k for k in settings if k.startswith("box3d")])
-    args.out.mkdir(exist_ok=True)
-    stem = args.name or f"recipes-{device.type}-{out['date'][:10]}"
-    (args.out / f"{stem}.json").write_text(json.dumps(out, indent=1) + "\n")
-    (args.out / f"{stem}.md").write_text(table(out) + "\n")
-    print(table(out))
+    write_result(out, args.out, args.name or f"recipes-{device.type}-{out['date'][:10]}", table(out) + "\n")
     return out
 
 
@@ -309,6 +306,9 @@ def table(out: dict) -> str:
     chosen = out["chosen_on_val"]
     second = all("test2" in row for row in rows.values()) and bool(rows)
 
+    def share(counts, total):  # missed / extra voxels in % of the gland's (where_lost counts every position)
+        return f"{100 * counts['missed'] / total:.1f} / {100 * counts['extra'] / total:.1f}"
+
     def cell(summary):
         return " / ".join(f"{summary[l]['dice']['mean']:.3f} ({summary[l]['nsd']['mean']:.3f})" for l in labels)
 
@@ -341,12 +341,8 @@ def table(out: dict) -> str:
             for label, name_of in zip(labels, names):
                 o, b = where["oracle"][str(label)], where["box3d-grow"][str(label)]
                 total = sum(c["voxels"] for c in o.values())
-                cells = []
-                for p in POSITIONS:
-                    oc, bc = o.get(p, {}), b.get(p, {})
-                    cells.append(f"{100 * oc.get('missed', 0) / total:.1f} / {100 * oc.get('extra', 0) / total:.1f} → "
-                                 f"{100 * bc.get('missed', 0) / total:.1f} / {100 * bc.get('extra', 0) / total:.1f}")
-                lines.append(f"| {name} | {name_of} | " + " | ".join(cells) + " |")
+                lines.append(f"| {name} | {name_of} | "
+                             + " | ".join(f"{share(o[p], total)} → {share(b[p], total)}" for p in POSITIONS) + " |")
     lines += ["", "Validation cases, box3d 3-D Dice (mean of both glands) per walk:", "",
               "| walk | " + " | ".join(rows) + " |", "| --- |" + " --- |" * len(rows)]
     for walk in walks:

@@ -59,7 +59,7 @@ class PhantomConfig:
 #: ``phantom --anatomy --style``: how CT is painted around real label maps (:data:`embedcache.synth.anatomy.STYLES`).
 PAINT_STYLES = {
     "portal": "portal-venous phase: the bed recipes are chosen on",
-    "arterial": "late arterial phase with coarser texture, more noise, softer edges and thicker crura: for testing only",
+    "arterial": "late arterial phase, coarser texture, more noise, softer edges and thicker crura: for testing only",
     "varied": "each case its own style drawn around portal's (arterial's settings outside the ranges): for training",
 }
 

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
+from embedcache.config import PAINT_STYLES
 from embedcache.errors import EmbedcacheError
 from embedcache.io import labels as flare
 from embedcache.io.labels import DATASET_JSON, write_dataset_json
@@ -55,7 +56,8 @@ class PaintStyle:
     noise_hu: float = 12.0
 
 
-#: ``phantom --style`` (:data:`embedcache.config.PAINT_STYLES`): the portal-venous bed the recipes are chosen on, and another contrast phase with other
+#: The fixed styles of ``phantom --style`` (:data:`embedcache.config.PAINT_STYLES`; ``varied`` is
+#: :func:`varied_style`): the portal-venous bed the recipes are chosen on, and another contrast phase with other
 #: texture, noise and blur (late arterial: bright aorta and renal cortex, an IVC not yet filled, darker liver,
 #: glands a little brighter than the thicker crura) for testing only.
 STYLES = {
@@ -172,8 +174,9 @@ def write_anatomy(labels_dir: Path, out: Path, *, cases: int | None, test_cases:
     ``test_cases`` into ``imagesTs/`` + ``labelsTs/``; each CT painted on its label map's own grid and
     affine in ``style`` (:data:`STYLES`), the label map copied as it is. Returns the case names."""
     labels_dir, out = Path(labels_dir), Path(out)
-    if style not in (*STYLES, "varied"):
-        raise EmbedcacheError(f"--style {style}: choose {', '.join(STYLES)} or varied")
+    if style not in PAINT_STYLES:
+        *first, last = PAINT_STYLES
+        raise EmbedcacheError(f"--style {style}: choose {', '.join(first)} or {last}")
     if not labels_dir.is_dir():
         raise EmbedcacheError(f"{labels_dir}: no such folder; --anatomy takes a folder of label NIfTIs")
     maps = sorted(p for p in labels_dir.iterdir() if is_nifti(p))
