@@ -169,9 +169,17 @@ class EncodeConfig:
     precision: str = precision_setting()  # the encoder's arithmetic: fp32, or bf16 through openvino
     streams: int = streams_setting()  # slices a graph engine encodes at once; 0: measured (model.engines)
     label_map: LabelMap = FLARE22  # what the ids mean (io.labels): the cache records it, flips read their pairs from it
+    zoom_mm: float = setting(0.0, "Encode each gland's region rather than whole slices: its extent over all its slices "
+                                  "grown by this many mm, square, resampled to --slice-size, one case CASE@LABEL per "
+                                  "gland. A decoder fine-tuned on it redraws each gland finer (predict --zoom). 0: "
+                                  "whole slices.", flag="--zoom", cli_range=(0.0, 200.0))
 
     def __post_init__(self):
         check_engine_names(self.engine, self.precision, self.streams)
+        if self.zoom_mm and not 2.0 <= self.zoom_mm <= 200.0:
+            raise UsageError(f"--zoom must be 0 (whole slices) or lie in 2..200 mm, got {self.zoom_mm:g}")
+        if self.zoom_mm and self.augment:
+            raise UsageError("--zoom encodes the glands' regions: give --augment to a whole-slice encode, not this one")
         if any(kind not in AUGMENTS for kind in self.augment) or len(set(self.augment)) != len(self.augment):
             raise UsageError(f"--augment {','.join(self.augment)}: choose distinct kinds from {', '.join(AUGMENTS)}")
         if self.workers < -1:

@@ -146,6 +146,20 @@ def small_cache(tmp_path_factory, tiny_checkpoint) -> Path:
     return root / "cache.h5"
 
 
+@pytest.fixture(scope="session")
+def small_zoom_cache(small_cache, tiny_checkpoint) -> Path:
+    """small_cache's glands' regions (``encode --zoom 10``): the same cases, one case ``CASE@LABEL`` per gland."""
+    from embedcache.cache.encode import encode
+    from embedcache.config import EncodeConfig
+    from embedcache.io.datasets import discover_cases
+
+    out = small_cache.parent / "zoom.h5"
+    with tiny.registered(tiny_checkpoint):
+        encode(discover_cases(small_cache.parent / "data"), out,
+               EncodeConfig(backbone="tiny", device="cpu", zoom_mm=10.0), progress=None)
+    return out
+
+
 @pytest.fixture
 def data(phantom_dir, tmp_path) -> Path:
     """A copy of the small phantom with one target slice per case: encodes in seconds."""

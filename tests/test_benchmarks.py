@@ -371,53 +371,31 @@ def test_error_rim_tells_a_boundary_rim_from_a_missed_region(tiny_model, small_c
     assert "| on the rim (±1 px)" in next(tmp_path.glob("error-rim-small-cpu-*.md")).read_text()
 
 
-def test_zoom_maps_each_glands_region_back_exactly_and_scores_every_view(tiny_model, phantom_copy, tmp_path,
-                                                                         monkeypatch):
+def test_zoom_maps_each_glands_region_back_exactly_and_scores_every_view(tiny_model, small_cache, small_zoom_cache,
+                                                                         tmp_path, monkeypatch):
     monkeypatch.syspath_prepend(str(BENCHMARKS))
-    import numpy as np
     import zoom
 
-    from embedcache.cache.encode import encode
-    from embedcache.cache.regions import GlandRegion
     from embedcache.cache.store import open_cache
-    from embedcache.config import EncodeConfig
-    from embedcache.io.datasets import discover_cases
-    from embedcache.io.volumes import read_label
-    from embedcache.synth.phantom import limit_target_slices
 
-    limit_target_slices(phantom_copy, per_case=2)  # seconds to encode
-    names = sorted(c.name for c in discover_cases(phantom_copy))
     split = tmp_path / "split.json"
-    split.write_text(json.dumps({"train": names[:1], "val": names[1:2], "test": names[2:]}))
-    regions = zoom.main(["regions", str(phantom_copy), "--split", str(split), "--out", str(tmp_path / "zoom"),
-                         "--margin", "5", "--size", "64"])
-    assert {r["source"] for r in regions.values()} == set(names)
-    for case, r in regions.items():  # the zoomed label is the gland, finer
-        where = GlandRegion.from_dict(r)
-        truth = read_label(next(phantom_copy.glob(f"labels*/{r['source']}.nii.gz"))).array == r["label"]
-        zoomed = read_label(next((tmp_path / "zoom").glob(f"labels*/{case}.nii.gz"))).array
-        assert zoomed.shape == (where.z1 - where.z0 + 1, 64, 64) and set(np.unique(zoomed)) == {0, r["label"]}
-        assert where.region.pixel_mm < min(r["spacing_mm"][1:])
-        assert truth[where.z0 : where.z1 + 1].sum() < (zoomed > 0).sum()
-    zsplit = json.loads((tmp_path / "zoom" / "split.json").read_text())
-    assert zsplit["test"] == [k for k, r in regions.items() if r["source"] == names[2]]
-    config = EncodeConfig(backbone="tiny", device="cpu")
-    encode(discover_cases(phantom_copy), tmp_path / "whole.h5", config, progress=None)
-    encode(discover_cases(tmp_path / "zoom"), tmp_path / "zoom.h5", config, progress=None)
-    result = zoom.main(["study", str(tmp_path / "whole.h5"), "--decoder", "vanilla", "--zoom-cache",
-                        str(tmp_path / "zoom.h5"), "--zoom-decoder", "vanilla", "--regions",
-                        str(tmp_path / "zoom" / "regions.json"), "--split", str(split), "--second-style",
-                        str(tmp_path / "whole.h5"), "--second-zoom-cache", str(tmp_path / "zoom.h5"),
-                        "--second-regions", str(tmp_path / "zoom" / "regions.json"), "--name", "small",
-                        "--out", str(tmp_path)])
+    split.write_text(json.dumps({"train": ["PHANTOM_0001"], "val": ["PHANTOM_0002"], "test": ["PHANTOM_0003"]}))
+    result = zoom.main([str(small_cache), "--decoder", "vanilla", "--zoom-cache", str(small_zoom_cache),
+                        "--zoom-decoder", "vanilla", "--split", str(split), "--second-style", str(small_cache),
+                        "--second-zoom-cache", str(small_zoom_cache), "--name", "small", "--out", str(tmp_path)])
     assert set(result["sets"]) == {"val", "test", "test, 2nd style"}
-    assert result["sets"]["test"] == result["sets"]["test, 2nd style"]  # the same cache twice: the same figures
+    assert sorted(result["sets"]["test"]) == ["PHANTOM_0003@7", "PHANTOM_0003@8"]
+    assert result["sets"]["test"] == result["sets"]["test, 2nd style"]  # the same caches twice: the same figures
     rows = [row for rows in result["sets"].values() for row in rows.values()]
-    assert rows and all(row["roundtrip"] == 1.0 for row in rows)  # every zoomed label lands on its own pixels
-    assert any(row["slices"] for row in rows)
-    with open_cache(tmp_path / "zoom.h5") as cache:
-        assert result["encoded"]["test"]["regions"] == sum(c.n_rows for c in cache.cases if c.subset == "test")
+    assert all(row["roundtrip"] == 1.0 for row in rows)  # every cached region mask lands on its own pixels
+    assert any(row["slices"] for row in rows) and result["margin_mm"] == 10.0
+    with open_cache(small_zoom_cache) as cache:
+        assert result["encoded"]["test"]["regions"] == sum(c.n_rows for c in cache.cases
+                                                           if c.region["source"] == "PHANTOM_0003")
     for row in rows:
         for view in zoom.VIEWS:
             assert 0.0 <= row[view]["dice"] <= 1.0
     assert "| test, 2nd style | 7 |" in (tmp_path / "small.md").read_text()
+    with pytest.raises(SystemExit, match="not a zoom cache"):
+        zoom.main([str(small_cache), "--decoder", "vanilla", "--zoom-cache", str(small_cache), "--zoom-decoder",
+                   "vanilla", "--split", str(split), "--out", str(tmp_path)])

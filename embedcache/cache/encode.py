@@ -23,7 +23,15 @@ from embedcache.cache import store
 from embedcache.cache.augment import with_augmented
 from embedcache.cache.merge import merge
 from embedcache.cache.pipeline import EncodeSummary, encode_plans
-from embedcache.cache.plan import check_inputs, existing_signature, finished, plan_cases, shard_folder, where
+from embedcache.cache.plan import (
+    check_inputs,
+    existing_signature,
+    finished,
+    gland_cases,
+    plan_cases,
+    shard_folder,
+    where,
+)
 from embedcache.cache.records import CaseRecord, Signature
 from embedcache.cache.store import row_bytes
 from embedcache.config import EncodeConfig
@@ -43,7 +51,7 @@ def _signature(config: EncodeConfig, checkpoint_sha256: str) -> Signature:
     return Signature(backbone=backbone.name, checkpoint_sha256=checkpoint_sha256, input_size=backbone.input_size,
                      preprocess=config.preprocess, labels=config.labels, embedding_dtype=config.embedding_dtype,
                      engine=config.engine, precision=config.precision,
-                     label_map=config.label_map.only(config.labels))
+                     label_map=config.label_map.only(config.labels), zoom_mm=float(config.zoom_mm))
 
 
 def signature_for(config: EncodeConfig) -> Signature:
@@ -106,6 +114,8 @@ def encode(
 
     check_engine(config.engine, pick_device(config.device).type, config.precision, config.streams)  # before any work
     cases = with_augmented(cases, config.augment)  # training-only copies, each encoded as a case of its own
+    if config.zoom_mm:
+        cases = gland_cases(cases, config.labels)  # each gland's region, a case of its own
     dist = Dist(config.device)
     with writer_lock(out, main=dist.main):  # under torchrun rank 0 writes the cache for all
         config = resolve_engine(config, out, dist)

@@ -22,6 +22,7 @@ from embedcache.cache.augment import AUGMENT, augment_slices
 from embedcache.cache.plan import PlannedCase, where
 from embedcache.cache.preprocess import resize_mask, slice_to_model
 from embedcache.cache.records import CaseRecord, Signature
+from embedcache.cache.regions import GlandRegion, zoom_in
 from embedcache.cache.store import ShardWriter
 from embedcache.config import EncodeConfig
 from embedcache.errors import EmbedcacheError
@@ -78,6 +79,8 @@ def prepare_case(plan: PlannedCase, config: EncodeConfig) -> CaseBatch:
     pre = config.preprocess
     z = plan.z
     hu, labels = image.array[z], plan.label_slices
+    if plan.region is not None:  # the gland's region, resampled as its label was (cache.plan.plan_gland)
+        hu = zoom_in(hu, plan.region.region, image.spacing_mm[1:])
     if plan.source.subset == AUGMENT:  # a training-only copy: its source's slices, moved alike
         mirrored = config.label_map.mirrored(config.labels) if "flip" in config.augment else None
         hu, labels = augment_slices(hu, labels, plan.source.name, mirrored=mirrored)
@@ -87,23 +90,31 @@ def prepare_case(plan: PlannedCase, config: EncodeConfig) -> CaseBatch:
     ) if z.size else np.zeros((0, size, size), np.float32)
     geometry = image.geometry
     record = case_record(plan.source, geometry, digest=plan.digest, n_rows=int(z.size),
-                         margin_slices=config.margin_slices)
+                         margin_slices=config.margin_slices, region=plan.region)
     return CaseBatch(plan=plan, record=record, images=images, masks=masks, boxes=boxes, slice_index=z)
 
 
-def case_record(source: CaseSource, geometry, *, digest: str, n_rows: int, margin_slices: int) -> CaseRecord:
+def case_record(source: CaseSource, geometry, *, digest: str, n_rows: int, margin_slices: int,
+                region: GlandRegion | None = None) -> CaseRecord:
     """The cache's record of ``source`` (its sources' absolute paths: score finds them from any working folder) on
-    ``geometry``, its ``n_rows`` rows first in its shard."""
+    ``geometry``, its ``n_rows`` rows first in its shard. A gland's ``region`` (``encode --zoom``) is recorded, and
+    the record's grid is the region's: its slices at ``size × size`` pixels of ``side_mm / size``."""
+    shape, spacing = tuple(int(s) for s in geometry.shape_zyx), tuple(float(s) for s in geometry.spacing_mm)
+    if region is not None:
+        side = region.region
+        shape, spacing = (shape[0], side.size, side.size), (spacing[0], side.pixel_mm, side.pixel_mm)
     return CaseRecord(
         name=source.name,
         digest=digest,
         first_row=0,
         n_rows=n_rows,
-        shape_zyx=tuple(int(s) for s in geometry.shape_zyx),
-        spacing_mm=tuple(float(s) for s in geometry.spacing_mm),
+        shape_zyx=shape,
+        spacing_mm=spacing,
         source_shape=tuple(int(s) for s in geometry.source_shape),
         source_affine=tuple(tuple(float(v) for v in row) for row in geometry.source_affine),
         margin_slices=margin_slices,
+        region=None if region is None else {**region.to_dict(), "label": int(source.gland),
+                                            "source": source.name.rsplit("@", 1)[0]},
         **where(source),
     )
 

@@ -7,13 +7,14 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 
 from embedcache.cache import store
 from embedcache.cache.records import CaseRecord, Signature
+from embedcache.cache.regions import GlandRegion, gland_region, zoom_in
 from embedcache.config import EncodeConfig
 from embedcache.errors import CacheMismatchError, EmbedcacheError
 from embedcache.io.datasets import CaseSource
@@ -28,7 +29,8 @@ class PlannedCase:
     source: CaseSource
     digest: str
     z: np.ndarray  # canonical slice indices holding a target label
-    label_slices: np.ndarray  # (n, y, x) uint8, target labels only
+    label_slices: np.ndarray  # (n, y, x) uint8, target labels only (a gland region: (n, size, size), its label)
+    region: GlandRegion | None = None  # encode --zoom: the region of the gland source.gland
 
 
 @dataclass
@@ -61,10 +63,42 @@ def target_slices(label, labels: tuple[int, ...], margin: int) -> tuple[np.ndarr
     return z, slices
 
 
+def gland_name(name: str, label: int) -> str:
+    """The case of one gland's zoomed region (``encode --zoom``): ``CASE@LABEL``."""
+    return f"{name}@{label}"
+
+
+def gland_cases(cases: list[CaseSource], labels: tuple[int, ...]) -> list[CaseSource]:
+    """``encode --zoom``: each case's target labels present in its label volume, each a case of its own
+    (:func:`gland_name`) that encodes the gland's region; a case with none stays, to be skipped with its warning."""
+    out = []
+    for case in cases:
+        present = set(np.unique(read_label(case.label).array).tolist())
+        glands = [replace(case, name=gland_name(case.name, label), gland=label) for label in labels if label in present]
+        out += glands or [case]
+    return out
+
+
+def plan_gland(source: CaseSource, config: EncodeConfig, digest: str, label) -> PlannedCase | None:
+    """The region of the gland ``source.gland``: its slices and ``--margin-slices`` beyond each end, the gland's
+    label resampled into the region (nearest pixel)."""
+    gland = label.array == source.gland
+    if not gland.any():
+        return None
+    spacing_yx = label.geometry.spacing_mm[1:]
+    where = gland_region(gland, spacing_yx, margin_mm=config.zoom_mm, size=config.preprocess.slice_size,
+                         zpad=config.margin_slices)
+    z = np.arange(where.z0, where.z1 + 1)
+    slices = zoom_in(gland[z], where.region, spacing_yx, mask=True).astype(np.uint8) * np.uint8(source.gland)
+    return PlannedCase(source=source, digest=digest, z=z, label_slices=slices, region=where)
+
+
 def plan_case(source: CaseSource, config: EncodeConfig, digest: str) -> PlannedCase | None:
     """Find a case's target slices and their margins (its sources checked by :func:`check_sources`
     already); None (with a warning) when it has none."""
     label = read_label(source.label)
+    if source.gland is not None:
+        return plan_gland(source, config, digest, label)
     z, slices = target_slices(label.array, config.labels, config.margin_slices)
     if z.size == 0:
         found = sorted(int(v) for v in np.unique(label.array) if v)

@@ -23,10 +23,10 @@ logger = logging.getLogger(__name__)
 SCHEMA = 1
 #: Signature fields that must match for two caches (or a cache and a model) to mix.
 MODEL_KEYS = ("schema", "backbone", "checkpoint_sha256", "input_size", "preprocess", "labels", "embedding_dtype",
-              "precision")
+              "precision", "zoom_mm")
 #: Signature fields a trained decoder must share with the cache it decodes: the embeddings' maker and
 #: meaning (the storage type may differ).
-DECODER_KEYS = ("backbone", "checkpoint_sha256", "input_size", "preprocess", "labels")
+DECODER_KEYS = ("backbone", "checkpoint_sha256", "input_size", "preprocess", "labels", "zoom_mm")
 #: The sets a cached case can belong to: ``train`` (training or validation, as the fine-tune's split
 #: decides), ``test`` (an ``imagesTs/`` case, never trained on) and ``augment`` (an augmented copy of a
 #: ``train`` case, ``NAME~KIND``: trained on with its source, never validated or scored; see
@@ -62,6 +62,8 @@ class Signature:
     precision: str = "fp32"  # the encoder's arithmetic (encode --encoder-precision): caches of two precisions do not mix
     # what the target labels mean (io.labels), cut to them; None: FLARE22's, as every cache before label maps
     label_map: LabelMap | None = None
+    # encode --zoom: each gland's region grown by this many mm (cache.regions); 0: whole slices, as every cache before
+    zoom_mm: float = 0.0
 
     def __post_init__(self):
         if self.label_map is None:
@@ -77,13 +79,14 @@ class Signature:
         return {"schema": self.schema, "backbone": self.backbone, "checkpoint_sha256": self.checkpoint_sha256,
                 "input_size": self.input_size, "preprocess": asdict(self.preprocess), "labels": list(self.labels),
                 "embedding_dtype": self.embedding_dtype, "embedcache_version": self.embedcache_version,
-                "engine": self.engine, "precision": self.precision, "label_map": self.label_map.to_dict()}
+                "engine": self.engine, "precision": self.precision, "label_map": self.label_map.to_dict(),
+                "zoom_mm": self.zoom_mm}
 
     @classmethod
     def from_dict(cls, values, *, source) -> "Signature":
         """A signature read from ``source`` (a file, named in the error), every field's type checked."""
         if isinstance(values, dict):  # caches and checkpoints from before --engine, --encoder-precision and label maps
-            values = {"engine": "torch", "precision": "fp32", "label_map": None, **values}
+            values = {"engine": "torch", "precision": "fp32", "label_map": None, "zoom_mm": 0.0, **values}
         _check_fields(cls, values, source=source, what="signature")
         text = ("backbone", "checkpoint_sha256", "embedding_dtype", "embedcache_version", "engine",
                 "precision")
@@ -92,6 +95,8 @@ class Signature:
         labels = values["labels"]
         if not isinstance(labels, list) or not labels or not all(_is_int(v) and 0 < v < 256 for v in labels):
             raise _bad(source, f"signature labels {_short(labels)} are not label ids")
+        if not _floats([values["zoom_mm"]], 1) or not 0 <= values["zoom_mm"] <= 200:
+            raise _bad(source, f"signature zoom_mm {_short(values['zoom_mm'])} is not a margin in mm")
         if values["embedding_dtype"] not in EMBEDDING_DTYPES:
             raise _bad(source, f"signature embedding_dtype {_short(values['embedding_dtype'])} is not float16 or float32")
         pre = values["preprocess"]
@@ -142,6 +147,13 @@ def _short(value) -> str:
     return text if len(text) <= 80 else text[:16] + "…"
 
 
+def _region(value) -> bool:
+    keys = {"cx", "cy", "side_mm", "size", "z0", "z1", "label", "source"}
+    return (isinstance(value, dict) and set(value) == keys and _floats([value[k] for k in ("cx", "cy", "side_mm")], 3)
+            and value["side_mm"] > 0 and all(_is_int(value[k]) and value[k] >= 0 for k in ("size", "z0", "z1", "label"))
+            and value["size"] > 0 and value["z0"] <= value["z1"] and isinstance(value["source"], str))
+
+
 def _is_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
@@ -172,6 +184,9 @@ class CaseRecord:
     subset: str = "train"  # "test" for a test folder's cases (imagesTs/), never trained on; "augment" for a copy
     margin_slices: int = 0  # slices cached beyond each end of the glands (no boxes), for 3-D box prompts
     series_uid: str | None = None  # the DICOM series read from an image folder that holds several
+    # encode --zoom: the gland's region (cache.regions.GlandRegion's fields, its "label" and its "source" case); its
+    # rows are the region's slices z0..z1 at shape_zyx[1:] = (size, size) of spacing_mm[1:] = side_mm / size
+    region: dict | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -179,6 +194,8 @@ class CaseRecord:
     @classmethod
     def from_dict(cls, obj, *, source) -> "CaseRecord":
         """A record read from ``source`` (a file, named in the error), every field's type checked."""
+        if isinstance(obj, dict):  # records from before encode --zoom
+            obj = {"region": None, **obj}
         _check_fields(cls, obj, source=source, what="a case record")
         name = obj["name"]
         ok = (all(isinstance(obj[k], str) for k in ("name", "image", "label", "digest"))
@@ -186,7 +203,8 @@ class CaseRecord:
               and _ints(obj["shape_zyx"], 3) and _ints(obj["source_shape"], 3) and _floats(obj["spacing_mm"], 3)
               and isinstance(obj["source_affine"], (list, tuple)) and len(obj["source_affine"]) == 4
               and all(_floats(row, 4) for row in obj["source_affine"])
-              and obj["subset"] in CACHED_SUBSETS and (obj["series_uid"] is None or isinstance(obj["series_uid"], str)))
+              and obj["subset"] in CACHED_SUBSETS and (obj["series_uid"] is None or isinstance(obj["series_uid"], str))
+              and (obj["region"] is None or _region(obj["region"])))
         if not ok:
             raise _bad(source, f"case record {_short(name)} has a field of the wrong type or out of range")
         return cls(**{**obj, "shape_zyx": tuple(obj["shape_zyx"]), "spacing_mm": tuple(obj["spacing_mm"]),

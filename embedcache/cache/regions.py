@@ -113,6 +113,36 @@ def zoom_out(masks: np.ndarray, region: Region, spacing_yx, shape_yx) -> np.ndar
     return out[0] if single else out
 
 
+def zoom_out_values(values: np.ndarray, region: Region, spacing_yx, shape_yx, *, fill: float) -> np.ndarray:
+    """``(n, size, size)`` float values of the region (a decoder's logits) → the slice's ``shape_yx`` grid,
+    bilinearly at each slice pixel's centre; ``fill`` outside the region."""
+    from scipy import ndimage
+
+    height, width = shape_yx
+    us, vs = region.to_region(_centres(width), _centres(height), spacing_yx)
+    vv, uu = np.meshgrid(vs - 0.5, us - 0.5, indexing="ij")
+    return np.stack([ndimage.map_coordinates(np.asarray(v, np.float32), [vv, uu], order=1, mode="constant", cval=fill)
+                     for v in values]) if len(values) else np.zeros((0, height, width), np.float32)
+
+
+class ZoomedSlices:
+    """A volume's slices ``(z, y, x)`` seen through a region: ``[z]`` is slice ``z`` resampled into it
+    (:func:`zoom_in`), made when asked for; what predict encodes on the fly for ``--zoom``."""
+
+    def __init__(self, volume: np.ndarray, region: Region, spacing_yx):
+        self.volume, self.region, self.spacing_yx = volume, region, spacing_yx
+
+    def __len__(self) -> int:
+        return len(self.volume)
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return (len(self.volume), self.region.size, self.region.size)
+
+    def __getitem__(self, z: int) -> np.ndarray:
+        return zoom_in(self.volume[z], self.region, self.spacing_yx)
+
+
 @dataclass(frozen=True)
 class GlandRegion:
     """One gland's zoomed region of a volume: the in-plane :class:`Region` on slices ``z0 … z1``

@@ -82,7 +82,7 @@ def phantom(out: Path, cases: int | None, seed: int, size: int, test_cases: int,
               help="Target label ids [default: the label map's adrenal glands: 7,8 in FLARE22's ids].")
 @label_map_options
 @options(PreprocessConfig, "window_width_hu", "window_level_hu", "slice_size")
-@options(EncodeConfig, "embedding_dtype", "device", "batch_size", "margin_slices", "workers")
+@options(EncodeConfig, "embedding_dtype", "device", "batch_size", "margin_slices", "workers", "zoom_mm")
 @options(EncodeConfig, "augment")
 @options(EncodeConfig, "engine", "precision", "streams")
 @progress_option
@@ -170,7 +170,8 @@ def _print_info(path: Path) -> None:
         pre = sig.preprocess
         out.print(
             f"window W{pre.window_width_hu:g}/L{pre.window_level_hu:g} HU, slices {pre.slice_size}², "
-            f"labels {', '.join(f'{k} = {sig.label_map.name(k)}' for k in sig.labels)} ({sig.label_map.source})",
+            f"labels {', '.join(f'{k} = {sig.label_map.name(k)}' for k in sig.labels)} ({sig.label_map.source})"
+            + (f"; each gland's region grown {sig.zoom_mm:g} mm (encode --zoom)" if sig.zoom_mm else ""),
             markup=False,
         )
         # The case column is never cut, in a narrow terminal or a log: a cut name tells no case from another.

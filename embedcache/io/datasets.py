@@ -17,13 +17,15 @@ class CaseSource:
     """One case: a CT image (NIfTI file or DICOM series folder) and its label volume.
 
     ``subset`` is ``test`` for cases of a test folder (``imagesTs/``), else ``train`` (training or
-    validation, as the fine-tune's split decides)."""
+    validation, as the fine-tune's split decides). ``gland``: the one target label whose zoomed region
+    this case is (``encode --zoom``, :mod:`embedcache.cache.regions`), named ``CASE@LABEL``."""
 
     name: str
     image: Path
     label: Path
     series_uid: str | None = None
     subset: str = "train"
+    gland: int | None = None
 
 
 

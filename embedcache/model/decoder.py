@@ -105,14 +105,20 @@ def logits_to_slice(low_res: torch.Tensor, *, input_size: int, slice_size: int) 
     return x.view(*lead, slice_size, slice_size)
 
 
+def logits_on_grid(low_res: torch.Tensor, *, input_size: int, slice_size: int, shape_yx: tuple[int, int]) -> torch.Tensor:
+    """Low-resolution logits ``(P, 1, 256, 256)`` → logits ``(P, *shape_yx)`` on a slice's own pixel grid: to the
+    ``slice_size`` slice, then to the source grid."""
+    logits = logits_to_slice(low_res, input_size=input_size, slice_size=slice_size)
+    return F.interpolate(logits, size=tuple(shape_yx), mode="bilinear", align_corners=False)[:, 0]
+
+
 def masks_on_grid(low_res: torch.Tensor, *, input_size: int, slice_size: int, shape_yx: tuple[int, int]) -> torch.Tensor:
     """Low-resolution logits ``(P, 1, 256, 256)`` → boolean masks ``(P, *shape_yx)`` on a slice's own pixel grid.
 
-    The logits go to the ``slice_size`` slice, then to the source grid, and only then are they
-    thresholded, so a mask is not made blocky by resampling it after the threshold.
+    The logits are thresholded only on that grid (:func:`logits_on_grid`), so a mask is not made blocky by
+    resampling it after the threshold.
     """
-    logits = logits_to_slice(low_res, input_size=input_size, slice_size=slice_size)
-    return F.interpolate(logits, size=tuple(shape_yx), mode="bilinear", align_corners=False)[:, 0] > 0
+    return logits_on_grid(low_res, input_size=input_size, slice_size=slice_size, shape_yx=shape_yx) > 0
 
 
 class AllMasks(torch.nn.Module):

@@ -62,6 +62,9 @@ def load_split(path: Path, cache: Cache) -> Split:
             or not all(isinstance(v, list) and all(isinstance(n, str) for n in v) for v in split.values()):
         raise EmbedcacheError(f'{path}: expected {{"train": [case names], "val": [...], "test": [...]}} (test optional)')
     known = {c.name: c for c in cache.cases}
+    glands = glands_of(cache)  # a zoom cache's split may name the source cases, as the whole-slice run's does
+    split = {key: [g for name in names for g in ([name] if name in known else glands.get(name, [name]))]
+             for key, names in split.items()}
     seen: dict[str, str] = {}
     for key in ("train", "val", "test"):
         for name in split.get(key, []):
@@ -88,8 +91,23 @@ def choose_split(cache: Cache, *, split_file: str | None, val_fraction: float, s
         return load_split(Path(split_file), cache)
     test = [c.name for c in cache.cases if c.subset == "test"]
     names = [c.name for c in cache.cases if c.n_rows > 0 and c.subset == "train"]
-    train, val = split_cases(names, val_fraction=val_fraction, seed=seed)
+    glands = glands_of(cache)
+    if glands:  # a zoom cache: split by source case (patient), each with all its glands
+        sources = sorted({source for source, members in glands.items() if set(members) & set(names)})
+        train, val = split_cases(sources, val_fraction=val_fraction, seed=seed)
+        train, val = ([g for s in side for g in glands[s] if g in names] for side in (train, val))
+    else:
+        train, val = split_cases(names, val_fraction=val_fraction, seed=seed)
     return Split(tuple(train), tuple(val), tuple(test))
+
+
+def glands_of(cache: Cache) -> dict[str, list[str]]:
+    """A zoom cache's (``encode --zoom``) source case → its glands' cases; empty for a whole-slice cache."""
+    out: dict[str, list[str]] = {}
+    for case in cache.cases:
+        if case.region is not None:
+            out.setdefault(case.region["source"], []).append(case.name)
+    return out
 
 
 def augmented_of(cache: Cache, train: tuple[str, ...]) -> list[str]:

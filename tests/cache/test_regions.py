@@ -68,3 +68,44 @@ def test_a_zoomed_image_is_the_slice_sampled_bilinearly_with_its_edge_beyond():
     zoomed = zoom_in(ramp, region, (1.0, 1.0))
     xs = region.to_slice(np.arange(40) + 0.5, 0.0, (1.0, 1.0))[0] - 0.5  # each region column's centre as an index
     assert np.allclose(zoomed[0], np.clip(xs, 0, 63), atol=1e-4)
+
+
+def test_encode_zoom_caches_each_glands_region_whose_masks_map_back_onto_its_slices(tiny_model, phantom_copy,
+                                                                                   tmp_path):
+    from embedcache.cache import store
+    from embedcache.cache.encode import encode, signature_for
+    from embedcache.cache.regions import GlandRegion
+    from embedcache.config import EncodeConfig
+    from embedcache.errors import CacheMismatchError
+    from embedcache.io.datasets import discover_cases
+    from embedcache.io.volumes import read_label
+    from embedcache.model.prompts import boxes_for_labels
+    from embedcache.synth.phantom import limit_target_slices
+
+    limit_target_slices(phantom_copy, per_case=3)
+    cases = discover_cases(phantom_copy)[:2]
+    config = EncodeConfig(backbone="tiny", device="cpu", zoom_mm=5.0)
+    out = tmp_path / "zoom.h5"
+    encode(cases, out, config, progress=None)
+    with store.open_cache(out, expect=signature_for(config)) as cache:
+        assert cache.signature.zoom_mm == 5.0
+        assert [c.name for c in cache.cases] == [f"{c.name}@{label}" for c in cases for label in (7, 8)]
+        for case in cache.cases:
+            source = case.region["source"]
+            gland = read_label(next(c.label for c in cases if c.name == source)).array == case.region["label"]
+            where = GlandRegion.from_dict(case.region)
+            z = cache.slice_index[case.rows]
+            held = np.flatnonzero(gland.any(axis=(1, 2)))
+            np.testing.assert_array_equal(z, np.arange(max(0, held[0] - 2), min(len(gland), held[-1] + 3)))
+            assert (where.z0, where.z1) == (z[0], z[-1]) and case.shape_zyx[1:] == (512, 512)
+            assert case.spacing_mm[1:] == pytest.approx((where.region.pixel_mm,) * 2)
+            masks = cache.masks[case.rows]
+            assert set(np.unique(masks)) == {0, case.region["label"]}  # the one gland, at the region's pixels
+            spacing_yx = read_label(next(c.label for c in cases if c.name == source)).spacing_mm[1:]
+            assert np.array_equal(zoom_out(masks > 0, where.region, spacing_yx, gland.shape[1:]), gland[z])
+            for row, k in zip(range(case.first_row, case.first_row + case.n_rows), z):
+                np.testing.assert_array_equal(cache.boxes[row], boxes_for_labels(cache.masks[row], (7, 8)))
+                assert np.isnan(cache.boxes[row]).all() == (k not in held)
+    assert encode(cases, out, config, progress=None).cases_resumed == 4  # a second run finds every gland done
+    with pytest.raises(CacheMismatchError, match="zoom_mm"):  # whole slices and regions never mix
+        encode(cases, out, EncodeConfig(backbone="tiny", device="cpu"), progress=None)

@@ -68,3 +68,26 @@ def test_test_cases_stay_out_of_training_and_a_split_file_fixes_the_sets(tiny_mo
         with pytest.raises(EmbedcacheError, match=match):
             finetune(finetune_config(held, split=str(tmp_path / f"{key}.json")), tmp_path / f"run-{key}", **QUIET)
         assert not (tmp_path / f"run-{key}").exists()
+
+
+def test_a_zoom_caches_split_keeps_each_patients_glands_together_and_may_name_the_source_cases(
+        tiny_model, small_zoom_cache, tmp_path):
+    import json
+
+    from embedcache.cache.store import open_cache
+    from embedcache.train.cases import choose_split, glands_of, load_split
+
+    with open_cache(small_zoom_cache) as cache:
+        glands = glands_of(cache)
+        assert sorted(glands) == ["PHANTOM_0001", "PHANTOM_0002", "PHANTOM_0003"]
+        assert all(members == [f"{source}@7", f"{source}@8"] for source, members in glands.items())
+        split = choose_split(cache, split_file=None, val_fraction=0.34, seed=0)
+        train = {n.rsplit("@", 1)[0] for n in split.train}
+        val = {n.rsplit("@", 1)[0] for n in split.val}
+        assert train and val and not train & val  # no patient on both sides
+        assert sorted(split.train + split.val) == sorted(g for m in glands.values() for g in m)
+        path = tmp_path / "split.json"  # the whole-slice run's split, by source case
+        path.write_text(json.dumps({"train": ["PHANTOM_0001", "PHANTOM_0002@8"], "val": ["PHANTOM_0003"]}))
+        loaded = load_split(path, cache)
+        assert loaded.train == ("PHANTOM_0001@7", "PHANTOM_0001@8", "PHANTOM_0002@8")
+        assert loaded.val == ("PHANTOM_0003@7", "PHANTOM_0003@8")

@@ -1,0 +1,70 @@
+"""Zoom-out-zoom-in: a gland's slices drawn again in its region, the two views' logits averaged on the slice grid."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import numpy as np
+from scipy import ndimage
+
+from embedcache.cache.regions import box_to_region, gland_region, zoom_in
+from embedcache.evaluation.zoom import redraw
+from embedcache.model.prompts import box_from_mask, grow_box
+
+
+class FakeView:
+    """A view whose 256² logits are ``+value`` on ``masks[z]`` and ``-value`` elsewhere (a 256² slice and an encoder
+    input of 256: the logits reach the grid unchanged); it keeps the boxes it was given."""
+
+    def __init__(self, masks, value):
+        self.masks, self.value, self.boxes = masks, value, {}
+        self.decoder = SimpleNamespace(input_size=256, slice_size=256)
+
+    def __call__(self, zs, boxes, *, low_res=False):
+        self.boxes.update({int(z): b for z, b in zip(zs, boxes)})
+        low = np.stack([np.where(self.masks[int(z)], self.value, -self.value) for z in zs]).astype(np.float32)
+        return None, None, low
+
+
+def _gland() -> np.ndarray:
+    yy, xx = np.mgrid[0:256, 0:256]
+    gland = np.zeros((10, 256, 256), bool)
+    for z in range(3, 7):
+        gland[z] = ((yy - 120) ** 2 / 30.0 + (xx - 130 - 2 * z) ** 2 / 6.0) <= 4.0  # thin, a few pixels wide
+    return gland
+
+
+def test_the_average_keeps_what_both_views_draw_and_the_finer_view_removes_the_rest():
+    gland, spacing = _gland(), (1.0, 1.0)
+    where = gland_region(gland, spacing, margin_mm=5.0, size=256, zpad=1)
+    first = np.zeros_like(gland)
+    first[3:7] = [ndimage.binary_dilation(g, iterations=2) for g in gland[3:7]]  # the coarse pass: too thick
+    first[9, 10:20, 10:20] = True  # beyond the region's slices: left as it was
+    whole = FakeView(first, 1.0)
+    zoomed = FakeView({z: zoom_in(gland[z], where.region, spacing, mask=True) for z in range(10)}, 3.0)
+    out = redraw(first, whole, zoomed, where, spacing, grow_mm=2.0)
+    assert np.array_equal(out[3:7], gland[3:7])  # the zoomed view outvotes the coarse one on the rim
+    assert np.array_equal(out[9], first[9]) and not out[:3].any() and not out[7:9].any()
+    assert sorted(whole.boxes) == sorted(zoomed.boxes) == [3, 4, 5, 6]  # only the first pass's slices
+    for z, box in whole.boxes.items():
+        grown = grow_box(box_from_mask(first[z]), (2.0, 2.0), within=(0, 0, 256, 256))
+        assert np.allclose(box, grown) and np.allclose(zoomed.boxes[z], box_to_region(grown, where.region, spacing))
+
+
+def test_where_the_zoomed_view_is_unsure_the_whole_slice_decides():
+    gland, spacing = _gland(), (1.0, 1.0)
+    where = gland_region(gland, spacing, margin_mm=5.0, size=256, zpad=1)
+    first = gland.copy()
+    whole = FakeView(gland, 1.0)
+    zoomed = FakeView({z: np.zeros((256, 256), bool) for z in range(10)}, 0.0)  # logits of 0: no opinion
+    assert np.array_equal(redraw(first, whole, zoomed, where, spacing), gland)
+
+
+def test_a_view_weighed_zero_is_not_decoded():
+    gland, spacing = _gland(), (1.0, 1.0)
+    where = gland_region(gland, spacing, margin_mm=5.0, size=256, zpad=1)
+    first = np.stack([ndimage.binary_dilation(g, iterations=2) for g in gland])
+    whole = FakeView(first, 1.0)
+    zoomed = FakeView({z: zoom_in(gland[z], where.region, spacing, mask=True) for z in range(10)}, 3.0)
+    assert np.array_equal(redraw(first, whole, zoomed, where, spacing, weights=(1.0, 0.0)), first)
+    assert not zoomed.boxes and np.array_equal(redraw(first, whole, zoomed, where, spacing, weights=(0.0, 1.0)), gland)
