@@ -445,9 +445,16 @@ class ScoreConfig:
                                      "image are taken from there by name, checked against the cache's sha256 of what "
                                      "was encoded.", path=True)
     device: str = setting("auto", "auto, cpu or cuda[:N].")
+    zoom: str | None = setting(None, "A decoder fine-tuned on the glands' regions (encode --zoom; a run folder or its "
+                                     ".safetensors): also scored averaged with --run's, as the model fine-tuned + zoom "
+                                     "(not under clicks).", path=True)
+    zoom_cache: str | None = setting(None, "The same cases encoded with encode --zoom [default: the cache --zoom was "
+                                           "fine-tuned on].", path=True)
 
     def __post_init__(self):
         _one_decoder(self.run, self.decoder)
+        if self.zoom_cache and not self.zoom:
+            raise UsageError("--zoom-cache holds the regions a --zoom decoder draws in: give --zoom too")
         if self.cases is not None and self.cases not in CASE_SETS:
             raise UsageError(f"--cases {self.cases}: choose {', '.join(CASE_SETS)}")
         check_protocols(self.prompts)
@@ -488,6 +495,10 @@ class PredictConfig:
     streams: int = streams_setting()  # slices a graph engine encodes at once; 0: measured (model.engines)
     label_map: str | None = None  # a label map file (io.labels); None: the decoder's, a dataset.json, the preset
     label_preset: str | None = None  # a built-in map (io.labels.PRESETS)
+    zoom: str | None = setting(None, "A decoder fine-tuned on the glands' regions (encode --zoom; a run folder or its "
+                                     ".safetensors): each gland is drawn again in the region of its box, that decoder's "
+                                     "logits averaged with --run's. Finer glands, about twice the slices encoded.",
+                               path=True)
 
     def __post_init__(self):
         check_engine_names(self.engine, self.precision, self.streams)

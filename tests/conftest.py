@@ -180,6 +180,17 @@ def run_dir(tmp_path_factory, small_cache, tiny_checkpoint) -> Path:
     return run
 
 
+@pytest.fixture(scope="module")
+def zoom_run(tmp_path_factory, small_zoom_cache, run_dir, tiny_checkpoint) -> Path:
+    """A one-epoch run on small_zoom_cache, on run_dir's split (which names the cases, not their glands)."""
+    run = tmp_path_factory.mktemp("zoom-run") / "run"
+    with tiny.registered(tiny_checkpoint):
+        result = cli("finetune", small_zoom_cache, "--out", run, "--epochs", "1", "--batch-size", "2", "--split",
+                     run_dir / "split.json", "--device", "cpu", "--no-progress")
+    assert result.exit_code == 0, result.output
+    return run
+
+
 # ---------------------------------------------------------------------------------- the command line
 
 

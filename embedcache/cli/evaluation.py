@@ -61,9 +61,11 @@ def _settings(params: dict):
 @score_options("cases", "prompts")
 @protocol_options
 @score_options("checkpoint", "data", "device")
+@score_options("zoom", "zoom_cache")
 @progress_option
 @friendly_errors(interrupted=REPLACES)
-def score(cache, out_dir, run_dir, decoder_file, cases, prompts, checkpoint, data, device, progress, **protocol):
+def score(cache, out_dir, run_dir, decoder_file, cases, prompts, checkpoint, data, device, zoom, zoom_cache, progress,
+          **protocol):
     """Score the vanilla decoder against the fine-tuned one on the cached embeddings of CACHE.
 
     Per prompt protocol (oracle: tight boxes on every slice, an upper bound; jitter: sloppy boxes;
@@ -79,7 +81,8 @@ def score(cache, out_dir, run_dir, decoder_file, cases, prompts, checkpoint, dat
 
     config = ScoreConfig(cache=str(cache), run=_text(run_dir), decoder=_text(decoder_file), cases=cases,
                          prompts=prompts, protocol=_settings(protocol),
-                         checkpoint=_text(checkpoint), data=_text(data), device=device)
+                         checkpoint=_text(checkpoint), data=_text(data), device=device, zoom=_text(zoom),
+                         zoom_cache=_text(zoom_cache))
     with open_cache(cache) as opened:  # a mistyped path or a decoder for another cache costs a second, not torch's import
         if run_dir or decoder_file:
             decoder = checkpoint_file(run_dir or decoder_file)
@@ -113,8 +116,9 @@ def _print_summary(report) -> None:
                       *(["difference"] if len(models) == 2 else []), title=f"prompts: {protocol}")
         for label, by_model in by_label.items():
             for metric in ("dice", "nsd"):
-                stats = [by_model[m][metric] for m in models]
-                table.add_row(report.labels[label], metric, *[f"{x['mean']:.4f} ± {x['sd']:.4f}" for x in stats],
+                stats = [by_model[m][metric] if m in by_model else None for m in models]  # zoomed: not under clicks
+                table.add_row(report.labels[label], metric,
+                              *[f"{x['mean']:.4f} ± {x['sd']:.4f}" if x else "—" for x in stats],
                               *([f"{stats[1]['mean'] - stats[0]['mean']:+.4f}"] if len(stats) == 2 else []))
         out.print(table)
     _print_clicks(out, report)
@@ -188,12 +192,13 @@ def evaluate(pred, labels_dir, out_dir, labels, label_map, label_preset, name, p
 @predict_options("series")
 @predict_options("output_types")
 @predict_options("review_iou")
+@predict_options("zoom")
 @label_map_options
 @predict_options("engine", "precision", "streams", "model", "checkpoint", "device")
 @progress_option
 @friendly_errors
 def predict(inputs, out_dir, run_dir, decoder_file, boxes_file, from_labels, prompts, series, output_types, review_iou,
-            label_map, label_preset, engine, precision, streams, model, checkpoint, device, progress, **protocol):
+            zoom, label_map, label_preset, engine, precision, streams, model, checkpoint, device, progress, **protocol):
     """Segment INPUTS (NIfTI files, folders of them, or DICOM series folders) from box prompts.
 
     A 3-D box per gland is segmented from its middle slice and propagated slice by slice (box3d);
@@ -213,7 +218,7 @@ def predict(inputs, out_dir, run_dir, decoder_file, boxes_file, from_labels, pro
                            from_labels=_text(from_labels), prompts=prompts, protocol=_settings(protocol),
                            series=series, model=model, checkpoint=_text(checkpoint), device=device, review_iou=review_iou,
                            engine=engine, precision=precision, streams=streams, label_map=_text(label_map),
-                           label_preset=label_preset,
+                           label_preset=label_preset, zoom=_text(zoom),
                            output_types=output_types)
     from embedcache.segment.predict import predict as run_predict
 

@@ -15,8 +15,8 @@ import numpy as np
 from embedcache.cache.preprocess import window_hu
 from embedcache.io.files import atomic_path
 
-COLOURS = {"vanilla": "#d62728", "finetuned": "#e6b800", "prediction": "#1f77b4"}
-MODEL_NAMES = {"vanilla": "vanilla", "finetuned": "fine-tuned", "prediction": "prediction"}
+COLOURS = {"vanilla": "#d62728", "finetuned": "#e6b800", "zoomed": "#9467bd", "prediction": "#1f77b4"}
+MODEL_NAMES = {"vanilla": "vanilla", "finetuned": "fine-tuned", "zoomed": "fine-tuned + zoom", "prediction": "prediction"}
 
 
 @dataclass
@@ -55,7 +55,7 @@ def dice_plot(report, path: Path) -> Path:
             for m, model in enumerate(models):
                 x = g * (len(models) + 1) + m
                 values = [by_label[label][model]["dice"] for by_label in report.cases[protocol].values()
-                          if label in by_label]
+                          if label in by_label and model in by_label[label]]  # zoomed: not under clicks
                 if not values:
                     continue
                 ax.scatter(x + rng.uniform(-0.15, 0.15, len(values)), values, s=14, color=COLOURS.get(model, "k"),

@@ -11,6 +11,7 @@ each number; the :class:`~embedcache.config.ScoreConfig` is saved beside it as `
 from __future__ import annotations
 
 import logging
+from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
@@ -19,6 +20,7 @@ import numpy as np
 import torch
 
 from embedcache.cache.records import CaseRecord
+from embedcache.cache.regions import GlandRegion
 from embedcache.cache.store import Cache, open_cache
 from embedcache.config import ScoreConfig, to_json
 from embedcache.errors import EmbedcacheError
@@ -27,10 +29,12 @@ from embedcache.evaluation.metrics import dice, gland_metrics
 from embedcache.evaluation.page import Overlay
 from embedcache.evaluation.report import Report, check_report_folder, report_labels, write_report
 from embedcache.evaluation.segmenter import Decoder, Segmenter
+from embedcache.evaluation.zoom import check_zoom_decoder, redraw
 from embedcache.io.datasets import discover_cases
 from embedcache.io.volumes import read_image, read_label, source_digest
 from embedcache.runtime.devices import pick_device
 from embedcache.train.cases import choose_cases
+from embedcache.train.checkpoint import checkpoint_file, read_header
 from embedcache.train.decoders import load_model, load_trained_decoder
 from embedcache.train.runs import LOG, RunFolder
 
@@ -105,6 +109,48 @@ class CachedCase:
         return Segmenter(self, Decoder(prompt_encoder, mask_decoder, input_size, slice_size))
 
 
+@dataclass
+class ZoomView:
+    """``score --zoom``: the cache of the glands' regions (``encode --zoom``), its records by ``CASE@LABEL`` and the
+    zoom decoder beside its backbone."""
+
+    path: Path
+    cache: Cache
+    model: object  # train.decoders.Model, its one decoder "finetuned"
+    decoder: Path
+
+    def segment(self, case: str, label: int, dev) -> tuple[Segmenter, GlandRegion] | None:
+        """The region of gland ``label`` of ``case`` and its segmenter over the cached region rows; None where the
+        zoom cache holds no such gland."""
+        record = next((c for c in self.cache.cases if c.name == f"{case}@{label}" and c.region), None)
+        if record is None:
+            return None
+        segment = CachedCase(self.cache, record, device=dev).segment_with(
+            self.model.parts.prompt_encoder, self.model.decoders["finetuned"], input_size=self.model.backbone.input_size,
+            slice_size=self.cache.signature.slice_size)
+        return segment, GlandRegion.from_dict(record.region)
+
+
+def open_zoom(config: ScoreConfig, dev, stack: ExitStack) -> ZoomView:
+    """The zoom decoder of ``config.zoom`` and its cache (``config.zoom_cache``, else the cache it was fine-tuned on),
+    checked against each other; the cache stays open while ``stack`` does."""
+    decoder = checkpoint_file(Path(config.zoom))
+    whole = checkpoint_file(Path(config.run or config.decoder)) if config.run or config.decoder else None
+    check_zoom_decoder(read_header(decoder).signature, decoder, read_header(whole).signature if whole else None, whole)
+    path = config.zoom_cache or read_header(decoder).config.get("cache")
+    if not path or not Path(path).is_file():
+        raise EmbedcacheError(f"{decoder}: the cache it was fine-tuned on ({path or 'not recorded'}) is not there; give "
+                              "--zoom-cache, the cases encoded with encode --zoom")
+    cache = stack.enter_context(open_cache(Path(path)))
+    if not cache.signature.zoom_mm:
+        raise EmbedcacheError(f"{path}: holds whole slices; --zoom-cache takes the cases encoded with encode --zoom")
+    trained = load_trained_decoder(decoder, expect=cache.signature, expect_path=Path(path))
+    model = load_model(cache.signature.backbone, trained=trained,
+                       checkpoint=Path(config.checkpoint) if config.checkpoint else None, device=dev,
+                       expect_sha256=cache.signature.checkpoint_sha256, made=f"the cache {path}", vanilla=False)
+    return ZoomView(Path(path), cache, model, decoder)
+
+
 def score(config: ScoreConfig, out_dir: Path, *, progress=None) -> Report:
     """Score the vanilla decoder (and the fine-tuned one of ``config.run`` or ``config.decoder``) on a
     case set of ``config.cache`` under each of ``config.prompts``; write the report to ``out_dir``."""
@@ -112,7 +158,8 @@ def score(config: ScoreConfig, out_dir: Path, *, progress=None) -> Report:
     run_dir = Path(config.run) if config.run else None
     check_report_folder(out_dir)
     dev = pick_device(config.device)
-    with open_cache(cache_path) as cache:
+    with open_cache(cache_path) as cache, ExitStack() as stack:
+        zoom = open_zoom(config, dev, stack) if config.zoom else None
         trained = None
         if config.run or config.decoder:
             trained = load_trained_decoder(Path(config.run or config.decoder), expect=cache.signature,
@@ -126,22 +173,26 @@ def score(config: ScoreConfig, out_dir: Path, *, progress=None) -> Report:
         model = load_model(cache.signature.backbone, trained=trained,
                            checkpoint=Path(config.checkpoint) if config.checkpoint else None, device=dev,
                            expect_sha256=cache.signature.checkpoint_sha256, made=f"the cache {cache_path}")
-        results, picks = _score_cases(cache, records, sources, model, config, dev, progress)
+        results, picks = _score_cases(cache, records, sources, model, config, dev, progress, zoom=zoom)
         overlays = _overlays(picks)
     report = Report(
         kind="score", case_set=scored.set, case_set_note=scored.note, case_names=scored.names,
         made_by={"cache": str(cache_path), "run": str(run_dir) if run_dir else None,
                  **(trained.describe() if trained else {"decoder": "vanilla only"}),
+                 **({"zoom decoder": str(zoom.decoder), "zoom cache": str(zoom.path),
+                     "zoom margin (mm)": zoom.cache.signature.zoom_mm} if zoom else {}),
                  "protocol settings": asdict(config.protocol)},
         prompts={p: protocols.DESCRIPTIONS[p] for p in config.prompts}, protocol_settings=asdict(config.protocol),
-        models=tuple(model.decoders), **report_labels(cache.signature.label_map, cache.labels), cases=results,
+        models=tuple(model.decoders) + (("zoomed",) if zoom else ()), **report_labels(cache.signature.label_map, cache.labels), cases=results,
     )
     return write_report(out_dir, report, overlays=overlays, log_csv=run_dir / LOG if run_dir else None,
                         extra={CONFIG: to_json(config) + "\n"})
 
 
-def _score_cases(cache: Cache, records: list[CaseRecord], sources: dict, model, config: ScoreConfig, dev, progress):
-    """Every protocol on every gland of ``records`` with every decoder of ``model``: the results
+def _score_cases(cache: Cache, records: list[CaseRecord], sources: dict, model, config: ScoreConfig, dev, progress, *,
+                 zoom: ZoomView | None = None):
+    """Every protocol on every gland of ``records`` with every decoder of ``model`` (and, with ``zoom``, the
+    fine-tuned one's masks drawn again in each gland's region, as model ``zoomed``; not under clicks): the results
     (``{protocol: {case: {label: {model: metrics}}}}``) and the best and worst slices to show."""
     size = {"input_size": model.backbone.input_size, "slice_size": cache.signature.slice_size}
     results: dict = {p: {} for p in config.prompts}
@@ -158,6 +209,7 @@ def _score_cases(cache: Cache, records: list[CaseRecord], sources: dict, model, 
         for label in cache.labels:
             gt = truth == label
             done: dict[str, dict] = {}
+            region = zoom.segment(case.name, label, dev) if zoom else None
             for protocol in config.prompts:
                 curves = {m: {} for m in segments}
                 predictions = {m: protocols.run(protocol, segment, truth=gt, spacing_mm=case.spacing_mm,
@@ -167,9 +219,14 @@ def _score_cases(cache: Cache, records: list[CaseRecord], sources: dict, model, 
                                                                 cache.signature.label_map))
                                for m, segment in segments.items()}
                 done[protocol] = predictions
+                if zoom is not None and protocol != "clicks":  # no region: nothing to draw again, the first pass
+                    first = predictions["finetuned"]
+                    mask = first.mask if region is None else redraw(first.mask, segments["finetuned"], *region,
+                                                                     case.spacing_mm[1:])
+                    predictions = {**predictions, "zoomed": protocols.Prediction(mask, first.boxes, first.iou)}
                 results[protocol].setdefault(case.name, {})[str(label)] = {
                     m: {**gland_metrics(p.mask, gt, spacing_mm=case.spacing_mm, label=label,
-                                     label_map=cache.signature.label_map), **click_metrics(curves[m])}
+                                     label_map=cache.signature.label_map), **click_metrics(curves.get(m, {}))}
                     for m, p in predictions.items()
                 }
                 if protocol == shown:

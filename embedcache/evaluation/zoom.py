@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from embedcache.cache.regions import GlandRegion, box_to_region, zoom_out_values
+from embedcache.cache.records import Signature
+from embedcache.cache.regions import GlandRegion, box_to_region, region_around, zoom_out_values
+from embedcache.errors import EmbedcacheError
 from embedcache.model.prompts import box_from_mask, grow_box
 
 #: mm each slice's box (around the first pass's mask) is grown before both views decode it: chosen on the
@@ -18,6 +20,34 @@ from embedcache.model.prompts import box_from_mask, grow_box
 GROW_MM = 2.0
 #: the zoomed view's logit outside its region, where only the whole slice speaks
 OUTSIDE = -20.0
+
+
+#: what a zoom decoder must share with the whole-slice one it is averaged with: the embeddings' maker and meaning
+SHARED_KEYS = ("backbone", "checkpoint_sha256", "input_size", "preprocess", "labels")
+
+
+def check_zoom_decoder(zoom: Signature, zoom_path, whole: Signature | None, whole_path) -> None:
+    """Refuse, in one line, a ``--zoom`` decoder not trained on a zoom cache, a whole-slice decoder that was, and a
+    pair made from other embeddings (another backbone, weights, preprocessing or labels)."""
+    if not zoom.zoom_mm:
+        raise EmbedcacheError(f"{zoom_path}: trained on whole slices; --zoom takes a decoder fine-tuned on a cache of "
+                              "the glands' regions (encode --zoom MM, then finetune on it)")
+    if whole is None:
+        raise EmbedcacheError(f"--zoom {zoom_path} is averaged with a fine-tuned whole-slice decoder: give --run or "
+                              "--decoder too")
+    if whole.zoom_mm:
+        raise EmbedcacheError(f"{whole_path}: trained on the glands' regions (encode --zoom); give it as --zoom, and "
+                              "a decoder trained on whole slices as --run or --decoder")
+    difference = zoom.difference(whole, SHARED_KEYS)
+    if difference:
+        raise EmbedcacheError(f"{zoom_path}: trained on embeddings made with {difference} (those of {whole_path}); "
+                              "fine-tune both decoders on caches of one model and preprocessing")
+
+
+def region_of_box(box, z0: int, z1: int, spacing_yx, *, margin_mm: float, size: int) -> GlandRegion:
+    """The region a person's 3-D box (its in-plane ``box`` in pixel edges, slices ``z0 … z1``) defines: the box grown
+    by the zoom cache's margin, as ``encode --zoom`` grows a gland's extent."""
+    return GlandRegion(region_around(box, spacing_yx, margin_mm=margin_mm, size=size), int(z0), int(z1))
 
 
 def redraw(mask_zyx: np.ndarray, whole, zoomed, where: GlandRegion, spacing_yx, *, grow_mm: float = GROW_MM,

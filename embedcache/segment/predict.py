@@ -25,11 +25,13 @@ from pathlib import Path
 import numpy as np
 
 from embedcache.cache.preprocess import slice_to_model
+from embedcache.cache.regions import GlandRegion, ZoomedSlices, gland_region
 from embedcache.config import OUTPUT_TYPES, PredictConfig, PreprocessConfig, ProtocolSettings
 from embedcache.errors import EmbedcacheError, UsageError
 from embedcache.evaluation import protocols
 from embedcache.evaluation.protocols import Prediction
 from embedcache.evaluation.segmenter import Decoder, Segmenter
+from embedcache.evaluation.zoom import check_zoom_decoder, redraw, region_of_box
 from embedcache.io.datasets import case_name
 from embedcache.io.dicom_out import (
     check_labels,
@@ -298,6 +300,9 @@ def predict(inputs: list[Path], out_dir: Path, config: PredictConfig, *, progres
         raise UsageError("give either --boxes BOXES.json or --from-labels LABELS")
     decoder = checkpoint_file(Path(config.run or config.decoder)) if config.run or config.decoder else None
     trained_on = read_signature(decoder) if decoder else None  # the header alone: the inputs come first
+    zoom = checkpoint_file(Path(config.zoom)) if config.zoom else None
+    if zoom is not None:
+        check_zoom_decoder(read_signature(zoom), zoom, trained_on, decoder)
     labels = trained_on.labels if trained_on else None
     label_map, note = predict_label_map(config, trained_on, decoder)
     check_out_outside_inputs(Path(out_dir), [*inputs, *([config.from_labels] if config.from_labels else [])])
@@ -309,6 +314,7 @@ def predict(inputs: list[Path], out_dir: Path, config: PredictConfig, *, progres
     # what can be refused without the model is refused before OUT is made: no empty folder is left behind
     check_engine(config.engine, pick_device(config.device).type, config.precision, config.streams)
     trained = load_trained_decoder(decoder) if decoder else None
+    zoomed = load_trained_decoder(zoom) if zoom else None
     # the first input is read while the model loads, the next while this one is encoded (NIfTI's gzip and DICOM
     # decoding run beside the engine)
     reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="embedcache-predict-reader")
@@ -317,7 +323,7 @@ def predict(inputs: list[Path], out_dir: Path, config: PredictConfig, *, progres
     held = ExitStack()
     try:
         with timing_waits_for(partial(wait, [coming])):  # a measurement, if one runs, times a quiet CPU
-            model = load_predict_model(trained, config)
+            model = load_predict_model(trained, config, zoom=zoomed)
         make_output_folder(out_dir)  # once the model is in hand: a refused model leaves no empty folder behind
         held.enter_context(WriterLock(Path(out_dir) / LOCK, what=str(out_dir)))  # one predict writes here at a time
         owned = written_before(Path(out_dir))  # what another predict wrote here since the checks counts too
@@ -365,6 +371,10 @@ def predict(inputs: list[Path], out_dir: Path, config: PredictConfig, *, progres
                                                labels=labels or label_map.adrenals())
                 finally:  # an error or an interrupt leaves no encoding running ahead
                     volume.close()
+                if model.zoom is not None and config.prompts != "clicks":
+                    requests = job.requests if job.label_file is None else [None] * len(predictions)
+                    for (label, prediction), request in zip(predictions, requests):
+                        zoom_in_gland(prediction, label, request, job, image, segment, model, on_encode=encoded)
                 result = label_volume(image.array.shape, predictions)
                 dicom = [kind for kind, _ in job.outputs if kind != "nifti"]
                 if dicom and not result.any():  # checked before the first file: none is written for this input
@@ -393,6 +403,43 @@ def predict(inputs: list[Path], out_dir: Path, config: PredictConfig, *, progres
         reader.shutdown(cancel_futures=True)
         held.close()
     return result_of
+
+
+def gland_zone(label: int, request: Request | None, job: Job, image, *, margin_mm: float, size: int
+               ) -> GlandRegion | None:
+    """Where ``--zoom`` draws a gland again: the region of its label volume's gland (``--from-labels``, as ``encode
+    --zoom`` makes it) or of its box (``--boxes``); None for a prompt with clicks (the clicks' slices are the
+    person's word) and where the region would be no finer than the slice."""
+    spacing_yx = image.geometry.spacing_mm[1:]
+    if request is None:
+        where = gland_region(read_label(job.label_file).array == label, spacing_yx, margin_mm=margin_mm, size=size,
+                             zpad=len(image.array))
+    elif request.clicks or request.points_only:
+        return None
+    else:
+        where = region_of_box(request.box.box, request.box.z0, request.box.z1, spacing_yx, margin_mm=margin_mm,
+                              size=size)
+    return where if where.region.pixel_mm < min(spacing_yx) else None
+
+
+def zoom_in_gland(prediction: Prediction, label: int, request: Request | None, job: Job, image, segment,
+                  model: "PredictModel", *, on_encode=None) -> None:
+    """Draw one gland again in its region (:func:`~embedcache.evaluation.zoom.redraw`), in place: its region's slices
+    are encoded on the fly, as the whole slices were."""
+    zoom = model.zoom
+    where = gland_zone(label, request, job, image, margin_mm=zoom.margin_mm, size=model.preprocess.slice_size)
+    if where is None:
+        return
+    spacing_yx = image.geometry.spacing_mm[1:]
+    slices = OnTheFly(ZoomedSlices(image.array, where.region, spacing_yx), model.encoder, model.preprocess,
+                      on_encode=on_encode)
+    try:
+        slices.ahead([z for z in range(where.z0, where.z1 + 1) if prediction.mask[z].any()])
+        zoomed = slices.segment_with(zoom.prompt_encoder, zoom.mask_decoder, input_size=model.input_size,
+                                     decode=zoom.decode)
+        prediction.mask = redraw(prediction.mask, segment, zoomed, where, spacing_yx)
+    finally:
+        slices.close()
 
 
 def label_volume(shape_zyx, predictions) -> np.ndarray:
@@ -515,6 +562,7 @@ class PredictModel:
     backbone: str = ""  # what made the embeddings, as a cache's signature records it: the backbone's name,
     weights_sha256: str = ""  # its weights' sha256
     embedding_dtype: str = "float16"  # and the type they are rounded to
+    zoom: "ZoomDecoder | None" = None  # --zoom: the decoder of the glands' regions
 
     @property
     def engines(self) -> str:
@@ -529,7 +577,18 @@ class PredictModel:
         return label
 
 
-def load_predict_model(trained, config: PredictConfig) -> PredictModel:
+@dataclass
+class ZoomDecoder:
+    """``predict --zoom``'s second decoder, fine-tuned on regions grown ``margin_mm`` around the glands: eager
+    (``prompt_encoder``, ``mask_decoder``) or, on a CPU graph engine, ``decode``."""
+
+    prompt_encoder: object
+    mask_decoder: object
+    decode: object
+    margin_mm: float
+
+
+def load_predict_model(trained, config: PredictConfig, *, zoom=None) -> PredictModel:
     """The model of ``config`` (the trained decoder's backbone and preprocessing, where there is one). With a CPU
     graph engine the encoder and the decoder run as exported graphs, and the eager model is loaded only to export
     them (once per weights) or to decode a prompt with clicks: a graph engine's predict spends no time building it."""
@@ -551,17 +610,29 @@ def load_predict_model(trained, config: PredictConfig) -> PredictModel:
     def model():  # the weights are checked above
         return load_model(name, trained=trained, checkpoint=weights.path, device=dev, vanilla=False)
 
+    @cache
+    def zoom_model():  # the same weights (predict checked the two decoders' signatures agree)
+        return load_model(name, trained=zoom, checkpoint=weights.path, device=dev, vanilla=False)
+
     engine, streams = resolve_engine(config.engine, backbone, lambda: model().parts.image_encoder, sha, device=dev,
                                      streams=config.streams)
     encoder = build_encoder(engine, backbone, lambda: model().parts.image_encoder, sha, device=dev,
                             out_dtype=torch.float16 if dtype == "float16" else torch.float32,
                             precision=config.precision, streams=streams)
-    if engine in GRAPH_ENGINES:  # the decoder runs where the encoder does, at its precision
+    graph = engine in GRAPH_ENGINES  # the decoders run where the encoder does, at its precision
+    second = None
+    if zoom is not None:
+        margin = zoom.signature.zoom_mm
+        second = ZoomDecoder(None, None, GraphDecoder(engine, backbone, lambda: (zoom_model().parts.prompt_encoder,
+                                                                                   zoom_model().decoder), sha,
+                                                      file_sha256(zoom.source), precision=config.precision), margin) \
+            if graph else ZoomDecoder(zoom_model().parts.prompt_encoder, zoom_model().decoder, None, margin)
+    if graph:
         decode = GraphDecoder(engine, backbone, lambda: (model().parts.prompt_encoder, model().decoder), sha,
                               file_sha256(trained.source) if trained else "vanilla", precision=config.precision)
         return PredictModel(encoder=encoder, prompt_encoder=None, mask_decoder=None, input_size=backbone.input_size,
                             preprocess=preprocess, decode=decode, backbone=backbone.name, weights_sha256=sha,
-                            embedding_dtype=dtype)
+                            embedding_dtype=dtype, zoom=second)
     return PredictModel(encoder=encoder, prompt_encoder=model().parts.prompt_encoder, mask_decoder=model().decoder,
                         input_size=backbone.input_size, preprocess=preprocess, backbone=backbone.name,
-                        weights_sha256=sha, embedding_dtype=dtype)
+                        weights_sha256=sha, embedding_dtype=dtype, zoom=second)

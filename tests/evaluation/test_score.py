@@ -223,3 +223,35 @@ def test_a_bad_click_count_is_one_line(small_cache, tmp_path, value):
     result = cli("score", small_cache, "--out", tmp_path / "r", "--protocols", "clicks", "--clicks", value)
     only_line_error(result, "--clicks")
     assert not (tmp_path / "r").exists()
+
+
+def test_zoom_scores_the_fine_tuned_masks_drawn_again_in_each_glands_region(small_cache, small_zoom_cache, run_dir,
+                                                                           zoom_run, tiny_model, tmp_path, monkeypatch):
+    calls = []
+
+    def spy(mask, whole, zoomed, where, spacing_yx, **kw):
+        out = redraw(mask, whole, zoomed, where, spacing_yx, **kw)
+        calls.append((where, out))
+        return out
+
+    redraw = score_module.redraw
+    monkeypatch.setattr(score_module, "redraw", spy)
+    config = ScoreConfig(cache=str(small_cache), run=str(run_dir), zoom=str(zoom_run), cases="all",
+                         prompts=("oracle", "box3d", "clicks"), protocol=ProtocolSettings(clicks=1), device="cpu")
+    report = score_module.score(config, tmp_path / "r")
+    assert report.models == ("vanilla", "finetuned", "zoomed")
+    assert report.made_by["zoom cache"] == str(small_zoom_cache)  # the cache the zoom run was fine-tuned on
+    with store.open_cache(small_zoom_cache) as cache:
+        regions = {(c.region["source"], c.region["label"]): c.region for c in cache.cases}
+    assert len(calls) == 2 * len(regions)  # oracle and box3d, once per gland; never under clicks
+    assert {(w.z0, w.z1, w.region.cx) for w, _ in calls} == {(r["z0"], r["z1"], r["cx"]) for r in regions.values()}
+    for protocol, by_case in report.cases.items():
+        for case, by_label in by_case.items():
+            for label, by_model in by_label.items():
+                assert ("zoomed" in by_model) == (protocol != "clicks")
+    assert "fine-tuned + zoom" in (tmp_path / "r" / "index.html").read_text()
+    whole = cli("score", small_cache, "--out", tmp_path / "w", "--run", run_dir, "--zoom", zoom_run, "--zoom-cache",
+                small_cache)
+    assert whole.exit_code == 1 and "holds whole slices; --zoom-cache takes" in whole.output
+    alone = cli("score", small_cache, "--out", tmp_path / "a", "--zoom-cache", small_zoom_cache)
+    assert alone.exit_code == 2 and "give --zoom too" in alone.output

@@ -328,3 +328,42 @@ def test_slices_told_of_are_encoded_ahead_once_each_and_those_no_longer_wanted_a
     threading.Timer(0.5, release.set).start()
     volume.close()  # drops what waits at once, then waits for what runs
     assert len(encoded) == 4 and release.is_set()
+
+
+def test_zoom_draws_each_gland_again_in_its_region_and_refuses_a_decoder_of_the_wrong_kind(
+        tiny_model, small_cache, zoom_run, run_dir, tmp_path, monkeypatch):
+    from embedcache.config import PredictConfig
+    from embedcache.evaluation.protocols import Prediction
+    from embedcache.segment import predict as module
+    from embedcache.segment.predict import predict
+
+    def first_pass(job, segment, image, *, prompts, settings, labels):  # the tiny decoder draws nothing: the truth
+        truth = read_label(job.label_file).array
+        return [(label, Prediction(truth == label)) for label in labels if (truth == label).any()]
+
+    monkeypatch.setattr(module, "_segment_job", first_pass)
+    case = next(c for c in discover_cases(small_cache.parent / "data") if c.name == "PHANTOM_0003")
+    runs = {}
+    for name, zoom in (("whole", None), ("zoom", str(zoom_run))):
+        config = PredictConfig(run=str(run_dir), from_labels=str(case.label), device="cpu", zoom=zoom)
+        runs[name] = predict([case.image], tmp_path / name, config)
+        assert runs[name].written and not runs[name].errors
+    whole = read_label(tmp_path / "whole" / f"{case.name}.nii.gz").array
+    zoomed = read_label(tmp_path / "zoom" / f"{case.name}.nii.gz").array
+    truth = read_label(case.label).array
+    assert np.array_equal(whole, np.where(np.isin(truth, (7, 8)), truth, 0))  # the first pass alone
+    drawn = [z for z in range(len(whole)) for label in (7, 8) if (whole[z] == label).any()]
+    # each gland's slices encoded in its region, and each whole slice once (the stand-in first pass encoded none)
+    assert runs["whole"].slices_encoded == 0 and runs["zoom"].slices_encoded == len(drawn) + len(set(drawn))
+    changed = np.flatnonzero((whole != zoomed).any(axis=(1, 2)))
+    assert changed.size and set(changed) <= set(drawn)  # drawn again: only the slices the first pass drew
+    assert json.loads((tmp_path / "zoom" / "predict.json").read_text())["config"]["zoom"] == str(zoom_run)
+    wrong = _predict(case.image, "--from-labels", case.label, "--run", run_dir, "--zoom", run_dir, "--out",
+                     tmp_path / "w1")
+    assert wrong.exit_code == 1 and "trained on whole slices; --zoom takes a decoder" in wrong.output
+    swapped = _predict(case.image, "--from-labels", case.label, "--run", zoom_run, "--zoom", zoom_run, "--out",
+                       tmp_path / "w2")
+    assert swapped.exit_code == 1 and "give it as --zoom" in swapped.output
+    alone = _predict(case.image, "--from-labels", case.label, "--zoom", zoom_run, "--out", tmp_path / "w3")
+    assert alone.exit_code == 1 and "give --run or --decoder too" in alone.output
+    assert not any((tmp_path / w).exists() for w in ("w1", "w2", "w3"))
