@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import csv
 import html
+import textwrap
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -153,8 +154,11 @@ def overlay_png(o: Overlay, out_dir: Path) -> Path:
     ax.set_ylim(cy1, cy0)
     ax.axis("off")
     ax.legend(fontsize=6, loc="lower left", framealpha=0.6)
-    dice = " · ".join(f"{MODEL_NAMES.get(m, m)} {v:.2f}" for m, v in o.dice.items())
-    ax.set_title(f"{o.case} · slice {o.z} · {o.protocol}\nlabel {o.label} ({o.tag}) · Dice {dice}", fontsize=7)
+    # each model's name and Dice kept whole (no-break spaces), the line broken between models (score --zoom's third)
+    dice = " · ".join(f"{MODEL_NAMES.get(m, m)} {v:.2f}".replace(" ", "\u00a0") for m, v in o.dice.items())
+    lines = [f"{o.case} · slice {o.z} · {o.protocol}", f"label {o.label} ({o.tag})",
+             *textwrap.wrap(f"Dice {dice}", 52, break_on_hyphens=False)]
+    ax.set_title("\n".join(lines), fontsize=7)
     return _save(fig, out_dir / f"overlay-{o.tag}-label{o.label}-{o.case}-z{o.z}.png", dpi=120)
 
 
