@@ -34,6 +34,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from embedcache.cache.plan import gland_name
 from embedcache.cache.regions import GlandRegion, zoom_out
 from embedcache.cache.store import open_cache
 from embedcache.config import ProtocolSettings
@@ -59,7 +60,7 @@ def study_set(cache: Path, decoder: Path | None, zoom_cache: Path, zoom_decoder:
     out = {}
     for c, case, truth, seg in decoded_cases(cache, names, decoder, device):
         for label in c.signature.label_map.adrenals():
-            key = f"{case.name}@{label}"
+            key = gland_name(case.name, label)
             if key not in zoomed:
                 continue
             gland, syx = truth == label, case.spacing_mm[1:]

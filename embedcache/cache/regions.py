@@ -95,6 +95,14 @@ def zoom_in(slices: np.ndarray, region: Region, spacing_yx, *, mask: bool = Fals
     return out[0] if single else out
 
 
+def _slice_centres_in(region: Region, spacing_yx, shape_yx) -> tuple[np.ndarray, np.ndarray]:
+    """Where the centre of each pixel of a ``shape_yx`` slice lies in the region, as array indices ``(v, u)``."""
+    height, width = shape_yx
+    us, vs = region.to_region(_centres(width), _centres(height), spacing_yx)
+    vv, uu = np.meshgrid(vs - 0.5, us - 0.5, indexing="ij")
+    return vv, uu
+
+
 def zoom_out(masks: np.ndarray, region: Region, spacing_yx, shape_yx) -> np.ndarray:
     """``(n, size, size)`` or ``(size, size)`` bool masks of the region → the slice's ``shape_yx`` grid, each slice
     pixel taking the region pixel under its centre (none outside the region). The exact inverse of
@@ -105,9 +113,7 @@ def zoom_out(masks: np.ndarray, region: Region, spacing_yx, shape_yx) -> np.ndar
     array = np.asarray(masks, bool)
     single = array.ndim == 2
     batch = array[None] if single else array
-    height, width = shape_yx
-    us, vs = region.to_region(_centres(width), _centres(height), spacing_yx)
-    vv, uu = np.meshgrid(vs - 0.5, us - 0.5, indexing="ij")
+    vv, uu = _slice_centres_in(region, spacing_yx, shape_yx)
     out = np.stack([ndimage.map_coordinates(m.astype(np.uint8), [vv, uu], order=0, mode="constant", cval=0) > 0
                     for m in batch])
     return out[0] if single else out
@@ -118,11 +124,9 @@ def zoom_out_values(values: np.ndarray, region: Region, spacing_yx, shape_yx, *,
     bilinearly at each slice pixel's centre; ``fill`` outside the region."""
     from scipy import ndimage
 
-    height, width = shape_yx
-    us, vs = region.to_region(_centres(width), _centres(height), spacing_yx)
-    vv, uu = np.meshgrid(vs - 0.5, us - 0.5, indexing="ij")
+    vv, uu = _slice_centres_in(region, spacing_yx, shape_yx)
     return np.stack([ndimage.map_coordinates(np.asarray(v, np.float32), [vv, uu], order=1, mode="constant", cval=fill)
-                     for v in values]) if len(values) else np.zeros((0, height, width), np.float32)
+                     for v in values]) if len(values) else np.zeros((0, *shape_yx), np.float32)
 
 
 class ZoomedSlices:

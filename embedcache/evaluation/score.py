@@ -111,8 +111,8 @@ class CachedCase:
 
 @dataclass
 class ZoomView:
-    """``score --zoom``: the cache of the glands' regions (``encode --zoom``), its records by ``CASE@LABEL`` and the
-    zoom decoder beside its backbone."""
+    """``score --zoom``: the cache of the glands' regions (``encode --zoom``) and the zoom decoder beside its
+    backbone."""
 
     path: Path
     cache: Cache
@@ -122,11 +122,13 @@ class ZoomView:
     def segment(self, case: str, label: int, dev) -> tuple[Segmenter, GlandRegion] | None:
         """The region of gland ``label`` of ``case`` and its segmenter over the cached region rows; None where the
         zoom cache holds no such gland."""
-        record = next((c for c in self.cache.cases if c.name == f"{case}@{label}" and c.region), None)
+        record = next((c for c in self.cache.cases
+                       if c.region and c.region["source"] == case and c.region["label"] == label), None)
         if record is None:
             return None
+        model = self.model
         segment = CachedCase(self.cache, record, device=dev).segment_with(
-            self.model.parts.prompt_encoder, self.model.decoders["finetuned"], input_size=self.model.backbone.input_size,
+            model.parts.prompt_encoder, model.decoders["finetuned"], input_size=model.backbone.input_size,
             slice_size=self.cache.signature.slice_size)
         return segment, GlandRegion.from_dict(record.region)
 
@@ -135,12 +137,13 @@ def open_zoom(config: ScoreConfig, dev, stack: ExitStack) -> ZoomView:
     """The zoom decoder of ``config.zoom`` and its cache (``config.zoom_cache``, else the cache it was fine-tuned on),
     checked against each other; the cache stays open while ``stack`` does."""
     decoder = checkpoint_file(Path(config.zoom))
+    header = read_header(decoder)
     whole = checkpoint_file(Path(config.run or config.decoder)) if config.run or config.decoder else None
-    check_zoom_decoder(read_header(decoder).signature, decoder, read_header(whole).signature if whole else None, whole)
-    path = config.zoom_cache or read_header(decoder).config.get("cache")
+    check_zoom_decoder(header.signature, decoder, read_header(whole).signature if whole else None, whole)
+    path = config.zoom_cache or header.config.get("cache")
     if not path or not Path(path).is_file():
-        raise EmbedcacheError(f"{decoder}: the cache it was fine-tuned on ({path or 'not recorded'}) is not there; give "
-                              "--zoom-cache, the cases encoded with encode --zoom")
+        raise EmbedcacheError(f"{decoder}: the cache it was fine-tuned on ({path or 'not recorded'}) is not there; "
+                              "give --zoom-cache, the cases encoded with encode --zoom")
     cache = stack.enter_context(open_cache(Path(path)))
     if not cache.signature.zoom_mm:
         raise EmbedcacheError(f"{path}: holds whole slices; --zoom-cache takes the cases encoded with encode --zoom")
@@ -183,7 +186,8 @@ def score(config: ScoreConfig, out_dir: Path, *, progress=None) -> Report:
                      "zoom margin (mm)": zoom.cache.signature.zoom_mm} if zoom else {}),
                  "protocol settings": asdict(config.protocol)},
         prompts={p: protocols.DESCRIPTIONS[p] for p in config.prompts}, protocol_settings=asdict(config.protocol),
-        models=tuple(model.decoders) + (("zoomed",) if zoom else ()), **report_labels(cache.signature.label_map, cache.labels), cases=results,
+        models=tuple(model.decoders) + (("zoomed",) if zoom else ()),
+        **report_labels(cache.signature.label_map, cache.labels), cases=results,
     )
     return write_report(out_dir, report, overlays=overlays, log_csv=run_dir / LOG if run_dir else None,
                         extra={CONFIG: to_json(config) + "\n"})

@@ -621,12 +621,13 @@ def load_predict_model(trained, config: PredictConfig, *, zoom=None) -> PredictM
                             precision=config.precision, streams=streams)
     graph = engine in GRAPH_ENGINES  # the decoders run where the encoder does, at its precision
     second = None
-    if zoom is not None:
-        margin = zoom.signature.zoom_mm
+    if zoom is not None and graph:
         second = ZoomDecoder(None, None, GraphDecoder(engine, backbone, lambda: (zoom_model().parts.prompt_encoder,
-                                                                                   zoom_model().decoder), sha,
-                                                      file_sha256(zoom.source), precision=config.precision), margin) \
-            if graph else ZoomDecoder(zoom_model().parts.prompt_encoder, zoom_model().decoder, None, margin)
+                                                                                   zoom_model().decoder),
+                                                      sha, file_sha256(zoom.source), precision=config.precision),
+                             zoom.signature.zoom_mm)
+    elif zoom is not None:
+        second = ZoomDecoder(zoom_model().parts.prompt_encoder, zoom_model().decoder, None, zoom.signature.zoom_mm)
     if graph:
         decode = GraphDecoder(engine, backbone, lambda: (model().parts.prompt_encoder, model().decoder), sha,
                               file_sha256(trained.source) if trained else "vanilla", precision=config.precision)
