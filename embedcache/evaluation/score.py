@@ -140,6 +140,9 @@ def open_zoom(config: ScoreConfig, dev, stack: ExitStack) -> ZoomView:
     header = read_header(decoder)
     whole = checkpoint_file(Path(config.run or config.decoder)) if config.run or config.decoder else None
     check_zoom_decoder(header.signature, decoder, read_header(whole).signature if whole else None, whole)
+    if config.zoom_cache and not Path(config.zoom_cache).is_file():
+        raise EmbedcacheError(f"{config.zoom_cache}: no such cache; --zoom-cache takes the cases encoded with encode "
+                              "--zoom")
     path = config.zoom_cache or header.config.get("cache")
     if not path or not Path(path).is_file():
         raise EmbedcacheError(f"{decoder}: the cache it was fine-tuned on ({path or 'not recorded'}) is not there; "

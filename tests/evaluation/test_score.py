@@ -253,5 +253,9 @@ def test_zoom_scores_the_fine_tuned_masks_drawn_again_in_each_glands_region(smal
     whole = cli("score", small_cache, "--out", tmp_path / "w", "--run", run_dir, "--zoom", zoom_run, "--zoom-cache",
                 small_cache)
     assert whole.exit_code == 1 and "holds whole slices; --zoom-cache takes" in whole.output
+    missing = cli("score", small_cache, "--out", tmp_path / "m", "--run", run_dir, "--zoom", zoom_run, "--zoom-cache",
+                  tmp_path / "nothere.h5")
+    assert missing.exit_code == 1 and "nothere.h5: no such cache; --zoom-cache takes" in missing.output
+    assert not (tmp_path / "m").exists()
     alone = cli("score", small_cache, "--out", tmp_path / "a", "--zoom-cache", small_zoom_cache)
     assert alone.exit_code == 2 and "give --zoom too" in alone.output
