@@ -447,7 +447,7 @@ class ScoreConfig:
     device: str = setting("auto", "auto, cpu or cuda[:N].")
     zoom: str | None = setting(None, "A decoder fine-tuned on the glands' regions (encode --zoom; a run folder or its "
                                      ".safetensors): also scored averaged with --run's, as the model fine-tuned + zoom "
-                                     "(not under clicks).", path=True)
+                                     "(under clicks, each click decoded by both).", path=True)
     zoom_cache: str | None = setting(None, "The same cases encoded with encode --zoom [default: the cache --zoom was "
                                            "fine-tuned on].", path=True)
 

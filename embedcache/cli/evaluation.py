@@ -116,7 +116,7 @@ def _print_summary(report) -> None:
                       *(["difference"] if len(models) == 2 else []), title=f"prompts: {protocol}")
         for label, by_model in by_label.items():
             for metric in ("dice", "nsd"):
-                stats = [by_model[m][metric] if m in by_model else None for m in models]  # zoomed: not under clicks
+                stats = [by_model[m][metric] if m in by_model else None for m in models]  # older reports: no zoomed clicks
                 table.add_row(report.labels[label], metric,
                               *[f"{x['mean']:.4f} ± {x['sd']:.4f}" if x else "—" for x in stats],
                               *([f"{stats[1]['mean'] - stats[0]['mean']:+.4f}"] if len(stats) == 2 else []))

@@ -56,7 +56,7 @@ def dice_plot(report, path: Path) -> Path:
             for m, model in enumerate(models):
                 x = g * (len(models) + 1) + m
                 values = [by_label[label][model]["dice"] for by_label in report.cases[protocol].values()
-                          if label in by_label and model in by_label[label]]  # zoomed: not under clicks
+                          if label in by_label and model in by_label[label]]  # older reports: no zoomed clicks
                 if not values:
                     continue
                 ax.scatter(x + rng.uniform(-0.15, 0.15, len(values)), values, s=14, color=COLOURS.get(model, "k"),

@@ -29,7 +29,7 @@ from embedcache.evaluation.metrics import dice, gland_metrics
 from embedcache.evaluation.page import Overlay
 from embedcache.evaluation.report import Report, check_report_folder, report_labels, write_report
 from embedcache.evaluation.segmenter import Decoder, Segmenter
-from embedcache.evaluation.zoom import check_zoom_decoder, redraw
+from embedcache.evaluation.zoom import BothViews, check_zoom_decoder, redraw
 from embedcache.io.datasets import discover_cases
 from embedcache.io.volumes import read_image, read_label, source_digest
 from embedcache.runtime.devices import pick_device
@@ -199,7 +199,8 @@ def score(config: ScoreConfig, out_dir: Path, *, progress=None) -> Report:
 def _score_cases(cache: Cache, records: list[CaseRecord], sources: dict, model, config: ScoreConfig, dev, progress, *,
                  zoom: ZoomView | None = None):
     """Every protocol on every gland of ``records`` with every decoder of ``model`` (and, with ``zoom``, the
-    fine-tuned one's masks drawn again in each gland's region, as model ``zoomed``; not under clicks): the results
+    fine-tuned one's masks drawn again in each gland's region, as model ``zoomed``, and corrected through both views
+    under clicks): the results
     (``{protocol: {case: {label: {model: metrics}}}}``) and the best and worst slices to show."""
     size = {"input_size": model.backbone.input_size, "slice_size": cache.signature.slice_size}
     results: dict = {p: {} for p in config.prompts}
@@ -218,19 +219,19 @@ def _score_cases(cache: Cache, records: list[CaseRecord], sources: dict, model, 
             done: dict[str, dict] = {}
             region = zoom.segment(case.name, label, dev) if zoom else None
             for protocol in config.prompts:
-                curves = {m: {} for m in segments}
-                predictions = {m: protocols.run(protocol, segment, truth=gt, spacing_mm=case.spacing_mm,
-                                                settings=config.protocol, case=case.name, label=label,
-                                                start=done.get("box3d", {}).get(m),  # clicks start where box3d ends
-                                                observe=partial(_observe, curves[m], gt, case.spacing_mm, label,
-                                                                cache.signature.label_map))
+                curves = {m: {} for m in (*segments, *(("zoomed",) if zoom else ()))}
+                run = partial(protocols.run, truth=gt, spacing_mm=case.spacing_mm, settings=config.protocol,
+                              case=case.name, label=label)
+                observe = {m: partial(_observe, curves[m], gt, case.spacing_mm, label, cache.signature.label_map)
+                           for m in curves}
+                # clicks start where box3d ends
+                predictions = {m: run(protocol, segment, start=done.get("box3d", {}).get(m), observe=observe[m])
                                for m, segment in segments.items()}
+                if zoom is not None:
+                    predictions["zoomed"] = _zoomed(protocol, predictions["finetuned"], segments["finetuned"], region,
+                                                    gt, case.spacing_mm, run, start=done.get("box3d", {}).get("zoomed"),
+                                                    observe=observe["zoomed"])
                 done[protocol] = predictions
-                if zoom is not None and protocol != "clicks":  # no region: nothing to draw again, the first pass
-                    first = predictions["finetuned"]
-                    mask = first.mask if region is None else redraw(first.mask, segments["finetuned"], *region,
-                                                                     case.spacing_mm[1:])
-                    predictions = {**predictions, "zoomed": protocols.Prediction(mask, first.boxes, first.iou)}
                 results[protocol].setdefault(case.name, {})[str(label)] = {
                     m: {**gland_metrics(p.mask, gt, spacing_mm=case.spacing_mm, label=label,
                                      label_map=cache.signature.label_map), **click_metrics(curves.get(m, {}))}
@@ -241,6 +242,22 @@ def _score_cases(cache: Cache, records: list[CaseRecord], sources: dict, model, 
             if progress:
                 progress.advance(task)
     return results, picks
+
+
+def _zoomed(protocol: str, first: protocols.Prediction, whole, region, gt: np.ndarray, spacing_mm, run, *, start,
+            observe) -> protocols.Prediction:
+    """``score --zoom``'s model ``zoomed`` under ``protocol``: the fine-tuned decoder's prediction ``first`` with its
+    slices drawn again by both views (:func:`~embedcache.evaluation.zoom.redraw`); under ``clicks``, the ``box3d``
+    prediction drawn so (``start``, else made here) corrected click by click through
+    :class:`~embedcache.evaluation.zoom.BothViews`. ``region``: the gland's zoomed segmenter and region, or None
+    (the zoom cache has no such gland: the whole slice alone)."""
+    if protocol != "clicks":
+        mask = first.mask if region is None else redraw(first.mask, whole, *region, spacing_mm[1:])
+        return protocols.Prediction(mask, dict(first.boxes), dict(first.iou))
+    if start is None:
+        start = _zoomed("box3d", run("box3d", whole), whole, region, gt, spacing_mm, run, start=None, observe=None)
+    both = whole if region is None else BothViews(whole, *region, spacing_mm[1:], gt.shape[1:])
+    return run("clicks", both, start=start, observe=observe)
 
 
 def _observe(curve: dict, gt: np.ndarray, spacing_mm, label: int, label_map, k: int, mask: np.ndarray) -> None:

@@ -50,18 +50,81 @@ def region_of_box(box, z0: int, z1: int, spacing_yx, *, margin_mm: float, size: 
     return GlandRegion(region_around(box, spacing_yx, margin_mm=margin_mm, size=size), int(z0), int(z1))
 
 
+class BothViews:
+    """The :class:`~embedcache.evaluation.protocols.Segment` of one gland seen twice: each prompt (its box and clicks,
+    on the slice grid) decoded by ``whole`` (the whole-slice :class:`~embedcache.evaluation.segmenter.Segmenter`)
+    and, on the region's slices ``where.z0 … where.z1``, mapped into the region and decoded by ``zoomed``; the two
+    logits averaged on the slice grid (weighed by ``weights``, ``(whole, zoomed)``) and thresholded at 0. Beyond the
+    region's slices the whole slice alone decides. The predicted IoU is the views' mean. The decoders' previous
+    logits are not given back (``feeds_back``: they live on two grids)."""
+
+    feeds_back = False
+
+    def __init__(self, whole, zoomed, where: GlandRegion, spacing_yx, shape_yx, *,
+                 weights: tuple[float, float] = (1.0, 1.0)):
+        self.whole, self.zoomed, self.where, self.weights = whole, zoomed, where, weights
+        self.shape_yx = tuple(int(n) for n in shape_yx)
+        self.spacing_yx = tuple(float(s) for s in spacing_yx)
+
+    def __call__(self, zs, boxes, *, multimask: bool = False, points=None, previous=None, low_res: bool = False):
+        if low_res:
+            raise ValueError("BothViews gives no low-resolution logits back")  # a caller's bug: feeds_back is False
+        zs, boxes = np.asarray(zs), np.asarray(boxes, np.float32)
+        height, width = self.shape_yx
+        inside = (zs >= self.where.z0) & (zs <= self.where.z1)
+        kept = self.weights[0] or not inside.all()
+        mean = np.zeros((len(zs), height, width), np.float32)
+        iou = np.zeros(len(zs), np.float32)
+        if kept:  # the whole slice speaks on every slice beyond the region, and within it unless weighed 0
+            values, whole_iou = self._logits(self.whole, zs, boxes, points, multimask, (height, width))
+            mean += np.where(inside[:, None, None], self.weights[0], 1.0) * values
+            iou += np.where(inside, self.weights[0], 1.0) * whole_iou
+        if self.weights[1] and inside.any():
+            region, size = self.where.region, self.where.region.size
+            sub = np.flatnonzero(inside)
+            mapped = np.array([box_to_region(b, region, self.spacing_yx) for b in boxes[sub]], np.float32)
+            clicks = None if points is None else [None if points[i] is None else self._into_region(points[i])
+                                                  for i in sub]
+            values, zoomed_iou = self._logits(self.zoomed, zs[sub], mapped, clicks, multimask, (size, size))
+            mean[sub] += self.weights[1] * zoom_out_values(values, region, self.spacing_yx, (height, width),
+                                                           fill=OUTSIDE)
+            iou[sub] += self.weights[1] * zoomed_iou
+        weight = np.where(inside, self.weights[0] + self.weights[1], 1.0)
+        return mean > 0, iou / weight
+
+    def _into_region(self, points) -> np.ndarray:
+        """``(n, 3)`` clicks ``(x, y, label)`` on the slice grid → the region's."""
+        points = np.array(points, np.float32, copy=True)
+        u, v = self.where.region.to_region(points[:, 0], points[:, 1], self.spacing_yx)
+        points[:, 0], points[:, 1] = u, v
+        return points
+
+    def ahead(self, zs: list[int]) -> None:
+        self.whole.ahead(zs)
+        self.zoomed.ahead([z for z in zs if self.where.z0 <= z <= self.where.z1])
+
+    @staticmethod
+    def _logits(segment, zs, boxes, points, multimask, shape) -> tuple[np.ndarray, np.ndarray]:
+        """``segment``'s logits of each prompt on the ``shape`` grid (its own slice's or region's), and its IoU."""
+        import torch
+
+        from embedcache.model.decoder import logits_on_grid
+
+        kwargs = {"points": points} if points is not None else {}
+        _, iou, low = segment(zs, boxes, multimask=multimask, low_res=True, **kwargs)
+        d = segment.decoder
+        return logits_on_grid(torch.as_tensor(low)[:, None], input_size=d.input_size, slice_size=d.slice_size,
+                              shape_yx=shape).numpy(), np.asarray(iou, np.float32)
+
+
 def redraw(mask_zyx: np.ndarray, whole, zoomed, where: GlandRegion, spacing_yx, *, grow_mm: float = GROW_MM,
            weights: tuple[float, float] = (1.0, 1.0)) -> np.ndarray:
     """``mask_zyx`` (the first pass's bool mask of one gland) with each of its slices inside the region's slices
-    ``where.z0 … where.z1`` drawn again: the box around the slice's mask grown by ``grow_mm`` decoded by ``whole``
-    (the whole-slice :class:`~embedcache.evaluation.segmenter.Segmenter`) and, mapped into the region, by ``zoomed``
-    (the region's, whose slice ``z`` is the volume's slice ``z`` zoomed); their logits averaged on the slice grid
-    and thresholded at 0. Empty slices and slices beyond the region keep the first pass. ``weights`` weigh the
-    whole-slice and the zoomed logits (a view weighed 0 is not decoded: ``(0, 1)`` is the zoomed view alone)."""
-    import torch
-
-    from embedcache.model.decoder import logits_on_grid
-
+    ``where.z0 … where.z1`` drawn again: the box around the slice's mask grown by ``grow_mm`` decoded by
+    :class:`BothViews` of ``whole`` (the whole-slice :class:`~embedcache.evaluation.segmenter.Segmenter`) and
+    ``zoomed`` (the region's, whose slice ``z`` is the volume's slice ``z`` zoomed). Empty slices and slices beyond
+    the region keep the first pass. ``weights`` weigh the whole-slice and the zoomed logits (a view weighed 0 is not
+    decoded: ``(0, 1)`` is the zoomed view alone)."""
     out = np.array(mask_zyx, bool, copy=True)
     height, width = out.shape[1:]
     zs = [z for z in range(where.z0, min(where.z1, len(out) - 1) + 1) if out[z].any()]
@@ -69,21 +132,9 @@ def redraw(mask_zyx: np.ndarray, whole, zoomed, where: GlandRegion, spacing_yx, 
         return out
     grow = (grow_mm / spacing_yx[1], grow_mm / spacing_yx[0])
     boxes = np.array([grow_box(box_from_mask(out[z]), grow, within=(0, 0, width, height)) for z in zs], np.float32)
-    inside = np.array([box_to_region(b, where.region, spacing_yx) for b in boxes], np.float32)
-    size = where.region.size
-
-    def logits(segment, boxes, shape):
-        _, _, low = segment(np.array(zs), boxes, low_res=True)
-        d = segment.decoder
-        return logits_on_grid(torch.as_tensor(low)[:, None], input_size=d.input_size, slice_size=d.slice_size,
-                              shape_yx=shape).numpy()
-
-    mean = np.zeros((len(zs), height, width), np.float32)
-    if weights[0]:
-        mean += weights[0] * logits(whole, boxes, (height, width))
-    if weights[1]:
-        mean += weights[1] * zoom_out_values(logits(zoomed, inside, (size, size)), where.region, spacing_yx,
-                                             (height, width), fill=OUTSIDE)
+    if weights[1] and hasattr(zoomed, "ahead"):  # a region encoded on the fly starts on the slices it will draw
+        zoomed.ahead(zs)
+    masks, _ = BothViews(whole, zoomed, where, spacing_yx, (height, width), weights=weights)(np.array(zs), boxes)
     for i, z in enumerate(zs):
-        out[z] = mean[i] > 0
+        out[z] = masks[i]
     return out

@@ -31,7 +31,7 @@ from embedcache.errors import EmbedcacheError, UsageError
 from embedcache.evaluation import protocols
 from embedcache.evaluation.protocols import Prediction
 from embedcache.evaluation.segmenter import Decoder, Segmenter
-from embedcache.evaluation.zoom import check_zoom_decoder, redraw, region_of_box
+from embedcache.evaluation.zoom import BothViews, check_zoom_decoder, redraw, region_of_box
 from embedcache.io.datasets import case_name
 from embedcache.io.dicom_out import (
     check_labels,
@@ -366,15 +366,14 @@ def predict(inputs: list[Path], out_dir: Path, config: PredictConfig, *, progres
                 volume = OnTheFly(image.array, model.encoder, model.preprocess, on_encode=encoded)
                 segment = volume.segment_with(model.prompt_encoder, model.mask_decoder, input_size=model.input_size,
                                               decode=model.decode)
+                zoom = ZoomedGlands(model, image, segment, on_encode=encoded) if model.zoom is not None else None
                 try:
                     predictions = _segment_job(job, segment, image, prompts=config.prompts, settings=config.protocol,
-                                               labels=labels or label_map.adrenals())
+                                               labels=labels or label_map.adrenals(), zoom=zoom)
                 finally:  # an error or an interrupt leaves no encoding running ahead
                     volume.close()
-                if model.zoom is not None and config.prompts != "clicks":
-                    requests = job.requests if job.label_file is None else [None] * len(predictions)
-                    for (label, prediction), request in zip(predictions, requests):
-                        zoom_in_gland(prediction, label, request, job, image, segment, model, on_encode=encoded)
+                    if zoom is not None:
+                        zoom.close()
                 result = label_volume(image.array.shape, predictions)
                 dicom = [kind for kind, _ in job.outputs if kind != "nifti"]
                 if dicom and not result.any():  # checked before the first file: none is written for this input
@@ -405,16 +404,15 @@ def predict(inputs: list[Path], out_dir: Path, config: PredictConfig, *, progres
     return result_of
 
 
-def gland_zone(label: int, request: Request | None, job: Job, image, *, margin_mm: float, size: int
+def gland_zone(gland: np.ndarray | None, request: Request | None, image, *, margin_mm: float, size: int
                ) -> GlandRegion | None:
-    """Where ``--zoom`` draws a gland again: the region of its label volume's gland (``--from-labels``, as ``encode
-    --zoom`` makes it) or of its box (``--boxes``); None for a prompt with clicks (the clicks' slices are the
-    person's word) and where the region would be no finer than the slice."""
+    """Where ``--zoom`` draws a gland again: the region of its label volume's ``gland`` (bool, ``--from-labels``, as
+    ``encode --zoom`` makes it) or of its ``request``'s box (``--boxes``); None for a prompt of clicks alone (no box
+    says where the gland is) and where the region would be no finer than the slice."""
     spacing_yx = image.geometry.spacing_mm[1:]
     if request is None:
-        where = gland_region(read_label(job.label_file).array == label, spacing_yx, margin_mm=margin_mm, size=size,
-                             zpad=len(image.array))
-    elif request.clicks or request.points_only:
+        where = gland_region(gland, spacing_yx, margin_mm=margin_mm, size=size, zpad=len(image.array))
+    elif request.points_only:
         return None
     else:
         where = region_of_box(request.box.box, request.box.z0, request.box.z1, spacing_yx, margin_mm=margin_mm,
@@ -422,24 +420,42 @@ def gland_zone(label: int, request: Request | None, job: Job, image, *, margin_m
     return where if where.region.pixel_mm < min(spacing_yx) else None
 
 
-def zoom_in_gland(prediction: Prediction, label: int, request: Request | None, job: Job, image, segment,
-                  model: "PredictModel", *, on_encode=None) -> None:
-    """Draw one gland again in its region (:func:`~embedcache.evaluation.zoom.redraw`), in place: its region's slices
-    are encoded on the fly, as the whole slices were."""
-    zoom = model.zoom
-    where = gland_zone(label, request, job, image, margin_mm=zoom.margin_mm, size=model.preprocess.slice_size)
-    if where is None:
-        return
-    spacing_yx = image.geometry.spacing_mm[1:]
-    slices = OnTheFly(ZoomedSlices(image.array, where.region, spacing_yx), model.encoder, model.preprocess,
-                      on_encode=on_encode)
-    try:
-        slices.ahead([z for z in range(where.z0, where.z1 + 1) if prediction.mask[z].any()])
+class ZoomedGlands:
+    """``predict --zoom`` on one volume: each gland's region (:func:`gland_zone`) encoded on the fly as the whole
+    slices are, and seen through :class:`~embedcache.evaluation.zoom.BothViews` with the whole-slice ``segment``.
+    :meth:`close` drops what is still being encoded ahead."""
+
+    def __init__(self, model: "PredictModel", image, segment, *, on_encode=None):
+        self.model, self.image, self.segment, self.on_encode = model, image, segment, on_encode
+        self.spacing_yx = image.geometry.spacing_mm[1:]
+        self._open: list[OnTheFly] = []
+
+    def views(self, request: Request | None, gland: np.ndarray | None = None) -> BothViews | None:
+        """Both views of the gland of ``request`` (its box and clicks) or, without one, of the label volume's
+        ``gland`` (bool); None where it has no region (the whole slice alone draws it)."""
+        zoom, model = self.model.zoom, self.model
+        where = gland_zone(gland, request, self.image, margin_mm=zoom.margin_mm, size=model.preprocess.slice_size)
+        if where is None:
+            return None
+        slices = OnTheFly(ZoomedSlices(self.image.array, where.region, self.spacing_yx), model.encoder,
+                          model.preprocess, on_encode=self.on_encode)
+        self._open.append(slices)
         zoomed = slices.segment_with(zoom.prompt_encoder, zoom.mask_decoder, input_size=model.input_size,
                                      decode=zoom.decode)
-        prediction.mask = redraw(prediction.mask, segment, zoomed, where, spacing_yx)
-    finally:
-        slices.close()
+        return BothViews(self.segment, zoomed, where, self.spacing_yx, self.image.array.shape[1:])
+
+    def close(self) -> None:
+        for slices in self._open:
+            slices.close()
+        self._open.clear()
+
+
+def _drawn_again(prediction: Prediction, both: BothViews | None) -> Prediction:
+    """``prediction`` with its slices drawn again through ``both`` (:func:`~embedcache.evaluation.zoom.redraw`), in
+    place; unchanged where there is no region."""
+    if both is not None:
+        prediction.mask = redraw(prediction.mask, both.whole, both.zoomed, both.where, both.spacing_yx)
+    return prediction
 
 
 def label_volume(shape_zyx, predictions) -> np.ndarray:
@@ -507,19 +523,39 @@ def predict_label_map(config: PredictConfig, trained_on, decoder: Path | None) -
     return trained_on.label_map, ""
 
 
-def _segment_job(job: Job, segment, image, *, prompts: str, settings: ProtocolSettings, labels) -> list:
+def _segment_job(job: Job, segment, image, *, prompts: str, settings: ProtocolSettings, labels,
+                 zoom: ZoomedGlands | None = None) -> list:
+    """Each gland of ``job``: from its label volume under protocol ``prompts``, or from its request (box, clicks).
+    With ``zoom``, each gland's slices are drawn again in its region, and its clicks go through both views."""
     shape, spacing = image.array.shape, image.geometry.spacing_mm
     if job.label_file is not None:  # the glands of a label volume, under the chosen protocol
         truth = read_label(job.label_file).array
-        return [(label, protocols.run(prompts, segment, truth=truth == label, spacing_mm=spacing, settings=settings,
-                                      case=case_name(job.image), label=label))
-                for label in labels if (truth == label).any()]
-    return [(request.label, segment_request(request, segment, shape, spacing, settings)) for request in job.requests]
+        out = []
+        for label in labels:
+            gt = truth == label
+            if not gt.any():
+                continue
+            run = partial(protocols.run, segment=segment, truth=gt, spacing_mm=spacing, settings=settings,
+                          case=case_name(job.image), label=label)
+            both = zoom.views(None, gt) if zoom is not None else None
+            if both is None:
+                out.append((label, run(prompts)))
+            elif prompts == "clicks":  # the clicks correct the box3d mask drawn again, each through both views
+                out.append((label, run("clicks", segment=both, start=_drawn_again(run("box3d"), both))))
+            else:
+                out.append((label, _drawn_again(run(prompts), both)))
+        return out
+    return [(request.label, segment_request(request, segment, shape, spacing, settings,
+                                            both=zoom.views(request) if zoom is not None else None))
+            for request in job.requests]
 
 
-def segment_request(request: Request, segment, shape_zyx, spacing_mm, settings: ProtocolSettings) -> Prediction:
+def segment_request(request: Request, segment, shape_zyx, spacing_mm, settings: ProtocolSettings, *,
+                    both: BothViews | None = None) -> Prediction:
     """One gland of a boxes file (or of a person's box and clicks, :mod:`embedcache.segment.annotate`): its 3-D box
-    propagated (``box3d``), or its one slice, then its clicks applied in order as the clicks protocol applies them."""
+    propagated (``box3d``), or its one slice, then its clicks applied in order as the clicks protocol applies them.
+    With ``both`` (``predict --zoom``), the box's slices are drawn again in the gland's region before the clicks, and
+    each click is decoded through both views."""
     prediction = Prediction(np.zeros(shape_zyx, bool))
     z = request.box.z0
     if request.points_only:  # the clicks alone prompt their slice (SAM adds its padding point)
@@ -536,8 +572,9 @@ def segment_request(request: Request, segment, shape_zyx, spacing_mm, settings: 
         prediction = protocols.propagate(request.box, segment, shape_zyx, grow_px=protocols.grow_px(settings, spacing_mm),
                                          walk=settings.walk, min_iou=settings.min_iou,
                                          multimask=settings.middle == "multimask")
+    _drawn_again(prediction, both)
     for click in request.clicks:  # in the file's order, as the clicks protocol places them
-        add_click(prediction, request, click, segment, spacing_mm, settings)
+        add_click(prediction, request, click, both or segment, spacing_mm, settings)
     return prediction
 
 

@@ -243,12 +243,16 @@ def test_zoom_scores_the_fine_tuned_masks_drawn_again_in_each_glands_region(smal
     assert report.made_by["zoom cache"] == str(small_zoom_cache)  # the cache the zoom run was fine-tuned on
     with store.open_cache(small_zoom_cache) as cache:
         regions = {(c.region["source"], c.region["label"]): c.region for c in cache.cases}
-    assert len(calls) == 2 * len(regions)  # oracle and box3d, once per gland; never under clicks
+    assert len(calls) == 2 * len(regions)  # oracle and box3d, once per gland; clicks start from box3d's
     assert {(w.z0, w.z1, w.region.cx) for w, _ in calls} == {(r["z0"], r["z1"], r["cx"]) for r in regions.values()}
     for protocol, by_case in report.cases.items():
         for case, by_label in by_case.items():
             for label, by_model in by_label.items():
-                assert ("zoomed" in by_model) == (protocol != "clicks")
+                assert "zoomed" in by_model
+                if protocol == "clicks":  # the curve starts at the zoomed box3d mask, then one click through both
+                    box3d = report.cases["box3d"][case][label]["zoomed"]
+                    assert by_model["zoomed"]["dice@0"] == pytest.approx(box3d["dice"])
+                    assert {"dice@1", "nsd@1", "dice_auc"} <= set(by_model["zoomed"])
     assert "fine-tuned + zoom" in (tmp_path / "r" / "index.html").read_text()
     whole = cli("score", small_cache, "--out", tmp_path / "w", "--run", run_dir, "--zoom", zoom_run, "--zoom-cache",
                 small_cache)

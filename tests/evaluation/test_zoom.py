@@ -8,7 +8,7 @@ import numpy as np
 from scipy import ndimage
 
 from embedcache.cache.regions import box_to_region, gland_region, zoom_in
-from embedcache.evaluation.zoom import redraw
+from embedcache.evaluation.zoom import BothViews, redraw
 from embedcache.model.prompts import box_from_mask, grow_box
 
 
@@ -20,10 +20,11 @@ class FakeView:
         self.masks, self.value, self.boxes = masks, value, {}
         self.decoder = SimpleNamespace(input_size=256, slice_size=256)
 
-    def __call__(self, zs, boxes, *, low_res=False):
+    def __call__(self, zs, boxes, *, low_res=False, multimask=False, points=None):
         self.boxes.update({int(z): b for z, b in zip(zs, boxes)})
+        self.points = points
         low = np.stack([np.where(self.masks[int(z)], self.value, -self.value) for z in zs]).astype(np.float32)
-        return None, None, low
+        return None, np.full(len(zs), self.value / 4, np.float32), low
 
 
 def _gland() -> np.ndarray:
@@ -68,3 +69,24 @@ def test_a_view_weighed_zero_is_not_decoded():
     zoomed = FakeView({z: zoom_in(gland[z], where.region, spacing, mask=True) for z in range(10)}, 3.0)
     assert np.array_equal(redraw(first, whole, zoomed, where, spacing, weights=(1.0, 0.0)), first)
     assert not zoomed.boxes and np.array_equal(redraw(first, whole, zoomed, where, spacing, weights=(0.0, 1.0)), gland)
+
+
+def test_both_views_take_a_click_into_the_region_and_leave_slices_beyond_it_to_the_whole_slice():
+    """What a click refines through under ``score --zoom`` (clicks) and ``predict --zoom`` with clicks."""
+    gland, spacing = _gland(), (1.0, 1.0)
+    where = gland_region(gland, spacing, margin_mm=5.0, size=256, zpad=1)
+    coarse = np.stack([ndimage.binary_dilation(g, iterations=2) for g in gland])
+    coarse[9, 10:20, 10:20] = True
+    whole = FakeView(coarse, 1.0)
+    zoomed = FakeView({z: zoom_in(gland[z], where.region, spacing, mask=True) for z in range(10)}, 3.0)
+    both = BothViews(whole, zoomed, where, spacing, gland.shape[1:])
+    box = grow_box(box_from_mask(coarse[4]), (2.0, 2.0), within=(0, 0, 256, 256))
+    click = np.array([[131.0, 120.0, 1.0]], np.float32)
+    masks, iou = both(np.array([4, 9]), np.array([box, (5, 5, 25, 25)], np.float32), points=[click, None])
+    assert np.array_equal(masks[0], gland[4]) and np.array_equal(masks[1], coarse[9])
+    assert sorted(whole.boxes) == [4, 9] and sorted(zoomed.boxes) == [4]  # slice 9 lies beyond the region's slices
+    assert whole.points[0] is click and whole.points[1] is None
+    u, v = where.region.to_region(131.0, 120.0, spacing)
+    assert len(zoomed.points) == 1 and np.allclose(zoomed.points[0], [[u, v, 1.0]])
+    assert np.allclose(iou, [(0.25 + 0.75) / 2, 0.25])  # the views' mean; the whole slice's alone beyond the region
+    assert not both.feeds_back

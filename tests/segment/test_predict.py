@@ -333,23 +333,28 @@ def test_slices_told_of_are_encoded_ahead_once_each_and_those_no_longer_wanted_a
 def test_zoom_draws_each_gland_again_in_its_region_and_refuses_a_decoder_of_the_wrong_kind(
         tiny_model, small_cache, zoom_run, run_dir, tmp_path, monkeypatch):
     from embedcache.config import PredictConfig
+    from embedcache.evaluation import protocols
     from embedcache.evaluation.protocols import Prediction
-    from embedcache.segment import predict as module
+    from embedcache.evaluation.zoom import BothViews
     from embedcache.segment.predict import predict
 
-    def first_pass(job, segment, image, *, prompts, settings, labels):  # the tiny decoder draws nothing: the truth
-        truth = read_label(job.label_file).array
-        return [(label, Prediction(truth == label)) for label in labels if (truth == label).any()]
+    clicked = []
 
-    monkeypatch.setattr(module, "_segment_job", first_pass)
+    def first_pass(protocol, segment, *, truth, start=None, **kw):  # the tiny decoder draws nothing: the truth
+        if protocol == "clicks":  # the clicks start from box3d drawn again, and go through both views
+            clicked.append((segment, start))
+            return start
+        return Prediction(truth.copy())
+
+    monkeypatch.setattr(protocols, "run", first_pass)
     case = next(c for c in discover_cases(small_cache.parent / "data") if c.name == "PHANTOM_0003")
     runs = {}
-    for name, zoom in (("whole", None), ("zoom", str(zoom_run))):
-        config = PredictConfig(run=str(run_dir), from_labels=str(case.label), device="cpu", zoom=zoom)
+    for name, zoom, prompts in (("whole", None, "box3d"), ("zoom", str(zoom_run), "box3d"),
+                                ("clicks", str(zoom_run), "clicks")):
+        config = PredictConfig(run=str(run_dir), from_labels=str(case.label), device="cpu", zoom=zoom, prompts=prompts)
         runs[name] = predict([case.image], tmp_path / name, config)
         assert runs[name].written and not runs[name].errors
-    whole = read_label(tmp_path / "whole" / f"{case.name}.nii.gz").array
-    zoomed = read_label(tmp_path / "zoom" / f"{case.name}.nii.gz").array
+    whole, zoomed, clicks = (read_label(tmp_path / n / f"{case.name}.nii.gz").array for n in ("whole", "zoom", "clicks"))
     truth = read_label(case.label).array
     assert np.array_equal(whole, np.where(np.isin(truth, (7, 8)), truth, 0))  # the first pass alone
     drawn = [z for z in range(len(whole)) for label in (7, 8) if (whole[z] == label).any()]
@@ -357,6 +362,8 @@ def test_zoom_draws_each_gland_again_in_its_region_and_refuses_a_decoder_of_the_
     assert runs["whole"].slices_encoded == 0 and runs["zoom"].slices_encoded == len(drawn) + len(set(drawn))
     changed = np.flatnonzero((whole != zoomed).any(axis=(1, 2)))
     assert changed.size and set(changed) <= set(drawn)  # drawn again: only the slices the first pass drew
+    assert np.array_equal(clicks, zoomed) and len(clicked) == 2
+    assert all(isinstance(segment, BothViews) for segment, _ in clicked)
     assert json.loads((tmp_path / "zoom" / "predict.json").read_text())["config"]["zoom"] == str(zoom_run)
     wrong = _predict(case.image, "--from-labels", case.label, "--run", run_dir, "--zoom", run_dir, "--out",
                      tmp_path / "w1")
@@ -367,3 +374,35 @@ def test_zoom_draws_each_gland_again_in_its_region_and_refuses_a_decoder_of_the_
     alone = _predict(case.image, "--from-labels", case.label, "--zoom", zoom_run, "--out", tmp_path / "w3")
     assert alone.exit_code == 1 and "give --run or --decoder too" in alone.output
     assert not any((tmp_path / w).exists() for w in ("w1", "w2", "w3"))
+
+
+def test_zoom_decodes_a_persons_clicks_through_both_views(tiny_model, small_cache, zoom_run, run_dir, tmp_path,
+                                                          monkeypatch):
+    """A boxes file's click, under ``--zoom``: its slice decoded by both decoders, the click in the region's pixels."""
+    from embedcache.evaluation import zoom as zoom_module
+
+    calls = []
+    call = zoom_module.BothViews.__call__
+
+    def spy(self, zs, boxes, **kw):
+        calls.append((self.where, list(map(int, zs)), kw.get("points")))
+        return call(self, zs, boxes, **kw)
+
+    monkeypatch.setattr(zoom_module.BothViews, "__call__", spy)
+    case = next(c for c in discover_cases(small_cache.parent / "data") if c.name == "PHANTOM_0003")
+    truth, geometry = read_label(case.label), read_geometry(case.image)
+    gland = truth.array == 8
+    box = box3d_from_label(gland, truth.spacing_mm, margin_mm=0.0, margin_slices=1)
+    z, (y, x) = box.z0 + 1, np.argwhere(gland[box.z0 + 1])[0]
+    low, high = file_corners(geometry, box.z0, box.z1, box.box)
+    point = [*map(int, geometry.source_index([[x, y, z]])[0]), 1]
+    (tmp_path / "b.json").write_text(json.dumps({case.name: [{"label": 8, "box3d": [*map(int, low), *map(int, high)],
+                                                              "points": [point]}]}))
+    args = (case.image, "--boxes", tmp_path / "b.json", "--run", run_dir)
+    assert _predict(*args, "--out", tmp_path / "whole").exit_code == 0 and not calls
+    result = _predict(*args, "--zoom", zoom_run, "--out", tmp_path / "zoom")
+    assert result.exit_code == 0, result.output
+    with_points = [(where, zs, points) for where, zs, points in calls if points is not None]
+    assert with_points and all(zs == [z] for _, zs, _ in with_points)  # the click's slice, with its click
+    where, _, points = with_points[0]
+    assert (where.z0, where.z1) == (box.z0, box.z1) and np.allclose(points[0], [[x, y, 1.0]])
