@@ -497,8 +497,8 @@ class PredictConfig:
     label_preset: str | None = None  # a built-in map (io.labels.PRESETS)
     zoom: str | None = setting(None, "A decoder fine-tuned on the glands' regions (encode --zoom; a run folder or its "
                                      ".safetensors): each gland is drawn again in the region of its box, that decoder's "
-                                     "logits averaged with --run's. Finer glands; 2.6 times the slices encoded on the "
-                                     "realistic bed.",
+                                     "logits averaged with --run's, and its clicks are decoded by both. Finer glands; "
+                                     "2.6 times the slices encoded on the realistic bed.",
                                path=True)
 
     def __post_init__(self):

@@ -248,13 +248,14 @@ def predict(inputs, out_dir, run_dir, decoder_file, boxes_file, from_labels, pro
 @click.option("--save-to", type=click.Path(path_type=Path), default=None,
               help="Where \"save\" writes first (.nii.gz, .seg.dcm or .rtstruct.dcm) [default: ./CASE.nii.gz].")
 @protocol_options
+@predict_options("zoom")
 @predict_options("series")
 @predict_options("review_iou")
 @label_map_options
 @predict_options("engine", "precision", "streams", "model", "checkpoint", "device")
 @friendly_errors
-def annotate(image, run_dir, decoder_file, labels, cache_file, save_to, series, review_iou, label_map, label_preset,
-             engine, precision, streams, model, checkpoint, device, **protocol):
+def annotate(image, run_dir, decoder_file, labels, cache_file, save_to, zoom, series, review_iou, label_map,
+             label_preset, engine, precision, streams, model, checkpoint, device, **protocol):
     """Segment IMAGE (a NIfTI file or a DICOM series folder) by hand in napari: draw a box around a gland on any
     slice, set its first and last slice, click where the mask is wrong; save the result, or add the corrected case
     to a cache to fine-tune on. Needs the napari extra: pip install 'embedcache[napari]'.
@@ -268,7 +269,7 @@ def annotate(image, run_dir, decoder_file, labels, cache_file, save_to, series, 
     config = PredictConfig(run=_text(run_dir), decoder=_text(decoder_file), protocol=_settings(protocol),
                            series=series, model=model, checkpoint=_text(checkpoint), device=device,
                            review_iou=review_iou, engine=engine, precision=precision, streams=streams,
-                           label_map=_text(label_map), label_preset=label_preset)
+                           label_map=_text(label_map), label_preset=label_preset, zoom=_text(zoom))
     from embedcache.segment.annotate import Annotation
 
     with console().status(f"opening {image} and the model…"):

@@ -32,6 +32,7 @@ from embedcache.cache.store import ShardWriter, open_cache
 from embedcache.config import OUTPUT_TYPES, EncodeConfig, PredictConfig
 from embedcache.errors import EmbedcacheError, UsageError
 from embedcache.evaluation.protocols import Box3D, Prediction
+from embedcache.evaluation.zoom import BothViews, check_zoom_decoder
 from embedcache.io.datasets import CaseSource, case_name
 from embedcache.io.dicom_out import check_labels
 from embedcache.io.files import file_sha256, same_file, write_error, writer_lock
@@ -42,6 +43,7 @@ from embedcache.model.clicks import Click
 from embedcache.segment.predict import (
     OnTheFly,
     PredictModel,
+    ZoomedGlands,
     add_click,
     check_dicom_source,
     label_volume,
@@ -107,6 +109,9 @@ class Annotation:
         self.volume = OnTheFly(image.array, model.encoder, model.preprocess)
         self.segment = self.volume.segment_with(model.prompt_encoder, model.mask_decoder,
                                                 input_size=model.input_size, decode=model.decode)
+        # --zoom: each box's region encoded when the box is drawn, its slices and clicks decoded by both views
+        self.zoom = ZoomedGlands(model, image, self.segment) if model.zoom is not None else None
+        self._views: dict[tuple, BothViews | None] = {}  # per (label, box): both views, kept for its clicks and undo
         self.requests: dict[int, Request] = {}
         self.predictions: dict[int, Prediction] = {}
         self.accepted: dict[int, frozenset[int]] = {}  # per label, the slices the person drew (kept over decodes)
@@ -123,6 +128,9 @@ class Annotation:
         glands to annotate, among the decoder's (None: all)."""
         decoder = checkpoint_file(Path(config.run or config.decoder)) if config.run or config.decoder else None
         trained_on = read_signature(decoder) if decoder else None
+        zoom = checkpoint_file(Path(config.zoom)) if config.zoom else None
+        if zoom is not None:
+            check_zoom_decoder(read_signature(zoom), zoom, trained_on, decoder)
         label_map, _ = predict_label_map(config, trained_on, decoder)
         volume = read_image(Path(image), series_uid=config.series)
         trained = load_trained_decoder(decoder) if decoder else None
@@ -133,12 +141,13 @@ class Annotation:
         made_by = f"sha256 {file_sha256(decoder)[:16]}" if decoder else f"vanilla {config.model}"
         if labels:
             cls._refuse_labels(labels, targets, label_map)  # before the model loads
-        model = load_predict_model(trained, config)
-        if model.decode is not None:
-            # Clicks decode with the eager heads, not the box graph: loaded now rather than on the first click, and
-            # before a viewer makes its OpenGL context: torch's first eager load imports Triton, whose LLVM and
-            # Mesa's (llvmpipe, under Xvfb) end the process with a segmentation fault when Triton comes second.
-            model.decode.heads()
+        model = load_predict_model(trained, config, zoom=load_trained_decoder(zoom) if zoom else None)
+        for graph in (model.decode, model.zoom.decode if model.zoom else None):
+            if graph is not None:
+                # Clicks decode with the eager heads, not the box graph: loaded now rather than on the first click,
+                # and before a viewer makes its OpenGL context: torch's first eager load imports Triton, whose LLVM
+                # and Mesa's (llvmpipe, under Xvfb) end the process with a segmentation fault when Triton comes second.
+                graph.heads()
         annotation = cls(volume, model, config, labels=targets, label_map=label_map, only=labels, source=Path(image),
                          made_by=made_by)
         if cache is not None:
@@ -229,7 +238,7 @@ class Annotation:
         box.check(self.shape, f"the box of {self.label_map.name(label)}")
         request = Request(label=label, box=box.clipped(self.shape))
         prediction = segment_request(request, self.segment, self.shape, self.image.geometry.spacing_mm,
-                                     self.config.protocol)
+                                     self.config.protocol, both=self._both(request))
         return self._step(label, request, prediction, frozenset())
 
     def click(self, label: int, z: int, y: int, x: int, *, positive: bool = True) -> Prediction:
@@ -249,7 +258,8 @@ class Annotation:
         click = Click(int(z), int(y), int(x), bool(positive))
         before = self.predictions[label]
         prediction = before.copy()
-        add_click(prediction, request, click, self.segment, self.image.geometry.spacing_mm, self.config.protocol)
+        add_click(prediction, request, click, self._both(request) or self.segment, self.image.geometry.spacing_mm,
+                  self.config.protocol)
         accepted = self.accepted.get(label, frozenset())
         for kept in accepted:
             prediction.mask[kept] = before.mask[kept]
@@ -381,6 +391,18 @@ class Annotation:
     def close(self) -> None:
         """Stop encoding ahead."""
         self.volume.close()
+        if self.zoom is not None:
+            self.zoom.close()
+
+    def _both(self, request: Request) -> BothViews | None:
+        """With ``--zoom``, both views of ``request``'s gland in its box's region (the same box: the same views and
+        encoded region slices, after an undo too); else None."""
+        if self.zoom is None:
+            return None
+        key = (request.label, request.box.z0, request.box.z1, tuple(request.box.box))
+        if key not in self._views:
+            self._views[key] = self.zoom.views(request)
+        return self._views[key]
 
     # -- checks ---------------------------------------------------------------------------------------------------
 

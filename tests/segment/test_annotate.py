@@ -242,3 +242,44 @@ def test_annotate_refuses_before_any_window_what_it_cannot_open(phantom_dir, tin
              "c.h5: its folder does not exist")
     monkeypatch.setitem(__import__("sys").modules, "napari", None)  # the extra not installed
     one_line(cli("annotate", case.image), "needs napari: pip install 'embedcache[napari]'", code=2)
+
+
+def test_zoom_draws_the_box_and_clicks_as_predict_zoom_writes_them(tiny_model, small_cache, run_dir, zoom_run,
+                                                                   tmp_path, monkeypatch):
+    """annotate --zoom: the box's region made when the box is drawn, the click's slice decoded by both views (its
+    region slice encoded); the same box and click in a boxes file give the same voxels under predict --zoom."""
+    from embedcache.evaluation import zoom as zoom_module
+
+    calls = []
+    call = zoom_module.BothViews.__call__
+
+    def spy(self, zs, boxes, **kw):
+        calls.append((list(map(int, zs)), kw.get("points")))
+        return call(self, zs, boxes, **kw)
+
+    monkeypatch.setattr(zoom_module.BothViews, "__call__", spy)
+    case = next(c for c in discover_cases(small_cache.parent / "data") if c.name == "PHANTOM_0003")
+    annotation = Annotation.open(case.image, PredictConfig(run=str(run_dir), zoom=str(zoom_run), device="cpu"))
+    try:
+        truth = read_label(case.label)
+        gland = truth.array == 8
+        box = box3d_from_label(gland, truth.spacing_mm, margin_mm=0.0, margin_slices=1)
+        annotation.box(8, box.z0, box.z1, box.box)
+        (region,) = annotation.zoom._open  # the box's region, made with the box
+        click = corrective_click(annotation.predictions[8].mask, gland, truth.spacing_mm)
+        annotation.click(8, click.z, click.y, click.x, positive=click.positive)
+        assert ([click.z], ) == tuple(zs for zs, points in calls if points is not None)  # the click, through both
+        assert click.z in region.encoded
+        annotated = annotation.labels()
+    finally:
+        annotation.close()
+    geometry = read_geometry(case.image)
+    low, high = file_corners(geometry, box.z0, box.z1, box.box)
+    point = [*map(int, geometry.source_index([[click.x, click.y, click.z]])[0]), int(click.positive)]
+    (tmp_path / "b.json").write_text(json.dumps({case.name: [{"label": 8, "box3d": [*map(int, low), *map(int, high)],
+                                                              "points": [point]}]}))
+    args = (case.image, "--boxes", tmp_path / "b.json", "--run", run_dir, "--device", "cpu", "--no-progress")
+    assert cli("predict", *args, "--zoom", zoom_run, "--out", tmp_path / "z").exit_code == 0
+    np.testing.assert_array_equal(read_label(tmp_path / "z" / f"{case.name}.nii.gz").array, annotated)
+    one_line(cli("annotate", case.image, "--run", run_dir, "--zoom", run_dir, "--device", "cpu"),
+             "trained on whole slices; --zoom takes a decoder")
