@@ -29,7 +29,7 @@ from embedcache.evaluation.metrics import dice, gland_metrics
 from embedcache.evaluation.page import Overlay
 from embedcache.evaluation.report import Report, check_report_folder, report_labels, write_report
 from embedcache.evaluation.segmenter import Decoder, Segmenter
-from embedcache.evaluation.zoom import BothViews, check_zoom_decoder, redraw
+from embedcache.evaluation.zoom import BothViews, check_zoom_decoder, redraw_prediction
 from embedcache.io.datasets import discover_cases
 from embedcache.io.volumes import read_image, read_label, source_digest
 from embedcache.runtime.devices import pick_device
@@ -252,8 +252,7 @@ def _zoomed(protocol: str, first: protocols.Prediction, whole, region, gt: np.nd
     :class:`~embedcache.evaluation.zoom.BothViews`. ``region``: the gland's zoomed segmenter and region, or None
     (the zoom cache has no such gland: the whole slice alone)."""
     if protocol != "clicks":
-        mask = first.mask if region is None else redraw(first.mask, whole, *region, spacing_mm[1:])
-        return protocols.Prediction(mask, dict(first.boxes), dict(first.iou))
+        return first.copy() if region is None else redraw_prediction(first, whole, *region, spacing_mm[1:])
     if start is None:
         start = _zoomed("box3d", run("box3d", whole), whole, region, gt, spacing_mm, run, start=None, observe=None)
     both = whole if region is None else BothViews(whole, *region, spacing_mm[1:], gt.shape[1:])

@@ -13,6 +13,7 @@ import numpy as np
 from embedcache.cache.records import Signature
 from embedcache.cache.regions import GlandRegion, box_to_region, region_around, zoom_out_values
 from embedcache.errors import EmbedcacheError
+from embedcache.evaluation.protocols import Prediction
 from embedcache.model.prompts import box_from_mask, grow_box
 
 #: mm each slice's box (around the first pass's mask) is grown before both views decode it: chosen on the
@@ -125,16 +126,34 @@ def redraw(mask_zyx: np.ndarray, whole, zoomed, where: GlandRegion, spacing_yx, 
     ``zoomed`` (the region's, whose slice ``z`` is the volume's slice ``z`` zoomed). Empty slices and slices beyond
     the region keep the first pass. ``weights`` weigh the whole-slice and the zoomed logits (a view weighed 0 is not
     decoded: ``(0, 1)`` is the zoomed view alone)."""
+    return _redraw(mask_zyx, whole, zoomed, where, spacing_yx, grow_mm=grow_mm, weights=weights)[0]
+
+
+def redraw_prediction(first: Prediction, whole, zoomed, where: GlandRegion, spacing_yx, *,
+                      grow_mm: float = GROW_MM) -> Prediction:
+    """``first`` (a protocol's or predict's prediction of one gland) drawn again as :func:`redraw` draws its mask;
+    each slice drawn again records the box both views were given and their mean predicted IoU, so a click there is
+    decoded again from the prompt that drew it. Its clicks stay; its logits go (:class:`BothViews` gives none)."""
+    mask, zs, boxes, iou = _redraw(first.mask, whole, zoomed, where, spacing_yx, grow_mm=grow_mm)
+    out = Prediction(mask, dict(first.boxes), dict(first.iou), list(first.clicks))
+    for z, box, i in zip(zs, boxes, iou):
+        out.boxes[z], out.iou[z] = tuple(float(v) for v in box), float(i)
+    return out
+
+
+def _redraw(mask_zyx, whole, zoomed, where: GlandRegion, spacing_yx, *, grow_mm: float,
+            weights: tuple[float, float] = (1.0, 1.0)):
+    """:func:`redraw`'s mask, and the slices it drew again with each one's box and predicted IoU."""
     out = np.array(mask_zyx, bool, copy=True)
     height, width = out.shape[1:]
     zs = [z for z in range(where.z0, min(where.z1, len(out) - 1) + 1) if out[z].any()]
     if not zs:
-        return out
+        return out, [], np.zeros((0, 4), np.float32), np.zeros(0, np.float32)
     grow = (grow_mm / spacing_yx[1], grow_mm / spacing_yx[0])
     boxes = np.array([grow_box(box_from_mask(out[z]), grow, within=(0, 0, width, height)) for z in zs], np.float32)
     if weights[1] and hasattr(zoomed, "ahead"):  # a region encoded on the fly starts on the slices it will draw
         zoomed.ahead(zs)
-    masks, _ = BothViews(whole, zoomed, where, spacing_yx, (height, width), weights=weights)(np.array(zs), boxes)
+    masks, iou = BothViews(whole, zoomed, where, spacing_yx, (height, width), weights=weights)(np.array(zs), boxes)
     for i, z in enumerate(zs):
         out[z] = masks[i]
-    return out
+    return out, zs, boxes, iou

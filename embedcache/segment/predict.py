@@ -31,7 +31,7 @@ from embedcache.errors import EmbedcacheError, UsageError
 from embedcache.evaluation import protocols
 from embedcache.evaluation.protocols import Prediction
 from embedcache.evaluation.segmenter import Decoder, Segmenter
-from embedcache.evaluation.zoom import BothViews, check_zoom_decoder, redraw, region_of_box
+from embedcache.evaluation.zoom import BothViews, check_zoom_decoder, redraw_prediction, region_of_box
 from embedcache.io.datasets import case_name
 from embedcache.io.dicom_out import (
     check_labels,
@@ -451,11 +451,10 @@ class ZoomedGlands:
 
 
 def _drawn_again(prediction: Prediction, both: BothViews | None) -> Prediction:
-    """``prediction`` with its slices drawn again through ``both`` (:func:`~embedcache.evaluation.zoom.redraw`), in
-    place; unchanged where there is no region."""
-    if both is not None:
-        prediction.mask = redraw(prediction.mask, both.whole, both.zoomed, both.where, both.spacing_yx)
-    return prediction
+    """``prediction`` with its slices drawn again through ``both``
+    (:func:`~embedcache.evaluation.zoom.redraw_prediction`); itself where there is no region."""
+    return prediction if both is None else redraw_prediction(prediction, both.whole, both.zoomed, both.where,
+                                                             both.spacing_yx)
 
 
 def label_volume(shape_zyx, predictions) -> np.ndarray:
@@ -572,7 +571,7 @@ def segment_request(request: Request, segment, shape_zyx, spacing_mm, settings: 
         prediction = protocols.propagate(request.box, segment, shape_zyx, grow_px=protocols.grow_px(settings, spacing_mm),
                                          walk=settings.walk, min_iou=settings.min_iou,
                                          multimask=settings.middle == "multimask")
-    _drawn_again(prediction, both)
+    prediction = _drawn_again(prediction, both)
     for click in request.clicks:  # in the file's order, as the clicks protocol places them
         add_click(prediction, request, click, both or segment, spacing_mm, settings)
     return prediction

@@ -229,13 +229,13 @@ def test_zoom_scores_the_fine_tuned_masks_drawn_again_in_each_glands_region(smal
                                                                            zoom_run, tiny_model, tmp_path, monkeypatch):
     calls = []
 
-    def spy(mask, whole, zoomed, where, spacing_yx, **kw):
-        out = redraw(mask, whole, zoomed, where, spacing_yx, **kw)
+    def spy(first, whole, zoomed, where, spacing_yx, **kw):
+        out = redraw(first, whole, zoomed, where, spacing_yx, **kw)
         calls.append((where, out))
         return out
 
-    redraw = score_module.redraw
-    monkeypatch.setattr(score_module, "redraw", spy)
+    redraw = score_module.redraw_prediction
+    monkeypatch.setattr(score_module, "redraw_prediction", spy)
     config = ScoreConfig(cache=str(small_cache), run=str(run_dir), zoom=str(zoom_run), cases="all",
                          prompts=("oracle", "box3d", "clicks"), protocol=ProtocolSettings(clicks=1), device="cpu")
     report = score_module.score(config, tmp_path / "r")

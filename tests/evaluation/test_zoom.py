@@ -8,7 +8,7 @@ import numpy as np
 from scipy import ndimage
 
 from embedcache.cache.regions import box_to_region, gland_region, zoom_in
-from embedcache.evaluation.zoom import BothViews, redraw
+from embedcache.evaluation.zoom import BothViews, redraw, redraw_prediction
 from embedcache.model.prompts import box_from_mask, grow_box
 
 
@@ -90,3 +90,23 @@ def test_both_views_take_a_click_into_the_region_and_leave_slices_beyond_it_to_t
     assert len(zoomed.points) == 1 and np.allclose(zoomed.points[0], [[u, v, 1.0]])
     assert np.allclose(iou, [(0.25 + 0.75) / 2, 0.25])  # the views' mean; the whole slice's alone beyond the region
     assert not both.feeds_back
+
+
+def test_a_prediction_drawn_again_records_the_box_each_slice_was_drawn_from():
+    """A click on a slice drawn again is decoded from the prompt that drew it, not the walk's."""
+    from embedcache.evaluation.protocols import Prediction
+
+    gland, spacing = _gland(), (1.0, 1.0)
+    where = gland_region(gland, spacing, margin_mm=5.0, size=256, zpad=1)
+    first = Prediction(np.stack([ndimage.binary_dilation(g, iterations=2) for g in gland]),
+                       boxes={z: (0.0, 0.0, 256.0, 256.0) for z in range(10)}, iou={z: 0.5 for z in range(10)},
+                       logits={3: np.zeros((256, 256), np.float16)})
+    whole = FakeView(first.mask, 1.0)
+    zoomed = FakeView({z: zoom_in(gland[z], where.region, spacing, mask=True) for z in range(10)}, 3.0)
+    out = redraw_prediction(first, whole, zoomed, where, spacing)
+    assert np.array_equal(out.mask[3:7], gland[3:7]) and out.mask is not first.mask
+    for z in range(3, 7):
+        grown = grow_box(box_from_mask(first.mask[z]), (2.0, 2.0), within=(0, 0, 256, 256))
+        assert np.allclose(out.boxes[z], grown) and out.iou[z] == (0.25 + 0.75) / 2
+    assert out.boxes[0] == (0.0, 0.0, 256.0, 256.0) and out.iou[0] == 0.5  # not drawn again: the walk's
+    assert not out.logits and first.logits  # neither view's logits carry over to both
