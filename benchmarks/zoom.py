@@ -10,6 +10,10 @@ Then, per gland of the held-out cases (:func:`embedcache.evaluation.zoom.redraw`
 - ``zoom``: the same slices and boxes decoded in the gland's region by the zoom decoder alone, mapped back;
 - ``average``: the mean of the two decoders' logits on the slice grid, thresholded at 0 (``score --zoom``).
 
+With ``--clicks N``, two more: ``box3d+clicks`` (N corrective clicks from ``box3d`` through the whole-slice decoder,
+``score``'s ``clicks``) and ``average+clicks`` (N clicks from ``average``, each decoded by both views:
+:class:`embedcache.evaluation.zoom.BothViews`, ``score --zoom``'s ``clicks``).
+
 Each is scored (3-D Dice and NSD per gland) on the slice grid against the original labels. ``roundtrip``
 checks the geometry: each gland's cached region masks mapped back onto its slices must equal the original (1.0).
 
@@ -29,6 +33,7 @@ import json
 import sys
 import time
 from datetime import datetime, timezone
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -40,16 +45,17 @@ from embedcache.cache.store import open_cache
 from embedcache.config import ProtocolSettings
 from embedcache.evaluation import protocols
 from embedcache.evaluation.metrics import gland_metrics
-from embedcache.evaluation.zoom import redraw
+from embedcache.evaluation.zoom import BothViews, redraw, redraw_prediction
 
 from common import RESULTS, decoded_cases, machine, write_result
 
 VIEWS = ("box3d", "whole", "zoom", "average")
+CLICK_VIEWS = ("box3d+clicks", "average+clicks")
 WEIGHTS = {"whole": (1.0, 0.0), "zoom": (0.0, 1.0), "average": (1.0, 1.0)}
 
 
 def study_set(cache: Path, decoder: Path | None, zoom_cache: Path, zoom_decoder: Path | None, names: list[str],
-              grow_mm: float, device) -> dict:
+              grow_mm: float, device, clicks: int = 0) -> dict:
     """Per gland (``CASE@LABEL``) of ``names``: each view's Dice and NSD, the slices drawn again, the slices each
     cache encodes, and the round trip."""
     with open_cache(zoom_cache) as zc:
@@ -69,25 +75,39 @@ def study_set(cache: Path, decoder: Path | None, zoom_cache: Path, zoom_decoder:
             back = zoom_out(masks, where.region, syx, gland.shape[1:])
             roundtrip = float(np.array_equal(back, gland[where.z0 : where.z1 + 1])
                               and not gland[: where.z0].any() and not gland[where.z1 + 1 :].any())
-            base = protocols.run("box3d", seg, truth=gland, spacing_mm=case.spacing_mm, settings=ProtocolSettings(),
-                                 case=case.name, label=label).mask
+            settings = ProtocolSettings(clicks=clicks)
+            first = protocols.run("box3d", seg, truth=gland, spacing_mm=case.spacing_mm, settings=settings,
+                                  case=case.name, label=label)
+            base = first.mask
             views = {"box3d": base, **{view: redraw(base, seg, zseg, where, syx, grow_mm=grow_mm, weights=w)
                                        for view, w in WEIGHTS.items()}}
+            if clicks:
+                run = partial(protocols.run, "clicks", truth=gland, spacing_mm=case.spacing_mm, settings=settings,
+                              case=case.name, label=label)
+                views["box3d+clicks"] = run(seg, start=first).mask
+                both = BothViews(seg, zseg, where, syx, gland.shape[1:])
+                views["average+clicks"] = run(both, start=redraw_prediction(first, seg, zseg, where, syx,
+                                                                             grow_mm=grow_mm)).mask
             kept = sum(1 for z in range(where.z0, where.z1 + 1) if base[z].any())
             row = {"roundtrip": roundtrip, "slices": kept, "encoded": {"case": case.n_rows, "region": zcase.n_rows}}
             for view, mask in views.items():
                 m = gland_metrics(mask, gland, spacing_mm=case.spacing_mm, label=label, label_map=c.signature.label_map)
                 row[view] = {"dice": float(m["dice"]), "nsd": float(m["nsd"])}
             out[key] = row
-            print(key, {v: round(row[v]["dice"], 3) for v in VIEWS}, flush=True)
+            print(key, {v: round(row[v]["dice"], 3) for v in views}, flush=True)
     return out
+
+
+def views_of(rows: dict) -> tuple[str, ...]:
+    """The views scored (with ``--clicks``, the clicked ones too)."""
+    return VIEWS + (CLICK_VIEWS if any(CLICK_VIEWS[0] in r for r in rows.values()) else ())
 
 
 def means(rows: dict, label: int) -> dict:
     """Each view's mean Dice and NSD over the glands of ``label``."""
     mine = [r for k, r in rows.items() if k.endswith(f"@{label}")]
-    return {view: {m: float(np.mean([r[view][m] for r in mine])) for m in ("dice", "nsd")} for view in VIEWS} \
-        if mine else {}
+    return {view: {m: float(np.mean([r[view][m] for r in mine])) for m in ("dice", "nsd")}
+            for view in views_of(rows)} if mine else {}
 
 
 def encoded(rows: dict) -> dict:
@@ -97,17 +117,19 @@ def encoded(rows: dict) -> dict:
 
 
 def table(result: dict) -> str:
+    views = views_of(next(iter(result["sets"].values()), {}))
+    clicks = f"; {result['clicks']} corrective clicks" if result.get("clicks") else ""
     lines = [f"# Zoom-out-zoom-in: {result['name']}", "",
              f"Regions grown {result['margin_mm']:g} mm, resampled to {result['size']}²; boxes grown "
-             f"{result['grow_mm']:g} mm. Dice / NSD per gland (mean over glands).", "",
-             "| set | gland | " + " | ".join(VIEWS) + " | round trip |", "|---|---|" + "---|" * (len(VIEWS) + 1)]
+             f"{result['grow_mm']:g} mm{clicks}. Dice / NSD per gland (mean over glands).", "",
+             "| set | gland | " + " | ".join(views) + " | round trip |", "|---|---|" + "---|" * (len(views) + 1)]
     for name, rows in result["sets"].items():
         for label in result["labels"]:
             m = means(rows, label)
             if not m:
                 continue
             trip = min(r["roundtrip"] for k, r in rows.items() if k.endswith(f"@{label}"))
-            cells = " | ".join(f"{m[v]['dice']:.3f} / {m[v]['nsd']:.3f}" for v in VIEWS)
+            cells = " | ".join(f"{m[v]['dice']:.3f} / {m[v]['nsd']:.3f}" for v in views)
             lines.append(f"| {name} | {label} | {cells} | {trip:g} |")
     lines += ["", "Slices encoded: " + "; ".join(f"{name}: {n['whole']} whole, {n['regions']} in regions"
                                                 for name, n in result["encoded"].items()) + "."]
@@ -138,10 +160,10 @@ def study(args) -> dict:
               "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
               "machine": machine(device), "cache": args.cache, "decoder": args.decoder, "zoom_cache": args.zoom_cache,
               "zoom_decoder": args.zoom_decoder, "margin_mm": margin, "size": size, "grow_mm": args.grow,
-              "labels": labels, "seconds": {}, "sets": {}}
+              "labels": labels, "clicks": args.clicks, "seconds": {}, "sets": {}}
     for name, (cache, zcache, names) in sets.items():
         start = time.perf_counter()
-        result["sets"][name] = study_set(cache, decoder, zcache, zdecoder, names, args.grow, device)
+        result["sets"][name] = study_set(cache, decoder, zcache, zdecoder, names, args.grow, device, args.clicks)
         result["seconds"][name] = round(time.perf_counter() - start, 1)
     result["encoded"] = {name: encoded(rows) for name, rows in result["sets"].items()}
     result["means"] = {name: {str(label): means(rows, label) for label in labels}
@@ -158,6 +180,7 @@ def main(argv=None):
     parser.add_argument("--zoom-decoder", required=True, help="a decoder fine-tuned on the zoom cache, or vanilla")
     parser.add_argument("--split", required=True, help='{"train": [...], "val": [...], "test": [...]} by case')
     parser.add_argument("--grow", type=float, default=2.0, help="mm each kept slice's box is grown before decoding")
+    parser.add_argument("--clicks", type=int, default=0, help="also N corrective clicks from box3d and from average")
     parser.add_argument("--second-style", help="the test cases painted another way, encoded on whole slices")
     parser.add_argument("--second-zoom-cache", help="and with encode --zoom")
     parser.add_argument("--name", default="zoom")
