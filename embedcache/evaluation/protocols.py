@@ -106,7 +106,8 @@ class Prediction:
     boxes: dict[int, tuple[float, float, float, float]] = field(default_factory=dict)
     iou: dict[int, float] = field(default_factory=dict)
     clicks: list[Click] = field(default_factory=list)  # in the order they were given
-    #: each decoded slice's low-resolution logits (float16 ``(256, 256)``), where the segmenter gives them back
+    #: each decoded slice's low-resolution logits (float16 ``(256, 256)``; ``(2, 256, 256)`` from
+    #: :class:`~embedcache.evaluation.zoom.BothViews`), where the segmenter gives them back
     logits: dict[int, np.ndarray] = field(default_factory=dict)
 
     def copy(self) -> "Prediction":

@@ -56,10 +56,8 @@ class BothViews:
     on the slice grid) decoded by ``whole`` (the whole-slice :class:`~embedcache.evaluation.segmenter.Segmenter`)
     and, on the region's slices ``where.z0 … where.z1``, mapped into the region and decoded by ``zoomed``; the two
     logits averaged on the slice grid (weighed by ``weights``, ``(whole, zoomed)``) and thresholded at 0. Beyond the
-    region's slices the whole slice alone decides. The predicted IoU is the views' mean. The decoders' previous
-    logits are not given back (``feeds_back``: they live on two grids)."""
-
-    feeds_back = False
+    region's slices the whole slice alone decides. The predicted IoU is the views' mean. ``shape_yx``: the slices'
+    ``(height, width)``."""
 
     def __init__(self, whole, zoomed, where: GlandRegion, spacing_yx, shape_yx, *,
                  weights: tuple[float, float] = (1.0, 1.0)):
@@ -67,17 +65,27 @@ class BothViews:
         self.shape_yx = tuple(int(n) for n in shape_yx)
         self.spacing_yx = tuple(float(s) for s in spacing_yx)
 
+    @property
+    def feeds_back(self) -> bool:
+        """Whether both decoders take their previous logits back as the mask prompt (both fine-tuned with
+        ``--prompts interactive``): then each prompt's low-resolution logits come back packed, ``(2, 256, 256)``,
+        the whole slice's then the region's (zeros beyond the region's slices), and are given back so."""
+        return bool(getattr(self.whole, "feeds_back", False) and getattr(self.zoomed, "feeds_back", False))
+
     def __call__(self, zs, boxes, *, multimask: bool = False, points=None, previous=None, low_res: bool = False):
-        if low_res:
-            raise ValueError("BothViews gives no low-resolution logits back")  # a caller's bug: feeds_back is False
+        if (low_res or previous is not None) and not self.feeds_back:  # a caller's bug: protocols ask feeds_back
+            raise ValueError("BothViews of decoders that do not both take their logits back")
         zs, boxes = np.asarray(zs), np.asarray(boxes, np.float32)
+        previous = None if previous is None else np.asarray(previous, np.float32)  # (k, 2, 256, 256)
+        low = [None, None]
         height, width = self.shape_yx
         inside = (zs >= self.where.z0) & (zs <= self.where.z1)
         kept = self.weights[0] or not inside.all()
         mean = np.zeros((len(zs), height, width), np.float32)
         iou = np.zeros(len(zs), np.float32)
         if kept:  # the whole slice speaks on every slice beyond the region, and within it unless weighed 0
-            values, whole_iou = self._logits(self.whole, zs, boxes, points, multimask, (height, width))
+            values, whole_iou, low[0] = self._logits(self.whole, zs, boxes, points, multimask, (height, width),
+                                                     None if previous is None else previous[:, 0])
             mean += np.where(inside[:, None, None], self.weights[0], 1.0) * values
             iou += np.where(inside, self.weights[0], 1.0) * whole_iou
         if self.weights[1] and inside.any():
@@ -86,12 +94,21 @@ class BothViews:
             mapped = np.array([box_to_region(b, region, self.spacing_yx) for b in boxes[sub]], np.float32)
             clicks = None if points is None else [None if points[i] is None else self._into_region(points[i])
                                                   for i in sub]
-            values, zoomed_iou = self._logits(self.zoomed, zs[sub], mapped, clicks, multimask, (size, size))
+            values, zoomed_iou, low[1] = self._logits(self.zoomed, zs[sub], mapped, clicks, multimask, (size, size),
+                                                      None if previous is None else previous[sub, 1])
             mean[sub] += self.weights[1] * zoom_out_values(values, region, self.spacing_yx, (height, width),
                                                            fill=OUTSIDE)
             iou[sub] += self.weights[1] * zoomed_iou
         weight = np.where(inside, self.weights[0] + self.weights[1], 1.0)
-        return mean > 0, iou / weight
+        if not low_res:
+            return mean > 0, iou / weight
+        size = next(x for x in low if x is not None).shape[-2:]
+        packed = np.zeros((len(zs), 2, *size), np.float32)
+        if low[0] is not None:
+            packed[:, 0] = low[0]
+        if low[1] is not None:
+            packed[np.flatnonzero(inside), 1] = low[1]
+        return mean > 0, iou / weight, packed
 
     def _into_region(self, points) -> np.ndarray:
         """``(n, 3)`` clicks ``(x, y, label)`` on the slice grid → the region's."""
@@ -105,17 +122,20 @@ class BothViews:
         self.zoomed.ahead([z for z in zs if self.where.z0 <= z <= self.where.z1])
 
     @staticmethod
-    def _logits(segment, zs, boxes, points, multimask, shape) -> tuple[np.ndarray, np.ndarray]:
-        """``segment``'s logits of each prompt on the ``shape`` grid (its own slice's or region's), and its IoU."""
+    def _logits(segment, zs, boxes, points, multimask, shape, previous) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``segment``'s logits of each prompt on the ``shape`` grid (its own slice's or region's), its IoU and its
+        low-resolution logits (``previous``: the ones it gave last time, as the mask prompt)."""
         import torch
 
         from embedcache.model.decoder import logits_on_grid
 
         kwargs = {"points": points} if points is not None else {}
+        if previous is not None:
+            kwargs["previous"] = previous
         _, iou, low = segment(zs, boxes, multimask=multimask, low_res=True, **kwargs)
         d = segment.decoder
         return logits_on_grid(torch.as_tensor(low)[:, None], input_size=d.input_size, slice_size=d.slice_size,
-                              shape_yx=shape).numpy(), np.asarray(iou, np.float32)
+                              shape_yx=shape).numpy(), np.asarray(iou, np.float32), np.asarray(low, np.float32)
 
 
 def redraw(mask_zyx: np.ndarray, whole, zoomed, where: GlandRegion, spacing_yx, *, grow_mm: float = GROW_MM,
@@ -133,27 +153,32 @@ def redraw_prediction(first: Prediction, whole, zoomed, where: GlandRegion, spac
                       grow_mm: float = GROW_MM) -> Prediction:
     """``first`` (a protocol's or predict's prediction of one gland) drawn again as :func:`redraw` draws its mask;
     each slice drawn again records the box both views were given and their mean predicted IoU, so a click there is
-    decoded again from the prompt that drew it. Its clicks stay; its logits go (:class:`BothViews` gives none)."""
-    mask, zs, boxes, iou = _redraw(first.mask, whole, zoomed, where, spacing_yx, grow_mm=grow_mm)
+    decoded again from the prompt that drew it, and, where :class:`BothViews` feeds back, both views' logits. Its
+    clicks stay; the whole slice's own logits go (a mask prompt of one view only)."""
+    mask, zs, boxes, iou, low = _redraw(first.mask, whole, zoomed, where, spacing_yx, grow_mm=grow_mm)
     out = Prediction(mask, dict(first.boxes), dict(first.iou), list(first.clicks))
-    for z, box, i in zip(zs, boxes, iou):
-        out.boxes[z], out.iou[z] = tuple(float(v) for v in box), float(i)
+    for i, z in enumerate(zs):
+        out.boxes[z], out.iou[z] = tuple(float(v) for v in boxes[i]), float(iou[i])
+        if low is not None:
+            out.logits[z] = low[i].astype(np.float16)
     return out
 
 
 def _redraw(mask_zyx, whole, zoomed, where: GlandRegion, spacing_yx, *, grow_mm: float,
             weights: tuple[float, float] = (1.0, 1.0)):
-    """:func:`redraw`'s mask, and the slices it drew again with each one's box and predicted IoU."""
+    """:func:`redraw`'s mask, and the slices it drew again with each one's box, predicted IoU and (where both views
+    feed back) packed logits."""
     out = np.array(mask_zyx, bool, copy=True)
     height, width = out.shape[1:]
     zs = [z for z in range(where.z0, min(where.z1, len(out) - 1) + 1) if out[z].any()]
     if not zs:
-        return out, [], np.zeros((0, 4), np.float32), np.zeros(0, np.float32)
+        return out, [], np.zeros((0, 4), np.float32), np.zeros(0, np.float32), None
     grow = (grow_mm / spacing_yx[1], grow_mm / spacing_yx[0])
     boxes = np.array([grow_box(box_from_mask(out[z]), grow, within=(0, 0, width, height)) for z in zs], np.float32)
     if weights[1] and hasattr(zoomed, "ahead"):  # a region encoded on the fly starts on the slices it will draw
         zoomed.ahead(zs)
-    masks, iou = BothViews(whole, zoomed, where, spacing_yx, (height, width), weights=weights)(np.array(zs), boxes)
+    both = BothViews(whole, zoomed, where, spacing_yx, (height, width), weights=weights)
+    masks, iou, *low = both(np.array(zs), boxes, low_res=both.feeds_back)
     for i, z in enumerate(zs):
         out[z] = masks[i]
-    return out, zs, boxes, iou
+    return out, zs, boxes, iou, (low[0] if low else None)

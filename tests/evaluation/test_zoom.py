@@ -5,10 +5,14 @@ from __future__ import annotations
 from types import SimpleNamespace
 
 import numpy as np
+import pytest
 from scipy import ndimage
 
 from embedcache.cache.regions import box_to_region, gland_region, zoom_in
+from embedcache.evaluation import protocols
+from embedcache.evaluation.protocols import Prediction
 from embedcache.evaluation.zoom import BothViews, redraw, redraw_prediction
+from embedcache.model.clicks import Click
 from embedcache.model.prompts import box_from_mask, grow_box
 
 
@@ -20,9 +24,9 @@ class FakeView:
         self.masks, self.value, self.boxes = masks, value, {}
         self.decoder = SimpleNamespace(input_size=256, slice_size=256)
 
-    def __call__(self, zs, boxes, *, low_res=False, multimask=False, points=None):
+    def __call__(self, zs, boxes, *, low_res=False, multimask=False, points=None, previous=None):
         self.boxes.update({int(z): b for z, b in zip(zs, boxes)})
-        self.points = points
+        self.points, self.previous = points, previous
         low = np.stack([np.where(self.masks[int(z)], self.value, -self.value) for z in zs]).astype(np.float32)
         return None, np.full(len(zs), self.value / 4, np.float32), low
 
@@ -94,8 +98,6 @@ def test_both_views_take_a_click_into_the_region_and_leave_slices_beyond_it_to_t
 
 def test_a_prediction_drawn_again_records_the_box_each_slice_was_drawn_from():
     """A click on a slice drawn again is decoded from the prompt that drew it, not the walk's."""
-    from embedcache.evaluation.protocols import Prediction
-
     gland, spacing = _gland(), (1.0, 1.0)
     where = gland_region(gland, spacing, margin_mm=5.0, size=256, zpad=1)
     first = Prediction(np.stack([ndimage.binary_dilation(g, iterations=2) for g in gland]),
@@ -110,3 +112,32 @@ def test_a_prediction_drawn_again_records_the_box_each_slice_was_drawn_from():
         assert np.allclose(out.boxes[z], grown) and out.iou[z] == (0.25 + 0.75) / 2
     assert out.boxes[0] == (0.0, 0.0, 256.0, 256.0) and out.iou[0] == 0.5  # not drawn again: the walk's
     assert not out.logits and first.logits  # neither view's logits carry over to both
+
+
+def test_decoders_that_take_their_logits_back_get_each_views_own_back():
+    """Two interactive decoders (``--prompts interactive``) under zoom: each view's low-resolution logits come back
+    packed and each view is given its own as the mask prompt; one decoder that does not take them: none."""
+    gland, spacing = _gland(), (1.0, 1.0)
+    where = gland_region(gland, spacing, margin_mm=5.0, size=256, zpad=1)
+    first = np.stack([ndimage.binary_dilation(g, iterations=2) for g in gland])
+    whole = FakeView(first, 1.0)
+    zoomed = FakeView({z: zoom_in(gland[z], where.region, spacing, mask=True) for z in range(10)}, 3.0)
+    both = BothViews(whole, zoomed, where, spacing, gland.shape[1:])
+    assert not both.feeds_back
+    with pytest.raises(ValueError):
+        both(np.array([4]), np.array([(0, 0, 256, 256)], np.float32), low_res=True)
+    whole.feeds_back = zoomed.feeds_back = True
+    zs, boxes = np.array([4, 9]), np.array([(100, 100, 160, 140), (5, 5, 25, 25)], np.float32)
+    masks, iou, packed = both(zs, boxes, low_res=True)
+    assert packed.shape == (2, 2, 256, 256) and whole.previous is None and zoomed.previous is None
+    assert np.array_equal(packed[:, 0], np.where(first[zs], 1.0, -1.0))
+    assert np.array_equal(packed[0, 1], np.where(zoomed.masks[4], 3.0, -3.0)) and not packed[1, 1].any()
+    both(zs, boxes, previous=packed, low_res=True)
+    assert np.array_equal(whole.previous, packed[:, 0]) and np.array_equal(zoomed.previous, packed[[0], 1])
+    start = redraw_prediction(Prediction(first), whole, zoomed, where, spacing)
+    assert sorted(start.logits) == [3, 4, 5, 6] and start.logits[4].shape == (2, 256, 256)
+    assert start.logits[4].dtype == np.float16
+    refined = protocols.refine(start.copy(), protocols.Box3D(3, 6, (90.0, 90.0, 180.0, 160.0)),
+                               Click(4, 120, 131, True), both, grow_px=(3.0, 3.0))
+    assert zoomed.previous is not None and zoomed.previous.shape[1:] == (256, 256)  # its own logits, as the prompt
+    assert refined.logits[4].shape == (2, 256, 256)
