@@ -86,8 +86,7 @@ def study_set(cache: Path, decoder: Path | None, zoom_cache: Path, zoom_decoder:
                               case=case.name, label=label)
                 views["box3d+clicks"] = run(seg, start=first).mask
                 both = BothViews(seg, zseg, where, syx, gland.shape[1:])
-                views["average+clicks"] = run(both, start=redraw_prediction(first, seg, zseg, where, syx,
-                                                                             grow_mm=grow_mm)).mask
+                views["average+clicks"] = run(both, start=redraw_prediction(first, both, grow_mm=grow_mm)).mask
             kept = sum(1 for z in range(where.z0, where.z1 + 1) if base[z].any())
             row = {"roundtrip": roundtrip, "slices": kept, "encoded": {"case": case.n_rows, "region": zcase.n_rows}}
             for view, mask in views.items():

@@ -251,12 +251,12 @@ def _zoomed(protocol: str, first: protocols.Prediction, whole, region, gt: np.nd
     prediction drawn so (``start``, else made here) corrected click by click through
     :class:`~embedcache.evaluation.zoom.BothViews`. ``region``: the gland's zoomed segmenter and region, or None
     (the zoom cache has no such gland: the whole slice alone)."""
+    both = None if region is None else BothViews(whole, *region, spacing_mm[1:], gt.shape[1:])
     if protocol != "clicks":
-        return first.copy() if region is None else redraw_prediction(first, whole, *region, spacing_mm[1:])
+        return first.copy() if both is None else redraw_prediction(first, both)
     if start is None:
         start = _zoomed("box3d", run("box3d", whole), whole, region, gt, spacing_mm, run, start=None, observe=None)
-    both = whole if region is None else BothViews(whole, *region, spacing_mm[1:], gt.shape[1:])
-    return run("clicks", both, start=start, observe=observe)
+    return run("clicks", both or whole, start=start, observe=observe)
 
 
 def _observe(curve: dict, gt: np.ndarray, spacing_mm, label: int, label_map, k: int, mask: np.ndarray) -> None:

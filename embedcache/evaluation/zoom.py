@@ -146,16 +146,16 @@ def redraw(mask_zyx: np.ndarray, whole, zoomed, where: GlandRegion, spacing_yx, 
     ``zoomed`` (the region's, whose slice ``z`` is the volume's slice ``z`` zoomed). Empty slices and slices beyond
     the region keep the first pass. ``weights`` weigh the whole-slice and the zoomed logits (a view weighed 0 is not
     decoded: ``(0, 1)`` is the zoomed view alone)."""
-    return _redraw(mask_zyx, whole, zoomed, where, spacing_yx, grow_mm=grow_mm, weights=weights)[0]
+    both = BothViews(whole, zoomed, where, spacing_yx, np.shape(mask_zyx)[1:], weights=weights)
+    return _redraw(mask_zyx, both, grow_mm=grow_mm)[0]
 
 
-def redraw_prediction(first: Prediction, whole, zoomed, where: GlandRegion, spacing_yx, *,
-                      grow_mm: float = GROW_MM) -> Prediction:
-    """``first`` (a protocol's or predict's prediction of one gland) drawn again as :func:`redraw` draws its mask;
-    each slice drawn again records the box both views were given and their mean predicted IoU, so a click there is
-    decoded again from the prompt that drew it, and, where :class:`BothViews` feeds back, both views' logits. Its
-    clicks stay; the whole slice's own logits go (a mask prompt of one view only)."""
-    mask, zs, boxes, iou, low = _redraw(first.mask, whole, zoomed, where, spacing_yx, grow_mm=grow_mm)
+def redraw_prediction(first: Prediction, both: BothViews, *, grow_mm: float = GROW_MM) -> Prediction:
+    """``first`` (a protocol's or predict's prediction of one gland) drawn again through ``both`` as :func:`redraw`
+    draws its mask; each slice drawn again records the box both views were given and their mean predicted IoU, so a
+    click there is decoded again from the prompt that drew it, and, where ``both`` feeds back, both views' logits.
+    Its clicks stay; the whole slice's own logits go (a mask prompt of one view only)."""
+    mask, zs, boxes, iou, low = _redraw(first.mask, both, grow_mm=grow_mm)
     out = Prediction(mask, dict(first.boxes), dict(first.iou), list(first.clicks))
     for i, z in enumerate(zs):
         out.boxes[z], out.iou[z] = tuple(float(v) for v in boxes[i]), float(iou[i])
@@ -164,20 +164,19 @@ def redraw_prediction(first: Prediction, whole, zoomed, where: GlandRegion, spac
     return out
 
 
-def _redraw(mask_zyx, whole, zoomed, where: GlandRegion, spacing_yx, *, grow_mm: float,
-            weights: tuple[float, float] = (1.0, 1.0)):
+def _redraw(mask_zyx, both: BothViews, *, grow_mm: float):
     """:func:`redraw`'s mask, and the slices it drew again with each one's box, predicted IoU and (where both views
     feed back) packed logits."""
     out = np.array(mask_zyx, bool, copy=True)
     height, width = out.shape[1:]
+    where, spacing_yx = both.where, both.spacing_yx
     zs = [z for z in range(where.z0, min(where.z1, len(out) - 1) + 1) if out[z].any()]
     if not zs:
         return out, [], np.zeros((0, 4), np.float32), np.zeros(0, np.float32), None
     grow = (grow_mm / spacing_yx[1], grow_mm / spacing_yx[0])
     boxes = np.array([grow_box(box_from_mask(out[z]), grow, within=(0, 0, width, height)) for z in zs], np.float32)
-    if weights[1] and hasattr(zoomed, "ahead"):  # a region encoded on the fly starts on the slices it will draw
-        zoomed.ahead(zs)
-    both = BothViews(whole, zoomed, where, spacing_yx, (height, width), weights=weights)
+    if both.weights[1] and hasattr(both.zoomed, "ahead"):  # a region encoded on the fly starts on the slices it draws
+        both.zoomed.ahead(zs)
     masks, iou, *low = both(np.array(zs), boxes, low_res=both.feeds_back)
     for i, z in enumerate(zs):
         out[z] = masks[i]

@@ -453,8 +453,7 @@ class ZoomedGlands:
 def _drawn_again(prediction: Prediction, both: BothViews | None) -> Prediction:
     """``prediction`` with its slices drawn again through ``both``
     (:func:`~embedcache.evaluation.zoom.redraw_prediction`); itself where there is no region."""
-    return prediction if both is None else redraw_prediction(prediction, both.whole, both.zoomed, both.where,
-                                                             both.spacing_yx)
+    return prediction if both is None else redraw_prediction(prediction, both)
 
 
 def label_volume(shape_zyx, predictions) -> np.ndarray:

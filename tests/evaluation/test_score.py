@@ -229,9 +229,9 @@ def test_zoom_scores_the_fine_tuned_masks_drawn_again_in_each_glands_region(smal
                                                                            zoom_run, tiny_model, tmp_path, monkeypatch):
     calls = []
 
-    def spy(first, whole, zoomed, where, spacing_yx, **kw):
-        out = redraw(first, whole, zoomed, where, spacing_yx, **kw)
-        calls.append((where, out))
+    def spy(first, both, **kw):
+        out = redraw(first, both, **kw)
+        calls.append((both.where, out))
         return out
 
     redraw = score_module.redraw_prediction

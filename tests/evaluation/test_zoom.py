@@ -105,7 +105,7 @@ def test_a_prediction_drawn_again_records_the_box_each_slice_was_drawn_from():
                        logits={3: np.zeros((256, 256), np.float16)})
     whole = FakeView(first.mask, 1.0)
     zoomed = FakeView({z: zoom_in(gland[z], where.region, spacing, mask=True) for z in range(10)}, 3.0)
-    out = redraw_prediction(first, whole, zoomed, where, spacing)
+    out = redraw_prediction(first, BothViews(whole, zoomed, where, spacing, gland.shape[1:]))
     assert np.array_equal(out.mask[3:7], gland[3:7]) and out.mask is not first.mask
     for z in range(3, 7):
         grown = grow_box(box_from_mask(first.mask[z]), (2.0, 2.0), within=(0, 0, 256, 256))
@@ -134,7 +134,7 @@ def test_decoders_that_take_their_logits_back_get_each_views_own_back():
     assert np.array_equal(packed[0, 1], np.where(zoomed.masks[4], 3.0, -3.0)) and not packed[1, 1].any()
     both(zs, boxes, previous=packed, low_res=True)
     assert np.array_equal(whole.previous, packed[:, 0]) and np.array_equal(zoomed.previous, packed[[0], 1])
-    start = redraw_prediction(Prediction(first), whole, zoomed, where, spacing)
+    start = redraw_prediction(Prediction(first), both)
     assert sorted(start.logits) == [3, 4, 5, 6] and start.logits[4].shape == (2, 256, 256)
     assert start.logits[4].dtype == np.float16
     refined = protocols.refine(start.copy(), protocols.Box3D(3, 6, (90.0, 90.0, 180.0, 160.0)),
