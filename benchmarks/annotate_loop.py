@@ -67,7 +67,7 @@ def bed(labels: Path, work: Path, *, train: int, test: int, model: str) -> tuple
     if not data.exists():
         write_anatomy(labels, data, cases=train, test_cases=test, seed=0)
     if not cache.exists():
-        encode(discover_cases(data), cache, EncodeConfig(backbone=model, device="cpu"), progress=None)
+        encode(discover_cases(data), cache, EncodeConfig(backbone=model, device="cpu", zoom_mm=0.0), progress=None)
     maps = sorted(p for p in labels.iterdir() if is_nifti(p))[train + test:]
     for path in maps:  # the first later label map holding both glands
         volume = read_label(path)

@@ -23,12 +23,14 @@ from embedcache.train.decoders import load_model, load_trained_decoder
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
-def decoded_cases(cache_path: Path, names, decoder: Path | None, device):
+def decoded_cases(cache_path: Path, names, decoder: Path | None, device, *, view: str = "whole"):
     """Each case of ``names`` in the cache at ``cache_path`` with one decoder (None: vanilla), as score decodes it:
     yields ``(cache, case, truth, segment)``, ``truth`` the case's label volume and ``segment`` its
-    :class:`~embedcache.evaluation.segmenter.Segmenter` over the cached embeddings."""
+    :class:`~embedcache.evaluation.segmenter.Segmenter` over the cached embeddings. ``view``: which of the cache's
+    views the cases are (``whole`` slices, or the glands' ``regions``), which the decoder must have been trained on."""
     with open_cache(cache_path) as cache:
-        trained = load_trained_decoder(decoder, expect=cache.signature, expect_path=cache_path) if decoder else None
+        trained = load_trained_decoder(decoder, expect=cache.signature, expect_path=cache_path,
+                                       view=view) if decoder else None
         model = load_model(cache.signature.backbone, trained=trained, checkpoint=None, device=device,
                            expect_sha256=cache.signature.checkpoint_sha256, made=str(cache_path), vanilla=trained is None)
         (_, mask_decoder), = model.decoders.items()

@@ -99,6 +99,7 @@ def main(argv=None) -> dict:
         config = EncodeConfig(
             backbone=backbone.name, checkpoint=str(checkpoint) if checkpoint else None,
             device=str(device), batch_size=args.batch_size, engine=engine, precision=precision or "fp32",
+            zoom_mm=0.0,  # the whole slices' pace
         )
         cases = discover_cases(phantom_with_slices(tmp / "data", args.slices, args.seed, args.phantom_size))
         encoder = load_encoder(config, device=device)
@@ -184,7 +185,7 @@ def engines_side_by_side(args, backbone) -> dict:
                 engine, precision = parse_spec(spec)
                 config = EncodeConfig(backbone=backbone.name, checkpoint=str(checkpoint) if checkpoint else None,
                                       device="cpu", engine=engine, precision=precision,
-                                      streams=spec_streams(spec), embedding_dtype="float32")
+                                      streams=spec_streams(spec), embedding_dtype="float32", zoom_mm=0.0)
                 out = tmp / f"{spec.replace(':', '-').replace('@', '-')}-{round_}.h5"
                 started = time.perf_counter()
                 summary = encode(cases, out, config, progress=None)

@@ -159,7 +159,8 @@ def dice_cost(data: Path, run: Path, specs: list[str], tmp: Path) -> dict:
     signature = trained.signature
     cases = [c for c in discover_cases(data) if c.subset == "test"]
     base = EncodeConfig(backbone=signature.backbone, preprocess=signature.preprocess, labels=signature.labels,
-                        embedding_dtype=signature.embedding_dtype, device="cpu")
+                        embedding_dtype=signature.embedding_dtype, device="cpu",
+                        zoom_mm=0.0)  # whole slices: what each engine encodes is timed
     out = {"data": str(data), "run": str(run), "cases": [c.name for c in cases], "protocol": "box3d", "engines": {}}
     for spec in specs:
         engine, precision = parse_spec(spec)

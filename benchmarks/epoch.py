@@ -81,7 +81,7 @@ def bench_backbone(name: str, *, cases: int, per_case: int, batch_size: int, dev
     checkpoint = weights_for(backbone, tmp)
     # No margin slices: they hold no prompt, and the uncached way below encodes exactly the prompted slices.
     enc_config = EncodeConfig(backbone=name, checkpoint=str(checkpoint) if checkpoint else None, device=str(device),
-                              margin_slices=0, engine="torch")  # the epoch is timed, not the encoder
+                              margin_slices=0, engine="torch", zoom_mm=0.0)  # the epoch is timed, not the encoder
 
     data_dir = tmp / f"data-{name}"
     write_phantom(data_dir, cases=cases, seed=seed, config=phantom_config(phantom_size))

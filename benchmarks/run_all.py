@@ -46,7 +46,7 @@ def dtype_cost(backbone: str, *, device: torch.device, tmp: Path, cases: int, pe
     dice = {}
     for dtype in ("float16", "float32"):
         config = EncodeConfig(backbone=backbone, checkpoint=str(checkpoint) if checkpoint else None, device=str(device),
-                              embedding_dtype=dtype, engine="torch")
+                              embedding_dtype=dtype, engine="torch", zoom_mm=0.0)
         cache = tmp / f"{backbone}-{dtype}.h5"
         encode(discover_cases(folder), cache, config, progress=None)
         report = score(ScoreConfig(cache=str(cache), prompts=("oracle",), cases="all", device=str(device),

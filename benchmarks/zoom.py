@@ -61,7 +61,7 @@ def study_set(cache: Path, decoder: Path | None, zoom_cache: Path, zoom_decoder:
     with open_cache(zoom_cache) as zc:
         wanted = [c.name for c in zc.cases if c.region and c.region["source"] in names]
     zoomed = {}
-    for zc, zcase, _, zseg in decoded_cases(zoom_cache, wanted, zoom_decoder, device):
+    for zc, zcase, _, zseg in decoded_cases(zoom_cache, wanted, zoom_decoder, device, view="regions"):
         zoomed[zcase.name] = (zseg, zcase, zc.read("masks", zcase.rows) > 0)
     out = {}
     for c, case, truth, seg in decoded_cases(cache, names, decoder, device):

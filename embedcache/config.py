@@ -169,17 +169,15 @@ class EncodeConfig:
     precision: str = precision_setting()  # the encoder's arithmetic: fp32, or bf16 through openvino
     streams: int = streams_setting()  # slices a graph engine encodes at once; 0: measured (model.engines)
     label_map: LabelMap = FLARE22  # what the ids mean (io.labels): the cache records it, flips read their pairs from it
-    zoom_mm: float = setting(0.0, "Encode each gland's region rather than whole slices: its extent over all its slices "
-                                  "grown by this many mm, square, resampled to --slice-size, one case CASE@LABEL per "
-                                  "gland. A decoder fine-tuned on it redraws each gland finer (predict --zoom). 0: "
-                                  "whole slices.", flag="--zoom", cli_range=(0.0, 200.0))
+    zoom_mm: float = setting(25.0, "Also encode each gland's region: its extent over all its slices grown by this many "
+                                  "mm, square, resampled to --slice-size, a case CASE@LABEL per gland beside the whole "
+                                  "slices. A decoder fine-tuned on both draws each gland again, finer, in its region. "
+                                  "0: whole slices alone.", flag="--zoom", cli_range=(0.0, 200.0))
 
     def __post_init__(self):
         check_engine_names(self.engine, self.precision, self.streams)
         if self.zoom_mm and not 2.0 <= self.zoom_mm <= 200.0:
             raise UsageError(f"--zoom must be 0 (whole slices) or lie in 2..200 mm, got {self.zoom_mm:g}")
-        if self.zoom_mm and self.augment:
-            raise UsageError("--zoom encodes the glands' regions: give --augment to a whole-slice encode, not this one")
         if any(kind not in AUGMENTS for kind in self.augment) or len(set(self.augment)) != len(self.augment):
             raise UsageError(f"--augment {','.join(self.augment)}: choose distinct kinds from {', '.join(AUGMENTS)}")
         if self.workers < -1:
@@ -445,16 +443,18 @@ class ScoreConfig:
                                      "image are taken from there by name, checked against the cache's sha256 of what "
                                      "was encoded.", path=True)
     device: str = setting("auto", "auto, cpu or cuda[:N].")
-    zoom: str | None = setting(None, "A decoder fine-tuned on the glands' regions (encode --zoom; a run folder or its "
-                                     ".safetensors): also scored averaged with --run's, as the model fine-tuned + zoom "
-                                     "(under clicks, each click decoded by both).", path=True)
-    zoom_cache: str | None = setting(None, "The same cases encoded with encode --zoom [default: the cache --zoom was "
-                                           "fine-tuned on].", path=True)
+    zoom: str = setting("auto", "The decoder of the glands' regions, scored averaged with --run's as the model "
+                                "fine-tuned + zoom (under clicks, each click decoded by both): auto (the one finetune "
+                                "trained beside --run on a cache encoded with --zoom, if any), off, or a run folder or "
+                                "its .safetensors.")
+    zoom_cache: str | None = setting(None, "The same cases encoded with encode --zoom [default: the scored cache if it "
+                                           "holds their regions, else the cache the zoom decoder was fine-tuned on].",
+                                     path=True)
 
     def __post_init__(self):
         _one_decoder(self.run, self.decoder)
-        if self.zoom_cache and not self.zoom:
-            raise UsageError("--zoom-cache holds the regions a --zoom decoder draws in: give --zoom too")
+        if self.zoom_cache and self.zoom == "off":
+            raise UsageError("--zoom-cache holds the regions a --zoom decoder draws in: drop --zoom off")
         if self.cases is not None and self.cases not in CASE_SETS:
             raise UsageError(f"--cases {self.cases}: choose {', '.join(CASE_SETS)}")
         check_protocols(self.prompts)
@@ -495,11 +495,11 @@ class PredictConfig:
     streams: int = streams_setting()  # slices a graph engine encodes at once; 0: measured (model.engines)
     label_map: str | None = None  # a label map file (io.labels); None: the decoder's, a dataset.json, the preset
     label_preset: str | None = None  # a built-in map (io.labels.PRESETS)
-    zoom: str | None = setting(None, "A decoder fine-tuned on the glands' regions (encode --zoom; a run folder or its "
-                                     ".safetensors): each gland is drawn again in the region of its box, that decoder's "
-                                     "logits averaged with --run's, and its clicks are decoded by both. Finer glands; "
-                                     "2.6 times the slices encoded on the realistic bed.",
-                               path=True)
+    zoom: str = setting("auto", "The decoder of the glands' regions: each gland is drawn again in the region of its "
+                                "box, that decoder's logits averaged with --run's, and its clicks are decoded by both "
+                                "(finer glands; 2.6 times the slices encoded on the realistic bed): auto (the one "
+                                "finetune trained beside --run on a cache encoded with --zoom, if any), off, or a run "
+                                "folder or its .safetensors.")
 
     def __post_init__(self):
         check_engine_names(self.engine, self.precision, self.streams)

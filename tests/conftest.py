@@ -132,7 +132,7 @@ def rng(seed: int = 0) -> np.random.Generator:
 
 @pytest.fixture(scope="session")
 def small_cache(tmp_path_factory, tiny_checkpoint) -> Path:
-    """A tiny-backbone cache of 3 cases × 2 slices: a training epoch takes seconds on 2 cores."""
+    """A tiny-backbone cache of 3 cases × 2 slices, whole slices alone: a training epoch takes seconds on 2 cores."""
     from embedcache.cache.encode import encode
     from embedcache.config import EncodeConfig
     from embedcache.io.datasets import discover_cases
@@ -141,14 +141,14 @@ def small_cache(tmp_path_factory, tiny_checkpoint) -> Path:
     write_phantom(root / "data", cases=3, seed=11, config=SMALL_PHANTOM)
     limit_target_slices(root / "data", per_case=2)
     with tiny.registered(tiny_checkpoint):
-        encode(discover_cases(root / "data"), root / "cache.h5", EncodeConfig(backbone="tiny", device="cpu"),
+        encode(discover_cases(root / "data"), root / "cache.h5", EncodeConfig(backbone="tiny", device="cpu", zoom_mm=0.0),
                progress=None)
     return root / "cache.h5"
 
 
 @pytest.fixture(scope="session")
 def small_zoom_cache(small_cache, tiny_checkpoint) -> Path:
-    """small_cache's glands' regions (``encode --zoom 10``): the same cases, one case ``CASE@LABEL`` per gland."""
+    """small_cache's cases encoded with ``--zoom 10``: their whole slices and a case ``CASE@LABEL`` per gland."""
     from embedcache.cache.encode import encode
     from embedcache.config import EncodeConfig
     from embedcache.io.datasets import discover_cases
@@ -182,7 +182,8 @@ def run_dir(tmp_path_factory, small_cache, tiny_checkpoint) -> Path:
 
 @pytest.fixture(scope="module")
 def zoom_run(tmp_path_factory, small_zoom_cache, run_dir, tiny_checkpoint) -> Path:
-    """A one-epoch run on small_zoom_cache, on run_dir's split (which names the cases, not their glands)."""
+    """A one-epoch run on small_zoom_cache, on run_dir's split (which names the cases, not their glands): a decoder
+    of the whole slices in the run folder, one of the glands' regions in its ``zoom``."""
     run = tmp_path_factory.mktemp("zoom-run") / "run"
     with tiny.registered(tiny_checkpoint):
         result = cli("finetune", small_zoom_cache, "--out", run, "--epochs", "1", "--batch-size", "2", "--split",

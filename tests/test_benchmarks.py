@@ -392,7 +392,7 @@ def test_zoom_maps_each_glands_region_back_exactly_and_scores_every_view(tiny_mo
     assert any(row["slices"] for row in rows) and result["margin_mm"] == 10.0
     with open_cache(small_zoom_cache) as cache:
         assert result["encoded"]["test"]["regions"] == sum(c.n_rows for c in cache.cases
-                                                           if c.region["source"] == "PHANTOM_0003")
+                                                           if c.region and c.region["source"] == "PHANTOM_0003")
     for row in rows:
         for view in zoom.VIEWS + zoom.CLICK_VIEWS:
             assert 0.0 <= row[view]["dice"] <= 1.0

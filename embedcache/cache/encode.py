@@ -115,7 +115,7 @@ def encode(
     check_engine(config.engine, pick_device(config.device).type, config.precision, config.streams)  # before any work
     cases = with_augmented(cases, config.augment)  # training-only copies, each encoded as a case of its own
     if config.zoom_mm:
-        cases = gland_cases(cases, config.labels)  # each gland's region, a case of its own
+        cases = gland_cases(cases, config.labels)  # each case's glands' regions after it, each a case of its own
     dist = Dist(config.device)
     with writer_lock(out, main=dist.main):  # under torchrun rank 0 writes the cache for all
         config = resolve_engine(config, out, dist)

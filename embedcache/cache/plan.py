@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from embedcache.cache import store
+from embedcache.cache.augment import AUGMENT
 from embedcache.cache.records import CaseRecord, Signature
 from embedcache.cache.regions import GlandRegion, gland_region, zoom_in
 from embedcache.config import EncodeConfig
@@ -69,13 +70,15 @@ def gland_name(name: str, label: int) -> str:
 
 
 def gland_cases(cases: list[CaseSource], labels: tuple[int, ...]) -> list[CaseSource]:
-    """``encode --zoom``: each case's target labels present in its label volume, each a case of its own
-    (:func:`gland_name`) that encodes the gland's region; a case with none stays, to be skipped with its warning."""
+    """``encode --zoom``: each case followed by its target labels present in its label volume, each a case of its own
+    (:func:`gland_name`) that encodes the gland's region; augmented copies (``--augment``) stay whole slices alone."""
     out = []
     for case in cases:
+        out.append(case)
+        if case.subset == AUGMENT:
+            continue
         present = set(np.unique(read_label(case.label).array).tolist())
-        glands = [replace(case, name=gland_name(case.name, label), gland=label) for label in labels if label in present]
-        out += glands or [case]
+        out += [replace(case, name=gland_name(case.name, label), gland=label) for label in labels if label in present]
     return out
 
 
@@ -85,12 +88,20 @@ def plan_gland(source: CaseSource, config: EncodeConfig, digest: str, label) -> 
     gland = label.array == source.gland
     if not gland.any():
         return None
-    spacing_yx = label.geometry.spacing_mm[1:]
-    where = gland_region(gland, spacing_yx, margin_mm=config.zoom_mm, size=config.preprocess.slice_size,
-                         zpad=config.margin_slices)
-    z = np.arange(where.z0, where.z1 + 1)
-    slices = zoom_in(gland[z], where.region, spacing_yx, mask=True).astype(np.uint8) * np.uint8(source.gland)
+    where, z, slices = gland_rows(gland, source.gland, label.geometry.spacing_mm[1:], margin_mm=config.zoom_mm,
+                                  size=config.preprocess.slice_size, zpad=config.margin_slices)
     return PlannedCase(source=source, digest=digest, z=z, label_slices=slices, region=where)
+
+
+def gland_rows(gland: np.ndarray, label: int, spacing_yx, *, margin_mm: float, size: int,
+               zpad: int) -> tuple[GlandRegion, np.ndarray, np.ndarray]:
+    """The rows ``encode --zoom`` caches of one gland (``gland``, a 3-D bool mask, not empty, of label ``label``): its
+    region (:func:`~embedcache.cache.regions.gland_region`), the region's slices ``z`` and the gland resampled into
+    them (nearest pixel) as label slices."""
+    where = gland_region(gland, spacing_yx, margin_mm=margin_mm, size=size, zpad=zpad)
+    z = np.arange(where.z0, where.z1 + 1)
+    slices = zoom_in(gland[z], where.region, spacing_yx, mask=True).astype(np.uint8) * np.uint8(label)
+    return where, z, slices
 
 
 def plan_case(source: CaseSource, config: EncodeConfig, digest: str) -> PlannedCase | None:

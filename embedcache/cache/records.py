@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import logging
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -23,10 +23,10 @@ logger = logging.getLogger(__name__)
 SCHEMA = 1
 #: Signature fields that must match for two caches (or a cache and a model) to mix.
 MODEL_KEYS = ("schema", "backbone", "checkpoint_sha256", "input_size", "preprocess", "labels", "embedding_dtype",
-              "precision", "zoom_mm")
+              "precision", "zoom_mm", "whole_slices")
 #: Signature fields a trained decoder must share with the cache it decodes: the embeddings' maker and
-#: meaning (the storage type may differ).
-DECODER_KEYS = ("backbone", "checkpoint_sha256", "input_size", "preprocess", "labels", "zoom_mm")
+#: meaning (the storage type may differ). Which views it knows is checked apart (``train.decoders``).
+DECODER_KEYS = ("backbone", "checkpoint_sha256", "input_size", "preprocess", "labels")
 #: The sets a cached case can belong to: ``train`` (training or validation, as the fine-tune's split
 #: decides), ``test`` (an ``imagesTs/`` case, never trained on) and ``augment`` (an augmented copy of a
 #: ``train`` case, ``NAME~KIND``: trained on with its source, never validated or scored; see
@@ -62,12 +62,29 @@ class Signature:
     precision: str = "fp32"  # the encoder's arithmetic (encode --encoder-precision): caches of two precisions do not mix
     # what the target labels mean (io.labels), cut to them; None: FLARE22's, as every cache before label maps
     label_map: LabelMap | None = None
-    # encode --zoom: each gland's region grown by this many mm (cache.regions); 0: whole slices, as every cache before
+    # encode --zoom: each gland's region grown by this many mm (cache.regions); 0: no regions, as every cache before
     zoom_mm: float = 0.0
+    # whether the cache holds whole slices: caches since encode wrote both views, and all before --zoom; not the
+    # regions-only caches encode --zoom first wrote
+    whole_slices: bool = True
 
     def __post_init__(self):
         if self.label_map is None:
             object.__setattr__(self, "label_map", _flare22_before_maps(self.labels))
+
+    @property
+    def views(self) -> tuple[str, ...]:
+        """What the cache holds: ``whole`` slices, the glands' ``regions`` (``encode --zoom``), or both."""
+        return ("whole",) * self.whole_slices + ("regions",) * bool(self.zoom_mm)
+
+    def of_view(self, view: str | None) -> "Signature":
+        """The embeddings a decoder trained on one view of this cache saw: its ``whole`` slices, or its glands'
+        ``regions``; None: all of it. What that decoder's checkpoints record."""
+        if view not in self.views and view is not None:
+            raise ValueError(f"a cache of {'+'.join(self.views)} has no view {view}")
+        if view == "whole":
+            return replace(self, zoom_mm=0.0, whole_slices=True)
+        return replace(self, whole_slices=False) if view == "regions" else self
 
     @property
     def slice_size(self) -> int:
@@ -80,13 +97,14 @@ class Signature:
                 "input_size": self.input_size, "preprocess": asdict(self.preprocess), "labels": list(self.labels),
                 "embedding_dtype": self.embedding_dtype, "embedcache_version": self.embedcache_version,
                 "engine": self.engine, "precision": self.precision, "label_map": self.label_map.to_dict(),
-                "zoom_mm": self.zoom_mm}
+                "zoom_mm": self.zoom_mm, "whole_slices": self.whole_slices}
 
     @classmethod
     def from_dict(cls, values, *, source) -> "Signature":
         """A signature read from ``source`` (a file, named in the error), every field's type checked."""
         if isinstance(values, dict):  # caches and checkpoints from before --engine, --encoder-precision and label maps
             values = {"engine": "torch", "precision": "fp32", "label_map": None, "zoom_mm": 0.0, **values}
+            values.setdefault("whole_slices", not values["zoom_mm"])  # encode --zoom's first caches: regions only
         _check_fields(cls, values, source=source, what="signature")
         text = ("backbone", "checkpoint_sha256", "embedding_dtype", "embedcache_version", "engine",
                 "precision")
@@ -97,6 +115,9 @@ class Signature:
             raise _bad(source, f"signature labels {_short(labels)} are not label ids")
         if not _floats([values["zoom_mm"]], 1) or not 0 <= values["zoom_mm"] <= 200:
             raise _bad(source, f"signature zoom_mm {_short(values['zoom_mm'])} is not a margin in mm")
+        if not isinstance(values["whole_slices"], bool) or not (values["whole_slices"] or values["zoom_mm"]):
+            raise _bad(source, f"signature whole_slices {_short(values['whole_slices'])} is not true or false, or "
+                               "leaves the cache no view")
         if values["embedding_dtype"] not in EMBEDDING_DTYPES:
             raise _bad(source, f"signature embedding_dtype {_short(values['embedding_dtype'])} is not float16 or float32")
         pre = values["preprocess"]

@@ -171,7 +171,9 @@ def _print_info(path: Path) -> None:
         out.print(
             f"window W{pre.window_width_hu:g}/L{pre.window_level_hu:g} HU, slices {pre.slice_size}², "
             f"labels {', '.join(f'{k} = {sig.label_map.name(k)}' for k in sig.labels)} ({sig.label_map.source})"
-            + (f"; each gland's region grown {sig.zoom_mm:g} mm (encode --zoom)" if sig.zoom_mm else ""),
+            + {("whole",): "; whole slices",
+               ("whole", "regions"): f"; whole slices and each gland's region grown {sig.zoom_mm:g} mm (--zoom)",
+               ("regions",): f"; each gland's region alone, grown {sig.zoom_mm:g} mm"}[sig.views],
             markup=False,
         )
         # The case column is never cut, in a narrow terminal or a log: a cut name tells no case from another.
@@ -188,7 +190,8 @@ def _print_info(path: Path) -> None:
         table.add_row("total", "", str(len(cache)), *[str(int(present[:, j].sum())) for j in range(len(cache.labels))],
                       "", "")
         out.print(table)
-        missing = sum(not os.path.exists(case.label) for case in cache.cases)
+        labels = {case.label for case in cache.cases}  # a gland's region has its case's label volume
+        missing = sum(not os.path.exists(label) for label in labels)
         try:
             where = f"sources under {os.path.commonpath([p for c in cache.cases for p in (c.image, c.label)])}"
         except ValueError:  # absolute and relative paths: cases of an older version's encode

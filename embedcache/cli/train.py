@@ -40,10 +40,18 @@ def finetune(cache, run_dir, resume, progress, **settings):
     config = FinetuneConfig(cache=os.path.abspath(cache), **{**settings, **files})
     out = console()
     say = say_to(out)
-    table = _epoch_table()
+    tables = [_epoch_table("finetune")]
+
+    def on_view(view, path):  # a cache of both views trains a decoder per view
+        what = {"whole": "whole slices", "regions": "the glands' regions"}[view]
+        if view == "regions":
+            if tables[-1].row_count:
+                out.print(tables[-1])
+            tables.append(_epoch_table(f"finetune: {what}"))
+        say(f"{what}: {path}")
 
     def on_epoch(record):
-        table.add_row(*_epoch_cells(record))
+        tables[-1].add_row(*_epoch_cells(record))
         say(
             f"epoch {record.epoch:3d}  loss {record.train_loss:.4f}  val loss {record.val_loss:.4f}  "
             f"val Dice {record.val_dice:.4f}{' *' if record.best else '  '}  {record.seconds:6.2f} s  "
@@ -52,20 +60,22 @@ def finetune(cache, run_dir, resume, progress, **settings):
 
     with progress_bar(progress) as bar:
         result = run_finetune(config, run_dir, resume=resume, given_fields=typed() & set(settings), progress=bar,
-                              on_epoch=on_epoch)
-    if result.history:
-        out.print(table)
-    start = f"decoder of --from {result.start_from}" if result.start_from else "vanilla decoder"
-    say(
-        f"{start} val Dice {result.vanilla_val_dice:.4f} → fine-tuned {result.best_val_dice:.4f} "
-        f"(epoch {result.best_epoch}); best decoder: {run_dir / 'decoder.safetensors'}"
-    )
+                              on_epoch=on_epoch, on_view=on_view)
+    if tables[-1].row_count:
+        out.print(tables[-1])
+    for done, folder in ((result, run_dir), (result.zoom, run_dir / "zoom")):
+        if done is None:
+            continue
+        start = f"decoder of --from {done.start_from}" if done.start_from else "vanilla decoder"
+        what = "" if result.zoom is None else ("whole slices: " if done is result else "the glands' regions: ")
+        say(f"{what}{start} val Dice {done.vanilla_val_dice:.4f} → fine-tuned {done.best_val_dice:.4f} "
+            f"(epoch {done.best_epoch}); best decoder: {folder / 'decoder.safetensors'}")
 
 
-def _epoch_table():
+def _epoch_table(title: str):
     from rich.table import Table
 
-    return Table("epoch", "train loss", "val loss", "val Dice", "seconds", "prompts/s", title="finetune")
+    return Table("epoch", "train loss", "val loss", "val Dice", "seconds", "prompts/s", title=title)
 
 
 def _epoch_cells(record) -> list[str]:

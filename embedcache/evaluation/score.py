@@ -35,7 +35,7 @@ from embedcache.io.volumes import read_image, read_label, source_digest
 from embedcache.runtime.devices import pick_device
 from embedcache.train.cases import choose_cases
 from embedcache.train.checkpoint import checkpoint_file, read_header
-from embedcache.train.decoders import load_model, load_trained_decoder
+from embedcache.train.decoders import load_model, load_trained_decoder, zoom_decoder_file
 from embedcache.train.runs import LOG, RunFolder
 
 logger = logging.getLogger(__name__)
@@ -133,24 +133,30 @@ class ZoomView:
         return segment, GlandRegion.from_dict(record.region)
 
 
-def open_zoom(config: ScoreConfig, dev, stack: ExitStack) -> ZoomView:
-    """The zoom decoder of ``config.zoom`` and its cache (``config.zoom_cache``, else the cache it was fine-tuned on),
-    checked against each other; the cache stays open while ``stack`` does."""
-    decoder = checkpoint_file(Path(config.zoom))
+def open_zoom(config: ScoreConfig, decoder: Path, scored: Cache, dev, stack: ExitStack) -> ZoomView:
+    """The zoom decoder ``decoder`` and its cache (``config.zoom_cache``; else the ``scored`` cache when it holds the
+    glands' regions, else the cache the decoder was fine-tuned on), checked against each other; a cache opened here
+    stays open while ``stack`` does."""
     header = read_header(decoder)
     whole = checkpoint_file(Path(config.run or config.decoder)) if config.run or config.decoder else None
     check_zoom_decoder(header.signature, decoder, read_header(whole).signature if whole else None, whole)
     if config.zoom_cache and not Path(config.zoom_cache).is_file():
         raise EmbedcacheError(f"{config.zoom_cache}: no such cache; --zoom-cache takes the cases encoded with encode "
                               "--zoom")
-    path = config.zoom_cache or header.config.get("cache")
-    if not path or not Path(path).is_file():
-        raise EmbedcacheError(f"{decoder}: the cache it was fine-tuned on ({path or 'not recorded'}) is not there; "
-                              "give --zoom-cache, the cases encoded with encode --zoom")
-    cache = stack.enter_context(open_cache(Path(path)))
+    if config.zoom_cache:
+        path = config.zoom_cache
+    elif scored.signature.zoom_mm:
+        path = str(scored.path)
+    else:
+        path = header.config.get("cache")
+        if not path or not Path(path).is_file():
+            raise EmbedcacheError(f"{decoder}: the cache it was fine-tuned on ({path or 'not recorded'}) is not there; "
+                                  "give --zoom-cache, the cases encoded with encode --zoom")
+    same = Path(path).resolve() == Path(scored.path).resolve()
+    cache = scored if same else stack.enter_context(open_cache(Path(path)))
     if not cache.signature.zoom_mm:
         raise EmbedcacheError(f"{path}: holds whole slices; --zoom-cache takes the cases encoded with encode --zoom")
-    trained = load_trained_decoder(decoder, expect=cache.signature, expect_path=Path(path))
+    trained = load_trained_decoder(decoder, expect=cache.signature, expect_path=Path(path), view="regions")
     model = load_model(cache.signature.backbone, trained=trained,
                        checkpoint=Path(config.checkpoint) if config.checkpoint else None, device=dev,
                        expect_sha256=cache.signature.checkpoint_sha256, made=f"the cache {path}", vanilla=False)
@@ -165,7 +171,12 @@ def score(config: ScoreConfig, out_dir: Path, *, progress=None) -> Report:
     check_report_folder(out_dir)
     dev = pick_device(config.device)
     with open_cache(cache_path) as cache, ExitStack() as stack:
-        zoom = open_zoom(config, dev, stack) if config.zoom else None
+        zoom_file = zoom_decoder_file(config.zoom, Path(config.run or config.decoder) if config.run or config.decoder
+                                      else None)
+        if zoom_file is None and config.zoom_cache:
+            raise EmbedcacheError(f"--zoom-cache {config.zoom_cache}: no decoder of the glands' regions to draw in it "
+                                  "(--run has none beside it); give --zoom")
+        zoom = open_zoom(config, zoom_file, cache, dev, stack) if zoom_file else None
         trained = None
         if config.run or config.decoder:
             trained = load_trained_decoder(Path(config.run or config.decoder), expect=cache.signature,

@@ -26,8 +26,9 @@ import numpy as np
 
 from embedcache.cache.merge import merge
 from embedcache.cache.pipeline import case_record, masks_and_boxes
-from embedcache.cache.plan import target_slices
+from embedcache.cache.plan import gland_name, gland_rows, target_slices
 from embedcache.cache.records import CaseRecord, Signature
+from embedcache.cache.regions import ZoomedSlices
 from embedcache.cache.store import ShardWriter, open_cache
 from embedcache.config import OUTPUT_TYPES, EncodeConfig, PredictConfig
 from embedcache.errors import EmbedcacheError, UsageError
@@ -54,7 +55,7 @@ from embedcache.segment.predict import (
 )
 from embedcache.segment.prompt_file import Request
 from embedcache.train.checkpoint import checkpoint_file, read_signature
-from embedcache.train.decoders import load_trained_decoder
+from embedcache.train.decoders import load_trained_decoder, zoom_decoder_file
 
 logger = logging.getLogger(__name__)
 
@@ -128,7 +129,7 @@ class Annotation:
         glands to annotate, among the decoder's (None: all)."""
         decoder = checkpoint_file(Path(config.run or config.decoder)) if config.run or config.decoder else None
         trained_on = read_signature(decoder) if decoder else None
-        zoom = checkpoint_file(Path(config.zoom)) if config.zoom else None
+        zoom = zoom_decoder_file(config.zoom, decoder)  # auto: the run's own, if finetune made one
         if zoom is not None:
             check_zoom_decoder(read_signature(zoom), zoom, trained_on, decoder)
         label_map, _ = predict_label_map(config, trained_on, decoder)
@@ -179,6 +180,20 @@ class Annotation:
                          engine=model.encoder.engine, precision=model.encoder.precision,
                          label_map=self.label_map.only(self.targets))
 
+    def cache_signature(self, path: Path) -> Signature:
+        """The signature the cache ``path`` carries, or will, to take this annotation's case: :meth:`signature` with
+        the cache's views: a cache of both (``encode --zoom``, as encode makes by default) also takes each gland's
+        region; a cache not made yet is made as ``encode`` makes one."""
+        margin = EncodeConfig().zoom_mm
+        if path.exists():
+            with open_cache(path) as held:
+                views = held.signature
+            if "whole" not in views.views:
+                raise EmbedcacheError(f"{path}: holds the glands' regions alone (an encode --zoom of an earlier "
+                                      "version); add the case to a cache of whole slices")
+            margin = views.zoom_mm
+        return replace(self.signature(), zoom_mm=float(margin))
+
     def use_cache(self, path: Path) -> int:
         """Take ``path`` as this annotation's cache: one made with another model, weights, preprocessing or labels is
         refused now, before any work; the slices it holds of this CT (the same image file) are not encoded again.
@@ -187,7 +202,7 @@ class Annotation:
         if path.exists():
             import torch
 
-            with open_cache(path, expect=self.signature()) as cache:
+            with open_cache(path, expect=self.cache_signature(path)) as cache:
                 record = self._cached_case(cache)
                 if record is not None and tuple(record.shape_zyx) == self.shape and record.n_rows:
                     embeddings = cache.read("embeddings", record.rows)
@@ -348,8 +363,8 @@ class Annotation:
             raise UsageError("nothing to add yet: draw a box first")
         labels_path = Path(labels_path) if labels_path is not None else self._beside_image()
         self._check_writable(labels_path)
-        signature = self.signature()
         with writer_lock(cache):
+            signature = self.cache_signature(cache)
             records, margin = [], EncodeConfig().margin_slices
             if cache.exists():
                 with open_cache(cache, expect=signature) as held:
@@ -367,13 +382,20 @@ class Annotation:
             encoded = sum(int(z) not in self.volume.encoded for z in zs)
             embeddings = self.volume.embeddings(zs).to(_dtype(signature.embedding_dtype)).cpu().numpy()
             masks, boxes = masks_and_boxes(slices, signature.labels, signature.slice_size)
+            glands = self._regions(result, margin, signature)  # a cache of both views: each gland's region too
             write_nifti(result, self.image.geometry, labels_path, description=MARK)
             self._saved.add(labels_path)
             source = CaseSource(self.name, self.source, labels_path, series_uid=self.config.series)
             record = case_record(source, self.image.geometry, digest=source_digest(self.source, labels_path),
                                  n_rows=len(zs), margin_slices=margin)
-            kept = [r for r in records if r.name != self.name and r.name.split("~", 1)[0] != self.name]
-            if len(kept) < len(records) - (same is not None):
+            regions = [(case_record(replace(source, name=gland_name(self.name, label), gland=label),
+                                    self.image.geometry, digest=record.digest, n_rows=len(rows["slice_index"]),
+                                    margin_slices=margin, region=where), rows) for label, where, rows in glands]
+            for held, rows in regions:
+                rows["spacing_mm"] = np.broadcast_to(np.float32(held.spacing_mm), (held.n_rows, 3))
+            kept = [r for r in records if r.name != self.name and r.name.split("~", 1)[0] != self.name
+                    and (r.region or {}).get("source") != self.name]  # its old version goes, its regions with it
+            if any(r.name.split("~", 1)[0] == self.name and r.name != self.name for r in records):
                 logger.warning(f"{cache}: the augmented copies of {self.name} were dropped (made from its old labels); "
                                "encode again with --augment to make them anew")
             try:
@@ -381,12 +403,35 @@ class Annotation:
                     writer = ShardWriter(Path(folder), signature=signature, case=record)
                     writer.write(embeddings=embeddings, masks=masks, boxes=boxes, slice_index=zs,
                                  spacing_mm=np.broadcast_to(np.float32(record.spacing_mm), (len(zs), 3)))
-                    shard = writer.finish()
-                    merge(cache, signature=signature, sources=[*([(cache, kept)] if kept else []), (shard, [record])])
+                    shards = [(writer.finish(), [record])]
+                    for where, rows in regions:
+                        writer = ShardWriter(Path(folder), signature=signature, case=where)
+                        writer.write(**rows)
+                        shards.append((writer.finish(), [where]))
+                    merge(cache, signature=signature, sources=[*([(cache, kept)] if kept else []), *shards])
             except OSError as exc:
                 raise write_error(exc, cache) from None
         return Added(labels=labels_path, cache=cache, case=self.name, rows=len(zs), replaced=same is not None,
                      encoded=encoded)
+
+    def _regions(self, result: np.ndarray, margin: int, signature: Signature) -> list:
+        """For a cache of both views: each gland of ``result`` as ``encode --zoom`` caches it (its region grown the
+        cache's margin, encoded here), as ``(label, region, rows)``; none for a cache of whole slices."""
+        if not signature.zoom_mm:
+            return []
+        spacing_yx, out = self.image.geometry.spacing_mm[1:], []
+        for label in signature.labels:
+            gland = result == label
+            if not gland.any():
+                continue
+            where, zs, slices = gland_rows(gland, label, spacing_yx, margin_mm=signature.zoom_mm,
+                                           size=signature.slice_size, zpad=margin)
+            region = OnTheFly(ZoomedSlices(self.image.array, where.region, spacing_yx), self.model.encoder,
+                              self.model.preprocess)
+            embeddings = region.embeddings(zs).to(_dtype(signature.embedding_dtype)).cpu().numpy()
+            masks, boxes = masks_and_boxes(slices, signature.labels, signature.slice_size)
+            out.append((label, where, dict(embeddings=embeddings, masks=masks, boxes=boxes, slice_index=zs)))
+        return out
 
     def close(self) -> None:
         """Stop encoding ahead."""

@@ -18,7 +18,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor, wait
 from contextlib import ExitStack
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from functools import cache, partial
 from pathlib import Path
 
@@ -66,7 +66,7 @@ from embedcache.model.engines import (
 from embedcache.runtime.devices import pick_device
 from embedcache.segment.prompt_file import Request, read_boxes_file, requests_from_json
 from embedcache.train.checkpoint import checkpoint_file, read_signature
-from embedcache.train.decoders import load_model, load_trained_decoder
+from embedcache.train.decoders import ZOOM_OFF, load_model, load_trained_decoder, zoom_decoder_file
 
 logger = logging.getLogger(__name__)
 
@@ -300,7 +300,7 @@ def predict(inputs: list[Path], out_dir: Path, config: PredictConfig, *, progres
         raise UsageError("give either --boxes BOXES.json or --from-labels LABELS")
     decoder = checkpoint_file(Path(config.run or config.decoder)) if config.run or config.decoder else None
     trained_on = read_signature(decoder) if decoder else None  # the header alone: the inputs come first
-    zoom = checkpoint_file(Path(config.zoom)) if config.zoom else None
+    zoom = zoom_decoder_file(config.zoom, decoder)  # auto: the run's own, if finetune made one
     if zoom is not None:
         check_zoom_decoder(read_signature(zoom), zoom, trained_on, decoder)
     labels = trained_on.labels if trained_on else None
@@ -337,7 +337,8 @@ def predict(inputs: list[Path], out_dir: Path, config: PredictConfig, *, progres
         made_by = f"sha256 {file_sha256(decoder)[:16]}" if decoder else f"vanilla {config.model}"
         # Recorded before they are written: an interrupted run's outputs are still known as predict's own.
         names = sorted(owned | {path.name for job in jobs for path in job.files})
-        atomic_write_text(Path(out_dir) / CONFIG, json.dumps({"config": asdict(config), "written": names,
+        used = replace(config, zoom=str(zoom) if zoom is not None else ZOOM_OFF)  # what --zoom auto found
+        atomic_write_text(Path(out_dir) / CONFIG, json.dumps({"config": asdict(used), "written": names,
                                                                "label_map": label_map.to_dict()}, indent=2) + "\n")
         result_of = PredictResult([], errors, engine=model.engines, note=note)
         written = result_of.written

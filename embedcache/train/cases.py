@@ -62,9 +62,9 @@ def load_split(path: Path, cache: Cache) -> Split:
             or not all(isinstance(v, list) and all(isinstance(n, str) for n in v) for v in split.values()):
         raise EmbedcacheError(f'{path}: expected {{"train": [case names], "val": [...], "test": [...]}} (test optional)')
     known = {c.name: c for c in cache.cases}
-    glands = glands_of(cache)  # a zoom cache's split may name the source cases, as the whole-slice run's does
-    split = {key: [g for name in names for g in ([name] if name in known else glands.get(name, [name]))]
-             for key, names in split.items()}
+    glands = glands_of(cache)  # a split may name the source cases, as the whole-slice run's does: each brings its glands
+    split = {key: [g for name in names for g in ([name] if name in known else []) + glands.get(name, [])
+                   or [name]] for key, names in split.items()}
     seen: dict[str, str] = {}
     for key in ("train", "val", "test"):
         for name in split.get(key, []):
@@ -92,22 +92,38 @@ def choose_split(cache: Cache, *, split_file: str | None, val_fraction: float, s
     test = [c.name for c in cache.cases if c.subset == "test"]
     names = [c.name for c in cache.cases if c.n_rows > 0 and c.subset == "train"]
     glands = glands_of(cache)
-    if glands:  # a zoom cache: split by source case (patient), each with all its glands
-        sources = sorted({source for source, members in glands.items() if set(members) & set(names)})
+    if glands:  # glands' regions (encode --zoom): split by source case (patient), its whole slices with its glands
+        groups = {name: [name] for name in names if name not in {g for gs in glands.values() for g in gs}}
+        for source, members in glands.items():
+            groups.setdefault(source, []).extend(g for g in members if g in names)
+        sources = sorted(source for source, members in groups.items() if members)
         train, val = split_cases(sources, val_fraction=val_fraction, seed=seed)
-        train, val = ([g for s in side for g in glands[s] if g in names] for side in (train, val))
+        train, val = ([g for s in side for g in groups[s]] for side in (train, val))
     else:
         train, val = split_cases(names, val_fraction=val_fraction, seed=seed)
     return Split(tuple(train), tuple(val), tuple(test))
 
 
 def glands_of(cache: Cache) -> dict[str, list[str]]:
-    """A zoom cache's (``encode --zoom``) source case → its glands' cases; empty for a whole-slice cache."""
+    """Each source case → its glands' region cases (``encode --zoom``); empty for a cache of whole slices only."""
     out: dict[str, list[str]] = {}
     for case in cache.cases:
         if case.region is not None:
             out.setdefault(case.region["source"], []).append(case.name)
     return out
+
+
+def view_split(split: Split, cache: Cache, view: str) -> Split:
+    """``split`` cut to one view of a cache that holds both: its ``whole``-slice cases, or its glands' ``regions``
+    (``CASE@LABEL``); each set keeps its patients."""
+    regions = {c.name for c in cache.cases if c.region is not None}
+    keep = (lambda names: tuple(n for n in names if (n in regions) == (view == "regions")))  # noqa: E731
+    cut = Split(keep(split.train), keep(split.val), None if split.test is None else keep(split.test))
+    if not cut.train or not cut.val:
+        side = "train" if not cut.train else "val"
+        raise EmbedcacheError(f"{cache.path}: the split's {side} cases hold no {view}; each needs cases of both views "
+                              "(encode --zoom encodes them together)")
+    return cut
 
 
 def augmented_of(cache: Cache, train: tuple[str, ...]) -> list[str]:
@@ -140,7 +156,9 @@ def choose_cases(cache: Cache, split: Split | None, wanted: str | None) -> Score
     """The case set to score: by default the held-out test cases (the run's split, or the cache's
     ``imagesTs/`` cases), else the validation cases, which chose the checkpoint, else every case
     (``wanted``: one of :data:`~embedcache.config.CASE_SETS`, or None)."""
-    encoded = [c.name for c in cache.cases if c.n_rows > 0 and c.subset != "augment"]  # copies are never scored
+    whole = "whole" in cache.signature.views  # then the glands' regions are drawn in, not scored as cases of their own
+    encoded = [c.name for c in cache.cases if c.n_rows > 0 and c.subset != "augment"  # copies are never scored
+               and not (whole and c.region is not None)]
     test = split.test if split and split.test is not None else [c.name for c in cache.cases if c.subset == "test"]
     sets = {"test": test, "all": encoded}
     if split:

@@ -37,23 +37,56 @@ class TrainedDecoder:
         return {"decoder": str(self.source), "epoch": self.epoch,
                 "validation Dice (2-D, the validation cases)": round(float(self.val_dice), 4)}
 
-    def check_fits(self, signature: Signature, *, path: Path) -> None:
-        """Refuse to decode embeddings (of the cache ``path``) that another backbone or preprocessing made."""
-        check_decoder_fits(self.signature, signature, source=self.source, path=path)
+    def check_fits(self, signature: Signature, *, path: Path, view: str | None = "whole") -> None:
+        """Refuse to decode embeddings (of the cache ``path``) that another backbone or preprocessing made, or a
+        ``view`` of them it was not trained on (:func:`check_decoder_fits`)."""
+        check_decoder_fits(self.signature, signature, source=self.source, path=path, view=view)
 
 
-def check_decoder_fits(trained_on: Signature, signature: Signature, *, source: Path, path: Path) -> None:
+def check_decoder_fits(trained_on: Signature, signature: Signature, *, source: Path, path: Path,
+                       view: str | None = "whole") -> None:
     """Refuse a decoder (``source``, trained on a cache of ``trained_on``) for the embeddings of the cache
-    ``path``, which another backbone or preprocessing made."""
+    ``path``, which another backbone or preprocessing made; and for its ``view``: ``whole`` (its whole slices, as
+    ``score`` walks them) from a decoder trained on the glands' regions alone, ``regions`` (``encode --zoom``) from
+    one not trained on regions of the same margin. ``view`` None: any (``finetune --from`` starts from it)."""
     difference = trained_on.difference(signature, DECODER_KEYS)
     if difference:
         raise EmbedcacheError(f"{source}: decoder was trained on a cache with {difference} as {path}; "
                               "use it with the cache (and model) it was trained on")
+    if view == "whole" and not trained_on.whole_slices:
+        raise EmbedcacheError(f"{source}: decoder was trained on the glands' regions alone (a run's zoom/, or a "
+                              "cache of regions alone); give it as --zoom, with a decoder trained on whole slices")
+    if view == "regions" and trained_on.zoom_mm != signature.zoom_mm:
+        had = f"regions grown {trained_on.zoom_mm:g} mm" if trained_on.zoom_mm else "whole slices alone"
+        raise EmbedcacheError(f"{source}: decoder was trained on {had}, {path} holds regions grown "
+                              f"{signature.zoom_mm:g} mm; fine-tune on a cache encoded with --zoom "
+                              f"{signature.zoom_mm:g}")
+
+
+#: ``--zoom``'s words: the whole run's own decoder of the glands' regions when it has one, or none.
+ZOOM_AUTO, ZOOM_OFF = "auto", "off"
+
+
+def zoom_decoder_file(zoom: str | None, whole: Path | None) -> Path | None:
+    """The decoder of the glands' regions that ``score``, ``predict`` and ``annotate`` draw with beside the whole
+    slices' ``whole`` (a run folder or decoder file; None: the vanilla decoder): ``--zoom``'s run folder or file;
+    ``auto``: the one a fine-tune on a cache of both views trained beside ``whole`` (``RUN_DIR/zoom``), if any;
+    ``off`` (or None): none."""
+    if zoom in (None, ZOOM_OFF):
+        return None
+    if zoom != ZOOM_AUTO:
+        return checkpoint_file(Path(zoom))
+    if whole is None:
+        return None
+    whole = Path(whole)
+    found = (whole if whole.is_dir() else whole.parent) / "zoom" / BEST  # train.runs.ZOOM, not imported: no cycle
+    return found if found.is_file() else None
 
 
 def load_trained_decoder(run_or_file: Path, *, expect: Signature | None = None,
-                         expect_path: Path | None = None) -> TrainedDecoder:
-    """The best decoder of a run folder, or a decoder file; with ``expect``, checked against that cache signature."""
+                         expect_path: Path | None = None, view: str | None = "whole") -> TrainedDecoder:
+    """The best decoder of a run folder, or a decoder file; with ``expect``, checked against that cache signature
+    for ``view`` (:func:`check_decoder_fits`)."""
     path = checkpoint_file(run_or_file)
     checkpoint = load_checkpoint(path)
     weights = checkpoint.config.get("checkpoint")
@@ -61,7 +94,7 @@ def load_trained_decoder(run_or_file: Path, *, expect: Signature | None = None,
                              epoch=checkpoint.epoch, val_dice=checkpoint.val_dice,
                              mask_prompt=checkpoint.config.get("prompts") == "interactive")
     if expect is not None:
-        trained.check_fits(expect, path=expect_path or path)
+        trained.check_fits(expect, path=expect_path or path, view=view)
     return trained
 
 

@@ -14,7 +14,7 @@ from embedcache.cache.store import Cache, open_cache
 from embedcache.config import FinetuneConfig
 from embedcache.io.files import file_sha256, make_output_folder, writer_lock
 from embedcache.runtime.distributed import is_main_process
-from embedcache.train.cases import check_split_in_cache, choose_split
+from embedcache.train.cases import check_split_in_cache, choose_split, view_split
 from embedcache.train.decoders import check_start_decoder
 from embedcache.train.runs import CONFIG, RunFolder, resumed_config
 
@@ -23,7 +23,7 @@ if TYPE_CHECKING:
 
 
 def finetune(config: FinetuneConfig, run_dir: Path, *, resume: bool = False, given_fields: frozenset[str] | None = None,
-             progress=None, on_epoch=None) -> FinetuneResult:
+             progress=None, on_epoch=None, on_view=None) -> FinetuneResult:
     """Train the mask decoder on ``config.cache``; write checkpoints, config, split and log to ``run_dir``.
 
     ``resume`` continues the run in ``run_dir`` with its own settings: only those in
@@ -31,6 +31,10 @@ def finetune(config: FinetuneConfig, run_dir: Path, *, resume: bool = False, giv
     in ``given_fields`` (None: every field of ``config``) that differs from the run's is refused.
     ``progress`` is a :class:`rich.progress.Progress` (or None); notes go to the ``embedcache`` logger;
     ``on_epoch`` is called with each epoch's :class:`~embedcache.train.runs.EpochRecord`.
+
+    A cache of both views (``encode --zoom``) trains two decoders on one split of its patients: ``run_dir``'s on
+    the whole slices, then ``run_dir/zoom``'s on the glands' regions (the result's ``zoom``); ``resume`` continues
+    both; ``on_view`` is called with the view (``whole``, ``regions``) and its run folder as each begins.
     """
     run = RunFolder(run_dir)
     if resume and run.file(CONFIG).is_file():
@@ -48,7 +52,22 @@ def finetune(config: FinetuneConfig, run_dir: Path, *, resume: bool = False, giv
                 cache, split_file=config.split, val_fraction=config.val_fraction, seed=config.seed)
             from embedcache.train.loop import train
 
-            return train(config, run, split, resume=resume, progress=progress, on_epoch=on_epoch)
+            if cache.signature.views != ("whole", "regions"):
+                return train(config, run, split, resume=resume, progress=progress, on_epoch=on_epoch)
+            # both views (encode --zoom): the whole slices' decoder in RUN_DIR, then the regions' in RUN_DIR/zoom
+            zoom = run.zoom
+            zoom_resume = zoom.check_start(resume=resume and zoom.path.exists(), keep=(config.split,))
+            zoom_split = check_split_in_cache(zoom.split(), cache, run=zoom.path) if zoom_resume else \
+                view_split(split, cache, "regions")
+            if on_view:
+                on_view("whole", run.path)
+            whole = train(config, run, split if resume else view_split(split, cache, "whole"), resume=resume,
+                          view="whole", progress=progress, on_epoch=on_epoch)
+            if on_view:
+                on_view("regions", zoom.path)
+            regions = train(config, zoom, zoom_split, resume=zoom_resume, view="regions", progress=progress,
+                            on_epoch=on_epoch)
+            return replace(whole, zoom=regions)
 
 
 def started_from(config: FinetuneConfig, cache: Cache) -> FinetuneConfig:

@@ -80,12 +80,15 @@ class FinetuneResult:
     history: list[EpochRecord] = field(default_factory=list)
     stopped_early: bool = False
     start_from: str | None = None  # the decoder the run started from (--from); None: the backbone's (vanilla_val_dice's)
+    zoom: "FinetuneResult | None" = None  # a cache of both views: the glands' regions' run, in RUN_DIR/zoom
 
 
-def train(config: FinetuneConfig, run: RunFolder, split: Split, *, resume: bool, progress=None,
-          on_epoch=None) -> FinetuneResult:
+def train(config: FinetuneConfig, run: RunFolder, split: Split, *, resume: bool, view: str | None = None,
+          progress=None, on_epoch=None) -> FinetuneResult:
     """Train the mask decoder on ``config.cache``'s ``split``; write checkpoints, config, split and log to
-    ``run``, whose start :func:`embedcache.train.finetune.finetune` has checked (``resume``: continue it)."""
+    ``run``, whose start :func:`embedcache.train.finetune.finetune` has checked (``resume``: continue it).
+    ``view``: the one view of a cache of two the split's cases hold (``whole`` or ``regions``), which the
+    checkpoints record as the embeddings the decoder was trained on (:meth:`Signature.of_view`)."""
     dist = Dist(config.device)
     device = pick_device(dist.device_name)
     if device.type == "cpu":
@@ -94,19 +97,20 @@ def train(config: FinetuneConfig, run: RunFolder, split: Split, *, resume: bool,
     with open_cache(Path(config.cache)) as cache:
         cache.signature.check_matches(expected_signature(cache, config), path=Path(config.cache))
         sets = _case_sets(cache, config, device, split)
+        trained_on = cache.signature.of_view(view)
         train, val = sets["train"], sets["val"]
         steps_per_epoch = math.ceil(len(train) / config.batch_size)
         trainer = build_trainer(get_backbone(cache.signature.backbone), _weights(config), config, device=device,
                                 total_steps=steps_per_epoch * config.epochs, world=dist.world)
-        fingerprint = _fingerprint(cache, sets)
+        fingerprint = _fingerprint(cache, sets, trained_on)
         if resume:
-            state = _restore(run, trainer, cache, fingerprint)
+            state = _restore(run, trainer, cache, fingerprint, trained_on)
             logger.info(f"resuming {run.path} after epoch {state.epoch} (best val Dice {state.best_dice:.4f} at epoch {state.best_epoch})")
         else:
-            state = _start(run, trainer, config, sets, dist, cache, fingerprint, split)
+            state = _start(run, trainer, config, sets, dist, cache, fingerprint, split, trained_on)
             start = f"decoder of --from {config.start_from}" if config.start_from else "vanilla decoder"
             logger.info(f"{start}: val Dice {state.vanilla_dice:.4f} on {len(val.prompts.boxes)} prompts of {len(val.names)} case(s)")
-        task = progress.add_task("finetune", total=(config.epochs - state.epoch) * steps_per_epoch) if progress else None
+        task = progress.add_task(f"finetune{' (regions)' if view == 'regions' else ''}", total=(config.epochs - state.epoch) * steps_per_epoch) if progress else None
         board = run.tensorboard() if dist.main else None  # None also where TensorBoard is not installed
         stopped_early = False
         for epoch in range(state.epoch + 1, config.epochs + 1):
@@ -123,7 +127,7 @@ def train(config: FinetuneConfig, run: RunFolder, split: Split, *, resume: bool,
                                  prompts_per_s=seen * dist.world / seconds)
             state.record(record)
             if dist.main:
-                _save_epoch(run, trainer, state, config, cache.signature, fingerprint, best=record.best)
+                _save_epoch(run, trainer, state, config, trained_on, fingerprint, best=record.best)
                 run.append_log(record, board)
                 if on_epoch:
                     on_epoch(record)
@@ -227,32 +231,32 @@ def validate(trainer: Trainer, val: CaseSet, *, batch_size: int) -> tuple[float,
     return torch.cat(losses).mean().item(), torch.cat(dices).mean().item()
 
 
-def _fingerprint(cache: Cache, sets: dict[str, CaseSet]) -> dict:
+def _fingerprint(cache: Cache, sets: dict[str, CaseSet], trained_on: Signature) -> dict:
     """Which cases (and which versions of their sources) each set holds, and the embeddings' signature."""
-    return {"signature": cache.signature.to_dict(),
+    return {"signature": trained_on.to_dict(),
             **{key: {name: cache.case(name).digest for name in group.names} for key, group in sets.items()}}
 
 
 def _start(run: RunFolder, trainer: Trainer, config: FinetuneConfig, sets: dict[str, CaseSet], dist: Dist,
-           cache: Cache, fingerprint: dict, split: Split) -> RunState:
+           cache: Cache, fingerprint: dict, split: Split, trained_on: Signature) -> RunState:
     """A new run: load the decoder of ``--from`` if given (else the backbone's stays), score it, then write the
     settings, the split, log row 0 and the epoch-0 checkpoint, so that from here on the folder can always be
     resumed."""
-    signature = cache.signature
     if config.start_from:  # checked by finetune before torch was imported; read through the safetensors loader
-        trained = load_trained_decoder(Path(config.start_from), expect=signature, expect_path=cache.path)
+        trained = load_trained_decoder(Path(config.start_from), expect=cache.signature, expect_path=cache.path,
+                                       view=None)
         load_decoder_state(trainer.model.mask_decoder, trained)
     vanilla_loss, vanilla_dice = validate(trainer, sets["val"], batch_size=config.batch_size)
     state = RunState(vanilla_dice=vanilla_dice)
     if dist.main:
         run.create(config, split)
         run.append_log(EpochRecord(0, float("nan"), vanilla_loss, vanilla_dice, 0.0, 0.0, 0.0))
-        _save_epoch(run, trainer, state, config, signature, fingerprint, best=False)
+        _save_epoch(run, trainer, state, config, trained_on, fingerprint, best=False)
     dist.barrier()
     return state
 
 
-def _restore(run: RunFolder, trainer: Trainer, cache: Cache, fingerprint: dict) -> RunState:
+def _restore(run: RunFolder, trainer: Trainer, cache: Cache, fingerprint: dict, trained_on: Signature) -> RunState:
     """Load ``last.safetensors`` into the trainer; the run state it was saved with. Refuses a cache
     other than the run's, or one whose cases (or their sources) changed."""
     checkpoint = load_checkpoint(run.file(LAST))
@@ -264,7 +268,8 @@ def _restore(run: RunFolder, trainer: Trainer, cache: Cache, fingerprint: dict) 
                 f"{cache.path}: not the data the run in {run.path} was trained on (its {key} cases differ at "
                 f"{changed[0][0] if changed else '?'}); resume with the run's cache or start a new run"
             )
-    difference = first_difference(cache.signature.to_dict(), saved.get("signature", {}), MODEL_KEYS)
+    before = Signature.from_dict(saved.get("signature"), source=run.file(LAST)).to_dict()  # older fields filled in
+    difference = first_difference(trained_on.to_dict(), before, MODEL_KEYS)
     if difference:
         raise EmbedcacheError(f"{cache.path}: the run in {run.path} was trained on a cache with {difference}; "
                               "resume with the run's cache or start a new run")

@@ -9,6 +9,8 @@ schema is :mod:`embedcache.train.checkpoint`.
                                  the above plus optimizer, schedule and run state, all ``--resume`` needs
     RUN_DIR/log.csv              one row per epoch (epoch 0: the vanilla decoder)
     RUN_DIR/tensorboard/         the same scalars, when TensorBoard is installed
+    RUN_DIR/zoom/                a cache holding the glands' regions beside whole slices (encode --zoom) trains
+                                 two decoders: RUN_DIR's on the whole slices, and this run folder's on the regions
 """
 
 from __future__ import annotations
@@ -27,8 +29,8 @@ from embedcache.train.checkpoint import BEST
 
 logger = logging.getLogger(__name__)
 
-CONFIG, SPLIT, LAST, LOG = "config.json", "split.json", "last.safetensors", "log.csv"
-RUN_FILES = (CONFIG, SPLIT, BEST, LAST, LOG, "tensorboard")
+CONFIG, SPLIT, LAST, LOG, ZOOM = "config.json", "split.json", "last.safetensors", "log.csv", "zoom"
+RUN_FILES = (CONFIG, SPLIT, BEST, LAST, LOG, "tensorboard", ZOOM)
 #: Settings that may change on ``--resume``; any other must equal the run's.
 RESUMABLE = ("epochs", "device", "patience", "cache", "resident", "compile")
 #: Settings finetune records itself when a run starts (what it started from): kept from the run on ``--resume``,
@@ -58,6 +60,11 @@ class RunFolder:
 
     def file(self, name: str) -> Path:
         return self.path / name
+
+    @property
+    def zoom(self) -> "RunFolder":
+        """The run of the glands' regions inside this one (:data:`ZOOM`)."""
+        return RunFolder(self.path / ZOOM)
 
     def _files(self) -> list[Path]:
         """What the folder holds, unfinished ``.partial`` writes aside."""

@@ -92,7 +92,10 @@ def test_encode_adds_a_flipped_copy_of_every_training_case_and_none_of_a_test_ca
     with store.open_cache(augmented_cache) as cache:
         by_name = {c.name: c for c in cache.cases}
         copies = [c for c in cache.cases if c.subset == "augment"]
-        assert sorted(c.name for c in copies) == sorted(f"{c.name}~flip" for c in cache.cases if c.subset == "train")
+        # each training case's whole slices are copied; its glands' regions (encode's default --zoom) are not
+        assert sorted(c.name for c in copies) == sorted(f"{c.name}~flip" for c in cache.cases
+                                                        if c.subset == "train" and c.region is None)
+        assert any(c.region for c in cache.cases) and not any(c.region for c in copies)
         assert all(by_name[source_of(c.name)[0]].subset == "train" for c in copies)
         for copy in copies:
             source = by_name[source_of(copy.name)[0]]
@@ -132,7 +135,7 @@ def test_a_split_file_naming_an_augmented_copy_is_refused(augmented_cache, tiny_
     from embedcache.train.cases import load_split
 
     with store.open_cache(augmented_cache) as cache:
-        names = [c.name for c in cache.cases if c.subset == "train"]
+        names = [c.name for c in cache.cases if c.subset == "train" and c.region is None]
         (tmp_path / "split.json").write_text(json.dumps({"train": names[:1], "val": [f"{names[1]}~flip"]}))
         with pytest.raises(EmbedcacheError, match="is an augmented copy"):
             load_split(tmp_path / "split.json", cache)

@@ -31,7 +31,7 @@ from embedcache.synth.phantom import write_phantom
 import tiny
 from conftest import SMALL_PHANTOM
 
-TINY = EncodeConfig(backbone="tiny", device="cpu")
+TINY = EncodeConfig(backbone="tiny", device="cpu", zoom_mm=0.0)  # whole slices; with regions: test_regions.py
 
 
 def _encode(cases, out, config=TINY):
@@ -146,7 +146,7 @@ def test_kill_9_then_resume_redoes_no_finished_case(tiny_checkpoint, tmp_path, m
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(Path(tiny.__file__).parent), *sys.path]))
     proc = subprocess.Popen(
         [sys.executable, tiny.__file__, str(tiny_checkpoint), "encode", str(data), "--out", str(out),
-         "--model", "tiny", "--device", "cpu", "--no-progress"],
+         "--model", "tiny", "--device", "cpu", "--zoom", "0", "--no-progress"],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
     )
     deadline = time.monotonic() + 120
@@ -301,7 +301,7 @@ def test_torchrun_encode_with_two_processes_equals_one_process(tiny_model, tiny_
                OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone",
            tiny.__file__, str(tiny_checkpoint), "encode", str(phantom_dir), "--out", str(tmp_path / "two.h5"),
-           "--model", "tiny", "--device", "cpu", "--no-progress"]
+           "--model", "tiny", "--device", "cpu", "--zoom", "0", "--no-progress"]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
     assert done.stderr.count("slices of 3 cases") == 1 and done.stdout.count("total") == 1  # rank 0 speaks for all

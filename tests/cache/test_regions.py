@@ -70,8 +70,8 @@ def test_a_zoomed_image_is_the_slice_sampled_bilinearly_with_its_edge_beyond():
     assert np.allclose(zoomed[0], np.clip(xs, 0, 63), atol=1e-4)
 
 
-def test_encode_zoom_caches_each_glands_region_whose_masks_map_back_onto_its_slices(tiny_model, phantom_copy,
-                                                                                   tmp_path):
+def test_encode_zoom_caches_whole_slices_and_each_glands_region_whose_masks_map_back(tiny_model, phantom_copy,
+                                                                                      tmp_path):
     from embedcache.cache import store
     from embedcache.cache.encode import encode, signature_for
     from embedcache.cache.regions import GlandRegion
@@ -88,9 +88,12 @@ def test_encode_zoom_caches_each_glands_region_whose_masks_map_back_onto_its_sli
     out = tmp_path / "zoom.h5"
     encode(cases, out, config, progress=None)
     with store.open_cache(out, expect=signature_for(config)) as cache:
-        assert cache.signature.zoom_mm == 5.0
-        assert [c.name for c in cache.cases] == [f"{c.name}@{label}" for c in cases for label in (7, 8)]
+        assert cache.signature.zoom_mm == 5.0 and cache.signature.views == ("whole", "regions")
+        assert [c.name for c in cache.cases] == [n for c in cases for n in (c.name, f"{c.name}@7", f"{c.name}@8")]
         for case in cache.cases:
+            if case.region is None:  # the whole slices, as encode without --zoom caches them
+                assert case.shape_zyx == read_label(next(c.label for c in cases if c.name == case.name)).array.shape
+                continue
             source = case.region["source"]
             gland = read_label(next(c.label for c in cases if c.name == source)).array == case.region["label"]
             where = GlandRegion.from_dict(case.region)
@@ -106,6 +109,6 @@ def test_encode_zoom_caches_each_glands_region_whose_masks_map_back_onto_its_sli
             for row, k in zip(range(case.first_row, case.first_row + case.n_rows), z):
                 np.testing.assert_array_equal(cache.boxes[row], boxes_for_labels(cache.masks[row], (7, 8)))
                 assert np.isnan(cache.boxes[row]).all() == (k not in held)
-    assert encode(cases, out, config, progress=None).cases_resumed == 4  # a second run finds every gland done
-    with pytest.raises(CacheMismatchError, match="zoom_mm"):  # whole slices and regions never mix
+    assert encode(cases, out, config, progress=None).cases_resumed == 6  # a second run finds every case done
+    with pytest.raises(CacheMismatchError, match="zoom_mm"):  # a cache of both views is not one of whole slices
         encode(cases, out, EncodeConfig(backbone="tiny", device="cpu"), progress=None)

@@ -111,7 +111,7 @@ def test_a_corrective_click_in_a_missed_region_raises_the_slice_dice_and_stays_w
     shutil.copytree(phantom_dir, data)
     limit_target_slices(data, per_case=4)
     cache = tmp_path / "lite.h5"
-    encode(discover_cases(data), cache, EncodeConfig(device="cpu", margin_slices=0), **QUIET)
+    encode(discover_cases(data), cache, EncodeConfig(device="cpu", margin_slices=0, zoom_mm=0.0), **QUIET)
     run = tmp_path / "run"
     finetune(finetune_config(cache, epochs=3, prompts="interactive", rounds=4, val_fraction=0.34), run, **QUIET)
     trained = load_trained_decoder(run)

@@ -141,7 +141,7 @@ def test_a_case_from_one_series_of_a_mixed_dicom_folder_is_scored_from_that_seri
     done = cli(*encode)
     assert done.exit_code == 0, done.output
     done = cli(*encode)
-    assert done.exit_code == 0 and "encoded 0 slices" in done.output and "1 cases already done" in done.output
+    assert done.exit_code == 0 and "encoded 0 slices" in done.output and "3 cases already done" in done.output
     with store.open_cache(tmp_path / "c.h5") as cache:
         assert cache.cases[0].series_uid == uid
     done = cli(*["score", str(tmp_path / "c.h5"), "--out", str(tmp_path / "r"), "--device", "cpu",
@@ -236,13 +236,13 @@ def test_zoom_scores_the_fine_tuned_masks_drawn_again_in_each_glands_region(smal
 
     redraw = score_module.redraw_prediction
     monkeypatch.setattr(score_module, "redraw_prediction", spy)
-    config = ScoreConfig(cache=str(small_cache), run=str(run_dir), zoom=str(zoom_run), cases="all",
+    config = ScoreConfig(cache=str(small_cache), run=str(run_dir), zoom=str(zoom_run / "zoom"), cases="all",
                          prompts=("oracle", "box3d", "clicks"), protocol=ProtocolSettings(clicks=1), device="cpu")
     report = score_module.score(config, tmp_path / "r")
     assert report.models == ("vanilla", "finetuned", "zoomed")
     assert report.made_by["zoom cache"] == str(small_zoom_cache)  # the cache the zoom run was fine-tuned on
     with store.open_cache(small_zoom_cache) as cache:
-        regions = {(c.region["source"], c.region["label"]): c.region for c in cache.cases}
+        regions = {(c.region["source"], c.region["label"]): c.region for c in cache.cases if c.region}
     assert len(calls) == 2 * len(regions)  # oracle and box3d, once per gland; clicks start from box3d's
     assert {(w.z0, w.z1, w.region.cx) for w, _ in calls} == {(r["z0"], r["z1"], r["cx"]) for r in regions.values()}
     for protocol, by_case in report.cases.items():
@@ -254,12 +254,25 @@ def test_zoom_scores_the_fine_tuned_masks_drawn_again_in_each_glands_region(smal
                     assert by_model["zoomed"]["dice@0"] == pytest.approx(box3d["dice"])
                     assert {"dice@1", "nsd@1", "dice_auc"} <= set(by_model["zoomed"])
     assert "fine-tuned + zoom" in (tmp_path / "r" / "index.html").read_text()
-    whole = cli("score", small_cache, "--out", tmp_path / "w", "--run", run_dir, "--zoom", zoom_run, "--zoom-cache",
+    whole = cli("score", small_cache, "--out", tmp_path / "w", "--run", run_dir, "--zoom", zoom_run / "zoom", "--zoom-cache",
                 small_cache)
     assert whole.exit_code == 1 and "holds whole slices; --zoom-cache takes" in whole.output
-    missing = cli("score", small_cache, "--out", tmp_path / "m", "--run", run_dir, "--zoom", zoom_run, "--zoom-cache",
+    missing = cli("score", small_cache, "--out", tmp_path / "m", "--run", run_dir, "--zoom", zoom_run / "zoom", "--zoom-cache",
                   tmp_path / "nothere.h5")
     assert missing.exit_code == 1 and "nothere.h5: no such cache; --zoom-cache takes" in missing.output
     assert not (tmp_path / "m").exists()
+    # a run fine-tuned on a cache of both views scores with its own regions' decoder, in that cache's regions
+    auto = score_module.score(ScoreConfig(cache=str(small_zoom_cache), run=str(zoom_run), cases="all",
+                                          prompts=("box3d",), device="cpu"), tmp_path / "auto")
+    assert auto.models == ("vanilla", "finetuned", "zoomed")
+    assert auto.made_by["zoom decoder"] == str(zoom_run / "zoom" / "decoder.safetensors")
+    assert auto.made_by["zoom cache"] == str(small_zoom_cache)
+    assert set(auto.case_names) == {"PHANTOM_0001", "PHANTOM_0002", "PHANTOM_0003"}  # regions are drawn in, not scored
+    off = cli("score", small_zoom_cache, "--out", tmp_path / "off", "--run", zoom_run, "--zoom", "off", "--cases", "all",
+              "--protocols", "box3d", "--device", "cpu", "--no-progress")
+    assert off.exit_code == 0 and json.loads((tmp_path / "off" / "report.json").read_text())["models"] == \
+        ["vanilla", "finetuned"]
+    regions = cli("score", small_zoom_cache, "--out", tmp_path / "g", "--run", zoom_run / "zoom")
+    assert regions.exit_code == 1 and "trained on the glands' regions alone" in regions.output
     alone = cli("score", small_cache, "--out", tmp_path / "a", "--zoom-cache", small_zoom_cache)
-    assert alone.exit_code == 2 and "give --zoom too" in alone.output
+    assert alone.exit_code == 1 and "no decoder of the glands' regions to draw in it" in alone.output

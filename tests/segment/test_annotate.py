@@ -160,14 +160,17 @@ def test_add_to_training_appends_the_case_with_the_rows_encode_makes_of_the_save
     encode([CaseSource(case.name, image, added.labels)], tmp_path / "encoded.h5",
            EncodeConfig(backbone="tiny", device="cpu"), progress=None)
     with open_cache(cache) as mine, open_cache(tmp_path / "encoded.h5") as theirs:
-        assert [c.name for c in mine.cases] == [case.name] and mine.cases[0].subset == "train"
+        names = [case.name, f"{case.name}@7", f"{case.name}@8"]  # a new cache holds both views, as encode's default
+        assert [c.name for c in mine.cases] == names == [c.name for c in theirs.cases]
+        assert mine.cases[0].subset == "train" and mine.signature.views == ("whole", "regions")
         assert mine.signature.difference(theirs.signature) is None
-        assert mine.cases[0].digest == theirs.cases[0].digest
-        for name in ("slice_index", "masks", "boxes", "spacing_mm"):
-            np.testing.assert_array_equal(mine.read(name, slice(None)), theirs.read(name, slice(None)))
-        np.testing.assert_allclose(mine.read("embeddings", slice(None)).astype(np.float32),
-                                   theirs.read("embeddings", slice(None)).astype(np.float32), atol=2e-3)
-        rows = set(int(z) for z in mine.read("slice_index", slice(None)))
+        for held, made in zip(mine.cases, theirs.cases):
+            assert (held.digest, held.region, held.shape_zyx) == (made.digest, made.region, made.shape_zyx)
+            for name in ("slice_index", "masks", "boxes", "spacing_mm"):
+                np.testing.assert_array_equal(mine.read(name, held.rows), theirs.read(name, made.rows))
+            np.testing.assert_allclose(mine.read("embeddings", held.rows).astype(np.float32),
+                                       theirs.read("embeddings", made.rows).astype(np.float32), atol=2e-3)
+        rows = set(int(z) for z in mine.read("slice_index", mine.cases[0].rows))
 
     # opened again with the cache, its slices are not encoded again; a second add replaces the case
     again = Annotation.open(image, config, cache=cache)
@@ -179,8 +182,20 @@ def test_add_to_training_appends_the_case_with_the_rows_encode_makes_of_the_save
         again.close()
     assert second.replaced and second.labels == added.labels
     with open_cache(cache) as mine:
-        assert [c.name for c in mine.cases] == [case.name]
+        assert [c.name for c in mine.cases] == [case.name, f"{case.name}@8"]  # its old right gland's region went too
         assert not (mine.read("masks", slice(None)) == 7).any()  # the right gland was not annotated this time
+
+    # a cache of whole slices alone (encode --zoom 0) takes the whole slices alone
+    other = next(c for c in discover_cases(case.image.parent.parent) if c.name != case.name)
+    encode([other], tmp_path / "whole.h5", EncodeConfig(backbone="tiny", device="cpu", zoom_mm=0.0), progress=None)
+    third = Annotation.open(image, config, cache=tmp_path / "whole.h5")
+    try:
+        _boxes(third, truth, (7,))
+        third.add_to_training()
+    finally:
+        third.close()
+    with open_cache(tmp_path / "whole.h5") as whole:
+        assert [c.name for c in whole.cases] == [other.name, case.name] and whole.signature.views == ("whole",)
 
 
 def test_add_to_training_refuses_a_foreign_label_file_a_test_case_and_another_models_cache(own_copy, small_cache,
@@ -259,7 +274,7 @@ def test_zoom_draws_the_box_and_clicks_as_predict_zoom_writes_them(tiny_model, s
 
     monkeypatch.setattr(zoom_module.BothViews, "__call__", spy)
     case = next(c for c in discover_cases(small_cache.parent / "data") if c.name == "PHANTOM_0003")
-    annotation = Annotation.open(case.image, PredictConfig(run=str(run_dir), zoom=str(zoom_run), device="cpu"))
+    annotation = Annotation.open(case.image, PredictConfig(run=str(run_dir), zoom=str(zoom_run / "zoom"), device="cpu"))
     try:
         truth = read_label(case.label)
         gland = truth.array == 8
@@ -279,7 +294,13 @@ def test_zoom_draws_the_box_and_clicks_as_predict_zoom_writes_them(tiny_model, s
     (tmp_path / "b.json").write_text(json.dumps({case.name: [{"label": 8, "box3d": [*map(int, low), *map(int, high)],
                                                               "points": [point]}]}))
     args = (case.image, "--boxes", tmp_path / "b.json", "--run", run_dir, "--device", "cpu", "--no-progress")
-    assert cli("predict", *args, "--zoom", zoom_run, "--out", tmp_path / "z").exit_code == 0
+    assert cli("predict", *args, "--zoom", zoom_run / "zoom", "--out", tmp_path / "z").exit_code == 0
     np.testing.assert_array_equal(read_label(tmp_path / "z" / f"{case.name}.nii.gz").array, annotated)
     one_line(cli("annotate", case.image, "--run", run_dir, "--zoom", run_dir, "--device", "cpu"),
              "trained on whole slices; --zoom takes a decoder")
+    for zoom, found in (("auto", True), ("off", False)):  # a run of both views brings its regions' decoder itself
+        opened = Annotation.open(case.image, PredictConfig(run=str(zoom_run), zoom=zoom, device="cpu"))
+        try:
+            assert (opened.zoom is not None) == found
+        finally:
+            opened.close()

@@ -349,8 +349,8 @@ def test_zoom_draws_each_gland_again_in_its_region_and_refuses_a_decoder_of_the_
     monkeypatch.setattr(protocols, "run", first_pass)
     case = next(c for c in discover_cases(small_cache.parent / "data") if c.name == "PHANTOM_0003")
     runs = {}
-    for name, zoom, prompts in (("whole", None, "box3d"), ("zoom", str(zoom_run), "box3d"),
-                                ("clicks", str(zoom_run), "clicks")):
+    for name, zoom, prompts in (("whole", None, "box3d"), ("zoom", str(zoom_run / "zoom"), "box3d"),
+                                ("clicks", str(zoom_run / "zoom"), "clicks")):
         config = PredictConfig(run=str(run_dir), from_labels=str(case.label), device="cpu", zoom=zoom, prompts=prompts)
         runs[name] = predict([case.image], tmp_path / name, config)
         assert runs[name].written and not runs[name].errors
@@ -364,14 +364,22 @@ def test_zoom_draws_each_gland_again_in_its_region_and_refuses_a_decoder_of_the_
     assert changed.size and set(changed) <= set(drawn)  # drawn again: only the slices the first pass drew
     assert np.array_equal(clicks, zoomed) and len(clicked) == 2
     assert all(isinstance(segment, BothViews) for segment, _ in clicked)
-    assert json.loads((tmp_path / "zoom" / "predict.json").read_text())["config"]["zoom"] == str(zoom_run)
+    recorded = json.loads((tmp_path / "zoom" / "predict.json").read_text())["config"]["zoom"]
+    assert recorded == str(zoom_run / "zoom" / "decoder.safetensors")  # the decoder file it drew with
     wrong = _predict(case.image, "--from-labels", case.label, "--run", run_dir, "--zoom", run_dir, "--out",
                      tmp_path / "w1")
     assert wrong.exit_code == 1 and "trained on whole slices; --zoom takes a decoder" in wrong.output
-    swapped = _predict(case.image, "--from-labels", case.label, "--run", zoom_run, "--zoom", zoom_run, "--out",
+    swapped = _predict(case.image, "--from-labels", case.label, "--run", zoom_run / "zoom", "--zoom", zoom_run / "zoom",
+                       "--out",
                        tmp_path / "w2")
     assert swapped.exit_code == 1 and "give it as --zoom" in swapped.output
-    alone = _predict(case.image, "--from-labels", case.label, "--zoom", zoom_run, "--out", tmp_path / "w3")
+    auto = _predict(case.image, "--from-labels", case.label, "--run", zoom_run, "--out", tmp_path / "auto")
+    assert auto.exit_code == 0, auto.output  # the run's own regions' decoder, found and recorded
+    recorded = json.loads((tmp_path / "auto" / "predict.json").read_text())["config"]["zoom"]
+    assert recorded == str(zoom_run / "zoom" / "decoder.safetensors")
+    off = _predict(case.image, "--from-labels", case.label, "--run", zoom_run, "--zoom", "off", "--out", tmp_path / "o")
+    assert off.exit_code == 0 and json.loads((tmp_path / "o" / "predict.json").read_text())["config"]["zoom"] == "off"
+    alone = _predict(case.image, "--from-labels", case.label, "--zoom", zoom_run / "zoom", "--out", tmp_path / "w3")
     assert alone.exit_code == 1 and "give --run or --decoder too" in alone.output
     assert not any((tmp_path / w).exists() for w in ("w1", "w2", "w3"))
 
@@ -400,7 +408,7 @@ def test_zoom_decodes_a_persons_clicks_through_both_views(tiny_model, small_cach
                                                               "points": [point]}]}))
     args = (case.image, "--boxes", tmp_path / "b.json", "--run", run_dir)
     assert _predict(*args, "--out", tmp_path / "whole").exit_code == 0 and not calls
-    result = _predict(*args, "--zoom", zoom_run, "--out", tmp_path / "zoom")
+    result = _predict(*args, "--zoom", zoom_run / "zoom", "--out", tmp_path / "zoom")
     assert result.exit_code == 0, result.output
     with_points = [(where, zs, points) for where, zs, points in calls if points is not None]
     assert with_points and all(zs == [z] for _, zs, _ in with_points)  # the click's slice, with its click

@@ -70,24 +70,31 @@ def test_test_cases_stay_out_of_training_and_a_split_file_fixes_the_sets(tiny_mo
         assert not (tmp_path / f"run-{key}").exists()
 
 
-def test_a_zoom_caches_split_keeps_each_patients_glands_together_and_may_name_the_source_cases(
+def test_a_zoom_caches_split_keeps_each_patients_slices_and_glands_together_and_may_name_the_source_cases(
         tiny_model, small_zoom_cache, tmp_path):
     import json
 
     from embedcache.cache.store import open_cache
-    from embedcache.train.cases import choose_split, glands_of, load_split
+    from embedcache.train.cases import choose_split, glands_of, load_split, view_split
 
     with open_cache(small_zoom_cache) as cache:
         glands = glands_of(cache)
-        assert sorted(glands) == ["PHANTOM_0001", "PHANTOM_0002", "PHANTOM_0003"]
+        sources = ["PHANTOM_0001", "PHANTOM_0002", "PHANTOM_0003"]
+        assert sorted(glands) == sources
         assert all(members == [f"{source}@7", f"{source}@8"] for source, members in glands.items())
         split = choose_split(cache, split_file=None, val_fraction=0.34, seed=0)
         train = {n.rsplit("@", 1)[0] for n in split.train}
         val = {n.rsplit("@", 1)[0] for n in split.val}
         assert train and val and not train & val  # no patient on both sides
-        assert sorted(split.train + split.val) == sorted(g for m in glands.values() for g in m)
+        assert sorted(split.train + split.val) == sorted([*sources, *(g for m in glands.values() for g in m)])
+        assert all(s in split.train + split.val for s in sources)  # its whole slices go where its glands go
+        whole, regions = view_split(split, cache, "whole"), view_split(split, cache, "regions")
+        assert sorted(whole.train + whole.val) == sources and not any("@" in n for n in whole.val)
+        assert {n.rsplit("@", 1)[0] for n in regions.val} == set(whole.val) and all("@" in n for n in regions.train)
         path = tmp_path / "split.json"  # the whole-slice run's split, by source case
         path.write_text(json.dumps({"train": ["PHANTOM_0001", "PHANTOM_0002@8"], "val": ["PHANTOM_0003"]}))
         loaded = load_split(path, cache)
-        assert loaded.train == ("PHANTOM_0001@7", "PHANTOM_0001@8", "PHANTOM_0002@8")
-        assert loaded.val == ("PHANTOM_0003@7", "PHANTOM_0003@8")
+        assert loaded.train == ("PHANTOM_0001", "PHANTOM_0001@7", "PHANTOM_0001@8", "PHANTOM_0002@8")
+        assert loaded.val == ("PHANTOM_0003", "PHANTOM_0003@7", "PHANTOM_0003@8")
+        with pytest.raises(EmbedcacheError, match="the split's train cases hold no whole"):
+            view_split(loaded.__class__(("PHANTOM_0002@8",), loaded.val), cache, "whole")

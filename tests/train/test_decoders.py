@@ -73,7 +73,7 @@ def test_litemedsam_export_keeps_its_state_dict_layout(phantom_dir, tmp_path):
     shutil.copytree(phantom_dir, data)
     limit_target_slices(data, per_case=1)
     cache = tmp_path / "lite.h5"
-    encode(discover_cases(data), cache, EncodeConfig(device="cpu", margin_slices=0), progress=None)
+    encode(discover_cases(data), cache, EncodeConfig(device="cpu", margin_slices=0, zoom_mm=0.0), progress=None)
     run = tmp_path / "run"
     finetune(finetune_config(cache, epochs=1, batch_size=2), run, **QUIET)
     out = export_run(run, tmp_path / "lite_finetuned.pth")

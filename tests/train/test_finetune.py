@@ -20,6 +20,37 @@ import tiny
 from conftest import QUIET, decoder_weights, finetune_config
 
 
+def test_a_cache_of_both_views_trains_a_decoder_per_view_on_one_split_and_resumes_each(tiny_model, small_zoom_cache,
+                                                                                        tmp_path):
+    from embedcache.train.checkpoint import read_signature
+    from embedcache.train.runs import RunFolder
+
+    run, views, seen = tmp_path / "run", [], []
+
+    def interrupt_in_the_regions_epoch_1(record):  # as Ctrl-C would, once the regions' epoch 1 is saved
+        seen.append((views[-1][0], record.epoch))
+        if views[-1][0] == "regions" and record.epoch == 1:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        finetune(finetune_config(small_zoom_cache), run, on_epoch=interrupt_in_the_regions_epoch_1,
+                 on_view=lambda view, path: views.append((view, path)), **QUIET)
+    assert views == [("whole", run), ("regions", run / "zoom")]
+    assert seen == [("whole", 1), ("whole", 2), ("regions", 1)]
+    whole, regions = read_signature(run / "decoder.safetensors"), read_signature(run / "zoom" / "decoder.safetensors")
+    assert whole.views == ("whole",) and regions.views == ("regions",) and regions.zoom_mm == 10.0  # what each saw
+    split, glands = RunFolder(run).split(), RunFolder(run / "zoom").split()
+    assert not any("@" in n for n in split.train + split.val) and all("@" in n for n in glands.train + glands.val)
+    assert {n.split("@")[0] for n in glands.val} == set(split.val)  # one split of the patients
+
+    trained = []
+    resumed = finetune(finetune_config(small_zoom_cache), run, resume=True, on_epoch=trained.append, **QUIET)
+    assert [r.epoch for r in trained] == [2]  # the whole slices' run was done; the regions' goes on from epoch 1
+    assert [r.epoch for r in resumed.history] == [1, 2] and [r.epoch for r in resumed.zoom.history] == [1, 2]
+    for folder in (run, run / "zoom"):
+        assert [r["epoch"] for r in csv.DictReader(open(folder / "log.csv"))] == ["0", "1", "2"]
+
+
 def test_finetune_writes_a_run_and_resumes(tiny_model, small_cache, tmp_path):
     run = tmp_path / "run"
     epochs_seen = []

@@ -157,7 +157,7 @@ def test_a_box_and_two_clicks_in_the_window_give_what_predict_boxes_writes(windo
     from embedcache.cache.store import open_cache
 
     with open_cache(tmp_path / "cache.h5") as cache:
-        assert [c.name for c in cache.cases] == ["MINE"]
+        assert [c.name for c in cache.cases] == ["MINE", "MINE@7"]  # a new cache holds both views, as encode's
         new_rows = cache.cases[0].n_rows
 
     # the corrected case, appended to a cache of other cases, is trained on: every case of the cache but the
