@@ -15,8 +15,8 @@ from embedcache.config import FinetuneConfig
 from embedcache.io.files import file_sha256, make_output_folder, writer_lock
 from embedcache.runtime.distributed import is_main_process
 from embedcache.train.cases import check_split_in_cache, choose_split, view_split
-from embedcache.train.decoders import check_start_decoder
-from embedcache.train.runs import CONFIG, RunFolder, resumed_config
+from embedcache.train.decoders import ZOOM_AUTO, check_start_decoder, zoom_decoder_file
+from embedcache.train.runs import CONFIG, RESUMABLE, RunFolder, resumed_config
 
 if TYPE_CHECKING:
     from embedcache.train.loop import FinetuneResult
@@ -59,15 +59,26 @@ def finetune(config: FinetuneConfig, run_dir: Path, *, resume: bool = False, giv
             zoom_resume = zoom.check_start(resume=resume and zoom.path.exists(), keep=(config.split,))
             zoom_split = check_split_in_cache(zoom.split(), cache, run=zoom.path) if zoom_resume else \
                 view_split(split, cache, "regions")
+            zoom_config = regions_config(config, zoom, cache, resume=zoom_resume)
             if on_view:
                 on_view("whole", run.path)
             whole = train(config, run, split if resume else view_split(split, cache, "whole"), resume=resume,
                           view="whole", progress=progress, on_epoch=on_epoch)
             if on_view:
                 on_view("regions", zoom.path)
-            regions = train(config, zoom, zoom_split, resume=zoom_resume, view="regions", progress=progress,
+            regions = train(zoom_config, zoom, zoom_split, resume=zoom_resume, view="regions", progress=progress,
                             on_epoch=on_epoch)
             return replace(whole, zoom=regions)
+
+
+def regions_config(config: FinetuneConfig, zoom: RunFolder, cache: Cache, *, resume: bool) -> FinetuneConfig:
+    """The settings of the regions' run ``zoom`` beside a run of ``config``: resumed, its own, with the settings a
+    resume may change taken from ``config``; new, ``config``'s, starting (``--from RUN``) from RUN's own regions'
+    decoder where it has one, else from the decoder ``--from`` names."""
+    if resume:
+        return resumed_config(config, zoom.config(), path=zoom.file(CONFIG), given_fields=frozenset(RESUMABLE))
+    own = zoom_decoder_file(ZOOM_AUTO, Path(config.start_from)) if config.start_from else None
+    return started_from(replace(config, start_from=str(own)), cache) if own else config
 
 
 def started_from(config: FinetuneConfig, cache: Cache) -> FinetuneConfig:

@@ -61,7 +61,7 @@ def _encode(data, out, *extra):
     """Encode with one slice beyond each gland (box3d's own margin; two, the default, cost a third more slices)."""
     if "--engine" in extra and "torch" not in extra and "--streams" not in extra:
         extra = (*extra, "--streams", "1")  # one at a time unless asked: no measurement in every test
-    result = cli("encode", data, "--out", out, "--device", "cpu", "--no-progress", "--margin-slices", "1", *extra)
+    result = cli("encode", "--zoom", "0", data, "--out", out, "--device", "cpu", "--no-progress", "--margin-slices", "1", *extra)
     assert result.exit_code == 0, result.output
     return out
 
@@ -108,7 +108,7 @@ def test_the_graph_is_exported_once_and_again_when_it_no_longer_matches_its_reco
     with open(graph, "r+b") as handle:  # damaged: exported again, never used
         handle.seek(1000)
         handle.write(b"\0" * 64)
-    result = cli("encode", data, "--out", tmp_path / "c.h5", "--device", "cpu", "--no-progress", "--engine",
+    result = cli("encode", "--zoom", "0", data, "--out", tmp_path / "c.h5", "--device", "cpu", "--no-progress", "--engine",
                  "onnxruntime", "--streams", "1", "--margin-slices", "1")
     assert result.exit_code == 0 and "does not match its record; exporting it again" in result.output
     notes.append(result.output)
@@ -128,9 +128,9 @@ def _more(data, tmp_path):
 def test_a_cache_grows_only_with_the_engine_that_began_it(data, tmp_path):
     out = _encode(data, tmp_path / "c.h5", "--engine", "torch")
     more = _more(data, tmp_path)
-    result = cli("encode", more, "--out", out, "--device", "cpu", "--no-progress", "--engine", "onnxruntime")
+    result = cli("encode", "--zoom", "0", more, "--out", out, "--device", "cpu", "--no-progress", "--engine", "onnxruntime")
     one_line(result, "was encoded with --engine torch", "into a new --out")
-    result = cli("encode", more, "--out", out, "--device", "cpu", "--no-progress", "--margin-slices", "1")
+    result = cli("encode", "--zoom", "0", more, "--out", out, "--device", "cpu", "--no-progress", "--margin-slices", "1")
     assert result.exit_code == 0, result.output  # auto: as the cache began
     from embedcache.cache.store import open_cache
 
@@ -146,16 +146,16 @@ def test_a_missing_engine_is_one_line_naming_the_extra(data, tmp_path, monkeypat
     with pytest.raises(UsageError, match=r"embedcache\[cpu-fast\]"):
         check_engine("onnxruntime")
     for engine in ("onnxruntime", "openvino"):
-        result = cli("encode", data, "--out", tmp_path / "c.h5", "--device", "cpu", "--engine", engine)
+        result = cli("encode", "--zoom", "0", data, "--out", tmp_path / "c.h5", "--device", "cpu", "--engine", engine)
         one_line(result, f"--engine {engine} needs {engine}", "cpu-fast", code=2)
         assert not (tmp_path / "c.h5").exists()
     with pytest.raises(UsageError, match="runs on the CPU"):
         check_engine("openvino", "cuda")
     with pytest.raises(UsageError, match="runs through OpenVINO"):
         check_engine("onnxruntime", "cpu", "bf16")
-    result = cli("encode", data, "--out", tmp_path / "c.h5", "--device", "cpu", "--engine", "torch", "--streams", "2")
+    result = cli("encode", "--zoom", "0", data, "--out", tmp_path / "c.h5", "--device", "cpu", "--engine", "torch", "--streams", "2")
     one_line(result, "--streams 2: slices at once are onnxruntime's and openvino's", "drop --streams", code=2)
-    result = cli("encode", data, "--out", tmp_path / "c.h5", "--device", "cpu", "--encoder-precision", "bf16")
+    result = cli("encode", "--zoom", "0", data, "--out", tmp_path / "c.h5", "--device", "cpu", "--encoder-precision", "bf16")
     one_line(result, "--encoder-precision bf16 runs through OpenVINO", "--engine openvino", code=2)
     from embedcache.io.datasets import discover_cases
 
@@ -165,7 +165,7 @@ def test_a_missing_engine_is_one_line_naming_the_extra(data, tmp_path, monkeypat
     one_line(result, "--engine openvino needs openvino", "cpu-fast", code=2)
     assert not (tmp_path / "pred").exists()  # refused before the output folder is made
     # auto with no other engine installed: torch, no measurement; --streams, a graph engine's, is said to go unused
-    result = cli("encode", data, "--out", tmp_path / "auto.h5", "--device", "cpu", "--no-progress", "--margin-slices",
+    result = cli("encode", "--zoom", "0", data, "--out", tmp_path / "auto.h5", "--device", "cpu", "--no-progress", "--margin-slices",
                  "1", "--streams", "2")
     assert result.exit_code == 0 and "--streams 2: --engine auto chose torch here" in result.output, result.output
     with h5py.File(tmp_path / "auto.h5") as f:
@@ -200,7 +200,7 @@ def test_auto_times_the_engines_once_and_chooses_an_equal_one(data, tiny_model, 
     from embedcache.runtime.cpu import cpu_threads
 
     # the tiny backbone: the same measurement and choice, in milliseconds (LiteMedSAM's took over a minute here)
-    first = cli("encode", data, "--out", tmp_path / "a.h5", "--device", "cpu", "--no-progress", "--model", "tiny")
+    first = cli("encode", "--zoom", "0", data, "--out", tmp_path / "a.h5", "--device", "cpu", "--no-progress", "--model", "tiny")
     assert first.exit_code == 0, first.output
     assert "--engine auto: timing torch, onnxruntime" in first.output
     records = list((tmp_path / "user-cache").glob("auto-tiny-*.json"))
@@ -221,7 +221,7 @@ def test_auto_times_the_engines_once_and_chooses_an_equal_one(data, tiny_model, 
             graph = tmp_path / "user-cache" / measured["graph"]  # what a graph engine then runs, without measuring
             notes.clear()
             assert choose_streams(engine, graph, "fp32", tiny_model) == streams and notes == []
-    again = cli("encode", data, "--out", tmp_path / "b.h5", "--device", "cpu", "--no-progress", "--model", "tiny")
+    again = cli("encode", "--zoom", "0", data, "--out", tmp_path / "b.h5", "--device", "cpu", "--no-progress", "--model", "tiny")
     assert again.exit_code == 0 and "timing" not in again.output  # measured once per CPU and weights
     with h5py.File(tmp_path / "b.h5") as f:
         assert json.loads(f.attrs["signature"])["engine"] == held["chosen"]
@@ -238,7 +238,7 @@ def test_bf16_is_a_cache_of_its_own_and_close_to_fp32(data, tmp_path):
         difference = np.abs(a["embeddings"][:] - b["embeddings"][:])
         assert 1e-4 < difference.max() < 0.5 and difference.mean() < 0.01  # not fp32, but near it
     assert "encoded by openvino bf16" in cli("info", bf16).output
-    result = cli("encode", _more(data, tmp_path), "--out", fp32, "--device", "cpu", "--no-progress", "--engine",
+    result = cli("encode", "--zoom", "0", _more(data, tmp_path), "--out", fp32, "--device", "cpu", "--no-progress", "--engine",
                  "openvino", "--encoder-precision", "bf16", "--dtype", "float32")
     one_line(result, "precision=fp32, not bf16", "encode into a new file")
 
@@ -285,7 +285,7 @@ def test_an_unusable_cache_folder_is_one_line_and_leaves_nothing_behind(data, tm
     taken = tmp_path / "a-file"
     taken.write_text("someone's\n")
     monkeypatch.setenv("EMBEDCACHE_CACHE", str(taken))
-    result = cli("encode", data, "--out", tmp_path / "c.h5", "--device", "cpu", "--engine", "openvino")
+    result = cli("encode", "--zoom", "0", data, "--out", tmp_path / "c.h5", "--device", "cpu", "--engine", "openvino")
     one_line(result, f"{taken}: cannot hold the exported", "set EMBEDCACHE_CACHE")
     assert taken.read_text() == "someone's\n"
     assert not (tmp_path / "c.h5").exists() and not (tmp_path / "c.h5.parts").exists()  # no cache, no shard folder

@@ -50,6 +50,13 @@ def test_a_cache_of_both_views_trains_a_decoder_per_view_on_one_split_and_resume
     for folder in (run, run / "zoom"):
         assert [r["epoch"] for r in csv.DictReader(open(folder / "log.csv"))] == ["0", "1", "2"]
 
+    # --from RUN starts each view from RUN's decoder of that view
+    more = tmp_path / "more"
+    finetune(finetune_config(small_zoom_cache, epochs=1, start_from=str(run)), more, **QUIET)
+    assert json.loads((more / "config.json").read_text())["start_from"] == str(run)
+    assert json.loads((more / "zoom" / "config.json").read_text())["start_from"] == \
+        str(run / "zoom" / "decoder.safetensors")
+
 
 def test_finetune_writes_a_run_and_resumes(tiny_model, small_cache, tmp_path):
     run = tmp_path / "run"
