@@ -171,8 +171,9 @@ class EncodeConfig:
     label_map: LabelMap = FLARE22  # what the ids mean (io.labels): the cache records it, flips read their pairs from it
     zoom_mm: float = setting(25.0, "Also encode each gland's region: its extent over all its slices grown by this many "
                                   "mm, square, resampled to --slice-size, a case CASE@LABEL per gland beside the whole "
-                                  "slices. A decoder fine-tuned on both draws each gland again, finer, in its region. "
-                                  "0: whole slices alone.", flag="--zoom", cli_range=(0.0, 200.0))
+                                  "slices; finetune then trains a second decoder on the regions, with which score, "
+                                  "predict and annotate draw each gland again, finer. 0: whole slices alone.",
+                             flag="--zoom", cli_range=(0.0, 200.0))
 
     def __post_init__(self):
         check_engine_names(self.engine, self.precision, self.streams)
