@@ -115,9 +115,14 @@ def glands_of(cache: Cache) -> dict[str, list[str]]:
 
 def view_split(split: Split, cache: Cache, view: str) -> Split:
     """``split`` cut to one view of a cache that holds both: its ``whole``-slice cases, or its glands' ``regions``
-    (``CASE@LABEL``); each set keeps its patients."""
-    regions = {c.name for c in cache.cases if c.region is not None}
-    keep = (lambda names: tuple(n for n in names if (n in regions) == (view == "regions")))  # noqa: E731
+    (``CASE@LABEL``; a whole-slice case of ``split`` brings its glands, as a resumed run's own split names only
+    those); each set keeps its patients."""
+    regions, glands = {c.name for c in cache.cases if c.region is not None}, glands_of(cache)
+    if view == "regions":
+        keep = (lambda names: tuple(dict.fromkeys(  # noqa: E731
+            g for n in names for g in ([n] if n in regions else glands.get(n, [])))))
+    else:
+        keep = (lambda names: tuple(n for n in names if n not in regions))  # noqa: E731
     cut = Split(keep(split.train), keep(split.val), None if split.test is None else keep(split.test))
     if not cut.train or not cut.val:
         side = "train" if not cut.train else "val"

@@ -50,6 +50,20 @@ def test_a_cache_of_both_views_trains_a_decoder_per_view_on_one_split_and_resume
     for folder in (run, run / "zoom"):
         assert [r["epoch"] for r in csv.DictReader(open(folder / "log.csv"))] == ["0", "1", "2"]
 
+    # stopped before the regions' run began: --resume starts it, on the glands of the whole run's own split
+    late = tmp_path / "late"
+
+    def stop_at_regions(view, path):
+        if view == "regions":
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        finetune(finetune_config(small_zoom_cache, epochs=1), late, on_view=stop_at_regions, **QUIET)
+    assert not (late / "zoom").exists()
+    again = finetune(finetune_config(small_zoom_cache, epochs=1), late, resume=True, **QUIET)
+    assert [r.epoch for r in again.zoom.history] == [1]
+    assert RunFolder(late / "zoom").split() == glands
+
     # --from RUN starts each view from RUN's decoder of that view
     more = tmp_path / "more"
     finetune(finetune_config(small_zoom_cache, epochs=1, start_from=str(run)), more, **QUIET)
