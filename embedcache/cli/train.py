@@ -63,13 +63,13 @@ def finetune(cache, run_dir, resume, progress, **settings):
                               on_epoch=on_epoch, on_view=on_view)
     if tables[-1].row_count:
         out.print(tables[-1])
-    for done, folder in ((result, run_dir), (result.zoom, run_dir / "zoom")):
+    for done in (result, result.zoom):
         if done is None:
             continue
         start = f"decoder of --from {done.start_from}" if done.start_from else "vanilla decoder"
         what = "" if result.zoom is None else ("whole slices: " if done is result else "the glands' regions: ")
         say(f"{what}{start} val Dice {done.vanilla_val_dice:.4f} → fine-tuned {done.best_val_dice:.4f} "
-            f"(epoch {done.best_epoch}); best decoder: {folder / 'decoder.safetensors'}")
+            f"(epoch {done.best_epoch}); best decoder: {done.run_dir / 'decoder.safetensors'}")
 
 
 def _epoch_table(title: str):

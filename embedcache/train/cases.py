@@ -93,7 +93,8 @@ def choose_split(cache: Cache, *, split_file: str | None, val_fraction: float, s
     names = [c.name for c in cache.cases if c.n_rows > 0 and c.subset == "train"]
     glands = glands_of(cache)
     if glands:  # glands' regions (encode --zoom): split by source case (patient), its whole slices with its glands
-        groups = {name: [name] for name in names if name not in {g for gs in glands.values() for g in gs}}
+        members = {g for gs in glands.values() for g in gs}
+        groups = {name: [name] for name in names if name not in members}
         for source, members in glands.items():
             groups.setdefault(source, []).extend(g for g in members if g in names)
         sources = sorted(source for source, members in groups.items() if members)
@@ -118,11 +119,12 @@ def view_split(split: Split, cache: Cache, view: str) -> Split:
     (``CASE@LABEL``; a whole-slice case of ``split`` brings its glands, as a resumed run's own split names only
     those); each set keeps its patients."""
     regions, glands = {c.name for c in cache.cases if c.region is not None}, glands_of(cache)
-    if view == "regions":
-        keep = (lambda names: tuple(dict.fromkeys(  # noqa: E731
-            g for n in names for g in ([n] if n in regions else glands.get(n, [])))))
-    else:
-        keep = (lambda names: tuple(n for n in names if n not in regions))  # noqa: E731
+
+    def keep(names) -> tuple[str, ...]:
+        if view == "whole":
+            return tuple(n for n in names if n not in regions)
+        return tuple(dict.fromkeys(g for n in names for g in ([n] if n in regions else glands.get(n, []))))
+
     cut = Split(keep(split.train), keep(split.val), None if split.test is None else keep(split.test))
     if not cut.train or not cut.val:
         side = "train" if not cut.train else "val"

@@ -14,6 +14,7 @@ from embedcache.cache.records import DECODER_KEYS, Signature
 from embedcache.errors import EmbedcacheError
 from embedcache.io.files import atomic_path, check_writable_folder, same_file
 from embedcache.train.checkpoint import BEST, checkpoint_file, load_checkpoint, read_header
+from embedcache.train.runs import RunFolder
 
 if TYPE_CHECKING:
     from embedcache.model.backbones import Backbone, SamParts
@@ -79,7 +80,7 @@ def zoom_decoder_file(zoom: str | None, whole: Path | None) -> Path | None:
     if whole is None:
         return None
     whole = Path(whole)
-    found = (whole if whole.is_dir() else whole.parent) / "zoom" / BEST  # train.runs.ZOOM, not imported: no cycle
+    found = RunFolder(whole if whole.is_dir() else whole.parent).zoom.file(BEST)
     return found if found.is_file() else None
 
 

@@ -62,7 +62,7 @@ def finetune(config: FinetuneConfig, run_dir: Path, *, resume: bool = False, giv
             zoom_config = regions_config(config, zoom, cache, resume=zoom_resume)
             if on_view:
                 on_view("whole", run.path)
-            whole = train(config, run, split if resume else view_split(split, cache, "whole"), resume=resume,
+            whole = train(config, run, view_split(split, cache, "whole"), resume=resume,
                           view="whole", progress=progress, on_epoch=on_epoch)
             if on_view:
                 on_view("regions", zoom.path)
