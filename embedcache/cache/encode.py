@@ -51,7 +51,7 @@ def _signature(config: EncodeConfig, checkpoint_sha256: str) -> Signature:
     return Signature(backbone=backbone.name, checkpoint_sha256=checkpoint_sha256, input_size=backbone.input_size,
                      preprocess=config.preprocess, labels=config.labels, embedding_dtype=config.embedding_dtype,
                      engine=config.engine, precision=config.precision,
-                     label_map=config.label_map.only(config.labels), zoom_mm=float(config.zoom_mm))
+                     label_map=config.label_map.only(config.labels), zoom_mm=float(config.zoom_mm), pixels=True)
 
 
 def signature_for(config: EncodeConfig) -> Signature:

@@ -20,7 +20,7 @@ import h5py
 import numpy as np
 
 from embedcache.cache.records import CaseRecord, Signature
-from embedcache.cache.store import ROW_DATASETS, create_row_datasets, finish
+from embedcache.cache.store import create_row_datasets, finish, row_layout
 from embedcache.errors import EmbedcacheError
 from embedcache.errors import reason as _reason
 from embedcache.io.files import partial_path
@@ -98,7 +98,7 @@ def _merge(out: Path, tmp: Path, *, signature: Signature,
             with h5py.File(source, "r") as src:
                 for case in cases:
                     rows_out = slice(row, row + case.n_rows)
-                    for name in ROW_DATASETS:
+                    for name in row_layout(signature):
                         if name == "case_index":
                             f[name][rows_out] = len(records)
                         elif not _copy_chunks(src[name], f[name], case, row, source):

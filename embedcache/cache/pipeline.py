@@ -23,7 +23,7 @@ from embedcache.cache.plan import PlannedCase, where
 from embedcache.cache.preprocess import resize_mask, slice_to_model
 from embedcache.cache.records import CaseRecord, Signature
 from embedcache.cache.regions import GlandRegion, zoom_in
-from embedcache.cache.store import ShardWriter
+from embedcache.cache.store import ShardWriter, to_pixels
 from embedcache.config import EncodeConfig
 from embedcache.errors import EmbedcacheError
 from embedcache.io.datasets import CaseSource
@@ -235,6 +235,7 @@ class _Store:
                 boxes=item.boxes[sel],
                 slice_index=item.slice_index[sel],
                 spacing_mm=np.broadcast_to(np.float32(item.record.spacing_mm), (stop - start, 3)),
+                pixels=to_pixels(item.images[sel]) if writer.pixels else None,
             )
             start = stop
         if self.progress:

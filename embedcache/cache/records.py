@@ -67,6 +67,9 @@ class Signature:
     # whether the cache holds whole slices: caches since encode wrote both views, and all before --zoom; not the
     # regions-only caches encode --zoom first wrote
     whole_slices: bool = True
+    # whether the cache holds each row's slice pixels (the windowed slice the encoder saw, uint8): caches since the
+    # refinement head (finetune --refine reads them), not those before
+    pixels: bool = False
 
     def __post_init__(self):
         if self.label_map is None:
@@ -97,7 +100,7 @@ class Signature:
                 "input_size": self.input_size, "preprocess": asdict(self.preprocess), "labels": list(self.labels),
                 "embedding_dtype": self.embedding_dtype, "embedcache_version": self.embedcache_version,
                 "engine": self.engine, "precision": self.precision, "label_map": self.label_map.to_dict(),
-                "zoom_mm": self.zoom_mm, "whole_slices": self.whole_slices}
+                "zoom_mm": self.zoom_mm, "whole_slices": self.whole_slices, "pixels": self.pixels}
 
     @classmethod
     def from_dict(cls, values, *, source) -> "Signature":
@@ -105,6 +108,7 @@ class Signature:
         if isinstance(values, dict):  # caches and checkpoints from before --engine, --encoder-precision and label maps
             values = {"engine": "torch", "precision": "fp32", "label_map": None, "zoom_mm": 0.0, **values}
             values.setdefault("whole_slices", not values["zoom_mm"])  # encode --zoom's first caches: regions only
+            values.setdefault("pixels", False)  # caches before the refinement head
         _check_fields(cls, values, source=source, what="signature")
         text = ("backbone", "checkpoint_sha256", "embedding_dtype", "embedcache_version", "engine",
                 "precision")
@@ -118,6 +122,8 @@ class Signature:
         if not isinstance(values["whole_slices"], bool) or not (values["whole_slices"] or values["zoom_mm"]):
             raise _bad(source, f"signature whole_slices {_short(values['whole_slices'])} is not true or false, or "
                                "leaves the cache no view")
+        if not isinstance(values["pixels"], bool):
+            raise _bad(source, f"signature pixels {_short(values['pixels'])} is not true or false")
         if values["embedding_dtype"] not in EMBEDDING_DTYPES:
             raise _bad(source, f"signature embedding_dtype {_short(values['embedding_dtype'])} is not float16 or float32")
         pre = values["preprocess"]

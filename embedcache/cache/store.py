@@ -6,6 +6,8 @@ Layout of a cache file (``N`` slices, ``L`` target labels, ``S`` = slice size, 5
                          labels, embedding_dtype, embedcache_version
     embeddings   (N, 256, 64, 64)  float16 (or float32), one slice per chunk, fletcher32 checksum
     masks        (N, S, S)         uint8 label ids, only the target labels kept (0 elsewhere); gzip, fletcher32
+    pixels       (N, S, S)         uint8, the windowed slice the encoder saw (0..255 for 0..1), where the signature's
+                                   ``pixels`` is true (caches since the refinement head); gzip, fletcher32
     boxes        (N, L, 4)         float32 (x0, y0, x1, y1) in slice pixels; NaN where a label is absent
     case_index   (N,)              int32, row of `cases`
     slice_index  (N,)              int32, z of the slice in the canonical volume
@@ -45,24 +47,29 @@ from embedcache.io.files import atomic_path, commit
 from embedcache.model import EMBEDDING_SHAPE
 from embedcache.model.prompts import box_present
 
-ROW_DATASETS = ("embeddings", "masks", "boxes", "case_index", "slice_index", "spacing_mm")
-
 
 def row_layout(signature: Signature) -> dict[str, tuple[tuple[int, ...], str]]:
     """Each row dataset's shape after its row axis, and its type: the one statement of the schema that
-    writing (:func:`create_row_datasets`) and reading (:func:`check_layout`) share."""
+    writing (:func:`create_row_datasets`), merging and reading (:func:`check_layout`) share."""
     size = signature.slice_size
-    return {"embeddings": (EMBEDDING_SHAPE, signature.embedding_dtype), "masks": ((size, size), "u1"),
+    pixels = {"pixels": ((size, size), "u1")} if signature.pixels else {}
+    return {"embeddings": (EMBEDDING_SHAPE, signature.embedding_dtype), "masks": ((size, size), "u1"), **pixels,
             "boxes": ((len(signature.labels), 4), "f4"), "case_index": ((), "i4"), "slice_index": ((), "i4"),
             "spacing_mm": ((3,), "f4")}
+
+
+def to_pixels(images: np.ndarray) -> np.ndarray:
+    """Model-ready slices (float in ``[0, 1]``, :func:`~embedcache.cache.preprocess.slice_to_model`) → the cache's
+    ``pixels`` (uint8, 0..255)."""
+    return np.clip(np.rint(np.asarray(images, np.float32) * 255.0), 0, 255).astype(np.uint8)
 
 
 def create_row_datasets(f: h5py.File, *, n: int, signature: Signature) -> None:
     """The row datasets of ``n`` slices in the layout the module docstring gives: embeddings and masks
     one slice per chunk with fletcher32 checksums (masks gzipped too), unless there are no rows to lay out
     (a case whose glands vanished in resampling)."""
-    storage = {"embeddings": dict(fletcher32=True),
-               "masks": dict(compression="gzip", compression_opts=1, fletcher32=True)}
+    packed = dict(compression="gzip", compression_opts=1, fletcher32=True)
+    storage = {"embeddings": dict(fletcher32=True), "masks": packed, "pixels": packed}
     for name, (tail, dtype) in row_layout(signature).items():
         options = dict(chunks=(1, *tail), **storage[name]) if name in storage and n > 0 else {}
         f.create_dataset(name, shape=(n, *tail), dtype=dtype, **options)
@@ -102,8 +109,8 @@ def finish(f: h5py.File, tmp: Path, final: Path) -> None:
 
 
 def row_bytes(*, embedding_dtype: str, slice_size: int) -> int:
-    """Bytes one cached slice takes at most: its embedding and its (uncompressed) mask."""
-    return int(np.prod(EMBEDDING_SHAPE)) * np.dtype(embedding_dtype).itemsize + slice_size**2 + 64
+    """Bytes one cached slice takes at most: its embedding and its (uncompressed) mask and pixels."""
+    return int(np.prod(EMBEDDING_SHAPE)) * np.dtype(embedding_dtype).itemsize + 2 * slice_size**2 + 64
 
 
 class ShardWriter:
@@ -115,16 +122,22 @@ class ShardWriter:
     def __init__(self, folder: Path, *, signature: Signature, case: CaseRecord):
         self.final = Path(folder) / f"{case.name}.h5"
         self.case = case
+        self.pixels = signature.pixels  # whether its rows take pixels
         self.row = 0
         self._f = h5py.File(f"{case.name}.h5", "w", driver="core", backing_store=False)
         self._f.attrs["signature"] = json.dumps(signature.to_dict(), sort_keys=True)
         self._f.attrs["case"] = json.dumps(case.to_dict())
         create_row_datasets(self._f, n=case.n_rows, signature=signature)
 
-    def write(self, *, embeddings, masks, boxes, slice_index, spacing_mm) -> None:
-        """Write the next ``len(embeddings)`` rows."""
+    def write(self, *, embeddings, masks, boxes, slice_index, spacing_mm, pixels=None) -> None:
+        """Write the next ``len(embeddings)`` rows; ``pixels`` (uint8, :func:`to_pixels`) where the signature holds
+        them, and only there."""
         rows = slice(self.row, self.row + len(embeddings))
         f = self._f
+        if ("pixels" in f) != (pixels is not None):
+            raise RuntimeError(f"{self.final}: pixels {'missing' if pixels is None else 'not in the layout'}")  # a bug
+        if pixels is not None:
+            f["pixels"][rows] = pixels
         f["embeddings"][rows] = embeddings
         f["masks"][rows] = masks
         f["boxes"][rows] = boxes
@@ -184,6 +197,7 @@ class Cache:
             raise
         self.embeddings = self._f["embeddings"]
         self.masks = self._f["masks"]
+        self.pixels = self._f["pixels"] if self.signature.pixels else None
         self.boxes = self._f["boxes"]
         self.case_index = self._f["case_index"]
         self.slice_index = self._f["slice_index"]

@@ -184,15 +184,15 @@ class Annotation:
         """The signature the cache ``path`` carries, or will, to take this annotation's case: :meth:`signature` with
         the cache's views: a cache of both (``encode --zoom``, as encode makes by default) also takes each gland's
         region; a cache not made yet is made as ``encode`` makes one."""
-        margin = EncodeConfig().zoom_mm
+        margin, pixels = EncodeConfig().zoom_mm, True
         if path.exists():
             with open_cache(path) as held:
                 views = held.signature
             if "whole" not in views.views:
                 raise EmbedcacheError(f"{path}: holds the glands' regions alone (an encode --zoom of an earlier "
                                       "version); add the case to a cache of whole slices")
-            margin = views.zoom_mm
-        return replace(self.signature(), zoom_mm=float(margin))
+            margin, pixels = views.zoom_mm, views.pixels
+        return replace(self.signature(), zoom_mm=float(margin), pixels=pixels)
 
     def use_cache(self, path: Path) -> int:
         """Take ``path`` as this annotation's cache: one made with another model, weights, preprocessing or labels is
@@ -402,7 +402,8 @@ class Annotation:
                 with tempfile.TemporaryDirectory(dir=cache.parent, prefix=f".{cache.name}.add-") as folder:
                     writer = ShardWriter(Path(folder), signature=signature, case=record)
                     writer.write(embeddings=embeddings, masks=masks, boxes=boxes, slice_index=zs,
-                                 spacing_mm=np.broadcast_to(np.float32(record.spacing_mm), (len(zs), 3)))
+                                 spacing_mm=np.broadcast_to(np.float32(record.spacing_mm), (len(zs), 3)),
+                                 pixels=self.volume.pixels(zs) if signature.pixels else None)
                     shards = [(writer.finish(), [record])]
                     for where, rows in regions:
                         writer = ShardWriter(Path(folder), signature=signature, case=where)
@@ -430,7 +431,8 @@ class Annotation:
                               self.model.preprocess)
             embeddings = region.embeddings(zs).to(_dtype(signature.embedding_dtype)).cpu().numpy()
             masks, boxes = masks_and_boxes(slices, signature.labels, signature.slice_size)
-            out.append((label, where, dict(embeddings=embeddings, masks=masks, boxes=boxes, slice_index=zs)))
+            out.append((label, where, dict(embeddings=embeddings, masks=masks, boxes=boxes, slice_index=zs,
+                                           pixels=region.pixels(zs) if signature.pixels else None)))
         return out
 
     def close(self) -> None:

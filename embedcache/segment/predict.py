@@ -26,6 +26,7 @@ import numpy as np
 
 from embedcache.cache.preprocess import slice_to_model
 from embedcache.cache.regions import GlandRegion, ZoomedSlices, gland_region
+from embedcache.cache.store import to_pixels
 from embedcache.config import OUTPUT_TYPES, PredictConfig, PreprocessConfig, ProtocolSettings
 from embedcache.errors import EmbedcacheError, UsageError
 from embedcache.evaluation import protocols
@@ -217,11 +218,13 @@ class OnTheFly:
         self._coming: dict[int, object] = {}  # slice → the Future encoding it ahead
         self._pool = None
 
-    def _encode(self, z: int):
+    def _image(self, z: int) -> np.ndarray:
         pre = self.preprocess
-        image = slice_to_model(self.hu[z], width_hu=pre.window_width_hu, level_hu=pre.window_level_hu,
-                               slice_size=pre.slice_size)
-        embedding = self.encoder(image[None])[0]
+        return slice_to_model(self.hu[z], width_hu=pre.window_width_hu, level_hu=pre.window_level_hu,
+                              slice_size=pre.slice_size)
+
+    def _encode(self, z: int):
+        embedding = self.encoder(self._image(z)[None])[0]
         if self.on_encode:
             self.on_encode()
         return embedding
@@ -263,6 +266,12 @@ class OnTheFly:
         import torch
 
         return torch.stack([self.embedding(int(z)) for z in zs]).float()
+
+    def pixels(self, zs) -> np.ndarray:
+        """``(len(zs), S, S)`` uint8: the slices as the encoder sees them, as a cache's ``pixels`` holds them (what a
+        refinement head reads)."""
+        return to_pixels(np.stack([self._image(int(z)) for z in zs])) if len(zs) else \
+            np.zeros((0, self.preprocess.slice_size, self.preprocess.slice_size), np.uint8)
 
     def segment_with(self, prompt_encoder, mask_decoder, *, input_size: int, decode=None) -> Segmenter:
         """This volume's :class:`~embedcache.evaluation.segmenter.Segmenter` through the given decoder (``decode``:

@@ -18,7 +18,7 @@ import torch
 
 from embedcache.cache import pipeline, store
 from embedcache.cache.encode import encode, shard_folder, signature_for
-from embedcache.cache.preprocess import resize_mask
+from embedcache.cache.preprocess import resize_mask, slice_to_model
 from embedcache.config import EncodeConfig, PreprocessConfig
 from embedcache.errors import CacheMismatchError, EmbedcacheError
 from embedcache.io.datasets import CaseSource, discover_cases
@@ -60,7 +60,12 @@ def test_cache_holds_masks_boxes_and_signature(tiny_model, phantom_dir, tmp_path
         expected_z = np.arange(max(0, held[0] - 2), min(label.array.shape[0], held[-1] + 3))
         np.testing.assert_array_equal(z, expected_z)
         assert case.margin_slices == 2 and case.subset == "train"
+        image = read_image(cases[1].image)
+        assert cache.signature.pixels and cache.pixels.shape == cache.masks.shape
         for row, k in zip(rows, z):
+            # the slice the encoder saw, as 0..255
+            seen = slice_to_model(image.array[k], width_hu=350.0, level_hu=50.0, slice_size=512)
+            np.testing.assert_array_equal(cache.pixels[row], np.rint(seen * 255).astype(np.uint8))
             target = np.where(np.isin(label.array[k], [7, 8]), label.array[k], 0)
             np.testing.assert_array_equal(cache.masks[row], resize_mask(target, (512, 512)))
             np.testing.assert_array_equal(cache.boxes[row], boxes_for_labels(cache.masks[row], (7, 8)))
@@ -169,7 +174,8 @@ def test_kill_9_then_resume_redoes_no_finished_case(tiny_checkpoint, tmp_path, m
     _encode(cases, clean)
     with store.open_cache(out) as resumed, store.open_cache(clean) as fresh:
         assert resumed.cases == fresh.cases
-        for name in store.ROW_DATASETS:
+        assert "pixels" in store.row_layout(fresh.signature)
+        for name in store.row_layout(fresh.signature):
             np.testing.assert_array_equal(resumed._f[name][:], fresh._f[name][:])
 
 
@@ -279,7 +285,7 @@ def test_cached_fp16_embedding_decodes_like_end_to_end_litemedsam(phantom_dir, t
 def _same_cache(a: Path, b: Path) -> None:
     with store.open_cache(a) as x, store.open_cache(b) as y:
         assert x.cases == y.cases and x.signature == y.signature
-        for name in store.ROW_DATASETS:
+        for name in store.row_layout(x.signature):
             np.testing.assert_array_equal(x._f[name][:], y._f[name][:])
 
 

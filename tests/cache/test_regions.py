@@ -74,13 +74,17 @@ def test_encode_zoom_caches_whole_slices_and_each_glands_region_whose_masks_map_
                                                                                       tmp_path):
     from embedcache.cache import store
     from embedcache.cache.encode import encode, signature_for
+    from embedcache.cache.preprocess import slice_to_model
     from embedcache.cache.regions import GlandRegion
     from embedcache.config import EncodeConfig
     from embedcache.errors import CacheMismatchError
     from embedcache.io.datasets import discover_cases
-    from embedcache.io.volumes import read_label
+    from embedcache.io.volumes import read_image, read_label
     from embedcache.model.prompts import boxes_for_labels
     from embedcache.synth.phantom import limit_target_slices
+
+    def spacing_yx_of(name):
+        return read_label(next(c.label for c in cases if c.name == name)).spacing_mm[1:]
 
     limit_target_slices(phantom_copy, per_case=3)
     cases = discover_cases(phantom_copy)[:2]
@@ -103,6 +107,10 @@ def test_encode_zoom_caches_whole_slices_and_each_glands_region_whose_masks_map_
             assert (where.z0, where.z1) == (z[0], z[-1]) and case.shape_zyx[1:] == (512, 512)
             assert case.spacing_mm[1:] == pytest.approx((where.region.pixel_mm,) * 2)
             masks = cache.masks[case.rows]
+            image = read_image(next(c.image for c in cases if c.name == source)).array
+            seen = [slice_to_model(zoom_in(image[k], where.region, spacing_yx_of(source)), width_hu=350.0, level_hu=50.0,
+                                   slice_size=512) for k in z]
+            np.testing.assert_array_equal(cache.pixels[case.rows], np.rint(np.stack(seen) * 255).astype(np.uint8))
             assert set(np.unique(masks)) == {0, case.region["label"]}  # the one gland, at the region's pixels
             spacing_yx = read_label(next(c.label for c in cases if c.name == source)).spacing_mm[1:]
             assert np.array_equal(zoom_out(masks > 0, where.region, spacing_yx, gland.shape[1:]), gland[z])

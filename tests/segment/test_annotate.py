@@ -163,10 +163,11 @@ def test_add_to_training_appends_the_case_with_the_rows_encode_makes_of_the_save
         names = [case.name, f"{case.name}@7", f"{case.name}@8"]  # a new cache holds both views, as encode's default
         assert [c.name for c in mine.cases] == names == [c.name for c in theirs.cases]
         assert mine.cases[0].subset == "train" and mine.signature.views == ("whole", "regions")
+        assert mine.signature.pixels and theirs.signature.pixels
         assert mine.signature.difference(theirs.signature) is None
         for held, made in zip(mine.cases, theirs.cases):
             assert (held.digest, held.region, held.shape_zyx) == (made.digest, made.region, made.shape_zyx)
-            for name in ("slice_index", "masks", "boxes", "spacing_mm"):
+            for name in ("slice_index", "masks", "pixels", "boxes", "spacing_mm"):
                 np.testing.assert_array_equal(mine.read(name, held.rows), theirs.read(name, made.rows))
             np.testing.assert_allclose(mine.read("embeddings", held.rows).astype(np.float32),
                                        theirs.read("embeddings", made.rows).astype(np.float32), atol=2e-3)
