@@ -296,13 +296,13 @@ def decoder_weights(path: Path) -> dict:
     return load_checkpoint(path).decoder
 
 
-def small_batch(backbone, cache_path: Path):
+def small_batch(backbone, cache_path: Path, *, pixels: bool = False, resident: str = "device"):
     """The first three slices of the small cache as one training batch, and the prompt index they come from."""
     from embedcache.cache.store import open_cache
     from embedcache.train.data import case_sets
 
     with open_cache(cache_path) as cache:
         everything = case_sets(cache, {"all": [c.name for c in cache.cases]}, box_scale=backbone.box_scale(512),
-                               device=torch.device("cpu"), resident="device")["all"]
+                               device=torch.device("cpu"), resident=resident, pixels=pixels)["all"]
         batch = everything.batch(np.array([0, 1, 2]))
     return batch, everything.prompts

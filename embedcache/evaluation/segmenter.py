@@ -29,6 +29,10 @@ class SliceEmbeddings(Protocol):
     def ahead(self, zs: list[int]) -> None:
         """The slices a walk will ask for next, in order (a source that encodes on the fly starts on them)."""
 
+    def pixels(self, zs: np.ndarray) -> np.ndarray:
+        """``(len(zs), S, S)`` uint8: the slices as the encoder saw them (a cache's ``pixels``), which a decoder with a
+        refinement head redraws its masks from."""
+
 
 @dataclass(frozen=True)
 class Decoder:
@@ -68,12 +72,16 @@ class Segmenter:
         d = self.decoder
         with torch.no_grad():
             embeddings = self.slices.embeddings(zs)
+            pixels = None
+            if getattr(d.mask_decoder, "refiner", None) is not None:  # finetune --refine
+                pixels = torch.as_tensor(self.slices.pixels(zs), device=embeddings.device)
             prior = None if previous is None else \
                 torch.as_tensor(np.asarray(previous, np.float32), device=embeddings.device).reshape(len(zs), 1, *previous.shape[-2:])
             out = segment_boxes(d.prompt_encoder, d.mask_decoder, embeddings,
                                 torch.as_tensor(boxes, dtype=torch.float32, device=embeddings.device),
                                 input_size=d.input_size, slice_size=d.slice_size, shape_yx=self.slices.shape_yx,
-                                multimask=multimask, points=points, decode=d.decode, previous=prior, low_res=low_res)
+                                multimask=multimask, points=points, decode=d.decode, previous=prior, low_res=low_res,
+                                pixels=pixels)
         masks, iou = out[0].cpu().numpy(), out[1].float().cpu().numpy()
         return (masks, iou, out[2][:, 0].float().cpu().numpy()) if low_res else (masks, iou)
 

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from embedcache.model.adapter import attach_adapter
+from embedcache.model.refine import attach_refiner, refine_on_slice
 
 #: Side of the decoder's mask logits, which cover the (padded) encoder input.
 LOW_RES = 256
@@ -138,10 +139,12 @@ class PromptDecoder(torch.nn.Module):
     """Prompt encoder (frozen) + mask decoder (trained) as one module, so DDP sees one forward."""
 
     def __init__(self, prompt_encoder: torch.nn.Module, mask_decoder: torch.nn.Module, *, train_iou: bool = False,
-                 adapter: bool = False):
+                 adapter: bool = False, refine: bool = False):
         super().__init__()
         if adapter:
             attach_adapter(mask_decoder)
+        if refine:
+            attach_refiner(mask_decoder)
         self.prompt_encoder = prompt_encoder.requires_grad_(False)
         self.mask_decoder = mask_decoder.requires_grad_(True)
         # Single-mask output: the loss never reaches the hypernetworks of the three multimask tokens,
@@ -163,7 +166,7 @@ class PromptDecoder(torch.nn.Module):
 def segment_boxes(prompt_encoder: torch.nn.Module, mask_decoder: torch.nn.Module, embeddings: torch.Tensor,
                   boxes: torch.Tensor, *, input_size: int, slice_size: int, shape_yx: tuple[int, int],
                   multimask: bool = False, points: list | None = None, decode=None, previous: torch.Tensor | None = None,
-                  low_res: bool = False) -> tuple[torch.Tensor, ...]:
+                  low_res: bool = False, pixels: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
     """Masks on a slice's own pixel grid for boxes drawn on it, and the decoder's predicted IoU of each.
 
     Arguments:
@@ -180,6 +183,8 @@ def segment_boxes(prompt_encoder: torch.nn.Module, mask_decoder: torch.nn.Module
       previous: ``(k, 1, 256, 256)`` each prompt's low-resolution logits of an earlier round on the same slice, given
         back as SAM's mask prompt (``SamPredictor.predict(mask_input=...)``); None: no mask prompt.
       low_res: also return the kept output's low-resolution logits ``(k, 1, 256, 256)``: the next round's ``previous``.
+      pixels: ``(k, slice_size, slice_size)`` uint8, each prompt's slice as the cache's ``pixels`` holds it: what a
+        decoder with a refinement head (``finetune --refine``, :mod:`embedcache.model.refine`) redraws its masks from.
 
     Returns:
       ``(k, *shape_yx)`` bool masks and ``(k,)`` predicted IoU (and, with ``low_res``, the logits).
@@ -211,5 +216,13 @@ def segment_boxes(prompt_encoder: torch.nn.Module, mask_decoder: torch.nn.Module
     best = iou.argmax(dim=1)
     pick = torch.arange(len(best), device=best.device)
     low, iou = low[pick, best][:, None], iou[pick, best]
-    masks = masks_on_grid(low, input_size=input_size, slice_size=slice_size, shape_yx=shape_yx)
+    refiner = getattr(mask_decoder, "refiner", None)
+    if refiner is None:
+        masks = masks_on_grid(low, input_size=input_size, slice_size=slice_size, shape_yx=shape_yx)
+    else:
+        if pixels is None:
+            raise ValueError("a decoder with a refinement head needs the slices' pixels")  # a caller's bug
+        logits = refine_on_slice(refiner, low, logits_to_slice(low[:, 0], input_size=input_size, slice_size=slice_size),
+                                 pixels, boxes * (scale / (input_size / slice_size)))
+        masks = F.interpolate(logits[:, None], size=tuple(shape_yx), mode="bilinear", align_corners=False)[:, 0] > 0
     return (masks, iou, low) if low_res else (masks, iou)

@@ -37,7 +37,13 @@ def dice_2d(logits_low, masks):
     The logits are upsampled to the slice before the threshold. Both empty counts as 1 (FLARE22's rule).
     """
     size = masks.shape[-1]
-    pred = F.interpolate(logits_low.float(), size=(size, size), mode="bilinear", align_corners=False)[:, 0] > 0
+    return dice_on_slice(F.interpolate(logits_low.float(), size=(size, size), mode="bilinear", align_corners=False)[:, 0],
+                         masks)
+
+
+def dice_on_slice(logits, masks):
+    """Per-prompt Dice of ``(P, S, S)`` logits on the slice vs ``(P, S, S)`` bool masks → ``(P,)``; both empty: 1."""
+    pred = logits > 0
     inter = (pred & masks).sum((1, 2)).float()
     total = (pred.sum((1, 2)) + masks.sum((1, 2))).float()
     return torch.where(total > 0, 2 * inter / total.clamp_min(1), torch.ones_like(total))

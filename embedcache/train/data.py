@@ -94,35 +94,38 @@ class PromptIndex:
 
 
 class SliceData:
-    """Embeddings and masks of a set of cache rows, on the training device or read from HDF5 per batch."""
+    """Embeddings and masks (and, for a refinement head, pixels) of a set of cache rows, on the training device or
+    read from HDF5 per batch."""
 
-    def __init__(self, cache: Cache, rows: np.ndarray, *, device: torch.device, resident: bool):
+    def __init__(self, cache: Cache, rows: np.ndarray, *, device: torch.device, resident: bool, pixels: bool = False):
         self.cache, self.rows, self.device, self.resident = cache, rows, device, resident
+        self.names = ("embeddings", "masks") + (("pixels",) if pixels else ())
         if resident:
             order = np.argsort(rows)  # h5py reads rows in increasing order
-            embeddings = np.empty((len(rows), *cache.embeddings.shape[1:]), dtype=cache.embeddings.dtype)
-            masks = np.empty((len(rows), *cache.masks.shape[1:]), dtype=np.uint8)
+            held = {name: np.empty((len(rows), *cache._f[name].shape[1:]), dtype=cache._f[name].dtype)
+                    for name in self.names}
             for start in range(0, len(rows), 64):
                 chunk = order[start : start + 64]
-                embeddings[chunk] = cache.read("embeddings", rows[chunk])
-                masks[chunk] = cache.read("masks", rows[chunk])
-            self.embeddings = torch.from_numpy(embeddings).to(device)
-            self.masks = torch.from_numpy(masks).to(device)
+                for name in self.names:
+                    held[name][chunk] = cache.read(name, rows[chunk])
+            self.held = {name: torch.from_numpy(array).to(device) for name, array in held.items()}
+            self.embeddings, self.masks = self.held["embeddings"], self.held["masks"]
+            self.pixels = self.held.get("pixels")
 
-    def get(self, slices: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(n, 256, 64, 64)`` embeddings (stored dtype) and ``(n, size, size)`` uint8 masks of local slices."""
+    def get(self, slices: np.ndarray) -> tuple[torch.Tensor, ...]:
+        """``(n, 256, 64, 64)`` embeddings (stored dtype) and ``(n, size, size)`` uint8 masks of local slices (and
+        their ``(n, size, size)`` uint8 pixels, where this holds them)."""
         if self.resident:
             index = torch.from_numpy(slices).to(self.device)
-            return self.embeddings[index], self.masks[index]
+            return tuple(self.held[name][index] for name in self.names)
         rows = self.rows[slices]
         unique, inverse = np.unique(rows, return_inverse=True)
-        emb = torch.from_numpy(self.cache.read("embeddings", unique))[torch.from_numpy(inverse)]
-        masks = torch.from_numpy(self.cache.read("masks", unique))[torch.from_numpy(inverse)]
         pin = self.device.type == "cuda"
-        return (
-            (emb.pin_memory() if pin else emb).to(self.device, non_blocking=pin),
-            (masks.pin_memory() if pin else masks).to(self.device, non_blocking=pin),
-        )
+        out = []
+        for name in self.names:
+            part = torch.from_numpy(self.cache.read(name, unique))[torch.from_numpy(inverse)]
+            out.append((part.pin_memory() if pin else part).to(self.device, non_blocking=pin))
+        return tuple(out)
 
 
 def fits_on_device(n_rows: int, bytes_per_row: int, device: torch.device) -> bool:
@@ -145,6 +148,8 @@ class Batch:
     targets: torch.Tensor  # (P, 1, 256, 256) soft targets in [0, 1]
     masks: torch.Tensor  # (P, size, size) bool, full-resolution targets (validation Dice)
     clicks: Clicks | None = None  # finetune --prompts box+points|mixed: the points each prompt carries
+    pixels: torch.Tensor | None = None  # (P, size, size) uint8 slice pixels, for a refinement head (finetune --refine)
+    box_scale: float = 1.0  # slice pixels → encoder-input pixels (``boxes / box_scale``: the boxes on the slice)
 
 
 @dataclass
@@ -207,8 +212,9 @@ def draw_clicks(prompts: PromptIndex, which: np.ndarray, *, mode: str, max_point
 
 
 def assemble(embeddings: torch.Tensor, masks: torch.Tensor, local: torch.Tensor, label: torch.Tensor,
-             boxes: torch.Tensor, *, slice_size: int, clicks: Clicks | None = None) -> Batch:
-    """A batch from its slices' ``(n, 256, 64, 64)`` embeddings and ``(n, S, S)`` masks and its prompts'
+             boxes: torch.Tensor, *, slice_size: int, clicks: Clicks | None = None, pixels: torch.Tensor | None = None,
+             box_scale: float = 1.0) -> Batch:
+    """A batch from its slices' ``(n, 256, 64, 64)`` embeddings and ``(n, S, S)`` masks (and pixels) and its prompts'
     device tensors: gathers and a pooling, no host synchronisation."""
     target = masks[local] == label[:, None, None]
     # Loss at the decoder's native 256²: area averaging (2×2 for 512² slices) keeps a one-pixel-wide
@@ -217,15 +223,17 @@ def assemble(embeddings: torch.Tensor, masks: torch.Tensor, local: torch.Tensor,
         soft = F.adaptive_avg_pool2d(target[:, None].float(), LOW_RES)
     else:
         soft = F.interpolate(target[:, None].float(), size=(LOW_RES, LOW_RES), mode="bilinear", align_corners=False)
-    return Batch(embeddings=embeddings[local], boxes=boxes, targets=soft, masks=target, clicks=clicks)
+    return Batch(embeddings=embeddings[local], boxes=boxes, targets=soft, masks=target, clicks=clicks,
+                 pixels=None if pixels is None else pixels[local], box_scale=box_scale)
 
 
-def fetch_batch(data: SliceData, plan: BatchPlan, *, slice_size: int) -> Batch:
+def fetch_batch(data: SliceData, plan: BatchPlan, *, slice_size: int, box_scale: float = 1.0) -> Batch:
     """One planned batch: its slices read (or gathered) and its prompts copied to the device."""
-    emb, masks = data.get(plan.slices)
+    emb, masks, *pixels = data.get(plan.slices)
     device = emb.device
     return assemble(emb, masks, torch.from_numpy(plan.local).to(device), torch.from_numpy(plan.label).to(device),
-                    torch.from_numpy(plan.boxes).to(device), slice_size=slice_size, clicks=_clicks(plan, device))
+                    torch.from_numpy(plan.boxes).to(device), slice_size=slice_size, clicks=_clicks(plan, device),
+                    pixels=pixels[0] if pixels else None, box_scale=box_scale)
 
 
 def _clicks(plan: BatchPlan, device: torch.device, seeds: torch.Tensor | None = None) -> Clicks | None:
@@ -240,8 +248,8 @@ class DeviceBatches:
     to the device in one copy, then each batch is views and gathers there, so the host never waits
     for the device between steps. Yields ``(batch, count)``."""
 
-    def __init__(self, data: SliceData, plans: list[BatchPlan], *, slice_size: int):
-        self.data, self.plans, self.slice_size = data, plans, slice_size
+    def __init__(self, data: SliceData, plans: list[BatchPlan], *, slice_size: int, box_scale: float = 1.0):
+        self.data, self.plans, self.slice_size, self.box_scale = data, plans, slice_size, box_scale
         device = data.device
 
         def flat(key, dtype):
@@ -261,9 +269,11 @@ class DeviceBatches:
             s = slice(int(self.slice_start[i]), int(self.slice_start[i + 1]))
             p = slice(int(self.prompt_start[i]), int(self.prompt_start[i + 1]))
             index = self.slices[s]
+            pixels = None if self.data.pixels is None else self.data.pixels[index]
             yield assemble(self.data.embeddings[index], self.data.masks[index], self.local[p], self.label[p],
                            self.boxes[p], slice_size=self.slice_size,
-                           clicks=_clicks(plan, self.boxes.device, self.seeds[p])), plan.count
+                           clicks=_clicks(plan, self.boxes.device, self.seeds[p]), pixels=pixels,
+                           box_scale=self.box_scale), plan.count
 
 
 def _stop_prompts(where: dict, case_of: np.ndarray, z: np.ndarray, present: np.ndarray, boxes: np.ndarray):
@@ -351,36 +361,38 @@ class CaseSet:
 
     def batch(self, slices: np.ndarray, boxes: np.ndarray | None = None) -> Batch:  # benchmarks/epoch.py
         """The prompts of local ``slices`` on the device; ``boxes`` as for :meth:`plan`."""
-        return fetch_batch(self.slices, self.plan(slices, boxes), slice_size=self.slice_size)
+        return fetch_batch(self.slices, self.plan(slices, boxes), slice_size=self.slice_size, box_scale=self.box_scale)
 
     def batches(self, plans: list[BatchPlan]):
         """``(batch, count)`` for each plan: gathered on the device when the slices live there (one copy
         per epoch), else read from HDF5 a few batches ahead in a thread."""
         if self.slices.resident:
-            return DeviceBatches(self.slices, plans, slice_size=self.slice_size)
-        return ReadAhead(lambda plan: (fetch_batch(self.slices, plan, slice_size=self.slice_size), plan.count),
-                         plans, depth=3)
+            return DeviceBatches(self.slices, plans, slice_size=self.slice_size, box_scale=self.box_scale)
+        return ReadAhead(lambda plan: (fetch_batch(self.slices, plan, slice_size=self.slice_size,
+                                                   box_scale=self.box_scale), plan.count), plans, depth=3)
 
 
 def case_sets(cache: Cache, names: dict[str, list[str]], *, box_scale: float, device: torch.device,
-              resident: str = "auto", stop_prompts: tuple[str, ...] = (), stop_grow_mm: float = 3.0) -> dict[str, CaseSet]:
+              resident: str = "auto", stop_prompts: tuple[str, ...] = (), stop_grow_mm: float = 3.0,
+              pixels: bool = False) -> dict[str, CaseSet]:
     """A :class:`CaseSet` per named list of cases, holding the slices that have prompts (the sets named
     in ``stop_prompts`` also get :meth:`PromptIndex.from_cache`'s stop prompts). ``resident``:
     ``device`` keeps every set's embeddings on the device, ``stream`` reads them from HDF5 per batch,
-    ``auto`` the former when all sets together take at most half of the device's free memory."""
+    ``auto`` the former when all sets together take at most half of the device's free memory. ``pixels``: the
+    slices' pixels too (a refinement head's input)."""
     all_rows = {key: np.concatenate([cache.case(n).row_index for n in group]) if group else np.zeros(0, int)
                 for key, group in names.items()}
     prompts = {key: PromptIndex.from_cache(cache, rows, stop_prompts=key in stop_prompts, grow_mm=stop_grow_mm)
                for key, rows in all_rows.items()}
     slice_size = cache.signature.slice_size
-    bytes_per_row = int(np.prod(cache.embeddings.shape[1:])) * cache.embeddings.dtype.itemsize + slice_size**2
+    bytes_per_row = int(np.prod(cache.embeddings.shape[1:])) * cache.embeddings.dtype.itemsize + slice_size**2 * (1 + pixels)
     on_device = resident == "device" or (
         resident == "auto" and fits_on_device(sum(len(p.rows) for p in prompts.values()), bytes_per_row, device)
     )
     return {
         key: CaseSet(
             names=list(names[key]), prompts=prompts[key],
-            slices=SliceData(cache, prompts[key].rows, device=device, resident=on_device),
+            slices=SliceData(cache, prompts[key].rows, device=device, resident=on_device, pixels=pixels),
             labels=cache.labels, box_scale=box_scale, slice_size=slice_size,
         )
         for key in names

@@ -102,13 +102,15 @@ def load_trained_decoder(run_or_file: Path, *, expect: Signature | None = None,
 #: Key prefix of an adapter's weights in a decoder (:data:`embedcache.model.adapter.PREFIX`; not imported: that
 #: module imports torch, and :func:`check_start_decoder` runs before torch is imported).
 _ADAPTER = "adapter."
+_REFINER = "refiner."  # a refinement head's (embedcache.model.refine.PREFIX)
 
 
 def check_start_decoder(run_or_file: Path, *, signature: Signature, cache: Path, adapter: bool,
-                        interactive: bool) -> Path:
+                        interactive: bool, refine: bool = False) -> Path:
     """The decoder file ``finetune --from`` names (a run folder's best decoder, or a decoder file), refused in one
     line unless it is one trained on a cache of ``signature`` (the cache ``cache``'s) and the run would build the
-    same decoder: with an adapter exactly when ``adapter``; trained with the mask prompt (``--prompts interactive``)
+    same decoder: with an adapter exactly when ``adapter``, a refinement head only when ``refine`` (a decoder without
+    one starts a new head); trained with the mask prompt (``--prompts interactive``)
     only when ``interactive`` is. Its header alone is read: no tensor, no torch."""
     given = Path(run_or_file)
     path = checkpoint_file(given)
@@ -127,6 +129,8 @@ def check_start_decoder(run_or_file: Path, *, signature: Signature, cache: Path,
     if trained_adapter != adapter:
         raise EmbedcacheError(f"{path}: decoder was trained {'with' if trained_adapter else 'without'} --adapter; "
                               f"{'give' if trained_adapter else 'drop'} --adapter to start from it")
+    if any(k.startswith(_REFINER) for k in header.decoder_keys) and not refine:  # without one, a new head is added
+        raise EmbedcacheError(f"{path}: decoder was trained with --refine; give --refine to start from it")
     if header.config.get("prompts") == "interactive" and not interactive:
         raise EmbedcacheError(f"{path}: decoder was trained with --prompts interactive (it takes its previous "
                               "logits as the mask prompt); give --prompts interactive to train it on, or start from "
@@ -157,6 +161,7 @@ def load_model(backbone: str, *, trained: TrainedDecoder | None, checkpoint: Pat
     than those ``made`` (a cache, a decoder) was made with; ``vanilla`` keeps the released decoder too."""
     from embedcache.model.adapter import attach_adapter, has_adapter
     from embedcache.model.backbones import Weights
+    from embedcache.model.refine import attach_refiner, has_refiner
 
     weights = Weights.of(backbone, checkpoint or (trained.checkpoint if trained else None))
     if expect_sha256 is not None:
@@ -167,6 +172,8 @@ def load_model(backbone: str, *, trained: TrainedDecoder | None, checkpoint: Pat
         tuned = copy.deepcopy(parts.mask_decoder) if vanilla else parts.mask_decoder  # no second image encoder
         if has_adapter(trained.state):
             attach_adapter(tuned)
+        if has_refiner(trained.state):
+            attach_refiner(tuned)
         load_decoder_state(tuned, trained)
         tuned.mask_prompt = trained.mask_prompt  # the segmenter gives a slice's logits back only to a decoder trained so
         decoders["finetuned"] = tuned.eval()
@@ -194,7 +201,6 @@ def export_run(run_dir: Path, out: Path, *, checkpoint: Path | None = None, forc
     """
     import torch
 
-    from embedcache.model.adapter import has_adapter
     from embedcache.model.backbones import Weights, read_state_dict
 
     out, run_dir = Path(out), Path(run_dir)
@@ -209,9 +215,10 @@ def export_run(run_dir: Path, out: Path, *, checkpoint: Path | None = None, forc
     if out.exists() and not out.is_dir() and not force:
         raise EmbedcacheError(f"{out}: exists; pass --force to replace it, or choose another --out")
     given.require(trained.signature.checkpoint_sha256, given=weights, made=f"the run in {run_dir}")
-    if has_adapter(trained.state):
-        raise EmbedcacheError(f"{trained.source}: trained with --adapter, which {backbone.name}'s own layout has no "
-                              "place for; use the run with embedcache score and predict")
+    for prefix, option in ((_ADAPTER, "--adapter"), (_REFINER, "--refine")):
+        if any(k.startswith(prefix) for k in trained.state):
+            raise EmbedcacheError(f"{trained.source}: trained with {option}, which {backbone.name}'s own layout has no "
+                                  "place for; use the run with embedcache score and predict")
     full = read_state_dict(weights)
     decoder_keys = {k for k in full if k.startswith("mask_decoder.")}
     if decoder_keys != {"mask_decoder." + k for k in trained.state}:

@@ -23,13 +23,16 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from embedcache.cache.records import MODEL_KEYS, Signature, first_difference
 from embedcache.cache.store import Cache, open_cache
 from embedcache.config import FinetuneConfig, parse_prompt_mix
 from embedcache.errors import EmbedcacheError, reason
 from embedcache.model.backbones import Weights, get_backbone
-from embedcache.model.losses import dice_2d, dice_ce_per_prompt
+from embedcache.model.losses import dice_2d, dice_ce_per_prompt, dice_on_slice
+from embedcache.model.refine import PREFIX as REFINER
+from embedcache.model.refine import has_refiner, refine_loss, refine_on_slice
 from embedcache.runtime.devices import keep_freed_memory, pick_device
 from embedcache.runtime.distributed import Dist
 from embedcache.runtime.readahead import ReadAhead
@@ -157,7 +160,8 @@ def _case_sets(cache: Cache, config: FinetuneConfig, device: torch.device, split
     box_scale = get_backbone(cache.signature.backbone).box_scale(cache.signature.slice_size)
     train = list(split.train) + augmented_of(cache, split.train)  # copies train with their sources, never validate
     sets = case_sets(cache, {"train": train, "val": list(split.val)}, box_scale=box_scale, device=device,
-                     resident=config.resident, stop_prompts=("train",) if config.stop_prompts else ())
+                     resident=config.resident, stop_prompts=("train",) if config.stop_prompts else (),
+                     pixels=config.refine)
     if len(sets["train"].prompts.boxes) == 0 or len(sets["val"].prompts.boxes) == 0:
         raise EmbedcacheError(f"{config.cache}: no box prompts on one side of the split; encode more cases")
     return sets
@@ -219,15 +223,25 @@ def _training_plan(slices: np.ndarray, seed: int, train: CaseSet, config: Finetu
 
 @torch.no_grad()
 def validate(trainer: Trainer, val: CaseSet, *, batch_size: int) -> tuple[float, float]:
-    """Mean DiceCE loss and mean 2-D Dice (at full slice resolution) over ``val``'s prompts, exact boxes."""
+    """Mean DiceCE loss and mean 2-D Dice (at full slice resolution) over ``val``'s prompts, exact boxes; with a
+    refinement head, its loss joins the decoder's and the Dice is of its masks."""
     model = trainer.model.eval()
+    refiner = getattr(model.mask_decoder, "refiner", None)
     dices, losses = [], []
     plans = [val.plan(np.arange(start, min(start + batch_size, len(val)))) for start in range(0, len(val), batch_size)]
     for batch, _ in val.batches([p for p in plans if len(p.local)]):
         with trainer.autocast:
             logits, _ = model(batch.embeddings, batch.boxes)
-        losses.append(dice_ce_per_prompt(logits, batch.targets))
-        dices.append(dice_2d(logits, batch.masks))
+        loss = dice_ce_per_prompt(logits, batch.targets)
+        if refiner is None:
+            dices.append(dice_2d(logits, batch.masks))
+        else:
+            boxes = batch.boxes / batch.box_scale
+            loss = loss + refine_loss(refiner, logits, batch.pixels, batch.masks, boxes)
+            size = batch.masks.shape[-1]
+            drawn = F.interpolate(logits.float(), size=(size, size), mode="bilinear", align_corners=False)[:, 0]
+            dices.append(dice_on_slice(refine_on_slice(refiner, logits.float(), drawn, batch.pixels, boxes), batch.masks))
+        losses.append(loss)
     return torch.cat(losses).mean().item(), torch.cat(dices).mean().item()
 
 
@@ -245,6 +259,9 @@ def _start(run: RunFolder, trainer: Trainer, config: FinetuneConfig, sets: dict[
     if config.start_from:  # checked by finetune before torch was imported; read through the safetensors loader
         trained = load_trained_decoder(Path(config.start_from), expect=cache.signature, expect_path=cache.path,
                                        view=None)
+        if config.refine and not has_refiner(trained.state):  # a decoder without a head: its new head starts here
+            new = {k: v for k, v in trainer.decoder_state().items() if k.startswith(REFINER)}
+            trained = replace(trained, state={**trained.state, **new})
         load_decoder_state(trainer.model.mask_decoder, trained)
     vanilla_loss, vanilla_dice = validate(trainer, sets["val"], batch_size=config.batch_size)
     state = RunState(vanilla_dice=vanilla_dice)

@@ -22,6 +22,7 @@ from embedcache.model.backbones import Backbone, load_backbone
 from embedcache.model.clicks import SEED_BITS, interior_click, training_clicks
 from embedcache.model.decoder import PromptDecoder
 from embedcache.model.losses import dice_ce_per_prompt, iou_mse_per_prompt
+from embedcache.model.refine import refine_loss
 from embedcache.train.data import Batch
 
 
@@ -106,10 +107,14 @@ class TrainStep:
                                  prediction=prediction, boxes=boxes if box else None)
         return self.net(embeddings, boxes if box else None, points)
 
-    def _per_prompt(self, logits, iou, target):
+    def _per_prompt(self, logits, iou, target, batch: Batch, part):
         per_prompt = dice_ce_per_prompt(logits, target)
         if self.iou_weight:
             per_prompt = per_prompt + self.iou_weight * iou_mse_per_prompt(iou, logits, target)
+        refiner = getattr(getattr(self.plain, "mask_decoder", None), "refiner", None)
+        if refiner is not None:  # finetune --refine: the head's loss in each prompt's window joins the decoder's
+            per_prompt = per_prompt + refine_loss(refiner, logits, batch.pixels[part], batch.masks[part],
+                                                  batch.boxes[part] / batch.box_scale)
         return per_prompt
 
     def _plan_rounds(self, seeds: torch.Tensor) -> list[bool]:
@@ -141,7 +146,7 @@ class TrainStep:
                 with sync(last):
                     with self.autocast:
                         logits, iou = self.net(embeddings, boxes, points, previous)
-                        per_prompt = self._per_prompt(logits, iou, target)
+                        per_prompt = self._per_prompt(logits, iou, target, batch, part)
                     loss = backward(per_prompt, weight)
             else:
                 with torch.no_grad(), self.autocast:
@@ -170,7 +175,7 @@ class TrainStep:
                 with sync():
                     with self.autocast:
                         logits, iou = self._forward(batch, part, box, k)
-                        per_prompt = self._per_prompt(logits, iou, batch.targets[part])
+                        per_prompt = self._per_prompt(logits, iou, batch.targets[part], batch, part)
                     ok = torch.isfinite(backward(per_prompt).detach())
             losses.append(per_prompt.detach().sum())
             finite.append(ok)
@@ -219,7 +224,8 @@ def build_trainer(backbone: Backbone, checkpoint: Path | None, config: FinetuneC
     """The prompt encoder (frozen) and mask decoder (trained) of ``backbone`` with ``checkpoint``'s
     weights (None: bundled), on ``device``, with AdamW, the lr schedule over ``total_steps`` and the step."""
     parts, _ = load_backbone(backbone, checkpoint)
-    model = PromptDecoder(parts.prompt_encoder, parts.mask_decoder, train_iou=config.iou_head, adapter=config.adapter).to(device)
+    model = PromptDecoder(parts.prompt_encoder, parts.mask_decoder, train_iou=config.iou_head, adapter=config.adapter,
+                          refine=config.refine).to(device)
     del parts  # the image encoder is not needed: the cache holds its output
     params = [p for p in model.mask_decoder.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -86,6 +87,57 @@ def test_litemedsam_export_keeps_its_state_dict_layout(phantom_dir, tmp_path):
     for key in bundled:
         if not key.startswith("mask_decoder."):
             torch.testing.assert_close(net.state_dict()[key], bundled[key])
+
+
+def test_a_run_with_a_refinement_head_draws_with_it_from_the_cached_pixels(tiny_model, small_cache, tmp_path):
+    from embedcache.cache.store import open_cache
+    from embedcache.evaluation.score import CachedCase
+    from embedcache.train.decoders import load_model, load_trained_decoder
+
+    result = finetune(finetune_config(small_cache, epochs=1, refine=True), tmp_path / "run")
+    assert np.isfinite(result.best_val_dice)
+    trained = load_trained_decoder(result.run_dir)
+    model = load_model("tiny", trained=trained, checkpoint=None, device=torch.device("cpu"))
+    tuned = model.decoders["finetuned"]
+    assert hasattr(tuned, "refiner") and not hasattr(model.decoders["vanilla"], "refiner")
+    torch.testing.assert_close(tuned.refiner.out.weight, trained.state["refiner.out.weight"])
+    with open_cache(small_cache) as cache:
+        case = cache.cases[0]
+        row = int(np.flatnonzero(cache.present(case.rows).any(axis=1))[0])
+        z = np.array([cache.slice_index[case.first_row + row]])
+        cached = CachedCase(cache, case, device=torch.device("cpu"))
+        box = cache.boxes[case.first_row + row][cache.present(case.rows)[row]][:1] * cached.shape_yx[0] / 512
+        segment = cached.segment_with(model.parts.prompt_encoder, tuned, input_size=model.backbone.input_size,
+                                      slice_size=512)
+        drawn, _ = segment(z, box)
+        with torch.no_grad():  # a head that draws everything in its window: the segmenter gave it the pixels
+            tuned.refiner.out.bias.fill_(100.0)
+        everything, _ = segment(z, box)
+    assert everything.sum() > drawn.sum() and everything[0][int(box[0, 1]) + 1, int(box[0, 0]) + 1]
+    with pytest.raises(EmbedcacheError, match="trained with --refine"):
+        export_run(result.run_dir, tmp_path / "out.pth")
+    with pytest.raises(EmbedcacheError, match="give --refine"):  # --from a refined run needs --refine
+        finetune(finetune_config(small_cache, epochs=1, start_from=str(result.run_dir)), tmp_path / "again")
+    # a decoder trained without a head starts a run with one: its weights, and a new head that changes nothing
+    plain = finetune(finetune_config(small_cache, epochs=1), tmp_path / "plain")
+    on_top = finetune(finetune_config(small_cache, epochs=1, refine=True, start_from=str(plain.run_dir)),
+                      tmp_path / "on_top")
+    assert on_top.vanilla_val_dice == pytest.approx(plain.best_val_dice, abs=0.02)
+
+
+def test_refine_needs_a_cache_with_pixels(tiny_model, small_cache, tmp_path):
+    import h5py
+
+    old = tmp_path / "old.h5"
+    shutil.copy(small_cache, old)
+    with h5py.File(old, "r+") as f:  # a cache as encoded before the refinement head
+        signature = json.loads(f.attrs["signature"])
+        del signature["pixels"], f["pixels"]
+        f.attrs["signature"] = json.dumps(signature)
+    with pytest.raises(EmbedcacheError, match="holds no slice pixels"):
+        finetune(finetune_config(old, epochs=1, refine=True), tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+    assert finetune(finetune_config(old, epochs=1), tmp_path / "plain").best_epoch >= 0  # it trains without
 
 
 def test_a_run_with_an_adapter_scores_with_it_and_is_not_exported_into_a_layout_without_one(tiny_model, small_cache,

@@ -86,6 +86,18 @@ def test_an_adapter_starts_as_the_identity_and_learns_with_the_decoder(tiny_mode
     assert not torch.allclose(after, before[1])
 
 
+@pytest.mark.parametrize("resident", ["device", "stream"])
+def test_a_refinement_head_learns_from_the_slices_pixels_with_the_decoder(tiny_model, small_cache, resident):
+    batch, _ = small_batch(tiny_model, small_cache, pixels=True, resident=resident)
+    assert batch.pixels is not None and batch.pixels.shape == batch.masks.shape and batch.pixels.dtype == torch.uint8
+    refined = _trainer(tiny_model, refine=True)
+    head = refined.model.mask_decoder.refiner
+    refined.step(batch, len(batch.boxes))
+    assert all(p.grad is not None for p in head.parameters()) and head.out.weight.grad.abs().sum() > 0
+    assert {k for k in refined.decoder_state() if k.startswith("refiner.")}  # saved with the decoder
+    assert {id(p) for p in head.parameters()} <= {id(p) for p in refined.step.params}
+
+
 def test_prompts_with_clicks_train_in_groups_whose_gradients_add_up_to_one_prompt_at_a_time(tiny_model, small_cache):
     """Box, box + clicks and clicks-alone prompts in one batch: grouped by kind (SAM takes one point count
     per call), each prompt gets its own clicks and target, so the step equals one forward per prompt."""
