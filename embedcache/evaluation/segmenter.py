@@ -64,7 +64,10 @@ class Segmenter:
         return bool(getattr(self.decoder.mask_decoder, "mask_prompt", False))
 
     def __call__(self, zs: np.ndarray, boxes: np.ndarray, *, multimask: bool = False, points=None,
-                 previous: np.ndarray | None = None, low_res: bool = False) -> tuple[np.ndarray, ...]:
+                 previous: np.ndarray | None = None, low_res: bool = False,
+                 grid_logits: bool = False) -> tuple[np.ndarray, ...]:
+        """``grid_logits``: the logits on the slice's grid (float32; the masks are where they are positive) in the
+        masks' place."""
         import torch
 
         from embedcache.model.decoder import segment_boxes
@@ -81,7 +84,7 @@ class Segmenter:
                                 torch.as_tensor(boxes, dtype=torch.float32, device=embeddings.device),
                                 input_size=d.input_size, slice_size=d.slice_size, shape_yx=self.slices.shape_yx,
                                 multimask=multimask, points=points, decode=d.decode, previous=prior, low_res=low_res,
-                                pixels=pixels)
+                                pixels=pixels, grid_logits=grid_logits)
         masks, iou = out[0].cpu().numpy(), out[1].float().cpu().numpy()
         return (masks, iou, out[2][:, 0].float().cpu().numpy()) if low_res else (masks, iou)
 

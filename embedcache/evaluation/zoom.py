@@ -125,17 +125,13 @@ class BothViews:
     def _logits(segment, zs, boxes, points, multimask, shape, previous) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """``segment``'s logits of each prompt on the ``shape`` grid (its own slice's or region's), its IoU and its
         low-resolution logits (``previous``: the ones it gave last time, as the mask prompt)."""
-        import torch
-
-        from embedcache.model.decoder import logits_on_grid
-
         kwargs = {"points": points} if points is not None else {}
         if previous is not None:
             kwargs["previous"] = previous
-        _, iou, low = segment(zs, boxes, multimask=multimask, low_res=True, **kwargs)
-        d = segment.decoder
-        return logits_on_grid(torch.as_tensor(low)[:, None], input_size=d.input_size, slice_size=d.slice_size,
-                              shape_yx=shape).numpy(), np.asarray(iou, np.float32), np.asarray(low, np.float32)
+        logits, iou, low = segment(zs, boxes, multimask=multimask, low_res=True, grid_logits=True, **kwargs)
+        if tuple(logits.shape[1:]) != tuple(shape):  # a caller's bug: each segmenter draws on its own grid
+            raise ValueError(f"logits on {tuple(logits.shape[1:])}, not {tuple(shape)}")
+        return np.asarray(logits, np.float32), np.asarray(iou, np.float32), np.asarray(low, np.float32)
 
 
 def redraw(mask_zyx: np.ndarray, whole, zoomed, where: GlandRegion, spacing_yx, *, grow_mm: float = GROW_MM,

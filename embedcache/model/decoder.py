@@ -166,7 +166,8 @@ class PromptDecoder(torch.nn.Module):
 def segment_boxes(prompt_encoder: torch.nn.Module, mask_decoder: torch.nn.Module, embeddings: torch.Tensor,
                   boxes: torch.Tensor, *, input_size: int, slice_size: int, shape_yx: tuple[int, int],
                   multimask: bool = False, points: list | None = None, decode=None, previous: torch.Tensor | None = None,
-                  low_res: bool = False, pixels: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
+                  low_res: bool = False, pixels: torch.Tensor | None = None,
+                  grid_logits: bool = False) -> tuple[torch.Tensor, ...]:
     """Masks on a slice's own pixel grid for boxes drawn on it, and the decoder's predicted IoU of each.
 
     Arguments:
@@ -185,6 +186,7 @@ def segment_boxes(prompt_encoder: torch.nn.Module, mask_decoder: torch.nn.Module
       low_res: also return the kept output's low-resolution logits ``(k, 1, 256, 256)``: the next round's ``previous``.
       pixels: ``(k, slice_size, slice_size)`` uint8, each prompt's slice as the cache's ``pixels`` holds it: what a
         decoder with a refinement head (``finetune --refine``, :mod:`embedcache.model.refine`) redraws its masks from.
+      grid_logits: return the logits on the ``shape_yx`` grid (whose sign the masks are) in the masks' place.
 
     Returns:
       ``(k, *shape_yx)`` bool masks and ``(k,)`` predicted IoU (and, with ``low_res``, the logits).
@@ -218,11 +220,12 @@ def segment_boxes(prompt_encoder: torch.nn.Module, mask_decoder: torch.nn.Module
     low, iou = low[pick, best][:, None], iou[pick, best]
     refiner = getattr(mask_decoder, "refiner", None)
     if refiner is None:
-        masks = masks_on_grid(low, input_size=input_size, slice_size=slice_size, shape_yx=shape_yx)
+        logits = logits_on_grid(low, input_size=input_size, slice_size=slice_size, shape_yx=shape_yx)
     else:
         if pixels is None:
             raise ValueError("a decoder with a refinement head needs the slices' pixels")  # a caller's bug
         logits = refine_on_slice(refiner, low, logits_to_slice(low[:, 0], input_size=input_size, slice_size=slice_size),
                                  pixels, boxes * (scale / (input_size / slice_size)))
-        masks = F.interpolate(logits[:, None], size=tuple(shape_yx), mode="bilinear", align_corners=False)[:, 0] > 0
+        logits = F.interpolate(logits[:, None], size=tuple(shape_yx), mode="bilinear", align_corners=False)[:, 0]
+    masks = logits if grid_logits else logits > 0
     return (masks, iou, low) if low_res else (masks, iou)

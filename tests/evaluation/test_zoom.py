@@ -24,11 +24,11 @@ class FakeView:
         self.masks, self.value, self.boxes = masks, value, {}
         self.decoder = SimpleNamespace(input_size=256, slice_size=256)
 
-    def __call__(self, zs, boxes, *, low_res=False, multimask=False, points=None, previous=None):
+    def __call__(self, zs, boxes, *, low_res=False, multimask=False, points=None, previous=None, grid_logits=False):
         self.boxes.update({int(z): b for z, b in zip(zs, boxes)})
         self.points, self.previous = points, previous
         low = np.stack([np.where(self.masks[int(z)], self.value, -self.value) for z in zs]).astype(np.float32)
-        return None, np.full(len(zs), self.value / 4, np.float32), low
+        return low if grid_logits else low > 0, np.full(len(zs), self.value / 4, np.float32), low
 
 
 def _gland() -> np.ndarray:
