@@ -280,7 +280,7 @@ class FinetuneConfig:
                                    "predict's low-IoU slices can trust it.")
     adapter: bool = setting(False, "Also train a small residual adapter on the cached embeddings (1x1 down, depthwise "
                                    "3x3, 1x1 up), in front of the decoder; the cache stays valid.")
-    refine: bool = setting(False, "Also train a refinement head that redraws each mask near its box from the slice's "
+    refine_head: bool = setting(False, "Also train a refinement head that redraws each mask near its box from the slice's "
                                   "own pixels at 128 x 128 (finer than the decoder's 256 x 256 over the slice): the "
                                   "cache must hold its slices' pixels, as caches encoded since it do.")
     prompts: str = setting("box", "What a training prompt carries: its box; its box and 0..--max-points corrective "

@@ -68,7 +68,7 @@ class Signature:
     # regions-only caches encode --zoom first wrote
     whole_slices: bool = True
     # whether the cache holds each row's slice pixels (the windowed slice the encoder saw, uint8): caches since the
-    # refinement head (finetune --refine reads them), not those before
+    # refinement head (finetune --refine-head reads them), not those before
     pixels: bool = False
 
     def __post_init__(self):

@@ -19,7 +19,7 @@ from embedcache.config import FinetuneConfig
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its last checkpoint.")
 @options(FinetuneConfig, "start_from", "model", "checkpoint", "box_jitter", "patience", "precision", "resident",
          "micro_batch", "compile", "split", "stop_prompts", "stop_grow_mm", "train_prompts", "loose_margin_mm", "adapter",
-         "refine", "iou_head", "prompts", "max_points", "rounds", "round_loss")
+         "refine_head", "iou_head", "prompts", "max_points", "rounds", "round_loss")
 @progress_option
 @friendly_errors
 def finetune(cache, run_dir, resume, progress, **settings):

@@ -110,7 +110,7 @@ class CachedCase:
         if self._pixels is None:
             if self._cache.pixels is None:
                 raise EmbedcacheError(f"{self.cache_path}: holds no slice pixels (encoded before the refinement head), "
-                                      "which a decoder trained with --refine draws from; encode the data again")
+                                      "which a decoder trained with --refine-head draws from; encode the data again")
             self._pixels = self._cache.read("pixels", self.case.rows)
         return self._pixels[self.rows(zs)]
 

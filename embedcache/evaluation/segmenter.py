@@ -76,7 +76,7 @@ class Segmenter:
         with torch.no_grad():
             embeddings = self.slices.embeddings(zs)
             pixels = None
-            if getattr(d.mask_decoder, "refiner", None) is not None:  # finetune --refine
+            if getattr(d.mask_decoder, "refiner", None) is not None:  # finetune --refine-head
                 pixels = torch.as_tensor(self.slices.pixels(zs), device=embeddings.device)
             prior = None if previous is None else \
                 torch.as_tensor(np.asarray(previous, np.float32), device=embeddings.device).reshape(len(zs), 1, *previous.shape[-2:])

@@ -185,7 +185,7 @@ def segment_boxes(prompt_encoder: torch.nn.Module, mask_decoder: torch.nn.Module
         back as SAM's mask prompt (``SamPredictor.predict(mask_input=...)``); None: no mask prompt.
       low_res: also return the kept output's low-resolution logits ``(k, 1, 256, 256)``: the next round's ``previous``.
       pixels: ``(k, slice_size, slice_size)`` uint8, each prompt's slice as the cache's ``pixels`` holds it: what a
-        decoder with a refinement head (``finetune --refine``, :mod:`embedcache.model.refine`) redraws its masks from.
+        decoder with a refinement head (``finetune --refine-head``, :mod:`embedcache.model.refine`) redraws its masks from.
       grid_logits: return the logits on the ``shape_yx`` grid (whose sign the masks are) in the masks' place.
 
     Returns:

@@ -148,7 +148,7 @@ class Batch:
     targets: torch.Tensor  # (P, 1, 256, 256) soft targets in [0, 1]
     masks: torch.Tensor  # (P, size, size) bool, full-resolution targets (validation Dice)
     clicks: Clicks | None = None  # finetune --prompts box+points|mixed: the points each prompt carries
-    pixels: torch.Tensor | None = None  # (P, size, size) uint8 slice pixels, for a refinement head (finetune --refine)
+    pixels: torch.Tensor | None = None  # (P, size, size) uint8 slice pixels, for a refinement head (finetune --refine-head)
     box_scale: float = 1.0  # slice pixels → encoder-input pixels (``boxes / box_scale``: the boxes on the slice)
 
 

@@ -130,7 +130,7 @@ def check_start_decoder(run_or_file: Path, *, signature: Signature, cache: Path,
         raise EmbedcacheError(f"{path}: decoder was trained {'with' if trained_adapter else 'without'} --adapter; "
                               f"{'give' if trained_adapter else 'drop'} --adapter to start from it")
     if any(k.startswith(_REFINER) for k in header.decoder_keys) and not refine:  # without one, a new head is added
-        raise EmbedcacheError(f"{path}: decoder was trained with --refine; give --refine to start from it")
+        raise EmbedcacheError(f"{path}: decoder was trained with --refine-head; give --refine-head to start from it")
     if header.config.get("prompts") == "interactive" and not interactive:
         raise EmbedcacheError(f"{path}: decoder was trained with --prompts interactive (it takes its previous "
                               "logits as the mask prompt); give --prompts interactive to train it on, or start from "
@@ -215,7 +215,7 @@ def export_run(run_dir: Path, out: Path, *, checkpoint: Path | None = None, forc
     if out.exists() and not out.is_dir() and not force:
         raise EmbedcacheError(f"{out}: exists; pass --force to replace it, or choose another --out")
     given.require(trained.signature.checkpoint_sha256, given=weights, made=f"the run in {run_dir}")
-    for prefix, option in ((_ADAPTER, "--adapter"), (_REFINER, "--refine")):
+    for prefix, option in ((_ADAPTER, "--adapter"), (_REFINER, "--refine-head")):
         if any(k.startswith(prefix) for k in trained.state):
             raise EmbedcacheError(f"{trained.source}: trained with {option}, which {backbone.name}'s own layout has no "
                                   "place for; use the run with embedcache score and predict")

@@ -42,9 +42,9 @@ def finetune(config: FinetuneConfig, run_dir: Path, *, resume: bool = False, giv
         config = resumed_config(config, run.config(), path=run.file(CONFIG), given_fields=given_fields)
     main = is_main_process()  # under torchrun rank 0 writes the folder for all
     with open_cache(Path(config.cache)) as cache:  # checked before anything is written, the lock included
-        if config.refine and not cache.signature.pixels:
+        if config.refine_head and not cache.signature.pixels:
             raise EmbedcacheError(f"{cache.path}: holds no slice pixels (encoded before the refinement head), which "
-                                  "--refine trains on; encode the data again, or drop --refine")
+                                  "--refine-head trains on; encode the data again, or drop --refine-head")
         if main:
             make_output_folder(run.path.parent, what="--out's parent folder")
         with writer_lock(run.path, main=main):
@@ -92,5 +92,5 @@ def started_from(config: FinetuneConfig, cache: Cache) -> FinetuneConfig:
         return replace(config, start_from_sha256=None)
     path = check_start_decoder(Path(config.start_from), signature=cache.signature, cache=cache.path,
                                adapter=config.adapter, interactive=config.prompts == "interactive",
-                               refine=config.refine)
+                               refine=config.refine_head)
     return replace(config, start_from_sha256=file_sha256(path))

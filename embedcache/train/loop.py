@@ -161,7 +161,7 @@ def _case_sets(cache: Cache, config: FinetuneConfig, device: torch.device, split
     train = list(split.train) + augmented_of(cache, split.train)  # copies train with their sources, never validate
     sets = case_sets(cache, {"train": train, "val": list(split.val)}, box_scale=box_scale, device=device,
                      resident=config.resident, stop_prompts=("train",) if config.stop_prompts else (),
-                     pixels=config.refine)
+                     pixels=config.refine_head)
     if len(sets["train"].prompts.boxes) == 0 or len(sets["val"].prompts.boxes) == 0:
         raise EmbedcacheError(f"{config.cache}: no box prompts on one side of the split; encode more cases")
     return sets
@@ -259,7 +259,7 @@ def _start(run: RunFolder, trainer: Trainer, config: FinetuneConfig, sets: dict[
     if config.start_from:  # checked by finetune before torch was imported; read through the safetensors loader
         trained = load_trained_decoder(Path(config.start_from), expect=cache.signature, expect_path=cache.path,
                                        view=None)
-        if config.refine and not has_refiner(trained.state):  # a decoder without a head: its new head starts here
+        if config.refine_head and not has_refiner(trained.state):  # a decoder without a head: its new head starts here
             new = {k: v for k, v in trainer.decoder_state().items() if k.startswith(REFINER)}
             trained = replace(trained, state={**trained.state, **new})
         load_decoder_state(trainer.model.mask_decoder, trained)

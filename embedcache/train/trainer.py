@@ -112,7 +112,7 @@ class TrainStep:
         if self.iou_weight:
             per_prompt = per_prompt + self.iou_weight * iou_mse_per_prompt(iou, logits, target)
         refiner = getattr(getattr(self.plain, "mask_decoder", None), "refiner", None)
-        if refiner is not None:  # finetune --refine: the head's loss in each prompt's window joins the decoder's
+        if refiner is not None:  # finetune --refine-head: the head's loss in each prompt's window joins the decoder's
             per_prompt = per_prompt + refine_loss(refiner, logits, batch.pixels[part], batch.masks[part],
                                                   batch.boxes[part] / batch.box_scale)
         return per_prompt
@@ -225,7 +225,7 @@ def build_trainer(backbone: Backbone, checkpoint: Path | None, config: FinetuneC
     weights (None: bundled), on ``device``, with AdamW, the lr schedule over ``total_steps`` and the step."""
     parts, _ = load_backbone(backbone, checkpoint)
     model = PromptDecoder(parts.prompt_encoder, parts.mask_decoder, train_iou=config.iou_head, adapter=config.adapter,
-                          refine=config.refine).to(device)
+                          refine=config.refine_head).to(device)
     del parts  # the image encoder is not needed: the cache holds its output
     params = [p for p in model.mask_decoder.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)

@@ -94,7 +94,7 @@ def test_a_run_with_a_refinement_head_draws_with_it_from_the_cached_pixels(tiny_
     from embedcache.evaluation.score import CachedCase
     from embedcache.train.decoders import load_model, load_trained_decoder
 
-    result = finetune(finetune_config(small_cache, epochs=1, refine=True), tmp_path / "run")
+    result = finetune(finetune_config(small_cache, epochs=1, refine_head=True), tmp_path / "run")
     assert np.isfinite(result.best_val_dice)
     trained = load_trained_decoder(result.run_dir)
     model = load_model("tiny", trained=trained, checkpoint=None, device=torch.device("cpu"))
@@ -114,13 +114,13 @@ def test_a_run_with_a_refinement_head_draws_with_it_from_the_cached_pixels(tiny_
             tuned.refiner.out.bias.fill_(100.0)
         everything, _ = segment(z, box)
     assert everything.sum() > drawn.sum() and everything[0][int(box[0, 1]) + 1, int(box[0, 0]) + 1]
-    with pytest.raises(EmbedcacheError, match="trained with --refine"):
+    with pytest.raises(EmbedcacheError, match="trained with --refine-head"):
         export_run(result.run_dir, tmp_path / "out.pth")
-    with pytest.raises(EmbedcacheError, match="give --refine"):  # --from a refined run needs --refine
+    with pytest.raises(EmbedcacheError, match="give --refine-head"):  # --from a refined run needs --refine-head
         finetune(finetune_config(small_cache, epochs=1, start_from=str(result.run_dir)), tmp_path / "again")
     # a decoder trained without a head starts a run with one: its weights, and a new head that changes nothing
     plain = finetune(finetune_config(small_cache, epochs=1), tmp_path / "plain")
-    on_top = finetune(finetune_config(small_cache, epochs=1, refine=True, start_from=str(plain.run_dir)),
+    on_top = finetune(finetune_config(small_cache, epochs=1, refine_head=True, start_from=str(plain.run_dir)),
                       tmp_path / "on_top")
     assert on_top.vanilla_val_dice == pytest.approx(plain.best_val_dice, abs=0.02)
 
@@ -135,7 +135,7 @@ def test_refine_needs_a_cache_with_pixels(tiny_model, small_cache, tmp_path):
         del signature["pixels"], f["pixels"]
         f.attrs["signature"] = json.dumps(signature)
     with pytest.raises(EmbedcacheError, match="holds no slice pixels"):
-        finetune(finetune_config(old, epochs=1, refine=True), tmp_path / "run")
+        finetune(finetune_config(old, epochs=1, refine_head=True), tmp_path / "run")
     assert not (tmp_path / "run").exists()
     assert finetune(finetune_config(old, epochs=1), tmp_path / "plain").best_epoch >= 0  # it trains without
 

@@ -90,7 +90,7 @@ def test_an_adapter_starts_as_the_identity_and_learns_with_the_decoder(tiny_mode
 def test_a_refinement_head_learns_from_the_slices_pixels_with_the_decoder(tiny_model, small_cache, resident):
     batch, _ = small_batch(tiny_model, small_cache, pixels=True, resident=resident)
     assert batch.pixels is not None and batch.pixels.shape == batch.masks.shape and batch.pixels.dtype == torch.uint8
-    refined = _trainer(tiny_model, refine=True)
+    refined = _trainer(tiny_model, refine_head=True)
     head = refined.model.mask_decoder.refiner
     refined.step(batch, len(batch.boxes))
     assert all(p.grad is not None for p in head.parameters()) and head.out.weight.grad.abs().sum() > 0
