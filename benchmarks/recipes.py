@@ -64,8 +64,9 @@ def make_split(cache_path: Path, out: Path, *, val: int, seed: int, train: int |
     """The cache's training cases, ``val`` of them (seeded) held out for choosing, ``train`` of the rest (seeded;
     None: all) trained on; its test cases for reporting."""
     with open_cache(cache_path) as cache:
-        trainable = sorted(c.name for c in cache.cases if c.subset != "test")
-        test = sorted(c.name for c in cache.cases if c.subset == "test")
+        whole = [c for c in cache.cases if c.region is None]  # a cache of both views: its glands follow their case
+        trainable = sorted(c.name for c in whole if c.subset != "test")
+        test = sorted(c.name for c in whole if c.subset == "test")
     rng = np.random.default_rng(seed)
     chosen = set(rng.choice(trainable, size=val, replace=False).tolist())
     rest = [n for n in trainable if n not in chosen]

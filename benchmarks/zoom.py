@@ -51,11 +51,12 @@ from common import RESULTS, decoded_cases, machine, write_result
 
 VIEWS = ("box3d", "whole", "zoom", "average")
 CLICK_VIEWS = ("box3d+clicks", "average+clicks")
+ORACLE_VIEWS = ("oracle", "oracle average")  # --oracle: a tight box on every slice of the gland, then both views
 WEIGHTS = {"whole": (1.0, 0.0), "zoom": (0.0, 1.0), "average": (1.0, 1.0)}
 
 
 def study_set(cache: Path, decoder: Path | None, zoom_cache: Path, zoom_decoder: Path | None, names: list[str],
-              grow_mm: float, device, clicks: int = 0) -> dict:
+              grow_mm: float, device, clicks: int = 0, oracle: bool = False) -> dict:
     """Per gland (``CASE@LABEL``) of ``names``: each view's Dice and NSD, the slices drawn again, the slices each
     cache encodes, and the round trip."""
     with open_cache(zoom_cache) as zc:
@@ -81,6 +82,11 @@ def study_set(cache: Path, decoder: Path | None, zoom_cache: Path, zoom_decoder:
             base = first.mask
             views = {"box3d": base, **{view: redraw(base, seg, zseg, where, syx, grow_mm=grow_mm, weights=w)
                                        for view, w in WEIGHTS.items()}}
+            if oracle:
+                tight = protocols.run("oracle", seg, truth=gland, spacing_mm=case.spacing_mm, settings=settings,
+                                      case=case.name, label=label).mask
+                views["oracle"] = tight
+                views["oracle average"] = redraw(tight, seg, zseg, where, syx, grow_mm=grow_mm, weights=WEIGHTS["average"])
             if clicks:
                 run = partial(protocols.run, "clicks", truth=gland, spacing_mm=case.spacing_mm, settings=settings,
                               case=case.name, label=label)
@@ -98,8 +104,9 @@ def study_set(cache: Path, decoder: Path | None, zoom_cache: Path, zoom_decoder:
 
 
 def views_of(rows: dict) -> tuple[str, ...]:
-    """The views scored (with ``--clicks``, the clicked ones too)."""
-    return VIEWS + (CLICK_VIEWS if any(CLICK_VIEWS[0] in r for r in rows.values()) else ())
+    """The views scored (with ``--oracle`` and ``--clicks``, those too)."""
+    return VIEWS + tuple(v for extra in (ORACLE_VIEWS, CLICK_VIEWS) if any(extra[0] in r for r in rows.values())
+                         for v in extra)
 
 
 def means(rows: dict, label: int) -> dict:
@@ -159,10 +166,11 @@ def study(args) -> dict:
               "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
               "machine": machine(device), "cache": args.cache, "decoder": args.decoder, "zoom_cache": args.zoom_cache,
               "zoom_decoder": args.zoom_decoder, "margin_mm": margin, "size": size, "grow_mm": args.grow,
-              "labels": labels, "clicks": args.clicks, "seconds": {}, "sets": {}}
+              "labels": labels, "clicks": args.clicks, "oracle": args.oracle, "seconds": {}, "sets": {}}
     for name, (cache, zcache, names) in sets.items():
         start = time.perf_counter()
-        result["sets"][name] = study_set(cache, decoder, zcache, zdecoder, names, args.grow, device, args.clicks)
+        result["sets"][name] = study_set(cache, decoder, zcache, zdecoder, names, args.grow, device, args.clicks,
+                                         args.oracle)
         result["seconds"][name] = round(time.perf_counter() - start, 1)
     result["encoded"] = {name: encoded(rows) for name, rows in result["sets"].items()}
     result["means"] = {name: {str(label): means(rows, label) for label in labels}
@@ -180,6 +188,8 @@ def main(argv=None):
     parser.add_argument("--split", required=True, help='{"train": [...], "val": [...], "test": [...]} by case')
     parser.add_argument("--grow", type=float, default=2.0, help="mm each kept slice's box is grown before decoding")
     parser.add_argument("--clicks", type=int, default=0, help="also N corrective clicks from box3d and from average")
+    parser.add_argument("--oracle", action="store_true", help="also oracle (a tight box on every slice of the gland), "
+                                                              "alone and drawn again by both views")
     parser.add_argument("--second-style", help="the test cases painted another way, encoded on whole slices")
     parser.add_argument("--second-zoom-cache", help="and with encode --zoom")
     parser.add_argument("--name", default="zoom")

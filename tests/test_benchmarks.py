@@ -383,7 +383,7 @@ def test_zoom_maps_each_glands_region_back_exactly_and_scores_every_view(tiny_mo
     result = zoom.main([str(small_cache), "--decoder", "vanilla", "--zoom-cache", str(small_zoom_cache),
                         "--zoom-decoder", "vanilla", "--split", str(split), "--second-style", str(small_cache),
                         "--second-zoom-cache", str(small_zoom_cache), "--name", "small", "--out", str(tmp_path),
-                        "--clicks", "1"])
+                        "--clicks", "1", "--oracle"])
     assert set(result["sets"]) == {"val", "test", "test, 2nd style"}
     assert sorted(result["sets"]["test"]) == ["PHANTOM_0003@7", "PHANTOM_0003@8"]
     assert result["sets"]["test"] == result["sets"]["test, 2nd style"]  # the same caches twice: the same figures
@@ -394,10 +394,11 @@ def test_zoom_maps_each_glands_region_back_exactly_and_scores_every_view(tiny_mo
         assert result["encoded"]["test"]["regions"] == sum(c.n_rows for c in cache.cases
                                                            if c.region and c.region["source"] == "PHANTOM_0003")
     for row in rows:
-        for view in zoom.VIEWS + zoom.CLICK_VIEWS:
+        for view in zoom.VIEWS + zoom.ORACLE_VIEWS + zoom.CLICK_VIEWS:
             assert 0.0 <= row[view]["dice"] <= 1.0
     written = (tmp_path / "small.md").read_text()
     assert "| test, 2nd style | 7 |" in written and "average+clicks |" in written and "1 corrective clicks" in written
+    assert "oracle average |" in written
     with pytest.raises(SystemExit, match="not a zoom cache"):
         zoom.main([str(small_cache), "--decoder", "vanilla", "--zoom-cache", str(small_cache), "--zoom-decoder",
                    "vanilla", "--split", str(split), "--out", str(tmp_path)])
