@@ -173,7 +173,8 @@ def _print_info(path: Path) -> None:
             f"labels {', '.join(f'{k} = {sig.label_map.name(k)}' for k in sig.labels)} ({sig.label_map.source})"
             + {("whole",): "; whole slices",
                ("whole", "regions"): f"; whole slices and each gland's region grown {sig.zoom_mm:g} mm (--zoom)",
-               ("regions",): f"; each gland's region alone, grown {sig.zoom_mm:g} mm"}[sig.views],
+               ("regions",): f"; each gland's region alone, grown {sig.zoom_mm:g} mm"}[sig.views]
+            + ("; slice pixels kept (--refine-head)" if sig.pixels else "; no slice pixels (encoded before them)"),
             markup=False,
         )
         # The case column is never cut, in a narrow terminal or a log: a cut name tells no case from another.
