@@ -102,7 +102,7 @@ class SliceData:
         self.names = ("embeddings", "masks") + (("pixels",) if pixels else ())
         if resident:
             order = np.argsort(rows)  # h5py reads rows in increasing order
-            held = {name: np.empty((len(rows), *cache._f[name].shape[1:]), dtype=cache._f[name].dtype)
+            held = {name: np.empty((len(rows), *getattr(cache, name).shape[1:]), dtype=getattr(cache, name).dtype)
                     for name in self.names}
             for start in range(0, len(rows), 64):
                 chunk = order[start : start + 64]
