@@ -180,6 +180,17 @@ def run_dir(tmp_path_factory, small_cache, tiny_checkpoint) -> Path:
     return run
 
 
+@pytest.fixture(scope="session")
+def refined_run(tmp_path_factory, small_cache, tiny_checkpoint) -> Path:
+    """A one-epoch run on the small cache with a refinement head (finetune --refine-head) (read-only)."""
+    run = tmp_path_factory.mktemp("refined-run") / "run"
+    with tiny.registered(tiny_checkpoint):
+        result = cli("finetune", small_cache, "--out", run, "--epochs", "1", "--batch-size", "2", "--val-fraction",
+                     "0.34", "--device", "cpu", "--refine-head", "--no-progress")
+    assert result.exit_code == 0, result.output
+    return run
+
+
 @pytest.fixture(scope="module")
 def zoom_run(tmp_path_factory, small_zoom_cache, run_dir, tiny_checkpoint) -> Path:
     """A one-epoch run on small_zoom_cache, on run_dir's split (which names the cases, not their glands): a decoder

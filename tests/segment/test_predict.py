@@ -416,16 +416,15 @@ def test_zoom_decodes_a_persons_clicks_through_both_views(tiny_model, small_cach
     assert (where.z0, where.z1) == (box.z0, box.z1) and np.allclose(points[0], [[x, y, 1.0]])
 
 
-def test_a_run_with_a_refinement_head_predicts_from_the_pixels_the_cache_holds(tiny_model, small_cache, tmp_path):
+def test_a_run_with_a_refinement_head_predicts_from_the_pixels_the_cache_holds(tiny_model, small_cache, refined_run,
+                                                                                 tmp_path):
     """predict draws with the head from each slice's pixels made on the fly: the very pixels the cache trained it on,
     so a box gives predict the mask it gives score."""
     from embedcache.cache.store import open_cache
     from embedcache.config import PreprocessConfig
     from embedcache.io.volumes import read_image
     from embedcache.segment.predict import OnTheFly
-    from embedcache.train.finetune import finetune
 
-    from conftest import finetune_config
 
     with open_cache(small_cache) as cache:
         case = cache.cases[0]
@@ -433,8 +432,7 @@ def test_a_run_with_a_refinement_head_predicts_from_the_pixels_the_cache_holds(t
         volume = OnTheFly(read_image(source.image).array, encoder=None, preprocess=PreprocessConfig())
         zs = cache.read("slice_index", case.rows)
         np.testing.assert_array_equal(volume.pixels(zs), cache.read("pixels", case.rows))
-    run = finetune(finetune_config(small_cache, epochs=1, refine_head=True), tmp_path / "run").run_dir
-    result = _predict(source.image, "--from-labels", source.label, "--run", run, "--engine", "torch",
+    result = _predict(source.image, "--from-labels", source.label, "--run", refined_run, "--engine", "torch",
                       "--out", tmp_path / "pred")
     assert result.exit_code == 0, result.output
     assert read_label(tmp_path / "pred" / f"{case.name}.nii.gz").array.shape == read_label(source.label).array.shape

@@ -89,14 +89,14 @@ def test_litemedsam_export_keeps_its_state_dict_layout(phantom_dir, tmp_path):
             torch.testing.assert_close(net.state_dict()[key], bundled[key])
 
 
-def test_a_run_with_a_refinement_head_draws_with_it_from_the_cached_pixels(tiny_model, small_cache, tmp_path):
+def test_a_run_with_a_refinement_head_draws_with_it_from_the_cached_pixels(tiny_model, small_cache, refined_run,
+                                                                          run_dir, tmp_path):
     from embedcache.cache.store import open_cache
     from embedcache.evaluation.score import CachedCase
     from embedcache.train.decoders import load_model, load_trained_decoder
 
-    result = finetune(finetune_config(small_cache, epochs=1, refine_head=True), tmp_path / "run")
-    assert np.isfinite(result.best_val_dice)
-    trained = load_trained_decoder(result.run_dir)
+    trained = load_trained_decoder(refined_run)
+    assert np.isfinite(trained.val_dice)
     model = load_model("tiny", trained=trained, checkpoint=None, device=torch.device("cpu"))
     tuned = model.decoders["finetuned"]
     assert hasattr(tuned, "refiner") and not hasattr(model.decoders["vanilla"], "refiner")
@@ -115,14 +115,13 @@ def test_a_run_with_a_refinement_head_draws_with_it_from_the_cached_pixels(tiny_
         everything, _ = segment(z, box)
     assert everything.sum() > drawn.sum() and everything[0][int(box[0, 1]) + 1, int(box[0, 0]) + 1]
     with pytest.raises(EmbedcacheError, match="trained with --refine-head"):
-        export_run(result.run_dir, tmp_path / "out.pth")
+        export_run(refined_run, tmp_path / "out.pth")
     with pytest.raises(EmbedcacheError, match="give --refine-head"):  # --from a refined run needs --refine-head
-        finetune(finetune_config(small_cache, epochs=1, start_from=str(result.run_dir)), tmp_path / "again")
+        finetune(finetune_config(small_cache, epochs=1, start_from=str(refined_run)), tmp_path / "again")
     # a decoder trained without a head starts a run with one: its weights, and a new head that changes nothing
-    plain = finetune(finetune_config(small_cache, epochs=1), tmp_path / "plain")
-    on_top = finetune(finetune_config(small_cache, epochs=1, refine_head=True, start_from=str(plain.run_dir)),
+    on_top = finetune(finetune_config(small_cache, epochs=1, refine_head=True, start_from=str(run_dir)),
                       tmp_path / "on_top")
-    assert on_top.vanilla_val_dice == pytest.approx(plain.best_val_dice, abs=0.02)
+    assert on_top.vanilla_val_dice == pytest.approx(load_trained_decoder(run_dir).val_dice, abs=0.02)
 
 
 def test_refine_needs_a_cache_with_pixels(tiny_model, small_cache, tmp_path):
