@@ -83,7 +83,8 @@ class CachedCase:
         self.row_of_z = {int(z): i for i, z in enumerate(cache.read("slice_index", case.rows))}
         self.embeddings_by_row = torch.from_numpy(cache.read("embeddings", case.rows)).to(device)
         self.cache_path = cache.path
-        self._cache, self._pixels = cache, None
+        # the slices' pixels (a refinement head's input) beside them, read now: a case outlives its cache's reading
+        self._pixels = cache.read("pixels", case.rows) if cache.pixels is not None else None
 
     def rows(self, zs: np.ndarray) -> list[int]:
         """The case's rows of slices ``zs``; a slice that was not cached is an error saying how to cache it."""
@@ -106,12 +107,10 @@ class CachedCase:
         """Cached slices need no encoding ahead."""
 
     def pixels(self, zs: np.ndarray) -> np.ndarray:
-        """The cached pixels of slices ``zs`` (the case's all read at the first call): a refinement head's input."""
+        """The cached pixels of slices ``zs``: a refinement head's input."""
         if self._pixels is None:
-            if self._cache.pixels is None:
-                raise EmbedcacheError(f"{self.cache_path}: holds no slice pixels (encoded before the refinement head), "
-                                      "which a decoder trained with --refine-head draws from; encode the data again")
-            self._pixels = self._cache.read("pixels", self.case.rows)
+            raise EmbedcacheError(f"{self.cache_path}: holds no slice pixels (encoded before the refinement head), "
+                                  "which a decoder trained with --refine-head draws from; encode the data again")
         return self._pixels[self.rows(zs)]
 
     def segment_with(self, prompt_encoder, mask_decoder, *, input_size: int, slice_size: int) -> Segmenter:

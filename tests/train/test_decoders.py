@@ -109,10 +109,10 @@ def test_a_run_with_a_refinement_head_draws_with_it_from_the_cached_pixels(tiny_
         box = cache.boxes[case.first_row + row][cache.present(case.rows)[row]][:1] * cached.shape_yx[0] / 512
         segment = cached.segment_with(model.parts.prompt_encoder, tuned, input_size=model.backbone.input_size,
                                       slice_size=512)
-        drawn, _ = segment(z, box)
-        with torch.no_grad():  # a head that draws everything in its window: the segmenter gave it the pixels
-            tuned.refiner.out.bias.fill_(100.0)
-        everything, _ = segment(z, box)
+    drawn, _ = segment(z, box)  # the cache closed: a case holds what it decodes from, its pixels too
+    with torch.no_grad():  # a head that draws everything in its window: the segmenter gave it the pixels
+        tuned.refiner.out.bias.fill_(100.0)
+    everything, _ = segment(z, box)
     assert everything.sum() > drawn.sum() and everything[0][int(box[0, 1]) + 1, int(box[0, 0]) + 1]
     with pytest.raises(EmbedcacheError, match="trained with --refine-head"):
         export_run(refined_run, tmp_path / "out.pth")
