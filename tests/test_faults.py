@@ -137,7 +137,8 @@ def test_the_free_space_check_counts_the_real_dtype(tiny_model, data, tmp_path, 
         line = one_line(cli("encode", data, "--out", tmp_path / f"{dtype}.h5", "--model", "tiny", "--dtype", dtype),
                         "needs about", "but 1 MiB are free")
         needs[dtype] = float(line.split("needs about ")[1].split(" ")[0])
-    assert 1.85 < needs["float32"] / needs["float16"] < 1.93  # (4 MiB + 256 KiB mask) / (2 MiB + 256 KiB)
+    # (4 MiB + 256 KiB mask + 256 KiB pixels) / (2 MiB + 512 KiB)
+    assert 1.76 < needs["float32"] / needs["float16"] < 1.84
 
 
 def test_a_failing_disk_while_saving_a_checkpoint_keeps_the_last_good_one(tiny_model, small_cache, run_dir, tmp_path,

@@ -57,7 +57,7 @@ def test_encode_then_info_and_signature_mismatch(tmp_path, phantom_dir, tiny_mod
     info = cli("info", out)
     assert info.exit_code == 0 and "model tiny" in info.output and "total" in info.output
     said = " ".join(info.output.split())  # as the terminal's width wrapped it
-    assert "whole slices and each gland's region grown 25 mm; slice pixels kept" in said and "PHANTOM_0003@8" in said  # both views
+    assert "whole slices and each gland's region grown 25 mm (--zoom); slice pixels kept" in said and "PHANTOM_0003@8" in said  # both views
     again = cli("encode", phantom_dir, "--out", out, "--model", "tiny", "--window-level", "40", "--no-progress")
     only_line_error(again, "c.h5: cache was made with preprocess=")
     resumed = cli("encode", phantom_dir, "--out", out, "--model", "tiny", "--no-progress")
