@@ -660,8 +660,8 @@ def load_predict_model(trained, config: PredictConfig, *, zoom=None) -> PredictM
     def zoom_model():  # the same weights (predict checked the two decoders' signatures agree)
         return load_model(name, trained=zoom, checkpoint=weights.path, device=dev, vanilla=False)
 
-    def eager_for_refiner(decoder):  # a refinement head runs eagerly after a graph's decoder (embedcache.model.refine)
-        return model().decoder if decoder is not None and has_refiner(decoder.state) else None
+    def eager_for_refiner(decoder, loaded):  # a refinement head runs eagerly after a graph's decoder (model.refine)
+        return loaded().decoder if decoder is not None and has_refiner(decoder.state) else None
 
     engine, streams = resolve_engine(config.engine, backbone, lambda: model().parts.image_encoder, sha, device=dev,
                                      streams=config.streams)
@@ -671,16 +671,17 @@ def load_predict_model(trained, config: PredictConfig, *, zoom=None) -> PredictM
     graph = engine in GRAPH_ENGINES  # the decoders run where the encoder does, at its precision
     second = None
     if zoom is not None and graph:
-        second = ZoomDecoder(None, zoom_model().decoder if has_refiner(zoom.state) else None, GraphDecoder(engine, backbone, lambda: (zoom_model().parts.prompt_encoder,
-                                                                                   zoom_model().decoder),
-                                                      sha, file_sha256(zoom.source), precision=config.precision),
+        second = ZoomDecoder(None, eager_for_refiner(zoom, zoom_model),
+                             GraphDecoder(engine, backbone, lambda: (zoom_model().parts.prompt_encoder,
+                                                                     zoom_model().decoder),
+                                          sha, file_sha256(zoom.source), precision=config.precision),
                              zoom.signature.zoom_mm)
     elif zoom is not None:
         second = ZoomDecoder(zoom_model().parts.prompt_encoder, zoom_model().decoder, None, zoom.signature.zoom_mm)
     if graph:
         decode = GraphDecoder(engine, backbone, lambda: (model().parts.prompt_encoder, model().decoder), sha,
                               file_sha256(trained.source) if trained else "vanilla", precision=config.precision)
-        return PredictModel(encoder=encoder, prompt_encoder=None, mask_decoder=eager_for_refiner(trained),
+        return PredictModel(encoder=encoder, prompt_encoder=None, mask_decoder=eager_for_refiner(trained, model),
                             input_size=backbone.input_size,
                             preprocess=preprocess, decode=decode, backbone=backbone.name, weights_sha256=sha,
                             embedding_dtype=dtype, zoom=second)
