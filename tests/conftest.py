@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -16,8 +17,12 @@ from embedcache.synth.phantom import PhantomConfig, limit_target_slices, write_p
 
 import tiny
 
-# Two threads in one process; one in each of bin/test's worker processes (pytest-xdist), which share the cores.
-torch.set_num_threads(int(os.environ.get("EMBEDCACHE_TEST_THREADS", "1" if os.environ.get("PYTEST_XDIST_WORKER") else "2")))
+# Two threads in one process; one in each of bin/test's worker processes (pytest-xdist), which share the cores. The
+# CPU engines (ONNX Runtime, OpenVINO) and the processes a test starts follow OMP_NUM_THREADS (runtime/cpu.py):
+# with two threads each, a worker's engine spun on the core the other worker was using.
+TEST_THREADS = os.environ.get("EMBEDCACHE_TEST_THREADS", "1" if os.environ.get("PYTEST_XDIST_WORKER") else "2")
+torch.set_num_threads(int(TEST_THREADS))
+os.environ["OMP_NUM_THREADS"] = TEST_THREADS
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -169,38 +174,53 @@ def data(phantom_dir, tmp_path) -> Path:
     return out
 
 
-@pytest.fixture(scope="module")
-def run_dir(tmp_path_factory, small_cache, tiny_checkpoint) -> Path:
-    """A one-epoch run on the small cache, one per test module (read-only: copy before changing)."""
+def folder_state(folder: Path) -> dict:
+    """Every file under ``folder``: its size and modification time (what a test that changed it would change)."""
+    return {str(p.relative_to(folder)): (p.stat().st_size, p.stat().st_mtime_ns)
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def read_only(folder: Path) -> Iterator[Path]:
+    """Yields ``folder`` to the session's tests and fails at the session's end if one of them changed it: the runs
+    below are shared by every module (a run per module cost the suite a training each), so a test that writes into
+    one must copy it first."""
+    before = folder_state(folder)
+    yield folder
+    assert folder_state(folder) == before, f"a test changed the shared {folder}: copy it before changing it"
+
+
+@pytest.fixture(scope="session")
+def run_dir(tmp_path_factory, small_cache, tiny_checkpoint) -> Iterator[Path]:
+    """A one-epoch run on the small cache, shared by the session (read-only: copy before changing)."""
     run = tmp_path_factory.mktemp("run") / "run"
     with tiny.registered(tiny_checkpoint):
         result = cli("finetune", small_cache, "--out", run, "--epochs", "1", "--batch-size", "2", "--val-fraction",
                      "0.34", "--device", "cpu", "--no-progress")
     assert result.exit_code == 0, result.output
-    return run
+    yield from read_only(run)
 
 
 @pytest.fixture(scope="session")
-def refined_run(tmp_path_factory, small_cache, tiny_checkpoint) -> Path:
+def refined_run(tmp_path_factory, small_cache, tiny_checkpoint) -> Iterator[Path]:
     """A one-epoch run on the small cache with a refinement head (finetune --refine-head) (read-only)."""
     run = tmp_path_factory.mktemp("refined-run") / "run"
     with tiny.registered(tiny_checkpoint):
         result = cli("finetune", small_cache, "--out", run, "--epochs", "1", "--batch-size", "2", "--val-fraction",
                      "0.34", "--device", "cpu", "--refine-head", "--no-progress")
     assert result.exit_code == 0, result.output
-    return run
+    yield from read_only(run)
 
 
-@pytest.fixture(scope="module")
-def zoom_run(tmp_path_factory, small_zoom_cache, run_dir, tiny_checkpoint) -> Path:
+@pytest.fixture(scope="session")
+def zoom_run(tmp_path_factory, small_zoom_cache, run_dir, tiny_checkpoint) -> Iterator[Path]:
     """A one-epoch run on small_zoom_cache, on run_dir's split (which names the cases, not their glands): a decoder
-    of the whole slices in the run folder, one of the glands' regions in its ``zoom``."""
+    of the whole slices in the run folder, one of the glands' regions in its ``zoom`` (read-only)."""
     run = tmp_path_factory.mktemp("zoom-run") / "run"
     with tiny.registered(tiny_checkpoint):
         result = cli("finetune", small_zoom_cache, "--out", run, "--epochs", "1", "--batch-size", "2", "--split",
                      run_dir / "split.json", "--device", "cpu", "--no-progress")
     assert result.exit_code == 0, result.output
-    return run
+    yield from read_only(run)
 
 
 # ---------------------------------------------------------------------------------- the command line

@@ -1,5 +1,5 @@
 """The CPU work runs on: its identity (what a measurement on it holds for) and the cores this process may use
-(its affinity mask, capped by a cgroup quota). The CPU engines (:mod:`embedcache.model.engines`) size their
+(its affinity mask, capped by a cgroup quota and by ``OMP_NUM_THREADS``). The CPU engines (:mod:`embedcache.model.engines`) size their
 threads by :func:`cpu_threads` and key their measurements by :func:`cpu_identity`; the benchmarks name the
 machine with them."""
 
@@ -13,13 +13,18 @@ from pathlib import Path
 
 def cpu_threads() -> int:
     """The cores this process may run on: its affinity mask, capped by a cgroup CPU quota (a container's
-    ``--cpus``) where one is set, for the engines' intra-op threads."""
+    ``--cpus``) where one is set, and by ``OMP_NUM_THREADS`` where that is a positive whole number, for the
+    engines' intra-op threads. torch's own threads follow ``OMP_NUM_THREADS`` too, so a job started beside another
+    with ``OMP_NUM_THREADS=1`` keeps to one core whichever engine runs it (ONNX Runtime's and OpenVINO's threads
+    would otherwise take every core, and ONNX Runtime's spin while they wait)."""
     try:
         cores = max(1, len(os.sched_getaffinity(0)))
     except (AttributeError, OSError):
         cores = max(1, os.cpu_count() or 1)
     quota = cgroup_cpu_quota()
-    return max(1, min(cores, quota)) if quota else cores
+    cores = max(1, min(cores, quota)) if quota else cores
+    asked = os.environ.get("OMP_NUM_THREADS", "").strip()
+    return min(cores, int(asked)) if asked.isdigit() and int(asked) > 0 else cores
 
 
 def cgroup_cpu_quota(root: Path = Path("/sys/fs/cgroup")) -> int | None:

@@ -86,7 +86,7 @@ def test_finetune_and_export_from_the_command_line(tmp_path, small_cache, tiny_m
     only_line_error(cli("export", tmp_path / "nothing", "--out", tmp_path / "x.pth"), "no checkpoint")
 
 
-def test_finetune_from_a_run_and_what_it_refuses_to_start_from(tmp_path, small_cache, tiny_model):
+def test_finetune_from_a_run_and_what_it_refuses_to_start_from(tmp_path, small_cache, tiny_model, run_dir):
     """--from RUN_DIR trains on from that run's decoder; a path that is no decoder, a decoder of another cache and one
     the run's settings would build otherwise are each one line before anything is trained; so is --resume with
     another --from."""
@@ -97,8 +97,7 @@ def test_finetune_from_a_run_and_what_it_refuses_to_start_from(tmp_path, small_c
     from embedcache.train.checkpoint import Checkpoint, save_checkpoint
 
     quick = ("--epochs", "1", "--batch-size", "2", "--val-fraction", "0.34", "--device", "cpu", "--no-progress")
-    first = tmp_path / "first"
-    assert cli("finetune", small_cache, "--out", first, *quick).exit_code == 0
+    first = run_dir  # the session's run of these settings
     started = cli("finetune", small_cache, "--out", tmp_path / "second", "--from", first, *quick)
     assert started.exit_code == 0, started.output
     assert f"decoder of --from {first} val Dice" in started.output
@@ -142,12 +141,10 @@ def test_finetune_from_a_run_and_what_it_refuses_to_start_from(tmp_path, small_c
         assert not out.exists() or not any(out.iterdir()), start
 
 
-def test_score_reports_vanilla_against_finetuned(tmp_path, small_cache, tiny_model):
+def test_score_reports_vanilla_against_finetuned(tmp_path, small_cache, tiny_model, run_dir):
     import json
 
-    run = tmp_path / "run"
-    assert cli("finetune", small_cache, "--out", run, "--epochs", "1", "--batch-size", "2",
-                "--val-fraction", "0.34", "--device", "cpu", "--no-progress").exit_code == 0
+    run = run_dir  # one epoch of batch 2, one case in three validating
     result = cli("score", small_cache, "--run", run, "--out", tmp_path / "report", "--protocols", "oracle,box3d",
                   "--device", "cpu", "--no-progress")
     assert result.exit_code == 0, result.output

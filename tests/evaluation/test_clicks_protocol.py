@@ -113,7 +113,7 @@ def test_a_corrective_click_in_a_missed_region_raises_the_slice_dice_and_stays_w
     cache = tmp_path / "lite.h5"
     encode(discover_cases(data), cache, EncodeConfig(device="cpu", margin_slices=0, zoom_mm=0.0), **QUIET)
     run = tmp_path / "run"
-    finetune(finetune_config(cache, epochs=3, prompts="interactive", rounds=4, val_fraction=0.34), run, **QUIET)
+    finetune(finetune_config(cache, epochs=2, prompts="interactive", rounds=4, val_fraction=0.34), run, **QUIET)
     trained = load_trained_decoder(run)
     model = load_model("litemedsam", trained=trained, checkpoint=None, device=torch.device("cpu"), vanilla=False)
     rises, far = [], 0
@@ -148,5 +148,6 @@ def test_a_corrective_click_in_a_missed_region_raises_the_slice_dice_and_stays_w
                         assert np.array_equal(after.mask[other], start.mask[other])
                         far += 1
     assert len(rises) >= 12 and far >= 6
-    # measured: 20 clicks, mean rise 0.097, 15 of them up (a three-epoch decoder; one that ignored clicks gives ~0)
+    # measured: 22 clicks, mean rise 0.158, 17 of them up (a two-epoch decoder; three epochs gave 0.097 and 15 of
+    # 20; one that ignored clicks gives ~0)
     assert np.mean(rises) > 0.05 and np.mean(np.array(rises) > 0) >= 0.7, rises

@@ -194,12 +194,14 @@ def test_predict_with_a_graph_engine_segments_as_with_torch(engine, data, tmp_pa
 
 
 @needs_ort
-def test_auto_times_the_engines_once_and_chooses_an_equal_one(data, tiny_model, tmp_path, notes):
+def test_auto_times_the_engines_once_and_chooses_an_equal_one(data, tiny_model, tmp_path, notes, monkeypatch):
     from embedcache.model.engines import choose_streams
     from embedcache.model.engines.measure import pick_streams, stream_counts
     from embedcache.runtime.cpu import cpu_threads
 
-    # the tiny backbone: the same measurement and choice, in milliseconds (LiteMedSAM's took over a minute here)
+    # the tiny backbone: the same measurement and choice, in milliseconds (LiteMedSAM's took over a minute here);
+    # every core the machine has, not a test worker's one (conftest), so that two slices at once are timed too
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     first = cli("encode", "--zoom", "0", data, "--out", tmp_path / "a.h5", "--device", "cpu", "--no-progress", "--model", "tiny")
     assert first.exit_code == 0, first.output
     assert "--engine auto: timing torch, onnxruntime" in first.output
@@ -257,6 +259,23 @@ def test_threads_follow_the_cgroup_quota(tmp_path):
     assert cgroup_cpu_quota(v1) == 1
     (v1 / "cpu" / "cpu.cfs_quota_us").write_text("-1\n")
     assert cgroup_cpu_quota(v1) is None
+
+
+def test_threads_follow_omp_num_threads_within_the_cores_the_process_has(monkeypatch):
+    """A job started with ``OMP_NUM_THREADS=1`` beside another keeps its engines to one thread, as torch keeps its own;
+    a value above the cores, or one that is not a positive whole number, leaves the cores."""
+    from embedcache.runtime import cpu
+
+    monkeypatch.setattr(cpu.os, "sched_getaffinity", lambda pid: {0, 1, 2, 3})
+    monkeypatch.setattr(cpu, "cgroup_cpu_quota", lambda: None)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    assert cpu.cpu_threads() == 4
+    for asked, threads in (("1", 1), ("3", 3), (" 2 ", 2), ("16", 4), ("0", 4), ("-2", 4), ("two", 4), ("", 4)):
+        monkeypatch.setenv("OMP_NUM_THREADS", asked)
+        assert cpu.cpu_threads() == threads, asked
+    monkeypatch.setattr(cpu, "cgroup_cpu_quota", lambda: 2)  # a container's --cpus 2 caps it too
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert cpu.cpu_threads() == 2
 
 
 def test_a_measurement_holds_for_one_cpu_not_for_every_cpu_of_that_name(monkeypatch):
