@@ -106,11 +106,15 @@ def logits_to_slice(low_res: torch.Tensor, *, input_size: int, slice_size: int) 
     return x.view(*lead, slice_size, slice_size)
 
 
+def slice_to_grid(logits: torch.Tensor, shape_yx: tuple[int, int]) -> torch.Tensor:
+    """Logits ``(P, S, S)`` on the ``slice_size`` slice → ``(P, *shape_yx)`` on the slice's own pixel grid."""
+    return F.interpolate(logits[:, None], size=tuple(shape_yx), mode="bilinear", align_corners=False)[:, 0]
+
+
 def logits_on_grid(low_res: torch.Tensor, *, input_size: int, slice_size: int, shape_yx: tuple[int, int]) -> torch.Tensor:
     """Low-resolution logits ``(P, 1, 256, 256)`` → logits ``(P, *shape_yx)`` on a slice's own pixel grid: to the
     ``slice_size`` slice, then to the source grid."""
-    logits = logits_to_slice(low_res, input_size=input_size, slice_size=slice_size)
-    return F.interpolate(logits, size=tuple(shape_yx), mode="bilinear", align_corners=False)[:, 0]
+    return slice_to_grid(logits_to_slice(low_res[:, 0], input_size=input_size, slice_size=slice_size), shape_yx)
 
 
 def masks_on_grid(low_res: torch.Tensor, *, input_size: int, slice_size: int, shape_yx: tuple[int, int]) -> torch.Tensor:
@@ -218,14 +222,12 @@ def segment_boxes(prompt_encoder: torch.nn.Module, mask_decoder: torch.nn.Module
     best = iou.argmax(dim=1)
     pick = torch.arange(len(best), device=best.device)
     low, iou = low[pick, best][:, None], iou[pick, best]
+    on_slice = logits_to_slice(low[:, 0], input_size=input_size, slice_size=slice_size)
     refiner = getattr(mask_decoder, "refiner", None)
-    if refiner is None:
-        logits = logits_on_grid(low, input_size=input_size, slice_size=slice_size, shape_yx=shape_yx)
-    else:
+    if refiner is not None:
         if pixels is None:
             raise ValueError("a decoder with a refinement head needs the slices' pixels")  # a caller's bug
-        logits = refine_on_slice(refiner, low, logits_to_slice(low[:, 0], input_size=input_size, slice_size=slice_size),
-                                 pixels, boxes * (scale / (input_size / slice_size)))
-        logits = F.interpolate(logits[:, None], size=tuple(shape_yx), mode="bilinear", align_corners=False)[:, 0]
+        on_slice = refine_on_slice(refiner, low, on_slice, pixels, boxes * (scale / (input_size / slice_size)))
+    logits = slice_to_grid(on_slice, shape_yx)
     masks = logits if grid_logits else logits > 0
     return (masks, iou, low) if low_res else (masks, iou)
