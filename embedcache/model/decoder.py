@@ -111,19 +111,13 @@ def slice_to_grid(logits: torch.Tensor, shape_yx: tuple[int, int]) -> torch.Tens
     return F.interpolate(logits[:, None], size=tuple(shape_yx), mode="bilinear", align_corners=False)[:, 0]
 
 
-def logits_on_grid(low_res: torch.Tensor, *, input_size: int, slice_size: int, shape_yx: tuple[int, int]) -> torch.Tensor:
-    """Low-resolution logits ``(P, 1, 256, 256)`` → logits ``(P, *shape_yx)`` on a slice's own pixel grid: to the
-    ``slice_size`` slice, then to the source grid."""
-    return slice_to_grid(logits_to_slice(low_res[:, 0], input_size=input_size, slice_size=slice_size), shape_yx)
-
-
 def masks_on_grid(low_res: torch.Tensor, *, input_size: int, slice_size: int, shape_yx: tuple[int, int]) -> torch.Tensor:
-    """Low-resolution logits ``(P, 1, 256, 256)`` → boolean masks ``(P, *shape_yx)`` on a slice's own pixel grid.
+    """Low-resolution logits ``(P, 1, 256, 256)`` → boolean masks ``(P, *shape_yx)`` on a slice's own pixel grid: to
+    the ``slice_size`` slice, then to the source grid, as :func:`segment_boxes` draws them.
 
-    The logits are thresholded only on that grid (:func:`logits_on_grid`), so a mask is not made blocky by
-    resampling it after the threshold.
+    The logits are thresholded only on that grid, so a mask is not made blocky by resampling it after the threshold.
     """
-    return logits_on_grid(low_res, input_size=input_size, slice_size=slice_size, shape_yx=shape_yx) > 0
+    return slice_to_grid(logits_to_slice(low_res[:, 0], input_size=input_size, slice_size=slice_size), shape_yx) > 0
 
 
 class AllMasks(torch.nn.Module):

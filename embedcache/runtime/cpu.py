@@ -1,7 +1,7 @@
 """The CPU work runs on: its identity (what a measurement on it holds for) and the cores this process may use
-(its affinity mask, capped by a cgroup quota and by ``OMP_NUM_THREADS``). The CPU engines (:mod:`embedcache.model.engines`) size their
-threads by :func:`cpu_threads` and key their measurements by :func:`cpu_identity`; the benchmarks name the
-machine with them."""
+(its affinity mask, capped by a cgroup quota and by ``OMP_NUM_THREADS``). The CPU engines
+(:mod:`embedcache.model.engines`) size their threads by :func:`cpu_threads` and key their measurements by
+:func:`cpu_identity`; the benchmarks name the machine with them."""
 
 from __future__ import annotations
 
